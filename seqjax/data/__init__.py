@@ -1,0 +1,1 @@
+"""Data utilities: transforms on token sequences (JRT-Prompt, ...)."""
