@@ -8,6 +8,7 @@ Public surface:
 - :mod:`seqjax.types` — the axis legend and jaxtyping aliases.
 """
 
+from seqjax import sharding  # noqa: I001  (first: parameters carry logical names as metadata only)
 from seqjax import mixers, nn, types
 from seqjax.scan import linear_scan
 
