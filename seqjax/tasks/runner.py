@@ -1,0 +1,215 @@
+"""One training loop for the synthetic-task experiments (``experiments/<task>.py``).
+
+A task is a :class:`TaskSpec` (fresh training batches by step, fixed evaluation sets, a metric); a model
+is any name the LM's layer pattern accepts (``"attention"``, a registered mixer such as
+``"deltanet_negeig"``) or a nonlinear RNN cell (``"lstm"``, ``"slstm"``, ``"gru"``, ``"elman"``). The loop
+trains with AdamW (warmup + cosine, global-norm clipping), evaluates every ``eval_every`` steps, shows a
+progress bar, and appends one JSON line per evaluation to ``out``:
+
+``{"task", "model", "seed", "step", "split", <metric>: value, ...}``
+
+Configs are dataclasses with ``--key=value`` overrides; each script has a tiny CPU preset and the paper's
+preset (``--preset=paper``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from seqjax.tasks import IGNORE, TaskBatch
+
+RNN_MODELS = ("lstm", "slstm", "gru", "elman")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: str = "attention"
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 100
+    clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 250
+    out: str = ""
+    preset: str = "cpu"
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    name: str
+    vocab_size: int
+    #: ``train(step, batch_size, seed) -> TaskBatch``; fresh data per step, deterministic
+    train: Callable[[int, int, int], TaskBatch]
+    #: ``evals() -> {split: TaskBatch}``
+    evals: Callable[[], dict]
+    #: ``metric(predictions [n, T], batch) -> {name: value}``
+    metric: Callable[[np.ndarray, TaskBatch], dict]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_overrides(cfg, argv: list[str]):
+    """Apply ``--key=value`` overrides to dataclass ``cfg`` (typed by its fields)."""
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        if key not in hints:
+            raise ValueError(f"unknown option --{key}; options: {sorted(hints)}")
+        tp = hints[key]
+        if tp is bool:
+            changes[key] = value.lower() in ("1", "true", "yes", "on")
+        elif tp in (int, float, str):
+            changes[key] = tp(float(value)) if tp is int and "e" in value else tp(value)
+        elif typing.get_origin(tp) is tuple:
+            inner = typing.get_args(tp)[0]
+            changes[key] = tuple(inner(v) for v in value.split(",") if v)
+        else:
+            changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class RNNLM(nnx.Module):
+    """Embedding → stacked nonlinear RNN (``seqjax.rnn``) → linear head."""
+
+    def __init__(self, kind: str, vocab_size: int, d_model: int, num_layers: int, *, rngs: nnx.Rngs):
+        from seqjax import rnn
+
+        self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+        self.rnn = rnn.StackedRNN(kind, d_model, d_model, num_layers=num_layers, rngs=rngs)
+        self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens):
+        y, _ = self.rnn(self.embed(tokens))
+        return self.head(y)
+
+
+class _LMAdapter(nnx.Module):
+    def __init__(self, lm):
+        self.lm = lm
+
+    def __call__(self, tokens):
+        return self.lm(tokens)[0]
+
+
+def build_model(cfg: RunConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    """``tokens [b, t] -> logits [b, t, vocab]`` for ``cfg.model``."""
+    if cfg.model in RNN_MODELS:
+        return RNNLM(cfg.model, vocab_size, cfg.d_model, cfg.num_layers, rngs=rngs)
+    from seqjax.models.lm import LM, LMConfig
+
+    lm_cfg = LMConfig(
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        num_layers=cfg.num_layers,
+        pattern=(cfg.model,),
+        num_heads=cfg.num_heads,
+        scan_layers=False,
+    )
+    return _LMAdapter(LM(lm_cfg, rngs=rngs))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def masked_xent(logits, targets):
+    mask = targets != IGNORE
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def run(task: TaskSpec, cfg: RunConfig) -> list[dict]:
+    """Train ``cfg.model`` on ``task``; return (and append to ``cfg.out``) the evaluation records."""
+    model = build_model(cfg, task.vocab_size, rngs=nnx.Rngs(cfg.seed))
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.01)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(sched, weight_decay=cfg.weight_decay))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, opt, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: masked_xent(m(x), y))(model)
+        opt.update(model, grads)
+        return loss
+
+    @nnx.jit
+    def predict(model, x):
+        return jnp.argmax(model(x), axis=-1)
+
+    evals = task.evals()
+    records = []
+
+    def evaluate(step):
+        for split, batch in evals.items():
+            preds = np.concatenate([np.asarray(predict(model, jnp.asarray(batch.inputs[i : i + 256]))) for i in range(0, len(batch), 256)])
+            rec = {"task": task.name, "model": cfg.model, "seed": cfg.seed, "step": step, "split": split}
+            rec.update({k: float(v) for k, v in task.metric(preds, batch).items()})
+            records.append(rec)
+            if cfg.out:
+                os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+                with open(cfg.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+    bar = _progress(cfg.steps, cfg.progress, f"{task.name}/{cfg.model}")
+    t0 = time.time()
+    for step in range(1, cfg.steps + 1):
+        b = task.train(step, cfg.batch_size, cfg.seed)
+        loss = float(train_step(model, opt, jnp.asarray(b.inputs), jnp.asarray(b.targets)))
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at step {step} ({task.name}/{cfg.model})")
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            evaluate(step)
+            bar.write(f"step {step} loss {loss:.4f} " + " ".join(f"{r['split']}:{_headline(r)}" for r in records[-len(evals):]) + f" ({time.time() - t0:.0f}s)")
+    bar.close()
+    return records
+
+
+def _headline(rec) -> str:
+    keys = [k for k in rec if k not in ("task", "model", "seed", "step", "split")]
+    return ",".join(f"{k}={rec[k]:.3f}" for k in keys)
+
+
+def _progress(total, enabled, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, file=sys.stderr, mininterval=2.0)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def cli(config_cls, presets: dict, make_task: Callable, argv: list[str] | None = None) -> list[dict]:
+    """``--preset=<name>`` picks a preset (default ``"cpu"``), then ``--key=value`` overrides apply."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "cpu")
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    cfg = dataclasses.replace(config_cls(), preset=name, **presets[name])
+    cfg = parse_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
+    return run(make_task(cfg), cfg)
