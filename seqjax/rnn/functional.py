@@ -1,0 +1,120 @@
+r"""The functional entry point: run a cell over a sequence.
+
+``rnn(kind, params, x, h0=None, impl=..., reverse=False) -> (y, h_last)``
+
+- ``x`` ``[batch, time, d_in]`` is projected once (``W x_t + b`` for all ``t``, one matmul), then
+- the recurrence runs with one of three interchangeable impls:
+
+``"sequential"``  ``lax.scan`` over time: the reference (``unroll=`` optional).
+``"parallel"``    DEER / quasi-DEER / quasi-ELK Newton iterations, parallel over time
+                  (:mod:`seqjax.rnn.deer`), gradients by the implicit function theorem.
+``"pallas"``      the fused FlashRNN-style kernel in ``pallas_kernels/rnn`` (lstm, gru, slstm,
+                  rnn_tanh, rnn_relu, leaky), interpreted on CPU.
+
+Shapes: ``y`` ``[batch, time, H]`` (``H = G*D``, the ``h`` component of the state), in ``x``'s dtype;
+``h0``/``h_last`` ``[batch, S, H]`` float32 (``S`` = 1, 2 for LSTM ``(h, c)``, 4 for sLSTM
+``(h, c, n, m)``). With ``reverse=True`` time runs from ``T-1`` down to 0 and ``h_last`` is the
+state after ``t = 0``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from seqjax import _checks
+from seqjax.rnn import cells as _cells
+
+__all__ = ["rnn", "rnn_scan", "IMPLS"]
+
+IMPLS = ("sequential", "parallel", "pallas")
+
+
+def _validate_params(kind, params):
+    cell = _cells.get_cell(kind)
+    for name in ("W", "b") + (() if cell.step is not None else ("R",)):
+        if name not in params:
+            raise ValueError(f"params for kind={kind!r} must contain {name!r}, got {sorted(params)}")
+    g, k, d = np.shape(params["b"])
+    if k != cell.num_gates:
+        raise ValueError(f"params['b'] must have shape [G, {cell.num_gates}, D] for {kind!r}, got {list(np.shape(params['b']))}")
+    if "R" in params:
+        _checks.check_shape("params['R']", params["R"], (g, d, k, d), "[heads, head_dim, gates, head_dim]")
+    return g, k, d, cell.num_states
+
+
+def _validate_state(name, h0, bsz, s, h):
+    if h0 is not None:
+        _checks.check_shape(name, h0, (bsz, s, h), "[batch, state components, hidden]")
+        _checks.check_dtype(name, h0, "float")
+
+
+def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", reverse: bool = False,
+             unroll: int = 1, return_info: bool = False, **parallel_kw):
+    """Run the recurrence on precomputed input projections ``xp`` ``[b, t, G, K, D]``.
+
+    Returns ``(y [b, t, H] float32, h_last [b, S, H] float32)`` (plus an info dict with
+    ``return_info=True``: ``{"iters", "residual"}`` for ``impl="parallel"``, empty otherwise).
+    """
+    _checks.check_choice("impl", impl, IMPLS)
+    g, k, d, s = _validate_params(kind, params)
+    _checks.check_ndim("xp", xp, 5, "[batch, time, heads, gates, head_dim]")
+    bsz, t = np.shape(xp)[:2]
+    _checks.check_shape("xp", xp, (bsz, t, g, k, d), "[batch, time, heads, gates, head_dim]")
+    _validate_state("h0", h0, bsz, s, g * d)
+    if impl != "parallel" and parallel_kw:
+        raise ValueError(f"options {sorted(parallel_kw)} only apply to impl='parallel'")
+    xp = jnp.asarray(xp, jnp.float32)
+    s0 = jnp.zeros((bsz, s, g, d), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32).reshape(bsz, s, g, d)
+    if reverse:
+        xp = jnp.flip(xp, 1)
+    info = {}
+    if impl == "sequential":
+        states, s_last = _sequential(kind, params, xp, s0, unroll)
+    elif impl == "parallel":
+        from seqjax.rnn import deer
+
+        states, info = deer.deer(kind, params, xp, s0, **parallel_kw)
+        s_last = states[:, -1]
+    else:
+        if _cells.CELLS[kind].pointwise is None:
+            raise ValueError(f"impl='pallas' supports kinds with a pointwise form, not {kind!r}")
+        import jax
+
+        from pallas_kernels.rnn import flashrnn  # imported only on this branch
+
+        states = flashrnn(kind, params, xp, s0, interpret=jax.default_backend() == "cpu")
+        s_last = states[:, -1]
+    y = states[:, :, 0].reshape(bsz, t, g * d)
+    if reverse:
+        y = jnp.flip(y, 1)
+    out = (y, s_last.reshape(bsz, s, g * d))
+    return out + (info,) if return_info else out
+
+
+def _sequential(kind, params, xp, s0, unroll=1):
+    """The reference: ``lax.scan`` of :func:`seqjax.rnn.cells.step`; returns all states."""
+
+    def body(s, xp_t):
+        s = _cells.step(kind, params, s, xp_t)
+        return s, s
+
+    s_last, states = lax.scan(body, s0, jnp.moveaxis(xp, 1, 0), unroll=unroll)
+    return jnp.moveaxis(states, 0, 1), s_last
+
+
+def rnn(kind: str, params: dict, x, *, h0=None, impl: str = "sequential", reverse: bool = False,
+        unroll: int = 1, return_info: bool = False, **parallel_kw):
+    """Run cell ``kind`` over ``x`` ``[batch, time, d_in]``; see the module docstring.
+
+    ``parallel_kw`` (``impl="parallel"`` only): ``mode="full"|"quasi"``, ``tol``, ``max_iters``,
+    ``damping`` (quasi-ELK), ``scan_impl`` — see :func:`seqjax.rnn.deer.deer`.
+    """
+    _checks.check_ndim("x", x, 3, "[batch, time, d_in]")
+    _checks.check_dtype("x", x, "float")
+    _validate_params(kind, params)
+    _checks.check_shape("params['W']", params["W"], (np.shape(x)[2], None, None, None), "[d_in, heads, gates, head_dim]")
+    out = rnn_scan(kind, params, _cells.project(params, x), h0=h0, impl=impl, reverse=reverse,
+                   unroll=unroll, return_info=return_info, **parallel_kw)
+    return (out[0].astype(x.dtype),) + tuple(out[1:])
