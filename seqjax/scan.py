@@ -46,10 +46,11 @@ __all__ = ["linear_scan", "choose_impl", "IMPLS"]
 
 
 # ----------------------------------------------------------------------------- algorithms
-# Each takes (a, b, h0) in the compute dtype, time on axis 1, forward in time, and returns (h, h_last).
+# Each takes (a, b, h0) in the compute dtype, time on axis 1, plus (chunk_size, reverse), and returns
+# (h, h_last); with reverse=True it evaluates h_t = a_t h_{t+1} + b_t and h_last is the state at t=0.
 
 
-def _sequential(a, b, h0, chunk_size):
+def _sequential(a, b, h0, chunk_size, reverse):
     del chunk_size
 
     def step(h, ab):
@@ -57,58 +58,85 @@ def _sequential(a, b, h0, chunk_size):
         h = a_t * h + b_t
         return h, h
 
-    h_last, hs = lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)))
+    xs = (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0))
+    h_last, hs = lax.scan(step, h0, xs, reverse=reverse)
     return jnp.moveaxis(hs, 0, 1), h_last
 
 
-def _combine(left, right):
-    a1, b1 = left
-    a2, b2 = right
+def _combine(earlier, later):
+    a1, b1 = earlier
+    a2, b2 = later
     return a1 * a2, a2 * b1 + b2
 
 
-def _associative(a, b, h0, chunk_size):
+def _associative(a, b, h0, chunk_size, reverse):
     del chunk_size
-    b = b.at[:, 0].add(a[:, 0] * h0)
-    _, h = lax.associative_scan(_combine, (a, b), axis=1)
-    return h, h[:, -1]
+    first = -1 if reverse else 0
+    b = b.at[:, first].add(a[:, first] * h0)
+    _, h = lax.associative_scan(_combine, (a, b), axis=1, reverse=reverse)
+    return h, h[:, 0 if reverse else -1]
 
 
-def _chunked(a, b, h0, chunk_size):
+def _chunked(a, b, h0, chunk_size, reverse):
+    """Blocks of C steps, two sweeps of C steps vectorised across all blocks, one carry scan.
+
+    1. Inside every block at once, from a zero state: the block's total decay ``A_j`` and
+       end state ``H_j`` (a C-step loop over ``[batch, blocks, ...]`` slices, nothing stored).
+    2. Across blocks: ``carry_j = A_j carry_{j-1} + H_j`` (a T/C-step loop), giving each block's
+       incoming state.
+    3. Inside every block again, from its incoming state, storing ``h``.
+    So 2C + T/C sequential steps instead of T, each C x wider; a ``lax.scan`` step costs the same
+    few microseconds for 16 or 16,384 numbers on CPU, which is where this wins.
+    """
     bsz, t = b.shape[:2]
     rest = b.shape[2:]
     c = max(1, min(chunk_size, t))
     nc = -(-t // c)
     pad = nc * c - t
     if pad:
-        # a = 1, b = 0 past the end keeps h constant, so the final carry equals h[T-1].
+        # a = 1, b = 0 past the end keeps the state unchanged (in either direction).
         widths = [(0, 0), (0, pad)] + [(0, 0)] * len(rest)
         a = jnp.pad(a, widths, constant_values=1)
         b = jnp.pad(b, widths)
-    a = a.reshape(bsz, nc, c, *rest)
-    b = b.reshape(bsz, nc, c, *rest)
-    # Inside each block, from a zero state: cumulative decay A and local state H.
-    a_cum, h_loc = lax.associative_scan(_combine, (a, b), axis=2)
+    # [b, nc*c, ...] -> [c, b, nc, ...]: time inside the block leads, blocks are vectorised.
+    a = jnp.moveaxis(a.reshape(bsz, nc, c, *rest), 2, 0)
+    b = jnp.moveaxis(b.reshape(bsz, nc, c, *rest), 2, 0)
 
-    # Across blocks: carry_{j} = A_{j, end} carry_{j-1} + H_{j, end}, a short sequential scan.
-    def step(carry, ab):
-        a_end, h_end = ab
-        new = a_end * carry + h_end
-        return new, carry
+    def block_ends(carry, ab):
+        a_cum, h = carry
+        a_t, b_t = ab
+        return (a_t * a_cum, a_t * h + b_t), None
+
+    zeros = jnp.zeros_like(b[0])
+    (a_end, h_end), _ = lax.scan(block_ends, (jnp.ones_like(a[0]), zeros), (a, b), reverse=reverse)
+
+    def across(carry, ab):
+        a_j, h_j = ab
+        return a_j * carry + h_j, carry
 
     h_last, carry_in = lax.scan(
-        step, h0, (jnp.moveaxis(a_cum[:, :, -1], 1, 0), jnp.moveaxis(h_loc[:, :, -1], 1, 0))
+        across, h0, (jnp.moveaxis(a_end, 1, 0), jnp.moveaxis(h_end, 1, 0)), reverse=reverse
     )
-    carry_in = jnp.moveaxis(carry_in, 0, 1)[:, :, None]  # [b, nc, 1, ...]
-    h = (h_loc + a_cum * carry_in).reshape(bsz, nc * c, *rest)[:, :t]
+
+    def within(h, ab):
+        a_t, b_t = ab
+        h = a_t * h + b_t
+        return h, h
+
+    _, h = lax.scan(within, jnp.moveaxis(carry_in, 0, 1), (a, b), reverse=reverse)
+    h = jnp.moveaxis(h, 0, 2).reshape(bsz, nc * c, *rest)[:, :t]
     return h, h_last
 
 
-def _pallas(a, b, h0, chunk_size):
+def _interpret():
+    return jax.default_backend() == "cpu"
+
+
+def _pallas(a, b, h0, chunk_size, reverse):
     del chunk_size
     from pallas_kernels.linear_scan import linear_scan_fwd  # imported only on this branch
 
-    return linear_scan_fwd(a, b, h0, interpret=jax.default_backend() == "cpu")
+    return linear_scan_fwd(a, b, h0, interpret=_interpret(), reverse=reverse)
 
 
 _ALGOS = {
@@ -122,31 +150,37 @@ _ALGOS = {
 # ----------------------------------------------------------------------------- custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _scan(a, b, h0, impl, chunk_size):
-    return _ALGOS[impl](a, b, h0, chunk_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _scan(a, b, h0, impl, chunk_size, reverse):
+    return _ALGOS[impl](a, b, h0, chunk_size, reverse)
 
 
-def _scan_fwd(a, b, h0, impl, chunk_size):
-    h, h_last = _ALGOS[impl](a, b, h0, chunk_size)
+def _scan_fwd(a, b, h0, impl, chunk_size, reverse):
+    h, h_last = _ALGOS[impl](a, b, h0, chunk_size, reverse)
     return (h, h_last), (a, h, h0)
 
 
-def _scan_bwd(impl, chunk_size, res, cts):
+def _scan_bwd(impl, chunk_size, reverse, res, cts):
     a, h, h0 = res
     g, g_last = cts
-    g = g.at[:, -1].add(g_last)
-    # dh_t = g_t + a_{t+1} dh_{t+1}: a reverse scan of the cotangents with the decays shifted by one.
-    a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
-    dh_rev, _ = _ALGOS[impl](
-        jnp.flip(a_next, 1), jnp.flip(g, 1), jnp.zeros_like(h0), chunk_size
-    )
-    dh = jnp.flip(dh_rev, 1)
-    h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
+    if impl == "pallas":
+        from pallas_kernels.linear_scan import linear_scan_bwd
+
+        return linear_scan_bwd(a, h, h0, g, g_last, interpret=_interpret(), reverse=reverse)
+    # Forward: dh_t = g_t + a_{t+1} dh_{t+1}, a scan in the other direction over the decays shifted
+    # by one; the decay 1 at the far end with initial state g_last adds h_last's cotangent there.
     # JAX's convention for complex cotangents: the VJP of a*h w.r.t. a is ct * h (no conjugate).
-    da = dh * h_prev
-    dh0 = dh[:, 0] * a[:, 0]
-    return da, dh, dh0
+    one = jnp.ones_like(a[:, :1])
+    h0_ = h0[:, None]
+    if reverse:
+        a_shift = jnp.concatenate([one, a[:, :-1]], axis=1)
+        h_prev = jnp.concatenate([h[:, 1:], h0_], axis=1)
+    else:
+        a_shift = jnp.concatenate([a[:, 1:], one], axis=1)
+        h_prev = jnp.concatenate([h0_, h[:, :-1]], axis=1)
+    dh, _ = _ALGOS[impl](a_shift, g, g_last, chunk_size, not reverse)
+    first = -1 if reverse else 0
+    return dh * h_prev, dh, dh[:, first] * a[:, first]
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -263,9 +297,5 @@ def linear_scan(
 
     if impl == "auto":
         impl = choose_impl(b.shape, cdtype)
-    if reverse:
-        a, b = jnp.flip(a, 1), jnp.flip(b, 1)
-    h, h_last = _scan(a, b, h0, impl, int(chunk_size))
-    if reverse:
-        h = jnp.flip(h, 1)
+    h, h_last = _scan(a, b, h0, impl, int(chunk_size), bool(reverse))
     return h.astype(out_dtype), h_last

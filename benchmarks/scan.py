@@ -1,0 +1,97 @@
+"""Speed of the scan engine's impls, as ratios to ``"sequential"`` measured side by side in one run.
+
+For each ``(B, T, D)`` shape, every impl's forward and forward+backward (grads w.r.t. ``a`` and
+``b``) are jitted and compiled first, then timed in interleaved rounds (one call of each impl per
+round) and summarised by their medians. The table shows ``time / time(sequential)`` (lower is
+faster), the impl ``"auto"`` picks (:func:`seqjax.scan.choose_impl`), and auto's time over the
+fastest impl's (``auto/best``, 1.00 = auto picked the fastest).
+
+    python benchmarks/scan.py                 # all shapes, 5 rounds
+    python benchmarks/scan.py --reps=3 --shapes=8x512x256,1x16384x16
+    python benchmarks/scan.py --pallas        # include the kernel (interpret mode on CPU: not a
+                                              # speed measurement, only a smoke test there)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax.scan import choose_impl, linear_scan
+
+SHAPES = ((8, 512, 256), (4, 4096, 1024), (16, 1024, 64), (1, 16384, 16), (32, 256, 2048))
+
+
+def _fns(impl):
+    def fwd(a, b):
+        return linear_scan(a, b, impl=impl)[0]
+
+    def loss(a, b):
+        h, h_last = linear_scan(a, b, impl=impl)
+        return jnp.sum(h) + jnp.sum(h_last)
+
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _time(fn, *args):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def bench_shape(shape, impls, reps, seed=0):
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.uniform(0.5, 1.0, shape), jnp.float32)
+    b = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    fns = {impl: _fns(impl) for impl in impls}
+    for fwd, fwdbwd in fns.values():  # compile and warm up
+        _time(fwd, a, b)
+        _time(fwdbwd, a, b)
+    times = {impl: ([], []) for impl in impls}
+    for _ in range(reps):  # interleaved: slow drifts of a shared machine hit every impl alike
+        for impl, (fwd, fwdbwd) in fns.items():
+            times[impl][0].append(_time(fwd, a, b))
+            times[impl][1].append(_time(fwdbwd, a, b))
+    return {impl: (statistics.median(f), statistics.median(fb)) for impl, (f, fb) in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+                   help="comma-separated BxTxD")
+    p.add_argument("--reps", type=int, default=5, help="interleaved timing rounds per shape")
+    p.add_argument("--pallas", action="store_true", help="include impl='pallas'")
+    args = p.parse_args(argv)
+
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    impls = ["sequential", "associative", "chunked"] + (["pallas"] if args.pallas else [])
+    platform = jax.default_backend()
+    print(f"platform: {platform} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+          f"reps={args.reps}; time / time(sequential), median of interleaved rounds")
+    others = impls[1:]
+    head = ["B x T x D", "seq fwd ms", "seq f+b ms"]
+    head += [f"{i} fwd" for i in others] + [f"{i} f+b" for i in others]
+    head += ["auto", "auto/best fwd", "auto/best f+b"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for shape in shapes:
+        res = bench_shape(shape, impls, args.reps)
+        seq_f, seq_fb = res["sequential"]
+        auto = choose_impl(shape, jnp.float32, platform)
+        best_f = min(f for f, _ in res.values())
+        best_fb = min(fb for _, fb in res.values())
+        auto_f, auto_fb = res.get(auto, (float("nan"),) * 2)
+        row = ["x".join(map(str, shape)), f"{seq_f * 1e3:.2f}", f"{seq_fb * 1e3:.2f}"]
+        row += [f"{res[i][0] / seq_f:.2f}" for i in others]
+        row += [f"{res[i][1] / seq_fb:.2f}" for i in others]
+        row += [auto, f"{auto_f / best_f:.2f}", f"{auto_fb / best_fb:.2f}"]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
