@@ -1,0 +1,279 @@
+"""The pretraining loop behind ``experiments/pretrain.py``: ``train(cfg) -> summary``.
+
+One run: (multi-process init) -> mesh -> data -> sharded state (fresh, or restored from the latest
+complete checkpoint onto this mesh) -> AOT-compiled step (memory and FLOPs logged) -> loop with a
+progress bar, TensorBoard scalars, periodic eval in bits per byte, async checkpoints, SIGTERM ->
+final checkpoint -> loss-curve PNG and a generated sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from seqjax import sharding as shd
+from seqjax.train import checkpoint as ckpt_lib
+from seqjax.train import config as config_lib
+from seqjax.train import data as data_lib
+from seqjax.train import metrics as metrics_lib
+from seqjax.train.step import NonFiniteError, Trainer
+
+__all__ = ["train", "build_model_fn", "lm_config"]
+
+log = logging.getLogger("seqjax.train")
+
+
+def lm_config(mcfg: config_lib.ModelConfig):
+    """``seqjax.models.lm.LMConfig`` from a ``ModelConfig`` (fields the LM lacks are dropped)."""
+    from seqjax.models.lm import LMConfig
+
+    known = {f.name for f in dataclasses.fields(LMConfig)}
+    kw = {k: v for k, v in dataclasses.asdict(mcfg).items() if k in known}
+    dropped = sorted(set(dataclasses.asdict(mcfg)) - known)
+    if dropped:
+        log.warning("LMConfig has no field(s) %s; ignored", dropped)
+    if "window" in kw and not kw["window"]:
+        kw["window"] = None
+    return LMConfig(**kw)
+
+
+def build_model_fn(mcfg: config_lib.ModelConfig, seed: int = 0):
+    from seqjax.models.lm import LM
+
+    lcfg = lm_config(mcfg)
+    return lambda: LM(lcfg, rngs=nnx.Rngs(seed))
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _evaluate(eval_fn, params, batches: data_lib.Batches, n: int, sharding, seq_len: int) -> float:
+    ls = ws = 0.0
+    for i in range(n):
+        b = batches.global_batch(i, sharding, seq_len)
+        l_i, w_i = eval_fn(params, b)
+        ls, ws = ls + float(l_i), ws + float(w_i)
+    return ls / max(ws, 1.0)
+
+
+def _sample(trainer, params, prompt: str, n: int) -> str:
+    model = trainer.model(jax.device_get(params))
+    toks = jnp.asarray([list(prompt.encode())], jnp.int32)
+    try:
+        from seqjax.models.generate import generate
+
+        out = generate(model, toks, n, temperature=0.0)
+    except ImportError:  # greedy loop without a cache
+        seq = toks
+        for _ in range(n):
+            logits, _ = model(seq)
+            seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)], axis=1)
+        out = seq[:, toks.shape[1] :]
+    return prompt + bytes(np.asarray(out[0]).astype(np.uint8)).decode("utf-8", errors="replace")
+
+
+def _plot(history: list[dict], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(h["step"], h["train_bpb"]) for h in history if "train_bpb" in h]
+    ev = [(h["step"], h["eval_bpb"]) for h in history if "eval_bpb" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _read_history(path: str, upto: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def train(cfg: config_lib.TrainConfig, *, progress: bool = True, make_model=None) -> dict:
+    """Run (or resume) the pretraining described by ``cfg``; returns a summary dict."""
+    if cfg.coordinator:
+        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    main = _is_main()
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if main:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(cfg))
+
+    mesh = shd.make_mesh(cfg.mesh)
+    d = cfg.data
+    t0 = time.perf_counter()
+    src = data_lib.load_source(d.data, d.seq_len, d.data_dir, d.seed, d.max_files)
+    train_b = data_lib.Batches(src["train"], d.global_batch, seed=d.seed)
+    eval_b = data_lib.Batches(src["validation"], d.global_batch, shuffle=False, prefetch=0)
+    log.info("data %s: %d train rows, %d held-out rows of %d bytes (%.1fs)", d.data, len(src["train"]),
+             len(src["validation"]), d.seq_len + 1, time.perf_counter() - t0)
+
+    make_model = make_model or build_model_fn(cfg.model, cfg.seed)
+    trainer = Trainer(make_model, mesh, cfg.optim, cfg.steps, accum=cfg.accum, seed=cfg.seed)
+    log.info("mesh %s; params: %s", dict(mesh.shape), trainer.report)
+    t0 = time.perf_counter()
+    step_fn, eval_fn, info = trainer.compile(d.global_batch, d.seq_len)
+    abstract_model = nnx.eval_shape(make_model)
+    fpt = metrics_lib.flops_per_token(abstract_model, trainer.abstract_params, d.seq_len,
+                                      tied_embedding=cfg.model.tie_embeddings)
+    flops_step = fpt["total"] * cfg.tokens_per_step
+    log.info("compiled in %.1fs: per-device memory %.1f MB (args %.1f, temp %.1f); FLOPs/step analytic %.3g, XLA %.3g",
+             time.perf_counter() - t0, info.get("total_bytes", 0) / 2**20, info.get("argument_bytes", 0) / 2**20,
+             info.get("temp_bytes", 0) / 2**20, flops_step, info.get("flops", float("nan")) * jax.device_count())
+
+    ck = ckpt_lib.Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), every=cfg.ckpt_every, keep=cfg.keep)
+    latest = ck.latest() if cfg.resume else None
+    if latest is not None:
+        state, meta = ck.restore(trainer.abstract_state(), latest)
+        log.info("resumed from step %d (saved on mesh %s)", latest, meta.get("mesh"))
+    else:
+        state = trainer.init_state()
+    start = int(jax.device_get(state["step"]))
+    meta = {"config": config_lib.to_dict(cfg), "mesh": dict(mesh.shape), "rules": repr(trainer.rules),
+            "data": {"name": d.data, "rows": len(src["train"]), "seq_len": d.seq_len, "seed": d.seed}}
+
+    writer = None
+    if main:
+        try:
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(cfg.run_dir, "tb"))
+        except ImportError:
+            log.warning("tensorboardX not installed: no TensorBoard logs")
+    hist_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    history = _read_history(hist_path, start) if main else []
+    if main:
+        with open(hist_path, "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+
+    peak = cfg.peak_flops or metrics_lib.peak_flops() or metrics_lib.measured_peak_flops()
+    meter = metrics_lib.Throughput(cfg.tokens_per_step, flops_step, jax.device_count(), peak)
+    stop = ckpt_lib.PreemptionFlag()
+    bar = None
+    if progress and main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, dynamic_ncols=True, desc="pretrain")
+
+    skipped, last_saved, reason = 0, None, "done"
+    pending = None  # (step, metrics) fetched one step late so dispatch never waits on the host
+    wall0 = time.perf_counter()
+    eval_bpb = float("nan")
+
+    def handle(step_done, m):
+        nonlocal skipped
+        m = jax.device_get(m)
+        if not m["finite"]:
+            msg = (f"non-finite loss or gradient at step {step_done} (loss={float(m['loss'])}, "
+                   f"grad_norm={float(m['grad_norm'])}); params and optimizer state were left unchanged")
+            if cfg.nan_policy == "raise":
+                raise NonFiniteError(msg + "; lower --optim.lr, or pass --nan_policy=skip to skip such steps")
+            skipped += 1
+            log.warning(msg + " (skipped)")
+            return
+        bpb = metrics_lib.bits_per_byte(m["loss"])
+        row = {"step": step_done, "loss": float(m["loss"]), "train_bpb": bpb, "grad_norm": float(m["grad_norm"]),
+               "lr": float(m["lr"]), "tokens_per_s": meter.tokens_per_s, "mfu": meter.mfu}
+        if writer is not None:
+            for k, v in row.items():
+                if k != "step" and math.isfinite(v):
+                    writer.add_scalar(f"train/{k}", v, step_done)
+        if main and (step_done % cfg.log_every == 0 or step_done == cfg.steps):
+            history.append(row)
+            with open(hist_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if bar is not None:
+            bar.set_postfix(bpb=f"{bpb:.3f}", eval=f"{eval_bpb:.3f}", tok_s=f"{meter.tokens_per_s:.0f}",
+                            mfu=f"{100 * meter.mfu:.1f}%", refresh=False)
+
+    step = start
+    meter.reset_clock()
+    try:
+        while step < cfg.steps:
+            batch = train_b.global_batch(step, trainer.batch_sharding, d.seq_len)
+            state, m = step_fn(state, batch)
+            step += 1
+            if pending is not None:
+                handle(*pending)
+            pending = (step, m)
+            meter.tick()
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                handle(*pending)
+                pending = None
+                eval_bpb = metrics_lib.bits_per_byte(
+                    _evaluate(eval_fn, state["params"], eval_b, d.eval_batches, trainer.batch_sharding, d.seq_len))
+                if main:
+                    row = {"step": step, "eval_bpb": eval_bpb}
+                    history.append(row)
+                    with open(hist_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if writer is not None:
+                        writer.add_scalar("eval/bpb", eval_bpb, step)
+                    log.info("step %d: held-out %.4f bits/byte", step, eval_bpb)
+                meter.reset_clock()
+            if ck.save(step, state, meta):
+                last_saved = step
+            if stop:
+                reason = "preempted"
+                break
+            if cfg.max_seconds and time.perf_counter() - wall0 > cfg.max_seconds:
+                reason = "time limit"
+                break
+        if pending is not None:
+            handle(*pending)
+    finally:
+        if bar is not None:
+            bar.close()
+        stop.restore()
+        train_b.close()
+    if last_saved != step:
+        ck.save(step, state, meta, force=True)
+    ck.wait()
+    saved_steps = ck.all_steps()
+    ck.close()
+
+    summary = {"steps": step, "stopped": reason, "skipped_steps": skipped, "eval_bpb": eval_bpb,
+               "tokens_per_s": meter.tokens_per_s, "mfu": meter.mfu, "compile": info,
+               "flops_per_step_analytic": flops_step, "checkpoints": saved_steps}
+    if history:
+        last_train = [h for h in history if "train_bpb" in h]
+        if last_train:
+            summary["train_bpb"] = last_train[-1]["train_bpb"]
+    if main and reason == "done":
+        _plot(history, os.path.join(cfg.run_dir, "loss.png"))
+        if cfg.sample_len > 0:
+            summary["sample"] = _sample(trainer, state["params"], cfg.sample_prompt, cfg.sample_len)
+    if writer is not None:
+        writer.close()
+    return summary
