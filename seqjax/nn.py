@@ -75,7 +75,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
+        return (y * self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))).astype(x.dtype)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -95,7 +95,7 @@ class GatedRMSNorm(nnx.Module):
         shape = x32.shape
         g = x32.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.eps)
-        return (g.reshape(shape) * self.scale[...]).astype(x.dtype)
+        return (g.reshape(shape) * self.scale[...].reshape((1,) * (len(shape) - 1) + (-1,))).astype(x.dtype)
 
 
 def causal_conv1d(x, w, bias=None, *, state=None, segment_ids=None):
@@ -132,9 +132,9 @@ def causal_conv1d(x, w, bias=None, *, state=None, segment_ids=None):
         tap = xp[:, j : j + t].astype(jnp.float32)
         if segment_ids is not None:
             tap = jnp.where((segp[:, j : j + t] == seg)[..., None], tap, 0.0)
-        y = y + tap * w[j].astype(jnp.float32)
+        y = y + tap * w[j].astype(jnp.float32)[None, None, :]
     if bias is not None:
-        y = y + bias.astype(jnp.float32)
+        y = y + bias.astype(jnp.float32)[None, None, :]
     new_state = xp[:, xp.shape[1] - (k - 1) :] if k > 1 else state
     return y.astype(x.dtype), new_state
 
