@@ -143,9 +143,14 @@ def masked_xent(logits, targets):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def run(task: TaskSpec, cfg: RunConfig) -> list[dict]:
-    """Train ``cfg.model`` on ``task``; return (and append to ``cfg.out``) the evaluation records."""
+def run(task: TaskSpec, cfg: RunConfig, keep_model: dict | None = None) -> list[dict]:
+    """Train ``cfg.model`` on ``task``; return (and append to ``cfg.out``) the evaluation records.
+
+    ``keep_model``: a dict that receives the trained model under ``"model"``.
+    """
     model = build_model(cfg, task.vocab_size, rngs=nnx.Rngs(cfg.seed))
+    if keep_model is not None:
+        keep_model["model"] = model
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.01)
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(sched, weight_decay=cfg.weight_decay))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
