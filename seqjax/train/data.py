@@ -36,7 +36,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-__all__ = ["StdlibBytes", "stdlib_files", "prepare_stdlib", "load_source", "Batches", "split_row", "positions_from_segments"]
+__all__ = ["StdlibBytes", "stdlib_files", "prepare_stdlib", "load_source", "Batches", "local_rows", "split_row", "positions_from_segments"]
 
 VALID_FRACTION = 0.02
 
@@ -205,6 +205,14 @@ def split_row(tokens: np.ndarray, seg: np.ndarray) -> dict:
     }
 
 
+def local_rows(sharding, shape, devices=None) -> np.ndarray:
+    """Sorted global row indices that ``devices`` (default: this process's) hold under ``sharding``."""
+    idx_map = sharding.devices_indices_map(tuple(shape))
+    devices = set(sharding.addressable_devices if devices is None else devices)
+    rows = {r for dev, index in idx_map.items() if dev in devices for r in range(*index[0].indices(shape[0]))}
+    return np.asarray(sorted(rows), np.int64)
+
+
 class Batches:
     """Global batches of a source, as a pure function of the step.
 
@@ -261,9 +269,8 @@ class Batches:
         return {name: build(name) for name in data}
 
     def _local(self, step: int, sharding, seq_len: int):
-        idx_map = sharding.addressable_devices_indices_map((self.batch, seq_len))
-        rows_here = sorted({r for index in idx_map.values() for r in range(*index[0].indices(self.batch))})
-        return np.asarray(rows_here), self._read(step, np.asarray(rows_here, np.int64))
+        rows_here = local_rows(sharding, (self.batch, seq_len))
+        return rows_here, self._read(step, rows_here)
 
     def close(self):
         if self._pool is not None:

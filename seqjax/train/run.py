@@ -25,7 +25,7 @@ from seqjax.train import checkpoint as ckpt_lib
 from seqjax.train import config as config_lib
 from seqjax.train import data as data_lib
 from seqjax.train import metrics as metrics_lib
-from seqjax.train.step import NonFiniteError, Trainer
+from seqjax.train.step import Trainer, check_finite
 
 __all__ = ["train", "build_model_fn", "lm_config"]
 
@@ -192,13 +192,8 @@ def train(cfg: config_lib.TrainConfig, *, progress: bool = True, make_model=None
     def handle(step_done, m):
         nonlocal skipped
         m = jax.device_get(m)
-        if not m["finite"]:
-            msg = (f"non-finite loss or gradient at step {step_done} (loss={float(m['loss'])}, "
-                   f"grad_norm={float(m['grad_norm'])}); params and optimizer state were left unchanged")
-            if cfg.nan_policy == "raise":
-                raise NonFiniteError(msg + "; lower --optim.lr, or pass --nan_policy=skip to skip such steps")
+        if not check_finite(m, step_done, cfg.nan_policy):
             skipped += 1
-            log.warning(msg + " (skipped)")
             return
         bpb = metrics_lib.bits_per_byte(m["loss"])
         row = {"step": step_done, "loss": float(m["loss"]), "train_bpb": bpb, "grad_norm": float(m["grad_norm"]),

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from seqjax import sharding as shd
 
-__all__ = ["NonFiniteError", "make_optimizer", "Trainer", "cross_entropy", "batch_spec"]
+__all__ = ["NonFiniteError", "check_finite", "make_optimizer", "Trainer", "cross_entropy", "batch_spec"]
 
 log = logging.getLogger("seqjax.train")
 
@@ -211,8 +211,8 @@ class Trainer:
         f32 = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.float32, sharding=self.batch_sharding)
         return {"inputs": i32(), "targets": i32(), "segment_ids": i32(), "positions": i32(), "weights": f32}
 
-    def compile(self, global_batch: int, seq_len: int):
-        """AOT-compile the train and eval steps; returns ``(train, eval, info)``.
+    def compile(self, global_batch: int, seq_len: int, *, with_eval: bool = True):
+        """AOT-compile the train (and eval) steps; returns ``(train, eval or None, info)``.
 
         ``info`` has the compiled per-device memory (bytes) and XLA's FLOP count of one step.
         """
@@ -229,9 +229,25 @@ class Trainer:
         ev = jax.jit(self.eval_step, in_shardings=(self.param_shardings, self.batch_sharding), out_shardings=metric_sh)
         with shd.use_rules(self.mesh, self.rules):
             train_c = step.lower(ab_state, ab_batch).compile()
-            eval_c = ev.lower(ab_state["params"], ab_batch).compile()
+            eval_c = ev.lower(ab_state["params"], ab_batch).compile() if with_eval else None
         info = compiled_info(train_c)
         return train_c, eval_c, info
+
+
+def check_finite(metrics: dict, step: int, policy: str = "raise") -> bool:
+    """Host side of the NaN guard: ``True`` if the step was applied; raise or ``False`` if not."""
+    if int(metrics["finite"]):
+        return True
+    msg = (
+        f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
+        f"grad_norm={float(metrics['grad_norm'])}); params and optimizer state were left unchanged"
+    )
+    if policy == "raise":
+        raise NonFiniteError(msg + "; lower --optim.lr, or pass --nan_policy=skip to skip such steps")
+    if policy != "skip":
+        raise ValueError(f"nan_policy must be 'raise' or 'skip', got {policy!r}")
+    log.warning(msg + " (skipped)")
+    return False
 
 
 def compiled_info(compiled) -> dict:
