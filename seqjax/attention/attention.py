@@ -63,7 +63,7 @@ def rope(x, positions, *, theta: float = 10000.0):
         raise ValueError(f"rope needs an even head_dim, got {d}")
     positions = jnp.broadcast_to(jnp.asarray(positions), x.shape[:2])
     inv = theta ** (-np.arange(0, d // 2, dtype=np.float32) * 2.0 / d)
-    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)  # [b, t, d/2]
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)[None, None, :]  # [b, t, d/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : d // 2], x32[..., d // 2 :]
