@@ -67,13 +67,13 @@ def init(cfg: Config, key):
 
 def logits_fn(p, x):
     y, _ = rnn.rnn("leaky", {k: v for k, v in p.items() if not k.startswith("readout")}, x[..., None].astype(jnp.float32))
-    return jnp.einsum("bth,hkc->btkc", y, p["readout"]) + p["readout_b"]
+    return jnp.einsum("bth,hkc->btkc", y, p["readout"]) + p["readout_b"][None, None]
 
 
 def loss_fn(p, x, y, active):
     """``y [b, t, heads]`` targets per head; ``active [heads]`` which heads are trained."""
     logp = jax.nn.log_softmax(logits_fn(p, x), axis=-1)
-    mask = (y != IGNORE) & active
+    mask = (y != IGNORE) & active[None, None]
     nll = -jnp.take_along_axis(logp, jnp.where(mask, y, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
