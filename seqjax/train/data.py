@@ -97,6 +97,7 @@ class StdlibBytes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.__doc__,
+            disable_shuffling=True,  # rows stay in corpus order; Batches shuffles by step
             features=tfds.features.FeaturesDict(
                 {
                     "tokens": tfds.features.Tensor(shape=(self._row_len,), dtype=np.uint8, encoding=enc),
