@@ -1,0 +1,260 @@
+r"""Mamba-2 / SSD (Dao & Gu 2024, "Transformers are SSMs: Generalized Models and Efficient Algorithms
+Through Structured State Space Duality"), with the negative-eigenvalue switch of Grazzi et al. 2025.
+
+Per head ``h`` (state ``S [n, p]``, grouped ``B, C`` shared by ``heads / groups`` heads):
+
+.. math::
+
+    a_t = \exp(\Delta_t A_h), \qquad S_t = a_t S_{t-1} + \Delta_t B_t x_t^\top, \qquad
+    y_t = S_t^\top C_t + D_h x_t .
+
+``negative_eigen=True`` uses the transition ``2 a_t − 1 ∈ (−1, 1)`` ("Unlocking State-Tracking in Linear
+RNNs Through Negative Eigenvalues"), which lets a linear RNN track parity. Negative transitions have no
+real log: we pass ``log|2a − 1|`` (computed without cancellation near ``±1``) and its sign to the engine,
+which keeps the cumulative sign product within each chunk. ``A=None`` switches the decay off (``a = 1``).
+
+The chunked form is SSD's four steps — intra-chunk ``(C B^T ⊙ L) (Δ x)``, chunk states, inter-chunk
+pass, state to output — evaluated by the shared engine (``seqjax.mixers._gla_chunk``) with
+``q = C, k = B, v = Δ x`` and per-head log decay ``Δ A``; the ``D`` skip is added outside.
+
+Shapes: ``x [b, t, h, p]``, ``dt [b, t, h]`` (positive, after softplus), ``A [h]`` (negative), ``B, C
+[b, t, g, n]``, ``D [h]``, state ``[b, h, n, p]`` float32 (the ``[b, h, k, v]`` layout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from seqjax import _checks, nn
+from seqjax.mixers import _gla_chunk as eng
+from seqjax.mixers.registry import MixerSpec, register
+
+__all__ = ["mamba2", "mamba2_recurrent", "mamba2_step", "mamba2_materialize", "transition", "Mamba2"]
+
+IMPLS = ("auto", "sequential", "chunked", "pallas")
+
+
+def transition(dt, A, negative_eigen=False):
+    """``(log|a_t|, sign a_t)`` float32 ``[b, t, h]`` (sign ``None`` unless ``negative_eigen``).
+
+    ``a = exp(Δ A)``, or ``2 exp(Δ A) − 1`` with ``negative_eigen``: ``log1p(2 expm1(ΔA))`` where ``a > 0``
+    and ``log1p(−2 exp(ΔA))`` where ``a ≤ 0`` (accurate near ``+1`` and near ``−1``).
+    """
+    dt = dt.astype(jnp.float32)
+    if A is None:
+        return jnp.zeros_like(dt), None
+    la = dt * A.astype(jnp.float32)[None, None, :]
+    if not negative_eigen:
+        return la, None
+    e = jnp.exp(la)
+    pos = e > 0.5
+    lp = jnp.log1p(2.0 * jnp.expm1(jnp.where(pos, la, 0.0)))
+    ln = jnp.log1p(-2.0 * jnp.where(pos, 0.25, jnp.minimum(e, 0.4999999)))  # clamp: no log(0) gradient
+    return jnp.where(pos, lp, ln), jnp.where(pos, 1.0, -1.0)
+
+
+def _validate(x, dt, A, B, C, D, h0, resets, negative_eigen):
+    _checks.check_ndim("x", x, 4, "[batch, time, heads, head_dim]")
+    b, t, h, p = x.shape
+    _checks.check_shape("dt", dt, (b, t, h), "[batch, time, heads]")
+    _checks.check_ndim("B", B, 4, "[batch, time, groups, state]")
+    g, n = B.shape[2:]
+    _checks.check_shape("B", B, (b, t, g, n), "[batch, time, groups, state]")
+    _checks.check_shape("C", C, (b, t, g, n), "[batch, time, groups, state] (like B)")
+    if h % g:
+        raise ValueError(f"heads ({h}) must be a multiple of B/C groups ({g})")
+    if A is not None:
+        _checks.check_shape("A", A, (h,), "[heads]")
+    if D is not None:
+        _checks.check_shape("D", D, (h,), "[heads]")
+    if h0 is not None:
+        _checks.check_shape("h0", h0, (b, h, n, p), "[batch, heads, state, head_dim]")
+    if resets is not None:
+        _checks.check_shape("resets", resets, (b, t), "[batch, time]")
+    if not isinstance(negative_eigen, bool):
+        raise ValueError(f"negative_eigen must be a bool, got {negative_eigen!r}")
+
+
+def _heads(B, h):
+    """``[b, t, g, n] -> [b, t, h, n]``: head ``i`` reads group ``i // (h / g)``."""
+    return jnp.repeat(B, h // B.shape[2], axis=2)
+
+
+def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
+    """SSD: ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``. Returns ``(y, S_T)``."""
+    _checks.check_choice("impl", impl, IMPLS)
+    _validate(x, dt, A, B, C, D, h0, resets, negative_eigen)
+    if impl == "sequential":
+        return mamba2_recurrent(x, dt, A, B, C, D, h0=h0, resets=resets, negative_eigen=negative_eigen)
+    h = x.shape[2]
+    g, sign = transition(dt, A, negative_eigen)
+    v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
+    q, k = _heads(C, h).astype(x.dtype), _heads(B, h).astype(x.dtype)
+    if impl == "pallas":
+        from pallas_kernels.gla_chunk import gla_chunk_pallas
+
+        y, s = gla_chunk_pallas(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
+    else:
+        y, s = eng.chunk_gla(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype), s
+
+
+def mamba2_recurrent(x, dt, A, B, C, D=None, *, h0=None, resets=None, negative_eigen=False):
+    """Reference: float32 ``lax.scan`` of ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``."""
+    _validate(x, dt, A, B, C, D, h0, resets, negative_eigen)
+    b, t, h, p = x.shape
+    f32 = lambda z: z.astype(jnp.float32)
+    a = jnp.ones((b, t, h), jnp.float32) if A is None else jnp.exp(f32(dt) * f32(A)[None, None, :])
+    if negative_eigen:
+        a = 2.0 * a - 1.0
+    if resets is not None:
+        a = jnp.where(jnp.asarray(resets).astype(bool)[:, :, None], 0.0, a)
+    s0 = jnp.zeros((b, h, B.shape[-1], p), jnp.float32) if h0 is None else f32(h0)
+
+    def step(s, xs):
+        x_t, dt_t, a_t, B_t, C_t = xs
+        s = a_t[:, :, None, None] * s + jnp.einsum("bhn,bhp->bhnp", B_t, dt_t[:, :, None] * x_t)
+        return s, jnp.einsum("bhnp,bhn->bhp", s, C_t)
+
+    xs = (f32(x), f32(dt), a, f32(_heads(B, h)), f32(_heads(C, h)))
+    s_last, y = lax.scan(step, s0, tuple(jnp.moveaxis(z, 1, 0) for z in xs))
+    y = jnp.moveaxis(y, 0, 1)
+    if D is not None:
+        y = y + f32(D)[None, None, :, None] * f32(x)
+    return y.astype(x.dtype), s_last
+
+
+def mamba2_step(h, x, dt, A, B, C, D=None, *, negative_eigen=False):
+    """One token: ``x [b, h, p]``, ``dt [b, h]``, ``B, C [b, g, n]`` -> ``(y [b, h, p], S [b, h, n, p])``."""
+    y, s = mamba2_recurrent(
+        x[:, None], dt[:, None], A, B[:, None], C[:, None], D, h0=h, negative_eigen=negative_eigen
+    )
+    return y[:, 0], s
+
+
+def mamba2_materialize(x, dt, A, B, C, D=None, *, negative_eigen=False):
+    """``M[b, h, t, s] = (C_t · B_s) (Π_{r=s+1}^{t} a_r) Δ_s + D δ_ts`` (``y = M x`` per head, ``h0 = 0``)."""
+    b, t, h, _ = x.shape
+    g, sign = transition(dt, A, negative_eigen)
+    cg = jnp.cumsum(g, axis=1)  # [b, t, h]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None, :, :, None]
+    decay = jnp.where(causal, jnp.exp(jnp.where(causal, cg[:, :, None] - cg[:, None, :], 0.0)), 0.0)
+    if sign is not None:
+        ps = jnp.cumprod(sign, axis=1)
+        decay = decay * ps[:, :, None] * ps[:, None, :]
+    cb = jnp.einsum("bthn,bshn->btsh", _heads(C, h).astype(jnp.float32), _heads(B, h).astype(jnp.float32))
+    m = cb * decay * dt.astype(jnp.float32)[:, None, :, :]
+    if D is not None:
+        m = m + jnp.eye(t, dtype=jnp.float32)[None, :, :, None] * D.astype(jnp.float32)[None, None, None, :]
+    return jnp.moveaxis(m, 3, 1)
+
+
+def make_inputs(key, batch, time, heads=4, head_dim=5, groups=2, state=7):
+    ks = jax.random.split(key, 6)
+    return dict(
+        x=jax.random.normal(ks[0], (batch, time, heads, head_dim)),
+        dt=jax.nn.softplus(jax.random.normal(ks[1], (batch, time, heads)) - 0.5),
+        A=-jnp.linspace(0.3, 3.0, heads),
+        B=jax.random.normal(ks[2], (batch, time, groups, state)) / math.sqrt(state),
+        C=jax.random.normal(ks[3], (batch, time, groups, state)),
+        D=jax.random.normal(ks[4], (heads,)),
+    )
+
+
+class Mamba2(nnx.Module):
+    """The Mamba-2 block: separate projections (``x_proj, z_proj, B_proj, C_proj, dt_proj``), causal
+    depthwise convs over ``x, B, C`` (``x_conv, B_conv, C_conv``; one conv over their concatenation in
+    the paper, identical since it is depthwise), SiLU, SSD, ``D`` skip, ``z``-gated RMSNorm per group,
+    ``out_proj``. ``use_decay=False`` fixes ``a = 1`` (for initialising from attention: ``C ← Q``,
+    ``B ← K``, ``x ← V``).
+    """
+
+    def __init__(self, d_model, *, expand=2, head_dim=16, d_state=16, ngroups=1, d_conv=4, chunk_size=64,
+                 impl="auto", negative_eigen=False, use_decay=True, dt_min=1e-3, dt_max=0.1,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        d_inner = expand * d_model
+        _checks.check_divisible("d_inner", d_inner, "head_dim", head_dim)
+        self.nheads, self.head_dim, self.d_state, self.ngroups = d_inner // head_dim, head_dim, d_state, ngroups
+        _checks.check_divisible("nheads", self.nheads, "ngroups", ngroups)
+        self.chunk_size, self.impl, self.negative_eigen, self.use_decay = chunk_size, impl, negative_eigen, use_decay
+        lin = lambda i, o, ax: nn.Linear(i, o, axes=ax, rngs=rngs, dtype=dtype)
+        self.x_proj = lin(d_model, d_inner, ("embed", "heads"))
+        self.z_proj = lin(d_model, d_inner, ("embed", "heads"))
+        self.B_proj = lin(d_model, ngroups * d_state, ("embed", "state"))
+        self.C_proj = lin(d_model, ngroups * d_state, ("embed", "state"))
+        self.dt_proj = lin(d_model, self.nheads, ("embed", "heads"))
+        self.x_conv = nn.ShortConv(d_inner, d_conv, rngs=rngs)
+        self.B_conv = nn.ShortConv(ngroups * d_state, d_conv, rngs=rngs)
+        self.C_conv = nn.ShortConv(ngroups * d_state, d_conv, rngs=rngs)
+        dt = jnp.exp(jax.random.uniform(rngs.params(), (self.nheads,)) * (math.log(dt_max) - math.log(dt_min))
+                     + math.log(dt_min))
+        self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), sharding=("heads",))  # softplus^{-1}(dt)
+        a = jax.random.uniform(rngs.params(), (self.nheads,), minval=1.0, maxval=16.0)
+        self.A_log = nnx.Param(jnp.log(a), sharding=("heads",))
+        self.D = nnx.Param(jnp.ones((self.nheads,)), sharding=("heads",))
+        self.norm = nn.GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
+        self.out_proj = lin(d_inner, d_model, ("heads", "embed"))
+
+    def __call__(self, x, *, segment_ids=None, cache=None):
+        bsz, t, _ = x.shape
+        c = cache or {}
+        xs, cx = self.x_conv(self.x_proj(x), state=c.get("conv_x"), segment_ids=segment_ids)
+        B, cB = self.B_conv(self.B_proj(x), state=c.get("conv_B"), segment_ids=segment_ids)
+        C, cC = self.C_conv(self.C_proj(x), state=c.get("conv_C"), segment_ids=segment_ids)
+        xs, B, C = jax.nn.silu(xs), jax.nn.silu(B), jax.nn.silu(C)
+        xh = nn.split_heads(xs, self.nheads)
+        B, C = B.reshape(bsz, t, self.ngroups, self.d_state), C.reshape(bsz, t, self.ngroups, self.d_state)
+        dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])
+        A = -jnp.exp(self.A_log[...]) if self.use_decay else None
+        resets = nn.resets_from_segment_ids(segment_ids)
+        if cache is not None and resets is not None:
+            resets = resets.at[:, 0].set(False)
+        h0 = None if cache is None else cache["state"]
+        if cache is not None and t == 1 and resets is None:
+            y, s = mamba2_step(h0, xh[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D[...],
+                               negative_eigen=self.negative_eigen)
+            y = y[:, None]
+        else:
+            y, s = mamba2(xh, dt, A, B, C, self.D[...], h0=h0, resets=resets, impl=self.impl,
+                          chunk_size=self.chunk_size, negative_eigen=self.negative_eigen)
+        y = self.norm(nn.merge_heads(y), self.z_proj(x))
+        out = self.out_proj(y)
+        new = None if cache is None else {"state": s, "conv_x": cx, "conv_B": cB, "conv_C": cC}
+        return out, new
+
+    def init_cache(self, batch_size, max_len=None):
+        del max_len
+        return {
+            "state": jnp.zeros((batch_size, self.nheads, self.d_state, self.head_dim), jnp.float32),
+            "conv_x": self.x_conv.init_state(batch_size),
+            "conv_B": self.B_conv.init_state(batch_size),
+            "conv_C": self.C_conv.init_state(batch_size),
+        }
+
+
+class Mamba2NegEig(Mamba2):
+    """Mamba-2 with transitions ``2a − 1 ∈ (−1, 1)`` (Grazzi et al. 2025)."""
+
+    def __init__(self, d_model, *, rngs: nnx.Rngs, **kw):
+        kw.setdefault("negative_eigen", True)
+        super().__init__(d_model, rngs=rngs, **kw)
+
+
+_common = dict(
+    fn=mamba2, recurrent=mamba2_recurrent, step=mamba2_step, make_inputs=make_inputs,
+    materialize=mamba2_materialize, value_arg="x", params=("A", "D"), impls=("sequential", "chunked"),
+    negative_eigen=True,
+)
+register(MixerSpec(name="mamba2", layer=Mamba2, doc="Mamba-2 / SSD (Dao & Gu 2024)", **_common))
+register(MixerSpec(
+    name="mamba2_negeig", layer=Mamba2NegEig, options={"negative_eigen": True},
+    doc="Mamba-2 with negative eigenvalues 2a-1 (Grazzi et al. 2025)", **_common,
+))
