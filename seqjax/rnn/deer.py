@@ -99,7 +99,7 @@ def _solve_damped(a, r, h0, guess, lam):
         c_prev, d_prev = carry
         a_t, diag_t, rhs_t, sup_t = inp
         den = diag_t + a_t * c_prev  # diag_t - sub_t * c_prev with sub_t = -a_t
-        c = -sup_t / den
+        c = sup_t / den
         dd = (rhs_t + a_t * d_prev) / den
         return (c, dd), (c, dd)
 
