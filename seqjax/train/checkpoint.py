@@ -6,9 +6,10 @@ Layout (orbax ``CheckpointManager``)::
     <run>/checkpoints/<step>/state/   the train state: every leaf a global jax.Array
     <run>/checkpoints/<step>/meta/    JSON: config, mesh shape, rules, data fingerprint
 
-A save is written to a temporary directory and renamed when complete (and, on object stores, marked
-with ``commit_success.txt``), so a process killed mid-save leaves no checkpoint that
-:meth:`Checkpointer.latest` would return: a partial checkpoint is never loaded.
+A save is written to a temporary directory, renamed when complete and marked with
+``commit_success.txt``. :meth:`Checkpointer.latest` only returns steps that carry the marker, and at
+start-up a step directory without it (a save cut short) is renamed ``<step>.partial-<time>`` and
+ignored: a partial checkpoint is never loaded.
 
 Restoring always goes through an abstract target that carries the *current* mesh's shardings
 (``Trainer.abstract_state()``), so a checkpoint written on ``fsdp=8`` restores onto ``(data=2,
@@ -22,11 +23,16 @@ import os
 import signal
 import threading
 
+import time
+
+import jax
 import orbax.checkpoint as ocp
 
 __all__ = ["Checkpointer", "PreemptionFlag"]
 
 log = logging.getLogger("seqjax.train")
+
+COMMIT_MARKER = "commit_success.txt"
 
 
 class Checkpointer:
@@ -41,16 +47,30 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        self._quarantine_partial()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
-    def latest(self) -> int | None:
-        """The newest *complete* checkpoint's step (in-progress / partial ones are not listed)."""
-        self.manager.reload()
-        return self.manager.latest_step()
+    def _complete(self, step: int) -> bool:
+        return os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER))
+
+    def _quarantine_partial(self):
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if name.isdigit() and not self._complete(int(name)):
+                dst = os.path.join(self.directory, f"{name}.partial-{int(time.time())}")
+                log.warning("ignoring incomplete checkpoint %s (moved to %s)", name, dst)
+                os.rename(os.path.join(self.directory, name), dst)
 
     def all_steps(self) -> list[int]:
+        """Steps of *complete* checkpoints (partial ones, without the commit marker, are not listed)."""
         self.manager.reload()
-        return list(self.manager.all_steps())
+        return sorted(s for s in self.manager.all_steps() if self._complete(s))
+
+    def latest(self) -> int | None:
+        """The newest complete checkpoint's step, or ``None``."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def save(self, step: int, state, meta: dict | None = None, *, force: bool = False) -> bool:
         """Save (asynchronously) if ``step`` is on the interval or ``force``; returns whether it did."""

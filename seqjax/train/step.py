@@ -181,7 +181,7 @@ class Trainer:
         denom = jnp.maximum(ws, 1.0)
         loss = ls / denom
         grads = jax.tree.map(lambda x: x / denom, g)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         updates, opt = self.tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
@@ -196,7 +196,7 @@ class Trainer:
             "loss": loss,
             "tokens": ws,
             "grad_norm": gnorm,
-            "param_norm": optax.global_norm(new_state["params"]),
+            "param_norm": optax.tree.norm(new_state["params"]),
             "lr": self.schedule(state["step"]),
             "finite": finite.astype(jnp.int32),
         }
