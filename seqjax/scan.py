@@ -12,17 +12,21 @@ the workhorse of S4D, S5, LRU, RG-LRU, Mamba, HGRN and of every chunk carry in t
     ``lax.associative_scan`` with the operator ``(a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2)``:
     O(log T) depth, more memory traffic.
 ``"chunked"``
-    blocks of ``chunk_size`` steps solved in parallel (an associative scan inside each block), then a
-    short sequential carry across blocks and one elementwise correction.
+    blocks of ``chunk_size`` steps, all solved at once: a sweep inside every block (vectorised
+    across blocks) gives each block's total decay and end state, a short sequential carry across
+    blocks gives each block's incoming state, and a second sweep inside every block writes ``h``.
+    ``2 C + T / C`` sequential steps instead of ``T``, each ``C`` times wider.
 ``"pallas"``
     the Pallas kernel in ``pallas_kernels/linear_scan`` (sequential over time inside the kernel,
     channel blocks on the grid, the carry on chip). Runs interpreted on CPU.
 ``"auto"``
     picks by platform and shape from ``benchmarks/scan.py``'s evidence (see :func:`choose_impl`).
 
-All impls share one ``custom_vjp`` whose backward pass is itself a reverse linear scan of the
-cotangents, ``dh_t = g_t + a_{t+1} dh_{t+1}``, so gradients w.r.t. ``a``, ``b`` and ``h0`` cost one
-more scan and never store an associative tree: only ``a``, ``h`` and ``h0`` are kept.
+Every impl runs ``reverse=True`` natively (no flipped copies), and all share one ``custom_vjp``
+whose backward pass is itself a linear scan of the cotangents in the other direction,
+``dh_t = g_t + a_{t+1} dh_{t+1}`` (the Pallas impl uses its kernel's transposed form), so gradients
+w.r.t. ``a``, ``b`` and ``h0`` cost one more scan and never store an associative tree: only ``a``,
+``h`` and ``h0`` are kept. ``da_t = dh_t h_{t-1}``, ``db_t = dh_t``, ``dh0 = a_0 dh_0``.
 
 Accumulation is float32 (complex64 for complex inputs) whatever the input dtype; ``h`` comes back in
 the caller's dtype (that of ``b``), ``h_last`` in the float32/complex64 state dtype so that carrying
@@ -192,32 +196,35 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 def choose_impl(shape, dtype, platform: str | None = None) -> str:
     """The impl ``"auto"`` uses for ``b`` of ``shape``/``dtype`` on ``platform``.
 
-    Evidence (``python benchmarks/scan.py``, results in ``benchmarks/results/``):
+    Evidence (``python benchmarks/scan.py``, ``benchmarks/results/cpu_scan.md``):
 
-    - CPU: ``lax.scan`` is memory-bound and cheap per step; the associative scan does ~log T more
-      memory traffic and loses by an order of magnitude at large T. ``"sequential"`` wins except at
-      short T with few channels, where the chunked form's shorter loop pays off.
-    - GPU: XLA drives ``lax.scan`` from the host (one launch per step, jax#2491), so the parallel
-      forms win; ``"chunked"`` keeps memory low.
-    - TPU: the Pallas kernel (as in recurrentgemma), for real dtypes.
+    - CPU (measured): ``lax.scan`` steps are cheap (tens of ns of loop overhead) and the scan is
+      memory-bound, so every parallel form, which moves the data more times, loses: the associative
+      scan by 2-20x (more at large T), the chunked form by 1.2-2.5x, on every shape measured
+      (T from 256 to 16,384, 16 to 2,048 channels). ``"sequential"`` everywhere.
+    - GPU (not measured yet): XLA drives ``lax.scan`` from the host, one launch per step
+      (jax#2491), so the log-depth ``"associative"`` form; the custom VJP keeps its memory at
+      O(T) (no stored tree). Re-run the benchmark on a GPU to refine.
+    - TPU (not measured yet): the Pallas kernel, as in recurrentgemma, for real dtypes; complex
+      falls back to ``lax.scan``, which runs on device there.
     """
+    del shape  # no shape dependence has been measured to matter yet
     platform = platform or jax.default_backend()
     complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
-    t = shape[1]
-    channels = int(np.prod(shape)) // max(1, t)
-    if platform == "tpu" and not complex_:
-        return "pallas"
+    if platform == "tpu":
+        return "sequential" if complex_ else "pallas"
     if platform == "gpu":
-        return "chunked" if t > 64 else "associative"
-    # CPU
-    if t >= 256 and channels <= 64:
-        return "chunked"
+        return "associative"
     return "sequential"
 
 
 def _validate(a, b, h0, resets, impl, chunk_size):
+    """Static checks in Python, before anything is traced: each error names the argument."""
     _checks.check_choice("impl", impl, IMPLS)
-    _checks.check_ndim("b", b, range(2, 16), "[batch, time, ...]")
+    if np.ndim(b) < 2:
+        raise ValueError(
+            f"b must have shape [batch, time, ...] (at least 2 dims), got {list(np.shape(b))}"
+        )
     _checks.check_dtype("b", b, "inexact")
     _checks.check_dtype("a", a, "inexact")
     try:
@@ -229,14 +236,18 @@ def _validate(a, b, h0, resets, impl, chunk_size):
             f"a must have (or broadcast to) the shape of b {list(np.shape(b))} "
             f"[batch, time, ...], got {list(np.shape(a))}"
         )
-    bsz, _ = np.shape(b)[:2]
+    bsz, t = np.shape(b)[:2]
+    if t < 1:
+        raise ValueError(f"b must have at least 1 time step (axis 1), got shape {list(np.shape(b))}")
     if h0 is not None:
         _checks.check_shape("h0", h0, (bsz, *np.shape(b)[2:]), "[batch, ...] (b without time)")
         _checks.check_dtype("h0", h0, "inexact")
     if resets is not None:
         _checks.check_shape("resets", resets, np.shape(b)[:2], "[batch, time]")
         _checks.check_dtype("resets", resets, "int_or_bool")
-    if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
+    if isinstance(chunk_size, bool) or not (
+        isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1
+    ):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
