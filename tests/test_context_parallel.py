@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from seqjax import mixers
 from seqjax import sharding as shd
 from seqjax.attention.attention import attention
 from seqjax.train.context_parallel import attention_context_parallel, gla_context_parallel, gla_local
@@ -75,3 +76,18 @@ def test_attention_context_parallel_matches_unsharded():
     g_r = jax.grad(lambda *a: jnp.sum(jnp.sin(ref(*a))), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_c, g_r):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gla_context_parallel_with_registered_chunked_gla():
+    """The local form can be the registry's chunked GLA (``seqjax.mixers.get("gla").fn``)."""
+    spec = mixers.get("gla")
+
+    def local(q, k, v, log_a, h0):
+        return spec.fn(q, k, v, log_a, h0=h0, impl="chunked", chunk_size=2, scale=1.0)
+
+    mesh = shd.make_mesh((1, 1, 4, 2))
+    q, k, v, log_a, h0 = _inputs(jax.random.PRNGKey(3), t=16)
+    y_r, s_r = gla_local(q, k, v, log_a, h0)
+    y_c, s_c = jax.jit(lambda *a: gla_context_parallel(*a, mesh=mesh, h0=h0, local_fn=local))(q, k, v, log_a)
+    np.testing.assert_allclose(y_c, y_r, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s_c, s_r, rtol=1e-4, atol=1e-4)
