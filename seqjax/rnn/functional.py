@@ -82,9 +82,11 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
             raise ValueError(f"impl='pallas' supports kinds with a pointwise form, not {kind!r}")
         import jax
 
-        from pallas_kernels.rnn import flashrnn  # imported only on this branch
+        from pallas_kernels.rnn import fused_rnn  # imported only on this branch
 
-        states = flashrnn(kind, params, xp, s0, interpret=jax.default_backend() == "cpu")
+        cell = _cells.CELLS[kind]
+        states = fused_rnn(cell.pointwise, params["R"], _cells.neuron_params(cell, params), xp, s0,
+                           interpret=jax.default_backend() == "cpu")
         s_last = states[:, -1]
     y = states[:, :, 0].reshape(bsz, t, g * d)
     if reverse:
