@@ -14,7 +14,7 @@ TOKEN_SCRIPTS = [
     ("state_tracking", ["--task=s3", "--model=mamba"]),
     ("mqar", []),
     ("icll", []),
-    ("classification", ["--data=digits"]),
+    ("classification", ["--data=digits", "--model=lstm"]),
     ("recall", ["--task=copy"]),
     ("set_disjointness", ["--jrt=true"]),
 ]

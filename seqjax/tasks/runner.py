@@ -2,7 +2,7 @@
 
 A task is a :class:`TaskSpec` (fresh training batches by step, fixed evaluation sets, a metric); a model
 is any name the LM's layer pattern accepts (``"attention"``, a registered mixer such as
-``"deltanet_negeig"``) or a nonlinear RNN cell (``"lstm"``, ``"slstm"``, ``"gru"``, ``"elman"``). The loop
+``"deltanet_negeig"``) or a nonlinear RNN cell (``"lstm"``, ``"slstm"``, ``"gru"``, ``"rnn_tanh"``). The loop
 trains with AdamW (warmup + cosine, global-norm clipping), evaluates every ``eval_every`` steps, shows a
 progress bar, and appends one JSON line per evaluation to ``out``:
 
@@ -30,7 +30,7 @@ from flax import nnx
 
 from seqjax.tasks import IGNORE, TaskBatch
 
-RNN_MODELS = ("lstm", "slstm", "gru", "elman")
+RNN_MODELS = ("lstm", "slstm", "gru", "rnn_tanh", "rnn_relu")
 
 
 @dataclasses.dataclass
@@ -97,10 +97,10 @@ class RNNLM(nnx.Module):
     """Embedding → stacked nonlinear RNN (``seqjax.rnn``) → linear head."""
 
     def __init__(self, kind: str, vocab_size: int, d_model: int, num_layers: int, *, rngs: nnx.Rngs):
-        from seqjax import rnn
+        from seqjax.rnn.wrappers import StackedRNN
 
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-        self.rnn = rnn.StackedRNN(kind, d_model, d_model, num_layers=num_layers, rngs=rngs)
+        self.rnn = StackedRNN(kind, d_model, d_model, num_layers, rngs=rngs)
         self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
 
     def __call__(self, tokens):
