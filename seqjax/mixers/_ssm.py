@@ -1,0 +1,97 @@
+r"""Shared pieces of the linear time-invariant state-space mixers (LSSL, S4D, S5).
+
+- HiPPO matrices (Gu et al. 2020, "HiPPO: Recurrent Memory with Optimal Polynomial Projections"):
+  LegS ``A``/``B`` and its normal part (S5's HiPPO-N);
+- the causal convolution ``y_t = sum_{s <= t} K_{t-s} x_s`` by FFT, and its packed-document form
+  (a masked Toeplitz product, since a reset breaks time invariance);
+- document masks that say which tokens ``h0`` reaches and which ones feed ``h_last``.
+
+The module name starts with ``_`` so the registry does not import it as a mixer family.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "hippo_legs",
+    "hippo_legs_normal",
+    "causal_fft_conv",
+    "causal_conv",
+    "document_masks",
+    "check_no_negative_eigen",
+    "resets_or_none",
+]
+
+
+def hippo_legs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    r"""HiPPO-LegS: ``A_{nk} = -\sqrt{2n+1}\sqrt{2k+1}`` (n > k), ``-(n+1)`` (n = k), 0 (n < k);
+    ``B_n = \sqrt{2n+1}``. float64 numpy ``([n, n], [n])``."""
+    q = np.sqrt(2.0 * np.arange(n) + 1.0)
+    a = -np.tril(np.outer(q, q), -1) - np.diag(np.arange(n) + 1.0)
+    return a, q.copy()
+
+
+def hippo_legs_normal(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""HiPPO-N, the normal part of LegS: ``S = A + P P^T`` with ``P_n = \sqrt{n + 1/2}``.
+
+    ``S = -I/2 + (\text{skew-symmetric})``, so it is unitarily diagonalisable:
+    ``S = V \operatorname{diag}(\Lambda) V^H`` with ``Re \Lambda = -1/2``. Returns ``(Lambda [n],
+    V [n, n], B [n])`` (complex128, complex128, float64), eigenvalues sorted by imaginary part.
+    """
+    a, b = hippo_legs(n)
+    p = np.sqrt(np.arange(n) + 0.5)
+    s = a + np.outer(p, p)
+    # S = -I/2 + K with K skew-symmetric: -iK is Hermitian, so eigh gives an orthonormal V.
+    skew = s - np.diag(np.diag(s))
+    w, v = np.linalg.eigh(-1j * skew)
+    lam = np.mean(np.diag(s)) + 1j * w
+    return lam, v, b
+
+
+def check_no_negative_eigen(name: str, negative_eigen) -> None:
+    if negative_eigen:
+        raise ValueError(
+            f"{name} does not support negative_eigen=True (only mamba and the mixers registered with "
+            "negative_eigen support it)"
+        )
+
+
+def resets_or_none(resets):
+    return None if resets is None else jnp.asarray(resets).astype(bool)
+
+
+def document_masks(resets, t: int):
+    """``(first [b, t], last [b, t])``: tokens ``h0`` still reaches (no reset at or before them) and
+    tokens in the same document as the last one (those that feed ``h_last``)."""
+    doc = jnp.cumsum(resets.astype(jnp.int32), axis=1)
+    return doc == 0, doc == doc[:, t - 1 : t]
+
+
+def causal_fft_conv(x, k):
+    """``y[b, t, h] = sum_{s <= t} k[h, t - s] x[b, s, h]`` by FFT (float32).
+
+    ``x`` ``[b, t, h]``, ``k`` ``[h, t]``. Zero padding to a power of two ``>= 2t`` makes the circular
+    convolution a linear one.
+    """
+    t = x.shape[1]
+    n = 1 << int(np.ceil(np.log2(max(2 * t, 2))))
+    xf = jnp.fft.rfft(x.astype(jnp.float32), n=n, axis=1)
+    kf = jnp.fft.rfft(k.astype(jnp.float32).T, n=n, axis=0)  # [n//2+1, h]
+    y = jnp.fft.irfft(xf * kf[None], n=n, axis=1)
+    return y[:, :t]
+
+
+def causal_conv(x, k, resets=None):
+    """The causal convolution, by FFT, or with ``resets`` as a masked Toeplitz product ``O(t^2)``:
+    a token only sees tokens of its own document."""
+    if resets is None:
+        return causal_fft_conv(x, k)
+    t = x.shape[1]
+    lag = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]  # t - s
+    toeplitz = jnp.where(lag >= 0, k[:, jnp.clip(lag, 0, t - 1)], 0.0)  # [h, t, s]
+    doc = jnp.cumsum(resets.astype(jnp.int32), axis=1)
+    same = doc[:, :, None] == doc[:, None, :]  # [b, t, s]
+    m = jnp.where(same[:, None], toeplitz[None], 0.0)
+    return jnp.einsum("bhts,bsh->bth", m, x.astype(jnp.float32))
