@@ -56,10 +56,25 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     )
     parts = [optax.clip_by_global_norm(optim.clip)] if optim.clip > 0 else []
     if optim.grad_noise > 0:
-        parts.append(optax.add_noise(optim.grad_noise, optim.grad_noise_gamma, 0))
+        parts.append(_plain_key_noise(optim.grad_noise, optim.grad_noise_gamma))
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
+
+
+def _plain_key_noise(eta: float, gamma: float) -> optax.GradientTransformation:
+    """``optax.add_noise`` whose state holds its key as raw ``uint32`` data (orbax saves plain arrays)."""
+    inner = optax.add_noise(eta, gamma, 0)
+
+    def init(params):
+        st = inner.init(params)
+        return st._replace(rng_key=jax.random.key_data(st.rng_key))
+
+    def update(grads, st, params=None):
+        upd, st = inner.update(grads, st._replace(rng_key=jax.random.wrap_key_data(st.rng_key)), params)
+        return upd, st._replace(rng_key=jax.random.key_data(st.rng_key))
+
+    return optax.GradientTransformation(init, update)
 
 
 def cross_entropy(logits, targets, weights):
