@@ -143,10 +143,10 @@ def test_gqa_equals_repeated_kv_heads():
     """GQA with kv heads shared by groups equals MHA with those kv heads repeated."""
     gqa = _layer(heads=4, kv=2)
     mha = _layer(heads=4, kv=4)
-    mha.wq.value = gqa.wq[...]
-    mha.wo.value = gqa.wo[...]
-    mha.wk.value = jnp.repeat(gqa.wk[...], 2, axis=1)
-    mha.wv.value = jnp.repeat(gqa.wv[...], 2, axis=1)
+    mha.wq[...] = gqa.wq[...]
+    mha.wo[...] = gqa.wo[...]
+    mha.wk[...] = jnp.repeat(gqa.wk[...], 2, axis=1)
+    mha.wv[...] = jnp.repeat(gqa.wv[...], 2, axis=1)
     x = jax.random.normal(jax.random.PRNGKey(7), (2, 9, 24))
     assert rms_rel_err(gqa(x)[0], mha(x)[0]) < 1e-6
 
@@ -173,3 +173,95 @@ def test_bad_inputs():
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 24))
     with pytest.raises(ValueError, match="x must have 3 dims"):
         _layer()(x[0])
+
+
+# ---------------------------------------------------------------------------------- variants
+from seqjax.attention.combiner import CombinerAxial, combiner_axial, combiner_axial_reference  # noqa: E402
+from seqjax.attention.ngram import NgramHead, ngram_head  # noqa: E402
+from seqjax.attention.tcnca import TCNCA, chunked_attention, dilated_causal_conv  # noqa: E402
+
+
+def test_dilated_causal_conv_equals_loop():
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 13, 5)))
+    w = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3, 5)))
+    for dil in (1, 2, 4):
+        want = np.zeros_like(x)
+        for t in range(13):
+            for m in range(3):
+                if t - m * dil >= 0:
+                    want[:, t] += w[2 - m] * x[:, t - m * dil]
+        np.testing.assert_allclose(dilated_causal_conv(jnp.asarray(x), jnp.asarray(w), dilation=dil), want, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_equals_block_mask():
+    q, k, v = _qkv(jax.random.PRNGKey(2), 2, 11, 4, 2, 6)
+    i = jnp.arange(11)
+    mask = ((i[:, None] // 4) == (i[None, :] // 4)) & (i[None, :] <= i[:, None])
+    y = chunked_attention(q, k, v, chunk=4)
+    assert rms_rel_err(y, attention_reference(q, k, v, mask[None, None])) < 1e-5
+
+
+def test_tcnca_layer_is_causal():
+    layer = TCNCA(16, num_heads=2, chunk=4, kernel_size=2, num_conv_layers=3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, 20, 16))
+    x2 = x.at[:, 12:].set(jax.random.normal(jax.random.PRNGKey(4), (1, 8, 16)))
+    y, y2 = layer(x)[0], layer(x2)[0]
+    np.testing.assert_allclose(y[:, :12], y2[:, :12], rtol=0, atol=1e-6)
+    assert float(jnp.max(jnp.abs(y[:, 12:] - y2[:, 12:]))) > 1e-3
+    # the TCN reaches 1 + (K-1)(2^L - 1) = 8 tokens back: token 12's change is seen at 19, beyond its chunk
+    u, u2 = layer.tcn(x), layer.tcn(x2)
+    np.testing.assert_allclose(u[:, :12], u2[:, :12], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,row", [(10, 3), (16, 4), (7, None)])
+def test_combiner_axial_equals_reference(t, row):
+    q, k, v = _qkv(jax.random.PRNGKey(t), 2, t, 2, 2, 5)
+    w = jax.random.normal(jax.random.PRNGKey(9), (2, 5))
+    y = combiner_axial(q, k, v, w, row=row)
+    assert rms_rel_err(y, combiner_axial_reference(q, k, v, w, row=row)) < 1e-5
+    g = jax.grad(lambda q, k, v, w: jnp.sum(jnp.sin(combiner_axial(q, k, v, w, row=row))), argnums=(0, 1, 2, 3))
+    g_ref = jax.grad(lambda q, k, v, w: jnp.sum(jnp.sin(combiner_axial_reference(q, k, v, w, row=row))), argnums=(0, 1, 2, 3))
+    for a, b in zip(g(q, k, v, w), g_ref(q, k, v, w)):
+        assert rms_rel_err(a, b) < 1e-4
+
+
+def test_combiner_axial_special_cases():
+    q, k, v = _qkv(jax.random.PRNGKey(5), 2, 8, 2, 2, 5)
+    w = jax.random.normal(jax.random.PRNGKey(6), (2, 5))
+    # q = 0 and w = 0 (mean-pooled summaries): uniform over all earlier positions (full support)
+    y0 = combiner_axial(jnp.zeros_like(q), k, v, jnp.zeros_like(w), row=3)
+    mean = jnp.cumsum(v, axis=1) / jnp.arange(1, 9)[None, :, None, None]
+    assert rms_rel_err(y0, mean) < 1e-5
+    # at most one earlier row: every region is a single key -> exact softmax attention
+    y = combiner_axial(q, k, v, w, row=4)
+    assert rms_rel_err(y, attention(q, k, v, impl="reference")) < 1e-5
+    layer = CombinerAxial(8, num_heads=2, rngs=nnx.Rngs(0))
+    assert layer(jax.random.normal(jax.random.PRNGKey(0), (1, 9, 8)))[0].shape == (1, 9, 8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ngram_head_equals_loop(n):
+    rng = np.random.default_rng(n)
+    tokens = rng.integers(0, 3, (2, 23))
+    seg = np.concatenate([np.zeros((2, 11), int), np.ones((2, 12), int)], axis=1)
+    h = rng.normal(size=(2, 23, 4)).astype(np.float32)
+    for s in (None, seg):
+        want = np.zeros_like(h)
+        for b in range(2):
+            for i in range(23):
+                hits = []
+                for src in range(1, i + 1):
+                    j = src - 1
+                    ok = j - n + 1 >= 0 and i - n + 1 >= 0 and all(tokens[b, i - m] == tokens[b, j - m] for m in range(n))
+                    if s is not None:
+                        ok = ok and len({s[b, x] for x in range(j - n + 1, i + 1)}) == 1
+                    if ok:
+                        hits.append(src)
+                if hits:
+                    want[b, i] = h[b, hits].mean(0)
+        got = ngram_head(jnp.asarray(tokens), jnp.asarray(h), ngram=n, segment_ids=None if s is None else jnp.asarray(s))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    layer = NgramHead(4, ngram=n, rngs=nnx.Rngs(0))
+    y = layer(jnp.asarray(h), jnp.asarray(tokens))
+    want = layer.w0(ngram_head(jnp.asarray(tokens), jnp.asarray(h), ngram=n)) + layer.w1(jnp.asarray(h))
+    np.testing.assert_allclose(y, want, rtol=1e-6)

@@ -186,6 +186,7 @@ class Attention(nnx.Module):
         qk_norm: bool = False,
         dtype=jnp.float32,
         impl: str | None = None,
+        num_persistent: int = 0,
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_kv_heads or num_heads
@@ -200,10 +201,14 @@ class Attention(nnx.Module):
         self.window, self.rope_theta, self.dtype, self.impl = window, rope_theta, jnp.dtype(dtype), impl
         std_in, std_out = d_model**-0.5, (num_heads * head_dim) ** -0.5
         key = rngs.params
-        self.wq = nnx.Param(_init(std_in)(key(), (d_model, num_heads, head_dim)), sharding=("embed", "heads", "head_dim"))
-        self.wk = nnx.Param(_init(std_in)(key(), (d_model, num_kv_heads, head_dim)), sharding=("embed", "kv_heads", "head_dim"))
-        self.wv = nnx.Param(_init(std_in)(key(), (d_model, num_kv_heads, head_dim)), sharding=("embed", "kv_heads", "head_dim"))
-        self.wo = nnx.Param(_init(std_out)(key(), (num_heads, head_dim, d_model)), sharding=("heads", "head_dim", "embed"))
+        self.wq = nnx.Param(_init(std_in)(key(), (d_model, num_heads, head_dim)), out_sharding=("embed", "heads", "head_dim"))
+        self.wk = nnx.Param(_init(std_in)(key(), (d_model, num_kv_heads, head_dim)), out_sharding=("embed", "kv_heads", "head_dim"))
+        self.wv = nnx.Param(_init(std_in)(key(), (d_model, num_kv_heads, head_dim)), out_sharding=("embed", "kv_heads", "head_dim"))
+        self.wo = nnx.Param(_init(std_out)(key(), (num_heads, head_dim, d_model)), out_sharding=("heads", "head_dim", "embed"))
+        # persistent memory (Titans): learned tokens every query sees, whatever the window / document
+        self.persistent = (
+            nnx.Param(_init(1.0)(key(), (num_persistent, d_model)), out_sharding=(None, "embed")) if num_persistent else None
+        )
         self.q_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
         self.k_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
 
@@ -221,6 +226,23 @@ class Attention(nnx.Module):
         k = rope(k, positions, theta=self.rope_theta)
         return q, k, v
 
+    def _prefix(self, k, v, mask):
+        """Prepend the persistent tokens' keys / values (no RoPE), visible to every query."""
+        if self.persistent is None:
+            return k, v, mask
+        dt, b, t = self.dtype, k.shape[0], mask.shape[2]
+        p = self.persistent[...].astype(dt)
+        pk = jnp.einsum("nd,dhk->nhk", p, self.wk[...].astype(dt))
+        pv = jnp.einsum("nd,dhk->nhk", p, self.wv[...].astype(dt))
+        if self.k_norm is not None:
+            pk = self.k_norm(pk)
+        n = p.shape[0]
+        k = jnp.concatenate([jnp.broadcast_to(pk[None], (b, *pk.shape)).astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(pv[None], (b, *pv.shape)).astype(v.dtype), v], axis=1)
+        mask = jnp.broadcast_to(mask, (b, 1, t, mask.shape[3]))
+        mask = jnp.concatenate([jnp.ones((b, 1, t, n), bool), mask], axis=3)
+        return k, v, mask
+
     def out(self, o):
         dt = self.dtype
         return jnp.einsum("bthk,hkd->btd", o.astype(dt), self.wo[...].astype(dt))
@@ -234,7 +256,13 @@ class Attention(nnx.Module):
                 seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
                 positions = positions_from_segment_ids(seg)
             q, k, v = self.qkv(x, positions)
-            o = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
+            if self.persistent is None:
+                o = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
+            else:
+                idx = jnp.arange(t, dtype=jnp.int32)[None]
+                mask = make_mask(idx, idx, q_seg=segment_ids, k_seg=segment_ids, window=self.window)
+                kk, vv, mask = self._prefix(k, v, mask)
+                o = attention(q, kk, vv, mask=mask, impl=self.impl)
             return self.out(o).astype(x.dtype), None
 
         index = cache["index"]
@@ -255,12 +283,14 @@ class Attention(nnx.Module):
             kpos = jax.lax.dynamic_update_slice(cache["pos"], q_idx[0], (index,))
             kseg = jax.lax.dynamic_update_slice(cache["seg"], seg, (0, index))
             mask = make_mask(q_idx, kpos[None], q_seg=seg, k_seg=kseg)
-            o = attention(q, kc, vc, mask=mask, impl=self.impl)
+            kk, vv, mask = self._prefix(kc, vc, mask)
+            o = attention(q, kk, vv, mask=mask, impl=self.impl)
         else:  # ring buffer: attend over [ring || new], then keep the last `size` tokens
             k_all, v_all = jnp.concatenate([kc, k], 1), jnp.concatenate([vc, v], 1)
             pos_all = jnp.concatenate([cache["pos"], q_idx[0]])
             seg_all = jnp.concatenate([cache["seg"], seg], 1)
             mask = make_mask(q_idx, pos_all[None], q_seg=seg, k_seg=seg_all, window=self.window)
+            k_all, v_all, mask = self._prefix(k_all, v_all, mask)
             o = attention(q, k_all, v_all, mask=mask, impl=self.impl)
             m = min(t, size)
             slots = (index + t - m + jnp.arange(m, dtype=jnp.int32)) % size

@@ -33,9 +33,9 @@ class SwiGLU(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         init = nnx.initializers.normal
         key = rngs.params
-        self.w_gate = nnx.Param(init(d_model**-0.5)(key(), (d_model, hidden)), sharding=("embed", "mlp"))
-        self.w_up = nnx.Param(init(d_model**-0.5)(key(), (d_model, hidden)), sharding=("embed", "mlp"))
-        self.w_down = nnx.Param(init(hidden**-0.5)(key(), (hidden, d_model)), sharding=("mlp", "embed"))
+        self.w_gate = nnx.Param(init(d_model**-0.5)(key(), (d_model, hidden)), out_sharding=("embed", "mlp"))
+        self.w_up = nnx.Param(init(d_model**-0.5)(key(), (d_model, hidden)), out_sharding=("embed", "mlp"))
+        self.w_down = nnx.Param(init(hidden**-0.5)(key(), (hidden, d_model)), out_sharding=("mlp", "embed"))
 
     def __call__(self, x):
         dt = self.dtype
@@ -62,7 +62,10 @@ class Layer(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, positions=None, attn_segment_ids=None, cache=None):
         kw = {}
-        if self.takes_positions:
+        if getattr(self.mixer, "takes_both", False):  # attention + recurrent (Titans)
+            kw = dict(positions=positions, attn_segment_ids=attn_segment_ids)
+            seg = segment_ids
+        elif self.takes_positions:
             kw["positions"] = positions
             seg = attn_segment_ids
         else:

@@ -5,7 +5,8 @@
 each ``Layer`` being ``x + mixer(norm(x))`` then ``x + SwiGLU(norm(x))`` (``seqjax.models.blocks``).
 
 Pattern names: ``"attention"`` (global causal softmax attention with RoPE / GQA / QK-norm),
-``"swa"`` (the same with a sliding window ``cfg.window``, ring-buffer cache) and any name in the mixer
+``"swa"`` (the same with a sliding window ``cfg.window``, ring-buffer cache), the Titans layers
+``"titans_mag"`` / ``"titans_mal"`` / ``"titans_mac"`` (``seqjax.models.titans``) and any name in the mixer
 registry (``seqjax.mixers.names()``), built as ``spec.layer(d_model, rngs=..., **cfg.mixer_kwargs[name])``.
 ``cfg.mixer_kwargs["attention"]`` / ``["swa"]`` pass extra arguments to ``Attention`` (e.g. ``impl``).
 
@@ -42,6 +43,7 @@ from seqjax.nn import RMSNorm
 __all__ = ["LMConfig", "LM", "ATTENTION_KINDS", "layer_names", "build_layer"]
 
 ATTENTION_KINDS = ("attention", "swa")
+TITANS_KINDS = ("titans_mag", "titans_mal", "titans_mac")
 REMAT_POLICIES = {
     "none": None,
     "full": None,
@@ -103,11 +105,12 @@ def layer_names(cfg: LMConfig) -> tuple[str, ...]:
 def _check_names(cfg: LMConfig):
     registered = mixers.names()
     for name in set(cfg.pattern):
-        if name not in ATTENTION_KINDS and name not in registered:
+        if name not in ATTENTION_KINDS + TITANS_KINDS and name not in registered:
             raise ValueError(
-                f"unknown layer {name!r} in pattern {cfg.pattern}; known: {list(ATTENTION_KINDS) + registered}"
+                f"unknown layer {name!r} in pattern {cfg.pattern}; known: "
+                f"{list(ATTENTION_KINDS + TITANS_KINDS) + registered}"
             )
-    if any(n in ATTENTION_KINDS for n in cfg.pattern):
+    if any(n in ATTENTION_KINDS + TITANS_KINDS for n in cfg.pattern):
         kv = cfg.num_kv_heads or cfg.num_heads
         _checks.check_divisible("d_model", cfg.d_model, "num_heads", cfg.num_heads)
         _checks.check_divisible("num_heads", cfg.num_heads, "num_kv_heads", kv)
@@ -130,6 +133,16 @@ def build_layer(cfg: LMConfig, name: str, rngs: nnx.Rngs) -> Layer:
         )
         kw.update(extra)
         mixer, takes_pos = Attention(cfg.d_model, rngs=rngs, **kw), True
+    elif name in TITANS_KINDS:
+        from seqjax.models import titans
+
+        cls = {"titans_mag": titans.MAG, "titans_mal": titans.MAL, "titans_mac": titans.MAC}[name]
+        kw = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
+                  qk_norm=cfg.qk_norm, dtype=dtype)
+        if cfg.window is not None and name != "titans_mac":
+            kw["window"] = cfg.window
+        kw.update(extra)
+        mixer, takes_pos = cls(cfg.d_model, rngs=rngs, **kw), True
     else:
         cls = mixers.get(name).layer
         if cls is None:
@@ -185,7 +198,7 @@ class LM(nnx.Module):
         self.tail = nnx.List([build_layer(cfg, n, rngs) for n in names[self.num_repeats * period :]])
         d, v = cfg.d_model, cfg.vocab_size
         if cfg.embedding == "standard":
-            self.embed = nnx.Param(nnx.initializers.normal(d**-0.5)(rngs.params(), (v, d)), sharding=("vocab", "embed"))
+            self.embed = nnx.Param(nnx.initializers.normal(d**-0.5)(rngs.params(), (v, d)), out_sharding=("vocab", "embed"))
             self.lex_rngs = None
         else:
             self.embed = None
@@ -193,7 +206,7 @@ class LM(nnx.Module):
         self.final_norm = RMSNorm(d)
         untied = cfg.embedding == "standard" and not cfg.tie_embeddings
         self.head = (
-            nnx.Param(nnx.initializers.normal(d**-0.5)(rngs.params(), (d, v)), sharding=("embed", "vocab"))
+            nnx.Param(nnx.initializers.normal(d**-0.5)(rngs.params(), (d, v)), out_sharding=("embed", "vocab"))
             if untied
             else None
         )
@@ -304,10 +317,8 @@ class LM(nnx.Module):
         )
         if self.blocks is not None:
             graphdef, state = nnx.split(self.blocks)
-            one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state)
-            c = nnx.merge(graphdef, one).init_cache(batch_size, max_len)
-            r = self.num_repeats
-            cache["blocks"] = jax.tree.map(lambda a: jnp.array(jnp.broadcast_to(a, (r,) + a.shape)), c)
+            # per repeat (a mixer's initial state may be a learned parameter, e.g. Titans' memory)
+            cache["blocks"] = jax.vmap(lambda st: nnx.merge(graphdef, st).init_cache(batch_size, max_len))(state)
         if self.embed is None:
             cache["embed_key"] = self.lex_rngs.lexinvariant()
         return cache

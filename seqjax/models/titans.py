@@ -1,0 +1,128 @@
+"""Titans models (Behrouz, Zhong, Mirrokni 2024): the neural long-term memory
+(``seqjax.mixers.titans.NeuralMemory``) combined with attention and persistent memory tokens.
+
+- **MAG** (memory as a gate): ``o = RMSNorm(SWA*(x)) * sigmoid(RMSNorm(M(x)))``, where ``SWA*`` is
+  sliding-window attention whose keys also include ``N_p`` learned persistent tokens.
+- **MAL** (memory as a layer): ``o = SWA*(M(x))``.
+- **MAC** (memory as context): the sequence is cut into segments of ``C`` tokens. For segment ``s``
+  with the memory ``M_{s-1}`` as left by the previous segments, each token ``i`` retrieves
+  ``h_i = M*_{s-1}(q_i)`` (a read, no write); token ``j`` attends over the persistent tokens and over
+  ``h_i`` and ``x_i`` for ``i <= j`` in its segment (the paper's ``[P || h || S]`` with the causal mask
+  applied to the retrieved tokens too, so no token sees a later token's query); the attention output
+  ``y`` is written into the memory (``M_s``) and ``o = y * sigmoid(RMSNorm(M_s(y)))``. Training form
+  only (no decode cache).
+
+These are layer mixers for the pattern LM (names ``"titans_mag"``, ``"titans_mal"``, ``"titans_mac"``):
+``y, cache = layer(x, segment_ids=..., positions=..., attn_segment_ids=..., cache=...)``; options come
+from ``LMConfig.mixer_kwargs[name]`` (``window``, ``num_persistent``, ``chunk``, ``memory`` kwargs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqjax import _checks
+from seqjax.attention.attention import Attention, attention, positions_from_segment_ids
+from seqjax.mixers.titans import NeuralMemory
+from seqjax.nn import Linear, RMSNorm, l2_normalize, merge_heads, split_heads
+
+__all__ = ["MAG", "MAL", "MAC"]
+
+
+class _Titans(nnx.Module):
+    takes_both = True  # the LM passes positions, attention segment ids and raw segment ids
+
+    def __init__(self, d_model, *, num_heads=4, num_kv_heads=None, window=64, num_persistent=4, rope_theta=10000.0,
+                 qk_norm=False, memory=None, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.attn = Attention(d_model, num_heads=num_heads, num_kv_heads=num_kv_heads, window=window,
+                              num_persistent=num_persistent, rope_theta=rope_theta, qk_norm=qk_norm, dtype=dtype,
+                              rngs=rngs)
+        self.memory = NeuralMemory(d_model, rngs=rngs, **(memory or {}))
+
+    def init_cache(self, batch_size: int, max_len: int):
+        return self.attn.init_cache(batch_size, max_len), self.memory.init_cache(batch_size, max_len)
+
+
+class MAG(_Titans):
+    """Memory as a gate: ``RMSNorm(SWA*(x)) * sigmoid(RMSNorm(M(x)))``."""
+
+    def __init__(self, d_model, **kw):
+        super().__init__(d_model, **kw)
+        self.norm_a, self.norm_m = RMSNorm(d_model), RMSNorm(d_model)
+
+    def __call__(self, x, *, segment_ids=None, positions=None, attn_segment_ids=None, cache=None):
+        ca, cm = (None, None) if cache is None else cache
+        ya, ca = self.attn(x, segment_ids=attn_segment_ids, positions=positions, cache=ca)
+        ym, cm = self.memory(x, segment_ids=segment_ids, cache=cm)
+        y = self.norm_a(ya) * jax.nn.sigmoid(self.norm_m(ym))
+        return y, (None if cache is None else (ca, cm))
+
+
+class MAL(_Titans):
+    """Memory as a layer: ``SWA*(M(x))``."""
+
+    def __call__(self, x, *, segment_ids=None, positions=None, attn_segment_ids=None, cache=None):
+        ca, cm = (None, None) if cache is None else cache
+        ym, cm = self.memory(x, segment_ids=segment_ids, cache=cm)
+        y, ca = self.attn(ym, segment_ids=attn_segment_ids, positions=positions, cache=ca)
+        return y, (None if cache is None else (ca, cm))
+
+
+class MAC(_Titans):
+    """Memory as context (training form), segments of ``chunk`` tokens; see the module docstring."""
+
+    def __init__(self, d_model, *, chunk: int = 64, rngs: nnx.Rngs, **kw):
+        kw.setdefault("window", None)
+        super().__init__(d_model, rngs=rngs, **kw)
+        mem = self.memory
+        self.chunk = chunk
+        self.q_mem = Linear(d_model, mem.num_heads * mem.head_dim, axes=("embed", "heads"), rngs=rngs)
+        self.norm_m = RMSNorm(d_model)
+
+    def retrieve(self, mem_cache, x):
+        """``h = M*(q)`` mapped back to ``d_model`` (through the memory's output norm / projection)."""
+        q = l2_normalize(split_heads(self.q_mem(x), self.memory.num_heads))
+        h = self.memory.retrieve(mem_cache, q)
+        return self.memory.o_proj(self.memory.norm(merge_heads(h))).astype(x.dtype)
+
+    def _segment(self, mem_cache, x, positions):
+        """One segment ``x [b, c, d]`` -> ``(o, new memory cache)``."""
+        attn, c = self.attn, x.shape[1]
+        h = self.retrieve(mem_cache, x)
+        q, kx, vx = attn.qkv(x, positions)
+        _, kh, vh = attn.qkv(h, positions)
+        i = jnp.arange(c)
+        causal = (i[None, :] <= i[:, None])[None, None]  # [1, 1, c, c]
+        mask = jnp.concatenate([causal, causal], axis=3)
+        k, v, mask = attn._prefix(jnp.concatenate([kh, kx], 1), jnp.concatenate([vh, vx], 1), mask)
+        y = attn.out(attention(q, k, v, mask=mask, impl=attn.impl)).astype(x.dtype)
+        ym, mem_cache = self.memory(y, cache=mem_cache)
+        return y * jax.nn.sigmoid(self.norm_m(ym)), mem_cache
+
+    def __call__(self, x, *, segment_ids=None, positions=None, attn_segment_ids=None, cache=None):
+        if cache is not None:
+            raise ValueError("titans_mac has no decode cache (training form only); use titans_mag or titans_mal")
+        if segment_ids is not None:
+            raise ValueError("titans_mac does not take segment_ids (packed sequences)")
+        _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
+        b, t, d = x.shape
+        c = self.chunk
+        n = -(-t // c)
+        if positions is None:
+            positions = positions_from_segment_ids(jnp.zeros((b, t), jnp.int32))
+        xp = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0))).reshape(b, n, c, d)
+        pp = jnp.pad(positions, ((0, 0), (0, n * c - t)), mode="edge").reshape(b, n, c)
+        graphdef, state = nnx.split(self)
+
+        def body(mem_cache, xs):
+            o, mem_cache = nnx.merge(graphdef, state)._segment(mem_cache, *xs)
+            return mem_cache, o
+
+        mem0 = self.memory.init_cache(b, c)
+        _, o = jax.lax.scan(body, mem0, (jnp.moveaxis(xp, 1, 0), jnp.moveaxis(pp, 1, 0)))
+        return jnp.moveaxis(o, 0, 1).reshape(b, n * c, d)[:, :t], None
+
+    def init_cache(self, batch_size: int, max_len: int):
+        raise ValueError("titans_mac has no decode cache (training form only); use titans_mag or titans_mal")
