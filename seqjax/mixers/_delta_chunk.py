@@ -265,7 +265,12 @@ def delta_rule_materialize(q, k, beta, log_alpha=None, *, resets=None, scale=1.0
 def delta_rule(
     q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, impl="auto", chunk_size=64
 ):
-    """Dispatch to an impl (inputs validated by the caller). ``"auto"`` is the XLA chunked form."""
+    """Dispatch to an impl (inputs validated by the caller).
+
+    ``"auto"`` is the XLA chunked form on every platform for now: the Pallas kernel
+    (``pallas_kernels/delta_chunk``, ``impl="pallas"``) is tested in interpret mode only and has not
+    been compiled or timed on a GPU/TPU yet; switch ``"auto"`` once ``benchmarks/delta_gpu.py`` says so.
+    """
     _checks.check_choice("impl", impl, IMPLS)
     if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")

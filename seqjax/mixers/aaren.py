@@ -165,11 +165,13 @@ def aaren_associative(q, k, v, *, h0=None, resets=None, scale=None):
     return y.astype(v.dtype), (m[:, -1], u[:, -1], w[:, -1])
 
 
-def aaren(q, k, v, *, h0=None, impl: str = "auto", resets=None, scale=None):
+def aaren(q, k, v, *, h0=None, impl: str = "auto", resets=None, scale=None, negative_eigen: bool = False):
     """Aaren's many-to-many attention with the learned query ``q``; ``impl`` in ``IMPLS``.
 
     Returns ``(y [b, t, h, v], (m, u, w))``; ``"auto"`` is the associative scan.
     """
+    if negative_eigen:
+        raise ValueError("negative_eigen=True is not supported by this mixer (the flag exists for Mamba, Mamba-2 and the delta family)")
     _checks.check_choice("impl", impl, IMPLS)
     if impl == "sequential":
         return aaren_recurrent(q, k, v, h0=h0, resets=resets, scale=scale)

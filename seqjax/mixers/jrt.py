@@ -205,8 +205,10 @@ def jrt_chunked(
     return y.astype(out_dtype), (h[..., :-1], h[..., -1])
 
 
-def jrt(q, k, v, k_enc=None, v_enc=None, *, h0=None, impl="auto", resets=None, prefix_len=0, normalize=True, eps=1e-6, chunk_size=64):
+def jrt(q, k, v, k_enc=None, v_enc=None, *, h0=None, impl="auto", resets=None, prefix_len=0, normalize=True, eps=1e-6, chunk_size=64, negative_eigen: bool = False):
     """JRT prefix linear attention; ``impl`` in ``IMPLS`` (``"auto"`` is chunked). Returns ``(y, (S, z))``."""
+    if negative_eigen:
+        raise ValueError("negative_eigen=True is not supported by this mixer (the flag exists for Mamba, Mamba-2 and the delta family)")
     _checks.check_choice("impl", impl, IMPLS)
     kw = dict(h0=h0, resets=resets, prefix_len=prefix_len, normalize=normalize, eps=eps)
     if impl == "sequential":

@@ -189,8 +189,10 @@ def lightnet_chunked(q, k, v, f, *, h0=None, resets=None, chunk_size=16):
     return y.reshape(b, n * c, h, dv)[:, :t].astype(out_dtype), (s_last, z_last)
 
 
-def lightnet(q, k, v, f, *, h0=None, impl="auto", resets=None, chunk_size=16):
+def lightnet(q, k, v, f, *, h0=None, impl="auto", resets=None, chunk_size=16, negative_eigen: bool = False):
     """LightNet's additive recurrence; ``impl`` in ``IMPLS`` (``"auto"`` is chunked)."""
+    if negative_eigen:
+        raise ValueError("negative_eigen=True is not supported by this mixer (the flag exists for Mamba, Mamba-2 and the delta family)")
     _checks.check_choice("impl", impl, IMPLS)
     if impl == "sequential":
         return lightnet_recurrent(q, k, v, f, h0=h0, resets=resets)

@@ -231,9 +231,11 @@ def titans_chunked(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets=N
     return y.astype(out_dtype), {"w": carry[0], "s": carry[1]}
 
 
-def titans(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, impl="auto", resets=None, chunk_size=16):
+def titans(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, impl="auto", resets=None, chunk_size=16, negative_eigen: bool = False):
     """Titans neural memory; ``impl`` in ``IMPLS`` (``"auto"`` is chunked). ``chunk_size=1`` is exact;
     larger chunks are the paper's faster approximation (both impls compute the same one)."""
+    if negative_eigen:
+        raise ValueError("negative_eigen=True is not supported by this mixer (the flag exists for Mamba, Mamba-2 and the delta family)")
     _checks.check_choice("impl", impl, IMPLS)
     if impl == "sequential":
         return titans_recurrent(q, k, v, theta, eta, alpha, w1, w2, h0=h0, resets=resets, chunk_size=chunk_size)
@@ -326,9 +328,10 @@ def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, hidden=6, 
         "q": l2_normalize(jax.random.normal(ks[0], (*shp, key_dim))).astype(dtype),
         "k": l2_normalize(jax.random.normal(ks[1], (*shp, key_dim))).astype(dtype),
         "v": jax.random.normal(ks[2], (*shp, value_dim), dtype),
-        "theta": (0.3 * jax.nn.sigmoid(jax.random.normal(ks[3], shp))).astype(dtype),
-        "eta": jax.nn.sigmoid(1.0 + jax.random.normal(ks[4], shp)).astype(dtype),
-        "alpha": (0.2 * jax.nn.sigmoid(jax.random.normal(ks[5], shp))).astype(dtype),
+        # inner step sizes well inside the stable range (|k| = 1, momentum gain 1 / (1 - eta) ~ 2)
+        "theta": (0.1 * jax.nn.sigmoid(jax.random.normal(ks[3], shp))).astype(dtype),
+        "eta": jax.nn.sigmoid(jax.random.normal(ks[4], shp)).astype(dtype),
+        "alpha": (0.1 * jax.nn.sigmoid(jax.random.normal(ks[5], shp))).astype(dtype),
     }
     if depth == 1:
         out["w1"] = jnp.zeros((heads, key_dim, value_dim), jnp.float32)
