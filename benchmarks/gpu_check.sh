@@ -14,3 +14,7 @@ DEV=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))"
 timeout 300 $PY -m pytest -q -x tests/test_pallas_gla.py -p no:cacheprovider 2>&1 | tail -25
 timeout 240 $PY benchmarks/gla_gpu.py --out "benchmarks/results/${DEV}.md" 2>&1 | tail -20
 cp "benchmarks/results/${DEV}.md" "${OUT:-/tmp}/" 2>/dev/null || true
+# the chunked delta-rule kernel (pallas_kernels/delta_chunk): tests compiled on the GPU, then its table
+timeout 300 $PY -m pytest -q -x tests/test_pallas_delta.py -p no:cacheprovider 2>&1 | tail -25
+timeout 300 $PY benchmarks/delta_gpu.py --out "benchmarks/results/${DEV}_delta.md" 2>&1 | tail -20
+cp "benchmarks/results/${DEV}_delta.md" "${OUT:-/tmp}/" 2>/dev/null || true

@@ -1,0 +1,199 @@
+r"""Pallas kernel: the chunked (gated) delta rule, forward in one kernel, backward by recomputation.
+
+Computes, per (batch, head), ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``,
+``o_t = scale S_tᵀ q_t`` (DeltaNet, Gated DeltaNet, DeltaProduct's micro-tokens; ``beta`` up to 2 for
+negative eigenvalues) with the WY / UT chunked algorithm of ``seqjax.mixers._delta_chunk``:
+
+* grid ``(batch, heads)``; one program walks its whole sequence chunk by chunk (``fori_loop``), the
+  ``[dk, dv]`` float32 state carried on chip through the loop (never written to HBM between chunks);
+* per chunk of ``C`` tokens: ``K Kᵀ`` and the decay mask ``Gamma`` (log-space differences, masked
+  before ``exp``), the unit lower-triangular solve ``X = (I + tril(diag(beta) K Kᵀ ⊙ Gamma, -1))^{-1}``
+  done **in-kernel by forward substitution** (row ``r`` of ``X`` from rows ``< r``, with masked row
+  selects and reductions only — no dynamic value slicing, which the GPU lowering lacks), then
+  ``W = X (beta gamma ⊙ K)``, ``U = X (beta ⊙ V)``, ``U_new = U - W S``, the output
+  ``O = (gamma ⊙ Q) S + (Q Kᵀ ⊙ Gamma) U_new`` and the state ``S <- gamma_C S + (K ⊙ to_end)ᵀ U_new``;
+* loads may be bf16; every product accumulates in float32; ``o`` is written in the input dtype,
+  the final state in float32.
+
+The cheap elementwise preprocessing (chunk-local cumulative log decays, document index per token
+from ``resets``, padding ``T`` to a multiple of ``C`` and head dims to powers of two >= 16) runs in
+XLA in the wrapper, so the kernel stays dumb.
+
+Backward (``custom_vjp``): recompute — the VJP of the XLA chunked form
+(``seqjax.mixers._delta_chunk.delta_rule_chunked``) from the saved inputs; nothing from the forward
+kernel is stored. A fused Pallas backward is future work.
+
+Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
+jax 0.11.2 where Mosaic GPU is the default: this kernel is a chain of small ``[C, C]`` / ``[C, d]``
+block matmuls with masks and a sequential loop per program — exactly the block-level programming
+model of Triton (and of fla's Triton kernels it is benchmarked against), where the compiler does
+shared-memory staging, ``mma`` selection and software pipelining. Mosaic GPU requires writing that by
+hand at warpgroup level (explicit SMEM buffers, TMA copies, barriers, ``wgmma`` layouts); a port is a
+rewrite that cannot be validated without a GPU, so it is left for a session that has one. TPU: the
+same body lowers through Mosaic TPU (``interpret=True`` for CPU tests). **Neither hardware lowering
+has been run yet** (no accelerator was lent to this session): the kernel is tested in interpret mode
+only, which does not establish GPU/TPU compilation or speed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+__all__ = ["delta_chunk"]
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+def _kernel(q_ref, k_ref, v_ref, b_ref, g_ref, r_ref, s_ref, h0_ref, o_ref, ht_ref, *, c, n, scale):
+    f32 = jnp.float32
+    row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    strict, incl = row > col, row >= col
+    eye = jnp.where(row == col, 1.0, 0.0).astype(f32)
+    pos = lax.broadcasted_iota(jnp.int32, (c,), 0)
+
+    def dot(a, b):
+        return jnp.dot(a, b, preferred_element_type=f32)
+
+    def dot_t(a, b, transpose_a):  # aᵀ b or a bᵀ without materialising the transpose
+        dims = (((0,), (0,)), ((), ())) if transpose_a else (((1,), (1,)), ((), ()))
+        return lax.dot_general(a, b, dims, preferred_element_type=f32)
+
+    def chunk(i, S):
+        sl = pl.ds(pl.multiple_of(i * c, c), c)
+        q, k, v = q_ref[sl, :].astype(f32), k_ref[sl, :].astype(f32), v_ref[sl, :].astype(f32)
+        beta, g, rev, seg = b_ref[sl], g_ref[sl], r_ref[sl], s_ref[sl]
+        seg_last = jnp.max(seg)  # document index of the chunk's last token (non-decreasing)
+        g_last = jnp.sum(jnp.where(pos == c - 1, g, 0.0))
+        same = (seg[:, None] == seg[None, :]) & strict
+        gam = jnp.where(same, jnp.exp(jnp.where(same, g[:, None] - g[None, :], 0.0)), 0.0) + eye
+        gamma = jnp.where(seg == 0.0, jnp.exp(g), 0.0)
+        total = jnp.where(seg_last == 0.0, jnp.exp(g_last), 0.0)
+        to_end = jnp.where(seg == seg_last, jnp.exp(rev), 0.0)
+
+        a = jnp.where(strict, beta[:, None] * dot_t(k, k, False) * gam, 0.0)
+
+        def substitute(r, x):  # x_r = e_r - sum_{j<r} a[r, j] x_j
+            a_r = jnp.sum(jnp.where(row == r, a, 0.0), axis=0)
+            x_r = -jnp.sum(a_r[:, None] * x, axis=0)
+            return jnp.where(row == r, eye + x_r[None, :], x)
+
+        x = lax.fori_loop(1, c, substitute, eye)
+        w = dot(x, k * (beta * gamma)[:, None])
+        u = dot(x, v * beta[:, None])
+        u_new = u - dot(w, S)
+        qk = jnp.where(incl, dot_t(q, k, False) * gam, 0.0)
+        o = dot(q * gamma[:, None], S) + dot(qk, u_new)
+        o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
+        return total * S + dot_t(k * to_end[:, None], u_new, True)
+
+    ht_ref[...] = lax.fori_loop(0, n, chunk, h0_ref[...].astype(f32))
+
+
+def _chunk_gates(la, rs, c, n):
+    """``[b, h, n*c]`` chunk-local inclusive cumsum ``g``, exclusive reverse cumsum ``rev`` of the
+    log decays, and the document index ``seg`` of each token inside its chunk (float32)."""
+    b, h = la.shape[:2]
+    la = la.reshape(b, h, n, c)
+    g = jnp.cumsum(la, -1)
+    rev = jnp.flip(jnp.cumsum(jnp.flip(la, -1), -1), -1)
+    rev = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], -1)
+    seg = jnp.cumsum(rs.reshape(b, 1, n, c).astype(jnp.float32), -1)
+    seg = jnp.broadcast_to(seg, g.shape)
+    return tuple(x.reshape(b, h, n * c) for x in (g, rev, seg))
+
+
+def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    dtype = jnp.result_type(q, k, v)
+    c = _pow2(chunk_size)
+    n = -(-t // c)
+    tp, dkp, dvp = n * c, _pow2(dk), _pow2(dv)
+
+    def heads_first(x, d):  # [b, t, h, d] -> [b, h, tp, d_pad], zero padded
+        x = jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])])
+        return jnp.moveaxis(x, 2, 1)
+
+    qh, kh, vh = heads_first(q, dkp), heads_first(k, dkp), heads_first(v, dvp)
+    pad_t = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    la = jnp.where(rs[..., None], 0.0, la.astype(jnp.float32))
+    bh = jnp.moveaxis(pad_t(beta.astype(jnp.float32)), 2, 1)
+    g, rev, seg = _chunk_gates(jnp.moveaxis(pad_t(la), 2, 1), pad_t(rs), c, n)
+    h0p = jnp.pad(h0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)])
+
+    seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j: (i, j, 0, 0))  # noqa: E731
+    gate = pl.BlockSpec((None, None, tp), lambda i, j: (i, j, 0))
+    state = pl.BlockSpec((None, None, dkp, dvp), lambda i, j: (i, j, 0, 0))
+    params = None
+    if not interpret and jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    o, ht = pl.pallas_call(
+        functools.partial(_kernel, c=c, n=n, scale=float(scale)),
+        grid=(b, h),
+        in_specs=[seq(dkp), seq(dkp), seq(dvp), gate, gate, gate, gate, state],
+        out_specs=[seq(dvp), state],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, tp, dvp), dtype),
+            jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=params,
+        name="delta_chunk_fwd",
+    )(qh, kh, vh, bh, g, rev, seg, h0p)
+    return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _delta_chunk(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
+    return _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret)
+
+
+def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
+    return _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret), (q, k, v, beta, la, h0, rs)
+
+
+def _bwd(scale, chunk_size, interpret, res, cts):
+    from seqjax.mixers._delta_chunk import delta_rule_chunked  # the XLA chunked form, recomputed
+
+    q, k, v, beta, la, h0, rs = res
+
+    def f(q, k, v, beta, la, h0):
+        return delta_rule_chunked(q, k, v, beta, la, h0=h0, resets=rs, scale=scale, chunk_size=chunk_size)
+
+    _, vjp = jax.vjp(f, q, k, v, beta, la, h0)
+    return (*vjp(cts), None)
+
+
+_delta_chunk.defvjp(_fwd, _bwd)
+
+
+def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, chunk_size=64, interpret=None):
+    """Chunked (gated) delta rule through the Pallas kernel.
+
+    Args:
+      q, k: ``[b, t, h, dk]`` (``k`` L2-normalised); v: ``[b, t, h, dv]``; float32 or bf16.
+      beta: ``[b, t, h]`` in ``[0, 2]``; log_alpha: ``[b, t, h]`` (``<= 0``) or ``None`` (``alpha = 1``).
+      h0: ``[b, h, dk, dv]`` or ``None``; resets: ``[b, t]`` bool (``alpha_t = 0`` there) or ``None``.
+      chunk_size: rounded up to a power of two >= 16.
+      interpret: run the kernel as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
+
+    Returns:
+      ``(o [b, t, h, dv] in the inputs' dtype, h_last [b, h, dk, dv] float32)``.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    b, t, h, dk = q.shape
+    la = jnp.zeros((b, t, h), jnp.float32) if log_alpha is None else jnp.asarray(log_alpha, jnp.float32)
+    h0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32)
+    rs = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
+    return _delta_chunk(q, k, v, beta, la, h0, rs, float(scale), int(chunk_size), bool(interpret))
