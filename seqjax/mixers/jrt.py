@@ -122,6 +122,7 @@ def jrt_recurrent(q, k, v, k_enc=None, v_enc=None, *, h0=None, resets=None, pref
     """The reference: a reverse ``lax.scan`` sums each document's prefix ``(E, e)``; a forward one runs
     ``S_t = [t starts a document ? E : S_{t-1}] + k_t v_t^T``, ``y_t = q_t S_t / (q_t z_t + eps)``."""
     _validate(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
+    out_dtype = v.dtype
     q, k, v, ke, ve, starts, s0, z0 = _prep(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
     tm = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
     nxt_start = jnp.concatenate([starts[:, 1:], jnp.zeros_like(starts[:, :1])], axis=1)
@@ -144,7 +145,7 @@ def jrt_recurrent(q, k, v, k_enc=None, v_enc=None, *, h0=None, resets=None, pref
         return (s, z), y
 
     h_last, ys = lax.scan(dec, (s0, z0), (tm(q), tm(k), tm(v), tm(starts), es, ez))
-    return jnp.moveaxis(ys, 0, 1).astype(v.dtype if v_enc is None else v.dtype), h_last
+    return jnp.moveaxis(ys, 0, 1).astype(out_dtype), h_last
 
 
 # ----------------------------------------------------------------------------- chunked
