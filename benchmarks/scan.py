@@ -31,9 +31,9 @@ def _fns(impl):
     def fwd(a, b):
         return linear_scan(a, b, impl=impl)[0]
 
-    def loss(a, b):
+    def loss(a, b, w):  # w is an input, so XLA cannot constant-fold the backward pass
         h, h_last = linear_scan(a, b, impl=impl)
-        return jnp.sum(h) + jnp.sum(h_last)
+        return jnp.sum(h * w) + jnp.sum(h_last)
 
     return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1)))
 
@@ -48,15 +48,16 @@ def bench_shape(shape, impls, reps, seed=0):
     rng = np.random.default_rng(seed)
     a = jnp.asarray(rng.uniform(0.5, 1.0, shape), jnp.float32)
     b = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
     fns = {impl: _fns(impl) for impl in impls}
     for fwd, fwdbwd in fns.values():  # compile and warm up
         _time(fwd, a, b)
-        _time(fwdbwd, a, b)
+        _time(fwdbwd, a, b, w)
     times = {impl: ([], []) for impl in impls}
     for _ in range(reps):  # interleaved: slow drifts of a shared machine hit every impl alike
         for impl, (fwd, fwdbwd) in fns.items():
             times[impl][0].append(_time(fwd, a, b))
-            times[impl][1].append(_time(fwdbwd, a, b))
+            times[impl][1].append(_time(fwdbwd, a, b, w))
     return {impl: (statistics.median(f), statistics.median(fb)) for impl, (f, fb) in times.items()}
 
 
