@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from seqjax.data.transforms import jrt_prompt
 from seqjax.tasks import IGNORE, TaskBatch, masked_accuracy, sets
 from seqjax.tasks.runner import RunConfig, TaskSpec, cli
 
@@ -36,11 +37,12 @@ PRESETS = {
 
 
 def read_twice(b: TaskBatch) -> TaskBatch:
-    """JRT-Prompt: ``context [3]`` becomes ``context context [3]``; the label stays at the end."""
-    ctx = b.inputs[:, :-1]
-    inputs = np.concatenate([ctx, ctx, b.inputs[:, -1:]], axis=1)
-    targets = np.concatenate([np.full(ctx.shape, IGNORE, np.int32), b.targets], axis=1)
-    return TaskBatch(inputs, targets, b.num_classes, b.vocab_size)
+    """JRT-Prompt (``seqjax.data.transforms.jrt_prompt``): ``context [3]`` becomes
+    ``context context [3]``; the label stays at the final ``[3]``."""
+    tokens, _ = jrt_prompt(b.inputs[:, :-1], b.inputs[:, -1:], repeats=2)
+    ctx = b.inputs.shape[1] - 1
+    targets = np.concatenate([np.full((len(b), ctx), IGNORE, np.int32), b.targets], axis=1)
+    return TaskBatch(np.asarray(tokens, np.int32), targets, b.num_classes, b.vocab_size)
 
 
 def make_task(cfg: Config) -> TaskSpec:
