@@ -290,7 +290,7 @@ def rglru_materialize(x, gate_x, gate_a, a_param, *, negative_eigen=False):
     _check_rglru(x, gate_x, gate_a, a_param, None, None, negative_eigen)
     starts = _starts(x, None, None)
     log_a, _ = _rglru_coeffs(x, gate_x, gate_a, a_param, starts)
-    w, _ = _rglru_coeffs(jnp.ones_like(x, jnp.float32), gate_x, gate_a, a_param, starts)
+    _, w = _rglru_coeffs(jnp.ones_like(x, jnp.float32), gate_x, gate_a, a_param, starts)
     cum = jnp.cumsum(jnp.moveaxis(log_a, 1, 2), axis=-1)  # [b, d, T]
     diff = cum[..., :, None] - cum[..., None, :]
     t = x.shape[1]

@@ -199,7 +199,7 @@ class Mamba(nnx.Module):
         xi, conv_state = self.conv(xi, state=None if cache is None else cache["conv"], segment_ids=segment_ids)
         xi = jax.nn.silu(xi)
         dt_low, b, c = jnp.split(self.x_proj(xi), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
-        dt = jax.nn.softplus(self.dt_proj(dt_low).astype(jnp.float32) + self.dt_bias[...])
+        dt = jax.nn.softplus(self.dt_proj(dt_low).astype(jnp.float32) + self.dt_bias[...][None, None])
         resets = resets_from_segment_ids(segment_ids)
         if cache is not None and resets is not None:
             resets = resets.at[:, 0].set(False)  # the block continues the cached document
