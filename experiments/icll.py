@@ -2,6 +2,7 @@
 
     python experiments/icll.py --model=attention
     python experiments/icll.py --model=mamba2
+    python experiments/icll.py --model=mamba2+ngram2          # with a 2-gram head (the paper's fix)
     python experiments/icll.py --preset=paper --model=attention
 
 Metric: DFA accuracy — the fraction of greedy next-token predictions that the sequence's own DFA

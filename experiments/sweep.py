@@ -30,7 +30,7 @@ GRIDS = {
     "parity": ("state_tracking", {"task": "parity"}, ["mamba", "mamba_negeig", "deltanet", "deltanet_negeig", "lstm", "slstm", "attention"], "scaled_acc"),
     "modarith": ("state_tracking", {"task": "modarith"}, ["deltanet", "deltanet_negeig"], "scaled_acc"),
     "mqar": ("mqar", {}, ["attention", "gated_deltanet", "mamba2", "gla"], "acc"),
-    "icll": ("icll", {}, ["attention", "mamba2", "gated_deltanet", "lstm"], "dfa_acc"),
+    "icll": ("icll", {}, ["attention", "mamba2", "mamba2+ngram2", "gated_deltanet", "lstm"], "dfa_acc"),
     "digits": ("classification", {"data": "digits"}, ["s4d", "lssl", "lstm"], "acc"),
     "sets": ("set_disjointness", {}, ["gla", "attention"], "acc"),
     "recall": ("recall", {"task": "ar"}, ["attention", "mamba", "gla"], "acc"),

@@ -13,7 +13,7 @@ TOKEN_SCRIPTS = [
     ("state_tracking", ["--task=parity"]),
     ("state_tracking", ["--task=s3", "--model=mamba"]),
     ("mqar", []),
-    ("icll", []),
+    ("icll", ["--model=gla+ngram2"]),
     ("classification", ["--data=digits", "--model=lstm"]),
     ("recall", ["--task=copy"]),
     ("set_disjointness", ["--jrt=true"]),

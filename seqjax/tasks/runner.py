@@ -116,8 +116,31 @@ class _LMAdapter(nnx.Module):
         return self.lm(tokens)[0]
 
 
+class NgramLM(nnx.Module):
+    """A model plus an n-gram head at its output (Akyürek et al. 2024): the head averages the
+    embeddings of the tokens that followed earlier occurrences of the current n-gram
+    (``seqjax.attention.ngram.NgramHead`` with ``shift=1``), and its projection is added to the logits.
+    """
+
+    def __init__(self, base, vocab_size: int, d_model: int, ngram: int, *, rngs: nnx.Rngs):
+        from seqjax.attention.ngram import NgramHead
+
+        self.base = base
+        self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
+        self.head = NgramHead(d_model, ngram=ngram, shift=1, rngs=rngs)
+        self.out = nnx.Linear(d_model, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.base(tokens) + self.out(self.head(self.embed(tokens), tokens))
+
+
 def build_model(cfg: RunConfig, vocab_size: int, *, rngs: nnx.Rngs):
-    """``tokens [b, t] -> logits [b, t, vocab]`` for ``cfg.model``."""
+    """``tokens [b, t] -> logits [b, t, vocab]`` for ``cfg.model``; a ``+ngram<n>`` suffix (e.g.
+    ``"mamba2+ngram2"``) adds an n-gram head of order ``n``."""
+    if "+ngram" in cfg.model:
+        base, n = cfg.model.split("+ngram")
+        inner = build_model(dataclasses.replace(cfg, model=base), vocab_size, rngs=rngs)
+        return NgramLM(inner, vocab_size, cfg.d_model, int(n or 1), rngs=rngs)
     if cfg.model in RNN_MODELS:
         return RNNLM(cfg.model, vocab_size, cfg.d_model, cfg.num_layers, rngs=rngs)
     from seqjax.models.lm import LM, LMConfig
