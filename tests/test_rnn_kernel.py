@@ -9,8 +9,10 @@ from seqjax import rnn as R
 from tests.test_rnn_cells import make, make_h0
 
 
+@pytest.mark.parametrize("impl", ["pallas", "fused"])
 @pytest.mark.parametrize("kind,t", [("lstm", 9), ("lstm", 1), ("gru", 9), ("slstm", 9), ("rnn_tanh", 5), ("leaky", 5)])
-def test_kernel_matches_reference_fwd_bwd(kind, t):
+def test_kernel_matches_reference_fwd_bwd(kind, t, impl):
+    """The Pallas kernel and the fused-backward scan (impl="fused") against the autodiff'd lax.scan."""
     key = jax.random.PRNGKey(t)
     p = make(kind, key, hidden=6, heads=2)  # head_dim 3: not a power of two
     x = jax.random.normal(jax.random.fold_in(key, 1), (2, t, 3))
@@ -23,7 +25,7 @@ def test_kernel_matches_reference_fwd_bwd(kind, t):
         return jnp.sum(y * wy) + jnp.sum(h * wh), (y, h)
 
     (_, (y, h)), g_ref = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(p, x, h0, "sequential")
-    (_, (yk, hk)), g_ker = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(p, x, h0, "pallas")
+    (_, (yk, hk)), g_ker = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(p, x, h0, impl)
     np.testing.assert_allclose(yk, y, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(hk, h, rtol=1e-5, atol=1e-6)
     assert jax.tree.structure(g_ker) == jax.tree.structure(g_ref)

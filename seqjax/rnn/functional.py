@@ -5,7 +5,11 @@ r"""The functional entry point: run a cell over a sequence.
 - ``x`` ``[batch, time, d_in]`` is projected once (``W x_t + b`` for all ``t``, one matmul), then
 - the recurrence runs with one of three interchangeable impls:
 
-``"sequential"``  ``lax.scan`` over time: the reference (``unroll=`` optional).
+``"sequential"``  ``lax.scan`` over time, differentiated by JAX: the reference (``unroll=`` optional).
+``"fused"``       the same forward ``lax.scan`` (it also keeps the recurrent preactivations) with a
+                  hand-written backward (FlashRNN's split on XLA): a reverse scan that does one matmul
+                  per step (:math:`\partial h_{t-1} = \partial r_t R^\top`) and the pointwise VJP, then
+                  :math:`\partial R = \sum_t h_{t-1}^\top \partial r_t` as one big matmul after the loop.
 ``"parallel"``    DEER / quasi-DEER / quasi-ELK Newton iterations, parallel over time
                   (:mod:`seqjax.rnn.deer`), gradients by the implicit function theorem.
 ``"pallas"``      the fused FlashRNN-style kernel in ``pallas_kernels/rnn`` (lstm, gru, slstm,
@@ -19,6 +23,9 @@ state after ``t = 0``.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -28,7 +35,7 @@ from seqjax.rnn import cells as _cells
 
 __all__ = ["rnn", "rnn_scan", "IMPLS"]
 
-IMPLS = ("sequential", "parallel", "pallas")
+IMPLS = ("sequential", "fused", "parallel", "pallas")
 
 
 def _validate_params(kind, params):
@@ -77,11 +84,15 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
 
         states, info = deer.deer(kind, params, xp, s0, **parallel_kw)
         s_last = states[:, -1]
+    elif impl == "fused":
+        cell = _cells.CELLS[kind]
+        if cell.pointwise is None:
+            raise ValueError(f"impl='fused' supports kinds with a pointwise form, not {kind!r}")
+        states = _fused(cell.pointwise, unroll, params["R"], _cells.neuron_params(cell, params), xp, s0)
+        s_last = states[:, -1]
     else:
         if _cells.CELLS[kind].pointwise is None:
             raise ValueError(f"impl='pallas' supports kinds with a pointwise form, not {kind!r}")
-        import jax
-
         from pallas_kernels.rnn import fused_rnn  # imported only on this branch
 
         cell = _cells.CELLS[kind]
@@ -104,6 +115,49 @@ def _sequential(kind, params, xp, s0, unroll=1):
 
     s_last, states = lax.scan(body, s0, jnp.moveaxis(xp, 1, 0), unroll=unroll)
     return jnp.moveaxis(states, 0, 1), s_last
+
+
+def _fused_fwd_scan(pointwise, unroll, R, pp, xp, s0):
+    def body(s, xp_t):
+        rg = _cells.recurrent_matmul(R, s[:, 0])
+        s = pointwise(pp, s, xp_t, rg)
+        return s, (s, rg)
+
+    _, (states, rg) = lax.scan(body, s0, jnp.moveaxis(xp, 1, 0), unroll=unroll)
+    return jnp.moveaxis(states, 0, 1), jnp.moveaxis(rg, 0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(pointwise, unroll, R, pp, xp, s0):
+    return _fused_fwd_scan(pointwise, unroll, R, pp, xp, s0)[0]
+
+
+def _fused_fwd(pointwise, unroll, R, pp, xp, s0):
+    states, rg = _fused_fwd_scan(pointwise, unroll, R, pp, xp, s0)
+    return states, (R, pp, xp, s0, states, rg)
+
+
+def _fused_bwd(pointwise, unroll, res, g):
+    R, pp, xp, s0, states, rg = res
+    prev = jnp.concatenate([s0[:, None], states[:, :-1]], axis=1)
+    tm = lambda v: jnp.moveaxis(v, 1, 0)  # noqa: E731
+
+    def body(carry, inp):
+        ds, dpp = carry
+        g_t, s_prev, xp_t, rg_t = inp
+        _, vjp = jax.vjp(pointwise, pp, s_prev, xp_t, rg_t)
+        dpp_t, ds_prev, dxg, drg = vjp(ds + g_t)
+        ds_prev = ds_prev.at[:, 0].add(jnp.einsum("bgke,gdke->bgd", drg, R))
+        return (ds_prev, jax.tree.map(jnp.add, dpp, dpp_t)), (dxg, drg)
+
+    init = (jnp.zeros_like(s0), jax.tree.map(jnp.zeros_like, pp))
+    (ds0, dpp), (dxp, drg) = lax.scan(body, init, (tm(g), tm(prev), tm(xp), tm(rg)), reverse=True,
+                                      unroll=unroll)
+    dR = jnp.einsum("tbgd,tbgke->gdke", tm(prev[:, :, 0]), drg)  # one big matmul over (t, b)
+    return dR, dpp, tm(dxp), ds0
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def rnn(kind: str, params: dict, x, *, h0=None, impl: str = "sequential", reverse: bool = False,
