@@ -127,3 +127,8 @@ def test_block_shapes_are_valid(platform, t, c):
         assert (r % 8 == 0 or r == rows) and (lanes % 128 == 0 or lanes == rows * lanes == c)
     else:  # one time block (grid programs run in parallel), power-of-two tiles
         assert tb == t_pad and tb & (tb - 1) == 0 and r & (r - 1) == 0 and lanes == 128
+
+
+def test_gpu_rejects_a_carry_across_time_blocks():
+    with pytest.raises(ValueError, match=r"time_block=8 must be >= T=20 on GPU"):
+        kmod._blocks(20, 5, 8, "gpu")

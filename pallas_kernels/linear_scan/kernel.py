@@ -120,6 +120,11 @@ def _next_pow2(n):
 def _blocks(t, c, time_block, platform):
     """(time block, padded T, lanes L, rows per block r, padded rows R)."""
     if platform == "gpu":  # grid programs run in parallel: one time block, power-of-two tiles
+        if time_block is not None and time_block < t:
+            raise ValueError(
+                f"time_block={time_block} must be >= T={t} on GPU, where grid programs run in "
+                "parallel and cannot pass a carry between time blocks"
+            )
         lanes = LANES
         rows_total = -(-c // lanes)
         r = min(ROWS, _next_pow2(rows_total))
@@ -289,7 +294,8 @@ def linear_scan_pallas(a, b, h0=None, *, reverse=False, interpret=False, time_bl
       h0: initial state ``[B, ...]``, zeros if ``None``.
       reverse: scan from ``t = T-1`` down to 0; ``h_last`` is then the state at ``t = 0``.
       interpret: run the kernel as HLO (CPU tests).
-      time_block: time steps per grid step (default 128; the whole sequence on GPU).
+      time_block: time steps per grid step (default 128; on GPU the whole sequence, padded to a
+        power of two, and any value must be >= T there).
 
     Returns:
       ``(h, h_last)``: ``h`` ``[B, T, ...]`` in ``b``'s dtype (complex64 if any input is
