@@ -78,8 +78,9 @@ def recurrence_flops(layer, seq_len: int) -> float:
             del window
             return 4.0 * span * h * dh
         return 0.0
-    h = getattr(layer, "num_heads", None)
-    dk = getattr(layer, "state_size", None) or getattr(layer, "head_k_dim", None) or getattr(layer, "key_dim", None)
+    h = getattr(layer, "num_heads", None) or getattr(layer, "nheads", None)
+    dk = (getattr(layer, "d_state", None) or getattr(layer, "state_size", None) or getattr(layer, "head_k_dim", None)
+          or getattr(layer, "key_dim", None))
     dv = getattr(layer, "head_dim", None) or getattr(layer, "head_v_dim", None) or getattr(layer, "value_dim", None)
     c = getattr(layer, "chunk_size", 64)
     if h and dk and dv:

@@ -207,7 +207,7 @@ def train(cfg: config_lib.TrainConfig, *, progress: bool = True, make_model=None
             with open(hist_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if bar is not None:
-            bar.set_postfix(bpb=f"{bpb:.3f}", eval=f"{eval_bpb:.3f}", tok_s=f"{meter.tokens_per_s:.0f}",
+            bar.set_postfix(bpb=f"{bpb:.3f}", eval="-" if math.isnan(eval_bpb) else f"{eval_bpb:.3f}", tok_s=f"{meter.tokens_per_s:.0f}",
                             mfu=f"{100 * meter.mfu:.1f}%", refresh=False)
 
     step = start
@@ -244,6 +244,11 @@ def train(cfg: config_lib.TrainConfig, *, progress: bool = True, make_model=None
                 break
             if cfg.max_seconds and time.perf_counter() - wall0 > cfg.max_seconds:
                 reason = "time limit"
+                if step % cfg.eval_every:
+                    eval_bpb = metrics_lib.bits_per_byte(
+                        _evaluate(eval_fn, state["params"], eval_b, d.eval_batches, trainer.batch_sharding, d.seq_len))
+                    log.info("time limit (%.0fs) at step %d: held-out %.4f bits/byte; rerun to continue",
+                             cfg.max_seconds, step, eval_bpb)
                 break
         if pending is not None:
             handle(*pending)
@@ -265,9 +270,9 @@ def train(cfg: config_lib.TrainConfig, *, progress: bool = True, make_model=None
         last_train = [h for h in history if "train_bpb" in h]
         if last_train:
             summary["train_bpb"] = last_train[-1]["train_bpb"]
-    if main and reason == "done":
+    if main and reason != "preempted":
         _plot(history, os.path.join(cfg.run_dir, "loss.png"))
-        if cfg.sample_len > 0:
+        if cfg.sample_len > 0 and jax.process_count() == 1:
             summary["sample"] = _sample(trainer, state["params"], cfg.sample_prompt, cfg.sample_len)
     if writer is not None:
         writer.close()
