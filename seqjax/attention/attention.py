@@ -171,7 +171,9 @@ class Attention(nnx.Module):
     document (from ``segment_ids``, continued from the cache while decoding).
 
     Parameters (float32, logical axes): ``wq [embed, heads, head_dim]``, ``wk``/``wv
-    [embed, kv_heads, head_dim]``, ``wo [heads, head_dim, embed]``.
+    [embed, kv_heads, head_dim]``, ``wo [heads, head_dim, embed]``. ``num_persistent > 0`` adds
+    learned persistent-memory tokens ``[n, embed]`` (Titans): their keys / values (no RoPE) are
+    visible to every query, past the window and across documents.
     """
 
     def __init__(
