@@ -13,7 +13,7 @@
 Each function is jitted and compiled first, then timed in interleaved rounds (medians).
 
     python benchmarks/rnn.py               # everything (a few minutes on a quiet CPU)
-    python benchmarks/rnn.py --reps=3 --skip-parallel
+    python benchmarks/rnn.py --reps=3 --skip-parallel   # or --skip-lstm
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def bench_parallel(ts, reps, b=4, h=32):
 
             fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1)))
             args[name] = (params, x)
-            if kw:
+            if kw.get("impl") == "parallel":
                 _, _, info = jax.jit(lambda p, x, kw=kw: R.rnn("gru", p, x, return_info=True, **kw))(params, x)
                 iters[name] = int(info["iters"])
         res = _race(fns, args, reps)
@@ -118,10 +118,12 @@ def main():
     ap.add_argument("--shape", default="16x512x256")
     ap.add_argument("--ts", default="1024,8192")
     ap.add_argument("--skip-parallel", action="store_true")
+    ap.add_argument("--skip-lstm", action="store_true")
     a = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}")
     b, t, d = (int(v) for v in a.shape.split("x"))
-    bench_lstm(b, t, d, a.reps)
+    if not a.skip_lstm:
+        bench_lstm(b, t, d, a.reps)
     if not a.skip_parallel:
         bench_parallel([int(v) for v in a.ts.split(",")], a.reps)
 
