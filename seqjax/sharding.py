@@ -75,7 +75,7 @@ class Rules:
 DEFAULT_RULES = Rules(
     params=(
         ("vocab", "tensor"),
-        ("embed", "fsdp"),
+        ("embed", ("fsdp", "context")),  # context devices also shard weights (ZeRO-3 style), as in MaxText
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
@@ -245,7 +245,7 @@ def validate(state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, tolerance: floa
 
     Raises ``ValueError`` on unknown logical names or duplicated mesh axes, and if ``tolerance`` is
     given and more than that fraction of parameter elements is unsharded while the mesh has
-    model-sharding axes (``fsdp``, ``tensor``) larger than 1.
+    model-sharding axes (``fsdp``, ``context``, ``tensor``) larger than 1.
     """
     notes: list[str] = []
     values, names, specs = _specs(state, mesh, rules, notes)
@@ -265,7 +265,7 @@ def validate(state, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, tolerance: floa
             replicated += n
         per_device += n / math.prod(mesh.shape[a] for a in axes) if axes else n
     report = ShardingReport(total, unannotated, notes, replicated / max(total, 1), per_device / max(total, 1))
-    model_axes = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    model_axes = mesh.shape["fsdp"] * mesh.shape["context"] * mesh.shape["tensor"]
     if tolerance is not None and model_axes > 1 and report.replicated_fraction > tolerance:
         raise ValueError(f"{100 * report.replicated_fraction:.1f}% of parameters are unsharded (> {tolerance:.1%})")
     return report

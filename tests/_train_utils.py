@@ -66,3 +66,15 @@ def run(shape, accum, state, steps):
 
 def host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def restore_on_one_device(path):
+    """Every array of the orbax checkpoint at ``path`` (an item directory), as numpy, onto device 0."""
+    import orbax.checkpoint as ocp
+
+    ck = ocp.StandardCheckpointer()
+    meta = ck.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    return jax.tree.map(np.asarray, ck.restore(path, target))

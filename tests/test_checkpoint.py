@@ -10,9 +10,8 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from _train_utils import host, make_model, mesh_for
+from _train_utils import host, make_model, mesh_for, restore_on_one_device
 
 from seqjax.train.checkpoint import Checkpointer
 from seqjax.train.config import OptimConfig
@@ -92,8 +91,7 @@ def _wait_for_checkpoint(run_dir, at_least, proc, timeout=600):
 
 
 def _params(run_dir, step):
-    path = os.path.join(run_dir, "checkpoints", str(step), "state")
-    return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
+    return restore_on_one_device(os.path.join(run_dir, "checkpoints", str(step), "state"))
 
 
 @pytest.mark.slow

@@ -71,8 +71,8 @@ def test_rules_complete_and_valid(shape):
         for dim, e in zip(v.shape, tuple(s.spec) + (None,) * (len(v.shape) - len(s.spec))):
             ax = (e,) if isinstance(e, str) else (e or ())
             assert dim % math.prod(mesh.shape[a] for a in ax) == 0
-    model_axes = mesh.shape["fsdp"] * mesh.shape["tensor"]
-    if model_axes > 1:  # fsdp/tensor meshes shard (almost) everything
+    model_axes = mesh.shape["fsdp"] * mesh.shape["context"] * mesh.shape["tensor"]
+    if model_axes > 1:  # fsdp/context/tensor meshes shard (almost) everything
         assert report.replicated_fraction < 0.05
         assert report.max_shard_fraction < 0.6
     else:

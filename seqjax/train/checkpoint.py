@@ -42,7 +42,8 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.every = every
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, every),
+            # exactly every N steps (orbax's default would also save the first step)
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(max(1, every)),
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
