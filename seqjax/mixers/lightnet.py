@@ -225,7 +225,7 @@ def lrpe_angles(positions, key_dim: int, *, base: float = 10000.0):
     parts = []
     for a, g in enumerate(sizes):
         freq = base ** (-jnp.arange(g, dtype=jnp.float32) / max(g, 1))
-        parts.append(positions[..., a : a + 1] * freq)
+        parts.append(positions[..., a : a + 1] * freq.reshape((1,) * (positions.ndim - 1) + (g,)))
     return jnp.concatenate(parts, axis=-1)
 
 
@@ -252,7 +252,8 @@ def md_tpe(x, coef, log_decay):
     for a in range(nd):
         xa = jnp.moveaxis(x.astype(jnp.float32), a + 1, 1)  # the axis to scan on axis 1
         lam = jnp.broadcast_to(log_decay[a].astype(jnp.float32), xa.shape)
-        ya, _ = linear_scan(lam, xa * coef[a].astype(jnp.float32), log_decay=True)
+        ca = coef[a].astype(jnp.float32).reshape((1,) * (xa.ndim - 1) + (-1,))
+        ya, _ = linear_scan(lam, xa * ca, log_decay=True)
         out = out + jnp.moveaxis(ya, 1, a + 1)
     return out.astype(x.dtype)
 
