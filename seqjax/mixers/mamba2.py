@@ -212,7 +212,7 @@ class Mamba2(nnx.Module):
         xs, B, C = jax.nn.silu(xs), jax.nn.silu(B), jax.nn.silu(C)
         xh = nn.split_heads(xs, self.nheads)
         B, C = B.reshape(bsz, t, self.ngroups, self.d_state), C.reshape(bsz, t, self.ngroups, self.d_state)
-        dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...])
+        dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...][None, None, :])
         A = -jnp.exp(self.A_log[...]) if self.use_decay else None
         resets = nn.resets_from_segment_ids(segment_ids)
         if cache is not None and resets is not None:
