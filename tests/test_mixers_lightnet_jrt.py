@@ -83,7 +83,7 @@ def test_md_lrpe_scores_depend_on_relative_position_only():
     scores = lambda p: jnp.einsum(  # noqa: E731
         "bthk,bjhk->btj", L.md_lrpe(q, L.lrpe_angles(p, 6, base=10.0)), L.md_lrpe(k, L.lrpe_angles(p, 6, base=10.0))
     )
-    np.testing.assert_allclose(scores(pos + jnp.array([2, 5])), scores(pos), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores(pos + jnp.array([[2, 5]])), scores(pos), rtol=1e-4, atol=1e-5)
     # and equals sum_i q_i k_i cos(theta_i (pos_t - pos_j)) with axis-0 channels first
     ang = L.lrpe_angles(pos, 6, base=10.0)
     direct = jnp.einsum("thk,jhk,tjk->tj", q[0], k[0], jnp.cos(ang[:, None] - ang[None]))
