@@ -345,8 +345,10 @@ def s5_init(modes: int, channels: int, key):
     HiPPO-N of size ``2 modes`` (one eigenvalue of each conjugate pair kept)."""
     lam, v, _ = _ssm.hippo_legs_normal(2 * modes)
     lam, v = lam[:modes], v[:, :modes]
-    b = np.asarray(jax.random.normal(key, (2 * modes, channels))) / np.sqrt(channels)
-    return jnp.asarray(lam, jnp.complex64), jnp.asarray(v.conj().T @ b, jnp.complex64), v
+    # jnp on the random part, so the init also traces (stacked / abstract initialisation)
+    b = jax.random.normal(key, (2 * modes, channels)) / np.sqrt(channels)
+    vh = jnp.asarray(v.conj().T, jnp.complex64)
+    return jnp.asarray(lam, jnp.complex64), vh @ b.astype(jnp.complex64), v
 
 
 def s5_make_inputs(key, batch, time, channels=3, modes=4):
@@ -371,8 +373,8 @@ class S5(nnx.Module):
         _checks.check_choice("impl", impl, S5_IMPLS)
         self.impl, self.dtype, self.state_size = impl, dtype, state_size
         lam, b, v = s5_init(state_size, d_model, rngs.params())
-        c = np.asarray(jax.random.normal(rngs.params(), (d_model, 2 * state_size))) * np.sqrt(0.5 / state_size)
-        c = jnp.asarray(c @ v, jnp.complex64)
+        c = jax.random.normal(rngs.params(), (d_model, 2 * state_size)) * np.sqrt(0.5 / state_size)
+        c = c.astype(jnp.complex64) @ jnp.asarray(v, jnp.complex64)
         self.log_lambda_real = nnx.Param(jnp.log(-jnp.real(lam)), out_sharding=("state",))
         self.lambda_imag = nnx.Param(jnp.imag(lam), out_sharding=("state",))
         self.b_re, self.b_im = _cparam(jnp.real(b), jnp.imag(b), ("state", "mlp"))
