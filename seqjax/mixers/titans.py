@@ -292,8 +292,9 @@ class NeuralMemory(nnx.Module):
         qkv, conv_state = self.conv(self.qkv_proj(x), state=conv_state, segment_ids=segment_ids)
         q, k, v = jnp.split(jax.nn.silu(qkv), 3, axis=-1)
         q, k, v = l2_normalize(split_heads(q, nh)), l2_normalize(split_heads(k, nh)), split_heads(v, nh)
-        th, et, al = jnp.split(jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32)), 3, axis=-1)
-        return q, k, v, self.max_lr * th, et, al, conv_state
+        th, et, al = jnp.split(self.gate_proj(x).astype(jnp.float32), 3, axis=-1)
+        # forgetting starts small (sigmoid(-4) ~ 0.018): a 2-layer memory decayed to 0 cannot relearn
+        return q, k, v, self.max_lr * jax.nn.sigmoid(th), jax.nn.sigmoid(et), jax.nn.sigmoid(al - 4.0), conv_state
 
     def _w(self):
         return self.w1[...], (None if self.w2 is None else self.w2[...])
