@@ -34,7 +34,7 @@ _SLOW_FILE = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
 
 
 def pytest_collection_modifyitems(config, items):
-    if not os.path.exists(_SLOW_FILE):
+    if not os.path.exists(_SLOW_FILE) or os.environ.get("SEQJAX_NO_SLOW_LIST"):
         return
     with open(_SLOW_FILE) as f:
         slow = {line.strip() for line in f if line.strip() and not line.startswith("#")}
