@@ -1,7 +1,7 @@
 """Regenerate tests/slow_tests.txt: the tests that join the `slow` tier.
 
     python -m pytest -n 2 -m "not slow" --report-log=rl.jsonl     # (pip install pytest-reportlog)
-    python .ci/slow_tests.py rl.jsonl > tests/slow_tests.txt
+    python .ci/slow_tests.py rl.jsonl [more.jsonl ...] > tests/slow_tests.txt
 
 A test joins the slow tier if it took over THRESHOLD seconds in the report log, or if it is a shared
 mixer-contract / decode case of a mixer outside REPRESENTATIVE (one or two per engine family keep running
@@ -13,8 +13,8 @@ import json
 import subprocess
 import sys
 
-THRESHOLD = 20.0
-REPRESENTATIVE = {"mamba_negeig", "mamba2", "gla", "gated_deltanet_negeig", "aaren"}
+THRESHOLD = 10.0
+REPRESENTATIVE = {"mamba_negeig", "mamba2", "gla", "gated_deltanet_negeig"}
 TRIM = {
     "tests/test_mixers_gla.py::test_engine_equals_reference": 4,
     "tests/test_mixers_delta.py::test_chunked_equals_reference": 4,
@@ -25,14 +25,14 @@ TRIM = {
 ALWAYS = {"tests/test_train_e2e.py::test_default_command_short", "tests/test_experiments.py::test_passkey_two_steps"}
 
 
-def main(report_log=None):
+def main(*report_logs):
     ids = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "not slow or slow"],
         capture_output=True, text=True, env={"SEQJAX_NO_SLOW_LIST": "1", **__import__("os").environ},
     ).stdout.split()
     ids = [i for i in ids if "::" in i]
     slow = set()
-    if report_log:
+    for report_log in report_logs:
         for line in open(report_log):
             r = json.loads(line)
             if r.get("$report_type") == "TestReport" and r["when"] == "call" and r["duration"] > THRESHOLD:

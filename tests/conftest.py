@@ -28,7 +28,7 @@ def rng():
     return np.random.default_rng(0)
 
 
-# Tests listed in tests/slow_tests.txt (node ids, measured over ~20 s each on a 2-core CPU) join the
+# Tests listed in tests/slow_tests.txt (node ids, measured over ~10 s each on a 2-core CPU) join the
 # `slow` tier, so the default command stays within CI's budget; `pytest -m slow` runs them.
 _SLOW_FILE = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
 
