@@ -142,7 +142,11 @@ def test_mlstm_chunked_stabiliser(chunk):
     resets = jnp.zeros((2, 75), bool).at[0, 20].set(True).at[1, 70].set(True)
     ref = ML.mlstm_recurrent(**inp, h0=h0, resets=resets)
     out = ML.mlstm(**inp, h0=h0, resets=resets, chunk_size=chunk)
-    _assert_close(out, ref, 1e-4)
+    _assert_close(out[1], ref[1], 1e-4, "state (C, n, m)")
+    # y = num / max(|n.q|, exp(-m)): at one step of this seed |n.q| nearly cancels and |y| ~ 190 against ~2
+    # elsewhere, so float32 rounding of the two summation orders shows there as ~4e-5 of that value, which is
+    # ~4e-3 of the whole output's rms; hence the looser bound on y alone
+    _assert_close(out[0], ref[0], 1e-3, "y")
 
 
 def test_bad_inputs_raise():
