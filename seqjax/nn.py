@@ -70,7 +70,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str | None = "embed", param_dtype=jnp.float32):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding=(axis_name,))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -86,7 +86,7 @@ class GatedRMSNorm(nnx.Module):
         _checks.check_divisible("dim", dim, "group_size", group_size)
         self.group_size = group_size
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding=("embed",))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",))
 
     def __call__(self, x, z=None):
         x32 = x.astype(jnp.float32)
@@ -147,9 +147,9 @@ class ShortConv(nnx.Module):
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=0, out_axis=())
         self.w = nnx.Param(
             init(rngs.params(), (kernel_size, dim), param_dtype) * jnp.sqrt(kernel_size) / kernel_size,
-            sharding=("conv", "embed"),
+            out_sharding=("conv", "embed"),
         )
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding=("embed",)) if use_bias else None
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",)) if use_bias else None
 
     def __call__(self, x, *, state=None, segment_ids=None):
         bias = None if self.bias is None else self.bias[...]

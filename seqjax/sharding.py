@@ -4,7 +4,7 @@ The mesh has four axes, outer (slow network) to inner: ``data`` (pure data paral
 (data parallel with parameters, gradients and optimizer state sharded), ``context`` (sequence
 parallel) and ``tensor`` (heads / MLP width). Sizes come from config with at most one ``-1``.
 
-Parameters carry logical names (``nnx.with_partitioning`` / ``nnx.Param(..., sharding=...)``, from
+Parameters carry logical names (``nnx.with_partitioning`` / ``nnx.Param(..., out_sharding=...)``, from
 ``seqjax.types.LOGICAL_AXES``); activations are constrained at block boundaries with
 ``constrain(x, ("batch", "length", "embed"))``. Weights and activations use *separate* tables in
 :class:`Rules` (MaxText's lesson: ``embed -> fsdp`` for weights would collide with

@@ -58,16 +58,9 @@ def test_engine_equals_reference(chunk, t, dk, per_channel):
         _assert_close(_grads(fast, args, jax.random.PRNGKey(1)), _grads(ref, args, jax.random.PRNGKey(1)), 1e-4, "grads")
 
 
-_KNOWN_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="known bug (issue 3 note): the chunked GLA engine's gradients are wrong (rms-rel err ~1.4) when "
-    "every step decays at log -20; values are right. Strict, so the fix turns this red until removed.",
-)
-
-
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize(
-    "lo,hi", [(-1e-4, -1e-4), pytest.param(-20.0, -20.0, marks=_KNOWN_BUG), (-20.0, -1e-4)]
+    "lo,hi", [(-1e-4, -1e-4), (-20.0, -20.0), (-20.0, -1e-4)]
 )
 def test_decay_extremes_finite(lo, hi, per_channel):
     t = 80

@@ -12,8 +12,8 @@ How it works
     and the cumulative sign ``p`` (negative eigenvalues) are computed outside by
     ``seqjax.mixers._gla_chunk.prepare_chunks`` (cheap elementwise XLA), so every exponent the
     kernel evaluates is ``≤ 0``. Head dims are zero-padded to a power of two ``≥ 16`` (exact: padded
-    key channels and value columns contribute 0) as GPU ``dot``s require; time is padded to a whole
-    number of chunks (decay 1, k = 0).
+    key channels and value columns contribute 0) as GPU ``dot``s require; time is padded at the front to a
+    whole number of chunks (decay 1, k = 0).
 
 Backward
     ``custom_vjp``: the forward kernel saves only its inputs; the backward pass recomputes through the
@@ -167,8 +167,9 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     cut = jnp.zeros((bsz, t), jnp.float32) if resets is None else jnp.asarray(resets).astype(jnp.float32)
     cut = jnp.broadcast_to(cut[:, :, None], (bsz, t, h))
     h0 = jnp.zeros((bsz, h, dk, v.shape[-1]), jnp.float32) if h0 is None else h0.astype(jnp.float32)
-    # pad time to whole chunks (decay 1, sign +1, no reset, k = v = 0): the kernel always sees C = chunk_size
+    # pad time at the front to whole chunks (decay 1, sign +1, no reset, k = v = 0; h0 passes through):
+    # the kernel always sees C = chunk_size, and every chunk ends on a real token (see chunk_gla)
     tp = -(-t // chunk_size) * chunk_size
-    padt = lambda x, fill=0.0: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    padt = lambda x, fill=0.0: jnp.pad(x, [(0, 0), (tp - t, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
     o, s = _gla(padt(q), padt(k), padt(v), (padt(cut), padt(g), padt(sign, 1.0)), h0, chunk_size, interpret)
-    return o[:, :t], s
+    return o[:, tp - t:], s

@@ -75,9 +75,9 @@ class DeltaRuleLayer(nnx.Module):
         if gated:
             self.a_proj = lin(d_model, h)
             a = jax.random.uniform(rngs.params(), (h,), param_dtype, 1.0, 16.0)
-            self.A_log = nnx.Param(jnp.log(a), sharding=("heads",))
+            self.A_log = nnx.Param(jnp.log(a), out_sharding=("heads",))
             dt = jnp.exp(jax.random.uniform(rngs.params(), (h,), param_dtype, math.log(1e-3), math.log(1e-1)))
-            self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), sharding=("heads",))  # softplus^-1(dt)
+            self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), out_sharding=("heads",))  # softplus^-1(dt)
         self.g_proj = lin(d_model, h * dv) if use_output_gate else None
         self.o_norm = GatedRMSNorm(dv, eps=norm_eps) if use_output_gate else RMSNorm(dv, eps=norm_eps, axis_name="head_dim")
         self.o_proj = lin(h * dv, d_model, axes=("heads", "embed"))

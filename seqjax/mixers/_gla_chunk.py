@@ -142,12 +142,13 @@ def step_gla(s, q, k, v, g=None, *, sign=None):
 # ----------------------------------------------------------------------------- chunked
 
 
-def prepare_chunks(g, sign, resets, t, chunk_size):
+def prepare_chunks(g, sign, resets, t, chunk_size, pad_front=False):
     """Chunk layout of the gates. ``g`` ``[b, t, h, kd]`` (kd = 1 for per-head decays).
 
     Returns ``c`` (chunk length), ``n`` (chunks), and ``[b, n, c, h, kd]`` arrays: ``bc`` inclusive
     cumulative log decay within the chunk, ``seg`` segment counter within the chunk, ``p`` cumulative
-    sign product (``None`` without signs).
+    sign product (``None`` without signs). The ``n c − t`` padding tokens (decay 1, sign +1, no reset)
+    go at the end, or at the front with ``pad_front`` (see ``chunk_gla``).
     """
     sub = min(SUB_CHUNK, chunk_size)
     c = min(chunk_size, -(-t // sub) * sub)
@@ -159,7 +160,7 @@ def prepare_chunks(g, sign, resets, t, chunk_size):
     b, _, h, kd = g.shape
 
     def resh(x, fill=0):  # padded tokens: decay 1, sign +1, no reset
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        x = jnp.pad(x, [(0, 0), (pad, 0) if pad_front else (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
         return x.reshape(b, n, c, h, kd)
 
     bc = jnp.cumsum(resh(g), axis=2)
@@ -168,12 +169,21 @@ def prepare_chunks(g, sign, resets, t, chunk_size):
     return c, n, bc, seg, p
 
 
-def _factor(b_hi, s_hi, b_lo, s_lo, p_hi=None, p_lo=None, causal=None):
-    """``σ e^{b_hi − b_lo}`` where the pair is in one segment (and causal), else 0 — never ``exp(>0)``."""
+def _factor(b_hi, s_hi, b_lo, s_lo, p_hi=None, p_lo=None, causal=None, same=None):
+    """``σ e^{b_hi − b_lo}`` where the pair is in one segment (and causal), else 0 — never ``exp(>0)``.
+
+    ``same`` (static bool mask): pairs that are one token, whose factor is exactly 1. It is written as the
+    constant 1 rather than ``exp(b_t − b_t)``: otherwise autodiff sends ``+ct`` and ``−ct`` to ``b_t`` along
+    two paths, and under strong decay (log −20 every step) the true gradient of ``g`` is ~1e-9 while the
+    rounding of those O(1) terms that should cancel is ~1e-7 — a 100% relative error.
+    """
     ok = s_hi == s_lo
     if causal is not None:
         ok = ok & causal
-    out = jnp.where(ok, jnp.exp(jnp.where(ok, b_hi - b_lo, 0.0)), 0.0)
+    live = ok if same is None else ok & ~same
+    out = jnp.where(live, jnp.exp(jnp.where(live, b_hi - b_lo, 0.0)), 0.0)
+    if same is not None:
+        out = jnp.where(same, 1.0, out)
     if p_hi is not None:
         out = out * p_hi * p_lo
     return out
@@ -189,6 +199,7 @@ def _intra_scalar(q, k, bc, seg, p):
     d = _factor(
         bt[..., :, None], st[..., :, None], bt[..., None, :], st[..., None, :],
         None if pt is None else pt[..., :, None], None if pt is None else pt[..., None, :], causal,
+        jnp.eye(c, dtype=bool)[None, None, None],
     )
     qk = jnp.einsum("bnthk,bnshk->bnhts", q, k, preferred_element_type=jnp.float32)
     return qk * d
@@ -212,6 +223,7 @@ def _intra_channel(q, k, bc, seg, p):
     d = _factor(
         bs[..., :, None, :], ss[..., :, None, :], bs[..., None, :, :], ss[..., None, :, :],
         None if ps is None else ps[..., :, None, :], None if ps is None else ps[..., None, :, :], causal,
+        jnp.eye(s, dtype=bool).reshape(1, 1, 1, 1, s, s, 1),
     )
     a_diag = jnp.einsum("bnihtk,bnihsk,bnihtsk->bnihts", qs, ks, d)
     eye = jnp.eye(m, dtype=jnp.float32)
@@ -271,10 +283,13 @@ def chunk_gla(q, k, v, g, *, sign=None, h0=None, resets=None, chunk_size=64):
         g = g[..., None]
     if sign is not None:
         sign = _f32(sign)[..., None]
-    c, n, bc, seg, p = prepare_chunks(g, sign, resets, t, chunk_size)
+    # padding goes at the front (k = v = 0, decay 1: h0 passes through unchanged), so every chunk ends on
+    # a real token. At the end, a padded last token has b_C = b_s of the last real one, exp(b_C - b_s) = 1
+    # is not recognised as "same token", and its gradient suffers the cancellation `_factor` describes.
+    c, n, bc, seg, p = prepare_chunks(g, sign, resets, t, chunk_size, pad_front=True)
     pad = n * c - t
     cd = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    chunks = lambda x: jnp.pad(x.astype(cd), [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(bsz, n, c, h, x.shape[-1])
+    chunks = lambda x: jnp.pad(x.astype(cd), [(0, 0), (pad, 0), (0, 0), (0, 0)]).reshape(bsz, n, c, h, x.shape[-1])
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
 
     # 1. intra-chunk (recomputed in the backward pass)
@@ -282,7 +297,8 @@ def chunk_gla(q, k, v, g, *, sign=None, h0=None, resets=None, chunk_size=64):
 
     # 2. chunk states: U_n = sum_s (k_s e^{b_C - b_s}) v_s^T over s in the last segment
     last = lambda x: x[:, :, -1:]
-    fe = _factor(last(bc), last(seg), bc, seg, None if p is None else last(p), p)  # [b, n, c, h, kd]
+    is_last = (np.arange(c) == c - 1)[None, None, :, None, None]
+    fe = _factor(last(bc), last(seg), bc, seg, None if p is None else last(p), p, same=is_last)  # [b, n, c, h, kd]
     u = jnp.einsum("bnshk,bnshv->bnhkv", (_f32(kc) * fe).astype(cd), vc, preferred_element_type=jnp.float32)
     # whole-chunk decay (0 if the chunk holds a reset)
     a = jnp.where(last(seg) == 0, jnp.exp(last(bc)), 0.0)[:, :, 0]  # [b, n, h, kd]
@@ -302,4 +318,4 @@ def chunk_gla(q, k, v, g, *, sign=None, h0=None, resets=None, chunk_size=64):
     # 4. state to output: (q_t e^{b_t}) S_{n-1} for tokens before the chunk's first reset
     fs = _factor(bc, seg, jnp.zeros_like(bc), jnp.zeros_like(seg), p, None if p is None else jnp.ones_like(p))
     o = o + jnp.einsum("bnthk,bnhkv->bnthv", _f32(qc) * fs, s_in)
-    return o.reshape(bsz, n * c, h, dv)[:, :t], s_last
+    return o.reshape(bsz, n * c, h, dv)[:, pad:], s_last

@@ -213,7 +213,7 @@ class Aaren(nnx.Module):
         self.num_heads, self.head_dim, self.dtype = num_heads, head_dim, dtype
         inner = num_heads * head_dim
         self.query = nnx.Param(
-            jax.random.normal(rngs.params(), (num_heads, head_dim), jnp.float32), sharding=("heads", "head_dim")
+            jax.random.normal(rngs.params(), (num_heads, head_dim), jnp.float32), out_sharding=("heads", "head_dim")
         )
         self.k_proj = Linear(d_model, inner, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
         self.v_proj = Linear(d_model, inner, axes=("embed", "heads"), rngs=rngs, dtype=dtype)

@@ -262,8 +262,8 @@ class MdTpe(nnx.Module):
     """MD-TPE as a residual positional encoding on a grid: ``x + sum_a T_a x``."""
 
     def __init__(self, dim: int, ndim: int = 2, *, rngs: nnx.Rngs):
-        self.coef = nnx.Param(0.1 * jax.random.normal(rngs.params(), (ndim, dim)), sharding=(None, "embed"))
-        self.decay_logit = nnx.Param(jnp.full((ndim, dim), 2.0), sharding=(None, "embed"))
+        self.coef = nnx.Param(0.1 * jax.random.normal(rngs.params(), (ndim, dim)), out_sharding=(None, "embed"))
+        self.decay_logit = nnx.Param(jnp.full((ndim, dim), 2.0), out_sharding=(None, "embed"))
 
     def __call__(self, x):
         return x + md_tpe(x, self.coef[...], jax.nn.log_sigmoid(self.decay_logit[...]))

@@ -196,10 +196,10 @@ class Mamba2(nnx.Module):
         self.C_conv = nn.ShortConv(ngroups * d_state, d_conv, rngs=rngs)
         dt = jnp.exp(jax.random.uniform(rngs.params(), (self.nheads,)) * (math.log(dt_max) - math.log(dt_min))
                      + math.log(dt_min))
-        self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), sharding=("heads",))  # softplus^{-1}(dt)
+        self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), out_sharding=("heads",))  # softplus^{-1}(dt)
         a = jax.random.uniform(rngs.params(), (self.nheads,), minval=1.0, maxval=16.0)
-        self.A_log = nnx.Param(jnp.log(a), sharding=("heads",))
-        self.D = nnx.Param(jnp.ones((self.nheads,)), sharding=("heads",))
+        self.A_log = nnx.Param(jnp.log(a), out_sharding=("heads",))
+        self.D = nnx.Param(jnp.ones((self.nheads,)), out_sharding=("heads",))
         self.norm = nn.GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
         self.out_proj = lin(d_inner, d_model, ("heads", "embed"))
 

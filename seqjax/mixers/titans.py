@@ -281,9 +281,9 @@ class NeuralMemory(nnx.Module):
         k1, k2 = jax.random.split(rngs.params())
         out1 = head_dim if depth == 1 else hidden
         self.w1 = nnx.Param(jax.random.normal(k1, (num_heads, head_dim, out1)) * head_dim**-0.5 * (depth - 1),
-                            sharding=("heads", "head_dim", None))
+                            out_sharding=("heads", "head_dim", None))
         self.w2 = (nnx.Param(jax.random.normal(k2, (num_heads, hidden, head_dim)) * hidden**-0.5,
-                             sharding=("heads", None, "head_dim")) if depth == 2 else None)
+                             out_sharding=("heads", None, "head_dim")) if depth == 2 else None)
         self.norm = RMSNorm(inner, axis_name="heads")
         self.o_proj = Linear(inner, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
 
