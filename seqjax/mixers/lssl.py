@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from seqjax import _checks
+from seqjax import _checks, _linalg
 from seqjax.mixers import _ssm
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear, resets_from_segment_ids
@@ -65,8 +65,10 @@ def discretize_bilinear(log_dt, A, B):
     eye = jnp.eye(A.shape[0], dtype=jnp.float32)[None]
     a = A.astype(jnp.float32)[None]
     left = eye - 0.5 * dt * a
-    a_bar = jnp.linalg.solve(left, eye + 0.5 * dt * a)
-    b_bar = jnp.linalg.solve(left, (dt[:, :, 0] * B.astype(jnp.float32)[None])[..., None])[..., 0]
+    # one solve for both (seqjax._linalg.solve: not LAPACK on CPU, where batched LAPACK calls can deadlock)
+    rhs = jnp.concatenate([eye + 0.5 * dt * a, (dt[:, :, 0] * B.astype(jnp.float32)[None])[..., None]], axis=-1)
+    sol = _linalg.solve(left, rhs)
+    a_bar, b_bar = sol[..., :-1], sol[..., -1]
     return a_bar, b_bar
 
 
