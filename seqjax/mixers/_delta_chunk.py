@@ -34,7 +34,8 @@ Algorithms:
   i.e. ``U_new = U - W S_0`` with ``T = (I + tril(...))^{-1} diag(beta)``, ``W = T (gamma ⊙ K)``,
   ``U = T V``. Then ``O = (gamma ⊙ Q) S_0 + (Q Kᵀ ⊙ Gamma) U_new`` and
   ``S_C = gamma_C S_0 + (K ⊙ Gamma_{C,·})ᵀ U_new``. Only the last two equations are sequential
-  (a ``lax.scan`` over chunks); everything else is batched matmuls and one batched triangular solve.
+  (a ``lax.scan`` over chunks); everything else is batched matmuls and one batched triangular solve
+  (``solve_unit_lower``: forward substitution on CPU, ``triangular_solve`` on GPU/TPU).
   Decays only ever appear as ``exp`` of a non-positive log-space difference (masked before the
   ``exp``), so ``log alpha`` down to ``-20`` per step (and resets, ``alpha = 0``) never overflow or NaN.
 * :func:`delta_rule_step` — one token, O(1) state (decoding).
