@@ -53,6 +53,7 @@ import numpy as np
 from jax import lax
 
 from seqjax import _checks
+from seqjax._linalg import solve_unit_lower
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
 
@@ -174,62 +175,6 @@ def _chunk_decays(la, rs, c):
     rev = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)
     to_end = jnp.where(seg == seg[..., -1:], jnp.exp(rev), 0.0)
     return Gamma, gamma, to_end
-
-
-def _forward_substitution(a, rhs):
-    """``(I + N)^{-1} rhs`` for ``a = I + N`` with ``N`` strictly lower (``a``'s upper part must be 0).
-
-    One row per step of a ``fori_loop`` over the ``c`` rows, every batch/chunk/head at once: row ``i`` is
-    ``rhs_i − Σ_{j<i} N_ij x_j`` (the unit diagonal multiplies the not-yet-written ``x_i = 0``).
-    """
-    def body(i, x):
-        row = lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)  # [..., c]
-        xi = lax.dynamic_index_in_dim(rhs, i, axis=-2, keepdims=False) - jnp.einsum("...j,...jd->...d", row, x)
-        return lax.dynamic_update_index_in_dim(x, xi, i, axis=-2)
-
-    return lax.fori_loop(0, a.shape[-1], body, jnp.zeros_like(rhs))
-
-
-@jax.custom_vjp
-def _solve_unit_lower_substitution(a, rhs):
-    return _forward_substitution(a, rhs)
-
-
-def _substitution_fwd(a, rhs):
-    x = _forward_substitution(a, rhs)
-    return x, (a, x)
-
-
-def _substitution_bwd(res, dx):
-    a, x = res
-    # d rhs = A^{-T} dx: A^T is unit upper triangular; reversing both index orders makes it unit lower
-    flip = lambda m: jnp.flip(m, axis=-2)
-    at = jnp.flip(jnp.swapaxes(a, -1, -2), axis=(-1, -2))
-    drhs = flip(_forward_substitution(at, flip(dx)))
-    c = a.shape[-1]
-    strict = jnp.tril(jnp.ones((c, c), bool), -1).reshape((1,) * (a.ndim - 2) + (c, c))
-    da = jnp.where(strict, -jnp.einsum("...id,...jd->...ij", drhs, x), 0.0)
-    return da, drhs
-
-
-_solve_unit_lower_substitution.defvjp(_substitution_fwd, _substitution_bwd)
-
-
-def solve_unit_lower(a, rhs):
-    """``A^{-1} rhs`` for unit lower-triangular ``a [..., c, c]`` (upper part 0), ``rhs [..., c, d]``.
-
-    On CPU this is a forward substitution in XLA (with a ``custom_vjp`` whose backward is one more
-    substitution and an outer product), not ``lax.linalg.triangular_solve``: jaxlib's CPU LAPACK ``trsm``
-    splits a batched solve over XLA's intra-op thread pool and waits for the parts, so two such solves
-    that XLA runs concurrently can take every pool thread and wait on each other forever — on a 2-core
-    machine a DeltaNet training step at batch 64 hung that way (jax 0.10.2). GPU and TPU use
-    ``triangular_solve`` (cuBLAS / XLA's own expansion).
-    """
-    return lax.platform_dependent(
-        a, rhs,
-        cpu=_solve_unit_lower_substitution,
-        default=lambda a, rhs: lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True),
-    )
 
 
 def chunk_wy(k, v, beta, la, rs, c):
