@@ -1,80 +1,56 @@
-"""Chunked gated delta rule on an accelerator: the Pallas kernel vs the XLA chunked form (and fla's Triton
-``chunk_gated_delta_rule`` in PyTorch, if importable), side by side in one run.
+"""Chunked gated delta rule on an accelerator: the Pallas kernel, the XLA chunked form and
+flash-linear-attention's Triton ``chunk_gated_delta_rule`` (PyTorch, same GPU), side by side in one run.
+
+    python benchmarks/delta_gpu.py [--ts=2048,8192] [--b=8 --h=16 --d=128] [--out=benchmarks/results/<dev>_delta.md]
 
 B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, beta in (0, 2) (negative eigenvalues), chunk 64; forward and
-forward+backward (the Pallas backward is the XLA chunked backward after recompute, see
-``pallas_kernels/delta_chunk``). Prints a markdown table and writes it to ``--out``. Run by
-``benchmarks/gpu_check.sh``. FLOPs per head and chunk (forward): K Kᵀ, Q Kᵀ 2·C²·D each, W/U 2·C²·2D,
-W S, Q S, Kᵀ U 2·C·D² each, the solve ~C³/3: about T·(8·C·D + 6·D² + C²/3) per head.
+forward+backward (loss ``sum(o²)``; gradients of q, k, v, beta and the log decays). The Pallas backward is
+the XLA chunked backward after recompute (see ``pallas_kernels/delta_chunk``). The last column is the
+forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
+FLOPs per head and chunk (forward): K Kᵀ, Q Kᵀ 2·C²·D each, W/U 2·C²·2D, W S, Q S, Kᵀ U 2·C·D² each, the
+solve ~C³/3: about ``T·(8·C·D + 6·D² + C²/3)`` per head.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels.delta_chunk import delta_chunk
-from seqjax.mixers._delta_chunk import delta_rule_chunked
-from seqjax.nn import l2_normalize
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import rel_err, time_jax, time_torch, to_torch, write  # noqa: E402
 
-
-def _time(f, *args, reps=5):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
+from seqjax.mixers._delta_chunk import delta_rule_chunked  # noqa: E402
+from seqjax.nn import l2_normalize  # noqa: E402
 
 
-def _fla_row(b, t, h, d, reps=5):
-    """fla's Triton kernel in PyTorch on the same GPU (None if fla/torch are not importable)."""
+def _fla():
     try:
-        import torch
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        import torch  # noqa: F401
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f
     except Exception as e:  # noqa: BLE001
-        return f"fla unavailable ({type(e).__name__})"
-    dev, bf = "cuda", torch.bfloat16
-    q = torch.randn(b, t, h, d, device=dev, dtype=bf, requires_grad=True)
-    k = torch.nn.functional.normalize(torch.randn(b, t, h, d, device=dev), dim=-1).to(bf).requires_grad_()
-    v = torch.randn(b, t, h, d, device=dev, dtype=bf, requires_grad=True)
-    beta = (2 * torch.rand(b, t, h, device=dev)).to(bf).requires_grad_()
-    g = torch.nn.functional.logsigmoid(3 + torch.randn(b, t, h, device=dev)).requires_grad_()
-
-    def run(backward):
-        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
-        if backward:
-            o.float().square().sum().backward()
-
-    out = []
-    for backward in (False, True):
-        run(backward)
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            run(backward)
-            torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        out.append(float(np.median(ts)))
-    return out
+        return f"fla unavailable ({type(e).__name__}: {str(e)[:80]})"
+    return lambda q, k, v, beta, g: f(q, k, v, g, beta, scale=1.0, output_final_state=True)[0]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="")
     p.add_argument("--ts", default="2048,8192")
-    a = p.parse_args()
-    b, h, d, c = 8, 16, 128, 64
+    p.add_argument("--b", type=int, default=8)
+    p.add_argument("--h", type=int, default=16)
+    p.add_argument("--d", type=int, default=128)
+    a = p.parse_args(argv)
+    b, h, d, c = a.b, a.h, a.d, 64
     rows = [f"# Chunked gated delta rule on {jax.devices()[0].device_kind}, jax {jax.__version__}", "",
-            f"B={b}, H={h}, D={d}, bf16 q/k/v, beta in (0,2), chunk {c}, median of 5.", "",
-            "| T | form | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd speed-up vs XLA |", "|---|---|---|---|---|---|"]  # fmt: skip
+            f"B={b}, H={h}, D={d}, bf16 q/k/v, beta in (0,2), chunk {c}, median of 5 after a warm-up.", "",
+            "| T | form | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd vs XLA | fwd+bwd vs XLA | o vs fla |",
+            "|---|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
     for t in [int(x) for x in a.ts.split(",")]:
         ks = jax.random.split(jax.random.PRNGKey(t), 5)
@@ -83,34 +59,44 @@ def main():
         v = jax.random.normal(ks[2], (b, t, h, d), jnp.bfloat16)
         beta = 2 * jax.random.uniform(ks[3], (b, t, h))
         la = jax.nn.log_sigmoid(3 + jax.random.normal(ks[4], (b, t, h)))
-        forms = {
-            "XLA chunked": functools.partial(delta_rule_chunked, chunk_size=c),
-            "Pallas": functools.partial(delta_chunk, chunk_size=c),
-        }
+        args = (q, k, v, beta, la)
         flops = b * h * t * (8 * c * d + 6 * d * d + c * c / 3) * 2
+        fla, ref = _fla(), None
+        if not isinstance(fla, str):
+            try:
+                targs = [to_torch(x, grad=True) for x in (q, k, v)] + [to_torch(x, "float32", grad=True) for x in (beta, la)]
+                ref = fla(*targs).detach()
+            except Exception as e:  # noqa: BLE001
+                fla = f"fla failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        forms = {"XLA chunked": functools.partial(delta_rule_chunked, chunk_size=c),
+                 "Pallas": functools.partial(delta_chunk, chunk_size=c)}
         base = None
         for name, f in forms.items():
             try:
                 fwd = jax.jit(lambda *x, f=f: f(*x)[0])
                 loss = lambda *x, f=f: jnp.sum(f(*x)[0].astype(jnp.float32) ** 2)  # noqa: E731
                 fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-                tf, tb = _time(fwd, q, k, v, beta, la), _time(fb, q, k, v, beta, la)
-                base = base or tf
-                row = f"| {t} | {name} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.1f} | {base / tf:.2f}x |"
+                tf, tb = time_jax(fwd, *args), time_jax(fb, *args)
+                base = base or (tf, tb)
+                err = f"{rel_err(fwd(*args), ref):.1e}" if ref is not None else ""
+                row = (f"| {t} | {name} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | "
+                       f"{base[0] / tf:.2f}x | {base[1] / tb:.2f}x | {err} |")
             except Exception as e:  # noqa: BLE001 — record the miss, keep measuring
-                row = f"| {t} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | |"
+                row = f"| {t} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | | | | | |"
             rows.append(row)
             print(row, flush=True)
-        fla = _fla_row(b, t, h, d)
-        if isinstance(fla, list):
-            row = f"| {t} | fla chunk_gated_delta_rule (Triton, torch) | {fla[0] * 1e3:.2f} | {fla[1] * 1e3:.2f} | {flops / fla[0] / 1e12:.1f} | {base / fla[0]:.2f}x |"
+        if isinstance(fla, str):
+            row = f"| {t} | {fla} | | | | | | |"
         else:
-            row = f"| {t} | {fla} | | | | |"
+            def fwdbwd():
+                fla(*targs).float().square().sum().backward()
+
+            tf, tb = time_torch(lambda: fla(*targs)), time_torch(fwdbwd)
+            rel = f"{base[0] / tf:.2f}x | {base[1] / tb:.2f}x" if base else " | "
+            row = f"| {t} | fla chunk_gated_delta_rule (Triton) | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | {rel} | |"
         rows.append(row)
         print(row, flush=True)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write("\n".join(rows) + "\n")
+    write(rows, a.out)
 
 
 if __name__ == "__main__":

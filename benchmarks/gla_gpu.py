@@ -1,74 +1,111 @@
-"""Chunked gated linear attention on an accelerator: the Pallas kernel vs the XLA chunked forms.
+"""Chunked gated linear attention on an accelerator: the Pallas kernel, the XLA chunked forms and
+flash-linear-attention's Triton kernels (PyTorch, same GPU), side by side in one run.
 
-B=8, T in {2k, 8k}, H=16, D=128, bf16 inputs; forward and forward+backward (the Pallas backward is the
-XLA chunked backward after recompute, see ``pallas_kernels/gla_chunk``). Prints a markdown table and
-writes it to ``--out``. Run by ``benchmarks/gpu_check.sh``; measured ratios, one run, side by side.
+    python benchmarks/gla_gpu.py [--ts=2048,8192] [--b=8 --h=16 --d=128] [--out=benchmarks/results/<dev>.md]
+
+B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, chunk 64; forward and forward+backward (loss ``sum(o²)``,
+gradients of q, k, v and the decays). The Pallas backward is the XLA chunked backward after recompute (see
+``pallas_kernels/gla_chunk``). Per-head decay (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``) and
+per-channel decay (GLA: ``fla.ops.gla``; no Pallas kernel yet). The last column is the forward output's
+``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
+FLOPs per head (forward): ``T·(2·C·D + 4·D²)·2`` (intra ``QKᵀ``, ``AV``; state readout and update).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels.gla_chunk import gla_chunk_pallas
-from seqjax.mixers._gla_chunk import chunk_gla
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import rel_err, time_jax, time_torch, to_torch, write  # noqa: E402
 
-
-def _time(f, *args, reps=5):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
+from seqjax.mixers._gla_chunk import chunk_gla  # noqa: E402
 
 
-def main():
+def _fla(per_channel: bool):
+    """fla's chunked kernel as ``f(q, k, v, g) -> o`` on torch tensors, or the reason it is unavailable."""
+    try:
+        import torch  # noqa: F401
+
+        if per_channel:
+            from fla.ops.gla import chunk_gla as f
+        else:
+            from fla.ops.simple_gla import chunk_simple_gla as f
+    except Exception as e:  # noqa: BLE001
+        return f"fla unavailable ({type(e).__name__}: {str(e)[:80]})"
+    return lambda q, k, v, g: f(q, k, v, g, scale=1.0, output_final_state=True)[0]
+
+
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="")
     p.add_argument("--ts", default="2048,8192")
-    a = p.parse_args()
-    b, h, d = 8, 16, 128
+    p.add_argument("--b", type=int, default=8)
+    p.add_argument("--h", type=int, default=16)
+    p.add_argument("--d", type=int, default=128)
+    a = p.parse_args(argv)
+    b, h, d, c = a.b, a.h, a.d, 64
     rows = [f"# Chunked GLA on {jax.devices()[0].device_kind}, jax {jax.__version__}", "",
-            f"B={b}, H={h}, D={d}, bf16 q/k/v, chunk 64, median of 5. FLOPs: chunked GLA forward ~ "
-            "T*(2*C*D + 4*D*D)*2 per head (intra QK^T and AV, state update and readout).", "",
-            "| T | form | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd vs XLA scalar |", "|---|---|---|---|---|---|"]
+            f"B={b}, H={h}, D={d}, bf16 q/k/v, chunk {c}, median of 5 after a warm-up.", "",
+            "| T | decay | form | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd vs XLA | fwd+bwd vs XLA | o vs fla |",
+            "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
     for t in [int(x) for x in a.ts.split(",")]:
         ks = jax.random.split(jax.random.PRNGKey(t), 5)
         q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
         k = (jax.random.normal(ks[1], (b, t, h, d)) / d**0.5).astype(jnp.bfloat16)
         v = jax.random.normal(ks[2], (b, t, h, d), jnp.bfloat16)
-        g = jax.nn.log_sigmoid(3 + jax.random.normal(ks[3], (b, t, h)))
-        gk = jax.nn.log_sigmoid(3 + jax.random.normal(ks[4], (b, t, h, d))) / 16
-        forms = {
-            "XLA chunked, per-head decay": (functools.partial(chunk_gla, chunk_size=64), g),
-            "XLA chunked, per-channel decay (GLA)": (functools.partial(chunk_gla, chunk_size=64), gk),
-            "Pallas, per-head decay": (functools.partial(gla_chunk_pallas, chunk_size=64), g),
-        }
-        flops = b * h * t * (2 * 64 * d + 4 * d * d) * 2
-        base = None
-        for name, (f, gate) in forms.items():
-            try:
-                fwd = jax.jit(lambda q, k, v, gate, f=f: f(q, k, v, gate)[0])
-                loss = lambda q, k, v, gate, f=f: jnp.sum(f(q, k, v, gate)[0].astype(jnp.float32) ** 2)
-                bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-                tf, tb = _time(fwd, q, k, v, gate), _time(bwd, q, k, v, gate)
-                base = base or tf
-                row = f"| {t} | {name} | {tf*1e3:.2f} | {tb*1e3:.2f} | {flops/tf/1e12:.2f} | {base/tf:.2f}x |"
-            except Exception as e:  # record misses, do not stop
-                row = f"| {t} | {name} | error: {type(e).__name__}: {str(e)[:120]} | | | |"
+        gates = {"per head": jax.nn.log_sigmoid(3 + jax.random.normal(ks[3], (b, t, h))),
+                 "per channel": jax.nn.log_sigmoid(3 + jax.random.normal(ks[4], (b, t, h, d))) / 16}
+        flops = b * h * t * (2 * c * d + 4 * d * d) * 2
+        for decay, g in gates.items():
+            forms = {"XLA chunked": functools.partial(chunk_gla, chunk_size=c)}
+            if decay == "per head":
+                forms["Pallas"] = functools.partial(gla_chunk_pallas, chunk_size=c)
+            fla = _fla(decay == "per channel")
+            ref = None  # fla's forward output on these inputs
+            if not isinstance(fla, str):
+                try:
+                    tq, tk, tv = (to_torch(x, grad=True) for x in (q, k, v))
+                    tg = to_torch(g, "float32", grad=True)
+                    ref = fla(tq, tk, tv, tg).detach()
+                except Exception as e:  # noqa: BLE001
+                    fla = f"fla failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            base = None
+            for name, f in forms.items():
+                try:
+                    fwd = jax.jit(lambda q, k, v, g, f=f: f(q, k, v, g)[0])
+                    loss = lambda q, k, v, g, f=f: jnp.sum(f(q, k, v, g)[0].astype(jnp.float32) ** 2)  # noqa: E731
+                    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+                    tf, tb = time_jax(fwd, q, k, v, g), time_jax(bwd, q, k, v, g)
+                    base = base or (tf, tb)
+                    err = f"{rel_err(fwd(q, k, v, g), ref):.1e}" if ref is not None else ""
+                    row = (f"| {t} | {decay} | {name} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | "
+                           f"{base[0] / tf:.2f}x | {base[1] / tb:.2f}x | {err} |")
+                except Exception as e:  # noqa: BLE001 — record the miss, keep measuring
+                    row = f"| {t} | {decay} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | | | | | |"
+                rows.append(row)
+                print(row, flush=True)
+            if isinstance(fla, str):
+                row = f"| {t} | {decay} | {fla} | | | | | | |"
+            else:
+                def fb():
+                    fla(tq, tk, tv, tg).float().square().sum().backward()
+
+                tf = time_torch(lambda: fla(tq, tk, tv, tg))
+                tb = time_torch(fb)
+                rel = f"{base[0] / tf:.2f}x | {base[1] / tb:.2f}x" if base else " | "
+                row = (f"| {t} | {decay} | fla {'chunk_gla' if decay == 'per channel' else 'chunk_simple_gla'} "
+                       f"(Triton) | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | {rel} | |")
             rows.append(row)
             print(row, flush=True)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write("\n".join(rows) + "\n")
+    write(rows, a.out)
 
 
 if __name__ == "__main__":

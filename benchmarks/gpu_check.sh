@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
-# One device call: versions, the GLA Pallas kernel tests compiled on the GPU (not interpreted), and
-# the timing table (benchmarks/gla_gpu.py) written to benchmarks/results/<device>.md.
-#   run: bash benchmarks/gpu_check.sh      (from the repository root, on the GPU machine)
+# One device call (about 8 minutes on an H100/H200), everything it prints also kept under $OUT:
+#   1. device, driver and package versions;
+#   2. the Pallas kernel tests compiled on the GPU (not interpreted): chunked GLA, chunked delta rule,
+#      linear scan, fused RNN cells;
+#   3. benchmarks/gla_gpu.py and benchmarks/delta_gpu.py: Pallas vs XLA chunked vs flash-linear-attention
+#      (Triton, PyTorch) at B=8, T in {2k, 8k}, H=16, D=128, bf16 -> benchmarks/results/<device>{,_delta}.md;
+#   4. benchmarks/train.py on the ~125M preset (global batch cut to 32 rows to fit the call)
+#      -> benchmarks/results/<device>_train.md.
+# Wheels the image lacks (fla-core; grain, tensorflow-datasets and their pure-Python needs) travel in .whl/
+# (see README "GPU check"). Run from the repository root:  bash benchmarks/gpu_check.sh
+# GPU_CHECK_SMOKE=1 runs tiny shapes and a few tests (a dry run of this script on a CPU).
 set -u
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
-mkdir -p benchmarks/results "${OUT:-/tmp}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-$PY -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
-$PY -c "import flax, chex; print('flax', flax.__version__)" || echo "flax missing: seqjax layers cannot import"
+O=${OUT:-/tmp/gpu_check}
+mkdir -p "$O" benchmarks/results
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+SMOKE=${GPU_CHECK_SMOKE:-}
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+  $PY -c "import sys, jax, jaxlib, flax, optax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
+  $PY -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__)" || true
+} 2>&1 | tee "$O/env.txt"
 DEV=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))")
-# kernel tests on the GPU: the kernel's interpret=None compiles on GPU (Triton lowering)
-timeout 300 $PY -m pytest -q -x tests/test_pallas_gla.py -p no:cacheprovider 2>&1 | tail -25
-timeout 240 $PY benchmarks/gla_gpu.py --out "benchmarks/results/${DEV}.md" 2>&1 | tail -20
-cp "benchmarks/results/${DEV}.md" "${OUT:-/tmp}/" 2>/dev/null || true
-# the chunked delta-rule kernel (pallas_kernels/delta_chunk): tests compiled on the GPU, then its table
-timeout 300 $PY -m pytest -q -x tests/test_pallas_delta.py -p no:cacheprovider 2>&1 | tail -25
-timeout 300 $PY benchmarks/delta_gpu.py --out "benchmarks/results/${DEV}_delta.md" 2>&1 | tail -20
-cp "benchmarks/results/${DEV}_delta.md" "${OUT:-/tmp}/" 2>/dev/null || true
+
+echo "== kernel tests on $DEV (compiled, not interpreted)"
+TESTS="tests/test_pallas_gla.py tests/test_pallas_delta.py tests/test_pallas_linear_scan.py tests/test_rnn_kernel.py"
+if [ -n "$SMOKE" ]; then K=(-k "bf16"); N=2; else K=(); N=4; fi
+timeout 180 $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
+echo "pytest exit $?"; tail -30 "$O/kernel_tests.txt"
+
+if [ -n "$SMOKE" ]; then A=(--ts=64 --b=1 --h=2 --d=32); T=(--data.global_batch=2 --data.seq_len=64 --model.num_layers=2 --model.d_model=96 --steps=2); else A=(); T=(--data.global_batch=32 --steps=5); fi
+echo "== chunked GLA"
+timeout 110 $PY benchmarks/gla_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}.md"
+echo "== chunked delta rule"
+timeout 100 $PY benchmarks/delta_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_delta.md"
+echo "== training throughput, 125M preset"
+timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="benchmarks/results/${DEV}_train.md"
+cp benchmarks/results/${DEV}*.md "$O/" 2>/dev/null
+ls "$O"

@@ -81,7 +81,10 @@ def main(argv):
     cfg = C.from_args(rest)
     peak = cfg.peak_flops or M.peak_flops() or M.measured_peak_flops()
     dev = jax.devices()[0]
-    rows = {name: bench(cfg, pat, steps, peak) for name, pat in PATTERNS.items()}
+    rows = {}
+    for name, pat in PATTERNS.items():  # print each as it lands (a long run may be cut short)
+        rows[name] = r = bench(cfg, pat, steps, peak)
+        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, {1e3 * r['step_s']:.1f} ms/step, MFU {100 * r['mfu']:.1f}%", flush=True)
     base = rows["attention"]["tokens_per_s"]
     lines = [
         f"Training throughput, preset {cfg.preset} (d_model={cfg.model.d_model}, {cfg.model.num_layers} layers, "
