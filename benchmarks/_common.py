@@ -44,7 +44,7 @@ def to_torch(x, dtype: str = "bfloat16", grad: bool = False):
     """A JAX array as a CUDA torch tensor (through float32 numpy: exact for bf16 values)."""
     import torch
 
-    t = torch.from_numpy(np.asarray(x, np.float32)).to("cuda").to(getattr(torch, dtype))
+    t = torch.from_numpy(np.array(x, np.float32)).to("cuda").to(getattr(torch, dtype))
     return t.requires_grad_(grad)
 
 
@@ -60,3 +60,26 @@ def write(rows: list[str], out: str) -> None:
     if out:
         with open(out, "w") as fh:
             fh.write("\n".join(rows) + "\n")
+
+
+def fla_lift_hopper_guard() -> str:
+    """Let fla time its gated backward on Hopper with Triton < 3.7.1, which fla 0.6 refuses (fla issue #640:
+    that Triton miscompiles one backward kernel, so its *gradients* may be wrong there; the kernels and hence
+    the timings are the ones fla runs). Returns the note to print under a table, or "" if nothing changed."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except Exception:  # noqa: BLE001
+        return ""
+    if getattr(chunk_o, "IS_NVIDIA_HOPPER", False) and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
+        chunk_o.TRITON_ABOVE_3_7_1 = True
+        return ("fla fwd+bwd: timed with fla's Hopper guard for Triton < 3.7.1 lifted (fla #640: that Triton "
+                "miscompiles its gated `chunk_bwd_dqkwg`, so those gradients may be wrong; timing only).")
+    return ""
+
+
+def time_torch_or_reason(f, reps: int = 5):
+    """``time_torch(f)``, or a short reason string if ``f`` raises."""
+    try:
+        return time_torch(f, reps)
+    except Exception as e:  # noqa: BLE001
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"

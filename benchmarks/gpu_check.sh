@@ -9,7 +9,9 @@
 #      -> benchmarks/results/<device>_train.md.
 # Wheels the image lacks (fla-core; grain, tensorflow-datasets and their pure-Python needs) travel in .whl/
 # (see README "GPU check"). Run from the repository root:  bash benchmarks/gpu_check.sh
-# GPU_CHECK_SMOKE=1 runs tiny shapes and a few tests (a dry run of this script on a CPU).
+#   5. benchmarks/rnn.py's LSTM table (sequential / fused / the fused Pallas kernel vs Flax).
+# GPU_CHECK_STAGES="tests gla delta train rnn" (the default) picks stages; GPU_CHECK_SMOKE=1 runs tiny shapes
+# and a few tests (a dry run of this script on a CPU).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -21,6 +23,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 SMOKE=${GPU_CHECK_SMOKE:-}
+STAGES=" ${GPU_CHECK_STAGES:-tests gla delta train rnn} "
+on() { [[ "$STAGES" == *" $1 "* ]]; }
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
@@ -29,18 +33,20 @@ SMOKE=${GPU_CHECK_SMOKE:-}
 } 2>&1 | tee "$O/env.txt"
 DEV=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))")
 
-echo "== kernel tests on $DEV (compiled, not interpreted)"
-TESTS="tests/test_pallas_gla.py tests/test_pallas_delta.py tests/test_pallas_linear_scan.py tests/test_rnn_kernel.py"
-if [ -n "$SMOKE" ]; then K=(-k "bf16"); N=2; else K=(); N=4; fi
-timeout 180 $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
-echo "pytest exit $?"; tail -30 "$O/kernel_tests.txt"
+if on tests; then
+  echo "== kernel tests on $DEV (compiled, not interpreted)"
+  TESTS="tests/test_pallas_gla.py tests/test_pallas_delta.py tests/test_pallas_linear_scan.py tests/test_rnn_kernel.py"
+  if [ -n "$SMOKE" ]; then K=(-k "bf16"); N=2; else K=(); N=8; fi
+  timeout 120 $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
+  echo "pytest exit $?"; tail -30 "$O/kernel_tests.txt"
+fi
 
 if [ -n "$SMOKE" ]; then A=(--ts=64 --b=1 --h=2 --d=32); T=(--data.global_batch=2 --data.seq_len=64 --model.num_layers=2 --model.d_model=96 --steps=2); else A=(); T=(--data.global_batch=32 --steps=5); fi
-echo "== chunked GLA"
-timeout 110 $PY benchmarks/gla_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}.md"
-echo "== chunked delta rule"
-timeout 100 $PY benchmarks/delta_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_delta.md"
-echo "== training throughput, 125M preset"
-timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="benchmarks/results/${DEV}_train.md"
+on gla && { echo "== chunked GLA"; timeout 110 $PY benchmarks/gla_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}.md"; }
+on delta && { echo "== chunked delta rule"; timeout 100 $PY benchmarks/delta_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_delta.md"; }
+on train && { echo "== training throughput, 125M preset"
+  timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="benchmarks/results/${DEV}_train.md"; }
+if [ -n "$SMOKE" ]; then RA=(--reps=1 --shape=2x8x32); else RA=(--reps=3); fi
+on rnn && { echo "== nonlinear RNNs (LSTM)"; timeout 60 $PY benchmarks/rnn.py --skip-parallel "${RA[@]}" | tee "benchmarks/results/${DEV}_rnn.md"; }
 cp benchmarks/results/${DEV}*.md "$O/" 2>/dev/null
 ls "$O"

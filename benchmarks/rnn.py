@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.rnn.flashrnn import _max_head
 from seqjax import rnn as R
 
 
@@ -73,9 +74,14 @@ def bench_lstm(b, t, d, reps):
     fns["flax OptimizedLSTMCell"], st = _flax_lstm(d, key)
     args["flax OptimizedLSTMCell"] = (st, x)
     for heads in (1, 4):
-        for impl, unroll in (("sequential", 1), ("fused", 1), ("fused", 8)):
+        impls = [("sequential", 1), ("fused", 1), ("fused", 8)]
+        # the fused Pallas kernel: on an accelerator (interpreted, hence slow, on a CPU), for heads that fit on chip
+        if jax.default_backend() != "cpu" and d // heads <= _max_head(4):
+            impls.append(("pallas", 1))
+        for impl, unroll in impls:
             name = f"seqjax lstm G={heads} {impl} unroll={unroll}"
-            fns[name], p = _seqjax("lstm", d, heads, key, impl=impl, unroll=unroll)
+            kw = {"impl": impl} if impl == "pallas" else {"impl": impl, "unroll": unroll}
+            fns[name], p = _seqjax("lstm", d, heads, key, **kw)
             args[name] = (p, x)
     res = _race(fns, args, reps)
     base = res["flax OptimizedLSTMCell"]

@@ -49,3 +49,16 @@ def test_kernel_rejects_shplrnn():
     p = R.init_params("shplrnn", jax.random.PRNGKey(0), 3, 4)
     with pytest.raises(ValueError, match="pointwise form"):
         R.rnn("shplrnn", p, jnp.ones((1, 3, 3)), impl="pallas")
+
+
+@pytest.mark.parametrize("d, k, fits", [(64, 4, True), (65, 4, False), (128, 1, True), (256, 4, False)])
+def test_gpu_head_size_limit_is_checked_before_tracing(d, k, fits):
+    """H200 run: an LSTM head of 256 asked for 1 MiB of shared memory (227 KiB exist) and failed in XLA."""
+    from pallas_kernels.rnn.flashrnn import check_fits
+
+    check_fits(d, k, "cpu")  # interpret mode has no limit
+    if fits:
+        check_fits(d, k, "gpu")
+    else:
+        with pytest.raises(ValueError, match=rf"head size D={d} .* use more heads"):
+            check_fits(d, k, "gpu")

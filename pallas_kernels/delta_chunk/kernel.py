@@ -19,9 +19,10 @@ The cheap elementwise preprocessing (chunk-local cumulative log decays, document
 from ``resets``, padding ``T`` to a multiple of ``C`` and head dims to powers of two >= 16) runs in
 XLA in the wrapper, so the kernel stays dumb.
 
-Backward (``custom_vjp``): recompute — the VJP of the XLA chunked form
-(``seqjax.mixers._delta_chunk.delta_rule_chunked``) from the saved inputs; nothing from the forward
-kernel is stored. A fused Pallas backward is future work.
+Backward (``custom_vjp``): under ``jax.grad`` the forward *and* backward are the XLA chunked form's
+(``seqjax.mixers._delta_chunk.delta_rule_chunked``, its own residuals), so training through this kernel
+costs what XLA costs; the kernel runs for forwards outside differentiation. A fused Pallas backward is
+future work.
 
 Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
 jax 0.11.2 where Mosaic GPU is the default: this kernel is a chain of small ``[C, C]`` / ``[C, d]``
@@ -29,10 +30,16 @@ block matmuls with masks and a sequential loop per program — exactly the block
 model of Triton (and of fla's Triton kernels it is benchmarked against), where the compiler does
 shared-memory staging, ``mma`` selection and software pipelining. Mosaic GPU requires writing that by
 hand at warpgroup level (explicit SMEM buffers, TMA copies, barriers, ``wgmma`` layouts); a port is a
-rewrite that cannot be validated without a GPU, so it is left for a session that has one. TPU: the
-same body lowers through Mosaic TPU (``interpret=True`` for CPU tests). **Neither hardware lowering
-has been run yet** (no accelerator was lent to this session): the kernel is tested in interpret mode
-only, which does not establish GPU/TPU compilation or speed.
+rewrite, left for a later GPU session. TPU: the same body should lower through Mosaic TPU; unverified.
+
+Status: interpret-mode tests on CPU (``tests/test_pallas_delta.py``, CI); the same tests pass compiled
+with the Triton lowering on an NVIDIA H200 with jax 0.11.2 (``benchmarks/gpu_check.sh``, 2026-11-26).
+Speed there (``benchmarks/results/NVIDIA_H200.md``): the forward is only 1.06-1.10x the XLA chunked
+form's at B=8, H=16, D=128, T = 2k-8k (~21 TFLOP/s): one program per (batch, head) walks all
+``T / C`` chunks in order, so only 128 programs run (on 132 SMs) and each spends most of its time in
+the serial in-kernel substitution (``C`` dependent row steps per chunk). The next step is fla's split:
+a chunk-parallel kernel for the WY factors (``W``, ``U``), a short state-passing kernel, then a
+chunk-parallel output kernel.
 """
 
 from __future__ import annotations
@@ -159,18 +166,23 @@ def _delta_chunk(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
 
 
 def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
-    return _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret), (q, k, v, beta, la, h0, rs)
+    """Under differentiation the XLA chunked form runs the forward and keeps its own residuals.
 
-
-def _bwd(scale, chunk_size, interpret, res, cts):
-    from seqjax.mixers._delta_chunk import delta_rule_chunked  # the XLA chunked form, recomputed
-
-    q, k, v, beta, la, h0, rs = res
+    Measured on an H200 (``benchmarks/results/NVIDIA_H200_delta.md``): running this kernel forward and
+    then the XLA form's VJP (which recomputes its forward) made training 1.3x slower than XLA alone;
+    training through ``impl="pallas"`` now costs exactly what the XLA chunked form costs, and a forward
+    outside ``jax.grad`` (inference, evaluation, prefill) runs the kernel.
+    """
+    del interpret
+    from seqjax.mixers._delta_chunk import delta_rule_chunked
 
     def f(q, k, v, beta, la, h0):
         return delta_rule_chunked(q, k, v, beta, la, h0=h0, resets=rs, scale=scale, chunk_size=chunk_size)
 
-    _, vjp = jax.vjp(f, q, k, v, beta, la, h0)
+    return jax.vjp(f, q, k, v, beta, la, h0)
+
+
+def _bwd(scale, chunk_size, interpret, vjp, cts):
     return (*vjp(cts), None)
 
 

@@ -39,6 +39,33 @@ from jax.experimental import pallas as pl
 __all__ = ["fused_rnn"]
 
 
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+# On-chip memory per program (H100/H200: 227 KiB of shared memory per block); the backward keeps a head's
+# recurrent weights and their gradient accumulator resident, 2 * 4 * K * D^2 bytes (D padded).
+GPU_ONCHIP_BYTES = 200 * 1024
+
+
+def check_fits(d: int, k: int, platform: str) -> None:
+    """Raise a clear error before tracing if a head of size ``d`` with ``k`` gates cannot stay on chip."""
+    dp = _pow2(d)
+    need = 2 * 4 * k * dp * dp
+    if platform == "gpu" and need > GPU_ONCHIP_BYTES:
+        raise ValueError(
+            f"impl='pallas' keeps each head's recurrent weights and their gradient on chip: head size D={d} "
+            f"(padded to {dp}) with {k} gates needs {need // 1024} KiB > {GPU_ONCHIP_BYTES // 1024} KiB on a GPU; "
+            f"use more heads (D <= {_max_head(k)} for {k} gates) or impl='fused'")
+
+
+def _max_head(k: int) -> int:
+    d = 16
+    while 2 * 4 * k * (2 * d) ** 2 <= GPU_ONCHIP_BYTES:
+        d *= 2
+    return d
+
+
 def _head_spec(shape, axis):
     """BlockSpec taking head ``g`` (block size 1) along ``axis`` and everything else whole."""
     block = tuple(1 if i == axis else n for i, n in enumerate(shape))
@@ -49,68 +76,81 @@ def _head_spec(shape, axis):
     return pl.BlockSpec(block, index_map)
 
 
-def _fwd_kernel(pointwise, n_pp, xp_ref, r_ref, s0_ref, *rest):
-    pp_refs, (states_ref,) = rest[:n_pp], rest[n_pp:]
-    bsz, t_len, _, k, d = xp_ref.shape
-    r2 = r_ref[...].reshape(d, k * d)  # resident for the whole loop
-    pp = [ref[...] for ref in pp_refs]
+def _load_params(pp_refs, rows):
+    """Per-neuron parameters as the cell's split map wants them: a dict of ``[1, D]`` arrays or tuples of
+    rows (``rows``: ``(name, number of rows or 0)`` per parameter, in the order of the refs)."""
+    return {name: tuple(ref[:, r, :] for r in range(n)) if n else ref[...] for ref, (name, n) in zip(pp_refs, rows)}
+
+
+def _fwd_kernel(split, rows, n_state, n_gate, xp_ref, r_ref, s0_ref, *rest):
+    pp_refs, states_ref = rest[:-1], rest[-1]
+    t_len = xp_ref.shape[1]
+    rk = [r_ref[0, :, k, :] for k in range(n_gate)]  # [D, D] per gate, resident for the whole loop
+    pp = _load_params(pp_refs, rows)
 
     def body(t, s):
-        xg = xp_ref[:, t]  # [B, 1, K, D]
-        rg = jnp.dot(s[:, 0, 0], r2, preferred_element_type=jnp.float32).reshape(bsz, 1, k, d)
-        s = pointwise(pp, s, xg, rg)
-        states_ref[:, t] = s
+        xg = tuple(xp_ref[:, t, 0, k, :] for k in range(n_gate))  # [B, D] each
+        rg = tuple(jnp.dot(s[0], w, preferred_element_type=jnp.float32) for w in rk)
+        s = tuple(split(pp, s, xg, rg))
+        for a in range(n_state):
+            states_ref[:, t, a, 0, :] = s[a]
         return s
 
-    lax.fori_loop(0, t_len, body, s0_ref[...])
+    lax.fori_loop(0, t_len, body, tuple(s0_ref[:, a, 0, :] for a in range(n_state)))
 
 
-def _bwd_kernel(pointwise, n_pp, xp_ref, r_ref, s0_ref, states_ref, g_ref, *rest):
+def _bwd_kernel(split, rows, n_state, n_gate, xp_ref, r_ref, s0_ref, states_ref, g_ref, *rest):
+    n_pp = len(rows)
     pp_refs = rest[:n_pp]
     dxp_ref, dr_ref, ds0_ref = rest[n_pp:n_pp + 3]
     dpp_refs = rest[n_pp + 3:]
-    bsz, t_len, _, k, d = xp_ref.shape
-    r2 = r_ref[...].reshape(d, k * d)
-    pp = [ref[...] for ref in pp_refs]
-    s0 = s0_ref[...]
+    t_len = xp_ref.shape[1]
+    rk = [r_ref[0, :, k, :] for k in range(n_gate)]
+    pp = _load_params(pp_refs, rows)
+    s0 = tuple(s0_ref[:, a, 0, :] for a in range(n_state))
 
     def body(i, carry):
         ds, dr, dpp = carry
         t = t_len - 1 - i
-        s_prev = jnp.where(t > 0, states_ref[:, jnp.maximum(t - 1, 0)], s0)
-        h_prev = s_prev[:, 0, 0]  # [B, D]
-        xg = xp_ref[:, t]
-        rg = jnp.dot(h_prev, r2, preferred_element_type=jnp.float32).reshape(bsz, 1, k, d)
-        ds_t = ds + g_ref[:, t]
-        _, vjp = jax.vjp(lambda p_, s_, x_, r_: pointwise(p_, s_, x_, r_), pp, s_prev, xg, rg)
+        tp = jnp.maximum(t - 1, 0)
+        s_prev = tuple(jnp.where(t > 0, states_ref[:, tp, a, 0, :], s0[a]) for a in range(n_state))
+        xg = tuple(xp_ref[:, t, 0, k, :] for k in range(n_gate))
+        rg = tuple(jnp.dot(s_prev[0], w, preferred_element_type=jnp.float32) for w in rk)
+        ds_t = tuple(ds[a] + g_ref[:, t, a, 0, :] for a in range(n_state))
+        _, vjp = jax.vjp(lambda p_, s_, x_, r_: tuple(split(p_, s_, x_, r_)), pp, s_prev, xg, rg)
         dpp_t, ds_prev, dxg, drg = vjp(ds_t)
-        dxp_ref[:, t] = dxg
-        drg2 = drg.reshape(bsz, k * d)
-        dh = jnp.dot(drg2, r2.T, preferred_element_type=jnp.float32)
-        ds_prev = ds_prev.at[:, 0, 0].add(dh)
-        dr = dr + jnp.dot(h_prev.T, drg2, preferred_element_type=jnp.float32)
-        dpp = [a + b for a, b in zip(dpp, dpp_t)]
-        return ds_prev, dr, dpp
+        for k in range(n_gate):
+            dxp_ref[:, t, 0, k, :] = dxg[k]
+        dh = ds_prev[0]
+        for k in range(n_gate):
+            dh = dh + jnp.dot(drg[k], rk[k].T, preferred_element_type=jnp.float32)
+        dr = tuple(a + jnp.dot(s_prev[0].T, b, preferred_element_type=jnp.float32) for a, b in zip(dr, drg))
+        dpp = jax.tree.map(jnp.add, dpp, dpp_t)
+        return (dh,) + tuple(ds_prev[1:]), dr, dpp
 
-    init = (jnp.zeros_like(s0), jnp.zeros((d, k * d), jnp.float32), [jnp.zeros_like(p) for p in pp])
+    d = rk[0].shape[0]
+    init = (tuple(jnp.zeros_like(x) for x in s0), tuple(jnp.zeros((d, d), jnp.float32) for _ in rk),
+            jax.tree.map(jnp.zeros_like, pp))
     ds, dr, dpp = lax.fori_loop(0, t_len, body, init)
-    ds0_ref[...] = ds
-    dr_ref[...] = dr.reshape(1, d, k, d)
-    for ref, v in zip(dpp_refs, dpp):
-        ref[...] = v
+    for a in range(n_state):
+        ds0_ref[:, a, 0, :] = ds[a]
+    for k in range(n_gate):
+        dr_ref[0, :, k, :] = dr[k]
+    for ref, (name, n) in zip(dpp_refs, rows):
+        v = dpp[name]
+        if n:
+            for r in range(n):
+                ref[:, r, :] = v[r]
+        else:
+            ref[...] = v
 
 
-def _pw_list(pointwise, names):
-    """Adapt ``pointwise(dict, ...)`` to a list of leaves (refs are positional in a kernel)."""
-    return lambda pp, s, xg, rg: pointwise(dict(zip(names, pp)), s, xg, rg)
-
-
-def _forward(pointwise, names, interpret, R, pp, xp, s0):
+def _forward(split, rows, interpret, R, pp, xp, s0):
     bsz, t_len, g, k, d = xp.shape
     n_state = s0.shape[1]
     out_shape = jax.ShapeDtypeStruct((bsz, t_len, n_state, g, d), jnp.float32)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, _pw_list(pointwise, names), len(pp)),
+        functools.partial(_fwd_kernel, split, rows, n_state, k),
         grid=(g,),
         in_specs=[_head_spec(xp.shape, 2), _head_spec(R.shape, 0), _head_spec(s0.shape, 2)]
         + [_head_spec(p.shape, 0) for p in pp],
@@ -121,22 +161,22 @@ def _forward(pointwise, names, interpret, R, pp, xp, s0):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused(pointwise, names, interpret, R, pp, xp, s0):
-    return _forward(pointwise, names, interpret, R, pp, xp, s0)
+def _fused(split, rows, interpret, R, pp, xp, s0):
+    return _forward(split, rows, interpret, R, pp, xp, s0)
 
 
-def _fused_fwd(pointwise, names, interpret, R, pp, xp, s0):
-    states = _forward(pointwise, names, interpret, R, pp, xp, s0)
+def _fused_fwd(split, rows, interpret, R, pp, xp, s0):
+    states = _forward(split, rows, interpret, R, pp, xp, s0)
     return states, (R, pp, xp, s0, states)
 
 
-def _fused_bwd(pointwise, names, interpret, res, g):
+def _fused_bwd(split, rows, interpret, res, g):
     R, pp, xp, s0, states = res
-    g_heads = xp.shape[2]
+    g_heads, n_state, n_gate = xp.shape[2], s0.shape[1], xp.shape[3]
     out_shape = [jax.ShapeDtypeStruct(xp.shape, jnp.float32), jax.ShapeDtypeStruct(R.shape, jnp.float32),
                  jax.ShapeDtypeStruct(s0.shape, jnp.float32)] + [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in pp]
     dxp, dR, ds0, *dpp = pl.pallas_call(
-        functools.partial(_bwd_kernel, _pw_list(pointwise, names), len(pp)),
+        functools.partial(_bwd_kernel, split, rows, n_state, n_gate),
         grid=(g_heads,),
         in_specs=[_head_spec(xp.shape, 2), _head_spec(R.shape, 0), _head_spec(s0.shape, 2),
                   _head_spec(states.shape, 3), _head_spec(g.shape, 3)] + [_head_spec(p.shape, 0) for p in pp],
@@ -151,18 +191,36 @@ def _fused_bwd(pointwise, names, interpret, res, g):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_rnn(pointwise, R, pp: dict, xp, s0, *, interpret: bool = False):
-    """All states ``[B, T, S, G, D]`` of the cell ``pointwise`` (see the module docstring).
+def fused_rnn(split, R, pp: dict, xp, s0, *, interpret: bool = False):
+    """All states ``[B, T, S, G, D]`` of the cell whose per-neuron map is ``split`` (module docstring).
 
     Args:
-      pointwise: ``(p: dict, s, xg, rg) -> s'`` per-neuron map of the cell (``seqjax.rnn.cells``).
+      split: ``(p, s, xg, rg) -> s'`` per-neuron map of the cell on lists (``seqjax.rnn.cells.Cell.split``).
       R: recurrent weights ``[G, D, K, D]``.
-      pp: per-neuron parameters, each ``[G, ..., D]`` (e.g. LSTM peepholes ``[G, 3, D]``).
+      pp: per-neuron parameters, each ``[G, D]`` or ``[G, rows, D]`` (e.g. LSTM peepholes ``[G, 3, D]``).
       xp: input projections ``[B, T, G, K, D]`` (``W x_t + b``, computed outside).
       s0: initial state ``[B, S, G, D]``.
       interpret: run the kernel in Pallas interpret mode (CPU tests).
     Differentiable in ``R``, ``pp``, ``xp`` and ``s0`` (custom VJP with a reverse-time kernel).
+
+    On a GPU a head must fit on chip (``check_fits``: ``D <= 64`` for LSTM/sLSTM/GRU, ``<= 128`` for
+    one-gate cells); larger heads raise a ``ValueError`` naming the limit.
+    ``B`` and ``D`` are zero-padded to powers of two ``>= 16`` (GPU ``dot`` tiles; the padded neurons see
+    zero recurrent weights, zero inputs and parameters 1, so they stay finite and never reach the real
+    ones); the padding is sliced off, and its gradients with it.
     """
     names = tuple(sorted(pp))
+    check_fits(xp.shape[-1], xp.shape[-2], "cpu" if interpret else jax.default_backend())
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-    return _fused(pointwise, names, bool(interpret), f32(R), [f32(pp[n]) for n in names], f32(xp), f32(s0))
+    R, xp, s0 = f32(R), f32(xp), f32(s0)
+    params = [f32(pp[n]) for n in names]
+    bsz, t_len, g, k, d = xp.shape
+    bp, dp = _pow2(bsz), _pow2(d)
+    pad = lambda x, widths, value=0.0: jnp.pad(x, widths, constant_values=value)  # noqa: E731
+    Rp = pad(R, [(0, 0), (0, dp - d), (0, 0), (0, dp - d)])
+    xpp = pad(xp, [(0, bp - bsz), (0, 0), (0, 0), (0, 0), (0, dp - d)])
+    s0p = pad(s0, [(0, bp - bsz), (0, 0), (0, 0), (0, dp - d)])
+    pps = [pad(p, [(0, 0)] * (p.ndim - 1) + [(0, dp - d)], 1.0) for p in params]
+    rows = tuple((n, p.shape[1] if p.ndim == 3 else 0) for n, p in zip(names, pps))
+    states = _fused(split, rows, bool(interpret), Rp, pps, xpp, s0p)
+    return states[:bsz, ..., :d]

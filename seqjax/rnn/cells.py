@@ -30,6 +30,7 @@ output ``h``. Cells (gate order in brackets):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -45,61 +46,79 @@ __all__ = ["Cell", "CELLS", "KINDS", "get_cell", "init_params", "project", "step
 class Cell:
     """A cell: ``K`` gates, ``S`` state components and its maps.
 
-    ``pointwise(p, s, xg, rg) -> s'`` with ``s`` ``[b, S, G, D]``, ``xg``/``rg`` ``[b, G, K, D]``;
-    ``None`` for cells that are not "matmul then per-neuron" (shPLRNN), which give ``step`` instead.
-    ``neuron_params``: the per-neuron parameter names ``pointwise`` reads (each ``[G, ..., D]``).
+    ``split(p, s, xg, rg) -> s'``: the per-neuron map on *lists* — ``s`` a tuple of ``S`` arrays,
+    ``xg``/``rg`` tuples of ``K`` gate arrays, all broadcasting to ``[..., D]``; each per-neuron parameter
+    in ``p`` is an array broadcasting the same way, or a tuple of such rows when it has a row axis
+    (LSTM peepholes ``[G, 3, D]``). No indexing or stacking inside, so the same map runs in XLA and in a
+    Pallas GPU kernel (whose Triton lowering has no ``slice``). ``None`` for cells that are not "matmul then
+    per-neuron" (shPLRNN), which give ``step`` instead.
+    ``pointwise(p, s, xg, rg) -> s'``: the same map on stacked arrays, ``s`` ``[b, S, G, D]``,
+    ``xg``/``rg`` ``[b, G, K, D]``, ``p`` values ``[G, ..., D]``.
+    ``neuron_params``: the per-neuron parameter names the map reads (each ``[G, ..., D]``).
     """
 
     name: str
     num_gates: int
     num_states: int
-    pointwise: Callable | None = None
+    split: Callable | None = None
     neuron_params: tuple[str, ...] = ()
     step: Callable | None = None  # (params, s [b,S,G,D], xp [b,G,K,D]) -> s'
     diag_jacobian: Callable | None = None  # (params, s, xp) -> d s'/d s diagonal [b, S, G, D]
     headwise: bool = True
 
+    @property
+    def pointwise(self) -> Callable | None:
+        if self.split is None:
+            return None
+        return functools.partial(_stacked, self.split)
+
+
+def _stacked(split, p, s, xg, rg):
+    """``split`` on stacked arrays (see ``Cell``)."""
+    rows = lambda v: tuple(v[None, :, r] for r in range(v.shape[1])) if v.ndim == 3 else v[None]  # noqa: E731
+    gates = lambda x: tuple(x[:, :, k] for k in range(x.shape[2]))  # noqa: E731
+    out = split({k: rows(v) for k, v in p.items()}, tuple(s[:, a] for a in range(s.shape[1])), gates(xg), gates(rg))
+    return jnp.stack(out, axis=1)
+
 
 def _tanh_pw(p, s, xg, rg):
-    return jnp.tanh(xg[:, :, 0] + rg[:, :, 0])[:, None]
+    return (jnp.tanh(xg[0] + rg[0]),)
 
 
 def _relu_pw(p, s, xg, rg):
-    return jax.nn.relu(xg[:, :, 0] + rg[:, :, 0])[:, None]
+    return (jax.nn.relu(xg[0] + rg[0]),)
 
 
 def _leaky_pw(p, s, xg, rg):
-    inv_tau = 1.0 / jnp.maximum(p["tau"], 1.0)[None]  # [1, G, D]
-    drive = jax.nn.relu(xg[:, :, 0] + rg[:, :, 0])
-    return ((1.0 - inv_tau) * s[:, 0] + inv_tau * drive)[:, None]
+    inv_tau = 1.0 / jnp.maximum(p["tau"], 1.0)
+    drive = jax.nn.relu(xg[0] + rg[0])
+    return ((1.0 - inv_tau) * s[0] + inv_tau * drive,)
 
 
 def _lstm_pw(p, s, xg, rg):
-    g = xg + rg
-    c = s[:, 1]
-    ip, fp, zp, op = g[:, :, 0], g[:, :, 1], g[:, :, 2], g[:, :, 3]
+    c = s[1]
+    ip, fp, zp, op = (x + r for x, r in zip(xg, rg))
     peep = p.get("peep")
     if peep is not None:
-        ip = ip + peep[None, :, 0] * c
-        fp = fp + peep[None, :, 1] * c
+        ip = ip + peep[0] * c
+        fp = fp + peep[1] * c
     c_new = jax.nn.sigmoid(fp) * c + jax.nn.sigmoid(ip) * jnp.tanh(zp)
     if peep is not None:
-        op = op + peep[None, :, 2] * c_new
+        op = op + peep[2] * c_new
     h_new = jax.nn.sigmoid(op) * jnp.tanh(c_new)
-    return jnp.stack([h_new, c_new], axis=1)
+    return h_new, c_new
 
 
 def _gru_pw(p, s, xg, rg):
-    r = jax.nn.sigmoid(xg[:, :, 0] + rg[:, :, 0])
-    z = jax.nn.sigmoid(xg[:, :, 1] + rg[:, :, 1])
-    n = jnp.tanh(xg[:, :, 2] + r * (rg[:, :, 2] + p["bhn"][None]))
-    return ((1.0 - z) * n + z * s[:, 0])[:, None]
+    r = jax.nn.sigmoid(xg[0] + rg[0])
+    z = jax.nn.sigmoid(xg[1] + rg[1])
+    n = jnp.tanh(xg[2] + r * (rg[2] + p["bhn"]))
+    return ((1.0 - z) * n + z * s[0],)
 
 
 def _slstm_pw(p, s, xg, rg):
-    g = xg + rg
-    ip, fp, zp, op = g[:, :, 0], g[:, :, 1], g[:, :, 2], g[:, :, 3]
-    c, n, m = s[:, 1], s[:, 2], s[:, 3]
+    ip, fp, zp, op = (x + r for x, r in zip(xg, rg))
+    c, n, m = s[1], s[2], s[3]
     logf_m = jax.nn.log_sigmoid(fp) + m
     m_new = jnp.where(n == 0.0, ip, jnp.maximum(ip, logf_m))
     i = jnp.exp(ip - m_new)
@@ -107,7 +126,7 @@ def _slstm_pw(p, s, xg, rg):
     c_new = f * c + i * jnp.tanh(zp)
     n_new = f * n + i
     h_new = jax.nn.sigmoid(op) * c_new / n_new
-    return jnp.stack([h_new, c_new, n_new, m_new], axis=1)
+    return h_new, c_new, n_new, m_new
 
 
 def _shplrnn_step(p, s, xp):

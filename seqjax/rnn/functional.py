@@ -96,7 +96,7 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
         from pallas_kernels.rnn import fused_rnn  # imported only on this branch
 
         cell = _cells.CELLS[kind]
-        states = fused_rnn(cell.pointwise, params["R"], _cells.neuron_params(cell, params), xp, s0,
+        states = fused_rnn(cell.split, params["R"], _cells.neuron_params(cell, params), xp, s0,
                            interpret=jax.default_backend() == "cpu")
         s_last = states[:, -1]
     y = states[:, :, 0].reshape(bsz, t, g * d)
