@@ -100,7 +100,9 @@ def main(argv=None):
             def fwdbwd():
                 fla(*targs).float().square().sum().backward()
 
-            tf, tb = time_torch(lambda: fla(*targs)), time_torch_or_reason(fwdbwd)
+            tf = time_torch(lambda: fla(*targs))
+            print(f"(fla forward {tf * 1e3:.2f} ms; its backward autotunes next)", flush=True)
+            tb = time_torch_or_reason(fwdbwd)
             row = f"| {t} | fla chunk_gated_delta_rule (Triton) | {_cells(tf, tb, base, flops)} | |"
         rows.append(row)
         print(row, flush=True)

@@ -108,6 +108,7 @@ def main(argv=None):
                     fla(tq, tk, tv, tg).float().square().sum().backward()
 
                 tf = time_torch(lambda: fla(tq, tk, tv, tg))
+                print(f"(fla forward {tf * 1e3:.2f} ms; its backward autotunes next)", flush=True)
                 tb = time_torch_or_reason(fb)
                 name = f"fla {'chunk_gla' if decay == 'per channel' else 'chunk_simple_gla'} (Triton)"
                 row = f"| {t} | {decay} | {name} | {_cells(tf, tb, base, flops)} | |"

@@ -90,3 +90,23 @@ def test_mixers_pallas_impl():
         G.gla(**G.gla_make_inputs(jax.random.PRNGKey(7), 1, 8), impl="pallas", chunk_size=16)
     with pytest.raises(ValueError, match="power of two"):
         G.retnet(**qkv, impl="pallas", chunk_size=48)
+
+
+def test_auto_takes_the_kernel_where_measured(monkeypatch):
+    """``impl="auto"`` runs the kernel exactly where ``seqjax._platform.auto_pallas()`` says (a one-GPU
+    process) and for per-head decays only; per-channel GLA stays on the XLA chunked form."""
+    import pallas_kernels.gla_chunk as K
+
+    calls, real = [], K.gla_chunk_pallas
+    monkeypatch.setattr(K, "gla_chunk_pallas", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    q, k, v = (jax.random.normal(kk, (1, 19, 2, 16)) for kk in ks[:3])
+    gk = -jnp.exp(jax.random.normal(ks[3], (1, 19, 2, 16)))
+    monkeypatch.setattr(G, "auto_pallas", lambda: True)
+    _close(G.retnet(q, k, v, impl="auto"), G.retnet(q, k, v, impl="chunked"), 1e-5, "retnet auto")
+    assert len(calls) == 1
+    G.gla(q, k, v, gk, impl="auto")
+    assert len(calls) == 1
+    monkeypatch.setattr(G, "auto_pallas", lambda: False)
+    G.retnet(q, k, v, impl="auto")
+    assert len(calls) == 1

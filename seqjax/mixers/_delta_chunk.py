@@ -54,6 +54,7 @@ from jax import lax
 
 from seqjax import _checks
 from seqjax._linalg import solve_unit_lower
+from seqjax._platform import auto_pallas
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
 
@@ -269,9 +270,8 @@ def delta_rule(
 ):
     """Dispatch to an impl (inputs validated by the caller).
 
-    ``"auto"`` is the XLA chunked form on every platform for now: the Pallas kernel
-    (``pallas_kernels/delta_chunk``, ``impl="pallas"``) is tested in interpret mode only and has not
-    been compiled or timed on a GPU/TPU yet; switch ``"auto"`` once ``benchmarks/delta_gpu.py`` says so.
+    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) in a one-device GPU process, else the
+    XLA chunked form (``seqjax._platform`` has the measurements behind that).
     """
     _checks.check_choice("impl", impl, IMPLS)
     if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
@@ -279,7 +279,7 @@ def delta_rule(
     kw = dict(h0=h0, resets=resets, scale=scale)
     if impl == "sequential":
         return delta_rule_recurrent(q, k, v, beta, log_alpha, **kw)
-    if impl == "pallas":
+    if impl == "pallas" or (impl == "auto" and auto_pallas()):
         from pallas_kernels.delta_chunk import delta_chunk  # imported only on this branch
 
         return delta_chunk(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from seqjax import _checks, nn
+from seqjax._platform import auto_pallas
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
 
@@ -57,7 +58,7 @@ def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
     qs = (q.astype(jnp.float32) * _scale(q, scale)).astype(q.dtype)
     if impl == "sequential":
         o, s = eng.recurrent_gla(qs, k, v, g, sign=sign, h0=h0, resets=resets)
-    elif impl == "pallas":
+    elif impl == "pallas" or (impl == "auto" and (g is None or g.ndim == 3) and auto_pallas()):
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
         o, s = gla_chunk_pallas(qs, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
