@@ -87,3 +87,33 @@ def test_deer_bad_options():
         R.rnn("gru", p, x, impl="parallel", mode="full", damping=1.0)
     with pytest.raises(ValueError, match="max_iters"):
         R.rnn("gru", p, x, impl="parallel", max_iters=0)
+
+
+@pytest.mark.parametrize("t", [1, 63, 257])
+@pytest.mark.parametrize("lam", [1e-3, 1.0, 100.0])
+def test_damped_solve_parallel_equals_thomas_and_dense(t, lam):
+    """quasi-ELK's tridiagonal step: the parallel solve (associative Möbius scan + two linear scans) equals the
+    sequential Thomas sweep and a dense float64 solve of the same least-squares problem, for Jacobian
+    diagonals up to 1.5 in size (strong and weak coupling) and weak to strong damping."""
+    rng = np.random.default_rng(t)
+    b, n = 2, 3
+    a = rng.uniform(-1.5, 1.5, (b, t, n)).astype(np.float32)
+    r, g = (rng.normal(size=(b, t, n)).astype(np.float32) for _ in range(2))
+    h0 = rng.normal(size=(b, n)).astype(np.float32)
+    a, r, g, h0 = map(jnp.asarray, (a, r, g, h0))
+    par = np.asarray(D._solve_damped(a, r, h0, g, lam))
+    seq = np.asarray(D._solve_damped_sequential(a, r, h0, g, lam))
+    a, r, g, h0 = map(np.asarray, (a, r, g, h0))
+    # dense: minimise sum_t (s_t - a_t s_{t-1} - r_t)^2 + lam (s_t - g_t)^2, s_{-1} = h0
+    want = np.zeros((b, t, n))
+    for i in range(b):
+        for j in range(n):
+            A = np.eye(t) - np.diag(a[i, 1:, j].astype(np.float64), -1)
+            y = r[i, :, j].astype(np.float64).copy()
+            y[0] += a[i, 0, j] * h0[i, j]
+            M = np.vstack([A, np.sqrt(lam) * np.eye(t)])
+            rhs = np.concatenate([y, np.sqrt(lam) * g[i, :, j]])
+            want[i, :, j] = np.linalg.lstsq(M, rhs, rcond=None)[0]
+    scale = max(1.0, np.abs(want).max())
+    np.testing.assert_allclose(seq, want, atol=2e-4 * scale, rtol=0)
+    np.testing.assert_allclose(par, want, atol=2e-4 * scale, rtol=0)

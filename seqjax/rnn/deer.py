@@ -16,9 +16,14 @@ non-linear sequential models over the sequence length", DEER). Linearising aroun
                   (:func:`seqjax.linear_scan`); O(N) memory per step, linear convergence.
 ``damping=λ > 0`` quasi-ELK (same paper): a Levenberg–Marquardt step that also pulls towards the current
                   guess, minimising :math:`\sum_t (s_t - a_t s_{t-1} - r_t)^2 + λ (s_t - s^{(i)}_t)^2` per
-                  channel. Its normal equations are tridiagonal; here they are solved by the Thomas algorithm
-                  (a sequential ``lax.scan``, elementwise — the parallel Kalman-smoother form of the paper is
-                  not implemented).
+                  channel. Its normal equations are tridiagonal (the paper solves them as a Kalman smoother);
+                  here they are solved **in parallel over time**: the Thomas algorithm's pivots obey a Möbius
+                  recurrence :math:`c_t = \mathrm{sup}_t / (\mathrm{diag}_t + a_t c_{t-1})`, i.e. projective
+                  products of ``2 x 2`` matrices, one ``lax.associative_scan`` (each product rescaled by its
+                  largest entry: only ratios matter); the eliminated right-hand side and the back-substitution
+                  are then two diagonal linear scans (:func:`seqjax.linear_scan`). The system is symmetric
+                  positive definite, so the pivots are positive and no pivoting is needed.
+                  ``_solve_damped_sequential`` is the plain Thomas sweep it is tested against.
 
 Either way the fixed point is the exact sequential solution, reached in at most ``T`` iterations (after
 ``i`` iterations the first ``i`` states are exact). Iteration stops when
@@ -86,14 +91,47 @@ def _solve_full(J, r, h0):
     return h
 
 
-def _solve_damped(a, r, h0, guess, lam):
-    r"""Minimise :math:`\sum_t (s_t - a_t s_{t-1} - r_t)^2 + λ(s_t - g_t)^2` per channel (Thomas algorithm)."""
+def _damped_system(a, r, h0, guess, lam):
+    """Normal equations of the damped step: sub-diagonal ``-a_t`` (coefficient of ``s_{t-1}``), super-diagonal
+    ``-a_{t+1}``, diagonal ``1 + λ + a_{t+1}²``; ``s_{-1} = h0`` moved to the right-hand side."""
     a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
     r_next = jnp.concatenate([r[:, 1:], jnp.zeros_like(r[:, :1])], axis=1)
     diag = 1.0 + lam + a_next * a_next
     rhs = r + lam * guess - a_next * r_next
     rhs = rhs.at[:, 0].add(a[:, 0] * h0)
-    # sub-diagonal (coefficient of s_{t-1}) is -a_t, super-diagonal (of s_{t+1}) is -a_{t+1}.
+    return a_next, diag, rhs
+
+
+def _solve_damped(a, r, h0, guess, lam, scan_impl="auto"):
+    r"""Minimise :math:`\sum_t (s_t - a_t s_{t-1} - r_t)^2 + λ(s_t - g_t)^2` per channel, parallel in time.
+
+    Thomas forward sweep with sub-diagonal ``-a_t`` and super-diagonal ``sup_t = -a_{t+1}``:
+    ``c_t = sup_t / den_t``, ``den_t = diag_t + a_t c_{t-1}``. Writing ``c_t = u_t / w_t``,
+    ``(u_t, w_t) = [[0, sup_t], [a_t, diag_t]] (u_{t-1}, w_{t-1})`` from ``(0, 1)``: the prefix products come
+    from one associative scan. Then ``d_t = (a_t d_{t-1} + rhs_t) / den_t`` and ``x_t = d_t - c_t x_{t+1}``
+    are diagonal linear recurrences.
+    """
+    a_next, diag, rhs = _damped_system(a, r, h0, guess, lam)
+    a0 = a.at[:, 0].set(0.0)  # s_{-1} is fixed (moved to the rhs)
+    sup = -a_next
+    zero = jnp.zeros_like(a0)
+    mats = jnp.stack([jnp.stack([zero, sup], -1), jnp.stack([a0, diag], -1)], -2)  # [b, t, n, 2, 2]
+
+    def combine(m1, m2):  # m1 earlier, m2 later: the product m2 @ m1, rescaled (projective)
+        p = jnp.einsum("...ij,...jk->...ik", m2, m1)
+        return p / jnp.max(jnp.abs(p), axis=(-2, -1), keepdims=True)
+
+    prods = lax.associative_scan(combine, mats, axis=1)
+    c = prods[..., 0, 1] / prods[..., 1, 1]  # (u_t, w_t) = P_t (0, 1)
+    c_prev = jnp.concatenate([jnp.zeros_like(c[:, :1]), c[:, :-1]], axis=1)
+    den = diag + a0 * c_prev
+    d = linear_scan(a0 / den, rhs / den, impl=scan_impl)[0]
+    return linear_scan(-c, d, reverse=True, impl=scan_impl)[0]
+
+
+def _solve_damped_sequential(a, r, h0, guess, lam):
+    r"""Minimise :math:`\sum_t (s_t - a_t s_{t-1} - r_t)^2 + λ(s_t - g_t)^2` per channel (Thomas algorithm)."""
+    a_next, diag, rhs = _damped_system(a, r, h0, guess, lam)
 
     def fwd(carry, inp):
         c_prev, d_prev = carry
@@ -126,7 +164,7 @@ def _newton(kind, mode, damping, scan_impl, params, xp, h0, states):
     a = _over_time(functools.partial(_diag_jacobian, kind, params), prev, xp)
     r = fs - a * prev
     if damping > 0:
-        return _solve_damped(a, r, h0, states, damping)
+        return _solve_damped(a, r, h0, states, damping, scan_impl)
     return linear_scan(a, r, h0=h0, impl=scan_impl)[0]
 
 
