@@ -143,13 +143,23 @@ def test_materialize_equals_forward(name):
     y, _ = spec.fn(**inputs, **spec.options)
     m = spec.materialize(**inputs, **spec.options)
     x = inputs[spec.value_arg]
-    assert m.shape[0] == B and m.shape[2:] == (t, t), m.shape
-    xh = x.reshape(B, t, m.shape[1], -1)
-    y_m = jnp.einsum("bhts,bshv->bthv", m, xh.astype(m.dtype)).reshape(y.shape)
+    if x.ndim == 5:  # DeltaProduct: M [b, h, T, T, n_h] on each token's n_h values
+        assert m.shape[:4] == (B, x.shape[2], t, t) and m.shape[4] == x.shape[3], m.shape
+        y_m = jnp.einsum("bhtsj,bshjv->bthv", m, x.astype(m.dtype)).reshape(y.shape)
+        upper = jnp.triu(jnp.moveaxis(m, 4, 2), k=1)
+    elif m.ndim == 5:  # MIMO (LRU, S5): M [b, T, T, H_out, H_in], y_t = sum_s M[t, s] x_s
+        assert m.shape[:3] == (B, t, t) and m.shape[3:] == (x.shape[-1],) * 2, m.shape
+        y_m = jnp.einsum("btsoi,bsi->bto", m, x.astype(m.dtype))
+        upper = m * jnp.triu(jnp.ones((t, t)), k=1)[None, :, :, None, None]
+    else:
+        assert m.shape[0] == B and m.shape[2:] == (t, t), m.shape
+        xh = x.reshape(B, t, m.shape[1], -1)
+        y_m = jnp.einsum("bhts,bshv->bthv", m, xh.astype(m.dtype)).reshape(y.shape)
+        upper = jnp.triu(m, k=1)
     _close(y_m, y, spec.tol, f"{name} materialize")
-    # causal operator: strictly upper triangle is zero
+    # causal operator: nothing from the future (strictly upper triangle in time) is read
     if spec.causal:
-        assert float(jnp.max(jnp.abs(jnp.triu(m, k=1)))) == 0.0
+        assert float(jnp.max(jnp.abs(upper))) == 0.0
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -95,3 +95,14 @@ def causal_conv(x, k, resets=None):
     same = doc[:, :, None] == doc[:, None, :]  # [b, t, s]
     m = jnp.where(same[:, None], toeplitz[None], 0.0)
     return jnp.einsum("bhts,bsh->bth", m, x.astype(jnp.float32))
+
+
+def mimo_toeplitz(x, log_lam, C, gb, D):
+    """``M[t, s] = Re(C diag(e^{(t-s) log λ}) gb) + diag(D) [t = s]`` for ``s ≤ t``, else 0 (LRU, S5)."""
+    t = x.shape[1]
+    lag = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+    powers = jnp.exp(jnp.maximum(lag, 0)[..., None].astype(jnp.float32) * log_lam[None, None])  # [T, T, N]
+    m = jnp.real(jnp.einsum("hn,tsn,ni->tshi", C, powers, gb))
+    m = jnp.where((lag >= 0)[..., None, None], m, 0.0)
+    m = m + jnp.eye(t)[:, :, None, None] * jnp.diag(D.astype(jnp.float32))[None, None]
+    return jnp.broadcast_to(m[None], (x.shape[0], *m.shape))

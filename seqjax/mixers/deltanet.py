@@ -181,8 +181,8 @@ def deltaproduct_step(h, q, k, v, beta, log_alpha=None, *, negative_eigen=False,
 
 def deltaproduct_materialize(q, k, v, beta, log_alpha=None, *, resets=None, negative_eigen=False, scale=1.0):
     """``M [b, h, T, T, n_h]`` with ``o = einsum("bhtsj,bshjv->bthv", M, v)``: the operator on each
-    token's ``n_h`` values (the micro-token operator read at each token's last micro-step). Not a
-    ``T x T`` operator for ``n_h > 1``, hence not registered as the contract's ``materialize``."""
+    token's ``n_h`` values (the micro-token operator read at each token's last micro-step): ``T x T``
+    per Householder step ``j`` (the contract test sums over ``j``)."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, None, resets, householder=True)
     b, t, h, n, _ = k.shape
     qm, km, _, bm, lam, rsm = _micro_tokens(q, k, v, _beta(beta, negative_eigen), log_alpha, resets)
@@ -228,7 +228,7 @@ _FAMILY = {
         layers=(GatedDeltaNet, GatedDeltaNetNegEig), doc="Gated DeltaNet (Yang et al. 2025)",
     ),
     "deltaproduct": dict(
-        fn=deltaproduct, recurrent=deltaproduct_recurrent, step=deltaproduct_step, materialize=None,
+        fn=deltaproduct, recurrent=deltaproduct_recurrent, step=deltaproduct_step, materialize=deltaproduct_materialize,
         make_inputs=_make(gated=True, householder=2), layers=(DeltaProduct, DeltaProductNegEig),
         doc="gated DeltaProduct, n_h = 2 (Siems et al. 2025)",
     ),

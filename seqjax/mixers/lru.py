@@ -11,7 +11,8 @@ and normalised input:
 Ring init: ``|λ|`` uniform on the ring ``[r_min, r_max]`` (in ``|λ|^2``), phase uniform in
 ``[0, max_phase]``. Shapes: ``x`` ``[b, t, H]``; ``nu_log``, ``theta_log`` ``[N]``; ``B`` ``[N, H]``,
 ``C`` ``[H, N]`` complex64; ``D`` ``[H]``; state ``[b, N]`` complex64. LRU mixes channels (``B``,
-``C`` are dense), so it has no per-channel T×T operator (``materialize=None``).
+``C`` are dense), so its operator is MIMO: ``lru_materialize`` gives ``M [b, T, T, H, H]`` with
+``y_t = Σ_s M[t, s] x_s``, ``M[t, s] = Re(C diag(λ^{t-s}) γ B)`` for ``s ≤ t`` plus ``diag(D)`` at ``s = t``.
 
 **RG-LRU** (De, Smith, Fernando et al. 2024, "Griffin: Mixing Gated Linear Recurrences with Local
 Attention for Efficient Language Models"). Per channel, with input gate ``i_t = σ(gate_x_t)`` and
@@ -128,6 +129,13 @@ def lru(x, nu_log, theta_log, B, C, D, *, h0=None, impl="auto", resets=None, neg
     _checks.check_choice("impl", impl, IMPLS)
     _check_lru(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen)
     return _lru_scan(x, nu_log, theta_log, B, C, D, h0, _ssm.resets_or_none(resets), impl)
+
+
+def lru_materialize(x, nu_log, theta_log, B, C, D, *, negative_eigen=False):
+    """``M [b, T, T, H_out, H_in]``: the MIMO operator ``y_t = Σ_s M[t, s] x_s`` (``h0 = 0``)."""
+    _check_lru(x, nu_log, theta_log, B, C, D, None, None, negative_eigen)
+    log_lam, gb = _lru_coeffs(nu_log, theta_log, B)
+    return _ssm.mimo_toeplitz(x, log_lam, C.astype(jnp.complex64), gb, D)
 
 
 def lru_step(h, x, nu_log, theta_log, B, C, D, *, negative_eigen=False):
@@ -373,7 +381,7 @@ class RGLRU(nnx.Module):
 
 register(MixerSpec(
     name="lru", fn=lru, recurrent=lru_recurrent, step=lru_step, make_inputs=lru_make_inputs, layer=LRU,
-    materialize=None, value_arg="x", params=("nu_log", "theta_log", "B", "C", "D"),
+    materialize=lru_materialize, value_arg="x", params=("nu_log", "theta_log", "B", "C", "D"),
     impls=("sequential", "associative", "chunked"),
     doc="LRU (Orvieto et al. 2023): complex diagonal, exponential parametrisation, γ normalisation",
 ))

@@ -24,8 +24,8 @@ Modeling"). One MIMO system over all ``H`` channels with ``P`` complex modes, th
 
 (conjugate symmetry: only one mode of each conjugate pair is kept, hence the factor 2 and a real
 output). Shapes: ``x`` ``[b, t, H]``; ``Lambda``, ``log_dt`` ``[P]``; ``B`` ``[P, H]``; ``C``
-``[H, P]`` complex64; ``D`` ``[H]``; state ``[b, P]`` complex64. S5 mixes channels, so it has no
-per-channel T×T operator (``materialize=None``).
+``[H, P]`` complex64; ``D`` ``[H]``; state ``[b, P]`` complex64. S5 mixes channels, so its operator is
+MIMO: ``s5_materialize`` gives ``M [b, T, T, H, H]`` with ``y_t = Σ_s M[t, s] x_s``.
 """
 
 from __future__ import annotations
@@ -333,6 +333,13 @@ def s5(x, Lambda, log_dt, B, C, D, *, h0=None, impl="auto", resets=None, negativ
     return _s5_scan(x, Lambda, log_dt, B, C, D, h0, _ssm.resets_or_none(resets), impl)
 
 
+def s5_materialize(x, Lambda, log_dt, B, C, D, *, negative_eigen=False):
+    """``M [b, T, T, H_out, H_in]``: ``M[t, s] = 2 Re(C diag(Λ̄^{t-s}) B̄)`` for ``s ≤ t``, ``+ diag(D)`` at ``s = t``."""
+    _check_s5(x, Lambda, log_dt, B, C, D, None, None, negative_eigen)
+    dt_l, b_bar = _s5_zoh(Lambda, log_dt, B)
+    return _ssm.mimo_toeplitz(x, dt_l, 2.0 * C.astype(jnp.complex64), b_bar, D)
+
+
 def s5_step(h, x, Lambda, log_dt, B, C, D, *, negative_eigen=False):
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, P]`` (``None``: zeros) -> ``(y [b, H], h)``."""
     _check_s5(x, Lambda, log_dt, B, C, D, h, None, negative_eigen, step=True)
@@ -406,7 +413,7 @@ register(MixerSpec(
 ))
 register(MixerSpec(
     name="s5", fn=s5, recurrent=s5_recurrent, step=s5_step, make_inputs=s5_make_inputs, layer=S5,
-    materialize=None, value_arg="x", params=("Lambda", "log_dt", "B", "C", "D"),
+    materialize=s5_materialize, value_arg="x", params=("Lambda", "log_dt", "B", "C", "D"),
     impls=("sequential", "associative", "chunked"),
     doc="S5 (Smith et al. 2023): MIMO complex diagonal SSM (HiPPO-N eigenbasis), associative scan",
 ))
