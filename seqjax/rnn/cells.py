@@ -66,7 +66,7 @@ class Cell:
     diag_jacobian: Callable | None = None  # (params, s, xp) -> d s'/d s diagonal [b, S, G, D]
     headwise: bool = True
 
-    @property
+    @functools.cached_property  # one object per cell: it is a static (hashed) argument of jitted code
     def pointwise(self) -> Callable | None:
         if self.split is None:
             return None

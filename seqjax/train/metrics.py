@@ -133,7 +133,12 @@ def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, peak: 
 
 
 class Throughput:
-    """Exponential moving average of step time -> tokens/s and MFU."""
+    """Exponential moving average of step time -> tokens/s and MFU.
+
+    Steps are dispatched asynchronously, so the first tick after a (re)start measures only a dispatch, not
+    a step: it starts the clock and is not averaged (session 3 saw the default run's bar report 301% MFU at
+    step 2, decaying towards the truth over ~20 steps, before this).
+    """
 
     def __init__(self, tokens_per_step: int, flops_per_step: float, num_devices: int, peak: float | None, decay=0.9):
         self.tokens, self.flops, self.devices, self.peak, self.decay = tokens_per_step, flops_per_step, num_devices, peak, decay
@@ -148,7 +153,7 @@ class Throughput:
         self.last = now
 
     def reset_clock(self):
-        self.last = time.perf_counter()
+        self.last = None
 
     @property
     def tokens_per_s(self) -> float:
