@@ -83,3 +83,12 @@ def time_torch_or_reason(f, reps: int = 5):
         return time_torch(f, reps)
     except Exception as e:  # noqa: BLE001
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+
+
+def torch_cells(tf, tb, base, flops) -> str:
+    """``fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd vs base | fwd+bwd vs base`` of a PyTorch row, where ``tb``
+    may be a reason string and ``base`` the ``(fwd, fwd+bwd)`` seconds of the JAX baseline (or None)."""
+    bwd = f"{tb * 1e3:.2f}" if isinstance(tb, float) else tb
+    vf = f"{base[0] / tf:.2f}x" if base else ""
+    vb = f"{base[1] / tb:.2f}x" if base and isinstance(tb, float) else ""
+    return f"{tf * 1e3:.2f} | {bwd} | {flops / tf / 1e12:.2f} | {vf} | {vb}"

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fla_lift_hopper_guard, rel_err, time_jax, time_torch, time_torch_or_reason, to_torch, write  # noqa: E402
+from _common import (  # noqa: E402
+    fla_lift_hopper_guard, rel_err, time_jax, time_torch, time_torch_or_reason, to_torch, torch_cells, write)
 
 from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
 from seqjax.mixers._delta_chunk import delta_rule_chunked  # noqa: E402
@@ -36,14 +37,6 @@ def _fla():
     except Exception as e:  # noqa: BLE001
         return f"fla unavailable ({type(e).__name__}: {str(e)[:80]})"
     return lambda q, k, v, beta, g: f(q, k, v, g, beta, scale=1.0, output_final_state=True)[0]
-
-
-def _cells(tf, tb, base, flops):
-    """fwd ms | fwd+bwd ms | TFLOP/s | fwd vs XLA | fwd+bwd vs XLA of a torch row (``tb`` may be a reason)."""
-    bwd = f"{tb * 1e3:.2f}" if isinstance(tb, float) else tb
-    vf = f"{base[0] / tf:.2f}x" if base else ""
-    vb = f"{base[1] / tb:.2f}x" if base and isinstance(tb, float) else ""
-    return f"{tf * 1e3:.2f} | {bwd} | {flops / tf / 1e12:.2f} | {vf} | {vb}"
 
 
 def main(argv=None):
@@ -103,7 +96,7 @@ def main(argv=None):
             tf = time_torch(lambda: fla(*targs))
             print(f"(fla forward {tf * 1e3:.2f} ms; its backward autotunes next)", flush=True)
             tb = time_torch_or_reason(fwdbwd)
-            row = f"| {t} | fla chunk_gated_delta_rule (Triton) | {_cells(tf, tb, base, flops)} | |"
+            row = f"| {t} | fla chunk_gated_delta_rule (Triton) | {torch_cells(tf, tb, base, flops)} | |"
         rows.append(row)
         print(row, flush=True)
     if note:

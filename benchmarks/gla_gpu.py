@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fla_lift_hopper_guard, rel_err, time_jax, time_torch, time_torch_or_reason, to_torch, write  # noqa: E402
+from _common import (  # noqa: E402
+    fla_lift_hopper_guard, rel_err, time_jax, time_torch, time_torch_or_reason, to_torch, torch_cells, write)
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
 from seqjax.mixers._gla_chunk import chunk_gla  # noqa: E402
@@ -40,14 +41,6 @@ def _fla(per_channel: bool):
     except Exception as e:  # noqa: BLE001
         return f"fla unavailable ({type(e).__name__}: {str(e)[:80]})"
     return lambda q, k, v, g: f(q, k, v, g, scale=1.0, output_final_state=True)[0]
-
-
-def _cells(tf, tb, base, flops):
-    """fwd ms | fwd+bwd ms | TFLOP/s | fwd vs XLA | fwd+bwd vs XLA of a torch row (``tb`` may be a reason)."""
-    bwd = f"{tb * 1e3:.2f}" if isinstance(tb, float) else tb
-    vf = f"{base[0] / tf:.2f}x" if base else ""
-    vb = f"{base[1] / tb:.2f}x" if base and isinstance(tb, float) else ""
-    return f"{tf * 1e3:.2f} | {bwd} | {flops / tf / 1e12:.2f} | {vf} | {vb}"
 
 
 def main(argv=None):
@@ -111,7 +104,7 @@ def main(argv=None):
                 print(f"(fla forward {tf * 1e3:.2f} ms; its backward autotunes next)", flush=True)
                 tb = time_torch_or_reason(fb)
                 name = f"fla {'chunk_gla' if decay == 'per channel' else 'chunk_simple_gla'} (Triton)"
-                row = f"| {t} | {decay} | {name} | {_cells(tf, tb, base, flops)} | |"
+                row = f"| {t} | {decay} | {name} | {torch_cells(tf, tb, base, flops)} | |"
             rows.append(row)
             print(row, flush=True)
     if note:

@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from seqjax import mixers
 
-
-def _time(f, *args, reps=3):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import time_jax  # noqa: E402
 
 
 def _compiled(f, *args):
@@ -47,7 +39,7 @@ def _compiled(f, *args):
 def matmul_rate(n=1024):
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
     f = jax.jit(lambda a: a @ a)
-    return 2 * n**3 / _time(f, a, reps=5)
+    return 2 * n**3 / time_jax(f, a, reps=5)
 
 
 def _fns(spec, impl, inputs):
@@ -84,7 +76,7 @@ def bench(names, ts, batch=1):
                     fwd, grad, d = _fns(spec, impl, inputs)
                     cf, temp_f, flops = _compiled(fwd, d)
                     cg, temp_g, _ = _compiled(grad, d)
-                    res[impl] = dict(fwd=_time(cf, d), bwd=_time(cg, d), mem_f=temp_f, mem_g=temp_g, flops=flops)
+                    res[impl] = dict(fwd=time_jax(cf, d, reps=3), bwd=time_jax(cg, d, reps=3), mem_f=temp_f, mem_g=temp_g, flops=flops)
                 except Exception as e:  # a mixer that cannot run this size is reported, not fatal
                     res[impl] = dict(err=f"{type(e).__name__}: {str(e)[:60]}")
             ref = res["reference"]
