@@ -82,8 +82,8 @@ def test_gla_context_parallel_with_registered_chunked_gla():
     """The local form can be the registry's chunked GLA (``seqjax.mixers.get("gla").fn``)."""
     spec = mixers.get("gla")
 
-    def local(q, k, v, log_a, h0):
-        return spec.fn(q, k, v, log_a, h0=h0, impl="chunked", chunk_size=2, scale=1.0)
+    def local(q, k, v, log_a, h0, resets):
+        return spec.fn(q, k, v, log_a, h0=h0, resets=resets, impl="chunked", chunk_size=2, scale=1.0)
 
     mesh = shd.make_mesh((1, 1, 4, 2))
     q, k, v, log_a, h0 = _inputs(jax.random.PRNGKey(3), t=16)
@@ -91,3 +91,43 @@ def test_gla_context_parallel_with_registered_chunked_gla():
     y_c, s_c = jax.jit(lambda *a: gla_context_parallel(*a, mesh=mesh, h0=h0, local_fn=local))(q, k, v, log_a)
     np.testing.assert_allclose(y_c, y_r, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(s_c, s_r, rtol=1e-4, atol=1e-4)
+
+
+def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
+    """A Mamba-2/attention LM jitted under ``use_rules(mesh)`` with time split 4 ways over ``context`` takes
+    the context-parallel forms in both kinds of layer and gives the unsharded loss and gradients, with a
+    document boundary inside a shard and one exactly at a shard boundary."""
+    from flax import nnx
+
+    from seqjax.models.lm import LM, LMConfig
+    from seqjax.train import context_parallel as cp
+
+    calls = {"mamba2": 0, "attention": 0}
+
+    def spy(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(cp, "mamba2_context_parallel", spy("mamba2", cp.mamba2_context_parallel))
+    monkeypatch.setattr(cp, "attention_context_parallel", spy("attention", cp.attention_context_parallel))
+    cfg = LMConfig(vocab_size=32, d_model=16, num_layers=2, pattern=("mamba2", "attention"), num_heads=2,
+                   num_kv_heads=1, mlp_ratio=2.0, scan_layers=False)
+    graphdef, state = nnx.split(LM(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 32), 0, 32)
+    seg = jnp.asarray(1 + (np.arange(32)[None] >= np.array([[5], [16]])), jnp.int32)
+
+    def loss(state):
+        logits, _ = nnx.merge(graphdef, state)(tokens, segment_ids=seg)
+        return jnp.mean(jnp.sin(logits))
+
+    want = jax.jit(jax.value_and_grad(loss))(state)
+    assert calls == {"mamba2": 0, "attention": 0}
+    with shd.use_rules(shd.make_mesh((2, 1, 4, 1)), shd.DEFAULT_RULES):
+        got = jax.jit(jax.value_and_grad(loss))(state)
+    assert calls["mamba2"] >= 1 and calls["attention"] >= 1, calls
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from seqjax import _checks
+from seqjax import sharding as shd
 from seqjax.nn import RMSNorm
 
 __all__ = [
@@ -258,7 +259,14 @@ class Attention(nnx.Module):
                 seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
                 positions = positions_from_segment_ids(seg)
             q, k, v = self.qkv(x, positions)
-            if self.persistent is None:
+            mesh, _ = shd.current()
+            n_ctx = 1 if mesh is None else dict(mesh.shape).get("context", 1)
+            if self.persistent is None and self.window is None and n_ctx > 1 and t % n_ctx == 0:
+                # time is split over the mesh's `context` axis: queries stay local, K/V are all-gathered
+                from seqjax.train.context_parallel import attention_context_parallel
+
+                o = attention_context_parallel(q, k, v, mesh=mesh, segment_ids=segment_ids)
+            elif self.persistent is None:
                 o = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
             else:
                 idx = jnp.arange(t, dtype=jnp.int32)[None]

@@ -26,6 +26,10 @@ local carry and the cross-shard correction. For the delta rule the transition is
 
 Both run inside ``jax.shard_map`` with batch on ``(data, fsdp)`` and heads on ``tensor``, so a kernel
 used as the local form stays inside ``shard_map`` as Mosaic/Triton kernels require.
+
+**In the LM**: under ``seqjax.sharding.use_rules(mesh)`` with ``context > 1`` (the train and eval steps
+trace there), ``seqjax.mixers.mamba2.Mamba2`` calls :func:`mamba2_context_parallel` and
+``seqjax.attention.Attention`` (full causal, no persistent tokens) calls :func:`attention_context_parallel`.
 """
 
 from __future__ import annotations
@@ -34,34 +38,60 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from seqjax.scan import linear_scan
 
-__all__ = ["gla_local", "gla_context_parallel", "attention_context_parallel"]
+__all__ = ["gla_local", "chunked_local", "gla_context_parallel", "mamba2_context_parallel", "attention_context_parallel",
+           "context_size"]
 
 NEG = -1e30  # log decay that cuts the carry (exp -> 0, finite so gradients stay finite)
 
 
-def gla_local(q, k, v, log_a, h0=None):
+def gla_local(q, k, v, log_a, h0=None, resets=None):
     """Reference local form via the scan engine: ``(y [b,t,h,dv], S_last [b,h,dk,dv] float32)``.
 
     ``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``log_a [b, t, h, dk]`` (per channel) or
-    ``[b, t, h]`` (scalar per head, Mamba-2).
+    ``[b, t, h]`` (scalar per head, Mamba-2); ``resets [b, t]`` bool zeroes the carry into that token.
     """
     if log_a.ndim == 3:
         log_a = jnp.broadcast_to(log_a[..., None], k.shape)
     kv = jnp.einsum("bthk,bthv->bthkv", k.astype(jnp.float32), v.astype(jnp.float32))
     a = jnp.broadcast_to(log_a.astype(jnp.float32)[..., None], kv.shape)
-    h, h_last = linear_scan(a, kv, h0=h0, log_decay=True, impl="sequential")
+    h, h_last = linear_scan(a, kv, h0=h0, resets=resets, log_decay=True, impl="sequential")
     y = jnp.einsum("bthk,bthkv->bthv", q.astype(jnp.float32), h)
     return y.astype(v.dtype), h_last
 
 
-def _specs(mesh, batch_axes, context, head_axis):
-    b = tuple(a for a in batch_axes if a in mesh.shape) or None
-    h = head_axis if head_axis in mesh.shape else None
+def chunked_local(chunk_size: int = 64):
+    """The XLA chunked engine (``seqjax.mixers._gla_chunk.chunk_gla``) as a ``local_fn``: per-head or
+    per-channel decays, resets passed through (not folded into the decays, whose within-chunk differences
+    a ``-1e30`` would swamp)."""
+    from seqjax.mixers._gla_chunk import chunk_gla
+
+    def local(q, k, v, log_a, h0=None, resets=None):
+        return chunk_gla(q, k, v, log_a, h0=h0, resets=resets, chunk_size=chunk_size)
+
+    return local
+
+
+def _specs(mesh, batch_axes, context, head_axis, batch=None, heads=None):
+    """Mesh axes for the batch and head dims inside ``shard_map``; an axis whose size does not divide the
+    dim (when the dim is given) is left out, so that dim is replicated instead of failing."""
+    sizes = dict(mesh.shape)
+    b = tuple(a for a in batch_axes if a in sizes) or None
+    if b is not None and batch is not None and batch % int(np.prod([sizes[a] for a in b])):
+        b = None
+    h = head_axis if head_axis in sizes else None
+    if h is not None and heads is not None and heads % sizes[h]:
+        h = None
     return b, h
+
+
+def _trail(a, ndim):
+    """``a`` with trailing unit axes up to ``ndim`` (per-head decays against per-channel states)."""
+    return a.reshape(a.shape + (1,) * (ndim - a.ndim))
 
 
 def gla_context_parallel(
@@ -80,41 +110,64 @@ def gla_context_parallel(
 ):
     """The diagonal-decay recurrence with time sharded over ``context`` (see the module docstring).
 
-    Args: as :func:`gla_local`, plus ``resets [b, t]`` bool (``True`` at each document's first token)
-    and ``local_fn(q, k, v, log_a, h0) -> (y, S_last)`` (default: the scan engine). Returns
-    ``(y, S_last)`` equal to the unsharded recurrence.
+    Args: as :func:`gla_local` (``log_a`` per head ``[b, t, h]`` stays per head), plus ``resets [b, t]``
+    bool (``True`` at each document's first token) and ``local_fn(q, k, v, log_a, h0, resets) -> (y, S_last)``
+    (default: the scan engine; :func:`chunked_local` for the chunked engine). Returns ``(y, S_last)`` equal
+    to the unsharded recurrence.
     """
-    if log_a.ndim == 3:
-        log_a = jnp.broadcast_to(log_a[..., None], k.shape)
     log_a = log_a.astype(jnp.float32)
-    if resets is not None:
-        log_a = jnp.where(resets[:, :, None, None], NEG, log_a)
-    b, h = _specs(mesh, batch_axes, context, head_axis)
+    b, h = _specs(mesh, batch_axes, context, head_axis, batch=q.shape[0], heads=q.shape[2])
     act = P(b, context, h, None)
+    gate = act if log_a.ndim == 4 else P(b, context, h)
     st = P(b, h, None, None)
     if h0 is None:
         h0 = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+    rs = jnp.zeros(q.shape[:2], bool) if resets is None else jnp.asarray(resets, bool)
 
     @functools.partial(
-        jax.shard_map, mesh=mesh, in_specs=(act, act, act, act, st), out_specs=(act, st), check_vma=False
+        jax.shard_map, mesh=mesh, in_specs=(act, act, act, gate, st, P(b, context)), out_specs=(act, st),
+        check_vma=False,
     )
-    def run(q, k, v, log_a, h0):
-        y_loc, s_loc = local_fn(q, k, v, log_a, None)
-        cum = jnp.cumsum(log_a, axis=1)  # [b, tl, h, dk]
+    def run(q, k, v, log_a, h0, rs):
+        y_loc, s_loc = local_fn(q, k, v, log_a, None, rs if resets is not None else None)
+        # the summaries see a reset as log a = -1e30: the carry into a document's first token is cut
+        cut = jnp.where(_trail(rs, log_a.ndim), NEG, log_a)
+        cum = jnp.cumsum(cut, axis=1)  # [b, tl, h(, dk)]
         s_all = jax.lax.all_gather(s_loc.astype(jnp.float32), context)  # [P, b, h, dk, dv]
-        a_all = jax.lax.all_gather(cum[:, -1], context)  # [P, b, h, dk]
+        a_all = jax.lax.all_gather(cum[:, -1], context)  # [P, b, h(, dk)]
 
         def fold(s, xs):
             a_j, s_j = xs
-            return jnp.exp(a_j)[..., None] * s + s_j, s  # emit the state entering shard j
+            return _trail(jnp.exp(a_j), s.ndim) * s + s_j, s  # emit the state entering shard j
 
         s_last, s_in_all = jax.lax.scan(fold, h0.astype(jnp.float32), (a_all, s_all))
         s_in = s_in_all[jax.lax.axis_index(context)]
-        qd = q.astype(jnp.float32) * jnp.exp(cum)
+        qd = q.astype(jnp.float32) * _trail(jnp.exp(cum), q.ndim)
         y = y_loc.astype(jnp.float32) + jnp.einsum("bthk,bhkv->bthv", qd, s_in)
         return y.astype(v.dtype), s_last
 
-    return run(q, k, v, log_a, h0)
+    return run(q, k, v, log_a, h0, rs)
+
+
+def mamba2_context_parallel(x, dt, A, B, C, D=None, *, mesh, resets=None, chunk_size=64, **axes):
+    """Mamba-2 / SSD (``seqjax.mixers.mamba2.mamba2`` with ``h0=None``, no negative eigenvalues) with time
+    sharded over ``context``: the chunked engine per shard, per-head decays, plus the ``D`` skip.
+    ``axes``: ``context``, ``batch_axes``, ``head_axis`` as in :func:`gla_context_parallel`."""
+    from seqjax.mixers import mamba2 as m2
+
+    h = x.shape[2]
+    g, _ = m2.transition(dt, A, False)
+    v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
+    q, k = m2._heads(C, h).astype(x.dtype), m2._heads(B, h).astype(x.dtype)
+    y, s = gla_context_parallel(q, k, v, g, mesh=mesh, resets=resets, local_fn=chunked_local(chunk_size), **axes)
+    if D is not None:
+        y = y.astype(jnp.float32) + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype), s
+
+
+def context_size(mesh, context: str = "context") -> int:
+    """How many devices the ``context`` axis of ``mesh`` has (1 without a mesh or that axis)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(context, 1))
 
 
 def attention_context_parallel(
@@ -124,7 +177,7 @@ def attention_context_parallel(
     all-gathered, queries stay local. ``q [b, t, h, d]``, ``k, v [b, t, kv_h, d]``."""
     from seqjax.attention.attention import attention, make_mask
 
-    b, h = _specs(mesh, batch_axes, context, head_axis)
+    b, h = _specs(mesh, batch_axes, context, head_axis, batch=q.shape[0], heads=q.shape[2])
     kv_h = h if h is not None and k.shape[2] % mesh.shape[h] == 0 else None
     if kv_h is None:
         h = None
