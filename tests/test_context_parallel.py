@@ -94,15 +94,15 @@ def test_gla_context_parallel_with_registered_chunked_gla():
 
 
 def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
-    """A Mamba-2/attention LM jitted under ``use_rules(mesh)`` with time split 4 ways over ``context`` takes
-    the context-parallel forms in both kinds of layer and gives the unsharded loss and gradients, with a
-    document boundary inside a shard and one exactly at a shard boundary."""
+    """A Mamba-2/attention/Gated-DeltaNet LM jitted under ``use_rules(mesh)`` with time split 4 ways over
+    ``context`` takes the context-parallel forms in all three kinds of layer and gives the unsharded loss and
+    gradients, with a document boundary inside a shard and one exactly at a shard boundary."""
     from flax import nnx
 
     from seqjax.models.lm import LM, LMConfig
     from seqjax.train import context_parallel as cp
 
-    calls = {"mamba2": 0, "attention": 0}
+    calls = {"mamba2": 0, "attention": 0, "delta": 0}
 
     def spy(name, fn):
         def wrapped(*a, **kw):
@@ -113,7 +113,8 @@ def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
 
     monkeypatch.setattr(cp, "mamba2_context_parallel", spy("mamba2", cp.mamba2_context_parallel))
     monkeypatch.setattr(cp, "attention_context_parallel", spy("attention", cp.attention_context_parallel))
-    cfg = LMConfig(vocab_size=32, d_model=16, num_layers=2, pattern=("mamba2", "attention"), num_heads=2,
+    monkeypatch.setattr(cp, "delta_context_parallel", spy("delta", cp.delta_context_parallel))
+    cfg = LMConfig(vocab_size=32, d_model=16, num_layers=3, pattern=("mamba2", "attention", "gated_deltanet"), num_heads=2,
                    num_kv_heads=1, mlp_ratio=2.0, scan_layers=False)
     graphdef, state = nnx.split(LM(cfg, rngs=nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 32), 0, 32)
@@ -124,10 +125,54 @@ def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
         return jnp.mean(jnp.sin(logits))
 
     want = jax.jit(jax.value_and_grad(loss))(state)
-    assert calls == {"mamba2": 0, "attention": 0}
+    assert calls == {"mamba2": 0, "attention": 0, "delta": 0}
     with shd.use_rules(shd.make_mesh((2, 1, 4, 1)), shd.DEFAULT_RULES):
         got = jax.jit(jax.value_and_grad(loss))(state)
-    assert calls["mamba2"] >= 1 and calls["attention"] >= 1, calls
+    assert min(calls.values()) >= 1, calls
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,gated,strong", [((1, 1, 8, 1), False, False), ((2, 1, 2, 2), True, True)])
+def test_delta_context_parallel_matches_unsharded(shape, gated, strong):
+    """The delta rule with time sharded over ``context`` (dense shard transitions) equals the unsharded
+    chunked form: outputs, final state and all gradients; beta in (0, 2) (negative eigenvalues), h0 in,
+    documents starting inside a shard and exactly at a shard boundary, weak and strong gates."""
+    from seqjax.mixers._delta_chunk import delta_rule_chunked
+    from seqjax.nn import l2_normalize
+    from seqjax.train.context_parallel import delta_context_parallel
+
+    mesh = shd.make_mesh(shape)
+    ks = jax.random.split(jax.random.PRNGKey(5), 6)
+    b, t, h, dk, dv = 2, 32, 2, 3, 5
+    q = jax.random.normal(ks[0], (b, t, h, dk))
+    k = l2_normalize(jax.random.normal(ks[1], (b, t, h, dk)))
+    v = jax.random.normal(ks[2], (b, t, h, dv))
+    beta = 2 * jax.random.uniform(ks[3], (b, t, h))
+    la = -(3.0 if strong else 0.05) * jax.nn.softplus(jax.random.normal(ks[4], (b, t, h))) if gated else None
+    h0 = jax.random.normal(ks[5], (b, h, dk, dv))
+    resets = _resets(b, t)
+    kw = dict(h0=h0, resets=resets, scale=0.7, chunk_size=4)
+
+    def ref(q, k, v, beta, la):
+        return delta_rule_chunked(q, k, v, beta, la, **kw)
+
+    def cp(q, k, v, beta, la):
+        return delta_context_parallel(q, k, v, beta, la, mesh=mesh, **kw)
+
+    args = (q, k, v, beta, la)
+    y_r, s_r = jax.jit(ref)(*args)
+    y_c, s_c = jax.jit(cp)(*args)
+    np.testing.assert_allclose(y_c, y_r, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s_c, s_r, rtol=1e-4, atol=1e-4)
+
+    def loss(f):
+        def go(*a):
+            y, s = f(*a)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(s * s)
+
+        return jax.jit(jax.grad(go, argnums=(0, 1, 2, 3) + ((4,) if gated else ())))
+
+    for g_c, g_r in zip(loss(cp)(*args), loss(ref)(*args)):
+        np.testing.assert_allclose(g_c, g_r, rtol=1e-4, atol=1e-4)

@@ -259,9 +259,8 @@ class Attention(nnx.Module):
                 seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
                 positions = positions_from_segment_ids(seg)
             q, k, v = self.qkv(x, positions)
-            mesh, _ = shd.current()
-            n_ctx = 1 if mesh is None else dict(mesh.shape).get("context", 1)
-            if self.persistent is None and self.window is None and n_ctx > 1 and t % n_ctx == 0:
+            mesh = shd.context_mesh(t)
+            if self.persistent is None and self.window is None and mesh is not None:
                 # time is split over the mesh's `context` axis: queries stay local, K/V are all-gathered
                 from seqjax.train.context_parallel import attention_context_parallel
 

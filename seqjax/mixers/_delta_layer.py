@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqjax import _checks
+from seqjax import sharding as shd
 from seqjax.nn import GatedRMSNorm, Linear, RMSNorm, ShortConv, l2_normalize, resets_from_segment_ids
 
 __all__ = ["DeltaRuleLayer", "DeltaNet", "GatedDeltaNet", "DeltaProduct"]
@@ -127,7 +128,14 @@ class DeltaRuleLayer(nnx.Module):
         if self.gated:
             dt = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...][None, None])
             log_alpha = -dt * jnp.exp(self.A_log[...])[None, None]
-        if n > 1:
+        mesh = shd.context_mesh(t) if cache is None and n == 1 else None
+        if mesh is not None:  # time split over the mesh's `context` axis: dense shard transitions
+            from seqjax.train.context_parallel import delta_context_parallel
+
+            o, state = delta_context_parallel(q, k[:, :, :, 0], v[:, :, :, 0], F._beta(beta[..., 0], self.negative_eigen),
+                                              log_alpha, mesh=mesh, resets=resets, scale=kw["scale"],
+                                              chunk_size=self.chunk_size)
+        elif n > 1:
             o, state = F.deltaproduct(q, k, v, beta, log_alpha, **kw)
         elif self.gated:
             o, state = F.gated_deltanet(q, k[:, :, :, 0], v[:, :, :, 0], beta[..., 0], log_alpha, **kw)

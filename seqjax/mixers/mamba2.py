@@ -171,19 +171,6 @@ def make_inputs(key, batch, time, heads=4, head_dim=5, groups=2, state=7):
     )
 
 
-def _context_parallel_mesh(t):
-    """The mesh of the enclosing ``seqjax.sharding.use_rules`` if its ``context`` axis splits time (``t``
-    divisible by it), else None.
-
-    The layer then runs its recurrence context-parallel (``seqjax.train.context_parallel``: each shard from
-    a zero state, one all-gather of chunk summaries, a local correction) instead of leaving the sharded
-    time axis to GSPMD. Negative eigenvalues (signed transitions) keep the GSPMD path.
-    """
-    mesh, _ = shd.current()
-    p = 1 if mesh is None else dict(mesh.shape).get("context", 1)
-    return mesh if p > 1 and t % p == 0 else None
-
-
 class Mamba2(nnx.Module):
     """The Mamba-2 block: separate projections (``x_proj, z_proj, B_proj, C_proj, dt_proj``), causal
     depthwise convs over ``x, B, C`` (``x_conv, B_conv, C_conv``; one conv over their concatenation in
@@ -237,10 +224,11 @@ class Mamba2(nnx.Module):
             y, s = mamba2_step(h0, xh[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D[...],
                                negative_eigen=self.negative_eigen)
             y = y[:, None]
-        elif cache is None and not self.negative_eigen and _context_parallel_mesh(t) is not None:
+        elif cache is None and not self.negative_eigen and shd.context_mesh(t) is not None:
+            # time split over the mesh's `context` axis (signed transitions keep the GSPMD path)
             from seqjax.train.context_parallel import mamba2_context_parallel
 
-            y, s = mamba2_context_parallel(xh, dt, A, B, C, self.D[...], mesh=_context_parallel_mesh(t),
+            y, s = mamba2_context_parallel(xh, dt, A, B, C, self.D[...], mesh=shd.context_mesh(t),
                                            resets=resets, chunk_size=self.chunk_size)
         else:
             y, s = mamba2(xh, dt, A, B, C, self.D[...], h0=h0, resets=resets, impl=self.impl,

@@ -18,8 +18,11 @@ is linear in the initial state. Device ``r`` holds times ``[r T/P, (r+1) T/P)`` 
 The final state is the last shard's ``exp(A_r) S^in_r + S^loc_r``. Gradients come from autodiff
 through ``all_gather`` (JAX transposes it to a reduce-scatter); no backward pass is hand-written.
 Packed documents: a reset forces ``log a = -inf`` at the document's first token, which cuts both the
-local carry and the cross-shard correction. For the delta rule the transition is a dense
-``dk x dk`` matrix instead of ``exp(A_r)``; only the diagonal case is implemented here.
+local carry and the cross-shard correction.
+
+**The delta rule** (:func:`delta_context_parallel`): the shard transition is a dense ``dk x dk`` matrix
+instead of ``exp(A_r)``; it comes out of the local chunked pass itself (an identity block appended to the
+state), and the outputs take a second local pass from the folded incoming state.
 
 **Softmax attention**: each device keeps its queries and all-gathers K, V and segment ids over
 ``context``; the causal mask uses global positions (no load-balancing reorder).
@@ -27,9 +30,10 @@ local carry and the cross-shard correction. For the delta rule the transition is
 Both run inside ``jax.shard_map`` with batch on ``(data, fsdp)`` and heads on ``tensor``, so a kernel
 used as the local form stays inside ``shard_map`` as Mosaic/Triton kernels require.
 
-**In the LM**: under ``seqjax.sharding.use_rules(mesh)`` with ``context > 1`` (the train and eval steps
-trace there), ``seqjax.mixers.mamba2.Mamba2`` calls :func:`mamba2_context_parallel` and
-``seqjax.attention.Attention`` (full causal, no persistent tokens) calls :func:`attention_context_parallel`.
+**In the LM**: under ``seqjax.sharding.use_rules(mesh)`` with ``context > 1`` dividing the length (the
+train and eval steps trace there; ``seqjax.sharding.context_mesh``), ``seqjax.mixers.mamba2.Mamba2`` calls
+:func:`mamba2_context_parallel`, the DeltaNet / Gated DeltaNet layers :func:`delta_context_parallel`, and
+``seqjax.attention.Attention`` (full causal, no persistent tokens) :func:`attention_context_parallel`.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ from jax.sharding import PartitionSpec as P
 
 from seqjax.scan import linear_scan
 
-__all__ = ["gla_local", "chunked_local", "gla_context_parallel", "mamba2_context_parallel", "attention_context_parallel",
-           "context_size"]
+__all__ = ["gla_local", "chunked_local", "gla_context_parallel", "mamba2_context_parallel", "delta_context_parallel",
+           "attention_context_parallel", "context_size"]
 
 NEG = -1e30  # log decay that cuts the carry (exp -> 0, finite so gradients stay finite)
 
@@ -163,6 +167,58 @@ def mamba2_context_parallel(x, dt, A, B, C, D=None, *, mesh, resets=None, chunk_
     if D is not None:
         y = y.astype(jnp.float32) + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
     return y.astype(x.dtype), s
+
+
+def delta_context_parallel(
+    q, k, v, beta, log_alpha=None, *, mesh, h0=None, resets=None, scale=1.0, chunk_size=64,
+    context: str = "context", batch_axes=("data", "fsdp"), head_axis: str = "tensor",
+):
+    """The (gated) delta rule ``S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``
+    (``seqjax.mixers._delta_chunk.delta_rule_chunked``'s arguments; ``beta`` already doubled for negative
+    eigenvalues) with time sharded over ``context``. The shard transition is a dense ``dk x dk`` matrix:
+
+    1. one chunked pass per shard from ``h0 = [0 | I]`` with the values extended by ``dk`` zero columns gives
+       the local final state ``S^loc_r`` and the shard's transition ``M_r = Π_t α_t (I − β_t k_t k_tᵀ)`` (the
+       identity block sees only the transitions);
+    2. one all-gather of ``(S^loc_r, M_r)`` over ``context``; ``S^in_r = M_{r−1} S^in_{r−1} + S^loc_{r−1}``
+       by a ``lax.scan`` from ``h0``;
+    3. a second chunked pass from ``S^in_r`` gives the outputs.
+
+    About 2x the local work of the unsharded form (the diagonal case needs one pass); gradients by autodiff.
+    """
+    from seqjax.mixers._delta_chunk import delta_rule_chunked
+
+    bsz, _, nh, dk = q.shape
+    dv = v.shape[-1]
+    la = jnp.zeros(q.shape[:3], jnp.float32) if log_alpha is None else jnp.asarray(log_alpha, jnp.float32)
+    beta = jnp.asarray(beta, jnp.float32)
+    rs = jnp.zeros(q.shape[:2], bool) if resets is None else jnp.asarray(resets, bool)
+    h0 = jnp.zeros((bsz, nh, dk, dv), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32)
+    b, h = _specs(mesh, batch_axes, context, head_axis, batch=bsz, heads=nh)
+    act, gate, st = P(b, context, h, None), P(b, context, h), P(b, h, None, None)
+    run_local = functools.partial(delta_rule_chunked, scale=scale, chunk_size=chunk_size)
+
+    @functools.partial(
+        jax.shard_map, mesh=mesh, in_specs=(act, act, act, gate, gate, st, P(b, context)), out_specs=(act, st),
+        check_vma=False,
+    )
+    def run(q, k, v, beta, la, h0, rs):
+        eye = jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (*h0.shape[:2], dk, dk))
+        v_ext = jnp.concatenate([v, jnp.zeros((*v.shape[:3], dk), v.dtype)], axis=-1)
+        h_ext = jnp.concatenate([jnp.zeros_like(h0), eye], axis=-1)
+        _, s_ext = run_local(q, k, v_ext, beta, la, h0=h_ext, resets=rs)
+        s_all = jax.lax.all_gather(s_ext[..., :dv], context)  # [P, b, h, dk, dv]
+        m_all = jax.lax.all_gather(s_ext[..., dv:], context)  # [P, b, h, dk, dk]
+
+        def fold(s, xs):
+            m_j, s_j = xs
+            return jnp.einsum("bhij,bhjv->bhiv", m_j, s) + s_j, s  # emit the state entering shard j
+
+        s_last, s_in_all = jax.lax.scan(fold, h0, (m_all, s_all))
+        y, _ = run_local(q, k, v, beta, la, h0=s_in_all[jax.lax.axis_index(context)], resets=rs)
+        return y, s_last
+
+    return run(q, k, v, beta, la, h0, rs)
 
 
 def context_size(mesh, context: str = "context") -> int:
