@@ -94,15 +94,15 @@ def test_gla_context_parallel_with_registered_chunked_gla():
 
 
 def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
-    """A Mamba-2/attention/Gated-DeltaNet LM jitted under ``use_rules(mesh)`` with time split 4 ways over
-    ``context`` takes the context-parallel forms in all three kinds of layer and gives the unsharded loss and
-    gradients, with a document boundary inside a shard and one exactly at a shard boundary."""
+    """A Mamba-2/attention/Gated-DeltaNet/GLA LM jitted under ``use_rules(mesh)`` with time split 4 ways over
+    ``context`` takes the context-parallel forms in every layer and gives the unsharded loss and gradients,
+    with a document boundary inside a shard and one exactly at a shard boundary."""
     from flax import nnx
 
     from seqjax.models.lm import LM, LMConfig
     from seqjax.train import context_parallel as cp
 
-    calls = {"mamba2": 0, "attention": 0, "delta": 0}
+    calls = {"mamba2": 0, "attention": 0, "delta": 0, "gla": 0}
 
     def spy(name, fn):
         def wrapped(*a, **kw):
@@ -114,7 +114,9 @@ def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
     monkeypatch.setattr(cp, "mamba2_context_parallel", spy("mamba2", cp.mamba2_context_parallel))
     monkeypatch.setattr(cp, "attention_context_parallel", spy("attention", cp.attention_context_parallel))
     monkeypatch.setattr(cp, "delta_context_parallel", spy("delta", cp.delta_context_parallel))
-    cfg = LMConfig(vocab_size=32, d_model=16, num_layers=3, pattern=("mamba2", "attention", "gated_deltanet"), num_heads=2,
+    monkeypatch.setattr(cp, "gla_context_parallel", spy("gla", cp.gla_context_parallel))  # Mamba-2's too
+    pattern = ("mamba2", "attention", "gated_deltanet", "gla")
+    cfg = LMConfig(vocab_size=32, d_model=16, num_layers=4, pattern=pattern, num_heads=2,
                    num_kv_heads=1, mlp_ratio=2.0, scan_layers=False)
     graphdef, state = nnx.split(LM(cfg, rngs=nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 32), 0, 32)
@@ -125,10 +127,10 @@ def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
         return jnp.mean(jnp.sin(logits))
 
     want = jax.jit(jax.value_and_grad(loss))(state)
-    assert calls == {"mamba2": 0, "attention": 0, "delta": 0}
+    assert calls == {"mamba2": 0, "attention": 0, "delta": 0, "gla": 0}
     with shd.use_rules(shd.make_mesh((2, 1, 4, 1)), shd.DEFAULT_RULES):
         got = jax.jit(jax.value_and_grad(loss))(state)
-    assert min(calls.values()) >= 1, calls
+    assert min(calls.values()) >= 1 and calls["gla"] >= 2, calls
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
@@ -176,3 +178,26 @@ def test_delta_context_parallel_matches_unsharded(shape, gated, strong):
 
     for g_c, g_r in zip(loss(cp)(*args), loss(ref)(*args)):
         np.testing.assert_allclose(g_c, g_r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["retnet", "linear_attention"])
+def test_per_head_decay_layers_run_context_parallel(name, monkeypatch):
+    """RetNet's fixed per-head decays and linear attention's none take the same context-parallel path as GLA
+    inside the LM: the layer's output under a context mesh equals its unsharded output (packed documents)."""
+    from flax import nnx
+
+    from seqjax.train import context_parallel as cp
+
+    calls, real = [], cp.gla_context_parallel
+    monkeypatch.setattr(cp, "gla_context_parallel", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    layer = mixers.get(name).layer(16, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, 32, 16))
+    seg = jnp.asarray(1 + (np.arange(32)[None] >= np.array([[5], [16]])), jnp.int32)
+    f = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, segment_ids=seg)[0])
+    want = f(state, x)
+    with shd.use_rules(shd.make_mesh((2, 1, 4, 1)), shd.DEFAULT_RULES):
+        got = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, segment_ids=seg)[0])(state, x)
+    assert len(calls) == 1
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

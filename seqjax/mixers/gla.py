@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from seqjax import _checks, nn
+from seqjax import sharding as shd
 from seqjax._platform import auto_pallas
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
@@ -217,6 +218,9 @@ class _GatedLinearAttentionLayer(nnx.Module):
     def _decay(self, x):  # -> extra kwargs for the functional form (decode: t axis removed later)
         return {}
 
+    def _log_decay(self, q, extra):  # the per-head [b, t, h] or per-channel log decay the form applies
+        return jnp.zeros(q.shape[:3], jnp.float32)
+
     def __call__(self, x, *, segment_ids=None, cache=None):
         h = self.num_heads
         q = nn.split_heads(self.q_proj(x), h)
@@ -232,6 +236,14 @@ class _GatedLinearAttentionLayer(nnx.Module):
         if cache is not None and x.shape[1] == 1 and resets is None:
             y, s = self.step_fn(h0, q[:, 0], k[:, 0], v[:, 0], **{n: a[:, 0] for n, a in extra.items()})
             y = y[:, None]
+        elif cache is None and shd.context_mesh(x.shape[1]) is not None:
+            # time split over the mesh's `context` axis: the chunked engine per shard, then one all-gather
+            from seqjax.train.context_parallel import chunked_local, gla_context_parallel
+
+            qs = (q.astype(jnp.float32) * _scale(q, None)).astype(q.dtype)
+            y, s = gla_context_parallel(qs, k, v, self._log_decay(q, extra), mesh=shd.context_mesh(x.shape[1]),
+                                        resets=resets, local_fn=chunked_local(self.chunk_size))
+            y = y.astype(v.dtype)
         else:
             y, s = self.fn(q, k, v, **extra, h0=h0, resets=resets, impl=self.impl, chunk_size=self.chunk_size)
         y = self.o_norm(y) * jax.nn.silu(nn.split_heads(self.g_proj(x), h).astype(jnp.float32)).astype(y.dtype)
@@ -247,6 +259,9 @@ class GLA(_GatedLinearAttentionLayer):
     """GLA layer (Yang et al. 2024): low-rank per-channel gate ``logsigmoid(x W_1 W_2 + b) / 16``."""
 
     fn, step_fn = staticmethod(gla), staticmethod(gla_step)
+
+    def _log_decay(self, q, extra):
+        return extra["log_decay"]
 
     def __init__(self, d_model, *, gate_low_rank=16, gate_logit_normalizer=16.0, rngs: nnx.Rngs, **kw):
         super().__init__(d_model, rngs=rngs, **kw)
@@ -265,6 +280,9 @@ class RetNet(_GatedLinearAttentionLayer):
     """Multi-scale retention layer (Sun et al. 2023) without xPos: fixed per-head decays."""
 
     fn, step_fn = staticmethod(retnet), staticmethod(retnet_step)
+
+    def _log_decay(self, q, extra):
+        return _retnet_g(q)
 
 
 class LinearAttention(_GatedLinearAttentionLayer):

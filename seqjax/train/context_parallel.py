@@ -32,7 +32,8 @@ used as the local form stays inside ``shard_map`` as Mosaic/Triton kernels requi
 
 **In the LM**: under ``seqjax.sharding.use_rules(mesh)`` with ``context > 1`` dividing the length (the
 train and eval steps trace there; ``seqjax.sharding.context_mesh``), ``seqjax.mixers.mamba2.Mamba2`` calls
-:func:`mamba2_context_parallel`, the DeltaNet / Gated DeltaNet layers :func:`delta_context_parallel`, and
+:func:`mamba2_context_parallel`, the GLA / RetNet / linear-attention layers :func:`gla_context_parallel`
+with :func:`chunked_local`, the DeltaNet / Gated DeltaNet layers :func:`delta_context_parallel`, and
 ``seqjax.attention.Attention`` (full causal, no persistent tokens) :func:`attention_context_parallel`.
 """
 
