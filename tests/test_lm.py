@@ -148,9 +148,11 @@ def _titans_cfg(name, **kw):
     return _cfg(pattern=(name,), num_layers=1, window=3, mixer_kwargs=mk, **kw)
 
 
-@pytest.mark.parametrize("name", ["titans_mag", "titans_mal"])
+@pytest.mark.parametrize("name", ["titans_mag", "titans_mal", "titans_mac"])
 def test_titans_decode_equals_forward(name):
-    """MAG / MAL: persistent tokens stay visible past the window; prefill + decode equals forward."""
+    """MAG / MAL: persistent tokens stay visible past the window; MAC: segments of 4, the prefill crosses a
+    segment boundary and decoding completes the second segment and starts a third; prefill + decode equals
+    forward for all three."""
     m = LM(_titans_cfg(name), rngs=nnx.Rngs(0))
     toks = _tokens(t=9)
     y, _ = m(toks)
@@ -210,5 +212,5 @@ def test_titans_mac_is_causal_and_matches_one_segment_reference():
     ya = mac_one.attn.out(o)
     ym, _ = mac_one.memory(ya, cache=mem0)
     assert rms_rel_err(got, ya * jax.nn.sigmoid(mac_one.norm_m(ym))) < 1e-5
-    with pytest.raises(ValueError, match="decode"):
-        m.init_cache(1, 8)
+    with pytest.raises(ValueError, match="segment_ids"):
+        m(toks, segment_ids=jnp.ones_like(toks))

@@ -9,8 +9,9 @@
   ``h_i = M*_{s-1}(q_i)`` (a read, no write); token ``j`` attends over the persistent tokens and over
   ``h_i`` and ``x_i`` for ``i <= j`` in its segment (the paper's ``[P || h || S]`` with the causal mask
   applied to the retrieved tokens too, so no token sees a later token's query); the attention output
-  ``y`` is written into the memory (``M_s``) and ``o = y * sigmoid(RMSNorm(M_s(y)))``. Training form
-  only (no decode cache).
+  ``y`` is written into the memory (``M_s``) and ``o = y * sigmoid(RMSNorm(M_s(y)))``. Decoding keeps
+  the segment's ``[h | x]`` keys / values (``C`` slots), the memory as the previous segments left it (for
+  retrieval) and as written so far; prefill is the same token by token (a ``lax.scan``).
 
 These are layer mixers for the pattern LM (names ``"titans_mag"``, ``"titans_mal"``, ``"titans_mac"``):
 ``y, cache = layer(x, segment_ids=..., positions=..., attn_segment_ids=..., cache=...)``; options come
@@ -101,9 +102,39 @@ class MAC(_Titans):
         ym, mem_cache = self.memory(y, cache=mem_cache)
         return y * jax.nn.sigmoid(self.norm_m(ym)), mem_cache
 
+    def _token(self, cache, x, pos):
+        """Decode one token ``x [b, 1, d]`` at positions ``pos [b, 1]``: the training form's arithmetic for
+        the token at slot ``cache["slot"]`` of its segment."""
+        attn, c = self.attn, self.chunk
+        h = self.retrieve(cache["mem_start"], x)  # read from the memory as the previous segments left it
+        q, kx, vx = attn.qkv(x, pos)
+        _, kh, vh = attn.qkv(h, pos)
+        slot = cache["slot"]
+        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), slot, axis=1)  # noqa: E731
+        kh, vh, kx, vx = (put(cache[n], a) for n, a in (("kh", kh), ("vh", vh), ("kx", kx), ("vx", vx)))
+        seen = (jnp.arange(c) <= slot)[None, None, None, :]  # the segment's tokens so far, [h | x] halves
+        k, v, mask = attn._prefix(jnp.concatenate([kh, kx], 1), jnp.concatenate([vh, vx], 1),
+                                  jnp.concatenate([seen, seen], axis=3))
+        y = attn.out(attention(q, k, v, mask=mask, impl=attn.impl)).astype(x.dtype)
+        ym, mem = self.memory(y, cache=cache["mem"])  # write y (token by token, as the training form does)
+        end = slot + 1 == c  # the segment is complete: later retrievals read the memory written so far
+        mem_start = jax.tree.map(lambda new, old: jnp.where(end, new, old), mem, cache["mem_start"])
+        new = dict(kh=kh, vh=vh, kx=kx, vx=vx, slot=jnp.where(end, 0, slot + 1), mem_start=mem_start, mem=mem)
+        return y * jax.nn.sigmoid(self.norm_m(ym)), new
+
+    def _decode(self, x, positions, cache):
+        """Prefill or decode ``x [b, t, d]`` from ``cache`` (a scan of :meth:`_token`)."""
+        graphdef, state = nnx.split(self)
+
+        def body(cache, xs):
+            x1, p1 = xs
+            o, cache = nnx.merge(graphdef, state)._token(cache, x1[:, None], p1[:, None])
+            return cache, o[:, 0]
+
+        cache, o = jax.lax.scan(body, cache, (jnp.moveaxis(x, 1, 0), jnp.moveaxis(positions, 1, 0)))
+        return jnp.moveaxis(o, 0, 1), cache
+
     def __call__(self, x, *, segment_ids=None, positions=None, attn_segment_ids=None, cache=None):
-        if cache is not None:
-            raise ValueError("titans_mac has no decode cache (training form only); use titans_mag or titans_mal")
         if segment_ids is not None:
             raise ValueError("titans_mac does not take segment_ids (packed sequences)")
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
@@ -112,6 +143,8 @@ class MAC(_Titans):
         n = -(-t // c)
         if positions is None:
             positions = positions_from_segment_ids(jnp.zeros((b, t), jnp.int32))
+        if cache is not None:
+            return self._decode(x, positions, cache)
         xp = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0))).reshape(b, n, c, d)
         pp = jnp.pad(positions, ((0, 0), (0, n * c - t)), mode="edge").reshape(b, n, c)
         graphdef, state = nnx.split(self)
@@ -125,4 +158,11 @@ class MAC(_Titans):
         return jnp.moveaxis(o, 0, 1).reshape(b, n * c, d)[:, :t], None
 
     def init_cache(self, batch_size: int, max_len: int):
-        raise ValueError("titans_mac has no decode cache (training form only); use titans_mag or titans_mal")
+        """The current segment's keys / values of ``[h | x]`` (``chunk`` slots each), the slot index, and the
+        memory twice: as the previous segments left it (read) and as written so far (write). ``max_len`` is
+        not needed: the cache is O(chunk), whatever the length."""
+        del max_len
+        attn = self.attn
+        kv = jnp.zeros((batch_size, self.chunk, attn.num_kv_heads, attn.head_dim), attn.dtype)
+        mem = self.memory.init_cache(batch_size, self.chunk)
+        return dict(kh=kv, vh=kv, kx=kv, vx=kv, slot=jnp.zeros((), jnp.int32), mem_start=mem, mem=mem)
