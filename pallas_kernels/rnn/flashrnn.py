@@ -5,26 +5,29 @@ recurrent matrix is block-diagonal):
 
 - the input projections :math:`W x_t + b` for all ``t`` are precomputed outside (one big matmul) and
   streamed in as ``xp`` ``[B, T, G, K, D]``;
-- the head's recurrent weights ``R[g]`` ``[D, K*D]`` and per-neuron parameters are loaded **once** and stay
-  resident for all ``T`` steps;
-- each step is ``r = h_{t-1} R_g`` (one ``[B, D] x [D, K*D]`` matmul) then the cell's pointwise map
-  ``s_t = pointwise(p, s_{t-1}, xp_t, r)``, in a ``fori_loop`` with ref indexing (no ``lax.scan`` inside the
+- the head's recurrent weights ``R[g]``, one ``[D, D]`` block per gate, and the per-neuron parameters are
+  loaded **once** and stay resident for all ``T`` steps;
+- each step is ``r_k = h_{t-1} R_{g,k}`` (``K`` matmuls ``[B, D] x [D, D]``) then the cell's per-neuron map
+  ``s_t = split(p, s_{t-1}, xp_t, r)``, in a ``fori_loop`` with ref indexing (no ``lax.scan`` inside the
   kernel: it does not lower there);
 - all states ``[B, T, S, G, D]`` are written out (they are the residuals of the backward pass).
 
 Backward: a second kernel runs time in reverse and, per step, recomputes ``r`` from the stored
-:math:`h_{t-1}`, takes the VJP of the pointwise map, writes :math:`\partial xp_t`, and accumulates
-:math:`\partial R_g \mathrel{+}= h_{t-1}^\top \partial r_t` and the per-neuron parameter gradients in the loop
-carry (on chip), writing them once at the end; :math:`\partial h_{t-1}` gets :math:`\partial r_t R_g^\top`.
+:math:`h_{t-1}`, takes the VJP of the per-neuron map, writes :math:`\partial xp_t`, and accumulates
+:math:`\partial R_{g,k} \mathrel{+}= h_{t-1}^\top \partial r_{t,k}` and the per-neuron parameter gradients
+in the loop carry (on chip), writing them once at the end; :math:`\partial h_{t-1}` gets
+:math:`\sum_k \partial r_{t,k} R_{g,k}^\top`.
 
-The cell enters only through ``pointwise(p, s, xg, rg) -> s'`` (``s`` ``[B, S, 1, D]``, ``xg``/``rg``
-``[B, 1, K, D]``, ``p`` a dict of ``[1, ..., D]`` arrays), so LSTM, GRU, sLSTM, Elman and the leaky RNN
-share one kernel; ``seqjax.rnn.cells`` supplies the maps.
+The cell enters only through ``Cell.split(p, s, xg, rg) -> s'`` on *lists* (``S`` state arrays and ``K``
+gate arrays ``[B, D]``, parameters ``[1, D]`` or tuples of rows), so LSTM, GRU, sLSTM, Elman and the leaky
+RNN share one kernel; ``seqjax.rnn.cells`` supplies the maps. Lists, because the GPU (Triton) lowering has
+no ``slice`` on values and wants power-of-two sizes for every array: gates, states and parameter rows are
+loaded from refs one by one, and ``B``, ``D`` are padded to powers of two ``>= 16``.
 
-Verified: in interpret mode (``interpret=True``, CPU), forward states and all gradients equal the
-``lax.scan`` reference (``tests/test_rnn_kernel.py``). Not verified: Mosaic-GPU / Triton / TPU lowering
-(``jnp.dot`` of non-tile-aligned ``D``, the in-kernel reshapes and the ``jax.vjp`` of the pointwise map may need
-work), memory limits for large ``D`` and speed — to be checked when an accelerator is lent.
+Verified: in interpret mode (``interpret=True``, CPU; ``tests/test_rnn_kernel.py``), forward states and
+all gradients equal the ``lax.scan`` reference; the same tests pass compiled with the Triton lowering on
+an NVIDIA H200 (jax 0.11.2, ``benchmarks/gpu_check.sh``, 2026-11-26). A head must fit on chip there
+(:func:`check_fits`). Not measured yet: speed on a GPU; TPU lowering.
 """
 
 from __future__ import annotations
