@@ -25,8 +25,8 @@ from seqjax.train import config, run
 def main(argv):
     cfg = config.from_args(argv)
     summary = run.train(cfg)
-    sample = summary.pop("sample", None)
-    print(json.dumps({k: v for k, v in summary.items() if k != "compile"}, indent=1, default=str))
+    sample = summary.get("sample")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("compile", "sample")}, indent=1, default=str))
     if sample is not None:
         print("\n--- sample ---\n" + sample + "\n--------------")
     return summary

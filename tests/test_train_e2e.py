@@ -40,6 +40,7 @@ def test_default_command_short(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tb"))
     cfg = json.load(open(run_dir / "config.json"))
     assert cfg["model"]["pattern"] == ["mamba2", "mamba2", "mamba2", "attention"]
+    assert summary["sample"].startswith("def ") and len(summary["sample"]) > len("def ")  # 8 sampled bytes
 
 
 def test_config_overrides_and_presets():

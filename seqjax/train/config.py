@@ -75,6 +75,8 @@ class TrainConfig:
     nan_policy: str = "raise"  # "raise" | "skip": what a non-finite loss or gradient does
     sample_len: int = 200
     sample_prompt: str = "def "
+    sample_temperature: float = 0.8  # 0 = greedy
+    sample_top_p: float = 0.95
     peak_flops: float = 0.0  # per device, for MFU; 0 = guess from the device kind
     max_seconds: float = 0.0  # stop (and checkpoint) after this much training wall time; 0 = no limit
     coordinator: str = ""  # "host:port": multi-process run via jax.distributed.initialize

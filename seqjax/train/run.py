@@ -66,20 +66,16 @@ def _evaluate(eval_fn, params, batches: data_lib.Batches, n: int, sharding, seq_
     return ls / max(ws, 1.0)
 
 
-def _sample(trainer, params, prompt: str, n: int) -> str:
-    model = trainer.model(jax.device_get(params))
-    toks = jnp.asarray([list(prompt.encode())], jnp.int32)
-    try:
-        from seqjax.models.generate import generate
+def _sample(trainer, params, cfg) -> str:
+    """``cfg.sample_len`` bytes after ``cfg.sample_prompt``, sampled at ``cfg.sample_temperature`` with nucleus
+    ``cfg.sample_top_p`` (greedy at temperature 0, which makes a small model repeat itself)."""
+    from seqjax.models.generate import generate
 
-        out = generate(model, toks, n, temperature=0.0)
-    except ImportError:  # greedy loop without a cache
-        seq = toks
-        for _ in range(n):
-            logits, _ = model(seq)
-            seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)], axis=1)
-        out = seq[:, toks.shape[1] :]
-    return prompt + bytes(np.asarray(out[0]).astype(np.uint8)).decode("utf-8", errors="replace")
+    model = trainer.model(jax.device_get(params))
+    toks = jnp.asarray([list(cfg.sample_prompt.encode())], jnp.int32)
+    out = generate(model, toks, cfg.sample_len, key=jax.random.PRNGKey(cfg.seed),
+                   temperature=cfg.sample_temperature, top_p=cfg.sample_top_p if cfg.sample_temperature > 0 else None)
+    return cfg.sample_prompt + bytes(np.asarray(out[0]).astype(np.uint8)).decode("utf-8", errors="replace")
 
 
 def _plot(history: list[dict], path: str):
@@ -273,7 +269,7 @@ def train(cfg: config_lib.TrainConfig, *, progress: bool = True, make_model=None
     if main and reason != "preempted":
         _plot(history, os.path.join(cfg.run_dir, "loss.png"))
         if cfg.sample_len > 0 and jax.process_count() == 1:
-            summary["sample"] = _sample(trainer, state["params"], cfg.sample_prompt, cfg.sample_len)
+            summary["sample"] = _sample(trainer, state["params"], cfg)
     if writer is not None:
         writer.close()
     return summary
