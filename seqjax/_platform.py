@@ -14,6 +14,9 @@ from __future__ import annotations
 import jax
 
 
-def auto_pallas() -> bool:
-    """True where ``impl="auto"`` should run the chunked Pallas kernels (see the module docstring)."""
+def auto_pallas(chunk_size: int | None = None) -> bool:
+    """True where ``impl="auto"`` should run the chunked Pallas kernels (see the module docstring); with
+    ``chunk_size``, also only if the GLA kernel takes it (a power of two >= 16)."""
+    if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        return False
     return jax.default_backend() == "gpu" and jax.device_count() == 1

@@ -102,11 +102,23 @@ def test_auto_takes_the_kernel_where_measured(monkeypatch):
     ks = jax.random.split(jax.random.PRNGKey(3), 4)
     q, k, v = (jax.random.normal(kk, (1, 19, 2, 16)) for kk in ks[:3])
     gk = -jnp.exp(jax.random.normal(ks[3], (1, 19, 2, 16)))
-    monkeypatch.setattr(G, "auto_pallas", lambda: True)
+    monkeypatch.setattr(G, "auto_pallas", lambda chunk_size=None: True)
     _close(G.retnet(q, k, v, impl="auto"), G.retnet(q, k, v, impl="chunked"), 1e-5, "retnet auto")
     assert len(calls) == 1
     G.gla(q, k, v, gk, impl="auto")
     assert len(calls) == 1
-    monkeypatch.setattr(G, "auto_pallas", lambda: False)
+    monkeypatch.setattr(G, "auto_pallas", lambda chunk_size=None: False)
     G.retnet(q, k, v, impl="auto")
     assert len(calls) == 1
+
+
+def test_auto_pallas_needs_one_gpu_and_a_kernel_chunk_size(monkeypatch):
+    """``auto_pallas``: a one-device GPU process, and a chunk size the kernel takes (a power of two >= 16)."""
+    from seqjax import _platform as P
+
+    assert not P.auto_pallas(64)  # this CPU process with 8 fake devices
+    monkeypatch.setattr(P.jax, "default_backend", lambda: "gpu")
+    assert not P.auto_pallas(64)  # 8 devices: a pallas_call has no sharding rule
+    monkeypatch.setattr(P.jax, "device_count", lambda: 1)
+    assert P.auto_pallas() and P.auto_pallas(64) and P.auto_pallas(16)
+    assert not P.auto_pallas(48) and not P.auto_pallas(8)

@@ -59,7 +59,7 @@ def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
     qs = (q.astype(jnp.float32) * _scale(q, scale)).astype(q.dtype)
     if impl == "sequential":
         o, s = eng.recurrent_gla(qs, k, v, g, sign=sign, h0=h0, resets=resets)
-    elif impl == "pallas" or (impl == "auto" and (g is None or g.ndim == 3) and auto_pallas()):
+    elif impl == "pallas" or (impl == "auto" and (g is None or g.ndim == 3) and auto_pallas(chunk_size)):
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
         o, s = gla_chunk_pallas(qs, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)

@@ -98,7 +98,7 @@ def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_s
     g, sign = transition(dt, A, negative_eigen)
     v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
     q, k = _heads(C, h).astype(x.dtype), _heads(B, h).astype(x.dtype)
-    if impl == "pallas" or (impl == "auto" and auto_pallas()):
+    if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
         y, s = gla_chunk_pallas(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
