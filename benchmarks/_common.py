@@ -7,6 +7,7 @@ warm-up call that also compiles.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -92,3 +93,35 @@ def torch_cells(tf, tb, base, flops) -> str:
     vf = f"{base[0] / tf:.2f}x" if base else ""
     vb = f"{base[1] / tb:.2f}x" if base and isinstance(tb, float) else ""
     return f"{tf * 1e3:.2f} | {bwd} | {flops / tf / 1e12:.2f} | {vf} | {vb}"
+
+
+def gpu_bench_args(argv=None, doc: str = ""):
+    """The arguments shared by the chunked-kernel GPU benchmarks: ``--out --ts --b --h --d``."""
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--out", default="")
+    p.add_argument("--ts", default="2048,8192")
+    p.add_argument("--b", type=int, default=8)
+    p.add_argument("--h", type=int, default=16)
+    p.add_argument("--d", type=int, default=128)
+    return p.parse_args(argv)
+
+
+def jax_form_cells(f, args, base, flops, ref=None) -> tuple[str, tuple[float, float]]:
+    """Time the JAX form ``f(*args) -> (o, state)``: forward, and forward+backward of ``sum(o²)`` w.r.t. every
+    argument. Returns the row cells ``fwd ms | fwd+bwd ms | TFLOP/s | fwd vs base | fwd+bwd vs base | o vs ref``
+    (``base`` the ``(fwd, fwd+bwd)`` seconds of the first form, or None to make this one the base) and the
+    base to pass on. A failure becomes the row's text; measuring goes on."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        fwd = jax.jit(lambda *x: f(*x)[0])
+        loss = lambda *x: jnp.sum(f(*x)[0].astype(jnp.float32) ** 2)  # noqa: E731
+        bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+        tf, tb = time_jax(fwd, *args), time_jax(bwd, *args)
+    except Exception as e:  # noqa: BLE001 — record the miss, keep measuring
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | | | | |", base
+    base = base or (tf, tb)
+    err = f"{rel_err(fwd(*args), ref):.1e}" if ref is not None else ""
+    return (f"{tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | {base[0] / tf:.2f}x | "
+            f"{base[1] / tb:.2f}x | {err}"), base

@@ -13,7 +13,6 @@ solve ~C³/3: about ``T·(8·C·D + 6·D² + C²/3)`` per head.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    fla_lift_hopper_guard, rel_err, time_jax, time_torch, time_torch_or_reason, to_torch, torch_cells, write)
+    fla_lift_hopper_guard, gpu_bench_args, jax_form_cells, time_torch, time_torch_or_reason, to_torch, torch_cells, write)
 
 from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
 from seqjax.mixers._delta_chunk import delta_rule_chunked  # noqa: E402
@@ -40,13 +39,7 @@ def _fla():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="")
-    p.add_argument("--ts", default="2048,8192")
-    p.add_argument("--b", type=int, default=8)
-    p.add_argument("--h", type=int, default=16)
-    p.add_argument("--d", type=int, default=128)
-    a = p.parse_args(argv)
+    a = gpu_bench_args(argv, __doc__.splitlines()[0])
     note = fla_lift_hopper_guard()  # before fla's first call
     b, h, d, c = a.b, a.h, a.d, 64
     rows = [f"# Chunked gated delta rule on {jax.devices()[0].device_kind}, jax {jax.__version__}", "",
@@ -74,17 +67,8 @@ def main(argv=None):
                  "Pallas": functools.partial(delta_chunk, chunk_size=c)}
         base = None
         for name, f in forms.items():
-            try:
-                fwd = jax.jit(lambda *x, f=f: f(*x)[0])
-                loss = lambda *x, f=f: jnp.sum(f(*x)[0].astype(jnp.float32) ** 2)  # noqa: E731
-                fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-                tf, tb = time_jax(fwd, *args), time_jax(fb, *args)
-                base = base or (tf, tb)
-                err = f"{rel_err(fwd(*args), ref):.1e}" if ref is not None else ""
-                row = (f"| {t} | {name} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | "
-                       f"{base[0] / tf:.2f}x | {base[1] / tb:.2f}x | {err} |")
-            except Exception as e:  # noqa: BLE001 — record the miss, keep measuring
-                row = f"| {t} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | | | | | |"
+            cells, base = jax_form_cells(f, args, base, flops, ref)
+            row = f"| {t} | {name} | {cells} |"
             rows.append(row)
             print(row, flush=True)
         if isinstance(fla, str):

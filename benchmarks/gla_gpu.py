@@ -13,7 +13,6 @@ FLOPs per head (forward): ``T·(2·C·D + 4·D²)·2`` (intra ``QKᵀ``, ``AV``;
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    fla_lift_hopper_guard, rel_err, time_jax, time_torch, time_torch_or_reason, to_torch, torch_cells, write)
+    fla_lift_hopper_guard, gpu_bench_args, jax_form_cells, time_torch, time_torch_or_reason, to_torch, torch_cells, write)
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
 from seqjax.mixers._gla_chunk import chunk_gla  # noqa: E402
@@ -44,13 +43,7 @@ def _fla(per_channel: bool):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="")
-    p.add_argument("--ts", default="2048,8192")
-    p.add_argument("--b", type=int, default=8)
-    p.add_argument("--h", type=int, default=16)
-    p.add_argument("--d", type=int, default=128)
-    a = p.parse_args(argv)
+    a = gpu_bench_args(argv, __doc__.splitlines()[0])
     note = fla_lift_hopper_guard()  # before fla's first call
     b, h, d, c = a.b, a.h, a.d, 64
     rows = [f"# Chunked GLA on {jax.devices()[0].device_kind}, jax {jax.__version__}", "",
@@ -81,17 +74,8 @@ def main(argv=None):
                     fla = f"fla failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
             base = None
             for name, f in forms.items():
-                try:
-                    fwd = jax.jit(lambda q, k, v, g, f=f: f(q, k, v, g)[0])
-                    loss = lambda q, k, v, g, f=f: jnp.sum(f(q, k, v, g)[0].astype(jnp.float32) ** 2)  # noqa: E731
-                    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-                    tf, tb = time_jax(fwd, q, k, v, g), time_jax(bwd, q, k, v, g)
-                    base = base or (tf, tb)
-                    err = f"{rel_err(fwd(q, k, v, g), ref):.1e}" if ref is not None else ""
-                    row = (f"| {t} | {decay} | {name} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | "
-                           f"{base[0] / tf:.2f}x | {base[1] / tb:.2f}x | {err} |")
-                except Exception as e:  # noqa: BLE001 — record the miss, keep measuring
-                    row = f"| {t} | {decay} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | | | | | |"
+                cells, base = jax_form_cells(f, (q, k, v, g), base, flops, ref)
+                row = f"| {t} | {decay} | {name} | {cells} |"
                 rows.append(row)
                 print(row, flush=True)
             if isinstance(fla, str):

@@ -29,6 +29,23 @@ def _resets(b, t):
     return jnp.asarray(r)
 
 
+def _same_values_and_grads(cp, ref, args, argnums, tol=1e-4):
+    """``cp(*args)`` and ``ref(*args)`` (each ``(y, S_last)``) agree, and so do the gradients of a loss that
+    reads both outputs, w.r.t. ``args[i]`` for ``i`` in ``argnums``."""
+    for got, want in zip(jax.jit(cp)(*args), jax.jit(ref)(*args)):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+    def loss(f):
+        def go(*a):
+            y, s = f(*a)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(s * s)
+
+        return jax.jit(jax.grad(go, argnums=argnums))
+
+    for g_c, g_r in zip(loss(cp)(*args), loss(ref)(*args)):
+        np.testing.assert_allclose(g_c, g_r, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize(
     "shape,scalar,strong",
     [((1, 1, 8, 1), False, False), ((2, 1, 2, 2), True, False), ((1, 2, 4, 1), False, True)],
@@ -46,20 +63,7 @@ def test_gla_context_parallel_matches_unsharded(shape, scalar, strong):
     def cp(q, k, v, log_a, h0):
         return gla_context_parallel(q, k, v, log_a, mesh=mesh, h0=h0, resets=resets)
 
-    y_r, s_r = jax.jit(ref)(q, k, v, log_a, h0)
-    y_c, s_c = jax.jit(cp)(q, k, v, log_a, h0)
-    np.testing.assert_allclose(y_c, y_r, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(s_c, s_r, rtol=1e-4, atol=1e-4)
-
-    def loss(f):
-        def go(*args):
-            y, s = f(*args)
-            return jnp.sum(jnp.sin(y)) + jnp.sum(s * s)
-
-        return jax.jit(jax.grad(go, argnums=(0, 1, 2, 3, 4)))
-
-    for g_c, g_r in zip(loss(cp)(q, k, v, log_a, h0), loss(ref)(q, k, v, log_a, h0)):
-        np.testing.assert_allclose(g_c, g_r, rtol=1e-4, atol=1e-4)
+    _same_values_and_grads(cp, ref, (q, k, v, log_a, h0), (0, 1, 2, 3, 4))
 
 
 def test_attention_context_parallel_matches_unsharded():
@@ -163,21 +167,7 @@ def test_delta_context_parallel_matches_unsharded(shape, gated, strong):
     def cp(q, k, v, beta, la):
         return delta_context_parallel(q, k, v, beta, la, mesh=mesh, **kw)
 
-    args = (q, k, v, beta, la)
-    y_r, s_r = jax.jit(ref)(*args)
-    y_c, s_c = jax.jit(cp)(*args)
-    np.testing.assert_allclose(y_c, y_r, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(s_c, s_r, rtol=1e-4, atol=1e-4)
-
-    def loss(f):
-        def go(*a):
-            y, s = f(*a)
-            return jnp.sum(jnp.sin(y)) + jnp.sum(s * s)
-
-        return jax.jit(jax.grad(go, argnums=(0, 1, 2, 3) + ((4,) if gated else ())))
-
-    for g_c, g_r in zip(loss(cp)(*args), loss(ref)(*args)):
-        np.testing.assert_allclose(g_c, g_r, rtol=1e-4, atol=1e-4)
+    _same_values_and_grads(cp, ref, (q, k, v, beta, la), (0, 1, 2, 3) + ((4,) if gated else ()))
 
 
 @pytest.mark.parametrize("name", ["retnet", "linear_attention"])
