@@ -86,9 +86,25 @@ def time_torch_or_reason(f, reps: int = 5):
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
-def torch_cells(tf, tb, base, flops) -> str:
-    """``fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd vs base | fwd+bwd vs base`` of a PyTorch row, where ``tb``
-    may be a reason string and ``base`` the ``(fwd, fwd+bwd)`` seconds of the JAX baseline (or None)."""
+def torch_reference(fn, arrays, dtypes):
+    """``(fn, fn(*targs) detached, targs)`` on CUDA copies of the JAX ``arrays`` (``dtypes`` per array), or
+    ``(reason, None, None)`` when ``fn`` is already a reason string or fails on them."""
+    if isinstance(fn, str):
+        return fn, None, None
+    try:
+        targs = [to_torch(x, d, grad=True) for x, d in zip(arrays, dtypes)]
+        return fn, fn(*targs).detach(), targs
+    except Exception as e:  # noqa: BLE001
+        return f"fla failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})", None, None
+
+
+def torch_form_cells(fn, targs, base, flops) -> str:
+    """Time the PyTorch form ``fn(*targs) -> o``, forward then forward+backward of ``sum(o²)`` (the backward's
+    failure becomes its cell), as ``fwd ms | fwd+bwd ms | TFLOP/s | fwd vs base | fwd+bwd vs base``, where
+    ``base`` is the ``(fwd, fwd+bwd)`` seconds of the JAX baseline (or None)."""
+    tf = time_torch(lambda: fn(*targs))
+    print(f"(torch forward {tf * 1e3:.2f} ms; its backward, with any autotuning, next)", flush=True)
+    tb = time_torch_or_reason(lambda: fn(*targs).float().square().sum().backward())
     bwd = f"{tb * 1e3:.2f}" if isinstance(tb, float) else tb
     vf = f"{base[0] / tf:.2f}x" if base else ""
     vb = f"{base[1] / tb:.2f}x" if base and isinstance(tb, float) else ""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    fla_lift_hopper_guard, gpu_bench_args, jax_form_cells, time_torch, time_torch_or_reason, to_torch, torch_cells, write)
+    fla_lift_hopper_guard, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference, write)
 
 from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
 from seqjax.mixers._delta_chunk import delta_rule_chunked  # noqa: E402
@@ -56,13 +56,7 @@ def main(argv=None):
         la = jax.nn.log_sigmoid(3 + jax.random.normal(ks[4], (b, t, h)))
         args = (q, k, v, beta, la)
         flops = b * h * t * (8 * c * d + 6 * d * d + c * c / 3) * 2
-        fla, ref = _fla(), None
-        if not isinstance(fla, str):
-            try:
-                targs = [to_torch(x, grad=True) for x in (q, k, v)] + [to_torch(x, "float32", grad=True) for x in (beta, la)]
-                ref = fla(*targs).detach()
-            except Exception as e:  # noqa: BLE001
-                fla = f"fla failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        fla, ref, targs = torch_reference(_fla(), args, ("bfloat16",) * 3 + ("float32",) * 2)
         forms = {"XLA chunked": functools.partial(delta_rule_chunked, chunk_size=c),
                  "Pallas": functools.partial(delta_chunk, chunk_size=c)}
         base = None
@@ -74,13 +68,7 @@ def main(argv=None):
         if isinstance(fla, str):
             row = f"| {t} | {fla} | | | | | | |"
         else:
-            def fwdbwd():
-                fla(*targs).float().square().sum().backward()
-
-            tf = time_torch(lambda: fla(*targs))
-            print(f"(fla forward {tf * 1e3:.2f} ms; its backward autotunes next)", flush=True)
-            tb = time_torch_or_reason(fwdbwd)
-            row = f"| {t} | fla chunk_gated_delta_rule (Triton) | {torch_cells(tf, tb, base, flops)} | |"
+            row = f"| {t} | fla chunk_gated_delta_rule (Triton) | {torch_form_cells(fla, targs, base, flops)} | |"
         rows.append(row)
         print(row, flush=True)
     if note:

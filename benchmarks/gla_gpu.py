@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    fla_lift_hopper_guard, gpu_bench_args, jax_form_cells, time_torch, time_torch_or_reason, to_torch, torch_cells, write)
+    fla_lift_hopper_guard, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference, write)
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
 from seqjax.mixers._gla_chunk import chunk_gla  # noqa: E402
@@ -63,15 +63,8 @@ def main(argv=None):
             forms = {"XLA chunked": functools.partial(chunk_gla, chunk_size=c)}
             if decay == "per head":
                 forms["Pallas"] = functools.partial(gla_chunk_pallas, chunk_size=c)
-            fla = _fla(decay == "per channel")
-            ref = None  # fla's forward output on these inputs
-            if not isinstance(fla, str):
-                try:
-                    tq, tk, tv = (to_torch(x, grad=True) for x in (q, k, v))
-                    tg = to_torch(g, "float32", grad=True)
-                    ref = fla(tq, tk, tv, tg).detach()
-                except Exception as e:  # noqa: BLE001
-                    fla = f"fla failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            fla, ref, targs = torch_reference(_fla(decay == "per channel"), (q, k, v, g),
+                                              ("bfloat16", "bfloat16", "bfloat16", "float32"))
             base = None
             for name, f in forms.items():
                 cells, base = jax_form_cells(f, (q, k, v, g), base, flops, ref)
@@ -81,14 +74,8 @@ def main(argv=None):
             if isinstance(fla, str):
                 row = f"| {t} | {decay} | {fla} | | | | | | |"
             else:
-                def fb():
-                    fla(tq, tk, tv, tg).float().square().sum().backward()
-
-                tf = time_torch(lambda: fla(tq, tk, tv, tg))
-                print(f"(fla forward {tf * 1e3:.2f} ms; its backward autotunes next)", flush=True)
-                tb = time_torch_or_reason(fb)
                 name = f"fla {'chunk_gla' if decay == 'per channel' else 'chunk_simple_gla'} (Triton)"
-                row = f"| {t} | {decay} | {name} | {torch_cells(tf, tb, base, flops)} | |"
+                row = f"| {t} | {decay} | {name} | {torch_form_cells(fla, targs, base, flops)} | |"
             rows.append(row)
             print(row, flush=True)
     if note:

@@ -233,15 +233,15 @@ class _GatedLinearAttentionLayer(nnx.Module):
         h0 = None if cache is None else cache["state"]
         if cache is not None and resets is not None:
             resets = resets.at[:, 0].set(False)  # the block continues the cached document
+        mesh = None if cache is not None else shd.context_mesh(x.shape[1])  # time split over `context`
         if cache is not None and x.shape[1] == 1 and resets is None:
             y, s = self.step_fn(h0, q[:, 0], k[:, 0], v[:, 0], **{n: a[:, 0] for n, a in extra.items()})
             y = y[:, None]
-        elif cache is None and shd.context_mesh(x.shape[1]) is not None:
-            # time split over the mesh's `context` axis: the chunked engine per shard, then one all-gather
+        elif mesh is not None:  # the chunked engine per shard, then one all-gather
             from seqjax.train.context_parallel import chunked_local, gla_context_parallel
 
             qs = (q.astype(jnp.float32) * _scale(q, None)).astype(q.dtype)
-            y, s = gla_context_parallel(qs, k, v, self._log_decay(q, extra), mesh=shd.context_mesh(x.shape[1]),
+            y, s = gla_context_parallel(qs, k, v, self._log_decay(q, extra), mesh=mesh,
                                         resets=resets, local_fn=chunked_local(self.chunk_size))
             y = y.astype(v.dtype)
         else:

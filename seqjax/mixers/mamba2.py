@@ -220,15 +220,16 @@ class Mamba2(nnx.Module):
         if cache is not None and resets is not None:
             resets = resets.at[:, 0].set(False)
         h0 = None if cache is None else cache["state"]
+        # time split over the mesh's `context` axis (signed transitions keep the GSPMD path)
+        mesh = None if cache is not None or self.negative_eigen else shd.context_mesh(t)
         if cache is not None and t == 1 and resets is None:
             y, s = mamba2_step(h0, xh[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D[...],
                                negative_eigen=self.negative_eigen)
             y = y[:, None]
-        elif cache is None and not self.negative_eigen and shd.context_mesh(t) is not None:
-            # time split over the mesh's `context` axis (signed transitions keep the GSPMD path)
+        elif mesh is not None:
             from seqjax.train.context_parallel import mamba2_context_parallel
 
-            y, s = mamba2_context_parallel(xh, dt, A, B, C, self.D[...], mesh=shd.context_mesh(t),
+            y, s = mamba2_context_parallel(xh, dt, A, B, C, self.D[...], mesh=mesh,
                                            resets=resets, chunk_size=self.chunk_size)
         else:
             y, s = mamba2(xh, dt, A, B, C, self.D[...], h0=h0, resets=resets, impl=self.impl,
