@@ -40,11 +40,12 @@ def _value_and_grads(f, x, key):
     return (o, hl), jax.grad(loss)(x)
 
 
-@pytest.mark.parametrize("dk,dv,t", [(7, 5, 37), (64, 64, 20)])
-def test_kernel_equals_reference(dk, dv, t):
+@pytest.mark.parametrize("dk,dv,t,chunk", [(7, 5, 37, 16), (64, 64, 20, 16), (128, 33, 70, 64)])
+def test_kernel_equals_reference(dk, dv, t, chunk):
+    """chunk 64 exercises the blocked inverse (four 16 x 16 diagonal blocks and their merges)."""
     x, resets = _inputs(jax.random.PRNGKey(dk), 1, t, 2, dk, dv)
     ref = lambda **a: E.delta_rule_recurrent(**a, resets=resets, scale=0.3)  # noqa: E731
-    ker = lambda **a: delta_chunk(**a, resets=resets, scale=0.3, chunk_size=16)  # noqa: E731
+    ker = lambda **a: delta_chunk(**a, resets=resets, scale=0.3, chunk_size=chunk)  # noqa: E731
     key = jax.random.PRNGKey(1)
     out_ref, g_ref = _value_and_grads(ref, x, key)
     out, g = _value_and_grads(ker, x, key)
@@ -59,6 +60,16 @@ def test_kernel_gate_extremes(log_decay):
     want = E.delta_rule_recurrent(**x)
     got = delta_chunk(**x, chunk_size=16)
     _close(got, want, 1e-4, f"log_decay={log_decay}")
+
+
+def test_state_carried_across_a_split_sequence():
+    x, _ = _inputs(jax.random.PRNGKey(6), 1, 63, 2, 9, 4, decay=(-9.0, 1.0))
+    want_o, want_h = E.delta_rule_recurrent(**x)
+    head = {n: (a if n == "h0" else a[:, :40]) for n, a in x.items()}
+    tail = {n: a[:, 40:] for n, a in x.items() if n != "h0"}
+    o1, h1 = delta_chunk(**head, chunk_size=32)
+    o2, h2 = delta_chunk(**{**tail, "h0": h1}, chunk_size=32)
+    _close((jnp.concatenate([o1, o2], 1), h2), (want_o, want_h), 1e-4, "split at 40")
 
 
 def test_kernel_bf16_inputs():

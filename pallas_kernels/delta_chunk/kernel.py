@@ -58,48 +58,99 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(n) - 1).bit_length())
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, g_ref, r_ref, s_ref, h0_ref, o_ref, ht_ref, *, c, n, scale):
+SUB = 16  # sub-block of the in-kernel triangular inverse (the smallest GPU ``dot``)
+
+
+def _dot(a, b, precision=None):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _dot_t(a, b, transpose_a):  # aᵀ b or a bᵀ without materialising the transpose
+    dims = (((0,), (0,)), ((), ())) if transpose_a else (((1,), (1,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _decay(g_i, g_j, seg_i, seg_j, mask=None):
+    """``exp(g_t - g_s)`` where ``seg_t == seg_s`` (and ``mask``), else 0; masked *before* ``exp``."""
+    same = seg_i[:, None] == seg_j[None, :]
+    if mask is not None:
+        same = same & mask
+    return jnp.where(same, jnp.exp(jnp.where(same, g_i[:, None] - g_j[None, :], 0.0)), 0.0)
+
+
+def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, *, c):
+    """One chunk: ``X = (I + tril(diag(beta) K Kᵀ ⊙ Gamma, -1))^{-1}``, ``W = X (beta gamma ⊙ K)``,
+    ``U = X (beta ⊙ V)``.
+
+    The inverse is blocked by ``SUB = 16``: each diagonal ``16 x 16`` block is inverted by forward
+    substitution (15 dependent row steps, all diagonal blocks in the same loop), the blocks below the
+    diagonal follow by block forward substitution ``X_ij = -X_ii sum_{j<=m<i} A_im X_mj`` in small
+    matmuls. Every sub-block is loaded from the refs at a static offset (no value slicing).
+    """
+    f32, hi = jnp.float32, lax.Precision.HIGHEST
+    nb = c // SUB
+    row = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    strict = row > col
+    eye = jnp.where(row == col, 1.0, 0.0).astype(f32)
+    blk = [pl.ds(i * SUB, SUB) for i in range(nb)]
+    k = [k_ref[s, :] for s in blk]
+    beta, g, seg = ([r[s] for s in blk] for r in (b_ref, g_ref, s_ref))
+    a = {}
+    for i in range(nb):
+        for j in range(i + 1):
+            gam = _decay(g[i], g[j], seg[i], seg[j], strict if i == j else None)
+            a[i, j] = beta[i][:, None] * _dot_t(k[i], k[j], False) * gam
+
+    def substitute(r, xs):  # row r of every diagonal block: x_r = e_r - sum_{j<r} a[r, j] x_j
+        out = []
+        for i, x in enumerate(xs):
+            a_r = jnp.sum(jnp.where(row == r, a[i, i], 0.0), axis=0)
+            x_r = -jnp.sum(a_r[:, None] * x, axis=0)
+            out.append(jnp.where(row == r, eye + x_r[None, :], x))
+        return tuple(out)
+
+    diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
+    x = {(i, i): diag[i] for i in range(nb)}
+    for i in range(1, nb):
+        for j in range(i - 1, -1, -1):
+            acc = sum(_dot(a[i, m], x[m, j], hi) for m in range(j, i))
+            x[i, j] = -_dot(x[i, i], acc, hi)
+    gamma = [jnp.where(seg[j] == 0.0, jnp.exp(g[j]), 0.0) for j in range(nb)]
+    kb = [k[j].astype(f32) * (beta[j] * gamma[j])[:, None] for j in range(nb)]
+    vb = [v_ref[s, :].astype(f32) * beta[j][:, None] for j, s in enumerate(blk)]
+    for i in range(nb):
+        w_ref[blk[i], :] = sum(_dot(x[i, j], kb[j], hi) for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[blk[i], :] = sum(_dot(x[i, j], vb[j], hi) for j in range(i + 1)).astype(u_ref.dtype)
+
+
+def _state_kernel(q_ref, k_ref, w_ref, u_ref, g_ref, r_ref, s_ref, h0_ref, o_ref, ht_ref, *, c, n, scale):
+    """Walk the chunks of one (batch, head, value block) with the ``[dk, bv]`` state on chip:
+    ``U_new = U - W S``, ``O = (gamma ⊙ Q) S + (Q Kᵀ ⊙ Gamma) U_new``,
+    ``S <- gamma_C S + (K ⊙ to_end)ᵀ U_new``. Matmul operands take the input dtype (bf16 allowed),
+    every product accumulates in float32 and the state stays float32."""
     f32 = jnp.float32
     row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    strict, incl = row > col, row >= col
-    eye = jnp.where(row == col, 1.0, 0.0).astype(f32)
+    incl = row >= col
     pos = lax.broadcasted_iota(jnp.int32, (c,), 0)
-
-    def dot(a, b):
-        return jnp.dot(a, b, preferred_element_type=f32)
-
-    def dot_t(a, b, transpose_a):  # aᵀ b or a bᵀ without materialising the transpose
-        dims = (((0,), (0,)), ((), ())) if transpose_a else (((1,), (1,)), ((), ()))
-        return lax.dot_general(a, b, dims, preferred_element_type=f32)
+    md = q_ref.dtype
 
     def chunk(i, S):
         sl = pl.ds(pl.multiple_of(i * c, c), c)
-        q, k, v = q_ref[sl, :].astype(f32), k_ref[sl, :].astype(f32), v_ref[sl, :].astype(f32)
-        beta, g, rev, seg = b_ref[sl], g_ref[sl], r_ref[sl], s_ref[sl]
+        q, k, w, u = q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], u_ref[sl, :]
+        g, rev, seg = g_ref[sl], r_ref[sl], s_ref[sl]
         seg_last = jnp.max(seg)  # document index of the chunk's last token (non-decreasing)
         g_last = jnp.sum(jnp.where(pos == c - 1, g, 0.0))
-        same = (seg[:, None] == seg[None, :]) & strict
-        gam = jnp.where(same, jnp.exp(jnp.where(same, g[:, None] - g[None, :], 0.0)), 0.0) + eye
         gamma = jnp.where(seg == 0.0, jnp.exp(g), 0.0)
         total = jnp.where(seg_last == 0.0, jnp.exp(g_last), 0.0)
         to_end = jnp.where(seg == seg_last, jnp.exp(rev), 0.0)
-
-        a = jnp.where(strict, beta[:, None] * dot_t(k, k, False) * gam, 0.0)
-
-        def substitute(r, x):  # x_r = e_r - sum_{j<r} a[r, j] x_j
-            a_r = jnp.sum(jnp.where(row == r, a, 0.0), axis=0)
-            x_r = -jnp.sum(a_r[:, None] * x, axis=0)
-            return jnp.where(row == r, eye + x_r[None, :], x)
-
-        x = lax.fori_loop(1, c, substitute, eye)
-        w = dot(x, k * (beta * gamma)[:, None])
-        u = dot(x, v * beta[:, None])
-        u_new = u - dot(w, S)
-        qk = jnp.where(incl, dot_t(q, k, False) * gam, 0.0)
-        o = dot(q * gamma[:, None], S) + dot(qk, u_new)
+        u_new = u.astype(f32) - _dot(w.astype(md), S.astype(md))
+        qk = _dot_t(q, k, False) * _decay(g, g, seg, seg, incl)
+        o = _dot((q.astype(f32) * gamma[:, None]).astype(md), S.astype(md)) + _dot(qk.astype(md), u_new.astype(md))
         o_ref[sl, :] = (scale * o).astype(o_ref.dtype)
-        return total * S + dot_t(k * to_end[:, None], u_new, True)
+        kt = (k.astype(f32) * to_end[:, None]).astype(md)
+        return total * S + _dot_t(kt, u_new.astype(md), True)
 
     ht_ref[...] = lax.fori_loop(0, n, chunk, h0_ref[...].astype(f32))
 
@@ -136,19 +187,35 @@ def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
     g, rev, seg = _chunk_gates(jnp.moveaxis(pad_t(la), 2, 1), pad_t(rs), c, n)
     h0p = jnp.pad(h0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)])
 
-    seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j: (i, j, 0, 0))  # noqa: E731
-    gate = pl.BlockSpec((None, None, tp), lambda i, j: (i, j, 0))
-    state = pl.BlockSpec((None, None, dkp, dvp), lambda i, j: (i, j, 0, 0))
     params = None
     if not interpret and jax.default_backend() == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
         params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    # 1. chunk-parallel WY factors: grid (batch, heads, chunks)
+    cblk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    cgate = pl.BlockSpec((None, None, c), lambda i, j, l: (i, j, l))
+    w, u = pl.pallas_call(
+        functools.partial(_wy_kernel, c=c),
+        grid=(b, h, n),
+        in_specs=[cblk(dkp), cblk(dvp), cgate, cgate, cgate],
+        out_specs=[cblk(dkp), cblk(dvp)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dkp), dtype), jax.ShapeDtypeStruct((b, h, tp, dvp), dtype)],
+        interpret=interpret,
+        compiler_params=params,
+        name="delta_chunk_wy",
+    )(kh, vh, bh, g, seg)
+    # 2. the state pass and the outputs: grid (batch, heads, value blocks), chunks walked in order
+    bv = min(dvp, 64)
+    seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+    vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
+    gate = pl.BlockSpec((None, None, tp), lambda i, j, l: (i, j, 0))
+    state = pl.BlockSpec((None, None, dkp, bv), lambda i, j, l: (i, j, 0, l))
     o, ht = pl.pallas_call(
-        functools.partial(_kernel, c=c, n=n, scale=float(scale)),
-        grid=(b, h),
-        in_specs=[seq(dkp), seq(dkp), seq(dvp), gate, gate, gate, gate, state],
-        out_specs=[seq(dvp), state],
+        functools.partial(_state_kernel, c=c, n=n, scale=float(scale)),
+        grid=(b, h, dvp // bv),
+        in_specs=[seq(dkp), seq(dkp), seq(dkp), vseq, gate, gate, gate, state],
+        out_specs=[vseq, state],
         out_shape=[
             jax.ShapeDtypeStruct((b, h, tp, dvp), dtype),
             jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
@@ -156,7 +223,7 @@ def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
         interpret=interpret,
         compiler_params=params,
         name="delta_chunk_fwd",
-    )(qh, kh, vh, bh, g, rev, seg, h0p)
+    )(qh, kh, w, u, g, rev, seg, h0p)
     return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]
 
 
