@@ -17,7 +17,7 @@ from seqjax.tasks.runner import RunConfig, TaskSpec, cli
 class Config(RunConfig):
     task: str = "ar"  # ar | copy
     seq_len: int = 64
-    vocab_size: int = 32
+    vocab_size: int = 64  # AR needs vocab_size / 2 >= seq_len / 2 - 1 distinct keys
     num_tokens: int = 8
     eval_size: int = 512
 
@@ -25,7 +25,7 @@ class Config(RunConfig):
 PRESETS = {
     "cpu": dict(steps=1500, batch_size=64, d_model=64, num_layers=2, lr=3e-3, warmup=100, eval_every=500),
     "tiny": dict(steps=2, batch_size=4, d_model=16, num_layers=1, eval_every=2, eval_size=8, progress=False),
-    "paper": dict(steps=20000, batch_size=128, d_model=128, num_layers=2, seq_len=1024, vocab_size=64, num_tokens=16, eval_every=2000),
+    "paper": dict(steps=20000, batch_size=128, d_model=128, num_layers=2, seq_len=1024, vocab_size=1024, num_tokens=16, eval_every=2000),
 }
 
 

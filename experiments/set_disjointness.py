@@ -3,10 +3,12 @@
     python experiments/set_disjointness.py --model=gla --order=short_first
     python experiments/set_disjointness.py --model=gla --order=long_first
     python experiments/set_disjointness.py --model=gla --order=long_first --jrt=true     # JRT-Prompt: read twice
-    python experiments/set_disjointness.py --model=jrt_prefix --order=long_first           # prefix linear attention
+    python experiments/set_disjointness.py --model=jrt --order=long_first                  # prefix linear attention
 
 A streaming (recurrent) model needs memory for the first set; long-first is the hard order. JRT-Prompt
-repeats the context before the answer, which removes the order dependence. Metric: accuracy.
+repeats the context before the answer, which removes the order dependence. The prefix linear-attention
+model (``--model=jrt``, JRT-RNN) reads the whole context non-causally: ``prefix_len`` defaults to the
+context length (every token before the answer position). Metric: accuracy.
 """
 
 import dataclasses
@@ -53,6 +55,9 @@ def make_task(cfg: Config) -> TaskSpec:
         b = sets.disjoint_sets(n, cfg.short_len, cfg.long_len, cfg.vocab_size, short_first=cfg.order == "short_first", seed=seed)
         return read_twice(b) if cfg.jrt else b
 
+    if cfg.model == "jrt" and cfg.prefix_len == 0:  # the prefix model reads the context non-causally
+        context = cfg.short_len + cfg.long_len + 2
+        cfg.prefix_len = 2 * context if cfg.jrt else context
     name = f"sets_{cfg.order}" + ("_jrt" if cfg.jrt else "")
     return TaskSpec(name, cfg.vocab_size, lambda step, bs, seed: gen(bs, seed * 1_000_003 + step),
                     lambda: {"test": gen(cfg.eval_size, 10_000 + cfg.seed)},

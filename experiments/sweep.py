@@ -34,6 +34,7 @@ GRIDS = {
     "digits": ("classification", {"data": "digits"}, ["s4d", "lssl", "lstm"], "acc"),
     "sets": ("set_disjointness", {}, ["gla", "attention"], "acc"),
     "recall": ("recall", {"task": "ar"}, ["attention", "mamba", "gla"], "acc"),
+    "copy": ("recall", {"task": "copy"}, ["attention", "mamba", "gla"], "acc"),
 }
 
 
@@ -54,8 +55,9 @@ def run_grid(grid: str, models, seeds, preset: str, extra: list[str], out_dir: s
 
 def summarize(records: list[dict], metric: str) -> tuple[str, dict]:
     last = {}
+    several = len({r.get("task") for r in records}) > 1  # e.g. both set orders: label rows "task model"
     for r in records:
-        key = (r["model"], r["seed"], r["split"])
+        key = (f"{r['task']} {r['model']}" if several else r["model"], r["seed"], r["split"])
         if key not in last or r["step"] >= last[key]["step"]:
             last[key] = r
     splits = sorted({k[2] for k in last})

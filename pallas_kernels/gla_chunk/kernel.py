@@ -81,31 +81,104 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, 
     ht_ref[...] = state
 
 
+SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
+
+
+def _kernel_channel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, chunk, n_chunks):
+    """Per-channel gates ``b, seg, p [Tp, K]``; the state is carried **transposed**, ``Sᵀ [BV, K]``, so
+    the per-channel decay of its rows is a broadcast over the last axis (no in-kernel transpose).
+
+    Per chunk, for each secondary chunk ``i`` of 16 queries: the inter-chunk term
+    ``(q ⊙ e^{b}) S``; the earlier secondary chunks through the reference token ``r`` (the one before
+    ``i``): ``(q_t e^{b_t − b_r}) · (k_s e^{b_r − b_s})`` for ``s ≤ r``, one ``[16, C]`` matmul; the
+    ``16 × 16`` diagonal block in log space, one key column per step (``Σ_k q_tk k_sk e^{b_tk − b_sk}``,
+    a ``[16, K]`` product per column, as fla's intra-sub-chunk kernel does). Every exponent is ``≤ 0``
+    and masked (segment equality, causality) before ``exp``.
+    """
+    c, f32 = chunk, jnp.float32
+    nb = c // SUB
+    pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+    row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+
+    def masked_exp(ok, x):
+        return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
+
+    def body(n, st):  # st: Sᵀ [BV, K] float32
+        base = n * c
+        sl = pl.ds(pl.multiple_of(base, c), c)
+        k, v = k_ref[sl, :], v_ref[sl, :]
+        b, seg, p = b_ref[sl, :], s_ref[sl, :], p_ref[sl, :]
+        for i in range(nb):
+            si_ = pl.ds(base + i * SUB, SUB)
+            qi, bi, segi, pi = q_ref[si_, :].astype(f32), b_ref[si_, :], s_ref[si_, :], p_ref[si_, :]
+            fs = jnp.where(segi == 0, jnp.exp(bi), 0.0) * pi
+            o = lax.dot_general((qi * fs).astype(v.dtype), st.astype(v.dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=f32)
+            if i > 0:
+                rr = pl.ds(base + i * SUB - 1, 1)
+                br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
+                qf = qi * masked_exp(segi == sr, bi - br) * (pi * pr)
+                okk = (pos <= i * SUB - 1) & (seg == sr)
+                kf = k.astype(f32) * masked_exp(okk, br - b) * (p * pr)
+                a = lax.dot_general(qf.astype(k.dtype), kf.astype(k.dtype), (((1,), (1,)), ((), ())),
+                                    preferred_element_type=f32)
+                o = o + jnp.dot(a.astype(v.dtype), v, preferred_element_type=f32)
+
+            def column(j, a_d):
+                rj = pl.ds(base + i * SUB + j, 1)
+                kj, bj, sj, pj = k_ref[rj, :].astype(f32), b_ref[rj, :], s_ref[rj, :], p_ref[rj, :]
+                ok = (row >= j) & (segi == sj)
+                colj = jnp.sum(qi * kj * masked_exp(ok, bi - bj) * (pi * pj), axis=1)
+                return jnp.where(col == j, colj[:, None], a_d)
+
+            a_d = lax.fori_loop(0, SUB, column, jnp.zeros((SUB, SUB), f32))
+            o = o + jnp.dot(a_d.astype(v.dtype), v_ref[si_, :], preferred_element_type=f32)
+            o_ref[si_, :] = o.astype(o_ref.dtype)
+        last = pl.ds(base + c - 1, 1)
+        b_end, s_end, p_end = b_ref[last, :], s_ref[last, :], p_ref[last, :]
+        fe = masked_exp(seg == s_end, b_end - b) * (p * p_end)
+        a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end  # [1, K]
+        kt = (k.astype(f32) * fe).astype(v.dtype)
+        return a * st + lax.dot_general(v, kt, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+
+    ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(f32))
+
+
 def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
-    """Padded inputs: ``q, k [b, Tp, h, Kp]``, ``v [b, Tp, h, Vp]``, gates ``[b, Tp, h]`` float32."""
+    """Padded inputs: ``q, k [b, Tp, h, Kp]``, ``v [b, Tp, h, Vp]``, float32 gates ``[b, Tp, h]`` (per
+    head) or ``bc, seg, p [b, Tp, h, Kp]`` (per channel)."""
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
     bv = min(vp, 64)
     grid = (bsz, h, vp // bv)
+    per_channel = bc.ndim == 4
     seq = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, l: (i, 0, j, 0))
     vseq = pl.BlockSpec((None, tp, None, bv), lambda i, j, l: (i, 0, j, l))
     gate = pl.BlockSpec((None, tp, None), lambda i, j, l: (i, 0, j))
     st = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
+    kernel, gates = _kernel, [gate, gate, gate]
+    if per_channel:  # gates [b, Tp, h, Kp]; the state travels transposed, [b, h, Vp, Kp]
+        kernel, gates = _kernel_channel, [seq(kp), seq(kp), seq(kp)]
+        st = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
     compiler_params = None
     if not interpret and jax.default_backend() == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
         compiler_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
-    return pl.pallas_call(
-        functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk),
+    if per_channel:
+        h0 = jnp.swapaxes(h0, -1, -2)
+    o, ht = pl.pallas_call(
+        functools.partial(kernel, chunk=chunk, n_chunks=tp // chunk),
         grid=grid,
-        in_specs=[seq(kp), seq(kp), vseq, gate, gate, gate, st],
+        in_specs=[seq(kp), seq(kp), vseq, *gates, st],
         out_specs=[vseq, st],
-        out_shape=[jax.ShapeDtypeStruct((bsz, tp, h, vp), jnp.float32),
-                   jax.ShapeDtypeStruct((bsz, h, kp, vp), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((bsz, tp, h, vp), jnp.float32), jax.ShapeDtypeStruct(h0.shape, jnp.float32)],
         interpret=interpret,
         compiler_params=compiler_params,
+        name="gla_chunk_channel_fwd" if per_channel else "gla_chunk_fwd",
     )(q, k, v, bc, seg, p, h0)
+    return o, (jnp.swapaxes(ht, -1, -2) if per_channel else ht)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -116,13 +189,18 @@ def _gla(q, k, v, gates, h0, chunk, interpret):
     cut, g, sign = gates
     bsz, t, h, dk = q.shape
     dv = v.shape[-1]
-    _, n, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
-    flat = lambda x: x.reshape(bsz, t, h)
     kp, vp = _pow2(dk), _pow2(dv)
     pad = lambda x, d: jnp.pad(x, [(0, 0), (0, 0), (0, 0), (0, d - x.shape[-1])])
     h0p = jnp.pad(h0, [(0, 0), (0, 0), (0, kp - dk), (0, vp - dv)])
-    o, s = _forward(pad(q, kp), pad(k, kp), pad(v, vp), flat(bc), flat(seg).astype(jnp.float32), flat(p),
-                    h0p, chunk=chunk, interpret=interpret)
+    if g.ndim == 4:  # per channel: bc, seg [b, t, h, Kp] (padded channels: k = q = 0, decay 1)
+        _, n, bc, seg, p = prepare_chunks(g, sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
+        chan = lambda x: pad(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)
+        bc, seg, p = chan(bc), chan(seg), chan(p)
+    else:
+        _, n, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
+        flat = lambda x: x.reshape(bsz, t, h)
+        bc, seg, p = flat(bc), flat(seg).astype(jnp.float32), flat(p)
+    o, s = _forward(pad(q, kp), pad(k, kp), pad(v, vp), bc, seg, p, h0p, chunk=chunk, interpret=interpret)
     return o[..., :dv], s[:, :, :dk, :dv]
 
 
@@ -157,20 +235,22 @@ _gla.defvjp(_gla_fwd, _gla_bwd)
 
 
 def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_size=64, interpret=None):
-    """``(o [b, t, h, dv] float32, S_T [b, h, dk, dv] float32)`` for per-head log decays ``g [b, t, h]``.
+    """``(o [b, t, h, dv] float32, S_T [b, h, dk, dv] float32)``.
 
-    Same contract as ``seqjax.mixers._gla_chunk.chunk_gla`` (``g=None``: no decay; ``-inf``: reset;
-    ``sign``: ``±1`` transitions); per-channel decays are not supported by this kernel yet.
-    ``interpret=None`` interprets on CPU. ``chunk_size`` must be a power of two ``≥ 16``.
+    Same contract as ``seqjax.mixers._gla_chunk.chunk_gla``: log decays ``g`` per head ``[b, t, h]``
+    (SSD, RetNet, linear attention) or per channel ``[b, t, h, dk]`` (GLA); ``g=None``: no decay;
+    ``-inf``: a reset of that entry; ``sign [b, t, h]``: ``±1`` transitions. ``interpret=None``
+    interprets on CPU. ``chunk_size`` must be a power of two ``≥ 16``.
     """
     bsz, t, h, dk = q.shape
-    if g is not None and g.ndim != 3:
-        raise NotImplementedError("gla_chunk_pallas supports per-head decays g [b, t, h] only; use impl='chunked'")
+    if g is not None and (g.ndim not in (3, 4) or g.shape[:3] != (bsz, t, h) or (g.ndim == 4 and g.shape[3] != dk)):
+        raise ValueError(f"g must be [batch, time, heads] = {(bsz, t, h)} or [batch, time, heads, key_dim] = "
+                         f"{(bsz, t, h, dk)}, got {tuple(g.shape)}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernel, got {chunk_size}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    g = jnp.zeros((bsz, t, h), jnp.float32) if g is None else g.astype(jnp.float32)
+    g = jnp.zeros((bsz, t, h), jnp.float32) if g is None else jnp.asarray(g).astype(jnp.float32)
     sign = jnp.ones((bsz, t, h), jnp.float32) if sign is None else sign.astype(jnp.float32)
     cut = jnp.zeros((bsz, t), jnp.float32) if resets is None else jnp.asarray(resets).astype(jnp.float32)
     cut = jnp.broadcast_to(cut[:, :, None], (bsz, t, h))

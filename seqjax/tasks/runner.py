@@ -50,6 +50,7 @@ class RunConfig:
     out: str = ""
     preset: str = "cpu"
     progress: bool = True
+    prefix_len: int = 0  # model "jrt": tokens read non-causally at the start of each sequence (JRT-RNN)
 
 
 @dataclasses.dataclass
@@ -152,6 +153,7 @@ def build_model(cfg: RunConfig, vocab_size: int, *, rngs: nnx.Rngs):
         pattern=(cfg.model,),
         num_heads=cfg.num_heads,
         scan_layers=False,
+        mixer_kwargs={"jrt": {"prefix_len": cfg.prefix_len}} if cfg.model == "jrt" else {},
     )
     return _LMAdapter(LM(lm_cfg, rngs=rngs))
 
