@@ -1,4 +1,4 @@
-"""The chunked GLA Pallas kernel (per-head decay; interpreted on CPU, compiled on GPU) against the seqjax references:
+"""The chunked GLA Pallas kernels (per-head and per-channel decay; interpreted on CPU, compiled on GPU) against the seqjax references:
 outputs, final states, all gradients; T not a multiple of the chunk; head dims 64 and odd; h0 in and
 h_last out; resets; negative-eigenvalue signs; decays −1e-4 … −20; bf16; wired into the mixers."""
 
@@ -23,9 +23,10 @@ def _close(x, y, tol, what=""):
         assert err <= tol, f"{what}: {err:.2e} > {tol:.0e}"
 
 
-def _inputs(key, t, dk, dv, lo=-4.0, hi=-1e-3, b=1, h=2):
+def _inputs(key, t, dk, dv, lo=-4.0, hi=-1e-3, b=1, h=2, channel=False):
     ks = jax.random.split(key, 6)
-    g = -jnp.exp(jax.random.uniform(ks[3], (b, t, h), minval=jnp.log(-hi), maxval=jnp.log(-lo)))
+    gshape = (b, t, h, dk) if channel else (b, t, h)
+    g = -jnp.exp(jax.random.uniform(ks[3], gshape, minval=jnp.log(-hi), maxval=jnp.log(-lo)))
     return dict(
         q=jax.random.normal(ks[0], (b, t, h, dk)),
         k=jax.random.normal(ks[1], (b, t, h, dk)) / dk**0.5,
@@ -48,9 +49,12 @@ def _grads(f, inp, key):
     return jax.grad(loss)({n: inp[n] for n in names})
 
 
-@pytest.mark.parametrize("t,dk,dv,chunk", [(1, 7, 5, 16), (40, 7, 5, 16), (75, 64, 64, 32), (130, 64, 9, 64)])
-def test_kernel_equals_reference(t, dk, dv, chunk):
-    inp = _inputs(jax.random.PRNGKey(t), t, dk, dv)
+@pytest.mark.parametrize("t,dk,dv,chunk,channel", [
+    (1, 7, 5, 16, False), (40, 7, 5, 16, False), (75, 64, 64, 32, False), (130, 64, 9, 64, False),
+    (1, 7, 5, 16, True), (63, 20, 9, 32, True), (130, 64, 9, 64, True), (40, 128, 16, 16, True),
+])
+def test_kernel_equals_reference(t, dk, dv, chunk, channel):
+    inp = _inputs(jax.random.PRNGKey(t), t, dk, dv, channel=channel)
     resets = jnp.zeros((1, t), bool).at[:, t // 2].set(True)
     kern = functools.partial(gla_chunk_pallas, resets=resets, chunk_size=chunk)
     ref = functools.partial(recurrent_gla, resets=resets)
@@ -60,22 +64,39 @@ def test_kernel_equals_reference(t, dk, dv, chunk):
 
 # log -20 every step: the true gradient of g is ~1e-9, so any O(1) terms that should cancel show up
 # (the backward recomputes through the XLA chunked form; see `_factor` in seqjax/mixers/_gla_chunk.py)
+@pytest.mark.parametrize("channel", [False, True])
 @pytest.mark.parametrize(
     "lo,hi", [(-1e-4, -1e-4), (-20.0, -20.0 * 0.999), (-20.0, -1e-4)]
 )
-def test_kernel_decay_extremes(lo, hi):
-    inp = _inputs(jax.random.PRNGKey(3), 50, 8, 8, lo=lo, hi=hi)
+def test_kernel_decay_extremes(lo, hi, channel):
+    inp = _inputs(jax.random.PRNGKey(3), 50, 8, 8, lo=lo, hi=hi, channel=channel)
     kern = functools.partial(gla_chunk_pallas, chunk_size=16)
     _close(kern(**inp), recurrent_gla(**inp), 2e-5, "values")
     _close(_grads(kern, inp, jax.random.PRNGKey(2)), _grads(recurrent_gla, inp, jax.random.PRNGKey(2)), 1e-4, "grads")
 
 
-def test_kernel_bf16():
-    inp = _inputs(jax.random.PRNGKey(4), 48, 16, 16)
+@pytest.mark.parametrize("channel", [False, True])
+def test_kernel_bf16(channel):
+    inp = _inputs(jax.random.PRNGKey(4), 48, 16, 16, channel=channel)
     low = {n: (x.astype(jnp.bfloat16) if n in ("q", "k", "v") else x) for n, x in inp.items()}
     o, s = gla_chunk_pallas(**low, chunk_size=16)
     assert o.dtype == jnp.float32 and s.dtype == jnp.float32
     _close((o, s), recurrent_gla(**inp), 2e-2, "bf16")
+
+
+def test_state_carried_across_a_split_sequence():
+    inp = _inputs(jax.random.PRNGKey(8), 63, 9, 5, lo=-9.0, channel=True)
+    want = recurrent_gla(**inp)
+    cut = lambda sl: {n: (x if n == "h0" else x[:, sl]) for n, x in inp.items()}  # noqa: E731
+    o1, s1 = gla_chunk_pallas(**cut(slice(0, 40)), chunk_size=32)
+    o2, s2 = gla_chunk_pallas(**{**cut(slice(40, None)), "h0": s1}, chunk_size=32)
+    _close((jnp.concatenate([o1, o2], 1), s2), want, 2e-5, "split at 40")
+
+
+def test_bad_gate_shape_is_named():
+    inp = _inputs(jax.random.PRNGKey(9), 8, 4, 4)
+    with pytest.raises(ValueError, match="g must be"):
+        gla_chunk_pallas(**{**inp, "g": inp["g"][..., None].repeat(3, -1)}, chunk_size=16)
 
 
 def test_mixers_pallas_impl():
@@ -86,8 +107,8 @@ def test_mixers_pallas_impl():
     qkv = G.qkv_make_inputs(jax.random.PRNGKey(6), 1, 37)
     _close(G.retnet(**qkv, impl="pallas", chunk_size=16), G.retnet_recurrent(**qkv), 1e-5, "retnet")
     _close(G.linear_attention(**qkv, impl="pallas", chunk_size=16), G.linear_attention_recurrent(**qkv), 1e-5, "linattn")
-    with pytest.raises(NotImplementedError, match="per-head"):
-        G.gla(**G.gla_make_inputs(jax.random.PRNGKey(7), 1, 8), impl="pallas", chunk_size=16)
+    gin = G.gla_make_inputs(jax.random.PRNGKey(7), 1, 37)
+    _close(G.gla(**gin, impl="pallas", chunk_size=16), G.gla(**gin, impl="sequential"), 1e-5, "gla (per channel)")
     with pytest.raises(ValueError, match="power of two"):
         G.retnet(**qkv, impl="pallas", chunk_size=48)
 

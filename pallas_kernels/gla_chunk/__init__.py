@@ -1,4 +1,4 @@
-"""Chunked gated linear attention (per-head scalar decay) as a Pallas kernel; see ``kernel.py``."""
+"""Chunked gated linear attention (per-head or per-channel decay) as a Pallas kernel; see ``kernel.py``."""
 
 from pallas_kernels.gla_chunk.kernel import gla_chunk_pallas
 

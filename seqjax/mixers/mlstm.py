@@ -34,6 +34,7 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks, nn
+from seqjax._platform import auto_pallas
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
 
@@ -153,15 +154,22 @@ def _chunk(q, k, v, i, f, h0, resets, chunk_size):
 
 
 def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
-    """mLSTM, chunkwise-parallel (``impl="chunked"``/``"auto"``) or the reference (``"sequential"``).
+    """mLSTM: ``impl="chunked"`` (chunkwise-parallel XLA), ``"sequential"`` (the reference), ``"pallas"``
+    (``pallas_kernels/mlstm_chunk``; under ``jax.grad`` it runs the chunked form's forward and backward)
+    or ``"auto"`` (the kernel in a one-device GPU process, see ``seqjax._platform``; else chunked).
 
     Returns ``(y [b, t, h, dv] in v's dtype, (C, n, m))``.
     """
-    _checks.check_choice("impl", impl, ("auto", "sequential", "chunked"))
+    _checks.check_choice("impl", impl, ("auto", "sequential", "chunked", "pallas"))
     _validate(q, k, v, i, f, h0, resets, negative_eigen)
     eng.validate(q, k, v, None, None, None, resets, chunk_size)
     if impl == "sequential":
         return mlstm_recurrent(q, k, v, i, f, h0=h0, resets=resets)
+    if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
+        from pallas_kernels.mlstm_chunk import mlstm_chunk  # imported only on this branch
+
+        y, s = mlstm_chunk(q, k, v, i, f, h0=h0, resets=resets, chunk_size=chunk_size)
+        return y.astype(v.dtype), s
     y, s = _chunk(q, k, v, i, f, h0, resets, chunk_size)
     return y.astype(v.dtype), s
 

@@ -1,0 +1,202 @@
+r"""Pallas kernel: the chunkwise mLSTM (xLSTM's matrix memory) with its stabilised exponential gating.
+
+Computes ``seqjax.mixers.mlstm``'s recurrence (see that module for the equations): per head, forget gate
+``σ(f)``, exponential input gate ``e^{i}``, stabiliser ``m``, memory ``C [dk, dv]``, normaliser
+``n [dk]``; ``h_t = C_tᵀ q_t / max(|n_tᵀ q_t|, e^{-m_t})``.
+
+How it works
+    Grid ``(batch, heads, value blocks)``; one program walks its sequence chunk by chunk
+    (``fori_loop``) carrying ``(C' [dk, BV], n' [dk], m)`` on chip (``n'`` and ``m`` do not depend on
+    the value block, so every block recomputes them — a ``[C, dk]`` reduction per chunk). Per chunk of
+    ``C`` tokens, as the XLA chunked form (``seqjax.mixers.mlstm._chunk``, after NX-AI's
+    ``mlstm_kernels``): the log-weight matrix ``w_ts = b_t − b_s + i_s`` (``b`` the cumulative log
+    forget gate within the chunk; causal, one document), the row stabiliser
+    ``m_t = max(max_s w_ts, b_t + m_in)``, ``O = ((Q Kᵀ ⊙ e^{w − m_t}) V + e^{b + m_in − m_t} Q C') / max(|den|, e^{−m_t})``,
+    then the chunk-end state with its own local max. Every ``exp`` sees an argument ``≤ 0``.
+    The elementwise preparation (cumulative gates, document index, the reset-aware stabiliser term,
+    ``k / √dk``, padding) runs in XLA in the wrapper.
+
+Backward: ``custom_vjp`` — under ``jax.grad`` the forward and backward are the XLA chunked form's (its own
+residuals), as for the GLA and delta-rule kernels; the kernel serves forwards outside differentiation.
+
+Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
+``dot``s with masks and a sequential chunk loop); TPU: Mosaic TPU, unverified. Interpret mode on CPU
+(``tests/test_pallas_mlstm.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+__all__ = ["mlstm_chunk"]
+
+NEG = -1e30  # as seqjax.mixers.mlstm: "minus infinity" that keeps differences finite
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, i_ref, e_ref, c0_ref, n0_ref, m0_ref,
+            o_ref, ct_ref, nt_ref, mt_ref, *, c, n_chunks):
+    f32 = jnp.float32
+    row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    pos = lax.broadcasted_iota(jnp.int32, (c,), 0)
+    causal = row >= col
+
+    def last(x):  # x[c - 1] of a [c] vector, as a scalar
+        return jnp.sum(jnp.where(pos == c - 1, x, 0.0))
+
+    def chunk(j, carry):
+        C, nv, m = carry
+        sl = pl.ds(pl.multiple_of(j * c, c), c)
+        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+        bt, st, it, et = b_ref[sl], s_ref[sl], i_ref[sl], e_ref[sl]
+        ok = causal & (st[:, None] == st[None, :])
+        diff = bt[:, None] - bt[None, :]
+        w = jnp.where(ok, diff + it[None, :], NEG)
+        m_intra = jnp.max(jnp.where(ok, diff + et[None, :], NEG), axis=1)  # [c]
+        # output: stabilised intra-chunk weights plus the carried state
+        inter = jnp.where(st == 0.0, bt + m, NEG)
+        m_t = jnp.maximum(m_intra, inter)
+        att = jnp.dot(q, k.T, preferred_element_type=f32) * jnp.exp(w - m_t[:, None])
+        w0 = jnp.exp(inter - m_t)
+        qf = q.astype(f32)
+        num = jnp.dot(att.astype(v.dtype), v, preferred_element_type=f32)
+        num = num + jnp.dot(qf * w0[:, None], C, preferred_element_type=f32)
+        den = jnp.sum(att, axis=1) + jnp.sum(qf * nv[None, :], axis=1) * w0
+        den = jnp.maximum(jnp.abs(den), jnp.exp(-m_t))
+        o_ref[sl, :] = (num / den[:, None]).astype(o_ref.dtype)
+        # chunk-end state with its own max, then merged into the carry
+        m_loc = last(m_intra)
+        we = jnp.exp(jnp.sum(jnp.where(row == c - 1, w, 0.0), axis=0) - m_loc)  # [c] weights of the last row
+        kw = k.astype(f32) * we[:, None]
+        u = jnp.dot(kw.T.astype(v.dtype), v, preferred_element_type=f32)
+        n_loc = jnp.sum(kw, axis=0)
+        a = jnp.where(jnp.max(st) == 0.0, last(bt), NEG)
+        m_new = jnp.maximum(a + m, m_loc)
+        fo, fl = jnp.exp(a + m - m_new), jnp.exp(m_loc - m_new)
+        return fo * C + fl * u, fo * nv + fl * n_loc, m_new
+
+    C, nv, m = lax.fori_loop(0, n_chunks, chunk, (c0_ref[...].astype(f32), n0_ref[...].astype(f32), jnp.max(m0_ref[...])))
+    ct_ref[...] = C
+    nt_ref[...] = nv
+    mt_ref[...] = jnp.full(mt_ref.shape, m, f32)
+
+
+def _prepare(q, k, v, i, f, resets, chunk):
+    """Chunk-local gates ``[b, h, Tp]`` and padded, heads-first ``q, k, v`` (``k / √dk``)."""
+    from seqjax.mixers import _gla_chunk as eng
+
+    b, t, h, dk = q.shape
+    n = -(-t // chunk)
+    tp = n * chunk
+    padt = lambda x, fill: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)  # noqa: E731
+    logf = jax.nn.log_sigmoid(f.astype(jnp.float32))
+    cut = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
+    # padded tokens at the end: forget gate 1, input gate 0 (log weight NEG); they leave the state as it is
+    _, _, bc, seg, _ = eng.prepare_chunks(padt(logf, 0.0)[..., None], None, padt(cut, False), tp, chunk)
+    i32 = i.astype(jnp.float32)
+    e = jnp.where(cut[..., None], jnp.maximum(i32, logf), i32)  # a reset also brings the fresh m = 0
+    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
+    gate = lambda x: heads(x.reshape(b, tp, h))  # noqa: E731
+    ks = (k.astype(jnp.float32) / math.sqrt(dk)).astype(k.dtype)
+    dkp, dvp = _pow2(dk), _pow2(v.shape[-1])
+    seq = lambda x, d: heads(jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])]))  # noqa: E731
+    return (seq(q, dkp), seq(ks, dkp), seq(v, dvp), gate(bc), gate(seg.astype(jnp.float32)),
+            heads(padt(i32, NEG)), heads(padt(e, NEG)), n)
+
+
+def _forward(q, k, v, i, f, h0, resets, chunk, interpret):
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    qh, kh, vh, bt, st, it, et, n = _prepare(q, k, v, i, f, resets, chunk)
+    tp, dkp, dvp = n * chunk, qh.shape[-1], vh.shape[-1]
+    C0, n0, m0 = h0
+    C0 = jnp.pad(C0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)])
+    n0 = jnp.pad(n0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk)])
+    m0 = jnp.broadcast_to(m0.astype(jnp.float32)[..., None], (b, h, 16))
+    bv = min(dvp, 64)
+    nvb = dvp // bv
+    seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda x, y, z: (x, y, 0, 0))  # noqa: E731
+    vseq = pl.BlockSpec((None, None, tp, bv), lambda x, y, z: (x, y, 0, z))
+    gate = pl.BlockSpec((None, None, tp), lambda x, y, z: (x, y, 0))
+    cst = pl.BlockSpec((None, None, dkp, bv), lambda x, y, z: (x, y, 0, z))
+    nin = pl.BlockSpec((None, None, dkp), lambda x, y, z: (x, y, 0))
+    min_ = pl.BlockSpec((None, None, 16), lambda x, y, z: (x, y, 0))
+    nout = pl.BlockSpec((None, None, None, dkp), lambda x, y, z: (x, y, z, 0))
+    mout = pl.BlockSpec((None, None, None, 16), lambda x, y, z: (x, y, z, 0))
+    params = None
+    if not interpret and jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    o, Ct, nt, mt = pl.pallas_call(
+        functools.partial(_kernel, c=chunk, n_chunks=n),
+        grid=(b, h, nvb),
+        in_specs=[seq(dkp), seq(dkp), vseq, gate, gate, gate, gate, cst, nin, min_],
+        out_specs=[vseq, cst, nout, mout],
+        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dvp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, nvb, dkp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, nvb, 16), jnp.float32)],
+        interpret=interpret,
+        compiler_params=params,
+        name="mlstm_chunk_fwd",
+    )(qh, kh, vh, bt, st, it, et, C0, n0, m0)
+    y = jnp.moveaxis(o, 1, 2)[:, :t, :, :dv]
+    return y, (Ct[:, :, :dk, :dv], nt[:, :, 0, :dk], mt[:, :, 0, 0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _mlstm(q, k, v, i, f, h0, resets, chunk, interpret):
+    return _forward(q, k, v, i, f, h0, resets, chunk, interpret)
+
+
+def _fwd(q, k, v, i, f, h0, resets, chunk, interpret):
+    """Under differentiation the XLA chunked form runs forward and backward (see the module docstring)."""
+    from seqjax.mixers.mlstm import _chunk
+
+    del interpret
+    out, vjp = jax.vjp(lambda q, k, v, i, f, h0: _chunk(q, k, v, i, f, h0, resets, chunk), q, k, v, i, f, h0)
+    return out, (vjp, resets)
+
+
+def _bwd(chunk, interpret, res, cts):
+    vjp, resets = res
+    return (*vjp(cts), None if resets is None else jnp.zeros_like(resets, jnp.float32))
+
+
+_mlstm.defvjp(_fwd, _bwd)
+
+
+def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret=None):
+    """The chunkwise mLSTM through the Pallas kernel; same contract as ``seqjax.mixers.mlstm.mlstm``.
+
+    Args:
+      q, k: ``[b, t, h, dk]``; v: ``[b, t, h, dv]`` (float32 or bf16); i, f: ``[b, t, h]`` gate
+        pre-activations; h0: ``(C [b, h, dk, dv], n [b, h, dk], m [b, h])`` or ``None``;
+        resets: ``[b, t]`` bool or ``None``. chunk_size: a power of two ``>= 16``.
+      interpret: run as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
+
+    Returns:
+      ``(y [b, t, h, dv] float32, (C, n, m))``.
+    """
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernel, got {chunk_size}")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    if h0 is None:
+        h0 = (jnp.zeros((b, h, dk, dv), jnp.float32), jnp.zeros((b, h, dk), jnp.float32), jnp.zeros((b, h), jnp.float32))
+    rs = None if resets is None else jnp.asarray(resets).astype(jnp.float32)
+    chunk = min(int(chunk_size), max(16, _pow2(t)))
+    return _mlstm(q, k, v, i, f, tuple(h0), rs, chunk, bool(interpret))
