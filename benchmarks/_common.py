@@ -63,6 +63,29 @@ def write(rows: list[str], out: str) -> None:
             fh.write("\n".join(rows) + "\n")
 
 
+def fla_trim_autotune(max_configs: int = 6) -> str:
+    """Cap the Triton autotuning of fla's kernels, before fla is imported: keep the configs with 4 or 8 warps
+    and 2 or 3 pipeline stages, at most ``max_configs`` per kernel. fla 0.6 autotunes each backward kernel
+    over up to 48 configs on its first call, which outran a whole device stage on the H200 (2026-11-26).
+    Returns the note to print under a table, or "" without Triton."""
+    try:
+        import triton
+    except Exception:  # noqa: BLE001
+        return ""
+    if getattr(triton.autotune, "_seqjax_trimmed", False):
+        return ""
+    orig = triton.autotune
+
+    def autotune(configs, *args, **kwargs):
+        keep = [c for c in configs if getattr(c, "num_warps", 4) in (4, 8) and getattr(c, "num_stages", 2) in (2, 3)]
+        return orig((keep or list(configs))[:max_configs], *args, **kwargs)
+
+    autotune._seqjax_trimmed = True
+    triton.autotune = autotune
+    return (f"fla: Triton autotuning capped at {max_configs} configs per kernel (4/8 warps, 2/3 stages) to fit "
+            "the device budget; its untrimmed best may be faster.")
+
+
 def fla_lift_hopper_guard() -> str:
     """Let fla time its gated backward on Hopper with Triton < 3.7.1, which fla 0.6 refuses (fla issue #640:
     that Triton miscompiles one backward kernel, so its *gradients* may be wrong there; the kernels and hence

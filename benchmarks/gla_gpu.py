@@ -4,10 +4,11 @@ flash-linear-attention's Triton kernels (PyTorch, same GPU), side by side in one
     python benchmarks/gla_gpu.py [--ts=2048,8192] [--b=8 --h=16 --d=128] [--out=benchmarks/results/<dev>.md]
 
 B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, chunk 64; forward and forward+backward (loss ``sum(o²)``,
-gradients of q, k, v and the decays). The Pallas backward is the XLA chunked backward after recompute (see
-``pallas_kernels/gla_chunk``). Per-head decay (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``) and
-per-channel decay (GLA: ``fla.ops.gla``; no Pallas kernel yet). The last column is the forward output's
-``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
+gradients of q, k, v and the decays). Under ``jax.grad`` the Pallas forms run the XLA chunked forward and
+backward (see ``pallas_kernels/gla_chunk``), so their fwd+bwd column is XLA's by construction. Per-head decay
+(SSD / RetNet / simple GLA: ``fla.ops.simple_gla``), per-channel decay (GLA: ``fla.ops.gla``) and the mLSTM
+(stabilised exponential gating, ``pallas_kernels/mlstm_chunk``; fla has no mLSTM). The last column is the
+forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
 FLOPs per head (forward): ``T·(2·C·D + 4·D²)·2`` (intra ``QKᵀ``, ``AV``; state readout and update).
 """
 
@@ -22,10 +23,12 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    fla_lift_hopper_guard, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference, write)
+    fla_lift_hopper_guard, fla_trim_autotune, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference, write)
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
+from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
 from seqjax.mixers._gla_chunk import chunk_gla  # noqa: E402
+from seqjax.mixers.mlstm import mlstm  # noqa: E402
 
 
 def _fla(per_channel: bool):
@@ -44,7 +47,7 @@ def _fla(per_channel: bool):
 
 def main(argv=None):
     a = gpu_bench_args(argv, __doc__.splitlines()[0])
-    note = fla_lift_hopper_guard()  # before fla's first call
+    notes = [n for n in (fla_trim_autotune(), fla_lift_hopper_guard()) if n]  # before fla's first import/call
     b, h, d, c = a.b, a.h, a.d, 64
     rows = [f"# Chunked GLA on {jax.devices()[0].device_kind}, jax {jax.__version__}", "",
             f"B={b}, H={h}, D={d}, bf16 q/k/v, chunk {c}, median of 5 after a warm-up.", "",
@@ -60,9 +63,8 @@ def main(argv=None):
                  "per channel": jax.nn.log_sigmoid(3 + jax.random.normal(ks[4], (b, t, h, d))) / 16}
         flops = b * h * t * (2 * c * d + 4 * d * d) * 2
         for decay, g in gates.items():
-            forms = {"XLA chunked": functools.partial(chunk_gla, chunk_size=c)}
-            if decay == "per head":
-                forms["Pallas"] = functools.partial(gla_chunk_pallas, chunk_size=c)
+            forms = {"XLA chunked": functools.partial(chunk_gla, chunk_size=c),
+                     "Pallas": functools.partial(gla_chunk_pallas, chunk_size=c)}
             fla, ref, targs = torch_reference(_fla(decay == "per channel"), (q, k, v, g),
                                               ("bfloat16", "bfloat16", "bfloat16", "float32"))
             base = None
@@ -78,9 +80,17 @@ def main(argv=None):
                 row = f"| {t} | {decay} | {name} | {torch_form_cells(fla, targs, base, flops)} | |"
             rows.append(row)
             print(row, flush=True)
-    if note:
-        rows += ["", note]
-        print(note)
+        ig, fg = jax.random.normal(ks[3], (b, t, h)), 3 + jax.random.normal(ks[4], (b, t, h))
+        base = None
+        for name, f in {"XLA chunked": functools.partial(mlstm, impl="chunked", chunk_size=c),
+                        "Pallas": functools.partial(mlstm_chunk, chunk_size=c)}.items():
+            cells, base = jax_form_cells(f, (q, k, v, ig, fg), base, flops)
+            row = f"| {t} | mLSTM | {name} | {cells} |"
+            rows.append(row)
+            print(row, flush=True)
+    if notes:
+        rows += [""] + notes
+        print("\n".join(notes))
     write(rows, a.out)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one device call per stage list; everything it prints is also kept under $OUT.
-#   tests  the Pallas kernel tests compiled on the GPU (not interpreted): chunked GLA, chunked delta rule,
-#          linear scan, fused RNN cells;
+#   tests  the Pallas kernel tests compiled on the GPU (not interpreted): chunked GLA (per-head and
+#          per-channel decay), chunked delta rule, mLSTM, linear scan, fused RNN cells;
 #   gla    benchmarks/gla_gpu.py   -> benchmarks/results/<device>_gla.md    } Pallas vs XLA chunked vs
 #   delta  benchmarks/delta_gpu.py -> benchmarks/results/<device>_delta.md  } flash-linear-attention (Triton)
 #          at B=8, T in {2k, 8k}, H=16, D=128, bf16;
@@ -35,14 +35,14 @@ DEV=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))"
 
 if on tests; then
   echo "== kernel tests on $DEV (compiled, not interpreted)"
-  TESTS="tests/test_pallas_gla.py tests/test_pallas_delta.py tests/test_pallas_linear_scan.py tests/test_rnn_kernel.py"
+  TESTS="tests/test_pallas_gla.py tests/test_pallas_delta.py tests/test_pallas_mlstm.py tests/test_pallas_linear_scan.py tests/test_rnn_kernel.py"
   if [ -n "$SMOKE" ]; then K=(-k "bf16"); N=2; else K=(); N=8; fi
-  timeout 120 $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
+  timeout ${GPU_CHECK_TEST_S:-150} $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
   echo "pytest exit $?"; tail -30 "$O/kernel_tests.txt"
 fi
 
 if [ -n "$SMOKE" ]; then A=(--ts=64 --b=1 --h=2 --d=32); T=(--data.global_batch=2 --data.seq_len=64 --model.num_layers=2 --model.d_model=96 --steps=2); else A=(); T=(--data.global_batch=32 --steps=5); fi
-on gla && { echo "== chunked GLA"; timeout 170 $PY benchmarks/gla_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_gla.md"; }
+on gla && { echo "== chunked GLA"; timeout ${GPU_CHECK_GLA_S:-200} $PY benchmarks/gla_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_gla.md"; }
 on delta && { echo "== chunked delta rule"; timeout 150 $PY benchmarks/delta_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_delta.md"; }
 on train && { echo "== training throughput, 125M preset"
   timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="benchmarks/results/${DEV}_train.md"; }
