@@ -68,7 +68,9 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, 
         att = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * d
         o = jnp.dot(att.astype(v.dtype), v, preferred_element_type=jnp.float32)
         fs = jnp.where(seg == 0, jnp.exp(b), 0.0) * p
-        o = o + jnp.dot((q.astype(jnp.float32) * fs[:, None]), state, preferred_element_type=jnp.float32)
+        # state readout with operands in the input dtype (bf16 on the fast path), float32 accumulation
+        o = o + jnp.dot((q.astype(jnp.float32) * fs[:, None]).astype(v.dtype), state.astype(v.dtype),
+                        preferred_element_type=jnp.float32)
         o_ref[sl, :] = o.astype(o_ref.dtype)
         last = pl.ds(n * c + c - 1, 1)  # [1]-shaped loads of the chunk's last token
         b_end, s_end, p_end = b_ref[last], s_ref[last], p_ref[last]

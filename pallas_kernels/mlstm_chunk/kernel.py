@@ -70,7 +70,7 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, i_ref, e_ref, c0_ref, n0_ref, m0_
         w0 = jnp.exp(inter - m_t)
         qf = q.astype(f32)
         num = jnp.dot(att.astype(v.dtype), v, preferred_element_type=f32)
-        num = num + jnp.dot(qf * w0[:, None], C, preferred_element_type=f32)
+        num = num + jnp.dot((qf * w0[:, None]).astype(v.dtype), C.astype(v.dtype), preferred_element_type=f32)
         den = jnp.sum(att, axis=1) + jnp.sum(qf * nv[None, :], axis=1) * w0
         den = jnp.maximum(jnp.abs(den), jnp.exp(-m_t))
         o_ref[sl, :] = (num / den[:, None]).astype(o_ref.dtype)
