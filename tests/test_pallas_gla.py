@@ -137,8 +137,11 @@ def test_auto_pallas_needs_one_gpu_and_a_kernel_chunk_size(monkeypatch):
     """``auto_pallas``: a one-device GPU process, and a chunk size the kernel takes (a power of two >= 16)."""
     from seqjax import _platform as P
 
-    assert not P.auto_pallas(64)  # this CPU process with 8 fake devices
+    monkeypatch.setattr(P.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(P.jax, "device_count", lambda: 1)
+    assert not P.auto_pallas(64)  # a CPU process (the kernels would be interpreted)
     monkeypatch.setattr(P.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(P.jax, "device_count", lambda: 8)
     assert not P.auto_pallas(64)  # 8 devices: a pallas_call has no sharding rule
     monkeypatch.setattr(P.jax, "device_count", lambda: 1)
     assert P.auto_pallas() and P.auto_pallas(64) and P.auto_pallas(16)

@@ -1,45 +1,44 @@
-r"""Pallas kernel: the chunked (gated) delta rule, forward in one kernel, backward by recomputation.
+r"""Pallas kernels: the chunked (gated) delta rule, forward in two kernels, backward through the XLA form.
 
 Computes, per (batch, head), ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``,
 ``o_t = scale S_tᵀ q_t`` (DeltaNet, Gated DeltaNet, DeltaProduct's micro-tokens; ``beta`` up to 2 for
-negative eigenvalues) with the WY / UT chunked algorithm of ``seqjax.mixers._delta_chunk``:
+negative eigenvalues) with the WY / UT chunked algorithm of ``seqjax.mixers._delta_chunk``, split as fla
+splits it:
 
-* grid ``(batch, heads)``; one program walks its whole sequence chunk by chunk (``fori_loop``), the
-  ``[dk, dv]`` float32 state carried on chip through the loop (never written to HBM between chunks);
-* per chunk of ``C`` tokens: ``K Kᵀ`` and the decay mask ``Gamma`` (log-space differences, masked
-  before ``exp``), the unit lower-triangular solve ``X = (I + tril(diag(beta) K Kᵀ ⊙ Gamma, -1))^{-1}``
-  done **in-kernel by forward substitution** (row ``r`` of ``X`` from rows ``< r``, with masked row
-  selects and reductions only — no dynamic value slicing, which the GPU lowering lacks), then
-  ``W = X (beta gamma ⊙ K)``, ``U = X (beta ⊙ V)``, ``U_new = U - W S``, the output
-  ``O = (gamma ⊙ Q) S + (Q Kᵀ ⊙ Gamma) U_new`` and the state ``S <- gamma_C S + (K ⊙ to_end)ᵀ U_new``;
-* loads may be bf16; every product accumulates in float32; ``o`` is written in the input dtype,
-  the final state in float32.
+1. ``delta_chunk_wy``, grid ``(batch, heads, chunks)`` — every chunk at once: ``A = tril(diag(beta) K Kᵀ ⊙
+   Gamma, -1)`` (decays in log space, masked before ``exp``), ``X = (I + A)^{-1}`` blocked by 16: each
+   diagonal ``16 x 16`` block by forward substitution (15 row steps, all diagonal blocks in one loop), the
+   blocks below by block substitution ``X_ij = -X_ii sum_{j<=m<i} A_im X_mj`` in small matmuls; then
+   ``W = X (beta gamma ⊙ K)`` and ``U = X (beta ⊙ V)``, written in the input dtype. Sub-blocks are loaded
+   from the refs at static offsets: the GPU lowering has no value slicing.
+2. ``delta_chunk_fwd``, grid ``(batch, heads, value blocks of 64)`` — walks the chunks in order with the
+   ``[dk, 64]`` float32 state on chip: ``U_new = U - W S``, ``O = (gamma ⊙ Q) S + (Q Kᵀ ⊙ Gamma) U_new``,
+   ``S <- gamma_C S + (K ⊙ to_end)ᵀ U_new``; matmul operands in the input dtype, float32 accumulation.
 
-The cheap elementwise preprocessing (chunk-local cumulative log decays, document index per token
-from ``resets``, padding ``T`` to a multiple of ``C`` and head dims to powers of two >= 16) runs in
-XLA in the wrapper, so the kernel stays dumb.
+The cheap elementwise preprocessing (chunk-local cumulative log decays, document index per token from
+``resets``, padding ``T`` to a multiple of ``C`` and head dims to powers of two >= 16) runs in XLA in the
+wrapper.
 
 Backward (``custom_vjp``): under ``jax.grad`` the forward *and* backward are the XLA chunked form's
 (``seqjax.mixers._delta_chunk.delta_rule_chunked``, its own residuals), so training through this kernel
-costs what XLA costs; the kernel runs for forwards outside differentiation. A fused Pallas backward is
+costs what XLA costs; the kernels run for forwards outside differentiation. A fused Pallas backward is
 future work.
 
 Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
-jax 0.11.2 where Mosaic GPU is the default: this kernel is a chain of small ``[C, C]`` / ``[C, d]``
+jax 0.11.2 where Mosaic GPU is the default: these kernels are chains of small ``[C, C]`` / ``[C, d]``
 block matmuls with masks and a sequential loop per program — exactly the block-level programming
-model of Triton (and of fla's Triton kernels it is benchmarked against), where the compiler does
+model of Triton (and of fla's Triton kernels they are benchmarked against), where the compiler does
 shared-memory staging, ``mma`` selection and software pipelining. Mosaic GPU requires writing that by
 hand at warpgroup level (explicit SMEM buffers, TMA copies, barriers, ``wgmma`` layouts); a port is a
-rewrite, left for a later GPU session. TPU: the same body should lower through Mosaic TPU; unverified.
+rewrite, left for a later GPU session. TPU: the same bodies should lower through Mosaic TPU; unverified.
 
 Status: interpret-mode tests on CPU (``tests/test_pallas_delta.py``, CI); the same tests pass compiled
-with the Triton lowering on an NVIDIA H200 with jax 0.11.2 (``benchmarks/gpu_check.sh``, 2026-11-26).
-Speed there (``benchmarks/results/NVIDIA_H200.md``): the forward is only 1.06-1.10x the XLA chunked
-form's at B=8, H=16, D=128, T = 2k-8k (~21 TFLOP/s): one program per (batch, head) walks all
-``T / C`` chunks in order, so only 128 programs run (on 132 SMs) and each spends most of its time in
-the serial in-kernel substitution (``C`` dependent row steps per chunk). The next step is fla's split:
-a chunk-parallel kernel for the WY factors (``W``, ``U``), a short state-passing kernel, then a
-chunk-parallel output kernel.
+with the Triton lowering on an NVIDIA H200 with jax 0.11.2 (``benchmarks/gpu_check.sh``, 2026-11-27).
+Speed there (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16): the forward is **1.98x
+(T = 2k) and 2.06x (T = 8k)** the XLA chunked form's (the single-kernel version of 2026-11-26 was
+1.06-1.10x), and 0.38x fla's ``chunk_gated_delta_rule`` forward. What is left: the state pass still
+computes ``Q Kᵀ ⊙ Gamma`` per chunk and per value block inside its serial loop; fla computes it
+chunk-parallel and keeps only ``W S`` and ``Kᵀ U`` in the serial pass.
 """
 
 from __future__ import annotations
