@@ -1,12 +1,12 @@
 """Where ``impl="auto"`` takes a Pallas kernel.
 
-Measured on an NVIDIA H200, jax 0.11.2 (``benchmarks/results/NVIDIA_H200.md``), at B=8, H=16, D=128, bf16:
-the chunked per-head-decay GLA kernel's forward is 2.8x (T = 2k) to 3.2x (T = 8k) the XLA chunked form's,
-the chunked delta-rule kernel's 1.06-1.10x; under ``jax.grad`` both run the XLA form's forward and backward
-(their ``custom_vjp`` forward rule), so training costs the same either way. So ``"auto"`` takes the kernels
-on a GPU, where they were compiled and tested. Only in a one-device process: a ``pallas_call`` has no
-sharding rule, and under a multi-device ``jit`` XLA would replicate its operands on every device. TPU:
-the kernels are untested there, so XLA.
+Measured on an NVIDIA H200, jax 0.11.2 (``benchmarks/results/NVIDIA_H200.md``), at B=8, H=16, D=128, bf16,
+forward against the XLA chunked form: per-head-decay GLA (Mamba-2/SSD, RetNet, linear attention) 3.0-3.5x,
+the delta rule 2.0x, the mLSTM 1.9x; per-channel-decay GLA 0.33x (so GLA proper keeps XLA). Under
+``jax.grad`` every kernel runs the XLA form's forward and backward (its ``custom_vjp`` forward rule), so
+training costs the same either way. So ``"auto"`` takes the kernels on a GPU, where they were compiled and
+tested. Only in a one-device process: a ``pallas_call`` has no sharding rule, and under a multi-device
+``jit`` XLA would replicate its operands on every device. TPU: the kernels are untested there, so XLA.
 """
 
 from __future__ import annotations

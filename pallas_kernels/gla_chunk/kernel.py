@@ -15,12 +15,18 @@ How it works
     key channels and value columns contribute 0) as GPU ``dot``s require; time is padded at the front to a
     whole number of chunks (decay 1, k = 0).
 
+Per-channel decay (GLA) — ``_kernel_channel``
+    Same grid and chunk walk, with per-channel gates ``b, seg, p [Tp, K]`` and the state carried
+    transposed (``Sᵀ [BV, K]``: the per-channel decay of the state is then a broadcast). The intra-chunk
+    term uses secondary chunks of 16 (GLA paper §4.3, as ``seqjax.mixers._gla_chunk``): earlier
+    secondary chunks through a reference token with both exponents ``≤ 0``, the diagonal ``16 × 16``
+    blocks in log space one key column at a time.
+
 Backward
     ``custom_vjp``: under ``jax.grad`` the forward *and* backward are the XLA chunked form's
     (``seqjax.mixers._gla_chunk.chunk_gla``, whose intra-chunk block is rematerialised, so training
-    memory stays linear in ``T``); the kernel runs for forwards outside differentiation. Measured on an
-    H200, the kernel forward is 2.8x (T = 2k) to 3.2x (T = 8k) faster than XLA's, while kernel forward +
-    recompute-VJP only tied XLA's forward+backward. A Pallas backward kernel is future work.
+    memory stays linear in ``T``); the kernel runs for forwards outside differentiation. A Pallas
+    backward kernel is future work.
 
 GPU lowering
     jax 0.11 on the GPU machines makes Mosaic GPU the default Pallas lowering and deprecates Triton.
@@ -32,10 +38,14 @@ GPU lowering
     it needs a GPU session of its own. On TPU the default Mosaic TPU lowering is used
     (``compiler_params=None``); unverified.
 
-Status: values, final state, gradients, h0, resets, signs, odd head dims and bf16 are verified in
-interpret mode (``tests/test_pallas_gla.py``, CI) and compiled with the Triton lowering on an NVIDIA H200
-with jax 0.11.2 (the same tests, run by ``benchmarks/gpu_check.sh`` on 2026-11-26). Speed and what
-limits it: ``benchmarks/results/NVIDIA_H200.md``.
+Status: values, final state, gradients, h0, resets, signs, odd head dims, bf16 and a split sequence are
+verified in interpret mode (``tests/test_pallas_gla.py``, CI) and compiled with the Triton lowering on an
+NVIDIA H200 with jax 0.11.2 (the same tests, run by ``benchmarks/gpu_check.sh``; 2026-11-26 and -27).
+Speed there (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16): the per-head forward is
+3.0-3.5x the XLA chunked form's and at parity with fla's ``chunk_simple_gla`` forward (0.98x); the
+per-channel forward is a miss at 0.33x XLA (its diagonal blocks are built column by column inside the
+serial chunk loop; the fix is a chunk-parallel intra-chunk kernel as fla's ``chunk_gla_fwd_A``), so
+``impl="auto"`` keeps XLA for per-channel decays.
 """
 
 from __future__ import annotations
