@@ -39,7 +39,7 @@ class Config(RunConfig):
     eval_per_depth: int = 8
     probe_len: int = 2048
     probe_every: int = 64
-    mitigation: str = "none"  # none | forget
+    mitigation: str = "none"  # none | forget (then both are evaluated, on the same trained weights)
     forget_shift: float = 1.0
 
 
@@ -118,21 +118,25 @@ def main(argv=None):
     holder = {}
     records = run(make_task(cfg), cfg, keep_model=holder)
     model = holder["model"]
-    apply_mitigation(model, cfg)
-    rows = [dict(r, kind="train") for r in records] + evaluate(model, cfg)
-    if cfg.model != "attention":
-        rows += state_norms(model, cfg)
+    rows = [dict(r, kind="train", mitigation="none") for r in records]
+    # the trained model as is, then (with --mitigation) the same weights with the mitigation applied
+    for mitigation in dict.fromkeys(["none", cfg.mitigation]):
+        if mitigation != "none":
+            apply_mitigation(model, cfg)
+        part = evaluate(model, cfg) + (state_norms(model, cfg) if cfg.model != "attention" else [])
+        rows += [dict(r, mitigation=mitigation) for r in part]
     for r in rows:
-        r.update(model=cfg.model, mitigation=cfg.mitigation, seed=cfg.seed)
+        r.update(model=cfg.model, seed=cfg.seed)
     if cfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         with open(cfg.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         plot(rows, os.path.splitext(cfg.out)[0] + ".png")
-    for mult in cfg.multiples:
-        t = cfg.train_len * mult
-        acc = np.mean([r["exact"] for r in rows if r["kind"] == "passkey" and r["length"] == t])
-        print(f"length {t:6d}: passkey exact match {acc:.3f}")
+    for mitigation in dict.fromkeys(["none", cfg.mitigation]):
+        for mult in cfg.multiples:
+            t = cfg.train_len * mult
+            acc = np.mean([r["exact"] for r in rows if r["kind"] == "passkey" and r["length"] == t and r["mitigation"] == mitigation])
+            print(f"mitigation {mitigation:6s} length {t:6d}: passkey exact match {acc:.3f}")
     return rows
 
 
@@ -144,13 +148,16 @@ def plot(rows, path):
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
     lengths = sorted({r["length"] for r in rows if r["kind"] == "passkey"})
-    a1.plot(lengths, [np.mean([r["exact"] for r in rows if r["kind"] == "passkey" and r["length"] == t]) for t in lengths], "o-")
+    for m in dict.fromkeys(r["mitigation"] for r in rows if r["kind"] == "passkey"):
+        sel = [r for r in rows if r["kind"] == "passkey" and r["mitigation"] == m]
+        a1.plot(lengths, [np.mean([r["exact"] for r in sel if r["length"] == t]) for t in lengths], "o-", label=m)
+        norms = [r for r in rows if r["kind"] == "state_norm" and r["mitigation"] == m]
+        if norms:
+            a2.plot([r["position"] for r in norms], [r["norm"] for r in norms], label=m)
     a1.set_xscale("log", base=2)
     a1.set(xlabel="context length", ylabel="passkey exact match", ylim=(-0.05, 1.05))
-    norms = [r for r in rows if r["kind"] == "state_norm"]
-    if norms:
-        a2.plot([r["position"] for r in norms], [r["norm"] for r in norms])
-        a2.set(xlabel="position", ylabel="state norm")
+    a1.legend(title="mitigation", fontsize=8)
+    a2.set(xlabel="position", ylabel="state norm")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -32,6 +32,8 @@ GRIDS = {
     "mqar": ("mqar", {}, ["attention", "gated_deltanet", "mamba2", "gla"], "acc"),
     "icll": ("icll", {}, ["attention", "mamba2", "mamba2+ngram2", "gated_deltanet", "lstm"], "dfa_acc"),
     "digits": ("classification", {"data": "digits"}, ["s4d", "lssl", "lstm"], "acc"),
+    "pdigits": ("classification", {"data": "pdigits"}, ["s4d", "lssl", "lstm"], "acc"),
+    "mnist1d": ("classification", {"data": "mnist1d"}, ["s4d", "lssl", "lstm"], "acc"),
     "sets": ("set_disjointness", {}, ["gla", "attention"], "acc"),
     "recall": ("recall", {"task": "ar"}, ["attention", "mamba", "gla"], "acc"),
     "copy": ("recall", {"task": "copy"}, ["attention", "mamba", "gla"], "acc"),

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
@@ -16,7 +17,9 @@ TOKEN_SCRIPTS = [
     ("icll", ["--model=gla+ngram2"]),
     ("classification", ["--data=digits", "--model=lstm"]),
     ("recall", ["--task=copy"]),
+    ("recall", ["--task=ar"]),
     ("set_disjointness", ["--jrt=true"]),
+    ("set_disjointness", ["--model=jrt"]),
 ]
 
 
@@ -44,12 +47,39 @@ def test_timescales_two_steps(tmp_path):
 def test_passkey_two_steps(tmp_path):
     import passkey
 
-    rows = passkey.main(["--preset=tiny", "--model=mamba2", f"--out={tmp_path / 'p.jsonl'}"])
+    rows = passkey.main(["--preset=tiny", "--model=mamba2", "--mitigation=forget", f"--out={tmp_path / 'p.jsonl'}"])
     kinds = {r["kind"] for r in rows}
     assert kinds == {"train", "passkey", "state_norm"}
     assert (tmp_path / "p.png").exists()
-    norms = [r["norm"] for r in rows if r["kind"] == "state_norm"]
-    assert len(norms) == 2 and all(n > 0 for n in norms)
+    # the same trained weights are evaluated as they are and with the mitigation (dt_bias shifted up)
+    for m in ("none", "forget"):
+        assert {r["length"] for r in rows if r["kind"] == "passkey" and r["mitigation"] == m} == {32, 64}
+    norms = {m: [r["norm"] for r in rows if r["kind"] == "state_norm" and r["mitigation"] == m] for m in ("none", "forget")}
+    assert all(len(v) == 2 and all(n > 0 for n in v) for v in norms.values())
+    assert norms["none"] != norms["forget"]
+
+
+def test_set_disjointness_prefix_covers_the_context():
+    """``--model=jrt`` reads every token before the answer non-causally (twice the context with JRT-Prompt)."""
+    import set_disjointness as sd
+
+    for jrt in (False, True):
+        cfg = sd.Config(model="jrt", jrt=jrt)
+        task = sd.make_task(cfg)
+        b = task.train(0, 2, 0)
+        answer = int(np.flatnonzero(b.targets[0] != -1)[0])
+        assert answer == b.inputs.shape[1] - 1 and cfg.prefix_len == answer
+
+
+def test_sweep_labels_rows_by_task_when_a_grid_mixes_tasks():
+    import sweep
+
+    recs = [{"task": t, "model": "gla", "seed": 0, "step": 10, "split": "test", "acc": a}
+            for t, a in (("sets_long_first", 0.5), ("sets_short_first", 0.9))]
+    md, table = sweep.summarize(recs, "acc")
+    assert table[("sets_long_first gla", "test")] == (0.5, 0.0) and table[("sets_short_first gla", "test")] == (0.9, 0.0)
+    md, table = sweep.summarize(recs[:1], "acc")
+    assert table == {("gla", "test"): (0.5, 0.0)}
 
 
 def test_sweep_writes_table_and_plot(tmp_path):
