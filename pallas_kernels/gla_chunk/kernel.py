@@ -193,8 +193,75 @@ def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     return o, (jnp.swapaxes(ht, -1, -2) if per_channel else ht)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gla(q, k, v, gates, h0, chunk, interpret):
+def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_ref, h0_ref, o_ref, ht_ref, s_scr):
+    """Mosaic TPU body: one chunk per grid step ``(batch, head, chunk)``, the chunk axis sequential, the
+    ``[K, V]`` float32 state in a VMEM scratch across steps. The gates come twice, as a column
+    ``[C, 1]`` and as a row ``[1, C]``, so the ``C × C`` decay mask is a broadcast (no relayout)."""
+    f32 = jnp.float32
+    c = q_ref.shape[0]
+    step = pl.program_id(2)
+
+    @pl.when(step == 0)
+    def _():
+        s_scr[...] = h0_ref[...].astype(f32)
+
+    state = s_scr[...]
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    bc, sc, pc = bc_ref[...], sc_ref[...], pc_ref[...]  # [C, 1]
+    br, sr, pr = br_ref[...], sr_ref[...], pr_ref[...]  # [1, C]
+    causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    ok = causal & (sc == sr)
+    d = jnp.where(ok, jnp.exp(jnp.where(ok, bc - br, 0.0)), 0.0) * (pc * pr)
+    att = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * d
+    o = jnp.dot(att.astype(v.dtype), v, preferred_element_type=f32)
+    fs = jnp.where(sc == 0, jnp.exp(bc), 0.0) * pc
+    o = o + jnp.dot((q.astype(f32) * fs).astype(v.dtype), state.astype(v.dtype), preferred_element_type=f32)
+    o_ref[...] = o.astype(o_ref.dtype)
+    lane = lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    end = lambda x: jnp.sum(jnp.where(lane == c - 1, x, 0.0), axis=1, keepdims=True)  # noqa: E731  [1, 1]
+    b_end, s_end, p_end = end(br), end(sr), end(pr)
+    fe = jnp.where(sc == s_end, jnp.exp(jnp.where(sc == s_end, b_end - bc, 0.0)), 0.0) * (pc * p_end)
+    a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
+    kt = (k.astype(f32) * fe).astype(v.dtype)
+    state = a * state + lax.dot_general(kt, v, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    s_scr[...] = state
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        ht_ref[...] = state
+
+
+def _forward_tpu(q, k, v, bc, seg, p, h0, *, chunk, interpret):
+    """Per-head decay on TPU (Mosaic): heads-first, whole head dims per block (the TPU tiling wants the
+    last two block dims to be multiples of (8, 128) or whole), gates as columns and rows."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    bsz, tp, h, kp = q.shape
+    vp = v.shape[-1]
+    n = tp // chunk
+    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
+    col = lambda x: heads(x)[..., None]  # noqa: E731  [b, h, Tp, 1]
+    row = lambda x: heads(x).reshape(bsz, h, n, 1, chunk)  # noqa: E731
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    rblk = pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, l: (i, j, l, 0, 0))
+    st = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
+    params = None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    o, ht = pl.pallas_call(
+        _kernel_tpu,
+        grid=(bsz, h, n),
+        in_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1), blk(1), rblk, rblk, rblk, st],
+        out_specs=[blk(vp), st],
+        out_shape=[jax.ShapeDtypeStruct((bsz, h, tp, vp), jnp.float32), jax.ShapeDtypeStruct((bsz, h, kp, vp), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((kp, vp), jnp.float32)],
+        interpret=interpret,
+        compiler_params=params,
+        name="gla_chunk_fwd_tpu",
+    )(heads(q), heads(k), heads(v), col(bc), col(seg), col(p), row(bc), row(seg), row(p), h0)
+    return jnp.moveaxis(o, 1, 2), ht
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _gla(q, k, v, gates, h0, chunk, interpret, backend):
     """``gates = (cut, g, sign)`` ``[b, t, h]`` float32, time already a whole number of chunks."""
     from seqjax.mixers._gla_chunk import prepare_chunks
 
@@ -212,11 +279,12 @@ def _gla(q, k, v, gates, h0, chunk, interpret):
         _, n, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
         flat = lambda x: x.reshape(bsz, t, h)
         bc, seg, p = flat(bc), flat(seg).astype(jnp.float32), flat(p)
-    o, s = _forward(pad(q, kp), pad(k, kp), pad(v, vp), bc, seg, p, h0p, chunk=chunk, interpret=interpret)
+    forward = _forward_tpu if backend == "mosaic_tpu" else _forward
+    o, s = forward(pad(q, kp), pad(k, kp), pad(v, vp), bc, seg, p, h0p, chunk=chunk, interpret=interpret)
     return o[..., :dv], s[:, :, :dk, :dv]
 
 
-def _gla_fwd(q, k, v, gates, h0, chunk, interpret):
+def _gla_fwd(q, k, v, gates, h0, chunk, interpret, backend):
     """Under differentiation the XLA chunked form runs the forward and keeps its own residuals.
 
     Measured on an H200 (``benchmarks/results/NVIDIA_H200.md``): kernel forward + the XLA form's VJP
@@ -226,7 +294,7 @@ def _gla_fwd(q, k, v, gates, h0, chunk, interpret):
     """
     from seqjax.mixers._gla_chunk import chunk_gla
 
-    del interpret
+    del interpret, backend
     cut, g, sign = gates
     resets = cut[:, :, 0] > 0.5
 
@@ -237,7 +305,7 @@ def _gla_fwd(q, k, v, gates, h0, chunk, interpret):
     return out, (vjp, cut)
 
 
-def _gla_bwd(chunk, interpret, res, cts):
+def _gla_bwd(chunk, interpret, backend, res, cts):
     vjp, cut = res
     dq, dk, dv, dg, dsign, dh0 = vjp(cts)
     return dq, dk, dv, (jnp.zeros_like(cut), dg, dsign), dh0
@@ -246,13 +314,14 @@ def _gla_bwd(chunk, interpret, res, cts):
 _gla.defvjp(_gla_fwd, _gla_bwd)
 
 
-def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_size=64, interpret=None):
+def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_size=64, interpret=None, backend=None):
     """``(o [b, t, h, dv] float32, S_T [b, h, dk, dv] float32)``.
 
     Same contract as ``seqjax.mixers._gla_chunk.chunk_gla``: log decays ``g`` per head ``[b, t, h]``
     (SSD, RetNet, linear attention) or per channel ``[b, t, h, dk]`` (GLA); ``g=None``: no decay;
     ``-inf``: a reset of that entry; ``sign [b, t, h]``: ``±1`` transitions. ``interpret=None``
-    interprets on CPU. ``chunk_size`` must be a power of two ``≥ 16``.
+    interprets on CPU. ``chunk_size`` must be a power of two ``≥ 16``. ``backend``: ``"triton"`` (GPU, and
+    the CPU interpreter) or ``"mosaic_tpu"`` (per-head decay only); ``None`` picks by platform.
     """
     bsz, t, h, dk = q.shape
     if g is not None and (g.ndim not in (3, 4) or g.shape[:3] != (bsz, t, h) or (g.ndim == 4 and g.shape[3] != dk)):
@@ -262,6 +331,12 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernel, got {chunk_size}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if backend is None:
+        backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+    if backend not in ("triton", "mosaic_tpu"):
+        raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
+    if backend == "mosaic_tpu" and g is not None and g.ndim == 4:
+        raise NotImplementedError("per-channel decays have no Mosaic TPU kernel yet; use impl='chunked' on TPU")
     g = jnp.zeros((bsz, t, h), jnp.float32) if g is None else jnp.asarray(g).astype(jnp.float32)
     sign = jnp.ones((bsz, t, h), jnp.float32) if sign is None else sign.astype(jnp.float32)
     cut = jnp.zeros((bsz, t), jnp.float32) if resets is None else jnp.asarray(resets).astype(jnp.float32)
@@ -271,5 +346,5 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     # the kernel always sees C = chunk_size, and every chunk ends on a real token (see chunk_gla)
     tp = -(-t // chunk_size) * chunk_size
     padt = lambda x, fill=0.0: jnp.pad(x, [(0, 0), (tp - t, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    o, s = _gla(padt(q), padt(k), padt(v), (padt(cut), padt(g), padt(sign, 1.0)), h0, chunk_size, interpret)
+    o, s = _gla(padt(q), padt(k), padt(v), (padt(cut), padt(g), padt(sign, 1.0)), h0, chunk_size, interpret, backend)
     return o[:, tp - t:], s
