@@ -160,18 +160,3 @@ def test_tpu_kernel_equals_reference(t, dk, dv, chunk):
     ref = functools.partial(recurrent_gla, resets=resets)
     _close(kern(**inp), ref(**inp), 2e-5, "values")
     _close(_grads(kern, inp, jax.random.PRNGKey(1)), _grads(ref, inp, jax.random.PRNGKey(1)), 1e-4, "grads")
-
-
-@pytest.mark.parametrize("dk,dv", [(128, 128), (64, 64), (20, 9)])
-def test_tpu_kernel_lowers_to_mosaic(dk, dv):
-    """Lowered for a TPU without one (``jax.export`` with ``platforms=("tpu",)``): the Pallas -> Mosaic
-    lowering runs and emits the Mosaic custom call. Mosaic's own compile (in libtpu) is not exercised."""
-    from jax import export
-
-    q = jnp.zeros((2, 256, 2, dk), jnp.bfloat16)
-    v = jnp.zeros((2, 256, 2, dv), jnp.bfloat16)
-    f = lambda q, v, g: gla_chunk_pallas(q, q, v, g, chunk_size=64, interpret=False, backend="mosaic_tpu")  # noqa: E731
-    exp = export.export(jax.jit(f), platforms=("tpu",))(q, v, jnp.zeros((2, 256, 2)))
-    assert "tpu_custom_call" in exp.mlir_module()
-    with pytest.raises(NotImplementedError, match="Mosaic TPU"):
-        gla_chunk_pallas(q, q, v, jnp.zeros((2, 256, 2, dk)), chunk_size=64, backend="mosaic_tpu")

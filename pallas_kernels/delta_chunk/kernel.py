@@ -167,7 +167,7 @@ def _chunk_gates(la, rs, c, n):
     return tuple(x.reshape(b, h, n * c) for x in (g, rev, seg))
 
 
-def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
+def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     dtype = jnp.result_type(q, k, v)
@@ -186,6 +186,9 @@ def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
     g, rev, seg = _chunk_gates(jnp.moveaxis(pad_t(la), 2, 1), pad_t(rs), c, n)
     h0p = jnp.pad(h0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)])
 
+    if backend == "mosaic_tpu":
+        o, ht = _pallas_tpu(qh, kh, vh, bh, g, rev, seg, h0p, c=c, n=n, scale=float(scale), dtype=dtype, interpret=interpret)
+        return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]
     params = None
     if not interpret and jax.default_backend() == "gpu":
         from jax.experimental.pallas import triton as pltriton
@@ -226,12 +229,143 @@ def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
     return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _delta_chunk(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
-    return _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret)
+# ----------------------------------------------------------------------------- Mosaic TPU
+# The TPU tiling wants the last two dims of every block to be multiples of (8, 128) or whole, so the gates
+# come as columns ``[.., C, 1]`` and as rows ``[.., n, ·, C]`` (the ``C x C`` masks are then broadcasts, with
+# no relayout), values are 2-D throughout, and float32 products ask for ``HIGHEST`` precision (the MXU's
+# default passes are bf16).
+
+_HI = lax.Precision.HIGHEST
 
 
-def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
+def _dot_nt(a, b, precision=None):  # a bᵀ
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
+
+
+def _dot_tn(a, b, precision=None):  # aᵀ b
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
+
+
+def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, u_ref):
+    """``_wy_kernel`` for Mosaic TPU: sub-block gates as columns ``[16, 1]`` and rows ``[1, 16]``; the
+    diagonal blocks' forward substitution as masked ``16 x 16`` matmuls (one row per step)."""
+    f32 = jnp.float32
+    c = k_ref.shape[0]
+    nb = c // SUB
+    row = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    strict = row > col
+    eye = jnp.where(row == col, 1.0, 0.0).astype(f32)
+    blk = [pl.ds(i * SUB, SUB) for i in range(nb)]
+    k = [k_ref[s, :] for s in blk]
+    beta, gcol, scol = ([r[s, :] for s in blk] for r in (bc_ref, gc_ref, sc_ref))  # [16, 1] each
+    grow, srow = ([r[pl.ds(i, 1), :] for i in range(nb)] for r in (gr_ref, sr_ref))  # [1, 16] each
+    a = {}
+    for i in range(nb):
+        for j in range(i + 1):
+            same = scol[i] == srow[j]
+            if i == j:
+                same = same & strict
+            gam = jnp.where(same, jnp.exp(jnp.where(same, gcol[i] - grow[j], 0.0)), 0.0)
+            a[i, j] = beta[i] * _dot_nt(k[i], k[j]) * gam
+
+    def substitute(r, xs):
+        return tuple(jnp.where(row == r, eye - _dot(jnp.where(row == r, a[i, i], 0.0), x, _HI), x) for i, x in enumerate(xs))
+
+    diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
+    x = {(i, i): diag[i] for i in range(nb)}
+    for i in range(1, nb):
+        for j in range(i - 1, -1, -1):
+            acc = sum(_dot(a[i, m], x[m, j], _HI) for m in range(j, i))
+            x[i, j] = -_dot(x[i, i], acc, _HI)
+    gamma = [jnp.where(scol[j] == 0.0, jnp.exp(gcol[j]), 0.0) for j in range(nb)]
+    kb = [k[j].astype(f32) * (beta[j] * gamma[j]) for j in range(nb)]
+    vb = [v_ref[s, :].astype(f32) * beta[j] for j, s in enumerate(blk)]
+    for i in range(nb):
+        w_ref[blk[i], :] = sum(_dot(x[i, j], kb[j], _HI) for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[blk[i], :] = sum(_dot(x[i, j], vb[j], _HI) for j in range(i + 1)).astype(u_ref.dtype)
+
+
+def _state_kernel_tpu(q_ref, k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h0_ref, o_ref, ht_ref, s_scr, *, scale):
+    """``_state_kernel`` for Mosaic TPU: one chunk per grid step (the chunk axis sequential), the state in a
+    VMEM scratch across steps."""
+    f32 = jnp.float32
+    c = q_ref.shape[0]
+    step = pl.program_id(2)
+
+    @pl.when(step == 0)
+    def _():
+        s_scr[...] = h0_ref[...].astype(f32)
+
+    S = s_scr[...]
+    md = q_ref.dtype
+    q, k, w, u = q_ref[...], k_ref[...], w_ref[...], u_ref[...]
+    gcol, rcol, scol = gc_ref[...], rc_ref[...], sc_ref[...]  # [C, 1]
+    grow, srow = gr_ref[...], sr_ref[...]  # [1, C]
+    lane = lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    g_last = jnp.sum(jnp.where(lane == c - 1, grow, 0.0), axis=1, keepdims=True)  # [1, 1]
+    seg_last = jnp.sum(jnp.where(lane == c - 1, srow, 0.0), axis=1, keepdims=True)
+    gamma = jnp.where(scol == 0.0, jnp.exp(gcol), 0.0)
+    total = jnp.where(seg_last == 0.0, jnp.exp(g_last), 0.0)
+    to_end = jnp.where(scol == seg_last, jnp.exp(rcol), 0.0)
+    u_new = u.astype(f32) - _dot(w.astype(md), S.astype(md), _HI if md == f32 else None)
+    incl = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    same = incl & (scol == srow)
+    qk = _dot_nt(q, k) * jnp.where(same, jnp.exp(jnp.where(same, gcol - grow, 0.0)), 0.0)
+    hi = _HI if md == f32 else None
+    o = _dot((q.astype(f32) * gamma).astype(md), S.astype(md), hi) + _dot(qk.astype(md), u_new.astype(md), hi)
+    o_ref[...] = (scale * o).astype(o_ref.dtype)
+    S = total * S + _dot_tn((k.astype(f32) * to_end).astype(md), u_new.astype(md), hi)
+    s_scr[...] = S
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        ht_ref[...] = S
+
+
+def _pallas_tpu(qh, kh, vh, bh, g, rev, seg, h0p, *, c, n, scale, dtype, interpret):
+    """Both kernels on Mosaic TPU; inputs heads-first and padded as in ``_forward``."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, h, tp, dkp = qh.shape
+    dvp = vh.shape[-1]
+    col = lambda x: x[..., None]  # noqa: E731  [b, h, Tp] -> [b, h, Tp, 1]
+    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    sub_rows = lambda x: x.reshape(b, h, n, c // SUB, SUB)  # noqa: E731
+    srows = pl.BlockSpec((None, None, None, c // SUB, SUB), lambda i, j, l: (i, j, l, 0, 0))
+    rows = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
+    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
+    par = lambda *sem: None if interpret else pltpu.CompilerParams(dimension_semantics=sem)  # noqa: E731
+    w, u = pl.pallas_call(
+        _wy_kernel_tpu,
+        grid=(b, h, n),
+        in_specs=[blk(dkp), blk(dvp), blk(1), blk(1), blk(1), srows, srows],
+        out_specs=[blk(dkp), blk(dvp)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dkp), dtype), jax.ShapeDtypeStruct((b, h, tp, dvp), dtype)],
+        interpret=interpret,
+        compiler_params=par("parallel", "parallel", "parallel"),
+        name="delta_chunk_wy_tpu",
+    )(kh, vh, col(bh), col(g), col(seg), sub_rows(g), sub_rows(seg))
+    st = pl.BlockSpec((None, None, dkp, dvp), lambda i, j, l: (i, j, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_state_kernel_tpu, scale=scale),
+        grid=(b, h, n),
+        in_specs=[blk(dkp), blk(dkp), blk(dkp), blk(dvp), blk(1), blk(1), blk(1), rblk, rblk, st],
+        out_specs=[blk(dvp), st],
+        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dvp), dtype), jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((dkp, dvp), jnp.float32)],
+        interpret=interpret,
+        compiler_params=par("parallel", "parallel", "arbitrary"),
+        name="delta_chunk_fwd_tpu",
+    )(qh, kh, w, u, col(g), col(rev), col(seg), rows(g), rows(seg), h0p)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _delta_chunk(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
+    return _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend)
+
+
+def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
     """Under differentiation the XLA chunked form runs the forward and keeps its own residuals.
 
     Measured on an H200 (``benchmarks/results/NVIDIA_H200_delta.md``): running this kernel forward and
@@ -239,7 +373,7 @@ def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
     training through ``impl="pallas"`` now costs exactly what the XLA chunked form costs, and a forward
     outside ``jax.grad`` (inference, evaluation, prefill) runs the kernel.
     """
-    del interpret
+    del interpret, backend
     from seqjax.mixers._delta_chunk import delta_rule_chunked
 
     def f(q, k, v, beta, la, h0):
@@ -248,14 +382,14 @@ def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret):
     return jax.vjp(f, q, k, v, beta, la, h0)
 
 
-def _bwd(scale, chunk_size, interpret, vjp, cts):
+def _bwd(scale, chunk_size, interpret, backend, vjp, cts):
     return (*vjp(cts), None)
 
 
 _delta_chunk.defvjp(_fwd, _bwd)
 
 
-def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, chunk_size=64, interpret=None):
+def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, chunk_size=64, interpret=None, backend=None):
     """Chunked (gated) delta rule through the Pallas kernel.
 
     Args:
@@ -264,14 +398,19 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
       h0: ``[b, h, dk, dv]`` or ``None``; resets: ``[b, t]`` bool (``alpha_t = 0`` there) or ``None``.
       chunk_size: rounded up to a power of two >= 16.
       interpret: run the kernel as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
+      backend: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
 
     Returns:
       ``(o [b, t, h, dv] in the inputs' dtype, h_last [b, h, dk, dv] float32)``.
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if backend is None:
+        backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+    if backend not in ("triton", "mosaic_tpu"):
+        raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
     b, t, h, dk = q.shape
     la = jnp.zeros((b, t, h), jnp.float32) if log_alpha is None else jnp.asarray(log_alpha, jnp.float32)
     h0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32)
     rs = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
-    return _delta_chunk(q, k, v, beta, la, h0, rs, float(scale), int(chunk_size), bool(interpret))
+    return _delta_chunk(q, k, v, beta, la, h0, rs, float(scale), int(chunk_size), bool(interpret), backend)

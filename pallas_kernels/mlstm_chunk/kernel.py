@@ -159,21 +159,110 @@ def _forward(q, k, v, i, f, h0, resets, chunk, interpret):
     return y, (Ct[:, :, :dk, :dv], nt[:, :, 0, :dk], mt[:, :, 0, 0])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _mlstm(q, k, v, i, f, h0, resets, chunk, interpret):
-    return _forward(q, k, v, i, f, h0, resets, chunk, interpret)
+def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, ic_ref, br_ref, sr_ref, ir_ref, er_ref, c0_ref, n0_ref, m0_ref,
+                o_ref, ct_ref, nt_ref, mt_ref, c_scr, n_scr, m_scr):
+    """Mosaic TPU body: one chunk per grid step (the chunk axis sequential), ``(C', n', m)`` in VMEM scratch
+    (``n'`` as a row ``[1, dk]``, ``m`` as ``[1, 1]``); gates as columns ``[C, 1]`` and rows ``[1, C]``, so
+    every value stays 2-D and the ``C x C`` masks are broadcasts."""
+    f32 = jnp.float32
+    c = q_ref.shape[0]
+    step = pl.program_id(2)
+
+    @pl.when(step == 0)
+    def _():
+        c_scr[...] = c0_ref[...]
+        n_scr[...] = n0_ref[...]
+        m_scr[...] = m0_ref[...]
+
+    C, nv, m = c_scr[...], n_scr[...], m_scr[...]
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    bcol, scol, icol = bc_ref[...], sc_ref[...], ic_ref[...]  # [C, 1]
+    brow, srow, irow, erow = br_ref[...], sr_ref[...], ir_ref[...], er_ref[...]  # [1, C]
+    causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    ok = causal & (scol == srow)
+    diff = bcol - brow
+    w = jnp.where(ok, diff + irow, NEG)
+    m_intra = jnp.max(jnp.where(ok, diff + erow, NEG), axis=1, keepdims=True)  # [C, 1]
+    inter = jnp.where(scol == 0.0, bcol + m, NEG)
+    m_t = jnp.maximum(m_intra, inter)
+    att = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * jnp.exp(w - m_t)
+    w0 = jnp.exp(inter - m_t)
+    qf = q.astype(f32)
+    num = jnp.dot(att.astype(v.dtype), v, preferred_element_type=f32)
+    num = num + jnp.dot((qf * w0).astype(v.dtype), C.astype(v.dtype), preferred_element_type=f32)
+    den = jnp.sum(att, axis=1, keepdims=True) + jnp.sum(qf * nv, axis=1, keepdims=True) * w0
+    den = jnp.maximum(jnp.abs(den), jnp.exp(-m_t))
+    o_ref[...] = (num / den).astype(o_ref.dtype)
+    lane = lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    sub = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+    b_end = jnp.sum(jnp.where(lane == c - 1, brow, 0.0), axis=1, keepdims=True)  # [1, 1]
+    s_end = jnp.sum(jnp.where(lane == c - 1, srow, 0.0), axis=1, keepdims=True)
+    m_loc = jnp.sum(jnp.where(sub == c - 1, m_intra, 0.0), axis=0, keepdims=True)
+    w_end = jnp.where(scol == s_end, b_end - bcol + icol, NEG)  # the last row of w, as a column
+    kw = k.astype(f32) * jnp.exp(w_end - m_loc)
+    u = lax.dot_general(kw.astype(v.dtype), v, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    n_loc = jnp.sum(kw, axis=0, keepdims=True)
+    a = jnp.where(s_end == 0.0, b_end, NEG)
+    m_new = jnp.maximum(a + m, m_loc)
+    fo, fl = jnp.exp(a + m - m_new), jnp.exp(m_loc - m_new)
+    C, nv, m = fo * C + fl * u, fo * nv + fl * n_loc, m_new
+    c_scr[...], n_scr[...], m_scr[...] = C, nv, m
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        ct_ref[...], nt_ref[...], mt_ref[...] = C, nv, m
 
 
-def _fwd(q, k, v, i, f, h0, resets, chunk, interpret):
+def _forward_tpu(q, k, v, i, f, h0, resets, chunk, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    qh, kh, vh, bt, st, it, et, n = _prepare(q, k, v, i, f, resets, chunk)
+    tp, dkp, dvp = n * chunk, qh.shape[-1], vh.shape[-1]
+    C0, n0, m0 = h0
+    C0 = jnp.pad(C0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)])
+    n0 = jnp.pad(n0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk)])[:, :, None]  # [b, h, 1, dkp]
+    m0 = m0.astype(jnp.float32)[:, :, None, None]  # [b, h, 1, 1]
+    col = lambda x: x[..., None]  # noqa: E731
+    row = lambda x: x.reshape(b, h, n, 1, chunk)  # noqa: E731
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda x, y, z: (x, y, z, 0))  # noqa: E731
+    rblk = pl.BlockSpec((None, None, None, 1, chunk), lambda x, y, z: (x, y, z, 0, 0))
+    whole = lambda a, bb: pl.BlockSpec((None, None, a, bb), lambda x, y, z: (x, y, 0, 0))  # noqa: E731
+    params = None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    o, Ct, nt, mt = pl.pallas_call(
+        _kernel_tpu,
+        grid=(b, h, n),
+        in_specs=[blk(dkp), blk(dkp), blk(dvp), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk,
+                  whole(dkp, dvp), whole(1, dkp), whole(1, 1)],
+        out_specs=[blk(dvp), whole(dkp, dvp), whole(1, dkp), whole(1, 1)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dvp), jnp.float32), jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, 1, dkp), jnp.float32), jax.ShapeDtypeStruct((b, h, 1, 1), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((dkp, dvp), jnp.float32), pltpu.VMEM((1, dkp), jnp.float32), pltpu.VMEM((1, 1), jnp.float32)],
+        interpret=interpret,
+        compiler_params=params,
+        name="mlstm_chunk_fwd_tpu",
+    )(qh, kh, vh, col(bt), col(st), col(it), row(bt), row(st), row(it), row(et), C0, n0, m0)
+    y = jnp.moveaxis(o, 1, 2)[:, :t, :, :dv]
+    return y, (Ct[:, :, :dk, :dv], nt[:, :, 0, :dk], mt[:, :, 0, 0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _mlstm(q, k, v, i, f, h0, resets, chunk, interpret, backend):
+    forward = _forward_tpu if backend == "mosaic_tpu" else _forward
+    return forward(q, k, v, i, f, h0, resets, chunk, interpret)
+
+
+def _fwd(q, k, v, i, f, h0, resets, chunk, interpret, backend):
     """Under differentiation the XLA chunked form runs forward and backward (see the module docstring)."""
     from seqjax.mixers.mlstm import _chunk
 
-    del interpret
+    del interpret, backend
     out, vjp = jax.vjp(lambda q, k, v, i, f, h0: _chunk(q, k, v, i, f, h0, resets, chunk), q, k, v, i, f, h0)
     return out, (vjp, resets)
 
 
-def _bwd(chunk, interpret, res, cts):
+def _bwd(chunk, interpret, backend, res, cts):
     vjp, resets = res
     return (*vjp(cts), None if resets is None else jnp.zeros_like(resets, jnp.float32))
 
@@ -181,7 +270,7 @@ def _bwd(chunk, interpret, res, cts):
 _mlstm.defvjp(_fwd, _bwd)
 
 
-def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret=None):
+def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret=None, backend=None):
     """The chunkwise mLSTM through the Pallas kernel; same contract as ``seqjax.mixers.mlstm.mlstm``.
 
     Args:
@@ -189,6 +278,7 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
         pre-activations; h0: ``(C [b, h, dk, dv], n [b, h, dk], m [b, h])`` or ``None``;
         resets: ``[b, t]`` bool or ``None``. chunk_size: a power of two ``>= 16``.
       interpret: run as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
+      backend: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
 
     Returns:
       ``(y [b, t, h, dv] float32, (C, n, m))``.
@@ -197,10 +287,14 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernel, got {chunk_size}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if backend is None:
+        backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+    if backend not in ("triton", "mosaic_tpu"):
+        raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     if h0 is None:
         h0 = (jnp.zeros((b, h, dk, dv), jnp.float32), jnp.zeros((b, h, dk), jnp.float32), jnp.zeros((b, h), jnp.float32))
     rs = None if resets is None else jnp.asarray(resets).astype(jnp.float32)
     chunk = min(int(chunk_size), max(16, _pow2(t)))
-    return _mlstm(q, k, v, i, f, tuple(h0), rs, chunk, bool(interpret))
+    return _mlstm(q, k, v, i, f, tuple(h0), rs, chunk, bool(interpret), backend)
