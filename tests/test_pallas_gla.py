@@ -151,10 +151,12 @@ def test_auto_pallas_needs_one_gpu_and_a_kernel_chunk_size(monkeypatch):
 # ----------------------------------------------------------------------------- Mosaic TPU
 
 
-@pytest.mark.parametrize("t,dk,dv,chunk", [(1, 7, 5, 16), (75, 20, 9, 32), (130, 64, 64, 64)])
-def test_tpu_kernel_equals_reference(t, dk, dv, chunk):
-    """The Mosaic TPU body (chunk per grid step, state in VMEM scratch), interpreted: values, state, grads."""
-    inp = _inputs(jax.random.PRNGKey(t + 1), t, dk, dv)
+@pytest.mark.parametrize("t,dk,dv,chunk,channel", [
+    (1, 7, 5, 16, False), (75, 20, 9, 32, False), (130, 64, 64, 64, False), (75, 20, 9, 32, True), (130, 64, 9, 64, True),
+])
+def test_tpu_kernel_equals_reference(t, dk, dv, chunk, channel):
+    """The Mosaic TPU bodies (chunk per grid step, state in VMEM scratch), interpreted: values, state, grads."""
+    inp = _inputs(jax.random.PRNGKey(t + 1), t, dk, dv, channel=channel)
     resets = jnp.zeros((1, t), bool).at[:, t // 2].set(True)
     kern = functools.partial(gla_chunk_pallas, resets=resets, chunk_size=chunk, backend="mosaic_tpu")
     ref = functools.partial(recurrent_gla, resets=resets)

@@ -33,12 +33,12 @@ def test_chunked_kernels_lower_to_mosaic_tpu(dk, dv):
     assert _mosaic_calls(lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw), q, v, g) == 1
 
 
-def test_per_channel_gla_has_no_tpu_kernel_yet():
-    q = jnp.zeros((1, 64, 2, 16))
-    with pytest.raises(NotImplementedError, match="Mosaic TPU"):
-        gla_chunk_pallas(q, q, q, jnp.zeros((1, 64, 2, 16)), chunk_size=16, backend="mosaic_tpu")
+def test_per_channel_gla_lowers_and_bad_backend_is_named():
+    q = jnp.zeros((2, 256, 2, 128), jnp.bfloat16)
+    f = lambda q, g: gla_chunk_pallas(q, q, q, g, chunk_size=64, interpret=False, backend="mosaic_tpu")  # noqa: E731
+    assert _mosaic_calls(f, q, jnp.zeros((2, 256, 2, 128))) == 2  # intra-chunk kernel + state pass
     with pytest.raises(ValueError, match="backend must be"):
-        delta_chunk(q, q, q, jnp.ones((1, 64, 2)), chunk_size=16, backend="mosaic")
+        delta_chunk(q, q, q, jnp.ones((2, 256, 2)), chunk_size=16, backend="mosaic")
 
 
 def test_linear_scan_lowers_to_mosaic_tpu_forward_and_backward():

@@ -30,7 +30,9 @@ block matmuls with masks and a sequential loop per program — exactly the block
 model of Triton (and of fla's Triton kernels they are benchmarked against), where the compiler does
 shared-memory staging, ``mma`` selection and software pipelining. Mosaic GPU requires writing that by
 hand at warpgroup level (explicit SMEM buffers, TMA copies, barriers, ``wgmma`` layouts); a port is a
-rewrite, left for a later GPU session. TPU: the same bodies should lower through Mosaic TPU; unverified.
+rewrite, left for a later GPU session. TPU: separate Mosaic bodies (``backend="mosaic_tpu"``, automatic on a
+TPU; one chunk per grid step, state in VMEM scratch, gates as columns and rows), interpret-tested and
+checked to lower to Mosaic (``tests/test_pallas_tpu_lowering.py``); not yet run on a TPU.
 
 Status: interpret-mode tests on CPU (``tests/test_pallas_delta.py``, CI); the same tests pass compiled
 with the Triton lowering on an NVIDIA H200 with jax 0.11.2 (``benchmarks/gpu_check.sh``, 2026-11-27).

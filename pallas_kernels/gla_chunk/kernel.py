@@ -15,12 +15,13 @@ How it works
     key channels and value columns contribute 0) as GPU ``dot``s require; time is padded at the front to a
     whole number of chunks (decay 1, k = 0).
 
-Per-channel decay (GLA) — ``_kernel_channel``
-    Same grid and chunk walk, with per-channel gates ``b, seg, p [Tp, K]`` and the state carried
-    transposed (``Sᵀ [BV, K]``: the per-channel decay of the state is then a broadcast). The intra-chunk
-    term uses secondary chunks of 16 (GLA paper §4.3, as ``seqjax.mixers._gla_chunk``): earlier
-    secondary chunks through a reference token with both exponents ``≤ 0``, the diagonal ``16 × 16``
-    blocks in log space one key column at a time.
+Per-channel decay (GLA) — two kernels
+    ``_intra_channel_kernel``, grid ``(batch, heads, chunks)``, all chunks in parallel: the intra-chunk
+    matrix ``A [C, C]`` by 16-token secondary chunks (GLA paper §4.3, as ``seqjax.mixers._gla_chunk``):
+    earlier secondary chunks through a reference token with both exponents ``≤ 0``, the diagonal
+    ``16 × 16`` blocks in log space one key column at a time. Then the state pass
+    (``_channel_chunk_step``): ``O = A V + (Q ⊙ e^{b}) S`` and the per-channel decayed state update, with
+    the state carried transposed (``Sᵀ [BV, K]``: the per-channel decay is a broadcast).
 
 Backward
     ``custom_vjp``: under ``jax.grad`` the forward *and* backward are the XLA chunked form's
@@ -35,17 +36,22 @@ GPU lowering
     CPU, it lowers on H100/H200 without warpgroup/TMA choreography, and a ``[C, C]``-tile chunk kernel
     with ``C = 64`` maps onto Triton's ``tl.dot`` the way fla's Triton kernels do. A Mosaic GPU port
     (``plgpu.kernel`` with ``wgmma`` and a TMA pipeline over chunks) is the path once Triton is removed;
-    it needs a GPU session of its own. On TPU the default Mosaic TPU lowering is used
-    (``compiler_params=None``); unverified.
+    it needs a GPU session of its own. TPU: separate bodies for Mosaic (below).
 
 Status: values, final state, gradients, h0, resets, signs, odd head dims, bf16 and a split sequence are
 verified in interpret mode (``tests/test_pallas_gla.py``, CI) and compiled with the Triton lowering on an
 NVIDIA H200 with jax 0.11.2 (the same tests, run by ``benchmarks/gpu_check.sh``; 2026-11-26 and -27).
 Speed there (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16): the per-head forward is
-3.0-3.5x the XLA chunked form's and at parity with fla's ``chunk_simple_gla`` forward (0.98x); the
-per-channel forward is a miss at 0.33x XLA (its diagonal blocks are built column by column inside the
-serial chunk loop; the fix is a chunk-parallel intra-chunk kernel as fla's ``chunk_gla_fwd_A``), so
+3.0-3.5x the XLA chunked form's and at parity with fla's ``chunk_simple_gla`` forward (0.98x). The first
+per-channel kernel (commit 24a1fc6: the diagonal blocks built column by column inside the serial chunk
+walk) measured 0.33x XLA; it has since been split into the chunk-parallel intra kernel and the state pass
+described above (as fla's ``chunk_gla_fwd_A`` + ``chunk_fwd_o``), which is tested but not yet timed, so
 ``impl="auto"`` keeps XLA for per-channel decays.
+
+Mosaic TPU: ``backend="mosaic_tpu"`` (automatic on a TPU) uses bodies that run one chunk per grid step with
+the state in a VMEM scratch (the chunk axis ``"arbitrary"``), heads-first blocks whose last two dims are
+whole, and gates as columns and rows. They are tested in interpret mode and lower to Mosaic
+(``tests/test_pallas_tpu_lowering.py``); not yet run on a TPU.
 """
 
 from __future__ import annotations
@@ -96,101 +102,194 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, 
 SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
 
 
-def _kernel_channel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, chunk, n_chunks):
-    """Per-channel gates ``b, seg, p [Tp, K]``; the state is carried **transposed**, ``Sᵀ [BV, K]``, so
-    the per-channel decay of its rows is a broadcast over the last axis (no in-kernel transpose).
+def _masked_exp(ok, x):
+    return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
 
-    Per chunk, for each secondary chunk ``i`` of 16 queries: the inter-chunk term
-    ``(q ⊙ e^{b}) S``; the earlier secondary chunks through the reference token ``r`` (the one before
-    ``i``): ``(q_t e^{b_t − b_r}) · (k_s e^{b_r − b_s})`` for ``s ≤ r``, one ``[16, C]`` matmul; the
-    ``16 × 16`` diagonal block in log space, one key column per step (``Σ_k q_tk k_sk e^{b_tk − b_sk}``,
-    a ``[16, K]`` product per column, as fla's intra-sub-chunk kernel does). Every exponent is ``≤ 0``
-    and masked (segment equality, causality) before ``exp``.
-    """
-    c, f32 = chunk, jnp.float32
+
+def _intra_channel_kernel(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref):
+    """Per-channel decay, one chunk per grid step ``(batch, head, chunk)`` — all chunks in parallel: the
+    intra-chunk matrix ``A [C, C]`` (``o_intra = A V``) by secondary chunks of 16 (GLA paper §4.3):
+
+    * rows of secondary chunk ``i`` against the earlier ones, through the reference token ``r`` before
+      ``i``: ``(q_t e^{b_t − b_r}) · (k_s e^{b_r − b_s})`` for ``s ≤ r`` — one ``[16, C]`` matmul;
+    * its diagonal ``16 × 16`` block in log space, a key column at a time
+      (``Σ_k q_tk k_sk e^{b_tk − b_sk}``), placed into the row by a ``[16, 16] × [16, C]`` selector matmul
+      (exact at ``HIGHEST`` precision; no value slicing or lane-offset stores, which the Triton and Mosaic
+      lowerings lack).
+
+    Every exponent is ``≤ 0`` and masked (segment equality, causality) before ``exp``. Gates
+    ``b, seg, p [C, K]`` (cumulative log decay within the chunk, document index, cumulative sign)."""
+    f32, hi = jnp.float32, lax.Precision.HIGHEST
+    c = q_ref.shape[0]
     nb = c // SUB
+    k, b, seg, p = k_ref[...].astype(f32), b_ref[...], s_ref[...], p_ref[...]
     pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
     row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    sel_col = lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
+    sel_row = lax.broadcasted_iota(jnp.int32, (SUB, c), 0)
+    for i in range(nb):
+        si = pl.ds(i * SUB, SUB)
+        qi, bi, segi, pi = q_ref[si, :].astype(f32), b_ref[si, :], s_ref[si, :], p_ref[si, :]
+        a_d = jnp.zeros((SUB, SUB), f32)
+        for j in range(SUB):  # the diagonal block, one key column per step
+            rj = pl.ds(i * SUB + j, 1)
+            kj, bj, sj, pj = k_ref[rj, :].astype(f32), b_ref[rj, :], s_ref[rj, :], p_ref[rj, :]
+            ok = (row >= j) & (segi == sj)
+            colj = jnp.sum(qi * kj * _masked_exp(ok, bi - bj) * (pi * pj), axis=1, keepdims=True)
+            a_d = jnp.where(col == j, colj, a_d)
+        place = jnp.where(sel_col == sel_row + i * SUB, 1.0, 0.0).astype(f32)  # [16, C]: block i's columns
+        rows = jnp.dot(a_d, place, preferred_element_type=f32, precision=hi)
+        if i > 0:
+            rr = pl.ds(i * SUB - 1, 1)
+            br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
+            qf = qi * _masked_exp(segi == sr, bi - br) * (pi * pr)
+            kf = k * _masked_exp((pos <= i * SUB - 1) & (seg == sr), br - b) * (p * pr)
+            rows = rows + lax.dot_general(qf.astype(q_ref.dtype), kf.astype(q_ref.dtype), (((1,), (1,)), ((), ())),
+                                          preferred_element_type=f32)
+        a_ref[si, :] = rows
 
-    def masked_exp(ok, x):
-        return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
 
-    def body(n, st):  # st: Sᵀ [BV, K] float32
-        base = n * c
-        sl = pl.ds(pl.multiple_of(base, c), c)
-        k, v = k_ref[sl, :], v_ref[sl, :]
-        b, seg, p = b_ref[sl, :], s_ref[sl, :], p_ref[sl, :]
-        for i in range(nb):
-            si_ = pl.ds(base + i * SUB, SUB)
-            qi, bi, segi, pi = q_ref[si_, :].astype(f32), b_ref[si_, :], s_ref[si_, :], p_ref[si_, :]
-            fs = jnp.where(segi == 0, jnp.exp(bi), 0.0) * pi
-            o = lax.dot_general((qi * fs).astype(v.dtype), st.astype(v.dtype), (((1,), (1,)), ((), ())),
-                                preferred_element_type=f32)
-            if i > 0:
-                rr = pl.ds(base + i * SUB - 1, 1)
-                br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
-                qf = qi * masked_exp(segi == sr, bi - br) * (pi * pr)
-                okk = (pos <= i * SUB - 1) & (seg == sr)
-                kf = k.astype(f32) * masked_exp(okk, br - b) * (p * pr)
-                a = lax.dot_general(qf.astype(k.dtype), kf.astype(k.dtype), (((1,), (1,)), ((), ())),
-                                    preferred_element_type=f32)
-                o = o + jnp.dot(a.astype(v.dtype), v, preferred_element_type=f32)
+def _channel_chunk_step(a, q, k, v, b, seg, p, b_end, s_end, p_end, st):
+    """One chunk of the per-channel state pass, shared by both backends. ``st`` is the state transposed,
+    ``Sᵀ [BV, K]`` (the per-channel decay of the state is then a broadcast over its last axis);
+    ``b_end, s_end, p_end [1, K]`` are the chunk's last token's gates. Returns ``(o [C, BV], Sᵀ)``."""
+    f32 = jnp.float32
+    fs = jnp.where(seg == 0, jnp.exp(b), 0.0) * p
+    o = jnp.dot(a.astype(v.dtype), v, preferred_element_type=f32)
+    o = o + lax.dot_general((q.astype(f32) * fs).astype(v.dtype), st.astype(v.dtype), (((1,), (1,)), ((), ())),
+                            preferred_element_type=f32)
+    fe = _masked_exp(seg == s_end, b_end - b) * (p * p_end)
+    decay = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end  # [1, K]
+    kt = (k.astype(f32) * fe).astype(v.dtype)
+    return o, decay * st + lax.dot_general(v, kt, (((0,), (0,)), ((), ())), preferred_element_type=f32)
 
-            def column(j, a_d):
-                rj = pl.ds(base + i * SUB + j, 1)
-                kj, bj, sj, pj = k_ref[rj, :].astype(f32), b_ref[rj, :], s_ref[rj, :], p_ref[rj, :]
-                ok = (row >= j) & (segi == sj)
-                colj = jnp.sum(qi * kj * masked_exp(ok, bi - bj) * (pi * pj), axis=1)
-                return jnp.where(col == j, colj[:, None], a_d)
 
-            a_d = lax.fori_loop(0, SUB, column, jnp.zeros((SUB, SUB), f32))
-            o = o + jnp.dot(a_d.astype(v.dtype), v_ref[si_, :], preferred_element_type=f32)
-            o_ref[si_, :] = o.astype(o_ref.dtype)
-        last = pl.ds(base + c - 1, 1)
-        b_end, s_end, p_end = b_ref[last, :], s_ref[last, :], p_ref[last, :]
-        fe = masked_exp(seg == s_end, b_end - b) * (p * p_end)
-        a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end  # [1, K]
-        kt = (k.astype(f32) * fe).astype(v.dtype)
-        return a * st + lax.dot_general(v, kt, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+def _channel_state_kernel(a_ref, q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, chunk, n_chunks):
+    """Triton: one program per (batch, head, value block) walks the chunks, ``Sᵀ [BV, K]`` on chip."""
+    c = chunk
 
-    ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(f32))
+    def body(n, st):
+        sl = pl.ds(pl.multiple_of(n * c, c), c)
+        last = pl.ds(n * c + c - 1, 1)
+        o, st = _channel_chunk_step(a_ref[sl, :], q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], s_ref[sl, :],
+                                    p_ref[sl, :], b_ref[last, :], s_ref[last, :], p_ref[last, :], st)
+        o_ref[sl, :] = o.astype(o_ref.dtype)
+        return st
+
+    ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
+
+
+def _channel_state_kernel_tpu(a_ref, q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, s_scr):
+    """Mosaic TPU: one chunk per grid step (the chunk axis sequential), ``Sᵀ`` in a VMEM scratch."""
+    c = q_ref.shape[0]
+    step = pl.program_id(2)
+
+    @pl.when(step == 0)
+    def _():
+        s_scr[...] = h0_ref[...].astype(jnp.float32)
+
+    last = pl.ds(c - 1, 1)
+    o, st = _channel_chunk_step(a_ref[...], q_ref[...], k_ref[...], v_ref[...], b_ref[...], s_ref[...], p_ref[...],
+                                b_ref[last, :], s_ref[last, :], p_ref[last, :], s_scr[...])
+    o_ref[...] = o.astype(o_ref.dtype)
+    s_scr[...] = st
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        ht_ref[...] = st
+
+
+def _forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
+    """Per-channel decay: the chunk-parallel intra kernel, then the state pass. Padded inputs as in
+    ``_forward``, gates ``bc, seg, p [b, Tp, h, Kp]``; heads-first inside."""
+    bsz, tp, h, kp = q.shape
+    vp = v.shape[-1]
+    n = tp // chunk
+    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
+    q, k, v, bc, seg, p = map(heads, (q, k, v, bc, seg, p))
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    tpu = backend == "mosaic_tpu"
+    params, state_params = None, None
+    if not interpret and tpu:
+        from jax.experimental.pallas import tpu as pltpu
+
+        params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+        state_params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    elif not interpret and jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        params = state_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    a = pl.pallas_call(
+        _intra_channel_kernel,
+        grid=(bsz, h, n),
+        in_specs=[blk(kp), blk(kp), blk(kp), blk(kp), blk(kp)],
+        out_specs=blk(chunk),
+        out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32),
+        interpret=interpret,
+        compiler_params=params,
+        name="gla_chunk_channel_intra",
+    )(q, k, bc, seg, p)
+    h0t = jnp.swapaxes(h0, -1, -2)  # Sᵀ [b, h, Vp, Kp]
+    out_shape = [jax.ShapeDtypeStruct((bsz, h, tp, vp), jnp.float32), jax.ShapeDtypeStruct(h0t.shape, jnp.float32)]
+    if tpu:
+        from jax.experimental.pallas import tpu as pltpu
+
+        st = pl.BlockSpec((None, None, vp, kp), lambda i, j, l: (i, j, 0, 0))
+        o, ht = pl.pallas_call(
+            _channel_state_kernel_tpu,
+            grid=(bsz, h, n),
+            in_specs=[blk(chunk), blk(kp), blk(kp), blk(vp), blk(kp), blk(kp), blk(kp), st],
+            out_specs=[blk(vp), st],
+            out_shape=out_shape,
+            scratch_shapes=[pltpu.VMEM((vp, kp), jnp.float32)],
+            interpret=interpret,
+            compiler_params=state_params,
+            name="gla_chunk_channel_fwd_tpu",
+        )(a, q, k, v, bc, seg, p, h0t)
+    else:
+        bv = min(vp, 64)
+        seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+        vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
+        st = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
+        o, ht = pl.pallas_call(
+            functools.partial(_channel_state_kernel, chunk=chunk, n_chunks=n),
+            grid=(bsz, h, vp // bv),
+            in_specs=[seq(chunk), seq(kp), seq(kp), vseq, seq(kp), seq(kp), seq(kp), st],
+            out_specs=[vseq, st],
+            out_shape=out_shape,
+            interpret=interpret,
+            compiler_params=state_params,
+            name="gla_chunk_channel_fwd",
+        )(a, q, k, v, bc, seg, p, h0t)
+    return jnp.moveaxis(o, 1, 2), jnp.swapaxes(ht, -1, -2)
 
 
 def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
-    """Padded inputs: ``q, k [b, Tp, h, Kp]``, ``v [b, Tp, h, Vp]``, float32 gates ``[b, Tp, h]`` (per
-    head) or ``bc, seg, p [b, Tp, h, Kp]`` (per channel)."""
+    """Per-head decay (Triton / interpreter). Padded inputs: ``q, k [b, Tp, h, Kp]``, ``v [b, Tp, h, Vp]``,
+    float32 gates ``[b, Tp, h]``."""
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
     bv = min(vp, 64)
-    grid = (bsz, h, vp // bv)
-    per_channel = bc.ndim == 4
-    seq = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, l: (i, 0, j, 0))
+    seq = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, l: (i, 0, j, 0))  # noqa: E731
     vseq = pl.BlockSpec((None, tp, None, bv), lambda i, j, l: (i, 0, j, l))
     gate = pl.BlockSpec((None, tp, None), lambda i, j, l: (i, 0, j))
     st = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
-    kernel, gates = _kernel, [gate, gate, gate]
-    if per_channel:  # gates [b, Tp, h, Kp]; the state travels transposed, [b, h, Vp, Kp]
-        kernel, gates = _kernel_channel, [seq(kp), seq(kp), seq(kp)]
-        st = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
     compiler_params = None
     if not interpret and jax.default_backend() == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
         compiler_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
-    if per_channel:
-        h0 = jnp.swapaxes(h0, -1, -2)
-    o, ht = pl.pallas_call(
-        functools.partial(kernel, chunk=chunk, n_chunks=tp // chunk),
-        grid=grid,
-        in_specs=[seq(kp), seq(kp), vseq, *gates, st],
+    return pl.pallas_call(
+        functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk),
+        grid=(bsz, h, vp // bv),
+        in_specs=[seq(kp), seq(kp), vseq, gate, gate, gate, st],
         out_specs=[vseq, st],
         out_shape=[jax.ShapeDtypeStruct((bsz, tp, h, vp), jnp.float32), jax.ShapeDtypeStruct(h0.shape, jnp.float32)],
         interpret=interpret,
         compiler_params=compiler_params,
-        name="gla_chunk_channel_fwd" if per_channel else "gla_chunk_fwd",
+        name="gla_chunk_fwd",
     )(q, k, v, bc, seg, p, h0)
-    return o, (jnp.swapaxes(ht, -1, -2) if per_channel else ht)
 
 
 def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_ref, h0_ref, o_ref, ht_ref, s_scr):
@@ -279,7 +378,10 @@ def _gla(q, k, v, gates, h0, chunk, interpret, backend):
         _, n, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
         flat = lambda x: x.reshape(bsz, t, h)
         bc, seg, p = flat(bc), flat(seg).astype(jnp.float32), flat(p)
-    forward = _forward_tpu if backend == "mosaic_tpu" else _forward
+    if g.ndim == 4:
+        forward = functools.partial(_forward_channel, backend=backend)
+    else:
+        forward = _forward_tpu if backend == "mosaic_tpu" else _forward
     o, s = forward(pad(q, kp), pad(k, kp), pad(v, vp), bc, seg, p, h0p, chunk=chunk, interpret=interpret)
     return o[..., :dv], s[:, :, :dk, :dv]
 
@@ -321,7 +423,7 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     (SSD, RetNet, linear attention) or per channel ``[b, t, h, dk]`` (GLA); ``g=None``: no decay;
     ``-inf``: a reset of that entry; ``sign [b, t, h]``: ``±1`` transitions. ``interpret=None``
     interprets on CPU. ``chunk_size`` must be a power of two ``≥ 16``. ``backend``: ``"triton"`` (GPU, and
-    the CPU interpreter) or ``"mosaic_tpu"`` (per-head decay only); ``None`` picks by platform.
+    the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
     """
     bsz, t, h, dk = q.shape
     if g is not None and (g.ndim not in (3, 4) or g.shape[:3] != (bsz, t, h) or (g.ndim == 4 and g.shape[3] != dk)):
@@ -335,8 +437,6 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
         backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
     if backend not in ("triton", "mosaic_tpu"):
         raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
-    if backend == "mosaic_tpu" and g is not None and g.ndim == 4:
-        raise NotImplementedError("per-channel decays have no Mosaic TPU kernel yet; use impl='chunked' on TPU")
     g = jnp.zeros((bsz, t, h), jnp.float32) if g is None else jnp.asarray(g).astype(jnp.float32)
     sign = jnp.ones((bsz, t, h), jnp.float32) if sign is None else sign.astype(jnp.float32)
     cut = jnp.zeros((bsz, t), jnp.float32) if resets is None else jnp.asarray(resets).astype(jnp.float32)

@@ -20,7 +20,9 @@ Backward: ``custom_vjp`` — under ``jax.grad`` the forward and backward are the
 residuals), as for the GLA and delta-rule kernels; the kernel serves forwards outside differentiation.
 
 Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
-``dot``s with masks and a sequential chunk loop); TPU: Mosaic TPU, unverified.
+``dot``s with masks and a sequential chunk loop). TPU: a separate Mosaic body (``backend="mosaic_tpu"``,
+automatic on a TPU; one chunk per grid step, state in VMEM scratch), interpret-tested and checked to lower
+to Mosaic (``tests/test_pallas_tpu_lowering.py``); not yet run on a TPU.
 
 Status: interpret-mode tests on CPU (``tests/test_pallas_mlstm.py``, CI); the same tests pass compiled on an
 NVIDIA H200 (jax 0.11.2, 2026-11-27), where the forward is 1.91x the XLA chunked form's at B=8, T=2k, H=16,
