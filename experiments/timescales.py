@@ -3,6 +3,7 @@
     python experiments/timescales.py --curriculum=single --task=parity
     python experiments/timescales.py --curriculum=multi --task=parity
     python experiments/timescales.py --preset=paper --curriculum=multi
+    python experiments/timescales.py plot single.jsonl multi.jsonl --png=timescales.png   # table + plot
 
 A leaky ReLU RNN ``r_t = (1 − 1/τ) r_{t−1} + (1/τ) relu(W r_{t−1} + W_in x_t + b)`` with a trainable
 τ ≥ 1 per neuron (``seqjax.rnn``'s ``"leaky"`` cell) reads a Bernoulli stream. Curricula:
@@ -131,8 +132,41 @@ def run(cfg: Config) -> dict:
     return {"largest_N": best, "records": records}
 
 
+def plot(paths: list[str], out: str) -> str:
+    """Curves of N and mean τ over steps for each run's JSON lines in ``paths`` (one line per curriculum and
+    task) into ``out`` (PNG); returns the markdown table of the largest N solved and the final mean τ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+    rows = ["| task | curriculum | steps | largest N solved | mean τ at the end |", "|---|---|---|---|---|"]
+    for path in paths:
+        recs = [json.loads(x) for x in open(path)]
+        label = f"{recs[0]['task']} {recs[0]['curriculum']}"
+        steps = [r["step"] for r in recs]
+        a1.plot(steps, [r["N"] for r in recs], label=label)
+        a2.plot(steps, [r["mean_tau"] for r in recs], label=label)
+        best = max(r["N"] - (0 if r["solved"] else 1) for r in recs)
+        rows.append(f"| {recs[0]['task']} | {recs[0]['curriculum']} | {steps[-1]} | {best} | {recs[-1]['mean_tau']:.3f} |")
+    a1.set(xlabel="step", ylabel="N (curriculum)")
+    a2.set(xlabel="step", ylabel="mean τ")
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return "\n".join(rows)
+
+
 def main(argv=None):
+    """``--key=value`` overrides train one run; ``plot <runs.jsonl ...> --png=<out>`` plots finished runs."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plot":
+        png = next((a.split("=", 1)[1] for a in argv if a.startswith("--png=")), "timescales.png")
+        table = plot([a for a in argv[1:] if not a.startswith("--")], png)
+        print(table)
+        return table
     name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "cpu")
     cfg = dataclasses.replace(Config(), preset=name, **PRESETS[name])
     cfg = parse_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])

@@ -42,6 +42,8 @@ def test_timescales_two_steps(tmp_path):
 
     out = timescales.main(["--preset=tiny", f"--out={tmp_path / 't.jsonl'}"])
     assert out["records"][-1]["step"] == 2 and out["records"][-1]["mean_tau"] >= 1.0
+    table = timescales.main(["plot", str(tmp_path / "t.jsonl"), f"--png={tmp_path / 't.png'}"])
+    assert (tmp_path / "t.png").exists() and f"| parity | multi | 2 | {out['largest_N']} |" in table
 
 
 def test_passkey_two_steps(tmp_path):
