@@ -4,11 +4,13 @@
     python experiments/classification.py --model=lstm --data=digits
     python experiments/classification.py --model=lssl --data=pdigits
     python experiments/classification.py --model=s4d --data=mnist1d
+    python experiments/classification.py --model=s4d --data=smnist --preset=paper    # TFDS: downloads MNIST
 
 Inputs are quantised pixel values read one per step (digits have 17 grey levels, so this is lossless;
 MNIST-1D is quantised to 32 levels) and the class is predicted at the last step. Metric: test accuracy.
-sMNIST / psMNIST / sCIFAR are available through TFDS (``seqjax.tasks.classification.tfds_sequences``) on
-machines that can download them.
+``--data=smnist|psmnist|scifar`` read MNIST / CIFAR-10 through TFDS (``tfds.data_source``, via
+``seqjax.tasks.classification.tfds_sequences``; ``--data_dir`` for a prepared copy) on machines that can
+download them: 784 (or 1024 grey-scale) steps of 256 levels.
 """
 
 import dataclasses
@@ -23,8 +25,9 @@ from seqjax.tasks.runner import RunConfig, TaskSpec, cli
 
 @dataclasses.dataclass
 class Config(RunConfig):
-    data: str = "digits"  # digits | pdigits | mnist1d
-    levels: int = 32
+    data: str = "digits"  # digits | pdigits | mnist1d | smnist | psmnist | scifar
+    levels: int = 32  # MNIST-1D's quantisation (digits: 17 grey levels; the TFDS images: 256)
+    data_dir: str = ""  # TFDS data_dir for smnist / psmnist / scifar
 
 
 PRESETS = {
@@ -45,6 +48,9 @@ def _batch(tokens, labels, vocab):
     return TaskBatch(tokens, targets, num_classes=10, vocab_size=vocab)
 
 
+TFDS = {"smnist": ("mnist", False), "psmnist": ("mnist", True), "scifar": ("cifar10", False)}
+
+
 def make_task(cfg: Config) -> TaskSpec:
     if cfg.data in ("digits", "pdigits"):
         x, y, xt, yt = classification.digits(permuted=cfg.data == "pdigits", seed=cfg.seed)
@@ -52,8 +58,14 @@ def make_task(cfg: Config) -> TaskSpec:
     elif cfg.data == "mnist1d":
         x, y, xt, yt = classification.mnist1d(seed=cfg.seed)
         levels = cfg.levels
+    elif cfg.data in TFDS:
+        name, permuted = TFDS[cfg.data]
+        kw = dict(permuted=permuted, data_dir=cfg.data_dir or None)
+        (x, y), (xt, yt) = (classification.tfds_sequences(name, split, **kw) for split in ("train", "test"))
+        x, xt = (a.mean(axis=-1, keepdims=True) for a in (x, xt))  # grey scale (sCIFAR), one value per step
+        levels = 256
     else:
-        raise ValueError(f"--data must be digits, pdigits or mnist1d, got {cfg.data!r}")
+        raise ValueError(f"--data must be digits, pdigits, mnist1d, smnist, psmnist or scifar, got {cfg.data!r}")
     vocab = levels + 10
     train_set = _batch(_tokens(x, levels), y, vocab)
     test_set = _batch(_tokens(xt, levels), yt, vocab)

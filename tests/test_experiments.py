@@ -90,3 +90,25 @@ def test_sweep_writes_table_and_plot(tmp_path):
     sweep.main(["--grid=parity", "--models=attention", "--preset=tiny", f"--out={tmp_path}"])
     table = (tmp_path / "parity" / "table.md").read_text()
     assert "| attention |" in table and (tmp_path / "parity" / "plot.png").exists()
+
+
+def test_classification_reads_tfds_sequences_without_downloading(monkeypatch):
+    """``--data=smnist|psmnist|scifar`` go through ``tfds_sequences`` (patched here: tests never download)."""
+    import classification as C
+
+    calls = []
+
+    def fake(name, split, *, permuted, data_dir):
+        calls.append((name, split, permuted, data_dir))
+        n = 6 if split == "train" else 4
+        x = np.linspace(0.0, 1.0, n * 12 * 3, dtype=np.float32).reshape(n, 12, 3)
+        return x, np.arange(n, dtype=np.int32) % 10
+
+    monkeypatch.setattr(C.classification, "tfds_sequences", fake)
+    task = C.make_task(C.Config(data="psmnist", data_dir="/data"))
+    assert calls == [("mnist", "train", True, "/data"), ("mnist", "test", True, "/data")]
+    test = task.evals()["test"]
+    assert test.inputs.shape == (4, 12) and test.inputs.max() <= 255 and test.vocab_size == 266
+    assert list(test.targets[:, -1]) == [256 + c for c in range(4)]
+    with pytest.raises(ValueError, match="--data must be"):
+        C.make_task(C.Config(data="cifar"))
