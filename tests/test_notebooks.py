@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import sys
 
 import nbformat
 import pytest
@@ -19,3 +20,21 @@ def test_notebook_runs(path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert len(outputs) >= 3
+
+
+def test_results_notebook_reads_the_committed_results(monkeypatch):
+    """Without the toy switch the results notebook loads ``experiments/results/`` (no training): every sweep
+    grid there gets its table, and the passkey / timescales folders (other formats) are skipped."""
+    monkeypatch.setenv("SEQJAX_NOTEBOOK_TINY", "0")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    path = pathlib.Path(__file__).parent.parent / "notebooks" / "results.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    sys.path.insert(0, str(path.parent.parent / "experiments"))
+    import sweep
+
+    grids = {p.parent.name for p in (path.parent.parent / "experiments" / "results").glob("*/table.md")} & set(sweep.GRIDS)
+    assert grids and all(f"{g}\n| model |" in text for g in grids)
