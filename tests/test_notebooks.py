@@ -1,6 +1,5 @@
 """The notebooks execute end to end at toy sizes (``SEQJAX_NOTEBOOK_TINY=1``), so they never rot."""
 
-import os
 import pathlib
 import sys
 

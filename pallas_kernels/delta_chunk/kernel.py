@@ -52,6 +52,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._util import resolve
+
 __all__ = ["delta_chunk"]
 
 
@@ -405,12 +407,7 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
     Returns:
       ``(o [b, t, h, dv] in the inputs' dtype, h_last [b, h, dk, dv] float32)``.
     """
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if backend is None:
-        backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
-    if backend not in ("triton", "mosaic_tpu"):
-        raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
+    interpret, backend = resolve(interpret, backend)
     b, t, h, dk = q.shape
     la = jnp.zeros((b, t, h), jnp.float32) if log_alpha is None else jnp.asarray(log_alpha, jnp.float32)
     h0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32)

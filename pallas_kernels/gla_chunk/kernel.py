@@ -63,6 +63,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._util import check_chunk_size, resolve
+
 __all__ = ["gla_chunk_pallas"]
 
 
@@ -429,14 +431,8 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     if g is not None and (g.ndim not in (3, 4) or g.shape[:3] != (bsz, t, h) or (g.ndim == 4 and g.shape[3] != dk)):
         raise ValueError(f"g must be [batch, time, heads] = {(bsz, t, h)} or [batch, time, heads, key_dim] = "
                          f"{(bsz, t, h, dk)}, got {tuple(g.shape)}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernel, got {chunk_size}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if backend is None:
-        backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
-    if backend not in ("triton", "mosaic_tpu"):
-        raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
+    check_chunk_size(chunk_size)
+    interpret, backend = resolve(interpret, backend)
     g = jnp.zeros((bsz, t, h), jnp.float32) if g is None else jnp.asarray(g).astype(jnp.float32)
     sign = jnp.ones((bsz, t, h), jnp.float32) if sign is None else sign.astype(jnp.float32)
     cut = jnp.zeros((bsz, t), jnp.float32) if resets is None else jnp.asarray(resets).astype(jnp.float32)

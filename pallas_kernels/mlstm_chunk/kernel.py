@@ -40,6 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._util import check_chunk_size, resolve
+
 __all__ = ["mlstm_chunk"]
 
 NEG = -1e30  # as seqjax.mixers.mlstm: "minus infinity" that keeps differences finite
@@ -285,14 +287,8 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
     Returns:
       ``(y [b, t, h, dv] float32, (C, n, m))``.
     """
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernel, got {chunk_size}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if backend is None:
-        backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
-    if backend not in ("triton", "mosaic_tpu"):
-        raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
+    check_chunk_size(chunk_size)
+    interpret, backend = resolve(interpret, backend)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     if h0 is None:

@@ -1,0 +1,24 @@
+"""Argument handling shared by the chunked kernels' entry points."""
+
+from __future__ import annotations
+
+import jax
+
+BACKENDS = ("triton", "mosaic_tpu")
+
+
+def resolve(interpret: bool | None, backend: str | None) -> tuple[bool, str]:
+    """``interpret=None``: interpret exactly when the default backend is the CPU. ``backend=None``:
+    ``"mosaic_tpu"`` on a TPU, else ``"triton"`` (the GPU lowering, and the body the CPU interprets)."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if backend is None:
+        backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
+    return bool(interpret), backend
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernel, got {chunk_size}")
