@@ -363,7 +363,8 @@ def _forward_tpu(q, k, v, bc, seg, p, h0, *, chunk, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _gla(q, k, v, gates, h0, chunk, interpret, backend):
-    """``gates = (cut, g, sign)`` ``[b, t, h]`` float32, time already a whole number of chunks."""
+    """``gates = (cut, g, sign)`` float32: ``cut, sign [b, t, h]``, ``g [b, t, h]`` or ``[b, t, h, dk]``;
+    time already a whole number of chunks."""
     from seqjax.mixers._gla_chunk import prepare_chunks
 
     cut, g, sign = gates
@@ -376,13 +377,11 @@ def _gla(q, k, v, gates, h0, chunk, interpret, backend):
         _, n, bc, seg, p = prepare_chunks(g, sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
         chan = lambda x: pad(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)
         bc, seg, p = chan(bc), chan(seg), chan(p)
+        forward = functools.partial(_forward_channel, backend=backend)
     else:
         _, n, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
         flat = lambda x: x.reshape(bsz, t, h)
         bc, seg, p = flat(bc), flat(seg).astype(jnp.float32), flat(p)
-    if g.ndim == 4:
-        forward = functools.partial(_forward_channel, backend=backend)
-    else:
         forward = _forward_tpu if backend == "mosaic_tpu" else _forward
     o, s = forward(pad(q, kp), pad(k, kp), pad(v, vp), bc, seg, p, h0p, chunk=chunk, interpret=interpret)
     return o[..., :dv], s[:, :, :dk, :dv]
