@@ -29,6 +29,9 @@ from seqjax.tasks.runner import parse_overrides, run  # noqa: E402
 GRIDS = {
     "parity": ("state_tracking", {"task": "parity"}, ["mamba", "mamba_negeig", "deltanet", "deltanet_negeig", "lstm", "slstm", "attention"], "scaled_acc"),
     "modarith": ("state_tracking", {"task": "modarith"}, ["deltanet", "deltanet_negeig"], "scaled_acc"),
+    "modarith_brackets": ("state_tracking", {"task": "modarith_brackets"}, ["deltanet", "deltanet_negeig"], "scaled_acc"),
+    "s3": ("state_tracking", {"task": "s3"}, ["deltanet_negeig", "deltanet"], "scaled_acc"),
+    "s5": ("state_tracking", {"task": "s5"}, ["deltanet_negeig", "deltanet"], "scaled_acc"),
     "mqar": ("mqar", {}, ["attention", "gated_deltanet", "mamba2", "gla"], "acc"),
     "icll": ("icll", {}, ["attention", "mamba2", "mamba2+ngram2", "gated_deltanet", "lstm"], "dfa_acc"),
     "digits": ("classification", {"data": "digits"}, ["s4d", "lssl", "lstm"], "acc"),
