@@ -45,7 +45,7 @@ Speed there (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16): the
 3.0-3.5x the XLA chunked form's and at parity with fla's ``chunk_simple_gla`` forward (0.98x). The first
 per-channel kernel (commit 24a1fc6: the diagonal blocks built column by column inside the serial chunk
 walk) measured 0.33x XLA; it has since been split into the chunk-parallel intra kernel and the state pass
-described above (as fla's ``chunk_gla_fwd_A`` + ``chunk_fwd_o``), which is tested but not yet timed, so
+described above (as fla's ``chunk_gla_fwd_A`` + ``chunk_fwd_o``), which is interpret-tested but not yet compiled or timed on a GPU, so
 ``impl="auto"`` keeps XLA for per-channel decays.
 
 Mosaic TPU: ``backend="mosaic_tpu"`` (automatic on a TPU) uses bodies that run one chunk per grid step with
