@@ -81,6 +81,26 @@ def _decay(g_i, g_j, seg_i, seg_j, mask=None):
     return jnp.where(same, jnp.exp(jnp.where(same, g_i[:, None] - g_j[None, :], 0.0)), 0.0)
 
 
+def _block_inverse(a, diag):
+    """``X = (I + A)^{-1}`` by blocks from the diagonal blocks' inverses ``diag[i]`` and the ``16 x 16``
+    blocks ``a[i, j]`` (``j <= i``) of ``A``: ``X_ij = -X_ii sum_{j<=m<i} A_im X_mj`` (float32, HIGHEST)."""
+    hi = lax.Precision.HIGHEST
+    x = {(i, i): d for i, d in enumerate(diag)}
+    for i in range(1, len(diag)):
+        for j in range(i - 1, -1, -1):
+            acc = sum(_dot(a[i, m], x[m, j], hi) for m in range(j, i))
+            x[i, j] = -_dot(x[i, i], acc, hi)
+    return x
+
+
+def _write_wy(x, kb, vb, blk, w_ref, u_ref):
+    """``W = X kb``, ``U = X vb`` block row by block row (``X`` block lower triangular)."""
+    hi = lax.Precision.HIGHEST
+    for i, rows in enumerate(blk):
+        w_ref[rows, :] = sum(_dot(x[i, j], kb[j], hi) for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[rows, :] = sum(_dot(x[i, j], vb[j], hi) for j in range(i + 1)).astype(u_ref.dtype)
+
+
 def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, *, c):
     """One chunk: ``X = (I + tril(diag(beta) K Kᵀ ⊙ Gamma, -1))^{-1}``, ``W = X (beta gamma ⊙ K)``,
     ``U = X (beta ⊙ V)``.
@@ -90,7 +110,7 @@ def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, *, c):
     diagonal follow by block forward substitution ``X_ij = -X_ii sum_{j<=m<i} A_im X_mj`` in small
     matmuls. Every sub-block is loaded from the refs at a static offset (no value slicing).
     """
-    f32, hi = jnp.float32, lax.Precision.HIGHEST
+    f32 = jnp.float32
     nb = c // SUB
     row = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
     col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
@@ -114,17 +134,11 @@ def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, *, c):
         return tuple(out)
 
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
-    x = {(i, i): diag[i] for i in range(nb)}
-    for i in range(1, nb):
-        for j in range(i - 1, -1, -1):
-            acc = sum(_dot(a[i, m], x[m, j], hi) for m in range(j, i))
-            x[i, j] = -_dot(x[i, i], acc, hi)
+    x = _block_inverse(a, diag)
     gamma = [jnp.where(seg[j] == 0.0, jnp.exp(g[j]), 0.0) for j in range(nb)]
     kb = [k[j].astype(f32) * (beta[j] * gamma[j])[:, None] for j in range(nb)]
     vb = [v_ref[s, :].astype(f32) * beta[j][:, None] for j, s in enumerate(blk)]
-    for i in range(nb):
-        w_ref[blk[i], :] = sum(_dot(x[i, j], kb[j], hi) for j in range(i + 1)).astype(w_ref.dtype)
-        u_ref[blk[i], :] = sum(_dot(x[i, j], vb[j], hi) for j in range(i + 1)).astype(u_ref.dtype)
+    _write_wy(x, kb, vb, blk, w_ref, u_ref)
 
 
 def _state_kernel(q_ref, k_ref, w_ref, u_ref, g_ref, r_ref, s_ref, h0_ref, o_ref, ht_ref, *, c, n, scale):
@@ -277,17 +291,11 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
         return tuple(jnp.where(row == r, eye - _dot(jnp.where(row == r, a[i, i], 0.0), x, _HI), x) for i, x in enumerate(xs))
 
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
-    x = {(i, i): diag[i] for i in range(nb)}
-    for i in range(1, nb):
-        for j in range(i - 1, -1, -1):
-            acc = sum(_dot(a[i, m], x[m, j], _HI) for m in range(j, i))
-            x[i, j] = -_dot(x[i, i], acc, _HI)
+    x = _block_inverse(a, diag)
     gamma = [jnp.where(scol[j] == 0.0, jnp.exp(gcol[j]), 0.0) for j in range(nb)]
     kb = [k[j].astype(f32) * (beta[j] * gamma[j]) for j in range(nb)]
     vb = [v_ref[s, :].astype(f32) * beta[j] for j, s in enumerate(blk)]
-    for i in range(nb):
-        w_ref[blk[i], :] = sum(_dot(x[i, j], kb[j], _HI) for j in range(i + 1)).astype(w_ref.dtype)
-        u_ref[blk[i], :] = sum(_dot(x[i, j], vb[j], _HI) for j in range(i + 1)).astype(u_ref.dtype)
+    _write_wy(x, kb, vb, blk, w_ref, u_ref)
 
 
 def _state_kernel_tpu(q_ref, k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h0_ref, o_ref, ht_ref, s_scr, *, scale):
