@@ -22,3 +22,24 @@ def resolve(interpret: bool | None, backend: str | None) -> tuple[bool, str]:
 def check_chunk_size(chunk_size: int) -> None:
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Pallas kernel, got {chunk_size}")
+
+
+def triton_params(interpret: bool, backend: str, *, num_warps: int = 4, num_stages: int = 2):
+    """Compiler params that ask for the **Triton** lowering of a GPU ``pallas_call`` (jax 0.11 defaults
+    to Mosaic GPU); ``None`` when interpreting or on the TPU. Chosen by ``backend``, not by the process's
+    platform, so the Triton lowering can be exported and checked from a CPU
+    (``tests/test_pallas_lowering.py``)."""
+    if interpret or backend != "triton":
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def tpu_params(interpret: bool, *dimension_semantics: str):
+    """Mosaic TPU compiler params (``"parallel"`` / ``"arbitrary"`` per grid axis); ``None`` interpreted."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=dimension_semantics)

@@ -1,5 +1,5 @@
 """The chunked GLA Pallas kernels (per-head and per-channel decay; interpreted on CPU, compiled on GPU) against the seqjax references:
-outputs, final states, all gradients; T not a multiple of the chunk; head dims 64 and odd; h0 in and
+outputs, final states, all gradients (per head through the Pallas backward kernels); T not a multiple of the chunk; head dims 64 and odd; h0 in and
 h_last out; resets; negative-eigenvalue signs; decays −1e-4 … −20; bf16; wired into the mixers."""
 
 import functools
@@ -63,7 +63,8 @@ def test_kernel_equals_reference(t, dk, dv, chunk, channel):
 
 
 # log -20 every step: the true gradient of g is ~1e-9, so any O(1) terms that should cancel show up
-# (the backward recomputes through the XLA chunked form; see `_factor` in seqjax/mixers/_gla_chunk.py)
+# (per head: the Pallas backward leaves those terms out, see pallas_kernels/gla_chunk/backward.py; per channel:
+# the XLA chunked form's backward, see `_factor` in seqjax/mixers/_gla_chunk.py)
 @pytest.mark.parametrize("channel", [False, True])
 @pytest.mark.parametrize(
     "lo,hi", [(-1e-4, -1e-4), (-20.0, -20.0 * 0.999), (-20.0, -1e-4)]
@@ -93,10 +94,55 @@ def test_state_carried_across_a_split_sequence():
     _close((jnp.concatenate([o1, o2], 1), s2), want, 2e-5, "split at 40")
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_pallas_backward_carries_state_across_a_split(backend):
+    """Per-head decays differentiate through the Pallas backward kernels (``backward.py``; they are in the
+    jaxpr), and the gradient of two calls chained by their state is the whole sequence's: ``dh0`` of the
+    second call flows into the first call's last chunk."""
+    inp = _inputs(jax.random.PRNGKey(10), 63, 9, 5, lo=-9.0)
+    kern = functools.partial(gla_chunk_pallas, chunk_size=16, backend=backend)
+
+    def split(q, k, v, g, sign, h0):
+        o1, s1 = kern(q[:, :40], k[:, :40], v[:, :40], g[:, :40], sign=sign[:, :40], h0=h0)
+        o2, s2 = kern(q[:, 40:], k[:, 40:], v[:, 40:], g[:, 40:], sign=sign[:, 40:], h0=s1)
+        return jnp.concatenate([o1, o2], 1), s2
+
+    _close(_grads(split, inp, jax.random.PRNGKey(3)), _grads(recurrent_gla, inp, jax.random.PRNGKey(3)), 1e-4, "grads")
+    jaxpr = str(jax.make_jaxpr(lambda q: jax.grad(lambda q: jnp.sum(kern(q, inp["k"], inp["v"], inp["g"])[0]))(q))(inp["q"]))
+    assert "gla_chunk_bwd_grads" in jaxpr and "gla_chunk_bwd_dstates" in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda q: jax.grad(lambda q: jnp.sum(kern(q, inp["k"], inp["v"], inp["g"], backward="xla")[0]))(q))(inp["q"]))
+    assert "gla_chunk_bwd" not in jaxpr
+
+
+def test_pallas_backward_keeps_only_the_inputs():
+    """Training memory: the Pallas backward's residuals are the inputs (states are recomputed), while the XLA
+    chunked form keeps one state per chunk (here as large as the keys)."""
+    inp = _inputs(jax.random.PRNGKey(11), 256, 16, 16)
+    args = [inp[n] for n in ("q", "k", "v", "g")]
+    size = lambda f: sum(x.size for x in jax.tree.leaves(jax.vjp(f, *args)[1]))  # noqa: E731
+    # q, k, v, g, h0, the kernel's three gate arrays and a mask of the log decays' VJP (plus a few scalars)
+    budget = sum(x.size for x in args) + 4 * inp["g"].size + inp["h0"].size + 64
+    assert size(functools.partial(gla_chunk_pallas, chunk_size=16)) <= budget
+    assert size(functools.partial(gla_chunk_pallas, chunk_size=16, backward="xla")) > budget + inp["k"].size
+
+
+def test_pallas_backward_bf16():
+    inp = _inputs(jax.random.PRNGKey(12), 48, 16, 16)
+    low = {n: (x.astype(jnp.bfloat16) if n in ("q", "k", "v") else x) for n, x in inp.items()}
+    kern = functools.partial(gla_chunk_pallas, chunk_size=16)
+    got = _grads(kern, low, jax.random.PRNGKey(4))
+    assert all(got[n].dtype == jnp.bfloat16 for n in ("q", "k", "v"))
+    _close(got, _grads(recurrent_gla, inp, jax.random.PRNGKey(4)), 2e-2, "bf16 grads")
+
+
 def test_bad_gate_shape_is_named():
     inp = _inputs(jax.random.PRNGKey(9), 8, 4, 4)
     with pytest.raises(ValueError, match="g must be"):
         gla_chunk_pallas(**{**inp, "g": inp["g"][..., None].repeat(3, -1)}, chunk_size=16)
+    with pytest.raises(ValueError, match="backward must be"):
+        gla_chunk_pallas(**{**inp, "g": inp["g"][..., None].repeat(4, -1)}, chunk_size=16, backward="pallas")
+    with pytest.raises(ValueError, match="backward must be"):
+        gla_chunk_pallas(**inp, chunk_size=16, backward="triton")
 
 
 def test_mixers_pallas_impl():
@@ -115,17 +161,20 @@ def test_mixers_pallas_impl():
 
 def test_auto_takes_the_kernel_where_measured(monkeypatch):
     """``impl="auto"`` runs the kernel exactly where ``seqjax._platform.auto_pallas()`` says (a one-GPU
-    process) and for per-head decays only; per-channel GLA stays on the XLA chunked form."""
+    process) and for per-head decays only, with the XLA backward; per-channel GLA stays on the XLA chunked form."""
     import pallas_kernels.gla_chunk as K
 
     calls, real = [], K.gla_chunk_pallas
-    monkeypatch.setattr(K, "gla_chunk_pallas", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(K, "gla_chunk_pallas", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
     ks = jax.random.split(jax.random.PRNGKey(3), 4)
     q, k, v = (jax.random.normal(kk, (1, 19, 2, 16)) for kk in ks[:3])
     gk = -jnp.exp(jax.random.normal(ks[3], (1, 19, 2, 16)))
     monkeypatch.setattr(G, "auto_pallas", lambda chunk_size=None: True)
     _close(G.retnet(q, k, v, impl="auto"), G.retnet(q, k, v, impl="chunked"), 1e-5, "retnet auto")
-    assert len(calls) == 1
+    assert calls == ["xla"]  # auto differentiates through XLA until the Pallas backward is timed on a GPU
+    G.retnet(q, k, v, impl="pallas")
+    assert calls == ["xla", None]  # impl="pallas": the kernel's default, its Pallas backward
+    calls.pop()
     G.gla(q, k, v, gk, impl="auto")
     assert len(calls) == 1
     monkeypatch.setattr(G, "auto_pallas", lambda chunk_size=None: False)

@@ -51,7 +51,7 @@ described above (as fla's ``chunk_gla_fwd_A`` + ``chunk_fwd_o``), which is inter
 Mosaic TPU: ``backend="mosaic_tpu"`` (automatic on a TPU) uses bodies that run one chunk per grid step with
 the state in a VMEM scratch (the chunk axis ``"arbitrary"``), heads-first blocks whose last two dims are
 whole, and gates as columns and rows. They are tested in interpret mode and lower to Mosaic
-(``tests/test_pallas_tpu_lowering.py``); not yet run on a TPU.
+(``tests/test_pallas_lowering.py``); not yet run on a TPU.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import check_chunk_size, resolve
+from pallas_kernels._util import check_chunk_size, resolve, tpu_params, triton_params
 
 __all__ = ["gla_chunk_pallas"]
 
@@ -212,16 +212,11 @@ def _forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
     q, k, v, bc, seg, p = map(heads, (q, k, v, bc, seg, p))
     blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
     tpu = backend == "mosaic_tpu"
-    params, state_params = None, None
-    if not interpret and tpu:
-        from jax.experimental.pallas import tpu as pltpu
-
-        params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
-        state_params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-    elif not interpret and jax.default_backend() == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
-        params = state_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    if tpu:
+        params = tpu_params(interpret, "parallel", "parallel", "parallel")
+        state_params = tpu_params(interpret, "parallel", "parallel", "arbitrary")
+    else:
+        params = state_params = triton_params(interpret, backend)
     a = pl.pallas_call(
         _intra_channel_kernel,
         grid=(bsz, h, n),
@@ -277,11 +272,7 @@ def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     vseq = pl.BlockSpec((None, tp, None, bv), lambda i, j, l: (i, 0, j, l))
     gate = pl.BlockSpec((None, tp, None), lambda i, j, l: (i, 0, j))
     st = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
-    compiler_params = None
-    if not interpret and jax.default_backend() == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
-        compiler_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    compiler_params = triton_params(interpret, "triton")
     return pl.pallas_call(
         functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk),
         grid=(bsz, h, vp // bv),
@@ -346,7 +337,7 @@ def _forward_tpu(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
     rblk = pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, l: (i, j, l, 0, 0))
     st = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
-    params = None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    params = tpu_params(interpret, "parallel", "parallel", "arbitrary")
     o, ht = pl.pallas_call(
         _kernel_tpu,
         grid=(bsz, h, n),
@@ -361,9 +352,35 @@ def _forward_tpu(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     return jnp.moveaxis(o, 1, 2), ht
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _gla_head(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
+    """Per-head decay with the Pallas backward (``backward.py``). Padded inputs: ``q, k [b, Tp, h, Kp]``,
+    ``v [b, Tp, h, Vp]``, gates ``bc, seg, p [b, Tp, h]`` float32 from ``prepare_chunks`` (outside, so XLA
+    differentiates the log decays through it); ``seg`` and ``p`` get zero cotangents."""
+    forward = _forward_tpu if backend == "mosaic_tpu" else _forward
+    return forward(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret)
+
+
+def _gla_head_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
+    return _gla_head(q, k, v, bc, seg, p, h0, chunk, interpret, backend), (q, k, v, bc, seg, p, h0)
+
+
+def _gla_head_bwd(chunk, interpret, backend, res, cts):
+    from pallas_kernels.gla_chunk.backward import gla_head_bwd
+
+    q, k, v, bc, seg, p, h0 = res
+    dq, dk, dv, dbc, dh0 = gla_head_bwd(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret,
+                                        backend=backend)
+    return dq, dk, dv, dbc, jnp.zeros_like(seg), jnp.zeros_like(p), dh0
+
+
+_gla_head.defvjp(_gla_head_fwd, _gla_head_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _gla(q, k, v, gates, h0, chunk, interpret, backend):
-    """``gates = (cut, g, sign)`` float32: ``cut, sign [b, t, h]``, ``g [b, t, h]`` or ``[b, t, h, dk]``;
+    """The kernel forward with the XLA chunked form's backward (``backward="xla"``, and per-channel decays).
+    ``gates = (cut, g, sign)`` float32: ``cut, sign [b, t, h]``, ``g [b, t, h]`` or ``[b, t, h, dk]``;
     time already a whole number of chunks."""
     from seqjax.mixers._gla_chunk import prepare_chunks
 
@@ -371,30 +388,24 @@ def _gla(q, k, v, gates, h0, chunk, interpret, backend):
     bsz, t, h, dk = q.shape
     dv = v.shape[-1]
     kp, vp = _pow2(dk), _pow2(dv)
-    pad = lambda x, d: jnp.pad(x, [(0, 0), (0, 0), (0, 0), (0, d - x.shape[-1])])
-    h0p = jnp.pad(h0, [(0, 0), (0, 0), (0, kp - dk), (0, vp - dv)])
+    h0p = _pad_state(h0, kp, vp)
     if g.ndim == 4:  # per channel: bc, seg [b, t, h, Kp] (padded channels: k = q = 0, decay 1)
         _, n, bc, seg, p = prepare_chunks(g, sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
-        chan = lambda x: pad(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)
+        chan = lambda x: _pad_last(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)  # noqa: E731
         bc, seg, p = chan(bc), chan(seg), chan(p)
         forward = functools.partial(_forward_channel, backend=backend)
     else:
-        _, n, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
-        flat = lambda x: x.reshape(bsz, t, h)
-        bc, seg, p = flat(bc), flat(seg).astype(jnp.float32), flat(p)
+        bc, seg, p = _head_gates(g, sign, cut[:, :, 0] > 0.5, chunk)
         forward = _forward_tpu if backend == "mosaic_tpu" else _forward
-    o, s = forward(pad(q, kp), pad(k, kp), pad(v, vp), bc, seg, p, h0p, chunk=chunk, interpret=interpret)
+    o, s = forward(_pad_last(q, kp), _pad_last(k, kp), _pad_last(v, vp), bc, seg, p, h0p, chunk=chunk,
+                   interpret=interpret)
     return o[..., :dv], s[:, :, :dk, :dv]
 
 
 def _gla_fwd(q, k, v, gates, h0, chunk, interpret, backend):
-    """Under differentiation the XLA chunked form runs the forward and keeps its own residuals.
-
-    Measured on an H200 (``benchmarks/results/NVIDIA_H200.md``): kernel forward + the XLA form's VJP
-    (which recomputes its forward) cost as much as XLA's forward+backward, so the kernel bought nothing
-    in training; now training through ``impl="pallas"`` is the XLA form exactly, and a forward outside
-    ``jax.grad`` (inference, evaluation, prefill) runs the kernel.
-    """
+    """Under differentiation the XLA chunked form runs the forward and keeps its own residuals
+    (a kernel forward followed by the XLA form's VJP, which recomputes its forward, cost as much as XLA's
+    forward+backward on the H200, so this path is exactly the XLA form under ``jax.grad``)."""
     from seqjax.mixers._gla_chunk import chunk_gla
 
     del interpret, backend
@@ -417,14 +428,36 @@ def _gla_bwd(chunk, interpret, backend, res, cts):
 _gla.defvjp(_gla_fwd, _gla_bwd)
 
 
-def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_size=64, interpret=None, backend=None):
+def _pad_last(x, d):
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
+
+
+def _pad_state(h0, kp, vp):
+    return jnp.pad(h0, [(0, 0), (0, 0), (0, kp - h0.shape[2]), (0, vp - h0.shape[3])])
+
+
+def _head_gates(g, sign, resets, chunk):
+    """Per-head gates in the kernel's layout: ``bc, seg, p [b, t, h]`` float32 (t a whole number of chunks)."""
+    from seqjax.mixers._gla_chunk import prepare_chunks
+
+    bsz, t, h = g.shape
+    _, _, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], resets, t, chunk)
+    flat = lambda x: x.reshape(bsz, t, h).astype(jnp.float32)  # noqa: E731
+    return flat(bc), flat(seg), flat(p)
+
+
+def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_size=64, interpret=None, backend=None,
+                     backward=None):
     """``(o [b, t, h, dv] float32, S_T [b, h, dk, dv] float32)``.
 
     Same contract as ``seqjax.mixers._gla_chunk.chunk_gla``: log decays ``g`` per head ``[b, t, h]``
     (SSD, RetNet, linear attention) or per channel ``[b, t, h, dk]`` (GLA); ``g=None``: no decay;
-    ``-inf``: a reset of that entry; ``sign [b, t, h]``: ``±1`` transitions. ``interpret=None``
-    interprets on CPU. ``chunk_size`` must be a power of two ``≥ 16``. ``backend``: ``"triton"`` (GPU, and
-    the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
+    ``-inf``: a reset of that entry; ``sign [b, t, h]``: ``±1`` transitions (piecewise constant: no
+    gradient flows to it). ``interpret=None`` interprets on CPU. ``chunk_size`` must be a power of two
+    ``≥ 16``. ``backend``: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks
+    by platform. ``backward``: what ``jax.grad`` runs — ``"pallas"`` (the kernels of ``backward.py``;
+    per-head decays only) or ``"xla"`` (the XLA chunked form's forward and backward); ``None``: Pallas for
+    per-head decays, XLA for per-channel ones.
     """
     bsz, t, h, dk = q.shape
     if g is not None and (g.ndim not in (3, 4) or g.shape[:3] != (bsz, t, h) or (g.ndim == 4 and g.shape[3] != dk)):
@@ -432,14 +465,27 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
                          f"{(bsz, t, h, dk)}, got {tuple(g.shape)}")
     check_chunk_size(chunk_size)
     interpret, backend = resolve(interpret, backend)
+    channel = g is not None and g.ndim == 4
+    if backward is None:
+        backward = "xla" if channel else "pallas"
+    if backward not in ("pallas", "xla") or (channel and backward == "pallas"):
+        raise ValueError(f"backward must be 'xla' or, for per-head decays, 'pallas'; got {backward!r}"
+                         + (" with per-channel decays g [b, t, h, dk]" if channel else ""))
     g = jnp.zeros((bsz, t, h), jnp.float32) if g is None else jnp.asarray(g).astype(jnp.float32)
     sign = jnp.ones((bsz, t, h), jnp.float32) if sign is None else sign.astype(jnp.float32)
     cut = jnp.zeros((bsz, t), jnp.float32) if resets is None else jnp.asarray(resets).astype(jnp.float32)
-    cut = jnp.broadcast_to(cut[:, :, None], (bsz, t, h))
     h0 = jnp.zeros((bsz, h, dk, v.shape[-1]), jnp.float32) if h0 is None else h0.astype(jnp.float32)
     # pad time at the front to whole chunks (decay 1, sign +1, no reset, k = v = 0; h0 passes through):
     # the kernel always sees C = chunk_size, and every chunk ends on a real token (see chunk_gla)
     tp = -(-t // chunk_size) * chunk_size
     padt = lambda x, fill=0.0: jnp.pad(x, [(0, 0), (tp - t, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    if backward == "pallas":
+        dv = v.shape[-1]
+        kp, vp = _pow2(dk), _pow2(dv)
+        bc, seg, p = _head_gates(padt(g), padt(sign, 1.0), padt(cut) > 0.5, chunk_size)
+        o, s = _gla_head(_pad_last(padt(q), kp), _pad_last(padt(k), kp), _pad_last(padt(v), vp), bc, seg, p,
+                         _pad_state(h0, kp, vp), chunk_size, interpret, backend)
+        return o[:, tp - t:, :, :dv], s[:, :, :dk, :dv]
+    cut = jnp.broadcast_to(cut[:, :, None], (bsz, t, h))
     o, s = _gla(padt(q), padt(k), padt(v), (padt(cut), padt(g), padt(sign, 1.0)), h0, chunk_size, interpret, backend)
     return o[:, tp - t:], s

@@ -22,7 +22,7 @@ residuals), as for the GLA and delta-rule kernels; the kernel serves forwards ou
 Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
 ``dot``s with masks and a sequential chunk loop). TPU: a separate Mosaic body (``backend="mosaic_tpu"``,
 automatic on a TPU; one chunk per grid step, state in VMEM scratch), interpret-tested and checked to lower
-to Mosaic (``tests/test_pallas_tpu_lowering.py``); not yet run on a TPU.
+to Mosaic (``tests/test_pallas_lowering.py``); not yet run on a TPU.
 
 Status: interpret-mode tests on CPU (``tests/test_pallas_mlstm.py``, CI); the same tests pass compiled on an
 NVIDIA H200 (jax 0.11.2, 2026-11-27), where the forward is 1.91x the XLA chunked form's at B=8, T=2k, H=16,
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import check_chunk_size, resolve
+from pallas_kernels._util import check_chunk_size, resolve, tpu_params, triton_params
 
 __all__ = ["mlstm_chunk"]
 
@@ -141,11 +141,7 @@ def _forward(q, k, v, i, f, h0, resets, chunk, interpret):
     min_ = pl.BlockSpec((None, None, 16), lambda x, y, z: (x, y, 0))
     nout = pl.BlockSpec((None, None, None, dkp), lambda x, y, z: (x, y, z, 0))
     mout = pl.BlockSpec((None, None, None, 16), lambda x, y, z: (x, y, z, 0))
-    params = None
-    if not interpret and jax.default_backend() == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    params = triton_params(interpret, "triton")
     o, Ct, nt, mt = pl.pallas_call(
         functools.partial(_kernel, c=chunk, n_chunks=n),
         grid=(b, h, nvb),
@@ -233,7 +229,7 @@ def _forward_tpu(q, k, v, i, f, h0, resets, chunk, interpret):
     blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda x, y, z: (x, y, z, 0))  # noqa: E731
     rblk = pl.BlockSpec((None, None, None, 1, chunk), lambda x, y, z: (x, y, z, 0, 0))
     whole = lambda a, bb: pl.BlockSpec((None, None, a, bb), lambda x, y, z: (x, y, 0, 0))  # noqa: E731
-    params = None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    params = tpu_params(interpret, "parallel", "parallel", "arbitrary")
     o, Ct, nt, mt = pl.pallas_call(
         _kernel_tpu,
         grid=(b, h, n),
