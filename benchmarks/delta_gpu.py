@@ -4,9 +4,9 @@ flash-linear-attention's Triton ``chunk_gated_delta_rule`` (PyTorch, same GPU), 
     python benchmarks/delta_gpu.py [--ts=2048,8192] [--b=8 --h=16 --d=128] [--out=benchmarks/results/<dev>_delta.md]
 
 B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, beta in (0, 2) (negative eigenvalues), chunk 64; forward and
-forward+backward (loss ``sum(o²)``; gradients of q, k, v, beta and the log decays). Under ``jax.grad`` the
-Pallas form runs the XLA chunked forward and backward (see ``pallas_kernels/delta_chunk``), so its fwd+bwd
-column is XLA's by construction. The last column is the
+forward+backward (loss ``sum(o²)``; gradients of q, k, v, beta and the log decays). "Pallas" differentiates
+through the Pallas backward kernels (``pallas_kernels/delta_chunk/backward.py``), "Pallas, XLA bwd" through
+the XLA chunked form (``backward="xla"``, so its fwd+bwd column is XLA's by construction). The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
 FLOPs per head and chunk (forward): K Kᵀ, Q Kᵀ 2·C²·D each, W/U 2·C²·2D, W S, Q S, Kᵀ U 2·C·D² each, the
 solve ~C³/3: about ``T·(8·C·D + 6·D² + C²/3)`` per head.
@@ -59,7 +59,8 @@ def main(argv=None):
         flops = b * h * t * (8 * c * d + 6 * d * d + c * c / 3) * 2
         fla, ref, targs = torch_reference(_fla(), args, ("bfloat16",) * 3 + ("float32",) * 2)
         forms = {"XLA chunked": functools.partial(delta_rule_chunked, chunk_size=c),
-                 "Pallas": functools.partial(delta_chunk, chunk_size=c)}
+                 "Pallas": functools.partial(delta_chunk, chunk_size=c),
+                 "Pallas, XLA bwd": functools.partial(delta_chunk, chunk_size=c, backward="xla")}
         base = None
         for name, f in forms.items():
             cells, base = jax_form_cells(f, args, base, flops, ref)

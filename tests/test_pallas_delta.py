@@ -1,5 +1,5 @@
 """The chunked delta-rule Pallas kernel (interpreted on CPU, compiled on an accelerator) against the
-seqjax reference scan: outputs, final states and gradients; T not a multiple of the chunk; head dims
+seqjax reference scan: outputs, final states and gradients (through the Pallas backward); T not a multiple of the chunk; head dims
 64 and odd; beta up to 2; log-decays -1e-4 .. -20; resets; h0 in / h_last out; bf16 inputs; wiring as
 ``impl="pallas"``."""
 
@@ -55,11 +55,57 @@ def test_kernel_equals_reference(dk, dv, t, chunk):
 
 @pytest.mark.parametrize("log_decay", [-1e-4, -20.0])
 def test_kernel_gate_extremes(log_decay):
+    """Values and gradients at log-decay −1e-4 and −20 per step (at −20 the true gradient of the decays is
+    ~1e-9: the backward must not add and subtract O(1) terms; see ``backward.py``)."""
     x, _ = _inputs(jax.random.PRNGKey(2), 1, 33, 1, 6, 3)
     x["log_alpha"] = jnp.full_like(x["log_alpha"], log_decay)
-    want = E.delta_rule_recurrent(**x)
-    got = delta_chunk(**x, chunk_size=16)
-    _close(got, want, 1e-4, f"log_decay={log_decay}")
+    key = jax.random.PRNGKey(7)
+    out_ref, g_ref = _value_and_grads(E.delta_rule_recurrent, x, key)
+    out, g = _value_and_grads(lambda **a: delta_chunk(**a, chunk_size=16), x, key)
+    _close(out, out_ref, 1e-4, f"log_decay={log_decay}")
+    _close(g, g_ref, 1e-3, f"log_decay={log_decay} grads")
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_pallas_backward_carries_state_across_a_split(backend):
+    """The gradient runs through the Pallas backward kernels (named in the jaxpr; ``backward="xla"`` avoids
+    them), and two calls chained by their state differentiate like the whole sequence."""
+    x, resets = _inputs(jax.random.PRNGKey(12), 1, 63, 2, 9, 4, decay=(-9.0, 1.0))
+    ker = lambda **a: delta_chunk(**a, chunk_size=16, backend=backend)  # noqa: E731
+
+    def split(**a):
+        o1, h1 = ker(**{n: (y if n == "h0" else y[:, :40]) for n, y in a.items()}, resets=resets[:, :40])
+        o2, h2 = ker(**{n: y[:, 40:] for n, y in a.items() if n != "h0"}, h0=h1, resets=resets[:, 40:])
+        return jnp.concatenate([o1, o2], 1), h2
+
+    key = jax.random.PRNGKey(2)
+    _, g_ref = _value_and_grads(lambda **a: E.delta_rule_recurrent(**a, resets=resets), x, key)
+    _close(_value_and_grads(split, x, key)[1], g_ref, 1e-3, "split grads")
+    loss = lambda f: lambda q: jnp.sum(f(**{**x, "q": q})[0] ** 2)  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(ker)))(x["q"]))
+    assert "delta_chunk_bwd_grads" in jaxpr and "delta_chunk_bwd_dstates" in jaxpr
+    xla = lambda **a: delta_chunk(**a, chunk_size=16, backend=backend, backward="xla")  # noqa: E731
+    assert "delta_chunk_bwd" not in str(jax.make_jaxpr(jax.grad(loss(xla)))(x["q"]))
+
+
+def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
+    """Training memory: the residuals are the inputs (WY factors and states are recomputed), where the XLA
+    chunked form keeps per-chunk states and factors. bf16 inputs: gradients in bf16, float32 inside."""
+    x, _ = _inputs(jax.random.PRNGKey(13), 1, 256, 2, 16, 16)
+    args = [x[n] for n in ("q", "k", "v", "beta", "log_alpha")]
+    size = lambda **kw: sum(a.size for a in jax.tree.leaves(jax.vjp(lambda *a: delta_chunk(*a, chunk_size=16, **kw), *args)[1]))  # noqa: E731
+    budget = sum(a.size for a in args) + 4 * x["beta"].size + x["h0"].size + 64  # + the gates' cumsums, a mask
+    assert size() <= budget
+    assert size(backward="xla") > budget + x["k"].size
+    low = {n: (a.astype(jnp.bfloat16) if n in ("q", "k", "v") else a) for n, a in x.items()}
+    low = {n: (a[:, :48] if n != "h0" else a) for n, a in low.items()}
+    key = jax.random.PRNGKey(3)
+    _, g = _value_and_grads(lambda **a: delta_chunk(**a, chunk_size=16), low, key)
+    assert all(g[n].dtype == jnp.bfloat16 for n in ("q", "k", "v"))
+    _, g_ref = _value_and_grads(E.delta_rule_recurrent, {n: a.astype(jnp.float32) for n, a in low.items()}, key)
+    _close(g, g_ref, 3e-2, "bf16 grads")
+    with pytest.raises(ValueError, match="backward must be"):
+        delta_chunk(*args, chunk_size=16, backward="triton")
 
 
 def test_state_carried_across_a_split_sequence():
@@ -102,3 +148,17 @@ def test_tpu_kernels_equal_reference(dk, dv, t, chunk):
     out, g = _value_and_grads(ker, x, key)
     _close(out, out_ref, 1e-4, f"dk={dk} values/h_last")
     _close(g, g_ref, 1e-3, f"dk={dk} grads")
+
+
+def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
+    """``impl="auto"`` (a one-GPU process, patched here) runs the kernel and differentiates through the XLA
+    form until the Pallas backward is timed on a GPU; ``impl="pallas"`` takes the Pallas backward."""
+    import pallas_kernels.delta_chunk as K
+
+    calls, real = [], K.delta_chunk
+    monkeypatch.setattr(K, "delta_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
+    x, _ = _inputs(jax.random.PRNGKey(14), 1, 9, 1, 4, 3)
+    monkeypatch.setattr(E, "auto_pallas", lambda chunk_size=None: True)
+    _close(E.delta_rule(**x, impl="auto", chunk_size=16), E.delta_rule_recurrent(**x), 1e-4, "auto")
+    E.delta_rule(**x, impl="pallas", chunk_size=16)
+    assert calls == ["xla", "pallas"]

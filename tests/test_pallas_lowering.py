@@ -1,10 +1,12 @@
-"""Every Pallas kernel lowers to Mosaic TPU — checked without a TPU.
+"""Every Pallas kernel lowers to Mosaic TPU and to Triton (GPU) — checked without a TPU or a GPU.
 
 ``jax.export`` with ``platforms=("tpu",)`` runs the Pallas -> Mosaic lowering on this CPU (block-shape
 rules, the ops Mosaic supports) and emits the Mosaic custom call; Mosaic's own compile to TPU code runs in
-libtpu on a TPU and is not exercised here. The values of the TPU bodies are checked in interpret mode in
-each kernel's test file (``backend="mosaic_tpu"``). Forward and, where the kernel has its own backward
-(the linear scan), the gradient.
+libtpu on a TPU and is not exercised here. Likewise ``platforms=("cuda",)`` with the kernels' Triton
+compiler params runs the Pallas -> Triton IR lowering (dot shapes, the ops Triton supports) and emits
+``__gpu$xla.gpu.triton`` custom calls; Triton's compile to PTX runs on a GPU. The values of every body are
+checked in interpret mode in each kernel's test file. Forward and, where the kernel has its own backward
+(the linear scan, per-head GLA, the delta rule), the gradient.
 """
 
 import jax
@@ -18,8 +20,23 @@ from pallas_kernels.linear_scan.kernel import linear_scan_pallas
 from pallas_kernels.mlstm_chunk import mlstm_chunk
 
 
+TRITON = "__gpu$xla.gpu.triton"
+
+
 def _mosaic_calls(f, *args) -> int:
     return export.export(jax.jit(f), platforms=("tpu",))(*args).mlir_module().count("tpu_custom_call")
+
+
+def _triton_calls(f, *args) -> int:
+    # Triton custom calls carry no serialisation-compatibility guarantee; we only lower, never serialise
+    exp = export.export(jax.jit(f), platforms=("cuda",), disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])
+    return exp(*args).mlir_module().count(TRITON)
+
+
+def _grad(f):
+    """All input gradients of ``sum(o²) + sum(S_T²)`` (squares: the backward needs the forward's values)."""
+    return jax.grad(lambda *a: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(f(*a))),
+                    argnums=(0, 1, 2))
 
 
 @pytest.mark.parametrize("dk,dv", [(128, 128), (20, 9)])
@@ -31,6 +48,26 @@ def test_chunked_kernels_lower_to_mosaic_tpu(dk, dv):
     assert _mosaic_calls(lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw), q, v, g) == 1
     assert _mosaic_calls(lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw), q, v, g) == 2  # WY + state pass
     assert _mosaic_calls(lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw), q, v, g) == 1
+    gla = lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw)  # noqa: E731
+    assert _mosaic_calls(_grad(gla), q, v, g) == 4  # forward, then states, state gradients, chunk gradients
+    delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
+    assert _mosaic_calls(_grad(delta), q, v, g) == 6  # forward (2), then WY + X, states, state grads, chunk grads
+
+
+@pytest.mark.parametrize("dk,dv", [(128, 128), (20, 9)])
+def test_chunked_kernels_lower_to_triton(dk, dv):
+    q = jnp.zeros((2, 256, 2, dk), jnp.bfloat16)
+    v = jnp.zeros((2, 256, 2, dv), jnp.bfloat16)
+    g = jnp.zeros((2, 256, 2))
+    kw = dict(chunk_size=64, interpret=False, backend="triton")
+    gla = lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw)  # noqa: E731
+    assert _triton_calls(gla, q, v, g) == 1
+    assert _triton_calls(_grad(gla), q, v, g) == 4  # forward, then states, state gradients, chunk gradients
+    assert _triton_calls(lambda q, v, g: gla_chunk_pallas(q, q, v, jnp.zeros(q.shape, jnp.float32), **kw), q, v, g) == 2
+    delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
+    assert _triton_calls(delta, q, v, g) == 2  # WY + state pass
+    assert _triton_calls(_grad(delta), q, v, g) == 6  # forward (2), then WY + X, states, state grads, chunk grads
+    assert _triton_calls(lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw), q, v, g) == 1
 
 
 def test_per_channel_gla_lowers_and_bad_backend_is_named():

@@ -1,4 +1,4 @@
-r"""Pallas kernels: the chunked (gated) delta rule, forward in two kernels, backward through the XLA form.
+r"""Pallas kernels: the chunked (gated) delta rule, forward in two kernels, backward in four (``backward.py``).
 
 Computes, per (batch, head), ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``,
 ``o_t = scale S_tᵀ q_t`` (DeltaNet, Gated DeltaNet, DeltaProduct's micro-tokens; ``beta`` up to 2 for
@@ -19,10 +19,13 @@ The cheap elementwise preprocessing (chunk-local cumulative log decays, document
 ``resets``, padding ``T`` to a multiple of ``C`` and head dims to powers of two >= 16) runs in XLA in the
 wrapper.
 
-Backward (``custom_vjp``): under ``jax.grad`` the forward *and* backward are the XLA chunked form's
-(``seqjax.mixers._delta_chunk.delta_rule_chunked``, its own residuals), so training through this kernel
-costs what XLA costs; the kernels run for forwards outside differentiation. A fused Pallas backward is
-future work.
+Backward (``custom_vjp``, ``backward="pallas"``, the default): four more kernels in ``backward.py`` —
+the WY factors again with the inverse ``X`` itself, the chunk states, the state gradients walking the
+chunks backwards, then every chunk's ``dq, dk, dv, dβ`` and log-decay gradients in parallel. Only the
+inputs are kept from the forward, so training memory is linear in ``T`` (plus one ``[dk, dv]`` state and
+its gradient per chunk while the backward runs). ``backward="xla"`` differentiates through the XLA
+chunked form instead (``seqjax.mixers._delta_chunk.delta_rule_chunked``, with its own residuals); that is
+what ``impl="auto"`` does until the Pallas backward has been timed on a GPU.
 
 Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
 jax 0.11.2 where Mosaic GPU is the default: these kernels are chains of small ``[C, C]`` / ``[C, d]``
@@ -32,10 +35,12 @@ shared-memory staging, ``mma`` selection and software pipelining. Mosaic GPU req
 hand at warpgroup level (explicit SMEM buffers, TMA copies, barriers, ``wgmma`` layouts); a port is a
 rewrite, left for a later GPU session. TPU: separate Mosaic bodies (``backend="mosaic_tpu"``, automatic on a
 TPU; one chunk per grid step, state in VMEM scratch, gates as columns and rows), interpret-tested and
-checked to lower to Mosaic (``tests/test_pallas_tpu_lowering.py``); not yet run on a TPU.
+checked to lower to Mosaic (``tests/test_pallas_lowering.py``); not yet run on a TPU.
 
-Status: interpret-mode tests on CPU (``tests/test_pallas_delta.py``, CI); the same tests pass compiled
-with the Triton lowering on an NVIDIA H200 with jax 0.11.2 (``benchmarks/gpu_check.sh``, 2026-11-27).
+Status: interpret-mode tests on CPU (``tests/test_pallas_delta.py``, CI); the forward's tests pass compiled
+with the Triton lowering on an NVIDIA H200 with jax 0.11.2 (``benchmarks/gpu_check.sh``, 2026-11-27). The
+backward kernels (2026-11-27, after that GPU session) are interpret-tested and lower to Triton and to Mosaic
+TPU on this CPU (``tests/test_pallas_lowering.py``); not yet compiled or timed on a GPU.
 Speed there (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16): the forward is **1.98x
 (T = 2k) and 2.06x (T = 8k)** the XLA chunked form's (the single-kernel version of 2026-11-26 was
 1.06-1.10x), and 0.38x fla's ``chunk_gated_delta_rule`` forward. What is left: the state pass still
@@ -52,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import resolve
+from pallas_kernels._util import resolve, tpu_params, triton_params
 
 __all__ = ["delta_chunk"]
 
@@ -93,15 +98,21 @@ def _block_inverse(a, diag):
     return x
 
 
-def _write_wy(x, kb, vb, blk, w_ref, u_ref):
-    """``W = X kb``, ``U = X vb`` block row by block row (``X`` block lower triangular)."""
+def _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref=None):
+    """``W = X kb``, ``U = X vb`` block row by block row (``X`` block lower triangular); with ``x_ref``
+    (the backward) also ``X`` itself ``[C, C]`` float32, each block row assembled by ``[16, 16] x [16, C]``
+    placement matmuls (exact at ``HIGHEST``; no lane-offset stores, which the GPU and TPU lowerings lack)."""
     hi = lax.Precision.HIGHEST
+    c = len(blk) * SUB
     for i, rows in enumerate(blk):
         w_ref[rows, :] = sum(_dot(x[i, j], kb[j], hi) for j in range(i + 1)).astype(w_ref.dtype)
         u_ref[rows, :] = sum(_dot(x[i, j], vb[j], hi) for j in range(i + 1)).astype(u_ref.dtype)
+        if x_ref is not None:
+            r, col = lax.broadcasted_iota(jnp.int32, (SUB, c), 0), lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
+            x_ref[rows, :] = sum(_dot(x[i, j], jnp.where(col == r + j * SUB, 1.0, 0.0), hi) for j in range(i + 1))
 
 
-def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, *, c):
+def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c):
     """One chunk: ``X = (I + tril(diag(beta) K Kᵀ ⊙ Gamma, -1))^{-1}``, ``W = X (beta gamma ⊙ K)``,
     ``U = X (beta ⊙ V)``.
 
@@ -138,7 +149,7 @@ def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, *, c):
     gamma = [jnp.where(seg[j] == 0.0, jnp.exp(g[j]), 0.0) for j in range(nb)]
     kb = [k[j].astype(f32) * (beta[j] * gamma[j])[:, None] for j in range(nb)]
     vb = [v_ref[s, :].astype(f32) * beta[j][:, None] for j, s in enumerate(blk)]
-    _write_wy(x, kb, vb, blk, w_ref, u_ref)
+    _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref)
 
 
 def _state_kernel(q_ref, k_ref, w_ref, u_ref, g_ref, r_ref, s_ref, h0_ref, o_ref, ht_ref, *, c, n, scale):
@@ -185,65 +196,86 @@ def _chunk_gates(la, rs, c, n):
     return tuple(x.reshape(b, h, n * c) for x in (g, rev, seg))
 
 
-def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
+def _prepare(q, k, v, beta, la, h0, rs, chunk_size):
+    """The XLA preprocessing (differentiable): heads-first inputs padded to ``Tp = n C`` and head dims to
+    powers of two, ``beta [b, h, Tp]`` and the chunk gates ``g, rev, seg [b, h, Tp]`` (``_chunk_gates``)."""
     b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    dtype = jnp.result_type(q, k, v)
     c = _pow2(chunk_size)
     n = -(-t // c)
-    tp, dkp, dvp = n * c, _pow2(dk), _pow2(dv)
+    tp, dkp, dvp = n * c, _pow2(dk), _pow2(v.shape[-1])
 
     def heads_first(x, d):  # [b, t, h, d] -> [b, h, tp, d_pad], zero padded
         x = jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])])
         return jnp.moveaxis(x, 2, 1)
 
-    qh, kh, vh = heads_first(q, dkp), heads_first(k, dkp), heads_first(v, dvp)
     pad_t = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     la = jnp.where(rs[..., None], 0.0, la.astype(jnp.float32))
     bh = jnp.moveaxis(pad_t(beta.astype(jnp.float32)), 2, 1)
     g, rev, seg = _chunk_gates(jnp.moveaxis(pad_t(la), 2, 1), pad_t(rs), c, n)
-    h0p = jnp.pad(h0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)])
+    h0p = jnp.pad(h0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - v.shape[-1])])
+    return (heads_first(q, dkp), heads_first(k, dkp), heads_first(v, dvp), bh, g, rev, seg, h0p), c, n
 
+
+def wy_factors(kh, vh, bh, g, seg, *, c, interpret, backend, with_x=False):
+    """Kernel 1 on either backend: ``W, U`` (input dtype) and, with ``with_x`` (the backward), the
+    inverse ``X = (I + A)^{-1}`` per chunk, ``[b, h, Tp, C]`` float32."""
+    b, h, tp, dkp = kh.shape
+    dvp, n = vh.shape[-1], tp // c
+    dtype = jnp.result_type(kh, vh)
+    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    out_specs = [blk(dkp), blk(dvp)] + ([blk(c)] if with_x else [])
+    out_shape = [jax.ShapeDtypeStruct((b, h, tp, dkp), dtype), jax.ShapeDtypeStruct((b, h, tp, dvp), dtype)]
+    out_shape += [jax.ShapeDtypeStruct((b, h, tp, c), jnp.float32)] if with_x else []
     if backend == "mosaic_tpu":
-        o, ht = _pallas_tpu(qh, kh, vh, bh, g, rev, seg, h0p, c=c, n=n, scale=float(scale), dtype=dtype, interpret=interpret)
-        return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]
-    params = None
-    if not interpret and jax.default_backend() == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=4, num_stages=1)
-    # 1. chunk-parallel WY factors: grid (batch, heads, chunks)
-    cblk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+        col = lambda x: x[..., None]  # noqa: E731  [b, h, Tp] -> [b, h, Tp, 1]
+        sub_rows = lambda x: x.reshape(b, h, n, c // SUB, SUB)  # noqa: E731
+        srows = pl.BlockSpec((None, None, None, c // SUB, SUB), lambda i, j, l: (i, j, l, 0, 0))
+        return pl.pallas_call(
+            _wy_kernel_tpu, grid=(b, h, n),
+            in_specs=[blk(dkp), blk(dvp), blk(1), blk(1), blk(1), srows, srows], out_specs=out_specs,
+            out_shape=out_shape, interpret=interpret,
+            compiler_params=tpu_params(interpret, "parallel", "parallel", "parallel"), name="delta_chunk_wy_tpu",
+        )(kh, vh, col(bh), col(g), col(seg), sub_rows(g), sub_rows(seg))
     cgate = pl.BlockSpec((None, None, c), lambda i, j, l: (i, j, l))
-    w, u = pl.pallas_call(
-        functools.partial(_wy_kernel, c=c),
-        grid=(b, h, n),
-        in_specs=[cblk(dkp), cblk(dvp), cgate, cgate, cgate],
-        out_specs=[cblk(dkp), cblk(dvp)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dkp), dtype), jax.ShapeDtypeStruct((b, h, tp, dvp), dtype)],
-        interpret=interpret,
-        compiler_params=params,
+    return pl.pallas_call(
+        functools.partial(_wy_kernel, c=c), grid=(b, h, n),
+        in_specs=[blk(dkp), blk(dvp), cgate, cgate, cgate], out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=triton_params(interpret, backend, num_warps=4, num_stages=1),
         name="delta_chunk_wy",
     )(kh, vh, bh, g, seg)
+
+
+def _kernels(qh, kh, vh, bh, g, rev, seg, h0p, *, c, scale, interpret, backend):
+    """Both forward kernels on prepared inputs: ``(o [b, h, Tp, Vp] input dtype, S_T [b, h, Kp, Vp] float32)``."""
+    b, h, tp, dkp = qh.shape
+    dvp, n = vh.shape[-1], tp // c
+    dtype = jnp.result_type(qh, kh, vh)
+    # 1. chunk-parallel WY factors: grid (batch, heads, chunks)
+    w, u = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend=backend)
+    if backend == "mosaic_tpu":
+        return _state_pass_tpu(qh, kh, w, u, g, rev, seg, h0p, c=c, n=n, scale=scale, dtype=dtype, interpret=interpret)
     # 2. the state pass and the outputs: grid (batch, heads, value blocks), chunks walked in order
     bv = min(dvp, 64)
     seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
     vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
     gate = pl.BlockSpec((None, None, tp), lambda i, j, l: (i, j, 0))
     state = pl.BlockSpec((None, None, dkp, bv), lambda i, j, l: (i, j, 0, l))
-    o, ht = pl.pallas_call(
-        functools.partial(_state_kernel, c=c, n=n, scale=float(scale)),
+    return pl.pallas_call(
+        functools.partial(_state_kernel, c=c, n=n, scale=scale),
         grid=(b, h, dvp // bv),
         in_specs=[seq(dkp), seq(dkp), seq(dkp), vseq, gate, gate, gate, state],
         out_specs=[vseq, state],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, h, tp, dvp), dtype),
-            jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
-        ],
+        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dvp), dtype), jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32)],
         interpret=interpret,
-        compiler_params=params,
+        compiler_params=triton_params(interpret, backend, num_warps=4, num_stages=1),
         name="delta_chunk_fwd",
     )(qh, kh, w, u, g, rev, seg, h0p)
+
+
+def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
+    t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    args, c, _ = _prepare(q, k, v, beta, la, h0, rs, chunk_size)
+    o, ht = _kernels(*args, c=c, scale=float(scale), interpret=interpret, backend=backend)
     return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]
 
 
@@ -264,7 +296,7 @@ def _dot_tn(a, b, precision=None):  # aᵀ b
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
 
 
-def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, u_ref):
+def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, u_ref, x_ref=None):
     """``_wy_kernel`` for Mosaic TPU: sub-block gates as columns ``[16, 1]`` and rows ``[1, 16]``; the
     diagonal blocks' forward substitution as masked ``16 x 16`` matmuls (one row per step)."""
     f32 = jnp.float32
@@ -295,7 +327,7 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
     gamma = [jnp.where(scol[j] == 0.0, jnp.exp(gcol[j]), 0.0) for j in range(nb)]
     kb = [k[j].astype(f32) * (beta[j] * gamma[j]) for j in range(nb)]
     vb = [v_ref[s, :].astype(f32) * beta[j] for j, s in enumerate(blk)]
-    _write_wy(x, kb, vb, blk, w_ref, u_ref)
+    _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref)
 
 
 def _state_kernel_tpu(q_ref, k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h0_ref, o_ref, ht_ref, s_scr, *, scale):
@@ -335,29 +367,16 @@ def _state_kernel_tpu(q_ref, k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, gr_ref
         ht_ref[...] = S
 
 
-def _pallas_tpu(qh, kh, vh, bh, g, rev, seg, h0p, *, c, n, scale, dtype, interpret):
-    """Both kernels on Mosaic TPU; inputs heads-first and padded as in ``_forward``."""
+def _state_pass_tpu(qh, kh, w, u, g, rev, seg, h0p, *, c, n, scale, dtype, interpret):
+    """The state pass on Mosaic TPU; inputs heads-first and padded as in ``_prepare``."""
     from jax.experimental.pallas import tpu as pltpu
 
     b, h, tp, dkp = qh.shape
-    dvp = vh.shape[-1]
+    dvp = u.shape[-1]
     col = lambda x: x[..., None]  # noqa: E731  [b, h, Tp] -> [b, h, Tp, 1]
     blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
-    sub_rows = lambda x: x.reshape(b, h, n, c // SUB, SUB)  # noqa: E731
-    srows = pl.BlockSpec((None, None, None, c // SUB, SUB), lambda i, j, l: (i, j, l, 0, 0))
     rows = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
     rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
-    par = lambda *sem: None if interpret else pltpu.CompilerParams(dimension_semantics=sem)  # noqa: E731
-    w, u = pl.pallas_call(
-        _wy_kernel_tpu,
-        grid=(b, h, n),
-        in_specs=[blk(dkp), blk(dvp), blk(1), blk(1), blk(1), srows, srows],
-        out_specs=[blk(dkp), blk(dvp)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dkp), dtype), jax.ShapeDtypeStruct((b, h, tp, dvp), dtype)],
-        interpret=interpret,
-        compiler_params=par("parallel", "parallel", "parallel"),
-        name="delta_chunk_wy_tpu",
-    )(kh, vh, col(bh), col(g), col(seg), sub_rows(g), sub_rows(seg))
     st = pl.BlockSpec((None, None, dkp, dvp), lambda i, j, l: (i, j, 0, 0))
     return pl.pallas_call(
         functools.partial(_state_kernel_tpu, scale=scale),
@@ -367,9 +386,32 @@ def _pallas_tpu(qh, kh, vh, bh, g, rev, seg, h0p, *, c, n, scale, dtype, interpr
         out_shape=[jax.ShapeDtypeStruct((b, h, tp, dvp), dtype), jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((dkp, dvp), jnp.float32)],
         interpret=interpret,
-        compiler_params=par("parallel", "parallel", "arbitrary"),
+        compiler_params=tpu_params(interpret, "parallel", "parallel", "arbitrary"),
         name="delta_chunk_fwd_tpu",
     )(qh, kh, w, u, col(g), col(rev), col(seg), rows(g), rows(seg), h0p)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _delta_core(qh, kh, vh, bh, g, rev, seg, h0p, c, scale, interpret, backend):
+    """The kernels on prepared inputs, differentiated by the Pallas backward (``backward.py``); XLA
+    differentiates ``_prepare`` (the gates' cumulative sums, the padding) around it."""
+    return _kernels(qh, kh, vh, bh, g, rev, seg, h0p, c=c, scale=scale, interpret=interpret, backend=backend)
+
+
+def _core_fwd(qh, kh, vh, bh, g, rev, seg, h0p, c, scale, interpret, backend):
+    out = _delta_core(qh, kh, vh, bh, g, rev, seg, h0p, c, scale, interpret, backend)
+    return out, (qh, kh, vh, bh, g, rev, seg, h0p)
+
+
+def _core_bwd(c, scale, interpret, backend, res, cts):
+    from pallas_kernels.delta_chunk.backward import delta_bwd
+
+    grads = delta_bwd(*res, *cts, c=c, scale=scale, interpret=interpret, backend=backend)
+    dq, dk, dv, dbeta, dg, drev, dh0 = grads
+    return dq, dk, dv, dbeta, dg, drev, jnp.zeros_like(res[6]), dh0
+
+
+_delta_core.defvjp(_core_fwd, _core_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -401,7 +443,8 @@ def _bwd(scale, chunk_size, interpret, backend, vjp, cts):
 _delta_chunk.defvjp(_fwd, _bwd)
 
 
-def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, chunk_size=64, interpret=None, backend=None):
+def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, chunk_size=64, interpret=None, backend=None,
+                backward="pallas"):
     """Chunked (gated) delta rule through the Pallas kernel.
 
     Args:
@@ -411,13 +454,22 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
       chunk_size: rounded up to a power of two >= 16.
       interpret: run the kernel as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
       backend: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
+      backward: what ``jax.grad`` runs: ``"pallas"`` (the kernels of ``backward.py``) or ``"xla"`` (the XLA
+        chunked form's forward and backward).
 
     Returns:
       ``(o [b, t, h, dv] in the inputs' dtype, h_last [b, h, dk, dv] float32)``.
     """
     interpret, backend = resolve(interpret, backend)
+    if backward not in ("pallas", "xla"):
+        raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
     b, t, h, dk = q.shape
+    dv = v.shape[-1]
     la = jnp.zeros((b, t, h), jnp.float32) if log_alpha is None else jnp.asarray(log_alpha, jnp.float32)
-    h0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32)
+    h0 = jnp.zeros((b, h, dk, dv), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32)
     rs = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
-    return _delta_chunk(q, k, v, beta, la, h0, rs, float(scale), int(chunk_size), bool(interpret), backend)
+    if backward == "xla":
+        return _delta_chunk(q, k, v, beta, la, h0, rs, float(scale), int(chunk_size), bool(interpret), backend)
+    args, c, _ = _prepare(q, k, v, beta, la, h0, rs, int(chunk_size))
+    o, ht = _delta_core(*args, c, float(scale), bool(interpret), backend)
+    return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]

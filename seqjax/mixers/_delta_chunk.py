@@ -54,7 +54,7 @@ from jax import lax
 
 from seqjax import _checks
 from seqjax._linalg import solve_unit_lower
-from seqjax._platform import auto_pallas
+from seqjax._platform import AUTO_BACKWARD, auto_pallas
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
 
@@ -270,8 +270,9 @@ def delta_rule(
 ):
     """Dispatch to an impl (inputs validated by the caller).
 
-    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) in a one-device GPU process, else the
-    XLA chunked form (``seqjax._platform`` has the measurements behind that).
+    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) in a one-device GPU process, differentiated
+    through the XLA form (``AUTO_BACKWARD``), else the XLA chunked form (``seqjax._platform`` has the
+    measurements behind that). ``"pallas"``: the kernel and its Pallas backward.
     """
     _checks.check_choice("impl", impl, IMPLS)
     if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
@@ -282,5 +283,6 @@ def delta_rule(
     if impl == "pallas" or (impl == "auto" and auto_pallas()):
         from pallas_kernels.delta_chunk import delta_chunk  # imported only on this branch
 
-        return delta_chunk(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
+        return delta_chunk(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size, backward=backward)
     return delta_rule_chunked(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)

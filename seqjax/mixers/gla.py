@@ -26,7 +26,7 @@ from flax import nnx
 
 from seqjax import _checks, nn
 from seqjax import sharding as shd
-from seqjax._platform import AUTO_GLA_BACKWARD, auto_pallas
+from seqjax._platform import AUTO_BACKWARD, auto_pallas
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
 
@@ -63,7 +63,7 @@ def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
         o, s = gla_chunk_pallas(qs, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size,
-                                backward=None if impl == "pallas" else AUTO_GLA_BACKWARD)
+                                backward=None if impl == "pallas" else AUTO_BACKWARD)
     else:
         o, s = eng.chunk_gla(qs, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
     return o.astype(v.dtype), s

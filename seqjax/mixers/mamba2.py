@@ -32,7 +32,7 @@ from jax import lax
 
 from seqjax import _checks, nn
 from seqjax import sharding as shd
-from seqjax._platform import AUTO_GLA_BACKWARD, auto_pallas
+from seqjax._platform import AUTO_BACKWARD, auto_pallas
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
 
@@ -101,7 +101,7 @@ def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_s
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
         y, s = gla_chunk_pallas(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size,
-                                backward=None if impl == "pallas" else AUTO_GLA_BACKWARD)
+                                backward=None if impl == "pallas" else AUTO_BACKWARD)
     else:
         y, s = eng.chunk_gla(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
     if D is not None:

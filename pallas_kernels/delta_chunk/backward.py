@@ -1,0 +1,282 @@
+r"""Pallas backward of the chunked (gated) delta rule: recompute the WY factors and the chunk states, walk
+the state gradients backwards, then every chunk's gradients in parallel (as fla's
+``chunk_gated_delta_rule_bwd``: ``prepare_wy_repr`` / ``chunk_fwd_h`` / ``bwd_dhu`` / ``bwd_dqkwg`` /
+``prepare_wy_repr_bwd``, here four ``pallas_call``\ s).
+
+Per chunk (``kernel.py``'s notation; gates as columns ``[C, 1]``): ``A = tril(diag(β) K Kᵀ ⊙ Γ, −1)``,
+``X = (I + A)^{-1}``, ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)``, ``U' = U − W S``,
+``O = s [(γ ⊙ Q) S + (Q Kᵀ ⊙ Γ) U']``, ``S⁺ = γ_C S + (K ⊙ e^{rev})ᵀ U'``. Given ``dO`` (``dÕ = s dO``)
+and ``dS⁺``:
+
+.. math::
+    dU' &= (Q K^\top ⊙ Γ)^\top dÕ + e^{rev} ⊙ (K dS^{+\top})^{\!\top}\!, \qquad
+    dS = γ_C dS^+ + (γ ⊙ Q)^\top dÕ − W^\top dU' \\
+    dQ &= γ ⊙ (dÕ S^\top) + (dÕ U'^\top ⊙ Γ) K, \qquad
+    dK \mathrel{+}= (dÕ U'^\top ⊙ Γ)^\top Q + e^{rev} ⊙ (U' dS^{+\top}) \\
+    dW &= −dU' S^\top, \quad dX = dW (βγ ⊙ K)^\top + dU' (β ⊙ V)^\top, \quad
+    dA = −X^\top dX X^\top \ (\text{strictly lower}) \\
+    dK &\mathrel{+}= βγ ⊙ X^\top dW + (β ⊙ (dA ⊙ Γ)) K + (β ⊙ (dA ⊙ Γ))^\top K, \qquad
+    dV = β ⊙ X^\top dU'
+
+``dβ`` collects the three places β enters (``A``, ``W``, ``U``). The log decays enter as the chunk-local
+inclusive cumulative sum ``g`` (in ``Γ``, ``γ``, ``γ_C``) and the exclusive reverse one ``rev`` (in
+``e^{rev}``, kept separate as in the forward: ``g_C − g_s`` would lose digits at ``g ≈ −10³``); the kernel
+returns the gradients of both and XLA maps them back through ``_chunk_gates``' own VJP. For ``g``:
+rows minus columns of ``dA ⊙ A`` and of ``dÕ U'ᵀ ⊙ Q Kᵀ ⊙ Γ`` *without their diagonals* (under strong
+decay the true gradient is ~1e-9 and adding then subtracting O(1) diagonal terms would leave only their
+rounding), plus the ``γ`` terms and ``γ_C ⟨S, dS⁺⟩`` at the last token.
+
+Kernels: (1) ``wy_factors(with_x=True)``: ``W, U`` and ``X``, chunk-parallel; (2) the state before every
+chunk, ``H [b, h, N, K, V]``; (3) ``dH`` (the gradient of the state after every chunk) walking the chunks
+backwards, and ``dh0``; (4) grid ``(batch, heads, chunks)``: everything above, per chunk. Nothing but the
+inputs is kept from the forward. Triton walks (2) and (3) with a ``fori_loop`` per (batch, head, value
+block of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM scratch. The math is one
+function per step for both, on gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products
+with ``X`` run at ``HIGHEST``; the others take the input dtype with float32 accumulation, as the forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._util import tpu_params, triton_params
+from pallas_kernels.delta_chunk.kernel import wy_factors
+
+f32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+_NN = (((1,), (0,)), ((), ()))  # X Y
+_TN = (((0,), (0,)), ((), ()))  # Xᵀ Y
+_NT = (((1,), (1,)), ((), ()))  # X Yᵀ
+
+
+def _mm(x, y, dims=_NN):
+    """Matmul with float32 accumulation; float32 operands at ``HIGHEST`` (the MXU/TF32 default passes are
+    bf16-like), lower-precision operands as they are."""
+    return lax.dot_general(x, y, dims, preferred_element_type=f32, precision=_HI if x.dtype == f32 else None)
+
+
+def _col_factors(gc, rc, sc):
+    """Column gates ``[C, 1]`` -> ``γ, e^{rev}`` (masked to the chunk's first / last document) ``[C, 1]``,
+    ``γ_C [1, 1]``."""
+    c = gc.shape[0]
+    last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+    end = lambda x: jnp.sum(jnp.where(last, x, 0.0), axis=0, keepdims=True)  # noqa: E731
+    g_last, s_last = end(gc), end(sc)
+    gamma = jnp.where(sc == 0.0, jnp.exp(gc), 0.0)
+    total = jnp.where(s_last == 0.0, jnp.exp(g_last), 0.0)
+    to_end = jnp.where(sc == s_last, jnp.exp(rc), 0.0)
+    return gamma, total, to_end
+
+
+def _decay_incl(gc, sc, gr, sr):
+    """``Γ_ts = e^{g_t − g_s}`` for ``s ≤ t`` in one document, else 0 (masked before ``exp``)."""
+    c = gc.shape[0]
+    ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
+    return jnp.where(ok, jnp.exp(jnp.where(ok, gc - gr, 0.0)), 0.0)
+
+
+def _state_step(k, w, u, gc, rc, sc, s):
+    """``S⁺ = γ_C S + (K ⊙ e^{rev})ᵀ (U − W S)``."""
+    md = k.dtype
+    _, total, to_end = _col_factors(gc, rc, sc)
+    u_new = u.astype(f32) - _mm(w, s.astype(md))
+    return total * s + _mm((k.astype(f32) * to_end).astype(md), u_new.astype(md), _TN)
+
+
+def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
+    """``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'`` with ``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺``."""
+    md = q.dtype
+    gamma, total, to_end = _col_factors(gc, rc, sc)
+    dos = (scale * do.astype(f32)).astype(md)
+    qk = (_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(md)
+    du = _mm(qk, dos, _TN) + to_end * _mm(k, ds.astype(md))
+    return total * ds + _mm((q.astype(f32) * gamma).astype(md), dos, _TN) - _mm(w, du.astype(md), _TN)
+
+
+def _chunk_grads(q, k, v, w, u, x, do, bc, gc, rc, sc, gr, sr, s, ds, scale):
+    """One chunk's gradients (module docstring). ``q, k, w [C, K]``, ``v, u, do [C, V]`` (input dtype),
+    ``x [C, C]`` float32, gate columns ``β, g, rev, seg [C, 1]`` and rows ``g, seg [1, C]``, ``s`` the state
+    before the chunk and ``ds`` the gradient of the state after it (``[K, V]`` float32). Returns float32
+    ``dq, dk [C, K]``, ``dv [C, V]`` and ``dβ, dg, drev [C, 1]``."""
+    md = q.dtype
+    c = q.shape[0]
+    rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)  # noqa: E731
+    strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    gam = _decay_incl(gc, sc, gr, sr)
+    gam_st = jnp.where(strict, gam, 0.0)
+    gamma, total, to_end = _col_factors(gc, rc, sc)
+    qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
+    sm, dsm = s.astype(md), ds.astype(md)
+    u_new = u.astype(f32) - _mm(w, sm)
+    dof = scale * do.astype(f32)
+    dos = dof.astype(md)
+    # outputs and the state written -> dU'
+    du = _mm((_mm(q, k, _NT) * gam).astype(md), dos, _TN) + to_end * _mm(k, dsm)
+    # the readout and the intra-chunk attention, their diagonal (Γ_tt = 1) apart
+    dqk = jnp.where(strict, _mm(dos, u_new.astype(md), _NT) * gam, 0.0).astype(md)
+    diag = rsum(dof * u_new)
+    rd = _mm(dos, sm, _NT)  # dÕ Sᵀ
+    ke = _mm(u_new.astype(md), dsm, _NT)  # U' dS⁺ᵀ
+    dq_in, dk_in = _mm(dqk, k), _mm(dqk, q, _TN)
+    dq = gamma * rd + dq_in + diag * kf
+    dk = dk_in + diag * qf + to_end * ke
+    # U' = U − W S, then W = X (βγ ⊙ K), U = X (β ⊙ V), X = (I + A)^{-1}
+    dw = -_mm(du, s, _NT)
+    bg = bc * gamma
+    dkb, dvb = _mm(x, dw, _TN), _mm(x, du, _TN)
+    dx = _mm(dw, kf * bg, _NT) + _mm(du, vf * bc, _NT)
+    da_g = -_mm(_mm(x, dx, _TN), x, _NT) * gam_st  # dA ⊙ Γ, strictly lower
+    dag = bc * da_g
+    kda, kdat = _mm(dag, kf), _mm(dag, kf, _TN)
+    dk = dk + kda + kdat + bg * dkb
+    dv = bc * dvb
+    kdkb = rsum(kf * dkb)
+    dbeta = rsum(kf * _mm(da_g, kf)) + gamma * kdkb + rsum(vf * dvb)
+    is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+    carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩ [1, 1]
+    dg = (rsum(kf * kda) - rsum(kf * kdat) + rsum(qf * dq_in) - rsum(kf * dk_in)
+          + bg * kdkb + gamma * rsum(qf * rd) + jnp.where(is_last, total * carry, 0.0))
+    drev = to_end * rsum(kf * ke)
+    return dq, dk, dv, dbeta, dg, drev
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _states_kernel(k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, h0_ref, hs_ref, *, c, n):
+    def body(i, s):
+        sl = pl.ds(pl.multiple_of(i * c, c), c)
+        hs_ref[i] = s
+        return _state_step(k_ref[sl, :], w_ref[sl, :], u_ref[sl, :], gc_ref[sl, :], rc_ref[sl, :], sc_ref[sl, :], s)
+
+    lax.fori_loop(0, n, body, h0_ref[...].astype(f32))
+
+
+def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, dht_ref, dhs_ref, dh0_ref,
+                    *, c, n, scale):
+    def body(j, ds):
+        i = n - 1 - j
+        sl = pl.ds(pl.multiple_of(i * c, c), c)
+        dhs_ref[i] = ds
+        return _dstate_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do_ref[sl, :], gc_ref[sl, :], rc_ref[sl, :],
+                            sc_ref[sl, :], gr_ref[i], sr_ref[i], ds, scale)
+
+    dh0_ref[...] = lax.fori_loop(0, n, body, dht_ref[...])
+
+
+def _states_kernel_tpu(k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, h0_ref, hs_ref, s_scr):
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        s_scr[...] = h0_ref[...].astype(f32)
+
+    s = s_scr[...]
+    hs_ref[...] = s
+    s_scr[...] = _state_step(k_ref[...], w_ref[...], u_ref[...], gc_ref[...], rc_ref[...], sc_ref[...], s)
+
+
+def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, dht_ref, dhs_ref, dh0_ref,
+                        ds_scr, *, scale):
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        ds_scr[...] = dht_ref[...]
+
+    ds = ds_scr[...]
+    dhs_ref[...] = ds
+    ds = _dstate_step(q_ref[...], k_ref[...], w_ref[...], do_ref[...], gc_ref[...], rc_ref[...], sc_ref[...],
+                      gr_ref[...], sr_ref[...], ds, scale)
+    ds_scr[...] = ds
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _():
+        dh0_ref[...] = ds
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, w_ref, u_ref, x_ref, do_ref, bc_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref,
+                  h_ref, dh_ref, dq_ref, dk_ref, dv_ref, db_ref, dg_ref, dr_ref, *, scale):
+    out = _chunk_grads(q_ref[...], k_ref[...], v_ref[...], w_ref[...], u_ref[...], x_ref[...], do_ref[...],
+                       bc_ref[...], gc_ref[...], rc_ref[...], sc_ref[...], gr_ref[...], sr_ref[...], h_ref[...],
+                       dh_ref[...], scale)
+    for ref, val in zip((dq_ref, dk_ref, dv_ref, db_ref, dg_ref, dr_ref), out):
+        ref[...] = val.astype(ref.dtype)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret, backend):
+    """Gradients of ``kernel._kernels`` on its prepared heads-first inputs (``q, k [b, h, Tp, Kp]``,
+    ``v [b, h, Tp, Vp]``, ``β, g, rev, seg [b, h, Tp]`` float32, ``h0 [b, h, Kp, Vp]``) for the cotangents
+    ``do [b, h, Tp, Vp]``, ``dht [b, h, Kp, Vp]``. Returns ``dq, dk, dv`` (input dtypes), ``dβ, dg, drev``
+    and ``dh0`` (float32)."""
+    b, h, tp, kp = qh.shape
+    vp, n = vh.shape[-1], tp // c
+    tpu = backend == "mosaic_tpu"
+    w, u, x = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend=backend, with_x=True)
+    do = do.astype(vh.dtype)
+    dht = dht.astype(f32)
+    cols = [x_[..., None] for x_ in (bh, g, rev, seg)]  # [b, h, Tp, 1]
+    rows = [x_.reshape(b, h, n, 1, c) for x_ in (g, seg)]
+    hs_shape = jax.ShapeDtypeStruct((b, h, n, kp, vp), f32)
+    st_shape = jax.ShapeDtypeStruct((b, h, kp, vp), f32)
+    blk = lambda d, rev_=False: pl.BlockSpec(  # noqa: E731  one chunk; reversed chunk order with rev_
+        (None, None, c, d), (lambda i, j, l: (i, j, n - 1 - l, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0)))
+    rblk = lambda rev_=False: pl.BlockSpec(  # noqa: E731
+        (None, None, None, 1, c), (lambda i, j, l: (i, j, n - 1 - l, 0, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0, 0)))
+    chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
+    if tpu:
+        from jax.experimental.pallas import tpu as pltpu
+
+        whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
+        seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
+        hs = pl.pallas_call(
+            _states_kernel_tpu, grid=(b, h, n),
+            in_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1), blk(1), whole], out_specs=chunk_state,
+            out_shape=hs_shape, scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret,
+            compiler_params=seq, name="delta_chunk_bwd_states_tpu",
+        )(kh, w, u, *cols[1:], h0p)
+        r = blk(1, True)
+        dhs, dh0 = pl.pallas_call(
+            functools.partial(_dstates_kernel_tpu, scale=scale), grid=(b, h, n),
+            in_specs=[blk(kp, True), blk(kp, True), blk(kp, True), blk(vp, True), r, r, r, rblk(True), rblk(True),
+                      whole],
+            out_specs=[pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, n - 1 - l, 0, 0)), whole],
+            out_shape=[hs_shape, st_shape], scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret,
+            compiler_params=seq, name="delta_chunk_bwd_dstates_tpu",
+        )(qh, kh, w, do, *cols[1:], *rows, dht)
+        params = tpu_params(interpret, "parallel", "parallel", "parallel")
+    else:
+        bv = min(vp, 64)
+        full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+        vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
+        grow = pl.BlockSpec((None, None, n, 1, c), lambda i, j, l: (i, j, 0, 0, 0))
+        vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
+        vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
+        walk = triton_params(interpret, backend, num_warps=4, num_stages=1)
+        hs = pl.pallas_call(
+            functools.partial(_states_kernel, c=c, n=n), grid=(b, h, vp // bv),
+            in_specs=[full(kp), full(kp), vseq, full(1), full(1), full(1), vstate], out_specs=vstates,
+            out_shape=hs_shape, interpret=interpret, compiler_params=walk, name="delta_chunk_bwd_states",
+        )(kh, w, u, *cols[1:], h0p)
+        dhs, dh0 = pl.pallas_call(
+            functools.partial(_dstates_kernel, c=c, n=n, scale=scale), grid=(b, h, vp // bv),
+            in_specs=[full(kp), full(kp), full(kp), vseq, full(1), full(1), full(1), grow, grow, vstate],
+            out_specs=[vstates, vstate], out_shape=[hs_shape, st_shape], interpret=interpret,
+            compiler_params=walk, name="delta_chunk_bwd_dstates",
+        )(qh, kh, w, do, *cols[1:], *rows, dht)
+        params = triton_params(interpret, backend, num_warps=8, num_stages=1)
+    gshape = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
+    dq, dk, dv, dbeta, dg, drev = pl.pallas_call(
+        functools.partial(_grads_kernel, scale=scale), grid=(b, h, n),
+        in_specs=[blk(kp), blk(kp), blk(vp), blk(kp), blk(vp), blk(c), blk(vp), blk(1), blk(1), blk(1), blk(1),
+                  rblk(), rblk(), chunk_state, chunk_state],
+        out_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1), blk(1)],
+        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), jax.ShapeDtypeStruct(kh.shape, kh.dtype),
+                   jax.ShapeDtypeStruct(vh.shape, vh.dtype), gshape, gshape, gshape],
+        interpret=interpret, compiler_params=params, name="delta_chunk_bwd_grads" + ("_tpu" if tpu else ""),
+    )(qh, kh, vh, w, u, x, do, *cols, *rows, hs, dhs)
+    return dq, dk, dv, dbeta[..., 0], dg[..., 0], drev[..., 0], dh0
