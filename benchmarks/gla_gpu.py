@@ -6,7 +6,8 @@ flash-linear-attention's Triton kernels (PyTorch, same GPU), side by side in one
 B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, chunk 64; forward and forward+backward (loss ``sum(o²)``,
 gradients of q, k, v and the decays). Per-head decay has two Pallas rows: "Pallas" differentiates through the
 Pallas backward kernels (``pallas_kernels/gla_chunk/backward.py``), "Pallas, XLA bwd" through the XLA chunked
-form (``backward="xla"``, what per-channel decays and the mLSTM always do, so their fwd+bwd is XLA's). Per-head decay
+form (``backward="xla"``, what per-channel decays always do, so their fwd+bwd is XLA's); the mLSTM has the same
+two rows. Per-head decay
 (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``), per-channel decay (GLA: ``fla.ops.gla``) and the mLSTM
 (stabilised exponential gating, ``pallas_kernels/mlstm_chunk``; fla has no mLSTM). The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
@@ -86,7 +87,8 @@ def main(argv=None):
         ig, fg = jax.random.normal(ks[3], (b, t, h)), 3 + jax.random.normal(ks[4], (b, t, h))
         base = None
         for name, f in {"XLA chunked": functools.partial(mlstm, impl="chunked", chunk_size=c),
-                        "Pallas": functools.partial(mlstm_chunk, chunk_size=c)}.items():
+                        "Pallas": functools.partial(mlstm_chunk, chunk_size=c),
+                        "Pallas, XLA bwd": functools.partial(mlstm_chunk, chunk_size=c, backward="xla")}.items():
             cells, base = jax_form_cells(f, (q, k, v, ig, fg), base, flops)
             row = f"| {t} | mLSTM | {name} | {cells} |"
             rows.append(row)

@@ -6,7 +6,7 @@ libtpu on a TPU and is not exercised here. Likewise ``platforms=("cuda",)`` with
 compiler params runs the Pallas -> Triton IR lowering (dot shapes, the ops Triton supports) and emits
 ``__gpu$xla.gpu.triton`` custom calls; Triton's compile to PTX runs on a GPU. The values of every body are
 checked in interpret mode in each kernel's test file. Forward and, where the kernel has its own backward
-(the linear scan, per-head GLA, the delta rule), the gradient.
+(the linear scan, per-head GLA, the delta rule, the mLSTM), the gradient.
 """
 
 import jax
@@ -52,6 +52,8 @@ def test_chunked_kernels_lower_to_mosaic_tpu(dk, dv):
     assert _mosaic_calls(_grad(gla), q, v, g) == 4  # forward, then states, state gradients, chunk gradients
     delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
     assert _mosaic_calls(_grad(delta), q, v, g) == 6  # forward (2), then WY + X, states, state grads, chunk grads
+    mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)  # noqa: E731
+    assert _mosaic_calls(_grad(mlstm), q, v, g) == 5  # forward, then states, rows, state grads, chunk grads
 
 
 @pytest.mark.parametrize("dk,dv", [(128, 128), (20, 9)])
@@ -67,7 +69,9 @@ def test_chunked_kernels_lower_to_triton(dk, dv):
     delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
     assert _triton_calls(delta, q, v, g) == 2  # WY + state pass
     assert _triton_calls(_grad(delta), q, v, g) == 6  # forward (2), then WY + X, states, state grads, chunk grads
-    assert _triton_calls(lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw), q, v, g) == 1
+    mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)  # noqa: E731
+    assert _triton_calls(mlstm, q, v, g) == 1
+    assert _triton_calls(_grad(mlstm), q, v, g) == 5  # forward, then states, rows, state grads, chunk grads
 
 
 def test_per_channel_gla_lowers_and_bad_backend_is_named():

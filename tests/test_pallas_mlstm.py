@@ -1,5 +1,5 @@
 """The chunkwise mLSTM Pallas kernel (interpreted on CPU, compiled on an accelerator) against the float32
-reference scan: outputs, the final ``(C, n, m)``, all gradients; T = 1 and not a multiple of the chunk;
+reference scan: outputs, the final ``(C, n, m)``, all gradients (through the Pallas backward); T = 1 and not a multiple of the chunk;
 head dims 64, 128 and odd ones; strong and weak forget gates and large input gates (the stabiliser at
 work); resets; h0 in and the state carried across a split sequence; bf16 inputs; wiring as ``impl``."""
 
@@ -58,7 +58,52 @@ def test_kernel_equals_reference(t, dk, dv, chunk):
 def test_gate_extremes(f_shift, i_scale):
     """log σ(f) ≈ −6e-6 (weak decay) and ≈ −12 (strong); input gates up to e^{±36} (the stabiliser)."""
     x = _inputs(jax.random.PRNGKey(2), 50, 8, 8, f_shift=f_shift, i_scale=i_scale)
-    _close(mlstm_chunk(**x, chunk_size=16), ML.mlstm_recurrent(**x), 2e-5, f"f_shift={f_shift} i_scale={i_scale}")
+    ker = lambda **a: mlstm_chunk(**a, chunk_size=16)  # noqa: E731
+    _close(ker(**x), ML.mlstm_recurrent(**x), 2e-5, f"f_shift={f_shift} i_scale={i_scale}")
+    key = jax.random.PRNGKey(5)
+    _close(_grads(ker, x, key), _grads(ML.mlstm_recurrent, x, key), 1e-4, f"grads f_shift={f_shift} i_scale={i_scale}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_pallas_backward_carries_state_across_a_split(backend):
+    """The gradient runs through the Pallas backward (named in the jaxpr; ``backward="xla"`` avoids it), and
+    two calls chained by their state ``(C, n, m)`` differentiate like the whole sequence — the final
+    stabiliser's gradient included (it reaches the next call's output only through ``C e^m``)."""
+    x = _inputs(jax.random.PRNGKey(11), 63, 9, 5)
+    resets = jnp.zeros((1, 63), bool).at[:, 20].set(True)
+    ker = lambda **a: mlstm_chunk(**a, chunk_size=16, backend=backend)  # noqa: E731
+
+    def split(**a):
+        y1, s1 = ker(**{n: (y if n == "h0" else y[:, :40]) for n, y in a.items()}, resets=resets[:, :40])
+        y2, s2 = ker(**{n: y[:, 40:] for n, y in a.items() if n != "h0"}, h0=s1, resets=resets[:, 40:])
+        return jnp.concatenate([y1, y2], 1), s2
+
+    key = jax.random.PRNGKey(6)
+    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)  # noqa: E731
+    _close(_grads(split, x, key), _grads(ref, x, key), 1e-4, "split grads")
+    loss = lambda f: lambda q: jnp.sum(f(**{**x, "q": q})[0] ** 2)  # noqa: E731
+    assert "mlstm_chunk_bwd_grads" in str(jax.make_jaxpr(jax.grad(loss(ker)))(x["q"]))
+    xla = lambda **a: mlstm_chunk(**a, chunk_size=16, backend=backend, backward="xla")  # noqa: E731
+    assert "mlstm_chunk_bwd" not in str(jax.make_jaxpr(jax.grad(loss(xla)))(x["q"]))
+
+
+def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
+    x = _inputs(jax.random.PRNGKey(12), 256, 16, 16)
+    args = [x[n] for n in ("q", "k", "v", "i", "f")]
+    size = lambda **kw: sum(a.size for a in jax.tree.leaves(jax.vjp(lambda *a: mlstm_chunk(*a, chunk_size=16, **kw), *args)[1]))  # noqa: E731
+    # q, k, v, h0 and gate-sized [b, t, h] arrays (the gates, their chunk layout, the XLA final-m path's masks)
+    budget = 3 * x["q"].size + 32 * x["i"].size + sum(a.size for a in x["h0"])
+    assert size() <= budget
+    assert size(backward="xla") > budget + x["k"].size
+    low = {n: (a.astype(jnp.bfloat16) if n in ("q", "k", "v") else a) for n, a in x.items()}
+    low = {n: (a if n == "h0" else a[:, :48]) for n, a in low.items()}
+    key = jax.random.PRNGKey(3)
+    got = _grads(lambda **a: mlstm_chunk(**a, chunk_size=16), low, key)
+    assert all(got[n].dtype == jnp.bfloat16 for n in ("q", "k", "v"))
+    want = _grads(ML.mlstm_recurrent, {n: (a.astype(jnp.float32) if n in ("q", "k", "v") else a) for n, a in low.items()}, key)
+    _close(got, want, 3e-2, "bf16 grads")
+    with pytest.raises(ValueError, match="backward must be"):
+        mlstm_chunk(*args, chunk_size=16, backward="triton")
 
 
 def test_state_carried_across_a_split_sequence():
@@ -84,6 +129,20 @@ def test_mixer_impl_pallas_and_bad_chunk():
     _close(ML.mlstm(**x, impl="pallas", chunk_size=16), ML.mlstm(**x, impl="sequential"), 2e-5, "mlstm impl=pallas")
     with pytest.raises(ValueError, match="power of two"):
         ML.mlstm(**x, impl="pallas", chunk_size=48)
+
+
+def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
+    """``impl="auto"`` (a one-GPU process, patched) differentiates through the XLA chunked form until the
+    Pallas backward is timed on a GPU; ``impl="pallas"`` takes the Pallas backward."""
+    import pallas_kernels.mlstm_chunk as K
+
+    calls, real = [], K.mlstm_chunk
+    monkeypatch.setattr(K, "mlstm_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
+    monkeypatch.setattr(ML, "auto_pallas", lambda chunk_size=None: True)
+    x = ML.make_inputs(jax.random.PRNGKey(6), 1, 9)
+    _close(ML.mlstm(**x, impl="auto", chunk_size=16), ML.mlstm(**x, impl="sequential"), 2e-5, "auto")
+    ML.mlstm(**x, impl="pallas", chunk_size=16)
+    assert calls == ["xla", "pallas"]
 
 
 @pytest.mark.parametrize("t,dk,dv,chunk", [(37, 7, 5, 16), (70, 20, 9, 32)])

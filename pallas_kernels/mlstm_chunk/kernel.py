@@ -16,17 +16,24 @@ How it works
     The elementwise preparation (cumulative gates, document index, the reset-aware stabiliser term,
     ``k / √dk``, padding) runs in XLA in the wrapper.
 
-Backward: ``custom_vjp`` — under ``jax.grad`` the forward and backward are the XLA chunked form's (its own
-residuals), as for the GLA and delta-rule kernels; the kernel serves forwards outside differentiation.
+Backward (``custom_vjp``, ``backward="pallas"``, the default): ``backward.py`` — the output does not depend on
+the stabiliser, so every stabiliser is held constant and the backward is a gated linear attention's with the
+normaliser as an extra value column: the chunk states recomputed, per-row ``1/den`` and the normaliser's
+gradient, the state gradients walking the chunks backwards, then every chunk's ``dq, dk, dv`` and gate
+gradients in parallel. Only the inputs are kept from the forward. The final ``m`` is recomputed in XLA
+(``_final_m``) so its gradient reaches the winning gate as in the reference. ``backward="xla"`` runs the XLA
+chunked form's forward and backward under ``jax.grad`` (what ``impl="auto"`` does until the Pallas backward
+is timed on a GPU).
 
 Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
 ``dot``s with masks and a sequential chunk loop). TPU: a separate Mosaic body (``backend="mosaic_tpu"``,
 automatic on a TPU; one chunk per grid step, state in VMEM scratch), interpret-tested and checked to lower
 to Mosaic (``tests/test_pallas_lowering.py``); not yet run on a TPU.
 
-Status: interpret-mode tests on CPU (``tests/test_pallas_mlstm.py``, CI); the same tests pass compiled on an
-NVIDIA H200 (jax 0.11.2, 2026-11-27), where the forward is 1.91x the XLA chunked form's at B=8, T=2k, H=16,
-D=128, bf16 (``benchmarks/results/NVIDIA_H200.md``). The ``[C, C]`` log-weight and stabiliser work sits in
+Status: interpret-mode tests on CPU (``tests/test_pallas_mlstm.py``, CI); the forward's tests pass compiled on
+an NVIDIA H200 (jax 0.11.2, 2026-11-27), where the forward is 1.91x the XLA chunked form's at B=8, T=2k, H=16,
+D=128, bf16 (``benchmarks/results/NVIDIA_H200.md``). The backward (written after that GPU session) lowers to
+Triton and to Mosaic TPU on CPU (``tests/test_pallas_lowering.py``) but has not been compiled or timed on a GPU. The ``[C, C]`` log-weight and stabiliser work sits in
 the serial chunk loop; moving it to a chunk-parallel kernel is the next step.
 """
 
@@ -122,15 +129,18 @@ def _prepare(q, k, v, i, f, resets, chunk):
             heads(padt(i32, NEG)), heads(padt(e, NEG)), n)
 
 
-def _forward(q, k, v, i, f, h0, resets, chunk, interpret):
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    qh, kh, vh, bt, st, it, et, n = _prepare(q, k, v, i, f, resets, chunk)
-    tp, dkp, dvp = n * chunk, qh.shape[-1], vh.shape[-1]
-    C0, n0, m0 = h0
-    C0 = jnp.pad(C0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)])
-    n0 = jnp.pad(n0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk)])
-    m0 = jnp.broadcast_to(m0.astype(jnp.float32)[..., None], (b, h, 16))
+def _pad_state(h0, dkp, dvp):
+    """``(C, n, m)`` float32 with head dims zero-padded: ``C [b, h, Kp, Vp]``, ``n [b, h, Kp]``, ``m [b, h]``."""
+    C0, n0, m0 = (jnp.asarray(x, jnp.float32) for x in h0)
+    return (jnp.pad(C0, [(0, 0), (0, 0), (0, dkp - C0.shape[2]), (0, dvp - C0.shape[3])]),
+            jnp.pad(n0, [(0, 0), (0, 0), (0, dkp - n0.shape[2])]), m0)
+
+
+def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret):
+    """Triton (and the interpreter) on prepared inputs: ``(o [b, h, Tp, Vp] float32, (C, n, m))`` padded."""
+    b, h, tp, dkp = qh.shape
+    dvp, n = vh.shape[-1], tp // chunk
+    m0 = jnp.broadcast_to(m0[..., None], (b, h, 16))
     bv = min(dvp, 64)
     nvb = dvp // bv
     seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda x, y, z: (x, y, 0, 0))  # noqa: E731
@@ -155,8 +165,16 @@ def _forward(q, k, v, i, f, h0, resets, chunk, interpret):
         compiler_params=params,
         name="mlstm_chunk_fwd",
     )(qh, kh, vh, bt, st, it, et, C0, n0, m0)
-    y = jnp.moveaxis(o, 1, 2)[:, :t, :, :dv]
-    return y, (Ct[:, :, :dk, :dv], nt[:, :, 0, :dk], mt[:, :, 0, 0])
+    return o, (Ct, nt[:, :, 0], mt[:, :, 0, 0])
+
+
+def _forward(q, k, v, i, f, h0, resets, chunk, interpret, backend):
+    t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    qh, kh, vh, bt, st, it, et, _ = _prepare(q, k, v, i, f, resets, chunk)
+    core = _core_tpu if backend == "mosaic_tpu" else _core
+    o, (Ct, nt, mt) = core(qh, kh, vh, bt, st, it, et, *_pad_state(h0, qh.shape[-1], vh.shape[-1]), chunk=chunk,
+                           interpret=interpret)
+    return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], (Ct[:, :, :dk, :dv], nt[:, :, :dk], mt)
 
 
 def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, ic_ref, br_ref, sr_ref, ir_ref, er_ref, c0_ref, n0_ref, m0_ref,
@@ -213,17 +231,13 @@ def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, ic_ref, br_ref, sr_ref, ir_
         ct_ref[...], nt_ref[...], mt_ref[...] = C, nv, m
 
 
-def _forward_tpu(q, k, v, i, f, h0, resets, chunk, interpret):
+def _core_tpu(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret):
+    """Mosaic TPU on prepared inputs, as ``_core``."""
     from jax.experimental.pallas import tpu as pltpu
 
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    qh, kh, vh, bt, st, it, et, n = _prepare(q, k, v, i, f, resets, chunk)
-    tp, dkp, dvp = n * chunk, qh.shape[-1], vh.shape[-1]
-    C0, n0, m0 = h0
-    C0 = jnp.pad(C0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv)])
-    n0 = jnp.pad(n0.astype(jnp.float32), [(0, 0), (0, 0), (0, dkp - dk)])[:, :, None]  # [b, h, 1, dkp]
-    m0 = m0.astype(jnp.float32)[:, :, None, None]  # [b, h, 1, 1]
+    b, h, tp, dkp = qh.shape
+    dvp, n = vh.shape[-1], tp // chunk
+    n0, m0 = n0[:, :, None], m0[:, :, None, None]  # [b, h, 1, Kp], [b, h, 1, 1]
     col = lambda x: x[..., None]  # noqa: E731
     row = lambda x: x.reshape(b, h, n, 1, chunk)  # noqa: E731
     blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda x, y, z: (x, y, z, 0))  # noqa: E731
@@ -243,14 +257,12 @@ def _forward_tpu(q, k, v, i, f, h0, resets, chunk, interpret):
         compiler_params=params,
         name="mlstm_chunk_fwd_tpu",
     )(qh, kh, vh, col(bt), col(st), col(it), row(bt), row(st), row(it), row(et), C0, n0, m0)
-    y = jnp.moveaxis(o, 1, 2)[:, :t, :, :dv]
-    return y, (Ct[:, :, :dk, :dv], nt[:, :, 0, :dk], mt[:, :, 0, 0])
+    return o, (Ct, nt[:, :, 0], mt[:, :, 0, 0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _mlstm(q, k, v, i, f, h0, resets, chunk, interpret, backend):
-    forward = _forward_tpu if backend == "mosaic_tpu" else _forward
-    return forward(q, k, v, i, f, h0, resets, chunk, interpret)
+    return _forward(q, k, v, i, f, h0, resets, chunk, interpret, backend)
 
 
 def _fwd(q, k, v, i, f, h0, resets, chunk, interpret, backend):
@@ -270,7 +282,50 @@ def _bwd(chunk, interpret, backend, res, cts):
 _mlstm.defvjp(_fwd, _bwd)
 
 
-def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret=None, backend=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _mlstm_core(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, interpret, backend):
+    """The kernel on prepared inputs, differentiated by ``backward.py`` with every stabiliser held constant
+    (the returned ``m`` gets no gradient: ``mlstm_chunk`` rescales the state to an ``m`` XLA differentiates)."""
+    core = _core_tpu if backend == "mosaic_tpu" else _core
+    return core(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk=chunk, interpret=interpret)
+
+
+def _core_fwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, interpret, backend):
+    out = _mlstm_core(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, interpret, backend)
+    return out, (qh, kh, vh, bt, st, it, et, C0, n0, m0)
+
+
+def _core_bwd(chunk, interpret, backend, res, cts):
+    from pallas_kernels.mlstm_chunk.backward import mlstm_bwd
+
+    do, (dCt, dnt, _) = cts
+    dq, dk, dv, db, di, (dC0, dn0, dm0) = mlstm_bwd(*res, do, dCt, dnt, chunk=chunk, interpret=interpret,
+                                                    backend=backend)
+    zero = jnp.zeros_like(res[4])
+    return dq, dk, dv, db, zero, di, zero, dC0, dn0, dm0
+
+
+_mlstm_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _final_m(i, f, resets, m0):
+    """The reference's final stabiliser ``m_T = max(Σ log σ(f) + m_0, max_s Σ_{u>s} log σ(f_u) + e_s)`` over the
+    last document (``e_s = max(i_s, log σ(f_s))`` at a reset token, else ``i_s``), in XLA so that its
+    gradient reaches the winning gate as the reference's chain of maxima sends it."""
+    logf = jax.nn.log_sigmoid(f.astype(jnp.float32))
+    i = i.astype(jnp.float32)
+    cut = jnp.zeros(i.shape[:2], bool) if resets is None else jnp.asarray(resets).astype(bool)
+    e = jnp.where(cut[..., None], jnp.maximum(i, logf), i)
+    after = jnp.flip(jnp.cumsum(jnp.flip(logf, 1), 1), 1) - logf  # Σ_{u>s} log σ(f_u), without cancellation
+    seg = jnp.cumsum(cut, axis=1)
+    live = (seg == seg[:, -1:])[..., None]
+    z = jnp.max(jnp.where(live, after + e, NEG), axis=1)  # [b, h]
+    z0 = jnp.where((seg[:, -1] == 0)[:, None], jnp.sum(logf, axis=1) + m0.astype(jnp.float32), NEG)
+    return jnp.maximum(z0, z)
+
+
+def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret=None, backend=None,
+                backward="pallas"):
     """The chunkwise mLSTM through the Pallas kernel; same contract as ``seqjax.mixers.mlstm.mlstm``.
 
     Args:
@@ -279,10 +334,14 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
         resets: ``[b, t]`` bool or ``None``. chunk_size: a power of two ``>= 16``.
       interpret: run as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
       backend: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
+      backward: what ``jax.grad`` runs: ``"pallas"`` (``backward.py``) or ``"xla"`` (the XLA chunked form's
+        forward and backward).
 
     Returns:
       ``(y [b, t, h, dv] float32, (C, n, m))``.
     """
+    if backward not in ("pallas", "xla"):
+        raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
     check_chunk_size(chunk_size)
     interpret, backend = resolve(interpret, backend)
     b, t, h, dk = q.shape
@@ -291,4 +350,12 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
         h0 = (jnp.zeros((b, h, dk, dv), jnp.float32), jnp.zeros((b, h, dk), jnp.float32), jnp.zeros((b, h), jnp.float32))
     rs = None if resets is None else jnp.asarray(resets).astype(jnp.float32)
     chunk = min(int(chunk_size), max(16, _pow2(t)))
-    return _mlstm(q, k, v, i, f, tuple(h0), rs, chunk, bool(interpret), backend)
+    if backward == "xla":
+        return _mlstm(q, k, v, i, f, tuple(h0), rs, chunk, bool(interpret), backend)
+    qh, kh, vh, bt, st, it, et, _ = _prepare(q, k, v, i, f, rs, chunk)
+    C0, n0, m0 = _pad_state(h0, qh.shape[-1], vh.shape[-1])
+    o, (Ck, nk, mk) = _mlstm_core(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, bool(interpret), backend)
+    m_t = _final_m(i, f, rs, h0[2])
+    rescale = jnp.exp(lax.stop_gradient(mk) - m_t)  # ~1: the same maximum, computed twice
+    y = jnp.moveaxis(o, 1, 2)[:, :t, :, :dv]
+    return y, (Ck[:, :, :dk, :dv] * rescale[..., None, None], nk[:, :, :dk] * rescale[..., None], m_t)

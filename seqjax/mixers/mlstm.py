@@ -34,7 +34,7 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks, nn
-from seqjax._platform import auto_pallas
+from seqjax._platform import AUTO_BACKWARD, auto_pallas
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
 
@@ -155,8 +155,9 @@ def _chunk(q, k, v, i, f, h0, resets, chunk_size):
 
 def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
     """mLSTM: ``impl="chunked"`` (chunkwise-parallel XLA), ``"sequential"`` (the reference), ``"pallas"``
-    (``pallas_kernels/mlstm_chunk``; under ``jax.grad`` it runs the chunked form's forward and backward)
-    or ``"auto"`` (the kernel in a one-device GPU process, see ``seqjax._platform``; else chunked).
+    (``pallas_kernels/mlstm_chunk`` and its Pallas backward) or ``"auto"`` (the kernel in a one-device GPU
+    process, differentiated through the chunked form until its backward is timed, see ``seqjax._platform``;
+    else chunked).
 
     Returns ``(y [b, t, h, dv] in v's dtype, (C, n, m))``.
     """
@@ -168,7 +169,8 @@ def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, ne
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
         from pallas_kernels.mlstm_chunk import mlstm_chunk  # imported only on this branch
 
-        y, s = mlstm_chunk(q, k, v, i, f, h0=h0, resets=resets, chunk_size=chunk_size)
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
+        y, s = mlstm_chunk(q, k, v, i, f, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward)
         return y.astype(v.dtype), s
     y, s = _chunk(q, k, v, i, f, h0, resets, chunk_size)
     return y.astype(v.dtype), s
