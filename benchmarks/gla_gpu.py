@@ -4,10 +4,9 @@ flash-linear-attention's Triton kernels (PyTorch, same GPU), side by side in one
     python benchmarks/gla_gpu.py [--ts=2048,8192] [--b=8 --h=16 --d=128] [--out=benchmarks/results/<dev>.md]
 
 B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, chunk 64; forward and forward+backward (loss ``sum(o²)``,
-gradients of q, k, v and the decays). Per-head decay has two Pallas rows: "Pallas" differentiates through the
-Pallas backward kernels (``pallas_kernels/gla_chunk/backward.py``), "Pallas, XLA bwd" through the XLA chunked
-form (``backward="xla"``, what per-channel decays always do, so their fwd+bwd is XLA's); the mLSTM has the same
-two rows. Per-head decay
+gradients of q, k, v and the decays). Every kernel has two Pallas rows: "Pallas" differentiates through the
+Pallas backward kernels (``pallas_kernels/*/backward.py``), "Pallas, XLA bwd" through the XLA chunked form
+(``backward="xla"``, what ``impl="auto"`` does until the first is measured; its fwd+bwd is XLA's). Per-head decay
 (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``), per-channel decay (GLA: ``fla.ops.gla``) and the mLSTM
 (stabilised exponential gating, ``pallas_kernels/mlstm_chunk``; fla has no mLSTM). The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
@@ -67,8 +66,7 @@ def main(argv=None):
         for decay, g in gates.items():
             forms = {"XLA chunked": functools.partial(chunk_gla, chunk_size=c),
                      "Pallas": functools.partial(gla_chunk_pallas, chunk_size=c)}
-            if decay == "per head":
-                forms["Pallas, XLA bwd"] = functools.partial(gla_chunk_pallas, chunk_size=c, backward="xla")
+            forms["Pallas, XLA bwd"] = functools.partial(gla_chunk_pallas, chunk_size=c, backward="xla")
             fla, ref, targs = torch_reference(_fla(decay == "per channel"), (q, k, v, g),
                                               ("bfloat16", "bfloat16", "bfloat16", "float32"))
             base = None

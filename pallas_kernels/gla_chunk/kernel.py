@@ -24,10 +24,14 @@ Per-channel decay (GLA) — two kernels
     the state carried transposed (``Sᵀ [BV, K]``: the per-channel decay is a broadcast).
 
 Backward
-    ``custom_vjp``: under ``jax.grad`` the forward *and* backward are the XLA chunked form's
-    (``seqjax.mixers._gla_chunk.chunk_gla``, whose intra-chunk block is rematerialised, so training
-    memory stays linear in ``T``); the kernel runs for forwards outside differentiation. A Pallas
-    backward kernel is future work.
+    ``backward="pallas"`` (the default): three kernels in ``backward.py`` per decay kind — the chunk states
+    recomputed (per channel also the intra matrices ``A``), the state gradients walking the chunks
+    backwards, then every chunk's ``dq, dk, dv`` and log-decay gradient in parallel (per channel by the
+    same secondary chunks as the forward). Only the inputs are kept from the forward, so training memory
+    is linear in ``T``. Interpret-tested; they lower to Triton and Mosaic TPU on CPU
+    (``tests/test_pallas_lowering.py``); not yet compiled or timed on a GPU, so ``impl="auto"`` passes
+    ``backward="xla"``: the XLA chunked form's forward and backward under ``jax.grad``
+    (``seqjax.mixers._gla_chunk.chunk_gla``, whose intra-chunk block is rematerialised).
 
 GPU lowering
     jax 0.11 on the GPU machines makes Mosaic GPU the default Pallas lowering and deprecates Triton.
@@ -202,6 +206,23 @@ def _channel_state_kernel_tpu(a_ref, q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h
         ht_ref[...] = st
 
 
+def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
+    """The intra-chunk matrices ``A [b, h, Tp, C]`` float32, all chunks in parallel; heads-first inputs."""
+    bsz, h, tp, kp = q.shape
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    tpu = backend == "mosaic_tpu"
+    return pl.pallas_call(
+        _intra_channel_kernel,
+        grid=(bsz, h, tp // chunk),
+        in_specs=[blk(kp), blk(kp), blk(kp), blk(kp), blk(kp)],
+        out_specs=blk(chunk),
+        out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32),
+        interpret=interpret,
+        compiler_params=tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend),
+        name="gla_chunk_channel_intra" + ("_tpu" if tpu else ""),
+    )(q, k, bc, seg, p)
+
+
 def _forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
     """Per-channel decay: the chunk-parallel intra kernel, then the state pass. Padded inputs as in
     ``_forward``, gates ``bc, seg, p [b, Tp, h, Kp]``; heads-first inside."""
@@ -212,21 +233,8 @@ def _forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
     q, k, v, bc, seg, p = map(heads, (q, k, v, bc, seg, p))
     blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
     tpu = backend == "mosaic_tpu"
-    if tpu:
-        params = tpu_params(interpret, "parallel", "parallel", "parallel")
-        state_params = tpu_params(interpret, "parallel", "parallel", "arbitrary")
-    else:
-        params = state_params = triton_params(interpret, backend)
-    a = pl.pallas_call(
-        _intra_channel_kernel,
-        grid=(bsz, h, n),
-        in_specs=[blk(kp), blk(kp), blk(kp), blk(kp), blk(kp)],
-        out_specs=blk(chunk),
-        out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32),
-        interpret=interpret,
-        compiler_params=params,
-        name="gla_chunk_channel_intra",
-    )(q, k, bc, seg, p)
+    state_params = tpu_params(interpret, "parallel", "parallel", "arbitrary") if tpu else triton_params(interpret, backend)
+    a = channel_intra(q, k, bc, seg, p, chunk=chunk, interpret=interpret, backend=backend)
     h0t = jnp.swapaxes(h0, -1, -2)  # Sᵀ [b, h, Vp, Kp]
     out_shape = [jax.ShapeDtypeStruct((bsz, h, tp, vp), jnp.float32), jax.ShapeDtypeStruct(h0t.shape, jnp.float32)]
     if tpu:
@@ -377,22 +385,50 @@ def _gla_head_bwd(chunk, interpret, backend, res, cts):
 _gla_head.defvjp(_gla_head_fwd, _gla_head_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _gla(q, k, v, gates, h0, chunk, interpret, backend):
-    """The kernel forward with the XLA chunked form's backward (``backward="xla"``, and per-channel decays).
-    ``gates = (cut, g, sign)`` float32: ``cut, sign [b, t, h]``, ``g [b, t, h]`` or ``[b, t, h, dk]``;
-    time already a whole number of chunks."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _gla_channel(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
+    """Per-channel decay with the Pallas backward (``backward.gla_channel_bwd``); gates ``[b, Tp, h, Kp]``."""
+    return _forward_channel(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret, backend=backend)
+
+
+def _gla_channel_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
+    return _gla_channel(q, k, v, bc, seg, p, h0, chunk, interpret, backend), (q, k, v, bc, seg, p, h0)
+
+
+def _gla_channel_bwd(chunk, interpret, backend, res, cts):
+    from pallas_kernels.gla_chunk.backward import gla_channel_bwd
+
+    q, k, v, bc, seg, p, h0 = res
+    dq, dk, dv, dbc, dh0 = gla_channel_bwd(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret,
+                                           backend=backend)
+    return dq, dk, dv, dbc, jnp.zeros_like(seg), jnp.zeros_like(p), dh0
+
+
+_gla_channel.defvjp(_gla_channel_fwd, _gla_channel_bwd)
+
+
+def _channel_gates(g, sign, resets, chunk, kp):
+    """Per-channel gates in the kernel's layout: ``bc, seg, p [b, t, h, Kp]`` float32 (padded channels: decay 1)."""
     from seqjax.mixers._gla_chunk import prepare_chunks
 
+    bsz, t, h, dk = g.shape
+    _, _, bc, seg, p = prepare_chunks(g, sign[..., None], resets, t, chunk)
+    chan = lambda x: _pad_last(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)  # noqa: E731
+    return chan(bc), chan(seg), chan(p)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _gla(q, k, v, gates, h0, chunk, interpret, backend):
+    """The kernel forward with the XLA chunked form's backward (``backward="xla"``).
+    ``gates = (cut, g, sign)`` float32: ``cut, sign [b, t, h]``, ``g [b, t, h]`` or ``[b, t, h, dk]``;
+    time already a whole number of chunks."""
     cut, g, sign = gates
     bsz, t, h, dk = q.shape
     dv = v.shape[-1]
     kp, vp = _pow2(dk), _pow2(dv)
     h0p = _pad_state(h0, kp, vp)
     if g.ndim == 4:  # per channel: bc, seg [b, t, h, Kp] (padded channels: k = q = 0, decay 1)
-        _, n, bc, seg, p = prepare_chunks(g, sign[..., None], cut[:, :, 0] > 0.5, t, chunk)
-        chan = lambda x: _pad_last(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)  # noqa: E731
-        bc, seg, p = chan(bc), chan(seg), chan(p)
+        bc, seg, p = _channel_gates(g, sign, cut[:, :, 0] > 0.5, chunk, kp)
         forward = functools.partial(_forward_channel, backend=backend)
     else:
         bc, seg, p = _head_gates(g, sign, cut[:, :, 0] > 0.5, chunk)
@@ -447,7 +483,7 @@ def _head_gates(g, sign, resets, chunk):
 
 
 def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_size=64, interpret=None, backend=None,
-                     backward=None):
+                     backward="pallas"):
     """``(o [b, t, h, dv] float32, S_T [b, h, dk, dv] float32)``.
 
     Same contract as ``seqjax.mixers._gla_chunk.chunk_gla``: log decays ``g`` per head ``[b, t, h]``
@@ -455,9 +491,8 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     ``-inf``: a reset of that entry; ``sign [b, t, h]``: ``±1`` transitions (piecewise constant: no
     gradient flows to it). ``interpret=None`` interprets on CPU. ``chunk_size`` must be a power of two
     ``≥ 16``. ``backend``: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks
-    by platform. ``backward``: what ``jax.grad`` runs — ``"pallas"`` (the kernels of ``backward.py``;
-    per-head decays only) or ``"xla"`` (the XLA chunked form's forward and backward); ``None``: Pallas for
-    per-head decays, XLA for per-channel ones.
+    by platform. ``backward``: what ``jax.grad`` runs — ``"pallas"`` (the kernels of ``backward.py``) or
+    ``"xla"`` (the XLA chunked form's forward and backward).
     """
     bsz, t, h, dk = q.shape
     if g is not None and (g.ndim not in (3, 4) or g.shape[:3] != (bsz, t, h) or (g.ndim == 4 and g.shape[3] != dk)):
@@ -465,12 +500,8 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
                          f"{(bsz, t, h, dk)}, got {tuple(g.shape)}")
     check_chunk_size(chunk_size)
     interpret, backend = resolve(interpret, backend)
-    channel = g is not None and g.ndim == 4
-    if backward is None:
-        backward = "xla" if channel else "pallas"
-    if backward not in ("pallas", "xla") or (channel and backward == "pallas"):
-        raise ValueError(f"backward must be 'xla' or, for per-head decays, 'pallas'; got {backward!r}"
-                         + (" with per-channel decays g [b, t, h, dk]" if channel else ""))
+    if backward not in ("pallas", "xla"):
+        raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
     g = jnp.zeros((bsz, t, h), jnp.float32) if g is None else jnp.asarray(g).astype(jnp.float32)
     sign = jnp.ones((bsz, t, h), jnp.float32) if sign is None else sign.astype(jnp.float32)
     cut = jnp.zeros((bsz, t), jnp.float32) if resets is None else jnp.asarray(resets).astype(jnp.float32)
@@ -482,9 +513,13 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     if backward == "pallas":
         dv = v.shape[-1]
         kp, vp = _pow2(dk), _pow2(dv)
-        bc, seg, p = _head_gates(padt(g), padt(sign, 1.0), padt(cut) > 0.5, chunk_size)
-        o, s = _gla_head(_pad_last(padt(q), kp), _pad_last(padt(k), kp), _pad_last(padt(v), vp), bc, seg, p,
-                         _pad_state(h0, kp, vp), chunk_size, interpret, backend)
+        args = (_pad_last(padt(q), kp), _pad_last(padt(k), kp), _pad_last(padt(v), vp))
+        if g.ndim == 4:
+            gates = _channel_gates(padt(g), padt(sign, 1.0), padt(cut) > 0.5, chunk_size, kp)
+            o, s = _gla_channel(*args, *gates, _pad_state(h0, kp, vp), chunk_size, interpret, backend)
+        else:
+            gates = _head_gates(padt(g), padt(sign, 1.0), padt(cut) > 0.5, chunk_size)
+            o, s = _gla_head(*args, *gates, _pad_state(h0, kp, vp), chunk_size, interpret, backend)
         return o[:, tp - t:, :, :dv], s[:, :, :dk, :dv]
     cut = jnp.broadcast_to(cut[:, :, None], (bsz, t, h))
     o, s = _gla(padt(q), padt(k), padt(v), (padt(cut), padt(g), padt(sign, 1.0)), h0, chunk_size, interpret, backend)
