@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one device call per stage list; everything it prints is also kept under $OUT.
 #   tests  the Pallas kernel tests compiled on the GPU (not interpreted): chunked GLA (per-head and
-#          per-channel decay), chunked delta rule, mLSTM, linear scan, fused RNN cells;
+#          per-channel decay), chunked delta rule, mLSTM (forward and Pallas backward kernels), linear
+#          scan, fused RNN cells; GPU_CHECK_TEST_S (default 240) caps the stage;
 #   gla    benchmarks/gla_gpu.py   -> benchmarks/results/<device>_gla.md    } Pallas vs XLA chunked vs
 #   delta  benchmarks/delta_gpu.py -> benchmarks/results/<device>_delta.md  } flash-linear-attention (Triton)
 #          at B=8, T in {2k, 8k}, H=16, D=128, bf16;
@@ -37,7 +38,7 @@ if on tests; then
   echo "== kernel tests on $DEV (compiled, not interpreted)"
   TESTS="tests/test_pallas_gla.py tests/test_pallas_delta.py tests/test_pallas_mlstm.py tests/test_pallas_linear_scan.py tests/test_rnn_kernel.py"
   if [ -n "$SMOKE" ]; then K=(-k "bf16"); N=2; else K=(); N=8; fi
-  timeout ${GPU_CHECK_TEST_S:-150} $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
+  timeout ${GPU_CHECK_TEST_S:-240} $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
   echo "pytest exit $?"; tail -30 "$O/kernel_tests.txt"
 fi
 

@@ -8,20 +8,73 @@ forward rule), so training costs the same either way: per-head GLA, the delta ru
 backward kernels (``pallas_kernels/*/backward.py``, what ``impl="pallas"`` differentiates through),
 but they have not yet been compiled or timed on a GPU, so ``"auto"`` asks for
 ``backward=AUTO_BACKWARD = "xla"`` until they have.
-So ``"auto"`` takes the kernels on a GPU, where they were compiled and tested. Only in a one-device process: a ``pallas_call`` has no sharding rule, and under a multi-device
-``jit`` XLA would replicate its operands on every device. TPU: the kernels are untested there, so XLA.
+
+So ``"auto"`` takes the kernels on a GPU, where they were compiled and tested: in a one-device process, or
+under ``seqjax.sharding.use_rules(mesh)`` (the train and eval steps), where ``kernel_call`` runs them inside
+``shard_map``; a ``pallas_call`` has no sharding rule, and under a plain multi-device ``jit`` XLA would
+replicate its operands on every device. TPU: the kernels are untested there, so XLA.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 AUTO_BACKWARD = "xla"  # what impl="auto" differentiates the chunked kernels through (see above)
 
 
 def auto_pallas(chunk_size: int | None = None) -> bool:
-    """True where ``impl="auto"`` should run the chunked Pallas kernels (see the module docstring); with
-    ``chunk_size``, also only if the GLA kernel takes it (a power of two >= 16)."""
+    """True where ``impl="auto"`` should run the chunked Pallas kernels (see the module docstring): on a GPU,
+    in a one-device process or under ``seqjax.sharding.use_rules(mesh)`` (where :func:`kernel_call` runs the
+    kernel inside ``shard_map``); with ``chunk_size``, also only if the GLA kernel takes it (a power of two
+    >= 16)."""
+    from seqjax import sharding
+
     if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         return False
-    return jax.default_backend() == "gpu" and jax.device_count() == 1
+    return jax.default_backend() == "gpu" and (jax.device_count() == 1 or sharding.current()[0] is not None)
+
+
+def kernel_call(fn, *args, layouts, out_layouts):
+    """``fn(*args)`` — a Pallas kernel on ``[batch, time, heads, …]`` activations — run per device inside
+    ``jax.shard_map`` over the mesh of the innermost ``seqjax.sharding.use_rules``: batch on ``data``/``fsdp``
+    and heads on ``tensor`` (an axis that does not divide its dim is left out, that dim replicated), time
+    whole. A ``pallas_call`` has no sharding rule: under a plain multi-device ``jit`` XLA would gather its
+    operands onto every device; inside ``shard_map`` each device runs the kernel on its own rows and heads.
+    Without a mesh (or on one device) it is just ``fn(*args)``.
+
+    ``layouts``: one per argument, applied to each of its leaves: ``"t"`` for ``[b, t, h, …]`` (and resets
+    ``[b, t]``), ``"s"`` for states ``[b, h, …]``; ``None`` arguments pass through. ``out_layouts`` likewise
+    for the outputs' top level."""
+    from jax.sharding import PartitionSpec as P
+
+    from seqjax import sharding
+
+    mesh, _ = sharding.current()
+    if mesh is None or mesh.size == 1:
+        return fn(*args)
+    sizes = dict(mesh.shape)
+    q = args[0]
+    b = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1) or None
+    if b is not None and q.shape[0] % int(np.prod([sizes[a] for a in b])):
+        b = None
+    h = "tensor" if sizes.get("tensor", 1) > 1 and q.shape[2] % sizes["tensor"] == 0 else None
+
+    def spec(layout):
+        if layout == "s":
+            return lambda x: P(b, h, *([None] * (x.ndim - 2)))
+        return lambda x: P(b, None) if x.ndim == 2 else P(b, None, h, *([None] * (x.ndim - 3)))
+
+    live = [i for i, a in enumerate(args) if a is not None]
+    in_specs = tuple(jax.tree.map(spec(layouts[i]), args[i]) for i in live)
+
+    def local(*xs):
+        full = list(args)
+        for i, x in zip(live, xs):
+            full[i] = x
+        return fn(*full)
+
+    out_shapes = jax.eval_shape(fn, *args)
+    out_specs = tuple(jax.tree.map(spec(lay), o) for lay, o in zip(out_layouts, out_shapes))
+    run = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return run(*(args[i] for i in live))

@@ -172,7 +172,7 @@ def test_auto_takes_the_kernel_where_measured(monkeypatch):
     _close(G.retnet(q, k, v, impl="auto"), G.retnet(q, k, v, impl="chunked"), 1e-5, "retnet auto")
     assert calls == ["xla"]  # auto differentiates through XLA until the Pallas backward is timed on a GPU
     G.retnet(q, k, v, impl="pallas")
-    assert calls == ["xla", None]  # impl="pallas": the kernel's default, its Pallas backward
+    assert calls == ["xla", "pallas"]  # impl="pallas": the kernel's Pallas backward
     calls.pop()
     G.gla(q, k, v, gk, impl="auto")
     assert len(calls) == 1
@@ -182,7 +182,8 @@ def test_auto_takes_the_kernel_where_measured(monkeypatch):
 
 
 def test_auto_pallas_needs_one_gpu_and_a_kernel_chunk_size(monkeypatch):
-    """``auto_pallas``: a one-device GPU process, and a chunk size the kernel takes (a power of two >= 16)."""
+    """``auto_pallas``: a GPU, one device or a ``use_rules`` mesh, and a chunk size the kernel takes (a power
+    of two >= 16)."""
     from seqjax import _platform as P
 
     monkeypatch.setattr(P.jax, "default_backend", lambda: "cpu")
@@ -190,7 +191,11 @@ def test_auto_pallas_needs_one_gpu_and_a_kernel_chunk_size(monkeypatch):
     assert not P.auto_pallas(64)  # a CPU process (the kernels would be interpreted)
     monkeypatch.setattr(P.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(P.jax, "device_count", lambda: 8)
-    assert not P.auto_pallas(64)  # 8 devices: a pallas_call has no sharding rule
+    assert not P.auto_pallas(64)  # 8 devices and no mesh: a pallas_call has no sharding rule
+    from seqjax import sharding
+
+    with sharding.use_rules(sharding.make_mesh((2, 1, 1, 2), devices=jax.devices()[:4])):
+        assert P.auto_pallas(64)  # under a mesh the kernels run inside shard_map (kernel_call)
     monkeypatch.setattr(P.jax, "device_count", lambda: 1)
     assert P.auto_pallas() and P.auto_pallas(64) and P.auto_pallas(16)
     assert not P.auto_pallas(48) and not P.auto_pallas(8)
@@ -210,3 +215,33 @@ def test_tpu_kernel_equals_reference(t, dk, dv, chunk, channel):
     ref = functools.partial(recurrent_gla, resets=resets)
     _close(kern(**inp), ref(**inp), 2e-5, "values")
     _close(_grads(kern, inp, jax.random.PRNGKey(1)), _grads(ref, inp, jax.random.PRNGKey(1)), 1e-4, "grads")
+
+
+@pytest.mark.parametrize("name", ["gla", "delta", "mlstm"])
+def test_kernels_run_in_shard_map_under_a_mesh(name):
+    """Under ``seqjax.sharding.use_rules(mesh)`` the mixers run their kernels inside ``shard_map`` (batch on
+    ``data``, heads on ``tensor``; ``seqjax._platform.kernel_call``): same values and gradients as one device."""
+    from seqjax import sharding
+    from seqjax.mixers import _delta_chunk as E
+    from seqjax.mixers import mlstm as ML
+
+    mesh = sharding.make_mesh((2, 1, 1, 2), devices=jax.devices()[:4])
+    ks = jax.random.split(jax.random.PRNGKey(20), 6)
+    q, k, v = (jax.random.normal(kk, (2, 19, 2, 8)) for kk in ks[:3])
+    g, beta = -jnp.exp(jax.random.normal(ks[3], (2, 19, 2))), jax.nn.sigmoid(jax.random.normal(ks[4], (2, 19, 2)))
+    resets = jnp.zeros((2, 19), bool).at[1, 7].set(True)
+    forms = {
+        "gla": lambda q, k, v: G._run(q, k, v, g, h0=None, resets=resets, impl="pallas", chunk_size=16,
+                                                  scale=1.0),
+        "delta": lambda q, k, v: E.delta_rule(q, k / jnp.linalg.norm(k, axis=-1, keepdims=True), v, beta, g,
+                                              resets=resets, impl="pallas", chunk_size=16),
+        "mlstm": lambda q, k, v: ML.mlstm(q, k, v, g, -g, resets=resets, impl="pallas", chunk_size=16),
+    }
+    f = forms[name]
+    loss = lambda q, k, v: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(f(q, k, v)))  # noqa: E731
+    want = (f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+    with sharding.use_rules(mesh):
+        step = jax.jit(lambda q, k, v: (f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+        assert "shard_map" in str(jax.make_jaxpr(step)(q, k, v))
+        got = step(q, k, v)
+    _close(got, want, 1e-5, name)

@@ -54,7 +54,7 @@ from jax import lax
 
 from seqjax import _checks
 from seqjax._linalg import solve_unit_lower
-from seqjax._platform import AUTO_BACKWARD, auto_pallas
+from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
 
@@ -284,5 +284,8 @@ def delta_rule(
         from pallas_kernels.delta_chunk import delta_chunk  # imported only on this branch
 
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
-        return delta_chunk(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size, backward=backward)
+        return kernel_call(
+            lambda q, k, v, beta, log_alpha, h0, resets: delta_chunk(
+                q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, chunk_size=chunk_size, backward=backward),
+            q, k, v, beta, log_alpha, h0, resets, layouts="tttttst", out_layouts="ts")
     return delta_rule_chunked(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from seqjax import _checks, nn
 from seqjax import sharding as shd
-from seqjax._platform import AUTO_BACKWARD, auto_pallas
+from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
 
@@ -62,8 +62,11 @@ def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
     elif impl == "pallas" or (impl == "auto" and (g is None or g.ndim == 3) and auto_pallas(chunk_size)):
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
-        o, s = gla_chunk_pallas(qs, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size,
-                                backward=None if impl == "pallas" else AUTO_BACKWARD)
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
+        o, s = kernel_call(
+            lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
+                q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
+            qs, k, v, g, sign, h0, resets, layouts="tttttst", out_layouts="ts")
     else:
         o, s = eng.chunk_gla(qs, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
     return o.astype(v.dtype), s

@@ -32,7 +32,7 @@ from jax import lax
 
 from seqjax import _checks, nn
 from seqjax import sharding as shd
-from seqjax._platform import AUTO_BACKWARD, auto_pallas
+from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
 
@@ -100,8 +100,11 @@ def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_s
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
-        y, s = gla_chunk_pallas(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size,
-                                backward=None if impl == "pallas" else AUTO_BACKWARD)
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
+        y, s = kernel_call(
+            lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
+                q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
+            q, k, v, g, sign, h0, resets, layouts="tttttst", out_layouts="ts")
     else:
         y, s = eng.chunk_gla(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
     if D is not None:

@@ -34,7 +34,7 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks, nn
-from seqjax._platform import AUTO_BACKWARD, auto_pallas
+from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
 
@@ -170,7 +170,10 @@ def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, ne
         from pallas_kernels.mlstm_chunk import mlstm_chunk  # imported only on this branch
 
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
-        y, s = mlstm_chunk(q, k, v, i, f, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward)
+        y, s = kernel_call(
+            lambda q, k, v, i, f, h0, resets: mlstm_chunk(
+                q, k, v, i, f, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
+            q, k, v, i, f, h0, resets, layouts="tttttst", out_layouts="ts")
         return y.astype(v.dtype), s
     y, s = _chunk(q, k, v, i, f, h0, resets, chunk_size)
     return y.astype(v.dtype), s
