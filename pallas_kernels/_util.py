@@ -8,14 +8,16 @@ BACKENDS = ("triton", "mosaic_tpu")
 
 
 def resolve(interpret: bool | None, backend: str | None) -> tuple[bool, str]:
-    """``interpret=None``: interpret exactly when the default backend is the CPU. ``backend=None``:
-    ``"mosaic_tpu"`` on a TPU, else ``"triton"`` (the GPU lowering, and the body the CPU interprets)."""
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    """``backend=None``: ``"mosaic_tpu"`` on a TPU, else ``"triton"`` (the GPU lowering, and the body the CPU
+    interprets). ``interpret=None``: interpret on the CPU, and the TPU bodies anywhere but on a TPU (so their
+    tests also run on a GPU machine); an explicit ``interpret=False`` still lowers them (``jax.export``)."""
+    platform = jax.default_backend()
     if backend is None:
-        backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+        backend = "mosaic_tpu" if platform == "tpu" else "triton"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
+    if interpret is None:
+        interpret = platform == "cpu" or (backend == "mosaic_tpu" and platform != "tpu")
     return bool(interpret), backend
 
 

@@ -95,3 +95,16 @@ def test_linear_scan_lowers_to_mosaic_tpu_forward_and_backward():
         return jax.grad(lambda a, b: jnp.sum(linear_scan_pallas(a, b, h0, interpret=False)[0]), argnums=(0, 1))(a, b)
 
     assert _mosaic_calls(grads, a, b, h0) == 2  # the forward kernel and its transpose
+
+
+def test_backend_and_interpret_defaults(monkeypatch):
+    """``interpret=None`` interprets on the CPU and runs the TPU bodies interpreted off a TPU (their tests also
+    pass on a GPU machine); an explicit ``interpret=False`` is kept (the exports above)."""
+    from pallas_kernels import _util
+
+    for platform, want in (("cpu", [(True, "triton"), (True, "mosaic_tpu")]),
+                           ("gpu", [(False, "triton"), (True, "mosaic_tpu")]),
+                           ("tpu", [(False, "mosaic_tpu"), (False, "mosaic_tpu")])):
+        monkeypatch.setattr(_util.jax, "default_backend", lambda p=platform: p)
+        assert [_util.resolve(None, None), _util.resolve(None, "mosaic_tpu")] == want, platform
+        assert _util.resolve(False, "mosaic_tpu") == (False, "mosaic_tpu")
