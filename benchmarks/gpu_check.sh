@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one device call per stage list; everything it prints is also kept under $OUT.
 #   tests  the Pallas kernel tests compiled on the GPU (not interpreted): chunked GLA (per-head and
-#          per-channel decay), chunked delta rule, mLSTM (forward and Pallas backward kernels), linear
-#          scan, fused RNN cells; GPU_CHECK_TEST_S (default 240) caps the stage;
+#          per-channel decay), chunked delta rule and mLSTM (forward and Pallas backward kernels each),
+#          linear scan, fused RNN cells; GPU_CHECK_TEST_S (default 240) caps the stage;
 #   gla    benchmarks/gla_gpu.py   -> benchmarks/results/<device>_gla.md    } Pallas vs XLA chunked vs
 #   delta  benchmarks/delta_gpu.py -> benchmarks/results/<device>_delta.md  } flash-linear-attention (Triton)
 #          at B=8, T in {2k, 8k}, H=16, D=128, bf16;

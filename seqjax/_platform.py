@@ -43,6 +43,9 @@ def kernel_call(fn, *args, layouts, out_layouts):
     operands onto every device; inside ``shard_map`` each device runs the kernel on its own rows and heads.
     Without a mesh (or on one device) it is just ``fn(*args)``.
 
+    Time is never split here (a ``context`` axis > 1 recomputes the whole sequence on each of its devices):
+    the layers take ``seqjax.train.context_parallel`` for that, whose local forms already run per device.
+
     ``layouts``: one per argument, applied to each of its leaves: ``"t"`` for ``[b, t, h, …]`` (and resets
     ``[b, t]``), ``"s"`` for states ``[b, h, …]``; ``None`` arguments pass through. ``out_layouts`` likewise
     for the outputs' top level."""
@@ -51,8 +54,8 @@ def kernel_call(fn, *args, layouts, out_layouts):
     from seqjax import sharding
 
     mesh, _ = sharding.current()
-    if mesh is None or mesh.size == 1:
-        return fn(*args)
+    if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
+        return fn(*args)  # no mesh, one device, or already per-device (inside a shard_map, e.g. context parallel)
     sizes = dict(mesh.shape)
     q = args[0]
     b = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1) or None

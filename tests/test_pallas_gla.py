@@ -52,6 +52,7 @@ def _grads(f, inp, key):
 @pytest.mark.parametrize("t,dk,dv,chunk,channel", [
     (1, 7, 5, 16, False), (40, 7, 5, 16, False), (75, 64, 64, 32, False), (130, 64, 9, 64, False),
     (1, 7, 5, 16, True), (63, 20, 9, 32, True), (130, 64, 9, 64, True), (40, 128, 16, 16, True),
+    (20, 16, 128, 16, False), (20, 16, 128, 16, True),  # two value blocks of 64 in the Triton state passes
 ])
 def test_kernel_equals_reference(t, dk, dv, chunk, channel):
     inp = _inputs(jax.random.PRNGKey(t), t, dk, dv, channel=channel)
@@ -134,6 +135,9 @@ def test_pallas_backward_bf16(channel):
     got = _grads(kern, low, jax.random.PRNGKey(4))
     assert all(got[n].dtype == jnp.bfloat16 for n in ("q", "k", "v"))
     _close(got, _grads(recurrent_gla, inp, jax.random.PRNGKey(4)), 2e-2, "bf16 grads")
+    mixed = {**low, "q": inp["q"]}  # float32 queries with bf16 keys and values: each gradient in its input's dtype
+    got = _grads(kern, mixed, jax.random.PRNGKey(4))
+    assert [got[n].dtype for n in ("q", "k", "v")] == [jnp.float32, jnp.bfloat16, jnp.bfloat16]
 
 
 def test_bad_gate_shape_is_named():

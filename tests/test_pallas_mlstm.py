@@ -44,7 +44,8 @@ def _grads(f, x, key):
     return jax.grad(loss)(x)
 
 
-@pytest.mark.parametrize("t,dk,dv,chunk", [(1, 7, 5, 16), (63, 20, 9, 32), (70, 64, 64, 64), (40, 128, 16, 16)])
+@pytest.mark.parametrize("t,dk,dv,chunk", [(1, 7, 5, 16), (63, 20, 9, 32), (70, 64, 64, 64), (40, 128, 16, 16),
+                                            (20, 16, 128, 16)])  # the last: two value blocks in the state passes
 def test_kernel_equals_reference(t, dk, dv, chunk):
     x = _inputs(jax.random.PRNGKey(t), t, dk, dv)
     resets = jnp.zeros((1, t), bool).at[:, t // 2].set(True)

@@ -422,10 +422,10 @@ def _delta_chunk(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backen
 def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
     """Under differentiation the XLA chunked form runs the forward and keeps its own residuals.
 
-    Measured on an H200 (``benchmarks/results/NVIDIA_H200_delta.md``): running this kernel forward and
-    then the XLA form's VJP (which recomputes its forward) made training 1.3x slower than XLA alone;
-    training through ``impl="pallas"`` now costs exactly what the XLA chunked form costs, and a forward
-    outside ``jax.grad`` (inference, evaluation, prefill) runs the kernel.
+    This is ``backward="xla"``. Measured on an H200 (``benchmarks/results/NVIDIA_H200_delta.md``): running
+    the kernel forward and then the XLA form's VJP (which recomputes its forward) made training 1.3x slower
+    than XLA alone, so this path is exactly the XLA chunked form under ``jax.grad``; a forward outside
+    ``jax.grad`` (inference, evaluation, prefill) runs the kernel.
     """
     del interpret, backend
     from seqjax.mixers._delta_chunk import delta_rule_chunked
@@ -463,6 +463,8 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
     interpret, backend = resolve(interpret, backend)
     if backward not in ("pallas", "xla"):
         raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
+    dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     la = jnp.zeros((b, t, h), jnp.float32) if log_alpha is None else jnp.asarray(log_alpha, jnp.float32)

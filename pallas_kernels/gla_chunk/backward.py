@@ -203,7 +203,7 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     ccol = pl.BlockSpec((None, None, chunk, 1), lambda i, j, l: (i, j, l, 0))
     crow = pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, l: (i, j, l, 0, 0))
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
-    grad_shapes = [jax.ShapeDtypeStruct(x.shape, dt) for x in (q, k, v)] + [jax.ShapeDtypeStruct((bsz, h, tp, 1), f32)]
+    grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)] + [jax.ShapeDtypeStruct((bsz, h, tp, 1), f32)]
     if backend == "mosaic_tpu":
         from jax.experimental.pallas import tpu as pltpu
 
@@ -227,7 +227,7 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
             interpret=interpret, compiler_params=seq, name="gla_chunk_bwd_dstates_tpu",
         )(qh, doh, *cols, dht)
         big, big_args, params = blk, (qh, kh, vh, doh), tpu_params(interpret, "parallel", "parallel", "parallel")
-        grad_shapes = [jax.ShapeDtypeStruct(x.shape, dt) for x in (qh, kh, vh)] + grad_shapes[3:]
+        grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qh, kh, vh)] + grad_shapes[3:]
     else:
         bv = min(vp, 64)
         tseq = lambda d, vb=False: pl.BlockSpec(  # noqa: E731  time-major, the whole sequence

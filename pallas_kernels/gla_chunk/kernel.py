@@ -43,8 +43,9 @@ GPU lowering
     it needs a GPU session of its own. TPU: separate bodies for Mosaic (below).
 
 Status: values, final state, gradients, h0, resets, signs, odd head dims, bf16 and a split sequence are
-verified in interpret mode (``tests/test_pallas_gla.py``, CI) and compiled with the Triton lowering on an
-NVIDIA H200 with jax 0.11.2 (the same tests, run by ``benchmarks/gpu_check.sh``; 2026-11-26 and -27).
+verified in interpret mode (``tests/test_pallas_gla.py``, CI); the forward kernels' tests (gradients then
+through the XLA form) also passed compiled with the Triton lowering on an NVIDIA H200 with jax 0.11.2
+(``benchmarks/gpu_check.sh``; 2026-11-26 and -27), before the Pallas backward existed.
 Speed there (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16): the per-head forward is
 3.0-3.5x the XLA chunked form's and at parity with fla's ``chunk_simple_gla`` forward (0.98x). The first
 per-channel kernel (commit 24a1fc6: the diagonal blocks built column by column inside the serial chunk
@@ -500,6 +501,8 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
                          f"{(bsz, t, h, dk)}, got {tuple(g.shape)}")
     check_chunk_size(chunk_size)
     interpret, backend = resolve(interpret, backend)
+    dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     if backward not in ("pallas", "xla"):
         raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
     g = jnp.zeros((bsz, t, h), jnp.float32) if g is None else jnp.asarray(g).astype(jnp.float32)

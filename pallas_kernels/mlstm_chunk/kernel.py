@@ -342,6 +342,8 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
     """
     if backward not in ("pallas", "xla"):
         raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
+    dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     check_chunk_size(chunk_size)
     interpret, backend = resolve(interpret, backend)
     b, t, h, dk = q.shape

@@ -270,7 +270,8 @@ def delta_rule(
 ):
     """Dispatch to an impl (inputs validated by the caller).
 
-    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) in a one-device GPU process, differentiated
+    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) on a GPU (one device, or a ``use_rules`` mesh:
+    ``seqjax._platform.kernel_call`` runs it inside ``shard_map``), differentiated
     through the XLA form (``AUTO_BACKWARD``), else the XLA chunked form (``seqjax._platform`` has the
     measurements behind that). ``"pallas"``: the kernel and its Pallas backward.
     """

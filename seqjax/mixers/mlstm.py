@@ -155,9 +155,9 @@ def _chunk(q, k, v, i, f, h0, resets, chunk_size):
 
 def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
     """mLSTM: ``impl="chunked"`` (chunkwise-parallel XLA), ``"sequential"`` (the reference), ``"pallas"``
-    (``pallas_kernels/mlstm_chunk`` and its Pallas backward) or ``"auto"`` (the kernel in a one-device GPU
-    process, differentiated through the chunked form until its backward is timed, see ``seqjax._platform``;
-    else chunked).
+    (``pallas_kernels/mlstm_chunk`` and its Pallas backward) or ``"auto"`` (the kernel on a GPU — one device,
+    or inside ``shard_map`` under a ``use_rules`` mesh — differentiated through the chunked form until its
+    backward is timed, see ``seqjax._platform``; else chunked).
 
     Returns ``(y [b, t, h, dv] in v's dtype, (C, n, m))``.
     """
