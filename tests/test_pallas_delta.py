@@ -41,7 +41,8 @@ def _value_and_grads(f, x, key):
 
 
 @pytest.mark.parametrize("dk,dv,t,chunk", [(5, 3, 1, 16), (7, 5, 37, 16), (64, 64, 20, 16), (128, 33, 70, 64),
-                                            (16, 128, 20, 16)])  # the last: two value blocks in the state passes
+                                            (16, 128, 20, 16),  # two value blocks in the state passes
+                                            (16, 16, 257, 64)])  # five chunks (not a power of two), the last nearly all padding
 def test_kernel_equals_reference(dk, dv, t, chunk):
     """chunk 64 exercises the blocked inverse (four 16 x 16 diagonal blocks and their merges)."""
     x, resets = _inputs(jax.random.PRNGKey(dk), 1, t, 2, dk, dv)

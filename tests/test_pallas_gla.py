@@ -53,6 +53,7 @@ def _grads(f, inp, key):
     (1, 7, 5, 16, False), (40, 7, 5, 16, False), (75, 64, 64, 32, False), (130, 64, 9, 64, False),
     (1, 7, 5, 16, True), (63, 20, 9, 32, True), (130, 64, 9, 64, True), (40, 128, 16, 16, True),
     (20, 16, 128, 16, False), (20, 16, 128, 16, True),  # two value blocks of 64 in the Triton state passes
+    (257, 16, 16, 64, False),  # five chunks (not a power of two), one of them nearly all padding
 ])
 def test_kernel_equals_reference(t, dk, dv, chunk, channel):
     inp = _inputs(jax.random.PRNGKey(t), t, dk, dv, channel=channel)

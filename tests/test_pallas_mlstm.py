@@ -45,14 +45,18 @@ def _grads(f, x, key):
 
 
 @pytest.mark.parametrize("t,dk,dv,chunk", [(1, 7, 5, 16), (63, 20, 9, 32), (70, 64, 64, 64), (40, 128, 16, 16),
-                                            (20, 16, 128, 16)])  # the last: two value blocks in the state passes
+                                            (20, 16, 128, 16),  # two value blocks in the state passes
+                                            (257, 16, 16, 64)])  # five chunks (not a power of two), the last nearly all padding
 def test_kernel_equals_reference(t, dk, dv, chunk):
     x = _inputs(jax.random.PRNGKey(t), t, dk, dv)
     resets = jnp.zeros((1, t), bool).at[:, t // 2].set(True)
     ker = lambda **a: mlstm_chunk(**a, resets=resets, chunk_size=chunk)  # noqa: E731
     ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)  # noqa: E731
-    _close(ker(**x), ref(**x), 2e-5, "values and (C, n, m)")
-    _close(_grads(ker, x, jax.random.PRNGKey(1)), _grads(ref, x, jax.random.PRNGKey(1)), 1e-4, "grads")
+    # at T = 257 the XLA chunked form is as far from the reference (3.7e-5 values, 1.2e-4 gradients; float32
+    # rounding of the stabilised sums over 257 steps), so the bounds scale with the length
+    long = t > 200
+    _close(ker(**x), ref(**x), 1e-4 if long else 2e-5, "values and (C, n, m)")
+    _close(_grads(ker, x, jax.random.PRNGKey(1)), _grads(ref, x, jax.random.PRNGKey(1)), 3e-4 if long else 1e-4, "grads")
 
 
 @pytest.mark.parametrize("f_shift,i_scale", [(12.0, 0.1), (-12.0, 3.0), (0.0, 12.0)])

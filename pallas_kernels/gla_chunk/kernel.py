@@ -362,50 +362,31 @@ def _forward_tpu(q, k, v, bc, seg, p, h0, *, chunk, interpret):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _gla_head(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
-    """Per-head decay with the Pallas backward (``backward.py``). Padded inputs: ``q, k [b, Tp, h, Kp]``,
-    ``v [b, Tp, h, Vp]``, gates ``bc, seg, p [b, Tp, h]`` float32 from ``prepare_chunks`` (outside, so XLA
-    differentiates the log decays through it); ``seg`` and ``p`` get zero cotangents."""
+def _gla_pallas(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
+    """The kernels with the Pallas backward (``backward.py``). Padded inputs: ``q, k [b, Tp, h, Kp]``,
+    ``v [b, Tp, h, Vp]``, gates ``bc, seg, p`` float32 from ``prepare_chunks`` — ``[b, Tp, h]`` per head,
+    ``[b, Tp, h, Kp]`` per channel — computed outside, so XLA differentiates the log decays through
+    ``prepare_chunks``; ``seg`` and ``p`` get zero cotangents."""
+    if bc.ndim == 4:
+        return _forward_channel(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret, backend=backend)
     forward = _forward_tpu if backend == "mosaic_tpu" else _forward
     return forward(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret)
 
 
-def _gla_head_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
-    return _gla_head(q, k, v, bc, seg, p, h0, chunk, interpret, backend), (q, k, v, bc, seg, p, h0)
+def _gla_pallas_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
+    return _gla_pallas(q, k, v, bc, seg, p, h0, chunk, interpret, backend), (q, k, v, bc, seg, p, h0)
 
 
-def _gla_head_bwd(chunk, interpret, backend, res, cts):
-    from pallas_kernels.gla_chunk.backward import gla_head_bwd
+def _gla_pallas_bwd(chunk, interpret, backend, res, cts):
+    from pallas_kernels.gla_chunk import backward
 
     q, k, v, bc, seg, p, h0 = res
-    dq, dk, dv, dbc, dh0 = gla_head_bwd(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret,
-                                        backend=backend)
+    grads = backward.gla_channel_bwd if bc.ndim == 4 else backward.gla_head_bwd
+    dq, dk, dv, dbc, dh0 = grads(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret, backend=backend)
     return dq, dk, dv, dbc, jnp.zeros_like(seg), jnp.zeros_like(p), dh0
 
 
-_gla_head.defvjp(_gla_head_fwd, _gla_head_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _gla_channel(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
-    """Per-channel decay with the Pallas backward (``backward.gla_channel_bwd``); gates ``[b, Tp, h, Kp]``."""
-    return _forward_channel(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret, backend=backend)
-
-
-def _gla_channel_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
-    return _gla_channel(q, k, v, bc, seg, p, h0, chunk, interpret, backend), (q, k, v, bc, seg, p, h0)
-
-
-def _gla_channel_bwd(chunk, interpret, backend, res, cts):
-    from pallas_kernels.gla_chunk.backward import gla_channel_bwd
-
-    q, k, v, bc, seg, p, h0 = res
-    dq, dk, dv, dbc, dh0 = gla_channel_bwd(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret,
-                                           backend=backend)
-    return dq, dk, dv, dbc, jnp.zeros_like(seg), jnp.zeros_like(p), dh0
-
-
-_gla_channel.defvjp(_gla_channel_fwd, _gla_channel_bwd)
+_gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
 
 
 def _channel_gates(g, sign, resets, chunk, kp):
@@ -519,10 +500,9 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
         args = (_pad_last(padt(q), kp), _pad_last(padt(k), kp), _pad_last(padt(v), vp))
         if g.ndim == 4:
             gates = _channel_gates(padt(g), padt(sign, 1.0), padt(cut) > 0.5, chunk_size, kp)
-            o, s = _gla_channel(*args, *gates, _pad_state(h0, kp, vp), chunk_size, interpret, backend)
         else:
             gates = _head_gates(padt(g), padt(sign, 1.0), padt(cut) > 0.5, chunk_size)
-            o, s = _gla_head(*args, *gates, _pad_state(h0, kp, vp), chunk_size, interpret, backend)
+        o, s = _gla_pallas(*args, *gates, _pad_state(h0, kp, vp), chunk_size, interpret, backend)
         return o[:, tp - t:, :, :dv], s[:, :, :dk, :dv]
     cut = jnp.broadcast_to(cut[:, :, None], (bsz, t, h))
     o, s = _gla(padt(q), padt(k), padt(v), (padt(cut), padt(g), padt(sign, 1.0)), h0, chunk_size, interpret, backend)
