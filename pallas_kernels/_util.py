@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 BACKENDS = ("triton", "mosaic_tpu")
 
@@ -45,3 +47,17 @@ def tpu_params(interpret: bool, *dimension_semantics: str):
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
+
+
+def masked_exp(ok, x):
+    """``exp(x)`` where ``ok``, else 0 — masked *before* the ``exp``, so a masked-out ``x`` (``b_t − b_s``
+    against a later token, across a document boundary) can neither overflow nor send NaN gradients."""
+    return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
+
+
+def chunk_block(c: int, d: int, reverse_of: int | None = None):
+    """``BlockSpec`` of chunk ``l`` (``[C, d]``) of a heads-first ``[b, h, Tp, d]`` array on the grid
+    ``(batch, head, chunk)``; with ``reverse_of=N`` chunk ``N − 1 − l`` (the backward's walk)."""
+    if reverse_of is None:
+        return pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))
+    return pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, reverse_of - 1 - l, 0))

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import tpu_params, triton_params
+from pallas_kernels._util import chunk_block, tpu_params, triton_params
 from pallas_kernels.delta_chunk.kernel import wy_factors
 
 f32 = jnp.float32
@@ -223,8 +223,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     rows = [x_.reshape(b, h, n, 1, c) for x_ in (g, seg)]
     hs_shape = jax.ShapeDtypeStruct((b, h, n, kp, vp), f32)
     st_shape = jax.ShapeDtypeStruct((b, h, kp, vp), f32)
-    blk = lambda d, rev_=False: pl.BlockSpec(  # noqa: E731  one chunk; reversed chunk order with rev_
-        (None, None, c, d), (lambda i, j, l: (i, j, n - 1 - l, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0)))
+    blk = lambda d, rev_=False: chunk_block(c, d, n if rev_ else None)  # noqa: E731  reversed: the backward walk
     rblk = lambda rev_=False: pl.BlockSpec(  # noqa: E731
         (None, None, None, 1, c), (lambda i, j, l: (i, j, n - 1 - l, 0, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0, 0)))
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import tpu_params, triton_params
+from pallas_kernels._util import chunk_block, tpu_params, triton_params
 
 f32 = jnp.float32
 NEG = -1e30
@@ -245,8 +245,7 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     row = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
     fo_t, mi_t = tok(fo), tok(m_in)
     hs_shape = jax.ShapeDtypeStruct((b, h, n, kp, vp), f32)
-    blk = lambda d, rev=False: pl.BlockSpec(  # noqa: E731
-        (None, None, c, d), (lambda i, j, l: (i, j, n - 1 - l, 0)) if rev else (lambda i, j, l: (i, j, l, 0)))
+    blk = lambda d, rev=False: chunk_block(c, d, n if rev else None)  # noqa: E731  reversed: the backward walk
     rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
     state_n = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
     norm_n = pl.BlockSpec((None, None, None, 1, kp), lambda i, j, l: (i, j, l, 0, 0))

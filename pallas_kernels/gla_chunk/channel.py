@@ -1,0 +1,189 @@
+r"""Pallas kernels: chunked GLA with per-channel decay (GLA proper), forward — see ``kernel.py``'s docstring.
+
+``channel_intra``, grid ``(batch, heads, chunks)``: the intra-chunk matrices ``A [C, C]`` by 16-token
+secondary chunks; then the state pass, ``O = A V + (Q ⊙ e^{b}) S`` and the per-channel decayed state update
+with the state carried transposed, ``Sᵀ [BV, K]``. The backward is ``backward_channel.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._util import masked_exp, tpu_params, triton_params
+
+SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
+
+
+def _intra_channel_kernel(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref):
+    """Per-channel decay, one chunk per grid step ``(batch, head, chunk)`` — all chunks in parallel: the
+    intra-chunk matrix ``A [C, C]`` (``o_intra = A V``) by secondary chunks of 16 (GLA paper §4.3):
+
+    * rows of secondary chunk ``i`` against the earlier ones, through the reference token ``r`` before
+      ``i``: ``(q_t e^{b_t − b_r}) · (k_s e^{b_r − b_s})`` for ``s ≤ r`` — one ``[16, C]`` matmul;
+    * its diagonal ``16 × 16`` block in log space, a key column at a time
+      (``Σ_k q_tk k_sk e^{b_tk − b_sk}``), placed into the row by a ``[16, 16] × [16, C]`` selector matmul
+      (exact at ``HIGHEST`` precision; no value slicing or lane-offset stores, which the Triton and Mosaic
+      lowerings lack).
+
+    Every exponent is ``≤ 0`` and masked (segment equality, causality) before ``exp``. Gates
+    ``b, seg, p [C, K]`` (cumulative log decay within the chunk, document index, cumulative sign)."""
+    f32, hi = jnp.float32, lax.Precision.HIGHEST
+    c = q_ref.shape[0]
+    nb = c // SUB
+    k, b, seg, p = k_ref[...].astype(f32), b_ref[...], s_ref[...], p_ref[...]
+    pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+    row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    sel_col = lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
+    sel_row = lax.broadcasted_iota(jnp.int32, (SUB, c), 0)
+    for i in range(nb):
+        si = pl.ds(i * SUB, SUB)
+        qi, bi, segi, pi = q_ref[si, :].astype(f32), b_ref[si, :], s_ref[si, :], p_ref[si, :]
+        a_d = jnp.zeros((SUB, SUB), f32)
+        for j in range(SUB):  # the diagonal block, one key column per step
+            rj = pl.ds(i * SUB + j, 1)
+            kj, bj, sj, pj = k_ref[rj, :].astype(f32), b_ref[rj, :], s_ref[rj, :], p_ref[rj, :]
+            ok = (row >= j) & (segi == sj)
+            colj = jnp.sum(qi * kj * masked_exp(ok, bi - bj) * (pi * pj), axis=1, keepdims=True)
+            a_d = jnp.where(col == j, colj, a_d)
+        place = jnp.where(sel_col == sel_row + i * SUB, 1.0, 0.0).astype(f32)  # [16, C]: block i's columns
+        rows = jnp.dot(a_d, place, preferred_element_type=f32, precision=hi)
+        if i > 0:
+            rr = pl.ds(i * SUB - 1, 1)
+            br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
+            qf = qi * masked_exp(segi == sr, bi - br) * (pi * pr)
+            kf = k * masked_exp((pos <= i * SUB - 1) & (seg == sr), br - b) * (p * pr)
+            rows = rows + lax.dot_general(qf.astype(q_ref.dtype), kf.astype(q_ref.dtype), (((1,), (1,)), ((), ())),
+                                          preferred_element_type=f32)
+        a_ref[si, :] = rows
+
+
+def channel_factors(b, seg, p, b_end, s_end, p_end):
+    """``f^s`` (state read), ``f^e`` (state write) ``[C, K]`` and the carry ``a [1, K]`` of a chunk with
+    per-channel gates ``[C, K]``; ``*_end [1, K]`` are its last token's."""
+    fs = jnp.where(seg == 0, jnp.exp(b), 0.0) * p
+    fe = masked_exp(seg == s_end, b_end - b) * (p * p_end)
+    a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
+    return fs, fe, a
+
+
+def channel_state_step(k, v, fe, a, st):
+    """``Sᵀ⁺ = a ⊙ Sᵀ + Vᵀ (K ⊙ f^e)`` on the transposed state ``Sᵀ [BV, K]`` (the per-channel decay is a
+    broadcast over its last axis)."""
+    return a * st + lax.dot_general(v, (k.astype(jnp.float32) * fe).astype(v.dtype), (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+
+
+def _channel_chunk_step(a, q, k, v, b, seg, p, b_end, s_end, p_end, st):
+    """One chunk of the per-channel state pass, shared by both backends: ``O = A V + (Q ⊙ f^s) S`` and the
+    state update, on ``Sᵀ [BV, K]``. Returns ``(o [C, BV], Sᵀ⁺)``."""
+    f32 = jnp.float32
+    fs, fe, decay = channel_factors(b, seg, p, b_end, s_end, p_end)
+    o = jnp.dot(a.astype(v.dtype), v, preferred_element_type=f32)
+    o = o + lax.dot_general((q.astype(f32) * fs).astype(v.dtype), st.astype(v.dtype), (((1,), (1,)), ((), ())),
+                            preferred_element_type=f32)
+    return o, channel_state_step(k, v, fe, decay, st)
+
+
+def _channel_state_kernel(a_ref, q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, chunk, n_chunks):
+    """Triton: one program per (batch, head, value block) walks the chunks, ``Sᵀ [BV, K]`` on chip."""
+    c = chunk
+
+    def body(n, st):
+        sl = pl.ds(pl.multiple_of(n * c, c), c)
+        last = pl.ds(n * c + c - 1, 1)
+        o, st = _channel_chunk_step(a_ref[sl, :], q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], s_ref[sl, :],
+                                    p_ref[sl, :], b_ref[last, :], s_ref[last, :], p_ref[last, :], st)
+        o_ref[sl, :] = o.astype(o_ref.dtype)
+        return st
+
+    ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
+
+
+def _channel_state_kernel_tpu(a_ref, q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, s_scr):
+    """Mosaic TPU: one chunk per grid step (the chunk axis sequential), ``Sᵀ`` in a VMEM scratch."""
+    c = q_ref.shape[0]
+    step = pl.program_id(2)
+
+    @pl.when(step == 0)
+    def _():
+        s_scr[...] = h0_ref[...].astype(jnp.float32)
+
+    last = pl.ds(c - 1, 1)
+    o, st = _channel_chunk_step(a_ref[...], q_ref[...], k_ref[...], v_ref[...], b_ref[...], s_ref[...], p_ref[...],
+                                b_ref[last, :], s_ref[last, :], p_ref[last, :], s_scr[...])
+    o_ref[...] = o.astype(o_ref.dtype)
+    s_scr[...] = st
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        ht_ref[...] = st
+
+
+def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
+    """The intra-chunk matrices ``A [b, h, Tp, C]`` float32, all chunks in parallel; heads-first inputs."""
+    bsz, h, tp, kp = q.shape
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    tpu = backend == "mosaic_tpu"
+    return pl.pallas_call(
+        _intra_channel_kernel,
+        grid=(bsz, h, tp // chunk),
+        in_specs=[blk(kp), blk(kp), blk(kp), blk(kp), blk(kp)],
+        out_specs=blk(chunk),
+        out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32),
+        interpret=interpret,
+        compiler_params=tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend),
+        name="gla_chunk_channel_intra" + ("_tpu" if tpu else ""),
+    )(q, k, bc, seg, p)
+
+
+def forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
+    """Per-channel decay: the chunk-parallel intra kernel, then the state pass. Padded inputs as
+    ``kernel._forward``'s, gates ``bc, seg, p [b, Tp, h, Kp]``; heads-first inside."""
+    bsz, tp, h, kp = q.shape
+    vp = v.shape[-1]
+    n = tp // chunk
+    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
+    q, k, v, bc, seg, p = map(heads, (q, k, v, bc, seg, p))
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    tpu = backend == "mosaic_tpu"
+    state_params = tpu_params(interpret, "parallel", "parallel", "arbitrary") if tpu else triton_params(interpret, backend)
+    a = channel_intra(q, k, bc, seg, p, chunk=chunk, interpret=interpret, backend=backend)
+    h0t = jnp.swapaxes(h0, -1, -2)  # Sᵀ [b, h, Vp, Kp]
+    out_shape = [jax.ShapeDtypeStruct((bsz, h, tp, vp), jnp.float32), jax.ShapeDtypeStruct(h0t.shape, jnp.float32)]
+    if tpu:
+        from jax.experimental.pallas import tpu as pltpu
+
+        st = pl.BlockSpec((None, None, vp, kp), lambda i, j, l: (i, j, 0, 0))
+        o, ht = pl.pallas_call(
+            _channel_state_kernel_tpu,
+            grid=(bsz, h, n),
+            in_specs=[blk(chunk), blk(kp), blk(kp), blk(vp), blk(kp), blk(kp), blk(kp), st],
+            out_specs=[blk(vp), st],
+            out_shape=out_shape,
+            scratch_shapes=[pltpu.VMEM((vp, kp), jnp.float32)],
+            interpret=interpret,
+            compiler_params=state_params,
+            name="gla_chunk_channel_fwd_tpu",
+        )(a, q, k, v, bc, seg, p, h0t)
+    else:
+        bv = min(vp, 64)
+        seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+        vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
+        st = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
+        o, ht = pl.pallas_call(
+            functools.partial(_channel_state_kernel, chunk=chunk, n_chunks=n),
+            grid=(bsz, h, vp // bv),
+            in_specs=[seq(chunk), seq(kp), seq(kp), vseq, seq(kp), seq(kp), seq(kp), st],
+            out_specs=[vseq, st],
+            out_shape=out_shape,
+            interpret=interpret,
+            compiler_params=state_params,
+            name="gla_chunk_channel_fwd",
+        )(a, q, k, v, bc, seg, p, h0t)
+    return jnp.moveaxis(o, 1, 2), jnp.swapaxes(ht, -1, -2)
