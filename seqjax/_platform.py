@@ -9,6 +9,12 @@ backward kernels (``pallas_kernels/*/backward.py``, what ``impl="pallas"`` diffe
 but they have not yet been compiled or timed on a GPU, so ``"auto"`` asks for
 ``backward=AUTO_BACKWARD = "xla"`` until they have.
 
+``"auto"`` takes a kernel only where its *current* forward has been compiled and tested on a GPU
+(``GPU_TESTED``): the delta-rule and mLSTM forwards were split into a serial state pass and a chunk-parallel
+output kernel after the last GPU session (2026-11-28); they lower to Triton on a CPU
+(``tests/test_pallas_lowering.py``) but Triton's own compile has not run them, so ``"auto"`` keeps XLA for
+them until ``benchmarks/gpu_check.sh`` has passed on a GPU. ``impl="pallas"`` always takes the kernel.
+
 So ``"auto"`` takes the kernels on a GPU, where they were compiled and tested: in a one-device process, or
 under ``seqjax.sharding.use_rules(mesh)`` (the train and eval steps), where ``kernel_call`` runs them inside
 ``shard_map``; a ``pallas_call`` has no sharding rule, and under a plain multi-device ``jit`` XLA would
@@ -21,14 +27,18 @@ import jax
 import numpy as np
 
 AUTO_BACKWARD = "xla"  # what impl="auto" differentiates the chunked kernels through (see above)
+GPU_TESTED = frozenset({"gla"})  # kernels whose current forward passed the GPU tests; "delta", "mlstm" pending
 
 
-def auto_pallas(chunk_size: int | None = None) -> bool:
-    """True where ``impl="auto"`` should run the chunked Pallas kernels (see the module docstring): on a GPU,
-    in a one-device process or under ``seqjax.sharding.use_rules(mesh)`` (where :func:`kernel_call` runs the
-    kernel inside ``shard_map``); with ``chunk_size``, also only if the GLA kernel takes it (a power of two
-    >= 16)."""
+def auto_pallas(chunk_size: int | None = None, kernel: str = "gla") -> bool:
+    """True where ``impl="auto"`` should run the chunked Pallas ``kernel`` (``"gla"``, ``"delta"``,
+    ``"mlstm"``; see the module docstring): one in ``GPU_TESTED``, on a GPU, in a one-device process or under
+    ``seqjax.sharding.use_rules(mesh)`` (where :func:`kernel_call` runs the kernel inside ``shard_map``);
+    with ``chunk_size``, also only if the kernel takes it (a power of two >= 16)."""
     from seqjax import sharding
+
+    if kernel not in GPU_TESTED:
+        return False
 
     if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         return False

@@ -160,7 +160,7 @@ def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
     calls, real = [], K.delta_chunk
     monkeypatch.setattr(K, "delta_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
     x, _ = _inputs(jax.random.PRNGKey(14), 1, 9, 1, 4, 3)
-    monkeypatch.setattr(E, "auto_pallas", lambda chunk_size=None: True)
+    monkeypatch.setattr(E, "auto_pallas", lambda chunk_size=None, kernel="gla": kernel == "delta")
     _close(E.delta_rule(**x, impl="auto", chunk_size=16), E.delta_rule_recurrent(**x), 1e-4, "auto")
     E.delta_rule(**x, impl="pallas", chunk_size=16)
     assert calls == ["xla", "pallas"]

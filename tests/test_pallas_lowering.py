@@ -46,14 +46,14 @@ def test_chunked_kernels_lower_to_mosaic_tpu(dk, dv):
     g = jnp.zeros((2, 256, 2))
     kw = dict(chunk_size=64, interpret=False, backend="mosaic_tpu")
     assert _mosaic_calls(lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw), q, v, g) == 1
-    assert _mosaic_calls(lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw), q, v, g) == 2  # WY + state pass
-    assert _mosaic_calls(lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw), q, v, g) == 1
+    assert _mosaic_calls(lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw), q, v, g) == 3  # WY, states, outputs
+    assert _mosaic_calls(lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw), q, v, g) == 2  # states, outputs
     gla = lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw)  # noqa: E731
     assert _mosaic_calls(_grad(gla), q, v, g) == 4  # forward, then states, state gradients, chunk gradients
     delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
-    assert _mosaic_calls(_grad(delta), q, v, g) == 6  # forward (2), then WY + X, states, state grads, chunk grads
+    assert _mosaic_calls(_grad(delta), q, v, g) == 7  # forward (3), then WY + X, states, state grads, chunk grads
     mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)  # noqa: E731
-    assert _mosaic_calls(_grad(mlstm), q, v, g) == 5  # forward, then states, rows, state grads, chunk grads
+    assert _mosaic_calls(_grad(mlstm), q, v, g) == 6  # forward (2), then states, rows, state grads, chunk grads
 
 
 @pytest.mark.parametrize("dk,dv", [(128, 128), (20, 9)])
@@ -69,11 +69,11 @@ def test_chunked_kernels_lower_to_triton(dk, dv):
     assert _triton_calls(chan, q, v, g) == 2  # intra-chunk kernel + state pass
     assert _triton_calls(_grad(chan), q, v, g) == 6  # forward (2), then intra, states, state grads, chunk grads
     delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
-    assert _triton_calls(delta, q, v, g) == 2  # WY + state pass
-    assert _triton_calls(_grad(delta), q, v, g) == 6  # forward (2), then WY + X, states, state grads, chunk grads
+    assert _triton_calls(delta, q, v, g) == 3  # WY, states, outputs
+    assert _triton_calls(_grad(delta), q, v, g) == 7  # forward (3), then WY + X, states, state grads, chunk grads
     mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)  # noqa: E731
-    assert _triton_calls(mlstm, q, v, g) == 1
-    assert _triton_calls(_grad(mlstm), q, v, g) == 5  # forward, then states, rows, state grads, chunk grads
+    assert _triton_calls(mlstm, q, v, g) == 2  # states, outputs
+    assert _triton_calls(_grad(mlstm), q, v, g) == 6  # forward (2), then states, rows, state grads, chunk grads
 
 
 def test_per_channel_gla_lowers_and_bad_backend_is_named():

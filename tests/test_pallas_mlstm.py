@@ -143,7 +143,7 @@ def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
 
     calls, real = [], K.mlstm_chunk
     monkeypatch.setattr(K, "mlstm_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
-    monkeypatch.setattr(ML, "auto_pallas", lambda chunk_size=None: True)
+    monkeypatch.setattr(ML, "auto_pallas", lambda chunk_size=None, kernel="gla": kernel == "mlstm")
     x = ML.make_inputs(jax.random.PRNGKey(6), 1, 9)
     _close(ML.mlstm(**x, impl="auto", chunk_size=16), ML.mlstm(**x, impl="sequential"), 2e-5, "auto")
     ML.mlstm(**x, impl="pallas", chunk_size=16)

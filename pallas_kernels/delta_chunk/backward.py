@@ -45,47 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import chunk_block, tpu_params, triton_params
-from pallas_kernels.delta_chunk.kernel import wy_factors
-
-f32 = jnp.float32
-_HI = lax.Precision.HIGHEST
-_NN = (((1,), (0,)), ((), ()))  # X Y
-_TN = (((0,), (0,)), ((), ()))  # Xᵀ Y
-_NT = (((1,), (1,)), ((), ()))  # X Yᵀ
-
-
-def _mm(x, y, dims=_NN):
-    """Matmul with float32 accumulation; float32 operands at ``HIGHEST`` (the MXU/TF32 default passes are
-    bf16-like), lower-precision operands as they are."""
-    return lax.dot_general(x, y, dims, preferred_element_type=f32, precision=_HI if x.dtype == f32 else None)
-
-
-def _col_factors(gc, rc, sc):
-    """Column gates ``[C, 1]`` -> ``γ, e^{rev}`` (masked to the chunk's first / last document) ``[C, 1]``,
-    ``γ_C [1, 1]``."""
-    c = gc.shape[0]
-    last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    end = lambda x: jnp.sum(jnp.where(last, x, 0.0), axis=0, keepdims=True)  # noqa: E731
-    g_last, s_last = end(gc), end(sc)
-    gamma = jnp.where(sc == 0.0, jnp.exp(gc), 0.0)
-    total = jnp.where(s_last == 0.0, jnp.exp(g_last), 0.0)
-    to_end = jnp.where(sc == s_last, jnp.exp(rc), 0.0)
-    return gamma, total, to_end
-
-
-def _decay_incl(gc, sc, gr, sr):
-    """``Γ_ts = e^{g_t − g_s}`` for ``s ≤ t`` in one document, else 0 (masked before ``exp``)."""
-    c = gc.shape[0]
-    ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
-    return jnp.where(ok, jnp.exp(jnp.where(ok, gc - gr, 0.0)), 0.0)
-
-
-def _state_step(k, w, u, gc, rc, sc, s):
-    """``S⁺ = γ_C S + (K ⊙ e^{rev})ᵀ (U − W S)``."""
-    md = k.dtype
-    _, total, to_end = _col_factors(gc, rc, sc)
-    u_new = u.astype(f32) - _mm(w, s.astype(md))
-    return total * s + _mm((k.astype(f32) * to_end).astype(md), u_new.astype(md), _TN)
+from pallas_kernels.delta_chunk.kernel import _TN, _NT, _col_factors, _decay_incl, _mm, chunk_states, f32
+from pallas_kernels.delta_chunk.wy import wy_factors
 
 
 def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
@@ -148,15 +109,6 @@ def _chunk_grads(q, k, v, w, u, x, do, bc, gc, rc, sc, gr, sr, s, ds, scale):
 # ----------------------------------------------------------------------------- kernels
 
 
-def _states_kernel(k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, h0_ref, hs_ref, *, c, n):
-    def body(i, s):
-        sl = pl.ds(pl.multiple_of(i * c, c), c)
-        hs_ref[i] = s
-        return _state_step(k_ref[sl, :], w_ref[sl, :], u_ref[sl, :], gc_ref[sl, :], rc_ref[sl, :], sc_ref[sl, :], s)
-
-    lax.fori_loop(0, n, body, h0_ref[...].astype(f32))
-
-
 def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, dht_ref, dhs_ref, dh0_ref,
                     *, c, n, scale):
     def body(j, ds):
@@ -167,16 +119,6 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref,
                             sc_ref[sl, :], gr_ref[i], sr_ref[i], ds, scale)
 
     dh0_ref[...] = lax.fori_loop(0, n, body, dht_ref[...])
-
-
-def _states_kernel_tpu(k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, h0_ref, hs_ref, s_scr):
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-        s_scr[...] = h0_ref[...].astype(f32)
-
-    s = s_scr[...]
-    hs_ref[...] = s
-    s_scr[...] = _state_step(k_ref[...], w_ref[...], u_ref[...], gc_ref[...], rc_ref[...], sc_ref[...], s)
 
 
 def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, dht_ref, dhs_ref, dh0_ref,
@@ -227,17 +169,12 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     rblk = lambda rev_=False: pl.BlockSpec(  # noqa: E731
         (None, None, None, 1, c), (lambda i, j, l: (i, j, n - 1 - l, 0, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0, 0)))
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
+    hs, _ = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend)
     if tpu:
         from jax.experimental.pallas import tpu as pltpu
 
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
-        hs = pl.pallas_call(
-            _states_kernel_tpu, grid=(b, h, n),
-            in_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1), blk(1), whole], out_specs=chunk_state,
-            out_shape=hs_shape, scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret,
-            compiler_params=seq, name="delta_chunk_bwd_states_tpu",
-        )(kh, w, u, *cols[1:], h0p)
         r = blk(1, True)
         dhs, dh0 = pl.pallas_call(
             functools.partial(_dstates_kernel_tpu, scale=scale), grid=(b, h, n),
@@ -256,11 +193,6 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
         vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
         walk = triton_params(interpret, backend, num_warps=4, num_stages=1)
-        hs = pl.pallas_call(
-            functools.partial(_states_kernel, c=c, n=n), grid=(b, h, vp // bv),
-            in_specs=[full(kp), full(kp), vseq, full(1), full(1), full(1), vstate], out_specs=vstates,
-            out_shape=hs_shape, interpret=interpret, compiler_params=walk, name="delta_chunk_bwd_states",
-        )(kh, w, u, *cols[1:], h0p)
         dhs, dh0 = pl.pallas_call(
             functools.partial(_dstates_kernel, c=c, n=n, scale=scale), grid=(b, h, vp // bv),
             in_specs=[full(kp), full(kp), full(kp), vseq, full(1), full(1), full(1), grow, grow, vstate],

@@ -40,43 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import chunk_block, tpu_params, triton_params
-
-f32 = jnp.float32
-NEG = -1e30
-_NN = (((1,), (0,)), ((), ()))
-_TN = (((0,), (0,)), ((), ()))
-_NT = (((1,), (1,)), ((), ()))
-
-
-def _mm(x, y, dims=_NN):
-    return lax.dot_general(x, y, dims, preferred_element_type=f32)
-
-
-def _rsum(x):
-    return jnp.sum(x, axis=1, keepdims=True)
-
-
-def _last(x):
-    """The last row of a column ``[C, 1]`` as ``[1, 1]``."""
-    c = x.shape[0]
-    return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1, x, 0.0), axis=0, keepdims=True)
-
-
-def _weights(bc, sc, ic, br, sr, ir, er, m_in):
-    """``D [C, C]``, the row stabilisers ``m_t`` and readout ``ρ`` ``[C, 1]`` as the forward computes them."""
-    c = bc.shape[0]
-    ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
-    diff = bc - br
-    m_intra = jnp.max(jnp.where(ok, diff + er, NEG), axis=1, keepdims=True)
-    inter = jnp.where(sc == 0.0, bc + m_in, NEG)
-    m_t = jnp.maximum(m_intra, inter)
-    return jnp.exp(jnp.where(ok, diff + ir, NEG) - m_t), m_t, jnp.exp(inter - m_t)
-
-
-def _state_step(k, v, ew, fo, s):
-    """``C'⁺ = φ C' + (K ⊙ ε)ᵀ V`` (``φ`` broadcast over the chunk's tokens; its last row is used)."""
-    return _last(fo) * s + _mm((k.astype(f32) * ew).astype(v.dtype), v, _TN)
-
+from pallas_kernels.mlstm_chunk.kernel import (NEG, _NT, _TN, _affine, _last, _mm, _readout, _rsum, chunk_stabilisers,
+                                               chunk_states, f32)
 
 def _dstate_step(q, do, fs, fo, ds):
     """``dC' = φ dC'⁺ + (Q ⊙ ρ / den)ᵀ dh``."""
@@ -85,15 +50,9 @@ def _dstate_step(q, do, fs, fo, ds):
 
 def _rows(q, k, v, do, bc, sc, ic, br, sr, ir, er, m_in, s, nv):
     """Pass 2, one chunk: ``(m_t, 1/den, dr, ρ)`` columns ``[C, 1]``; ``s [K, V]``, ``nv [1, K]`` entering."""
-    md = v.dtype
-    d, m_t, rho = _weights(bc, sc, ic, br, sr, ir, er, m_in)
-    att = _mm(q, k, _NT) * d
-    qf = q.astype(f32)
-    num = _mm(att.astype(md), v) + rho * _mm(q, s.astype(md))
-    raw = _rsum(att) + rho * _rsum(qf * nv)
+    num, raw, m_t, rho = _readout(q, k, v, bc, sc, ic, br, sr, ir, er, m_in, s, nv)
     floor = jnp.exp(-m_t)
-    den = jnp.maximum(jnp.abs(raw), floor)
-    inv = 1.0 / den
+    inv = 1.0 / jnp.maximum(jnp.abs(raw), floor)
     sign = jnp.where(raw < 0.0, -1.0, 1.0)  # not jnp.sign: its Mosaic lowering asks which TPU it runs on
     dr = jnp.where(jnp.abs(raw) >= floor, -sign * inv * inv * _rsum(do.astype(f32) * num), 0.0)
     return m_t, inv, dr, rho
@@ -134,15 +93,6 @@ def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, 
 # ----------------------------------------------------------------------------- kernels
 
 
-def _states_kernel(k_ref, v_ref, ew_ref, fo_ref, h0_ref, hs_ref, *, c, n):
-    def body(i, s):
-        sl = pl.ds(pl.multiple_of(i * c, c), c)
-        hs_ref[i] = s
-        return _state_step(k_ref[sl, :], v_ref[sl, :], ew_ref[sl, :], fo_ref[sl, :], s)
-
-    lax.fori_loop(0, n, body, h0_ref[...])
-
-
 def _dstates_kernel(q_ref, do_ref, fs_ref, fo_ref, dht_ref, dhs_ref, dh0_ref, *, c, n):
     def body(j, ds):
         i = n - 1 - j
@@ -151,16 +101,6 @@ def _dstates_kernel(q_ref, do_ref, fs_ref, fo_ref, dht_ref, dhs_ref, dh0_ref, *,
         return _dstate_step(q_ref[sl, :], do_ref[sl, :], fs_ref[sl, :], fo_ref[sl, :], ds)
 
     dh0_ref[...] = lax.fori_loop(0, n, body, dht_ref[...])
-
-
-def _states_kernel_tpu(k_ref, v_ref, ew_ref, fo_ref, h0_ref, hs_ref, s_scr):
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-        s_scr[...] = h0_ref[...]
-
-    s = s_scr[...]
-    hs_ref[...] = s
-    s_scr[...] = _state_step(k_ref[...], v_ref[...], ew_ref[...], fo_ref[...], s)
 
 
 def _dstates_kernel_tpu(q_ref, do_ref, fs_ref, fo_ref, dht_ref, dhs_ref, dh0_ref, ds_scr):
@@ -197,37 +137,6 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, r
 # ----------------------------------------------------------------------------- driver
 
 
-def _chunk_stabilisers(bt, st, it, et, kh, n0, m0, c):
-    """XLA: per chunk the entering ``m``, the write weights ``ε [b, h, Tp]``, the carry ``φ [b, h, N]``,
-    the exiting ``m⁺`` and the entering normaliser ``n' [b, h, N, K]``."""
-    b, h, tp = bt.shape
-    n = tp // c
-    ch = lambda x: x.reshape(b, h, n, c)  # noqa: E731
-    bb, ss, ii, ee = ch(bt), ch(st), ch(it), ch(et)
-    b_end, s_end = bb[..., -1:], ss[..., -1:]
-    live = ss == s_end
-    m_loc = jnp.max(jnp.where(live, b_end - bb + ee, NEG), axis=-1)
-    a = jnp.where(s_end[..., 0] == 0.0, b_end[..., 0], NEG)
-
-    def step(m, xs):
-        a_n, ml_n = xs
-        m_new = jnp.maximum(a_n + m, ml_n)
-        return m_new, (m, m_new)
-
-    _, (m_in, m_out) = lax.scan(step, m0, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(m_loc, 2, 0)))
-    m_in, m_out = jnp.moveaxis(m_in, 0, 2), jnp.moveaxis(m_out, 0, 2)  # [b, h, N]
-    fo = jnp.exp(a + m_in - m_out)
-    ew = jnp.where(live, jnp.exp(jnp.minimum(b_end - bb + ii - m_out[..., None], 0.0)), 0.0)
-    n_loc = jnp.einsum("bhnc,bhnck->bhnk", ew, kh.reshape(b, h, n, c, -1).astype(f32))
-
-    def nstep(nv, xs):
-        fo_n, nl_n = xs
-        return fo_n[..., None] * nv + nl_n, nv
-
-    _, n_in = lax.scan(nstep, n0, (jnp.moveaxis(fo, 2, 0), jnp.moveaxis(n_loc, 2, 0)))
-    return m_in, ew.reshape(b, h, tp), fo, jnp.moveaxis(n_in, 0, 2)
-
-
 def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, interpret, backend):
     """Gradients of ``kernel._core`` on its prepared heads-first inputs (``q, k [b, h, Tp, Kp]``,
     ``v [b, h, Tp, Vp]``, gates ``[b, h, Tp]``, state ``C0 [b, h, Kp, Vp], n0 [b, h, Kp], m0 [b, h]``) for
@@ -239,7 +148,7 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     tpu = backend == "mosaic_tpu"
     md = vh.dtype
     do = do.astype(md)
-    m_in, ew, fo, n_in = _chunk_stabilisers(bt, st, it, et, kh, n0, m0, c)
+    m_in, ew, fo, n_in, _ = chunk_stabilisers(bt, st, it, et, kh, n0, m0, c)
     tok = lambda x: jnp.repeat(x, c, axis=2)[..., None]  # noqa: E731  a per-chunk scalar on each of its tokens
     col = lambda x: x[..., None]  # noqa: E731
     row = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
@@ -252,15 +161,11 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
     par = tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend)
     # (1) the entering C' of every chunk
+    hs, _ = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend)
     if tpu:
         from jax.experimental.pallas import tpu as pltpu
 
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
-        hs = pl.pallas_call(
-            _states_kernel_tpu, grid=(b, h, n), in_specs=[blk(kp), blk(vp), blk(1), blk(1), whole],
-            out_specs=state_n, out_shape=hs_shape, scratch_shapes=[pltpu.VMEM((kp, vp), f32)],
-            interpret=interpret, compiler_params=seq, name="mlstm_chunk_bwd_states_tpu",
-        )(kh, vh, col(ew), fo_t, C0)
     else:
         bv = min(vp, 64)
         full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
@@ -268,11 +173,6 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
         vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
         walk = triton_params(interpret, backend)
-        hs = pl.pallas_call(
-            functools.partial(_states_kernel, c=c, n=n), grid=(b, h, vp // bv),
-            in_specs=[full(kp), vseq, full(1), full(1), vstate], out_specs=vstates, out_shape=hs_shape,
-            interpret=interpret, compiler_params=walk, name="mlstm_chunk_bwd_states",
-        )(kh, vh, col(ew), fo_t, C0)
     # (2) per row: the stabiliser, 1/den, dr and the readout weight (the chunk's forward again)
     ccol = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
     mt, inv, dr, rho = pl.pallas_call(
@@ -302,12 +202,11 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
         )(qh, do, fs, fo_t, dCt.astype(f32))
     r_n = jnp.einsum("bhnc,bhnck->bhnk", (rho * dr)[..., 0].reshape(b, h, n, c), qh.reshape(b, h, n, c, kp).astype(f32))
 
-    def dnstep(dn, xs):  # dn: the gradient of n' after the chunk; returns the one before it
-        fo_n, r = xs
-        return fo_n[..., None] * dn + r, dn
-
-    dn0, dn_after = lax.scan(dnstep, dnt.astype(f32), (jnp.moveaxis(fo, 2, 0), jnp.moveaxis(r_n, 2, 0)), reverse=True)
-    dn_after = jnp.moveaxis(dn_after, 0, 2)[:, :, :, None]  # [b, h, N, 1, K]
+    # dn'_before = φ dn'_after + r, walking backwards: an associative scan of the affine maps
+    cum_f, cum_r = lax.associative_scan(_affine, (fo, r_n), axis=2, reverse=True)
+    dn_before = cum_f[..., None] * dnt.astype(f32)[:, :, None] + cum_r  # [b, h, N, K]
+    dn0 = dn_before[:, :, 0]
+    dn_after = jnp.concatenate([dn_before[:, :, 1:], dnt.astype(f32)[:, :, None]], axis=2)[:, :, :, None]
     # (4) every chunk's gradients
     dq, dk, dv, db, di = pl.pallas_call(
         _grads_kernel, grid=(b, h, n),

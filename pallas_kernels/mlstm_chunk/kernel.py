@@ -1,40 +1,49 @@
-r"""Pallas kernel: the chunkwise mLSTM (xLSTM's matrix memory) with its stabilised exponential gating.
+r"""Pallas kernels: the chunkwise mLSTM (xLSTM's matrix memory) with its stabilised exponential gating.
 
 Computes ``seqjax.mixers.mlstm``'s recurrence (see that module for the equations): per head, forget gate
 ``σ(f)``, exponential input gate ``e^{i}``, stabiliser ``m``, memory ``C [dk, dv]``, normaliser
 ``n [dk]``; ``h_t = C_tᵀ q_t / max(|n_tᵀ q_t|, e^{-m_t})``.
 
-How it works
-    Grid ``(batch, heads, value blocks)``; one program walks its sequence chunk by chunk
-    (``fori_loop``) carrying ``(C' [dk, BV], n' [dk], m)`` on chip (``n'`` and ``m`` do not depend on
-    the value block, so every block recomputes them — a ``[C, dk]`` reduction per chunk). Per chunk of
-    ``C`` tokens, as the XLA chunked form (``seqjax.mixers.mlstm._chunk``, after NX-AI's
-    ``mlstm_kernels``): the log-weight matrix ``w_ts = b_t − b_s + i_s`` (``b`` the cumulative log
-    forget gate within the chunk; causal, one document), the row stabiliser
-    ``m_t = max(max_s w_ts, b_t + m_in)``, ``O = ((Q Kᵀ ⊙ e^{w − m_t}) V + e^{b + m_in − m_t} Q C') / max(|den|, e^{−m_t})``,
-    then the chunk-end state with its own local max. Every ``exp`` sees an argument ``≤ 0``.
-    The elementwise preparation (cumulative gates, document index, the reset-aware stabiliser term,
-    ``k / √dk``, padding) runs in XLA in the wrapper.
+How it works (the split of NX-AI's ``mlstm_kernels`` chunkwise kernels and of fla: a short serial pass
+for the states, the outputs chunk-parallel)
+    Per chunk of ``C`` tokens, as the XLA chunked form (``seqjax.mixers.mlstm._chunk``): ``b`` the
+    cumulative log forget gate within the chunk, log weights ``w_ts = b_t − b_s + i_s`` (causal, one
+    document). Chunk level, in XLA (``chunk_stabilisers``; vectors only, associative scans): the
+    stabiliser ``m`` entering each chunk, the chunk's write weights ``ε_s = e^{b_C − b_s + i_s − m⁺}`` and
+    carry ``φ = e^{b_C + m − m⁺}`` with ``m⁺ = max(b_C + m, max_s (b_C − b_s + e_s))``, and the normaliser
+    ``n'`` entering each chunk. Then two kernels:
+
+    1. ``chunk_states``, the only serial pass: ``C'⁺ = φ C' + (K ⊙ ε)ᵀ V``, writing the ``C'`` entering
+       every chunk (input dtype) and the final one (float32). Triton: grid ``(batch, heads, value blocks
+       of 64)``, a ``fori_loop`` over chunks; Mosaic TPU: one chunk per grid step, state in VMEM scratch.
+    2. ``mlstm_chunk_out``, grid ``(batch, heads, chunks)``, every chunk at once: the row stabiliser
+       ``m_t = max(max_s w_ts, b_t + m)``, ``D = e^{w − m_t}``, ``ρ = e^{b + m − m_t}``,
+       ``O = ((Q Kᵀ ⊙ D) V + ρ ⊙ Q C') / max(|(Q Kᵀ ⊙ D) 1 + ρ ⊙ Q n'|, e^{−m_t})``.
+
+    Every ``exp`` sees an argument ``≤ 0``. The elementwise preparation (cumulative gates, document
+    index, the reset-aware stabiliser term, ``k / √dk``, padding) runs in XLA in the wrapper. Gates enter
+    the chunk-parallel kernel as columns ``[C, 1]`` and rows ``[1, C]``, so one body serves both backends.
 
 Backward (``custom_vjp``, ``backward="pallas"``, the default): ``backward.py`` — the output does not depend on
 the stabiliser, so every stabiliser is held constant and the backward is a gated linear attention's with the
-normaliser as an extra value column: the chunk states recomputed, per-row ``1/den`` and the normaliser's
-gradient, the state gradients walking the chunks backwards, then every chunk's ``dq, dk, dv`` and gate
-gradients in parallel. Only the inputs are kept from the forward. The final ``m`` is recomputed in XLA
-(``_final_m``) so its gradient reaches the winning gate as in the reference. ``backward="xla"`` runs the XLA
-chunked form's forward and backward under ``jax.grad`` (what ``impl="auto"`` does until the Pallas backward
-is timed on a GPU).
+normaliser as an extra value column: the chunk states recomputed (``chunk_states``, float32), per-row
+``1/den`` and the normaliser's gradient, the state gradients walking the chunks backwards, then every
+chunk's ``dq, dk, dv`` and gate gradients in parallel. Only the inputs are kept from the forward. The final
+``m`` is recomputed in XLA (``_final_m``) so its gradient reaches the winning gate as in the reference.
+``backward="xla"`` runs the XLA chunked form's forward and backward under ``jax.grad`` (what
+``impl="auto"`` does until the Pallas backward is timed on a GPU).
 
 Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
-``dot``s with masks and a sequential chunk loop). TPU: a separate Mosaic body (``backend="mosaic_tpu"``,
-automatic on a TPU; one chunk per grid step, state in VMEM scratch), interpret-tested and checked to lower
-to Mosaic (``tests/test_pallas_lowering.py``); not yet run on a TPU.
+``dot``s with masks and a sequential chunk loop). TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic
+on a TPU), interpret-tested and checked to lower to Mosaic (``tests/test_pallas_lowering.py``); not yet
+run on a TPU.
 
-Status: interpret-mode tests on CPU (``tests/test_pallas_mlstm.py``, CI); the forward's tests pass compiled on
-an NVIDIA H200 (jax 0.11.2, 2026-11-27), where the forward is 1.91x the XLA chunked form's at B=8, T=2k, H=16,
-D=128, bf16 (``benchmarks/results/NVIDIA_H200.md``). The backward (written after that GPU session) lowers to
-Triton and to Mosaic TPU on CPU (``tests/test_pallas_lowering.py``) but has not been compiled or timed on a GPU. The ``[C, C]`` log-weight and stabiliser work sits in
-the serial chunk loop; moving it to a chunk-parallel kernel is the next step.
+Status: interpret-mode tests on CPU (``tests/test_pallas_mlstm.py``, CI); every kernel lowers to Triton and
+to Mosaic TPU on this CPU (``tests/test_pallas_lowering.py``). On an NVIDIA H200 (jax 0.11.2, 2026-11-27;
+``benchmarks/results/NVIDIA_H200.md``) the earlier one-kernel forward (outputs and the ``[C, C]``
+stabiliser work inside the serial chunk loop, once per value block) was 1.91x the XLA chunked form's at
+B=8, T=2k, H=16, D=128, bf16. The split above (2026-11-28) and the backward have not been compiled or
+timed on a GPU yet.
 """
 
 from __future__ import annotations
@@ -47,63 +56,165 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import check_chunk_size, resolve, tpu_params, triton_params
+from pallas_kernels._util import check_chunk_size, chunk_block, resolve, tpu_params, triton_params
 
-__all__ = ["mlstm_chunk"]
+__all__ = ["mlstm_chunk", "chunk_states", "chunk_stabilisers"]
 
+f32 = jnp.float32
 NEG = -1e30  # as seqjax.mixers.mlstm: "minus infinity" that keeps differences finite
+_NN = (((1,), (0,)), ((), ()))
+_TN = (((0,), (0,)), ((), ()))
+_NT = (((1,), (1,)), ((), ()))
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(n) - 1).bit_length())
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, i_ref, e_ref, c0_ref, n0_ref, m0_ref,
-            o_ref, ct_ref, nt_ref, mt_ref, *, c, n_chunks):
-    f32 = jnp.float32
-    row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    pos = lax.broadcasted_iota(jnp.int32, (c,), 0)
-    causal = row >= col
+def _mm(x, y, dims=_NN):
+    return lax.dot_general(x, y, dims, preferred_element_type=f32)
 
-    def last(x):  # x[c - 1] of a [c] vector, as a scalar
-        return jnp.sum(jnp.where(pos == c - 1, x, 0.0))
 
-    def chunk(j, carry):
-        C, nv, m = carry
-        sl = pl.ds(pl.multiple_of(j * c, c), c)
-        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
-        bt, st, it, et = b_ref[sl], s_ref[sl], i_ref[sl], e_ref[sl]
-        ok = causal & (st[:, None] == st[None, :])
-        diff = bt[:, None] - bt[None, :]
-        w = jnp.where(ok, diff + it[None, :], NEG)
-        m_intra = jnp.max(jnp.where(ok, diff + et[None, :], NEG), axis=1)  # [c]
-        # output: stabilised intra-chunk weights plus the carried state
-        inter = jnp.where(st == 0.0, bt + m, NEG)
-        m_t = jnp.maximum(m_intra, inter)
-        att = jnp.dot(q, k.T, preferred_element_type=f32) * jnp.exp(w - m_t[:, None])
-        w0 = jnp.exp(inter - m_t)
-        qf = q.astype(f32)
-        num = jnp.dot(att.astype(v.dtype), v, preferred_element_type=f32)
-        num = num + jnp.dot((qf * w0[:, None]).astype(v.dtype), C.astype(v.dtype), preferred_element_type=f32)
-        den = jnp.sum(att, axis=1) + jnp.sum(qf * nv[None, :], axis=1) * w0
-        den = jnp.maximum(jnp.abs(den), jnp.exp(-m_t))
-        o_ref[sl, :] = (num / den[:, None]).astype(o_ref.dtype)
-        # chunk-end state with its own max, then merged into the carry
-        m_loc = last(m_intra)
-        we = jnp.exp(jnp.sum(jnp.where(row == c - 1, w, 0.0), axis=0) - m_loc)  # [c] weights of the last row
-        kw = k.astype(f32) * we[:, None]
-        u = jnp.dot(kw.T.astype(v.dtype), v, preferred_element_type=f32)
-        n_loc = jnp.sum(kw, axis=0)
-        a = jnp.where(jnp.max(st) == 0.0, last(bt), NEG)
-        m_new = jnp.maximum(a + m, m_loc)
-        fo, fl = jnp.exp(a + m - m_new), jnp.exp(m_loc - m_new)
-        return fo * C + fl * u, fo * nv + fl * n_loc, m_new
+def _rsum(x):
+    return jnp.sum(x, axis=1, keepdims=True)
 
-    C, nv, m = lax.fori_loop(0, n_chunks, chunk, (c0_ref[...].astype(f32), n0_ref[...].astype(f32), jnp.max(m0_ref[...])))
-    ct_ref[...] = C
-    nt_ref[...] = nv
-    mt_ref[...] = jnp.full(mt_ref.shape, m, f32)
+
+def _last(x):
+    """The last row of a column ``[C, 1]`` as ``[1, 1]``."""
+    c = x.shape[0]
+    return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1, x, 0.0), axis=0, keepdims=True)
+
+
+def _weights(bc, sc, ic, br, sr, ir, er, m_in):
+    """``D [C, C]``, the row stabilisers ``m_t`` and readout ``ρ`` ``[C, 1]`` of one chunk (gates as columns
+    ``[C, 1]`` and rows ``[1, C]``, ``m_in [1, 1]`` the stabiliser entering the chunk)."""
+    c = bc.shape[0]
+    ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
+    diff = bc - br
+    m_intra = jnp.max(jnp.where(ok, diff + er, NEG), axis=1, keepdims=True)
+    inter = jnp.where(sc == 0.0, bc + m_in, NEG)
+    m_t = jnp.maximum(m_intra, inter)
+    return jnp.exp(jnp.where(ok, diff + ir, NEG) - m_t), m_t, jnp.exp(inter - m_t)
+
+
+def _readout(q, k, v, bc, sc, ic, br, sr, ir, er, m_in, s, nv):
+    """One chunk's numerator ``[C, V]``, raw normaliser ``r``, floor ``e^{−m_t}`` and ``ρ`` ``[C, 1]``; ``s
+    [K, V]`` and ``nv [1, K]`` the entering ``C'`` and ``n'``."""
+    md = v.dtype
+    d, m_t, rho = _weights(bc, sc, ic, br, sr, ir, er, m_in)
+    att = _mm(q, k, _NT) * d
+    num = _mm(att.astype(md), v) + rho * _mm(q, s.astype(md))
+    raw = _rsum(att) + rho * _rsum(q.astype(f32) * nv)
+    return num, raw, m_t, rho
+
+
+def _state_step(k, v, ew, fo, s):
+    """``C'⁺ = φ C' + (K ⊙ ε)ᵀ V`` (``φ`` broadcast over the chunk's tokens; its last row is used)."""
+    return _last(fo) * s + _mm((k.astype(f32) * ew).astype(v.dtype), v, _TN)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _states_kernel(k_ref, v_ref, ew_ref, fo_ref, h0_ref, hs_ref, ht_ref, *, c, n):
+    def body(i, s):
+        sl = pl.ds(pl.multiple_of(i * c, c), c)
+        hs_ref[i] = s.astype(hs_ref.dtype)
+        return _state_step(k_ref[sl, :], v_ref[sl, :], ew_ref[sl, :], fo_ref[sl, :], s)
+
+    ht_ref[...] = lax.fori_loop(0, n, body, h0_ref[...])
+
+
+def _states_kernel_tpu(k_ref, v_ref, ew_ref, fo_ref, h0_ref, hs_ref, ht_ref, s_scr):
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        s_scr[...] = h0_ref[...]
+
+    s = s_scr[...]
+    hs_ref[...] = s.astype(hs_ref.dtype)
+    s = _state_step(k_ref[...], v_ref[...], ew_ref[...], fo_ref[...], s)
+    s_scr[...] = s
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _():
+        ht_ref[...] = s
+
+
+def _out_kernel(q_ref, k_ref, v_ref, bc_ref, sc_ref, ic_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref, n_ref,
+                o_ref):
+    num, raw, m_t, _ = _readout(q_ref[...], k_ref[...], v_ref[...], bc_ref[...], sc_ref[...], ic_ref[...],
+                                br_ref[...], sr_ref[...], ir_ref[...], er_ref[...], _last(mi_ref[...]), s_ref[...],
+                                n_ref[...])
+    o_ref[...] = (num / jnp.maximum(jnp.abs(raw), jnp.exp(-m_t))).astype(o_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def _maxplus(x, y):
+    """Compose ``m -> max(m + a, l)`` maps: ``x`` first, then ``y`` (an associative operator)."""
+    return x[0] + y[0], jnp.maximum(x[1] + y[0], y[1])
+
+
+def _affine(x, y):
+    """Compose ``n -> f n + z`` maps (``f [..]``, ``z [.., K]``): ``x`` first, then ``y``."""
+    return x[0] * y[0], y[0][..., None] * x[1] + y[1]
+
+
+def chunk_stabilisers(bt, st, it, et, kh, n0, m0, c):
+    """XLA, per chunk: the entering stabiliser ``m [b, h, N]``, the write weights ``ε [b, h, Tp]``, the carry
+    ``φ [b, h, N]``, the entering normaliser ``n' [b, h, N, K]`` and the final ``(n'_T, m_T)``. The
+    chunk-to-chunk recurrences ``m⁺ = max(a + m, m_loc)`` and ``n'⁺ = φ n' + Kᵀ ε`` run as associative
+    scans (log depth: a ``lax.scan`` over ``N`` chunks would launch ``N`` tiny steps on a GPU)."""
+    b, h, tp = bt.shape
+    n = tp // c
+    ch = lambda x: x.reshape(b, h, n, c)  # noqa: E731
+    bb, ss, ii, ee = ch(bt), ch(st), ch(it), ch(et)
+    b_end, s_end = bb[..., -1:], ss[..., -1:]
+    live = ss == s_end
+    m_loc = jnp.max(jnp.where(live, b_end - bb + ee, NEG), axis=-1)
+    a = jnp.where(s_end[..., 0] == 0.0, b_end[..., 0], NEG)
+    cum_a, cum_l = lax.associative_scan(_maxplus, (a, m_loc), axis=2)
+    m_out = jnp.maximum(m0[..., None] + cum_a, cum_l)
+    m_in = jnp.concatenate([m0[..., None], m_out[..., :-1]], axis=2)
+    fo = jnp.exp(jnp.minimum(a + m_in - m_out, 0.0))
+    ew = jnp.where(live, jnp.exp(jnp.minimum(b_end - bb + ii - m_out[..., None], 0.0)), 0.0)
+    n_loc = jnp.einsum("bhnc,bhnck->bhnk", ew, kh.reshape(b, h, n, c, -1).astype(f32))
+    cum_f, cum_n = lax.associative_scan(_affine, (fo, n_loc), axis=2)
+    n_out = cum_f[..., None] * n0[:, :, None] + cum_n
+    n_in = jnp.concatenate([n0[:, :, None], n_out[:, :, :-1]], axis=2)
+    return m_in, ew.reshape(b, h, tp), fo, n_in, (n_out[:, :, -1], m_out[..., -1])
+
+
+def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
+    """The serial pass on either backend: the ``C'`` entering every chunk ``[b, h, N, Kp, Vp]`` in ``dtype``
+    and the final one ``[b, h, Kp, Vp]`` float32, from the write weights ``ε [b, h, Tp]`` and carries
+    ``φ [b, h, N]`` of ``chunk_stabilisers``."""
+    b, h, tp, kp = kh.shape
+    vp, n = vh.shape[-1], tp // c
+    ew, fo = ew[..., None], jnp.repeat(fo, c, axis=2)[..., None]  # [b, h, Tp, 1]: φ on each of its tokens
+    out_shape = [jax.ShapeDtypeStruct((b, h, n, kp, vp), dtype), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
+    C0 = C0.astype(f32)
+    if backend == "mosaic_tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        blk = lambda d: chunk_block(c, d)  # noqa: E731
+        whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
+        return pl.pallas_call(
+            _states_kernel_tpu, grid=(b, h, n), in_specs=[blk(kp), blk(vp), blk(1), blk(1), whole],
+            out_specs=[pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0)), whole],
+            out_shape=out_shape, scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret,
+            compiler_params=tpu_params(interpret, "parallel", "parallel", "arbitrary"), name="mlstm_chunk_states_tpu",
+        )(kh, vh, ew, fo, C0)
+    bv = min(vp, 64)
+    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+    vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
+    return pl.pallas_call(
+        functools.partial(_states_kernel, c=c, n=n), grid=(b, h, vp // bv),
+        in_specs=[full(kp), pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l)), full(1), full(1), vstate],
+        out_specs=[pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l)), vstate], out_shape=out_shape,
+        interpret=interpret, compiler_params=triton_params(interpret, backend), name="mlstm_chunk_states",
+    )(kh, vh, ew, fo, C0)
 
 
 def _prepare(q, k, v, i, f, resets, chunk):
@@ -136,128 +247,39 @@ def _pad_state(h0, dkp, dvp):
             jnp.pad(n0, [(0, 0), (0, 0), (0, dkp - n0.shape[2])]), m0)
 
 
-def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret):
-    """Triton (and the interpreter) on prepared inputs: ``(o [b, h, Tp, Vp] float32, (C, n, m))`` padded."""
-    b, h, tp, dkp = qh.shape
-    dvp, n = vh.shape[-1], tp // chunk
-    m0 = jnp.broadcast_to(m0[..., None], (b, h, 16))
-    bv = min(dvp, 64)
-    nvb = dvp // bv
-    seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda x, y, z: (x, y, 0, 0))  # noqa: E731
-    vseq = pl.BlockSpec((None, None, tp, bv), lambda x, y, z: (x, y, 0, z))
-    gate = pl.BlockSpec((None, None, tp), lambda x, y, z: (x, y, 0))
-    cst = pl.BlockSpec((None, None, dkp, bv), lambda x, y, z: (x, y, 0, z))
-    nin = pl.BlockSpec((None, None, dkp), lambda x, y, z: (x, y, 0))
-    min_ = pl.BlockSpec((None, None, 16), lambda x, y, z: (x, y, 0))
-    nout = pl.BlockSpec((None, None, None, dkp), lambda x, y, z: (x, y, z, 0))
-    mout = pl.BlockSpec((None, None, None, 16), lambda x, y, z: (x, y, z, 0))
-    params = triton_params(interpret, "triton")
-    o, Ct, nt, mt = pl.pallas_call(
-        functools.partial(_kernel, c=chunk, n_chunks=n),
-        grid=(b, h, nvb),
-        in_specs=[seq(dkp), seq(dkp), vseq, gate, gate, gate, gate, cst, nin, min_],
-        out_specs=[vseq, cst, nout, mout],
-        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dvp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, nvb, dkp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, nvb, 16), jnp.float32)],
-        interpret=interpret,
-        compiler_params=params,
-        name="mlstm_chunk_fwd",
-    )(qh, kh, vh, bt, st, it, et, C0, n0, m0)
-    return o, (Ct, nt[:, :, 0], mt[:, :, 0, 0])
+
+def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret, backend):
+    """Both kernels on prepared inputs: ``(o [b, h, Tp, Vp] float32, (C, n, m))`` padded."""
+    b, h, tp, kp = qh.shape
+    vp, c = vh.shape[-1], chunk
+    n = tp // c
+    tpu = backend == "mosaic_tpu"
+    m_in, ew, fo, n_in, (n_t, m_t) = chunk_stabilisers(bt, st, it, et, kh, n0.astype(f32), m0.astype(f32), c)
+    hs, C_t = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend, dtype=vh.dtype)
+    col = lambda x: x[..., None]  # noqa: E731
+    row = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
+    blk = lambda d: chunk_block(c, d)  # noqa: E731
+    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
+    params = (tpu_params(interpret, "parallel", "parallel", "parallel") if tpu
+              else triton_params(interpret, backend, num_warps=4, num_stages=2))
+    o = pl.pallas_call(
+        _out_kernel, grid=(b, h, n),
+        in_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk,
+                  pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0)),
+                  pl.BlockSpec((None, None, None, 1, kp), lambda i, j, l: (i, j, l, 0, 0))],
+        out_specs=blk(vp), out_shape=jax.ShapeDtypeStruct((b, h, tp, vp), f32), interpret=interpret,
+        compiler_params=params, name="mlstm_chunk_out" + ("_tpu" if tpu else ""),
+    )(qh, kh, vh, col(bt), col(st), col(it), jnp.repeat(m_in, c, axis=2)[..., None], row(bt), row(st), row(it),
+      row(et), hs, n_in[:, :, :, None])
+    return o, (C_t, n_t, m_t)
 
 
 def _forward(q, k, v, i, f, h0, resets, chunk, interpret, backend):
     t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
     qh, kh, vh, bt, st, it, et, _ = _prepare(q, k, v, i, f, resets, chunk)
-    core = _core_tpu if backend == "mosaic_tpu" else _core
-    o, (Ct, nt, mt) = core(qh, kh, vh, bt, st, it, et, *_pad_state(h0, qh.shape[-1], vh.shape[-1]), chunk=chunk,
-                           interpret=interpret)
+    o, (Ct, nt, mt) = _core(qh, kh, vh, bt, st, it, et, *_pad_state(h0, qh.shape[-1], vh.shape[-1]), chunk=chunk,
+                            interpret=interpret, backend=backend)
     return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], (Ct[:, :, :dk, :dv], nt[:, :, :dk], mt)
-
-
-def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, ic_ref, br_ref, sr_ref, ir_ref, er_ref, c0_ref, n0_ref, m0_ref,
-                o_ref, ct_ref, nt_ref, mt_ref, c_scr, n_scr, m_scr):
-    """Mosaic TPU body: one chunk per grid step (the chunk axis sequential), ``(C', n', m)`` in VMEM scratch
-    (``n'`` as a row ``[1, dk]``, ``m`` as ``[1, 1]``); gates as columns ``[C, 1]`` and rows ``[1, C]``, so
-    every value stays 2-D and the ``C x C`` masks are broadcasts."""
-    f32 = jnp.float32
-    c = q_ref.shape[0]
-    step = pl.program_id(2)
-
-    @pl.when(step == 0)
-    def _():
-        c_scr[...] = c0_ref[...]
-        n_scr[...] = n0_ref[...]
-        m_scr[...] = m0_ref[...]
-
-    C, nv, m = c_scr[...], n_scr[...], m_scr[...]
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    bcol, scol, icol = bc_ref[...], sc_ref[...], ic_ref[...]  # [C, 1]
-    brow, srow, irow, erow = br_ref[...], sr_ref[...], ir_ref[...], er_ref[...]  # [1, C]
-    causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    ok = causal & (scol == srow)
-    diff = bcol - brow
-    w = jnp.where(ok, diff + irow, NEG)
-    m_intra = jnp.max(jnp.where(ok, diff + erow, NEG), axis=1, keepdims=True)  # [C, 1]
-    inter = jnp.where(scol == 0.0, bcol + m, NEG)
-    m_t = jnp.maximum(m_intra, inter)
-    att = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * jnp.exp(w - m_t)
-    w0 = jnp.exp(inter - m_t)
-    qf = q.astype(f32)
-    num = jnp.dot(att.astype(v.dtype), v, preferred_element_type=f32)
-    num = num + jnp.dot((qf * w0).astype(v.dtype), C.astype(v.dtype), preferred_element_type=f32)
-    den = jnp.sum(att, axis=1, keepdims=True) + jnp.sum(qf * nv, axis=1, keepdims=True) * w0
-    den = jnp.maximum(jnp.abs(den), jnp.exp(-m_t))
-    o_ref[...] = (num / den).astype(o_ref.dtype)
-    lane = lax.broadcasted_iota(jnp.int32, (1, c), 1)
-    sub = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
-    b_end = jnp.sum(jnp.where(lane == c - 1, brow, 0.0), axis=1, keepdims=True)  # [1, 1]
-    s_end = jnp.sum(jnp.where(lane == c - 1, srow, 0.0), axis=1, keepdims=True)
-    m_loc = jnp.sum(jnp.where(sub == c - 1, m_intra, 0.0), axis=0, keepdims=True)
-    w_end = jnp.where(scol == s_end, b_end - bcol + icol, NEG)  # the last row of w, as a column
-    kw = k.astype(f32) * jnp.exp(w_end - m_loc)
-    u = lax.dot_general(kw.astype(v.dtype), v, (((0,), (0,)), ((), ())), preferred_element_type=f32)
-    n_loc = jnp.sum(kw, axis=0, keepdims=True)
-    a = jnp.where(s_end == 0.0, b_end, NEG)
-    m_new = jnp.maximum(a + m, m_loc)
-    fo, fl = jnp.exp(a + m - m_new), jnp.exp(m_loc - m_new)
-    C, nv, m = fo * C + fl * u, fo * nv + fl * n_loc, m_new
-    c_scr[...], n_scr[...], m_scr[...] = C, nv, m
-
-    @pl.when(step == pl.num_programs(2) - 1)
-    def _():
-        ct_ref[...], nt_ref[...], mt_ref[...] = C, nv, m
-
-
-def _core_tpu(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret):
-    """Mosaic TPU on prepared inputs, as ``_core``."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    b, h, tp, dkp = qh.shape
-    dvp, n = vh.shape[-1], tp // chunk
-    n0, m0 = n0[:, :, None], m0[:, :, None, None]  # [b, h, 1, Kp], [b, h, 1, 1]
-    col = lambda x: x[..., None]  # noqa: E731
-    row = lambda x: x.reshape(b, h, n, 1, chunk)  # noqa: E731
-    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda x, y, z: (x, y, z, 0))  # noqa: E731
-    rblk = pl.BlockSpec((None, None, None, 1, chunk), lambda x, y, z: (x, y, z, 0, 0))
-    whole = lambda a, bb: pl.BlockSpec((None, None, a, bb), lambda x, y, z: (x, y, 0, 0))  # noqa: E731
-    params = tpu_params(interpret, "parallel", "parallel", "arbitrary")
-    o, Ct, nt, mt = pl.pallas_call(
-        _kernel_tpu,
-        grid=(b, h, n),
-        in_specs=[blk(dkp), blk(dkp), blk(dvp), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk,
-                  whole(dkp, dvp), whole(1, dkp), whole(1, 1)],
-        out_specs=[blk(dvp), whole(dkp, dvp), whole(1, dkp), whole(1, 1)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dvp), jnp.float32), jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, 1, dkp), jnp.float32), jax.ShapeDtypeStruct((b, h, 1, 1), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((dkp, dvp), jnp.float32), pltpu.VMEM((1, dkp), jnp.float32), pltpu.VMEM((1, 1), jnp.float32)],
-        interpret=interpret,
-        compiler_params=params,
-        name="mlstm_chunk_fwd_tpu",
-    )(qh, kh, vh, col(bt), col(st), col(it), row(bt), row(st), row(it), row(et), C0, n0, m0)
-    return o, (Ct, nt[:, :, 0], mt[:, :, 0, 0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -286,8 +308,7 @@ _mlstm.defvjp(_fwd, _bwd)
 def _mlstm_core(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, interpret, backend):
     """The kernel on prepared inputs, differentiated by ``backward.py`` with every stabiliser held constant
     (the returned ``m`` gets no gradient: ``mlstm_chunk`` rescales the state to an ``m`` XLA differentiates)."""
-    core = _core_tpu if backend == "mosaic_tpu" else _core
-    return core(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk=chunk, interpret=interpret)
+    return _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk=chunk, interpret=interpret, backend=backend)
 
 
 def _core_fwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, interpret, backend):

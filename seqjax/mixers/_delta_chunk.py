@@ -270,7 +270,8 @@ def delta_rule(
 ):
     """Dispatch to an impl (inputs validated by the caller).
 
-    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) on a GPU (one device, or a ``use_rules`` mesh:
+    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) on a GPU once its current forward has passed
+    the GPU tests (``seqjax._platform.GPU_TESTED``; one device, or a ``use_rules`` mesh:
     ``seqjax._platform.kernel_call`` runs it inside ``shard_map``), differentiated
     through the XLA form (``AUTO_BACKWARD``), else the XLA chunked form (``seqjax._platform`` has the
     measurements behind that). ``"pallas"``: the kernel and its Pallas backward.
@@ -281,7 +282,7 @@ def delta_rule(
     kw = dict(h0=h0, resets=resets, scale=scale)
     if impl == "sequential":
         return delta_rule_recurrent(q, k, v, beta, log_alpha, **kw)
-    if impl == "pallas" or (impl == "auto" and auto_pallas()):
+    if impl == "pallas" or (impl == "auto" and auto_pallas(kernel="delta")):
         from pallas_kernels.delta_chunk import delta_chunk  # imported only on this branch
 
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD

@@ -155,8 +155,9 @@ def _chunk(q, k, v, i, f, h0, resets, chunk_size):
 
 def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
     """mLSTM: ``impl="chunked"`` (chunkwise-parallel XLA), ``"sequential"`` (the reference), ``"pallas"``
-    (``pallas_kernels/mlstm_chunk`` and its Pallas backward) or ``"auto"`` (the kernel on a GPU — one device,
-    or inside ``shard_map`` under a ``use_rules`` mesh — differentiated through the chunked form until its
+    (``pallas_kernels/mlstm_chunk`` and its Pallas backward) or ``"auto"`` (the kernel on a GPU once its current
+    forward has passed the GPU tests, ``seqjax._platform.GPU_TESTED`` — one device, or inside ``shard_map``
+    under a ``use_rules`` mesh — differentiated through the chunked form until its
     backward is timed, see ``seqjax._platform``; else chunked).
 
     Returns ``(y [b, t, h, dv] in v's dtype, (C, n, m))``.
@@ -166,7 +167,7 @@ def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, ne
     eng.validate(q, k, v, None, None, None, resets, chunk_size)
     if impl == "sequential":
         return mlstm_recurrent(q, k, v, i, f, h0=h0, resets=resets)
-    if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
+    if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size, kernel="mlstm")):
         from pallas_kernels.mlstm_chunk import mlstm_chunk  # imported only on this branch
 
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD

@@ -1,0 +1,181 @@
+r"""The WY / UT factors of the chunked (gated) delta rule, chunk-parallel (forward and backward).
+
+Per chunk of ``C`` tokens (gates in log space, chunk-local): ``A = tril(diag(beta) K Kᵀ ⊙ Gamma, -1)``
+(decays masked before ``exp``), ``X = (I + A)^{-1}``, ``W = X (beta gamma ⊙ K)`` and ``U = X (beta ⊙ V)``.
+The inverse is blocked by ``SUB = 16``: each diagonal ``16 x 16`` block by forward substitution (15 row
+steps, all diagonal blocks in one loop), the blocks below by block substitution ``X_ij = -X_ii
+sum_{j<=m<i} A_im X_mj`` in small matmuls. Sub-blocks are loaded from the refs at static offsets: the GPU
+lowering has no value slicing. One body per backend (Triton, Mosaic TPU), one driver: ``wy_factors``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._util import tpu_params, triton_params
+
+SUB = 16  # sub-block of the in-kernel triangular inverse (the smallest GPU ``dot``)
+
+
+def _dot(a, b, precision=None):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _dot_t(a, b, transpose_a):  # aᵀ b or a bᵀ without materialising the transpose
+    dims = (((0,), (0,)), ((), ())) if transpose_a else (((1,), (1,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _decay(g_i, g_j, seg_i, seg_j, mask=None):
+    """``exp(g_t - g_s)`` where ``seg_t == seg_s`` (and ``mask``), else 0; masked *before* ``exp``."""
+    same = seg_i[:, None] == seg_j[None, :]
+    if mask is not None:
+        same = same & mask
+    return jnp.where(same, jnp.exp(jnp.where(same, g_i[:, None] - g_j[None, :], 0.0)), 0.0)
+
+
+def _block_inverse(a, diag):
+    """``X = (I + A)^{-1}`` by blocks from the diagonal blocks' inverses ``diag[i]`` and the ``16 x 16``
+    blocks ``a[i, j]`` (``j <= i``) of ``A``: ``X_ij = -X_ii sum_{j<=m<i} A_im X_mj`` (float32, HIGHEST)."""
+    hi = lax.Precision.HIGHEST
+    x = {(i, i): d for i, d in enumerate(diag)}
+    for i in range(1, len(diag)):
+        for j in range(i - 1, -1, -1):
+            acc = sum(_dot(a[i, m], x[m, j], hi) for m in range(j, i))
+            x[i, j] = -_dot(x[i, i], acc, hi)
+    return x
+
+
+def _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref=None):
+    """``W = X kb``, ``U = X vb`` block row by block row (``X`` block lower triangular); with ``x_ref``
+    (the backward) also ``X`` itself ``[C, C]`` float32, each block row assembled by ``[16, 16] x [16, C]``
+    placement matmuls (exact at ``HIGHEST``; no lane-offset stores, which the GPU and TPU lowerings lack)."""
+    hi = lax.Precision.HIGHEST
+    c = len(blk) * SUB
+    for i, rows in enumerate(blk):
+        w_ref[rows, :] = sum(_dot(x[i, j], kb[j], hi) for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[rows, :] = sum(_dot(x[i, j], vb[j], hi) for j in range(i + 1)).astype(u_ref.dtype)
+        if x_ref is not None:
+            r, col = lax.broadcasted_iota(jnp.int32, (SUB, c), 0), lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
+            x_ref[rows, :] = sum(_dot(x[i, j], jnp.where(col == r + j * SUB, 1.0, 0.0), hi) for j in range(i + 1))
+
+
+def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c):
+    """One chunk: ``X = (I + tril(diag(beta) K Kᵀ ⊙ Gamma, -1))^{-1}``, ``W = X (beta gamma ⊙ K)``,
+    ``U = X (beta ⊙ V)``.
+
+    The inverse is blocked by ``SUB = 16``: each diagonal ``16 x 16`` block is inverted by forward
+    substitution (15 dependent row steps, all diagonal blocks in the same loop), the blocks below the
+    diagonal follow by block forward substitution ``X_ij = -X_ii sum_{j<=m<i} A_im X_mj`` in small
+    matmuls. Every sub-block is loaded from the refs at a static offset (no value slicing).
+    """
+    f32 = jnp.float32
+    nb = c // SUB
+    row = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    strict = row > col
+    eye = jnp.where(row == col, 1.0, 0.0).astype(f32)
+    blk = [pl.ds(i * SUB, SUB) for i in range(nb)]
+    k = [k_ref[s, :] for s in blk]
+    beta, g, seg = ([r[s] for s in blk] for r in (b_ref, g_ref, s_ref))
+    a = {}
+    for i in range(nb):
+        for j in range(i + 1):
+            gam = _decay(g[i], g[j], seg[i], seg[j], strict if i == j else None)
+            a[i, j] = beta[i][:, None] * _dot_t(k[i], k[j], False) * gam
+
+    def substitute(r, xs):  # row r of every diagonal block: x_r = e_r - sum_{j<r} a[r, j] x_j
+        out = []
+        for i, x in enumerate(xs):
+            a_r = jnp.sum(jnp.where(row == r, a[i, i], 0.0), axis=0)
+            x_r = -jnp.sum(a_r[:, None] * x, axis=0)
+            out.append(jnp.where(row == r, eye + x_r[None, :], x))
+        return tuple(out)
+
+    diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
+    x = _block_inverse(a, diag)
+    gamma = [jnp.where(seg[j] == 0.0, jnp.exp(g[j]), 0.0) for j in range(nb)]
+    kb = [k[j].astype(f32) * (beta[j] * gamma[j])[:, None] for j in range(nb)]
+    vb = [v_ref[s, :].astype(f32) * beta[j][:, None] for j, s in enumerate(blk)]
+    _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref)
+
+
+_HI = lax.Precision.HIGHEST
+
+
+def _dot_nt(a, b, precision=None):  # a bᵀ
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
+
+
+def _dot_tn(a, b, precision=None):  # aᵀ b
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
+
+
+def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, u_ref, x_ref=None):
+    """``_wy_kernel`` for Mosaic TPU: sub-block gates as columns ``[16, 1]`` and rows ``[1, 16]``; the
+    diagonal blocks' forward substitution as masked ``16 x 16`` matmuls (one row per step)."""
+    f32 = jnp.float32
+    c = k_ref.shape[0]
+    nb = c // SUB
+    row = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    strict = row > col
+    eye = jnp.where(row == col, 1.0, 0.0).astype(f32)
+    blk = [pl.ds(i * SUB, SUB) for i in range(nb)]
+    k = [k_ref[s, :] for s in blk]
+    beta, gcol, scol = ([r[s, :] for s in blk] for r in (bc_ref, gc_ref, sc_ref))  # [16, 1] each
+    grow, srow = ([r[pl.ds(i, 1), :] for i in range(nb)] for r in (gr_ref, sr_ref))  # [1, 16] each
+    a = {}
+    for i in range(nb):
+        for j in range(i + 1):
+            same = scol[i] == srow[j]
+            if i == j:
+                same = same & strict
+            gam = jnp.where(same, jnp.exp(jnp.where(same, gcol[i] - grow[j], 0.0)), 0.0)
+            a[i, j] = beta[i] * _dot_nt(k[i], k[j]) * gam
+
+    def substitute(r, xs):
+        return tuple(jnp.where(row == r, eye - _dot(jnp.where(row == r, a[i, i], 0.0), x, _HI), x) for i, x in enumerate(xs))
+
+    diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
+    x = _block_inverse(a, diag)
+    gamma = [jnp.where(scol[j] == 0.0, jnp.exp(gcol[j]), 0.0) for j in range(nb)]
+    kb = [k[j].astype(f32) * (beta[j] * gamma[j]) for j in range(nb)]
+    vb = [v_ref[s, :].astype(f32) * beta[j] for j, s in enumerate(blk)]
+    _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref)
+
+
+
+def wy_factors(kh, vh, bh, g, seg, *, c, interpret, backend, with_x=False):
+    """Kernel 1 on either backend: ``W, U`` (input dtype) and, with ``with_x`` (the backward), the
+    inverse ``X = (I + A)^{-1}`` per chunk, ``[b, h, Tp, C]`` float32."""
+    b, h, tp, dkp = kh.shape
+    dvp, n = vh.shape[-1], tp // c
+    dtype = jnp.result_type(kh, vh)
+    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    out_specs = [blk(dkp), blk(dvp)] + ([blk(c)] if with_x else [])
+    out_shape = [jax.ShapeDtypeStruct((b, h, tp, dkp), dtype), jax.ShapeDtypeStruct((b, h, tp, dvp), dtype)]
+    out_shape += [jax.ShapeDtypeStruct((b, h, tp, c), jnp.float32)] if with_x else []
+    if backend == "mosaic_tpu":
+        col = lambda x: x[..., None]  # noqa: E731  [b, h, Tp] -> [b, h, Tp, 1]
+        sub_rows = lambda x: x.reshape(b, h, n, c // SUB, SUB)  # noqa: E731
+        srows = pl.BlockSpec((None, None, None, c // SUB, SUB), lambda i, j, l: (i, j, l, 0, 0))
+        return pl.pallas_call(
+            _wy_kernel_tpu, grid=(b, h, n),
+            in_specs=[blk(dkp), blk(dvp), blk(1), blk(1), blk(1), srows, srows], out_specs=out_specs,
+            out_shape=out_shape, interpret=interpret,
+            compiler_params=tpu_params(interpret, "parallel", "parallel", "parallel"), name="delta_chunk_wy_tpu",
+        )(kh, vh, col(bh), col(g), col(seg), sub_rows(g), sub_rows(seg))
+    cgate = pl.BlockSpec((None, None, c), lambda i, j, l: (i, j, l))
+    return pl.pallas_call(
+        functools.partial(_wy_kernel, c=c), grid=(b, h, n),
+        in_specs=[blk(dkp), blk(dvp), cgate, cgate, cgate], out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, compiler_params=triton_params(interpret, backend, num_warps=4, num_stages=1),
+        name="delta_chunk_wy",
+    )(kh, vh, bh, g, seg)
+
