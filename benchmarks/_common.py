@@ -135,21 +135,34 @@ def torch_form_cells(fn, targs, base, flops) -> str:
 
 
 def gpu_bench_args(argv=None, doc: str = ""):
-    """The arguments shared by the chunked-kernel GPU benchmarks: ``--out --ts --b --h --d``."""
+    """The arguments shared by the chunked-kernel GPU benchmarks: ``--out --ts --b --h --d --forms``.
+
+    ``--forms`` (comma list of ``FORMS``) picks the rows: e.g. ``--forms=fla`` gives flash-linear-attention a
+    device call of its own (its first backward autotunes for minutes). Ratios are against the XLA chunked
+    form, so they stay blank when it is not among the forms."""
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--out", default="")
     p.add_argument("--ts", default="2048,8192")
     p.add_argument("--b", type=int, default=8)
     p.add_argument("--h", type=int, default=16)
     p.add_argument("--d", type=int, default=128)
-    return p.parse_args(argv)
+    p.add_argument("--forms", default=",".join(FORMS))
+    a = p.parse_args(argv)
+    a.forms = [f.strip() for f in a.forms.split(",") if f.strip()]
+    bad = [f for f in a.forms if f not in FORMS]
+    if bad:
+        p.error(f"--forms: unknown {bad}; choose from {list(FORMS)}")
+    return a
+
+
+FORMS = {"xla": "XLA chunked", "pallas": "Pallas", "pallas_xla_bwd": "Pallas, XLA bwd", "fla": "fla"}
 
 
 def jax_form_cells(f, args, base, flops, ref=None) -> tuple[str, tuple[float, float]]:
     """Time the JAX form ``f(*args) -> (o, state)``: forward, and forward+backward of ``sum(o²)`` w.r.t. every
     argument. Returns the row cells ``fwd ms | fwd+bwd ms | TFLOP/s | fwd vs base | fwd+bwd vs base | o vs ref``
-    (``base`` the ``(fwd, fwd+bwd)`` seconds of the first form, or None to make this one the base) and the
-    base to pass on. A failure becomes the row's text; measuring goes on."""
+    (``base`` the ``(fwd, fwd+bwd)`` seconds of the first form, None to make this one the base, or False for no
+    ratios) and the base to pass on. A failure becomes the row's text; measuring goes on."""
     import jax
     import jax.numpy as jnp
 
@@ -160,7 +173,8 @@ def jax_form_cells(f, args, base, flops, ref=None) -> tuple[str, tuple[float, fl
         tf, tb = time_jax(fwd, *args), time_jax(bwd, *args)
     except Exception as e:  # noqa: BLE001 — record the miss, keep measuring
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | | | | |", base
-    base = base or (tf, tb)
+    if base is None:
+        base = (tf, tb)
     err = f"{rel_err(fwd(*args), ref):.1e}" if ref is not None else ""
-    return (f"{tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | {base[0] / tf:.2f}x | "
-            f"{base[1] / tb:.2f}x | {err}"), base
+    ratios = f"{base[0] / tf:.2f}x | {base[1] / tb:.2f}x" if base else " | "
+    return f"{tf * 1e3:.2f} | {tb * 1e3:.2f} | {flops / tf / 1e12:.2f} | {ratios} | {err}", base

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    fla_lift_hopper_guard, fla_trim_autotune, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference, write)
+    FORMS, fla_lift_hopper_guard, fla_trim_autotune, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference,
+    write)
 
 from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
 from seqjax.mixers._delta_chunk import delta_rule_chunked  # noqa: E402
@@ -48,6 +49,11 @@ def main(argv=None):
             "| T | form | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd vs XLA | fwd+bwd vs XLA | o vs fla |",
             "|---|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
+
+    def emit(row):
+        rows.append(row)
+        print(row, flush=True)
+
     for t in [int(x) for x in a.ts.split(",")]:
         ks = jax.random.split(jax.random.PRNGKey(t), 5)
         q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
@@ -58,21 +64,18 @@ def main(argv=None):
         args = (q, k, v, beta, la)
         flops = b * h * t * (8 * c * d + 6 * d * d + c * c / 3) * 2
         fla, ref, targs = torch_reference(_fla(), args, ("bfloat16",) * 3 + ("float32",) * 2)
-        forms = {"XLA chunked": functools.partial(delta_rule_chunked, chunk_size=c),
-                 "Pallas": functools.partial(delta_chunk, chunk_size=c),
-                 "Pallas, XLA bwd": functools.partial(delta_chunk, chunk_size=c, backward="xla")}
-        base = None
-        for name, f in forms.items():
-            cells, base = jax_form_cells(f, args, base, flops, ref)
-            row = f"| {t} | {name} | {cells} |"
-            rows.append(row)
-            print(row, flush=True)
-        if isinstance(fla, str):
-            row = f"| {t} | {fla} | | | | | | |"
-        else:
-            row = f"| {t} | fla chunk_gated_delta_rule (Triton) | {torch_form_cells(fla, targs, base, flops)} | |"
-        rows.append(row)
-        print(row, flush=True)
+        forms = {"xla": functools.partial(delta_rule_chunked, chunk_size=c),
+                 "pallas": functools.partial(delta_chunk, chunk_size=c),
+                 "pallas_xla_bwd": functools.partial(delta_chunk, chunk_size=c, backward="xla")}
+        base = None if "xla" in a.forms else False
+        for key, f in forms.items():
+            if key in a.forms:
+                cells, base = jax_form_cells(f, args, base, flops, ref)
+                emit(f"| {t} | {FORMS[key]} | {cells} |")
+        if "fla" in a.forms and isinstance(fla, str):
+            emit(f"| {t} | {fla} | | | | | | |")
+        elif "fla" in a.forms:
+            emit(f"| {t} | fla chunk_gated_delta_rule (Triton) | {torch_form_cells(fla, targs, base, flops)} | |")
     if notes:
         rows += [""] + notes
         print("\n".join(notes))

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    fla_lift_hopper_guard, fla_trim_autotune, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference, write)
+    FORMS, fla_lift_hopper_guard, fla_trim_autotune, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference,
+    write)
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
 from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
@@ -55,6 +56,11 @@ def main(argv=None):
             "| T | decay | form | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd vs XLA | fwd+bwd vs XLA | o vs fla |",
             "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
+
+    def emit(row):
+        rows.append(row)
+        print(row, flush=True)
+
     for t in [int(x) for x in a.ts.split(",")]:
         ks = jax.random.split(jax.random.PRNGKey(t), 5)
         q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
@@ -64,33 +70,29 @@ def main(argv=None):
                  "per channel": jax.nn.log_sigmoid(3 + jax.random.normal(ks[4], (b, t, h, d))) / 16}
         flops = b * h * t * (2 * c * d + 4 * d * d) * 2
         for decay, g in gates.items():
-            forms = {"XLA chunked": functools.partial(chunk_gla, chunk_size=c),
-                     "Pallas": functools.partial(gla_chunk_pallas, chunk_size=c)}
-            forms["Pallas, XLA bwd"] = functools.partial(gla_chunk_pallas, chunk_size=c, backward="xla")
+            forms = {"xla": functools.partial(chunk_gla, chunk_size=c),
+                     "pallas": functools.partial(gla_chunk_pallas, chunk_size=c),
+                     "pallas_xla_bwd": functools.partial(gla_chunk_pallas, chunk_size=c, backward="xla")}
             fla, ref, targs = torch_reference(_fla(decay == "per channel"), (q, k, v, g),
                                               ("bfloat16", "bfloat16", "bfloat16", "float32"))
-            base = None
-            for name, f in forms.items():
-                cells, base = jax_form_cells(f, (q, k, v, g), base, flops, ref)
-                row = f"| {t} | {decay} | {name} | {cells} |"
-                rows.append(row)
-                print(row, flush=True)
-            if isinstance(fla, str):
-                row = f"| {t} | {decay} | {fla} | | | | | | |"
-            else:
+            base = None if "xla" in a.forms else False
+            for key, f in forms.items():
+                if key in a.forms:
+                    cells, base = jax_form_cells(f, (q, k, v, g), base, flops, ref)
+                    emit(f"| {t} | {decay} | {FORMS[key]} | {cells} |")
+            if "fla" in a.forms and isinstance(fla, str):
+                emit(f"| {t} | {decay} | {fla} | | | | | | |")
+            elif "fla" in a.forms:
                 name = f"fla {'chunk_gla' if decay == 'per channel' else 'chunk_simple_gla'} (Triton)"
-                row = f"| {t} | {decay} | {name} | {torch_form_cells(fla, targs, base, flops)} | |"
-            rows.append(row)
-            print(row, flush=True)
+                emit(f"| {t} | {decay} | {name} | {torch_form_cells(fla, targs, base, flops)} | |")
         ig, fg = jax.random.normal(ks[3], (b, t, h)), 3 + jax.random.normal(ks[4], (b, t, h))
-        base = None
-        for name, f in {"XLA chunked": functools.partial(mlstm, impl="chunked", chunk_size=c),
-                        "Pallas": functools.partial(mlstm_chunk, chunk_size=c),
-                        "Pallas, XLA bwd": functools.partial(mlstm_chunk, chunk_size=c, backward="xla")}.items():
-            cells, base = jax_form_cells(f, (q, k, v, ig, fg), base, flops)
-            row = f"| {t} | mLSTM | {name} | {cells} |"
-            rows.append(row)
-            print(row, flush=True)
+        base = None if "xla" in a.forms else False
+        for key, f in {"xla": functools.partial(mlstm, impl="chunked", chunk_size=c),
+                       "pallas": functools.partial(mlstm_chunk, chunk_size=c),
+                       "pallas_xla_bwd": functools.partial(mlstm_chunk, chunk_size=c, backward="xla")}.items():
+            if key in a.forms:
+                cells, base = jax_form_cells(f, (q, k, v, ig, fg), base, flops)
+                emit(f"| {t} | mLSTM | {FORMS[key]} | {cells} |")
     if notes:
         rows += [""] + notes
         print("\n".join(notes))

@@ -6,6 +6,9 @@
 #   gla    benchmarks/gla_gpu.py   -> benchmarks/results/<device>_gla.md    } Pallas vs XLA chunked vs
 #   delta  benchmarks/delta_gpu.py -> benchmarks/results/<device>_delta.md  } flash-linear-attention (Triton)
 #          at B=8, T in {2k, 8k}, H=16, D=128, bf16;
+#   fla    fla's rows alone (forward and forward+backward; its first backward autotunes for minutes), both
+#          scripts at T = 2k with --forms=fla -> <device>_gla_fla.md, <device>_delta_fla.md; GPU_CHECK_FLA_S
+#          (default 270) caps each; give it a device call of its own;
 #   rnn    benchmarks/rnn.py's LSTM table (sequential / fused / the Pallas kernel vs Flax) -> <device>_rnn.md;
 #   train  benchmarks/train.py on the ~125M preset, global batch cut to 32 rows -> <device>_train.md.
 # GPU_CHECK_STAGES picks them: "tests gla delta rnn" by default (about 8.5 minutes with fla's first-call
@@ -45,6 +48,11 @@ fi
 if [ -n "$SMOKE" ]; then A=(--ts=64 --b=1 --h=2 --d=32); T=(--data.global_batch=2 --data.seq_len=64 --model.num_layers=2 --model.d_model=96 --steps=2); else A=(); T=(--data.global_batch=32 --steps=5); fi
 on gla && { echo "== chunked GLA"; timeout ${GPU_CHECK_GLA_S:-200} $PY benchmarks/gla_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_gla.md"; }
 on delta && { echo "== chunked delta rule"; timeout 150 $PY benchmarks/delta_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_delta.md"; }
+if on fla; then
+  echo "== flash-linear-attention alone (forward and backward, autotuning included)"
+  timeout ${GPU_CHECK_FLA_S:-270} $PY benchmarks/gla_gpu.py --ts=${GPU_CHECK_FLA_TS:-2048} "${A[@]}" --forms=fla --out "benchmarks/results/${DEV}_gla_fla.md"
+  timeout ${GPU_CHECK_FLA_S:-270} $PY benchmarks/delta_gpu.py --ts=${GPU_CHECK_FLA_TS:-2048} "${A[@]}" --forms=fla --out "benchmarks/results/${DEV}_delta_fla.md"
+fi
 on train && { echo "== training throughput, 125M preset"
   timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="benchmarks/results/${DEV}_train.md"; }
 if [ -n "$SMOKE" ]; then RA=(--reps=1 --shape=2x8x32); else RA=(--reps=3); fi
