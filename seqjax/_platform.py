@@ -1,8 +1,9 @@
 """Where ``impl="auto"`` takes a Pallas kernel.
 
 Measured on an NVIDIA H200, jax 0.11.2 (``benchmarks/results/NVIDIA_H200.md``), at B=8, H=16, D=128, bf16,
-forward against the XLA chunked form: per-head-decay GLA (Mamba-2/SSD, RetNet, linear attention) 3.0-3.5x,
-the delta rule 2.0x, the mLSTM 1.9x; per-channel-decay GLA 0.33x (so GLA proper keeps XLA). Under
+forward against the XLA chunked form: per-head-decay GLA (Mamba-2/SSD, RetNet, linear attention) 3.0-3.5x;
+the earlier delta-rule and mLSTM forwards (since restructured, see below) 2.0x and 1.9x; the first
+per-channel-decay GLA kernel 0.33x (so GLA proper keeps XLA). Under
 ``jax.grad`` the kernels that ``"auto"`` takes run the XLA form's forward and backward (their ``custom_vjp``
 forward rule), so training costs the same either way: per-head GLA, the delta rule and the mLSTM have Pallas
 backward kernels (``pallas_kernels/*/backward.py``, what ``impl="pallas"`` differentiates through),

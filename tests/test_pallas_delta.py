@@ -42,6 +42,7 @@ def _value_and_grads(f, x, key):
 
 @pytest.mark.parametrize("dk,dv,t,chunk", [(5, 3, 1, 16), (7, 5, 37, 16), (64, 64, 20, 16), (128, 33, 70, 64),
                                             (16, 128, 20, 16),  # two value blocks in the state passes
+                                            (9, 200, 40, 16),  # dv padded to 256: two value blocks of the output kernel
                                             (16, 16, 257, 64)])  # five chunks (not a power of two), the last nearly all padding
 def test_kernel_equals_reference(dk, dv, t, chunk):
     """chunk 64 exercises the blocked inverse (four 16 x 16 diagonal blocks and their merges)."""
@@ -120,10 +121,12 @@ def test_state_carried_across_a_split_sequence():
     _close((jnp.concatenate([o1, o2], 1), h2), (want_o, want_h), 1e-4, "split at 40")
 
 
-def test_kernel_bf16_inputs():
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_kernel_bf16_inputs(backend):
+    """bf16 q, k, v: the states entering each chunk and ``U'`` are written in bf16 (the output's matmuls take them)."""
     x, _ = _inputs(jax.random.PRNGKey(3), 1, 24, 2, 16, 8)
     low = {n: (a.astype(jnp.bfloat16) if n in ("q", "k", "v") else a) for n, a in x.items()}
-    o, hl = delta_chunk(**low, chunk_size=16)
+    o, hl = delta_chunk(**low, chunk_size=16, backend=backend)
     assert o.dtype == jnp.bfloat16 and hl.dtype == jnp.float32
     want = E.delta_rule_recurrent(**{n: a.astype(jnp.float32) for n, a in low.items()})
     _close((o, hl), want, 1e-2, "bf16")

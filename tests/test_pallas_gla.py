@@ -205,6 +205,8 @@ def test_auto_pallas_needs_one_gpu_and_a_kernel_chunk_size(monkeypatch):
     assert P.auto_pallas() and P.auto_pallas(64) and P.auto_pallas(16)
     # only kernels whose current forward passed the GPU tests
     assert P.auto_pallas(64, kernel="gla") and not P.auto_pallas(64, kernel="no such kernel")
+    for name in ("gla", "delta", "mlstm"):
+        assert P.auto_pallas(64, kernel=name) == (name in P.GPU_TESTED), name
     monkeypatch.setattr(P, "GPU_TESTED", P.GPU_TESTED | {"delta"})
     assert P.auto_pallas(kernel="delta")
     assert not P.auto_pallas(48) and not P.auto_pallas(8)

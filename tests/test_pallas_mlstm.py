@@ -120,13 +120,61 @@ def test_state_carried_across_a_split_sequence():
     _close((jnp.concatenate([y1, y2], 1), s2), want, 2e-5, "split at 40")
 
 
-def test_bf16_inputs():
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_bf16_inputs(backend):
+    """bf16 q, k, v: the states entering each chunk are written in bf16 (as the output's matmuls take them)."""
     x = _inputs(jax.random.PRNGKey(4), 48, 16, 16)
     low = {n: (a.astype(jnp.bfloat16) if n in ("q", "k", "v") else a) for n, a in x.items()}
-    y, _ = mlstm_chunk(**low, chunk_size=16)
+    y, _ = mlstm_chunk(**low, chunk_size=16, backend=backend)
     assert y.dtype == jnp.float32
     want = ML.mlstm_recurrent(**{n: (a.astype(jnp.float32) if n in ("q", "k", "v") else a) for n, a in low.items()})
     _close(y, want[0], 2e-2, "bf16")
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_many_chunks_resets_and_two_value_blocks(backend):
+    """Ten chunks with a reset in most of them (the stabilisers' and normalisers' associative scans across
+    documents), two batch rows, and dv = 200 (padded to 256: two value blocks of the output kernel)."""
+    t = 150
+    x = _inputs(jax.random.PRNGKey(21), t, 9, 200, b=2)
+    resets = jax.random.bernoulli(jax.random.PRNGKey(22), 0.06, (2, t))
+    ker = lambda **a: mlstm_chunk(**a, resets=resets, chunk_size=16, backend=backend)  # noqa: E731
+    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)  # noqa: E731
+    _close(ker(**x), ref(**x), 2e-5, "values and (C, n, m)")
+    _close(_grads(ker, x, jax.random.PRNGKey(2)), _grads(ref, x, jax.random.PRNGKey(2)), 1e-4, "grads")
+
+
+def test_chunk_stabilisers_equal_the_chunk_by_chunk_walk():
+    """``chunk_stabilisers``' associative scans against the recurrences walked chunk by chunk
+    (``m⁺ = max(a + m, m_loc)``, ``n'⁺ = φ n' + Kᵀ ε``), over 80 chunks with resets."""
+    from pallas_kernels.mlstm_chunk.kernel import NEG, _pad_state, _prepare, chunk_stabilisers
+
+    b, t, h, c = 2, 1280, 2, 16
+    x = _inputs(jax.random.PRNGKey(23), t, 8, 4, b=b, h=h)
+    resets = jax.random.bernoulli(jax.random.PRNGKey(24), 0.03, (b, t)).astype(jnp.float32)
+    qh, kh, _, bt, st, it, et, n = _prepare(x["q"], x["k"], x["v"], x["i"], x["f"], resets, c)
+    _, n0, m0 = _pad_state(x["h0"], kh.shape[-1], 16)
+    m_in, ew, fo, n_in, (n_t, m_t) = jax.jit(chunk_stabilisers, static_argnums=7)(bt, st, it, et, kh, n0, m0, c)
+    ch = lambda a: jnp.moveaxis(a.reshape(b, h, n, c, *a.shape[3:]), 2, 0)  # noqa: E731  chunks first
+
+    def walk(carry, xs):  # one chunk
+        m, nv = carry
+        bb, ss, ee, ii, kk = xs
+        live = ss == ss[..., -1:]
+        m_loc = jnp.max(jnp.where(live, bb[..., -1:] - bb + ee, NEG), axis=-1)
+        a = jnp.where(ss[..., -1] == 0.0, bb[..., -1], NEG)
+        m_new = jnp.maximum(a + m, m_loc)
+        w = jnp.where(live, jnp.exp(bb[..., -1:] - bb + ii - m_new[..., None]), 0.0)
+        nv_new = jnp.exp(a + m - m_new)[..., None] * nv + jnp.einsum("bhc,bhck->bhk", w, kk, precision="highest")
+        return (m_new, nv_new), (m, nv)
+
+    (m, nv), (ms, ns) = jax.lax.scan(walk, (m0, n0), (ch(bt), ch(st), ch(et), ch(it), ch(kh.astype(jnp.float32))))
+    ms, ns = jnp.moveaxis(ms, 0, 2), jnp.moveaxis(ns, 0, 2)
+    np.testing.assert_allclose(m_in, ms, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(m_t, m, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(n_in, ns, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(n_t, nv, rtol=1e-4, atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(ew))) and np.all(np.asarray(fo) <= 1.0)
 
 
 def test_mixer_impl_pallas_and_bad_chunk():

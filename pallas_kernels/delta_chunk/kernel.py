@@ -12,12 +12,13 @@ splits it (``chunk_gated_delta_rule_fwd``: ``recompute_w_u`` / ``chunk_fwd_h`` /
    the state entering every chunk ``H [b, h, N, K, V]`` and ``U'`` (both in the input dtype, as the
    output's matmuls take them) and the final state (float32). Triton: grid ``(batch, heads, value blocks
    of 64)`` with a ``fori_loop`` over chunks; Mosaic TPU: one chunk per grid step, state in VMEM scratch.
-3. ``delta_chunk_out``, grid ``(batch, heads, chunks)`` — every chunk at once:
+3. ``delta_chunk_out``, grid ``(batch, heads, chunks, value blocks of 128)`` — every chunk at once:
    ``O = scale [(gamma ⊙ Q) H + (Q Kᵀ ⊙ Gamma) U']``.
 
 Matmul operands take the input dtype (bf16 allowed) with float32 accumulation; float32 operands run at
-``HIGHEST``. Gates enter the chunk-parallel kernels as columns ``[C, 1]`` and rows ``[1, C]`` so that one
-body serves both backends (the TPU tiling wants 2-D values). The cheap elementwise preprocessing
+``HIGHEST``. Gates enter the state pass and the output kernel as columns ``[C, 1]`` and rows ``[1, C]``, so
+one body serves both backends there (the TPU tiling wants 2-D values); the WY kernel keeps one body per
+backend (``wy.py``). The cheap elementwise preprocessing
 (chunk-local cumulative log decays, document index per token from ``resets``, padding ``T`` to a multiple
 of ``C`` and head dims to powers of two >= 16) runs in XLA in the wrapper.
 
@@ -27,7 +28,7 @@ chunks backwards, then every chunk's ``dq, dk, dv, dβ`` and log-decay gradients
 inputs are kept from the forward, so training memory is linear in ``T`` (plus one ``[dk, dv]`` state and
 its gradient per chunk while the backward runs). ``backward="xla"`` differentiates through the XLA
 chunked form instead (``seqjax.mixers._delta_chunk.delta_rule_chunked``, with its own residuals); that is
-what ``impl="auto"`` does until the Pallas backward has been timed on a GPU.
+what ``impl="auto"`` asks for, once it takes this kernel at all (``seqjax._platform.GPU_TESTED``).
 
 Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
 jax 0.11.2 where Mosaic GPU is the default: these kernels are chains of small ``[C, C]`` / ``[C, d]``
@@ -235,16 +236,18 @@ def _kernels(qh, kh, vh, bh, g, rev, seg, h0p, *, c, scale, interpret, backend):
     w, u = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend=backend)
     hs, ht, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, dtype=dtype,
                               with_u_new=True)
-    blk = lambda d: chunk_block(c, d)  # noqa: E731
-    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
-    chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
-    params = (tpu_params(interpret, "parallel", "parallel", "parallel") if tpu
+    bv = min(vp, 128)  # value blocks: each program holds a [Kp, bv] state slice and a [C, bv] accumulator
+    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))  # noqa: E731
+    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
+    vblk = pl.BlockSpec((None, None, c, bv), lambda i, j, l, z: (i, j, l, z))
+    params = (tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if tpu
               else triton_params(interpret, backend, num_warps=4, num_stages=2))
     o = pl.pallas_call(
-        functools.partial(_out_kernel, scale=scale), grid=(b, h, n),
-        in_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1), rblk, rblk, chunk_state], out_specs=blk(vp),
-        out_shape=jax.ShapeDtypeStruct((b, h, tp, vp), dtype), interpret=interpret, compiler_params=params,
-        name="delta_chunk_out" + ("_tpu" if tpu else ""),
+        functools.partial(_out_kernel, scale=scale), grid=(b, h, n, vp // bv),
+        in_specs=[blk(kp), blk(kp), vblk, blk(1), blk(1), rblk, rblk,
+                  pl.BlockSpec((None, None, None, kp, bv), lambda i, j, l, z: (i, j, l, 0, z))],
+        out_specs=vblk, out_shape=jax.ShapeDtypeStruct((b, h, tp, vp), dtype), interpret=interpret,
+        compiler_params=params, name="delta_chunk_out" + ("_tpu" if tpu else ""),
     )(qh, kh, un, g[..., None], seg[..., None], g.reshape(b, h, n, 1, c), seg.reshape(b, h, n, 1, c), hs)
     return o, ht
 
@@ -288,7 +291,7 @@ def _delta_chunk(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backen
 def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
     """Under differentiation the XLA chunked form runs the forward and keeps its own residuals.
 
-    This is ``backward="xla"``. Measured on an H200 (``benchmarks/results/NVIDIA_H200_delta.md``): running
+    This is ``backward="xla"``. Measured on an H200 (``benchmarks/results/NVIDIA_H200.md``, session 3): running
     the kernel forward and then the XLA form's VJP (which recomputes its forward) made training 1.3x slower
     than XLA alone, so this path is exactly the XLA chunked form under ``jax.grad``; a forward outside
     ``jax.grad`` (inference, evaluation, prefill) runs the kernel.

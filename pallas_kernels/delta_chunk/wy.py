@@ -112,10 +112,6 @@ def _dot_nt(a, b, precision=None):  # a bᵀ
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
 
 
-def _dot_tn(a, b, precision=None):  # aᵀ b
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
-
-
 def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, u_ref, x_ref=None):
     """``_wy_kernel`` for Mosaic TPU: sub-block gates as columns ``[16, 1]`` and rows ``[1, 16]``; the
     diagonal blocks' forward substitution as masked ``16 x 16`` matmuls (one row per step)."""

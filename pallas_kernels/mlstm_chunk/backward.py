@@ -48,9 +48,9 @@ def _dstate_step(q, do, fs, fo, ds):
     return _last(fo) * ds + _mm((q.astype(f32) * fs).astype(do.dtype), do, _TN)
 
 
-def _rows(q, k, v, do, bc, sc, ic, br, sr, ir, er, m_in, s, nv):
+def _rows(q, k, v, do, bc, sc, br, sr, ir, er, m_in, s, nv):
     """Pass 2, one chunk: ``(m_t, 1/den, dr, ρ)`` columns ``[C, 1]``; ``s [K, V]``, ``nv [1, K]`` entering."""
-    num, raw, m_t, rho = _readout(q, k, v, bc, sc, ic, br, sr, ir, er, m_in, s, nv)
+    num, raw, m_t, rho = _readout(q, k, v, bc, sc, br, sr, ir, er, m_in, s, nv)
     floor = jnp.exp(-m_t)
     inv = 1.0 / jnp.maximum(jnp.abs(raw), floor)
     sign = jnp.where(raw < 0.0, -1.0, 1.0)  # not jnp.sign: its Mosaic lowering asks which TPU it runs on
@@ -118,9 +118,9 @@ def _dstates_kernel_tpu(q_ref, do_ref, fs_ref, fo_ref, dht_ref, dhs_ref, dh0_ref
         dh0_ref[...] = ds
 
 
-def _rows_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref,
+def _rows_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref,
                  n_ref, mt_ref, inv_ref, dr_ref, rho_ref):
-    out = _rows(q_ref[...], k_ref[...], v_ref[...], do_ref[...], bc_ref[...], sc_ref[...], ic_ref[...], br_ref[...],
+    out = _rows(q_ref[...], k_ref[...], v_ref[...], do_ref[...], bc_ref[...], sc_ref[...], br_ref[...],
                 sr_ref[...], ir_ref[...], er_ref[...], _last(mi_ref[...]), s_ref[...], n_ref[...])
     for ref, val in zip((mt_ref, inv_ref, dr_ref, rho_ref), out):
         ref[...] = val
@@ -177,11 +177,10 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     ccol = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
     mt, inv, dr, rho = pl.pallas_call(
         _rows_kernel, grid=(b, h, n),
-        in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk,
-                  state_n, norm_n],
+        in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk, state_n, norm_n],
         out_specs=[blk(1)] * 4, out_shape=[ccol] * 4, interpret=interpret, compiler_params=par,
         name="mlstm_chunk_bwd_rows" + ("_tpu" if tpu else ""),
-    )(qh, kh, vh, do, col(bt), col(st), col(it), mi_t, row(bt), row(st), row(it), row(et), hs, n_in[:, :, :, None])
+    )(qh, kh, vh, do, col(bt), col(st), mi_t, row(bt), row(st), row(it), row(et), hs, n_in[:, :, :, None])
     # (3) dC' after every chunk, walking backwards; dn' in XLA
     fs = rho * inv
     if tpu:
@@ -200,7 +199,8 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
             out_shape=[hs_shape, jax.ShapeDtypeStruct((b, h, kp, vp), f32)], interpret=interpret,
             compiler_params=walk, name="mlstm_chunk_bwd_dstates",
         )(qh, do, fs, fo_t, dCt.astype(f32))
-    r_n = jnp.einsum("bhnc,bhnck->bhnk", (rho * dr)[..., 0].reshape(b, h, n, c), qh.reshape(b, h, n, c, kp).astype(f32))
+    r_n = jnp.einsum("bhnc,bhnck->bhnk", (rho * dr)[..., 0].reshape(b, h, n, c), qh.reshape(b, h, n, c, kp).astype(f32),
+                     precision=lax.Precision.HIGHEST)
 
     # dn'_before = φ dn'_after + r, walking backwards: an associative scan of the affine maps
     cum_f, cum_r = lax.associative_scan(_affine, (fo, r_n), axis=2, reverse=True)

@@ -16,11 +16,12 @@ for the states, the outputs chunk-parallel)
     1. ``chunk_states``, the only serial pass: ``C'⁺ = φ C' + (K ⊙ ε)ᵀ V``, writing the ``C'`` entering
        every chunk (input dtype) and the final one (float32). Triton: grid ``(batch, heads, value blocks
        of 64)``, a ``fori_loop`` over chunks; Mosaic TPU: one chunk per grid step, state in VMEM scratch.
-    2. ``mlstm_chunk_out``, grid ``(batch, heads, chunks)``, every chunk at once: the row stabiliser
+    2. ``mlstm_chunk_out``, grid ``(batch, heads, chunks, value blocks of 128)``, every chunk at once: the row
+       stabiliser
        ``m_t = max(max_s w_ts, b_t + m)``, ``D = e^{w − m_t}``, ``ρ = e^{b + m − m_t}``,
        ``O = ((Q Kᵀ ⊙ D) V + ρ ⊙ Q C') / max(|(Q Kᵀ ⊙ D) 1 + ρ ⊙ Q n'|, e^{−m_t})``.
 
-    Every ``exp`` sees an argument ``≤ 0``. The elementwise preparation (cumulative gates, document
+    Every ``exp`` but the floor ``e^{−m_t}`` sees an argument ``≤ 0``. The elementwise preparation (cumulative gates, document
     index, the reset-aware stabiliser term, ``k / √dk``, padding) runs in XLA in the wrapper. Gates enter
     the chunk-parallel kernel as columns ``[C, 1]`` and rows ``[1, C]``, so one body serves both backends.
 
@@ -30,8 +31,8 @@ normaliser as an extra value column: the chunk states recomputed (``chunk_states
 ``1/den`` and the normaliser's gradient, the state gradients walking the chunks backwards, then every
 chunk's ``dq, dk, dv`` and gate gradients in parallel. Only the inputs are kept from the forward. The final
 ``m`` is recomputed in XLA (``_final_m``) so its gradient reaches the winning gate as in the reference.
-``backward="xla"`` runs the XLA chunked form's forward and backward under ``jax.grad`` (what
-``impl="auto"`` does until the Pallas backward is timed on a GPU).
+``backward="xla"`` runs the XLA chunked form's forward and backward under ``jax.grad`` (what ``impl="auto"``
+asks for, once it takes this kernel at all: see ``seqjax._platform.GPU_TESTED``).
 
 Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
 ``dot``s with masks and a sequential chunk loop). TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic
@@ -85,7 +86,7 @@ def _last(x):
     return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1, x, 0.0), axis=0, keepdims=True)
 
 
-def _weights(bc, sc, ic, br, sr, ir, er, m_in):
+def _weights(bc, sc, br, sr, ir, er, m_in):
     """``D [C, C]``, the row stabilisers ``m_t`` and readout ``ρ`` ``[C, 1]`` of one chunk (gates as columns
     ``[C, 1]`` and rows ``[1, C]``, ``m_in [1, 1]`` the stabiliser entering the chunk)."""
     c = bc.shape[0]
@@ -97,11 +98,11 @@ def _weights(bc, sc, ic, br, sr, ir, er, m_in):
     return jnp.exp(jnp.where(ok, diff + ir, NEG) - m_t), m_t, jnp.exp(inter - m_t)
 
 
-def _readout(q, k, v, bc, sc, ic, br, sr, ir, er, m_in, s, nv):
-    """One chunk's numerator ``[C, V]``, raw normaliser ``r``, floor ``e^{−m_t}`` and ``ρ`` ``[C, 1]``; ``s
-    [K, V]`` and ``nv [1, K]`` the entering ``C'`` and ``n'``."""
+def _readout(q, k, v, bc, sc, br, sr, ir, er, m_in, s, nv):
+    """One chunk's numerator ``[C, V]`` (``V`` may be one value block), raw normaliser ``r``, row stabiliser
+    ``m_t`` and ``ρ`` ``[C, 1]``; ``s [K, V]`` and ``nv [1, K]`` the entering ``C'`` and ``n'``."""
     md = v.dtype
-    d, m_t, rho = _weights(bc, sc, ic, br, sr, ir, er, m_in)
+    d, m_t, rho = _weights(bc, sc, br, sr, ir, er, m_in)
     att = _mm(q, k, _NT) * d
     num = _mm(att.astype(md), v) + rho * _mm(q, s.astype(md))
     raw = _rsum(att) + rho * _rsum(q.astype(f32) * nv)
@@ -140,11 +141,9 @@ def _states_kernel_tpu(k_ref, v_ref, ew_ref, fo_ref, h0_ref, hs_ref, ht_ref, s_s
         ht_ref[...] = s
 
 
-def _out_kernel(q_ref, k_ref, v_ref, bc_ref, sc_ref, ic_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref, n_ref,
-                o_ref):
-    num, raw, m_t, _ = _readout(q_ref[...], k_ref[...], v_ref[...], bc_ref[...], sc_ref[...], ic_ref[...],
-                                br_ref[...], sr_ref[...], ir_ref[...], er_ref[...], _last(mi_ref[...]), s_ref[...],
-                                n_ref[...])
+def _out_kernel(q_ref, k_ref, v_ref, bc_ref, sc_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref, n_ref, o_ref):
+    num, raw, m_t, _ = _readout(q_ref[...], k_ref[...], v_ref[...], bc_ref[...], sc_ref[...], br_ref[...],
+                                sr_ref[...], ir_ref[...], er_ref[...], _last(mi_ref[...]), s_ref[...], n_ref[...])
     o_ref[...] = (num / jnp.maximum(jnp.abs(raw), jnp.exp(-m_t))).astype(o_ref.dtype)
 
 
@@ -179,7 +178,7 @@ def chunk_stabilisers(bt, st, it, et, kh, n0, m0, c):
     m_in = jnp.concatenate([m0[..., None], m_out[..., :-1]], axis=2)
     fo = jnp.exp(jnp.minimum(a + m_in - m_out, 0.0))
     ew = jnp.where(live, jnp.exp(jnp.minimum(b_end - bb + ii - m_out[..., None], 0.0)), 0.0)
-    n_loc = jnp.einsum("bhnc,bhnck->bhnk", ew, kh.reshape(b, h, n, c, -1).astype(f32))
+    n_loc = jnp.einsum("bhnc,bhnck->bhnk", ew, kh.reshape(b, h, n, c, -1).astype(f32), precision=lax.Precision.HIGHEST)
     cum_f, cum_n = lax.associative_scan(_affine, (fo, n_loc), axis=2)
     n_out = cum_f[..., None] * n0[:, :, None] + cum_n
     n_in = jnp.concatenate([n0[:, :, None], n_out[:, :, :-1]], axis=2)
@@ -258,19 +257,21 @@ def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret, backend):
     hs, C_t = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend, dtype=vh.dtype)
     col = lambda x: x[..., None]  # noqa: E731
     row = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
-    blk = lambda d: chunk_block(c, d)  # noqa: E731
-    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
-    params = (tpu_params(interpret, "parallel", "parallel", "parallel") if tpu
+    bv = min(vp, 128)  # value blocks: each program holds a [Kp, bv] state slice and a [C, bv] accumulator
+    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))  # noqa: E731
+    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
+    vblk = pl.BlockSpec((None, None, c, bv), lambda i, j, l, z: (i, j, l, z))
+    params = (tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if tpu
               else triton_params(interpret, backend, num_warps=4, num_stages=2))
     o = pl.pallas_call(
-        _out_kernel, grid=(b, h, n),
-        in_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk,
-                  pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0)),
-                  pl.BlockSpec((None, None, None, 1, kp), lambda i, j, l: (i, j, l, 0, 0))],
-        out_specs=blk(vp), out_shape=jax.ShapeDtypeStruct((b, h, tp, vp), f32), interpret=interpret,
+        _out_kernel, grid=(b, h, n, vp // bv),
+        in_specs=[blk(kp), blk(kp), vblk, blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk,
+                  pl.BlockSpec((None, None, None, kp, bv), lambda i, j, l, z: (i, j, l, 0, z)),
+                  pl.BlockSpec((None, None, None, 1, kp), lambda i, j, l, z: (i, j, l, 0, 0))],
+        out_specs=vblk, out_shape=jax.ShapeDtypeStruct((b, h, tp, vp), f32), interpret=interpret,
         compiler_params=params, name="mlstm_chunk_out" + ("_tpu" if tpu else ""),
-    )(qh, kh, vh, col(bt), col(st), col(it), jnp.repeat(m_in, c, axis=2)[..., None], row(bt), row(st), row(it),
-      row(et), hs, n_in[:, :, :, None])
+    )(qh, kh, vh, col(bt), col(st), jnp.repeat(m_in, c, axis=2)[..., None], row(bt), row(st), row(it), row(et), hs,
+      n_in[:, :, :, None])
     return o, (C_t, n_t, m_t)
 
 
