@@ -54,6 +54,7 @@ def _grads(f, inp, key):
     (1, 7, 5, 16, True), (63, 20, 9, 32, True), (130, 64, 9, 64, True), (40, 128, 16, 16, True),
     (20, 16, 128, 16, False), (20, 16, 128, 16, True),  # two value blocks of 64 in the Triton state passes
     (257, 16, 16, 64, False),  # five chunks (not a power of two), one of them nearly all padding
+    (40, 9, 200, 16, True),  # dv padded to 256: two value blocks of the per-channel output kernel
 ])
 def test_kernel_equals_reference(t, dk, dv, chunk, channel):
     inp = _inputs(jax.random.PRNGKey(t), t, dk, dv, channel=channel)
@@ -77,11 +78,13 @@ def test_kernel_decay_extremes(lo, hi, channel):
     _close(_grads(kern, inp, jax.random.PRNGKey(2)), _grads(recurrent_gla, inp, jax.random.PRNGKey(2)), 1e-4, "grads")
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
 @pytest.mark.parametrize("channel", [False, True])
-def test_kernel_bf16(channel):
+def test_kernel_bf16(channel, backend):
+    """bf16 q, k, v (the per-channel states entering each chunk are then written in bf16)."""
     inp = _inputs(jax.random.PRNGKey(4), 48, 16, 16, channel=channel)
     low = {n: (x.astype(jnp.bfloat16) if n in ("q", "k", "v") else x) for n, x in inp.items()}
-    o, s = gla_chunk_pallas(**low, chunk_size=16)
+    o, s = gla_chunk_pallas(**low, chunk_size=16, backend=backend)
     assert o.dtype == jnp.float32 and s.dtype == jnp.float32
     _close((o, s), recurrent_gla(**inp), 2e-2, "bf16")
 

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import chunk_block, masked_exp, tpu_params, triton_params
-from pallas_kernels.gla_chunk.channel import SUB, channel_factors, channel_intra, channel_state_step
+from pallas_kernels.gla_chunk.channel import SUB, channel_factors, channel_intra, channel_states
 
 f32 = jnp.float32
 _T0 = (((0,), (0,)), ((), ()))  # Xᵀ Y
@@ -107,17 +107,6 @@ def _channel_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, a_re
         db_ref[si, :] = qi * (dq_in[i] + dq_st_i) - ki * dk_in[i] - writes_i + jnp.where(last_i, end_term, 0.0)
 
 
-def _channel_states_kernel(k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, hs_ref, *, chunk, n_chunks):
-    def body(n, st):
-        sl = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
-        end = pl.ds(n * chunk + chunk - 1, 1)
-        hs_ref[n] = st
-        _, fe, a = channel_factors(b_ref[sl, :], s_ref[sl, :], p_ref[sl, :], b_ref[end, :], s_ref[end, :], p_ref[end, :])
-        return channel_state_step(k_ref[sl, :], v_ref[sl, :], fe, a, st)
-
-    lax.fori_loop(0, n_chunks, body, h0_ref[...])
-
-
 def _channel_dstates_kernel(q_ref, do_ref, b_ref, s_ref, p_ref, dht_ref, dhs_ref, dh0_ref, *, chunk, n_chunks):
     def body(i, dst):
         n = n_chunks - 1 - i
@@ -128,20 +117,6 @@ def _channel_dstates_kernel(q_ref, do_ref, b_ref, s_ref, p_ref, dht_ref, dhs_ref
                                     b_ref[end, :], s_ref[end, :], p_ref[end, :], dst)
 
     dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...])
-
-
-def _channel_states_kernel_tpu(k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, hs_ref, s_scr):
-    c = k_ref.shape[0]
-    end = pl.ds(c - 1, 1)
-
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-        s_scr[...] = h0_ref[...]
-
-    st = s_scr[...]
-    hs_ref[...] = st
-    _, fe, a = channel_factors(b_ref[...], s_ref[...], p_ref[...], b_ref[end, :], s_ref[end, :], p_ref[end, :])
-    s_scr[...] = channel_state_step(k_ref[...], v_ref[...], fe, a, st)
 
 
 def _channel_dstates_kernel_tpu(q_ref, do_ref, b_ref, s_ref, p_ref, dht_ref, dhs_ref, dh0_ref, ds_scr):
@@ -179,17 +154,12 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
     st_shape = jax.ShapeDtypeStruct((bsz, h, vp, kp), f32)
     blk = lambda d, rev=False: chunk_block(chunk, d, n if rev else None)  # noqa: E731  reversed: the backward walk
     chunk_state = pl.BlockSpec((None, None, None, vp, kp), lambda i, j, l: (i, j, l, 0, 0))
+    hs, _ = channel_states(k, v, bc, seg, p, h0t, chunk=chunk, interpret=interpret, backend=backend)
     if tpu:
         from jax.experimental.pallas import tpu as pltpu
 
         whole = pl.BlockSpec((None, None, vp, kp), lambda i, j, l: (i, j, 0, 0))
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
-        hs = pl.pallas_call(
-            _channel_states_kernel_tpu, grid=(bsz, h, n),
-            in_specs=[blk(kp), blk(vp), blk(kp), blk(kp), blk(kp), whole], out_specs=chunk_state, out_shape=hs_shape,
-            scratch_shapes=[pltpu.VMEM((vp, kp), f32)], interpret=interpret, compiler_params=seq,
-            name="gla_chunk_channel_bwd_states_tpu",
-        )(k, v, bc, seg, p, h0t)
         r = blk(kp, True)
         dhs, dh0t = pl.pallas_call(
             _channel_dstates_kernel_tpu, grid=(bsz, h, n),
@@ -206,11 +176,6 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
         vstate = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
         vstates = pl.BlockSpec((None, None, n, bv, kp), lambda i, j, l: (i, j, 0, l, 0))
         walk = triton_params(interpret, backend)
-        hs = pl.pallas_call(
-            functools.partial(_channel_states_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
-            in_specs=[full(kp), vseq, full(kp), full(kp), full(kp), vstate], out_specs=vstates, out_shape=hs_shape,
-            interpret=interpret, compiler_params=walk, name="gla_chunk_channel_bwd_states",
-        )(k, v, bc, seg, p, h0t)
         dhs, dh0t = pl.pallas_call(
             functools.partial(_channel_dstates_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
             in_specs=[full(kp), vseq, full(kp), full(kp), full(kp), vstate], out_specs=[vstates, vstate],

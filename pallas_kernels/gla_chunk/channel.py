@@ -1,8 +1,12 @@
 r"""Pallas kernels: chunked GLA with per-channel decay (GLA proper), forward — see ``kernel.py``'s docstring.
 
-``channel_intra``, grid ``(batch, heads, chunks)``: the intra-chunk matrices ``A [C, C]`` by 16-token
-secondary chunks; then the state pass, ``O = A V + (Q ⊙ e^{b}) S`` and the per-channel decayed state update
-with the state carried transposed, ``Sᵀ [BV, K]``. The backward is ``backward_channel.py``.
+Three kernels, as fla's ``chunk_gla`` forward (``chunk_gla_fwd_intra_gk`` / ``chunk_fwd_h`` /
+``chunk_gla_fwd_o_gk``): ``channel_intra``, grid ``(batch, heads, chunks)``: the intra-chunk matrices
+``A [C, C]`` by 16-token secondary chunks; ``channel_states``, the only serial pass: the per-channel decayed
+state update with the state carried transposed, ``Sᵀ [BV, K]`` (the decay is then a broadcast), writing the
+state entering every chunk (input dtype; float32 in the backward); then ``gla_chunk_channel_out``, grid
+``(batch, heads, chunks, value blocks of 128)``: ``O = A V + (Q ⊙ e^{b}) S``. The backward is
+``backward_channel.py``.
 """
 
 from __future__ import annotations
@@ -79,50 +83,49 @@ def channel_state_step(k, v, fe, a, st):
                                     preferred_element_type=jnp.float32)
 
 
-def _channel_chunk_step(a, q, k, v, b, seg, p, b_end, s_end, p_end, st):
-    """One chunk of the per-channel state pass, shared by both backends: ``O = A V + (Q ⊙ f^s) S`` and the
-    state update, on ``Sᵀ [BV, K]``. Returns ``(o [C, BV], Sᵀ⁺)``."""
-    f32 = jnp.float32
-    fs, fe, decay = channel_factors(b, seg, p, b_end, s_end, p_end)
-    o = jnp.dot(a.astype(v.dtype), v, preferred_element_type=f32)
-    o = o + lax.dot_general((q.astype(f32) * fs).astype(v.dtype), st.astype(v.dtype), (((1,), (1,)), ((), ())),
-                            preferred_element_type=f32)
-    return o, channel_state_step(k, v, fe, decay, st)
-
-
-def _channel_state_kernel(a_ref, q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, chunk, n_chunks):
-    """Triton: one program per (batch, head, value block) walks the chunks, ``Sᵀ [BV, K]`` on chip."""
-    c = chunk
-
+def _channel_states_kernel(k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, hs_ref, ht_ref, *, chunk, n_chunks):
+    """Triton: one program per (batch, head, value block) walks the chunks with ``Sᵀ [BV, K]`` on chip,
+    writing the state entering every chunk."""
     def body(n, st):
-        sl = pl.ds(pl.multiple_of(n * c, c), c)
-        last = pl.ds(n * c + c - 1, 1)
-        o, st = _channel_chunk_step(a_ref[sl, :], q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], s_ref[sl, :],
-                                    p_ref[sl, :], b_ref[last, :], s_ref[last, :], p_ref[last, :], st)
-        o_ref[sl, :] = o.astype(o_ref.dtype)
-        return st
+        sl = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        end = pl.ds(n * chunk + chunk - 1, 1)
+        hs_ref[n] = st.astype(hs_ref.dtype)
+        _, fe, a = channel_factors(b_ref[sl, :], s_ref[sl, :], p_ref[sl, :], b_ref[end, :], s_ref[end, :], p_ref[end, :])
+        return channel_state_step(k_ref[sl, :], v_ref[sl, :], fe, a, st)
 
     ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
 
 
-def _channel_state_kernel_tpu(a_ref, q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, s_scr):
+def _channel_states_kernel_tpu(k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, hs_ref, ht_ref, s_scr):
     """Mosaic TPU: one chunk per grid step (the chunk axis sequential), ``Sᵀ`` in a VMEM scratch."""
-    c = q_ref.shape[0]
-    step = pl.program_id(2)
+    c = k_ref.shape[0]
+    end = pl.ds(c - 1, 1)
 
-    @pl.when(step == 0)
+    @pl.when(pl.program_id(2) == 0)
     def _():
         s_scr[...] = h0_ref[...].astype(jnp.float32)
 
-    last = pl.ds(c - 1, 1)
-    o, st = _channel_chunk_step(a_ref[...], q_ref[...], k_ref[...], v_ref[...], b_ref[...], s_ref[...], p_ref[...],
-                                b_ref[last, :], s_ref[last, :], p_ref[last, :], s_scr[...])
-    o_ref[...] = o.astype(o_ref.dtype)
+    st = s_scr[...]
+    hs_ref[...] = st.astype(hs_ref.dtype)
+    _, fe, a = channel_factors(b_ref[...], s_ref[...], p_ref[...], b_ref[end, :], s_ref[end, :], p_ref[end, :])
+    st = channel_state_step(k_ref[...], v_ref[...], fe, a, st)
     s_scr[...] = st
 
-    @pl.when(step == pl.num_programs(2) - 1)
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _():
         ht_ref[...] = st
+
+
+def _channel_out_kernel(a_ref, q_ref, v_ref, b_ref, s_ref, p_ref, h_ref, o_ref):
+    """One chunk and value block, both backends: ``O = A V + (Q ⊙ f^s) S`` with ``Sᵀ [BV, K]`` the state
+    entering the chunk (``f^s = e^{b}`` on the chunk's first document, with the sign)."""
+    f32 = jnp.float32
+    md = v_ref.dtype
+    fs = jnp.where(s_ref[...] == 0, jnp.exp(b_ref[...]), 0.0) * p_ref[...]
+    o = jnp.dot(a_ref[...].astype(md), v_ref[...], preferred_element_type=f32)
+    o = o + lax.dot_general((q_ref[...].astype(f32) * fs).astype(md), h_ref[...].astype(md), (((1,), (1,)), ((), ())),
+                            preferred_element_type=f32)
+    o_ref[...] = o.astype(o_ref.dtype)
 
 
 def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
@@ -142,48 +145,61 @@ def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
     )(q, k, bc, seg, p)
 
 
+def channel_states(k, v, bc, seg, p, h0t, *, chunk, interpret, backend, dtype=jnp.float32):
+    """The serial pass on either backend, heads-first inputs: the transposed state entering every chunk
+    ``[b, h, N, Vp, Kp]`` in ``dtype`` and the final one ``[b, h, Vp, Kp]`` float32, from ``h0t = Sᵀ_0``."""
+    bsz, h, tp, kp = k.shape
+    vp = v.shape[-1]
+    n = tp // chunk
+    f32 = jnp.float32
+    out_shape = [jax.ShapeDtypeStruct((bsz, h, n, vp, kp), dtype), jax.ShapeDtypeStruct((bsz, h, vp, kp), f32)]
+    if backend == "mosaic_tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+        whole = pl.BlockSpec((None, None, vp, kp), lambda i, j, l: (i, j, 0, 0))
+        return pl.pallas_call(
+            _channel_states_kernel_tpu, grid=(bsz, h, n),
+            in_specs=[blk(kp), blk(vp), blk(kp), blk(kp), blk(kp), whole],
+            out_specs=[pl.BlockSpec((None, None, None, vp, kp), lambda i, j, l: (i, j, l, 0, 0)), whole],
+            out_shape=out_shape, scratch_shapes=[pltpu.VMEM((vp, kp), f32)], interpret=interpret,
+            compiler_params=tpu_params(interpret, "parallel", "parallel", "arbitrary"),
+            name="gla_chunk_channel_states_tpu",
+        )(k, v, bc, seg, p, h0t)
+    bv = min(vp, 64)
+    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+    vstate = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
+    return pl.pallas_call(
+        functools.partial(_channel_states_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
+        in_specs=[full(kp), pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l)), full(kp), full(kp),
+                  full(kp), vstate],
+        out_specs=[pl.BlockSpec((None, None, n, bv, kp), lambda i, j, l: (i, j, 0, l, 0)), vstate], out_shape=out_shape,
+        interpret=interpret, compiler_params=triton_params(interpret, backend), name="gla_chunk_channel_states",
+    )(k, v, bc, seg, p, h0t)
+
+
 def forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
-    """Per-channel decay: the chunk-parallel intra kernel, then the state pass. Padded inputs as
-    ``kernel._forward``'s, gates ``bc, seg, p [b, Tp, h, Kp]``; heads-first inside."""
+    """Per-channel decay: the chunk-parallel intra kernel, the state pass, then the chunk-parallel outputs.
+    Padded inputs as ``kernel._forward``'s, gates ``bc, seg, p [b, Tp, h, Kp]``; heads-first inside."""
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
     n = tp // chunk
     heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
     q, k, v, bc, seg, p = map(heads, (q, k, v, bc, seg, p))
-    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
     tpu = backend == "mosaic_tpu"
-    state_params = tpu_params(interpret, "parallel", "parallel", "arbitrary") if tpu else triton_params(interpret, backend)
     a = channel_intra(q, k, bc, seg, p, chunk=chunk, interpret=interpret, backend=backend)
-    h0t = jnp.swapaxes(h0, -1, -2)  # Sᵀ [b, h, Vp, Kp]
-    out_shape = [jax.ShapeDtypeStruct((bsz, h, tp, vp), jnp.float32), jax.ShapeDtypeStruct(h0t.shape, jnp.float32)]
-    if tpu:
-        from jax.experimental.pallas import tpu as pltpu
-
-        st = pl.BlockSpec((None, None, vp, kp), lambda i, j, l: (i, j, 0, 0))
-        o, ht = pl.pallas_call(
-            _channel_state_kernel_tpu,
-            grid=(bsz, h, n),
-            in_specs=[blk(chunk), blk(kp), blk(kp), blk(vp), blk(kp), blk(kp), blk(kp), st],
-            out_specs=[blk(vp), st],
-            out_shape=out_shape,
-            scratch_shapes=[pltpu.VMEM((vp, kp), jnp.float32)],
-            interpret=interpret,
-            compiler_params=state_params,
-            name="gla_chunk_channel_fwd_tpu",
-        )(a, q, k, v, bc, seg, p, h0t)
-    else:
-        bv = min(vp, 64)
-        seq = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
-        vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
-        st = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
-        o, ht = pl.pallas_call(
-            functools.partial(_channel_state_kernel, chunk=chunk, n_chunks=n),
-            grid=(bsz, h, vp // bv),
-            in_specs=[seq(chunk), seq(kp), seq(kp), vseq, seq(kp), seq(kp), seq(kp), st],
-            out_specs=[vseq, st],
-            out_shape=out_shape,
-            interpret=interpret,
-            compiler_params=state_params,
-            name="gla_chunk_channel_fwd",
-        )(a, q, k, v, bc, seg, p, h0t)
+    hs, ht = channel_states(k, v, bc, seg, p, jnp.swapaxes(h0, -1, -2), chunk=chunk, interpret=interpret,
+                            backend=backend, dtype=v.dtype)
+    bv = min(vp, 128)  # value blocks: each program holds a [bv, Kp] state slice and a [C, bv] accumulator
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l, z: (i, j, l, 0))  # noqa: E731
+    vblk = pl.BlockSpec((None, None, chunk, bv), lambda i, j, l, z: (i, j, l, z))
+    o = pl.pallas_call(
+        _channel_out_kernel, grid=(bsz, h, n, vp // bv),
+        in_specs=[blk(chunk), blk(kp), vblk, blk(kp), blk(kp), blk(kp),
+                  pl.BlockSpec((None, None, None, bv, kp), lambda i, j, l, z: (i, j, l, z, 0))],
+        out_specs=vblk, out_shape=jax.ShapeDtypeStruct((bsz, h, tp, vp), jnp.float32), interpret=interpret,
+        compiler_params=(tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if tpu
+                         else triton_params(interpret, backend, num_warps=4, num_stages=2)),
+        name="gla_chunk_channel_out" + ("_tpu" if tpu else ""),
+    )(a, q, v, bc, seg, p, hs)
     return jnp.moveaxis(o, 1, 2), jnp.swapaxes(ht, -1, -2)

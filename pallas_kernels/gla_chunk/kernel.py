@@ -15,13 +15,14 @@ How it works
     key channels and value columns contribute 0) as GPU ``dot``s require; time is padded at the front to a
     whole number of chunks (decay 1, k = 0).
 
-Per-channel decay (GLA) — two kernels
+Per-channel decay (GLA) — three kernels
     ``channel.py``. ``_intra_channel_kernel``, grid ``(batch, heads, chunks)``, all chunks in parallel: the intra-chunk
     matrix ``A [C, C]`` by 16-token secondary chunks (GLA paper §4.3, as ``seqjax.mixers._gla_chunk``):
     earlier secondary chunks through a reference token with both exponents ``≤ 0``, the diagonal
-    ``16 × 16`` blocks in log space one key column at a time. Then the state pass
-    (``_channel_chunk_step``): ``O = A V + (Q ⊙ e^{b}) S`` and the per-channel decayed state update, with
-    the state carried transposed (``Sᵀ [BV, K]``: the per-channel decay is a broadcast).
+    ``16 × 16`` blocks in log space one key column at a time. Then the serial state pass
+    (``channel_states``; only the per-channel decayed state update, with the state carried transposed,
+    ``Sᵀ [BV, K]``: the per-channel decay is a broadcast), then the outputs ``O = A V + (Q ⊙ e^{b}) S`` for
+    every chunk in parallel (``_channel_out_kernel``), as fla's ``chunk_gla`` forward.
 
 Backward
     ``backward="pallas"`` (the default): ``backward.py`` (per head), ``backward_channel.py`` — the chunk states
@@ -49,9 +50,9 @@ through the XLA form) also passed compiled with the Triton lowering on an NVIDIA
 Speed there (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16): the per-head forward is
 3.0-3.5x the XLA chunked form's and at parity with fla's ``chunk_simple_gla`` forward (0.98x). The first
 per-channel kernel (commit 24a1fc6: the diagonal blocks built column by column inside the serial chunk
-walk) measured 0.33x XLA; it has since been split into the chunk-parallel intra kernel and the state pass
-described above (as fla's ``chunk_gla_fwd_A`` + ``chunk_fwd_o``), which is interpret-tested but not yet compiled or timed on a GPU, so
-``impl="auto"`` keeps XLA for per-channel decays.
+walk) measured 0.33x XLA; it has since been split into the three kernels described above (as fla's
+``chunk_gla`` forward), which are interpret-tested and lower to Triton, but not yet compiled or timed on a
+GPU, so ``impl="auto"`` keeps XLA for per-channel decays.
 
 Mosaic TPU: ``backend="mosaic_tpu"`` (automatic on a TPU) uses bodies that run one chunk per grid step with
 the state in a VMEM scratch (the chunk axis ``"arbitrary"``), heads-first blocks whose last two dims are
