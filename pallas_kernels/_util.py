@@ -61,3 +61,18 @@ def chunk_block(c: int, d: int, reverse_of: int | None = None):
     if reverse_of is None:
         return pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))
     return pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, reverse_of - 1 - l, 0))
+
+
+def out_specs(c: int, vp: int, *, interpret: bool, backend: str):
+    """The pieces of a chunk-parallel output kernel on the grid ``(batch, head, chunk, value block)``:
+    ``(bv, blk, rblk, vblk, params)`` — the value block ``bv = min(vp, 128)`` (each program holds a
+    ``[K, bv]`` state slice and a ``[C, bv]`` accumulator), ``blk(d)``: chunk ``l``'s ``[C, d]`` rows of a
+    heads-first ``[b, h, Tp, d]`` array, ``rblk``: its gates as a row ``[1, C]`` of ``[b, h, N, 1, C]``,
+    ``vblk``: its ``[C, bv]`` value block, and the compiler params of either backend."""
+    bv = min(vp, 128)
+    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))  # noqa: E731
+    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
+    vblk = pl.BlockSpec((None, None, c, bv), lambda i, j, l, z: (i, j, l, z))
+    params = (tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if backend == "mosaic_tpu"
+              else triton_params(interpret, backend, num_warps=4, num_stages=2))
+    return bv, blk, rblk, vblk, params

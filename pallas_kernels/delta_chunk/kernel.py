@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import chunk_block, resolve, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, out_specs, resolve, tpu_params, triton_params
 from pallas_kernels.delta_chunk.wy import wy_factors
 
 __all__ = ["delta_chunk", "chunk_states"]
@@ -236,12 +236,7 @@ def _kernels(qh, kh, vh, bh, g, rev, seg, h0p, *, c, scale, interpret, backend):
     w, u = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend=backend)
     hs, ht, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, dtype=dtype,
                               with_u_new=True)
-    bv = min(vp, 128)  # value blocks: each program holds a [Kp, bv] state slice and a [C, bv] accumulator
-    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))  # noqa: E731
-    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
-    vblk = pl.BlockSpec((None, None, c, bv), lambda i, j, l, z: (i, j, l, z))
-    params = (tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if tpu
-              else triton_params(interpret, backend, num_warps=4, num_stages=2))
+    bv, blk, rblk, vblk, params = out_specs(c, vp, interpret=interpret, backend=backend)
     o = pl.pallas_call(
         functools.partial(_out_kernel, scale=scale), grid=(b, h, n, vp // bv),
         in_specs=[blk(kp), blk(kp), vblk, blk(1), blk(1), rblk, rblk,

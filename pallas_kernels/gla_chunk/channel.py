@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import masked_exp, tpu_params, triton_params
+from pallas_kernels._util import masked_exp, out_specs, tpu_params, triton_params
 
 SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
 
@@ -190,16 +190,13 @@ def forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
     a = channel_intra(q, k, bc, seg, p, chunk=chunk, interpret=interpret, backend=backend)
     hs, ht = channel_states(k, v, bc, seg, p, jnp.swapaxes(h0, -1, -2), chunk=chunk, interpret=interpret,
                             backend=backend, dtype=v.dtype)
-    bv = min(vp, 128)  # value blocks: each program holds a [bv, Kp] state slice and a [C, bv] accumulator
-    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l, z: (i, j, l, 0))  # noqa: E731
-    vblk = pl.BlockSpec((None, None, chunk, bv), lambda i, j, l, z: (i, j, l, z))
+    bv, blk, _, vblk, params = out_specs(chunk, vp, interpret=interpret, backend=backend)
     o = pl.pallas_call(
         _channel_out_kernel, grid=(bsz, h, n, vp // bv),
         in_specs=[blk(chunk), blk(kp), vblk, blk(kp), blk(kp), blk(kp),
                   pl.BlockSpec((None, None, None, bv, kp), lambda i, j, l, z: (i, j, l, z, 0))],
         out_specs=vblk, out_shape=jax.ShapeDtypeStruct((bsz, h, tp, vp), jnp.float32), interpret=interpret,
-        compiler_params=(tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if tpu
-                         else triton_params(interpret, backend, num_warps=4, num_stages=2)),
+        compiler_params=params,
         name="gla_chunk_channel_out" + ("_tpu" if tpu else ""),
     )(a, q, v, bc, seg, p, hs)
     return jnp.moveaxis(o, 1, 2), jnp.swapaxes(ht, -1, -2)

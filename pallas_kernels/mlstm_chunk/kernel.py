@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import check_chunk_size, chunk_block, resolve, tpu_params, triton_params
+from pallas_kernels._util import check_chunk_size, chunk_block, out_specs, resolve, tpu_params, triton_params
 
 __all__ = ["mlstm_chunk", "chunk_states", "chunk_stabilisers"]
 
@@ -257,12 +257,7 @@ def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret, backend):
     hs, C_t = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend, dtype=vh.dtype)
     col = lambda x: x[..., None]  # noqa: E731
     row = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
-    bv = min(vp, 128)  # value blocks: each program holds a [Kp, bv] state slice and a [C, bv] accumulator
-    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))  # noqa: E731
-    rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
-    vblk = pl.BlockSpec((None, None, c, bv), lambda i, j, l, z: (i, j, l, z))
-    params = (tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if tpu
-              else triton_params(interpret, backend, num_warps=4, num_stages=2))
+    bv, blk, rblk, vblk, params = out_specs(c, vp, interpret=interpret, backend=backend)
     o = pl.pallas_call(
         _out_kernel, grid=(b, h, n, vp // bv),
         in_specs=[blk(kp), blk(kp), vblk, blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk,
