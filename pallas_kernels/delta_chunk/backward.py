@@ -1,7 +1,7 @@
 r"""Pallas backward of the chunked (gated) delta rule: recompute the WY factors and the chunk states, walk
 the state gradients backwards, then every chunk's gradients in parallel (as fla's
 ``chunk_gated_delta_rule_bwd``: ``prepare_wy_repr`` / ``chunk_fwd_h`` / ``bwd_dhu`` / ``bwd_dqkwg`` /
-``prepare_wy_repr_bwd``, here four ``pallas_call``\ s).
+``prepare_wy_repr_bwd``, here five ``pallas_call``\ s).
 
 Per chunk (``kernel.py``'s notation; gates as columns ``[C, 1]``): ``A = tril(diag(β) K Kᵀ ⊙ Γ, −1)``,
 ``X = (I + A)^{-1}``, ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)``, ``U' = U − W S``,
@@ -28,8 +28,10 @@ rounding), plus the ``γ`` terms and ``γ_C ⟨S, dS⁺⟩`` at the last token.
 
 Kernels: (1) ``wy_factors(with_x=True)``: ``W, U`` and ``X``, chunk-parallel; (2) the state before every
 chunk, ``H [b, h, N, K, V]``; (3) ``dH`` (the gradient of the state after every chunk) walking the chunks
-backwards, and ``dh0``; (4) grid ``(batch, heads, chunks)``: everything above, per chunk. Nothing but the
-inputs is kept from the forward. Triton walks (2) and (3) with a ``fori_loop`` per (batch, head, value
+backwards, and ``dh0``; (4) grid ``(batch, heads, chunks)``: everything above, per chunk, in two kernels —
+(4a) through the outputs, the attention and the states (``dq``, ``dU'``, ``dW``, part of ``dk`` and ``dg``),
+(4b) through ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``; fla's
+``prepare_wy_repr_bwd``). Nothing but the inputs is kept from the forward. Triton walks (2) and (3) with a ``fori_loop`` per (batch, head, value
 block of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM scratch. The math is one
 function per step for both, on gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products
 with ``X`` run at ``HIGHEST``; the others take the input dtype with float32 accumulation, as the forward.
@@ -59,19 +61,19 @@ def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
     return total * ds + _mm((q.astype(f32) * gamma).astype(md), dos, _TN) - _mm(w, du.astype(md), _TN)
 
 
-def _chunk_grads(q, k, v, w, u, x, do, bc, gc, rc, sc, gr, sr, s, ds, scale):
-    """One chunk's gradients (module docstring). ``q, k, w [C, K]``, ``v, u, do [C, V]`` (input dtype),
-    ``x [C, C]`` float32, gate columns ``β, g, rev, seg [C, 1]`` and rows ``g, seg [1, C]``, ``s`` the state
-    before the chunk and ``ds`` the gradient of the state after it (``[K, V]`` float32). Returns float32
-    ``dq, dk [C, K]``, ``dv [C, V]`` and ``dβ, dg, drev [C, 1]``."""
+def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale):
+    """Pass 4a, one chunk: the gradients through the outputs, the attention and the states (module
+    docstring). ``q, k, w [C, K]``, ``u, do [C, V]`` (input dtype), gate columns ``g, rev, seg [C, 1]`` and
+    rows ``g, seg [1, C]``, ``s`` the state before the chunk and ``ds`` the gradient of the state after it
+    (``[K, V]`` float32). Returns float32 ``dq`` (complete), ``dk`` (these terms), ``dU' [C, V]``,
+    ``dW [C, K]``, and ``dg`` (these terms), ``drev`` ``[C, 1]``."""
     md = q.dtype
     c = q.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)  # noqa: E731
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     gam = _decay_incl(gc, sc, gr, sr)
-    gam_st = jnp.where(strict, gam, 0.0)
     gamma, total, to_end = _col_factors(gc, rc, sc)
-    qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
+    qf, kf = q.astype(f32), k.astype(f32)
     sm, dsm = s.astype(md), ds.astype(md)
     u_new = u.astype(f32) - _mm(w, sm)
     dof = scale * do.astype(f32)
@@ -84,26 +86,36 @@ def _chunk_grads(q, k, v, w, u, x, do, bc, gc, rc, sc, gr, sr, s, ds, scale):
     rd = _mm(dos, sm, _NT)  # dÕ Sᵀ
     ke = _mm(u_new.astype(md), dsm, _NT)  # U' dS⁺ᵀ
     dq_in, dk_in = _mm(dqk, k), _mm(dqk, q, _TN)
-    dq = gamma * rd + dq_in + diag * kf
-    dk = dk_in + diag * qf + to_end * ke
-    # U' = U − W S, then W = X (βγ ⊙ K), U = X (β ⊙ V), X = (I + A)^{-1}
-    dw = -_mm(du, s, _NT)
-    bg = bc * gamma
-    dkb, dvb = _mm(x, dw, _TN), _mm(x, du, _TN)
-    dx = _mm(dw, kf * bg, _NT) + _mm(du, vf * bc, _NT)
-    da_g = -_mm(_mm(x, dx, _TN), x, _NT) * gam_st  # dA ⊙ Γ, strictly lower
-    dag = bc * da_g
-    kda, kdat = _mm(dag, kf), _mm(dag, kf, _TN)
-    dk = dk + kda + kdat + bg * dkb
-    dv = bc * dvb
-    kdkb = rsum(kf * dkb)
-    dbeta = rsum(kf * _mm(da_g, kf)) + gamma * kdkb + rsum(vf * dvb)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩ [1, 1]
-    dg = (rsum(kf * kda) - rsum(kf * kdat) + rsum(qf * dq_in) - rsum(kf * dk_in)
-          + bg * kdkb + gamma * rsum(qf * rd) + jnp.where(is_last, total * carry, 0.0))
-    drev = to_end * rsum(kf * ke)
-    return dq, dk, dv, dbeta, dg, drev
+    dg = (rsum(qf * dq_in) - rsum(kf * dk_in) + gamma * rsum(qf * rd) + jnp.where(is_last, total * carry, 0.0))
+    dw = -_mm(du.astype(md), sm, _NT)  # in the input dtype, as fla: a float32 S operand costs 64 KiB of shared memory
+    return gamma * rd + dq_in + diag * kf, dk_in + diag * qf + to_end * ke, du, dw, dg, to_end * rsum(kf * ke)
+
+
+def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr):
+    """Pass 4b, one chunk: the gradients through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}``
+    from ``dU', dW`` (float32, pass 4a's) and the inverse ``x [C, C]`` float32. Returns float32 ``dk`` (these
+    terms), ``dv [C, V]``, ``dβ`` and ``dg`` (these terms) ``[C, 1]``. The matmul operands take the input
+    dtype, as fla's ``prepare_wy_repr_bwd`` (float32 inputs: float32 at ``HIGHEST``; on a GPU that is an
+    FMA loop per product, not a tensor-core one)."""
+    md = k.dtype
+    c = k.shape[0]
+    rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)  # noqa: E731
+    strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    gam_st = jnp.where(strict, _decay_incl(gc, sc, gr, sr), 0.0)
+    gamma = jnp.where(sc == 0.0, jnp.exp(gc), 0.0)
+    kf, vf = k.astype(f32), v.astype(f32)
+    bg = bc * gamma
+    xm, dwm, dum = x.astype(md), dw.astype(md), du.astype(md)
+    dkb, dvb = _mm(xm, dwm, _TN), _mm(xm, dum, _TN)
+    dx = _mm(dwm, (kf * bg).astype(md), _NT) + _mm(dum, (vf * bc).astype(md), _NT)
+    da_g = -_mm(_mm(xm, dx.astype(md), _TN).astype(md), xm, _NT) * gam_st  # dA ⊙ Γ, strictly lower
+    dag = (bc * da_g).astype(md)
+    kda, kdat = _mm(dag, k), _mm(dag, k, _TN)
+    kdkb = rsum(kf * dkb)
+    dbeta = rsum(kf * _mm(da_g.astype(md), k)) + gamma * kdkb + rsum(vf * dvb)
+    return kda + kdat + bg * dkb, bc * dvb, dbeta, rsum(kf * kda) - rsum(kf * kdat) + bg * kdkb
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -138,13 +150,22 @@ def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_
         dh0_ref[...] = ds
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, w_ref, u_ref, x_ref, do_ref, bc_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref,
-                  h_ref, dh_ref, dq_ref, dk_ref, dv_ref, db_ref, dg_ref, dr_ref, *, scale):
-    out = _chunk_grads(q_ref[...], k_ref[...], v_ref[...], w_ref[...], u_ref[...], x_ref[...], do_ref[...],
-                       bc_ref[...], gc_ref[...], rc_ref[...], sc_ref[...], gr_ref[...], sr_ref[...], h_ref[...],
-                       dh_ref[...], scale)
-    for ref, val in zip((dq_ref, dk_ref, dv_ref, db_ref, dg_ref, dr_ref), out):
+def _grads_states_kernel(q_ref, k_ref, w_ref, u_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref, dh_ref,
+                         dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, *, scale):
+    out = _chunk_grads_states(*(r[...] for r in (q_ref, k_ref, w_ref, u_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref,
+                                                  sr_ref, h_ref, dh_ref)), scale)
+    for ref, val in zip((dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref), out):
         ref[...] = val.astype(ref.dtype)
+
+
+def _grads_wy_kernel(k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, dka_ref, dga_ref,
+                     dk_ref, dv_ref, db_ref, dg_ref):
+    dk, dv, dbeta, dg = _chunk_grads_wy(*(r[...] for r in (k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref,
+                                                          gr_ref, sr_ref)))
+    dk_ref[...] = (dka_ref[...] + dk).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    db_ref[...] = dbeta
+    dg_ref[...] = dga_ref[...] + dg
 
 
 # ----------------------------------------------------------------------------- driver
@@ -201,13 +222,23 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         )(qh, kh, w, do, *cols[1:], *rows, dht)
         params = triton_params(interpret, backend, num_warps=8, num_stages=1)
     gshape = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
-    dq, dk, dv, dbeta, dg, drev = pl.pallas_call(
-        functools.partial(_grads_kernel, scale=scale), grid=(b, h, n),
-        in_specs=[blk(kp), blk(kp), blk(vp), blk(kp), blk(vp), blk(c), blk(vp), blk(1), blk(1), blk(1), blk(1),
-                  rblk(), rblk(), chunk_state, chunk_state],
-        out_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1), blk(1)],
-        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), jax.ShapeDtypeStruct(kh.shape, kh.dtype),
-                   jax.ShapeDtypeStruct(vh.shape, vh.dtype), gshape, gshape, gshape],
-        interpret=interpret, compiler_params=params, name="delta_chunk_bwd_grads" + ("_tpu" if tpu else ""),
-    )(qh, kh, vh, w, u, x, do, *cols, *rows, hs, dhs)
+    fshape = lambda d: jax.ShapeDtypeStruct((b, h, tp, d), f32)  # noqa: E731
+    name = "_tpu" if tpu else ""
+    # (4a) through the outputs, the attention and the states; (4b) through W, U and X (two kernels: one holding
+    # both [K, V] states and the WY algebra needs more shared memory than an H100 has: 272 KiB by Triton 3.9)
+    dq, dk_a, du, dw, dg_a, drev = pl.pallas_call(
+        functools.partial(_grads_states_kernel, scale=scale), grid=(b, h, n),
+        in_specs=[blk(kp), blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk(), rblk(), chunk_state,
+                  chunk_state],
+        out_specs=[blk(kp), blk(kp), blk(vp), blk(kp), blk(1), blk(1)],
+        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), fshape(kp), fshape(vp), fshape(kp), gshape, gshape],
+        interpret=interpret, compiler_params=params, name="delta_chunk_bwd_grads" + name,
+    )(qh, kh, w, u, do, *cols[1:], *rows, hs, dhs)
+    dk, dv, dbeta, dg = pl.pallas_call(
+        _grads_wy_kernel, grid=(b, h, n),
+        in_specs=[blk(kp), blk(vp), blk(c), blk(vp), blk(kp), blk(1), blk(1), blk(1), rblk(), rblk(), blk(kp), blk(1)],
+        out_specs=[blk(kp), blk(vp), blk(1), blk(1)],
+        out_shape=[jax.ShapeDtypeStruct(kh.shape, kh.dtype), jax.ShapeDtypeStruct(vh.shape, vh.dtype), gshape, gshape],
+        interpret=interpret, compiler_params=params, name="delta_chunk_bwd_grads_wy" + name,
+    )(kh, vh, x, du, dw, cols[0], cols[1], cols[3], *rows, dk_a, dg_a)
     return dq, dk, dv, dbeta[..., 0], dg[..., 0], drev[..., 0], dh0
