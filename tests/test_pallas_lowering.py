@@ -51,7 +51,7 @@ def test_chunked_kernels_lower_to_mosaic_tpu(dk, dv):
     gla = lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw)  # noqa: E731
     assert _mosaic_calls(_grad(gla), q, v, g) == 4  # forward, then states, state gradients, chunk gradients
     delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
-    assert _mosaic_calls(_grad(delta), q, v, g) == 7  # forward (3), then WY + X, states, state grads, chunk grads
+    assert _mosaic_calls(_grad(delta), q, v, g) == 8  # forward (3), WY + X, states, state grads, chunk grads (2)
     mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)  # noqa: E731
     assert _mosaic_calls(_grad(mlstm), q, v, g) == 6  # forward (2), then states, rows, state grads, chunk grads
 
@@ -70,7 +70,7 @@ def test_chunked_kernels_lower_to_triton(dk, dv):
     assert _triton_calls(_grad(chan), q, v, g) == 7  # forward (3), then intra, states, state grads, chunk grads
     delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
     assert _triton_calls(delta, q, v, g) == 3  # WY, states, outputs
-    assert _triton_calls(_grad(delta), q, v, g) == 7  # forward (3), then WY + X, states, state grads, chunk grads
+    assert _triton_calls(_grad(delta), q, v, g) == 8  # forward (3), WY + X, states, state grads, chunk grads (2)
     mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)  # noqa: E731
     assert _triton_calls(mlstm, q, v, g) == 2  # states, outputs
     assert _triton_calls(_grad(mlstm), q, v, g) == 6  # forward (2), then states, rows, state grads, chunk grads

@@ -1,0 +1,148 @@
+"""What each Pallas GPU kernel costs an H100/H200 in shared memory and registers, measured without a GPU.
+
+``jax.export(platforms=("cuda",))`` runs the Pallas -> Triton IR lowering on any machine; this script keeps
+that IR for every kernel of the chunked mixers (forward and backward, bf16, head dims 128, chunk 64), then
+compiles it for ``sm_90`` with the ``triton`` wheel (``pip install triton``; no GPU or driver needed: Triton
+bundles ``ptxas``) and prints, per kernel, the shared memory the launch needs (an H100/H200 block may have at
+most 227 KiB) and the registers and spill bytes ``ptxas -v`` reports. A kernel over the shared-memory limit
+fails to launch; heavy spills make it slow.
+
+Caveat: XLA compiles the same IR with the Triton inside jaxlib, whose version differs from the wheel's; the
+numbers are close, not equal. The IR is captured by wrapping a private jax function
+(``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``), so a jax upgrade may need this script
+updated. The compile runs in a subprocess (Triton's and jaxlib's LLVMs stay apart), with ``--python``'s
+interpreter if the triton wheel lives in another environment.
+
+    python benchmarks/triton_resources.py [--kernels=gla,chan,delta,mlstm] [--python=PY] [--out=FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMEM_LIMIT = 227 * 1024  # the most shared memory one block may opt into on sm_90 (H100, H200)
+
+
+def dump(kernels: list[str], out: str) -> dict[str, tuple[int, int]]:
+    """Write ``<out>/<name>.ttir`` for every Triton kernel of ``kernels``' forward and gradient; return
+    ``{name: (num_warps, num_stages)}``."""
+    sys.path.insert(0, ROOT)
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+    from jax._src.pallas.triton import lowering
+
+    from pallas_kernels.delta_chunk import delta_chunk
+    from pallas_kernels.gla_chunk import gla_chunk_pallas
+    from pallas_kernels.mlstm_chunk import mlstm_chunk
+
+    real = lowering.lower_jaxpr_to_triton_module
+
+    def keep(*a, **kw):
+        res = real(*a, **kw)
+        asm = res.module.operation.get_asm(enable_debug_info=False)
+        name = re.search(r"tt\.func public @(\w+)", asm).group(1)
+        with open(os.path.join(out, name + ".ttir"), "w") as f:
+            f.write(asm)
+        return res
+
+    lowering.lower_jaxpr_to_triton_module = keep
+    try:
+        q = jnp.zeros((2, 256, 2, 128), jnp.bfloat16)
+        g = jnp.zeros((2, 256, 2))
+        kw = dict(chunk_size=64, interpret=False, backend="triton")
+        forms = {"gla": lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw),
+                 "chan": lambda q, v, g: gla_chunk_pallas(q, q, v, jnp.zeros(q.shape, jnp.float32) + g[..., None], **kw),
+                 "delta": lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw),
+                 "mlstm": lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)}
+        params = {}
+        for name in kernels:
+            f = forms[name]
+            loss = lambda *a, f=f: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(f(*a)))  # noqa: E731
+            exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=("cuda",),
+                                disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, q, g)
+            for m in re.finditer(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', exp.mlir_module()):
+                params[m.group(1)] = (int(m.group(3)), int(m.group(2)))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = real
+    return params
+
+
+def compile_all(out: str) -> list[dict]:
+    """In the triton wheel's process: compile every ``<out>/*.ttir`` for sm_90 and read ``ptxas -v``."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    params = json.load(open(os.path.join(out, "params.json")))
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next(p for p in (os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "ptxas")) if os.path.exists(p))
+    rows = []
+    for name, (warps, stages) in sorted(params.items()):
+        path = os.path.join(out, name + ".ttir")
+        row = dict(name=name, warps=warps, stages=stages)
+        try:
+            k = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+            with open(path + ".ptx", "w") as f:
+                f.write(k.asm["ptx"])
+            info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path + ".ptx", "-o", os.devnull],
+                                  capture_output=True, text=True).stderr
+            row.update(shared=k.metadata.shared, registers=int(re.search(r"Used (\d+) registers", info).group(1)),
+                       spills=int(re.search(r"(\d+) bytes spill stores", info).group(1)))
+        except Exception as e:  # noqa: BLE001 — a kernel that does not compile is a finding, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernels", default="gla,chan,delta,mlstm")
+    p.add_argument("--python", default=sys.executable, help="an interpreter with the triton wheel")
+    p.add_argument("--out", default="", help="also write the table to this markdown file")
+    p.add_argument("--compile-dir", default="", help=argparse.SUPPRESS)  # the subprocess's entry
+    a = p.parse_args(argv)
+    if a.compile_dir:
+        import triton
+
+        print(json.dumps({"triton": triton.__version__, "rows": compile_all(a.compile_dir)}))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        params = dump(a.kernels.split(","), tmp)
+        with open(os.path.join(tmp, "params.json"), "w") as f:
+            json.dump(params, f)
+        res = subprocess.run([a.python, os.path.abspath(__file__), "--compile-dir", tmp], capture_output=True, text=True)
+        if res.returncode:
+            sys.exit(f"the triton compile failed (is the triton wheel installed for {a.python}?):\n{res.stderr[-2000:]}")
+        found = json.loads(res.stdout.strip().splitlines()[-1])
+    import jax
+
+    lines = [f"# Pallas GPU kernels compiled for sm_90 without a GPU (jax {jax.__version__}, triton {found['triton']})", "",
+             "B=2, T=256, H=2, D=128, bf16, chunk 64; forward and backward kernels. Limit: 227 KiB shared memory per",
+             "block on an H100/H200. Spills: bytes of register spill stores per thread (`ptxas -v`).", "",
+             "| kernel | warps | stages | shared KiB | registers | spill stores B | note |", "|---|---|---|---|---|---|---|"]
+    for r in found["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['warps']} | {r['stages']} | | | | compile failed: {r['error']} |")
+            continue
+        note = "**over the shared-memory limit**" if r["shared"] > SMEM_LIMIT else ("heavy spills" if r["spills"] > 4096 else "")
+        lines.append(f"| {r['name']} | {r['warps']} | {r['stages']} | {r['shared'] / 1024:.0f} | {r['registers']} | "
+                     f"{r['spills']} | {note} |")
+    print("\n".join(lines))
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
