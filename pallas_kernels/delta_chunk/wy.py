@@ -65,6 +65,15 @@ def _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref=None):
             x_ref[rows, :] = sum(_dot(x[i, j], jnp.where(col == r + j * SUB, 1.0, 0.0), hi) for j in range(i + 1))
 
 
+def _sub_blocks(c):
+    """The ``SUB x SUB`` tiling of a chunk of ``c`` tokens: ``(nb, row iota, strictly lower mask, identity,
+    the row slices of the nb sub-blocks)``."""
+    row = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    nb = c // SUB
+    return nb, row, row > col, jnp.where(row == col, 1.0, 0.0).astype(jnp.float32), [pl.ds(i * SUB, SUB) for i in range(nb)]
+
+
 def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c):
     """One chunk: ``X = (I + tril(diag(beta) K Kᵀ ⊙ Gamma, -1))^{-1}``, ``W = X (beta gamma ⊙ K)``,
     ``U = X (beta ⊙ V)``.
@@ -75,12 +84,7 @@ def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c
     matmuls. Every sub-block is loaded from the refs at a static offset (no value slicing).
     """
     f32 = jnp.float32
-    nb = c // SUB
-    row = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    strict = row > col
-    eye = jnp.where(row == col, 1.0, 0.0).astype(f32)
-    blk = [pl.ds(i * SUB, SUB) for i in range(nb)]
+    nb, row, strict, eye, blk = _sub_blocks(c)
     k = [k_ref[s, :] for s in blk]
     beta, g, seg = ([r[s] for s in blk] for r in (b_ref, g_ref, s_ref))
     a = {}
@@ -116,13 +120,7 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
     """``_wy_kernel`` for Mosaic TPU: sub-block gates as columns ``[16, 1]`` and rows ``[1, 16]``; the
     diagonal blocks' forward substitution as masked ``16 x 16`` matmuls (one row per step)."""
     f32 = jnp.float32
-    c = k_ref.shape[0]
-    nb = c // SUB
-    row = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    strict = row > col
-    eye = jnp.where(row == col, 1.0, 0.0).astype(f32)
-    blk = [pl.ds(i * SUB, SUB) for i in range(nb)]
+    nb, row, strict, eye, blk = _sub_blocks(k_ref.shape[0])
     k = [k_ref[s, :] for s in blk]
     beta, gcol, scol = ([r[s, :] for s in blk] for r in (bc_ref, gc_ref, sc_ref))  # [16, 1] each
     grow, srow = ([r[pl.ds(i, 1), :] for i in range(nb)] for r in (gr_ref, sr_ref))  # [1, 16] each
