@@ -13,7 +13,7 @@ numbers are close, not equal. The IR is captured by wrapping a private jax funct
 updated. The compile runs in a subprocess (Triton's and jaxlib's LLVMs stay apart), with ``--python``'s
 interpreter if the triton wheel lives in another environment.
 
-    python benchmarks/triton_resources.py [--kernels=gla,chan,delta,mlstm] [--python=PY] [--out=FILE]
+    python benchmarks/triton_resources.py [--kernels=gla,chan,delta,mlstm] [--python=PY] [--out=FILE] [--only=RE] [--keep=DIR]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def dump(kernels: list[str], out: str) -> dict[str, tuple[int, int]]:
     return params
 
 
-def compile_all(out: str) -> list[dict]:
+def compile_all(out: str, only: str = "") -> list[dict]:
     """In the triton wheel's process: compile every ``<out>/*.ttir`` for sm_90 and read ``ptxas -v``."""
     import warnings
 
@@ -89,7 +89,7 @@ def compile_all(out: str) -> list[dict]:
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = next(p for p in (os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "ptxas")) if os.path.exists(p))
     rows = []
-    for file in sorted(f for f in os.listdir(out) if f.endswith(".ttir")):
+    for file in sorted(f for f in os.listdir(out) if f.endswith(".ttir") and re.search(only, f)):
         name = file[:-len(".ttir")]
         warps, stages = params[name.split("#")[0]]
         path = os.path.join(out, file)
@@ -113,18 +113,24 @@ def main(argv=None):
     p.add_argument("--kernels", default="gla,chan,delta,mlstm")
     p.add_argument("--python", default=sys.executable, help="an interpreter with the triton wheel")
     p.add_argument("--out", default="", help="also write the table to this markdown file")
+    p.add_argument("--only", default="", help="compile only the kernels whose name matches this regex")
+    p.add_argument("--keep", default="", help="keep each kernel's .ttir and .ptx in this (new) folder")
     p.add_argument("--compile-dir", default="", help=argparse.SUPPRESS)  # the subprocess's entry
     a = p.parse_args(argv)
     if a.compile_dir:
         import triton
 
-        print(json.dumps({"triton": triton.__version__, "rows": compile_all(a.compile_dir)}))
+        print(json.dumps({"triton": triton.__version__, "rows": compile_all(a.compile_dir, a.only)}))
         return
+    if a.keep:
+        os.makedirs(a.keep)
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = a.keep or tmp
         params = dump(a.kernels.split(","), tmp)
         with open(os.path.join(tmp, "params.json"), "w") as f:
             json.dump(params, f)
-        res = subprocess.run([a.python, os.path.abspath(__file__), "--compile-dir", tmp], capture_output=True, text=True)
+        res = subprocess.run([a.python, os.path.abspath(__file__), "--compile-dir", tmp, "--only", a.only],
+                             capture_output=True, text=True)
         if res.returncode:
             sys.exit(f"the triton compile failed (is the triton wheel installed for {a.python}?):\n{res.stderr[-2000:]}")
         found = json.loads(res.stdout.strip().splitlines()[-1])

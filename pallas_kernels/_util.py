@@ -55,6 +55,18 @@ def masked_exp(ok, x):
     return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
 
 
+def token_loop(lo: int, hi: int, body, init, *, rolled: bool):
+    """``body(j, carry)`` for the tokens ``j`` of ``[lo, hi)``: a ``fori_loop`` when ``rolled`` (Triton: one
+    loop body instead of ``hi - lo`` unrolled copies, whose loads the scheduler hoists and whose values
+    then spill registers), else a Python loop with static row offsets (Mosaic TPU, where a dynamic
+    single-row offset into a packed bf16 block is not a given)."""
+    if rolled:
+        return jax.lax.fori_loop(lo, hi, body, init)
+    for j in range(lo, hi):
+        init = body(j, init)
+    return init
+
+
 def chunk_block(c: int, d: int, reverse_of: int | None = None):
     """``BlockSpec`` of chunk ``l`` (``[C, d]``) of a heads-first ``[b, h, Tp, d]`` array on the grid
     ``(batch, head, chunk)``; with ``reverse_of=N`` chunk ``N − 1 − l`` (the backward's walk)."""

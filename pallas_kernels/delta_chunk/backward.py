@@ -71,10 +71,11 @@ def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale):
     c = q.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)  # noqa: E731
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩ [1, 1]
+    sm, dsm = s.astype(md), ds.astype(md)  # float32 [K, V] values live through the chunk would spill on a GPU
     gam = _decay_incl(gc, sc, gr, sr)
     gamma, total, to_end = _col_factors(gc, rc, sc)
     qf, kf = q.astype(f32), k.astype(f32)
-    sm, dsm = s.astype(md), ds.astype(md)
     u_new = u.astype(f32) - _mm(w, sm)
     dof = scale * do.astype(f32)
     dos = dof.astype(md)
@@ -87,7 +88,6 @@ def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale):
     ke = _mm(u_new.astype(md), dsm, _NT)  # U' dS⁺ᵀ
     dq_in, dk_in = _mm(dqk, k), _mm(dqk, q, _TN)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩ [1, 1]
     dg = (rsum(qf * dq_in) - rsum(kf * dk_in) + gamma * rsum(qf * rd) + jnp.where(is_last, total * carry, 0.0))
     dw = -_mm(du.astype(md), sm, _NT)  # in the input dtype, as fla: a float32 S operand costs 64 KiB of shared memory
     return gamma * rd + dq_in + diag * kf, dk_in + diag * qf + to_end * ke, du, dw, dg, to_end * rsum(kf * ke)
@@ -95,7 +95,7 @@ def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale):
 
 def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr):
     """Pass 4b, one chunk: the gradients through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}``
-    from ``dU', dW`` (float32, pass 4a's) and the inverse ``x [C, C]`` float32. Returns float32 ``dk`` (these
+    from ``dU', dW`` (float32, pass 4a's) and the inverse ``x [C, C]`` (input dtype). Returns float32 ``dk`` (these
     terms), ``dv [C, V]``, ``dβ`` and ``dg`` (these terms) ``[C, 1]``. The matmul operands take the input
     dtype, as fla's ``prepare_wy_repr_bwd`` (float32 inputs: float32 at ``HIGHEST``; on a GPU that is an
     FMA loop per product, not a tensor-core one)."""

@@ -51,18 +51,30 @@ def _block_inverse(a, diag):
     return x
 
 
-def _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref=None):
-    """``W = X kb``, ``U = X vb`` block row by block row (``X`` block lower triangular); with ``x_ref``
-    (the backward) also ``X`` itself ``[C, C]`` float32, each block row assembled by ``[16, 16] x [16, C]``
-    placement matmuls (exact at ``HIGHEST``; no lane-offset stores, which the GPU and TPU lowerings lack)."""
+def _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref=None, *, direct=True):
+    """``W = X kb``, ``U = X vb`` block row by block row (``X`` is block lower triangular); ``kb(j)``,
+    ``vb(j)`` give block ``j`` in float32, computed where used rather than held (on a GPU, ``[C, K]`` float32
+    values live across the loop spill registers). With ``x_ref`` (the backward) also ``X`` itself
+    ``[C, C]``, zeros above the diagonal blocks. ``direct`` (Triton) stores each ``16 x 16`` block at its
+    lane offset. The Mosaic TPU body keeps ``[16, 16] x [16, C]`` placement matmuls (exact at ``HIGHEST``;
+    MXU work there) instead: a 16-lane store at a lane offset lowers, but whether Mosaic compiles it
+    cannot be checked without a TPU. On a GPU those float32 matmuls are FMA loops: the Triton body used
+    them until the sm_90 compile showed 26 KB of register spills per thread (now under 1 KB)."""
     hi = lax.Precision.HIGHEST
     c = len(blk) * SUB
     for i, rows in enumerate(blk):
-        w_ref[rows, :] = sum(_dot(x[i, j], kb[j], hi) for j in range(i + 1)).astype(w_ref.dtype)
-        u_ref[rows, :] = sum(_dot(x[i, j], vb[j], hi) for j in range(i + 1)).astype(u_ref.dtype)
-        if x_ref is not None:
+        w_ref[rows, :] = sum(_dot(x[i, j], kb(j), hi) for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[rows, :] = sum(_dot(x[i, j], vb(j), hi) for j in range(i + 1)).astype(u_ref.dtype)
+        if x_ref is None:
+            continue
+        if direct:
+            zero = jnp.zeros((SUB, SUB), x_ref.dtype)
+            for j, cols in enumerate(blk):
+                x_ref[rows, cols] = x[i, j].astype(x_ref.dtype) if j <= i else zero
+        else:
             r, col = lax.broadcasted_iota(jnp.int32, (SUB, c), 0), lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
-            x_ref[rows, :] = sum(_dot(x[i, j], jnp.where(col == r + j * SUB, 1.0, 0.0), hi) for j in range(i + 1))
+            x_ref[rows, :] = sum(_dot(x[i, j], jnp.where(col == r + j * SUB, 1.0, 0.0), hi)
+                                 for j in range(i + 1)).astype(x_ref.dtype)
 
 
 def _sub_blocks(c):
@@ -104,9 +116,9 @@ def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)
     gamma = [jnp.where(seg[j] == 0.0, jnp.exp(g[j]), 0.0) for j in range(nb)]
-    kb = [k[j].astype(f32) * (beta[j] * gamma[j])[:, None] for j in range(nb)]
-    vb = [v_ref[s, :].astype(f32) * beta[j][:, None] for j, s in enumerate(blk)]
-    _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref)
+    kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])[:, None]  # noqa: E731
+    vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j][:, None]  # noqa: E731
+    _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref, direct=True)
 
 
 _HI = lax.Precision.HIGHEST
@@ -139,22 +151,22 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)
     gamma = [jnp.where(scol[j] == 0.0, jnp.exp(gcol[j]), 0.0) for j in range(nb)]
-    kb = [k[j].astype(f32) * (beta[j] * gamma[j]) for j in range(nb)]
-    vb = [v_ref[s, :].astype(f32) * beta[j] for j, s in enumerate(blk)]
-    _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref)
-
+    kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])  # noqa: E731
+    vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j]  # noqa: E731
+    _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref, direct=False)
 
 
 def wy_factors(kh, vh, bh, g, seg, *, c, interpret, backend, with_x=False):
     """Kernel 1 on either backend: ``W, U`` (input dtype) and, with ``with_x`` (the backward), the
-    inverse ``X = (I + A)^{-1}`` per chunk, ``[b, h, Tp, C]`` float32."""
+    inverse ``X = (I + A)^{-1}`` per chunk, ``[b, h, Tp, C]`` in ``kh``'s dtype (the dtype the backward's
+    matmuls take it in; computed in float32)."""
     b, h, tp, dkp = kh.shape
     dvp, n = vh.shape[-1], tp // c
     dtype = jnp.result_type(kh, vh)
     blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
     out_specs = [blk(dkp), blk(dvp)] + ([blk(c)] if with_x else [])
     out_shape = [jax.ShapeDtypeStruct((b, h, tp, dkp), dtype), jax.ShapeDtypeStruct((b, h, tp, dvp), dtype)]
-    out_shape += [jax.ShapeDtypeStruct((b, h, tp, c), jnp.float32)] if with_x else []
+    out_shape += [jax.ShapeDtypeStruct((b, h, tp, c), kh.dtype)] if with_x else []
     if backend == "mosaic_tpu":
         col = lambda x: x[..., None]  # noqa: E731  [b, h, Tp] -> [b, h, Tp, 1]
         sub_rows = lambda x: x.reshape(b, h, n, c // SUB, SUB)  # noqa: E731

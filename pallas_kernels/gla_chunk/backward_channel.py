@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import chunk_block, masked_exp, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, masked_exp, token_loop, tpu_params, triton_params
 from pallas_kernels.gla_chunk.channel import SUB, channel_factors, channel_intra, channel_states
 
 f32 = jnp.float32
@@ -35,76 +35,84 @@ def _channel_dstate_step(q, do, b, seg, p, b_end, s_end, p_end, dst):
 
 
 def _channel_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, a_ref, h_ref, dh_ref,
-                          dq_ref, dk_ref, dv_ref, db_ref):
+                          dq_ref, dk_ref, dv_ref, db_ref, *, rolled):
     """One chunk: ``q, k [C, K]``, ``v, do [C, V]``, gates ``[C, K]``, the intra matrix ``A [C, C]`` (the
-    forward's), ``Sᵀ`` before the chunk and ``dSᵀ`` after it ``[V, K]``. Writes ``dq, dk, dv, db``."""
+    forward's), ``Sᵀ`` before the chunk and ``dSᵀ`` after it ``[V, K]``. Writes ``dq, dk, dv, db``.
+
+    ``dv`` first, then one secondary chunk of rows at a time: its ``dq, dk`` (intra, through the states)
+    and ``db`` are computed and written before the next one starts, and every operand is read from its
+    ref where it is used, so no ``[C, K]`` float32 value stays live across the loop. With ``rolled``
+    (Triton) the diagonal blocks' token loops are ``fori_loop``\ s. Compiled for sm_90 (Triton 3.9), the
+    earlier form (every block's partial ``dq, dk`` held to the end, the token loops unrolled, 4 warps)
+    spilled 21 KB of registers per thread; this one, at 8 warps, 0.6 KB."""
     c = q_ref.shape[0]
     nb = c // SUB
     md = v_ref.dtype
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    b, seg, p = b_ref[...], s_ref[...], p_ref[...]
-    st, dst = h_ref[...], dh_ref[...]
-    qf, kf = q.astype(f32), k.astype(f32)
     end = pl.ds(c - 1, 1)
-    _, fe, a = channel_factors(b, seg, p, b_ref[end, :], s_ref[end, :], p_ref[end, :])
-    dk_st = fe * jnp.dot(v, dst.astype(md), preferred_element_type=f32)
-    dv = lax.dot_general(a_ref[...].astype(md), do, _T0, preferred_element_type=f32)
-    dv_ref[...] = (dv + lax.dot_general((kf * fe).astype(md), dst.astype(md), _T1,
+    b_end, s_end, p_end = b_ref[end, :], s_ref[end, :], p_ref[end, :]
+    _, fe, a = channel_factors(b_ref[...], s_ref[...], p_ref[...], b_end, s_end, p_end)
+    dv = lax.dot_general(a_ref[...].astype(md), do_ref[...], _T0, preferred_element_type=f32)
+    dv_ref[...] = (dv + lax.dot_general((k_ref[...].astype(f32) * fe).astype(md), dh_ref[...].astype(md), _T1,
                                         preferred_element_type=f32)).astype(dv_ref.dtype)
     pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
     row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
-    dq_in, dk_in = [], []
-    for i in range(nb):  # rows t of secondary chunk i: dq, strictly below the diagonal
+    writes_sum = jnp.zeros((1, q_ref.shape[1]), f32)  # Σ_s k_s ⊙ dk_st_s over the chunk but its last token
+    for i in range(nb):
         si = pl.ds(i * SUB, SUB)
-        doi, bi, segi, pi = do_ref[si, :].astype(f32), b_ref[si, :], s_ref[si, :], p_ref[si, :]
-        acc = jnp.zeros((SUB, q.shape[1]), f32)
-        for j in range(SUB - 1):  # key token s = i·16 + j against the rows after it
+        bi, segi, pi = b_ref[si, :], s_ref[si, :], p_ref[si, :]
+        # dq of rows t in block i, strictly below the diagonal: the diagonal block a key token s at a time
+        doi = do_ref[si, :].astype(f32)
+
+        def key(j, acc, i=i, doi=doi, bi=bi, segi=segi, pi=pi):
             rj = pl.ds(i * SUB + j, 1)
             dpj = jnp.sum(doi * v_ref[rj, :].astype(f32), axis=1, keepdims=True)
             ok = (row > j) & (segi == s_ref[rj, :])
-            acc = acc + dpj * k_ref[rj, :].astype(f32) * masked_exp(ok, bi - b_ref[rj, :]) * (pi * p_ref[rj, :])
-        if i > 0:  # earlier secondary chunks through the token r before this one
+            return acc + dpj * k_ref[rj, :].astype(f32) * masked_exp(ok, bi - b_ref[rj, :]) * (pi * p_ref[rj, :])
+
+        dq_in = token_loop(0, SUB - 1, key, jnp.zeros((SUB, q_ref.shape[1]), f32), rolled=rolled)
+        if i > 0:  # earlier blocks through the token r before this one
             rr = pl.ds(i * SUB - 1, 1)
             br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
-            dp = lax.dot_general(do_ref[si, :], v, _T1, preferred_element_type=f32)  # [16, C]
-            kfac = kf * masked_exp((pos <= i * SUB - 1) & (seg == sr), br - b) * (p * pr)
-            acc = acc + masked_exp(segi == sr, bi - br) * (pi * pr) * jnp.dot(
+            dp = lax.dot_general(do_ref[si, :], v_ref[...], _T1, preferred_element_type=f32)  # [16, C]
+            kfac = k_ref[...].astype(f32) * masked_exp((pos <= i * SUB - 1) & (s_ref[...] == sr), br - b_ref[...]) * (
+                p_ref[...] * pr)
+            dq_in = dq_in + masked_exp(segi == sr, bi - br) * (pi * pr) * jnp.dot(
                 dp.astype(md), kfac.astype(md), preferred_element_type=f32)
-        dq_in.append(acc)
-    for j in range(nb):  # rows s of secondary chunk j: dk, strictly below the diagonal (t > s)
-        sj = pl.ds(j * SUB, SUB)
-        vj, bj, segj, pj = v_ref[sj, :].astype(f32), b_ref[sj, :], s_ref[sj, :], p_ref[sj, :]
-        acc = jnp.zeros((SUB, q.shape[1]), f32)
-        for u in range(1, SUB):  # query token t = j·16 + u against the keys before it
-            ru = pl.ds(j * SUB + u, 1)
-            dpu = jnp.sum(vj * do_ref[ru, :].astype(f32), axis=1, keepdims=True)
-            ok = (row < u) & (segj == s_ref[ru, :])
-            acc = acc + dpu * q_ref[ru, :].astype(f32) * masked_exp(ok, b_ref[ru, :] - bj) * (pj * p_ref[ru, :])
-        if j < nb - 1:  # later secondary chunks through this one's last token r
-            rr = pl.ds(j * SUB + SUB - 1, 1)
+        # dk of rows s in block i (t > s): the diagonal block a query token t at a time
+        vi = v_ref[si, :].astype(f32)
+
+        def query(u, acc, i=i, vi=vi, bi=bi, segi=segi, pi=pi):
+            ru = pl.ds(i * SUB + u, 1)
+            dpu = jnp.sum(vi * do_ref[ru, :].astype(f32), axis=1, keepdims=True)
+            ok = (row < u) & (segi == s_ref[ru, :])
+            return acc + dpu * q_ref[ru, :].astype(f32) * masked_exp(ok, b_ref[ru, :] - bi) * (pi * p_ref[ru, :])
+
+        dk_in = token_loop(1, SUB, query, jnp.zeros((SUB, q_ref.shape[1]), f32), rolled=rolled)
+        if i < nb - 1:  # later blocks through this one's last token r
+            rr = pl.ds(i * SUB + SUB - 1, 1)
             br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
-            dpt = lax.dot_general(v_ref[sj, :], do, _T1, preferred_element_type=f32)  # [16, C]: dPᵀ rows
-            qfac = qf * masked_exp((pos > j * SUB + SUB - 1) & (seg == sr), b - br) * (p * pr)
-            acc = acc + masked_exp(segj == sr, br - bj) * (pj * pr) * jnp.dot(
+            dpt = lax.dot_general(v_ref[si, :], do_ref[...], _T1, preferred_element_type=f32)  # [16, C]: dPᵀ rows
+            qfac = q_ref[...].astype(f32) * masked_exp((pos > i * SUB + SUB - 1) & (s_ref[...] == sr),
+                                                       b_ref[...] - br) * (p_ref[...] * pr)
+            dk_in = dk_in + masked_exp(segi == sr, br - bi) * (pi * pr) * jnp.dot(
                 dpt.astype(md), qfac.astype(md), preferred_element_type=f32)
-        dk_in.append(acc)
-    # the last token's own write cancels against the carry ⟨Sᵀ, dSᵀ⁺⟩: left out of both
-    writes = jnp.where(pos == c - 1, 0.0, kf * dk_st)
-    end_term = a * jnp.sum(st * dst, axis=0, keepdims=True) + jnp.sum(writes, axis=0, keepdims=True)  # [1, K]
-    b_end, s_end, p_end = b_ref[end, :], s_ref[end, :], p_ref[end, :]
-    for i in range(nb):  # written block by block (the GPU lowering has no value slicing or concatenation)
-        si = pl.ds(i * SUB, SUB)
-        qi, ki, doi, vi = q_ref[si, :], k_ref[si, :], do_ref[si, :], v_ref[si, :]
-        fs_i, fe_i, _ = channel_factors(b_ref[si, :], s_ref[si, :], p_ref[si, :], b_end, s_end, p_end)
-        dq_st_i = fs_i * jnp.dot(doi, st.astype(md), preferred_element_type=f32)
-        dk_st_i = fe_i * jnp.dot(vi, dst.astype(md), preferred_element_type=f32)
-        diag_i = jnp.sum(doi.astype(f32) * vi.astype(f32), axis=1, keepdims=True)
-        qi, ki = qi.astype(f32), ki.astype(f32)
-        last_i = row + i * SUB == c - 1
-        writes_i = jnp.where(last_i, 0.0, ki * dk_st_i)
-        dq_ref[si, :] = (dq_in[i] + diag_i * ki + dq_st_i).astype(dq_ref.dtype)
-        dk_ref[si, :] = (dk_in[i] + diag_i * qi + dk_st_i).astype(dk_ref.dtype)
-        db_ref[si, :] = qi * (dq_in[i] + dq_st_i) - ki * dk_in[i] - writes_i + jnp.where(last_i, end_term, 0.0)
+        # through the states, the diagonal (e^0 = 1), and the decay gradient
+        fs_i, fe_i, _ = channel_factors(bi, segi, pi, b_end, s_end, p_end)
+        dq_st = fs_i * jnp.dot(do_ref[si, :], h_ref[...].astype(md), preferred_element_type=f32)
+        dk_st = fe_i * jnp.dot(v_ref[si, :], dh_ref[...].astype(md), preferred_element_type=f32)
+        diag = jnp.sum(doi * vi, axis=1, keepdims=True)
+        qi, ki = q_ref[si, :].astype(f32), k_ref[si, :].astype(f32)
+        last = row + i * SUB == c - 1
+        # the last token's own write cancels against the carry ⟨Sᵀ, dSᵀ⁺⟩: left out of both
+        writes = jnp.where(last, 0.0, ki * dk_st)
+        writes_sum = writes_sum + jnp.sum(writes, axis=0, keepdims=True)
+        dq_ref[si, :] = (dq_in + diag * ki + dq_st).astype(dq_ref.dtype)
+        dk_ref[si, :] = (dk_in + diag * qi + dk_st).astype(dk_ref.dtype)
+        db = qi * (dq_in + dq_st) - ki * dk_in - writes
+        if i == nb - 1:  # the last token: the carry and every earlier write (the sum is complete here)
+            end_term = a * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True) + writes_sum
+            db = db + jnp.where(last, end_term, 0.0)
+        db_ref[si, :] = db
 
 
 def _channel_dstates_kernel(q_ref, do_ref, b_ref, s_ref, p_ref, dht_ref, dhs_ref, dh0_ref, *, chunk, n_chunks):
@@ -182,9 +190,9 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
             out_shape=[hs_shape, st_shape], interpret=interpret, compiler_params=walk,
             name="gla_chunk_channel_bwd_dstates",
         )(q, do, bc, seg, p, dhtt)
-        params = triton_params(interpret, backend, num_warps=4, num_stages=1)
+        params = triton_params(interpret, backend, num_warps=8, num_stages=1)
     dq, dk, dv, db = pl.pallas_call(
-        _channel_grads_kernel, grid=(bsz, h, n),
+        functools.partial(_channel_grads_kernel, rolled=not tpu), grid=(bsz, h, n),
         in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(kp), blk(kp), blk(kp), blk(chunk), chunk_state, chunk_state],
         out_specs=[blk(kp), blk(kp), blk(vp), blk(kp)],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)] + [jax.ShapeDtypeStruct(bc.shape, f32)],

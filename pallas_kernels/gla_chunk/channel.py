@@ -18,52 +18,69 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import masked_exp, out_specs, tpu_params, triton_params
+from pallas_kernels._util import masked_exp, out_specs, token_loop, tpu_params, triton_params
 
 SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
 
 
-def _intra_channel_kernel(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref):
+def _intra_channel_kernel(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref, *, direct):
     """Per-channel decay, one chunk per grid step ``(batch, head, chunk)`` — all chunks in parallel: the
     intra-chunk matrix ``A [C, C]`` (``o_intra = A V``) by secondary chunks of 16 (GLA paper §4.3):
 
     * rows of secondary chunk ``i`` against the earlier ones, through the reference token ``r`` before
-      ``i``: ``(q_t e^{b_t − b_r}) · (k_s e^{b_r − b_s})`` for ``s ≤ r`` — one ``[16, C]`` matmul;
+      ``i``: ``(q_t e^{b_t − b_r}) · (k_s e^{b_r − b_s})`` for ``s ≤ r``;
     * its diagonal ``16 × 16`` block in log space, a key column at a time
-      (``Σ_k q_tk k_sk e^{b_tk − b_sk}``), placed into the row by a ``[16, 16] × [16, C]`` selector matmul
-      (exact at ``HIGHEST`` precision; no value slicing or lane-offset stores, which the Triton and Mosaic
-      lowerings lack).
+      (``Σ_k q_tk k_sk e^{b_tk − b_sk}``).
+
+    ``direct`` (Triton) writes every ``16 × 16`` block at its lane offset, the earlier blocks each from a
+    ``[16, K] × [K, 16]`` matmul. The Mosaic TPU body writes whole rows instead (a 16-lane store at a lane
+    offset lowers, but whether Mosaic compiles it cannot be checked without a TPU): the earlier blocks as
+    one ``[16, C]`` matmul, the diagonal block placed by a ``[16, 16] × [16, C]`` selector matmul (exact at
+    ``HIGHEST``; on a GPU a float32 FMA loop, which is why Triton does not use it).
 
     Every exponent is ``≤ 0`` and masked (segment equality, causality) before ``exp``. Gates
     ``b, seg, p [C, K]`` (cumulative log decay within the chunk, document index, cumulative sign)."""
     f32, hi = jnp.float32, lax.Precision.HIGHEST
+    md = q_ref.dtype
     c = q_ref.shape[0]
     nb = c // SUB
-    k, b, seg, p = k_ref[...].astype(f32), b_ref[...], s_ref[...], p_ref[...]
     pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
     row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
-    sel_col = lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
-    sel_row = lax.broadcasted_iota(jnp.int32, (SUB, c), 0)
+    nt = (((1,), (1,)), ((), ()))
     for i in range(nb):
         si = pl.ds(i * SUB, SUB)
         qi, bi, segi, pi = q_ref[si, :].astype(f32), b_ref[si, :], s_ref[si, :], p_ref[si, :]
-        a_d = jnp.zeros((SUB, SUB), f32)
-        for j in range(SUB):  # the diagonal block, one key column per step
+
+        def column(j, a_d, i=i, qi=qi, bi=bi, segi=segi, pi=pi):  # the diagonal block, one key column per step
             rj = pl.ds(i * SUB + j, 1)
             kj, bj, sj, pj = k_ref[rj, :].astype(f32), b_ref[rj, :], s_ref[rj, :], p_ref[rj, :]
             ok = (row >= j) & (segi == sj)
             colj = jnp.sum(qi * kj * masked_exp(ok, bi - bj) * (pi * pj), axis=1, keepdims=True)
-            a_d = jnp.where(col == j, colj, a_d)
-        place = jnp.where(sel_col == sel_row + i * SUB, 1.0, 0.0).astype(f32)  # [16, C]: block i's columns
-        rows = jnp.dot(a_d, place, preferred_element_type=f32, precision=hi)
+            return jnp.where(col == j, colj, a_d)
+
+        a_d = token_loop(0, SUB, column, jnp.zeros((SUB, SUB), f32), rolled=direct)
         if i > 0:
             rr = pl.ds(i * SUB - 1, 1)
             br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
-            qf = qi * masked_exp(segi == sr, bi - br) * (pi * pr)
-            kf = k * masked_exp((pos <= i * SUB - 1) & (seg == sr), br - b) * (p * pr)
-            rows = rows + lax.dot_general(qf.astype(q_ref.dtype), kf.astype(q_ref.dtype), (((1,), (1,)), ((), ())),
-                                          preferred_element_type=f32)
+            qf = (qi * masked_exp(segi == sr, bi - br) * (pi * pr)).astype(md)
+        if direct:
+            for j in range(nb):
+                sj = pl.ds(j * SUB, SUB)
+                if j < i:
+                    kf = k_ref[sj, :].astype(f32) * masked_exp(s_ref[sj, :] == sr, br - b_ref[sj, :]) * (p_ref[sj, :] * pr)
+                    a_ref[si, sj] = lax.dot_general(qf, kf.astype(md), nt, preferred_element_type=f32)
+                else:
+                    a_ref[si, sj] = a_d if j == i else jnp.zeros((SUB, SUB), f32)
+            continue
+        sel_col = lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
+        sel_row = lax.broadcasted_iota(jnp.int32, (SUB, c), 0)
+        place = jnp.where(sel_col == sel_row + i * SUB, 1.0, 0.0).astype(f32)  # [16, C]: block i's columns
+        rows = jnp.dot(a_d, place, preferred_element_type=f32, precision=hi)
+        if i > 0:
+            kf = k_ref[...].astype(f32) * masked_exp((pos <= i * SUB - 1) & (s_ref[...] == sr), br - b_ref[...]) * (
+                p_ref[...] * pr)
+            rows = rows + lax.dot_general(qf, kf.astype(md), nt, preferred_element_type=f32)
         a_ref[si, :] = rows
 
 
@@ -134,13 +151,13 @@ def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
     blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
     tpu = backend == "mosaic_tpu"
     return pl.pallas_call(
-        _intra_channel_kernel,
+        functools.partial(_intra_channel_kernel, direct=not tpu),
         grid=(bsz, h, tp // chunk),
         in_specs=[blk(kp), blk(kp), blk(kp), blk(kp), blk(kp)],
         out_specs=blk(chunk),
         out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32),
         interpret=interpret,
-        compiler_params=tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend),
+        compiler_params=tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend, num_warps=8),
         name="gla_chunk_channel_intra" + ("_tpu" if tpu else ""),
     )(q, k, bc, seg, p)
 

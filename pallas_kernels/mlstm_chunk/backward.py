@@ -65,24 +65,27 @@ def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, 
     likewise for the normaliser. Returns float32 ``dq, dk [C, K]``, ``dv [C, V]``, ``db, di [C, 1]``."""
     md = v.dtype
     c = q.shape[0]
+    # the float32 states are read once, here: the carry, then input-dtype copies (on a GPU, float32
+    # [K, V] values live through the whole chunk spill registers)
+    carry = jnp.sum(_rsum(s * ds), axis=0, keepdims=True) + jnp.sum(nv * dnv, axis=1, keepdims=True)
+    sm, dsm = s.astype(md), ds.astype(md)
     ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     d = jnp.exp(jnp.where(ok, bc - br + ir, NEG) - mt)
     qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
     dnum = do.astype(f32) * inv
-    dnm, sm, dsm = dnum.astype(md), s.astype(md), ds.astype(md)
-    att = _mm(q, k, _NT) * d
+    dnm = dnum.astype(md)
     da = jnp.where(strict, (_mm(dnm, v, _NT) + dr) * d, 0.0).astype(md)
     dd = (_rsum(dnum * vf) + dr) * jnp.exp(jnp.minimum(ic - mt, 0.0))  # the diagonal of dP ⊙ D
-    dq_in, dk_in = _mm(da, k), _mm(da, q, _TN)
+    dq_in = _mm(da, k)
     dq_rd = rho * (_mm(dnm, sm, _NT) + dr * nv)
-    dk_wr = ew * (_mm(v, dsm, _NT) + dnv)
     dq = dq_in + dd * kf + dq_rd
+    dk_in = _mm(da, q, _TN)
+    dk_wr = ew * (_mm(v, dsm, _NT) + dnv)
     dk = dk_in + dd * qf + dk_wr
-    dv = _mm(att.astype(md), dnm, _TN) + ew * _mm(k, dsm)
+    dv = _mm((_mm(q, k, _NT) * d).astype(md), dnm, _TN) + ew * _mm(k, dsm)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     writes = jnp.where(is_last, 0.0, _rsum(kf * dk_wr))  # the last token's own write cancels against the carry
-    carry = jnp.sum(_rsum(s * ds), axis=0, keepdims=True) + jnp.sum(nv * dnv, axis=1, keepdims=True)
     end = _last(fo) * carry + jnp.sum(writes, axis=0, keepdims=True)
     col_m = _rsum(kf * dk_in)
     db = _rsum(qf * dq_in) - col_m + _rsum(qf * dq_rd) - writes + jnp.where(is_last, end, 0.0)
@@ -213,7 +216,8 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
         in_specs=[blk(kp), blk(kp), blk(vp), blk(vp)] + [blk(1)] * 9 + [rblk] * 3 + [state_n, state_n, norm_n, norm_n],
         out_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1)],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qh, kh, vh)] + [ccol, ccol],
-        interpret=interpret, compiler_params=par, name="mlstm_chunk_bwd_grads" + ("_tpu" if tpu else ""),
+        interpret=interpret, compiler_params=par if tpu else triton_params(interpret, backend, num_warps=8, num_stages=1),
+        name="mlstm_chunk_bwd_grads" + ("_tpu" if tpu else ""),
     )(qh, kh, vh, do, col(bt), col(st), col(it), mt, rho, inv, dr, col(ew), fo_t, row(bt), row(st), row(it),
       hs, dhs, n_in[:, :, :, None], dn_after)
     dm0 = jnp.sum(dC0 * C0, axis=(2, 3)) + jnp.sum(dn0 * n0, axis=2)
