@@ -116,7 +116,7 @@ def hybrid_from_transformer(teacher: LM, pattern, *, rngs: nnx.Rngs, mamba_kwarg
     tcfg = teacher.cfg
     if set(layer_names(tcfg)) != {"attention"}:
         raise ValueError(f"the teacher must be attention-only, got pattern {tcfg.pattern}")
-    h, kvh = tcfg.num_heads, tcfg.num_kv_heads or tcfg.num_heads
+    h = tcfg.num_heads
     hd = tcfg.d_model // h
     mk = dict(expand=h * hd // tcfg.d_model, head_dim=hd, d_state=hd, ngroups=h, use_decay=False)
     mk.update(mamba_kwargs or {})

@@ -56,7 +56,7 @@ MODES = ("full", "quasi")
 
 def _flat_step(kind, params, s, xp):
     """``s`` ``[n, N]`` flat state, ``xp`` ``[n, G, K, D]`` -> ``[n, N]``."""
-    n, (g, k, d) = s.shape[0], xp.shape[1:]
+    n, (g, _, d) = s.shape[0], xp.shape[1:]
     out = _cells.step(kind, params, s.reshape(n, -1, g, d), xp)
     return out.reshape(n, -1)
 
@@ -74,7 +74,7 @@ def _full_jacobian(kind, params, s, xp):
 
 
 def _diag_jacobian(kind, params, s, xp):
-    n, (g, k, d) = s.shape[0], xp.shape[1:]
+    n, (g, _, d) = s.shape[0], xp.shape[1:]
     return _cells.diag_jacobian(kind, params, s.reshape(n, -1, g, d), xp).reshape(n, -1)
 
 

@@ -73,10 +73,8 @@ def recurrence_flops(layer, seq_len: int) -> float:
     if "attention" in name:
         h, dh = _attention_dims(layer)
         if h and dh:
-            window = getattr(layer, "window", None)
-            span = seq_len  # XLA computes the full T x T product even with a window / causal mask
-            del window
-            return 4.0 * span * h * dh
+            # XLA computes the full T x T product even with a window or a causal mask
+            return 4.0 * seq_len * h * dh
         return 0.0
     h = getattr(layer, "num_heads", None) or getattr(layer, "nheads", None)
     dk = (getattr(layer, "d_state", None) or getattr(layer, "state_size", None) or getattr(layer, "head_k_dim", None)
