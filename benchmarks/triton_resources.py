@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMEM_LIMIT = 227 * 1024  # the most shared memory one block may opt into on sm_90 (H100, H200)
@@ -95,12 +96,14 @@ def compile_all(out: str, only: str = "") -> list[dict]:
         path = os.path.join(out, file)
         row = dict(name=name, warps=warps, stages=stages)
         try:
+            t0 = time.perf_counter()
             k = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
             with open(path + ".ptx", "w") as f:
                 f.write(k.asm["ptx"])
             info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path + ".ptx", "-o", os.devnull],
                                   capture_output=True, text=True).stderr
-            row.update(shared=k.metadata.shared, registers=int(re.search(r"Used (\d+) registers", info).group(1)),
+            row.update(seconds=time.perf_counter() - t0, shared=k.metadata.shared,
+                       registers=int(re.search(r"Used (\d+) registers", info).group(1)),
                        spills=int(re.search(r"(\d+) bytes spill stores", info).group(1)))
         except Exception as e:  # noqa: BLE001 — a kernel that does not compile is a finding, not a crash
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -139,15 +142,17 @@ def main(argv=None):
     lines = [f"# Pallas GPU kernels compiled for sm_90 without a GPU (jax {jax.__version__}, triton {found['triton']})", "",
              "B=2, T=256, H=2, D=128, bf16, chunk 64; forward and backward kernels (`#2`: a kernel's second call, e.g.",
              "the WY factors again with the inverse in the backward). Limit: 227 KiB shared memory per block on an",
-             "H100/H200. Spills: bytes of register spill stores per thread (`ptxas -v`).", "",
-             "| kernel | warps | stages | shared KiB | registers | spill stores B | note |", "|---|---|---|---|---|---|---|"]
+             "H100/H200. Spills: bytes of register spill stores per thread (`ptxas -v`). Compile: seconds for",
+             "Triton IR -> PTX -> SASS on this machine's one core (the device pays it again for every new shape).", "",
+             "| kernel | warps | stages | shared KiB | registers | spill stores B | compile s | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in found["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['warps']} | {r['stages']} | | | | compile failed: {r['error']} |")
+            lines.append(f"| {r['name']} | {r['warps']} | {r['stages']} | | | | | compile failed: {r['error']} |")
             continue
         note = "**over the shared-memory limit**" if r["shared"] > SMEM_LIMIT else ("heavy spills" if r["spills"] > 4096 else "")
         lines.append(f"| {r['name']} | {r['warps']} | {r['stages']} | {r['shared'] / 1024:.0f} | {r['registers']} | "
-                     f"{r['spills']} | {note} |")
+                     f"{r['spills']} | {r['seconds']:.1f} | {note} |")
     print("\n".join(lines))
     if a.out:
         with open(a.out, "w") as f:
