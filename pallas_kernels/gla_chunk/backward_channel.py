@@ -42,7 +42,7 @@ def _channel_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, a_re
     ``dv`` first, then one secondary chunk of rows at a time: its ``dq, dk`` (intra, through the states)
     and ``db`` are computed and written before the next one starts, and every operand is read from its
     ref where it is used, so no ``[C, K]`` float32 value stays live across the loop. With ``rolled``
-    (Triton) the diagonal blocks' token loops are ``fori_loop``\ s. Compiled for sm_90 (Triton 3.9), the
+    (Triton) the diagonal blocks' token loops are ``fori_loop`` calls. Compiled for sm_90 (Triton 3.9), the
     earlier form (every block's partial ``dq, dk`` held to the end, the token loops unrolled, 4 warps)
     spilled 21 KB of registers per thread; this one, at 8 warps, 0.6 KB."""
     c = q_ref.shape[0]
