@@ -12,7 +12,7 @@ but they have not yet been compiled or timed on a GPU, so ``"auto"`` asks for
 
 ``"auto"`` takes a kernel only where its *current* forward has been compiled and tested on a GPU
 (``GPU_TESTED``): the delta-rule and mLSTM forwards were split into a serial state pass and a chunk-parallel
-output kernel after the last GPU session (2026-11-28); they lower to Triton on a CPU
+output kernel after the last GPU session (2026-11-27); they lower to Triton on a CPU
 (``tests/test_pallas_lowering.py``) but Triton's own compile has not run them, so ``"auto"`` keeps XLA for
 them until ``benchmarks/gpu_check.sh`` has passed on a GPU. ``impl="pallas"`` always takes the kernel.
 

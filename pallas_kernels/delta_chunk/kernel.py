@@ -44,7 +44,7 @@ to Mosaic TPU on this CPU (``tests/test_pallas_lowering.py``). Measured on an NV
 (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16), the two-kernel forward of 2026-11-27 (the
 output computed inside the serial pass, ``Q Kᵀ ⊙ Gamma`` recomputed per value block) was **1.98x (T = 2k)
 and 2.06x (T = 8k)** the XLA chunked form's, 0.38x fla's ``chunk_gated_delta_rule`` forward. The
-three-kernel split above (2026-11-28) takes every ``[C, C]`` product out of the serial pass; it and the
+three-kernel split above (2026-11-27) takes every ``[C, C]`` product out of the serial pass; it and the
 backward kernels have not been compiled or timed on a GPU yet.
 """
 

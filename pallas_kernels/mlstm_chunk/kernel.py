@@ -43,7 +43,7 @@ Status: interpret-mode tests on CPU (``tests/test_pallas_mlstm.py``, CI); every 
 to Mosaic TPU on this CPU (``tests/test_pallas_lowering.py``). On an NVIDIA H200 (jax 0.11.2, 2026-11-27;
 ``benchmarks/results/NVIDIA_H200.md``) the earlier one-kernel forward (outputs and the ``[C, C]``
 stabiliser work inside the serial chunk loop, once per value block) was 1.91x the XLA chunked form's at
-B=8, T=2k, H=16, D=128, bf16. The split above (2026-11-28) and the backward have not been compiled or
+B=8, T=2k, H=16, D=128, bf16. The split above (2026-11-27) and the backward have not been compiled or
 timed on a GPU yet.
 """
 
