@@ -8,7 +8,8 @@ per-channel-decay GLA kernel 0.33x (so GLA proper keeps XLA). Under
 forward rule), so training costs the same either way: per-head GLA, the delta rule and the mLSTM have Pallas
 backward kernels (``pallas_kernels/*/backward.py``, what ``impl="pallas"`` differentiates through),
 but they have not yet been compiled or timed on a GPU, so ``"auto"`` asks for
-``backward=AUTO_BACKWARD = "xla"`` until they have.
+``backward=AUTO_BACKWARD[kernel] = "xla"`` until they have (per kernel: set one to ``"pallas"`` once its
+Pallas fwd+bwd beats "Pallas, XLA bwd" in ``benchmarks/gla_gpu.py`` / ``delta_gpu.py``).
 
 ``"auto"`` takes a kernel only where its *current* forward has been compiled and tested on a GPU
 (``GPU_TESTED``): the delta-rule and mLSTM forwards were split into a serial state pass and a chunk-parallel
@@ -27,7 +28,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-AUTO_BACKWARD = "xla"  # what impl="auto" differentiates the chunked kernels through (see above)
+# what impl="auto" differentiates each chunked kernel through (see above)
+AUTO_BACKWARD = {"gla": "xla", "delta": "xla", "mlstm": "xla"}
 GPU_TESTED = frozenset({"gla"})  # kernels whose current forward passed the GPU tests; "delta", "mlstm" pending
 
 

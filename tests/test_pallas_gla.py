@@ -187,6 +187,12 @@ def test_auto_takes_the_kernel_where_measured(monkeypatch):
     monkeypatch.setattr(G, "auto_pallas", lambda chunk_size=None: False)
     G.retnet(q, k, v, impl="auto")
     assert len(calls) == 1
+    from seqjax import _platform as P
+
+    monkeypatch.setattr(G, "auto_pallas", lambda chunk_size=None: True)
+    monkeypatch.setitem(P.AUTO_BACKWARD, "gla", "pallas")  # per kernel, once its Pallas backward is timed faster
+    G.retnet(q, k, v, impl="auto")
+    assert calls == ["xla", "pallas"]
 
 
 def test_auto_pallas_needs_one_gpu_and_a_kernel_chunk_size(monkeypatch):

@@ -285,7 +285,7 @@ def delta_rule(
     if impl == "pallas" or (impl == "auto" and auto_pallas(kernel="delta")):
         from pallas_kernels.delta_chunk import delta_chunk  # imported only on this branch
 
-        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["delta"]
         return kernel_call(
             lambda q, k, v, beta, log_alpha, h0, resets: delta_chunk(
                 q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, chunk_size=chunk_size, backward=backward),

@@ -62,7 +62,7 @@ def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
     elif impl == "pallas" or (impl == "auto" and (g is None or g.ndim == 3) and auto_pallas(chunk_size)):
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
-        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["gla"]
         o, s = kernel_call(
             lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
                 q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),

@@ -100,7 +100,7 @@ def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_s
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
         from pallas_kernels.gla_chunk import gla_chunk_pallas
 
-        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["gla"]
         y, s = kernel_call(
             lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
                 q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),

@@ -170,7 +170,7 @@ def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, ne
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size, kernel="mlstm")):
         from pallas_kernels.mlstm_chunk import mlstm_chunk  # imported only on this branch
 
-        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["mlstm"]
         y, s = kernel_call(
             lambda q, k, v, i, f, h0, resets: mlstm_chunk(
                 q, k, v, i, f, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
