@@ -88,6 +88,9 @@ def _chunk_grads(q, k, v, do, bc, sc, pc, br, sr, pr, s, ds):
     (``[K, V]`` float32). Returns ``dq, dk [C, K]``, ``dv [C, V]``, ``db [C, 1]`` (float32)."""
     dt = v.dtype
     c = q.shape[0]
+    # the float32 states are read once, here (held through the chunk on a GPU they spill registers)
+    carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS'⟩ [1, 1]
+    sm, dsm = s.astype(dt), ds.astype(dt)
     rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
     same = sc == sr
@@ -100,16 +103,15 @@ def _chunk_grads(q, k, v, do, bc, sc, pc, br, sr, pr, s, ds):
     diag = jnp.sum(do.astype(f32) * v.astype(f32), axis=1, keepdims=True)  # the diagonal of dO Vᵀ (D_tt = 1)
     dq_in = jnp.dot(da, k, preferred_element_type=f32)
     dk_in = lax.dot_general(da, q, _T0, preferred_element_type=f32)
-    dq_st = fs * lax.dot_general(do, s.astype(dt), _T1, preferred_element_type=f32)
-    dk_st = fe * lax.dot_general(v, ds.astype(dt), _T1, preferred_element_type=f32)
+    dq_st = fs * lax.dot_general(do, sm, _T1, preferred_element_type=f32)
+    dk_st = fe * lax.dot_general(v, dsm, _T1, preferred_element_type=f32)
     dv = lax.dot_general(att.astype(dt), do, _T0, preferred_element_type=f32)
-    dv = dv + fe * jnp.dot(k, ds.astype(dt), preferred_element_type=f32)
+    dv = dv + fe * jnp.dot(k, dsm, preferred_element_type=f32)
     # db: rows minus columns of M = dO Vᵀ ⊙ Q Kᵀ ⊙ D without its diagonal, the state read, the state
     # writes of all but the last token (whose own write cancels against ⟨S', dS'⟩ exactly), and at the
     # last token ⟨S', dS'⟩ minus that write: a ⟨S, dS'⟩ + Σ_{s<C} k_s · dK^{state}_s
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     writes = jnp.where(is_last, 0.0, jnp.sum(kf * dk_st, axis=1, keepdims=True))
-    carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # [1, 1]
     end = a * carry + jnp.sum(writes, axis=0, keepdims=True)
     db = (jnp.sum(qf * dq_in, axis=1, keepdims=True) - jnp.sum(kf * dk_in, axis=1, keepdims=True)
           + jnp.sum(qf * dq_st, axis=1, keepdims=True) - writes + jnp.where(is_last, end, 0.0))
