@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._util import chunk_block, tpu_params, triton_params
 from pallas_kernels.delta_chunk.kernel import _TN, _NT, _col_factors, _decay_incl, _mm, chunk_states, f32
-from pallas_kernels.delta_chunk.wy import wy_factors
+from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 
 def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
@@ -104,7 +104,7 @@ def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr):
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)  # noqa: E731
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     gam_st = jnp.where(strict, _decay_incl(gc, sc, gr, sr), 0.0)
-    gamma = jnp.where(sc == 0.0, jnp.exp(gc), 0.0)
+    gamma = chunk_gamma(gc, sc)
     kf, vf = k.astype(f32), v.astype(f32)
     bg = bc * gamma
     xm, dwm, dum = x.astype(md), dw.astype(md), du.astype(md)

@@ -58,7 +58,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import chunk_block, out_specs, resolve, tpu_params, triton_params
-from pallas_kernels.delta_chunk.wy import wy_factors
+from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 __all__ = ["delta_chunk", "chunk_states"]
 
@@ -86,7 +86,7 @@ def _col_factors(gc, rc, sc):
     last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     end = lambda x: jnp.sum(jnp.where(last, x, 0.0), axis=0, keepdims=True)  # noqa: E731
     g_last, s_last = end(gc), end(sc)
-    gamma = jnp.where(sc == 0.0, jnp.exp(gc), 0.0)
+    gamma = chunk_gamma(gc, sc)
     total = jnp.where(s_last == 0.0, jnp.exp(g_last), 0.0)
     to_end = jnp.where(sc == s_last, jnp.exp(rc), 0.0)
     return gamma, total, to_end
@@ -110,7 +110,7 @@ def _state_step(k, w, u, gc, rc, sc, s):
 def _chunk_out(q, k, un, gc, sc, gr, sr, s, scale):
     """``O = scale [(γ ⊙ Q) S + (Q Kᵀ ⊙ Γ) U']`` for one chunk; ``s`` and ``un`` in the input dtype."""
     md = q.dtype
-    gamma = jnp.where(sc == 0.0, jnp.exp(gc), 0.0)
+    gamma = chunk_gamma(gc, sc)
     qk = (_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(md)
     return scale * (_mm((q.astype(f32) * gamma).astype(md), s) + _mm(qk, un))
 

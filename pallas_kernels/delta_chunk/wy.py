@@ -31,6 +31,12 @@ def _dot_t(a, b, transpose_a):  # aᵀ b or a bᵀ without materialising the tra
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def chunk_gamma(g, seg):
+    """``γ = e^{g}`` (decay from the chunk's start) where the token is in the chunk's first document
+    (``seg == 0``), else 0; any shape."""
+    return jnp.where(seg == 0.0, jnp.exp(g), 0.0)
+
+
 def _decay(g_i, g_j, seg_i, seg_j, mask=None):
     """``exp(g_t - g_s)`` where ``seg_t == seg_s`` (and ``mask``), else 0; masked *before* ``exp``."""
     same = seg_i[:, None] == seg_j[None, :]
@@ -115,7 +121,7 @@ def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c
 
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)
-    gamma = [jnp.where(seg[j] == 0.0, jnp.exp(g[j]), 0.0) for j in range(nb)]
+    gamma = [chunk_gamma(g[j], seg[j]) for j in range(nb)]
     kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])[:, None]  # noqa: E731
     vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j][:, None]  # noqa: E731
     _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref, direct=True)
@@ -150,7 +156,7 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
 
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)
-    gamma = [jnp.where(scol[j] == 0.0, jnp.exp(gcol[j]), 0.0) for j in range(nb)]
+    gamma = [chunk_gamma(gcol[j], scol[j]) for j in range(nb)]
     kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])  # noqa: E731
     vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j]  # noqa: E731
     _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref, direct=False)
