@@ -9,17 +9,30 @@ from jax.experimental import pallas as pl
 BACKENDS = ("triton", "mosaic_tpu")
 
 
+def platform() -> str:
+    """The platform the kernels are traced for: that of the devices of the mesh in the innermost
+    ``seqjax.sharding.use_rules`` if there is one, else ``jax.default_backend()``. The mesh decides when
+    a train step is compiled ahead of time for a TPU topology from a CPU host
+    (``jax.experimental.topologies``, as MaxText's ``train_compile``): its devices are TPUs, the process's
+    backend is the CPU, and the kernels must take their TPU bodies."""
+    from seqjax import sharding  # lazily: seqjax imports these kernels
+
+    mesh = sharding.current()[0]
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def resolve(interpret: bool | None, backend: str | None) -> tuple[bool, str]:
     """``backend=None``: ``"mosaic_tpu"`` on a TPU, else ``"triton"`` (the GPU lowering, and the body the CPU
     interprets). ``interpret=None``: interpret on the CPU, and the TPU bodies anywhere but on a TPU (so their
-    tests also run on a GPU machine); an explicit ``interpret=False`` still lowers them (``jax.export``)."""
-    platform = jax.default_backend()
+    tests also run on a GPU machine); an explicit ``interpret=False`` still lowers them (``jax.export``).
+    The platform is :func:`platform`'s."""
+    platform_ = platform()
     if backend is None:
-        backend = "mosaic_tpu" if platform == "tpu" else "triton"
+        backend = "mosaic_tpu" if platform_ == "tpu" else "triton"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'triton' or 'mosaic_tpu', got {backend!r}")
     if interpret is None:
-        interpret = platform == "cpu" or (backend == "mosaic_tpu" and platform != "tpu")
+        interpret = platform_ == "cpu" or (backend == "mosaic_tpu" and platform_ != "tpu")
     return bool(interpret), backend
 
 
@@ -47,6 +60,20 @@ def tpu_params(interpret: bool, *dimension_semantics: str):
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
+
+
+NN = (((1,), (0,)), ((), ()))  # x y: contract x's last axis with y's first
+
+
+def mm(x, y, dims=NN, *, precision=None):
+    """``lax.dot_general(x, y, dims)`` with float32 accumulation: the kernels' one matmul. Operands below
+    float32 (bf16 ``q, k, v``) multiply at the matrix unit's native precision, *explicitly*: left at
+    ``None``, ``jax_default_matmul_precision="highest"`` (common in research code) would ask Mosaic TPU to
+    contract bf16 operands at fp32, which it refuses ("Bad lhs type"). Float32 operands take ``precision``
+    (``None``: the config's)."""
+    if x.dtype != jnp.float32 or y.dtype != jnp.float32:
+        precision = jax.lax.Precision.DEFAULT
+    return jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
 def masked_exp(ok, x):

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import chunk_block, out_specs, resolve, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, mm, out_specs, resolve, tpu_params, triton_params
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 __all__ = ["delta_chunk", "chunk_states"]
@@ -75,8 +75,8 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 def _mm(x, y, dims=_NN):
     """Matmul with float32 accumulation; float32 operands at ``HIGHEST`` (the MXU/TF32 default passes are
-    bf16-like), lower-precision operands as they are."""
-    return lax.dot_general(x, y, dims, preferred_element_type=f32, precision=_HI if x.dtype == f32 else None)
+    bf16-like), lower-precision operands at their native precision (``_util.mm``)."""
+    return mm(x, y, dims, precision=_HI)
 
 
 def _col_factors(gc, rc, sc):

@@ -17,18 +17,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import tpu_params, triton_params
+from pallas_kernels._util import mm, tpu_params, triton_params
 
 SUB = 16  # sub-block of the in-kernel triangular inverse (the smallest GPU ``dot``)
 
 
 def _dot(a, b, precision=None):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+    return mm(a, b, precision=precision)
 
 
 def _dot_t(a, b, transpose_a):  # aᵀ b or a bᵀ without materialising the transpose
     dims = (((0,), (0,)), ((), ())) if transpose_a else (((1,), (1,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return mm(a, b, dims)
 
 
 def chunk_gamma(g, seg):
@@ -131,7 +131,7 @@ _HI = lax.Precision.HIGHEST
 
 
 def _dot_nt(a, b, precision=None):  # a bᵀ
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
+    return mm(a, b, (((1,), (1,)), ((), ())), precision=precision)
 
 
 def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, u_ref, x_ref=None):

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import chunk_block, masked_exp, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, masked_exp, mm, tpu_params, triton_params
 
 f32 = jnp.float32
 _T0 = (((0,), (0,)), ((), ()))  # contract the leading (time) axes: Xᵀ Y
@@ -73,13 +73,13 @@ def _state_factors(bc, sc, pc):
 def _state_step(k, v, bc, sc, pc, s):
     """``S' = a S + (K ⊙ f^e)ᵀ V``."""
     _, fe, a = _state_factors(bc, sc, pc)
-    return a * s + lax.dot_general((k.astype(f32) * fe).astype(v.dtype), v, _T0, preferred_element_type=f32)
+    return a * s + mm((k.astype(f32) * fe).astype(v.dtype), v, _T0)
 
 
 def _dstate_step(q, do, bc, sc, pc, ds):
     """``dS = a dS' + (Q ⊙ f^s)ᵀ dO``."""
     fs, _, a = _state_factors(bc, sc, pc)
-    return a * ds + lax.dot_general((q.astype(f32) * fs).astype(do.dtype), do, _T0, preferred_element_type=f32)
+    return a * ds + mm((q.astype(f32) * fs).astype(do.dtype), do, _T0)
 
 
 def _chunk_grads(q, k, v, do, bc, sc, pc, br, sr, pr, s, ds):
@@ -97,16 +97,16 @@ def _chunk_grads(q, k, v, do, bc, sc, pc, br, sr, pr, s, ds):
     d = masked_exp((rows >= cols) & same, bc - br) * (pc * pr)  # D, diagonal included (= 1)
     fs, fe, a = _state_factors(bc, sc, pc)
     qf, kf = q.astype(f32), k.astype(f32)
-    att = lax.dot_general(q, k, _T1, preferred_element_type=f32) * d  # Q Kᵀ ⊙ D
-    dp = lax.dot_general(do, v, _T1, preferred_element_type=f32)  # dO Vᵀ
+    att = mm(q, k, _T1) * d  # Q Kᵀ ⊙ D
+    dp = mm(do, v, _T1)  # dO Vᵀ
     da = jnp.where(rows > cols, dp * d, 0.0).astype(dt)  # strictly below the diagonal
     diag = jnp.sum(do.astype(f32) * v.astype(f32), axis=1, keepdims=True)  # the diagonal of dO Vᵀ (D_tt = 1)
-    dq_in = jnp.dot(da, k, preferred_element_type=f32)
-    dk_in = lax.dot_general(da, q, _T0, preferred_element_type=f32)
-    dq_st = fs * lax.dot_general(do, sm, _T1, preferred_element_type=f32)
-    dk_st = fe * lax.dot_general(v, dsm, _T1, preferred_element_type=f32)
-    dv = lax.dot_general(att.astype(dt), do, _T0, preferred_element_type=f32)
-    dv = dv + fe * jnp.dot(k, dsm, preferred_element_type=f32)
+    dq_in = mm(da, k)
+    dk_in = mm(da, q, _T0)
+    dq_st = fs * mm(do, sm, _T1)
+    dk_st = fe * mm(v, dsm, _T1)
+    dv = mm(att.astype(dt), do, _T0)
+    dv = dv + fe * mm(k, dsm)
     # db: rows minus columns of M = dO Vᵀ ⊙ Q Kᵀ ⊙ D without its diagonal, the state read, the state
     # writes of all but the last token (whose own write cancels against ⟨S', dS'⟩ exactly), and at the
     # last token ⟨S', dS'⟩ minus that write: a ⟨S, dS'⟩ + Σ_{s<C} k_s · dK^{state}_s

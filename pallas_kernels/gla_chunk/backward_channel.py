@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import chunk_block, masked_exp, token_loop, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, masked_exp, mm, token_loop, tpu_params, triton_params
 from pallas_kernels.gla_chunk.channel import SUB, channel_factors, channel_intra, channel_states
 
 f32 = jnp.float32
@@ -31,7 +31,7 @@ _T1 = (((1,), (1,)), ((), ()))  # X Yᵀ
 def _channel_dstate_step(q, do, b, seg, p, b_end, s_end, p_end, dst):
     """``dSᵀ = a ⊙ dSᵀ⁺ + dOᵀ (Q ⊙ f^s)``."""
     fs, _, a = channel_factors(b, seg, p, b_end, s_end, p_end)
-    return a * dst + lax.dot_general(do, (q.astype(f32) * fs).astype(do.dtype), _T0, preferred_element_type=f32)
+    return a * dst + mm(do, (q.astype(f32) * fs).astype(do.dtype), _T0)
 
 
 def _channel_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, a_ref, h_ref, dh_ref,
@@ -51,9 +51,8 @@ def _channel_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, a_re
     end = pl.ds(c - 1, 1)
     b_end, s_end, p_end = b_ref[end, :], s_ref[end, :], p_ref[end, :]
     _, fe, a = channel_factors(b_ref[...], s_ref[...], p_ref[...], b_end, s_end, p_end)
-    dv = lax.dot_general(a_ref[...].astype(md), do_ref[...], _T0, preferred_element_type=f32)
-    dv_ref[...] = (dv + lax.dot_general((k_ref[...].astype(f32) * fe).astype(md), dh_ref[...].astype(md), _T1,
-                                        preferred_element_type=f32)).astype(dv_ref.dtype)
+    dv = mm(a_ref[...].astype(md), do_ref[...], _T0)
+    dv_ref[...] = (dv + mm((k_ref[...].astype(f32) * fe).astype(md), dh_ref[...].astype(md), _T1)).astype(dv_ref.dtype)
     pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
     row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     writes_sum = jnp.zeros((1, q_ref.shape[1]), f32)  # Σ_s k_s ⊙ dk_st_s over the chunk but its last token
@@ -73,11 +72,11 @@ def _channel_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, a_re
         if i > 0:  # earlier blocks through the token r before this one
             rr = pl.ds(i * SUB - 1, 1)
             br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
-            dp = lax.dot_general(do_ref[si, :], v_ref[...], _T1, preferred_element_type=f32)  # [16, C]
+            dp = mm(do_ref[si, :], v_ref[...], _T1)  # [16, C]
             kfac = k_ref[...].astype(f32) * masked_exp((pos <= i * SUB - 1) & (s_ref[...] == sr), br - b_ref[...]) * (
                 p_ref[...] * pr)
-            dq_in = dq_in + masked_exp(segi == sr, bi - br) * (pi * pr) * jnp.dot(
-                dp.astype(md), kfac.astype(md), preferred_element_type=f32)
+            dq_in = dq_in + masked_exp(segi == sr, bi - br) * (pi * pr) * mm(
+                dp.astype(md), kfac.astype(md))
         # dk of rows s in block i (t > s): the diagonal block a query token t at a time
         vi = v_ref[si, :].astype(f32)
 
@@ -91,15 +90,15 @@ def _channel_grads_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, a_re
         if i < nb - 1:  # later blocks through this one's last token r
             rr = pl.ds(i * SUB + SUB - 1, 1)
             br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
-            dpt = lax.dot_general(v_ref[si, :], do_ref[...], _T1, preferred_element_type=f32)  # [16, C]: dPᵀ rows
+            dpt = mm(v_ref[si, :], do_ref[...], _T1)  # [16, C]: dPᵀ rows
             qfac = q_ref[...].astype(f32) * masked_exp((pos > i * SUB + SUB - 1) & (s_ref[...] == sr),
                                                        b_ref[...] - br) * (p_ref[...] * pr)
-            dk_in = dk_in + masked_exp(segi == sr, br - bi) * (pi * pr) * jnp.dot(
-                dpt.astype(md), qfac.astype(md), preferred_element_type=f32)
+            dk_in = dk_in + masked_exp(segi == sr, br - bi) * (pi * pr) * mm(
+                dpt.astype(md), qfac.astype(md))
         # through the states, the diagonal (e^0 = 1), and the decay gradient
         fs_i, fe_i, _ = channel_factors(bi, segi, pi, b_end, s_end, p_end)
-        dq_st = fs_i * jnp.dot(do_ref[si, :], h_ref[...].astype(md), preferred_element_type=f32)
-        dk_st = fe_i * jnp.dot(v_ref[si, :], dh_ref[...].astype(md), preferred_element_type=f32)
+        dq_st = fs_i * mm(do_ref[si, :], h_ref[...].astype(md))
+        dk_st = fe_i * mm(v_ref[si, :], dh_ref[...].astype(md))
         diag = jnp.sum(doi * vi, axis=1, keepdims=True)
         qi, ki = q_ref[si, :].astype(f32), k_ref[si, :].astype(f32)
         last = row + i * SUB == c - 1

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import masked_exp, out_specs, token_loop, tpu_params, triton_params
+from pallas_kernels._util import masked_exp, mm, out_specs, token_loop, tpu_params, triton_params
 
 SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
 
@@ -69,18 +69,18 @@ def _intra_channel_kernel(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref, *, direct):
                 sj = pl.ds(j * SUB, SUB)
                 if j < i:
                     kf = k_ref[sj, :].astype(f32) * masked_exp(s_ref[sj, :] == sr, br - b_ref[sj, :]) * (p_ref[sj, :] * pr)
-                    a_ref[si, sj] = lax.dot_general(qf, kf.astype(md), nt, preferred_element_type=f32)
+                    a_ref[si, sj] = mm(qf, kf.astype(md), nt)
                 else:
                     a_ref[si, sj] = a_d if j == i else jnp.zeros((SUB, SUB), f32)
             continue
         sel_col = lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
         sel_row = lax.broadcasted_iota(jnp.int32, (SUB, c), 0)
         place = jnp.where(sel_col == sel_row + i * SUB, 1.0, 0.0).astype(f32)  # [16, C]: block i's columns
-        rows = jnp.dot(a_d, place, preferred_element_type=f32, precision=hi)
+        rows = mm(a_d, place, precision=hi)
         if i > 0:
             kf = k_ref[...].astype(f32) * masked_exp((pos <= i * SUB - 1) & (s_ref[...] == sr), br - b_ref[...]) * (
                 p_ref[...] * pr)
-            rows = rows + lax.dot_general(qf, kf.astype(md), nt, preferred_element_type=f32)
+            rows = rows + mm(qf, kf.astype(md), nt)
         a_ref[si, :] = rows
 
 
@@ -96,8 +96,7 @@ def channel_factors(b, seg, p, b_end, s_end, p_end):
 def channel_state_step(k, v, fe, a, st):
     """``Sᵀ⁺ = a ⊙ Sᵀ + Vᵀ (K ⊙ f^e)`` on the transposed state ``Sᵀ [BV, K]`` (the per-channel decay is a
     broadcast over its last axis)."""
-    return a * st + lax.dot_general(v, (k.astype(jnp.float32) * fe).astype(v.dtype), (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+    return a * st + mm(v, (k.astype(jnp.float32) * fe).astype(v.dtype), (((0,), (0,)), ((), ())))
 
 
 def _channel_states_kernel(k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, hs_ref, ht_ref, *, chunk, n_chunks):
@@ -139,9 +138,8 @@ def _channel_out_kernel(a_ref, q_ref, v_ref, b_ref, s_ref, p_ref, h_ref, o_ref):
     f32 = jnp.float32
     md = v_ref.dtype
     fs = jnp.where(s_ref[...] == 0, jnp.exp(b_ref[...]), 0.0) * p_ref[...]
-    o = jnp.dot(a_ref[...].astype(md), v_ref[...], preferred_element_type=f32)
-    o = o + lax.dot_general((q_ref[...].astype(f32) * fs).astype(md), h_ref[...].astype(md), (((1,), (1,)), ((), ())),
-                            preferred_element_type=f32)
+    o = mm(a_ref[...].astype(md), v_ref[...])
+    o = o + mm((q_ref[...].astype(f32) * fs).astype(md), h_ref[...].astype(md), (((1,), (1,)), ((), ())))
     o_ref[...] = o.astype(o_ref.dtype)
 
 

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import check_chunk_size, resolve, tpu_params, triton_params
+from pallas_kernels._util import check_chunk_size, mm, resolve, tpu_params, triton_params
 from pallas_kernels.gla_chunk.channel import forward_channel
 
 __all__ = ["gla_chunk_pallas"]
@@ -90,19 +90,18 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, 
         b, seg, p = b_ref[sl], s_ref[sl], p_ref[sl]
         ok = causal & (seg[:, None] == seg[None, :])
         d = jnp.where(ok, jnp.exp(jnp.where(ok, b[:, None] - b[None, :], 0.0)), 0.0) * (p[:, None] * p[None, :])
-        att = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * d
-        o = jnp.dot(att.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        att = mm(q, k.T) * d
+        o = mm(att.astype(v.dtype), v)
         fs = jnp.where(seg == 0, jnp.exp(b), 0.0) * p
         # state readout with operands in the input dtype (bf16 on the fast path), float32 accumulation
-        o = o + jnp.dot((q.astype(jnp.float32) * fs[:, None]).astype(v.dtype), state.astype(v.dtype),
-                        preferred_element_type=jnp.float32)
+        o = o + mm((q.astype(jnp.float32) * fs[:, None]).astype(v.dtype), state.astype(v.dtype))
         o_ref[sl, :] = o.astype(o_ref.dtype)
         last = pl.ds(n * c + c - 1, 1)  # [1]-shaped loads of the chunk's last token
         b_end, s_end, p_end = b_ref[last], s_ref[last], p_ref[last]
         fe = jnp.where(seg == s_end, jnp.exp(jnp.where(seg == s_end, b_end - b, 0.0)), 0.0) * (p * p_end)
         a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
         kt = (k.astype(jnp.float32) * fe[:, None]).astype(v.dtype)
-        return a.reshape(1, 1) * state + jnp.dot(kt.T, v, preferred_element_type=jnp.float32)
+        return a.reshape(1, 1) * state + mm(kt.T, v)
 
     state = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
     ht_ref[...] = state
@@ -150,10 +149,10 @@ def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_
     causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
     ok = causal & (sc == sr)
     d = jnp.where(ok, jnp.exp(jnp.where(ok, bc - br, 0.0)), 0.0) * (pc * pr)
-    att = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * d
-    o = jnp.dot(att.astype(v.dtype), v, preferred_element_type=f32)
+    att = mm(q, k, (((1,), (1,)), ((), ()))) * d
+    o = mm(att.astype(v.dtype), v)
     fs = jnp.where(sc == 0, jnp.exp(bc), 0.0) * pc
-    o = o + jnp.dot((q.astype(f32) * fs).astype(v.dtype), state.astype(v.dtype), preferred_element_type=f32)
+    o = o + mm((q.astype(f32) * fs).astype(v.dtype), state.astype(v.dtype))
     o_ref[...] = o.astype(o_ref.dtype)
     lane = lax.broadcasted_iota(jnp.int32, (1, c), 1)
     end = lambda x: jnp.sum(jnp.where(lane == c - 1, x, 0.0), axis=1, keepdims=True)  # noqa: E731  [1, 1]
@@ -161,7 +160,7 @@ def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_
     fe = jnp.where(sc == s_end, jnp.exp(jnp.where(sc == s_end, b_end - bc, 0.0)), 0.0) * (pc * p_end)
     a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
     kt = (k.astype(f32) * fe).astype(v.dtype)
-    state = a * state + lax.dot_general(kt, v, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    state = a * state + mm(kt, v, (((0,), (0,)), ((), ())))
     s_scr[...] = state
 
     @pl.when(step == pl.num_programs(2) - 1)

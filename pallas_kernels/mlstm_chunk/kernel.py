@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import check_chunk_size, chunk_block, out_specs, resolve, tpu_params, triton_params
+from pallas_kernels._util import check_chunk_size, chunk_block, mm, out_specs, resolve, tpu_params, triton_params
 
 __all__ = ["mlstm_chunk", "chunk_states", "chunk_stabilisers"]
 
@@ -73,7 +73,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def _mm(x, y, dims=_NN):
-    return lax.dot_general(x, y, dims, preferred_element_type=f32)
+    return mm(x, y, dims)
 
 
 def _rsum(x):
