@@ -28,6 +28,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from pallas_kernels._util import platform as kernel_platform
+
 # what impl="auto" differentiates each chunked kernel through (see above)
 AUTO_BACKWARD = {"gla": "xla", "delta": "xla", "mlstm": "xla"}
 GPU_TESTED = frozenset({"gla"})  # kernels whose current forward passed the GPU tests; "delta", "mlstm" pending
@@ -45,7 +47,7 @@ def auto_pallas(chunk_size: int | None = None, kernel: str = "gla") -> bool:
 
     if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         return False
-    return jax.default_backend() == "gpu" and (jax.device_count() == 1 or sharding.current()[0] is not None)
+    return kernel_platform() == "gpu" and (jax.device_count() == 1 or sharding.current()[0] is not None)
 
 
 def kernel_call(fn, *args, layouts, out_layouts):

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels._util import platform as kernel_platform
 from seqjax import _checks
 
 IMPLS = ("auto", "sequential", "associative", "chunked", "pallas")
@@ -133,7 +134,7 @@ def _chunked(a, b, h0, chunk_size, reverse):
 
 
 def _interpret():
-    return jax.default_backend() == "cpu"
+    return kernel_platform() == "cpu"
 
 
 def _pallas(a, b, h0, chunk_size, reverse):
@@ -194,7 +195,8 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def choose_impl(shape, dtype, platform: str | None = None) -> str:
-    """The impl ``"auto"`` uses for ``b`` of ``shape``/``dtype`` on ``platform``.
+    """The impl ``"auto"`` uses for ``b`` of ``shape``/``dtype`` on ``platform`` (by default the platform the
+    kernels are traced for, ``pallas_kernels._util.platform``).
 
     Evidence (``python benchmarks/scan.py``, ``benchmarks/results/cpu_scan.md``):
 
@@ -209,7 +211,7 @@ def choose_impl(shape, dtype, platform: str | None = None) -> str:
       falls back to ``lax.scan``, which runs on device there.
     """
     del shape  # no shape dependence has been measured to matter yet
-    platform = platform or jax.default_backend()
+    platform = platform or kernel_platform()
     complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
     if platform == "tpu":
         return "sequential" if complex_ else "pallas"

@@ -200,10 +200,10 @@ def test_auto_pallas_needs_one_gpu_and_a_kernel_chunk_size(monkeypatch):
     of two >= 16)."""
     from seqjax import _platform as P
 
-    monkeypatch.setattr(P.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(P, "kernel_platform", lambda: "cpu")
     monkeypatch.setattr(P.jax, "device_count", lambda: 1)
     assert not P.auto_pallas(64)  # a CPU process (the kernels would be interpreted)
-    monkeypatch.setattr(P.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(P, "kernel_platform", lambda: "gpu")
     monkeypatch.setattr(P.jax, "device_count", lambda: 8)
     assert not P.auto_pallas(64)  # 8 devices and no mesh: a pallas_call has no sharding rule
     from seqjax import sharding

@@ -97,6 +97,20 @@ def test_linear_scan_lowers_to_mosaic_tpu_forward_and_backward():
     assert _mosaic_calls(grads, a, b, h0) == 2  # the forward kernel and its transpose
 
 
+def test_fused_rnn_lowers_to_triton(monkeypatch):
+    """The FlashRNN-style cells ask for the Triton lowering by name on a GPU (jax >= 0.11 would otherwise take
+    Mosaic GPU, which has no ``dot_general`` for them); their TPU compile is ``tests/test_tpu_compile.py``'s."""
+    from pallas_kernels import _util
+    from seqjax import rnn as R
+    from seqjax.rnn import functional
+
+    monkeypatch.setattr(_util, "platform", lambda: "gpu")
+    monkeypatch.setattr(functional, "kernel_platform", lambda: "gpu")
+    p = R.init_params("lstm", jax.random.PRNGKey(0), 3, 12, heads=2)
+    loss = lambda p, x: jnp.sum(R.rnn("lstm", p, x, impl="pallas")[0] ** 2)  # noqa: E731
+    assert _triton_calls(jax.grad(loss, argnums=(0, 1)), p, jnp.ones((2, 9, 3))) == 2  # forward, reverse time
+
+
 def test_backend_and_interpret_defaults(monkeypatch):
     """``interpret=None`` interprets on the CPU and runs the TPU bodies interpreted off a TPU (their tests also
     pass on a GPU machine); an explicit ``interpret=False`` is kept (the exports above)."""
@@ -108,3 +122,15 @@ def test_backend_and_interpret_defaults(monkeypatch):
         monkeypatch.setattr(_util.jax, "default_backend", lambda p=platform: p)
         assert [_util.resolve(None, None), _util.resolve(None, "mosaic_tpu")] == want, platform
         assert _util.resolve(False, "mosaic_tpu") == (False, "mosaic_tpu")
+
+
+def test_kernels_target_the_platform_of_the_mesh_in_context(monkeypatch):
+    """Under ``seqjax.sharding.use_rules(mesh)`` the kernels target the mesh's devices, not the process's
+    default backend (an ahead-of-time compile for a TPU topology from a CPU host)."""
+    from pallas_kernels import _util
+    from seqjax import sharding
+
+    monkeypatch.setattr(_util.jax, "default_backend", lambda: "gpu")
+    assert _util.platform() == "gpu" and _util.resolve(None, None) == (False, "triton")
+    with sharding.use_rules(sharding.make_mesh((2, 1, 1, 1), devices=jax.devices()[:2])):
+        assert _util.platform() == "cpu" and _util.resolve(None, None) == (True, "triton")

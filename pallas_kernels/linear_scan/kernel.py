@@ -55,6 +55,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _util
+
 LANES = 128
 ROWS = 8
 DEFAULT_TIME_BLOCK = 128
@@ -153,7 +155,7 @@ def _run(a, b, h0, *, reverse, transpose, interpret, time_block):
     """The pallas_call on ``[B, T, C]`` arrays of one dtype (float32 or complex64)."""
     bsz, t, c = b.shape
     complex_ = jnp.iscomplexobj(b)
-    platform = "cpu" if interpret else jax.default_backend()
+    platform = "cpu" if interpret else _util.platform()
     tb, t_pad, lanes, r, rows = _blocks(t, c, time_block, platform)
     c_pad = rows * lanes
     n_t = t_pad // tb

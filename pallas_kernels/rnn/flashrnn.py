@@ -39,6 +39,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _util
+from pallas_kernels._util import mm, tpu_params, triton_params
+
 __all__ = ["fused_rnn"]
 
 
@@ -69,37 +72,34 @@ def _max_head(k: int) -> int:
     return d
 
 
-def _head_spec(shape, axis):
-    """BlockSpec taking head ``g`` (block size 1) along ``axis`` and everything else whole."""
-    block = tuple(1 if i == axis else n for i, n in enumerate(shape))
-
-    def index_map(g):
-        return tuple(g if i == axis else 0 for i in range(len(shape)))
-
-    return pl.BlockSpec(block, index_map)
+def _head_spec(shape):
+    """BlockSpec of head ``g`` of a heads-first array: ``[G, …]`` -> ``[…]``, the trailing dims whole (Mosaic
+    TPU wants the last two dims of a block whole or tiled by (8, 128))."""
+    return pl.BlockSpec((None, *shape[1:]), lambda g: (g,) + (0,) * (len(shape) - 1))
 
 
 def _load_params(pp_refs, rows):
     """Per-neuron parameters as the cell's split map wants them: a dict of ``[1, D]`` arrays or tuples of
     rows (``rows``: ``(name, number of rows or 0)`` per parameter, in the order of the refs)."""
-    return {name: tuple(ref[:, r, :] for r in range(n)) if n else ref[...] for ref, (name, n) in zip(pp_refs, rows)}
+    return {name: tuple(ref[pl.ds(r, 1), :] for r in range(n)) if n else ref[...]
+            for ref, (name, n) in zip(pp_refs, rows)}
 
 
 def _fwd_kernel(split, rows, n_state, n_gate, xp_ref, r_ref, s0_ref, *rest):
     pp_refs, states_ref = rest[:-1], rest[-1]
-    t_len = xp_ref.shape[1]
-    rk = [r_ref[0, :, k, :] for k in range(n_gate)]  # [D, D] per gate, resident for the whole loop
+    t_len = xp_ref.shape[0]
+    rk = [r_ref[k] for k in range(n_gate)]  # [D, D] per gate, resident for the whole loop
     pp = _load_params(pp_refs, rows)
 
     def body(t, s):
-        xg = tuple(xp_ref[:, t, 0, k, :] for k in range(n_gate))  # [B, D] each
-        rg = tuple(jnp.dot(s[0], w, preferred_element_type=jnp.float32) for w in rk)
+        xg = tuple(xp_ref[t, k] for k in range(n_gate))  # [B, D] each
+        rg = tuple(mm(s[0], w) for w in rk)
         s = tuple(split(pp, s, xg, rg))
         for a in range(n_state):
-            states_ref[:, t, a, 0, :] = s[a]
+            states_ref[t, a] = s[a]
         return s
 
-    lax.fori_loop(0, t_len, body, tuple(s0_ref[:, a, 0, :] for a in range(n_state)))
+    lax.fori_loop(0, t_len, body, tuple(s0_ref[a] for a in range(n_state)))
 
 
 def _bwd_kernel(split, rows, n_state, n_gate, xp_ref, r_ref, s0_ref, states_ref, g_ref, *rest):
@@ -107,27 +107,27 @@ def _bwd_kernel(split, rows, n_state, n_gate, xp_ref, r_ref, s0_ref, states_ref,
     pp_refs = rest[:n_pp]
     dxp_ref, dr_ref, ds0_ref = rest[n_pp:n_pp + 3]
     dpp_refs = rest[n_pp + 3:]
-    t_len = xp_ref.shape[1]
-    rk = [r_ref[0, :, k, :] for k in range(n_gate)]
+    t_len = xp_ref.shape[0]
+    rk = [r_ref[k] for k in range(n_gate)]
     pp = _load_params(pp_refs, rows)
-    s0 = tuple(s0_ref[:, a, 0, :] for a in range(n_state))
+    s0 = tuple(s0_ref[a] for a in range(n_state))
 
     def body(i, carry):
         ds, dr, dpp = carry
         t = t_len - 1 - i
         tp = jnp.maximum(t - 1, 0)
-        s_prev = tuple(jnp.where(t > 0, states_ref[:, tp, a, 0, :], s0[a]) for a in range(n_state))
-        xg = tuple(xp_ref[:, t, 0, k, :] for k in range(n_gate))
-        rg = tuple(jnp.dot(s_prev[0], w, preferred_element_type=jnp.float32) for w in rk)
-        ds_t = tuple(ds[a] + g_ref[:, t, a, 0, :] for a in range(n_state))
+        s_prev = tuple(jnp.where(t > 0, states_ref[tp, a], s0[a]) for a in range(n_state))
+        xg = tuple(xp_ref[t, k] for k in range(n_gate))
+        rg = tuple(mm(s_prev[0], w) for w in rk)
+        ds_t = tuple(ds[a] + g_ref[t, a] for a in range(n_state))
         _, vjp = jax.vjp(lambda p_, s_, x_, r_: tuple(split(p_, s_, x_, r_)), pp, s_prev, xg, rg)
         dpp_t, ds_prev, dxg, drg = vjp(ds_t)
         for k in range(n_gate):
-            dxp_ref[:, t, 0, k, :] = dxg[k]
+            dxp_ref[t, k] = dxg[k]
         dh = ds_prev[0]
         for k in range(n_gate):
-            dh = dh + jnp.dot(drg[k], rk[k].T, preferred_element_type=jnp.float32)
-        dr = tuple(a + jnp.dot(s_prev[0].T, b, preferred_element_type=jnp.float32) for a, b in zip(dr, drg))
+            dh = dh + mm(drg[k], rk[k].T)
+        dr = tuple(a + mm(s_prev[0].T, b) for a, b in zip(dr, drg))
         dpp = jax.tree.map(jnp.add, dpp, dpp_t)
         return (dh,) + tuple(ds_prev[1:]), dr, dpp
 
@@ -136,57 +136,64 @@ def _bwd_kernel(split, rows, n_state, n_gate, xp_ref, r_ref, s0_ref, states_ref,
             jax.tree.map(jnp.zeros_like, pp))
     ds, dr, dpp = lax.fori_loop(0, t_len, body, init)
     for a in range(n_state):
-        ds0_ref[:, a, 0, :] = ds[a]
+        ds0_ref[a] = ds[a]
     for k in range(n_gate):
-        dr_ref[0, :, k, :] = dr[k]
+        dr_ref[k] = dr[k]
     for ref, (name, n) in zip(dpp_refs, rows):
         v = dpp[name]
         if n:
             for r in range(n):
-                ref[:, r, :] = v[r]
+                ref[pl.ds(r, 1), :] = v[r]
         else:
             ref[...] = v
 
 
-def _forward(split, rows, interpret, R, pp, xp, s0):
-    bsz, t_len, g, k, d = xp.shape
+def _params(interpret, backend):
+    """Heads are independent: ``"parallel"`` on a TPU (megacore chips split them); the Triton lowering
+    asked for by name on a GPU (jax >= 0.11 would otherwise take Mosaic GPU, which has no ``dot`` here)."""
+    return tpu_params(interpret, "parallel") if backend == "mosaic_tpu" else triton_params(interpret, backend)
+
+
+def _forward(split, rows, interpret, backend, R, pp, xp, s0):
+    """Heads-first (see :func:`fused_rnn`): ``xp [G, T, K, B, D]``, ``R [G, K, D, D]``, ``s0 [G, S, B, D]``,
+    parameters ``[G, rows, D]``; returns the states ``[G, T, S, B, D]``."""
+    g, t_len, k, bsz, d = xp.shape
     n_state = s0.shape[1]
-    out_shape = jax.ShapeDtypeStruct((bsz, t_len, n_state, g, d), jnp.float32)
+    out_shape = jax.ShapeDtypeStruct((g, t_len, n_state, bsz, d), jnp.float32)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, split, rows, n_state, k),
         grid=(g,),
-        in_specs=[_head_spec(xp.shape, 2), _head_spec(R.shape, 0), _head_spec(s0.shape, 2)]
-        + [_head_spec(p.shape, 0) for p in pp],
-        out_specs=_head_spec(out_shape.shape, 3),
+        in_specs=[_head_spec(x.shape) for x in (xp, R, s0, *pp)],
+        out_specs=_head_spec(out_shape.shape),
         out_shape=out_shape,
         interpret=interpret,
+        compiler_params=_params(interpret, backend),
     )(xp, R, s0, *pp)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused(split, rows, interpret, R, pp, xp, s0):
-    return _forward(split, rows, interpret, R, pp, xp, s0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused(split, rows, interpret, backend, R, pp, xp, s0):
+    return _forward(split, rows, interpret, backend, R, pp, xp, s0)
 
 
-def _fused_fwd(split, rows, interpret, R, pp, xp, s0):
-    states = _forward(split, rows, interpret, R, pp, xp, s0)
+def _fused_fwd(split, rows, interpret, backend, R, pp, xp, s0):
+    states = _forward(split, rows, interpret, backend, R, pp, xp, s0)
     return states, (R, pp, xp, s0, states)
 
 
-def _fused_bwd(split, rows, interpret, res, g):
+def _fused_bwd(split, rows, interpret, backend, res, g):
     R, pp, xp, s0, states = res
-    g_heads, n_state, n_gate = xp.shape[2], s0.shape[1], xp.shape[3]
+    g_heads, n_state, n_gate = xp.shape[0], s0.shape[1], xp.shape[2]
     out_shape = [jax.ShapeDtypeStruct(xp.shape, jnp.float32), jax.ShapeDtypeStruct(R.shape, jnp.float32),
                  jax.ShapeDtypeStruct(s0.shape, jnp.float32)] + [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in pp]
     dxp, dR, ds0, *dpp = pl.pallas_call(
         functools.partial(_bwd_kernel, split, rows, n_state, n_gate),
         grid=(g_heads,),
-        in_specs=[_head_spec(xp.shape, 2), _head_spec(R.shape, 0), _head_spec(s0.shape, 2),
-                  _head_spec(states.shape, 3), _head_spec(g.shape, 3)] + [_head_spec(p.shape, 0) for p in pp],
-        out_specs=[_head_spec(xp.shape, 2), _head_spec(R.shape, 0), _head_spec(s0.shape, 2)]
-        + [_head_spec(p.shape, 0) for p in pp],
+        in_specs=[_head_spec(x.shape) for x in (xp, R, s0, states, g, *pp)],
+        out_specs=[_head_spec(x.shape) for x in (xp, R, s0, *pp)],
         out_shape=out_shape,
         interpret=interpret,
+        compiler_params=_params(interpret, backend),
     )(xp, R, s0, states, g, *pp)
     return dR, list(dpp), dxp, ds0
 
@@ -213,7 +220,8 @@ def fused_rnn(split, R, pp: dict, xp, s0, *, interpret: bool = False):
     ones); the padding is sliced off, and its gradients with it.
     """
     names = tuple(sorted(pp))
-    check_fits(xp.shape[-1], xp.shape[-2], "cpu" if interpret else jax.default_backend())
+    check_fits(xp.shape[-1], xp.shape[-2], "cpu" if interpret else _util.platform())
+    interpret, backend = _util.resolve(bool(interpret), None)
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     R, xp, s0 = f32(R), f32(xp), f32(s0)
     params = [f32(pp[n]) for n in names]
@@ -225,5 +233,8 @@ def fused_rnn(split, R, pp: dict, xp, s0, *, interpret: bool = False):
     s0p = pad(s0, [(0, bp - bsz), (0, 0), (0, 0), (0, dp - d)])
     pps = [pad(p, [(0, 0)] * (p.ndim - 1) + [(0, dp - d)], 1.0) for p in params]
     rows = tuple((n, p.shape[1] if p.ndim == 3 else 0) for n, p in zip(names, pps))
-    states = _fused(split, rows, bool(interpret), Rp, pps, xpp, s0p)
-    return states[:bsz, ..., :d]
+    # heads first, [B, D] trailing: one head's blocks then have whole trailing dims on either backend
+    heads_first = [p if p.ndim == 3 else p[:, None] for p in pps]
+    states = _fused(split, rows, interpret, backend, Rp.transpose(0, 2, 1, 3), heads_first,
+                    xpp.transpose(2, 1, 3, 0, 4), s0p.transpose(2, 1, 0, 3))
+    return states.transpose(3, 1, 2, 0, 4)[:bsz, ..., :d]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels._util import platform as kernel_platform
 from seqjax import _checks
 from seqjax.rnn import cells as _cells
 
@@ -97,7 +98,7 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
 
         cell = _cells.CELLS[kind]
         states = fused_rnn(cell.split, params["R"], _cells.neuron_params(cell, params), xp, s0,
-                           interpret=jax.default_backend() == "cpu")
+                           interpret=kernel_platform() == "cpu")
         s_last = states[:, -1]
     y = states[:, :, 0].reshape(bsz, t, g * d)
     if reverse:
