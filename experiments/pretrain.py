@@ -11,6 +11,7 @@ Examples::
     python experiments/pretrain.py --steps=3 --preset=tiny          # smoke test
     python experiments/pretrain.py --preset=125m --data=tfds:lm1b    # on an accelerator
     python experiments/pretrain.py --mesh=1,2,1,4 --accum=4          # fsdp=2 x tensor=4, 4 microbatches
+    python experiments/pretrain.py --preset=1b --compile_topology=v5p:2x2x4 --mesh=1,16,1,1  # fits? (libtpu)
 
 Keys: see ``seqjax/train/config.py`` (``--d_model=256``, ``--model.pattern=attention``,
 ``--optim.lr=1e-3``, ``--global_batch=32``, ``--nan_policy=skip``, ...).
@@ -26,7 +27,8 @@ def main(argv):
     cfg = config.from_args(argv)
     summary = run.train(cfg)
     sample = summary.get("sample")
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("compile", "sample")}, indent=1, default=str))
+    shown = summary if cfg.compile_topology else {k: v for k, v in summary.items() if k not in ("compile", "sample")}
+    print(json.dumps(shown, indent=1, default=str))
     if sample is not None:
         print("\n--- sample ---\n" + sample + "\n--------------")
     return summary

@@ -20,7 +20,9 @@ them until ``benchmarks/gpu_check.sh`` has passed on a GPU. ``impl="pallas"`` al
 So ``"auto"`` takes the kernels on a GPU, where they were compiled and tested: in a one-device process, or
 under ``seqjax.sharding.use_rules(mesh)`` (the train and eval steps), where ``kernel_call`` runs them inside
 ``shard_map``; a ``pallas_call`` has no sharding rule, and under a plain multi-device ``jit`` XLA would
-replicate its operands on every device. TPU: the kernels are untested there, so XLA.
+replicate its operands on every device. TPU: libtpu compiles every kernel for TPU v4, v5e, v5p and v6e
+(``tests/test_tpu_compile.py``, ``benchmarks/tpu_compile.py``; no TPU needed), but none has run or been
+timed on one, so XLA.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Every Pallas kernel lowers to Mosaic TPU and to Triton (GPU) — checked without a TPU or a GPU.
 
 ``jax.export`` with ``platforms=("tpu",)`` runs the Pallas -> Mosaic lowering on this CPU (block-shape
-rules, the ops Mosaic supports) and emits the Mosaic custom call; Mosaic's own compile to TPU code runs in
-libtpu on a TPU and is not exercised here. Likewise ``platforms=("cuda",)`` with the kernels' Triton
+rules, the ops Mosaic supports) and emits the Mosaic custom call; Mosaic's own compile to TPU code (libtpu)
+is ``tests/test_tpu_compile.py``'s. Likewise ``platforms=("cuda",)`` with the kernels' Triton
 compiler params runs the Pallas -> Triton IR lowering (dot shapes, the ops Triton supports) and emits
 ``__gpu$xla.gpu.triton`` custom calls; Triton's compile to PTX runs on a GPU. The values of every body are
 checked in interpret mode in each kernel's test file. Forward and, where the kernel has its own backward

@@ -85,13 +85,13 @@ def test_linear_scan_and_fused_rnn_compile_for_tpu(tpus):
             assert _kernels_compiled(jax.grad(loss, argnums=(0, 1)), p, x) == 2, kind  # forward, reverse time
 
 
-def test_lm_train_step_with_kernels_compiles_for_a_tpu_mesh(tpus):
-    """A hybrid LM whose mixers all take ``impl="pallas"``, its whole train step (forward, backward, AdamW)
-    compiled for four TPU v5e chips as data 2 x tensor 2: the kernels run inside ``shard_map``
+def test_lm_train_step_with_kernels_compiles_for_a_tpu_slice():
+    """``experiments/pretrain.py --compile_topology=v5e:2x2`` (``seqjax.train.run.compile_for_topology``) with a
+    hybrid LM whose mixers all take ``impl="pallas"``: the whole train step (forward, backward, AdamW) and the
+    eval step compiled for four TPU v5e chips as data 2 x tensor 2. The kernels run inside ``shard_map``
     (``seqjax._platform.kernel_call``) and take their Mosaic TPU bodies from the mesh's platform."""
     from seqjax.models.lm import LM, LMConfig
-    from seqjax.train.config import OptimConfig
-    from seqjax.train.step import Trainer
+    from seqjax.train import config, run
 
     pattern = ("gla", "gated_deltanet", "mlstm", "mamba2", "attention")
     # pallas_calls of forward and backward, as above; GLA's layer has per-channel decays, and XLA shares the
@@ -103,7 +103,16 @@ def test_lm_train_step_with_kernels_compiles_for_a_tpu_mesh(tpus):
                        mlp_ratio=2.0, mixer_kwargs={n: {"impl": "pallas"} for n in kernels})
         return LM(cfg, rngs=nnx.Rngs(0))
 
-    tr = Trainer(make, shd.make_mesh((2, 1, 1, 2), devices=tpus), OptimConfig(lr=1e-3, warmup=2), total_steps=10)
-    step, _, info = tr.compile(4, 128, with_eval=False)
-    assert step.as_text().count(MOSAIC) == sum(kernels.values())
+    cfg = config.TrainConfig(compile_topology=TOPOLOGY, mesh=(2, 1, 1, 2), steps=10)
+    cfg.data.global_batch, cfg.data.seq_len = 4, 128
+    info = run.compile_for_topology(cfg, make)
+    assert (info["fits"], info["chips"], info["device_kind"], info["mesh"]["tensor"]) == (True, 4, "TPU v5 lite", 2)
+    assert info["pallas_kernels"] == sum(kernels.values())
     assert 0 < info["total_bytes"] < 64 * 2**20  # per chip, of 16 GiB
+
+
+def test_compile_topology_names_a_bad_topology():
+    from seqjax.train import config, run
+
+    with pytest.raises(ValueError, match="compile_topology='v9:2x2' is not a TPU topology"):
+        run.compile_for_topology(config.TrainConfig(compile_topology="v9:2x2"))

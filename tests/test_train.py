@@ -74,3 +74,15 @@ def test_nan_guard_leaves_state_unchanged():
     # the next good step trains normally
     state, m = step(state, put(tr, batches()[1]))
     assert int(m["finite"]) == 1 and np.isfinite(float(m["loss"]))
+
+
+def test_compile_topology_without_libtpu_says_what_to_install(monkeypatch):
+    """``--compile_topology`` (``tests/test_tpu_compile.py`` compiles with it) names the missing package."""
+    import importlib.util
+
+    from seqjax.train import config, run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"compile_topology='v5e:2x2' needs libtpu: pip install 'jax\[tpu\]'"):
+        run.compile_for_topology(config.TrainConfig(compile_topology="v5e:2x2"))

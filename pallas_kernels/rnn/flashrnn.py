@@ -27,7 +27,10 @@ loaded from refs one by one, and ``B``, ``D`` are padded to powers of two ``>= 1
 Verified: in interpret mode (``interpret=True``, CPU; ``tests/test_rnn_kernel.py``), forward states and
 all gradients equal the ``lax.scan`` reference; the same tests pass compiled with the Triton lowering on
 an NVIDIA H200 (jax 0.11.2, ``benchmarks/gpu_check.sh``, 2026-11-26). A head must fit on chip there
-(:func:`check_fits`). Not measured yet: speed on a GPU; TPU lowering.
+(:func:`check_fits`). The kernel sees its arrays heads-first with ``[B, D]`` trailing (``fused_rnn``
+transposes them), so a head's blocks have whole trailing dims, as Mosaic TPU requires; libtpu compiles the
+forward and backward for a TPU v5e (``tests/test_tpu_compile.py``, without a TPU). Not measured yet: speed on
+a GPU; any run on a TPU.
 """
 
 from __future__ import annotations

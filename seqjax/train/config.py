@@ -79,6 +79,7 @@ class TrainConfig:
     sample_top_p: float = 0.95
     peak_flops: float = 0.0  # per device, for MFU; 0 = guess from the device kind
     max_seconds: float = 0.0  # stop (and checkpoint) after this much training wall time; 0 = no limit
+    compile_topology: str = ""  # e.g. "v5e:4x4": only compile the step for that TPU slice (libtpu), report, exit
     coordinator: str = ""  # "host:port": multi-process run via jax.distributed.initialize
     num_processes: int = 1
     process_id: int = 0

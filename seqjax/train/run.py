@@ -27,7 +27,7 @@ from seqjax.train import data as data_lib
 from seqjax.train import metrics as metrics_lib
 from seqjax.train.step import Trainer, check_finite
 
-__all__ = ["train", "build_model_fn", "lm_config"]
+__all__ = ["train", "compile_for_topology", "build_model_fn", "lm_config"]
 
 log = logging.getLogger("seqjax.train")
 
@@ -51,6 +51,15 @@ def build_model_fn(mcfg: config_lib.ModelConfig, seed: int = 0):
 
     lcfg = lm_config(mcfg)
     return lambda: LM(lcfg, rngs=nnx.Rngs(seed))
+
+
+def _setup_logging():
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _is_main() -> bool:
@@ -108,16 +117,57 @@ def _read_history(path: str, upto: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto]
 
 
+def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
+    """Compile ``cfg``'s train and eval steps for the TPU slice ``cfg.compile_topology`` (e.g. ``"v5e:4x4"``,
+    ``"v5p:2x2x2"``) on this host, which needs no TPU: libtpu (``pip install 'jax[tpu]'``) compiles for the
+    topology's abstract devices (``jax.experimental.topologies``), as MaxText's ``train_compile``. It answers
+    "does this model, mesh and batch fit, and how much memory per chip" before a slice is booked; the Pallas
+    kernels take their TPU bodies from the mesh (``pallas_kernels._util.platform``). No data is read and
+    nothing runs. Returns ``fits`` and the compiled train step's per-chip memory (bytes), XLA's FLOPs per
+    step and chip, and the number of Pallas (Mosaic) kernels in it; where the step does not fit in a chip's
+    HBM, ``fits=False`` and the compiler's ``error`` (how much it needed)."""
+    import importlib.util
+
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError(f"compile_topology={cfg.compile_topology!r} needs libtpu: pip install 'jax[tpu]' "
+                           "(Linux x86-64; no TPU needed)")
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=cfg.compile_topology).devices
+    except Exception as e:  # noqa: BLE001 — libtpu's message alone does not say which setting was wrong
+        raise ValueError(f"compile_topology={cfg.compile_topology!r} is not a TPU topology libtpu knows "
+                         f"(e.g. 'v5e:2x2', 'v5e:4x4', 'v5p:2x2x2', 'v6e:4x4'): {e}") from e
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    trainer = Trainer(make_model or build_model_fn(cfg.model, cfg.seed), mesh, cfg.optim, cfg.steps,
+                      accum=cfg.accum, seed=cfg.seed)
+    t0 = time.perf_counter()
+    head = {"topology": cfg.compile_topology, "chips": len(devices), "device_kind": devices[0].device_kind,
+            "mesh": dict(mesh.shape)}
+    try:
+        step, _, info = trainer.compile(cfg.data.global_batch, cfg.data.seq_len)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        log.info("does not fit %s: %s", cfg.compile_topology, str(e).splitlines()[0])
+        return {**head, "fits": False, "error": str(e).splitlines()[0]}
+    info = {**head, "fits": True, "compile_s": round(time.perf_counter() - t0, 1),
+            "pallas_kernels": step.as_text().count('custom_call_target="tpu_custom_call"'), **info}
+    log.info("compiled for %s (%d x %s), mesh %s: per-chip memory %.1f MB (args %.1f, temp %.1f)",
+             cfg.compile_topology, len(devices), info["device_kind"], info["mesh"], info.get("total_bytes", 0) / 2**20,
+             info.get("argument_bytes", 0) / 2**20, info.get("temp_bytes", 0) / 2**20)
+    return info
+
+
 def train(cfg: config_lib.TrainConfig, *, progress: bool = True, make_model=None) -> dict:
-    """Run (or resume) the pretraining described by ``cfg``; returns a summary dict."""
+    """Run (or resume) the pretraining described by ``cfg``; returns a summary dict. With
+    ``cfg.compile_topology`` set, only :func:`compile_for_topology`."""
+    if cfg.compile_topology:
+        _setup_logging()
+        return {"compile": compile_for_topology(cfg, make_model)}
     if cfg.coordinator:
         jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
-    if not log.handlers:
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    _setup_logging()
     main = _is_main()
     os.makedirs(cfg.run_dir, exist_ok=True)
     if main:
