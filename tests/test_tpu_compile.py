@@ -3,10 +3,9 @@
 libtpu (``pip install 'jax[tpu]'``; in the test extras on Linux x86-64) compiles for a TPU *topology* with no
 TPU attached (``jax.experimental.topologies.get_topology_desc``, as MaxText's ``train_compile`` does). Then
 ``.compile()`` runs libtpu's own Mosaic compiler on every ``pallas_call``: layouts, alignment, the ops that
-generation supports, and the VMEM each kernel needs. That is the step ``tests/test_pallas_lowering.py``'s
+generation supports, and whether each kernel's VMEM fits. That is the step ``tests/test_pallas_lowering.py``'s
 ``jax.export`` stops short of. Nothing runs; each kernel's test file checks the values in interpret mode.
-``python benchmarks/tpu_compile.py`` does the same for more TPU generations and shapes, with each kernel's
-VMEM.
+``python benchmarks/tpu_compile.py`` does the same for TPU v4, v5e, v5p and v6e and more shapes.
 """
 
 import jax
