@@ -24,6 +24,7 @@ from pallas_kernels.linear_scan.kernel import linear_scan_pallas  # noqa: E402
 from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
 from seqjax import rnn as R  # noqa: E402
 from seqjax import sharding as shd  # noqa: E402
+from tests.test_pallas_lowering import _grad  # noqa: E402  (all input gradients of sum(o²) + sum(S_T²))
 
 TOPOLOGY = "v5e:2x2"  # TPU v5 lite, 2x2 chips: 16 MiB of scoped VMEM per kernel by default
 MOSAIC = 'custom_call_target="tpu_custom_call"'
@@ -37,11 +38,6 @@ def tpus():
 def _kernels_compiled(f, *args) -> int:
     """Compile ``f`` for the devices ``args`` carry; the number of Mosaic kernels in the compiled program."""
     return jax.jit(f).lower(*args).compile().as_text().count(MOSAIC)
-
-
-def _grad(f):
-    return jax.grad(lambda *a: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(f(*a))),
-                    argnums=(0, 1, 2))
 
 
 KW = dict(chunk_size=64, interpret=False, backend="mosaic_tpu")

@@ -22,10 +22,6 @@ from pallas_kernels._util import mm, tpu_params, triton_params
 SUB = 16  # sub-block of the in-kernel triangular inverse (the smallest GPU ``dot``)
 
 
-def _dot(a, b, precision=None):
-    return mm(a, b, precision=precision)
-
-
 def _dot_t(a, b, transpose_a):  # aᵀ b or a bᵀ without materialising the transpose
     dims = (((0,), (0,)), ((), ())) if transpose_a else (((1,), (1,)), ((), ()))
     return mm(a, b, dims)
@@ -52,8 +48,8 @@ def _block_inverse(a, diag):
     x = {(i, i): d for i, d in enumerate(diag)}
     for i in range(1, len(diag)):
         for j in range(i - 1, -1, -1):
-            acc = sum(_dot(a[i, m], x[m, j], hi) for m in range(j, i))
-            x[i, j] = -_dot(x[i, i], acc, hi)
+            acc = sum(mm(a[i, m], x[m, j], precision=hi) for m in range(j, i))
+            x[i, j] = -mm(x[i, i], acc, precision=hi)
     return x
 
 
@@ -69,8 +65,8 @@ def _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref=None, *, direct=True):
     hi = lax.Precision.HIGHEST
     c = len(blk) * SUB
     for i, rows in enumerate(blk):
-        w_ref[rows, :] = sum(_dot(x[i, j], kb(j), hi) for j in range(i + 1)).astype(w_ref.dtype)
-        u_ref[rows, :] = sum(_dot(x[i, j], vb(j), hi) for j in range(i + 1)).astype(u_ref.dtype)
+        w_ref[rows, :] = sum(mm(x[i, j], kb(j), precision=hi) for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[rows, :] = sum(mm(x[i, j], vb(j), precision=hi) for j in range(i + 1)).astype(u_ref.dtype)
         if x_ref is None:
             continue
         if direct:
@@ -79,7 +75,7 @@ def _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref=None, *, direct=True):
                 x_ref[rows, cols] = x[i, j].astype(x_ref.dtype) if j <= i else zero
         else:
             r, col = lax.broadcasted_iota(jnp.int32, (SUB, c), 0), lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
-            x_ref[rows, :] = sum(_dot(x[i, j], jnp.where(col == r + j * SUB, 1.0, 0.0), hi)
+            x_ref[rows, :] = sum(mm(x[i, j], jnp.where(col == r + j * SUB, 1.0, 0.0), precision=hi)
                                  for j in range(i + 1)).astype(x_ref.dtype)
 
 
@@ -152,7 +148,8 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
             a[i, j] = beta[i] * _dot_nt(k[i], k[j]) * gam
 
     def substitute(r, xs):
-        return tuple(jnp.where(row == r, eye - _dot(jnp.where(row == r, a[i, i], 0.0), x, _HI), x) for i, x in enumerate(xs))
+        return tuple(jnp.where(row == r, eye - mm(jnp.where(row == r, a[i, i], 0.0), x, precision=_HI), x)
+                     for i, x in enumerate(xs))
 
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)

@@ -39,13 +39,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._util import chunk_block, tpu_params, triton_params
-from pallas_kernels.mlstm_chunk.kernel import (NEG, _NT, _TN, _affine, _last, _mm, _readout, _rsum, chunk_stabilisers,
+from pallas_kernels._util import chunk_block, mm, tpu_params, triton_params
+from pallas_kernels.mlstm_chunk.kernel import (NEG, _NT, _TN, _affine, _last, _readout, _rsum, chunk_stabilisers,
                                                chunk_states, f32)
 
 def _dstate_step(q, do, fs, fo, ds):
     """``dC' = φ dC'⁺ + (Q ⊙ ρ / den)ᵀ dh``."""
-    return _last(fo) * ds + _mm((q.astype(f32) * fs).astype(do.dtype), do, _TN)
+    return _last(fo) * ds + mm((q.astype(f32) * fs).astype(do.dtype), do, _TN)
 
 
 def _rows(q, k, v, do, bc, sc, br, sr, ir, er, m_in, s, nv):
@@ -75,15 +75,15 @@ def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, 
     qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
     dnum = do.astype(f32) * inv
     dnm = dnum.astype(md)
-    da = jnp.where(strict, (_mm(dnm, v, _NT) + dr) * d, 0.0).astype(md)
+    da = jnp.where(strict, (mm(dnm, v, _NT) + dr) * d, 0.0).astype(md)
     dd = (_rsum(dnum * vf) + dr) * jnp.exp(jnp.minimum(ic - mt, 0.0))  # the diagonal of dP ⊙ D
-    dq_in = _mm(da, k)
-    dq_rd = rho * (_mm(dnm, sm, _NT) + dr * nv)
+    dq_in = mm(da, k)
+    dq_rd = rho * (mm(dnm, sm, _NT) + dr * nv)
     dq = dq_in + dd * kf + dq_rd
-    dk_in = _mm(da, q, _TN)
-    dk_wr = ew * (_mm(v, dsm, _NT) + dnv)
+    dk_in = mm(da, q, _TN)
+    dk_wr = ew * (mm(v, dsm, _NT) + dnv)
     dk = dk_in + dd * qf + dk_wr
-    dv = _mm((_mm(q, k, _NT) * d).astype(md), dnm, _TN) + ew * _mm(k, dsm)
+    dv = mm((mm(q, k, _NT) * d).astype(md), dnm, _TN) + ew * mm(k, dsm)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     writes = jnp.where(is_last, 0.0, _rsum(kf * dk_wr))  # the last token's own write cancels against the carry
     end = _last(fo) * carry + jnp.sum(writes, axis=0, keepdims=True)

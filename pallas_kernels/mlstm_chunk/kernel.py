@@ -63,17 +63,12 @@ __all__ = ["mlstm_chunk", "chunk_states", "chunk_stabilisers"]
 
 f32 = jnp.float32
 NEG = -1e30  # as seqjax.mixers.mlstm: "minus infinity" that keeps differences finite
-_NN = (((1,), (0,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
 _NT = (((1,), (1,)), ((), ()))
 
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(n) - 1).bit_length())
-
-
-def _mm(x, y, dims=_NN):
-    return mm(x, y, dims)
 
 
 def _rsum(x):
@@ -103,15 +98,15 @@ def _readout(q, k, v, bc, sc, br, sr, ir, er, m_in, s, nv):
     ``m_t`` and ``ρ`` ``[C, 1]``; ``s [K, V]`` and ``nv [1, K]`` the entering ``C'`` and ``n'``."""
     md = v.dtype
     d, m_t, rho = _weights(bc, sc, br, sr, ir, er, m_in)
-    att = _mm(q, k, _NT) * d
-    num = _mm(att.astype(md), v) + rho * _mm(q, s.astype(md))
+    att = mm(q, k, _NT) * d
+    num = mm(att.astype(md), v) + rho * mm(q, s.astype(md))
     raw = _rsum(att) + rho * _rsum(q.astype(f32) * nv)
     return num, raw, m_t, rho
 
 
 def _state_step(k, v, ew, fo, s):
     """``C'⁺ = φ C' + (K ⊙ ε)ᵀ V`` (``φ`` broadcast over the chunk's tokens; its last row is used)."""
-    return _last(fo) * s + _mm((k.astype(f32) * ew).astype(v.dtype), v, _TN)
+    return _last(fo) * s + mm((k.astype(f32) * ew).astype(v.dtype), v, _TN)
 
 
 # ----------------------------------------------------------------------------- kernels
