@@ -68,7 +68,8 @@ class LMConfig:
     rope_theta: float = 10000.0
     qk_norm: bool = False
     embedding: str = "standard"  # or "lexinvariant"
-    mixer_kwargs: dict = dataclasses.field(default_factory=dict)  # per-mixer-name extra kwargs
+    # per-layer-name extra keyword arguments, e.g. {"gla": {"chunk_size": 128}}
+    mixer_kwargs: dict[str, dict[str, int | float | bool | str]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "pattern", tuple(self.pattern))
