@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +75,8 @@ class Cell:
 
 def _stacked(split, p, s, xg, rg):
     """``split`` on stacked arrays (see ``Cell``)."""
-    rows = lambda v: tuple(v[None, :, r] for r in range(v.shape[1])) if v.ndim == 3 else v[None]  # noqa: E731
-    gates = lambda x: tuple(x[:, :, k] for k in range(x.shape[2]))  # noqa: E731
+    rows = lambda v: tuple(v[None, :, r] for r in range(v.shape[1])) if v.ndim == 3 else v[None]
+    gates = lambda x: tuple(x[:, :, k] for k in range(x.shape[2]))
     out = split({k: rows(v) for k, v in p.items()}, tuple(s[:, a] for a in range(s.shape[1])), gates(xg), gates(rg))
     return jnp.stack(out, axis=1)
 
@@ -193,7 +193,7 @@ def diag_jacobian(kind: str, params: dict, s, xp):
     pp = neuron_params(cell, params)
     rg = recurrent_matmul(params["R"], s[:, 0])
     r_diag = jnp.broadcast_to(jnp.diagonal(params["R"], axis1=1, axis2=3)[None], rg.shape)
-    fn = lambda s_, r_: cell.pointwise(pp, s_, xp, r_)  # noqa: E731
+    fn = lambda s_, r_: cell.pointwise(pp, s_, xp, r_)
     out = []
     for a in range(cell.num_states):
         ts = jnp.zeros_like(s).at[:, a].set(1.0)

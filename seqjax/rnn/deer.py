@@ -69,7 +69,7 @@ def _over_time(fn, s, xp):
 
 
 def _full_jacobian(kind, params, s, xp):
-    one = lambda s1, x1: _flat_step(kind, params, s1[None], x1[None])[0]  # noqa: E731
+    one = lambda s1, x1: _flat_step(kind, params, s1[None], x1[None])[0]
     return jax.vmap(jax.jacfwd(one))(s, xp)  # [n, N, N]
 
 
@@ -143,7 +143,7 @@ def _solve_damped_sequential(a, r, h0, guess, lam):
 
     zeros = jnp.zeros_like(h0)
     a0 = a.at[:, 0].set(0.0)  # s_{-1} is fixed (moved to the rhs)
-    tm = lambda v: jnp.moveaxis(v, 1, 0)  # noqa: E731
+    tm = lambda v: jnp.moveaxis(v, 1, 0)
     _, (c, dd) = lax.scan(fwd, (zeros, zeros), (tm(a0), tm(diag), tm(rhs), tm(-a_next)))
 
     def bwd(x_next, inp):
@@ -211,7 +211,7 @@ def _deer_bwd(kind, mode, tol, max_iters, damping, scan_impl, res, cts):
             _, vjp = jax.vjp(lambda s: _flat_step(kind, params, s, xp_t), prev_t)
             return vjp(lam_t)[0], lam_t
 
-        tm = lambda v: jnp.moveaxis(v, 1, 0)  # noqa: E731
+        tm = lambda v: jnp.moveaxis(v, 1, 0)
         _, lam = lax.scan(body, jnp.zeros_like(h0), (tm(g), tm(prev), tm(xp)), reverse=True)
         lam = jnp.moveaxis(lam, 0, 1)
     _, vjp = jax.vjp(
