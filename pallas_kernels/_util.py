@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from seqjax import sharding
+
 BACKENDS = ("triton", "mosaic_tpu")
 
 
@@ -15,8 +17,6 @@ def platform() -> str:
     a train step is compiled ahead of time for a TPU topology from a CPU host
     (``jax.experimental.topologies``, as MaxText's ``train_compile``): its devices are TPUs, the process's
     backend is the CPU, and the kernels must take their TPU bodies."""
-    from seqjax import sharding  # lazily: seqjax imports these kernels
-
     mesh = sharding.current()[0]
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 

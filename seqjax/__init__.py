@@ -6,12 +6,24 @@ Public surface:
 - :mod:`seqjax.mixers` — the registry of sequence mixers (``seqjax.mixers.get(name)``);
 - :mod:`seqjax.nn` — shared layers (projections with logical axes, norms, short conv);
 - :mod:`seqjax.types` — the axis legend and jaxtyping aliases.
+
+``mixers`` and ``linear_scan`` load on first access, so that a low module (``seqjax.sharding``, which the
+kernels in ``pallas_kernels`` import) never pulls the layers above it in.
 """
 
+import importlib
+
 from seqjax import sharding  # noqa: I001  (first: parameters carry logical names as metadata only)
-from seqjax import mixers, nn, types
-from seqjax.scan import linear_scan
+from seqjax import nn, types
 
 __version__ = "0.1.0"
 
 __all__ = ["linear_scan", "mixers", "nn", "types", "__version__"]
+
+
+def __getattr__(name):
+    if name == "mixers":
+        return importlib.import_module("seqjax.mixers")
+    if name == "linear_scan":
+        return importlib.import_module("seqjax.scan").linear_scan
+    raise AttributeError(f"module 'seqjax' has no attribute {name!r}")

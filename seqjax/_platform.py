@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels._util import platform as kernel_platform
+from seqjax import sharding
 
 # what impl="auto" differentiates each chunked kernel through (see above)
 AUTO_BACKWARD = {"gla": "xla", "delta": "xla", "mlstm": "xla"}
@@ -42,8 +44,6 @@ def auto_pallas(chunk_size: int | None = None, kernel: str = "gla") -> bool:
     ``"mlstm"``; see the module docstring): one in ``GPU_TESTED``, on a GPU, in a one-device process or under
     ``seqjax.sharding.use_rules(mesh)`` (where :func:`kernel_call` runs the kernel inside ``shard_map``);
     with ``chunk_size``, also only if the kernel takes it (a power of two >= 16)."""
-    from seqjax import sharding
-
     if kernel not in GPU_TESTED:
         return False
 
@@ -61,15 +61,11 @@ def kernel_call(fn, *args, layouts, out_layouts):
     Without a mesh (or on one device) it is just ``fn(*args)``.
 
     Time is never split here (a ``context`` axis > 1 recomputes the whole sequence on each of its devices):
-    the layers take ``seqjax.train.context_parallel`` for that, whose local forms already run per device.
+    the layers take ``seqjax.ops.context_parallel`` for that, whose local forms already run per device.
 
     ``layouts``: one per argument, applied to each of its leaves: ``"t"`` for ``[b, t, h, …]`` (and resets
     ``[b, t]``), ``"s"`` for states ``[b, h, …]``; ``None`` arguments pass through. ``out_layouts`` likewise
     for the outputs' top level."""
-    from jax.sharding import PartitionSpec as P
-
-    from seqjax import sharding
-
     mesh, _ = sharding.current()
     if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
         return fn(*args)  # no mesh, one device, or already per-device (inside a shard_map, e.g. context parallel)

@@ -43,6 +43,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels._util import platform as kernel_platform
+from pallas_kernels.linear_scan import linear_scan_bwd, linear_scan_fwd
 from seqjax import _checks
 
 IMPLS = ("auto", "sequential", "associative", "chunked", "pallas")
@@ -139,8 +140,6 @@ def _interpret():
 
 def _pallas(a, b, h0, chunk_size, reverse):
     del chunk_size
-    from pallas_kernels.linear_scan import linear_scan_fwd  # imported only on this branch
-
     return linear_scan_fwd(a, b, h0, interpret=_interpret(), reverse=reverse)
 
 
@@ -169,8 +168,6 @@ def _scan_bwd(impl, chunk_size, reverse, res, cts):
     a, h, h0 = res
     g, g_last = cts
     if impl == "pallas":
-        from pallas_kernels.linear_scan import linear_scan_bwd
-
         return linear_scan_bwd(a, h, h0, g, g_last, interpret=_interpret(), reverse=reverse)
     # Forward: dh_t = g_t + a_{t+1} dh_{t+1}, a scan in the other direction over the decays shifted
     # by one; the decay 1 at the far end with initial state g_last adds h_last's cotangent there.

@@ -326,7 +326,7 @@ def use_rules(mesh, rules=DEFAULT_RULES):
 def context_mesh(t: int, axis: str = "context"):
     """The mesh of the innermost :func:`use_rules` if its ``axis`` splits a length-``t`` time axis (size > 1
     and dividing ``t``), else ``None``. Layers use it to take their context-parallel forms
-    (``seqjax.train.context_parallel``) instead of leaving a sharded time axis to GSPMD."""
+    (``seqjax.ops.context_parallel``) instead of leaving a sharded time axis to GSPMD."""
     mesh = _STATE["mesh"]
     p = 1 if mesh is None else dict(mesh.shape).get(axis, 1)
     return mesh if p > 1 and t % p == 0 else None

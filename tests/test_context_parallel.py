@@ -8,7 +8,7 @@ import pytest
 from seqjax import mixers
 from seqjax import sharding as shd
 from seqjax.attention.attention import attention
-from seqjax.train.context_parallel import attention_context_parallel, gla_context_parallel, gla_local
+from seqjax.ops.context_parallel import attention_context_parallel, gla_context_parallel, gla_local
 
 
 def _inputs(key, b=2, t=32, h=2, dk=3, dv=5, scalar=False, strong=False):
@@ -104,7 +104,8 @@ def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
     from flax import nnx
 
     from seqjax.models.lm import LM, LMConfig
-    from seqjax.train import context_parallel as cp
+    from seqjax.mixers import mamba2 as m2
+    from seqjax.ops import context_parallel as cp
 
     calls = {"mamba2": 0, "attention": 0, "delta": 0, "gla": 0}
 
@@ -115,7 +116,7 @@ def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(cp, "mamba2_context_parallel", spy("mamba2", cp.mamba2_context_parallel))
+    monkeypatch.setattr(m2, "mamba2_context_parallel", spy("mamba2", m2.mamba2_context_parallel))
     monkeypatch.setattr(cp, "attention_context_parallel", spy("attention", cp.attention_context_parallel))
     monkeypatch.setattr(cp, "delta_context_parallel", spy("delta", cp.delta_context_parallel))
     monkeypatch.setattr(cp, "gla_context_parallel", spy("gla", cp.gla_context_parallel))  # Mamba-2's too
@@ -145,9 +146,9 @@ def test_delta_context_parallel_matches_unsharded(shape, gated, strong):
     """The delta rule with time sharded over ``context`` (dense shard transitions) equals the unsharded
     chunked form: outputs, final state and all gradients; beta in (0, 2) (negative eigenvalues), h0 in,
     documents starting inside a shard and exactly at a shard boundary, weak and strong gates."""
-    from seqjax.mixers._delta_chunk import delta_rule_chunked
     from seqjax.nn import l2_normalize
-    from seqjax.train.context_parallel import delta_context_parallel
+    from seqjax.ops.context_parallel import delta_context_parallel
+    from seqjax.ops.delta import chunk_delta_rule
 
     mesh = shd.make_mesh(shape)
     ks = jax.random.split(jax.random.PRNGKey(5), 6)
@@ -162,7 +163,7 @@ def test_delta_context_parallel_matches_unsharded(shape, gated, strong):
     kw = dict(h0=h0, resets=resets, scale=0.7, chunk_size=4)
 
     def ref(q, k, v, beta, la):
-        return delta_rule_chunked(q, k, v, beta, la, **kw)
+        return chunk_delta_rule(q, k, v, beta, la, **kw)
 
     def cp(q, k, v, beta, la):
         return delta_context_parallel(q, k, v, beta, la, mesh=mesh, **kw)
@@ -176,7 +177,7 @@ def test_per_head_decay_layers_run_context_parallel(name, monkeypatch):
     inside the LM: the layer's output under a context mesh equals its unsharded output (packed documents)."""
     from flax import nnx
 
-    from seqjax.train import context_parallel as cp
+    from seqjax.ops import context_parallel as cp
 
     calls, real = [], cp.gla_context_parallel
     monkeypatch.setattr(cp, "gla_context_parallel", lambda *a, **kw: calls.append(1) or real(*a, **kw))

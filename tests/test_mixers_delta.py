@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from seqjax import mixers
-from seqjax.mixers import _delta_chunk as E
+from seqjax._linalg import solve_unit_lower
+from seqjax.ops import delta as E
 from seqjax.mixers import deltanet as D
 from seqjax.nn import l2_normalize, rms_rel_err
 
@@ -50,7 +51,7 @@ def _close(a, b, tol, what):
 
 
 def _ref(q, k, v, beta, log_alpha, h0, resets):
-    return E.delta_rule_recurrent(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=0.5)
+    return E.recurrent_delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=0.5)
 
 
 @pytest.mark.parametrize("d", [7, 16, 64])
@@ -60,7 +61,7 @@ def test_chunked_equals_reference(chunk, t, d):
     x = _inputs(jax.random.PRNGKey(t * d + chunk), 1, t, 2, d, d, reset_p=0.03)
 
     def chunked(q, k, v, beta, log_alpha, h0, resets):
-        return E.delta_rule_chunked(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=0.5, chunk_size=chunk)
+        return E.chunk_delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=0.5, chunk_size=chunk)
 
     key = jax.random.PRNGKey(1)
     out_ref, g_ref = _grads(_ref, x, key)
@@ -75,7 +76,7 @@ def test_gate_extremes(log_decay):
     x = _inputs(jax.random.PRNGKey(3), 2, t, 2, 6, 5, decay=(np.log(1e-4), np.log(20.0)))
     if log_decay != "mixed":
         x["log_alpha"] = jnp.full_like(x["log_alpha"], log_decay)
-    chunked = lambda **a: E.delta_rule_chunked(**a, scale=0.5, chunk_size=32)  # noqa: E731
+    chunked = lambda **a: E.chunk_delta_rule(**a, scale=0.5, chunk_size=32)  # noqa: E731
     out_ref, g_ref = _grads(lambda **a: _ref(**a), x, jax.random.PRNGKey(4))
     out, g = _grads(chunked, x, jax.random.PRNGKey(4))
     _close(out, out_ref, 1e-4, f"log_decay={log_decay} values")
@@ -156,9 +157,9 @@ def test_hand_built_deltanet_solves_parity(impl):
 def test_bf16_inputs_accumulate_in_float32():
     x = _inputs(jax.random.PRNGKey(11), 2, 100, 2, 16, 16, beta_max=2.0)
     low = {n: x[n].astype(jnp.bfloat16) for n in ("q", "k", "v", "beta", "log_alpha")}
-    o16, h16 = E.delta_rule_chunked(**low, h0=x["h0"], chunk_size=32)
+    o16, h16 = E.chunk_delta_rule(**low, h0=x["h0"], chunk_size=32)
     assert o16.dtype == jnp.bfloat16 and h16.dtype == jnp.float32
-    o32, h32 = E.delta_rule_recurrent(**{n: a.astype(jnp.float32) for n, a in low.items()}, h0=x["h0"])
+    o32, h32 = E.recurrent_delta_rule(**{n: a.astype(jnp.float32) for n, a in low.items()}, h0=x["h0"])
     _close((o16, h16), (o32, h32), 1e-2, "bf16 inputs")
 
 
@@ -228,8 +229,8 @@ def test_solve_unit_lower_equals_triangular_solve(c):
     rhs = jax.random.normal(ks[1], (2, 3, c, 5))
     w = jax.random.normal(ks[2], (2, 3, c, 5))
     lapack = lambda a, r: jax.lax.linalg.triangular_solve(a, r, left_side=True, lower=True, unit_diagonal=True)
-    np.testing.assert_array_less(rms_rel_err(E.solve_unit_lower(a, rhs), lapack(a, rhs)), 1e-5)
-    g = jax.grad(lambda a, r: jnp.sum(w * E.solve_unit_lower(a, r)), (0, 1))(a, rhs)
+    np.testing.assert_array_less(rms_rel_err(solve_unit_lower(a, rhs), lapack(a, rhs)), 1e-5)
+    g = jax.grad(lambda a, r: jnp.sum(w * solve_unit_lower(a, r)), (0, 1))(a, rhs)
     g_ref = jax.grad(lambda a, r: jnp.sum(w * lapack(a, r)), (0, 1))(a, rhs)
     np.testing.assert_array_less(rms_rel_err(g[0], jnp.where(strict, g_ref[0], 0.0)), 1e-5)
     np.testing.assert_array_less(rms_rel_err(g[1], g_ref[1]), 1e-5)
@@ -240,7 +241,7 @@ def test_chunked_form_avoids_lapack_trsm_on_cpu():
     DeltaNet training step at batch 64 on 2 cores), so the CPU lowering of the chunked form must not call it."""
     q, k, v = (jax.random.normal(key, (2, 40, 2, 8)) for key in jax.random.split(jax.random.PRNGKey(0), 3))
     beta = jnp.full((2, 40, 2), 0.5)
-    f = lambda q, k, v, beta: jnp.sum(E.delta_rule_chunked(q, l2_normalize(k), v, beta, chunk_size=16)[0])
+    f = lambda q, k, v, beta: jnp.sum(E.chunk_delta_rule(q, l2_normalize(k), v, beta, chunk_size=16)[0])
     text = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))).lower(q, k, v, beta).as_text()
     assert "trsm" not in text and "lapack" not in text
     lapack = jax.jit(lambda a, r: jax.lax.linalg.triangular_solve(a, r, left_side=True, lower=True, unit_diagonal=True))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.mixers import _gla_chunk as eng
+from seqjax.ops import gla as eng
 from seqjax.mixers import gla as G
 from seqjax.mixers import mamba2 as M2
 from seqjax.mixers import mlstm as ML

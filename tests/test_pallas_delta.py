@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.delta_chunk import delta_chunk
-from seqjax.mixers import _delta_chunk as E
+from seqjax.ops import delta as E
 from seqjax.mixers import deltanet as D
 from seqjax.nn import l2_normalize, rms_rel_err
 
@@ -47,7 +47,7 @@ def _value_and_grads(f, x, key):
 def test_kernel_equals_reference(dk, dv, t, chunk):
     """chunk 64 exercises the blocked inverse (four 16 x 16 diagonal blocks and their merges)."""
     x, resets = _inputs(jax.random.PRNGKey(dk), 1, t, 2, dk, dv)
-    ref = lambda **a: E.delta_rule_recurrent(**a, resets=resets, scale=0.3)  # noqa: E731
+    ref = lambda **a: E.recurrent_delta_rule(**a, resets=resets, scale=0.3)  # noqa: E731
     ker = lambda **a: delta_chunk(**a, resets=resets, scale=0.3, chunk_size=chunk)  # noqa: E731
     key = jax.random.PRNGKey(1)
     out_ref, g_ref = _value_and_grads(ref, x, key)
@@ -63,7 +63,7 @@ def test_kernel_gate_extremes(log_decay):
     x, _ = _inputs(jax.random.PRNGKey(2), 1, 33, 1, 6, 3)
     x["log_alpha"] = jnp.full_like(x["log_alpha"], log_decay)
     key = jax.random.PRNGKey(7)
-    out_ref, g_ref = _value_and_grads(E.delta_rule_recurrent, x, key)
+    out_ref, g_ref = _value_and_grads(E.recurrent_delta_rule, x, key)
     out, g = _value_and_grads(lambda **a: delta_chunk(**a, chunk_size=16), x, key)
     _close(out, out_ref, 1e-4, f"log_decay={log_decay}")
     _close(g, g_ref, 1e-3, f"log_decay={log_decay} grads")
@@ -82,7 +82,7 @@ def test_pallas_backward_carries_state_across_a_split(backend):
         return jnp.concatenate([o1, o2], 1), h2
 
     key = jax.random.PRNGKey(2)
-    _, g_ref = _value_and_grads(lambda **a: E.delta_rule_recurrent(**a, resets=resets), x, key)
+    _, g_ref = _value_and_grads(lambda **a: E.recurrent_delta_rule(**a, resets=resets), x, key)
     _close(_value_and_grads(split, x, key)[1], g_ref, 1e-3, "split grads")
     loss = lambda f: lambda q: jnp.sum(f(**{**x, "q": q})[0] ** 2)  # noqa: E731
     jaxpr = str(jax.make_jaxpr(jax.grad(loss(ker)))(x["q"]))
@@ -105,7 +105,7 @@ def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
     key = jax.random.PRNGKey(3)
     _, g = _value_and_grads(lambda **a: delta_chunk(**a, chunk_size=16), low, key)
     assert all(g[n].dtype == jnp.bfloat16 for n in ("q", "k", "v"))
-    _, g_ref = _value_and_grads(E.delta_rule_recurrent, {n: a.astype(jnp.float32) for n, a in low.items()}, key)
+    _, g_ref = _value_and_grads(E.recurrent_delta_rule, {n: a.astype(jnp.float32) for n, a in low.items()}, key)
     _close(g, g_ref, 3e-2, "bf16 grads")
     with pytest.raises(ValueError, match="backward must be"):
         delta_chunk(*args, chunk_size=16, backward="triton")
@@ -113,7 +113,7 @@ def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
 
 def test_state_carried_across_a_split_sequence():
     x, _ = _inputs(jax.random.PRNGKey(6), 1, 63, 2, 9, 4, decay=(-9.0, 1.0))
-    want_o, want_h = E.delta_rule_recurrent(**x)
+    want_o, want_h = E.recurrent_delta_rule(**x)
     head = {n: (a if n == "h0" else a[:, :40]) for n, a in x.items()}
     tail = {n: a[:, 40:] for n, a in x.items() if n != "h0"}
     o1, h1 = delta_chunk(**head, chunk_size=32)
@@ -128,7 +128,7 @@ def test_kernel_bf16_inputs(backend):
     low = {n: (a.astype(jnp.bfloat16) if n in ("q", "k", "v") else a) for n, a in x.items()}
     o, hl = delta_chunk(**low, chunk_size=16, backend=backend)
     assert o.dtype == jnp.bfloat16 and hl.dtype == jnp.float32
-    want = E.delta_rule_recurrent(**{n: a.astype(jnp.float32) for n, a in low.items()})
+    want = E.recurrent_delta_rule(**{n: a.astype(jnp.float32) for n, a in low.items()})
     _close((o, hl), want, 1e-2, "bf16")
 
 
@@ -146,7 +146,7 @@ def test_mixers_impl_pallas():
 def test_tpu_kernels_equal_reference(dk, dv, t, chunk):
     """The Mosaic TPU bodies (``backend="mosaic_tpu"``), interpreted: values, h_last and gradients."""
     x, resets = _inputs(jax.random.PRNGKey(dk + 100), 1, t, 2, dk, dv)
-    ref = lambda **a: E.delta_rule_recurrent(**a, resets=resets, scale=0.3)  # noqa: E731
+    ref = lambda **a: E.recurrent_delta_rule(**a, resets=resets, scale=0.3)  # noqa: E731
     ker = lambda **a: delta_chunk(**a, resets=resets, scale=0.3, chunk_size=chunk, backend="mosaic_tpu")  # noqa: E731
     key = jax.random.PRNGKey(1)
     out_ref, g_ref = _value_and_grads(ref, x, key)
@@ -158,12 +158,10 @@ def test_tpu_kernels_equal_reference(dk, dv, t, chunk):
 def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
     """``impl="auto"`` (a one-GPU process, patched here) runs the kernel and differentiates through the XLA
     form until the Pallas backward is timed on a GPU; ``impl="pallas"`` takes the Pallas backward."""
-    import pallas_kernels.delta_chunk as K
-
-    calls, real = [], K.delta_chunk
-    monkeypatch.setattr(K, "delta_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
+    calls, real = [], D.delta_chunk
+    monkeypatch.setattr(D, "delta_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
     x, _ = _inputs(jax.random.PRNGKey(14), 1, 9, 1, 4, 3)
-    monkeypatch.setattr(E, "auto_pallas", lambda chunk_size=None, kernel="gla": kernel == "delta")
-    _close(E.delta_rule(**x, impl="auto", chunk_size=16), E.delta_rule_recurrent(**x), 1e-4, "auto")
-    E.delta_rule(**x, impl="pallas", chunk_size=16)
+    monkeypatch.setattr(D, "auto_pallas", lambda chunk_size=None, kernel="gla": kernel == "delta")
+    _close(D.delta_rule(**x, impl="auto", chunk_size=16), E.recurrent_delta_rule(**x), 1e-4, "auto")
+    D.delta_rule(**x, impl="pallas", chunk_size=16)
     assert calls == ["xla", "pallas"]

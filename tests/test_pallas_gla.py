@@ -11,7 +11,7 @@ import pytest
 from pallas_kernels.gla_chunk import gla_chunk_pallas
 from seqjax.mixers import gla as G
 from seqjax.mixers import mamba2 as M2
-from seqjax.mixers._gla_chunk import recurrent_gla
+from seqjax.ops.gla import recurrent_gla
 from seqjax.nn import rms_rel_err
 
 
@@ -169,10 +169,8 @@ def test_mixers_pallas_impl():
 def test_auto_takes_the_kernel_where_measured(monkeypatch):
     """``impl="auto"`` runs the kernel exactly where ``seqjax._platform.auto_pallas()`` says (a one-GPU
     process) and for per-head decays only, with the XLA backward; per-channel GLA stays on the XLA chunked form."""
-    import pallas_kernels.gla_chunk as K
-
-    calls, real = [], K.gla_chunk_pallas
-    monkeypatch.setattr(K, "gla_chunk_pallas", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
+    calls, real = [], G.gla_chunk_pallas
+    monkeypatch.setattr(G, "gla_chunk_pallas", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
     ks = jax.random.split(jax.random.PRNGKey(3), 4)
     q, k, v = (jax.random.normal(kk, (1, 19, 2, 16)) for kk in ks[:3])
     gk = -jnp.exp(jax.random.normal(ks[3], (1, 19, 2, 16)))
@@ -242,7 +240,7 @@ def test_kernels_run_in_shard_map_under_a_mesh(name):
     """Under ``seqjax.sharding.use_rules(mesh)`` the mixers run their kernels inside ``shard_map`` (batch on
     ``data``, heads on ``tensor``; ``seqjax._platform.kernel_call``): same values and gradients as one device."""
     from seqjax import sharding
-    from seqjax.mixers import _delta_chunk as E
+    from seqjax.mixers import deltanet as D
     from seqjax.mixers import mlstm as ML
 
     mesh = sharding.make_mesh((2, 1, 1, 2), devices=jax.devices()[:4])
@@ -253,7 +251,7 @@ def test_kernels_run_in_shard_map_under_a_mesh(name):
     forms = {
         "gla": lambda q, k, v: G._run(q, k, v, g, h0=None, resets=resets, impl="pallas", chunk_size=16,
                                                   scale=1.0),
-        "delta": lambda q, k, v: E.delta_rule(q, k / jnp.linalg.norm(k, axis=-1, keepdims=True), v, beta, g,
+        "delta": lambda q, k, v: D.delta_rule(q, k / jnp.linalg.norm(k, axis=-1, keepdims=True), v, beta, g,
                                               resets=resets, impl="pallas", chunk_size=16),
         "mlstm": lambda q, k, v: ML.mlstm(q, k, v, g, -g, resets=resets, impl="pallas", chunk_size=16),
     }

@@ -187,10 +187,8 @@ def test_mixer_impl_pallas_and_bad_chunk():
 def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
     """``impl="auto"`` (a one-GPU process, patched) differentiates through the XLA chunked form until the
     Pallas backward is timed on a GPU; ``impl="pallas"`` takes the Pallas backward."""
-    import pallas_kernels.mlstm_chunk as K
-
-    calls, real = [], K.mlstm_chunk
-    monkeypatch.setattr(K, "mlstm_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
+    calls, real = [], ML.mlstm_chunk
+    monkeypatch.setattr(ML, "mlstm_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
     monkeypatch.setattr(ML, "auto_pallas", lambda chunk_size=None, kernel="gla": kernel == "mlstm")
     x = ML.make_inputs(jax.random.PRNGKey(6), 1, 9)
     _close(ML.mlstm(**x, impl="auto", chunk_size=16), ML.mlstm(**x, impl="sequential"), 2e-5, "auto")

@@ -2,7 +2,7 @@ r"""Pallas kernels: the chunked (gated) delta rule, forward in three kernels, ba
 
 Computes, per (batch, head), ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``,
 ``o_t = scale S_tᵀ q_t`` (DeltaNet, Gated DeltaNet, DeltaProduct's micro-tokens; ``beta`` up to 2 for
-negative eigenvalues) with the WY / UT chunked algorithm of ``seqjax.mixers._delta_chunk``, split as fla
+negative eigenvalues) with the WY / UT chunked algorithm of ``seqjax.ops.delta``, split as fla
 splits it (``chunk_gated_delta_rule_fwd``: ``recompute_w_u`` / ``chunk_fwd_h`` / ``chunk_fwd_o``):
 
 1. ``wy_factors`` (``wy.py``), grid ``(batch, heads, chunks)`` — every chunk at once: ``A = tril(diag(beta)
@@ -27,7 +27,7 @@ the inverse ``X`` itself, the chunk states (``chunk_states`` in float32), the st
 chunks backwards, then every chunk's ``dq, dk, dv, dβ`` and log-decay gradients in parallel. Only the
 inputs are kept from the forward, so training memory is linear in ``T`` (plus one ``[dk, dv]`` state and
 its gradient per chunk while the backward runs). ``backward="xla"`` differentiates through the XLA
-chunked form instead (``seqjax.mixers._delta_chunk.delta_rule_chunked``, with its own residuals); that is
+chunked form instead (``seqjax.ops.delta.chunk_delta_rule``, with its own residuals); that is
 what ``impl="auto"`` asks for, once it takes this kernel at all (``seqjax._platform.GPU_TESTED``).
 
 Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
@@ -59,6 +59,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._util import chunk_block, mm, out_specs, resolve, tpu_params, triton_params
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
+from seqjax.ops.delta import chunk_delta_rule
 
 __all__ = ["delta_chunk", "chunk_states"]
 
@@ -292,10 +293,8 @@ def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
     ``jax.grad`` (inference, evaluation, prefill) runs the kernel.
     """
     del interpret, backend
-    from seqjax.mixers._delta_chunk import delta_rule_chunked
-
     def f(q, k, v, beta, la, h0):
-        return delta_rule_chunked(q, k, v, beta, la, h0=h0, resets=rs, scale=scale, chunk_size=chunk_size)
+        return chunk_delta_rule(q, k, v, beta, la, h0=h0, resets=rs, scale=scale, chunk_size=chunk_size)
 
     return jax.vjp(f, q, k, v, beta, la, h0)
 

@@ -3,7 +3,7 @@ backwards, then every chunk's gradients in parallel (fla's ``chunk_simple_gla`` 
 per-channel decay (GLA proper) is ``backward_channel.py``.
 
 Per chunk of ``C`` tokens with inclusive cumulative log decay ``b`` (within the chunk), cumulative sign
-``p`` and segment counter ``seg`` (all from ``seqjax.mixers._gla_chunk.prepare_chunks``):
+``p`` and segment counter ``seg`` (all from ``seqjax.ops.gla.prepare_chunks``):
 ``D_ts = [s ≤ t, seg_s = seg_t] p_t p_s e^{b_t − b_s}``, ``f^s_t = [seg_t = 0] p_t e^{b_t}`` (state read),
 ``f^e_s = [seg_s = seg_C] p_s p_C e^{b_C − b_s}`` (state write), ``a = [seg_C = 0] p_C e^{b_C}`` (carry), so
 

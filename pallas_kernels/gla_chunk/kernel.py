@@ -10,14 +10,14 @@ How it works
     ``exp``), ``O = (Q K^T ⊙ D) V + (Q ⊙ e^{b}) S``, then ``S ← e^{b_C} S + (K ⊙ e^{b_C − b})^T V``.
     ``b`` (inclusive cumulative log decay *within the chunk*), the segment counter ``seg`` (resets)
     and the cumulative sign ``p`` (negative eigenvalues) are computed outside by
-    ``seqjax.mixers._gla_chunk.prepare_chunks`` (cheap elementwise XLA), so every exponent the
+    ``seqjax.ops.gla.prepare_chunks`` (cheap elementwise XLA), so every exponent the
     kernel evaluates is ``≤ 0``. Head dims are zero-padded to a power of two ``≥ 16`` (exact: padded
     key channels and value columns contribute 0) as GPU ``dot``s require; time is padded at the front to a
     whole number of chunks (decay 1, k = 0).
 
 Per-channel decay (GLA) — three kernels
     ``channel.py``. ``_intra_channel_kernel``, grid ``(batch, heads, chunks)``, all chunks in parallel: the intra-chunk
-    matrix ``A [C, C]`` by 16-token secondary chunks (GLA paper §4.3, as ``seqjax.mixers._gla_chunk``):
+    matrix ``A [C, C]`` by 16-token secondary chunks (GLA paper §4.3, as ``seqjax.ops.gla``):
     earlier secondary chunks through a reference token with both exponents ``≤ 0``, the diagonal
     ``16 × 16`` blocks in log space one key column at a time. Then the serial state pass
     (``channel_states``; only the per-channel decayed state update, with the state carried transposed,
@@ -32,7 +32,7 @@ Backward
     is linear in ``T``. Interpret-tested; they lower to Triton and Mosaic TPU on CPU
     (``tests/test_pallas_lowering.py``); not yet compiled or timed on a GPU, so ``impl="auto"`` passes
     ``backward="xla"``: the XLA chunked form's forward and backward under ``jax.grad``
-    (``seqjax.mixers._gla_chunk.chunk_gla``, whose intra-chunk block is rematerialised).
+    (``seqjax.ops.gla.chunk_gla``, whose intra-chunk block is rematerialised).
 
 GPU lowering
     jax 0.11 on the GPU machines makes Mosaic GPU the default Pallas lowering and deprecates Triton.
@@ -70,7 +70,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import check_chunk_size, mm, resolve, tpu_params, triton_params
+from pallas_kernels.gla_chunk.backward import gla_head_bwd
+from pallas_kernels.gla_chunk.backward_channel import gla_channel_bwd
 from pallas_kernels.gla_chunk.channel import forward_channel
+from seqjax.ops.gla import chunk_gla, prepare_chunks
 
 __all__ = ["gla_chunk_pallas"]
 
@@ -214,9 +217,6 @@ def _gla_pallas_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
 
 
 def _gla_pallas_bwd(chunk, interpret, backend, res, cts):
-    from pallas_kernels.gla_chunk.backward import gla_head_bwd
-    from pallas_kernels.gla_chunk.backward_channel import gla_channel_bwd
-
     q, k, v, bc, seg, p, h0 = res
     grads = gla_channel_bwd if bc.ndim == 4 else gla_head_bwd
     dq, dk, dv, dbc, dh0 = grads(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret, backend=backend)
@@ -228,8 +228,6 @@ _gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
 
 def _channel_gates(g, sign, resets, chunk, kp):
     """Per-channel gates in the kernel's layout: ``bc, seg, p [b, t, h, Kp]`` float32 (padded channels: decay 1)."""
-    from seqjax.mixers._gla_chunk import prepare_chunks
-
     bsz, t, h, dk = g.shape
     _, _, bc, seg, p = prepare_chunks(g, sign[..., None], resets, t, chunk)
     chan = lambda x: _pad_last(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)  # noqa: E731
@@ -261,8 +259,6 @@ def _gla_fwd(q, k, v, gates, h0, chunk, interpret, backend):
     """Under differentiation the XLA chunked form runs the forward and keeps its own residuals
     (a kernel forward followed by the XLA form's VJP, which recomputes its forward, cost as much as XLA's
     forward+backward on the H200, so this path is exactly the XLA form under ``jax.grad``)."""
-    from seqjax.mixers._gla_chunk import chunk_gla
-
     del interpret, backend
     cut, g, sign = gates
     resets = cut[:, :, 0] > 0.5
@@ -293,8 +289,6 @@ def _pad_state(h0, kp, vp):
 
 def _head_gates(g, sign, resets, chunk):
     """Per-head gates in the kernel's layout: ``bc, seg, p [b, t, h]`` float32 (t a whole number of chunks)."""
-    from seqjax.mixers._gla_chunk import prepare_chunks
-
     bsz, t, h = g.shape
     _, _, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], resets, t, chunk)
     flat = lambda x: x.reshape(bsz, t, h).astype(jnp.float32)  # noqa: E731
@@ -305,7 +299,7 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
                      backward="pallas"):
     """``(o [b, t, h, dv] float32, S_T [b, h, dk, dv] float32)``.
 
-    Same contract as ``seqjax.mixers._gla_chunk.chunk_gla``: log decays ``g`` per head ``[b, t, h]``
+    Same contract as ``seqjax.ops.gla.chunk_gla``: log decays ``g`` per head ``[b, t, h]``
     (SSD, RetNet, linear attention) or per channel ``[b, t, h, dk]`` (GLA); ``g=None``: no decay;
     ``-inf``: a reset of that entry; ``sign [b, t, h]``: ``±1`` transitions (piecewise constant: no
     gradient flows to it). ``interpret=None`` interprets on CPU. ``chunk_size`` must be a power of two

@@ -1,12 +1,12 @@
 r"""Pallas kernels: the chunkwise mLSTM (xLSTM's matrix memory) with its stabilised exponential gating.
 
-Computes ``seqjax.mixers.mlstm``'s recurrence (see that module for the equations): per head, forget gate
+Computes ``seqjax.ops.mlstm``'s recurrence (see that module for the equations): per head, forget gate
 ``σ(f)``, exponential input gate ``e^{i}``, stabiliser ``m``, memory ``C [dk, dv]``, normaliser
 ``n [dk]``; ``h_t = C_tᵀ q_t / max(|n_tᵀ q_t|, e^{-m_t})``.
 
 How it works (the split of NX-AI's ``mlstm_kernels`` chunkwise kernels and of fla: a short serial pass
 for the states, the outputs chunk-parallel)
-    Per chunk of ``C`` tokens, as the XLA chunked form (``seqjax.mixers.mlstm._chunk``): ``b`` the
+    Per chunk of ``C`` tokens, as the XLA chunked form (``seqjax.ops.mlstm.chunk_mlstm``): ``b`` the
     cumulative log forget gate within the chunk, log weights ``w_ts = b_t − b_s + i_s`` (causal, one
     document). Chunk level, in XLA (``chunk_stabilisers``; vectors only, associative scans): the
     stabiliser ``m`` entering each chunk, the chunk's write weights ``ε_s = e^{b_C − b_s + i_s − m⁺}`` and
@@ -58,11 +58,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import check_chunk_size, chunk_block, mm, out_specs, resolve, tpu_params, triton_params
+from seqjax.ops.gla import prepare_chunks
+from seqjax.ops.mlstm import chunk_mlstm
 
 __all__ = ["mlstm_chunk", "chunk_states", "chunk_stabilisers"]
 
 f32 = jnp.float32
-NEG = -1e30  # as seqjax.mixers.mlstm: "minus infinity" that keeps differences finite
+NEG = -1e30  # as seqjax.ops.mlstm: "minus infinity" that keeps differences finite
 _TN = (((0,), (0,)), ((), ()))
 _NT = (((1,), (1,)), ((), ()))
 
@@ -213,8 +215,6 @@ def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
 
 def _prepare(q, k, v, i, f, resets, chunk):
     """Chunk-local gates ``[b, h, Tp]`` and padded, heads-first ``q, k, v`` (``k / √dk``)."""
-    from seqjax.mixers import _gla_chunk as eng
-
     b, t, h, dk = q.shape
     n = -(-t // chunk)
     tp = n * chunk
@@ -222,7 +222,7 @@ def _prepare(q, k, v, i, f, resets, chunk):
     logf = jax.nn.log_sigmoid(f.astype(jnp.float32))
     cut = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
     # padded tokens at the end: forget gate 1, input gate 0 (log weight NEG); they leave the state as it is
-    _, _, bc, seg, _ = eng.prepare_chunks(padt(logf, 0.0)[..., None], None, padt(cut, False), tp, chunk)
+    _, _, bc, seg, _ = prepare_chunks(padt(logf, 0.0)[..., None], None, padt(cut, False), tp, chunk)
     i32 = i.astype(jnp.float32)
     e = jnp.where(cut[..., None], jnp.maximum(i32, logf), i32)  # a reset also brings the fresh m = 0
     heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
@@ -280,10 +280,8 @@ def _mlstm(q, k, v, i, f, h0, resets, chunk, interpret, backend):
 
 def _fwd(q, k, v, i, f, h0, resets, chunk, interpret, backend):
     """Under differentiation the XLA chunked form runs forward and backward (see the module docstring)."""
-    from seqjax.mixers.mlstm import _chunk
-
     del interpret, backend
-    out, vjp = jax.vjp(lambda q, k, v, i, f, h0: _chunk(q, k, v, i, f, h0, resets, chunk), q, k, v, i, f, h0)
+    out, vjp = jax.vjp(lambda q, k, v, i, f, h0: chunk_mlstm(q, k, v, i, f, h0, resets, chunk), q, k, v, i, f, h0)
     return out, (vjp, resets)
 
 

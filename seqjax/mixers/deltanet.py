@@ -23,33 +23,45 @@ becomes ``2 sigmoid(.)``, as in fla's ``allow_neg_eigval``).
 
 Shapes: ``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``beta, log_alpha [b, t, h]``; DeltaProduct
 ``k [b, t, h, n_h, dk]``, ``v [b, t, h, n_h, dv]``, ``beta [b, t, h, n_h]``; state ``[b, h, dk, dv]``
-float32. The engine (reference scan, WY/UT chunked form, step, materialize) is
-``seqjax.mixers._delta_chunk``; the NNX layers are in ``seqjax.mixers._delta_layer``.
+float32. The engine (reference scan, WY/UT chunked form, step, materialize) is ``seqjax.ops.delta``;
+this module holds the ``impl=`` dispatch (:func:`delta_rule`), the family's functional forms, the NNX layers
+and the registration.
+
+**Layers** (after fla's): ``x [b, t, d_model]`` -> q/k/v projections -> depthwise causal short convs + SiLU ->
+L2-normalised q and k -> ``beta = sigmoid(W_beta x)`` (``2 sigmoid`` with ``negative_eigen=True``, applied by
+the functional form) -> (gated) delta rule -> per-head output norm (RMSNorm, or ``RMSNorm(o * silu(g))`` with
+an output gate) -> output projection. Gated variants use Mamba-2's decay,
+``log alpha = -softplus(W_a x + dt_bias) exp(A_log)``. ``q`` is scaled by ``dk^{-1/2}`` as in fla.
+The decode cache is ``{"state": [b, h, dk, dv] float32, "conv_q"/"conv_k"/"conv_v": [b, K-1, .]}``.
+With a cache, the block is taken to continue the cached document (no reset at its first token).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from seqjax.mixers import _delta_chunk as E
-from seqjax.mixers._delta_layer import (
-    DeltaNet,
-    DeltaNetNegEig,
-    DeltaProduct,
-    DeltaProductNegEig,
-    GatedDeltaNet,
-    GatedDeltaNetNegEig,
-)
+from pallas_kernels.delta_chunk import delta_chunk
+from seqjax import _checks
+from seqjax import sharding as shd
+from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import l2_normalize
+from seqjax.nn import GatedRMSNorm, Linear, RMSNorm, ShortConv, l2_normalize, resets_from_segment_ids
+from seqjax.ops import context_parallel as cp
+from seqjax.ops import delta as E
+
+IMPLS = ("auto", "sequential", "chunked", "pallas")
 
 __all__ = [
+    "IMPLS", "delta_rule",
     "deltanet", "deltanet_recurrent", "deltanet_step", "deltanet_materialize",
     "gated_deltanet", "gated_deltanet_recurrent", "gated_deltanet_step", "gated_deltanet_materialize",
     "deltaproduct", "deltaproduct_recurrent", "deltaproduct_step", "deltaproduct_materialize",
-    "make_inputs", "DeltaNet", "GatedDeltaNet", "DeltaProduct",
+    "make_inputs", "DeltaRuleLayer", "DeltaNet", "GatedDeltaNet", "DeltaProduct",
 ]  # fmt: skip
 
 
@@ -57,6 +69,32 @@ def _beta(beta, negative_eigen):
     if not isinstance(negative_eigen, (bool, np.bool_)):
         raise ValueError(f"negative_eigen must be a bool, got {negative_eigen!r}")
     return 2 * beta if negative_eigen else beta
+
+
+def delta_rule(
+    q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, impl="auto", chunk_size=64
+):
+    """Dispatch the (gated) delta rule to an impl (inputs validated by the caller).
+
+    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) on a GPU once its current forward has passed
+    the GPU tests (``seqjax._platform.GPU_TESTED``; one device, or a ``use_rules`` mesh:
+    ``seqjax._platform.kernel_call`` runs it inside ``shard_map``), differentiated
+    through the XLA form (``AUTO_BACKWARD``), else the XLA chunked form (``seqjax._platform`` has the
+    measurements behind that). ``"pallas"``: the kernel and its Pallas backward.
+    """
+    _checks.check_choice("impl", impl, IMPLS)
+    if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    kw = dict(h0=h0, resets=resets, scale=scale)
+    if impl == "sequential":
+        return E.recurrent_delta_rule(q, k, v, beta, log_alpha, **kw)
+    if impl == "pallas" or (impl == "auto" and auto_pallas(kernel="delta")):
+        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["delta"]
+        return kernel_call(
+            lambda q, k, v, beta, log_alpha, h0, resets: delta_chunk(
+                q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, chunk_size=chunk_size, backward=backward),
+            q, k, v, beta, log_alpha, h0, resets, layouts="tttttst", out_layouts="ts")
+    return E.chunk_delta_rule(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------- DeltaNet
@@ -67,24 +105,24 @@ def deltanet(q, k, v, beta, *, h0=None, impl="auto", resets=None, negative_eigen
     (= ``"chunked"``), ``"sequential"`` (the reference), ``"chunked"`` (WY/UT), ``"pallas"``."""
     E.check_delta_inputs(q, k, v, beta, None, h0, resets)
     beta = _beta(beta, negative_eigen)
-    return E.delta_rule(q, k, v, beta, None, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
+    return delta_rule(q, k, v, beta, None, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
 
 
 def deltanet_recurrent(q, k, v, beta, *, h0=None, resets=None, negative_eigen=False, scale=1.0):
     """Reference: ``S_t = (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``."""
     E.check_delta_inputs(q, k, v, beta, None, h0, resets)
-    return E.delta_rule_recurrent(q, k, v, _beta(beta, negative_eigen), h0=h0, resets=resets, scale=scale)
+    return E.recurrent_delta_rule(q, k, v, _beta(beta, negative_eigen), h0=h0, resets=resets, scale=scale)
 
 
 def deltanet_step(h, q, k, v, beta, *, negative_eigen=False, scale=1.0):
     """One token (``q, k [b, h, dk]``, ``v [b, h, dv]``, ``beta [b, h]``) -> ``(o_t, h)``."""
-    return E.delta_rule_step(h, q, k, v, _beta(beta, negative_eigen), scale=scale)
+    return E.step_delta_rule(h, q, k, v, _beta(beta, negative_eigen), scale=scale)
 
 
 def deltanet_materialize(q, k, v, beta, *, resets=None, negative_eigen=False, scale=1.0):
     """``M [b, h, T, T]`` with ``o = M v``: ``M[t, s] = scale q_tᵀ (prod_{r=s+1..t} (I - beta_r k_r k_rᵀ)) beta_s k_s``."""
     E.check_delta_inputs(q, k, v, beta, None, None, resets)
-    return E.delta_rule_materialize(q, k, _beta(beta, negative_eigen), resets=resets, scale=scale)
+    return E.materialize_delta_rule(q, k, _beta(beta, negative_eigen), resets=resets, scale=scale)
 
 
 # ----------------------------------------------------------------------------- Gated DeltaNet
@@ -96,24 +134,24 @@ def gated_deltanet(
     """Gated DeltaNet, parallel form; ``log_alpha [b, t, h]`` (``<= 0``, log of the per-head decay)."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets)
     beta = _beta(beta, negative_eigen)
-    return E.delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
+    return delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
 
 
 def gated_deltanet_recurrent(q, k, v, beta, log_alpha, *, h0=None, resets=None, negative_eigen=False, scale=1.0):
     """Reference: ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets)
     beta = _beta(beta, negative_eigen)
-    return E.delta_rule_recurrent(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale)
+    return E.recurrent_delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale)
 
 
 def gated_deltanet_step(h, q, k, v, beta, log_alpha, *, negative_eigen=False, scale=1.0):
-    return E.delta_rule_step(h, q, k, v, _beta(beta, negative_eigen), log_alpha, scale=scale)
+    return E.step_delta_rule(h, q, k, v, _beta(beta, negative_eigen), log_alpha, scale=scale)
 
 
 def gated_deltanet_materialize(q, k, v, beta, log_alpha, *, resets=None, negative_eigen=False, scale=1.0):
     """``M[t, s] = scale q_tᵀ (prod_{r=s+1..t} alpha_r (I - beta_r k_r k_rᵀ)) beta_s k_s``."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, None, resets)
-    return E.delta_rule_materialize(q, k, _beta(beta, negative_eigen), log_alpha, resets=resets, scale=scale)
+    return E.materialize_delta_rule(q, k, _beta(beta, negative_eigen), log_alpha, resets=resets, scale=scale)
 
 
 # ----------------------------------------------------------------------------- DeltaProduct
@@ -141,7 +179,7 @@ def deltaproduct(
     E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets, householder=True)
     b, t, h, n, _ = k.shape
     qm, km, vm, bm, lam, rsm = _micro_tokens(q, k, v, _beta(beta, negative_eigen), log_alpha, resets)
-    o, h_last = E.delta_rule(qm, km, vm, bm, lam, h0=h0, resets=rsm, scale=scale, impl=impl, chunk_size=chunk_size)
+    o, h_last = delta_rule(qm, km, vm, bm, lam, h0=h0, resets=rsm, scale=scale, impl=impl, chunk_size=chunk_size)
     return o.reshape(b, t, n, h, -1)[:, :, -1], h_last
 
 
@@ -161,7 +199,7 @@ def deltaproduct_recurrent(q, k, v, beta, log_alpha=None, *, h0=None, resets=Non
         q_t, k_t, v_t, beta_t, alpha_t = xs
         for j in range(n):
             a_j = alpha_t if j == 0 else jnp.ones_like(alpha_t)
-            S = E._delta_update(S, k_t[:, :, j], v_t[:, :, j], beta_t[:, :, j], a_j)
+            S = E.delta_update(S, k_t[:, :, j], v_t[:, :, j], beta_t[:, :, j], a_j)
         return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
 
     f32 = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 1, 0)  # noqa: E731
@@ -175,7 +213,7 @@ def deltaproduct_step(h, q, k, v, beta, log_alpha=None, *, negative_eigen=False,
     n = k.shape[2]
     for j in range(n):
         la = log_alpha if j == 0 else None
-        o, h = E.delta_rule_step(h, q, k[:, :, j], v[:, :, j], beta[:, :, j], la, scale=scale)
+        o, h = E.step_delta_rule(h, q, k[:, :, j], v[:, :, j], beta[:, :, j], la, scale=scale)
     return o, h
 
 
@@ -186,9 +224,154 @@ def deltaproduct_materialize(q, k, v, beta, log_alpha=None, *, resets=None, nega
     E.check_delta_inputs(q, k, v, beta, log_alpha, None, resets, householder=True)
     b, t, h, n, _ = k.shape
     qm, km, _, bm, lam, rsm = _micro_tokens(q, k, v, _beta(beta, negative_eigen), log_alpha, resets)
-    m = E.delta_rule_materialize(qm, km, bm, lam, resets=rsm, scale=scale)  # [b, h, tn, tn]
+    m = E.materialize_delta_rule(qm, km, bm, lam, resets=rsm, scale=scale)  # [b, h, tn, tn]
     return m.reshape(b, h, t, n, t, n)[:, :, :, -1]
 
+
+# ----------------------------------------------------------------------------- layers
+
+
+class DeltaRuleLayer(nnx.Module):
+    """Delta-rule token mixer: DeltaNet (``gated=False, num_householder=1``), Gated DeltaNet
+    (``gated=True``), DeltaProduct (``num_householder > 1``)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        rngs: nnx.Rngs,
+        num_heads: int = 2,
+        head_dim: int | None = None,
+        expand_v: float = 1.0,
+        gated: bool = False,
+        num_householder: int = 1,
+        negative_eigen: bool = False,
+        use_output_gate: bool | None = None,
+        conv_size: int = 4,
+        impl: str = "auto",
+        chunk_size: int = 64,
+        norm_eps: float = 1e-5,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
+        head_dim = head_dim or d_model // num_heads
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got d_model={d_model}, num_heads={num_heads}")
+        if not isinstance(negative_eigen, bool):
+            raise ValueError(f"negative_eigen must be a bool, got {negative_eigen!r}")
+        if num_householder < 1:
+            raise ValueError(f"num_householder must be >= 1, got {num_householder}")
+        h, n = num_heads, num_householder
+        self.num_heads, self.dk, self.dv, self.n = h, head_dim, int(head_dim * expand_v), n
+        self.gated, self.negative_eigen, self.impl, self.chunk_size = gated, negative_eigen, impl, chunk_size
+        self.dtype = dtype
+        use_output_gate = gated if use_output_gate is None else use_output_gate
+
+        def lin(i, o, axes=("embed", "heads")):
+            return Linear(i, o, axes=axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+        dk, dv = self.dk, self.dv
+        self.q_proj = lin(d_model, h * dk)
+        self.k_proj = lin(d_model, h * n * dk)
+        self.v_proj = lin(d_model, h * n * dv)
+        self.b_proj = lin(d_model, h * n)
+        conv = lambda dim: ShortConv(dim, conv_size, use_bias=False, rngs=rngs, param_dtype=param_dtype)  # noqa: E731
+        self.conv_size = conv_size
+        if conv_size > 1:
+            self.q_conv, self.k_conv, self.v_conv = conv(h * dk), conv(h * n * dk), conv(h * n * dv)
+        if gated:
+            self.a_proj = lin(d_model, h)
+            a = jax.random.uniform(rngs.params(), (h,), param_dtype, 1.0, 16.0)
+            self.A_log = nnx.Param(jnp.log(a), out_sharding=("heads",))
+            dt = jnp.exp(jax.random.uniform(rngs.params(), (h,), param_dtype, math.log(1e-3), math.log(1e-1)))
+            self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), out_sharding=("heads",))  # softplus^-1(dt)
+        self.g_proj = lin(d_model, h * dv) if use_output_gate else None
+        self.o_norm = GatedRMSNorm(dv, eps=norm_eps) if use_output_gate else RMSNorm(dv, eps=norm_eps, axis_name="head_dim")
+        self.o_proj = lin(h * dv, d_model, axes=("heads", "embed"))
+
+    def init_cache(self, batch_size: int, max_len: int | None = None):
+        del max_len  # O(1) state
+        h, n, dk, dv = self.num_heads, self.n, self.dk, self.dv
+        cache = {"state": jnp.zeros((batch_size, h, dk, dv), jnp.float32)}
+        if self.conv_size > 1:
+            k1 = self.conv_size - 1
+            for name, dim in (("q", h * dk), ("k", h * n * dk), ("v", h * n * dv)):
+                cache[f"conv_{name}"] = jnp.zeros((batch_size, k1, dim), self.dtype)
+        return cache
+
+    def __call__(self, x, *, segment_ids=None, cache=None):
+        _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
+        b, t, _ = x.shape
+        h, n, dk, dv = self.num_heads, self.n, self.dk, self.dv
+        resets = resets_from_segment_ids(segment_ids)
+        if resets is not None and cache is not None:
+            resets = resets.at[:, 0].set(False)
+        new_cache = None if cache is None else {}
+
+        def short_conv(name, y):
+            if self.conv_size > 1:
+                state = None if cache is None else cache[f"conv_{name}"]
+                y, state = getattr(self, f"{name}_conv")(y, state=state, segment_ids=segment_ids)
+                if new_cache is not None:
+                    new_cache[f"conv_{name}"] = state
+            return jax.nn.silu(y)
+
+        q = l2_normalize(short_conv("q", self.q_proj(x)).reshape(b, t, h, dk))
+        k = l2_normalize(short_conv("k", self.k_proj(x)).reshape(b, t, h, n, dk))
+        v = short_conv("v", self.v_proj(x)).reshape(b, t, h, n, dv)
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32)).reshape(b, t, h, n)
+        kw = dict(
+            h0=None if cache is None else cache["state"],
+            resets=resets,
+            negative_eigen=self.negative_eigen,
+            scale=dk**-0.5,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+        )
+        log_alpha = None
+        if self.gated:
+            dt = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...][None, None])
+            log_alpha = -dt * jnp.exp(self.A_log[...])[None, None]
+        mesh = shd.context_mesh(t) if cache is None and n == 1 else None
+        if mesh is not None:  # time split over the mesh's `context` axis: dense shard transitions
+            o, state = cp.delta_context_parallel(q, k[:, :, :, 0], v[:, :, :, 0], _beta(beta[..., 0], self.negative_eigen),
+                                                 log_alpha, mesh=mesh, resets=resets, scale=kw["scale"],
+                                                 chunk_size=self.chunk_size)
+        elif n > 1:
+            o, state = deltaproduct(q, k, v, beta, log_alpha, **kw)
+        elif self.gated:
+            o, state = gated_deltanet(q, k[:, :, :, 0], v[:, :, :, 0], beta[..., 0], log_alpha, **kw)
+        else:
+            o, state = deltanet(q, k[:, :, :, 0], v[:, :, :, 0], beta[..., 0], **kw)
+        if self.g_proj is not None:
+            o = self.o_norm(o, self.g_proj(x).reshape(b, t, h, dv))
+        else:
+            o = self.o_norm(o)
+        y = self.o_proj(o.reshape(b, t, h * dv).astype(self.dtype))
+        if new_cache is not None:
+            new_cache["state"] = state
+        return y.astype(x.dtype), new_cache
+
+
+def _variant(name, doc, **defaults):
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs, **kw):
+        DeltaRuleLayer.__init__(self, d_model, rngs=rngs, **{**defaults, **kw})
+
+    return type(name, (DeltaRuleLayer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+DeltaNet = _variant("DeltaNet", "DeltaNet layer (Yang et al. 2024).")
+GatedDeltaNet = _variant("GatedDeltaNet", "Gated DeltaNet layer (Yang et al. 2025).", gated=True)
+DeltaProduct = _variant(
+    "DeltaProduct", "Gated DeltaProduct layer, 2 Householder steps/token (Siems et al. 2025).", gated=True, num_householder=2
+)
+DeltaNetNegEig = _variant("DeltaNetNegEig", "DeltaNet with beta in (0, 2).", negative_eigen=True)
+GatedDeltaNetNegEig = _variant(
+    "GatedDeltaNetNegEig", "Gated DeltaNet with beta in (0, 2).", gated=True, negative_eigen=True
+)
+DeltaProductNegEig = _variant(
+    "DeltaProductNegEig", "DeltaProduct with beta in (0, 2).", gated=True, num_householder=2, negative_eigen=True
+)
 
 # ----------------------------------------------------------------------------- test inputs + registry
 

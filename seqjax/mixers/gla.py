@@ -1,7 +1,7 @@
 r"""Gated linear attention and its special cases: GLA, RetNet, plain linear attention.
 
 All three are one recurrence on a matrix state ``S [b, h, k, v]`` (evaluated by the shared chunkwise
-engine ``seqjax.mixers._gla_chunk``; the special cases delegate, they do not fork):
+engine ``seqjax.ops.gla``; the special cases delegate, they do not fork):
 
 .. math::  S_t = \mathrm{diag}(\alpha_t) S_{t-1} + k_t v_t^\top, \qquad o_t = S_t^\top (s\, q_t)
 
@@ -24,11 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.gla_chunk import gla_chunk_pallas
 from seqjax import _checks, nn
 from seqjax import sharding as shd
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
-from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
+from seqjax.ops import context_parallel as cp
+from seqjax.ops import gla as eng
 
 __all__ = [
     "gla", "gla_recurrent", "gla_step", "gla_materialize",
@@ -55,13 +57,11 @@ def _scale(q, scale):
 def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
     """Dispatch to the reference / chunked engine / Pallas kernel; returns ``(o in v.dtype, S_T)``."""
     _checks.check_choice("impl", impl, IMPLS)
-    eng.validate(q, k, v, g, sign, h0, resets, chunk_size)
+    eng.check_gla_inputs(q, k, v, g, sign, h0, resets, chunk_size)
     qs = (q.astype(jnp.float32) * _scale(q, scale)).astype(q.dtype)
     if impl == "sequential":
         o, s = eng.recurrent_gla(qs, k, v, g, sign=sign, h0=h0, resets=resets)
     elif impl == "pallas" or (impl == "auto" and (g is None or g.ndim == 3) and auto_pallas(chunk_size)):
-        from pallas_kernels.gla_chunk import gla_chunk_pallas
-
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["gla"]
         o, s = kernel_call(
             lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
@@ -242,11 +242,9 @@ class _GatedLinearAttentionLayer(nnx.Module):
             y, s = self.step_fn(h0, q[:, 0], k[:, 0], v[:, 0], **{n: a[:, 0] for n, a in extra.items()})
             y = y[:, None]
         elif mesh is not None:  # the chunked engine per shard, then one all-gather
-            from seqjax.train.context_parallel import chunked_local, gla_context_parallel
-
             qs = (q.astype(jnp.float32) * _scale(q, None)).astype(q.dtype)
-            y, s = gla_context_parallel(qs, k, v, self._log_decay(q, extra), mesh=mesh,
-                                        resets=resets, local_fn=chunked_local(self.chunk_size))
+            y, s = cp.gla_context_parallel(qs, k, v, self._log_decay(q, extra), mesh=mesh,
+                                           resets=resets, local_fn=cp.chunked_local(self.chunk_size))
             y = y.astype(v.dtype)
         else:
             y, s = self.fn(q, k, v, **extra, h0=h0, resets=resets, impl=self.impl, chunk_size=self.chunk_size)

@@ -14,7 +14,7 @@ real log: we pass ``log|2a − 1|`` (computed without cancellation near ``±1``)
 which keeps the cumulative sign product within each chunk. ``A=None`` switches the decay off (``a = 1``).
 
 The chunked form is SSD's four steps — intra-chunk ``(C B^T ⊙ L) (Δ x)``, chunk states, inter-chunk
-pass, state to output — evaluated by the shared engine (``seqjax.mixers._gla_chunk``) with
+pass, state to output — evaluated by the shared engine (``seqjax.ops.gla``) with
 ``q = C, k = B, v = Δ x`` and per-head log decay ``Δ A``; the ``D`` skip is added outside.
 
 Shapes: ``x [b, t, h, p]``, ``dt [b, t, h]`` (positive, after softplus), ``A [h]`` (negative), ``B, C
@@ -30,13 +30,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from pallas_kernels.gla_chunk import gla_chunk_pallas
 from seqjax import _checks, nn
 from seqjax import sharding as shd
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
-from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
+from seqjax.ops import context_parallel as cp
+from seqjax.ops import gla as eng
 
-__all__ = ["mamba2", "mamba2_recurrent", "mamba2_step", "mamba2_materialize", "transition", "Mamba2"]
+__all__ = ["mamba2", "mamba2_recurrent", "mamba2_step", "mamba2_materialize", "mamba2_context_parallel", "transition",
+           "Mamba2"]
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
 
@@ -98,8 +101,6 @@ def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_s
     v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
     q, k = _heads(C, h).astype(x.dtype), _heads(B, h).astype(x.dtype)
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
-        from pallas_kernels.gla_chunk import gla_chunk_pallas
-
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["gla"]
         y, s = kernel_call(
             lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
@@ -109,6 +110,20 @@ def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_s
         y, s = eng.chunk_gla(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
     if D is not None:
         y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype), s
+
+
+def mamba2_context_parallel(x, dt, A, B, C, D=None, *, mesh, resets=None, chunk_size=64, **axes):
+    """:func:`mamba2` (``h0=None``, no negative eigenvalues) with time sharded over the mesh axis ``context``:
+    the chunked engine per shard, per-head decays (``seqjax.ops.context_parallel.gla_context_parallel``),
+    plus the ``D`` skip. ``axes``: ``context``, ``batch_axes``, ``head_axis`` as there."""
+    h = x.shape[2]
+    g, _ = transition(dt, A, False)
+    v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
+    q, k = _heads(C, h).astype(x.dtype), _heads(B, h).astype(x.dtype)
+    y, s = cp.gla_context_parallel(q, k, v, g, mesh=mesh, resets=resets, local_fn=cp.chunked_local(chunk_size), **axes)
+    if D is not None:
+        y = y.astype(jnp.float32) + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
     return y.astype(x.dtype), s
 
 
@@ -230,8 +245,6 @@ class Mamba2(nnx.Module):
                                negative_eigen=self.negative_eigen)
             y = y[:, None]
         elif mesh is not None:
-            from seqjax.train.context_parallel import mamba2_context_parallel
-
             y, s = mamba2_context_parallel(xh, dt, A, B, C, self.D[...], mesh=mesh,
                                            resets=resets, chunk_size=self.chunk_size)
         else:

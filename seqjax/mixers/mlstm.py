@@ -18,139 +18,44 @@ the exponentials finite. The recurrent ``m_t`` unrolls to ``max(b_t + m_0, max_{
 chunk's log weights and the carried ``m``, so its final state ``(C', n', m)`` equals the reference's. A
 reset (packed documents) zeroes ``(C, n, m)`` before the token, as a fresh sequence starts. The chunkwise
 form follows NX-AI's ``mlstm_kernels`` reference (intra-chunk log-weight matrix, per-chunk states with a
-local max, a ``lax.scan`` carrying ``(C', n', m)``), with the chunk layout of ``seqjax.mixers._gla_chunk``.
+local max, a ``lax.scan`` carrying ``(C', n', m)``), with the chunk layout of ``seqjax.ops.gla``.
 
 Shapes: ``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``i, f [b, t, h]``; state ``(C [b, h, dk, dv],
-n [b, h, dk], m [b, h])`` float32.
+n [b, h, dk], m [b, h])`` float32. The engine (reference, chunked form, step, operator) is
+``seqjax.ops.mlstm``; this module holds the ``impl=`` dispatch, the layer and the registration.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
+from pallas_kernels.mlstm_chunk import mlstm_chunk
 from seqjax import _checks, nn
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
-from seqjax.mixers import _gla_chunk as eng
 from seqjax.mixers.registry import MixerSpec, register
+from seqjax.ops import mlstm as eng
 
 __all__ = ["mlstm", "mlstm_recurrent", "mlstm_step", "mlstm_materialize", "MLSTM"]
-
-NEG = -1e30  # "minus infinity" that keeps differences and gradients finite
-f32 = lambda x: x.astype(jnp.float32)
 
 
 def _validate(q, k, v, i, f, h0, resets, negative_eigen):
     if negative_eigen:
         raise ValueError("mlstm does not support negative_eigen=True (its forget gate is a sigmoid in (0, 1))")
-    eng.validate(q, k, v, None, None, None, resets)
-    b, t, h, dk = q.shape
-    _checks.check_shape("i", i, (b, t, h), "[batch, time, heads] (input gate pre-activation)")
-    _checks.check_shape("f", f, (b, t, h), "[batch, time, heads] (forget gate pre-activation)")
-    if h0 is not None:
-        if not (isinstance(h0, (tuple, list)) and len(h0) == 3):
-            raise ValueError("h0 must be a tuple (C [b, h, dk, dv], n [b, h, dk], m [b, h])")
-        _checks.check_shape("h0[0] (C)", h0[0], (b, h, dk, v.shape[-1]), "[batch, heads, key_dim, value_dim]")
-        _checks.check_shape("h0[1] (n)", h0[1], (b, h, dk), "[batch, heads, key_dim]")
-        _checks.check_shape("h0[2] (m)", h0[2], (b, h), "[batch, heads]")
-
-
-def _zero_state(b, h, dk, dv):
-    return (jnp.zeros((b, h, dk, dv), jnp.float32), jnp.zeros((b, h, dk), jnp.float32), jnp.zeros((b, h), jnp.float32))
+    eng.check_mlstm_inputs(q, k, v, i, f, h0, resets)
 
 
 def mlstm_recurrent(q, k, v, i, f, *, h0=None, resets=None, negative_eigen=False):
     """Reference: the stabilised mLSTM recurrence above as a float32 ``lax.scan``."""
     _validate(q, k, v, i, f, h0, resets, negative_eigen)
-    b, t, h, dk = q.shape
-    state = _zero_state(b, h, dk, v.shape[-1]) if h0 is None else tuple(f32(x) for x in h0)
-    cut = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
-
-    def step(carry, xs):
-        C, n, m = carry
-        q_t, k_t, v_t, i_t, f_t, r_t = xs
-        keep = ~r_t[:, None]
-        C, n, m = C * keep[..., None, None], n * keep[..., None], m * keep
-        logf = jax.nn.log_sigmoid(f_t)
-        m_new = jnp.maximum(logf + m, i_t)
-        ig, fg = jnp.exp(i_t - m_new), jnp.exp(logf + m - m_new)
-        k_t = k_t / math.sqrt(dk)
-        C = fg[..., None, None] * C + ig[..., None, None] * k_t[..., :, None] * v_t[..., None, :]
-        n = fg[..., None] * n + ig[..., None] * k_t
-        num = jnp.einsum("bhkv,bhk->bhv", C, q_t)
-        den = jnp.maximum(jnp.abs(jnp.einsum("bhk,bhk->bh", n, q_t)), jnp.exp(-m_new))
-        return (C, n, m_new), num / den[..., None]
-
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (f32(q), f32(k), f32(v), f32(i), f32(f), cut))
-    state, y = lax.scan(step, state, xs)
-    return jnp.moveaxis(y, 0, 1).astype(v.dtype), state
+    return eng.recurrent_mlstm(q, k, v, i, f, h0=h0, resets=resets)
 
 
 def mlstm_step(h, q, k, v, i, f, *, negative_eigen=False):
     """One token: ``q, k [b, h, dk]``, ``v [b, h, dv]``, ``i, f [b, h]`` -> ``(y [b, h, dv], (C, n, m))``."""
     y, s = mlstm_recurrent(q[:, None], k[:, None], v[:, None], i[:, None], f[:, None], h0=h, negative_eigen=negative_eigen)
     return y[:, 0], s
-
-
-def _chunk(q, k, v, i, f, h0, resets, chunk_size):
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    logf = jax.nn.log_sigmoid(f32(f))
-    c, n, bc, seg, _ = eng.prepare_chunks(logf[..., None], None, resets, t, chunk_size)
-    pad = n * c - t
-    cut = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
-    # e: the log weight each token brings to the stabiliser; a reset also brings the fresh state's m = 0,
-    # decayed by its own forget gate (exactly what the recurrence does after zeroing the state)
-    e = jnp.where(cut[..., None], jnp.maximum(f32(i), logf), f32(i))
-    tr = lambda x, fill: jnp.moveaxis(
-        jnp.pad(x, [(0, 0), (0, pad), (0, 0)], constant_values=fill).reshape(b, n, c, h), 2, 3)  # [b, n, h, c]
-    ic, ec = tr(f32(i), NEG), tr(e, NEG)
-    bt, st = jnp.moveaxis(bc[..., 0], 2, 3), jnp.moveaxis(seg[..., 0], 2, 3)
-    cd = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    chunks = lambda x: jnp.pad(x.astype(cd), [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, n, c, h, x.shape[-1])
-    qc, kc, vc = chunks(q), chunks((f32(k) / math.sqrt(dk)).astype(k.dtype)), chunks(v)
-
-    ok = (st[..., :, None] == st[..., None, :]) & jnp.tril(jnp.ones((c, c), bool))[None, None, None]
-    diff = bt[..., :, None] - bt[..., None, :]  # [b, n, h, t, s]
-    w = jnp.where(ok, diff + ic[..., None, :], NEG)
-    m_intra = jnp.max(jnp.where(ok, diff + ec[..., None, :], NEG), axis=-1)  # [b, n, h, c]
-
-    # chunk-local end states, stabilised by their own max
-    m_loc = m_intra[..., -1]  # [b, n, h]
-    we = jnp.exp(w[..., -1, :] - m_loc[..., None])  # [b, n, h, s]
-    u = jnp.einsum("bnshk,bnhs,bnshv->bnhkv", f32(kc), we, f32(vc))
-    nloc = jnp.einsum("bnshk,bnhs->bnhk", f32(kc), we)
-    a = jnp.where(st[..., -1] == 0, bt[..., -1], NEG)  # whole-chunk log decay [b, n, h]
-
-    C0, n0, m0 = _zero_state(b, h, dk, dv) if h0 is None else tuple(f32(x) for x in h0)
-
-    def carry(state, xs):
-        C, nn_, m = state
-        a_n, u_n, nl_n, ml_n = xs
-        m_new = jnp.maximum(a_n + m, ml_n)
-        fo, fl = jnp.exp(a_n + m - m_new), jnp.exp(ml_n - m_new)
-        C = fo[..., None, None] * C + fl[..., None, None] * u_n
-        nn_ = fo[..., None] * nn_ + fl[..., None] * nl_n
-        return (C, nn_, m_new), state
-
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (a, u, nloc, m_loc))
-    last, (C_in, n_in, m_in) = lax.scan(carry, (C0, n0, m0), xs)
-    C_in, n_in, m_in = (jnp.moveaxis(x, 0, 1) for x in (C_in, n_in, m_in))  # entering each chunk
-
-    inter = jnp.where(st == 0, bt + m_in[..., None], NEG)  # [b, n, h, c]
-    m_t = jnp.maximum(m_intra, inter)
-    att = jnp.einsum("bnthk,bnshk->bnhts", qc, kc, preferred_element_type=jnp.float32) * jnp.exp(w - m_t[..., None])
-    w0 = jnp.exp(inter - m_t)  # [b, n, h, c]
-    num = jnp.einsum("bnhts,bnshv->bnthv", att.astype(cd), vc, preferred_element_type=jnp.float32)
-    num = num + jnp.einsum("bnthk,bnhkv,bnht->bnthv", f32(qc), C_in, w0)
-    den = jnp.sum(att, axis=-1) + jnp.einsum("bnthk,bnhk,bnht->bnht", f32(qc), n_in, w0)
-    den = jnp.maximum(jnp.abs(den), jnp.exp(-m_t))
-    y = num / jnp.moveaxis(den, 2, 3)[..., None]
-    return y.reshape(b, n * c, h, dv)[:, :t], last
 
 
 def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
@@ -164,33 +69,24 @@ def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, ne
     """
     _checks.check_choice("impl", impl, ("auto", "sequential", "chunked", "pallas"))
     _validate(q, k, v, i, f, h0, resets, negative_eigen)
-    eng.validate(q, k, v, None, None, None, resets, chunk_size)
+    eng.check_mlstm_inputs(q, k, v, i, f, None, resets, chunk_size)
     if impl == "sequential":
         return mlstm_recurrent(q, k, v, i, f, h0=h0, resets=resets)
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size, kernel="mlstm")):
-        from pallas_kernels.mlstm_chunk import mlstm_chunk  # imported only on this branch
-
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["mlstm"]
         y, s = kernel_call(
             lambda q, k, v, i, f, h0, resets: mlstm_chunk(
                 q, k, v, i, f, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
             q, k, v, i, f, h0, resets, layouts="tttttst", out_layouts="ts")
         return y.astype(v.dtype), s
-    y, s = _chunk(q, k, v, i, f, h0, resets, chunk_size)
+    y, s = eng.chunk_mlstm(q, k, v, i, f, h0, resets, chunk_size)
     return y.astype(v.dtype), s
 
 
 def mlstm_materialize(q, k, v, i, f, *, negative_eigen=False):
     """``M[b, h, t, s] = (q_t·k_s/√d) e^{b_t − b_s + i_s − m_t} / max(|Σ_s …|, e^{−m_t})`` (``h0 = 0``)."""
     del v, negative_eigen
-    b, t, h, dk = q.shape
-    cf = jnp.cumsum(jax.nn.log_sigmoid(f32(f)), axis=1)  # [b, t, h]
-    causal = jnp.tril(jnp.ones((t, t), bool))[None, :, :, None]
-    w = jnp.where(causal, cf[:, :, None] - cf[:, None, :] + f32(i)[:, None, :], NEG)  # [b, t, s, h]
-    m = jnp.maximum(jnp.max(w, axis=2), cf)  # the zero state's m = 0, decayed
-    att = jnp.einsum("bthk,bshk->btsh", f32(q), f32(k) / math.sqrt(dk)) * jnp.exp(w - m[:, :, None])
-    den = jnp.maximum(jnp.abs(jnp.sum(att, axis=2)), jnp.exp(-m))
-    return jnp.moveaxis(att / den[:, :, None], 3, 1)
+    return eng.materialize_mlstm(q, k, i, f)
 
 
 def make_inputs(key, batch, time, heads=2, dk=7, dv=5):
@@ -239,7 +135,7 @@ class MLSTM(nnx.Module):
 
     def init_cache(self, batch_size, max_len=None):
         del max_len
-        return {"state": _zero_state(batch_size, self.num_heads, self.head_dim, self.head_dim)}
+        return {"state": eng.zero_state_mlstm(batch_size, self.num_heads, self.head_dim, self.head_dim)}
 
 
 register(MixerSpec(

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from typing import Any, Callable
 
@@ -93,9 +94,7 @@ def load_all() -> None:
     global _LOADED
     if _LOADED:
         return
-    import seqjax.mixers as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    for mod in pkgutil.iter_modules([os.path.dirname(__file__)]):
         if not mod.name.startswith("_") and mod.name != "registry":
             importlib.import_module(f"seqjax.mixers.{mod.name}")
     _LOADED = True

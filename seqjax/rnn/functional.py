@@ -31,8 +31,10 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels._util import platform as kernel_platform
+from pallas_kernels.rnn import fused_rnn
 from seqjax import _checks
 from seqjax.rnn import cells as _cells
+from seqjax.rnn import deer
 
 __all__ = ["rnn", "rnn_scan", "IMPLS"]
 
@@ -81,8 +83,6 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
     if impl == "sequential":
         states, s_last = _sequential(kind, params, xp, s0, unroll)
     elif impl == "parallel":
-        from seqjax.rnn import deer
-
         states, info = deer.deer(kind, params, xp, s0, **parallel_kw)
         s_last = states[:, -1]
     elif impl == "fused":
@@ -94,8 +94,6 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
     else:
         if _cells.CELLS[kind].pointwise is None:
             raise ValueError(f"impl='pallas' supports kinds with a pointwise form, not {kind!r}")
-        from pallas_kernels.rnn import fused_rnn  # imported only on this branch
-
         cell = _cells.CELLS[kind]
         states = fused_rnn(cell.split, params["R"], _cells.neuron_params(cell, params), xp, s0,
                            interpret=kernel_platform() == "cpu")

@@ -20,8 +20,8 @@ Shapes: ``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``beta, log_alpha [b, t, h]
 
 Algorithms:
 
-* :func:`delta_rule_recurrent` — the reference, a float32 ``lax.scan`` over time, one line per equation.
-* :func:`delta_rule_chunked` — chunkwise parallel via the WY / UT representation (Yang et al. 2024,
+* :func:`recurrent_delta_rule` — the reference, a float32 ``lax.scan`` over time, one line per equation.
+* :func:`chunk_delta_rule` — chunkwise parallel via the WY / UT representation (Yang et al. 2024,
   "Parallelizing Linear Transformers with the Delta Rule over Sequence Length"; gated: Yang et al. 2025,
   "Gated Delta Networks"). In a chunk of ``C`` tokens started from state ``S_0``, write
   ``S_i = gamma_i S_0 + sum_{j<=i} Gamma_ij k_j u_jᵀ`` with ``g_i = sum_{r<=i} log alpha_r`` (inclusive,
@@ -38,8 +38,8 @@ Algorithms:
   (``solve_unit_lower``: forward substitution on CPU, ``triangular_solve`` on GPU/TPU).
   Decays only ever appear as ``exp`` of a non-positive log-space difference (masked before the
   ``exp``), so ``log alpha`` down to ``-20`` per step (and resets, ``alpha = 0``) never overflow or NaN.
-* :func:`delta_rule_step` — one token, O(1) state (decoding).
-* :func:`delta_rule_materialize` — the ``[b, h, T, T]`` operator ``M[t, s] = scale q_tᵀ
+* :func:`step_delta_rule` — one token, O(1) state (decoding).
+* :func:`materialize_delta_rule` — the ``[b, h, T, T]`` operator ``M[t, s] = scale q_tᵀ
   (prod_{r=s+1..t} alpha_r (I - beta_r k_r k_rᵀ)) beta_s k_s`` with ``o = M v``, built explicitly.
 """
 
@@ -54,18 +54,15 @@ from jax import lax
 
 from seqjax import _checks
 from seqjax._linalg import solve_unit_lower
-from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
-
-IMPLS = ("auto", "sequential", "chunked", "pallas")
 
 __all__ = [
-    "IMPLS",
     "check_delta_inputs",
-    "delta_rule",
-    "delta_rule_recurrent",
-    "delta_rule_chunked",
-    "delta_rule_step",
-    "delta_rule_materialize",
+    "recurrent_delta_rule",
+    "chunk_delta_rule",
+    "step_delta_rule",
+    "materialize_delta_rule",
+    "delta_update",
+    "chunk_wy",
 ]
 
 
@@ -112,7 +109,7 @@ def _prepare(q, k, v, beta, log_alpha, resets):
     return q, k, v, beta, la, rs
 
 
-def _delta_update(S, k, v, beta, alpha):
+def delta_update(S, k, v, beta, alpha):
     """``S <- alpha (I - beta k kᵀ) S + beta k vᵀ`` for ``S [b, h, dk, dv]``, ``k [b, h, dk]``."""
     kS = jnp.einsum("bhk,bhkv->bhv", k, S)
     b_ = beta[..., None, None]
@@ -120,7 +117,7 @@ def _delta_update(S, k, v, beta, alpha):
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def delta_rule_step(h, q, k, v, beta, log_alpha=None, *, scale=1.0):
+def step_delta_rule(h, q, k, v, beta, log_alpha=None, *, scale=1.0):
     """One token: ``h [b, h, dk, dv]`` (or ``None`` = zeros), ``q, k [b, h, dk]``, ``v [b, h, dv]``,
     ``beta, log_alpha [b, h]`` -> ``(o [b, h, dv], h)`` (``h`` float32, ``o`` in the inputs' dtype)."""
     dtype = jnp.result_type(q, k, v)
@@ -129,12 +126,12 @@ def delta_rule_step(h, q, k, v, beta, log_alpha=None, *, scale=1.0):
     if h is None:
         h = jnp.zeros((*q.shape, v.shape[-1]), jnp.float32)
     alpha = jnp.ones_like(beta) if log_alpha is None else jnp.exp(f32(log_alpha))
-    h = _delta_update(f32(h), k, v, beta, alpha)
+    h = delta_update(f32(h), k, v, beta, alpha)
     return (scale * jnp.einsum("bhk,bhkv->bhv", q, h)).astype(dtype), h
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def delta_rule_recurrent(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0):
+def recurrent_delta_rule(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0):
     """The reference: ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``,
     ``o_t = scale S_tᵀ q_t``, one ``lax.scan`` step per token in float32. Returns ``(o, h_last)``."""
     dtype = jnp.result_type(q, k, v)
@@ -145,7 +142,7 @@ def delta_rule_recurrent(q, k, v, beta, log_alpha=None, *, h0=None, resets=None,
 
     def step(S, xs):
         q_t, k_t, v_t, beta_t, alpha_t = xs
-        S = _delta_update(S, k_t, v_t, beta_t, alpha_t)
+        S = delta_update(S, k_t, v_t, beta_t, alpha_t)
         return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, alpha))
@@ -202,8 +199,8 @@ def _to_chunks(x, c):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk_size"))
-def delta_rule_chunked(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, chunk_size=64):
-    """Chunkwise-parallel (WY / UT) form of :func:`delta_rule_recurrent`; same arguments and results.
+def chunk_delta_rule(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, chunk_size=64):
+    """Chunkwise-parallel (WY / UT) form of :func:`recurrent_delta_rule`; same arguments and results.
 
     ``T`` need not be a multiple of ``chunk_size`` (the tail is padded with ``beta = 0, k = v = q = 0``,
     which leaves the state unchanged).
@@ -242,7 +239,7 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, s
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def delta_rule_materialize(q, k, beta, log_alpha=None, *, resets=None, scale=1.0):
+def materialize_delta_rule(q, k, beta, log_alpha=None, *, resets=None, scale=1.0):
     """The ``[b, h, T, T]`` operator ``M`` with ``o = einsum("bhts,bshv->bthv", M, v)`` (``h0 = 0``).
 
     Built explicitly: the columns ``x_s = beta_s k_s`` enter at time ``s`` and are carried forward by
@@ -257,37 +254,9 @@ def delta_rule_materialize(q, k, beta, log_alpha=None, *, resets=None, scale=1.0
 
     def step(X, xs):
         q_t, k_t, beta_t, alpha_t, e_t = xs
-        X = _delta_update(X, k_t, jnp.broadcast_to(e_t, (b, h, t)), beta_t, alpha_t)
+        X = delta_update(X, k_t, jnp.broadcast_to(e_t, (b, h, t)), beta_t, alpha_t)
         return X, scale * jnp.einsum("bhk,bhks->bhs", q_t, X)
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, beta, alpha)) + (eye,)
     _, rows = lax.scan(step, jnp.zeros((b, h, dk, t), jnp.float32), xs)
     return jnp.moveaxis(rows, 0, 2)  # [b, h, T, T]
-
-
-def delta_rule(
-    q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, impl="auto", chunk_size=64
-):
-    """Dispatch to an impl (inputs validated by the caller).
-
-    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) on a GPU once its current forward has passed
-    the GPU tests (``seqjax._platform.GPU_TESTED``; one device, or a ``use_rules`` mesh:
-    ``seqjax._platform.kernel_call`` runs it inside ``shard_map``), differentiated
-    through the XLA form (``AUTO_BACKWARD``), else the XLA chunked form (``seqjax._platform`` has the
-    measurements behind that). ``"pallas"``: the kernel and its Pallas backward.
-    """
-    _checks.check_choice("impl", impl, IMPLS)
-    if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    kw = dict(h0=h0, resets=resets, scale=scale)
-    if impl == "sequential":
-        return delta_rule_recurrent(q, k, v, beta, log_alpha, **kw)
-    if impl == "pallas" or (impl == "auto" and auto_pallas(kernel="delta")):
-        from pallas_kernels.delta_chunk import delta_chunk  # imported only on this branch
-
-        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["delta"]
-        return kernel_call(
-            lambda q, k, v, beta, log_alpha, h0, resets: delta_chunk(
-                q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, chunk_size=chunk_size, backward=backward),
-            q, k, v, beta, log_alpha, h0, resets, layouts="tttttst", out_layouts="ts")
-    return delta_rule_chunked(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)

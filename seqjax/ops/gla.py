@@ -46,7 +46,7 @@ from jax import lax
 
 from seqjax import _checks
 
-__all__ = ["chunk_gla", "recurrent_gla", "step_gla", "prepare_chunks", "SUB_CHUNK"]
+__all__ = ["check_gla_inputs", "chunk_gla", "recurrent_gla", "step_gla", "prepare_chunks", "SUB_CHUNK"]
 
 SUB_CHUNK = 16
 
@@ -55,7 +55,7 @@ def _f32(x):
     return x.astype(jnp.float32)
 
 
-def validate(q, k, v, g, sign, h0, resets, chunk_size=None):
+def check_gla_inputs(q, k, v, g, sign, h0, resets, chunk_size=None):
     """Shape checks shared by the mixers built on this engine (Python, before tracing)."""
     _checks.check_ndim("q", q, 4, "[batch, time, heads, key_dim]")
     b, t, h, dk = np.shape(q)

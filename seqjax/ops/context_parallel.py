@@ -32,9 +32,10 @@ used as the local form stays inside ``shard_map`` as Mosaic/Triton kernels requi
 
 **In the LM**: under ``seqjax.sharding.use_rules(mesh)`` with ``context > 1`` dividing the length (the
 train and eval steps trace there; ``seqjax.sharding.context_mesh``), ``seqjax.mixers.mamba2.Mamba2`` calls
-:func:`mamba2_context_parallel`, the GLA / RetNet / linear-attention layers :func:`gla_context_parallel`
-with :func:`chunked_local`, the DeltaNet / Gated DeltaNet layers :func:`delta_context_parallel`, and
-``seqjax.attention.Attention`` (full causal, no persistent tokens) :func:`attention_context_parallel`.
+``seqjax.mixers.mamba2.mamba2_context_parallel`` (:func:`gla_context_parallel` plus the ``D`` skip), the
+GLA / RetNet / linear-attention layers :func:`gla_context_parallel` with :func:`chunked_local`, the DeltaNet /
+Gated DeltaNet layers :func:`delta_context_parallel`, and ``seqjax.attention.Attention`` (full causal, no
+persistent tokens) :func:`attention_context_parallel`.
 """
 
 from __future__ import annotations
@@ -46,34 +47,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from seqjax.scan import linear_scan
+from seqjax.ops.attention import attention, make_mask
+from seqjax.ops.delta import chunk_delta_rule
+from seqjax.ops.gla import chunk_gla, recurrent_gla
 
-__all__ = ["gla_local", "chunked_local", "gla_context_parallel", "mamba2_context_parallel", "delta_context_parallel",
+__all__ = ["gla_local", "chunked_local", "gla_context_parallel", "delta_context_parallel",
            "attention_context_parallel", "context_size"]
 
 NEG = -1e30  # log decay that cuts the carry (exp -> 0, finite so gradients stay finite)
 
 
 def gla_local(q, k, v, log_a, h0=None, resets=None):
-    """Reference local form via the scan engine: ``(y [b,t,h,dv], S_last [b,h,dk,dv] float32)``.
+    """Reference local form, the float32 ``lax.scan`` of ``seqjax.ops.gla.recurrent_gla``:
+    ``(y [b,t,h,dv] in v's dtype, S_last [b,h,dk,dv] float32)``.
 
     ``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``log_a [b, t, h, dk]`` (per channel) or
     ``[b, t, h]`` (scalar per head, Mamba-2); ``resets [b, t]`` bool zeroes the carry into that token.
     """
-    if log_a.ndim == 3:
-        log_a = jnp.broadcast_to(log_a[..., None], k.shape)
-    kv = jnp.einsum("bthk,bthv->bthkv", k.astype(jnp.float32), v.astype(jnp.float32))
-    a = jnp.broadcast_to(log_a.astype(jnp.float32)[..., None], kv.shape)
-    h, h_last = linear_scan(a, kv, h0=h0, resets=resets, log_decay=True, impl="sequential")
-    y = jnp.einsum("bthk,bthkv->bthv", q.astype(jnp.float32), h)
+    y, h_last = recurrent_gla(q, k, v, log_a, h0=h0, resets=resets)
     return y.astype(v.dtype), h_last
 
 
 def chunked_local(chunk_size: int = 64):
-    """The XLA chunked engine (``seqjax.mixers._gla_chunk.chunk_gla``) as a ``local_fn``: per-head or
+    """The XLA chunked engine (``seqjax.ops.gla.chunk_gla``) as a ``local_fn``: per-head or
     per-channel decays, resets passed through (not folded into the decays, whose within-chunk differences
     a ``-1e30`` would swamp)."""
-    from seqjax.mixers._gla_chunk import chunk_gla
 
     def local(q, k, v, log_a, h0=None, resets=None):
         return chunk_gla(q, k, v, log_a, h0=h0, resets=resets, chunk_size=chunk_size)
@@ -154,28 +152,12 @@ def gla_context_parallel(
     return run(q, k, v, log_a, h0, rs)
 
 
-def mamba2_context_parallel(x, dt, A, B, C, D=None, *, mesh, resets=None, chunk_size=64, **axes):
-    """Mamba-2 / SSD (``seqjax.mixers.mamba2.mamba2`` with ``h0=None``, no negative eigenvalues) with time
-    sharded over ``context``: the chunked engine per shard, per-head decays, plus the ``D`` skip.
-    ``axes``: ``context``, ``batch_axes``, ``head_axis`` as in :func:`gla_context_parallel`."""
-    from seqjax.mixers import mamba2 as m2
-
-    h = x.shape[2]
-    g, _ = m2.transition(dt, A, False)
-    v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
-    q, k = m2._heads(C, h).astype(x.dtype), m2._heads(B, h).astype(x.dtype)
-    y, s = gla_context_parallel(q, k, v, g, mesh=mesh, resets=resets, local_fn=chunked_local(chunk_size), **axes)
-    if D is not None:
-        y = y.astype(jnp.float32) + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
-    return y.astype(x.dtype), s
-
-
 def delta_context_parallel(
     q, k, v, beta, log_alpha=None, *, mesh, h0=None, resets=None, scale=1.0, chunk_size=64,
     context: str = "context", batch_axes=("data", "fsdp"), head_axis: str = "tensor",
 ):
     """The (gated) delta rule ``S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``
-    (``seqjax.mixers._delta_chunk.delta_rule_chunked``'s arguments; ``beta`` already doubled for negative
+    (``seqjax.ops.delta.chunk_delta_rule``'s arguments; ``beta`` already doubled for negative
     eigenvalues) with time sharded over ``context``. The shard transition is a dense ``dk x dk`` matrix:
 
     1. one chunked pass per shard from ``h0 = [0 | I]`` with the values extended by ``dk`` zero columns gives
@@ -187,8 +169,6 @@ def delta_context_parallel(
 
     About 2x the local work of the unsharded form (the diagonal case needs one pass); gradients by autodiff.
     """
-    from seqjax.mixers._delta_chunk import delta_rule_chunked
-
     bsz, _, nh, dk = q.shape
     dv = v.shape[-1]
     la = jnp.zeros(q.shape[:3], jnp.float32) if log_alpha is None else jnp.asarray(log_alpha, jnp.float32)
@@ -197,7 +177,7 @@ def delta_context_parallel(
     h0 = jnp.zeros((bsz, nh, dk, dv), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32)
     b, h = _specs(mesh, batch_axes, context, head_axis, batch=bsz, heads=nh)
     act, gate, st = P(b, context, h, None), P(b, context, h), P(b, h, None, None)
-    run_local = functools.partial(delta_rule_chunked, scale=scale, chunk_size=chunk_size)
+    run_local = functools.partial(chunk_delta_rule, scale=scale, chunk_size=chunk_size)
 
     @functools.partial(
         jax.shard_map, mesh=mesh, in_specs=(act, act, act, gate, gate, st, P(b, context)), out_specs=(act, st),
@@ -232,8 +212,6 @@ def attention_context_parallel(
 ):
     """Causal softmax attention with time sharded over ``context``: K/V (and segment ids) are
     all-gathered, queries stay local. ``q [b, t, h, d]``, ``k, v [b, t, kv_h, d]``."""
-    from seqjax.attention.attention import attention, make_mask
-
     b, h = _specs(mesh, batch_axes, context, head_axis, batch=q.shape[0], heads=q.shape[2])
     kv_h = h if h is not None and k.shape[2] % mesh.shape[h] == 0 else None
     if kv_h is None:
