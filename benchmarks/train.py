@@ -2,24 +2,24 @@
 
     python benchmarks/train.py [--steps=10] [--preset=tiny] [--key=value ...] [--out=benchmarks/results/train.md]
 
-Each model is built from the same preset (``--key=value`` overrides as in ``experiments/pretrain.py``),
-compiled ahead of time on all local devices, and timed over ``--steps`` train steps (after two warm-up
-steps) on the same random byte batches, in one process, one after the other. Prints tokens/s, the
-analytic FLOPs per token (checked against XLA in ``tests/test_train_metrics.py``), MFU against the
-device's peak (on CPU: a measured float32 matmul, so "MFU" is the fraction of this machine's matmul
-throughput) and the speed ratio to attention-only.
+Each model is built from the same preset (the options of ``experiments/pretrain.py``, e.g.
+``--model.d_model=256``; the pattern is the benchmark's), compiled ahead of time on all local devices, and
+timed over ``--steps`` train steps (default 10, after two warm-up steps) on the same random byte batches,
+in one process, one after the other. Prints tokens/s, the analytic FLOPs per token (checked against XLA in
+``tests/test_train_metrics.py``), MFU against the device's peak (on CPU: a measured float32 matmul, so
+"MFU" is the fraction of this machine's matmul throughput) and the speed ratio to attention-only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from seqjax import cli
 from seqjax import sharding as shd
 from seqjax.train import config as C
 from seqjax.train import metrics as M
@@ -68,17 +68,19 @@ def bench(cfg: C.TrainConfig, pattern, steps: int, peak: float):
     }
 
 
-def main(argv):
-    steps, out = 10, None
-    rest = []
-    for a in argv:
-        if a.startswith("--steps="):
-            steps = int(a.split("=", 1)[1])
-        elif a.startswith("--out="):
-            out = a.split("=", 1)[1]
-        else:
-            rest.append(a)
-    cfg = C.from_args(rest)
+@dataclasses.dataclass
+class BenchConfig(C.TrainConfig):
+    out: str = ""  # also write the table to this markdown file
+
+
+def _bench_preset(make):
+    return lambda: BenchConfig(**{**vars(make()), "steps": 10})
+
+
+def main(argv=None):
+    cfg = cli.parse(BenchConfig, argv, presets={k: _bench_preset(f) for k, f in C.PRESETS.items()},
+                    description=__doc__)
+    steps, out = cfg.steps, cfg.out
     peak = cfg.peak_flops or M.peak_flops() or M.measured_peak_flops()
     dev = jax.devices()[0]
     rows = {}
@@ -108,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

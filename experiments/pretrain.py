@@ -9,12 +9,14 @@ Run it again and it resumes from the last checkpoint (``--resume=false`` to star
 Examples::
 
     python experiments/pretrain.py --steps=3 --preset=tiny          # smoke test
-    python experiments/pretrain.py --preset=125m --data=tfds:lm1b    # on an accelerator
+    python experiments/pretrain.py --preset=125m --data.data=tfds:lm1b    # on an accelerator
     python experiments/pretrain.py --mesh=1,2,1,4 --accum=4          # fsdp=2 x tensor=4, 4 microbatches
+    python experiments/pretrain.py --model.pattern=gla,attention --model.mixer_kwargs=gla.chunk_size=128
     python experiments/pretrain.py --preset=1b --compile_topology=v5p:2x2x4 --mesh=1,16,1,1  # fits? (libtpu)
 
-Keys: see ``seqjax/train/config.py`` (``--d_model=256``, ``--model.pattern=attention``,
-``--optim.lr=1e-3``, ``--global_batch=32``, ``--nan_policy=skip``, ...).
+``--help`` lists every key: the run's (``--steps``, ``--mesh``, ``--nan_policy``, ...), the model's
+(``--model.d_model=256``, ``--model.tie_embeddings=false``; the LM's ``LMConfig``), the data's
+(``--data.global_batch=32``) and the optimizer's (``--optim.lr=1e-3``); see ``seqjax/cli.py`` for the value forms.
 """
 
 import json
@@ -24,7 +26,7 @@ from seqjax.train import config, run
 
 
 def main(argv):
-    cfg = config.from_args(argv)
+    cfg = config.parse(argv)
     summary = run.train(cfg)
     sample = summary.get("sample")
     shown = summary if cfg.compile_topology else {k: v for k, v in summary.items() if k not in ("compile", "sample")}

@@ -64,9 +64,10 @@ def test_partial_checkpoints_are_ignored(tmp_path):
 def _cmd(run_dir, data_dir, steps):
     return [
         sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"),
-        f"--steps={steps}", "--preset=tiny", "--model.pattern=attention", "--num_layers=1", "--d_model=16",
-        "--num_heads=2", "--num_kv_heads=1", "--seq_len=16", "--global_batch=4", "--max_files=12",
-        f"--data_dir={data_dir}", f"--run_dir={run_dir}", "--ckpt_every=20", "--eval_every=1000", "--keep=2",
+        f"--steps={steps}", "--preset=tiny", "--model.pattern=attention", "--model.num_layers=1", "--model.d_model=16",
+        "--model.num_heads=2", "--model.num_kv_heads=1", "--data.seq_len=16", "--data.global_batch=4",
+        "--data.max_files=12", f"--data.data_dir={data_dir}", f"--run_dir={run_dir}", "--ckpt_every=20",
+        "--eval_every=1000", "--keep=2",
         "--sample_len=0", "--log_every=1",
     ]
 

@@ -1,5 +1,6 @@
 """The README's first command, short: ``experiments/pretrain.py --steps=3 --preset=tiny`` end to end;
-and (slow) an AOT compile of the ~1B preset on 8 fake devices that fits an 80 GB accelerator."""
+its command line (``seqjax.train.config.parse``); and (slow) an AOT compile of the ~1B preset on 8 fake
+devices that fits an 80 GB accelerator."""
 
 import importlib.util
 import json
@@ -9,6 +10,7 @@ import os
 import jax
 import pytest
 
+from seqjax.models.lm import LMConfig
 from seqjax.train import config as C
 from seqjax.train.run import build_model_fn
 from seqjax.train.step import Trainer
@@ -26,9 +28,9 @@ def _pretrain_module():
 def test_default_command_short(tmp_path):
     run_dir = tmp_path / "run"
     argv = [
-        "--steps=3", "--preset=tiny", "--max_files=12", "--seq_len=32", "--global_batch=8", "--d_model=32",
-        f"--data_dir={tmp_path / 'data'}", f"--run_dir={run_dir}", "--sample_len=8", "--eval_every=3",
-        "--eval_batches=1", "--log_every=1",
+        "--steps=3", "--preset=tiny", "--data.max_files=12", "--data.seq_len=32", "--data.global_batch=8",
+        "--model.d_model=32", f"--data.data_dir={tmp_path / 'data'}", f"--run_dir={run_dir}", "--sample_len=8",
+        "--eval_every=3", "--data.eval_batches=1", "--log_every=1",
     ]
     summary = _pretrain_module().main(argv)
     assert summary["steps"] == 3 and summary["stopped"] == "done" and summary["checkpoints"] == [3]
@@ -44,16 +46,54 @@ def test_default_command_short(tmp_path):
 
 
 def test_config_overrides_and_presets():
-    cfg = C.from_args(["--preset=125m", "--d_model=256", "--optim.lr=1e-3", "--mesh=2,-1,1,1", "--model.pattern=attention,mamba2",
-                       "--tie_embeddings=false"])
+    cfg = C.parse(["--preset=125m", "--model.d_model=256", "--optim.lr=1e-3", "--mesh=2,-1,1,1",
+                   "--model.pattern=attention,mamba2", "--model.tie_embeddings=false"])
     assert (cfg.model.d_model, cfg.optim.lr, cfg.mesh, cfg.model.pattern) == (256, 1e-3, (2, -1, 1, 1), ("attention", "mamba2"))
-    assert cfg.model.tie_embeddings is False and cfg.data.seq_len == 2048
-    with pytest.raises(ValueError, match="unknown config key"):
-        C.from_args(["--nope=1"])
-    with pytest.raises(ValueError, match="ambiguous"):
-        C.from_args(["--seed=1"])
+    assert cfg.model.tie_embeddings is False and cfg.data.seq_len == 2048 and cfg.preset == "125m"
+    assert isinstance(cfg.model, LMConfig) and cfg.model.num_kv_heads == 4  # the rest of the preset stays
+
+
+def test_config_preset_is_parsed_first_and_the_default_is_tiny():
+    assert C.parse([]) == C.preset("tiny")
+    assert C.parse(["--optim.lr=1e-3", "--preset=1b"]).model.d_model == 2048  # wherever --preset stands
+    assert C.parse(["--preset", "125m"]).model.d_model == 768
     with pytest.raises(ValueError, match="unknown preset"):
-        C.from_args(["--preset=7b"])
+        C.preset("7b")
+
+
+def test_config_mixer_kwargs_from_the_command_line():
+    cfg = C.parse(["--model.pattern=gla,attention", "--model.mixer_kwargs", "gla.chunk_size=128", "gla.impl=chunked",
+                   "attention.qk_norm=true", "gla.eps=1e-5"])
+    assert cfg.model.mixer_kwargs == {"gla": {"chunk_size": 128, "impl": "chunked", "eps": 1e-5},
+                                      "attention": {"qk_norm": True}}
+    assert C.parse(["--model.mixer_kwargs=gla.chunk_size=32"]).model.mixer_kwargs == {"gla": {"chunk_size": 32}}
+
+
+def test_config_bools_take_true_false_and_bare_flags():
+    assert C.parse(["--resume=false"]).resume is False
+    assert C.parse(["--resume=FALSE", "--resume=yes"]).resume is True  # the last one wins
+    assert C.parse(["--model.tie_embeddings=0"]).model.tie_embeddings is False
+    assert C.parse(["--model.qk_norm"]).model.qk_norm is True
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--nope=1"], "--nope"),
+    (["--model.d_modl=256"], "--model.d_modl"),
+    (["--d_model=256"], "--d_model"),  # sections are explicit: --model.d_model
+    (["--resume=maybe"], "--resume"),
+    (["--model.tie_embeddings=nein"], "--model.tie_embeddings"),
+    (["--steps=ten"], "--steps"),
+    (["--mesh=1,x,1,1"], "--mesh"),
+    (["--model.mixer_kwargs=gla.chunk_size"], "--model.mixer_kwargs"),
+    (["--nan_policy=ignore"], "--nan_policy"),
+    (["--model.remat=sometimes"], "remat"),  # LMConfig's own check
+    (["--preset=7b"], "--preset"),
+])
+def test_config_errors_exit_with_a_message_that_names_the_option(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        C.parse(argv)
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err
 
 
 @pytest.mark.slow

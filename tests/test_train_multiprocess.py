@@ -18,9 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _cmd(run_dir, data_dir, *extra):
     return [
         sys.executable, os.path.join(ROOT, "experiments", "pretrain.py"),
-        "--steps=4", "--preset=tiny", "--model.pattern=attention", "--num_layers=1", "--d_model=16",
-        "--num_heads=2", "--num_kv_heads=1", "--seq_len=16", "--global_batch=8", "--max_files=12",
-        f"--data_dir={data_dir}", f"--run_dir={run_dir}", "--ckpt_every=4", "--eval_every=4", "--eval_batches=1",
+        "--steps=4", "--preset=tiny", "--model.pattern=attention", "--model.num_layers=1", "--model.d_model=16",
+        "--model.num_heads=2", "--model.num_kv_heads=1", "--data.seq_len=16", "--data.global_batch=8",
+        "--data.max_files=12", f"--data.data_dir={data_dir}", f"--run_dir={run_dir}", "--ckpt_every=4",
+        "--eval_every=4", "--data.eval_batches=1",
         "--sample_len=0", "--log_every=1", "--mesh=1,-1,1,1", *extra,
     ]
 

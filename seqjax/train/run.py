@@ -8,7 +8,7 @@ final checkpoint -> loss-curve PNG and a generated sample.
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -21,36 +21,22 @@ import numpy as np
 from flax import nnx
 
 from seqjax import sharding as shd
+from seqjax.models.generate import generate
+from seqjax.models.lm import LM, LMConfig
 from seqjax.train import checkpoint as ckpt_lib
 from seqjax.train import config as config_lib
 from seqjax.train import data as data_lib
 from seqjax.train import metrics as metrics_lib
 from seqjax.train.step import Trainer, check_finite
 
-__all__ = ["train", "compile_for_topology", "build_model_fn", "lm_config"]
+__all__ = ["train", "compile_for_topology", "build_model_fn"]
 
 log = logging.getLogger("seqjax.train")
 
 
-def lm_config(mcfg: config_lib.ModelConfig):
-    """``seqjax.models.lm.LMConfig`` from a ``ModelConfig`` (fields the LM lacks are dropped)."""
-    from seqjax.models.lm import LMConfig
-
-    known = {f.name for f in dataclasses.fields(LMConfig)}
-    kw = {k: v for k, v in dataclasses.asdict(mcfg).items() if k in known}
-    dropped = sorted(set(dataclasses.asdict(mcfg)) - known)
-    if dropped:
-        log.warning("LMConfig has no field(s) %s; ignored", dropped)
-    if "window" in kw and not kw["window"]:
-        kw["window"] = None
-    return LMConfig(**kw)
-
-
-def build_model_fn(mcfg: config_lib.ModelConfig, seed: int = 0):
-    from seqjax.models.lm import LM
-
-    lcfg = lm_config(mcfg)
-    return lambda: LM(lcfg, rngs=nnx.Rngs(seed))
+def build_model_fn(model: LMConfig, seed: int = 0):
+    """``() -> LM`` for ``model`` (the trainer calls it under the mesh, possibly inside ``nnx.eval_shape``)."""
+    return lambda: LM(model, rngs=nnx.Rngs(seed))
 
 
 def _setup_logging():
@@ -78,8 +64,6 @@ def _evaluate(eval_fn, params, batches: data_lib.Batches, n: int, sharding, seq_
 def _sample(trainer, params, cfg) -> str:
     """``cfg.sample_len`` bytes after ``cfg.sample_prompt``, sampled at ``cfg.sample_temperature`` with nucleus
     ``cfg.sample_top_p`` (greedy at temperature 0, which makes a small model repeat itself)."""
-    from seqjax.models.generate import generate
-
     model = trainer.model(jax.device_get(params))
     toks = jnp.asarray([list(cfg.sample_prompt.encode())], jnp.int32)
     out = generate(model, toks, cfg.sample_len, key=jax.random.PRNGKey(cfg.seed),
@@ -126,9 +110,7 @@ def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
     nothing runs. Returns ``fits`` and the compiled train step's per-chip memory (bytes), XLA's FLOPs per
     step and chip, and the number of Pallas (Mosaic) kernels in it; where the step does not fit in a chip's
     HBM, ``fits=False`` and the compiler's ``error`` (how much it needed)."""
-    import importlib.util
-
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # lazy: only this path asks jax for TPU topologies (libtpu)
 
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError(f"compile_topology={cfg.compile_topology!r} needs libtpu: pip install 'jax[tpu]' "
