@@ -15,6 +15,7 @@ download them: 784 (or 1024 grey-scale) steps of 256 levels.
 
 import dataclasses
 import sys
+from typing import Literal
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from seqjax.tasks.runner import RunConfig, TaskSpec, cli
 
 @dataclasses.dataclass
 class Config(RunConfig):
-    data: str = "digits"  # digits | pdigits | mnist1d | smnist | psmnist | scifar
+    data: Literal["digits", "pdigits", "mnist1d", "smnist", "psmnist", "scifar"] = "digits"
     levels: int = 32  # MNIST-1D's quantisation (digits: 17 grey levels; the TFDS images: 256)
     data_dir: str = ""  # TFDS data_dir for smnist / psmnist / scifar
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from seqjax.tasks import IGNORE, passkey
-from seqjax.tasks.runner import RunConfig, TaskSpec, parse_overrides, run
+from seqjax.tasks.runner import RunConfig, TaskSpec, parse, run
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ class Config(RunConfig):
     eval_per_depth: int = 8
     probe_len: int = 2048
     probe_every: int = 64
-    mitigation: str = "none"  # none | forget (then both are evaluated, on the same trained weights)
+    mitigation: Literal["none", "forget"] = "none"  # forget: both are evaluated, on the same trained weights
     forget_shift: float = 1.0
 
 
@@ -111,10 +111,7 @@ def state_norms(model, cfg: Config) -> list[dict]:
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "cpu")
-    cfg = dataclasses.replace(Config(), preset=name, **PRESETS[name])
-    cfg = parse_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
+    cfg = parse(Config, PRESETS, argv)
     holder = {}
     records = run(make_task(cfg), cfg, keep_model=holder)
     model = holder["model"]

@@ -8,6 +8,7 @@ Metric: accuracy on the scored positions.
 
 import dataclasses
 import sys
+from typing import Literal
 
 from seqjax.tasks import masked_accuracy, recall
 from seqjax.tasks.runner import RunConfig, TaskSpec, cli
@@ -15,7 +16,7 @@ from seqjax.tasks.runner import RunConfig, TaskSpec, cli
 
 @dataclasses.dataclass
 class Config(RunConfig):
-    task: str = "ar"  # ar | copy
+    task: Literal["ar", "copy"] = "ar"
     seq_len: int = 64
     vocab_size: int = 64  # AR needs vocab_size / 2 >= seq_len / 2 - 1 distinct keys
     num_tokens: int = 8

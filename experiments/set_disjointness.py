@@ -13,6 +13,7 @@ context length (every token before the answer position). Metric: accuracy.
 
 import dataclasses
 import sys
+from typing import Literal
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class Config(RunConfig):
     short_len: int = 4
     long_len: int = 16
     vocab_size: int = 128
-    order: str = "long_first"  # short_first | long_first
+    order: Literal["short_first", "long_first"] = "long_first"
     jrt: bool = False
     eval_size: int = 512
 

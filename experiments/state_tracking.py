@@ -14,6 +14,7 @@ paper preset is the authors' (lengths 3–40 → 40–256, d_model 128, batch 25
 
 import dataclasses
 import sys
+from typing import Literal
 
 from seqjax.tasks import masked_accuracy, scaled_accuracy, sequence_accuracy, state_tracking
 from seqjax.tasks.runner import RunConfig, TaskSpec, cli
@@ -29,7 +30,7 @@ TASKS = {
 
 @dataclasses.dataclass
 class Config(RunConfig):
-    task: str = "parity"
+    task: Literal["parity", "modarith", "modarith_brackets", "s3", "s5"] = "parity"
     train_min: int = 3
     train_max: int = 20
     test_min: int = 40

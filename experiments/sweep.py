@@ -11,19 +11,21 @@ run: mean ± std over seeds of the headline metric per split) and ``plot.png``. 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
 import os
 import platform
 import sys
+from typing import Annotated, Literal
 
 import numpy as np
+import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from seqjax.tasks.runner import parse_overrides, run  # noqa: E402
+from seqjax import cli
+from seqjax.tasks.runner import parse, run  # noqa: E402
 
 #: name -> (script, fixed overrides, models, headline metric)
 GRIDS = {
@@ -51,9 +53,9 @@ def run_grid(grid: str, models, seeds, preset: str, extra: list[str], out_dir: s
     records = []
     for model in models or default_models:
         for seed in seeds:
-            cfg = dataclasses.replace(mod.Config(), preset=preset, **mod.PRESETS[preset])
-            args = [f"--{k}={v}" for k, v in fixed.items()] + [f"--model={model}", f"--seed={seed}", f"--out={path}"] + extra
-            cfg = parse_overrides(cfg, args)
+            args = [f"--preset={preset}"] + [f"--{k}={v}" for k, v in fixed.items()]
+            args += [f"--model={model}", f"--seed={seed}", f"--out={path}"] + extra
+            cfg = parse(mod.Config, mod.PRESETS, args)
             records += run(mod.make_task(cfg), cfg)
     return records
 
@@ -102,27 +104,33 @@ def plot(table: dict, metric: str, path: str, title: str) -> None:
     plt.close(fig)
 
 
+Grid = Literal[tuple(GRIDS)]  # type: ignore[valid-type]
+Overrides = Annotated[list[str], tyro.conf.UseAppendAction]  # --set=a=1 --set=b=2 -> ["a=1", "b=2"]
+
+
+@dataclasses.dataclass
+class Args:
+    grid: Grid | None = None  # None: list the grids
+    models: tuple[str, ...] = ()  # comma list; default: the grid's
+    seeds: tuple[int, ...] = (0,)
+    preset: str = "cpu"  # the scripts' preset: cpu | tiny | paper
+    set: Overrides = dataclasses.field(default_factory=list)  # key=value, e.g. steps=500: a script option
+    out: str = "results"
+    list: bool = False  # print the grids
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", choices=sorted(GRIDS))
-    p.add_argument("--models", default="")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--preset", default="cpu")
-    p.add_argument("--set", action="append", default=[], help="extra override key=value (repeatable)")
-    p.add_argument("--out", default="results")
-    p.add_argument("--list", action="store_true")
-    a = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = cli.parse(Args, argv, description=__doc__)
     if a.list or not a.grid:
         for name, (script, fixed, models, metric) in GRIDS.items():
             print(f"{name:10s} {script}.py {fixed} models={models} metric={metric}")
         return
     out_dir = os.path.join(a.out, a.grid)
-    models = [m for m in a.models.split(",") if m]
-    seeds = [int(s) for s in a.seeds.split(",")]
-    records = run_grid(a.grid, models, seeds, a.preset, [f"--{kv}" for kv in a.set], out_dir)
+    records = run_grid(a.grid, list(a.models), list(a.seeds), a.preset, [f"--{kv}" for kv in a.set], out_dir)
     metric = GRIDS[a.grid][3]
     md, table = summarize(records, metric)
-    cmd = "python experiments/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python experiments/sweep.py " + " ".join(argv)
     header = f"`{cmd}` — {platform.machine()} CPU, {os.cpu_count()} cores, preset {a.preset}\n\n"
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(header + md + "\n")

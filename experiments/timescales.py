@@ -22,21 +22,23 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 
-from seqjax import rnn
+from seqjax import cli, rnn
 from seqjax.tasks import IGNORE, timescales
-from seqjax.tasks.runner import parse_overrides
+from seqjax.tasks.runner import parse
 
 
 @dataclasses.dataclass
 class Config:
-    task: str = "parity"  # parity | dms
-    curriculum: str = "multi"  # single | multi
+    task: Literal["parity", "dms"] = "parity"
+    curriculum: Literal["single", "multi"] = "multi"
     hidden: int = 64
     seq_len: int = 100
     batch_size: int = 64
@@ -47,7 +49,7 @@ class Config:
     n_max: int = 32
     seed: int = 0
     out: str = ""
-    preset: str = "cpu"
+    preset: str = "cpu"  # cpu | tiny | paper: the defaults that the other options override
 
 
 PRESETS = {
@@ -159,18 +161,23 @@ def plot(paths: list[str], out: str) -> str:
     return "\n".join(rows)
 
 
+@dataclasses.dataclass
+class Plot:
+    """``timescales.py plot <runs.jsonl ...> [--png=<out>]``: the table and curves of finished runs."""
+
+    runs: tyro.conf.Positional[tuple[str, ...]]  # JSON-lines files written with --out
+    png: str = "timescales.png"
+
+
 def main(argv=None):
-    """``--key=value`` overrides train one run; ``plot <runs.jsonl ...> --png=<out>`` plots finished runs."""
+    """Options train one run (``--help``); ``plot <runs.jsonl ...> --png=<out>`` plots finished runs."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plot":
-        png = next((a.split("=", 1)[1] for a in argv if a.startswith("--png=")), "timescales.png")
-        table = plot([a for a in argv[1:] if not a.startswith("--")], png)
+    if argv[:1] == ["plot"]:
+        a = cli.parse(Plot, argv[1:])
+        table = plot(list(a.runs), a.png)
         print(table)
         return table
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "cpu")
-    cfg = dataclasses.replace(Config(), preset=name, **PRESETS[name])
-    cfg = parse_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
-    out = run(cfg)
+    out = run(parse(Config, PRESETS, argv))
     print(f"largest N solved: {out['largest_N']}")
     return out
 

@@ -8,8 +8,9 @@ progress bar, and appends one JSON line per evaluation to ``out``:
 
 ``{"task", "model", "seed", "step", "split", <metric>: value, ...}``
 
-Configs are dataclasses with ``--key=value`` overrides; each script has a tiny CPU preset and the paper's
-preset (``--preset=paper``).
+Configs are dataclasses parsed by :func:`parse` (``seqjax.cli``, tyro: ``--help``, ``--key=value``
+overrides, errors that name the option); each script has a CPU preset (the default), a ``tiny`` one (what the
+tests run) and the paper's (``--preset=paper``), each a dict of field values.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import os
 import sys
 import time
-import typing
 from typing import Callable
 
 import jax
@@ -28,6 +28,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from seqjax import cli as cli_lib
+from seqjax.attention.ngram import NgramHead
+from seqjax.models.lm import LM, LMConfig
+from seqjax.rnn.wrappers import StackedRNN
 from seqjax.tasks import IGNORE, TaskBatch
 
 RNN_MODELS = ("lstm", "slstm", "gru", "rnn_tanh", "rnn_relu")
@@ -35,7 +39,7 @@ RNN_MODELS = ("lstm", "slstm", "gru", "rnn_tanh", "rnn_relu")
 
 @dataclasses.dataclass
 class RunConfig:
-    model: str = "attention"
+    model: str = "attention"  # a layer-pattern name, an RNN cell (lstm, gru, ...), "<name>+ngram<n>" adds an n-gram head
     d_model: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -48,7 +52,7 @@ class RunConfig:
     seed: int = 0
     eval_every: int = 250
     out: str = ""
-    preset: str = "cpu"
+    preset: str = "cpu"  # cpu | tiny | paper: the defaults that the other options override
     progress: bool = True
     prefix_len: int = 0  # model "jrt": tokens read non-causally at the start of each sequence (JRT-RNN)
 
@@ -65,32 +69,6 @@ class TaskSpec:
     metric: Callable[[np.ndarray, TaskBatch], dict]
 
 
-# ----------------------------------------------------------------------------- config
-
-
-def parse_overrides(cfg, argv: list[str]):
-    """Apply ``--key=value`` overrides to dataclass ``cfg`` (typed by its fields)."""
-    hints = typing.get_type_hints(type(cfg))
-    changes = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        if key not in hints:
-            raise ValueError(f"unknown option --{key}; options: {sorted(hints)}")
-        tp = hints[key]
-        if tp is bool:
-            changes[key] = value.lower() in ("1", "true", "yes", "on")
-        elif tp in (int, float, str):
-            changes[key] = tp(float(value)) if tp is int and "e" in value else tp(value)
-        elif typing.get_origin(tp) is tuple:
-            inner = typing.get_args(tp)[0]
-            changes[key] = tuple(inner(v) for v in value.split(",") if v)
-        else:
-            changes[key] = value
-    return dataclasses.replace(cfg, **changes)
-
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -98,8 +76,6 @@ class RNNLM(nnx.Module):
     """Embedding → stacked nonlinear RNN (``seqjax.rnn``) → linear head."""
 
     def __init__(self, kind: str, vocab_size: int, d_model: int, num_layers: int, *, rngs: nnx.Rngs):
-        from seqjax.rnn.wrappers import StackedRNN
-
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.rnn = StackedRNN(kind, d_model, d_model, num_layers, rngs=rngs)
         self.head = nnx.Linear(d_model, vocab_size, rngs=rngs)
@@ -124,8 +100,6 @@ class NgramLM(nnx.Module):
     """
 
     def __init__(self, base, vocab_size: int, d_model: int, ngram: int, *, rngs: nnx.Rngs):
-        from seqjax.attention.ngram import NgramHead
-
         self.base = base
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
         self.head = NgramHead(d_model, ngram=ngram, shift=1, rngs=rngs)
@@ -144,8 +118,6 @@ def build_model(cfg: RunConfig, vocab_size: int, *, rngs: nnx.Rngs):
         return NgramLM(inner, vocab_size, cfg.d_model, int(n or 1), rngs=rngs)
     if cfg.model in RNN_MODELS:
         return RNNLM(cfg.model, vocab_size, cfg.d_model, cfg.num_layers, rngs=rngs)
-    from seqjax.models.lm import LM, LMConfig
-
     lm_cfg = LMConfig(
         vocab_size=vocab_size,
         d_model=cfg.d_model,
@@ -234,12 +206,17 @@ def _progress(total, enabled, desc):
 # ----------------------------------------------------------------------------- command line
 
 
+def parse(config_cls, presets: dict, argv: list[str] | None = None):
+    """``config_cls`` from a command line: ``--preset=<name>`` picks ``presets[name]`` (a dict of field values,
+    default preset ``"cpu"``) over the class defaults, then ``--key=value`` options override (``seqjax.cli``).
+    ``--help`` shows the docstring of the module that defines ``config_cls`` (the script)."""
+    factories = {name: (lambda name=name, kw=kw: dataclasses.replace(config_cls(), preset=name, **kw))
+                 for name, kw in presets.items()}
+    doc = getattr(sys.modules.get(config_cls.__module__), "__doc__", None)
+    return cli_lib.parse(config_cls, argv, presets=factories, description=doc)
+
+
 def cli(config_cls, presets: dict, make_task: Callable, argv: list[str] | None = None) -> list[dict]:
-    """``--preset=<name>`` picks a preset (default ``"cpu"``), then ``--key=value`` overrides apply."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "cpu")
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
-    cfg = dataclasses.replace(config_cls(), preset=name, **presets[name])
-    cfg = parse_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
+    """Parse the command line (:func:`parse`), then :func:`run` the task ``make_task(cfg)``."""
+    cfg = parse(config_cls, presets, argv)
     return run(make_task(cfg), cfg)
