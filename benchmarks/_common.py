@@ -7,10 +7,13 @@ warm-up call that also compiles.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import time
+from typing import Literal
 
 import numpy as np
+
+from seqjax import cli
 
 
 def time_jax(f, *args, reps: int = 5) -> float:
@@ -134,28 +137,27 @@ def torch_form_cells(fn, targs, base, flops) -> str:
     return f"{tf * 1e3:.2f} | {bwd} | {flops / tf / 1e12:.2f} | {vf} | {vb}"
 
 
-def gpu_bench_args(argv=None, doc: str = ""):
-    """The arguments shared by the chunked-kernel GPU benchmarks: ``--out --ts --b --h --d --forms``.
-
-    ``--forms`` (comma list of ``FORMS``) picks the rows: e.g. ``--forms=fla`` gives flash-linear-attention a
-    device call of its own (its first backward autotunes for minutes). Ratios are against the XLA chunked
-    form, so they stay blank when it is not among the forms."""
-    p = argparse.ArgumentParser(description=doc)
-    p.add_argument("--out", default="")
-    p.add_argument("--ts", default="2048,8192")
-    p.add_argument("--b", type=int, default=8)
-    p.add_argument("--h", type=int, default=16)
-    p.add_argument("--d", type=int, default=128)
-    p.add_argument("--forms", default=",".join(FORMS))
-    a = p.parse_args(argv)
-    a.forms = [f.strip() for f in a.forms.split(",") if f.strip()]
-    bad = [f for f in a.forms if f not in FORMS]
-    if bad:
-        p.error(f"--forms: unknown {bad}; choose from {list(FORMS)}")
-    return a
-
-
 FORMS = {"xla": "XLA chunked", "pallas": "Pallas", "pallas_xla_bwd": "Pallas, XLA bwd", "fla": "fla"}
+Form = Literal["xla", "pallas", "pallas_xla_bwd", "fla"]
+
+
+@dataclasses.dataclass
+class GpuBenchArgs:
+    """The options of the chunked-kernel GPU benchmarks. ``--forms`` picks the rows: e.g. ``--forms=fla`` gives
+    flash-linear-attention a device call of its own (its first backward autotunes for minutes). Ratios are
+    against the XLA chunked form, so they stay blank when it is not among the forms."""
+
+    out: str = ""  # also write the table to this markdown file
+    ts: tuple[int, ...] = (2048, 8192)  # sequence lengths
+    b: int = 8  # batch
+    h: int = 16  # heads
+    d: int = 128  # head dim
+    forms: tuple[Form, ...] = tuple(FORMS)  # comma list of rows
+
+
+def gpu_bench_args(argv=None, doc: str = "") -> GpuBenchArgs:
+    """:class:`GpuBenchArgs` from a command line (``sys.argv[1:]`` when None); ``doc`` is the ``--help`` text."""
+    return cli.parse(GpuBenchArgs, argv, description=doc)
 
 
 def jax_form_cells(f, args, base, flops, ref=None) -> tuple[str, tuple[float, float]]:

@@ -54,7 +54,7 @@ def main(argv=None):
         rows.append(row)
         print(row, flush=True)
 
-    for t in [int(x) for x in a.ts.split(",")]:
+    for t in a.ts:
         ks = jax.random.split(jax.random.PRNGKey(t), 5)
         q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
         k = l2_normalize(jax.random.normal(ks[1], (b, t, h, d))).astype(jnp.bfloat16)

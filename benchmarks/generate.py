@@ -12,13 +12,14 @@ L; Mamba-2 layers carry a fixed-size state.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqjax import cli
 from seqjax.models import LM, LMConfig
 from seqjax.models.generate import decode_fns
 
@@ -65,15 +66,18 @@ def n_params(model) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+@dataclasses.dataclass
+class Args:
+    quick: bool = False  # contexts 1k, 2k, 4k only
+    d_model: int = 256
+    num_layers: int = 4
+    batch: int = 1
+    steps: int = 32  # decode steps timed per context length
+    dtype: str = "float32"
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="contexts 1k, 2k, 4k")
-    ap.add_argument("--d_model", type=int, default=256)
-    ap.add_argument("--num_layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--dtype", default="float32")
-    args = ap.parse_args(argv)
+    args = cli.parse(Args, argv, description=__doc__)
     lengths = [1024, 2048, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     common = dict(vocab_size=256, d_model=args.d_model, num_layers=args.num_layers, num_heads=args.d_model // 64,
                   dtype=args.dtype)

@@ -61,7 +61,7 @@ def main(argv=None):
         rows.append(row)
         print(row, flush=True)
 
-    for t in [int(x) for x in a.ts.split(",")]:
+    for t in a.ts:
         ks = jax.random.split(jax.random.PRNGKey(t), 5)
         q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
         k = (jax.random.normal(ks[1], (b, t, h, d)) / d**0.5).astype(jnp.bfloat16)

@@ -12,7 +12,7 @@ side by side; ratios are what to read.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -20,7 +20,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from seqjax import mixers
+from seqjax import cli, mixers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import time_jax  # noqa: E402
@@ -107,14 +107,17 @@ def _fmt(row):
     return f"| {n} | {i} | {t} | {f:.2f} | {rf:.2f}x | {b:.2f} | {rb:.2f}x | {m:.1f} | {mr:.1f} | {fr:.3f} |"
 
 
+@dataclasses.dataclass
+class Args:
+    quick: bool = False  # T = 1k only
+    mixers: tuple[str, ...] = ()  # comma list of names (default: all registered)
+    batch: int = 1
+    out: str = ""  # also write the table to this markdown file
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="T = 1k only")
-    p.add_argument("--mixers", default="", help="comma-separated names (default: all registered)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--out", default="")
-    a = p.parse_args(argv)
-    names = [n for n in a.mixers.split(",") if n] or mixers.names()
+    a = cli.parse(Args, argv, description=__doc__)
+    names = list(a.mixers) or mixers.names()
     ts = [1024] if a.quick else [1024, 4096, 16384]
     print(HEADER, flush=True)
     rate, rows = bench(names, ts, a.batch)

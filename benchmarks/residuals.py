@@ -11,7 +11,7 @@ states and their gradients while it runs (``2 · B·H·(T/C)·K·V`` float32), f
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
 
@@ -25,6 +25,7 @@ from _common import write  # noqa: E402
 from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
 from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
 from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
+from seqjax import cli
 
 
 def _mib(f, *args) -> float:
@@ -32,12 +33,17 @@ def _mib(f, *args) -> float:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves) / 2**20
 
 
+@dataclasses.dataclass
+class Args:
+    b: int = 8  # batch
+    t: int = 2048  # sequence length
+    h: int = 16  # heads
+    d: int = 128  # head dim
+    out: str = ""  # also write the table to this markdown file
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in (("b", 8), ("t", 2048), ("h", 16), ("d", 128)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--out", default="")
-    a = p.parse_args(argv)
+    a = cli.parse(Args, argv, description=__doc__)
     act = jax.ShapeDtypeStruct((a.b, a.t, a.h, a.d), jnp.bfloat16)
     gate = jax.ShapeDtypeStruct((a.b, a.t, a.h), jnp.float32)
     chan = jax.ShapeDtypeStruct((a.b, a.t, a.h, a.d), jnp.float32)

@@ -18,7 +18,7 @@ Each function is jitted and compiled first, then timed in interleaved rounds (me
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import statistics
 import time
 
@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.rnn.flashrnn import _max_head
+from seqjax import cli
 from seqjax import rnn as R
 
 
@@ -118,20 +119,23 @@ def bench_parallel(ts, reps, b=4, h=32):
             print(f"| {t} | {name} | {iters.get(name, '-')} | {1e3 * v:.1f} | {v / res['sequential']:.2f} |")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--shape", default="16x512x256")
-    ap.add_argument("--ts", default="1024,8192")
-    ap.add_argument("--skip-parallel", action="store_true")
-    ap.add_argument("--skip-lstm", action="store_true")
-    a = ap.parse_args()
+@dataclasses.dataclass
+class Args:
+    reps: int = 5  # interleaved timing rounds
+    shape: str = "16x512x256"  # the LSTM's BxTxD
+    ts: tuple[int, ...] = (1024, 8192)  # the parallel-in-time GRU's lengths
+    skip_parallel: bool = False
+    skip_lstm: bool = False
+
+
+def main(argv=None):
+    a = cli.parse(Args, argv, description=__doc__)
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}")
     b, t, d = (int(v) for v in a.shape.split("x"))
     if not a.skip_lstm:
         bench_lstm(b, t, d, a.reps)
     if not a.skip_parallel:
-        bench_parallel([int(v) for v in a.ts.split(",")], a.reps)
+        bench_parallel(list(a.ts), a.reps)
 
 
 if __name__ == "__main__":

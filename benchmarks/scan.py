@@ -14,7 +14,7 @@ fastest impl's (``auto/best``, 1.00 = auto picked the fastest).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import statistics
 import time
 
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax import cli
 from seqjax.scan import choose_impl, linear_scan
 
 SHAPES = ((8, 512, 256), (4, 4096, 1024), (16, 1024, 64), (1, 16384, 16), (32, 256, 2048))
@@ -61,15 +62,16 @@ def bench_shape(shape, impls, reps, seed=0):
     return {impl: (statistics.median(f), statistics.median(fb)) for impl, (f, fb) in times.items()}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
-                   help="comma-separated BxTxD")
-    p.add_argument("--reps", type=int, default=5, help="interleaved timing rounds per shape")
-    p.add_argument("--pallas", action="store_true", help="include impl='pallas'")
-    args = p.parse_args(argv)
+@dataclasses.dataclass
+class Args:
+    shapes: tuple[str, ...] = tuple("x".join(map(str, s)) for s in SHAPES)  # comma list of BxTxD
+    reps: int = 5  # interleaved timing rounds per shape
+    pallas: bool = False  # include impl="pallas"
 
-    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+
+def main(argv=None):
+    args = cli.parse(Args, argv, description=__doc__)
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
     impls = ["sequential", "associative", "chunked"] + (["pallas"] if args.pallas else [])
     platform = jax.default_backend()
     print(f"platform: {platform} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "

@@ -15,11 +15,12 @@ kernels, the compile seconds on this CPU, and the compiler's message where it re
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
 import time
+from typing import Literal
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +34,7 @@ from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
 from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
 from pallas_kernels.linear_scan.kernel import linear_scan_pallas  # noqa: E402
 from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
+from seqjax import cli
 from seqjax import sharding as shd  # noqa: E402
 
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
@@ -73,13 +75,16 @@ def compile_one(fn, args):
     return low.compile().as_text().count('custom_call_target="tpu_custom_call"')
 
 
+@dataclasses.dataclass
+class Args:
+    gens: tuple[Literal[tuple(TOPOLOGIES)], ...] = tuple(TOPOLOGIES)  # type: ignore[valid-type]  # TPU generations
+    shapes: tuple[Literal[tuple(SHAPES)], ...] = tuple(SHAPES)  # type: ignore[valid-type]
+    families: tuple[str, ...] = ("gla", "gla_channel", "delta", "mlstm", "linear_scan")
+    out: str = ""  # also write the table to this markdown file
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gens", default="v4,v5e,v5p,v6e")
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--families", default="gla,gla_channel,delta,mlstm,linear_scan")
-    p.add_argument("--out", default="", help="also write the table to this markdown file")
-    a = p.parse_args(argv)
+    a = cli.parse(Args, argv, description=__doc__)
     if importlib.util.find_spec("libtpu") is None:
         sys.exit("compiling for a TPU needs libtpu: pip install 'jax[tpu]' (Linux x86-64)")
 
@@ -88,19 +93,19 @@ def main(argv=None):
              "for one chip of the generation (`python benchmarks/tpu_compile.py`). Compile seconds are this CPU's.",
              "Shapes (`B, T, H, K, V`, dtype, chunk): "
              + "; ".join(f"{n} = {b}, {t}, {h}, {k}, {v}, {jnp.dtype(d).name}, {c}"
-                         for n, (b, t, h, k, v, d, c) in SHAPES.items() if n in a.shapes.split(",")) + ".",
+                         for n, (b, t, h, k, v, d, c) in SHAPES.items() if n in a.shapes) + ".",
              "", "| generation | shape | family | compiled | kernels | compile s | note |",
              "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for gen in a.gens.split(","):
+    for gen in a.gens:
         dev = topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[gen]).devices[0]
         sh = SingleDeviceSharding(dev)
-        for shape in a.shapes.split(","):
+        for shape in a.shapes:
             b, t, h, dk, dv, dt, c = SHAPES[shape]
             q = jax.ShapeDtypeStruct((b, t, h, dk), dt, sharding=sh)
             v = jax.ShapeDtypeStruct((b, t, h, dv), dt, sharding=sh)
             g = jax.ShapeDtypeStruct((b, t, h), jnp.float32, sharding=sh)
-            for fam in a.families.split(","):
+            for fam in a.families:
                 args = (q, q, v, g)
                 if fam == "linear_scan":
                     if dt != jnp.float32:

@@ -18,7 +18,7 @@ interpreter if the triton wheel lives in another environment.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +28,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILE = "compile-ttir"  # the first argument of the compile subprocess
 SMEM_LIMIT = 227 * 1024  # the most shared memory one block may opt into on sm_90 (H100, H200)
 
 
@@ -111,28 +112,36 @@ def compile_all(out: str, only: str = "") -> list[dict]:
     return rows
 
 
+@dataclasses.dataclass
+class Args:
+    kernels: tuple[str, ...] = ("gla", "chan", "delta", "mlstm")
+    python: str = sys.executable  # an interpreter with the triton wheel
+    out: str = ""  # also write the table to this markdown file
+    only: str = ""  # compile only the kernels whose name matches this regex
+    keep: str = ""  # keep each kernel's .ttir and .ptx in this (new) folder
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernels", default="gla,chan,delta,mlstm")
-    p.add_argument("--python", default=sys.executable, help="an interpreter with the triton wheel")
-    p.add_argument("--out", default="", help="also write the table to this markdown file")
-    p.add_argument("--only", default="", help="compile only the kernels whose name matches this regex")
-    p.add_argument("--keep", default="", help="keep each kernel's .ttir and .ptx in this (new) folder")
-    p.add_argument("--compile-dir", default="", help=argparse.SUPPRESS)  # the subprocess's entry
-    a = p.parse_args(argv)
-    if a.compile_dir:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [COMPILE]:  # the compile subprocess: `COMPILE <folder> <only>`
         import triton
 
-        print(json.dumps({"triton": triton.__version__, "rows": compile_all(a.compile_dir, a.only)}))
+        print(json.dumps({"triton": triton.__version__, "rows": compile_all(argv[1], argv[2])}))
         return
+    # imported here, not at the top: the compile subprocess runs this file in the triton wheel's interpreter,
+    # which need not have seqjax's dependencies (jax, tyro)
+    sys.path.insert(0, ROOT)
+    from seqjax import cli
+
+    a = cli.parse(Args, argv, description=__doc__)
     if a.keep:
         os.makedirs(a.keep)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = a.keep or tmp
-        params = dump(a.kernels.split(","), tmp)
+        params = dump(list(a.kernels), tmp)
         with open(os.path.join(tmp, "params.json"), "w") as f:
             json.dump(params, f)
-        res = subprocess.run([a.python, os.path.abspath(__file__), "--compile-dir", tmp, "--only", a.only],
+        res = subprocess.run([a.python, os.path.abspath(__file__), COMPILE, tmp, a.only],
                              capture_output=True, text=True)
         if res.returncode:
             sys.exit(f"the triton compile failed (is the triton wheel installed for {a.python}?):\n{res.stderr[-2000:]}")
