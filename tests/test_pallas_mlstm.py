@@ -147,7 +147,7 @@ def test_many_chunks_resets_and_two_value_blocks(backend):
 def test_chunk_stabilisers_equal_the_chunk_by_chunk_walk():
     """``chunk_stabilisers``' associative scans against the recurrences walked chunk by chunk
     (``m⁺ = max(a + m, m_loc)``, ``n'⁺ = φ n' + Kᵀ ε``), over 80 chunks with resets."""
-    from pallas_kernels.mlstm_chunk.kernel import NEG, _pad_state, _prepare, chunk_stabilisers
+    from pallas_kernels.mlstm_chunk.forward import NEG, _pad_state, _prepare, chunk_stabilisers
 
     b, t, h, c = 2, 1280, 2, 16
     x = _inputs(jax.random.PRNGKey(23), t, 8, 4, b=b, h=h)

@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import chunk_block, tpu_params, triton_params
-from pallas_kernels.delta_chunk.kernel import _TN, _NT, _col_factors, _decay_incl, _mm, chunk_states, f32
+from pallas_kernels.delta_chunk.forward import _TN, _NT, _col_factors, _decay_incl, _mm, chunk_states, f32
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import chunk_block, mm, tpu_params, triton_params
-from pallas_kernels.mlstm_chunk.kernel import (NEG, _NT, _TN, _affine, _last, _readout, _rsum, chunk_stabilisers,
+from pallas_kernels.mlstm_chunk.forward import (NEG, _NT, _TN, _affine, _last, _readout, _rsum, chunk_stabilisers,
                                                chunk_states, f32)
 
 def _dstate_step(q, do, fs, fo, ds):
@@ -141,7 +141,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, r
 
 
 def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, interpret, backend):
-    """Gradients of ``kernel._core`` on its prepared heads-first inputs (``q, k [b, h, Tp, Kp]``,
+    """Gradients of ``forward._core`` on its prepared heads-first inputs (``q, k [b, h, Tp, Kp]``,
     ``v [b, h, Tp, Vp]``, gates ``[b, h, Tp]``, state ``C0 [b, h, Kp, Vp], n0 [b, h, Kp], m0 [b, h]``) for
     the cotangents of ``o`` and of the final ``(C', n')``. Returns ``dq, dk, dv`` (input dtypes),
     ``db, di [b, h, Tp]`` and ``(dC0, dn0, dm0)``."""
