@@ -170,7 +170,7 @@ def jax_form_cells(f, args, base, flops, ref=None) -> tuple[str, tuple[float, fl
 
     try:
         fwd = jax.jit(lambda *x: f(*x)[0])
-        loss = lambda *x: jnp.sum(f(*x)[0].astype(jnp.float32) ** 2)  # noqa: E731
+        loss = lambda *x: jnp.sum(f(*x)[0].astype(jnp.float32) ** 2)
         bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
         tf, tb = time_jax(fwd, *args), time_jax(bwd, *args)
     except Exception as e:  # noqa: BLE001 — record the miss, keep measuring

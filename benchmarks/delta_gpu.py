@@ -22,13 +22,20 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    FORMS, fla_lift_hopper_guard, fla_trim_autotune, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference,
-    write)
+from _common import (
+    FORMS,
+    fla_lift_hopper_guard,
+    fla_trim_autotune,
+    gpu_bench_args,
+    jax_form_cells,
+    torch_form_cells,
+    torch_reference,
+    write,
+)
 
-from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
-from seqjax.mixers._delta_chunk import delta_rule_chunked  # noqa: E402
-from seqjax.nn import l2_normalize  # noqa: E402
+from pallas_kernels.delta_chunk import delta_chunk
+from seqjax.mixers._delta_chunk import delta_rule_chunked
+from seqjax.nn import l2_normalize
 
 
 def _fla():
@@ -41,7 +48,7 @@ def _fla():
 
 
 def main(argv=None):
-    a = gpu_bench_args(argv, __doc__.splitlines()[0])
+    a = gpu_bench_args(argv, __doc__)
     notes = [n for n in (fla_trim_autotune(), fla_lift_hopper_guard()) if n]  # before fla's first import/call
     b, h, d, c = a.b, a.h, a.d, 64
     rows = [f"# Chunked gated delta rule on {jax.devices()[0].device_kind}, jax {jax.__version__}", "",

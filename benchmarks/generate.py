@@ -88,7 +88,7 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind}; batch {args.batch}, {args.steps} decode steps, dtype {args.dtype}")
     for name, m in models.items():
         print(f"  {name}: {n_params(m) / 1e6:.2f}M params, pattern {m.cfg.pattern}")
-    print(f"| context | hybrid tok/s | attention tok/s | hybrid/attn speed | hybrid cache MiB | attention cache MiB |")
+    print("| context | hybrid tok/s | attention tok/s | hybrid/attn speed | hybrid cache MiB | attention cache MiB |")
     print("|---:|---:|---:|---:|---:|---:|")
     for length in lengths:
         res = {name: time_decode(m, args.batch, length, args.steps) for name, m in models.items()}

@@ -23,14 +23,21 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
-    FORMS, fla_lift_hopper_guard, fla_trim_autotune, gpu_bench_args, jax_form_cells, torch_form_cells, torch_reference,
-    write)
+from _common import (
+    FORMS,
+    fla_lift_hopper_guard,
+    fla_trim_autotune,
+    gpu_bench_args,
+    jax_form_cells,
+    torch_form_cells,
+    torch_reference,
+    write,
+)
 
-from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
-from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
-from seqjax.mixers._gla_chunk import chunk_gla  # noqa: E402
-from seqjax.mixers.mlstm import mlstm  # noqa: E402
+from pallas_kernels.gla_chunk import gla_chunk_pallas
+from pallas_kernels.mlstm_chunk import mlstm_chunk
+from seqjax.mixers._gla_chunk import chunk_gla
+from seqjax.mixers.mlstm import mlstm
 
 
 def _fla(per_channel: bool):
@@ -48,7 +55,7 @@ def _fla(per_channel: bool):
 
 
 def main(argv=None):
-    a = gpu_bench_args(argv, __doc__.splitlines()[0])
+    a = gpu_bench_args(argv, __doc__)
     notes = [n for n in (fla_trim_autotune(), fla_lift_hopper_guard()) if n]  # before fla's first import/call
     b, h, d, c = a.b, a.h, a.d, 64
     rows = [f"# Chunked GLA on {jax.devices()[0].device_kind}, jax {jax.__version__}", "",

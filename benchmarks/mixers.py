@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from seqjax import cli, mixers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import time_jax  # noqa: E402
+from _common import time_jax
 
 
 def _compiled(f, *args):
@@ -77,7 +77,7 @@ def bench(names, ts, batch=1):
                     cf, temp_f, flops = _compiled(fwd, d)
                     cg, temp_g, _ = _compiled(grad, d)
                     res[impl] = dict(fwd=time_jax(cf, d, reps=3), bwd=time_jax(cg, d, reps=3), mem_f=temp_f, mem_g=temp_g, flops=flops)
-                except Exception as e:  # a mixer that cannot run this size is reported, not fatal
+                except Exception as e:  # noqa: BLE001 — a mixer that cannot run this size is reported, not fatal
                     res[impl] = dict(err=f"{type(e).__name__}: {str(e)[:60]}")
             ref = res["reference"]
             for impl in par:

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import write  # noqa: E402
+from _common import write
 
-from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
-from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
-from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
+from pallas_kernels.delta_chunk import delta_chunk
+from pallas_kernels.gla_chunk import gla_chunk_pallas
+from pallas_kernels.mlstm_chunk import mlstm_chunk
 from seqjax import cli
 
 

@@ -99,7 +99,8 @@ def bench_parallel(ts, reps, b=4, h=32):
     print("| T | impl | iters | ms | time / sequential |\n|---:|---|---:|---:|---:|")
     for t in ts:
         x = jax.random.normal(jax.random.fold_in(key, t), (b, t, h))
-        variants = {"sequential": {}, "fused (sequential, custom bwd)": {"impl": "fused"}, "quasi-DEER (scan auto)": {"impl": "parallel", "mode": "quasi", "tol": 1e-4},
+        variants = {"sequential": {}, "fused (sequential, custom bwd)": {"impl": "fused"},
+                    "quasi-DEER (scan auto)": {"impl": "parallel", "mode": "quasi", "tol": 1e-4},
                     "quasi-DEER (associative)": {"impl": "parallel", "mode": "quasi", "tol": 1e-4,
                                                  "scan_impl": "associative"}}
         if t <= 1024:

@@ -25,17 +25,17 @@ from typing import Literal
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
-from jax.sharding import SingleDeviceSharding  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
 
-from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
-from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
-from pallas_kernels.linear_scan.kernel import linear_scan_pallas  # noqa: E402
-from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
+from pallas_kernels.delta_chunk import delta_chunk
+from pallas_kernels.gla_chunk import gla_chunk_pallas
+from pallas_kernels.linear_scan.kernel import linear_scan_pallas
+from pallas_kernels.mlstm_chunk import mlstm_chunk
 from seqjax import cli
-from seqjax import sharding as shd  # noqa: E402
+from seqjax import sharding as shd
 
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 # name: (B, T, H, K, V, dtype, chunk)

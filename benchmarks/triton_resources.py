@@ -68,7 +68,7 @@ def dump(kernels: list[str], out: str) -> dict[str, tuple[int, int]]:
         params = {}
         for name in kernels:
             f = forms[name]
-            loss = lambda *a, f=f: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(f(*a)))  # noqa: E731
+            loss = lambda *a, f=f: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(f(*a)))
             exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=("cuda",),
                                 disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, q, g)
             for m in re.finditer(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', exp.mlir_module()):

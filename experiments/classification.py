@@ -19,8 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from seqjax.tasks import IGNORE, TaskBatch, masked_accuracy
-from seqjax.tasks import classification
+from seqjax.tasks import IGNORE, TaskBatch, classification, masked_accuracy
 from seqjax.tasks.runner import RunConfig, TaskSpec, cli
 
 

@@ -34,9 +34,11 @@ class Config(RunConfig):
 
 PRESETS = {
     "cpu": dict(steps=1500, batch_size=32, d_model=64, num_layers=2, lr=1e-3, warmup=100, eval_every=500),
-    "tiny": dict(steps=2, batch_size=4, d_model=16, num_layers=1, eval_every=2, eval_size=4, num_train_dfas=8, seq_len=64, progress=False),
+    "tiny": dict(steps=2, batch_size=4, d_model=16, num_layers=1, eval_every=2, eval_size=4, num_train_dfas=8, seq_len=64,
+                 progress=False),
     "paper": dict(steps=60000, batch_size=32, d_model=128, num_layers=2, lr=5e-4, weight_decay=0.1, warmup=6000, eval_every=5000,
-                  seq_len=1024, num_train_dfas=5000, max_states=12, max_alphabet=18, min_strings=10, max_strings=19, max_string_len=49, eval_size=500),
+                  seq_len=1024, num_train_dfas=5000, max_states=12, max_alphabet=18, min_strings=10, max_strings=19,
+                  max_string_len=49, eval_size=500),
 }
 
 

@@ -25,11 +25,12 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from seqjax import cli
-from seqjax.tasks.runner import parse, run  # noqa: E402
+from seqjax.tasks.runner import parse, run
 
 #: name -> (script, fixed overrides, models, headline metric)
 GRIDS = {
-    "parity": ("state_tracking", {"task": "parity"}, ["mamba", "mamba_negeig", "deltanet", "deltanet_negeig", "lstm", "slstm", "attention"], "scaled_acc"),
+    "parity": ("state_tracking", {"task": "parity"},
+               ["mamba", "mamba_negeig", "deltanet", "deltanet_negeig", "lstm", "slstm", "attention"], "scaled_acc"),
     "modarith": ("state_tracking", {"task": "modarith"}, ["deltanet", "deltanet_negeig"], "scaled_acc"),
     "modarith_brackets": ("state_tracking", {"task": "modarith_brackets"}, ["deltanet", "deltanet_negeig"], "scaled_acc"),
     "s3": ("state_tracking", {"task": "s3"}, ["deltanet_negeig", "deltanet"], "scaled_acc"),

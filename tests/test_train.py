@@ -4,10 +4,10 @@ the NaN guard."""
 import jax
 import numpy as np
 import pytest
+from _train_utils import STEPS, batches, compiled, host, put, run
 
 from seqjax.train.checkpoint import Checkpointer
 from seqjax.train.step import NonFiniteError, check_finite
-from _train_utils import STEPS, batches, compiled, host, put, run
 
 REF = (1, 1, 1, 1)
 

@@ -24,7 +24,7 @@ def test_analytic_flops_match_xla_cost_analysis():
     """6N + attention + recurrence terms vs XLA's count of the compiled train step (unscanned layers:
     XLA counts a while-loop body once)."""
     cfg = LMConfig(pattern=("mamba2", "attention"), d_model=64, num_layers=2, num_heads=4, mlp_ratio=4.0, scan_layers=False)
-    make = lambda: LM(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    make = lambda: LM(cfg, rngs=nnx.Rngs(0))
     b, t = 4, 64
     tr = Trainer(make, shd.make_mesh((1, 1, 1, 1), jax.devices()[:1]), OptimConfig(), total_steps=10)
     _, _, info = tr.compile(b, t, with_eval=False)

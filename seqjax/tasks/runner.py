@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +187,8 @@ def run(task: TaskSpec, cfg: RunConfig, keep_model: dict | None = None) -> list[
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             evaluate(step)
-            bar.write(f"step {step} loss {loss:.4f} " + " ".join(f"{r['split']}:{_headline(r)}" for r in records[-len(evals):]) + f" ({time.time() - t0:.0f}s)")
+            scores = " ".join(f"{r['split']}:{_headline(r)}" for r in records[-len(evals):])
+            bar.write(f"step {step} loss {loss:.4f} {scores} ({time.time() - t0:.0f}s)")
     bar.close()
     return records
 

@@ -117,7 +117,7 @@ def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
                            "(Linux x86-64; no TPU needed)")
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=cfg.compile_topology).devices
-    except Exception as e:  # noqa: BLE001 — libtpu's message alone does not say which setting was wrong
+    except Exception as e:
         raise ValueError(f"compile_topology={cfg.compile_topology!r} is not a TPU topology libtpu knows "
                          f"(e.g. 'v5e:2x2', 'v5e:4x4', 'v5p:2x2x2', 'v6e:4x4'): {e}") from e
     mesh = shd.make_mesh(cfg.mesh, devices)
