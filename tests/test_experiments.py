@@ -112,3 +112,30 @@ def test_classification_reads_tfds_sequences_without_downloading(monkeypatch):
     assert list(test.targets[:, -1]) == [256 + c for c in range(4)]
     with pytest.raises(ValueError, match="--data must be"):
         C.make_task(C.Config(data="cifar"))
+
+
+def test_task_options_start_from_the_preset_and_override_it():
+    import mqar
+
+    from seqjax.tasks.runner import parse
+
+    cfg = parse(mqar.Config, mqar.PRESETS, ["--seq_len=32", "--preset=tiny", "--progress=true", "--model=gla"])
+    assert (cfg.preset, cfg.steps, cfg.d_model, cfg.seq_len, cfg.progress, cfg.model) == ("tiny", 2, 16, 32, True, "gla")
+    assert parse(mqar.Config, mqar.PRESETS, []).steps == mqar.PRESETS["cpu"]["steps"]
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--progress=flase"], "--progress"),  # a bad bool is an error, never False
+    (["--seq_lenn=32"], "--seq_lenn"),
+    (["--steps=2.5"], "--steps"),
+    (["--preset=huge"], "--preset"),
+    (["--task=parity"], "--task"),  # recall's tasks are ar and copy
+])
+def test_task_options_reject_what_they_cannot_read(argv, named, capsys):
+    import recall
+
+    from seqjax.tasks.runner import parse
+
+    with pytest.raises(SystemExit) as e:
+        parse(recall.Config, recall.PRESETS, argv)
+    assert e.value.code == 2 and named in capsys.readouterr().err
