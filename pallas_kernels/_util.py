@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from seqjax import sharding
 
@@ -48,8 +50,6 @@ def triton_params(interpret: bool, backend: str, *, num_warps: int = 4, num_stag
     (``tests/test_pallas_lowering.py``)."""
     if interpret or backend != "triton":
         return None
-    from jax.experimental.pallas import triton as pltriton
-
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -57,8 +57,6 @@ def tpu_params(interpret: bool, *dimension_semantics: str):
     """Mosaic TPU compiler params (``"parallel"`` / ``"arbitrary"`` per grid axis); ``None`` interpreted."""
     if interpret:
         return None
-    from jax.experimental.pallas import tpu as pltpu
-
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
 
 

@@ -45,9 +45,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import chunk_block, tpu_params, triton_params
-from pallas_kernels.delta_chunk.forward import _TN, _NT, _col_factors, _decay_incl, _mm, chunk_states, f32
+from pallas_kernels.delta_chunk.forward import _NT, _TN, _col_factors, _decay_incl, _mm, chunk_states, f32
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 
@@ -192,8 +193,6 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
     hs, _ = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend)
     if tpu:
-        from jax.experimental.pallas import tpu as pltpu
-
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
         r = blk(1, True)

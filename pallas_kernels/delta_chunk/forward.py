@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, triton_params
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
@@ -123,8 +124,6 @@ def chunk_states(kh, w, u, g, rev, seg, h0p, *, c, interpret, backend, dtype=f32
     out_shape = [jax.ShapeDtypeStruct((b, h, n, kp, vp), dtype), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     out_shape += [jax.ShapeDtypeStruct((b, h, tp, vp), u.dtype)] if with_u_new else []
     if backend == "mosaic_tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         blk = lambda d: chunk_block(c, d)  # noqa: E731
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import chunk_block, masked_exp, mm, tpu_params, triton_params
 
@@ -203,8 +204,6 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
     grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)] + [jax.ShapeDtypeStruct((bsz, h, tp, 1), f32)]
     if backend == "mosaic_tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         qh, kh, vh, doh = map(heads, (q, k, v, do))
         blk = lambda d, rev=False: chunk_block(chunk, d, n if rev else None)  # noqa: E731  reversed: the backward walk
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))

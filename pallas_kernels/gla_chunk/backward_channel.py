@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import chunk_block, masked_exp, mm, token_loop, tpu_params, triton_params
 from pallas_kernels.gla_chunk.channel import SUB, channel_factors, channel_intra, channel_states
@@ -163,8 +164,6 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
     chunk_state = pl.BlockSpec((None, None, None, vp, kp), lambda i, j, l: (i, j, l, 0, 0))
     hs, _ = channel_states(k, v, bc, seg, p, h0t, chunk=chunk, interpret=interpret, backend=backend)
     if tpu:
-        from jax.experimental.pallas import tpu as pltpu
-
         whole = pl.BlockSpec((None, None, vp, kp), lambda i, j, l: (i, j, 0, 0))
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
         r = blk(kp, True)

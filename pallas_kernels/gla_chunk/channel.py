@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import masked_exp, mm, out_specs, token_loop, tpu_params, triton_params
 
@@ -169,8 +170,6 @@ def channel_states(k, v, bc, seg, p, h0t, *, chunk, interpret, backend, dtype=jn
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct((bsz, h, n, vp, kp), dtype), jax.ShapeDtypeStruct((bsz, h, vp, kp), f32)]
     if backend == "mosaic_tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
         whole = pl.BlockSpec((None, None, vp, kp), lambda i, j, l: (i, j, 0, 0))
         return pl.pallas_call(

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import check_chunk_size, mm, resolve, tpu_params, triton_params
 from pallas_kernels.gla_chunk.backward import gla_head_bwd
@@ -174,8 +175,6 @@ def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_
 def _forward_tpu(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     """Per-head decay on TPU (Mosaic): heads-first, whole head dims per block (the TPU tiling wants the
     last two block dims to be multiples of (8, 128) or whole), gates as columns and rows."""
-    from jax.experimental.pallas import tpu as pltpu
-
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
     n = tp // chunk

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _util
 
@@ -178,8 +179,6 @@ def _run(a, b, h0, *, reverse, transpose, interpret, time_block):
 
     compiler_params = None
     if platform == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         compiler_params = pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         )

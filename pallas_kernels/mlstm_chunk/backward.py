@@ -38,10 +38,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import chunk_block, mm, tpu_params, triton_params
-from pallas_kernels.mlstm_chunk.forward import (NEG, _NT, _TN, _affine, _last, _readout, _rsum, chunk_stabilisers,
-                                               chunk_states, f32)
+from pallas_kernels.mlstm_chunk.forward import (
+    _NT,
+    _TN,
+    NEG,
+    _affine,
+    _last,
+    _readout,
+    _rsum,
+    chunk_stabilisers,
+    chunk_states,
+    f32,
+)
+
 
 def _dstate_step(q, do, fs, fo, ds):
     """``dC' = φ dC'⁺ + (Q ⊙ ρ / den)ᵀ dh``."""
@@ -166,8 +178,6 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     # (1) the entering C' of every chunk
     hs, _ = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend)
     if tpu:
-        from jax.experimental.pallas import tpu as pltpu
-
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
     else:
         bv = min(vp, 64)

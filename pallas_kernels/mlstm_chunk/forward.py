@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, triton_params
 from seqjax.ops.gla import prepare_chunks
@@ -147,8 +148,6 @@ def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
     out_shape = [jax.ShapeDtypeStruct((b, h, n, kp, vp), dtype), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     C0 = C0.astype(f32)
     if backend == "mosaic_tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         blk = lambda d: chunk_block(c, d)  # noqa: E731
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         return pl.pallas_call(
