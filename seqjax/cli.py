@@ -1,15 +1,14 @@
-"""Command lines from dataclasses and typed functions, parsed by tyro: one parser for pretraining, the task
-experiments and the benchmarks.
+"""Command lines from dataclasses, parsed by tyro: one parser for pretraining, the task experiments and the
+benchmarks.
 
 ``parse(Config, argv, presets=PRESETS)`` reads ``--preset=<name>`` first, takes that preset's config as the
-defaults and lets every other option override it; ``parse(main)`` calls ``main`` with its keyword arguments.
-Options are ``--key=value`` (or ``--key value``), nested fields dotted (``--model.d_model=256``); tyro gives
-``--help``, the types, and the errors: an unknown or malformed option exits with status 2 and a message that
-names it. Value forms beyond tyro's own:
+defaults and lets every other option override it. Options are ``--key=value`` (or ``--key value``), nested
+fields dotted (``--model.d_model=256``); tyro gives ``--help``, the types, and the errors: an unknown or
+malformed option exits with status 2 and a message that names it. Value forms beyond tyro's own:
 
 - ``bool``: ``--key=true|false`` (also ``yes|no``, ``on|off``, ``1|0``); a bare ``--key`` is true;
-- ``tuple[int | float | str | Literal[...], ...]``: comma-separated, ``--mesh=1,-1,1,1``, ``--model.pattern=mamba2,attention``
-  (space-separated, ``--mesh 1 -1 1 1``, works too);
+- ``tuple[int | float | str | Literal[...], ...]``: comma-separated, ``--mesh=1,-1,1,1``,
+  ``--model.pattern=mamba2,attention`` (space-separated, ``--mesh 1 -1 1 1``, works too);
 - ``dict[str, dict[str, ...]]`` (an LM's ``mixer_kwargs``): ``NAME.KEY=VALUE`` items,
   ``--model.mixer_kwargs=gla.chunk_size=128`` or ``--model.mixer_kwargs gla.chunk_size=128 gla.impl=chunked``;
   a value reads as an int, else a float, else ``true``/``false``, else a string.
@@ -124,17 +123,17 @@ def _preset_name(args: Sequence[str]) -> str | None:
     return name
 
 
-def parse(f: Callable[..., T], args: Sequence[str] | None = None, *, presets: Mapping[str, Callable[[], T]] | None = None,
+def parse(cls: type[T], args: Sequence[str] | None = None, *, presets: Mapping[str, Callable[[], T]] | None = None,
           default: T | None = None, description: str | None = None) -> T:
-    """``f(**options from args)``: ``f`` a dataclass (returns the config) or a function (returns its result).
+    """The dataclass ``cls`` from ``args`` (``sys.argv[1:]`` when None); ``description`` heads ``--help``.
 
     ``presets`` maps a name to a function that returns the defaults; ``--preset=<name>`` picks one (else the
-    dataclass's ``preset`` field default). ``default`` is the starting config when there are no presets.
+    default of ``cls``'s ``preset`` field). ``default`` is the starting config when there are no presets.
     A config's own check (a ``ValueError`` from ``__post_init__``) exits with its message, as a parse error.
     """
     args = list(sys.argv[1:] if args is None else args)
     if presets is not None:
-        name = _preset_name(args) or next(fl.default for fl in dataclasses.fields(f) if fl.name == "preset")
+        name = _preset_name(args) or next(fl.default for fl in dataclasses.fields(cls) if fl.name == "preset")
         if name not in presets:
             print(f"error: --preset={name} is not a preset; choose from {', '.join(presets)}", file=sys.stderr)
             sys.exit(2)
@@ -143,10 +142,8 @@ def parse(f: Callable[..., T], args: Sequence[str] | None = None, *, presets: Ma
               registry=REGISTRY)
     if default is not None:
         kw["default"] = default
-    if not isinstance(f, type):
-        return tyro.cli(f, **kw)
     try:
-        return tyro.cli(f, **kw)
+        return tyro.cli(cls, **kw)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
