@@ -34,7 +34,7 @@ from _common import (
 )
 
 from pallas_kernels.delta_chunk import delta_chunk
-from seqjax.mixers._delta_chunk import delta_rule_chunked
+from seqjax.ops.delta import chunk_delta_rule
 from seqjax.nn import l2_normalize
 
 
@@ -71,7 +71,7 @@ def main(argv=None):
         args = (q, k, v, beta, la)
         flops = b * h * t * (8 * c * d + 6 * d * d + c * c / 3) * 2
         fla, ref, targs = torch_reference(_fla(), args, ("bfloat16",) * 3 + ("float32",) * 2)
-        forms = {"xla": functools.partial(delta_rule_chunked, chunk_size=c),
+        forms = {"xla": functools.partial(chunk_delta_rule, chunk_size=c),
                  "pallas": functools.partial(delta_chunk, chunk_size=c),
                  "pallas_xla_bwd": functools.partial(delta_chunk, chunk_size=c, backward="xla")}
         base = None if "xla" in a.forms else False

@@ -36,7 +36,7 @@ from _common import (
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas
 from pallas_kernels.mlstm_chunk import mlstm_chunk
-from seqjax.mixers._gla_chunk import chunk_gla
+from seqjax.ops.gla import chunk_gla
 from seqjax.mixers.mlstm import mlstm
 
 
