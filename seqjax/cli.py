@@ -9,9 +9,10 @@ malformed option exits with status 2 and a message that names it. Value forms be
 - ``bool``: ``--key=true|false`` (also ``yes|no``, ``on|off``, ``1|0``); a bare ``--key`` is true;
 - ``tuple[int | float | str | Literal[...], ...]``: comma-separated, ``--mesh=1,-1,1,1``,
   ``--model.pattern=mamba2,attention`` (space-separated, ``--mesh 1 -1 1 1``, works too);
-- ``dict[str, dict[str, ...]]`` (an LM's ``mixer_kwargs``): ``NAME.KEY=VALUE`` items,
-  ``--model.mixer_kwargs=gla.chunk_size=128`` or ``--model.mixer_kwargs gla.chunk_size=128 gla.impl=chunked``;
-  a value reads as an int, else a float, else ``true``/``false``, else a string.
+- ``dict[str, dict[str, ...]]`` (an LM's ``mixer_kwargs``): one option per entry,
+  ``--model.mixer_kwargs.gla.chunk_size=128``, or ``NAME.KEY=VALUE`` items,
+  ``--model.mixer_kwargs gla.chunk_size=128 gla.impl=chunked``; the entries of all such options are merged.
+  A value reads as an int, else a float, else ``true``/``false``, else a string.
 """
 
 from __future__ import annotations
@@ -123,6 +124,34 @@ def _preset_name(args: Sequence[str]) -> str | None:
     return name
 
 
+def _nested_dict_fields(cls, prefix: str = "") -> list[str]:
+    """The dotted option names of ``cls``'s ``dict[str, dict[str, ...]]`` fields, nested dataclasses included."""
+    out = []
+    for fl in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[fl.name]
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            out += _nested_dict_fields(tp, f"{prefix}{fl.name}.")
+        elif typing.get_origin(tp) is dict and len(args) == 2 and typing.get_origin(args[1]) is dict:
+            out.append(f"{prefix}{fl.name}")
+    return out
+
+
+def _gather_entries(cls, args: list[str]) -> list[str]:
+    """``--F.NAME.KEY=VALUE`` (one entry of a nested-dict field ``F``) -> ``--F NAME.KEY=VALUE ...``, so an
+    option per entry and the item form give the same dict; tyro parses (and checks) the merged items."""
+    fields = _nested_dict_fields(cls)
+    items = {f: [] for f in fields}
+    rest = []
+    for a in args:
+        field = next((f for f in fields if a.startswith(f"--{f}.")), None)
+        if field is None:
+            rest.append(a)
+        else:
+            items[field].append(a[len(field) + 3:])
+    return rest + [tok for f, its in items.items() if its for tok in (f"--{f}", *its)]
+
+
 def parse(cls: type[T], args: Sequence[str] | None = None, *, presets: Mapping[str, Callable[[], T]] | None = None,
           default: T | None = None, description: str | None = None) -> T:
     """The dataclass ``cls`` from ``args`` (``sys.argv[1:]`` when None); ``description`` heads ``--help``.
@@ -138,6 +167,7 @@ def parse(cls: type[T], args: Sequence[str] | None = None, *, presets: Mapping[s
             print(f"error: --preset={name} is not a preset; choose from {', '.join(presets)}", file=sys.stderr)
             sys.exit(2)
         default = presets[name]()
+    args = _gather_entries(cls, args)
     kw = dict(args=args, description=description, use_underscores=True, config=(tyro.conf.FlagConversionOff,),
               registry=REGISTRY)
     if default is not None:

@@ -67,6 +67,10 @@ def test_config_mixer_kwargs_from_the_command_line():
     assert cfg.model.mixer_kwargs == {"gla": {"chunk_size": 128, "impl": "chunked", "eps": 1e-5},
                                       "attention": {"qk_norm": True}}
     assert C.parse(["--model.mixer_kwargs=gla.chunk_size=32"]).model.mixer_kwargs == {"gla": {"chunk_size": 32}}
+    one_per_entry = C.parse(["--model.mixer_kwargs.gla.chunk_size=128", "--steps=3", "--model.mixer_kwargs.gla.impl=chunked",
+                             "--model.mixer_kwargs.attention.qk_norm=true"])
+    assert one_per_entry.model.mixer_kwargs == {"gla": {"chunk_size": 128, "impl": "chunked"}, "attention": {"qk_norm": True}}
+    assert one_per_entry.steps == 3
 
 
 def test_config_bools_take_true_false_and_bare_flags():
@@ -85,6 +89,7 @@ def test_config_bools_take_true_false_and_bare_flags():
     (["--steps=ten"], "--steps"),
     (["--mesh=1,x,1,1"], "--mesh"),
     (["--model.mixer_kwargs=gla.chunk_size"], "--model.mixer_kwargs"),
+    (["--model.mixer_kwargs.gla=128"], "--model.mixer_kwargs"),
     (["--nan_policy=ignore"], "--nan_policy"),
     (["--model.remat=sometimes"], "remat"),  # LMConfig's own check
     (["--preset=7b"], "--preset"),
