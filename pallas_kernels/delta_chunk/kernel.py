@@ -36,16 +36,12 @@ block matmuls with masks and a sequential loop per program — exactly the block
 model of Triton (and of fla's Triton kernels they are benchmarked against), where the compiler does
 shared-memory staging, ``mma`` selection and software pipelining. Mosaic GPU requires writing that by
 hand at warpgroup level (explicit SMEM buffers, TMA copies, barriers, ``wgmma`` layouts); a port is a
-rewrite, left for a later GPU session. TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic on a TPU),
-interpret-tested and checked to lower to Mosaic (``tests/test_pallas_lowering.py``); not yet run on a TPU.
+rewrite. TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU
+(``tests/test_tpu_compile.py``).
 
-Status: interpret-mode tests on CPU (``tests/test_pallas_delta.py``, CI); every kernel lowers to Triton and
-to Mosaic TPU on this CPU (``tests/test_pallas_lowering.py``). Measured on an NVIDIA H200
-(``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16), the two-kernel forward of 2026-11-27 (the
-output computed inside the serial pass, ``Q Kᵀ ⊙ Gamma`` recomputed per value block) was **1.98x (T = 2k)
-and 2.06x (T = 8k)** the XLA chunked form's, 0.38x fla's ``chunk_gated_delta_rule`` forward. The
-three-kernel split above (2026-11-27) takes every ``[C, C]`` product out of the serial pass; it and the
-backward kernels have not been compiled or timed on a GPU yet.
+Tests: interpret mode on CPU (``tests/test_pallas_delta.py``); every kernel lowers to Triton and to Mosaic TPU
+(``tests/test_pallas_lowering.py``). What has run on which device, and how fast: ``benchmarks/results/``
+(``NVIDIA_H200.md``, ``triton_sm90_resources.md``, ``tpu_compile.md``).
 """
 
 from __future__ import annotations
@@ -92,9 +88,9 @@ def _delta_chunk(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backen
 def _fwd(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
     """Under differentiation the XLA chunked form runs the forward and keeps its own residuals.
 
-    This is ``backward="xla"``. Measured on an H200 (``benchmarks/results/NVIDIA_H200.md``, session 3): running
-    the kernel forward and then the XLA form's VJP (which recomputes its forward) made training 1.3x slower
-    than XLA alone, so this path is exactly the XLA chunked form under ``jax.grad``; a forward outside
+    This is ``backward="xla"``. Running the kernel forward and then the XLA form's VJP (which recomputes its
+    forward) trains slower than XLA alone (1.3x on an H200, ``benchmarks/results/NVIDIA_H200.md``), so this
+    path is exactly the XLA chunked form under ``jax.grad``; a forward outside
     ``jax.grad`` (inference, evaluation, prefill) runs the kernel.
     """
     del interpret, backend
