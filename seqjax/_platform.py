@@ -1,28 +1,24 @@
-"""Where ``impl="auto"`` takes a Pallas kernel.
+"""Where ``impl="auto"`` takes a Pallas kernel, and which backward it differentiates through.
 
-Measured on an NVIDIA H200, jax 0.11.2 (``benchmarks/results/NVIDIA_H200.md``), at B=8, H=16, D=128, bf16,
-forward against the XLA chunked form: per-head-decay GLA (Mamba-2/SSD, RetNet, linear attention) 3.0-3.5x;
-the earlier delta-rule and mLSTM forwards (since restructured, see below) 2.0x and 1.9x; the first
-per-channel-decay GLA kernel 0.33x (so GLA proper keeps XLA). Under
-``jax.grad`` the kernels that ``"auto"`` takes run the XLA form's forward and backward (their ``custom_vjp``
-forward rule), so training costs the same either way: per-head GLA, the delta rule and the mLSTM have Pallas
-backward kernels (``pallas_kernels/*/backward.py``, what ``impl="pallas"`` differentiates through),
-but they have not yet been compiled or timed on a GPU, so ``"auto"`` asks for
-``backward=AUTO_BACKWARD[kernel] = "xla"`` until they have (per kernel: set one to ``"pallas"`` once its
-Pallas fwd+bwd beats "Pallas, XLA bwd" in ``benchmarks/gla_gpu.py`` / ``delta_gpu.py``).
+Two tables, each set from GPU measurements (``benchmarks/gpu_check.sh``, ``benchmarks/gla_gpu.py``,
+``benchmarks/delta_gpu.py``; the results, with device and date, in ``benchmarks/results/NVIDIA_H200.md``):
 
-``"auto"`` takes a kernel only where its *current* forward has been compiled and tested on a GPU
-(``GPU_TESTED``): the delta-rule and mLSTM forwards were split into a serial state pass and a chunk-parallel
-output kernel after the last GPU session (2026-11-27); they lower to Triton on a CPU
-(``tests/test_pallas_lowering.py``) but Triton's own compile has not run them, so ``"auto"`` keeps XLA for
-them until ``benchmarks/gpu_check.sh`` has passed on a GPU. ``impl="pallas"`` always takes the kernel.
+``GPU_TESTED``
+    the chunked kernels whose current forward passes the kernel tests compiled on a GPU and beats the XLA
+    chunked form there. ``"auto"`` takes no other kernel; GLA with per-channel decays keeps XLA.
+``AUTO_BACKWARD``
+    per kernel, the backward ``"auto"`` asks for under ``jax.grad``: ``"xla"`` runs the XLA chunked form's
+    forward and backward (the kernel's ``custom_vjp`` forward rule), so training costs what XLA costs;
+    ``"pallas"`` runs the kernel's own backward (``pallas_kernels/*/backward*.py``). A kernel's entry is
+    ``"pallas"`` where its Pallas forward and backward beat "Pallas, XLA bwd" in ``benchmarks/gla_gpu.py`` /
+    ``benchmarks/delta_gpu.py``.
 
-So ``"auto"`` takes the kernels on a GPU, where they were compiled and tested: in a one-device process, or
-under ``seqjax.sharding.use_rules(mesh)`` (the train and eval steps), where ``kernel_call`` runs them inside
-``shard_map``; a ``pallas_call`` has no sharding rule, and under a plain multi-device ``jit`` XLA would
-replicate its operands on every device. TPU: libtpu compiles every kernel for TPU v4, v5e, v5p and v6e
-(``tests/test_tpu_compile.py``, ``benchmarks/tpu_compile.py``; no TPU needed), but none has run or been
-timed on one, so XLA.
+``impl="pallas"`` always takes the kernel, with its own backward. On a GPU ``"auto"`` takes a kernel in a
+one-device process, or under ``seqjax.sharding.use_rules(mesh)`` (the train and eval steps), where
+``kernel_call`` runs it inside ``shard_map``; a ``pallas_call`` has no sharding rule, and under a plain
+multi-device ``jit`` XLA would replicate its operands on every device. On a TPU ``"auto"`` keeps XLA;
+``impl="pallas"`` runs the Mosaic bodies, which libtpu compiles for TPU v4, v5e, v5p and v6e without a TPU
+(``tests/test_tpu_compile.py``, ``benchmarks/tpu_compile.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ from seqjax import sharding
 
 # what impl="auto" differentiates each chunked kernel through (see above)
 AUTO_BACKWARD = {"gla": "xla", "delta": "xla", "mlstm": "xla"}
-GPU_TESTED = frozenset({"gla"})  # kernels whose current forward passed the GPU tests; "delta", "mlstm" pending
+GPU_TESTED = frozenset({"gla"})  # kernels whose current forward passed the GPU tests (see above)
 
 
 def auto_pallas(chunk_size: int | None = None, kernel: str = "gla") -> bool:
