@@ -29,10 +29,9 @@ Backward
     recomputed (per channel also the intra matrices ``A``), the state gradients walking the chunks
     backwards, then every chunk's ``dq, dk, dv`` and log-decay gradient in parallel (per channel by the
     same secondary chunks as the forward). Only the inputs are kept from the forward, so training memory
-    is linear in ``T``. Interpret-tested; they lower to Triton and Mosaic TPU on CPU
-    (``tests/test_pallas_lowering.py``); not yet compiled or timed on a GPU, so ``impl="auto"`` passes
-    ``backward="xla"``: the XLA chunked form's forward and backward under ``jax.grad``
-    (``seqjax.ops.gla.chunk_gla``, whose intra-chunk block is rematerialised).
+    is linear in ``T``. ``backward="xla"`` differentiates through the XLA chunked form instead
+    (``seqjax.ops.gla.chunk_gla``, whose intra-chunk block is rematerialised); ``impl="auto"`` picks one per
+    kernel (``seqjax._platform.AUTO_BACKWARD``).
 
 GPU lowering
     jax 0.11 on the GPU machines makes Mosaic GPU the default Pallas lowering and deprecates Triton.
@@ -40,24 +39,18 @@ GPU lowering
     ``pallas_call`` + ``BlockSpec`` + ``fori_loop`` model is exactly what ``interpret=True`` checks on
     CPU, it lowers on H100/H200 without warpgroup/TMA choreography, and a ``[C, C]``-tile chunk kernel
     with ``C = 64`` maps onto Triton's ``tl.dot`` the way fla's Triton kernels do. A Mosaic GPU port
-    (``plgpu.kernel`` with ``wgmma`` and a TMA pipeline over chunks) is the path once Triton is removed;
-    it needs a GPU session of its own. TPU: separate bodies for Mosaic (below).
+    (``plgpu.kernel`` with ``wgmma`` and a TMA pipeline over chunks) is the path once Triton is removed.
+    TPU: separate bodies for Mosaic (below).
 
-Status: values, final state, gradients, h0, resets, signs, odd head dims, bf16 and a split sequence are
-verified in interpret mode (``tests/test_pallas_gla.py``, CI); the forward kernels' tests (gradients then
-through the XLA form) also passed compiled with the Triton lowering on an NVIDIA H200 with jax 0.11.2
-(``benchmarks/gpu_check.sh``; 2026-11-26 and -27), before the Pallas backward existed.
-Speed there (``benchmarks/results/NVIDIA_H200.md``, B=8, H=16, D=128, bf16): the per-head forward is
-3.0-3.5x the XLA chunked form's and at parity with fla's ``chunk_simple_gla`` forward (0.98x). The first
-per-channel kernel (commit 24a1fc6: the diagonal blocks built column by column inside the serial chunk
-walk) measured 0.33x XLA; it has since been split into the three kernels described above (as fla's
-``chunk_gla`` forward), which are interpret-tested and lower to Triton, but not yet compiled or timed on a
-GPU, so ``impl="auto"`` keeps XLA for per-channel decays.
+Tests: values, final state, gradients, h0, resets, signs, odd head dims, bf16 and a split sequence in
+interpret mode (``tests/test_pallas_gla.py``); every kernel lowers to Triton and to Mosaic TPU
+(``tests/test_pallas_lowering.py``). What has run on which device, and how fast: ``benchmarks/results/``
+(``NVIDIA_H200.md``, ``triton_sm90_resources.md``, ``tpu_compile.md``).
 
 Mosaic TPU: ``backend="mosaic_tpu"`` (automatic on a TPU) uses bodies that run one chunk per grid step with
 the state in a VMEM scratch (the chunk axis ``"arbitrary"``), heads-first blocks whose last two dims are
-whole, and gates as columns and rows. They are tested in interpret mode and lower to Mosaic
-(``tests/test_pallas_lowering.py``); not yet run on a TPU.
+whole, and gates as columns and rows. They are tested in interpret mode, lower to Mosaic
+(``tests/test_pallas_lowering.py``) and compile with libtpu without a TPU (``tests/test_tpu_compile.py``).
 """
 
 from __future__ import annotations
