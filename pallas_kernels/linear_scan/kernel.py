@@ -33,13 +33,16 @@ Backward
     Only ``a``, ``h`` and ``h0`` are saved. Complex cotangents follow JAX's convention (the
     transpose, no conjugation), matching autodiff of the ``lax.scan`` reference.
 
-What is verified
-    Values and gradients in interpret mode (``interpret=True``, CPU) against the seqjax
-    reference (``tests/test_pallas_linear_scan.py``). *Not* verified: real Mosaic TPU or GPU
-    lowering and speed. On GPU the grid's programs run in parallel, so a carry across time
-    blocks would be wrong: there the default is one time block spanning the whole (padded,
-    power-of-two) sequence and power-of-two channel blocks, as recurrentgemma does; whether
-    that lowers (Triton or Mosaic GPU) is for a session with a GPU to check.
+GPU blocks
+    On a GPU the grid's programs run in parallel, so a carry across time blocks would be wrong:
+    there the default is one time block spanning the whole (padded, power-of-two) sequence and
+    power-of-two channel blocks, as recurrentgemma does.
+
+Tests
+    Values and gradients in interpret mode (``interpret=True``, CPU) against the seqjax reference
+    (``tests/test_pallas_linear_scan.py``); the lowering to Mosaic TPU (``tests/test_pallas_lowering.py``)
+    and libtpu's compile for a TPU (``tests/test_tpu_compile.py``). What has run on which device:
+    ``benchmarks/results/``.
 
 Reference: De et al. 2024, "Griffin" (arXiv:2402.19427), §2.4 and recurrentgemma's
 ``jax/pallas.py``; this is an independent implementation.

@@ -36,15 +36,11 @@ asks for, once it takes this kernel at all: see ``seqjax._platform.GPU_TESTED``)
 
 Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
 ``dot``s with masks and a sequential chunk loop). TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic
-on a TPU), interpret-tested and checked to lower to Mosaic (``tests/test_pallas_lowering.py``); not yet
-run on a TPU.
+on a TPU), compiled by libtpu without a TPU (``tests/test_tpu_compile.py``).
 
-Status: interpret-mode tests on CPU (``tests/test_pallas_mlstm.py``, CI); every kernel lowers to Triton and
-to Mosaic TPU on this CPU (``tests/test_pallas_lowering.py``). On an NVIDIA H200 (jax 0.11.2, 2026-11-27;
-``benchmarks/results/NVIDIA_H200.md``) the earlier one-kernel forward (outputs and the ``[C, C]``
-stabiliser work inside the serial chunk loop, once per value block) was 1.91x the XLA chunked form's at
-B=8, T=2k, H=16, D=128, bf16. The split above (2026-11-27) and the backward have not been compiled or
-timed on a GPU yet.
+Tests: interpret mode on CPU (``tests/test_pallas_mlstm.py``); every kernel lowers to Triton and to Mosaic
+TPU (``tests/test_pallas_lowering.py``). What has run on which device, and how fast: ``benchmarks/results/``
+(``NVIDIA_H200.md``, ``triton_sm90_resources.md``, ``tpu_compile.md``).
 """
 
 from __future__ import annotations

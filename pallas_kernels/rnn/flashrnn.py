@@ -24,13 +24,13 @@ RNN share one kernel; ``seqjax.rnn.cells`` supplies the maps. Lists, because the
 no ``slice`` on values and wants power-of-two sizes for every array: gates, states and parameter rows are
 loaded from refs one by one, and ``B``, ``D`` are padded to powers of two ``>= 16``.
 
-Verified: in interpret mode (``interpret=True``, CPU; ``tests/test_rnn_kernel.py``), forward states and
-all gradients equal the ``lax.scan`` reference; the same tests pass compiled with the Triton lowering on
-an NVIDIA H200 (jax 0.11.2, ``benchmarks/gpu_check.sh``, 2026-11-26). A head must fit on chip there
-(:func:`check_fits`). The kernel sees its arrays heads-first with ``[B, D]`` trailing (``fused_rnn``
-transposes them), so a head's blocks have whole trailing dims, as Mosaic TPU requires; libtpu compiles the
-forward and backward for a TPU v5e (``tests/test_tpu_compile.py``, without a TPU). Not measured yet: speed on
-a GPU; any run on a TPU.
+On a GPU a head must fit on chip (:func:`check_fits`). The kernel sees its arrays heads-first with ``[B, D]``
+trailing (``fused_rnn`` transposes them), so a head's blocks have whole trailing dims, as Mosaic TPU requires.
+
+Tests: in interpret mode (``interpret=True``, CPU; ``tests/test_rnn_kernel.py``), forward states and all
+gradients equal the ``lax.scan`` reference; the Triton lowering (``tests/test_pallas_lowering.py``); libtpu
+compiles the forward and backward for a TPU v5e without a TPU (``tests/test_tpu_compile.py``). What has run
+on which device: ``benchmarks/results/``.
 """
 
 from __future__ import annotations
