@@ -69,7 +69,8 @@ def write(rows: list[str], out: str) -> None:
 def fla_trim_autotune(max_configs: int = 6) -> str:
     """Cap the Triton autotuning of fla's kernels, before fla is imported: keep the configs with 4 or 8 warps
     and 2 or 3 pipeline stages, at most ``max_configs`` per kernel. fla 0.6 autotunes each backward kernel
-    over up to 48 configs on its first call, which outran a whole device stage on the H200 (2026-11-26).
+    over up to 48 configs on its first call, which can outrun a whole device stage
+    (``benchmarks/results/NVIDIA_H200.md``).
     Returns the note to print under a table, or "" without Triton."""
     try:
         import triton

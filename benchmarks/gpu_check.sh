@@ -12,8 +12,8 @@
 #          (default 270) caps each; give it a device call of its own;
 #   rnn    benchmarks/rnn.py's LSTM table (sequential / fused / the Pallas kernel vs Flax) -> <device>_rnn.md;
 #   train  benchmarks/train.py on the ~125M preset, global batch cut to 32 rows -> <device>_train.md.
-# GPU_CHECK_STAGES picks them: "tests gla delta rnn" by default (about 8.5 minutes with fla's first-call
-# autotuning, by the 2026-11-26 H200 run); "train" in a call of its own. GPU_CHECK_SMOKE=1 runs tiny shapes
+# GPU_CHECK_STAGES picks them: "tests gla delta rnn" by default (about 8.5 minutes on an H200 with fla's
+# first-call autotuning); "train" in a call of its own. GPU_CHECK_SMOKE=1 runs tiny shapes
 # and a few tests (a dry run of this script on a CPU). Wheels the image lacks (fla-core; grain,
 # tensorflow-datasets and their pure-Python needs) travel in .whl/ (README, "On a GPU").
 # Run from the repository root:  bash benchmarks/gpu_check.sh

@@ -134,8 +134,8 @@ class Throughput:
     """Exponential moving average of step time -> tokens/s and MFU.
 
     Steps are dispatched asynchronously, so the first tick after a (re)start measures only a dispatch, not
-    a step: it starts the clock and is not averaged (session 3 saw the default run's bar report 301% MFU at
-    step 2, decaying towards the truth over ~20 steps, before this).
+    a step: it starts the clock and is not averaged (averaged, it would put the bar's MFU far above 100% for
+    the first steps).
     """
 
     def __init__(self, tokens_per_step: int, flops_per_step: float, num_devices: int, peak: float | None, decay=0.9):
