@@ -6,7 +6,8 @@ flash-linear-attention's Triton kernels (PyTorch, same GPU), side by side in one
 B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, chunk 64; forward and forward+backward (loss ``sum(o²)``,
 gradients of q, k, v and the decays). Every kernel has two Pallas rows: "Pallas" differentiates through the
 Pallas backward kernels (``pallas_kernels/*/backward.py``), "Pallas, XLA bwd" through the XLA chunked form
-(``backward="xla"``, what ``impl="auto"`` asks for until the first is measured; its fwd+bwd is XLA's). Per-head decay
+(``backward="xla"``, what ``impl="auto"`` asks for where ``seqjax._platform.AUTO_BACKWARD`` says so; its
+fwd+bwd is XLA's). Per-head decay
 (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``), per-channel decay (GLA: ``fla.ops.gla``) and the mLSTM
 (stabilised exponential gating, ``pallas_kernels/mlstm_chunk``; fla has no mLSTM). The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
