@@ -37,3 +37,16 @@ def test_results_notebook_reads_the_committed_results(monkeypatch):
 
     grids = {p.parent.name for p in (path.parent.parent / "experiments" / "results").glob("*/table.md")} & set(sweep.GRIDS)
     assert grids and all(f"{g}\n| model |" in text for g in grids)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_committed_with_its_outputs(path):
+    """The repository page renders the notebooks as committed: every code cell has run (in order, without an
+    error), the plots are embedded, and no cell carries timing metadata."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert not [c for c in code if "execution" in c.metadata]
