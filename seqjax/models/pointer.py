@@ -1,0 +1,248 @@
+r"""Pointer Networks (Vinyals, Fortunato & Jaitly 2015): an LSTM encoder–decoder whose output is a pointer
+to one of its input positions.
+
+The encoder reads the points ``x`` ``[b, n, d_in]`` (right-padded; ``mask`` ``[b, n]`` marks the real ones)
+into ``e_j``; the decoder starts from the encoder's state after the last real point and reads, at step
+``i``, the input point chosen at step ``i − 1`` (a learned start vector at ``i = 0``). Its output is
+attention over the input positions:
+
+.. math::  u^i_j = v^\top \tanh(W_1 e_j + W_2 d_i),\qquad p(C_i = j \mid C_{<i}, x) = \mathrm{softmax}_j(u^i_j)
+           \ \text{over the valid } j.
+
+Validity masks (``mode``): a pointer never points at padding, and
+
+- ``"tour"`` (TSP): never at a point already chosen; the sequence ends when every real point is chosen;
+- ``"cycle"`` (convex hull): never at a point already chosen, except the first, which may be chosen again
+  once three points are chosen: that pointer closes the polygon and ends the sequence.
+
+After the end the decoder emits ``IGNORE`` (−1). Teacher forcing (:func:`pointer_logits`) runs the decoder over
+the whole target at once (its masks from the target prefix); :func:`greedy_decode` and :func:`beam_search`
+decode with the same masks (``beam_search`` with width 1 is greedy decoding). :class:`PointerNet` owns the
+parameters; the functions take them as a dict ``{"enc", "dec", "start", "w1", "w2", "v"}`` (``enc``/``dec``
+are :mod:`seqjax.rnn.cells` parameter dicts).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from seqjax import _checks
+from seqjax.rnn import cells as _cells
+from seqjax.rnn.functional import rnn
+from seqjax.rnn.layers import RNN
+
+__all__ = ["MODES", "IGNORE", "PointerNet", "encode", "pointer_logits", "greedy_decode", "beam_search",
+           "valid_next", "sequence_nll"]
+
+MODES = ("tour", "cycle")
+IGNORE = -1
+_NEG = -1e9  # masked logit: finite, so a fully masked row (after the end) stays NaN-free
+
+
+def _check_inputs(params, x, mask, mode):
+    _checks.check_choice("mode", mode, MODES)
+    d_in = np.shape(params["start"])[-1]
+    _checks.check_ndim("x", x, 3, f"[batch, points, {d_in}]")
+    _checks.check_shape("x", x, (None, None, d_in), f"[batch, points, {d_in}] (points of dimension {d_in})")
+    _checks.check_dtype("x", x, "float")
+    if mask is not None:
+        _checks.check_shape("mask", mask, np.shape(x)[:2], "[batch, points]")
+        _checks.check_dtype("mask", mask, "bool")
+    if mode == "cycle" and np.shape(x)[1] < 3:
+        raise ValueError(f"mode='cycle' needs at least 3 points, got x with {np.shape(x)[1]}")
+
+
+def encode(kind: str, enc_params: dict, x, mask):
+    """``(e [b, n, H], state [b, S, H])``: the encoder's outputs and its state after the last real point
+    (padding steps leave the state unchanged)."""
+    xp = _cells.project(enc_params, x)  # [b, n, G, K, D]
+    b = x.shape[0]
+    g, _, d = np.shape(enc_params["b"])
+    s0 = jnp.zeros((b, _cells.CELLS[kind].num_states, g, d), jnp.float32)
+
+    def body(s, inp):
+        xp_t, m_t = inp
+        s_new = _cells.step(kind, enc_params, s, xp_t)
+        return jnp.where(m_t[:, None, None, None], s_new, s), s_new[:, 0]
+
+    s, ys = lax.scan(body, s0, (jnp.moveaxis(xp, 1, 0), jnp.moveaxis(mask, 1, 0)))
+    return jnp.moveaxis(ys, 0, 1).reshape(b, x.shape[1], g * d), s.reshape(b, s.shape[1], g * d)
+
+
+def _scores(params, keys, dec):
+    """``u = vᵀ tanh(keys + W₂ d)``: ``keys`` ``[b, n, A]`` (``W₁ e``), ``dec`` ``[b, ..., H]`` -> ``[b, ..., n]``."""
+    q = dec @ params["w2"]
+    q = q.reshape(q.shape[0], -1, 1, q.shape[-1])
+    u = jnp.tanh(keys[:, None] + q) @ params["v"]
+    return u.reshape(dec.shape[:-1] + (keys.shape[1],))
+
+
+def valid_next(mode: str, real, used, first, count):
+    """Which positions the next pointer may take: ``real``/``used`` ``[..., n]`` bool, ``first`` ``[...]`` the
+    first pointer, ``count`` ``[...]`` how many pointers so far."""
+    valid = real & ~used
+    if mode == "cycle":
+        close = jax.nn.one_hot(first, real.shape[-1], dtype=bool) & (count[..., None] >= 3)
+        valid = valid | close
+    return valid
+
+
+def pointer_logits(kind: str, params: dict, x, targets, mask=None, *, mode: str = "tour"):
+    """Teacher-forced masked pointer logits ``[b, T, n]`` for ``targets`` ``[b, T]`` (``IGNORE`` after the end)."""
+    _check_inputs(params, x, mask, mode)
+    _checks.check_ndim("targets", targets, 2, "[batch, steps]")
+    _checks.check_dtype("targets", targets, "int")
+    b, n = x.shape[:2]
+    mask = jnp.ones((b, n), bool) if mask is None else mask
+    x = x.astype(jnp.float32)
+    enc, s = encode(kind, params["enc"], x, mask)
+    safe = jnp.where(targets == IGNORE, 0, targets)
+    prev = jnp.take_along_axis(x, safe[:, :-1, None], axis=1)  # the chosen points, fed back
+    start = jnp.broadcast_to(params["start"], (b, 1, x.shape[-1]))
+    dec, _ = rnn(kind, params["dec"], jnp.concatenate([start, prev], 1), h0=s)
+    u = _scores(params, enc @ params["w1"], dec)
+    onehot = jax.nn.one_hot(targets, n, dtype=jnp.int32)  # IGNORE -> all zeros
+    used = (jnp.cumsum(onehot, axis=1) - onehot) > 0
+    count = jnp.broadcast_to(jnp.arange(targets.shape[1]), targets.shape)
+    valid = valid_next(mode, mask[:, None], used, targets[:, :1], count)
+    return jnp.where(valid, u, _NEG)
+
+
+def sequence_nll(logits, targets):
+    """Mean negative log-likelihood per scored pointer (``targets != IGNORE``)."""
+    keep = targets != IGNORE
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * keep) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def _dec_step(kind, params, s, inp):
+    xp = _cells.project(params["dec"], inp[:, None])[:, 0]
+    shape = s.shape
+    g, _, d = np.shape(params["dec"]["b"])
+    s = _cells.step(kind, params["dec"], s.reshape(shape[0], shape[1], g, d), xp)
+    return s.reshape(shape)
+
+
+def _init(kind, params, x, mask, mode, max_len):
+    _check_inputs(params, x, mask, mode)
+    b, n = x.shape[:2]
+    mask = jnp.ones((b, n), bool) if mask is None else mask
+    x = x.astype(jnp.float32)
+    if max_len is None:
+        max_len = n + 1 if mode == "cycle" else n
+    enc, s = encode(kind, params["enc"], x, mask)
+    return x, mask, enc @ params["w1"], s, max_len
+
+
+def _advance(mode, mask, used, first, count, done, tok):
+    """The mask state after pointing at ``tok`` (``[...]``); ``done`` rows keep theirs."""
+    n = mask.shape[-1]
+    hit = jax.nn.one_hot(tok, n, dtype=bool)
+    closed = (tok == first) & (count >= 1) if mode == "cycle" else (count + 1 >= jnp.sum(mask, -1))
+    first = jnp.where(count == 0, tok, first)
+    keep = done[..., None]
+    return (jnp.where(keep, used, used | hit), first, jnp.where(done, count, count + 1), done | closed)
+
+
+def greedy_decode(kind: str, params: dict, x, mask=None, *, mode: str = "tour", max_len: int | None = None):
+    """``(pointers [b, max_len] int32 with IGNORE after the end, log-probability [b])``, the argmax each step.
+    ``max_len`` defaults to ``n + 1`` (cycle) or ``n`` (tour)."""
+    x, mask, keys, s, max_len = _init(kind, params, x, mask, mode, max_len)
+    b, n = mask.shape
+
+    def body(carry, _):
+        s, inp, used, first, count, done, lp = carry
+        s = _dec_step(kind, params, s, inp)
+        valid = valid_next(mode, mask, used, first, count)
+        logp = jax.nn.log_softmax(jnp.where(valid, _scores(params, keys, s[:, 0]), _NEG), -1)
+        tok = jnp.argmax(logp, -1).astype(jnp.int32)
+        lp = lp + jnp.where(done, 0.0, jnp.take_along_axis(logp, tok[:, None], -1)[:, 0])
+        out = jnp.where(done, IGNORE, tok)
+        used, first, count, done2 = _advance(mode, mask, used, first, count, done, tok)
+        inp = jnp.where(done[:, None], inp, jnp.take_along_axis(x, tok[:, None, None], 1)[:, 0])
+        return (s, inp, used, first, count, done2, lp), out
+
+    start = jnp.broadcast_to(params["start"], (b, x.shape[-1]))
+    zi = jnp.zeros((b,), jnp.int32)
+    init = (s, start, jnp.zeros((b, n), bool), zi, zi, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
+    carry, toks = lax.scan(body, init, None, length=max_len)
+    return jnp.moveaxis(toks, 0, 1), carry[-1]
+
+
+def beam_search(kind: str, params: dict, x, mask=None, *, mode: str = "tour", width: int = 4,
+                max_len: int | None = None):
+    """Beam search over valid pointer sequences by total log-probability: ``(best pointers [b, max_len],
+    its log-probability [b])``; a finished beam keeps its score and emits ``IGNORE``."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    x, mask, keys, s, max_len = _init(kind, params, x, mask, mode, max_len)
+    b, n = mask.shape
+    k = width
+    rep = lambda a: jnp.repeat(a[:, None], k, axis=1)  # [b, ...] -> [b, k, ...]
+    flat = lambda a: a.reshape((b * k,) + a.shape[2:])
+    mask_k = rep(mask)
+
+    def body(carry, i):
+        s, inp, used, first, count, done, score, toks = carry
+        s = _dec_step(kind, params, flat(s), flat(inp)).reshape(s.shape)
+        valid = valid_next(mode, mask_k, used, first, count)
+        u = _scores(params, jnp.repeat(keys, k, axis=0), flat(s)[:, 0]).reshape(b, k, n)
+        logp = jax.nn.log_softmax(jnp.where(valid, u, _NEG), -1)
+        # a finished beam has one continuation, at no cost (position 0, emitted as IGNORE)
+        stay = jnp.where(jnp.arange(n) == 0, 0.0, -jnp.inf).reshape(1, 1, n)
+        logp = jnp.where(done[..., None], stay, logp)
+        cand = (score[..., None] + logp).reshape(b, k * n)
+        score, idx = lax.top_k(cand, k)
+        parent, tok = idx // n, (idx % n).astype(jnp.int32)
+        pick = lambda a: jnp.take_along_axis(a, parent.reshape((b, k) + (1,) * (a.ndim - 2)), axis=1)
+        s, inp, used, first, count, done, toks = map(pick, (s, inp, used, first, count, done, toks))
+        toks = toks.at[:, :, i].set(jnp.where(done, IGNORE, tok))
+        used, first, count, done2 = _advance(mode, mask_k, used, first, count, done, tok)
+        nxt = jnp.take_along_axis(x, tok.reshape(b, k, 1), 1)
+        inp = jnp.where(done[..., None], inp, nxt)
+        return (s, inp, used, first, count, done2, score, toks), None
+
+    zi = jnp.zeros((b, k), jnp.int32)
+    score0 = jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, k))  # one live beam at the start
+    init = (rep(s), jnp.broadcast_to(params["start"], (b, k, x.shape[-1])), jnp.zeros((b, k, n), bool), zi, zi,
+            jnp.zeros((b, k), bool), score0, jnp.full((b, k, max_len), IGNORE, jnp.int32))
+    carry, _ = lax.scan(body, init, jnp.arange(max_len))
+    return carry[-1][:, 0], carry[-2][:, 0]
+
+
+class PointerNet(nnx.Module):
+    """``logits = net(x, targets, mask, mode=...)`` (teacher forcing, ``[b, T, n]``);
+    ``pointers, logp = net.decode(x, mask, mode=..., beam=1)``.
+
+    ``x`` ``[b, n, d_in]`` float, ``mask`` ``[b, n]`` bool (``None``: all real), ``targets`` ``[b, T]`` int.
+    Uniform ±``init_scale`` initialisation of the pointer (the paper's ±0.08); cells from :mod:`seqjax.rnn`.
+    """
+
+    def __init__(self, d_in: int = 2, hidden: int = 128, attn: int | None = None, *, kind: str = "lstm",
+                 init_scale: float = 0.08, rngs: nnx.Rngs):
+        attn = attn or hidden
+        self.kind, self.d_in = kind, d_in
+        self.encoder = RNN(kind, d_in, hidden, rngs=rngs)
+        self.decoder = RNN(kind, d_in, hidden, rngs=rngs)
+        uni = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -init_scale, init_scale)
+        self.start = nnx.Param(uni((d_in,)))
+        self.w1 = nnx.Param(uni((hidden, attn)))
+        self.w2 = nnx.Param(uni((hidden, attn)))
+        self.v = nnx.Param(uni((attn,)))
+
+    def param_dict(self) -> dict:
+        return {"enc": self.encoder.param_dict(), "dec": self.decoder.param_dict(), "start": self.start[...],
+                "w1": self.w1[...], "w2": self.w2[...], "v": self.v[...]}
+
+    def __call__(self, x, targets, mask=None, *, mode: str = "tour"):
+        return pointer_logits(self.kind, self.param_dict(), x, targets, mask, mode=mode)
+
+    def decode(self, x, mask=None, *, mode: str = "tour", beam: int = 1, max_len: int | None = None):
+        if beam == 1:
+            return greedy_decode(self.kind, self.param_dict(), x, mask, mode=mode, max_len=max_len)
+        return beam_search(self.kind, self.param_dict(), x, mask, mode=mode, width=beam, max_len=max_len)
