@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqjax import cli
+from seqjax.attention.attention import KVCache
 from seqjax.models import LM, LMConfig
 from seqjax.models.generate import decode_fns
 
@@ -30,21 +31,20 @@ def cache_bytes(cache) -> int:
 
 def positioned_cache(model, batch, length, steps):
     cache = model.init_cache(batch, length + steps)
-    cache["index"] = jnp.asarray(length, jnp.int32)
-    cache["next_pos"] = jnp.full((batch,), length, jnp.int32)
+    cache = cache._replace(index=jnp.asarray(length, jnp.int32), next_pos=jnp.full((batch,), length, jnp.int32))
 
-    def fix(path, x):  # attention layers: mark the first L slots as filled, set their index
-        keys = [getattr(p, "key", None) for p in path]
-        if keys and keys[-1] == "pos":
-            return jnp.where(jnp.arange(x.shape[-1]) < length, jnp.arange(x.shape[-1]), -1).astype(x.dtype) * jnp.ones_like(x)
-        if keys and keys[-1] == "index":
-            return jnp.full_like(x, length)
-        return x
+    def fix(c):  # attention layers: mark the first L slots as filled, set their index
+        if not isinstance(c, KVCache):
+            return c
+        slots = jnp.arange(c.pos.shape[-1])
+        pos = jnp.where(slots < length, slots, -1).astype(c.pos.dtype) * jnp.ones_like(c.pos)
+        return c._replace(pos=pos, index=jnp.full_like(c.index, length))
 
-    for part in ("blocks", "tail"):
-        if cache.get(part) is not None:
-            cache[part] = jax.tree_util.tree_map_with_path(fix, cache[part])
-    return cache
+    def is_kv(c):
+        return isinstance(c, KVCache)
+
+    return cache._replace(blocks=jax.tree.map(fix, cache.blocks, is_leaf=is_kv),
+                          tail=jax.tree.map(fix, cache.tail, is_leaf=is_kv))
 
 
 def time_decode(model, batch, length, steps):

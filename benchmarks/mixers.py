@@ -117,7 +117,7 @@ class Args:
 
 def main(argv=None):
     a = cli.parse(Args, argv, description=__doc__)
-    names = list(a.mixers) or mixers.names()
+    names = list(a.mixers) or [n for n in mixers.names() if mixers.get(n).functional]
     ts = [1024] if a.quick else [1024, 4096, 16384]
     print(HEADER, flush=True)
     rate, rows = bench(names, ts, a.batch)

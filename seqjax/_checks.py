@@ -70,3 +70,12 @@ def check_same_shape(name_a: str, a, name_b: str, b) -> None:
 def check_divisible(name: str, value: int, by_name: str, by: int) -> None:
     if by <= 0 or value % by:
         raise ValueError(f"{name}={value} must be divisible by {by_name}={by}")
+
+
+def check_no_negative_eigen(name: str, negative_eigen) -> None:
+    """The one message of every mixer without the ``negative_eigen`` flag (Grazzi et al. 2025)."""
+    if negative_eigen:
+        raise ValueError(
+            f"{name} does not support negative_eigen=True (the mixers registered with negative_eigen "
+            "support it: mamba, mamba2 and the delta-rule family)"
+        )

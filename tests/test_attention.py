@@ -114,13 +114,13 @@ def test_cache_prefill_and_decode_equal_forward(window):
     y, _ = layer(x)
     cache = layer.init_cache(2, 16)
     if window is not None:
-        assert cache["k"].shape[1] == window  # constant memory
+        assert cache.k.shape[1] == window  # constant memory
     outs = []
     for lo, hi in [(0, 4), (4, 5), (5, 11), (11, 12), (12, 13)]:
         yi, cache = layer(x[:, lo:hi], cache=cache)
         outs.append(yi)
     assert rms_rel_err(jnp.concatenate(outs, 1), y) < 1e-5
-    assert int(cache["index"]) == 13
+    assert int(cache.index) == 13
 
 
 def test_cache_with_segments():
@@ -136,7 +136,7 @@ def test_cache_with_segments():
         yi, cache = layer(x[:, i : i + 1], cache=cache)
         outs.append(yi)
     assert rms_rel_err(jnp.concatenate(outs, 1), y) < 1e-5
-    np.testing.assert_array_equal(cache["next_pos"], [6])
+    np.testing.assert_array_equal(cache.next_pos, [6])
 
 
 def test_gqa_equals_repeated_kv_heads():

@@ -28,7 +28,7 @@ def _decode_matches_forward(model, toks, cut, max_len=16, embed_key=None):
     y = full(state, toks)
     cache = model.init_cache(toks.shape[0], max_len)
     if embed_key is not None:
-        cache["embed_key"] = embed_key
+        cache = cache._replace(embed_key=embed_key)
     y_pre, cache = prefill(state, toks[:, :cut], cache)
     outs = [y_pre]
     for i in range(cut, toks.shape[1]):
@@ -66,8 +66,8 @@ def test_decode_equals_forward_patterns(kw):
     toks = jax.random.randint(jax.random.PRNGKey(2), (2, 10), 0, V)
     key = jax.random.PRNGKey(7) if model.embed is None else None
     cache = _decode_matches_forward(model, toks, cut=4, embed_key=key)
-    assert int(cache["index"]) == 10
-    np.testing.assert_array_equal(cache["next_pos"], [10, 10])
+    assert int(cache.index) == 10
+    np.testing.assert_array_equal(cache.next_pos, [10, 10])
 
 
 def test_sample_rules():

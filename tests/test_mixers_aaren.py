@@ -23,14 +23,14 @@ def _softmax_attention(q, k, v, scale=None):
 @pytest.mark.parametrize("t", [1, 63])
 @pytest.mark.parametrize("impl", ["sequential", "associative"])
 def test_equals_causal_softmax_attention(t, impl):
-    inp = A.make_inputs(jax.random.PRNGKey(t), 2, t)
+    inp = A.aaren_make_inputs(jax.random.PRNGKey(t), 2, t)
     y, _ = A.aaren(**inp, impl=impl)
     assert rms_rel_err(y, _softmax_attention(**inp)) < 1e-5
 
 
 def test_large_scores_stay_exact():
     """The running max keeps exp() in range: scores of +-300 would overflow a naive sum of exps."""
-    inp = A.make_inputs(jax.random.PRNGKey(1), 2, 40)
+    inp = A.aaren_make_inputs(jax.random.PRNGKey(1), 2, 40)
     inp["k"] = inp["k"] * 150.0
     ref = _softmax_attention(**inp)
     for impl in ("sequential", "associative"):
@@ -55,7 +55,7 @@ def test_combine_is_associative_with_identity():
 
 
 def test_step_is_constant_memory_and_exact():
-    inp = A.make_inputs(jax.random.PRNGKey(3), 2, 30)
+    inp = A.aaren_make_inputs(jax.random.PRNGKey(3), 2, 30)
     ref = _softmax_attention(**inp)
     step = jax.jit(A.aaren_step)
     h, shapes = None, set()
@@ -67,7 +67,7 @@ def test_step_is_constant_memory_and_exact():
 
 
 def test_resets_restart_the_softmax():
-    inp = A.make_inputs(jax.random.PRNGKey(4), 1, 20)
+    inp = A.aaren_make_inputs(jax.random.PRNGKey(4), 1, 20)
     resets = jnp.zeros((1, 20), bool).at[:, 8].set(True)
     y, _ = A.aaren(**inp, resets=resets, impl="associative")
     second = _softmax_attention(inp["q"], inp["k"][:, 8:], inp["v"][:, 8:])
@@ -75,14 +75,14 @@ def test_resets_restart_the_softmax():
 
 
 def test_materialize_rows_are_softmax():
-    inp = A.make_inputs(jax.random.PRNGKey(5), 2, 11)
+    inp = A.aaren_make_inputs(jax.random.PRNGKey(5), 2, 11)
     m = A.aaren_materialize(**inp)
     np.testing.assert_allclose(jnp.sum(m, -1), 1.0, rtol=1e-6)
     assert float(jnp.min(m)) >= 0.0 and float(jnp.max(jnp.triu(m, 1))) == 0.0
 
 
 def test_bad_inputs_raise():
-    inp = A.make_inputs(jax.random.PRNGKey(6), 2, 5)
+    inp = A.aaren_make_inputs(jax.random.PRNGKey(6), 2, 5)
     with pytest.raises(ValueError, match="q must have shape"):
         A.aaren(inp["q"][:, :3], inp["k"], inp["v"])
     with pytest.raises(ValueError, match="v must have shape"):

@@ -11,9 +11,9 @@ from flax import nnx
 
 from seqjax import mixers
 from seqjax._linalg import solve_unit_lower
-from seqjax.ops import delta as E
 from seqjax.mixers import deltanet as D
 from seqjax.nn import l2_normalize, rms_rel_err
+from seqjax.ops import delta as E
 
 
 def _inputs(key, b, t, h, dk, dv, *, beta_max=2.0, decay=(-8.0, 1.0), reset_p=0.0):
@@ -88,7 +88,7 @@ def test_gate_extremes(log_decay):
 
 
 def test_deltaproduct_one_householder_equals_deltanet():
-    x = D.make_inputs(jax.random.PRNGKey(5), 2, 45)
+    x = D.deltanet_make_inputs(jax.random.PRNGKey(5), 2, 45)
     h0 = jax.random.normal(jax.random.PRNGKey(6), (2, 2, 7, 5))
     one = lambda a: a[:, :, :, None]  # noqa: E731
     for impl in ("sequential", "chunked"):
@@ -100,7 +100,7 @@ def test_deltaproduct_one_householder_equals_deltanet():
 
 
 def test_gated_deltanet_with_unit_gate_equals_deltanet():
-    x = D.make_inputs(jax.random.PRNGKey(7), 2, 40)
+    x = D.deltanet_make_inputs(jax.random.PRNGKey(7), 2, 40)
     zero = jnp.zeros(x["beta"].shape)
     for impl in ("sequential", "chunked"):
         want = D.deltanet(**x, impl=impl, negative_eigen=True)
@@ -109,7 +109,7 @@ def test_gated_deltanet_with_unit_gate_equals_deltanet():
 
 
 def test_deltaproduct_operator_equals_forward():
-    x = D.make_inputs(jax.random.PRNGKey(8), 2, 19, gated=True, householder=3)
+    x = D.deltanet_make_inputs(jax.random.PRNGKey(8), 2, 19, gated=True, householder=3)
     resets = jnp.zeros((2, 19), bool).at[:, 7].set(True)
     y, _ = D.deltaproduct(**x, resets=resets, negative_eigen=True)
     m = D.deltaproduct_materialize(**x, resets=resets, negative_eigen=True)
@@ -164,7 +164,7 @@ def test_bf16_inputs_accumulate_in_float32():
 
 
 def test_bad_input_raises():
-    x = D.make_inputs(jax.random.PRNGKey(12), 2, 8)
+    x = D.deltanet_make_inputs(jax.random.PRNGKey(12), 2, 8)
     with pytest.raises(ValueError, match="k must have shape"):
         D.deltanet(x["q"], x["k"][..., :5], x["v"], x["beta"])
     with pytest.raises(ValueError, match="v must have shape"):
@@ -181,14 +181,14 @@ def test_bad_input_raises():
         D.deltanet(**x, impl="fast")
     with pytest.raises(ValueError, match="negative_eigen must be a bool"):
         D.deltanet(**x, negative_eigen="yes")
-    p = D.make_inputs(jax.random.PRNGKey(12), 2, 8, householder=2)
+    p = D.deltanet_make_inputs(jax.random.PRNGKey(12), 2, 8, householder=2)
     with pytest.raises(ValueError, match="beta must have shape"):
         D.deltaproduct(p["q"], p["k"], p["v"], x["beta"])
     with pytest.raises(ValueError, match="v must have shape"):
         D.deltaproduct(p["q"], p["k"], p["v"][:, :, :, :1], p["beta"])
 
 
-@pytest.mark.parametrize("name", [n for n in mixers.names() if not mixers.get(n).negative_eigen])
+@pytest.mark.parametrize("name", [n for n in mixers.names() if mixers.get(n).functional and not mixers.get(n).negative_eigen])
 def test_negative_eigen_flag_on_mixer_without_it_raises(name):
     spec = mixers.get(name)
     inputs = spec.make_inputs(jax.random.PRNGKey(13), 1, 4)

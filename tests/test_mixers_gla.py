@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqjax.ops import gla as eng
 from seqjax.mixers import gla as G
 from seqjax.mixers import mamba2 as M2
 from seqjax.mixers import mlstm as ML
 from seqjax.nn import rms_rel_err
+from seqjax.ops import gla as eng
 
 
 def _assert_close(x, y, tol, what=""):
@@ -84,7 +84,7 @@ def test_neg_inf_decay_is_a_reset():
 
 
 def test_retnet_and_linear_attention_equal_gla():
-    inp = G.qkv_make_inputs(jax.random.PRNGKey(5), 2, 45, heads=3)
+    inp = G.retnet_make_inputs(jax.random.PRNGKey(5), 2, 45, heads=3)
     b, t, h, dk = inp["q"].shape
     g_ret = jnp.broadcast_to(G.retnet_decays(h)[None, None, :, None], (b, t, h, dk))
     _assert_close(G.retnet(**inp, chunk_size=16), G.gla(**inp, log_decay=g_ret, chunk_size=16), 1e-5)
@@ -103,7 +103,7 @@ def test_mamba2_negeig_transition_near_minus_one():
 
 @pytest.mark.parametrize("t", [37, 130])
 def test_mamba2_negeig_near_minus_one_equals_reference(t):
-    inp = M2.make_inputs(jax.random.PRNGKey(t), 2, t)
+    inp = M2.mamba2_make_inputs(jax.random.PRNGKey(t), 2, t)
     inp["dt"] = 5.0 + inp["dt"]  # a = exp(dt A) ~ 0 for most heads: transitions 2a - 1 close to -1
     ref = functools.partial(M2.mamba2_recurrent, negative_eigen=True)
     fast = functools.partial(M2.mamba2, impl="chunked", chunk_size=32, negative_eigen=True)
@@ -119,7 +119,7 @@ def test_mamba2_negeig_near_minus_one_equals_reference(t):
 
 
 def test_mamba2_decay_off_is_linear_attention():
-    inp = M2.make_inputs(jax.random.PRNGKey(8), 1, 20, heads=2, groups=2)
+    inp = M2.mamba2_make_inputs(jax.random.PRNGKey(8), 1, 20, heads=2, groups=2)
     y, s = M2.mamba2(**{**inp, "A": None, "D": None}, chunk_size=16)
     q, k = inp["C"], inp["B"]
     v = inp["x"] * inp["dt"][..., None]
@@ -129,9 +129,9 @@ def test_mamba2_decay_off_is_linear_attention():
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_mlstm_chunked_stabiliser(chunk):
     """Large input gates (exp(i) overflows unstabilised), resets inside a chunk, state carried in."""
-    inp = ML.make_inputs(jax.random.PRNGKey(9), 2, 75)
+    inp = ML.mlstm_make_inputs(jax.random.PRNGKey(9), 2, 75)
     inp["i"] = inp["i"] * 30.0  # |i| up to ~200
-    h0 = ML.mlstm_recurrent(**ML.make_inputs(jax.random.PRNGKey(10), 2, 5))[1]
+    h0 = ML.mlstm_recurrent(**ML.mlstm_make_inputs(jax.random.PRNGKey(10), 2, 5))[1]
     resets = jnp.zeros((2, 75), bool).at[0, 20].set(True).at[1, 70].set(True)
     ref = ML.mlstm_recurrent(**inp, h0=h0, resets=resets)
     out = ML.mlstm(**inp, h0=h0, resets=resets, chunk_size=chunk)
@@ -160,12 +160,12 @@ def test_bad_inputs_raise():
         G.gla(**inp, chunk_size=24)
     with pytest.raises(ValueError, match="impl"):
         G.gla(**inp, impl="fast")
-    m = M2.make_inputs(jax.random.PRNGKey(0), 1, 8)
+    m = M2.mamba2_make_inputs(jax.random.PRNGKey(0), 1, 8)
     with pytest.raises(ValueError, match="dt must have shape"):
         M2.mamba2(**{**m, "dt": m["dt"][..., :1]})
     with pytest.raises(ValueError, match="groups"):
         M2.mamba2(**{**m, "B": m["B"][:, :, :1].repeat(3, axis=2), "C": m["C"][:, :, :1].repeat(3, axis=2)})
-    ml = ML.make_inputs(jax.random.PRNGKey(0), 1, 8)
+    ml = ML.mlstm_make_inputs(jax.random.PRNGKey(0), 1, 8)
     with pytest.raises(ValueError, match="f must have shape"):
         ML.mlstm(**{**ml, "f": ml["f"][..., None]})
     with pytest.raises(ValueError, match="negative_eigen"):

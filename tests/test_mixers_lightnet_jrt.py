@@ -37,7 +37,7 @@ def _close_all(a, b, tol):
 def test_lightnet_strong_decays_chunked_equals_reference(spread):
     """f rising by `spread` per step gives a log-decay of about -spread per step; still exact and finite."""
     t = 63
-    inp = L.make_inputs(jax.random.PRNGKey(0), 2, t)
+    inp = L.lightnet_make_inputs(jax.random.PRNGKey(0), 2, t)
     inp["f"] = inp["f"] + spread * jnp.arange(t, dtype=jnp.float32)[None, :, None, None]
     resets = jnp.zeros((2, t), bool).at[:, 30].set(True)
     ref = functools.partial(L.lightnet_recurrent, resets=resets)
@@ -50,7 +50,7 @@ def test_lightnet_strong_decays_chunked_equals_reference(spread):
 
 def test_lightnet_state_is_the_normalised_sum_in_any_order():
     """s_T = sum_j e^{f_j - logsumexp f} k_j v_j^T: additive, so any scan order gives the same final state."""
-    inp = L.make_inputs(jax.random.PRNGKey(2), 1, 24)
+    inp = L.lightnet_make_inputs(jax.random.PRNGKey(2), 1, 24)
     _, (s, z) = L.lightnet(**inp)
     w = jnp.exp(inp["f"] - jax.scipy.special.logsumexp(inp["f"], axis=1, keepdims=True))
     direct = jnp.einsum("bthk,bthv->bhkv", w * inp["k"], inp["v"])
@@ -65,7 +65,7 @@ GRID = (3, 4)
 
 def _grid_inputs(key, grid=GRID, kd=4):
     t = int(np.prod(grid))
-    inp = L.make_inputs(key, 1, t, key_dim=kd)
+    inp = L.lightnet_make_inputs(key, 1, t, key_dim=kd)
     ang = L.lrpe_angles(L.raster_positions(grid), kd, base=10.0)
     return inp, ang
 
@@ -149,7 +149,7 @@ def test_lightnet_grid_layer():
 
 
 def test_lightnet_bad_inputs():
-    inp = L.make_inputs(jax.random.PRNGKey(11), 2, 5)
+    inp = L.lightnet_make_inputs(jax.random.PRNGKey(11), 2, 5)
     with pytest.raises(ValueError, match="f must have the same shape"):
         L.lightnet(inp["q"], inp["k"], inp["v"], inp["f"][..., :3])
     with pytest.raises(ValueError, match="negative_eigen"):
@@ -160,7 +160,7 @@ def test_lightnet_bad_inputs():
 
 
 def _jrt_inputs(key, t, b=2):
-    inp = J.make_inputs(key, b, t)
+    inp = J.jrt_make_inputs(key, b, t)
     inp["v_enc"] = jax.random.normal(jax.random.fold_in(key, 9), inp["v"].shape)
     return inp
 
@@ -191,7 +191,7 @@ def test_jrt_prefix_is_noncausal_and_the_rest_causal():
 
 
 def test_jrt_without_prefix_is_causal_linear_attention():
-    inp = J.make_inputs(jax.random.PRNGKey(2), 2, 30)
+    inp = J.jrt_make_inputs(jax.random.PRNGKey(2), 2, 30)
     y, _ = J.jrt(**inp, prefix_len=0)
     q, k, v = (np.asarray(inp[n], np.float64) for n in "qkv")
     a = np.einsum("bthk,bshk->bhts", q, k) * np.tril(np.ones((30, 30)))
@@ -214,7 +214,7 @@ def test_jrt_decode_continues_after_the_prefix():
 
 def test_jrt_materialize_has_a_full_prefix_block():
     p, t = 5, 12
-    inp = J.make_inputs(jax.random.PRNGKey(4), 1, t)
+    inp = J.jrt_make_inputs(jax.random.PRNGKey(4), 1, t)
     m = J.jrt_materialize(**inp, prefix_len=p)
     assert float(jnp.min(m[..., :p, :p])) > 0  # every prefix position sees every prefix token
     np.testing.assert_array_equal(np.asarray(jnp.triu(m[..., p:, :], 1 + p)), 0.0)
@@ -232,7 +232,7 @@ def test_jrt_layer_packs_documents_with_their_own_prefix():
 
 
 def test_jrt_bad_inputs():
-    inp = J.make_inputs(jax.random.PRNGKey(6), 2, 5)
+    inp = J.jrt_make_inputs(jax.random.PRNGKey(6), 2, 5)
     with pytest.raises(ValueError, match="k_enc must have the same shape"):
         J.jrt(**{**inp, "k_enc": inp["k_enc"][..., :2]})
     with pytest.raises(ValueError, match="prefix_len"):

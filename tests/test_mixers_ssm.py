@@ -55,7 +55,7 @@ def test_hippo_normal_part_and_eigendecomposition():
 
 
 def test_lssl_cnn_is_rnn():
-    inp = lssl_mod.make_inputs(KEY, 2, 100, channels=3, state=12)
+    inp = lssl_mod.lssl_make_inputs(KEY, 2, 100, channels=3, state=12)
     h0 = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 12))
     y_rnn, h_rnn = lssl_mod.lssl(**inp, h0=h0, impl="sequential")
     y_cnn, h_cnn = lssl_mod.lssl(**inp, h0=h0, impl="conv")
@@ -159,7 +159,7 @@ def test_negative_eigen_transition_range():
     assert float(jnp.min(neg)) < -0.99 and float(jnp.max(neg)) > 0.99  # the whole range is reached
     np.testing.assert_allclose(neg, 2 * jnp.exp(pos) - 1, atol=1e-6)
     # the flag changes the transition only: one step from h0 with zero input
-    inp = mamba_mod.make_inputs(KEY, 2, 1)
+    inp = mamba_mod.mamba_make_inputs(KEY, 2, 1)
     h0 = jax.random.normal(KEY, (2, 3, 4))
     _, h = mamba_mod.mamba(**{**inp, "x": jnp.zeros_like(inp["x"])}, h0=h0, negative_eigen=True)
     a_bar = jnp.exp(inp["dt"][:, 0, :, None] * inp["A"][None])
@@ -201,7 +201,7 @@ def _finite(tree):
 
 @pytest.mark.parametrize("negative_eigen", [False, True])
 def test_mamba_log_decay_minus_20_finite(negative_eigen):
-    inp = mamba_mod.make_inputs(KEY, 2, 65)
+    inp = mamba_mod.mamba_make_inputs(KEY, 2, 65)
     inp["A"] = jnp.full_like(inp["A"], -20.0)
     inp["dt"] = jnp.ones_like(inp["dt"])  # Δ A = -20 per step
     ref = mamba_mod.mamba_recurrent(**inp, negative_eigen=negative_eigen)
@@ -295,7 +295,7 @@ def test_layer_packed_documents_equal_separate_runs(layer_cls):
 
 
 def test_bad_input_raises_clear_errors():
-    m = mamba_mod.make_inputs(KEY, 2, 6)
+    m = mamba_mod.mamba_make_inputs(KEY, 2, 6)
     with pytest.raises(ValueError, match="B must have shape"):
         mamba_mod.mamba(**{**m, "B": m["B"][..., :3]})
     with pytest.raises(ValueError, match="A must have shape"):
@@ -318,7 +318,7 @@ def test_bad_input_raises_clear_errors():
         lru_mod.rglru(**{**r, "gate_a": r["gate_a"][:, :5]})
     # the negative-eigenvalue flag on mixers without it
     cases = [
-        (lssl_mod.lssl, lssl_mod.make_inputs(KEY, 1, 4)),
+        (lssl_mod.lssl, lssl_mod.lssl_make_inputs(KEY, 1, 4)),
         (s4d_mod.s4d, s),
         (s4d_mod.s5, s4d_mod.s5_make_inputs(KEY, 1, 4)),
         (lru_mod.lru, lru_mod.lru_make_inputs(KEY, 1, 4)),

@@ -13,7 +13,7 @@ from seqjax.nn import rms_rel_err
 
 
 def _inputs(key, t, depth=2, b=2):
-    return T.make_inputs(key, b, t, depth=depth)
+    return T.titans_make_inputs(key, b, t, depth=depth)
 
 
 def _err(a, b):
@@ -36,7 +36,7 @@ def test_linear_memory_matches_the_paper_loop():
         w = (1 - g["alpha"][0, i])[:, None, None] * w + s
         ys.append(np.einsum("hk,hkv->hv", q, w))
     assert rms_rel_err(y[0], np.stack(ys)) < 1e-5
-    assert rms_rel_err(h["w"][0][0], w) < 1e-5 and rms_rel_err(h["s"][0][0], s) < 1e-5
+    assert rms_rel_err(h.w[0][0], w) < 1e-5 and rms_rel_err(h.s[0][0], s) < 1e-5
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.delta_chunk import delta_chunk
-from seqjax.ops import delta as E
 from seqjax.mixers import deltanet as D
 from seqjax.nn import l2_normalize, rms_rel_err
+from seqjax.ops import delta as E
 
 
 def _inputs(key, b, t, h, dk, dv, decay=(-8.0, 3.0)):
@@ -134,10 +134,10 @@ def test_kernel_bf16_inputs(backend):
 
 def test_mixers_impl_pallas():
     """``impl="pallas"`` in the mixers (negative eigenvalues on; DeltaProduct via micro-tokens)."""
-    x = D.make_inputs(jax.random.PRNGKey(4), 1, 21, gated=True)
+    x = D.deltanet_make_inputs(jax.random.PRNGKey(4), 1, 21, gated=True)
     want = D.gated_deltanet(**x, impl="sequential", negative_eigen=True)
     _close(D.gated_deltanet(**x, impl="pallas", negative_eigen=True), want, 1e-4, "gated_deltanet pallas")
-    p = D.make_inputs(jax.random.PRNGKey(5), 1, 9, gated=True, householder=2)
+    p = D.deltanet_make_inputs(jax.random.PRNGKey(5), 1, 9, gated=True, householder=2)
     want = D.deltaproduct(**p, impl="sequential", chunk_size=16)
     _close(D.deltaproduct(**p, impl="pallas", chunk_size=16), want, 1e-4, "deltaproduct pallas")
 

@@ -11,8 +11,8 @@ import pytest
 from pallas_kernels.gla_chunk import gla_chunk_pallas
 from seqjax.mixers import gla as G
 from seqjax.mixers import mamba2 as M2
-from seqjax.ops.gla import recurrent_gla
 from seqjax.nn import rms_rel_err
+from seqjax.ops.gla import recurrent_gla
 
 
 def _close(x, y, tol, what=""):
@@ -153,11 +153,11 @@ def test_bad_gate_shape_is_named():
 
 
 def test_mixers_pallas_impl():
-    inp = M2.make_inputs(jax.random.PRNGKey(5), 1, 37)
+    inp = M2.mamba2_make_inputs(jax.random.PRNGKey(5), 1, 37)
     for neg in (False, True):
         _close(M2.mamba2(**inp, impl="pallas", chunk_size=16, negative_eigen=neg),
                M2.mamba2_recurrent(**inp, negative_eigen=neg), 1e-5, f"mamba2 neg={neg}")
-    qkv = G.qkv_make_inputs(jax.random.PRNGKey(6), 1, 37)
+    qkv = G.linear_attention_make_inputs(jax.random.PRNGKey(6), 1, 37)
     _close(G.retnet(**qkv, impl="pallas", chunk_size=16), G.retnet_recurrent(**qkv), 1e-5, "retnet")
     _close(G.linear_attention(**qkv, impl="pallas", chunk_size=16), G.linear_attention_recurrent(**qkv), 1e-5, "linattn")
     gin = G.gla_make_inputs(jax.random.PRNGKey(7), 1, 37)

@@ -178,7 +178,7 @@ def test_chunk_stabilisers_equal_the_chunk_by_chunk_walk():
 
 
 def test_mixer_impl_pallas_and_bad_chunk():
-    x = ML.make_inputs(jax.random.PRNGKey(5), 1, 21)
+    x = ML.mlstm_make_inputs(jax.random.PRNGKey(5), 1, 21)
     _close(ML.mlstm(**x, impl="pallas", chunk_size=16), ML.mlstm(**x, impl="sequential"), 2e-5, "mlstm impl=pallas")
     with pytest.raises(ValueError, match="power of two"):
         ML.mlstm(**x, impl="pallas", chunk_size=48)
@@ -190,7 +190,7 @@ def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
     calls, real = [], ML.mlstm_chunk
     monkeypatch.setattr(ML, "mlstm_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
     monkeypatch.setattr(ML, "auto_pallas", lambda chunk_size=None, kernel="gla": kernel == "mlstm")
-    x = ML.make_inputs(jax.random.PRNGKey(6), 1, 9)
+    x = ML.mlstm_make_inputs(jax.random.PRNGKey(6), 1, 9)
     _close(ML.mlstm(**x, impl="auto", chunk_size=16), ML.mlstm(**x, impl="sequential"), 2e-5, "auto")
     ML.mlstm(**x, impl="pallas", chunk_size=16)
     assert calls == ["xla", "pallas"]

@@ -3,6 +3,8 @@
 
 from seqjax.attention.attention import (
     Attention,
+    KVCache,
+    SlidingWindowAttention,
     attention,
     attention_reference,
     make_mask,
@@ -10,4 +12,5 @@ from seqjax.attention.attention import (
     rope,
 )
 
-__all__ = ["Attention", "attention", "attention_reference", "make_mask", "positions_from_segment_ids", "rope"]
+__all__ = ["Attention", "KVCache", "SlidingWindowAttention", "attention", "attention_reference", "make_mask",
+           "positions_from_segment_ids", "rope"]

@@ -12,12 +12,13 @@ RoPE (Su et al. 2021) rotates feature pairs ``(x_m, x_{m+d/2})`` by ``pos * thet
 
 Layout: ``q [b, t, heads, d]``, ``k, v [b, s, kv_heads, d]``; time on axis 1.
 
-:func:`attention` is the functional form (``seqjax.ops.attention``, re-exported here): it calls ``jax.nn.dot_product_attention`` (``impl=None`` /
-``"xla"`` / ``"cudnn"``) and, with ``impl="reference"``, a plain float32 einsum softmax used by the tests.
+:func:`attention` is the functional form (``seqjax.ops.attention``, re-exported here): it calls
+``jax.nn.dot_product_attention`` (``impl=None`` / ``"xla"`` / ``"cudnn"``) and, with ``impl="reference"``,
+a plain float32 einsum softmax used by the tests.
 Without masks beyond causality/window it passes ``is_causal`` and ``local_window_size`` so that
 cuDNN's flash attention can skip the masked blocks; packed sequences and caches use an explicit mask.
 
-Caches (:class:`Attention.init_cache`) are dicts of arrays::
+Caches (:class:`Attention.init_cache`) are :class:`KVCache` NamedTuples of arrays::
 
     k, v   [b, S, kv_heads, d]   keys (already rotated) and values, slot = stream index % S
     pos    [S] int32             stream index of each slot (-1: empty)
@@ -27,11 +28,14 @@ Caches (:class:`Attention.init_cache`) are dicts of arrays::
     last_seg [b] int32           segment id of the last token
 
 ``S = max_len`` for global attention (write, then attend over all slots) and ``S = window`` for
-sliding-window attention: a ring buffer (attend over ``[ring || new]``, then write the last ``S``
-tokens), so the memory of a windowed layer stays constant however long the generation.
+sliding-window attention (:class:`SlidingWindowAttention`): a ring buffer (attend over ``[ring || new]``,
+then write the last ``S`` tokens), so the memory of a windowed layer stays constant however long the
+generation. Both are registered mixers (``"attention"``, ``"swa"``, ``seqjax.mixers.attention``).
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from seqjax import _checks
-from seqjax import sharding as shd
+from seqjax.layer import plan
 from seqjax.nn import RMSNorm
 from seqjax.ops import context_parallel as cp
 from seqjax.ops.attention import attention, attention_reference, make_mask
@@ -50,7 +54,9 @@ __all__ = [
     "attention",
     "attention_reference",
     "make_mask",
+    "KVCache",
     "Attention",
+    "SlidingWindowAttention",
 ]
 
 
@@ -96,11 +102,23 @@ def _init(std):
     return nnx.initializers.normal(stddev=std)
 
 
+class KVCache(NamedTuple):
+    """An attention layer's decode cache (see the module docstring)."""
+
+    k: Any  # [b, S, kv_heads, d]
+    v: Any  # [b, S, kv_heads, d]
+    pos: Any  # [S] int32, -1: empty
+    seg: Any  # [b, S] int32
+    index: Any  # [] int32
+    next_pos: Any  # [b] int32
+    last_seg: Any  # [b] int32
+
+
 class Attention(nnx.Module):
     """Multi-head causal self-attention with RoPE, GQA, optional sliding window and QK-norm.
 
     ``y, cache = layer(x, segment_ids=None, positions=None, cache=None)`` with ``x, y [b, t, d_model]``
-    (the mixer-layer contract plus ``positions``). Positions default to the position inside each
+    (the sequence-layer protocol of ``seqjax.layer`` plus ``positions``). Positions default to the position inside each
     document (from ``segment_ids``, continued from the cache while decoding).
 
     Parameters (float32, logical axes): ``wq [embed, heads, head_dim]``, ``wk``/``wv
@@ -161,7 +179,7 @@ class Attention(nnx.Module):
         k = rope(k, positions, theta=self.rope_theta)
         return q, k, v
 
-    def _prefix(self, k, v, mask):
+    def with_persistent(self, k, v, mask):
         """Prepend the persistent tokens' keys / values (no RoPE), visible to every query."""
         if self.persistent is None:
             return k, v, mask
@@ -191,8 +209,8 @@ class Attention(nnx.Module):
                 seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
                 positions = positions_from_segment_ids(seg)
             q, k, v = self.qkv(x, positions)
-            mesh = shd.context_mesh(t)
-            if self.persistent is None and self.window is None and mesh is not None:
+            mesh = plan(x, cache=cache, context_parallel=self.persistent is None and self.window is None).mesh
+            if mesh is not None:
                 # time is split over the mesh's `context` axis: queries stay local, K/V are all-gathered
                 o = cp.attention_context_parallel(q, k, v, mesh=mesh, segment_ids=segment_ids)
             elif self.persistent is None:
@@ -200,46 +218,46 @@ class Attention(nnx.Module):
             else:
                 idx = jnp.arange(t, dtype=jnp.int32)[None]
                 mask = make_mask(idx, idx, q_seg=segment_ids, k_seg=segment_ids, window=self.window)
-                kk, vv, mask = self._prefix(k, v, mask)
+                kk, vv, mask = self.with_persistent(k, v, mask)
                 o = attention(q, kk, vv, mask=mask, impl=self.impl)
             return self.out(o).astype(x.dtype), None
 
-        index = cache["index"]
+        index = cache.index
         seg = (
-            jnp.broadcast_to(cache["last_seg"][:, None], (b, t))
+            jnp.broadcast_to(cache.last_seg[:, None], (b, t))
             if segment_ids is None
             else jnp.asarray(segment_ids, jnp.int32)
         )
         if positions is None:
-            positions = positions_from_segment_ids(seg, prev_seg=cache["last_seg"], offset=cache["next_pos"])
+            positions = positions_from_segment_ids(seg, prev_seg=cache.last_seg, offset=cache.next_pos)
         q, k, v = self.qkv(x, positions)
         q_idx = (index + jnp.arange(t, dtype=jnp.int32))[None]
-        size = cache["k"].shape[1]
-        kc, vc = cache["k"].astype(k.dtype), cache["v"].astype(v.dtype)
+        size = cache.k.shape[1]
+        kc, vc = cache.k.astype(k.dtype), cache.v.astype(v.dtype)
         if self.window is None:  # global: write, then attend over all slots
             kc = jax.lax.dynamic_update_slice(kc, k, (0, index, 0, 0))
             vc = jax.lax.dynamic_update_slice(vc, v, (0, index, 0, 0))
-            kpos = jax.lax.dynamic_update_slice(cache["pos"], q_idx[0], (index,))
-            kseg = jax.lax.dynamic_update_slice(cache["seg"], seg, (0, index))
+            kpos = jax.lax.dynamic_update_slice(cache.pos, q_idx[0], (index,))
+            kseg = jax.lax.dynamic_update_slice(cache.seg, seg, (0, index))
             mask = make_mask(q_idx, kpos[None], q_seg=seg, k_seg=kseg)
-            kk, vv, mask = self._prefix(kc, vc, mask)
+            kk, vv, mask = self.with_persistent(kc, vc, mask)
             o = attention(q, kk, vv, mask=mask, impl=self.impl)
         else:  # ring buffer: attend over [ring || new], then keep the last `size` tokens
             k_all, v_all = jnp.concatenate([kc, k], 1), jnp.concatenate([vc, v], 1)
-            pos_all = jnp.concatenate([cache["pos"], q_idx[0]])
-            seg_all = jnp.concatenate([cache["seg"], seg], 1)
+            pos_all = jnp.concatenate([cache.pos, q_idx[0]])
+            seg_all = jnp.concatenate([cache.seg, seg], 1)
             mask = make_mask(q_idx, pos_all[None], q_seg=seg, k_seg=seg_all, window=self.window)
-            k_all, v_all, mask = self._prefix(k_all, v_all, mask)
+            k_all, v_all, mask = self.with_persistent(k_all, v_all, mask)
             o = attention(q, k_all, v_all, mask=mask, impl=self.impl)
             m = min(t, size)
             slots = (index + t - m + jnp.arange(m, dtype=jnp.int32)) % size
             kc = kc.at[:, slots].set(k[:, t - m :])
             vc = vc.at[:, slots].set(v[:, t - m :])
-            kpos = cache["pos"].at[slots].set(q_idx[0, t - m :])
-            kseg = cache["seg"].at[:, slots].set(seg[:, t - m :])
-        new = dict(
-            k=kc.astype(cache["k"].dtype),
-            v=vc.astype(cache["v"].dtype),
+            kpos = cache.pos.at[slots].set(q_idx[0, t - m :])
+            kseg = cache.seg.at[:, slots].set(seg[:, t - m :])
+        new = KVCache(
+            k=kc.astype(cache.k.dtype),
+            v=vc.astype(cache.v.dtype),
             pos=kpos,
             seg=kseg,
             index=index + t,
@@ -248,12 +266,12 @@ class Attention(nnx.Module):
         )
         return self.out(o).astype(x.dtype), new
 
-    def init_cache(self, batch_size: int, max_len: int, dtype=None):
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache: ``max_len`` slots (global) or a ``min(window, max_len)`` ring buffer."""
         size = max_len if self.window is None else min(self.window, max_len)
         dtype = self.dtype if dtype is None else dtype
         kv = (batch_size, size, self.num_kv_heads, self.head_dim)
-        return dict(
+        return KVCache(
             k=jnp.zeros(kv, dtype),
             v=jnp.zeros(kv, dtype),
             pos=jnp.full((size,), -1, jnp.int32),
@@ -262,3 +280,13 @@ class Attention(nnx.Module):
             next_pos=jnp.zeros((batch_size,), jnp.int32),
             last_seg=jnp.zeros((batch_size,), jnp.int32),
         )
+
+
+class SlidingWindowAttention(Attention):
+    """Attention over the last ``window`` tokens (Beltagy et al. 2020); its decode cache is a ring buffer of
+    ``window`` slots. ``window`` has no default: in the LM it is ``LMConfig.window``."""
+
+    def __init__(self, d_model: int, *, window: int | None = None, **kw):
+        if window is None:
+            raise ValueError('sliding-window attention needs a window (LMConfig.window for "swa" layers)')
+        super().__init__(d_model, window=window, **kw)

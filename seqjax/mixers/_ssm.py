@@ -4,7 +4,8 @@ r"""Shared pieces of the linear time-invariant state-space mixers (LSSL, S4D, S5
   LegS ``A``/``B`` and its normal part (S5's HiPPO-N);
 - the causal convolution ``y_t = sum_{s <= t} K_{t-s} x_s`` by FFT, and its packed-document form
   (a masked Toeplitz product, since a reset breaks time invariance);
-- document masks that say which tokens ``h0`` reaches and which ones feed ``h_last``.
+- document masks that say which tokens ``h0`` reaches and which ones feed ``h_last``;
+- the input checks the diagonal scans share (LRU, RG-LRU, S4D, S5).
 
 The module name starts with ``_`` so the registry does not import it as a mixer family.
 """
@@ -14,13 +15,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax import _checks
+
 __all__ = [
     "hippo_legs",
     "hippo_legs_normal",
     "causal_fft_conv",
     "causal_conv",
     "document_masks",
-    "check_no_negative_eigen",
+    "check_ssm_inputs",
     "resets_or_none",
 ]
 
@@ -50,12 +53,15 @@ def hippo_legs_normal(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lam, v, b
 
 
-def check_no_negative_eigen(name: str, negative_eigen) -> None:
-    if negative_eigen:
-        raise ValueError(
-            f"{name} does not support negative_eigen=True (only mamba and the mixers registered with "
-            "negative_eigen support it)"
-        )
+def check_ssm_inputs(name: str, x, h0, resets, negative_eigen, step: bool, state_shape) -> None:
+    """``x [b, t, channels]`` (``[b, channels]`` for a step), ``h0 [b, *state_shape]``, ``resets [b, t]``."""
+    _checks.check_no_negative_eigen(name, negative_eigen)
+    _checks.check_ndim("x", x, 2 if step else 3, "[batch, channels]" if step else "[batch, time, channels]")
+    _checks.check_dtype("x", x, "float")
+    if h0 is not None:
+        _checks.check_shape("h0", h0, (x.shape[0], *state_shape), "[batch, ...state]")
+    if resets is not None:
+        _checks.check_shape("resets", resets, x.shape[:2], "[batch, time]")
 
 
 def resets_or_none(resets):

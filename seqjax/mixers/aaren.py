@@ -43,10 +43,12 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks
+from seqjax.layer import StateCache, plan, update
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import Linear, merge_heads, resets_from_segment_ids, split_heads
+from seqjax.nn import Linear, merge_heads, split_heads
 
-__all__ = ["aaren", "aaren_recurrent", "aaren_associative", "aaren_step", "aaren_materialize", "Aaren"]
+__all__ = ["aaren", "aaren_recurrent", "aaren_associative", "aaren_step", "aaren_materialize", "aaren_make_inputs",
+           "Aaren"]
 
 NEG = -1e30  # the max of an empty set; finite so that exp(NEG - m) == 0 with finite gradients
 IMPLS = ("auto", "sequential", "associative")
@@ -55,7 +57,7 @@ IMPLS = ("auto", "sequential", "associative")
 # ----------------------------------------------------------------------------- helpers
 
 
-def _validate(q, k, v, h0, resets):
+def _check_aaren_inputs(q, k, v, h0, resets):
     _checks.check_ndim("k", k, 4, "[batch, time, heads, key_dim]")
     b, t, h, dk = k.shape
     _checks.check_shape("q", q, (h, dk), "[heads, key_dim] (one learned query per head)")
@@ -120,7 +122,7 @@ def _update(state, s, v):
 
 def aaren_recurrent(q, k, v, *, h0=None, resets=None, scale=None):
     """The reference: a float32 ``lax.scan`` of the (m, u, w) cell over time. Returns ``(y, h_last)``."""
-    _validate(q, k, v, h0, resets)
+    _check_aaren_inputs(q, k, v, h0, resets)
     b, t, h, _ = k.shape
     dv = v.shape[-1]
     s = _scores(q, k, scale)
@@ -140,7 +142,7 @@ def aaren_recurrent(q, k, v, *, h0=None, resets=None, scale=None):
 
 def aaren_associative(q, k, v, *, h0=None, resets=None, scale=None):
     """The parallel form: every prefix state by one segmented ``lax.associative_scan``."""
-    _validate(q, k, v, h0, resets)
+    _check_aaren_inputs(q, k, v, h0, resets)
     b, t, h, _ = k.shape
     dv = v.shape[-1]
     s = _scores(q, k, scale)
@@ -170,8 +172,7 @@ def aaren(q, k, v, *, h0=None, impl: str = "auto", resets=None, scale=None, nega
 
     Returns ``(y [b, t, h, v], (m, u, w))``; ``"auto"`` is the associative scan.
     """
-    if negative_eigen:
-        raise ValueError("negative_eigen=True is not supported by this mixer (the flag exists for Mamba, Mamba-2 and the delta family)")
+    _checks.check_no_negative_eigen("aaren", negative_eigen)
     _checks.check_choice("impl", impl, IMPLS)
     if impl == "sequential":
         return aaren_recurrent(q, k, v, h0=h0, resets=resets, scale=scale)
@@ -205,7 +206,7 @@ class Aaren(nnx.Module):
     """An Aaren layer: learned per-head query, key/value projections, the (m, u, w) scan, output projection.
 
     ``y, cache = layer(x, segment_ids=None, cache=None)`` with ``x`` ``[b, t, d_model]``; the cache is
-    the ``(m, u, w)`` state (constant size, whatever the length).
+    ``StateCache((m, u, w))`` (constant size, whatever the length).
     """
 
     def __init__(self, d_model: int, *, num_heads: int = 4, head_dim: int | None = None, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -223,19 +224,19 @@ class Aaren(nnx.Module):
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
         k = split_heads(self.k_proj(x), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)
-        resets = resets_from_segment_ids(segment_ids)
-        y, state = aaren(self.query[...], k, v, h0=cache, resets=resets)
-        return self.o_proj(merge_heads(y)).astype(x.dtype), (None if cache is None else state)
+        p = plan(x, segment_ids=segment_ids, cache=cache)
+        y, state = aaren(self.query[...], k, v, h0=p.h0, resets=p.resets)
+        return self.o_proj(merge_heads(y)).astype(x.dtype), update(cache, state=state)
 
-    def init_cache(self, batch_size: int, max_len: int):
+    def init_cache(self, batch_size: int, max_len: int) -> StateCache:
         del max_len  # constant-size state
-        return zero_state(batch_size, self.num_heads, self.head_dim)
+        return StateCache(zero_state(batch_size, self.num_heads, self.head_dim))
 
 
 # ----------------------------------------------------------------------------- registry
 
 
-def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.float32):
+def aaren_make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.float32):
     kq, kk, kv = jax.random.split(key, 3)
     return {
         "q": jax.random.normal(kq, (heads, key_dim), dtype),
@@ -244,19 +245,10 @@ def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.
     }
 
 
-register(
-    MixerSpec(
-        name="aaren",
-        fn=aaren,
-        recurrent=aaren_recurrent,
-        step=aaren_step,
-        make_inputs=make_inputs,
-        layer=Aaren,
-        materialize=aaren_materialize,
-        value_arg="v",
-        params=("q",),
-        impls=("sequential", "associative"),
-        doc="Attention as an RNN (Feng et al. 2024): learned-query softmax attention by an (m, u, w) prefix scan.",
-        tol=1e-5,
-    )
-)
+register(MixerSpec(
+    name="aaren", fn=aaren, recurrent=aaren_recurrent, step=aaren_step, make_inputs=aaren_make_inputs, layer=Aaren,
+    materialize=aaren_materialize, value_arg="v", params=("q",), impls=("sequential", "associative"),
+    paper="https://arxiv.org/abs/2405.13956",
+    doc="Attention as an RNN (Feng et al. 2024): learned-query softmax attention by an (m, u, w) prefix scan.",
+    tol=1e-5,
+))

@@ -32,13 +32,13 @@ L2-normalised q and k -> ``beta = sigmoid(W_beta x)`` (``2 sigmoid`` with ``nega
 the functional form) -> (gated) delta rule -> per-head output norm (RMSNorm, or ``RMSNorm(o * silu(g))`` with
 an output gate) -> output projection. Gated variants use Mamba-2's decay,
 ``log alpha = -softplus(W_a x + dt_bias) exp(A_log)``. ``q`` is scaled by ``dk^{-1/2}`` as in fla.
-The decode cache is ``{"state": [b, h, dk, dv] float32, "conv_q"/"conv_k"/"conv_v": [b, K-1, .]}``.
-With a cache, the block is taken to continue the cached document (no reset at its first token).
+The decode cache is a :class:`DeltaCache` (the state ``[b, h, dk, dv]`` float32 and the short convs' states).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +47,10 @@ from flax import nnx
 
 from pallas_kernels.delta_chunk import delta_chunk
 from seqjax import _checks
-from seqjax import sharding as shd
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
+from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import GatedRMSNorm, Linear, RMSNorm, ShortConv, l2_normalize, resets_from_segment_ids
+from seqjax.nn import GatedRMSNorm, Linear, RMSNorm, ShortConv, l2_normalize
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import delta as E
 
@@ -61,7 +61,9 @@ __all__ = [
     "deltanet", "deltanet_recurrent", "deltanet_step", "deltanet_materialize",
     "gated_deltanet", "gated_deltanet_recurrent", "gated_deltanet_step", "gated_deltanet_materialize",
     "deltaproduct", "deltaproduct_recurrent", "deltaproduct_step", "deltaproduct_materialize",
-    "make_inputs", "DeltaRuleLayer", "DeltaNet", "GatedDeltaNet", "DeltaProduct",
+    "deltanet_make_inputs", "gated_deltanet_make_inputs", "deltaproduct_make_inputs",
+    "DeltaCache", "DeltaRuleLayer", "DeltaNet", "GatedDeltaNet", "DeltaProduct",
+    "DeltaNetNegEig", "GatedDeltaNetNegEig", "DeltaProductNegEig",
 ]  # fmt: skip
 
 
@@ -161,7 +163,7 @@ def _micro_tokens(q, k, v, beta, log_alpha, resets):
     """Token-level DeltaProduct inputs -> ``t * n_h`` micro-tokens for the delta-rule engine: the gate
     and the reset act on each token's first micro-step, ``q`` only on its last (zeros elsewhere)."""
     b, t, h, n, dk = k.shape
-    flat = lambda x: jnp.moveaxis(x, 3, 2).reshape(b, t * n, h, *x.shape[4:])  # noqa: E731
+    flat = lambda x: jnp.moveaxis(x, 3, 2).reshape(b, t * n, h, *x.shape[4:])
     qm = jnp.zeros((b, t, n, h, dk), q.dtype).at[:, :, -1].set(q).reshape(b, t * n, h, dk)
     lam = None
     if log_alpha is not None:
@@ -202,7 +204,7 @@ def deltaproduct_recurrent(q, k, v, beta, log_alpha=None, *, h0=None, resets=Non
             S = E.delta_update(S, k_t[:, :, j], v_t[:, :, j], beta_t[:, :, j], a_j)
         return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
 
-    f32 = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 1, 0)  # noqa: E731
+    f32 = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 1, 0)
     S, o = jax.lax.scan(step, S0, (f32(q), f32(k), f32(v), f32(beta), f32(alpha)))
     return jnp.moveaxis(o, 0, 1).astype(dtype), S
 
@@ -229,6 +231,13 @@ def deltaproduct_materialize(q, k, v, beta, log_alpha=None, *, resets=None, nega
 
 
 # ----------------------------------------------------------------------------- layers
+
+
+class DeltaCache(NamedTuple):
+    state: Any  # [b, h, dk, dv] float32
+    conv_q: Any  # [b, K-1, h * dk] (None without short convs)
+    conv_k: Any  # [b, K-1, h * n_h * dk]
+    conv_v: Any  # [b, K-1, h * n_h * dv]
 
 
 class DeltaRuleLayer(nnx.Module):
@@ -275,7 +284,9 @@ class DeltaRuleLayer(nnx.Module):
         self.k_proj = lin(d_model, h * n * dk)
         self.v_proj = lin(d_model, h * n * dv)
         self.b_proj = lin(d_model, h * n)
-        conv = lambda dim: ShortConv(dim, conv_size, use_bias=False, rngs=rngs, param_dtype=param_dtype)  # noqa: E731
+        def conv(dim):
+            return ShortConv(dim, conv_size, use_bias=False, rngs=rngs, param_dtype=param_dtype)
+
         self.conv_size = conv_size
         if conv_size > 1:
             self.q_conv, self.k_conv, self.v_conv = conv(h * dk), conv(h * n * dk), conv(h * n * dv)
@@ -289,40 +300,35 @@ class DeltaRuleLayer(nnx.Module):
         self.o_norm = GatedRMSNorm(dv, eps=norm_eps) if use_output_gate else RMSNorm(dv, eps=norm_eps, axis_name="head_dim")
         self.o_proj = lin(h * dv, d_model, axes=("heads", "embed"))
 
-    def init_cache(self, batch_size: int, max_len: int | None = None):
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> DeltaCache:
         del max_len  # O(1) state
         h, n, dk, dv = self.num_heads, self.n, self.dk, self.dv
-        cache = {"state": jnp.zeros((batch_size, h, dk, dv), jnp.float32)}
+        convs = [None] * 3
         if self.conv_size > 1:
-            k1 = self.conv_size - 1
-            for name, dim in (("q", h * dk), ("k", h * n * dk), ("v", h * n * dv)):
-                cache[f"conv_{name}"] = jnp.zeros((batch_size, k1, dim), self.dtype)
-        return cache
+            convs = [jnp.zeros((batch_size, self.conv_size - 1, dim), self.dtype) for dim in (h * dk, h * n * dk, h * n * dv)]
+        return DeltaCache(jnp.zeros((batch_size, h, dk, dv), jnp.float32), *convs)
 
     def __call__(self, x, *, segment_ids=None, cache=None):
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
         b, t, _ = x.shape
         h, n, dk, dv = self.num_heads, self.n, self.dk, self.dv
-        resets = resets_from_segment_ids(segment_ids)
-        if resets is not None and cache is not None:
-            resets = resets.at[:, 0].set(False)
-        new_cache = None if cache is None else {}
+        c = DeltaCache(None, None, None, None) if cache is None else cache
+        conv_states = {}
 
         def short_conv(name, y):
             if self.conv_size > 1:
-                state = None if cache is None else cache[f"conv_{name}"]
-                y, state = getattr(self, f"{name}_conv")(y, state=state, segment_ids=segment_ids)
-                if new_cache is not None:
-                    new_cache[f"conv_{name}"] = state
+                y, conv_states[name] = getattr(self, f"{name}_conv")(
+                    y, state=getattr(c, f"conv_{name}"), segment_ids=segment_ids)
             return jax.nn.silu(y)
 
         q = l2_normalize(short_conv("q", self.q_proj(x)).reshape(b, t, h, dk))
         k = l2_normalize(short_conv("k", self.k_proj(x)).reshape(b, t, h, n, dk))
         v = short_conv("v", self.v_proj(x)).reshape(b, t, h, n, dv)
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32)).reshape(b, t, h, n)
+        p = plan(x, segment_ids=segment_ids, cache=cache, context_parallel=n == 1)
         kw = dict(
-            h0=None if cache is None else cache["state"],
-            resets=resets,
+            h0=p.h0,
+            resets=p.resets,
             negative_eigen=self.negative_eigen,
             scale=dk**-0.5,
             impl=self.impl,
@@ -332,10 +338,9 @@ class DeltaRuleLayer(nnx.Module):
         if self.gated:
             dt = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...][None, None])
             log_alpha = -dt * jnp.exp(self.A_log[...])[None, None]
-        mesh = shd.context_mesh(t) if cache is None and n == 1 else None
-        if mesh is not None:  # time split over the mesh's `context` axis: dense shard transitions
+        if p.mesh is not None:  # time split over the mesh's `context` axis: dense shard transitions
             o, state = cp.delta_context_parallel(q, k[:, :, :, 0], v[:, :, :, 0], _beta(beta[..., 0], self.negative_eigen),
-                                                 log_alpha, mesh=mesh, resets=resets, scale=kw["scale"],
+                                                 log_alpha, mesh=p.mesh, resets=p.resets, scale=kw["scale"],
                                                  chunk_size=self.chunk_size)
         elif n > 1:
             o, state = deltaproduct(q, k, v, beta, log_alpha, **kw)
@@ -348,35 +353,53 @@ class DeltaRuleLayer(nnx.Module):
         else:
             o = self.o_norm(o)
         y = self.o_proj(o.reshape(b, t, h * dv).astype(self.dtype))
-        if new_cache is not None:
-            new_cache["state"] = state
-        return y.astype(x.dtype), new_cache
+        convs = {f"conv_{n}": conv_states.get(n) for n in ("q", "k", "v")}
+        return y.astype(x.dtype), update(cache, state=state, **convs)
 
 
-def _variant(name, doc, **defaults):
-    def __init__(self, d_model: int, *, rngs: nnx.Rngs, **kw):
-        DeltaRuleLayer.__init__(self, d_model, rngs=rngs, **{**defaults, **kw})
-
-    return type(name, (DeltaRuleLayer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+class DeltaNet(DeltaRuleLayer):
+    """DeltaNet layer (Yang et al. 2024)."""
 
 
-DeltaNet = _variant("DeltaNet", "DeltaNet layer (Yang et al. 2024).")
-GatedDeltaNet = _variant("GatedDeltaNet", "Gated DeltaNet layer (Yang et al. 2025).", gated=True)
-DeltaProduct = _variant(
-    "DeltaProduct", "Gated DeltaProduct layer, 2 Householder steps/token (Siems et al. 2025).", gated=True, num_householder=2
-)
-DeltaNetNegEig = _variant("DeltaNetNegEig", "DeltaNet with beta in (0, 2).", negative_eigen=True)
-GatedDeltaNetNegEig = _variant(
-    "GatedDeltaNetNegEig", "Gated DeltaNet with beta in (0, 2).", gated=True, negative_eigen=True
-)
-DeltaProductNegEig = _variant(
-    "DeltaProductNegEig", "DeltaProduct with beta in (0, 2).", gated=True, num_householder=2, negative_eigen=True
-)
+class GatedDeltaNet(DeltaRuleLayer):
+    """Gated DeltaNet layer (Yang et al. 2025)."""
+
+    def __init__(self, d_model: int, *, gated: bool = True, **kw):
+        super().__init__(d_model, gated=gated, **kw)
+
+
+class DeltaProduct(DeltaRuleLayer):
+    """Gated DeltaProduct layer, 2 Householder steps per token (Siems et al. 2025)."""
+
+    def __init__(self, d_model: int, *, gated: bool = True, num_householder: int = 2, **kw):
+        super().__init__(d_model, gated=gated, num_householder=num_householder, **kw)
+
+
+class DeltaNetNegEig(DeltaNet):
+    """DeltaNet with beta in (0, 2) (Grazzi et al. 2025)."""
+
+    def __init__(self, d_model: int, *, negative_eigen: bool = True, **kw):
+        super().__init__(d_model, negative_eigen=negative_eigen, **kw)
+
+
+class GatedDeltaNetNegEig(GatedDeltaNet):
+    """Gated DeltaNet with beta in (0, 2) (Grazzi et al. 2025)."""
+
+    def __init__(self, d_model: int, *, negative_eigen: bool = True, **kw):
+        super().__init__(d_model, negative_eigen=negative_eigen, **kw)
+
+
+class DeltaProductNegEig(DeltaProduct):
+    """DeltaProduct with beta in (0, 2) (Grazzi et al. 2025)."""
+
+    def __init__(self, d_model: int, *, negative_eigen: bool = True, **kw):
+        super().__init__(d_model, negative_eigen=negative_eigen, **kw)
+
 
 # ----------------------------------------------------------------------------- test inputs + registry
 
 
-def make_inputs(key, batch, time, *, heads=2, dk=7, dv=5, gated=False, householder=None, decay=(-6.0, 0.0)):
+def deltanet_make_inputs(key, batch, time, *, heads=2, dk=7, dv=5, gated=False, householder=None, decay=(-6.0, 0.0)):
     """Random inputs: unit keys, ``beta = sigmoid(N(0,1))``, ``log_alpha = -exp(U(decay))`` if gated;
     ``householder=n`` gives DeltaProduct shapes with ``n`` triples per token."""
     kq, kk, kv, kb, ka = jax.random.split(key, 5)
@@ -392,46 +415,50 @@ def make_inputs(key, batch, time, *, heads=2, dk=7, dv=5, gated=False, household
     return out
 
 
-def _make(**fixed):
-    def make(key, batch, time, **kw):
-        return make_inputs(key, batch, time, **{**fixed, **kw})
-
-    return make
+def gated_deltanet_make_inputs(key, batch, time, **kw):
+    return deltanet_make_inputs(key, batch, time, **{"gated": True, **kw})
 
 
-_IMPLS = ("sequential", "chunked")
-_FAMILY = {
-    "deltanet": dict(
-        fn=deltanet, recurrent=deltanet_recurrent, step=deltanet_step, materialize=deltanet_materialize,
-        make_inputs=_make(), layers=(DeltaNet, DeltaNetNegEig), doc="DeltaNet (Yang et al. 2024)",
-    ),
-    "gated_deltanet": dict(
-        fn=gated_deltanet, recurrent=gated_deltanet_recurrent, step=gated_deltanet_step,
-        materialize=gated_deltanet_materialize, make_inputs=_make(gated=True),
-        layers=(GatedDeltaNet, GatedDeltaNetNegEig), doc="Gated DeltaNet (Yang et al. 2025)",
-    ),
-    "deltaproduct": dict(
-        fn=deltaproduct, recurrent=deltaproduct_recurrent, step=deltaproduct_step, materialize=deltaproduct_materialize,
-        make_inputs=_make(gated=True, householder=2), layers=(DeltaProduct, DeltaProductNegEig),
-        doc="gated DeltaProduct, n_h = 2 (Siems et al. 2025)",
-    ),
-}  # fmt: skip
+def deltaproduct_make_inputs(key, batch, time, **kw):
+    return deltanet_make_inputs(key, batch, time, **{"gated": True, "householder": 2, **kw})
 
-for _name, _f in _FAMILY.items():
-    for _neg, _layer in zip((False, True), _f["layers"]):
-        register(
-            MixerSpec(
-                name=_name + ("_negeig" if _neg else ""),
-                fn=_f["fn"],
-                recurrent=_f["recurrent"],
-                step=_f["step"],
-                make_inputs=_f["make_inputs"],
-                layer=_layer,
-                materialize=_f["materialize"],
-                value_arg="v",
-                impls=_IMPLS,
-                options={"negative_eigen": True} if _neg else {},
-                negative_eigen=True,
-                doc=_f["doc"] + (", beta in (0, 2) (Grazzi et al. 2025)" if _neg else ""),
-            )
-        )
+
+_NEGEIG = "https://arxiv.org/abs/2411.12537"
+register(MixerSpec(
+    name="deltanet", fn=deltanet, recurrent=deltanet_recurrent, step=deltanet_step,
+    make_inputs=deltanet_make_inputs, layer=DeltaNet, materialize=deltanet_materialize, value_arg="v",
+    impls=("sequential", "chunked"), pallas=("gpu", "tpu"), context_parallel=True, negative_eigen=True,
+    paper="https://arxiv.org/abs/2406.06484", doc="DeltaNet (Yang et al. 2024)",
+))
+register(MixerSpec(
+    name="deltanet_negeig", fn=deltanet, recurrent=deltanet_recurrent, step=deltanet_step,
+    make_inputs=deltanet_make_inputs, layer=DeltaNetNegEig, materialize=deltanet_materialize, value_arg="v",
+    impls=("sequential", "chunked"), pallas=("gpu", "tpu"), context_parallel=True,
+    options={"negative_eigen": True}, negative_eigen=True, paper=_NEGEIG,
+    doc="DeltaNet (Yang et al. 2024), beta in (0, 2) (Grazzi et al. 2025)",
+))
+register(MixerSpec(
+    name="gated_deltanet", fn=gated_deltanet, recurrent=gated_deltanet_recurrent, step=gated_deltanet_step,
+    make_inputs=gated_deltanet_make_inputs, layer=GatedDeltaNet, materialize=gated_deltanet_materialize,
+    value_arg="v", impls=("sequential", "chunked"), pallas=("gpu", "tpu"), context_parallel=True,
+    negative_eigen=True, paper="https://arxiv.org/abs/2412.06464", doc="Gated DeltaNet (Yang et al. 2025)",
+))
+register(MixerSpec(
+    name="gated_deltanet_negeig", fn=gated_deltanet, recurrent=gated_deltanet_recurrent,
+    step=gated_deltanet_step, make_inputs=gated_deltanet_make_inputs, layer=GatedDeltaNetNegEig,
+    materialize=gated_deltanet_materialize, value_arg="v", impls=("sequential", "chunked"), pallas=("gpu", "tpu"),
+    context_parallel=True, options={"negative_eigen": True}, negative_eigen=True, paper=_NEGEIG,
+    doc="Gated DeltaNet (Yang et al. 2025), beta in (0, 2) (Grazzi et al. 2025)",
+))
+register(MixerSpec(
+    name="deltaproduct", fn=deltaproduct, recurrent=deltaproduct_recurrent, step=deltaproduct_step,
+    make_inputs=deltaproduct_make_inputs, layer=DeltaProduct, materialize=deltaproduct_materialize,
+    value_arg="v", impls=("sequential", "chunked"), pallas=("gpu", "tpu"), negative_eigen=True,
+    paper="https://arxiv.org/abs/2502.10297", doc="gated DeltaProduct, n_h = 2 (Siems et al. 2025)",
+))
+register(MixerSpec(
+    name="deltaproduct_negeig", fn=deltaproduct, recurrent=deltaproduct_recurrent, step=deltaproduct_step,
+    make_inputs=deltaproduct_make_inputs, layer=DeltaProductNegEig, materialize=deltaproduct_materialize,
+    value_arg="v", impls=("sequential", "chunked"), pallas=("gpu", "tpu"), options={"negative_eigen": True},
+    negative_eigen=True, paper=_NEGEIG, doc="gated DeltaProduct, n_h = 2 (Siems et al. 2025), beta in (0, 2) (Grazzi et al. 2025)",
+))

@@ -26,8 +26,8 @@ from flax import nnx
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas
 from seqjax import _checks, nn
-from seqjax import sharding as shd
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
+from seqjax.layer import StateCache, plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import gla as eng
@@ -36,18 +36,11 @@ __all__ = [
     "gla", "gla_recurrent", "gla_step", "gla_materialize",
     "retnet", "retnet_recurrent", "retnet_step", "retnet_decays",
     "linear_attention", "linear_attention_recurrent", "linear_attention_step",
+    "gla_make_inputs", "retnet_make_inputs", "linear_attention_make_inputs", "elu_feature_map",
     "GLA", "RetNet", "LinearAttention",
 ]
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
-
-
-def _no_negeig(name, negative_eigen):
-    if negative_eigen:
-        raise ValueError(
-            f"{name} does not support negative_eigen=True (its decays are per-channel/fixed in (0, 1]); "
-            "use mamba2 (negative_eigen=True) or the delta-rule family"
-        )
 
 
 def _scale(q, scale):
@@ -80,7 +73,7 @@ def gla(q, k, v, log_decay, *, h0=None, resets=None, impl="auto", chunk_size=64,
 
     ``log_decay`` ``[b, t, h, dk]`` per channel. Returns ``(y [b, t, h, dv], S_T [b, h, dk, dv])``.
     """
-    _no_negeig("gla", negative_eigen)
+    _checks.check_no_negative_eigen("gla", negative_eigen)
     _checks.check_ndim("log_decay", log_decay, 4, "[batch, time, heads, key_dim] (GLA's per-channel gate)")
     return _run(q, k, v, log_decay, h0=h0, resets=resets, impl=impl, chunk_size=chunk_size, scale=scale)
 
@@ -92,7 +85,7 @@ def gla_recurrent(q, k, v, log_decay, *, h0=None, resets=None, scale=None, negat
 
 def gla_step(h, q, k, v, log_decay, *, scale=None, negative_eigen=False):
     """One token: ``q, k [b, h, dk]``, ``v [b, h, dv]``, ``log_decay [b, h, dk]`` -> ``(y_t, S)``."""
-    _no_negeig("gla", negative_eigen)
+    _checks.check_no_negative_eigen("gla", negative_eigen)
     y, s = eng.step_gla(h, q * _scale(q, scale), k, v, log_decay)
     return y.astype(v.dtype), s
 
@@ -113,7 +106,7 @@ def _materialize(q, k, g, scale):
 def gla_materialize(q, k, v, log_decay, *, scale=None, negative_eigen=False):
     """GLA as a ``[b, h, T, T]`` operator on ``v`` (``h0 = 0``)."""
     del v
-    _no_negeig("gla", negative_eigen)
+    _checks.check_no_negative_eigen("gla", negative_eigen)
     return _materialize(q, k, log_decay, scale)
 
 
@@ -148,7 +141,7 @@ def _retnet_g(q):
 
 def retnet(q, k, v, *, h0=None, resets=None, impl="auto", chunk_size=64, scale=None, negative_eigen=False):
     """Retention: ``S_t = γ_h S_{t-1} + k_t v_t^T``, ``y_t = S_t^T s q_t`` (GLA with a fixed per-head decay)."""
-    _no_negeig("retnet", negative_eigen)
+    _checks.check_no_negative_eigen("retnet", negative_eigen)
     _checks.check_ndim("q", q, 4, "[batch, time, heads, key_dim]")
     return _run(q, k, v, _retnet_g(q), h0=h0, resets=resets, impl=impl, chunk_size=chunk_size, scale=scale)
 
@@ -158,7 +151,7 @@ def retnet_recurrent(q, k, v, *, h0=None, resets=None, scale=None, negative_eige
 
 
 def retnet_step(h, q, k, v, *, scale=None, negative_eigen=False):
-    _no_negeig("retnet", negative_eigen)
+    _checks.check_no_negative_eigen("retnet", negative_eigen)
     b, hh, _ = q.shape
     g = jnp.broadcast_to(retnet_decays(hh)[None], (b, hh))
     y, s = eng.step_gla(h, q * _scale(q, scale), k, v, g)
@@ -172,7 +165,7 @@ def retnet_materialize(q, k, v, *, scale=None, negative_eigen=False):
 
 def linear_attention(q, k, v, *, h0=None, resets=None, impl="auto", chunk_size=64, scale=None, negative_eigen=False):
     """Linear attention: ``S_t = S_{t-1} + k_t v_t^T``, ``y_t = S_t^T s q_t`` (GLA with decay 1)."""
-    _no_negeig("linear_attention", negative_eigen)
+    _checks.check_no_negative_eigen("linear_attention", negative_eigen)
     return _run(q, k, v, None, h0=h0, resets=resets, impl=impl, chunk_size=chunk_size, scale=scale)
 
 
@@ -181,7 +174,7 @@ def linear_attention_recurrent(q, k, v, *, h0=None, resets=None, scale=None, neg
 
 
 def linear_attention_step(h, q, k, v, *, scale=None, negative_eigen=False):
-    _no_negeig("linear_attention", negative_eigen)
+    _checks.check_no_negative_eigen("linear_attention", negative_eigen)
     y, s = eng.step_gla(h, q * _scale(q, scale), k, v, None)
     return y.astype(v.dtype), s
 
@@ -191,18 +184,25 @@ def linear_attention_materialize(q, k, v, *, scale=None, negative_eigen=False):
     return _materialize(q, k, None, scale)
 
 
-def qkv_make_inputs(key, batch, time, heads=2, dk=7, dv=5):
+def retnet_make_inputs(key, batch, time, heads=2, dk=7, dv=5):
+    return _qkv(key, batch, time, heads, dk, dv)
+
+
+def linear_attention_make_inputs(key, batch, time, heads=2, dk=7, dv=5):
     return _qkv(key, batch, time, heads, dk, dv)
 
 
 # ----------------------------------------------------------------------------- layers
 
 
-class _GatedLinearAttentionLayer(nnx.Module):
-    """Shared NNX layer: q/k/v projections, (per-subclass) decay, per-head RMSNorm, swish output gate.
+def elu_feature_map(x):
+    """Katharopoulos et al.'s feature map ``elu(x) + 1`` (positive)."""
+    return jax.nn.elu(x) + 1.0
 
-    ``y, cache = layer(x [b, t, d_model], segment_ids=None, cache=None)``; ``cache = {"state": S}``.
-    """
+
+class _GatedLinearAttentionLayer(nnx.Module):
+    """Shared NNX layer: q/k/v projections, a decay (per subclass: :meth:`_log_decay`), per-head RMSNorm,
+    swish output gate. Cache: ``StateCache(S [b, h, dk, dv])``."""
 
     def __init__(self, d_model, *, num_heads=2, expand_k=0.5, expand_v=1.0, chunk_size=64, impl="auto",
                  feature_map=None, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -211,7 +211,10 @@ class _GatedLinearAttentionLayer(nnx.Module):
         _checks.check_divisible("value_dim", vd, "num_heads", num_heads)
         self.num_heads, self.head_k, self.head_v = num_heads, kd // num_heads, vd // num_heads
         self.chunk_size, self.impl, self.feature_map, self.dtype = chunk_size, impl, feature_map, dtype
-        lin = lambda i, o, ax: nn.Linear(i, o, axes=ax, rngs=rngs, dtype=dtype)
+
+        def lin(i, o, axes):
+            return nn.Linear(i, o, axes=axes, rngs=rngs, dtype=dtype)
+
         self.q_proj = lin(d_model, kd, ("embed", "heads"))
         self.k_proj = lin(d_model, kd, ("embed", "heads"))
         self.v_proj = lin(d_model, vd, ("embed", "heads"))
@@ -219,11 +222,9 @@ class _GatedLinearAttentionLayer(nnx.Module):
         self.o_norm = nn.RMSNorm(self.head_v, axis_name="head_dim")
         self.o_proj = lin(vd, d_model, ("heads", "embed"))
 
-    def _decay(self, x):  # -> extra kwargs for the functional form (decode: t axis removed later)
-        return {}
-
-    def _log_decay(self, q, extra):  # the per-head [b, t, h] or per-channel log decay the form applies
-        return jnp.zeros(q.shape[:3], jnp.float32)
+    def _log_decay(self, x, q):
+        """The log decay: per channel ``[b, t, h, dk]``, per head ``[b, t, h]``, or ``None`` (no decay)."""
+        return None
 
     def __call__(self, x, *, segment_ids=None, cache=None):
         h = self.num_heads
@@ -232,38 +233,29 @@ class _GatedLinearAttentionLayer(nnx.Module):
         if self.feature_map is not None:
             q, k = self.feature_map(q), self.feature_map(k)
         v = nn.split_heads(self.v_proj(x), h)
-        extra = self._decay(x)
-        resets = nn.resets_from_segment_ids(segment_ids)
-        h0 = None if cache is None else cache["state"]
-        if cache is not None and resets is not None:
-            resets = resets.at[:, 0].set(False)  # the block continues the cached document
-        mesh = None if cache is not None else shd.context_mesh(x.shape[1])  # time split over `context`
-        if cache is not None and x.shape[1] == 1 and resets is None:
-            y, s = self.step_fn(h0, q[:, 0], k[:, 0], v[:, 0], **{n: a[:, 0] for n, a in extra.items()})
-            y = y[:, None]
-        elif mesh is not None:  # the chunked engine per shard, then one all-gather
+        g = self._log_decay(x, q)
+        p = plan(x, segment_ids=segment_ids, cache=cache, context_parallel=True)
+        if p.decode:
+            y, s = eng.step_gla(p.h0, q[:, 0] * _scale(q, None), k[:, 0], v[:, 0], None if g is None else g[:, 0])
+            y = y.astype(v.dtype)[:, None]
+        elif p.mesh is not None:  # the chunked engine per shard, then one all-gather
             qs = (q.astype(jnp.float32) * _scale(q, None)).astype(q.dtype)
-            y, s = cp.gla_context_parallel(qs, k, v, self._log_decay(q, extra), mesh=mesh,
-                                           resets=resets, local_fn=cp.chunked_local(self.chunk_size))
+            g = jnp.zeros(q.shape[:3], jnp.float32) if g is None else g
+            y, s = cp.gla_context_parallel(qs, k, v, g, mesh=p.mesh, resets=p.resets,
+                                           local_fn=cp.chunked_local(self.chunk_size))
             y = y.astype(v.dtype)
         else:
-            y, s = self.fn(q, k, v, **extra, h0=h0, resets=resets, impl=self.impl, chunk_size=self.chunk_size)
+            y, s = _run(q, k, v, g, h0=p.h0, resets=p.resets, impl=self.impl, chunk_size=self.chunk_size, scale=None)
         y = self.o_norm(y) * jax.nn.silu(nn.split_heads(self.g_proj(x), h).astype(jnp.float32)).astype(y.dtype)
-        out = self.o_proj(nn.merge_heads(y))
-        return out, (None if cache is None else {"state": s})
+        return self.o_proj(nn.merge_heads(y)), update(cache, state=s)
 
     def init_cache(self, batch_size, max_len=None):
         del max_len
-        return {"state": jnp.zeros((batch_size, self.num_heads, self.head_k, self.head_v), jnp.float32)}
+        return StateCache(jnp.zeros((batch_size, self.num_heads, self.head_k, self.head_v), jnp.float32))
 
 
 class GLA(_GatedLinearAttentionLayer):
     """GLA layer (Yang et al. 2024): low-rank per-channel gate ``logsigmoid(x W_1 W_2 + b) / 16``."""
-
-    fn, step_fn = staticmethod(gla), staticmethod(gla_step)
-
-    def _log_decay(self, q, extra):
-        return extra["log_decay"]
 
     def __init__(self, d_model, *, gate_low_rank=16, gate_logit_normalizer=16.0, rngs: nnx.Rngs, **kw):
         super().__init__(d_model, rngs=rngs, **kw)
@@ -272,42 +264,39 @@ class GLA(_GatedLinearAttentionLayer):
         self.gk_proj2 = nn.Linear(gate_low_rank, kd, axes=(None, "heads"), use_bias=True, rngs=rngs, dtype=self.dtype)
         self.gate_logit_normalizer = gate_logit_normalizer
 
-    def _decay(self, x):
+    def _log_decay(self, x, q):
         logits = self.gk_proj2(self.gk_proj1(x)).astype(jnp.float32)
-        g = jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer
-        return {"log_decay": nn.split_heads(g, self.num_heads)}
+        return nn.split_heads(jax.nn.log_sigmoid(logits) / self.gate_logit_normalizer, self.num_heads)
 
 
 class RetNet(_GatedLinearAttentionLayer):
     """Multi-scale retention layer (Sun et al. 2023) without xPos: fixed per-head decays."""
 
-    fn, step_fn = staticmethod(retnet), staticmethod(retnet_step)
-
-    def _log_decay(self, q, extra):
+    def _log_decay(self, x, q):
         return _retnet_g(q)
 
 
 class LinearAttention(_GatedLinearAttentionLayer):
     """Linear attention layer (Katharopoulos et al. 2020) with the ``elu + 1`` feature map."""
 
-    fn, step_fn = staticmethod(linear_attention), staticmethod(linear_attention_step)
-
-    def __init__(self, d_model, *, rngs: nnx.Rngs, **kw):
-        kw.setdefault("feature_map", lambda x: jax.nn.elu(x) + 1.0)
-        super().__init__(d_model, rngs=rngs, **kw)
+    def __init__(self, d_model, *, feature_map=elu_feature_map, rngs: nnx.Rngs, **kw):
+        super().__init__(d_model, feature_map=feature_map, rngs=rngs, **kw)
 
 
-_IMPLS = ("sequential", "chunked")
 register(MixerSpec(
     name="gla", fn=gla, recurrent=gla_recurrent, step=gla_step, make_inputs=gla_make_inputs, layer=GLA,
-    materialize=gla_materialize, value_arg="v", impls=_IMPLS, doc="Gated linear attention (Yang et al. 2024)",
+    materialize=gla_materialize, value_arg="v", impls=("sequential", "chunked"), pallas=("gpu", "tpu"),
+    context_parallel=True, paper="https://arxiv.org/abs/2312.06635", doc="Gated linear attention (Yang et al. 2024)",
 ))
 register(MixerSpec(
-    name="retnet", fn=retnet, recurrent=retnet_recurrent, step=retnet_step, make_inputs=qkv_make_inputs,
-    layer=RetNet, materialize=retnet_materialize, value_arg="v", impls=_IMPLS, doc="Retention (Sun et al. 2023)",
+    name="retnet", fn=retnet, recurrent=retnet_recurrent, step=retnet_step, make_inputs=retnet_make_inputs,
+    layer=RetNet, materialize=retnet_materialize, value_arg="v", impls=("sequential", "chunked"),
+    pallas=("gpu", "tpu"), context_parallel=True, paper="https://arxiv.org/abs/2307.08621",
+    doc="Retention (Sun et al. 2023)",
 ))
 register(MixerSpec(
     name="linear_attention", fn=linear_attention, recurrent=linear_attention_recurrent, step=linear_attention_step,
-    make_inputs=qkv_make_inputs, layer=LinearAttention, materialize=linear_attention_materialize, value_arg="v",
-    impls=_IMPLS, doc="Linear attention (Katharopoulos et al. 2020)",
+    make_inputs=linear_attention_make_inputs, layer=LinearAttention, materialize=linear_attention_materialize,
+    value_arg="v", impls=("sequential", "chunked"), pallas=("gpu", "tpu"), context_parallel=True,
+    paper="https://arxiv.org/abs/2006.16236", doc="Linear attention (Katharopoulos et al. 2020)",
 ))

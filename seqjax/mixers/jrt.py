@@ -41,17 +41,21 @@ state ``(S [b, h, k, v], z [b, h, k])`` float32; ``y`` in ``v``'s dtype. ``mater
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
 from seqjax import _checks
+from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import Linear, merge_heads, resets_from_segment_ids, split_heads
+from seqjax.nn import Linear, merge_heads, split_heads
 from seqjax.scan import linear_scan
 
-__all__ = ["jrt", "jrt_recurrent", "jrt_chunked", "jrt_step", "jrt_materialize", "taylor_feature_map", "JRT"]
+__all__ = ["jrt", "jrt_recurrent", "jrt_chunked", "jrt_step", "jrt_materialize", "jrt_make_inputs",
+           "taylor_feature_map", "JRTCache", "JRT"]
 
 IMPLS = ("auto", "sequential", "chunked")
 
@@ -59,7 +63,7 @@ IMPLS = ("auto", "sequential", "chunked")
 # ----------------------------------------------------------------------------- helpers
 
 
-def _validate(q, k, v, k_enc, v_enc, h0, resets, prefix_len):
+def _check_jrt_inputs(q, k, v, k_enc, v_enc, h0, resets, prefix_len):
     _checks.check_ndim("q", q, 4, "[batch, time, heads, key_dim]")
     b, t, h, dk = q.shape
     _checks.check_same_shape("q", q, "k", k)
@@ -101,7 +105,7 @@ def _prefix_mask(starts, prefix_len):
 def _prep(q, k, v, k_enc, v_enc, h0, resets, prefix_len):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    f32 = lambda x: x.astype(jnp.float32)
     k_enc = k if k_enc is None else k_enc
     v_enc = v if v_enc is None else v_enc
     starts = _starts(b, t, h0, resets)
@@ -121,10 +125,10 @@ def _readout(num, den, normalize, eps):
 def jrt_recurrent(q, k, v, k_enc=None, v_enc=None, *, h0=None, resets=None, prefix_len=0, normalize=True, eps=1e-6):
     """The reference: a reverse ``lax.scan`` sums each document's prefix ``(E, e)``; a forward one runs
     ``S_t = [t starts a document ? E : S_{t-1}] + k_t v_t^T``, ``y_t = q_t S_t / (q_t z_t + eps)``."""
-    _validate(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
+    _check_jrt_inputs(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
     out_dtype = v.dtype
     q, k, v, ke, ve, starts, s0, z0 = _prep(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
-    tm = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
+    tm = lambda x: jnp.moveaxis(x, 1, 0)
     nxt_start = jnp.concatenate([starts[:, 1:], jnp.zeros_like(starts[:, :1])], axis=1)
 
     def enc(carry, xs):  # R_t = prefix term at t + R_{t+1} (cut where t+1 starts the next document)
@@ -163,7 +167,7 @@ def _la_chunked(q, k, v, h0, cut, chunk_size):
     n = -(-t // c)
     pad = n * c - t
     if pad:
-        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         q, k, v, cut = padt(q), padt(k), padt(v), padt(cut)
     q, k, v = (x.reshape(b, n, c, h, x.shape[-1]) for x in (q, k, v))
     seg = jnp.cumsum(cut.reshape(b, n, c).astype(jnp.int32), axis=2)  # document index inside the chunk
@@ -186,7 +190,7 @@ def jrt_chunked(
 ):
     """The parallel form: causal chunked linear attention on ``(k, v)`` from ``h0``, plus the prefix
     term ``sum_{j in prefix(doc(t))} (q_t . k~_j) v~_j`` as a causal + strictly anti-causal pass."""
-    _validate(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
+    _check_jrt_inputs(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
     out_dtype = v.dtype
     q, k, v, ke, ve, starts, s0, z0 = _prep(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
     ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)
@@ -196,7 +200,7 @@ def jrt_chunked(
     y_enc, h_enc = _la_chunked(q, ke, vea, jnp.zeros_like(h0a), starts, chunk_size)
     if prefix_len > 0:  # the part of the prefix that lies in the future of t (same document)
         nxt = jnp.concatenate([starts[:, 1:], jnp.zeros_like(starts[:, :1])], axis=1)
-        fl = lambda x: jnp.flip(x, 1)  # noqa: E731
+        fl = lambda x: jnp.flip(x, 1)
         y_rev, _ = _la_chunked(fl(q), fl(ke), fl(vea), jnp.zeros_like(h0a), fl(nxt), chunk_size)
         diag = jnp.einsum("bthk,bthk->bth", q, ke)[..., None] * vea
         y_enc = y_enc + fl(y_rev) - diag
@@ -206,10 +210,10 @@ def jrt_chunked(
     return y.astype(out_dtype), (h[..., :-1], h[..., -1])
 
 
-def jrt(q, k, v, k_enc=None, v_enc=None, *, h0=None, impl="auto", resets=None, prefix_len=0, normalize=True, eps=1e-6, chunk_size=64, negative_eigen: bool = False):
+def jrt(q, k, v, k_enc=None, v_enc=None, *, h0=None, impl="auto", resets=None, prefix_len=0, normalize=True, eps=1e-6,
+        chunk_size=64, negative_eigen: bool = False):
     """JRT prefix linear attention; ``impl`` in ``IMPLS`` (``"auto"`` is chunked). Returns ``(y, (S, z))``."""
-    if negative_eigen:
-        raise ValueError("negative_eigen=True is not supported by this mixer (the flag exists for Mamba, Mamba-2 and the delta family)")
+    _checks.check_no_negative_eigen("jrt", negative_eigen)
     _checks.check_choice("impl", impl, IMPLS)
     kw = dict(h0=h0, resets=resets, prefix_len=prefix_len, normalize=normalize, eps=eps)
     if impl == "sequential":
@@ -256,10 +260,15 @@ def taylor_feature_map(x):
     return jnp.concatenate([jnp.ones_like(x[..., :1]), x / d**0.25, x2], axis=-1)
 
 
+class JRTCache(NamedTuple):
+    state: Any  # (S [b, h, f, v], z [b, h, f]) float32
+    pos: Any  # [] int32: tokens consumed (0: a fresh cache, whose first token starts a document)
+
+
 class JRT(nnx.Module):
     """Prefix linear attention layer (JRT-RNN): feature-mapped q/k, separate encoder k/v projections,
     output projection. The first ``prefix_len`` tokens of each document (of a fresh cache) are the
-    non-causal prefix; pass ``prefix_len=`` at call time to override. Cache: ``(S, z, pos)``."""
+    non-causal prefix; pass ``prefix_len=`` at call time to override. Cache: :class:`JRTCache`."""
 
     def __init__(self, d_model: int, *, num_heads: int = 2, feature_dim: int = 4, head_dim: int | None = None,
                  prefix_len: int = 4, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -277,36 +286,29 @@ class JRT(nnx.Module):
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
         prefix_len = self.prefix_len if prefix_len is None else prefix_len
         nh = self.num_heads
-        phi = lambda y: taylor_feature_map(split_heads(y, nh))  # noqa: E731
+        phi = lambda y: taylor_feature_map(split_heads(y, nh))
         q, k, ke = phi(self.q_proj(x)), phi(self.k_proj(x)), phi(self.k_enc_proj(x))
         v, ve = split_heads(self.v_proj(x), nh), split_heads(self.v_enc_proj(x), nh)
-        resets = resets_from_segment_ids(segment_ids)
-        h0 = None
-        if cache is not None:
-            s, z, pos = cache
-            h0 = (s, z)
-            resets = jnp.zeros(x.shape[:2], bool) if resets is None else resets
-            resets = resets.at[:, 0].set(resets[:, 0] | (pos == 0))  # a fresh cache starts a document
-        y, (s, z) = jrt(q, k, v, ke, ve, h0=h0, resets=resets, prefix_len=prefix_len)
+        # a fresh cache starts a document (its first prefix_len tokens are the prefix)
+        p = plan(x, segment_ids=segment_ids, cache=cache, fresh=None if cache is None else cache.pos == 0)
+        y, state = jrt(q, k, v, ke, ve, h0=p.h0, resets=p.resets, prefix_len=prefix_len)
         y = self.o_proj(merge_heads(y)).astype(x.dtype)
-        return y, (None if cache is None else (s, z, cache[2] + x.shape[1]))
+        return y, update(cache, state=state, pos=None if cache is None else cache.pos + x.shape[1])
 
-    def init_cache(self, batch_size: int, max_len: int):
+    def init_cache(self, batch_size: int, max_len: int) -> JRTCache:
         del max_len
         f = 1 + self.feature_dim + self.feature_dim**2
-        return (
-            jnp.zeros((batch_size, self.num_heads, f, self.head_dim), jnp.float32),
-            jnp.zeros((batch_size, self.num_heads, f), jnp.float32),
-            jnp.zeros((), jnp.int32),
-        )
+        state = (jnp.zeros((batch_size, self.num_heads, f, self.head_dim), jnp.float32),
+                 jnp.zeros((batch_size, self.num_heads, f), jnp.float32))
+        return JRTCache(state, jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- registry
 
 
-def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.float32):
+def jrt_make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.float32):
     kq, kk, kv, ke = jax.random.split(key, 4)
-    pos = lambda kk_: jax.nn.softplus(jax.random.normal(kk_, (batch, time, heads, key_dim))).astype(dtype)  # noqa: E731
+    pos = lambda kk_: jax.nn.softplus(jax.random.normal(kk_, (batch, time, heads, key_dim))).astype(dtype)
     return {
         "q": pos(kq),
         "k": pos(kk),
@@ -315,20 +317,9 @@ def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.
     }
 
 
-register(
-    MixerSpec(
-        name="jrt",
-        fn=jrt,
-        recurrent=jrt_recurrent,
-        step=jrt_step,
-        make_inputs=make_inputs,
-        layer=JRT,
-        materialize=jrt_materialize,
-        value_arg="v",
-        impls=("sequential", "chunked"),
-        options={"prefix_len": 8},
-        causal=False,
-        doc="JRT-RNN prefix linear attention (Arora et al. 2024): non-causal prefix encoder, causal decoder.",
-        tol=1e-5,
-    )
-)
+register(MixerSpec(
+    name="jrt", fn=jrt, recurrent=jrt_recurrent, step=jrt_step, make_inputs=jrt_make_inputs, layer=JRT,
+    materialize=jrt_materialize, value_arg="v", impls=("sequential", "chunked"),
+    paper="https://arxiv.org/abs/2407.05483", options={"prefix_len": 8}, causal=False,
+    doc="JRT-RNN prefix linear attention (Arora et al. 2024): non-causal prefix encoder, causal decoder.", tol=1e-5,
+))

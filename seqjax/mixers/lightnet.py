@@ -42,6 +42,7 @@ float32 (``z = -1e30`` is the empty state); ``y`` in ``v``'s dtype.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,20 +50,21 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks
+from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import GatedRMSNorm, Linear, merge_heads, resets_from_segment_ids, split_heads
+from seqjax.nn import GatedRMSNorm, Linear, merge_heads, split_heads
 from seqjax.scan import linear_scan
 
 __all__ = [
     "lightnet", "lightnet_recurrent", "lightnet_chunked", "lightnet_step", "lightnet_materialize",
-    "md_lrpe", "lrpe_angles", "md_tpe", "MdTpe", "LightNet",
+    "lightnet_make_inputs", "md_lrpe", "lrpe_angles", "md_tpe", "MdTpe", "LightNetCache", "LightNet",
 ]
 
 NEG = -1e30
 IMPLS = ("auto", "sequential", "chunked")
 
 
-def _validate(q, k, v, f, h0, resets):
+def _check_lightnet_inputs(q, k, v, f, h0, resets):
     _checks.check_ndim("q", q, 4, "[batch, time, heads, key_dim]")
     b, t, h, dk = q.shape
     _checks.check_same_shape("q", q, "k", k)
@@ -103,7 +105,7 @@ def _cell(state, q_t, k_t, v_t, f_t):
 def lightnet_recurrent(q, k, v, f, *, h0=None, resets=None):
     """The reference ``lax.scan``: ``z_t = logaddexp(z_{t-1}, f_t)``,
     ``s_t = e^{z_{t-1}-z_t} s_{t-1} + e^{f_t-z_t} k_t v_t^T``, ``o_t = q_t s_t``."""
-    _validate(q, k, v, f, h0, resets)
+    _check_lightnet_inputs(q, k, v, f, h0, resets)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     r = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
@@ -145,7 +147,7 @@ def _log_cumsum_exp(f, z0, r):
 
 def lightnet_chunked(q, k, v, f, *, h0=None, resets=None, chunk_size=16):
     """Chunkwise-parallel form (see module docstring). Returns ``(y, (s, z))``."""
-    _validate(q, k, v, f, h0, resets)
+    _check_lightnet_inputs(q, k, v, f, h0, resets)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     out_dtype = v.dtype
@@ -191,8 +193,7 @@ def lightnet_chunked(q, k, v, f, *, h0=None, resets=None, chunk_size=16):
 
 def lightnet(q, k, v, f, *, h0=None, impl="auto", resets=None, chunk_size=16, negative_eigen: bool = False):
     """LightNet's additive recurrence; ``impl`` in ``IMPLS`` (``"auto"`` is chunked)."""
-    if negative_eigen:
-        raise ValueError("negative_eigen=True is not supported by this mixer (the flag exists for Mamba, Mamba-2 and the delta family)")
+    _checks.check_no_negative_eigen("lightnet", negative_eigen)
     _checks.check_choice("impl", impl, IMPLS)
     if impl == "sequential":
         return lightnet_recurrent(q, k, v, f, h0=h0, resets=resets)
@@ -272,11 +273,16 @@ class MdTpe(nnx.Module):
 # ----------------------------------------------------------------------------- NNX layer
 
 
+class LightNetCache(NamedTuple):
+    state: Any  # (s [b, h, K, V], z [b, h, K]) float32
+    pos: Any  # [] int32: tokens consumed (the LRPE position of the next one)
+
+
 class LightNet(nnx.Module):
     """LightNet attention: ``q = silu(W_q x)``, the gate ``f = W_k x`` (the key is its own gate), LRPE
     on q / key, the additive recurrence, a low-rank output gate with RMSNorm, output projection.
 
-    1-D (``grid=None``): causal over time, LRPE on the absolute position; cache ``(s, z, pos)``.
+    1-D (``grid=None``): causal over time, LRPE on the absolute position; cache :class:`LightNetCache`.
     ``grid=(H, W, ...)``: ``x [b, prod(grid), d]`` is a raster-flattened grid; MD-TPE is added to the
     input, MD-LRPE uses grid coordinates, and one scan runs in raster order (``causal=False``: every
     position reads the final state, i.e. global attention in O(T)). No cache in grid mode.
@@ -317,33 +323,31 @@ class LightNet(nnx.Module):
             x = self.tpe(x.reshape(b, *self.grid, -1)).reshape(b, t, -1)
             positions = raster_positions(self.grid)
         else:
-            pos0 = 0 if cache is None else cache[2]
+            pos0 = 0 if cache is None else cache.pos
             positions = (pos0 + jnp.arange(t))[:, None]
         nh = self.num_heads
         q = jax.nn.silu(split_heads(self.q_proj(x), nh))
         f = split_heads(self.f_proj(x), nh)
         v = split_heads(self.v_proj(x), nh)
         q, k, f = self._features(q, f, positions)
-        resets = resets_from_segment_ids(segment_ids)
-        h0 = None if cache is None else cache[:2]
-        y, (s, z) = lightnet(q, k, v, f, h0=h0, resets=resets)
+        p = plan(x, segment_ids=segment_ids, cache=cache)
+        y, (s, z) = lightnet(q, k, v, f, h0=p.h0, resets=p.resets)
         if not self.causal:  # every position reads the final state
             y = jnp.einsum("bthk,bhkv->bthv", q.astype(jnp.float32), s).astype(v.dtype)
         y = self.norm(merge_heads(y), self.g_up(self.g_down(x)))
         y = self.o_proj(y).astype(x.dtype)
-        return y, (None if cache is None else (s, z, cache[2] + t))
+        return y, update(cache, state=(s, z), pos=None if cache is None else cache.pos + t)
 
-    def init_cache(self, batch_size: int, max_len: int):
+    def init_cache(self, batch_size: int, max_len: int) -> LightNetCache:
         del max_len
         kd = self.key_dim * (2 if self.use_lrpe else 1)
-        s, z = _init(None, batch_size, self.num_heads, kd, self.head_dim)
-        return s, z, jnp.zeros((), jnp.int32)
+        return LightNetCache(_init(None, batch_size, self.num_heads, kd, self.head_dim), jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- registry
 
 
-def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.float32):
+def lightnet_make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.float32):
     kq, kk, kv, kf = jax.random.split(key, 4)
     shp = (batch, time, heads, key_dim)
     return {
@@ -354,18 +358,10 @@ def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, dtype=jnp.
     }
 
 
-register(
-    MixerSpec(
-        name="lightnet",
-        fn=lightnet,
-        recurrent=lightnet_recurrent,
-        step=lightnet_step,
-        make_inputs=make_inputs,
-        layer=LightNet,
-        materialize=lightnet_materialize,
-        value_arg="v",
-        impls=("sequential", "chunked"),
-        doc="LightNet (Qin et al. 2024): additive linear recurrence with a log-cum-sum-exp gate; MD-TPE, MD-LRPE.",
-        tol=1e-5,
-    )
-)
+register(MixerSpec(
+    name="lightnet", fn=lightnet, recurrent=lightnet_recurrent, step=lightnet_step,
+    make_inputs=lightnet_make_inputs, layer=LightNet, materialize=lightnet_materialize, value_arg="v",
+    impls=("sequential", "chunked"), paper="https://arxiv.org/abs/2405.21022",
+    doc="LightNet (Qin et al. 2024): additive linear recurrence with a log-cum-sum-exp gate; MD-TPE, MD-LRPE.",
+    tol=1e-5,
+))

@@ -32,6 +32,7 @@ a document at ``t = 0`` (recurrentgemma's ``segment_pos == 0``). Shapes: ``x``, 
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,32 +41,24 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks
+from seqjax.layer import StateCache, plan, update
 from seqjax.mixers import _ssm
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import Linear, ShortConv, resets_from_segment_ids
+from seqjax.nn import Linear, ShortConv
 from seqjax.scan import linear_scan
 
-__all__ = ["lru", "lru_recurrent", "lru_step", "lru_ring_init", "LRU",
-           "rglru", "rglru_recurrent", "rglru_step", "rglru_materialize", "sqrt_bounded", "RGLRU"]
+__all__ = ["lru", "lru_recurrent", "lru_step", "lru_materialize", "lru_make_inputs", "lru_ring_init", "LRU",
+           "rglru", "rglru_recurrent", "rglru_step", "rglru_materialize", "rglru_make_inputs", "sqrt_bounded",
+           "RGLRUCache", "RGLRU"]
 
 IMPLS = ("auto", "sequential", "associative", "chunked")
 RGLRU_C = 8.0
 
 
-def _check_common(name, x, h0, resets, negative_eigen, step, state_shape):
-    _ssm.check_no_negative_eigen(name, negative_eigen)
-    _checks.check_ndim("x", x, 2 if step else 3, "[batch, channels]" if step else "[batch, time, channels]")
-    _checks.check_dtype("x", x, "float")
-    if h0 is not None:
-        _checks.check_shape("h0", h0, (x.shape[0], *state_shape), "[batch, state]")
-    if resets is not None:
-        _checks.check_shape("resets", resets, x.shape[:2], "[batch, time]")
-
-
 # ----------------------------------------------------------------------------- LRU
 
 
-def _check_lru(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen, step=False):
+def _check_lru_inputs(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen, step=False):
     h = x.shape[-1]
     _checks.check_ndim("nu_log", nu_log, 1, "[state]")
     n = nu_log.shape[0]
@@ -75,7 +68,7 @@ def _check_lru(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen, step=F
     _checks.check_dtype("B", B, "complex")
     _checks.check_dtype("C", C, "complex")
     _checks.check_shape("D", D, (h,), "[channels]")
-    _check_common("lru", x, h0, resets, negative_eigen, step, (n,))
+    _ssm.check_ssm_inputs("lru", x, h0, resets, negative_eigen, step, (n,))
 
 
 def _lru_coeffs(nu_log, theta_log, B):
@@ -94,7 +87,7 @@ def _lru_out(C, D, hs, x):
 
 def lru_recurrent(x, nu_log, theta_log, B, C, D, *, h0=None, resets=None, negative_eigen=False):
     """The reference: ``lax.scan`` of ``h_t = λ h_{t-1} + γ B x_t``, ``y_t = Re(C h_t) + D x_t``."""
-    _check_lru(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen)
+    _check_lru_inputs(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen)
     return _lru_recurrent(x, nu_log, theta_log, B, C, D, h0, resets)
 
 
@@ -127,20 +120,20 @@ def _lru_scan(x, nu_log, theta_log, B, C, D, h0, resets, impl):
 def lru(x, nu_log, theta_log, B, C, D, *, h0=None, impl="auto", resets=None, negative_eigen=False):
     """LRU, functional: ``(y [b, t, H], h_last [b, N] complex64)`` through the scan engine."""
     _checks.check_choice("impl", impl, IMPLS)
-    _check_lru(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen)
+    _check_lru_inputs(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen)
     return _lru_scan(x, nu_log, theta_log, B, C, D, h0, _ssm.resets_or_none(resets), impl)
 
 
 def lru_materialize(x, nu_log, theta_log, B, C, D, *, negative_eigen=False):
     """``M [b, T, T, H_out, H_in]``: the MIMO operator ``y_t = Σ_s M[t, s] x_s`` (``h0 = 0``)."""
-    _check_lru(x, nu_log, theta_log, B, C, D, None, None, negative_eigen)
+    _check_lru_inputs(x, nu_log, theta_log, B, C, D, None, None, negative_eigen)
     log_lam, gb = _lru_coeffs(nu_log, theta_log, B)
     return _ssm.mimo_toeplitz(x, log_lam, C.astype(jnp.complex64), gb, D)
 
 
 def lru_step(h, x, nu_log, theta_log, B, C, D, *, negative_eigen=False):
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, N]`` (``None``: zeros) -> ``(y [b, H], h)``."""
-    _check_lru(x, nu_log, theta_log, B, C, D, h, None, negative_eigen, step=True)
+    _check_lru_inputs(x, nu_log, theta_log, B, C, D, h, None, negative_eigen, step=True)
     y, h = _lru_recurrent(x[:, None], nu_log, theta_log, B, C, D, h, None)
     return y[:, 0], h
 
@@ -192,18 +185,15 @@ class LRU(nnx.Module):
         self.out_proj = Linear(d_model, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x, *, segment_ids=None, cache=None):
-        resets = resets_from_segment_ids(segment_ids)
-        h0 = None if cache is None else cache["h"]
-        if cache is not None and resets is not None:
-            resets = resets.at[:, 0].set(False)  # the block continues the cached document
+        p = plan(x, segment_ids=segment_ids, cache=cache)
         y, h = lru(x.astype(self.dtype), self.nu_log[...], self.theta_log[...],
                    self.b_re[...] + 1j * self.b_im[...], self.c_re[...] + 1j * self.c_im[...], self.D[...],
-                   h0=h0, impl=self.impl, resets=resets)
-        return self.out_proj(jax.nn.gelu(y)).astype(x.dtype), (None if cache is None else {"h": h})
+                   h0=p.h0, impl=self.impl, resets=p.resets)
+        return self.out_proj(jax.nn.gelu(y)).astype(x.dtype), update(cache, state=h)
 
-    def init_cache(self, batch_size: int, max_len: int | None = None):
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> StateCache:
         del max_len
-        return {"h": jnp.zeros((batch_size, self.state_size), jnp.complex64)}
+        return StateCache(jnp.zeros((batch_size, self.state_size), jnp.complex64))
 
 
 # ----------------------------------------------------------------------------- RG-LRU
@@ -226,8 +216,8 @@ def _sqrt_bwd(max_grad, x, g):
 sqrt_bounded.defvjp(_sqrt_fwd, _sqrt_bwd)
 
 
-def _check_rglru(x, gate_x, gate_a, a_param, h0, resets, negative_eigen, step=False):
-    _check_common("rglru", x, h0, resets, negative_eigen, step, (x.shape[-1],))
+def _check_rglru_inputs(x, gate_x, gate_a, a_param, h0, resets, negative_eigen, step=False):
+    _ssm.check_ssm_inputs("rglru", x, h0, resets, negative_eigen, step, (x.shape[-1],))
     _checks.check_same_shape("x", x, "gate_x", gate_x)
     _checks.check_same_shape("x", x, "gate_a", gate_a)
     _checks.check_shape("a_param", a_param, (x.shape[-1],), "[channels]")
@@ -252,7 +242,7 @@ def _starts(x, h0, resets):
 
 def rglru_recurrent(x, gate_x, gate_a, a_param, *, h0=None, resets=None, negative_eigen=False):
     """The reference: ``lax.scan`` of ``h_t = a_t h_{t-1} + sqrt(1 - a_t²) (i_t x_t)``; ``y = h``."""
-    _check_rglru(x, gate_x, gate_a, a_param, h0, resets, negative_eigen)
+    _check_rglru_inputs(x, gate_x, gate_a, a_param, h0, resets, negative_eigen)
     return _rglru_recurrent(x, gate_x, gate_a, a_param, h0, _starts(x, h0, resets))
 
 
@@ -280,13 +270,13 @@ def _rglru_scan(x, gate_x, gate_a, a_param, h0, starts, impl):
 def rglru(x, gate_x, gate_a, a_param, *, h0=None, impl="auto", resets=None, negative_eigen=False):
     """RG-LRU, functional: ``(y [b, t, d], h_last [b, d])``; ``gate_x``, ``gate_a`` are gate logits."""
     _checks.check_choice("impl", impl, IMPLS)
-    _check_rglru(x, gate_x, gate_a, a_param, h0, resets, negative_eigen)
+    _check_rglru_inputs(x, gate_x, gate_a, a_param, h0, resets, negative_eigen)
     return _rglru_scan(x, gate_x, gate_a, a_param, h0, _starts(x, h0, resets), impl)
 
 
 def rglru_step(h, x, gate_x, gate_a, a_param, *, negative_eigen=False):
     """One token: ``x``, gates ``[b, d]``; ``h`` ``[b, d]`` (``None``: a document starts here)."""
-    _check_rglru(x, gate_x, gate_a, a_param, h, None, negative_eigen, step=True)
+    _check_rglru_inputs(x, gate_x, gate_a, a_param, h, None, negative_eigen, step=True)
     y, h = _rglru_recurrent(x[:, None], gate_x[:, None], gate_a[:, None], a_param, h,
                             _starts(x[:, None], h, None))
     return y[:, 0], h
@@ -295,7 +285,7 @@ def rglru_step(h, x, gate_x, gate_a, a_param, *, negative_eigen=False):
 def rglru_materialize(x, gate_x, gate_a, a_param, *, negative_eigen=False):
     """``[b, d, T, T]``: ``M_{ts} = (Π_{s<r<=t} a_r) sqrt(1 - a_s²) i_s`` (multiplier 1 at ``s = 0``),
     from log-space cumulative decays (masked before ``exp``, so strong decays never overflow)."""
-    _check_rglru(x, gate_x, gate_a, a_param, None, None, negative_eigen)
+    _check_rglru_inputs(x, gate_x, gate_a, a_param, None, None, negative_eigen)
     starts = _starts(x, None, None)
     log_a, _ = _rglru_coeffs(x, gate_x, gate_a, a_param, starts)
     _, w = _rglru_coeffs(jnp.ones_like(x, jnp.float32), gate_x, gate_a, a_param, starts)
@@ -321,6 +311,12 @@ def rglru_a_init(key, width, min_rad=0.9, max_rad=0.999):
     """Λ with ``a^(1/c) = sqrt(u)``, ``u`` uniform in ``[min_rad², max_rad²]`` at ``r = 1`` (as recurrentgemma)."""
     u = jax.random.uniform(key, (width,), minval=min_rad**2, maxval=max_rad**2)
     return jnp.log(jnp.expm1(-0.5 * jnp.log(u)))  # softplus^{-1}(-log(u) / 2)
+
+
+class RGLRUCache(NamedTuple):
+    state: Any  # [b, width] float32
+    conv: Any  # [b, conv_width - 1, width]
+    pos: Any  # [b] int32: tokens consumed (position 0 starts a document)
 
 
 class RGLRU(nnx.Module):
@@ -356,38 +352,31 @@ class RGLRU(nnx.Module):
         bsz, t, _ = x.shape
         x = x.astype(self.dtype)
         y_branch = jax.nn.gelu(self.linear_y(x))
-        xb, conv_state = self.conv(self.linear_x(x), state=None if cache is None else cache["conv"],
+        xb, conv_state = self.conv(self.linear_x(x), state=None if cache is None else cache.conv,
                                    segment_ids=segment_ids)
-        resets = resets_from_segment_ids(segment_ids)
-        h0 = None
-        if cache is not None:
-            h0 = cache["h"]
-            at_zero = (cache["pos"][:, None] + jnp.arange(t)[None]) == 0
-            resets = at_zero if resets is None else at_zero | resets.at[:, 0].set(False)
+        # a fresh cache starts a document (the input enters unnormalised there)
+        p = plan(x, segment_ids=segment_ids, cache=cache, fresh=None if cache is None else cache.pos == 0)
         h, h_last = rglru(xb, self._gate(xb, self.gate_x_w, self.gate_x_b),
                           self._gate(xb, self.gate_a_w, self.gate_a_b), self.a_param[...],
-                          h0=h0, impl=self.impl, resets=resets)
+                          h0=p.h0, impl=self.impl, resets=p.resets)
         out = self.linear_out(h * y_branch)
-        if cache is None:
-            return out, None
-        return out, {"h": h_last, "conv": conv_state, "pos": cache["pos"] + t}
+        return out, update(cache, state=h_last, conv=conv_state, pos=None if cache is None else cache.pos + t)
 
-    def init_cache(self, batch_size: int, max_len: int | None = None):
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> RGLRUCache:
         del max_len
-        return {"h": jnp.zeros((batch_size, self.width), jnp.float32),
-                "conv": self.conv.init_state(batch_size, self.dtype),
-                "pos": jnp.zeros((batch_size,), jnp.int32)}
+        return RGLRUCache(jnp.zeros((batch_size, self.width), jnp.float32),
+                          self.conv.init_state(batch_size, self.dtype), jnp.zeros((batch_size,), jnp.int32))
 
 
 register(MixerSpec(
     name="lru", fn=lru, recurrent=lru_recurrent, step=lru_step, make_inputs=lru_make_inputs, layer=LRU,
     materialize=lru_materialize, value_arg="x", params=("nu_log", "theta_log", "B", "C", "D"),
-    impls=("sequential", "associative", "chunked"),
+    impls=("sequential", "associative", "chunked"), paper="https://arxiv.org/abs/2303.06349",
     doc="LRU (Orvieto et al. 2023): complex diagonal, exponential parametrisation, γ normalisation",
 ))
 register(MixerSpec(
     name="rglru", fn=rglru, recurrent=rglru_recurrent, step=rglru_step, make_inputs=rglru_make_inputs,
     layer=RGLRU, materialize=rglru_materialize, value_arg="x", params=("a_param",),
-    impls=("sequential", "associative", "chunked"),
+    impls=("sequential", "associative", "chunked"), pallas=("tpu",), paper="https://arxiv.org/abs/2402.19427",
     doc="RG-LRU (Griffin, De et al. 2024): gated real diagonal recurrence, sqrt(1-a²) with bounded gradient",
 ))

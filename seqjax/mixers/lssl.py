@@ -32,17 +32,19 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks, _linalg
+from seqjax.layer import StateCache, plan, update
 from seqjax.mixers import _ssm
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import Linear, resets_from_segment_ids
+from seqjax.nn import Linear
 
-__all__ = ["lssl", "lssl_recurrent", "lssl_step", "lssl_kernel", "lssl_materialize", "discretize_bilinear", "LSSL"]
+__all__ = ["lssl", "lssl_recurrent", "lssl_step", "lssl_kernel", "lssl_materialize", "lssl_make_inputs",
+           "discretize_bilinear", "LSSL"]
 
 IMPLS = ("auto", "sequential", "conv")
 
 
-def _validate(x, log_dt, A, B, C, D, h0, resets, negative_eigen, step=False):
-    _ssm.check_no_negative_eigen("lssl", negative_eigen)
+def _check_lssl_inputs(x, log_dt, A, B, C, D, h0, resets, negative_eigen, step=False):
+    _checks.check_no_negative_eigen("lssl", negative_eigen)
     _checks.check_ndim("x", x, 2 if step else 3, "[batch, channels]" if step else "[batch, time, channels]")
     _checks.check_dtype("x", x, "float")
     h = x.shape[-1]
@@ -90,7 +92,7 @@ def lssl_kernel(log_dt, A, B, C, length):
 
 def lssl_recurrent(x, log_dt, A, B, C, D, *, h0=None, resets=None, negative_eigen=False):
     """The reference: ``lax.scan`` of ``h_t = Ā h_{t-1} + B̄ x_t``, ``y_t = C h_t + D x_t`` (dense Ā)."""
-    _validate(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
+    _check_lssl_inputs(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
     return _recurrent(x, log_dt, A, B, C, D, h0, resets)
 
 
@@ -145,7 +147,7 @@ def lssl(x, log_dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_e
     convolution from ``t >= 64`` without resets, else the recurrence).
     """
     _checks.check_choice("impl", impl, IMPLS)
-    _validate(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
+    _check_lssl_inputs(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
     if impl == "auto":
         impl = "conv" if resets is None and x.shape[1] >= 64 else "sequential"
     if impl == "sequential":
@@ -155,14 +157,14 @@ def lssl(x, log_dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_e
 
 def lssl_step(h, x, log_dt, A, B, C, D, *, negative_eigen=False):
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, H, N]`` (``None``: zeros) -> ``(y [b, H], h)``."""
-    _validate(x, log_dt, A, B, C, D, h, None, negative_eigen, step=True)
+    _check_lssl_inputs(x, log_dt, A, B, C, D, h, None, negative_eigen, step=True)
     y, h = lssl_recurrent(x[:, None], log_dt, A, B, C, D, h0=h)
     return y[:, 0], h
 
 
 def lssl_materialize(x, log_dt, A, B, C, D, *, negative_eigen=False):
     """``[b, H, T, T]``: ``M_{c, t, s} = K_{c, t-s}`` for ``t >= s`` (Toeplitz), ``+ D_c`` on the diagonal."""
-    _validate(x, log_dt, A, B, C, D, None, None, negative_eigen)
+    _check_lssl_inputs(x, log_dt, A, B, C, D, None, None, negative_eigen)
     t = x.shape[1]
     return _toeplitz(lssl_kernel(log_dt, A, B, C, t), D, x.shape[0])
 
@@ -175,7 +177,7 @@ def _toeplitz(kernel, D, bsz):
     return jnp.broadcast_to(m[None], (bsz, *m.shape))
 
 
-def make_inputs(key, batch, time, channels=3, state=5):
+def lssl_make_inputs(key, batch, time, channels=3, state=5):
     kx, kd, kc, kdd = jax.random.split(key, 4)
     a, b = _ssm.hippo_legs(state)
     return dict(
@@ -207,18 +209,15 @@ class LSSL(nnx.Module):
         self.out_proj = Linear(d_model, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x, *, segment_ids=None, cache=None):
-        resets = resets_from_segment_ids(segment_ids)
-        h0 = None if cache is None else cache["h"]
-        if cache is not None and resets is not None:
-            resets = resets.at[:, 0].set(False)  # the block continues the cached document
+        p = plan(x, segment_ids=segment_ids, cache=cache)
         y, h = lssl(x.astype(self.dtype), self.log_dt[...], self.A[...], self.B[...], self.C[...],
-                    self.D[...], h0=h0, impl=self.impl, resets=resets)
+                    self.D[...], h0=p.h0, impl=self.impl, resets=p.resets)
         y = self.out_proj(jax.nn.gelu(y))
-        return y.astype(x.dtype), (None if cache is None else {"h": h})
+        return y.astype(x.dtype), update(cache, state=h)
 
-    def init_cache(self, batch_size: int, max_len: int | None = None):
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> StateCache:
         del max_len
-        return {"h": jnp.zeros((batch_size, self.d_model, self.state_size), jnp.float32)}
+        return StateCache(jnp.zeros((batch_size, self.d_model, self.state_size), jnp.float32))
 
 
 register(MixerSpec(
@@ -226,11 +225,12 @@ register(MixerSpec(
     fn=lssl,
     recurrent=lssl_recurrent,
     step=lssl_step,
-    make_inputs=make_inputs,
+    make_inputs=lssl_make_inputs,
     layer=LSSL,
     materialize=lssl_materialize,
     value_arg="x",
     params=("log_dt", "A", "B", "C", "D"),
     impls=("sequential", "conv"),
+    paper="https://arxiv.org/abs/2110.13985",
     doc="LSSL (Gu et al. 2021): HiPPO-LegS, bilinear discretisation; recurrent and FFT-convolution modes",
 ))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +34,18 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks
+from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import Linear, ShortConv, resets_from_segment_ids
+from seqjax.nn import Linear, ShortConv
 from seqjax.scan import linear_scan
 
-__all__ = ["mamba", "mamba_recurrent", "mamba_step", "mamba_materialize", "Mamba"]
+__all__ = ["mamba", "mamba_recurrent", "mamba_step", "mamba_materialize", "mamba_make_inputs", "MambaCache",
+           "Mamba", "MambaNegEig"]
 
 IMPLS = ("auto", "sequential", "associative", "chunked")
 
 
-def _validate(x, dt, A, B, C, D, h0, resets, negative_eigen, step=False):
+def _check_mamba_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen, step=False):
     if not isinstance(negative_eigen, (bool, np.bool_)):
         raise TypeError(f"negative_eigen must be a bool, got {negative_eigen!r}")
     lead = "[batch, " if step else "[batch, time, "
@@ -73,14 +76,14 @@ def _transition(dt, A, negative_eigen):
 def mamba_recurrent(x, dt, A, B, C, D, *, h0=None, resets=None, negative_eigen=False):
     """The reference: ``lax.scan`` of ``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t``,
     ``y_t = C_t h_t + D x_t`` (``2 exp(Δ_t A) - 1`` with ``negative_eigen``)."""
-    _validate(x, dt, A, B, C, D, h0, resets, negative_eigen)
+    _check_mamba_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     return _recurrent(x, dt, A, B, C, D, h0, resets, bool(negative_eigen))
 
 
 @functools.partial(jax.jit, static_argnames=("negative_eigen",))
 def _recurrent(x, dt, A, B, C, D, h0, resets, negative_eigen):
     bsz, t, d = x.shape
-    f32 = lambda v: jnp.moveaxis(v.astype(jnp.float32), 1, 0)  # noqa: E731
+    f32 = lambda v: jnp.moveaxis(v.astype(jnp.float32), 1, 0)
     state = jnp.zeros((bsz, *A.shape), jnp.float32) if h0 is None else h0.astype(jnp.float32)
     keep = jnp.ones((bsz, t), bool) if resets is None else ~jnp.asarray(resets, bool)
     a, d_skip = A.astype(jnp.float32)[None], D.astype(jnp.float32)[None]
@@ -113,14 +116,14 @@ def mamba(x, dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_eige
     ``dt`` is the positive step (the layer applies ``softplus(dt_proj(·) + dt_bias)``).
     """
     _checks.check_choice("impl", impl, IMPLS)
-    _validate(x, dt, A, B, C, D, h0, resets, negative_eigen)
+    _check_mamba_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     resets = None if resets is None else jnp.asarray(resets).astype(bool)
     return _scan(x, dt, A, B, C, D, h0, resets, impl, bool(negative_eigen))
 
 
 def mamba_step(h, x, dt, A, B, C, D, *, negative_eigen=False):
     """One token: ``x``, ``dt`` ``[b, d]``, ``B``, ``C`` ``[b, n]``; ``h`` ``[b, d, n]`` (``None``: zeros)."""
-    _validate(x, dt, A, B, C, D, h, None, negative_eigen, step=True)
+    _check_mamba_inputs(x, dt, A, B, C, D, h, None, negative_eigen, step=True)
     y, h = _recurrent(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, h, None, bool(negative_eigen))
     return y[:, 0], h
 
@@ -131,7 +134,7 @@ def mamba_materialize(x, dt, A, B, C, D, *, negative_eigen=False):
     Products of transitions are taken in log space, ``|Π a| = exp(Σ log|a|)``, with the sign from the
     parity of negative factors (``negative_eigen``), masked before ``exp`` so nothing overflows.
     """
-    _validate(x, dt, A, B, C, D, None, None, negative_eigen)
+    _check_mamba_inputs(x, dt, A, B, C, D, None, None, negative_eigen)
     a, log_decay = _transition(dt, A, bool(negative_eigen))
     log_abs = a if log_decay else jnp.log(jnp.maximum(jnp.abs(a), 1e-30))
     cum = jnp.cumsum(jnp.moveaxis(log_abs, 1, -1), axis=-1)  # [b, d, n, T]
@@ -146,7 +149,7 @@ def mamba_materialize(x, dt, A, B, C, D, *, negative_eigen=False):
     return m + D.astype(jnp.float32)[None, :, None, None] * jnp.eye(t, dtype=jnp.float32)[None, None]
 
 
-def make_inputs(key, batch, time, channels=3, state=4):
+def mamba_make_inputs(key, batch, time, channels=3, state=4):
     kx, kd, ka, kb, kc, kdd = jax.random.split(key, 6)
     return dict(
         x=jax.random.normal(kx, (batch, time, channels)),
@@ -165,10 +168,15 @@ def _dt_bias_init(key, d, dt_min, dt_max, floor):
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
+class MambaCache(NamedTuple):
+    state: Any  # [b, d_inner, d_state] float32
+    conv: Any  # [b, d_conv - 1, d_inner]
+
+
 class Mamba(nnx.Module):
     """The Mamba block: ``out_proj(S6(silu(conv1d(x_in))) ⊙ silu(z))`` with ``[x_in, z] = in_proj(x)``.
 
-    Cache: ``{"h": [b, d_inner, d_state], "conv": [b, d_conv - 1, d_inner]}``.
+    Cache: :class:`MambaCache`.
     """
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -196,31 +204,39 @@ class Mamba(nnx.Module):
     def __call__(self, x, *, segment_ids=None, cache=None):
         x = x.astype(self.dtype)
         xi, z = jnp.split(self.in_proj(x), 2, axis=-1)
-        xi, conv_state = self.conv(xi, state=None if cache is None else cache["conv"], segment_ids=segment_ids)
+        xi, conv_state = self.conv(xi, state=None if cache is None else cache.conv, segment_ids=segment_ids)
         xi = jax.nn.silu(xi)
         dt_low, b, c = jnp.split(self.x_proj(xi), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         dt = jax.nn.softplus(self.dt_proj(dt_low).astype(jnp.float32) + self.dt_bias[...][None, None])
-        resets = resets_from_segment_ids(segment_ids)
-        if cache is not None and resets is not None:
-            resets = resets.at[:, 0].set(False)  # the block continues the cached document
-        y, h = mamba(xi, dt, -jnp.exp(self.A_log[...]), b, c, self.D[...],
-                     h0=None if cache is None else cache["h"], impl=self.impl, resets=resets,
-                     negative_eigen=self.negative_eigen)
+        p = plan(x, segment_ids=segment_ids, cache=cache)
+        y, h = mamba(xi, dt, -jnp.exp(self.A_log[...]), b, c, self.D[...], h0=p.h0, impl=self.impl,
+                     resets=p.resets, negative_eigen=self.negative_eigen)
         out = self.out_proj(y * jax.nn.silu(z))
-        return out, (None if cache is None else {"h": h, "conv": conv_state})
+        return out, update(cache, state=h, conv=conv_state)
 
-    def init_cache(self, batch_size: int, max_len: int | None = None):
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> MambaCache:
         del max_len
-        return {"h": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32),
-                "conv": self.conv.init_state(batch_size, self.dtype)}
+        return MambaCache(jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32),
+                          self.conv.init_state(batch_size, self.dtype))
 
 
-for _name, _opts in (("mamba", {}), ("mamba_negeig", {"negative_eigen": True})):
-    register(MixerSpec(
-        name=_name, fn=mamba, recurrent=mamba_recurrent, step=mamba_step, make_inputs=make_inputs,
-        layer=functools.partial(Mamba, **_opts), materialize=mamba_materialize, value_arg="x",
-        params=("A", "D"), impls=("sequential", "associative", "chunked"), options=_opts,
-        negative_eigen=True,
-        doc="Mamba / S6 (Gu & Dao 2023): selective scan" + (
-            " with transition 2 exp(ΔA) - 1 ∈ (-1, 1) (Grazzi et al. 2025)" if _opts else ""),
-    ))
+class MambaNegEig(Mamba):
+    """Mamba with transitions ``2 exp(ΔA) - 1 ∈ (-1, 1)`` (Grazzi et al. 2025)."""
+
+    def __init__(self, d_model: int, *, negative_eigen: bool = True, **kw):
+        super().__init__(d_model, negative_eigen=negative_eigen, **kw)
+
+
+register(MixerSpec(
+    name="mamba", fn=mamba, recurrent=mamba_recurrent, step=mamba_step, make_inputs=mamba_make_inputs, layer=Mamba,
+    materialize=mamba_materialize, value_arg="x", params=("A", "D"), impls=("sequential", "associative", "chunked"),
+    pallas=("tpu",), negative_eigen=True, paper="https://arxiv.org/abs/2312.00752",
+    doc="Mamba / S6 (Gu & Dao 2023): selective scan",
+))
+register(MixerSpec(
+    name="mamba_negeig", fn=mamba, recurrent=mamba_recurrent, step=mamba_step, make_inputs=mamba_make_inputs,
+    layer=MambaNegEig, materialize=mamba_materialize, value_arg="x", params=("A", "D"),
+    impls=("sequential", "associative", "chunked"), pallas=("tpu",), options={"negative_eigen": True},
+    negative_eigen=True, paper="https://arxiv.org/abs/2411.12537",
+    doc="Mamba / S6 (Gu & Dao 2023): selective scan with transition 2 exp(ΔA) - 1 ∈ (-1, 1) (Grazzi et al. 2025)",
+))

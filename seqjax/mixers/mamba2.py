@@ -24,6 +24,7 @@ Shapes: ``x [b, t, h, p]``, ``dt [b, t, h]`` (positive, after softplus), ``A [h]
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +33,14 @@ from jax import lax
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas
 from seqjax import _checks, nn
-from seqjax import sharding as shd
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
+from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import gla as eng
 
-__all__ = ["mamba2", "mamba2_recurrent", "mamba2_step", "mamba2_materialize", "mamba2_context_parallel", "transition",
-           "Mamba2"]
+__all__ = ["mamba2", "mamba2_recurrent", "mamba2_step", "mamba2_materialize", "mamba2_make_inputs",
+           "mamba2_context_parallel", "transition", "Mamba2Cache", "Mamba2", "Mamba2NegEig"]
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
 
@@ -63,7 +64,7 @@ def transition(dt, A, negative_eigen=False):
     return jnp.where(pos, lp, ln), jnp.where(pos, 1.0, -1.0)
 
 
-def _validate(x, dt, A, B, C, D, h0, resets, negative_eigen):
+def _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen):
     _checks.check_ndim("x", x, 4, "[batch, time, heads, head_dim]")
     b, t, h, p = x.shape
     _checks.check_shape("dt", dt, (b, t, h), "[batch, time, heads]")
@@ -93,7 +94,7 @@ def _heads(B, h):
 def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
     """SSD: ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``. Returns ``(y, S_T)``."""
     _checks.check_choice("impl", impl, IMPLS)
-    _validate(x, dt, A, B, C, D, h0, resets, negative_eigen)
+    _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     if impl == "sequential":
         return mamba2_recurrent(x, dt, A, B, C, D, h0=h0, resets=resets, negative_eigen=negative_eigen)
     h = x.shape[2]
@@ -129,7 +130,7 @@ def mamba2_context_parallel(x, dt, A, B, C, D=None, *, mesh, resets=None, chunk_
 
 def mamba2_recurrent(x, dt, A, B, C, D=None, *, h0=None, resets=None, negative_eigen=False):
     """Reference: float32 ``lax.scan`` of ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``."""
-    _validate(x, dt, A, B, C, D, h0, resets, negative_eigen)
+    _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     b, t, h, p = x.shape
     f32 = lambda z: z.astype(jnp.float32)
     a = jnp.ones((b, t, h), jnp.float32) if A is None else jnp.exp(f32(dt) * f32(A)[None, None, :])
@@ -177,7 +178,7 @@ def mamba2_materialize(x, dt, A, B, C, D=None, *, negative_eigen=False):
     return jnp.moveaxis(m, 3, 1)
 
 
-def make_inputs(key, batch, time, heads=4, head_dim=5, groups=2, state=7):
+def mamba2_make_inputs(key, batch, time, heads=4, head_dim=5, groups=2, state=7):
     ks = jax.random.split(key, 6)
     return dict(
         x=jax.random.normal(ks[0], (batch, time, heads, head_dim)),
@@ -187,6 +188,13 @@ def make_inputs(key, batch, time, heads=4, head_dim=5, groups=2, state=7):
         C=jax.random.normal(ks[3], (batch, time, groups, state)),
         D=jax.random.normal(ks[4], (heads,)),
     )
+
+
+class Mamba2Cache(NamedTuple):
+    state: Any  # [b, heads, d_state, head_dim] float32
+    conv_x: Any  # [b, d_conv - 1, d_inner]
+    conv_B: Any  # [b, d_conv - 1, groups * d_state]
+    conv_C: Any
 
 
 class Mamba2(nnx.Module):
@@ -205,7 +213,10 @@ class Mamba2(nnx.Module):
         self.nheads, self.head_dim, self.d_state, self.ngroups = d_inner // head_dim, head_dim, d_state, ngroups
         _checks.check_divisible("nheads", self.nheads, "ngroups", ngroups)
         self.chunk_size, self.impl, self.negative_eigen, self.use_decay = chunk_size, impl, negative_eigen, use_decay
-        lin = lambda i, o, ax: nn.Linear(i, o, axes=ax, rngs=rngs, dtype=dtype)
+
+        def lin(i, o, axes):
+            return nn.Linear(i, o, axes=axes, rngs=rngs, dtype=dtype)
+
         self.x_proj = lin(d_model, d_inner, ("embed", "heads"))
         self.z_proj = lin(d_model, d_inner, ("embed", "heads"))
         self.B_proj = lin(d_model, ngroups * d_state, ("embed", "state"))
@@ -225,61 +236,56 @@ class Mamba2(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, cache=None):
         bsz, t, _ = x.shape
-        c = cache or {}
-        xs, cx = self.x_conv(self.x_proj(x), state=c.get("conv_x"), segment_ids=segment_ids)
-        B, cB = self.B_conv(self.B_proj(x), state=c.get("conv_B"), segment_ids=segment_ids)
-        C, cC = self.C_conv(self.C_proj(x), state=c.get("conv_C"), segment_ids=segment_ids)
+        c = Mamba2Cache(None, None, None, None) if cache is None else cache
+        xs, cx = self.x_conv(self.x_proj(x), state=c.conv_x, segment_ids=segment_ids)
+        B, cB = self.B_conv(self.B_proj(x), state=c.conv_B, segment_ids=segment_ids)
+        C, cC = self.C_conv(self.C_proj(x), state=c.conv_C, segment_ids=segment_ids)
         xs, B, C = jax.nn.silu(xs), jax.nn.silu(B), jax.nn.silu(C)
         xh = nn.split_heads(xs, self.nheads)
         B, C = B.reshape(bsz, t, self.ngroups, self.d_state), C.reshape(bsz, t, self.ngroups, self.d_state)
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...][None, None, :])
         A = -jnp.exp(self.A_log[...]) if self.use_decay else None
-        resets = nn.resets_from_segment_ids(segment_ids)
-        if cache is not None and resets is not None:
-            resets = resets.at[:, 0].set(False)
-        h0 = None if cache is None else cache["state"]
-        # time split over the mesh's `context` axis (signed transitions keep the GSPMD path)
-        mesh = None if cache is not None or self.negative_eigen else shd.context_mesh(t)
-        if cache is not None and t == 1 and resets is None:
-            y, s = mamba2_step(h0, xh[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D[...],
+        # signed transitions have no context-parallel form (they keep the GSPMD path)
+        p = plan(x, segment_ids=segment_ids, cache=cache, context_parallel=not self.negative_eigen)
+        if p.decode:
+            y, s = mamba2_step(p.h0, xh[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D[...],
                                negative_eigen=self.negative_eigen)
             y = y[:, None]
-        elif mesh is not None:
-            y, s = mamba2_context_parallel(xh, dt, A, B, C, self.D[...], mesh=mesh,
-                                           resets=resets, chunk_size=self.chunk_size)
+        elif p.mesh is not None:
+            y, s = mamba2_context_parallel(xh, dt, A, B, C, self.D[...], mesh=p.mesh,
+                                           resets=p.resets, chunk_size=self.chunk_size)
         else:
-            y, s = mamba2(xh, dt, A, B, C, self.D[...], h0=h0, resets=resets, impl=self.impl,
+            y, s = mamba2(xh, dt, A, B, C, self.D[...], h0=p.h0, resets=p.resets, impl=self.impl,
                           chunk_size=self.chunk_size, negative_eigen=self.negative_eigen)
         y = self.norm(nn.merge_heads(y), self.z_proj(x))
-        out = self.out_proj(y)
-        new = None if cache is None else {"state": s, "conv_x": cx, "conv_B": cB, "conv_C": cC}
-        return out, new
+        return self.out_proj(y), update(cache, state=s, conv_x=cx, conv_B=cB, conv_C=cC)
 
-    def init_cache(self, batch_size, max_len=None):
+    def init_cache(self, batch_size, max_len=None) -> Mamba2Cache:
         del max_len
-        return {
-            "state": jnp.zeros((batch_size, self.nheads, self.d_state, self.head_dim), jnp.float32),
-            "conv_x": self.x_conv.init_state(batch_size),
-            "conv_B": self.B_conv.init_state(batch_size),
-            "conv_C": self.C_conv.init_state(batch_size),
-        }
+        return Mamba2Cache(
+            jnp.zeros((batch_size, self.nheads, self.d_state, self.head_dim), jnp.float32),
+            self.x_conv.init_state(batch_size),
+            self.B_conv.init_state(batch_size),
+            self.C_conv.init_state(batch_size),
+        )
 
 
 class Mamba2NegEig(Mamba2):
     """Mamba-2 with transitions ``2a − 1 ∈ (−1, 1)`` (Grazzi et al. 2025)."""
 
-    def __init__(self, d_model, *, rngs: nnx.Rngs, **kw):
-        kw.setdefault("negative_eigen", True)
-        super().__init__(d_model, rngs=rngs, **kw)
+    def __init__(self, d_model, *, negative_eigen: bool = True, **kw):
+        super().__init__(d_model, negative_eigen=negative_eigen, **kw)
 
 
-_common = dict(
-    fn=mamba2, recurrent=mamba2_recurrent, step=mamba2_step, make_inputs=make_inputs,
-    materialize=mamba2_materialize, value_arg="x", params=("A", "D"), impls=("sequential", "chunked"),
-    negative_eigen=True,
-)
-register(MixerSpec(name="mamba2", layer=Mamba2, doc="Mamba-2 / SSD (Dao & Gu 2024)", **_common))
 register(MixerSpec(
-    name="mamba2_negeig", layer=Mamba2NegEig, options={"negative_eigen": True},
-    doc="Mamba-2 with negative eigenvalues 2a-1 (Grazzi et al. 2025)", **_common,
+    name="mamba2", fn=mamba2, recurrent=mamba2_recurrent, step=mamba2_step, make_inputs=mamba2_make_inputs,
+    layer=Mamba2, materialize=mamba2_materialize, value_arg="x", params=("A", "D"), impls=("sequential", "chunked"),
+    pallas=("gpu", "tpu"), context_parallel=True, negative_eigen=True, paper="https://arxiv.org/abs/2405.21060",
+    doc="Mamba-2 / SSD (Dao & Gu 2024)",
+))
+register(MixerSpec(
+    name="mamba2_negeig", fn=mamba2, recurrent=mamba2_recurrent, step=mamba2_step, make_inputs=mamba2_make_inputs,
+    layer=Mamba2NegEig, materialize=mamba2_materialize, value_arg="x", params=("A", "D"),
+    impls=("sequential", "chunked"), pallas=("gpu", "tpu"), options={"negative_eigen": True}, negative_eigen=True,
+    paper="https://arxiv.org/abs/2411.12537", doc="Mamba-2 with negative eigenvalues 2a-1 (Grazzi et al. 2025)",
 ))

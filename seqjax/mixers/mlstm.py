@@ -34,21 +34,21 @@ from flax import nnx
 from pallas_kernels.mlstm_chunk import mlstm_chunk
 from seqjax import _checks, nn
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
+from seqjax.layer import StateCache, plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops import mlstm as eng
 
-__all__ = ["mlstm", "mlstm_recurrent", "mlstm_step", "mlstm_materialize", "MLSTM"]
+__all__ = ["mlstm", "mlstm_recurrent", "mlstm_step", "mlstm_materialize", "mlstm_make_inputs", "MLSTM"]
 
 
-def _validate(q, k, v, i, f, h0, resets, negative_eigen):
-    if negative_eigen:
-        raise ValueError("mlstm does not support negative_eigen=True (its forget gate is a sigmoid in (0, 1))")
+def _check_mlstm_inputs(q, k, v, i, f, h0, resets, negative_eigen):
+    _checks.check_no_negative_eigen("mlstm", negative_eigen)
     eng.check_mlstm_inputs(q, k, v, i, f, h0, resets)
 
 
 def mlstm_recurrent(q, k, v, i, f, *, h0=None, resets=None, negative_eigen=False):
     """Reference: the stabilised mLSTM recurrence above as a float32 ``lax.scan``."""
-    _validate(q, k, v, i, f, h0, resets, negative_eigen)
+    _check_mlstm_inputs(q, k, v, i, f, h0, resets, negative_eigen)
     return eng.recurrent_mlstm(q, k, v, i, f, h0=h0, resets=resets)
 
 
@@ -68,7 +68,7 @@ def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, ne
     Returns ``(y [b, t, h, dv] in v's dtype, (C, n, m))``.
     """
     _checks.check_choice("impl", impl, ("auto", "sequential", "chunked", "pallas"))
-    _validate(q, k, v, i, f, h0, resets, negative_eigen)
+    _check_mlstm_inputs(q, k, v, i, f, h0, resets, negative_eigen)
     eng.check_mlstm_inputs(q, k, v, i, f, None, resets, chunk_size)
     if impl == "sequential":
         return mlstm_recurrent(q, k, v, i, f, h0=h0, resets=resets)
@@ -89,7 +89,7 @@ def mlstm_materialize(q, k, v, i, f, *, negative_eigen=False):
     return eng.materialize_mlstm(q, k, i, f)
 
 
-def make_inputs(key, batch, time, heads=2, dk=7, dv=5):
+def mlstm_make_inputs(key, batch, time, heads=2, dk=7, dv=5):
     ks = jax.random.split(key, 5)
     return dict(
         q=jax.random.normal(ks[0], (batch, time, heads, dk)),
@@ -102,13 +102,16 @@ def make_inputs(key, batch, time, heads=2, dk=7, dv=5):
 
 class MLSTM(nnx.Module):
     """mLSTM layer: q/k/v projections, scalar input/forget gates per head (forget bias init in [3, 6]),
-    per-head RMSNorm, sigmoid output gate, output projection. Cache ``{"state": (C, n, m)}``."""
+    per-head RMSNorm, sigmoid output gate, output projection. Cache ``StateCache((C, n, m))``."""
 
     def __init__(self, d_model, *, num_heads=2, expand=1, chunk_size=64, impl="auto", rngs: nnx.Rngs, dtype=jnp.float32):
         inner = expand * d_model
         _checks.check_divisible("inner", inner, "num_heads", num_heads)
         self.num_heads, self.head_dim, self.chunk_size, self.impl = num_heads, inner // num_heads, chunk_size, impl
-        lin = lambda i, o, ax, bias=False: nn.Linear(i, o, axes=ax, use_bias=bias, rngs=rngs, dtype=dtype)
+
+        def lin(i, o, axes, bias=False):
+            return nn.Linear(i, o, axes=axes, use_bias=bias, rngs=rngs, dtype=dtype)
+
         self.q_proj, self.k_proj, self.v_proj = (lin(d_model, inner, ("embed", "heads")) for _ in range(3))
         self.i_proj = lin(d_model, num_heads, ("embed", "heads"), True)
         self.f_proj = lin(d_model, num_heads, ("embed", "heads"), True)
@@ -121,25 +124,22 @@ class MLSTM(nnx.Module):
         h = self.num_heads
         q, k, v = (nn.split_heads(p(x), h) for p in (self.q_proj, self.k_proj, self.v_proj))
         ig, fg = self.i_proj(x).astype(jnp.float32), self.f_proj(x).astype(jnp.float32)
-        resets = nn.resets_from_segment_ids(segment_ids)
-        if cache is not None and resets is not None:
-            resets = resets.at[:, 0].set(False)
-        h0 = None if cache is None else cache["state"]
-        if cache is not None and x.shape[1] == 1 and resets is None:
-            y, s = mlstm_step(h0, q[:, 0], k[:, 0], v[:, 0], ig[:, 0], fg[:, 0])
+        p = plan(x, segment_ids=segment_ids, cache=cache)
+        if p.decode:
+            y, s = mlstm_step(p.h0, q[:, 0], k[:, 0], v[:, 0], ig[:, 0], fg[:, 0])
             y = y[:, None]
         else:
-            y, s = mlstm(q, k, v, ig, fg, h0=h0, resets=resets, impl=self.impl, chunk_size=self.chunk_size)
+            y, s = mlstm(q, k, v, ig, fg, h0=p.h0, resets=p.resets, impl=self.impl, chunk_size=self.chunk_size)
         y = nn.merge_heads(self.norm(y)) * jax.nn.sigmoid(self.o_proj_gate(x))
-        return self.out_proj(y), (None if cache is None else {"state": s})
+        return self.out_proj(y), update(cache, state=s)
 
     def init_cache(self, batch_size, max_len=None):
         del max_len
-        return {"state": eng.zero_state_mlstm(batch_size, self.num_heads, self.head_dim, self.head_dim)}
+        return StateCache(eng.zero_state_mlstm(batch_size, self.num_heads, self.head_dim, self.head_dim))
 
 
 register(MixerSpec(
-    name="mlstm", fn=mlstm, recurrent=mlstm_recurrent, step=mlstm_step, make_inputs=make_inputs, layer=MLSTM,
-    materialize=mlstm_materialize, value_arg="v", impls=("sequential", "chunked"),
-    doc="mLSTM (Beck et al. 2024, xLSTM)",
+    name="mlstm", fn=mlstm, recurrent=mlstm_recurrent, step=mlstm_step, make_inputs=mlstm_make_inputs,
+    layer=MLSTM, materialize=mlstm_materialize, value_arg="v", impls=("sequential", "chunked"),
+    pallas=("gpu", "tpu"), paper="https://arxiv.org/abs/2405.04517", doc="mLSTM (Beck et al. 2024, xLSTM)",
 ))

@@ -39,29 +39,20 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks
+from seqjax.layer import StateCache, plan, update
 from seqjax.mixers import _ssm
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import Linear, resets_from_segment_ids
+from seqjax.nn import Linear
 from seqjax.scan import linear_scan
 
-__all__ = ["s4d", "s4d_recurrent", "s4d_step", "s4d_kernel", "s4d_materialize", "s4d_init", "S4D",
-           "s5", "s5_recurrent", "s5_step", "S5"]
+__all__ = ["s4d", "s4d_recurrent", "s4d_step", "s4d_kernel", "s4d_materialize", "s4d_make_inputs", "s4d_init", "S4D",
+           "s5", "s5_recurrent", "s5_step", "s5_materialize", "s5_make_inputs", "S5"]
 
 S4D_IMPLS = ("auto", "sequential", "associative", "chunked", "conv")
 S5_IMPLS = ("auto", "sequential", "associative", "chunked")
 
 
-def _check_common(name, x, h0, resets, negative_eigen, step, state_shape):
-    _ssm.check_no_negative_eigen(name, negative_eigen)
-    _checks.check_ndim("x", x, 2 if step else 3, "[batch, channels]" if step else "[batch, time, channels]")
-    _checks.check_dtype("x", x, "float")
-    if h0 is not None:
-        _checks.check_shape("h0", h0, (x.shape[0], *state_shape), "[batch, ...state]")
-    if resets is not None:
-        _checks.check_shape("resets", resets, x.shape[:2], "[batch, time]")
-
-
-def _check_s4d(x, log_dt, A, B, C, D, h0, resets, negative_eigen, step=False):
+def _check_s4d_inputs(x, log_dt, A, B, C, D, h0, resets, negative_eigen, step=False):
     h = x.shape[-1]
     _checks.check_ndim("A", A, 2, "[channels, modes]")
     n = A.shape[1]
@@ -70,7 +61,7 @@ def _check_s4d(x, log_dt, A, B, C, D, h0, resets, negative_eigen, step=False):
         _checks.check_dtype(nm, v, "complex")
     _checks.check_shape("log_dt", log_dt, (h,), "[channels]")
     _checks.check_shape("D", D, (h,), "[channels]")
-    _check_common("s4d", x, h0, resets, negative_eigen, step, (h, n))
+    _ssm.check_ssm_inputs("s4d", x, h0, resets, negative_eigen, step, (h, n))
 
 
 def _zoh(log_dt, A, B):
@@ -85,7 +76,7 @@ def _zoh(log_dt, A, B):
 
 def s4d_recurrent(x, log_dt, A, B, C, D, *, h0=None, resets=None, negative_eigen=False):
     """The reference: ``lax.scan`` of ``h_t = Ā h_{t-1} + B̄ x_t``, ``y_t = 2 Re(C·h_t) + D x_t``."""
-    _check_s4d(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
+    _check_s4d_inputs(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
     return _s4d_recurrent(x, log_dt, A, B, C, D, h0, resets)
 
 
@@ -160,7 +151,7 @@ def s4d(x, log_dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_ei
     choice).
     """
     _checks.check_choice("impl", impl, S4D_IMPLS)
-    _check_s4d(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
+    _check_s4d_inputs(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
     resets = _ssm.resets_or_none(resets)
     if impl == "auto" and resets is None and x.shape[1] >= 256:
         impl = "conv"
@@ -171,14 +162,14 @@ def s4d(x, log_dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_ei
 
 def s4d_step(h, x, log_dt, A, B, C, D, *, negative_eigen=False):
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, H, N]`` (``None``: zeros) -> ``(y [b, H], h)``."""
-    _check_s4d(x, log_dt, A, B, C, D, h, None, negative_eigen, step=True)
+    _check_s4d_inputs(x, log_dt, A, B, C, D, h, None, negative_eigen, step=True)
     y, h = _s4d_recurrent(x[:, None], log_dt, A, B, C, D, h, None)
     return y[:, 0], h
 
 
 def s4d_materialize(x, log_dt, A, B, C, D, *, negative_eigen=False):
     """``[b, H, T, T]``: the Toeplitz operator of the kernel, ``+ D`` on the diagonal."""
-    _check_s4d(x, log_dt, A, B, C, D, None, None, negative_eigen)
+    _check_s4d_inputs(x, log_dt, A, B, C, D, None, None, negative_eigen)
     t = x.shape[1]
     kernel = s4d_kernel(log_dt, A, B, C, t)
     lag = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
@@ -247,27 +238,19 @@ class S4D(nnx.Module):
         return dict(log_dt=self.log_dt[...], A=a, B=b, C=c, D=self.D[...])
 
     def __call__(self, x, *, segment_ids=None, cache=None):
-        y, h = _ssm_layer_call(s4d, self, x, segment_ids, cache)
-        return self.out_proj(jax.nn.gelu(y)).astype(x.dtype), h
+        p = plan(x, segment_ids=segment_ids, cache=cache)
+        y, h = s4d(x.astype(self.dtype), **self.ssm_params(), h0=p.h0, impl=self.impl, resets=p.resets)
+        return self.out_proj(jax.nn.gelu(y)).astype(x.dtype), update(cache, state=h)
 
-    def init_cache(self, batch_size: int, max_len: int | None = None):
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> StateCache:
         del max_len
-        return {"h": jnp.zeros((batch_size, self.d_model, self.state_size), jnp.complex64)}
-
-
-def _ssm_layer_call(fn, layer, x, segment_ids, cache):
-    resets = resets_from_segment_ids(segment_ids)
-    h0 = None if cache is None else cache["h"]
-    if cache is not None and resets is not None:
-        resets = resets.at[:, 0].set(False)  # the block continues the cached document
-    y, h = fn(x.astype(layer.dtype), **layer.ssm_params(), h0=h0, impl=layer.impl, resets=resets)
-    return y, (None if cache is None else {"h": h})
+        return StateCache(jnp.zeros((batch_size, self.d_model, self.state_size), jnp.complex64))
 
 
 # ----------------------------------------------------------------------------- S5
 
 
-def _check_s5(x, Lambda, log_dt, B, C, D, h0, resets, negative_eigen, step=False):
+def _check_s5_inputs(x, Lambda, log_dt, B, C, D, h0, resets, negative_eigen, step=False):
     h = x.shape[-1]
     _checks.check_ndim("Lambda", Lambda, 1, "[modes]")
     p = Lambda.shape[0]
@@ -278,7 +261,7 @@ def _check_s5(x, Lambda, log_dt, B, C, D, h0, resets, negative_eigen, step=False
     _checks.check_dtype("B", B, "complex")
     _checks.check_dtype("C", C, "complex")
     _checks.check_shape("D", D, (h,), "[channels]")
-    _check_common("s5", x, h0, resets, negative_eigen, step, (p,))
+    _ssm.check_ssm_inputs("s5", x, h0, resets, negative_eigen, step, (p,))
 
 
 def _s5_zoh(Lambda, log_dt, B):
@@ -295,7 +278,7 @@ def _s5_out(C, D, hs, x):
 
 def s5_recurrent(x, Lambda, log_dt, B, C, D, *, h0=None, resets=None, negative_eigen=False):
     """The reference: ``lax.scan`` of ``h_t = Λ̄ h_{t-1} + B̄ x_t``, ``y_t = 2 Re(C h_t) + D x_t``."""
-    _check_s5(x, Lambda, log_dt, B, C, D, h0, resets, negative_eigen)
+    _check_s5_inputs(x, Lambda, log_dt, B, C, D, h0, resets, negative_eigen)
     return _s5_recurrent(x, Lambda, log_dt, B, C, D, h0, resets)
 
 
@@ -329,20 +312,20 @@ def s5(x, Lambda, log_dt, B, C, D, *, h0=None, impl="auto", resets=None, negativ
     """S5, functional: ``(y [b, t, H], h_last [b, P] complex64)``; ``impl`` is a scan-engine impl
     (S5's own is ``"associative"``)."""
     _checks.check_choice("impl", impl, S5_IMPLS)
-    _check_s5(x, Lambda, log_dt, B, C, D, h0, resets, negative_eigen)
+    _check_s5_inputs(x, Lambda, log_dt, B, C, D, h0, resets, negative_eigen)
     return _s5_scan(x, Lambda, log_dt, B, C, D, h0, _ssm.resets_or_none(resets), impl)
 
 
 def s5_materialize(x, Lambda, log_dt, B, C, D, *, negative_eigen=False):
     """``M [b, T, T, H_out, H_in]``: ``M[t, s] = 2 Re(C diag(Λ̄^{t-s}) B̄)`` for ``s ≤ t``, ``+ diag(D)`` at ``s = t``."""
-    _check_s5(x, Lambda, log_dt, B, C, D, None, None, negative_eigen)
+    _check_s5_inputs(x, Lambda, log_dt, B, C, D, None, None, negative_eigen)
     dt_l, b_bar = _s5_zoh(Lambda, log_dt, B)
     return _ssm.mimo_toeplitz(x, dt_l, 2.0 * C.astype(jnp.complex64), b_bar, D)
 
 
 def s5_step(h, x, Lambda, log_dt, B, C, D, *, negative_eigen=False):
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, P]`` (``None``: zeros) -> ``(y [b, H], h)``."""
-    _check_s5(x, Lambda, log_dt, B, C, D, h, None, negative_eigen, step=True)
+    _check_s5_inputs(x, Lambda, log_dt, B, C, D, h, None, negative_eigen, step=True)
     y, h = _s5_recurrent(x[:, None], Lambda, log_dt, B, C, D, h, None)
     return y[:, 0], h
 
@@ -397,23 +380,24 @@ class S5(nnx.Module):
                     C=self.c_re[...] + 1j * self.c_im[...], D=self.D[...])
 
     def __call__(self, x, *, segment_ids=None, cache=None):
-        y, h = _ssm_layer_call(s5, self, x, segment_ids, cache)
-        return self.out_proj(jax.nn.gelu(y)).astype(x.dtype), h
+        p = plan(x, segment_ids=segment_ids, cache=cache)
+        y, h = s5(x.astype(self.dtype), **self.ssm_params(), h0=p.h0, impl=self.impl, resets=p.resets)
+        return self.out_proj(jax.nn.gelu(y)).astype(x.dtype), update(cache, state=h)
 
-    def init_cache(self, batch_size: int, max_len: int | None = None):
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> StateCache:
         del max_len
-        return {"h": jnp.zeros((batch_size, self.state_size), jnp.complex64)}
+        return StateCache(jnp.zeros((batch_size, self.state_size), jnp.complex64))
 
 
 register(MixerSpec(
     name="s4d", fn=s4d, recurrent=s4d_recurrent, step=s4d_step, make_inputs=s4d_make_inputs, layer=S4D,
     materialize=s4d_materialize, value_arg="x", params=("log_dt", "A", "B", "C", "D"),
-    impls=("sequential", "associative", "chunked", "conv"),
+    impls=("sequential", "associative", "chunked", "conv"), paper="https://arxiv.org/abs/2206.11893",
     doc="S4D (Gu et al. 2022): diagonal complex SSM, ZOH; scan engine or Vandermonde kernel + FFT",
 ))
 register(MixerSpec(
     name="s5", fn=s5, recurrent=s5_recurrent, step=s5_step, make_inputs=s5_make_inputs, layer=S5,
     materialize=s5_materialize, value_arg="x", params=("Lambda", "log_dt", "B", "C", "D"),
-    impls=("sequential", "associative", "chunked"),
+    impls=("sequential", "associative", "chunked"), paper="https://arxiv.org/abs/2208.04933",
     doc="S5 (Smith et al. 2023): MIMO complex diagonal SSM (HiPPO-N eigenbasis), associative scan",
 ))

@@ -37,12 +37,14 @@ whose error shrinks as ``c`` shrinks and is zero at ``c = 1``. The registered sp
 step form is token by token (``chunk_size=1``).
 
 Shapes: ``q, k`` ``[b, t, h, k]``; ``v`` ``[b, t, h, v]``; ``theta, eta, alpha`` ``[b, t, h]``;
-state ``{"w": (W_1, [W_2]), "s": (S_1, [S_2])}`` with leaves ``[b, h, ...]`` float32; ``y`` in ``v``'s
+state ``MemoryState(w=(W_1, [W_2]), s=(S_1, [S_2]))`` with leaves ``[b, h, ...]`` float32; ``y`` in ``v``'s
 dtype. ``materialize`` (linear memory, zero initial weights) is the ``[b, h, T, T]`` operator on ``v``
 (``y`` is linear in ``v`` then; each value channel evolves with the same coefficients).
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,16 +52,26 @@ from flax import nnx
 from jax import lax
 
 from seqjax import _checks
+from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
-from seqjax.nn import Linear, RMSNorm, ShortConv, l2_normalize, merge_heads, resets_from_segment_ids, split_heads
+from seqjax.nn import Linear, RMSNorm, ShortConv, l2_normalize, merge_heads, split_heads
 from seqjax.scan import linear_scan
 
-__all__ = ["titans", "titans_recurrent", "titans_chunked", "titans_step", "titans_materialize", "memory_apply", "NeuralMemory"]
+__all__ = ["titans", "titans_recurrent", "titans_chunked", "titans_step", "titans_materialize", "titans_make_inputs",
+           "titans_linear_make_inputs", "memory_apply", "MemoryState", "NeuralMemoryCache", "NeuralMemory",
+           "LinearNeuralMemory"]
 
 IMPLS = ("auto", "sequential", "chunked")
 
 
 # ----------------------------------------------------------------------------- the memory
+
+
+class MemoryState(NamedTuple):
+    """The recurrent state: the memory's weights and their momentum, each ``(W_1[, W_2])`` ``[b, h, ...]``."""
+
+    w: Any
+    s: Any
 
 
 def memory_apply(w, x):
@@ -78,7 +90,7 @@ def _loss(w, k, v):
 _grad = jax.grad(_loss)
 
 
-def _validate(q, k, v, theta, eta, alpha, w, h0, resets, chunk_size):
+def _check_titans_inputs(q, k, v, theta, eta, alpha, w, h0, resets, chunk_size):
     _checks.check_ndim("q", q, 4, "[batch, time, heads, key_dim]")
     b, t, h, dk = q.shape
     _checks.check_same_shape("q", q, "k", k)
@@ -95,11 +107,11 @@ def _validate(q, k, v, theta, eta, alpha, w, h0, resets, chunk_size):
     for name, x in (("q", q), ("k", k), ("v", v), ("theta", theta), ("eta", eta), ("alpha", alpha), ("w1", w[0])):
         _checks.check_dtype(name, x, "float")
     if h0 is not None:
-        if not (isinstance(h0, dict) and set(h0) == {"w", "s"}):
-            raise ValueError('h0 must be the state {"w": weights, "s": momentum}')
+        if not isinstance(h0, MemoryState):
+            raise ValueError("h0 must be the state MemoryState(w=weights, s=momentum)")
         for name in ("w", "s"):
-            for i, (x, p) in enumerate(zip(h0[name], w)):
-                _checks.check_shape(f"h0[{name!r}][{i}]", x, (b, *p.shape), "[batch, *weight shape]")
+            for i, (x, p) in enumerate(zip(getattr(h0, name), w)):
+                _checks.check_shape(f"h0.{name}[{i}]", x, (b, *p.shape), "[batch, *weight shape]")
     if resets is not None:
         _checks.check_shape("resets", resets, (b, t), "[batch, time]")
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -117,8 +129,8 @@ def _initial(w, b):
 def _init_state(h0, w, b):
     if h0 is None:
         w0 = _initial(w, b)
-        return {"w": w0, "s": tuple(jnp.zeros_like(x) for x in w0)}
-    return {"w": tuple(jnp.asarray(x, jnp.float32) for x in h0["w"]), "s": tuple(jnp.asarray(x, jnp.float32) for x in h0["s"])}
+        return MemoryState(w0, tuple(jnp.zeros_like(x) for x in w0))
+    return MemoryState(tuple(jnp.asarray(x, jnp.float32) for x in h0.w), tuple(jnp.asarray(x, jnp.float32) for x in h0.s))
 
 
 def _f32(*xs):
@@ -139,12 +151,12 @@ def titans_recurrent(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets
     ``chunk_size=c > 1`` takes token ``t``'s gradient at the weights of the start of its chunk (the
     paper's chunked approximation, evaluated sequentially)."""
     w = _weights(w1, w2)
-    _validate(q, k, v, theta, eta, alpha, w, h0, resets, chunk_size)
+    _check_titans_inputs(q, k, v, theta, eta, alpha, w, h0, resets, chunk_size)
     b, t = q.shape[:2]
     w_init = _initial(w, b)
     r = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
     state = _init_state(h0, w, b)
-    anchor = state["w"]
+    anchor = state.w
 
     def step(carry, xs):
         m, s, anchor = carry
@@ -158,10 +170,10 @@ def titans_recurrent(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets
         m = tuple(_bc(1.0 - al, x) * x + sx for x, sx in zip(m, s))
         return (m, s, anchor), memory_apply(m, q_t)
 
-    tm = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
+    tm = lambda x: jnp.moveaxis(x, 1, 0)
     xs = (jnp.arange(t), *(tm(x) for x in _f32(q, k, v, theta, eta, alpha)), tm(r))
-    (m, s, _), ys = lax.scan(step, (state["w"], state["s"], anchor), xs)
-    return jnp.moveaxis(ys, 0, 1).astype(v.dtype), {"w": m, "s": s}
+    (m, s, _), ys = lax.scan(step, (state.w, state.s, anchor), xs)
+    return jnp.moveaxis(ys, 0, 1).astype(v.dtype), MemoryState(m, s)
 
 
 def titans_step(h, q, k, v, theta, eta, alpha, w1, w2=None, *, chunk_size=1):
@@ -171,10 +183,10 @@ def titans_step(h, q, k, v, theta, eta, alpha, w1, w2=None, *, chunk_size=1):
     w = _weights(w1, w2)
     state = _init_state(h, w, q.shape[0])
     q, k, v32, theta, eta, alpha = _f32(q, k, v, theta, eta, alpha)
-    g = _grad(state["w"], k, v32)
-    s = tuple(_bc(eta, x) * x - _bc(theta, x) * gx for x, gx in zip(state["s"], g))
-    m = tuple(_bc(1.0 - alpha, x) * x + sx for x, sx in zip(state["w"], s))
-    return memory_apply(m, q).astype(v.dtype), {"w": m, "s": s}
+    g = _grad(state.w, k, v32)
+    s = tuple(_bc(eta, x) * x - _bc(theta, x) * gx for x, gx in zip(state.s, g))
+    m = tuple(_bc(1.0 - alpha, x) * x + sx for x, sx in zip(state.w, s))
+    return memory_apply(m, q).astype(v.dtype), MemoryState(m, s)
 
 
 # ----------------------------------------------------------------------------- chunked (parallel)
@@ -209,18 +221,18 @@ def _chunk(carry, xs, w_init):
 def titans_chunked(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets=None, chunk_size=16):
     """The paper's chunkwise-parallel training form (see module docstring). Returns ``(y, state)``."""
     w = _weights(w1, w2)
-    _validate(q, k, v, theta, eta, alpha, w, h0, resets, chunk_size)
+    _check_titans_inputs(q, k, v, theta, eta, alpha, w, h0, resets, chunk_size)
     b, t = q.shape[:2]
     out_dtype = v.dtype
     xs = (*_f32(q, k, v, theta, eta, alpha), jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool))
     w_init = _initial(w, b) if resets is not None else None
     state = _init_state(h0, w, b)
-    carry = (state["w"], state["s"])
+    carry = (state.w, state.s)
     c = min(chunk_size, t)
     n, rem = divmod(t, c)
     ys = []
     if n:
-        body = lambda cr, x: _chunk(cr, x, w_init)  # noqa: E731
+        body = lambda cr, x: _chunk(cr, x, w_init)
         full = tuple(jnp.moveaxis(x[:, : n * c].reshape(b, n, c, *x.shape[2:]), 1, 0) for x in xs)
         carry, y = lax.scan(body, carry, full)
         ys.append(jnp.moveaxis(y, 0, 1).reshape(b, n * c, *y.shape[3:]))
@@ -228,14 +240,13 @@ def titans_chunked(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets=N
         carry, y = _chunk(carry, tuple(x[:, n * c :] for x in xs), w_init)
         ys.append(y)
     y = jnp.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
-    return y.astype(out_dtype), {"w": carry[0], "s": carry[1]}
+    return y.astype(out_dtype), MemoryState(*carry)
 
 
 def titans(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, impl="auto", resets=None, chunk_size=16, negative_eigen: bool = False):
     """Titans neural memory; ``impl`` in ``IMPLS`` (``"auto"`` is chunked). ``chunk_size=1`` is exact;
     larger chunks are the paper's faster approximation (both impls compute the same one)."""
-    if negative_eigen:
-        raise ValueError("negative_eigen=True is not supported by this mixer (the flag exists for Mamba, Mamba-2 and the delta family)")
+    _checks.check_no_negative_eigen("titans", negative_eigen)
     _checks.check_choice("impl", impl, IMPLS)
     if impl == "sequential":
         return titans_recurrent(q, k, v, theta, eta, alpha, w1, w2, h0=h0, resets=resets, chunk_size=chunk_size)
@@ -257,6 +268,11 @@ def titans_materialize(q, k, v, theta, eta, alpha, w1, w2=None, *, chunk_size=1)
 # ----------------------------------------------------------------------------- NNX layer
 
 
+class NeuralMemoryCache(NamedTuple):
+    state: Any  # MemoryState
+    conv: Any  # [b, conv_size - 1, 3 * heads * head_dim]
+
+
 class NeuralMemory(nnx.Module):
     """The Titans long-term memory module (LMM) as a sequence mixer, for the MAC / MAG / MAL models.
 
@@ -264,7 +280,7 @@ class NeuralMemory(nnx.Module):
     ``theta = max_lr * sigmoid(.)``, ``eta = sigmoid(.)``, ``alpha = sigmoid(.)`` per head; learned
     initial memory weights; ``y = W_o RMSNorm(M_t(q_t))``. ``chunk_size=1`` (default) is exact and
     agrees with decoding; larger chunks train faster (the paper's approximation). Cache:
-    ``(memory state, conv state)``. ``retrieve(cache, x)`` reads the memory without writing (MAC).
+    :class:`NeuralMemoryCache`. ``retrieve(cache, x)`` reads the memory without writing (MAC).
     """
 
     def __init__(self, d_model: int, *, num_heads: int = 2, head_dim: int | None = None, depth: int = 2,
@@ -301,28 +317,34 @@ class NeuralMemory(nnx.Module):
 
     def __call__(self, x, *, segment_ids=None, cache=None):
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
-        mem, conv_state = (None, None) if cache is None else cache
-        q, k, v, th, et, al, conv_state = self._inputs(x, segment_ids, conv_state)
-        y, mem = titans(q, k, v, th, et, al, *self._w(), h0=mem, resets=resets_from_segment_ids(segment_ids),
-                        chunk_size=self.chunk_size)
+        q, k, v, th, et, al, conv_state = self._inputs(x, segment_ids, None if cache is None else cache.conv)
+        p = plan(x, segment_ids=segment_ids, cache=cache)
+        y, mem = titans(q, k, v, th, et, al, *self._w(), h0=p.h0, resets=p.resets, chunk_size=self.chunk_size)
         y = self.o_proj(self.norm(merge_heads(y))).astype(x.dtype)
-        return y, (None if cache is None else (mem, conv_state))
+        return y, update(cache, state=mem, conv=conv_state)
 
     def retrieve(self, cache, q):
         """``M(q)`` for queries ``q [b, t, h, head_dim]`` from the cache's memory (no write)."""
-        mem = cache[0] if cache is not None else _init_state(None, _weights(*self._w()), q.shape[0])
+        mem = cache.state if cache is not None else _init_state(None, _weights(*self._w()), q.shape[0])
         read = jax.vmap(memory_apply, in_axes=(None, 1), out_axes=1)
-        return read(mem["w"], q.astype(jnp.float32)).astype(q.dtype)
+        return read(mem.w, q.astype(jnp.float32)).astype(q.dtype)
 
-    def init_cache(self, batch_size: int, max_len: int):
+    def init_cache(self, batch_size: int, max_len: int) -> NeuralMemoryCache:
         del max_len
-        return _init_state(None, _weights(*self._w()), batch_size), self.conv.init_state(batch_size)
+        return NeuralMemoryCache(_init_state(None, _weights(*self._w()), batch_size), self.conv.init_state(batch_size))
+
+
+class LinearNeuralMemory(NeuralMemory):
+    """The neural memory with a linear memory ``M(x) = x W`` (``depth=1``)."""
+
+    def __init__(self, d_model: int, *, depth: int = 1, **kw):
+        super().__init__(d_model, depth=depth, **kw)
 
 
 # ----------------------------------------------------------------------------- registry
 
 
-def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, hidden=6, depth=2, dtype=jnp.float32):
+def titans_make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, hidden=6, depth=2, dtype=jnp.float32):
     ks = jax.random.split(key, 8)
     shp = (batch, time, heads)
     out = {
@@ -342,41 +364,19 @@ def make_inputs(key, batch, time, *, heads=2, key_dim=5, value_dim=7, hidden=6, 
     return out
 
 
-class _LinearNeuralMemory(NeuralMemory):
-    def __init__(self, d_model: int, **kw):
-        super().__init__(d_model, depth=1, **kw)
+def titans_linear_make_inputs(key, batch, time, **kw):
+    return titans_make_inputs(key, batch, time, **{"depth": 1, **kw})
 
 
-register(
-    MixerSpec(
-        name="titans",
-        fn=titans,
-        recurrent=titans_recurrent,
-        step=titans_step,
-        make_inputs=make_inputs,
-        layer=NeuralMemory,
-        params=("w1", "w2"),
-        impls=("sequential", "chunked"),
-        options={"chunk_size": 1},
-        doc="Titans neural memory (Behrouz et al. 2024): 2-layer MLP written by momentum SGD with decay.",
-        tol=1e-5,
-    )
-)
-
-register(
-    MixerSpec(
-        name="titans_linear",
-        fn=titans,
-        recurrent=titans_recurrent,
-        step=titans_step,
-        make_inputs=lambda key, batch, time, **kw: make_inputs(key, batch, time, depth=1, **kw),
-        layer=_LinearNeuralMemory,
-        materialize=titans_materialize,
-        value_arg="v",
-        params=("w1",),
-        impls=("sequential", "chunked"),
-        options={"chunk_size": 1},
-        doc="Titans neural memory with a linear memory M(x) = x W.",
-        tol=1e-5,
-    )
-)
+register(MixerSpec(
+    name="titans", fn=titans, recurrent=titans_recurrent, step=titans_step, make_inputs=titans_make_inputs,
+    layer=NeuralMemory, params=("w1", "w2"), impls=("sequential", "chunked"), options={"chunk_size": 1},
+    paper="https://arxiv.org/abs/2501.00663",
+    doc="Titans neural memory (Behrouz et al. 2024): 2-layer MLP written by momentum SGD with decay.", tol=1e-5,
+))
+register(MixerSpec(
+    name="titans_linear", fn=titans, recurrent=titans_recurrent, step=titans_step,
+    make_inputs=titans_linear_make_inputs, layer=LinearNeuralMemory, materialize=titans_materialize, value_arg="v",
+    params=("w1",), impls=("sequential", "chunked"), options={"chunk_size": 1},
+    paper="https://arxiv.org/abs/2501.00663", doc="Titans neural memory with a linear memory M(x) = x W.", tol=1e-5,
+))

@@ -1,5 +1,6 @@
 """Language models over layer patterns (``lm``), their blocks (``blocks``), stateful generation
-(``generate``), Titans (``titans``) and training recipes (``recipes``)."""
+(``generate``) and training recipes (``recipes``). The layers themselves (attention, recurrent mixers, the
+Titans blocks) are registered mixers (``seqjax.mixers``)."""
 
 from seqjax.models.lm import LM, LMConfig
 

@@ -49,8 +49,8 @@ class SwiGLU(nnx.Module):
 class Layer(nnx.Module):
     """Pre-norm residual layer around one sequence mixer and a SwiGLU MLP.
 
-    ``mixer`` keeps the mixer-layer contract ``y, cache = mixer(x, segment_ids=..., cache=...)``;
-    attention mixers (``takes_positions=True``) also receive ``positions``.
+    ``mixer`` keeps the sequence-layer protocol (``seqjax.layer``): ``y, cache = mixer(x, segment_ids=...,
+    cache=...)``; a mixer whose spec says ``takes_positions`` (attention, RoPE) also receives ``positions``.
     """
 
     def __init__(self, d_model: int, mixer: nnx.Module, mlp_hidden: int, *, takes_positions: bool, dtype, rngs: nnx.Rngs):
@@ -60,17 +60,9 @@ class Layer(nnx.Module):
         self.norm2 = RMSNorm(d_model) if mlp_hidden else None
         self.mlp = SwiGLU(d_model, mlp_hidden, dtype=dtype, rngs=rngs) if mlp_hidden else None
 
-    def __call__(self, x, *, segment_ids=None, positions=None, attn_segment_ids=None, cache=None):
-        kw = {}
-        if getattr(self.mixer, "takes_both", False):  # attention + recurrent (Titans)
-            kw = dict(positions=positions, attn_segment_ids=attn_segment_ids)
-            seg = segment_ids
-        elif self.takes_positions:
-            kw["positions"] = positions
-            seg = attn_segment_ids
-        else:
-            seg = segment_ids
-        y, cache = self.mixer(self.norm1(x), segment_ids=seg, cache=cache, **kw)
+    def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+        kw = {"positions": positions} if self.takes_positions else {}
+        y, cache = self.mixer(self.norm1(x), segment_ids=segment_ids, cache=cache, **kw)
         x = x + y.astype(x.dtype)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))

@@ -1,8 +1,8 @@
 """Stateful generation: prefill the prompt into the mixed cache, then decode one token at a time.
 
-The cache (``LM.init_cache``) holds a KV cache per global-attention layer, a ring buffer per
-sliding-window layer, and each recurrent mixer's state (recurrent state + short-conv state), so a
-decode step costs O(max_len) for attention layers and O(1) for recurrent ones.
+The cache (``LM.init_cache``, a ``seqjax.models.lm.LMCache``) holds a KV cache per global-attention layer, a
+ring buffer per sliding-window layer, and each recurrent mixer's state (recurrent state + short-conv state),
+each a NamedTuple, so a decode step costs O(max_len) for attention layers and O(1) for recurrent ones.
 
 Sampling (:func:`sample`): greedy (``temperature=0``), temperature, top-k and top-p (nucleus,
 Holtzman et al. 2020), batched. :func:`generate` compiles prefill and the whole decode loop

@@ -4,11 +4,12 @@
 ``embed -> [Layer(mamba2), Layer(mamba2), Layer(mamba2), Layer(attention)] x 2 -> RMSNorm -> head``,
 each ``Layer`` being ``x + mixer(norm(x))`` then ``x + SwiGLU(norm(x))`` (``seqjax.models.blocks``).
 
-Pattern names: ``"attention"`` (global causal softmax attention with RoPE / GQA / QK-norm),
-``"swa"`` (the same with a sliding window ``cfg.window``, ring-buffer cache), the Titans layers
-``"titans_mag"`` / ``"titans_mal"`` / ``"titans_mac"`` (``seqjax.models.titans``) and any name in the mixer
-registry (``seqjax.mixers.names()``), built as ``spec.layer(d_model, rngs=..., **cfg.mixer_kwargs[name])``.
-``cfg.mixer_kwargs["attention"]`` / ``["swa"]`` pass extra arguments to ``Attention`` (e.g. ``impl``).
+Pattern names: any name in the mixer registry (``seqjax.mixers.names()``): ``"attention"`` (global causal
+softmax attention with RoPE / GQA / QK-norm), ``"swa"`` (the same with a sliding window ``cfg.window``,
+ring-buffer cache), the Titans blocks ``"titans_mag"`` / ``"titans_mal"`` / ``"titans_mac"``, ``"mamba2"``,
+``"gla"``, ... Each is built as ``spec.layer(d_model, rngs=..., dtype=..., **fields, **cfg.mixer_kwargs[name])``
+where ``fields`` are the config fields the spec names in ``lm_config`` (e.g. ``num_heads``, ``window``)
+that are not ``None``; layers whose spec says ``takes_positions`` also receive the RoPE positions.
 
 Scanned stack: the pattern repeats ``num_layers // len(pattern)`` times; these super-blocks are created
 stacked (``nnx.vmap``, parameters get a leading ``layers`` logical axis) and applied with
@@ -28,22 +29,20 @@ comes from ``embed_key`` (one per batch row is derived from it), the cache, or t
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from seqjax import _checks, mixers, sharding
-from seqjax.attention.attention import Attention, positions_from_segment_ids
+from seqjax.attention.attention import positions_from_segment_ids
 from seqjax.models.blocks import Layer, swiglu_hidden
 from seqjax.nn import RMSNorm
 
-__all__ = ["LMConfig", "LM", "ATTENTION_KINDS", "layer_names", "build_layer"]
+__all__ = ["LMConfig", "LM", "LMCache", "layer_names", "build_layer"]
 
-ATTENTION_KINDS = ("attention", "swa")
-TITANS_KINDS = ("titans_mag", "titans_mal", "titans_mac")
 REMAT_POLICIES = {
     "none": None,
     "full": None,
@@ -106,53 +105,38 @@ def layer_names(cfg: LMConfig) -> tuple[str, ...]:
 def _check_names(cfg: LMConfig):
     registered = mixers.names()
     for name in set(cfg.pattern):
-        if name not in ATTENTION_KINDS + TITANS_KINDS and name not in registered:
-            raise ValueError(
-                f"unknown layer {name!r} in pattern {cfg.pattern}; known: "
-                f"{list(ATTENTION_KINDS + TITANS_KINDS) + registered}"
-            )
-    if any(n in ATTENTION_KINDS + TITANS_KINDS for n in cfg.pattern):
+        if name not in registered:
+            raise ValueError(f"unknown layer {name!r} in pattern {cfg.pattern}; known: {registered}")
+    if any("num_heads" in mixers.get(n).lm_config for n in cfg.pattern):
         kv = cfg.num_kv_heads or cfg.num_heads
         _checks.check_divisible("d_model", cfg.d_model, "num_heads", cfg.num_heads)
         _checks.check_divisible("num_heads", cfg.num_heads, "num_kv_heads", kv)
-    if "swa" in cfg.pattern and cfg.window is None:
-        raise ValueError('pattern has "swa" layers but window is None')
 
 
 def build_layer(cfg: LMConfig, name: str, rngs: nnx.Rngs) -> Layer:
     """One residual layer with mixer ``name`` (see the module docstring)."""
+    spec = mixers.get(name)
+    if spec.layer is None:
+        raise ValueError(f"mixer {name!r} has no NNX layer")
     dtype = jnp.dtype(cfg.dtype)
-    extra = dict(cfg.mixer_kwargs.get(name, {}))
-    if name in ATTENTION_KINDS:
-        kw = dict(
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            window=cfg.window if name == "swa" else None,
-            rope_theta=cfg.rope_theta,
-            qk_norm=cfg.qk_norm,
-            dtype=dtype,
-        )
-        kw.update(extra)
-        mixer, takes_pos = Attention(cfg.d_model, rngs=rngs, **kw), True
-    elif name in TITANS_KINDS:
-        from seqjax.models import titans
-
-        cls = {"titans_mag": titans.MAG, "titans_mal": titans.MAL, "titans_mac": titans.MAC}[name]
-        kw = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
-                  qk_norm=cfg.qk_norm, dtype=dtype)
-        if cfg.window is not None and name != "titans_mac":
-            kw["window"] = cfg.window
-        kw.update(extra)
-        mixer, takes_pos = cls(cfg.d_model, rngs=rngs, **kw), True
-    else:
-        cls = mixers.get(name).layer
-        if cls is None:
-            raise ValueError(f"mixer {name!r} has no NNX layer")
-        if "dtype" in inspect.signature(cls).parameters and "dtype" not in extra:
-            extra["dtype"] = dtype
-        mixer, takes_pos = cls(cfg.d_model, rngs=rngs, **extra), False
+    kw = {f: getattr(cfg, f) for f in spec.lm_config if getattr(cfg, f) is not None}
+    kw.update(dtype=dtype, **cfg.mixer_kwargs.get(name, {}))
+    mixer = spec.layer(cfg.d_model, rngs=rngs, **kw)
     hidden = swiglu_hidden(cfg.d_model, cfg.mlp_ratio)
-    return Layer(cfg.d_model, mixer, hidden, takes_positions=takes_pos, dtype=dtype, rngs=rngs)
+    return Layer(cfg.d_model, mixer, hidden, takes_positions=spec.takes_positions, dtype=dtype, rngs=rngs)
+
+
+class LMCache(NamedTuple):
+    """The LM's decode cache: the stream ``index`` (tokens consumed), the next RoPE position and the last
+    segment id per row, the per-layer caches (``blocks``: stacked ``[repeats, ...]`` for the scanned
+    super-blocks; ``tail``: one per unrolled layer) and, for lexinvariant embeddings, the embedding key."""
+
+    index: Any  # [] int32
+    next_pos: Any  # [b] int32
+    last_seg: Any  # [b] int32
+    blocks: Any  # a tuple of layer caches per super-block layer, stacked over repeats, or None
+    tail: Any  # a tuple of layer caches
+    embed_key: Any = None  # a PRNG key (lexinvariant embeddings)
 
 
 class SuperBlock(nnx.Module):
@@ -243,32 +227,26 @@ class LM(nnx.Module):
             segment_ids = jnp.asarray(segment_ids, jnp.int32)
         if positions is not None:
             _checks.check_shape("positions", positions, (b, t), "[batch, time]")
-        # q-side segments / positions for attention layers
+        # segments and RoPE positions of this block's tokens (continuing the cached stream)
         if cache is None:
-            attn_seg = segment_ids
+            seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
             if positions is None:
-                positions = positions_from_segment_ids(
-                    jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
-                )
+                positions = positions_from_segment_ids(seg)
         else:
-            attn_seg = (
-                jnp.broadcast_to(cache["last_seg"][:, None], (b, t)) if segment_ids is None else segment_ids
-            )
+            seg = jnp.broadcast_to(cache.last_seg[:, None], (b, t)) if segment_ids is None else segment_ids
             if positions is None:
-                positions = positions_from_segment_ids(
-                    attn_seg, prev_seg=cache["last_seg"], offset=cache["next_pos"]
-                )
+                positions = positions_from_segment_ids(seg, prev_seg=cache.last_seg, offset=cache.next_pos)
         if self.embed is None and embed_key is None:
-            embed_key = cache["embed_key"] if cache is not None else self.lex_rngs.lexinvariant()
+            embed_key = cache.embed_key if cache is not None else self.lex_rngs.lexinvariant()
         table = self._table(b, embed_key)
         if table.ndim == 2:
             x = jnp.take(table, tokens, axis=0)
         else:
             x = jnp.take_along_axis(table, tokens[:, :, None], axis=1)
         x = sharding.constrain(x.astype(self.dtype), ("batch", "length", "embed"))
-        kw = dict(segment_ids=segment_ids, positions=positions, attn_segment_ids=attn_seg)
+        kw = dict(segment_ids=segment_ids, positions=positions)
 
-        new_cache = None if cache is None else dict(cache)
+        block_caches = None
         if self.blocks is not None:
             graphdef, state = nnx.split(self.blocks)
             policy = REMAT_POLICIES[self.cfg.remat]
@@ -279,19 +257,19 @@ class LM(nnx.Module):
 
             if self.cfg.remat != "none":
                 body = jax.checkpoint(body, policy=policy)
-            x, block_caches = jax.lax.scan(body, x, (state, None if cache is None else cache["blocks"]))
-            if cache is not None:
-                new_cache["blocks"] = block_caches
+            x, block_caches = jax.lax.scan(body, x, (state, None if cache is None else cache.blocks))
         tail_caches = []
         for i, layer in enumerate(self.tail):
-            x, c = self._apply(layer, x, None if cache is None else cache["tail"][i], kw)
+            x, c = self._apply(layer, x, None if cache is None else cache.tail[i], kw)
             tail_caches.append(c)
+        new_cache = None
         if cache is not None:
-            new_cache.update(
-                tail=tuple(tail_caches),
-                index=cache["index"] + t,
+            new_cache = cache._replace(
+                index=cache.index + t,
                 next_pos=positions[:, -1] + 1,
-                last_seg=attn_seg[:, -1],
+                last_seg=seg[:, -1],
+                blocks=block_caches,
+                tail=tuple(tail_caches),
             )
 
         x = self.final_norm(x)
@@ -306,20 +284,19 @@ class LM(nnx.Module):
         return logits, new_cache
 
     # -- cache -------------------------------------------------------------------------------
-    def init_cache(self, batch_size: int, max_len: int):
-        """The mixed decode cache: per-layer caches (stacked ``[repeats, ...]`` for the scanned
-        super-blocks) plus the stream ``index``, the next RoPE position and the last segment id."""
-        cache = dict(
-            index=jnp.zeros((), jnp.int32),
-            next_pos=jnp.zeros((batch_size,), jnp.int32),
-            last_seg=jnp.zeros((batch_size,), jnp.int32),
-            blocks=None,
-            tail=tuple(layer.init_cache(batch_size, max_len) for layer in self.tail),
-        )
+    def init_cache(self, batch_size: int, max_len: int) -> LMCache:
+        """The mixed decode cache (:class:`LMCache`): a cache per layer (a KV cache or ring buffer per
+        attention layer, recurrent and short-conv states per recurrent mixer)."""
+        blocks = None
         if self.blocks is not None:
             graphdef, state = nnx.split(self.blocks)
             # per repeat (a mixer's initial state may be a learned parameter, e.g. Titans' memory)
-            cache["blocks"] = jax.vmap(lambda st: nnx.merge(graphdef, st).init_cache(batch_size, max_len))(state)
-        if self.embed is None:
-            cache["embed_key"] = self.lex_rngs.lexinvariant()
-        return cache
+            blocks = jax.vmap(lambda st: nnx.merge(graphdef, st).init_cache(batch_size, max_len))(state)
+        return LMCache(
+            index=jnp.zeros((), jnp.int32),
+            next_pos=jnp.zeros((batch_size,), jnp.int32),
+            last_seg=jnp.zeros((batch_size,), jnp.int32),
+            blocks=blocks,
+            tail=tuple(layer.init_cache(batch_size, max_len) for layer in self.tail),
+            embed_key=None if self.embed is not None else self.lex_rngs.lexinvariant(),
+        )
