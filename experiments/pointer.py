@@ -14,8 +14,8 @@ baselines decode greedily with no masks. Metrics: exact-sequence accuracy, area 
 (hull); tour length against the label's, valid tours (TSP, beside a nearest-neighbour and a random tour);
 triangle coverage (Delaunay).
 
-Writes ``<out>/pointer_<task>/{records.jsonl, table.md, plot.png}`` afresh each run; every record names the
-machine, the date, the seed and the paper's number.
+Writes ``<out>/<name>/{records.jsonl, table.md, plot.png}`` (``name`` default ``pointer_<task>``) afresh each
+run; every record names the machine, the date, the seed and the paper's number.
 """
 
 from __future__ import annotations
@@ -48,31 +48,35 @@ PAPER = {
     ("hull", 10): "Ptr-Net trained n=5–50: 87.0 % exact",
     ("hull", 50): "Ptr-Net trained n=5–50: 69.6 % exact; trained n=50: 72.6 % / 99.9 % area (seq2seq+att 38.9 %, seq2seq 1.9 %)",
     ("hull", 100): "Ptr-Net trained n=5–50: 50.3 % exact",
+    ("hull", 200): "Ptr-Net trained n=5–50: 22.1 % exact",
+    ("hull", 500): "Ptr-Net trained n=5–50: 1.3 % exact",
     ("tsp", 5): "optimal 2.12, Ptr-Net 2.12",
     ("tsp", 10): "optimal 2.87, Ptr-Net 2.88",
     ("tsp", 20): "optimal 3.82, Ptr-Net 3.88 (trained n=5–20)",
     ("delaunay", 5): "Ptr-Net 80.7 % exact, 93.0 % triangle coverage",
-    ("delaunay", 10): "Ptr-Net 22.6 % exact, 81.3 % triangle coverage",
+    ("delaunay", 50): "Ptr-Net 0 % exact, 52.8 % triangle coverage",
 }
 
 
 @dataclasses.dataclass
 class Config:
     task: Literal["hull", "tsp", "delaunay"] = "hull"
-    models: tuple[Literal["ptr", "s2s_att", "s2s"], ...] = MODELS
+    models: tuple[Literal["ptr", "s2s_att", "s2s"], ...] = ()  # default: all (hull, tsp), ptr (delaunay)
     train_n: tuple[int, ...] = ()  # one size, or lo,hi drawn per example; default hull 5,20, tsp 10
     test_n: tuple[int, ...] = ()  # default hull 10,50, tsp 10,20
     hidden: int = 128
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     clip: float = 2.0
     train_size: int = 100_000  # examples generated once, sampled with replacement
     eval_size: int = 500
     beam: int = 4  # beam width of the second pointer decoding (1: greedy only)
     eval_every: int = 1000
+    buckets: int = 2  # training batches drawn from one of this many set-size ranges, padded to its largest
     seed: int = 0
-    out: str = "experiments/results"  # writes <out>/pointer_<task>/
+    out: str = "experiments/results"  # writes <out>/<name>/
+    name: str = ""  # the results folder; default pointer_<task>
     preset: str = "cpu"  # cpu | tiny | paper: the defaults that the other options override
 
 
@@ -137,7 +141,7 @@ def build(name: str, cfg: Config, vocab: int):
 
 
 def mode_of(task: str) -> str:
-    return "cycle" if task == "hull" else "tour"
+    return {"hull": "cycle", "tsp": "tour", "delaunay": "triangles"}[task]
 
 
 def cut(task: str, seqs, mask) -> np.ndarray:
@@ -154,6 +158,20 @@ def cut(task: str, seqs, mask) -> np.ndarray:
             end = len(row)
         row[end:] = IGNORE
     return seqs
+
+
+def size_buckets(data: geometry.PointerBatch, count: int) -> list[tuple[np.ndarray, int, int]]:
+    """Training examples split by set size into ``count`` ranges, each padded only to its own largest set:
+    ``(members, points, steps)``."""
+    sizes = data.mask.sum(1)
+    edges = np.unique(np.quantile(sizes, np.linspace(0, 1, count + 1)[1:], method="higher"))
+    out, lo = [], 0
+    for hi in edges:
+        members = np.flatnonzero((sizes > lo) & (sizes <= hi))
+        if len(members):
+            out.append((members, int(hi), int((data.targets[members] != IGNORE).sum(1).max())))
+        lo = hi
+    return out
 
 
 def train(model, name: str, cfg: Config, data: geometry.PointerBatch, log) -> list[dict]:
@@ -173,11 +191,16 @@ def train(model, name: str, cfg: Config, data: geometry.PointerBatch, log) -> li
         return loss
 
     rng = np.random.default_rng(cfg.seed + 1)
+    buckets = size_buckets(data, cfg.buckets)
+    weights = np.array([len(b[0]) for b in buckets], float) / len(data)
     rows, t0, losses = [], time.time(), []
     for it in range(1, cfg.steps + 1):
-        idx = rng.integers(0, len(data), cfg.batch_size)
-        loss = float(step(model, opt, jnp.asarray(data.points[idx]), jnp.asarray(data.targets[idx]),
-                          jnp.asarray(data.mask[idx])))
+        members, width, steps = buckets[rng.choice(len(buckets), p=weights)]
+        idx = rng.choice(members, cfg.batch_size)
+        targets = data.targets[idx, :steps]
+        targets = np.where(targets == data.points.shape[1], width, targets)  # the end slot moves with the width
+        loss = float(step(model, opt, jnp.asarray(data.points[idx, :width]), jnp.asarray(targets),
+                          jnp.asarray(data.mask[idx, :width])))
         if not np.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {it} ({name})")
         losses.append(loss)
@@ -282,9 +305,12 @@ def main(argv=None) -> list[dict]:
     cfg = parse(Config, PRESETS, argv)
     sizes = SIZES.get(f"{cfg.preset} {cfg.task}", SIZES[cfg.task])
     cfg.train_n, cfg.test_n = cfg.train_n or sizes[0], cfg.test_n or sizes[1]
+    cfg.models = cfg.models or (("ptr",) if cfg.task == "delaunay" else MODELS)
+    if cfg.task == "delaunay" and set(cfg.models) != {"ptr"}:
+        raise SystemExit("error: --models for delaunay is ptr only (the seq2seq baselines have no end token)")
     if not 1 <= len(cfg.train_n) <= 2:
         raise SystemExit(f"error: --train_n must be one size or lo,hi, got {cfg.train_n}")
-    out_dir = os.path.join(cfg.out, f"pointer_{cfg.task}")
+    out_dir = os.path.join(cfg.out, cfg.name or f"pointer_{cfg.task}")
     os.makedirs(out_dir, exist_ok=True)
     log = lambda s: print(s, file=sys.stderr, flush=True)
     t0 = time.time()

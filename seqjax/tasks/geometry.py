@@ -8,8 +8,8 @@ float32 right-padded with zeros, ``mask`` ``[b, n_max]`` bool (``True`` = a real
   the lowest index, then that first index again: the pointer *closes* the polygon, which ends the sequence
   (``T = n_max + 1``). Extra: ``area`` ``[b]``, the hull's area.
 - :func:`delaunay`: the triangles of ``scipy.spatial.Delaunay``, each as its three indices ascending,
-  triangles in lexicographic order, flattened (``T = 3 · max triangles``). Extra: ``triangles``, a list of
-  ``[m, 3]`` arrays.
+  triangles in lexicographic order, flattened, then ``n_max`` (a pointer past the points: the end)
+  (``T = 3 · max triangles + 1``). Extra: ``triangles``, a list of ``[m, 3]`` arrays.
 - :func:`tsp`: a tour through every point starting at index 0, in the direction whose second city has the
   smaller index than the last (so a tour and its reverse have one label). Exact by Held–Karp dynamic
   programming for ``n <= 10`` (``exact=True``); a 2-opt local optimum from the nearest-neighbour tour above.
@@ -169,19 +169,19 @@ def delaunay(num: int, n=5, *, seed: int = 0) -> PointerBatch:
     sizes = _sizes(rng, num, n, 3)
     pts, mask = _points(rng, sizes)
     tris = [delaunay_triangles(pts[i, :m]) for i, m in enumerate(sizes)]
-    targets = np.full((num, 3 * max(len(t) for t in tris)), IGNORE, np.int32)
+    targets = np.full((num, 3 * max(len(t) for t in tris) + 1), IGNORE, np.int32)
     for i, t in enumerate(tris):
-        targets[i, : t.size] = t.reshape(-1)
+        targets[i, : t.size + 1] = np.append(t.reshape(-1), pts.shape[1])
     return PointerBatch(pts, mask, targets, {"triangles": tris})
 
 
 def delaunay_scores(batch: PointerBatch, preds) -> dict:
     """Exact accuracy (the same set of triangles) and triangle coverage (the fraction of true triangles
-    predicted, as a set of index triples; a trailing incomplete triple is dropped)."""
+    predicted, as a set of index triples; the end pointer and a trailing incomplete triple are dropped)."""
     preds = np.asarray(preds)
     exact, cover = [], []
     for i in range(len(batch)):
-        seq = decoded_sequence(preds[i])
+        seq = [j for j in decoded_sequence(preds[i]) if j < batch.points.shape[1]]
         got = {tuple(sorted(seq[j : j + 3])) for j in range(0, len(seq) - len(seq) % 3, 3)}
         want = {tuple(t) for t in batch.extras["triangles"][i].tolist()}
         exact.append(got == want)
