@@ -13,12 +13,12 @@ kernels in ``pallas_kernels`` import) never pulls the layers above it in.
 
 import importlib
 
-from seqjax import sharding  # noqa: I001  (first: parameters carry logical names as metadata only)
-from seqjax import nn, types
+# sharding sets, on import, that parameters carry logical axis names as metadata only (before any is made)
+from seqjax import nn, sharding, types
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_scan", "mixers", "nn", "types", "__version__"]
+__all__ = ["linear_scan", "mixers", "nn", "sharding", "types", "__version__"]
 
 
 def __getattr__(name):

@@ -45,6 +45,7 @@ from jax import lax
 from pallas_kernels._util import platform as kernel_platform
 from pallas_kernels.linear_scan import linear_scan_bwd, linear_scan_fwd
 from seqjax import _checks
+from seqjax.types import AnyArray, Array, Inexact, Shaped
 
 IMPLS = ("auto", "sequential", "associative", "chunked", "pallas")
 
@@ -250,17 +251,18 @@ def _validate(a, b, h0, resets, impl, chunk_size):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+# " b *c": a leading space keeps linters from reading the shape string as the Python expression b * c
 def linear_scan(
-    a,
-    b,
+    a: Inexact[AnyArray, "#b #t *#c"],
+    b: Inexact[AnyArray, "b t *c"],
     *,
-    h0=None,
+    h0: Inexact[AnyArray, " b *c"] | None = None,
     reverse: bool = False,
-    resets=None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
     log_decay: bool = False,
     impl: str = "auto",
     chunk_size: int = 64,
-):
+) -> tuple[Inexact[Array, "b t *c"], Inexact[Array, " b *c"]]:
     """Evaluate ``h_t = a_t * h_{t-1} + b_t`` over axis 1.
 
     Args:

@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jaxtyping import Array, Bool, Complex, Float, Inexact, Int
+import numpy as np
+from jaxtyping import Array, Bool, Complex, Float, Inexact, Int, Shaped
 
 __all__ = [
     "Array",
@@ -32,6 +33,8 @@ __all__ = [
     "Float",
     "Inexact",
     "Int",
+    "Shaped",
+    "AnyArray",
     "PyTree",
     "LOGICAL_AXES",
     "Activations",
@@ -43,6 +46,8 @@ __all__ = [
 ]
 
 PyTree = Any
+#: what the engines take: JAX arrays (and tracers) or NumPy arrays, e.g. ``Float[AnyArray, "b t h k"]``
+AnyArray = jax.Array | np.ndarray
 
 Activations = Float[Array, "b t h d"]
 MatrixState = Float[Array, "b h k v"]

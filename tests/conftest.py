@@ -25,6 +25,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # a little slower, which tiny shapes never notice. Numerics are unchanged (no fast-math either way).
 jax.config.update("jax_disable_most_optimizations", True)
 
+# The engines' jaxtyping shape annotations (seqjax.ops) are checked at every call in the tests, by beartype
+# (a test extra); this must run before anything imports seqjax.ops.
+try:
+    import beartype  # noqa: F401
+except ImportError:  # a bare install without the test extras: no shape checks
+    pass
+else:
+    from jaxtyping import install_import_hook
+
+    install_import_hook("seqjax.ops", "beartype.beartype")
+
 
 @pytest.fixture
 def key():

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import _checks
+from seqjax.types import AnyArray, Array, Float, Shaped
 
 __all__ = ["make_mask", "attention_reference", "attention"]
 
@@ -42,7 +43,14 @@ def make_mask(q_idx, k_idx, *, q_seg=None, k_seg=None, window=None, causal=True)
     return m[:, None]
 
 
-def attention_reference(q, k, v, mask=None, *, scale=None):
+def attention_reference(
+    q: Float[AnyArray, "b t h d"],
+    k: Float[AnyArray, "b s kvh d"],
+    v: Float[AnyArray, "b s kvh d"],
+    mask: Shaped[AnyArray, "#b 1 t s"] | None = None,
+    *,
+    scale=None,
+) -> Float[Array, "b t h d"]:
     """Plain float32 softmax attention (the test reference). ``mask [b|1, 1, t, s]`` bool."""
     h, kvh, d = q.shape[2], k.shape[2], q.shape[3]
     g = h // kvh

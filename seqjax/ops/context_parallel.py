@@ -50,6 +50,10 @@ from jax.sharding import PartitionSpec as P
 from seqjax.ops.attention import attention, make_mask
 from seqjax.ops.delta import chunk_delta_rule
 from seqjax.ops.gla import chunk_gla, recurrent_gla
+from seqjax.types import AnyArray, Array, Float, Shaped
+
+Decay = Float[AnyArray, "b t h"] | Float[AnyArray, "b t h k"]  # per-head or per-channel log decays
+Out = tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]
 
 __all__ = ["gla_local", "chunked_local", "gla_context_parallel", "delta_context_parallel",
            "attention_context_parallel", "context_size"]
@@ -57,7 +61,14 @@ __all__ = ["gla_local", "chunked_local", "gla_context_parallel", "delta_context_
 NEG = -1e30  # log decay that cuts the carry (exp -> 0, finite so gradients stay finite)
 
 
-def gla_local(q, k, v, log_a, h0=None, resets=None):
+def gla_local(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    log_a: Decay,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
+) -> Out:
     """Reference local form, the float32 ``lax.scan`` of ``seqjax.ops.gla.recurrent_gla``:
     ``(y [b,t,h,dv] in v's dtype, S_last [b,h,dk,dv] float32)``.
 
@@ -98,19 +109,19 @@ def _trail(a, ndim):
 
 
 def gla_context_parallel(
-    q,
-    k,
-    v,
-    log_a,
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    log_a: Decay,
     *,
     mesh,
-    h0=None,
-    resets=None,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
     local_fn=gla_local,
     context: str = "context",
     batch_axes=("data", "fsdp"),
     head_axis: str = "tensor",
-):
+) -> Out:
     """The diagonal-decay recurrence with time sharded over ``context`` (see the module docstring).
 
     Args: as :func:`gla_local` (``log_a`` per head ``[b, t, h]`` stays per head), plus ``resets [b, t]``
@@ -153,9 +164,21 @@ def gla_context_parallel(
 
 
 def delta_context_parallel(
-    q, k, v, beta, log_alpha=None, *, mesh, h0=None, resets=None, scale=1.0, chunk_size=64,
-    context: str = "context", batch_axes=("data", "fsdp"), head_axis: str = "tensor",
-):
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    log_alpha: Float[AnyArray, "b t h"] | None = None,
+    *,
+    mesh,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
+    scale=1.0,
+    chunk_size=64,
+    context: str = "context",
+    batch_axes=("data", "fsdp"),
+    head_axis: str = "tensor",
+) -> Out:
     """The (gated) delta rule ``S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``
     (``seqjax.ops.delta.chunk_delta_rule``'s arguments; ``beta`` already doubled for negative
     eigenvalues) with time sharded over ``context``. The shard transition is a dense ``dk x dk`` matrix:
@@ -208,8 +231,16 @@ def context_size(mesh, context: str = "context") -> int:
 
 
 def attention_context_parallel(
-    q, k, v, *, mesh, segment_ids=None, context: str = "context", batch_axes=("data", "fsdp"), head_axis="tensor"
-):
+    q: Float[AnyArray, "b t h d"],
+    k: Float[AnyArray, "b t kvh d"],
+    v: Float[AnyArray, "b t kvh d"],
+    *,
+    mesh,
+    segment_ids: Shaped[AnyArray, "b t"] | None = None,
+    context: str = "context",
+    batch_axes=("data", "fsdp"),
+    head_axis="tensor",
+) -> Float[Array, "b t h d"]:
     """Causal softmax attention with time sharded over ``context``: K/V (and segment ids) are
     all-gathered, queries stay local. ``q [b, t, h, d]``, ``k, v [b, t, kv_h, d]``."""
     b, h = _specs(mesh, batch_axes, context, head_axis, batch=q.shape[0], heads=q.shape[2])

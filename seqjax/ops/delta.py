@@ -54,6 +54,7 @@ from jax import lax
 
 from seqjax import _checks
 from seqjax._linalg import solve_unit_lower
+from seqjax.types import AnyArray, Array, Float, Shaped
 
 __all__ = [
     "check_delta_inputs",
@@ -101,7 +102,7 @@ def check_delta_inputs(q, k, v, beta, log_alpha=None, h0=None, resets=None, *, h
 
 def _prepare(q, k, v, beta, log_alpha, resets):
     """float32 copies; ``log_alpha`` zeros when absent and zeroed at resets; ``resets`` bool."""
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
     q, k, v, beta = f32(q), f32(k), f32(v), f32(beta)
     la = jnp.zeros(beta.shape, jnp.float32) if log_alpha is None else f32(log_alpha)
     rs = jnp.zeros(beta.shape[:2], bool) if resets is None else jnp.asarray(resets).astype(bool)
@@ -117,11 +118,20 @@ def delta_update(S, k, v, beta, alpha):
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def step_delta_rule(h, q, k, v, beta, log_alpha=None, *, scale=1.0):
+def step_delta_rule(
+    h: Float[AnyArray, "b h k v"] | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    beta: Float[AnyArray, "b h"],
+    log_alpha: Float[AnyArray, "b h"] | None = None,
+    *,
+    scale=1.0,
+) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     """One token: ``h [b, h, dk, dv]`` (or ``None`` = zeros), ``q, k [b, h, dk]``, ``v [b, h, dv]``,
     ``beta, log_alpha [b, h]`` -> ``(o [b, h, dv], h)`` (``h`` float32, ``o`` in the inputs' dtype)."""
     dtype = jnp.result_type(q, k, v)
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
     q, k, v, beta = f32(q), f32(k), f32(v), f32(beta)
     if h is None:
         h = jnp.zeros((*q.shape, v.shape[-1]), jnp.float32)
@@ -131,7 +141,17 @@ def step_delta_rule(h, q, k, v, beta, log_alpha=None, *, scale=1.0):
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def recurrent_delta_rule(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0):
+def recurrent_delta_rule(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    log_alpha: Float[AnyArray, "b t h"] | None = None,
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
+    scale=1.0,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """The reference: ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``,
     ``o_t = scale S_tᵀ q_t``, one ``lax.scan`` step per token in float32. Returns ``(o, h_last)``."""
     dtype = jnp.result_type(q, k, v)
@@ -199,7 +219,18 @@ def _to_chunks(x, c):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk_size"))
-def chunk_delta_rule(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, chunk_size=64):
+def chunk_delta_rule(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    log_alpha: Float[AnyArray, "b t h"] | None = None,
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
+    scale=1.0,
+    chunk_size=64,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Chunkwise-parallel (WY / UT) form of :func:`recurrent_delta_rule`; same arguments and results.
 
     ``T`` need not be a multiple of ``chunk_size`` (the tail is padded with ``beta = 0, k = v = q = 0``,
@@ -213,7 +244,7 @@ def chunk_delta_rule(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, sca
     n = -(-t // c)
     pad = n * c - t
     if pad:
-        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         q, k, v, beta, la, rs = map(padt, (q, k, v, beta, la, rs))
     qc, kc, vc = _to_chunks(q, c), _to_chunks(k, c), _to_chunks(v, c)  # [b, n, h, c, d]
     bc, lac = _to_chunks(beta, c), _to_chunks(la, c)  # [b, n, h, c]
@@ -239,7 +270,15 @@ def chunk_delta_rule(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, sca
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def materialize_delta_rule(q, k, beta, log_alpha=None, *, resets=None, scale=1.0):
+def materialize_delta_rule(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    beta: Float[AnyArray, "b t h"],
+    log_alpha: Float[AnyArray, "b t h"] | None = None,
+    *,
+    resets: Shaped[AnyArray, "b t"] | None = None,
+    scale=1.0,
+) -> Float[Array, "b h t t"]:
     """The ``[b, h, T, T]`` operator ``M`` with ``o = einsum("bhts,bshv->bthv", M, v)`` (``h0 = 0``).
 
     Built explicitly: the columns ``x_s = beta_s k_s`` enter at time ``s`` and are carried forward by

@@ -45,6 +45,7 @@ import numpy as np
 from jax import lax
 
 from seqjax import _checks
+from seqjax.types import AnyArray, Array, Float, Shaped
 
 __all__ = ["check_gla_inputs", "chunk_gla", "recurrent_gla", "step_gla", "prepare_chunks", "SUB_CHUNK"]
 
@@ -97,7 +98,16 @@ def _cuts(g, resets):
 # ----------------------------------------------------------------------------- reference
 
 
-def recurrent_gla(q, k, v, g, *, sign=None, h0=None, resets=None):
+def recurrent_gla(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    g: Float[AnyArray, "b t h"] | Float[AnyArray, "b t h k"] | None,
+    *,
+    sign: Float[AnyArray, "b t h"] | None = None,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Float32 ``lax.scan`` reference: ``S_t = diag(σ_t e^{g_t}) S_{t-1} + k_t v_t^T; o_t = S_t^T q_t``.
 
     ``g`` ``[b, t, h]`` or ``[b, t, h, k]`` (or ``None`` for no decay). Returns ``(o float32, S_T)``.
@@ -125,7 +135,15 @@ def recurrent_gla(q, k, v, g, *, sign=None, h0=None, resets=None):
     return jnp.moveaxis(o, 0, 1), s_last
 
 
-def step_gla(s, q, k, v, g=None, *, sign=None):
+def step_gla(
+    s: Float[AnyArray, "b h k v"] | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    g: Float[AnyArray, "b h"] | Float[AnyArray, "b h k"] | None = None,
+    *,
+    sign: Float[AnyArray, "b h"] | None = None,
+) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     """One token (time axis removed): ``q, k [b, h, k]``, ``v [b, h, v]``, ``g [b, h]`` or ``[b, h, k]``."""
     b, h, dk = q.shape
     if s is None:
@@ -259,7 +277,17 @@ def _intra(q, k, v, bc, seg, p):
     return jnp.einsum("bnhts,bnshv->bnthv", a.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
-def chunk_gla(q, k, v, g, *, sign=None, h0=None, resets=None, chunk_size=64):
+def chunk_gla(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    g: Float[AnyArray, "b t h"] | Float[AnyArray, "b t h k"] | None,
+    *,
+    sign: Float[AnyArray, "b t h"] | None = None,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
+    chunk_size=64,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Chunkwise-parallel ``S_t = diag(σ_t e^{g_t}) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t``.
 
     Args:

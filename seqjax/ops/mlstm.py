@@ -38,6 +38,10 @@ from jax import lax
 
 from seqjax import _checks
 from seqjax.ops import gla as eng
+from seqjax.types import AnyArray, Array, Float, Shaped
+
+# the state (C [b, h, k, v], n [b, h, k], m [b, h])
+State = tuple[Float[Array, "b h k v"], Float[Array, "b h k"], Float[Array, "b h"]]
 
 __all__ = ["check_mlstm_inputs", "zero_state_mlstm", "recurrent_mlstm", "step_mlstm", "chunk_mlstm",
            "materialize_mlstm", "NEG"]
@@ -65,7 +69,16 @@ def zero_state_mlstm(b, h, dk, dv):
     return (jnp.zeros((b, h, dk, dv), jnp.float32), jnp.zeros((b, h, dk), jnp.float32), jnp.zeros((b, h), jnp.float32))
 
 
-def recurrent_mlstm(q, k, v, i, f, *, h0=None, resets=None):
+def recurrent_mlstm(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    i: Float[AnyArray, "b t h"],
+    f: Float[AnyArray, "b t h"],
+    *,
+    h0=None,
+    resets: Shaped[AnyArray, "b t"] | None = None,
+) -> tuple[Float[Array, "b t h v"], State]:
     """Reference: the stabilised mLSTM recurrence above as a float32 ``lax.scan``.
 
     Returns ``(y [b, t, h, dv] in v's dtype, (C, n, m))``."""
@@ -93,13 +106,29 @@ def recurrent_mlstm(q, k, v, i, f, *, h0=None, resets=None):
     return jnp.moveaxis(y, 0, 1).astype(v.dtype), state
 
 
-def step_mlstm(h, q, k, v, i, f):
+def step_mlstm(
+    h,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    i: Float[AnyArray, "b h"],
+    f: Float[AnyArray, "b h"],
+) -> tuple[Float[Array, "b h v"], State]:
     """One token: ``q, k [b, h, dk]``, ``v [b, h, dv]``, ``i, f [b, h]`` -> ``(y [b, h, dv], (C, n, m))``."""
     y, s = recurrent_mlstm(q[:, None], k[:, None], v[:, None], i[:, None], f[:, None], h0=h)
     return y[:, 0], s
 
 
-def chunk_mlstm(q, k, v, i, f, h0, resets, chunk_size):
+def chunk_mlstm(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    i: Float[AnyArray, "b t h"],
+    f: Float[AnyArray, "b t h"],
+    h0,
+    resets: Shaped[AnyArray, "b t"] | None,
+    chunk_size,
+) -> tuple[Float[Array, "b t h v"], State]:
     """Chunkwise-parallel form of :func:`recurrent_mlstm`: ``(y [b, t, h, dv] float32, (C, n, m))``."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -157,7 +186,12 @@ def chunk_mlstm(q, k, v, i, f, h0, resets, chunk_size):
     return y.reshape(b, n * c, h, dv)[:, :t], last
 
 
-def materialize_mlstm(q, k, i, f):
+def materialize_mlstm(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    i: Float[AnyArray, "b t h"],
+    f: Float[AnyArray, "b t h"],
+) -> Float[Array, "b h t t"]:
     """``M[b, h, t, s] = (q_t·k_s/√d) e^{b_t − b_s + i_s − m_t} / max(|Σ_s …|, e^{−m_t})`` (``h0 = 0``)."""
     b, t, h, dk = q.shape
     cf = jnp.cumsum(jax.nn.log_sigmoid(f32(f)), axis=1)  # [b, t, h]
