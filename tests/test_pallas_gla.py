@@ -188,7 +188,7 @@ def test_auto_takes_the_kernel_where_measured(monkeypatch):
     from seqjax import _platform as P
 
     monkeypatch.setattr(G, "auto_pallas", lambda chunk_size=None: True)
-    monkeypatch.setitem(P.AUTO_BACKWARD, "gla", "pallas")  # per kernel, once its Pallas backward is timed faster
+    monkeypatch.setitem(P.AUTO_BACKWARD, "gla", "pallas")  # the entry a faster Pallas backward earns
     G.retnet(q, k, v, impl="auto")
     assert calls == ["xla", "pallas"]
 

@@ -27,8 +27,8 @@ the inverse ``X`` itself, the chunk states (``chunk_states`` in float32), the st
 chunks backwards, then every chunk's ``dq, dk, dv, dβ`` and log-decay gradients in parallel. Only the
 inputs are kept from the forward, so training memory is linear in ``T`` (plus one ``[dk, dv]`` state and
 its gradient per chunk while the backward runs). ``backward="xla"`` differentiates through the XLA
-chunked form instead (``seqjax.ops.delta.chunk_delta_rule``, with its own residuals); that is
-what ``impl="auto"`` asks for, once it takes this kernel at all (``seqjax._platform.GPU_TESTED``).
+chunked form instead (``seqjax.ops.delta.chunk_delta_rule``, with its own residuals). ``impl="auto"``
+picks the backward from ``seqjax._platform.AUTO_BACKWARD`` where it takes this kernel (``GPU_TESTED``).
 
 Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
 jax 0.11.2 where Mosaic GPU is the default: these kernels are chains of small ``[C, C]`` / ``[C, d]``

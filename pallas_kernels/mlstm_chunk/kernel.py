@@ -31,8 +31,8 @@ normaliser as an extra value column: the chunk states recomputed (``chunk_states
 ``1/den`` and the normaliser's gradient, the state gradients walking the chunks backwards, then every
 chunk's ``dq, dk, dv`` and gate gradients in parallel. Only the inputs are kept from the forward. The final
 ``m`` is recomputed in XLA (``_final_m``) so its gradient reaches the winning gate as in the reference.
-``backward="xla"`` runs the XLA chunked form's forward and backward under ``jax.grad`` (what ``impl="auto"``
-asks for, once it takes this kernel at all: see ``seqjax._platform.GPU_TESTED``).
+``backward="xla"`` runs the XLA chunked form's forward and backward under ``jax.grad``. ``impl="auto"`` picks
+the backward from ``seqjax._platform.AUTO_BACKWARD`` where it takes this kernel (``GPU_TESTED``).
 
 Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
 ``dot``s with masks and a sequential chunk loop). TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic
