@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from seqjax import mixers
+from seqjax import sharding as shd
 from seqjax.nn import rms_rel_err
 
 NAMES = mixers.names()
@@ -229,6 +230,20 @@ def test_layer_runs_and_decodes(name):
         y_i, cache = layer(x[:, i : i + 1], cache=cache)
         outs.append(y_i)
     _close(jnp.concatenate(outs, axis=1), y, 1e-4, f"{name} layer decode")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_context_parallel_flag_is_what_the_layer_does(name):
+    """Under a mesh whose ``context`` axis splits time 4 ways, the layer takes its context-parallel form (the
+    shards' summaries or keys all-gathered over ``context``) exactly where its spec says ``context_parallel``."""
+    from flax import nnx
+
+    spec = _spec(name)
+    layer = spec.layer(16, rngs=nnx.Rngs(0), **{f: LM_FIELDS[f] for f in spec.lm_config})
+    graphdef, state = nnx.split(layer)
+    with shd.use_rules(shd.make_mesh((2, 1, 4, 1)), shd.DEFAULT_RULES):
+        program = jax.make_jaxpr(lambda st, x: nnx.merge(graphdef, st)(x)[0])(state, jnp.zeros((B, 32, 16)))
+    assert ("all_gather" in str(program)) == spec.context_parallel
 
 
 @pytest.mark.slow

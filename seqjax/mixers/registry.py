@@ -76,8 +76,8 @@ import dataclasses
 import importlib
 import os
 import pkgutil
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["MixerSpec", "register", "get", "names", "load_all", "feature_matrix"]
 
