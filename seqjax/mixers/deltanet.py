@@ -338,7 +338,17 @@ class DeltaRuleLayer(nnx.Module):
         if self.gated:
             dt = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...][None, None])
             log_alpha = -dt * jnp.exp(self.A_log[...])[None, None]
-        if p.mesh is not None:  # time split over the mesh's `context` axis: dense shard transitions
+        if p.decode:  # one token: the step form (the chunked form would pad it to a whole chunk)
+            la = None if log_alpha is None else log_alpha[:, 0]
+            step_kw = dict(negative_eigen=self.negative_eigen, scale=kw["scale"])
+            if n > 1:
+                o, state = deltaproduct_step(p.h0, q[:, 0], k[:, 0], v[:, 0], beta[:, 0], la, **step_kw)
+            elif self.gated:
+                o, state = gated_deltanet_step(p.h0, q[:, 0], k[:, 0, :, 0], v[:, 0, :, 0], beta[:, 0, :, 0], la, **step_kw)
+            else:
+                o, state = deltanet_step(p.h0, q[:, 0], k[:, 0, :, 0], v[:, 0, :, 0], beta[:, 0, :, 0], **step_kw)
+            o = o[:, None]
+        elif p.mesh is not None:  # time split over the mesh's `context` axis: dense shard transitions
             o, state = cp.delta_context_parallel(q, k[:, :, :, 0], v[:, :, :, 0], _beta(beta[..., 0], self.negative_eigen),
                                                  log_alpha, mesh=p.mesh, resets=p.resets, scale=kw["scale"],
                                                  chunk_size=self.chunk_size)
