@@ -4,9 +4,10 @@ A mixer family lives in one file ``seqjax/mixers/<family>.py`` and registers eac
 import time with ``register(MixerSpec(name=..., ...))``. Every module in this package is imported by
 :func:`load_all` (so a new mixer is one file plus one test; nothing else to edit).
 
-A mixer ``<name>`` names its functions ``<name>``, ``<name>_recurrent``, ``<name>_step``,
-``<name>_materialize`` and ``<name>_make_inputs``; a variant of a layer (e.g. negative eigenvalues) is a
-plain subclass whose ``__init__`` states the changed defaults. What :class:`MixerSpec` holds, and what
+A functional form ``<fn>`` comes with ``<fn>_recurrent``, ``<fn>_step``, ``<fn>_materialize``,
+``<fn>_make_inputs`` and a private ``_check_<fn>_inputs`` (``gla``, ``gla_recurrent``, ...); a variant
+(``mamba_negeig``, ``swa``) shares its family's functions through ``options``, and its layer is a plain
+subclass whose ``__init__`` states the changed defaults. What :class:`MixerSpec` holds, and what
 ``tests/test_mixer_contract.py`` checks for every registered mixer:
 
 ``fn(**inputs, h0=None, impl="auto", resets=None, **options) -> (y, h_last)``
