@@ -48,7 +48,7 @@ class KVState(NamedTuple):
     live: Any  # [b, s] bool: in the current document (a reset after a key hides it)
 
 
-def _check_inputs(q, k, v, h0, resets, window):
+def _check_causal_attention_inputs(q, k, v, h0, resets, window):
     _checks.check_ndim("q", q, 4, "[batch, time, heads, head_dim]")
     b, t, h, d = q.shape
     _checks.check_ndim("k", k, 4, "[batch, time, kv_heads, head_dim]")
@@ -76,7 +76,7 @@ def causal_attention(q, k, v, *, h0=None, resets=None, impl="auto", window=None,
     """
     _checks.check_no_negative_eigen("attention", negative_eigen)
     _checks.check_choice("impl", impl, IMPLS)
-    _check_inputs(q, k, v, h0, resets, window)
+    _check_causal_attention_inputs(q, k, v, h0, resets, window)
     b, t = q.shape[:2]
     if h0 is None:
         h0 = KVState(k[:, :0], v[:, :0], jnp.zeros((b, 0), bool))

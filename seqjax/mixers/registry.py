@@ -5,7 +5,8 @@ import time with ``register(MixerSpec(name=..., ...))``. Every module in this pa
 :func:`load_all` (so a new mixer is one file plus one test; nothing else to edit).
 
 A functional form ``<fn>`` comes with ``<fn>_recurrent``, ``<fn>_step``, ``<fn>_materialize``,
-``<fn>_make_inputs`` and a private ``_check_<fn>_inputs`` (``gla``, ``gla_recurrent``, ...); a variant
+``<fn>_make_inputs`` (``gla``, ``gla_recurrent``, ...); its input checks are its engine's
+``check_<engine>_inputs`` (``seqjax.ops``) or a private ``_check_<fn>_inputs``; a variant
 (``mamba_negeig``, ``swa``) shares its family's functions through ``options``, and its layer is a plain
 subclass whose ``__init__`` states the changed defaults. What :class:`MixerSpec` holds, and what
 ``tests/test_mixer_contract.py`` checks for every registered mixer:
