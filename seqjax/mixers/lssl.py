@@ -221,16 +221,8 @@ class LSSL(nnx.Module):
 
 
 register(MixerSpec(
-    name="lssl",
-    fn=lssl,
-    recurrent=lssl_recurrent,
-    step=lssl_step,
-    make_inputs=lssl_make_inputs,
-    layer=LSSL,
-    materialize=lssl_materialize,
-    value_arg="x",
-    params=("log_dt", "A", "B", "C", "D"),
-    impls=("sequential", "conv"),
+    name="lssl", fn=lssl, recurrent=lssl_recurrent, step=lssl_step, make_inputs=lssl_make_inputs, layer=LSSL,
+    materialize=lssl_materialize, value_arg="x", params=("log_dt", "A", "B", "C", "D"), impls=("sequential", "conv"),
     paper="https://arxiv.org/abs/2110.13985",
     doc="LSSL (Gu et al. 2021): HiPPO-LegS, bilinear discretisation; recurrent and FFT-convolution modes",
 ))
