@@ -34,8 +34,8 @@ from _common import (
 )
 
 from pallas_kernels.delta_chunk import delta_chunk
-from seqjax.ops.delta import chunk_delta_rule
 from seqjax.nn import l2_normalize
+from seqjax.ops.delta import chunk_delta_rule
 
 
 def _fla():

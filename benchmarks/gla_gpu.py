@@ -37,8 +37,8 @@ from _common import (
 
 from pallas_kernels.gla_chunk import gla_chunk_pallas
 from pallas_kernels.mlstm_chunk import mlstm_chunk
-from seqjax.ops.gla import chunk_gla
 from seqjax.mixers.mlstm import mlstm
+from seqjax.ops.gla import chunk_gla
 
 
 def _fla(per_channel: bool):

@@ -107,7 +107,7 @@ def out_specs(c: int, vp: int, *, interpret: bool, backend: str):
     heads-first ``[b, h, Tp, d]`` array, ``rblk``: its gates as a row ``[1, C]`` of ``[b, h, N, 1, C]``,
     ``vblk``: its ``[C, bv]`` value block, and the compiler params of either backend."""
     bv = min(vp, 128)
-    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))  # noqa: E731
+    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))
     rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
     vblk = pl.BlockSpec((None, None, c, bv), lambda i, j, l, z: (i, j, l, z))
     params = (tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if backend == "mosaic_tpu"

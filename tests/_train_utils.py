@@ -41,7 +41,7 @@ def mesh_for(shape):
     return shd.make_mesh(shape, jax.devices()[:n])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(shape, accum=1):
     tr = Trainer(make_model, mesh_for(shape), OptimConfig(lr=1e-2, warmup=2), total_steps=STEPS, accum=accum)
     step, _, info = tr.compile(B, T, with_eval=False)

@@ -14,9 +14,9 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # unless told otherwise; the pytest-xdist workers each load it
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -45,7 +45,7 @@ def reference(kind, p, x, h0=None, m=np):
         h = st[0]
         if kind == "shplrnn":
             pre = h @ p["W2"].T
-            relu = lambda v: m.maximum(v, 0.0)  # noqa: E731
+            relu = lambda v: m.maximum(v, 0.0)
             h = p["A"][None] * h + (relu(pre + p["h2"][None]) - relu(pre)) @ p["W1"].T + xt[:, 0]
             st = [h]
         else:

@@ -73,8 +73,8 @@ def test_attention_context_parallel_matches_unsharded():
     k = jax.random.normal(ks[1], (2, 24, 2, 8))
     v = jax.random.normal(ks[2], (2, 24, 2, 8))
     seg = jnp.asarray(1 + (np.arange(24)[None] >= np.array([[7], [12]])), jnp.int32)
-    ref = lambda q, k, v: attention(q, k, v, segment_ids=seg, impl="reference")  # noqa: E731
-    cp = lambda q, k, v: attention_context_parallel(q, k, v, mesh=mesh, segment_ids=seg)  # noqa: E731
+    ref = lambda q, k, v: attention(q, k, v, segment_ids=seg, impl="reference")
+    cp = lambda q, k, v: attention_context_parallel(q, k, v, mesh=mesh, segment_ids=seg)
     np.testing.assert_allclose(jax.jit(cp)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
     g_c = jax.grad(lambda *a: jnp.sum(jnp.sin(cp(*a))), argnums=(0, 1, 2))(q, k, v)
     g_r = jax.grad(lambda *a: jnp.sum(jnp.sin(ref(*a))), argnums=(0, 1, 2))(q, k, v)
@@ -103,8 +103,8 @@ def test_lm_layers_run_context_parallel_under_a_context_mesh(monkeypatch):
     with a document boundary inside a shard and one exactly at a shard boundary."""
     from flax import nnx
 
-    from seqjax.models.lm import LM, LMConfig
     from seqjax.mixers import mamba2 as m2
+    from seqjax.models.lm import LM, LMConfig
     from seqjax.ops import context_parallel as cp
 
     calls = {"mamba2": 0, "attention": 0, "delta": 0, "gla": 0}

@@ -76,7 +76,7 @@ def test_gate_extremes(log_decay):
     x = _inputs(jax.random.PRNGKey(3), 2, t, 2, 6, 5, decay=(np.log(1e-4), np.log(20.0)))
     if log_decay != "mixed":
         x["log_alpha"] = jnp.full_like(x["log_alpha"], log_decay)
-    chunked = lambda **a: E.chunk_delta_rule(**a, scale=0.5, chunk_size=32)  # noqa: E731
+    chunked = lambda **a: E.chunk_delta_rule(**a, scale=0.5, chunk_size=32)
     out_ref, g_ref = _grads(lambda **a: _ref(**a), x, jax.random.PRNGKey(4))
     out, g = _grads(chunked, x, jax.random.PRNGKey(4))
     _close(out, out_ref, 1e-4, f"log_decay={log_decay} values")
@@ -90,7 +90,7 @@ def test_gate_extremes(log_decay):
 def test_deltaproduct_one_householder_equals_deltanet():
     x = D.deltanet_make_inputs(jax.random.PRNGKey(5), 2, 45)
     h0 = jax.random.normal(jax.random.PRNGKey(6), (2, 2, 7, 5))
-    one = lambda a: a[:, :, :, None]  # noqa: E731
+    one = lambda a: a[:, :, :, None]
     for impl in ("sequential", "chunked"):
         y, h = D.deltanet(**x, h0=h0, impl=impl, chunk_size=16)
         yp, hp = D.deltaproduct(x["q"], one(x["k"]), one(x["v"]), one(x["beta"]), h0=h0, impl=impl, chunk_size=16)

@@ -80,7 +80,7 @@ def test_md_lrpe_scores_depend_on_relative_position_only():
     q = jax.random.normal(jax.random.PRNGKey(4), (1, 12, 1, 6))
     k = jax.random.normal(jax.random.PRNGKey(5), (1, 12, 1, 6))
     pos = L.raster_positions(GRID)
-    scores = lambda p: jnp.einsum(  # noqa: E731
+    scores = lambda p: jnp.einsum(
         "bthk,bjhk->btj", L.md_lrpe(q, L.lrpe_angles(p, 6, base=10.0)), L.md_lrpe(k, L.lrpe_angles(p, 6, base=10.0))
     )
     np.testing.assert_allclose(scores(pos + jnp.array([[2, 5]])), scores(pos), rtol=1e-4, atol=1e-5)
@@ -179,7 +179,7 @@ def test_jrt_prefix_is_noncausal_and_the_rest_causal():
     p, t = 6, 20
     inp = _jrt_inputs(jax.random.PRNGKey(1), t)
     y, _ = J.jrt(**inp, prefix_len=p)
-    bump = lambda i: {n: (x.at[:, i].add(0.5) if n != "v_enc" else x) for n, x in inp.items()}  # noqa: E731
+    bump = lambda i: {n: (x.at[:, i].add(0.5) if n != "v_enc" else x) for n, x in inp.items()}
     # a prefix token's change reaches the first output (prefix outputs see the whole prefix) ...
     y1, _ = J.jrt(**bump(p - 1), prefix_len=p)
     assert float(jnp.max(jnp.abs(y1[:, 0] - y[:, 0]))) > 1e-4

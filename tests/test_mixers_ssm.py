@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seqjax.mixers import _ssm, lru as lru_mod, lssl as lssl_mod, mamba as mamba_mod, s4d as s4d_mod
+from seqjax.mixers import _ssm
+from seqjax.mixers import lru as lru_mod
+from seqjax.mixers import lssl as lssl_mod
+from seqjax.mixers import mamba as mamba_mod
+from seqjax.mixers import s4d as s4d_mod
 from seqjax.nn import rms_rel_err
 from seqjax.scan import linear_scan
 

@@ -36,7 +36,7 @@ def _close(a, b, tol, what):
 def _value_and_grads(f, x, key):
     o, hl = f(**x)
     wo, wh = jax.random.normal(key, o.shape), jax.random.normal(jax.random.fold_in(key, 1), hl.shape)
-    loss = lambda x: jnp.sum(f(**x)[0].astype(jnp.float32) * wo) + jnp.sum(f(**x)[1] * wh)  # noqa: E731
+    loss = lambda x: jnp.sum(f(**x)[0].astype(jnp.float32) * wo) + jnp.sum(f(**x)[1] * wh)
     return (o, hl), jax.grad(loss)(x)
 
 
@@ -47,8 +47,8 @@ def _value_and_grads(f, x, key):
 def test_kernel_equals_reference(dk, dv, t, chunk):
     """chunk 64 exercises the blocked inverse (four 16 x 16 diagonal blocks and their merges)."""
     x, resets = _inputs(jax.random.PRNGKey(dk), 1, t, 2, dk, dv)
-    ref = lambda **a: E.recurrent_delta_rule(**a, resets=resets, scale=0.3)  # noqa: E731
-    ker = lambda **a: delta_chunk(**a, resets=resets, scale=0.3, chunk_size=chunk)  # noqa: E731
+    ref = lambda **a: E.recurrent_delta_rule(**a, resets=resets, scale=0.3)
+    ker = lambda **a: delta_chunk(**a, resets=resets, scale=0.3, chunk_size=chunk)
     key = jax.random.PRNGKey(1)
     out_ref, g_ref = _value_and_grads(ref, x, key)
     out, g = _value_and_grads(ker, x, key)
@@ -74,7 +74,7 @@ def test_pallas_backward_carries_state_across_a_split(backend):
     """The gradient runs through the Pallas backward kernels (named in the jaxpr; ``backward="xla"`` avoids
     them), and two calls chained by their state differentiate like the whole sequence."""
     x, resets = _inputs(jax.random.PRNGKey(12), 1, 63, 2, 9, 4, decay=(-9.0, 1.0))
-    ker = lambda **a: delta_chunk(**a, chunk_size=16, backend=backend)  # noqa: E731
+    ker = lambda **a: delta_chunk(**a, chunk_size=16, backend=backend)
 
     def split(**a):
         o1, h1 = ker(**{n: (y if n == "h0" else y[:, :40]) for n, y in a.items()}, resets=resets[:, :40])
@@ -84,10 +84,10 @@ def test_pallas_backward_carries_state_across_a_split(backend):
     key = jax.random.PRNGKey(2)
     _, g_ref = _value_and_grads(lambda **a: E.recurrent_delta_rule(**a, resets=resets), x, key)
     _close(_value_and_grads(split, x, key)[1], g_ref, 1e-3, "split grads")
-    loss = lambda f: lambda q: jnp.sum(f(**{**x, "q": q})[0] ** 2)  # noqa: E731
+    loss = lambda f: lambda q: jnp.sum(f(**{**x, "q": q})[0] ** 2)
     jaxpr = str(jax.make_jaxpr(jax.grad(loss(ker)))(x["q"]))
     assert "delta_chunk_bwd_grads" in jaxpr and "delta_chunk_bwd_dstates" in jaxpr
-    xla = lambda **a: delta_chunk(**a, chunk_size=16, backend=backend, backward="xla")  # noqa: E731
+    xla = lambda **a: delta_chunk(**a, chunk_size=16, backend=backend, backward="xla")
     assert "delta_chunk_bwd" not in str(jax.make_jaxpr(jax.grad(loss(xla)))(x["q"]))
 
 
@@ -96,7 +96,7 @@ def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
     chunked form keeps per-chunk states and factors. bf16 inputs: gradients in bf16, float32 inside."""
     x, _ = _inputs(jax.random.PRNGKey(13), 1, 256, 2, 16, 16)
     args = [x[n] for n in ("q", "k", "v", "beta", "log_alpha")]
-    size = lambda **kw: sum(a.size for a in jax.tree.leaves(jax.vjp(lambda *a: delta_chunk(*a, chunk_size=16, **kw), *args)[1]))  # noqa: E731
+    size = lambda **kw: sum(a.size for a in jax.tree.leaves(jax.vjp(lambda *a: delta_chunk(*a, chunk_size=16, **kw), *args)[1]))
     budget = sum(a.size for a in args) + 4 * x["beta"].size + x["h0"].size + 64  # + the gates' cumsums, a mask
     assert size() <= budget
     assert size(backward="xla") > budget + x["k"].size
@@ -146,8 +146,8 @@ def test_mixers_impl_pallas():
 def test_tpu_kernels_equal_reference(dk, dv, t, chunk):
     """The Mosaic TPU bodies (``backend="mosaic_tpu"``), interpreted: values, h_last and gradients."""
     x, resets = _inputs(jax.random.PRNGKey(dk + 100), 1, t, 2, dk, dv)
-    ref = lambda **a: E.recurrent_delta_rule(**a, resets=resets, scale=0.3)  # noqa: E731
-    ker = lambda **a: delta_chunk(**a, resets=resets, scale=0.3, chunk_size=chunk, backend="mosaic_tpu")  # noqa: E731
+    ref = lambda **a: E.recurrent_delta_rule(**a, resets=resets, scale=0.3)
+    ker = lambda **a: delta_chunk(**a, resets=resets, scale=0.3, chunk_size=chunk, backend="mosaic_tpu")
     key = jax.random.PRNGKey(1)
     out_ref, g_ref = _value_and_grads(ref, x, key)
     out, g = _value_and_grads(ker, x, key)

@@ -19,7 +19,6 @@ from pallas_kernels.gla_chunk import gla_chunk_pallas
 from pallas_kernels.linear_scan.kernel import linear_scan_pallas
 from pallas_kernels.mlstm_chunk import mlstm_chunk
 
-
 TRITON = "__gpu$xla.gpu.triton"
 
 
@@ -48,11 +47,11 @@ def test_chunked_kernels_lower_to_mosaic_tpu(dk, dv):
     assert _mosaic_calls(lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw), q, v, g) == 1
     assert _mosaic_calls(lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw), q, v, g) == 3  # WY, states, outputs
     assert _mosaic_calls(lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw), q, v, g) == 2  # states, outputs
-    gla = lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw)  # noqa: E731
+    gla = lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw)
     assert _mosaic_calls(_grad(gla), q, v, g) == 4  # forward, then states, state gradients, chunk gradients
-    delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
+    delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)
     assert _mosaic_calls(_grad(delta), q, v, g) == 8  # forward (3), WY + X, states, state grads, chunk grads (2)
-    mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)  # noqa: E731
+    mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)
     assert _mosaic_calls(_grad(mlstm), q, v, g) == 6  # forward (2), then states, rows, state grads, chunk grads
 
 
@@ -62,23 +61,23 @@ def test_chunked_kernels_lower_to_triton(dk, dv):
     v = jnp.zeros((2, 256, 2, dv), jnp.bfloat16)
     g = jnp.zeros((2, 256, 2))
     kw = dict(chunk_size=64, interpret=False, backend="triton")
-    gla = lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw)  # noqa: E731
+    gla = lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw)
     assert _triton_calls(gla, q, v, g) == 1
     assert _triton_calls(_grad(gla), q, v, g) == 4  # forward, then states, state gradients, chunk gradients
-    chan = lambda q, v, g: gla_chunk_pallas(q, q, v, jnp.zeros(q.shape, jnp.float32) + g[..., None], **kw)  # noqa: E731
+    chan = lambda q, v, g: gla_chunk_pallas(q, q, v, jnp.zeros(q.shape, jnp.float32) + g[..., None], **kw)
     assert _triton_calls(chan, q, v, g) == 3  # intra-chunk matrices, states, outputs
     assert _triton_calls(_grad(chan), q, v, g) == 7  # forward (3), then intra, states, state grads, chunk grads
-    delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)  # noqa: E731
+    delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)
     assert _triton_calls(delta, q, v, g) == 3  # WY, states, outputs
     assert _triton_calls(_grad(delta), q, v, g) == 8  # forward (3), WY + X, states, state grads, chunk grads (2)
-    mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)  # noqa: E731
+    mlstm = lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)
     assert _triton_calls(mlstm, q, v, g) == 2  # states, outputs
     assert _triton_calls(_grad(mlstm), q, v, g) == 6  # forward (2), then states, rows, state grads, chunk grads
 
 
 def test_per_channel_gla_lowers_and_bad_backend_is_named():
     q = jnp.zeros((2, 256, 2, 128), jnp.bfloat16)
-    f = lambda q, g: gla_chunk_pallas(q, q, q, g, chunk_size=64, interpret=False, backend="mosaic_tpu")  # noqa: E731
+    f = lambda q, g: gla_chunk_pallas(q, q, q, g, chunk_size=64, interpret=False, backend="mosaic_tpu")
     g = jnp.zeros((2, 256, 2, 128))
     assert _mosaic_calls(f, q, g) == 3  # intra-chunk matrices, states, outputs
     grads = jax.grad(lambda q, g: jnp.sum(jnp.square(f(q, g)[0])), argnums=(0, 1))
@@ -107,7 +106,7 @@ def test_fused_rnn_lowers_to_triton(monkeypatch):
     monkeypatch.setattr(_util, "platform", lambda: "gpu")
     monkeypatch.setattr(functional, "kernel_platform", lambda: "gpu")
     p = R.init_params("lstm", jax.random.PRNGKey(0), 3, 12, heads=2)
-    loss = lambda p, x: jnp.sum(R.rnn("lstm", p, x, impl="pallas")[0] ** 2)  # noqa: E731
+    loss = lambda p, x: jnp.sum(R.rnn("lstm", p, x, impl="pallas")[0] ** 2)
     assert _triton_calls(jax.grad(loss, argnums=(0, 1)), p, jnp.ones((2, 9, 3))) == 2  # forward, reverse time
 
 

@@ -50,8 +50,8 @@ def _grads(f, x, key):
 def test_kernel_equals_reference(t, dk, dv, chunk):
     x = _inputs(jax.random.PRNGKey(t), t, dk, dv)
     resets = jnp.zeros((1, t), bool).at[:, t // 2].set(True)
-    ker = lambda **a: mlstm_chunk(**a, resets=resets, chunk_size=chunk)  # noqa: E731
-    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)  # noqa: E731
+    ker = lambda **a: mlstm_chunk(**a, resets=resets, chunk_size=chunk)
+    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)
     # at T = 257 the XLA chunked form is as far from the reference (3.7e-5 values, 1.2e-4 gradients; float32
     # rounding of the stabilised sums over 257 steps), so the bounds scale with the length
     long = t > 200
@@ -63,7 +63,7 @@ def test_kernel_equals_reference(t, dk, dv, chunk):
 def test_gate_extremes(f_shift, i_scale):
     """log σ(f) ≈ −6e-6 (weak decay) and ≈ −12 (strong); input gates up to e^{±36} (the stabiliser)."""
     x = _inputs(jax.random.PRNGKey(2), 50, 8, 8, f_shift=f_shift, i_scale=i_scale)
-    ker = lambda **a: mlstm_chunk(**a, chunk_size=16)  # noqa: E731
+    ker = lambda **a: mlstm_chunk(**a, chunk_size=16)
     _close(ker(**x), ML.mlstm_recurrent(**x), 2e-5, f"f_shift={f_shift} i_scale={i_scale}")
     key = jax.random.PRNGKey(5)
     _close(_grads(ker, x, key), _grads(ML.mlstm_recurrent, x, key), 1e-4, f"grads f_shift={f_shift} i_scale={i_scale}")
@@ -76,7 +76,7 @@ def test_pallas_backward_carries_state_across_a_split(backend):
     stabiliser's gradient included (it reaches the next call's output only through ``C e^m``)."""
     x = _inputs(jax.random.PRNGKey(11), 63, 9, 5)
     resets = jnp.zeros((1, 63), bool).at[:, 20].set(True)
-    ker = lambda **a: mlstm_chunk(**a, chunk_size=16, backend=backend)  # noqa: E731
+    ker = lambda **a: mlstm_chunk(**a, chunk_size=16, backend=backend)
 
     def split(**a):
         y1, s1 = ker(**{n: (y if n == "h0" else y[:, :40]) for n, y in a.items()}, resets=resets[:, :40])
@@ -84,18 +84,18 @@ def test_pallas_backward_carries_state_across_a_split(backend):
         return jnp.concatenate([y1, y2], 1), s2
 
     key = jax.random.PRNGKey(6)
-    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)  # noqa: E731
+    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)
     _close(_grads(split, x, key), _grads(ref, x, key), 1e-4, "split grads")
-    loss = lambda f: lambda q: jnp.sum(f(**{**x, "q": q})[0] ** 2)  # noqa: E731
+    loss = lambda f: lambda q: jnp.sum(f(**{**x, "q": q})[0] ** 2)
     assert "mlstm_chunk_bwd_grads" in str(jax.make_jaxpr(jax.grad(loss(ker)))(x["q"]))
-    xla = lambda **a: mlstm_chunk(**a, chunk_size=16, backend=backend, backward="xla")  # noqa: E731
+    xla = lambda **a: mlstm_chunk(**a, chunk_size=16, backend=backend, backward="xla")
     assert "mlstm_chunk_bwd" not in str(jax.make_jaxpr(jax.grad(loss(xla)))(x["q"]))
 
 
 def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
     x = _inputs(jax.random.PRNGKey(12), 256, 16, 16)
     args = [x[n] for n in ("q", "k", "v", "i", "f")]
-    size = lambda **kw: sum(a.size for a in jax.tree.leaves(jax.vjp(lambda *a: mlstm_chunk(*a, chunk_size=16, **kw), *args)[1]))  # noqa: E731
+    size = lambda **kw: sum(a.size for a in jax.tree.leaves(jax.vjp(lambda *a: mlstm_chunk(*a, chunk_size=16, **kw), *args)[1]))
     # q, k, v, h0 and gate-sized [b, t, h] arrays (the gates, their chunk layout, the XLA final-m path's masks)
     budget = 3 * x["q"].size + 32 * x["i"].size + sum(a.size for a in x["h0"])
     assert size() <= budget
@@ -114,7 +114,7 @@ def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
 def test_state_carried_across_a_split_sequence():
     x = _inputs(jax.random.PRNGKey(3), 63, 9, 5)
     want = ML.mlstm_recurrent(**x)
-    cut = lambda sl: {n: (a if n == "h0" else a[:, sl]) for n, a in x.items()}  # noqa: E731
+    cut = lambda sl: {n: (a if n == "h0" else a[:, sl]) for n, a in x.items()}
     y1, s1 = mlstm_chunk(**cut(slice(0, 40)), chunk_size=32)
     y2, s2 = mlstm_chunk(**{**cut(slice(40, None)), "h0": s1}, chunk_size=32)
     _close((jnp.concatenate([y1, y2], 1), s2), want, 2e-5, "split at 40")
@@ -138,8 +138,8 @@ def test_many_chunks_resets_and_two_value_blocks(backend):
     t = 150
     x = _inputs(jax.random.PRNGKey(21), t, 9, 200, b=2)
     resets = jax.random.bernoulli(jax.random.PRNGKey(22), 0.06, (2, t))
-    ker = lambda **a: mlstm_chunk(**a, resets=resets, chunk_size=16, backend=backend)  # noqa: E731
-    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)  # noqa: E731
+    ker = lambda **a: mlstm_chunk(**a, resets=resets, chunk_size=16, backend=backend)
+    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)
     _close(ker(**x), ref(**x), 2e-5, "values and (C, n, m)")
     _close(_grads(ker, x, jax.random.PRNGKey(2)), _grads(ref, x, jax.random.PRNGKey(2)), 1e-4, "grads")
 
@@ -155,7 +155,7 @@ def test_chunk_stabilisers_equal_the_chunk_by_chunk_walk():
     qh, kh, _, bt, st, it, et, n = _prepare(x["q"], x["k"], x["v"], x["i"], x["f"], resets, c)
     _, n0, m0 = _pad_state(x["h0"], kh.shape[-1], 16)
     m_in, ew, fo, n_in, (n_t, m_t) = jax.jit(chunk_stabilisers, static_argnums=7)(bt, st, it, et, kh, n0, m0, c)
-    ch = lambda a: jnp.moveaxis(a.reshape(b, h, n, c, *a.shape[3:]), 2, 0)  # noqa: E731  chunks first
+    ch = lambda a: jnp.moveaxis(a.reshape(b, h, n, c, *a.shape[3:]), 2, 0)
 
     def walk(carry, xs):  # one chunk
         m, nv = carry
@@ -201,8 +201,8 @@ def test_tpu_kernel_equals_reference(t, dk, dv, chunk):
     """The Mosaic TPU body (``backend="mosaic_tpu"``), interpreted, with h0, resets and large input gates."""
     x = _inputs(jax.random.PRNGKey(t + 7), t, dk, dv, i_scale=6.0)
     resets = jnp.zeros((1, t), bool).at[:, t // 2].set(True)
-    ker = lambda **a: mlstm_chunk(**a, resets=resets, chunk_size=chunk, backend="mosaic_tpu")  # noqa: E731
-    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)  # noqa: E731
+    ker = lambda **a: mlstm_chunk(**a, resets=resets, chunk_size=chunk, backend="mosaic_tpu")
+    ref = lambda **a: ML.mlstm_recurrent(**a, resets=resets)
     # i up to ±18: exp(x) carries a relative rounding of |x|·eps, so the float32 floor is ~20x the default test's
     _close(ker(**x), ref(**x), 1e-4, "values and (C, n, m)")
     _close(_grads(ker, x, jax.random.PRNGKey(1)), _grads(ref, x, jax.random.PRNGKey(1)), 1e-4, "grads")

@@ -5,8 +5,20 @@ import itertools
 import numpy as np
 import pytest
 
-from seqjax.tasks import IGNORE, masked_accuracy, scaled_accuracy, sequence_accuracy
-from seqjax.tasks import classification, icll, mqar, passkey, recall, sets, state_tracking, timescales
+from seqjax.tasks import (
+    IGNORE,
+    classification,
+    icll,
+    masked_accuracy,
+    mqar,
+    passkey,
+    recall,
+    scaled_accuracy,
+    sequence_accuracy,
+    sets,
+    state_tracking,
+    timescales,
+)
 
 
 def _answer_positions(targets):
@@ -33,7 +45,7 @@ def test_modular_arithmetic_matches_python_eval():
         x = b.inputs[i]
         assert x[p] == 4 and (p % 2) == 1 and np.all(x[p + 1 :] == 0)  # '=' after an odd-length expression
         expr = "".join(str(t - 5) if t >= 5 else inv[t] for t in x[:p])
-        assert (eval(expr) % 5) + 5 == b.targets[i, p]  # noqa: S307  (Python's % is the math mod)
+        assert (eval(expr) % 5) + 5 == b.targets[i, p]
 
 
 def test_modular_arithmetic_brackets_matches_python_eval():
@@ -45,7 +57,7 @@ def test_modular_arithmetic_brackets_matches_python_eval():
         assert x[p] == 10 and np.all(x[p + 1 :] == 11)
         expr = "".join(str(t) if t < 5 else sym[t] for t in x[:p])
         assert expr.count("(") == expr.count(")")
-        assert eval(expr) % 5 == b.targets[i, p]  # noqa: S307
+        assert eval(expr) % 5 == b.targets[i, p]
         assert 1 <= p <= 37
 
 
@@ -171,7 +183,8 @@ def test_disjoint_sets_have_one_overlap(short_first):
 
 
 def test_generators_deterministic():
-    for f in [lambda s: state_tracking.parity(5, 3, 9, seed=s), lambda s: mqar.mqar(5, 64, 4, 256, seed=s), lambda s: icll.icll(3, 100, seed=s)]:
+    for f in [lambda s: state_tracking.parity(5, 3, 9, seed=s), lambda s: mqar.mqar(5, 64, 4, 256, seed=s),
+              lambda s: icll.icll(3, 100, seed=s)]:
         assert np.array_equal(f(3).inputs, f(3).inputs) and not np.array_equal(f(3).inputs, f(4).inputs)
 
 

@@ -16,15 +16,15 @@ from jax.sharding import SingleDeviceSharding
 
 pytest.importorskip("libtpu", reason="compiling for a TPU needs libtpu: pip install 'jax[tpu]' (Linux x86-64)")
 
-from jax.experimental import topologies  # noqa: E402
+from jax.experimental import topologies
 
-from pallas_kernels.delta_chunk import delta_chunk  # noqa: E402
-from pallas_kernels.gla_chunk import gla_chunk_pallas  # noqa: E402
-from pallas_kernels.linear_scan.kernel import linear_scan_pallas  # noqa: E402
-from pallas_kernels.mlstm_chunk import mlstm_chunk  # noqa: E402
-from seqjax import rnn as R  # noqa: E402
-from seqjax import sharding as shd  # noqa: E402
-from tests.test_pallas_lowering import _grad  # noqa: E402  (all input gradients of sum(o²) + sum(S_T²))
+from pallas_kernels.delta_chunk import delta_chunk
+from pallas_kernels.gla_chunk import gla_chunk_pallas
+from pallas_kernels.linear_scan.kernel import linear_scan_pallas
+from pallas_kernels.mlstm_chunk import mlstm_chunk
+from seqjax import rnn as R
+from seqjax import sharding as shd
+from tests.test_pallas_lowering import _grad
 
 TOPOLOGY = "v5e:2x2"  # TPU v5 lite, 2x2 chips: 16 MiB of scoped VMEM per kernel by default
 MOSAIC = 'custom_call_target="tpu_custom_call"'
@@ -68,14 +68,14 @@ def test_linear_scan_and_fused_rnn_compile_for_tpu(tpus):
     sh = SingleDeviceSharding(tpus[0])
     a = jax.ShapeDtypeStruct((2, 257, 300), jnp.float32, sharding=sh)
     h0 = jax.ShapeDtypeStruct((2, 300), jnp.float32, sharding=sh)
-    scan = lambda a, b, h0: jnp.sum(linear_scan_pallas(a, b, h0, interpret=False)[0] ** 2)  # noqa: E731
+    scan = lambda a, b, h0: jnp.sum(linear_scan_pallas(a, b, h0, interpret=False)[0] ** 2)
     assert _kernels_compiled(jax.grad(scan, argnums=(0, 1, 2)), a, a, h0) == 2  # forward, transposed scan
     # the fused cells under a TPU mesh: the kernels take the mesh's platform (pallas_kernels._util.platform)
     x = jax.ShapeDtypeStruct((2, 9, 3), jnp.float32, sharding=sh)
     for kind in ("lstm", "gru", "slstm", "rnn_tanh"):  # peephole rows, reset gate, stabiliser, one gate
         p = jax.eval_shape(lambda kind=kind: R.init_params(kind, jax.random.PRNGKey(0), 3, 12, heads=2))
         p = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), p)
-        loss = lambda p, x, kind=kind: jnp.sum(R.rnn(kind, p, x, impl="pallas")[0] ** 2)  # noqa: E731
+        loss = lambda p, x, kind=kind: jnp.sum(R.rnn(kind, p, x, impl="pallas")[0] ** 2)
         with shd.use_rules(shd.make_mesh((1, 1, 1, 1), devices=tpus[:1])):
             assert _kernels_compiled(jax.grad(loss, argnums=(0, 1)), p, x) == 2, kind  # forward, reverse time
 

@@ -31,8 +31,8 @@ chunk, ``H [b, h, N, K, V]``; (3) ``dH`` (the gradient of the state after every 
 backwards, and ``dh0``; (4) grid ``(batch, heads, chunks)``: everything above, per chunk, in two kernels —
 (4a) through the outputs, the attention and the states (``dq``, ``dU'``, ``dW``, part of ``dk`` and ``dg``),
 (4b) through ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``; fla's
-``prepare_wy_repr_bwd``). Nothing but the inputs is kept from the forward. Triton walks (2) and (3) with a ``fori_loop`` per (batch, head, value
-block of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM scratch. The math is one
+``prepare_wy_repr_bwd``). Nothing but the inputs is kept from the forward. Triton walks (2) and (3) with a
+``fori_loop`` per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM scratch. The math is one
 function per step for both, on gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products
 with ``X`` run at ``HIGHEST``; the others take the input dtype with float32 accumulation, as the forward.
 """
@@ -70,7 +70,7 @@ def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale):
     ``dW [C, K]``, and ``dg`` (these terms), ``drev`` ``[C, 1]``."""
     md = q.dtype
     c = q.shape[0]
-    rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)  # noqa: E731
+    rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩ [1, 1]
     sm, dsm = s.astype(md), ds.astype(md)  # float32 [K, V] values live through the chunk would spill on a GPU
@@ -102,7 +102,7 @@ def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr):
     FMA loop per product, not a tensor-core one)."""
     md = k.dtype
     c = k.shape[0]
-    rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)  # noqa: E731
+    rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     gam_st = jnp.where(strict, _decay_incl(gc, sc, gr, sr), 0.0)
     gamma = chunk_gamma(gc, sc)
@@ -187,8 +187,8 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     rows = [x_.reshape(b, h, n, 1, c) for x_ in (g, seg)]
     hs_shape = jax.ShapeDtypeStruct((b, h, n, kp, vp), f32)
     st_shape = jax.ShapeDtypeStruct((b, h, kp, vp), f32)
-    blk = lambda d, rev_=False: chunk_block(c, d, n if rev_ else None)  # noqa: E731  reversed: the backward walk
-    rblk = lambda rev_=False: pl.BlockSpec(  # noqa: E731
+    blk = lambda d, rev_=False: chunk_block(c, d, n if rev_ else None)
+    rblk = lambda rev_=False: pl.BlockSpec(
         (None, None, None, 1, c), (lambda i, j, l: (i, j, n - 1 - l, 0, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0, 0)))
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
     hs, _ = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend)
@@ -207,7 +207,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         params = tpu_params(interpret, "parallel", "parallel", "parallel")
     else:
         bv = min(vp, 64)
-        full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+        full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
         grow = pl.BlockSpec((None, None, n, 1, c), lambda i, j, l: (i, j, 0, 0, 0))
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
@@ -221,7 +221,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         )(qh, kh, w, do, *cols[1:], *rows, dht)
         params = triton_params(interpret, backend, num_warps=8, num_stages=1)
     gshape = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
-    fshape = lambda d: jax.ShapeDtypeStruct((b, h, tp, d), f32)  # noqa: E731
+    fshape = lambda d: jax.ShapeDtypeStruct((b, h, tp, d), f32)
     name = "_tpu" if tpu else ""
     # (4a) through the outputs, the attention and the states; (4b) through W, U and X (two kernels: one holding
     # both [K, V] states and the WY algebra needs more shared memory than an H100 has: 272 KiB by Triton 3.9)

@@ -40,7 +40,7 @@ def _col_factors(gc, rc, sc):
     ``γ_C [1, 1]``."""
     c = gc.shape[0]
     last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    end = lambda x: jnp.sum(jnp.where(last, x, 0.0), axis=0, keepdims=True)  # noqa: E731
+    end = lambda x: jnp.sum(jnp.where(last, x, 0.0), axis=0, keepdims=True)
     g_last, s_last = end(gc), end(sc)
     gamma = chunk_gamma(gc, sc)
     total = jnp.where(s_last == 0.0, jnp.exp(g_last), 0.0)
@@ -124,7 +124,7 @@ def chunk_states(kh, w, u, g, rev, seg, h0p, *, c, interpret, backend, dtype=f32
     out_shape = [jax.ShapeDtypeStruct((b, h, n, kp, vp), dtype), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     out_shape += [jax.ShapeDtypeStruct((b, h, tp, vp), u.dtype)] if with_u_new else []
     if backend == "mosaic_tpu":
-        blk = lambda d: chunk_block(c, d)  # noqa: E731
+        blk = lambda d: chunk_block(c, d)
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
         return pl.pallas_call(
@@ -135,7 +135,7 @@ def chunk_states(kh, w, u, g, rev, seg, h0p, *, c, interpret, backend, dtype=f32
             compiler_params=tpu_params(interpret, "parallel", "parallel", "arbitrary"), name="delta_chunk_states_tpu",
         )(kh, w, u, *cols, h0p)
     bv = min(vp, 64)
-    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
     vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
     vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
     vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
@@ -172,7 +172,7 @@ def _prepare(q, k, v, beta, la, h0, rs, chunk_size):
         x = jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])])
         return jnp.moveaxis(x, 2, 1)
 
-    pad_t = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    pad_t = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
     la = jnp.where(rs[..., None], 0.0, la.astype(jnp.float32))
     bh = jnp.moveaxis(pad_t(beta.astype(jnp.float32)), 2, 1)
     g, rev, seg = _chunk_gates(jnp.moveaxis(pad_t(la), 2, 1), pad_t(rs), c, n)

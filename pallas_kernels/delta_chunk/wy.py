@@ -118,8 +118,8 @@ def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)
     gamma = [chunk_gamma(g[j], seg[j]) for j in range(nb)]
-    kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])[:, None]  # noqa: E731
-    vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j][:, None]  # noqa: E731
+    kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])[:, None]
+    vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j][:, None]
     _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref, direct=True)
 
 
@@ -154,8 +154,8 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)
     gamma = [chunk_gamma(gcol[j], scol[j]) for j in range(nb)]
-    kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])  # noqa: E731
-    vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j]  # noqa: E731
+    kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])
+    vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j]
     _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref, direct=False)
 
 
@@ -166,13 +166,13 @@ def wy_factors(kh, vh, bh, g, seg, *, c, interpret, backend, with_x=False):
     b, h, tp, dkp = kh.shape
     dvp, n = vh.shape[-1], tp // c
     dtype = jnp.result_type(kh, vh)
-    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    blk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l: (i, j, l, 0))
     out_specs = [blk(dkp), blk(dvp)] + ([blk(c)] if with_x else [])
     out_shape = [jax.ShapeDtypeStruct((b, h, tp, dkp), dtype), jax.ShapeDtypeStruct((b, h, tp, dvp), dtype)]
     out_shape += [jax.ShapeDtypeStruct((b, h, tp, c), kh.dtype)] if with_x else []
     if backend == "mosaic_tpu":
-        col = lambda x: x[..., None]  # noqa: E731  [b, h, Tp] -> [b, h, Tp, 1]
-        sub_rows = lambda x: x.reshape(b, h, n, c // SUB, SUB)  # noqa: E731
+        col = lambda x: x[..., None]
+        sub_rows = lambda x: x.reshape(b, h, n, c // SUB, SUB)
         srows = pl.BlockSpec((None, None, None, c // SUB, SUB), lambda i, j, l: (i, j, l, 0, 0))
         return pl.pallas_call(
             _wy_kernel_tpu, grid=(b, h, n),

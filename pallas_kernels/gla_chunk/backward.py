@@ -63,7 +63,7 @@ def _state_factors(bc, sc, pc):
     """Column gates ``[C, 1]`` -> ``f^s, f^e [C, 1]`` and ``a [1, 1]`` (see the module docstring)."""
     c = bc.shape[0]
     last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    end = lambda x: jnp.sum(jnp.where(last, x, 0.0), axis=0, keepdims=True)  # noqa: E731  [1, 1]
+    end = lambda x: jnp.sum(jnp.where(last, x, 0.0), axis=0, keepdims=True)
     b_end, s_end, p_end = end(bc), end(sc), end(pc)
     fs = jnp.where(sc == 0, jnp.exp(bc), 0.0) * pc
     fe = masked_exp(sc == s_end, b_end - bc) * (pc * p_end)
@@ -193,9 +193,9 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     dt = v.dtype
     do = do.astype(dt)  # the matmul operands take the input dtype (float32 accumulation), as in the forward
     dht = dht.astype(f32)
-    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
-    gcol = lambda x: heads(x)[..., None]  # noqa: E731  [b, h, Tp, 1]
-    grow = lambda x: heads(x).reshape(bsz, h, n, 1, chunk)  # noqa: E731
+    heads = lambda x: jnp.moveaxis(x, 2, 1)
+    gcol = lambda x: heads(x)[..., None]
+    grow = lambda x: heads(x).reshape(bsz, h, n, 1, chunk)
     cols, rows = [gcol(x) for x in (bc, seg, p)], [grow(x) for x in (bc, seg, p)]
     hs_shape = jax.ShapeDtypeStruct((bsz, h, n, kp, vp), f32)
     st_shape = jax.ShapeDtypeStruct((bsz, h, kp, vp), f32)
@@ -205,7 +205,7 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)] + [jax.ShapeDtypeStruct((bsz, h, tp, 1), f32)]
     if backend == "mosaic_tpu":
         qh, kh, vh, doh = map(heads, (q, k, v, do))
-        blk = lambda d, rev=False: chunk_block(chunk, d, n if rev else None)  # noqa: E731  reversed: the backward walk
+        blk = lambda d, rev=False: chunk_block(chunk, d, n if rev else None)
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
         hs = pl.pallas_call(
@@ -226,7 +226,7 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
         grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qh, kh, vh)] + grad_shapes[3:]
     else:
         bv = min(vp, 64)
-        tseq = lambda d, vb=False: pl.BlockSpec(  # noqa: E731  time-major, the whole sequence
+        tseq = lambda d, vb=False: pl.BlockSpec(
             (None, tp, None, d), (lambda i, j, l: (i, 0, j, l)) if vb else (lambda i, j, l: (i, 0, j, 0)))
         gseq = pl.BlockSpec((None, None, tp, 1), lambda i, j, l: (i, j, 0, 0))
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
@@ -242,7 +242,7 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
             in_specs=[tseq(kp), tseq(bv, True), gseq, gseq, gseq, vstate], out_specs=[vstates, vstate],
             out_shape=[hs_shape, st_shape], interpret=interpret, compiler_params=walk, name="gla_chunk_bwd_dstates",
         )(q, do, *cols, dht)
-        big = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, j, l: (i, l, j, 0))  # noqa: E731
+        big = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, j, l: (i, l, j, 0))
         big_args, params = (q, k, v, do), triton_params(interpret, backend, num_warps=8, num_stages=1)
     dq, dk, dv, db = pl.pallas_call(
         _grads_kernel, grid=(bsz, h, n),

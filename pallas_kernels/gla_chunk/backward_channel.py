@@ -154,13 +154,13 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
     vp = v.shape[-1]
     n = tp // chunk
     tpu = backend == "mosaic_tpu"
-    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731
+    heads = lambda x: jnp.moveaxis(x, 2, 1)
     q, k, v, do, bc, seg, p = map(heads, (q, k, v, do.astype(v.dtype), bc, seg, p))
     a = channel_intra(q, k, bc, seg, p, chunk=chunk, interpret=interpret, backend=backend)
     h0t, dhtt = jnp.swapaxes(h0, -1, -2), jnp.swapaxes(dht.astype(f32), -1, -2)  # Sᵀ [b, h, Vp, Kp]
     hs_shape = jax.ShapeDtypeStruct((bsz, h, n, vp, kp), f32)
     st_shape = jax.ShapeDtypeStruct((bsz, h, vp, kp), f32)
-    blk = lambda d, rev=False: chunk_block(chunk, d, n if rev else None)  # noqa: E731  reversed: the backward walk
+    blk = lambda d, rev=False: chunk_block(chunk, d, n if rev else None)
     chunk_state = pl.BlockSpec((None, None, None, vp, kp), lambda i, j, l: (i, j, l, 0, 0))
     hs, _ = channel_states(k, v, bc, seg, p, h0t, chunk=chunk, interpret=interpret, backend=backend)
     if tpu:
@@ -177,7 +177,7 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
         params = tpu_params(interpret, "parallel", "parallel", "parallel")
     else:
         bv = min(vp, 64)
-        full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+        full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
         vstate = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
         vstates = pl.BlockSpec((None, None, n, bv, kp), lambda i, j, l: (i, j, 0, l, 0))
@@ -197,5 +197,5 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
         interpret=interpret, compiler_params=params,
         name="gla_chunk_channel_bwd_grads" + ("_tpu" if tpu else ""),
     )(q, k, v, do, bc, seg, p, a, hs, dhs)
-    back = lambda x: jnp.moveaxis(x, 1, 2)  # noqa: E731
+    back = lambda x: jnp.moveaxis(x, 1, 2)
     return back(dq), back(dk), back(dv), back(db), jnp.swapaxes(dh0t, -1, -2)

@@ -147,7 +147,7 @@ def _channel_out_kernel(a_ref, q_ref, v_ref, b_ref, s_ref, p_ref, h_ref, o_ref):
 def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
     """The intra-chunk matrices ``A [b, h, Tp, C]`` float32, all chunks in parallel; heads-first inputs."""
     bsz, h, tp, kp = q.shape
-    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))
     tpu = backend == "mosaic_tpu"
     return pl.pallas_call(
         functools.partial(_intra_channel_kernel, direct=not tpu),
@@ -156,7 +156,8 @@ def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
         out_specs=blk(chunk),
         out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32),
         interpret=interpret,
-        compiler_params=tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend, num_warps=8),
+        compiler_params=(tpu_params(interpret, "parallel", "parallel", "parallel") if tpu
+                         else triton_params(interpret, backend, num_warps=8)),
         name="gla_chunk_channel_intra" + ("_tpu" if tpu else ""),
     )(q, k, bc, seg, p)
 
@@ -170,7 +171,7 @@ def channel_states(k, v, bc, seg, p, h0t, *, chunk, interpret, backend, dtype=jn
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct((bsz, h, n, vp, kp), dtype), jax.ShapeDtypeStruct((bsz, h, vp, kp), f32)]
     if backend == "mosaic_tpu":
-        blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+        blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))
         whole = pl.BlockSpec((None, None, vp, kp), lambda i, j, l: (i, j, 0, 0))
         return pl.pallas_call(
             _channel_states_kernel_tpu, grid=(bsz, h, n),
@@ -181,7 +182,7 @@ def channel_states(k, v, bc, seg, p, h0t, *, chunk, interpret, backend, dtype=jn
             name="gla_chunk_channel_states_tpu",
         )(k, v, bc, seg, p, h0t)
     bv = min(vp, 64)
-    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
     vstate = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
     return pl.pallas_call(
         functools.partial(_channel_states_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
@@ -198,7 +199,7 @@ def forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
     n = tp // chunk
-    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
+    heads = lambda x: jnp.moveaxis(x, 2, 1)
     q, k, v, bc, seg, p = map(heads, (q, k, v, bc, seg, p))
     tpu = backend == "mosaic_tpu"
     a = channel_intra(q, k, bc, seg, p, chunk=chunk, interpret=interpret, backend=backend)

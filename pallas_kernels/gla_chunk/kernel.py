@@ -110,7 +110,7 @@ def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
     bv = min(vp, 64)
-    seq = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, l: (i, 0, j, 0))  # noqa: E731
+    seq = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, l: (i, 0, j, 0))
     vseq = pl.BlockSpec((None, tp, None, bv), lambda i, j, l: (i, 0, j, l))
     gate = pl.BlockSpec((None, tp, None), lambda i, j, l: (i, 0, j))
     st = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
@@ -152,7 +152,7 @@ def _kernel_tpu(q_ref, k_ref, v_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_
     o = o + mm((q.astype(f32) * fs).astype(v.dtype), state.astype(v.dtype))
     o_ref[...] = o.astype(o_ref.dtype)
     lane = lax.broadcasted_iota(jnp.int32, (1, c), 1)
-    end = lambda x: jnp.sum(jnp.where(lane == c - 1, x, 0.0), axis=1, keepdims=True)  # noqa: E731  [1, 1]
+    end = lambda x: jnp.sum(jnp.where(lane == c - 1, x, 0.0), axis=1, keepdims=True)
     b_end, s_end, p_end = end(br), end(sr), end(pr)
     fe = jnp.where(sc == s_end, jnp.exp(jnp.where(sc == s_end, b_end - bc, 0.0)), 0.0) * (pc * p_end)
     a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
@@ -171,10 +171,10 @@ def _forward_tpu(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
     n = tp // chunk
-    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
-    col = lambda x: heads(x)[..., None]  # noqa: E731  [b, h, Tp, 1]
-    row = lambda x: heads(x).reshape(bsz, h, n, 1, chunk)  # noqa: E731
-    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))  # noqa: E731
+    heads = lambda x: jnp.moveaxis(x, 2, 1)
+    col = lambda x: heads(x)[..., None]
+    row = lambda x: heads(x).reshape(bsz, h, n, 1, chunk)
+    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))
     rblk = pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, l: (i, j, l, 0, 0))
     st = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
     params = tpu_params(interpret, "parallel", "parallel", "arbitrary")
@@ -222,7 +222,7 @@ def _channel_gates(g, sign, resets, chunk, kp):
     """Per-channel gates in the kernel's layout: ``bc, seg, p [b, t, h, Kp]`` float32 (padded channels: decay 1)."""
     bsz, t, h, dk = g.shape
     _, _, bc, seg, p = prepare_chunks(g, sign[..., None], resets, t, chunk)
-    chan = lambda x: _pad_last(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)  # noqa: E731
+    chan = lambda x: _pad_last(x.reshape(bsz, t, h, dk).astype(jnp.float32), kp)
     return chan(bc), chan(seg), chan(p)
 
 
@@ -283,7 +283,7 @@ def _head_gates(g, sign, resets, chunk):
     """Per-head gates in the kernel's layout: ``bc, seg, p [b, t, h]`` float32 (t a whole number of chunks)."""
     bsz, t, h = g.shape
     _, _, bc, seg, p = prepare_chunks(g[..., None], sign[..., None], resets, t, chunk)
-    flat = lambda x: x.reshape(bsz, t, h).astype(jnp.float32)  # noqa: E731
+    flat = lambda x: x.reshape(bsz, t, h).astype(jnp.float32)
     return flat(bc), flat(seg), flat(p)
 
 

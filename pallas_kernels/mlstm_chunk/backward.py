@@ -164,12 +164,12 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     md = vh.dtype
     do = do.astype(md)
     m_in, ew, fo, n_in, _ = chunk_stabilisers(bt, st, it, et, kh, n0, m0, c)
-    tok = lambda x: jnp.repeat(x, c, axis=2)[..., None]  # noqa: E731  a per-chunk scalar on each of its tokens
-    col = lambda x: x[..., None]  # noqa: E731
-    row = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
+    tok = lambda x: jnp.repeat(x, c, axis=2)[..., None]
+    col = lambda x: x[..., None]
+    row = lambda x: x.reshape(b, h, n, 1, c)
     fo_t, mi_t = tok(fo), tok(m_in)
     hs_shape = jax.ShapeDtypeStruct((b, h, n, kp, vp), f32)
-    blk = lambda d, rev=False: chunk_block(c, d, n if rev else None)  # noqa: E731  reversed: the backward walk
+    blk = lambda d, rev=False: chunk_block(c, d, n if rev else None)
     rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
     state_n = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
     norm_n = pl.BlockSpec((None, None, None, 1, kp), lambda i, j, l: (i, j, l, 0, 0))
@@ -181,7 +181,7 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
     else:
         bv = min(vp, 64)
-        full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+        full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
         vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))

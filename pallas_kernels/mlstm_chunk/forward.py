@@ -120,7 +120,7 @@ def chunk_stabilisers(bt, st, it, et, kh, n0, m0, c):
     scans (log depth: a ``lax.scan`` over ``N`` chunks would launch ``N`` tiny steps on a GPU)."""
     b, h, tp = bt.shape
     n = tp // c
-    ch = lambda x: x.reshape(b, h, n, c)  # noqa: E731
+    ch = lambda x: x.reshape(b, h, n, c)
     bb, ss, ii, ee = ch(bt), ch(st), ch(it), ch(et)
     b_end, s_end = bb[..., -1:], ss[..., -1:]
     live = ss == s_end
@@ -148,7 +148,7 @@ def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
     out_shape = [jax.ShapeDtypeStruct((b, h, n, kp, vp), dtype), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     C0 = C0.astype(f32)
     if backend == "mosaic_tpu":
-        blk = lambda d: chunk_block(c, d)  # noqa: E731
+        blk = lambda d: chunk_block(c, d)
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         return pl.pallas_call(
             _states_kernel_tpu, grid=(b, h, n), in_specs=[blk(kp), blk(vp), blk(1), blk(1), whole],
@@ -157,7 +157,7 @@ def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
             compiler_params=tpu_params(interpret, "parallel", "parallel", "arbitrary"), name="mlstm_chunk_states_tpu",
         )(kh, vh, ew, fo, C0)
     bv = min(vp, 64)
-    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))  # noqa: E731
+    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
     vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
     return pl.pallas_call(
         functools.partial(_states_kernel, c=c, n=n), grid=(b, h, vp // bv),
@@ -172,18 +172,18 @@ def _prepare(q, k, v, i, f, resets, chunk):
     b, t, h, dk = q.shape
     n = -(-t // chunk)
     tp = n * chunk
-    padt = lambda x, fill: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)  # noqa: E731
+    padt = lambda x, fill: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
     logf = jax.nn.log_sigmoid(f.astype(jnp.float32))
     cut = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
     # padded tokens at the end: forget gate 1, input gate 0 (log weight NEG); they leave the state as it is
     _, _, bc, seg, _ = prepare_chunks(padt(logf, 0.0)[..., None], None, padt(cut, False), tp, chunk)
     i32 = i.astype(jnp.float32)
     e = jnp.where(cut[..., None], jnp.maximum(i32, logf), i32)  # a reset also brings the fresh m = 0
-    heads = lambda x: jnp.moveaxis(x, 2, 1)  # noqa: E731  [b, t, h, ...] -> [b, h, t, ...]
-    gate = lambda x: heads(x.reshape(b, tp, h))  # noqa: E731
+    heads = lambda x: jnp.moveaxis(x, 2, 1)
+    gate = lambda x: heads(x.reshape(b, tp, h))
     ks = (k.astype(jnp.float32) / math.sqrt(dk)).astype(k.dtype)
     dkp, dvp = _pow2(dk), _pow2(v.shape[-1])
-    seq = lambda x, d: heads(jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])]))  # noqa: E731
+    seq = lambda x, d: heads(jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])]))
     return (seq(q, dkp), seq(ks, dkp), seq(v, dvp), gate(bc), gate(seg.astype(jnp.float32)),
             heads(padt(i32, NEG)), heads(padt(e, NEG)), n)
 
@@ -204,8 +204,8 @@ def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret, backend):
     tpu = backend == "mosaic_tpu"
     m_in, ew, fo, n_in, (n_t, m_t) = chunk_stabilisers(bt, st, it, et, kh, n0.astype(f32), m0.astype(f32), c)
     hs, C_t = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend, dtype=vh.dtype)
-    col = lambda x: x[..., None]  # noqa: E731
-    row = lambda x: x.reshape(b, h, n, 1, c)  # noqa: E731
+    col = lambda x: x[..., None]
+    row = lambda x: x.reshape(b, h, n, 1, c)
     bv, blk, rblk, vblk, params = out_specs(c, vp, interpret=interpret, backend=backend)
     o = pl.pallas_call(
         _out_kernel, grid=(b, h, n, vp // bv),

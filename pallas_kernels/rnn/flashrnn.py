@@ -225,12 +225,12 @@ def fused_rnn(split, R, pp: dict, xp, s0, *, interpret: bool = False):
     names = tuple(sorted(pp))
     check_fits(xp.shape[-1], xp.shape[-2], "cpu" if interpret else _util.platform())
     interpret, backend = _util.resolve(bool(interpret), None)
-    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
     R, xp, s0 = f32(R), f32(xp), f32(s0)
     params = [f32(pp[n]) for n in names]
     bsz, t_len, g, k, d = xp.shape
     bp, dp = _pow2(bsz), _pow2(d)
-    pad = lambda x, widths, value=0.0: jnp.pad(x, widths, constant_values=value)  # noqa: E731
+    pad = lambda x, widths, value=0.0: jnp.pad(x, widths, constant_values=value)
     Rp = pad(R, [(0, 0), (0, dp - d), (0, 0), (0, dp - d)])
     xpp = pad(xp, [(0, bp - bsz), (0, 0), (0, 0), (0, 0), (0, dp - d)])
     s0p = pad(s0, [(0, bp - bsz), (0, 0), (0, 0), (0, dp - d)])

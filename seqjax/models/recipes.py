@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from seqjax.models.lm import LM, LMConfig, layer_names
+from seqjax.models.lm import LM, layer_names
 
 __all__ = [
     "mamba2_from_attention",

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(optim.clip)] if optim.clip > 0 else []
     if optim.grad_noise > 0:
         parts.append(_plain_key_noise(optim.grad_noise, optim.grad_noise_gamma))
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
 
@@ -127,7 +128,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, batch_spec())
         # non-parameter variables (e.g. RNG streams): constants of the run, replicated
         if jax.tree.leaves(abs_rest):
-            only_rest = lambda: nnx.to_pure_dict(nnx.split(self.make_model(), nnx.Param, ...)[2])  # noqa: E731
+            only_rest = lambda: nnx.to_pure_dict(nnx.split(self.make_model(), nnx.Param, ...)[2])
             self._rest_now = jax.jit(only_rest, out_shardings=self.replicated)()
         else:
             self._rest_now = nnx.to_pure_dict(abs_rest)
@@ -200,7 +201,7 @@ class Trainer:
         updates, opt = self.tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {
             "params": keep(new_params, params),
             "opt": keep(opt, state["opt"]),
@@ -222,7 +223,7 @@ class Trainer:
         return ls, ws
 
     def abstract_batch(self, global_batch: int, seq_len: int):
-        i32 = lambda: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=self.batch_sharding)  # noqa: E731
+        i32 = lambda: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=self.batch_sharding)
         f32 = jax.ShapeDtypeStruct((global_batch, seq_len), jnp.float32, sharding=self.batch_sharding)
         return {"inputs": i32(), "targets": i32(), "segment_ids": i32(), "positions": i32(), "weights": f32}
 
@@ -280,12 +281,12 @@ def compiled_info(compiled) -> dict:
         info["total_bytes"] = (
             mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
         )
-    except Exception as e:  # some backends have no memory analysis
+    except (NotImplementedError, AttributeError, RuntimeError) as e:  # some backends have no memory analysis
         log.info("no memory analysis: %s", e)
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         info["flops"] = float(cost.get("flops", 0.0))
-    except Exception as e:
+    except (NotImplementedError, AttributeError, RuntimeError) as e:  # nor a cost analysis
         log.info("no cost analysis: %s", e)
     return info
