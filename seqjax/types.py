@@ -4,7 +4,12 @@ Letters (in shape strings and einsum subscripts):
 
 - ``b`` batch, ``t``/``s`` time (always axis 1 of activations), ``h`` heads,
 - ``k`` key / state-row dim, ``v`` value dim, ``d`` model or channel dim,
-- ``n`` SSM state size, ``c`` chunk length, ``g`` B/C groups (Mamba-2).
+- ``n`` SSM state size, ``c`` chunk length, ``g`` B/C groups and ``p`` head dim (Mamba-2),
+- ``j`` Householder steps per token (DeltaProduct), ``kvh`` key/value heads (GQA).
+
+Signatures read like specs: inputs are ``Float[AnyArray, "b t h k"]`` (JAX or NumPy arrays), outputs
+``Float[Array, "b t h v"]``. A single decode step drops ``t``; parameters without batch or time axes
+(Mamba's ``A [d, n]``) carry only their own letters.
 
 Layouts:
 
@@ -43,6 +48,10 @@ __all__ = [
     "ChannelGate",
     "SegmentIds",
     "Resets",
+    "ResetsLike",
+    "Hidden",
+    "Operator",
+    "Cache",
 ]
 
 PyTree = Any
@@ -55,6 +64,14 @@ ScalarGate = Float[Array, "b t h"]
 ChannelGate = Float[Array, "b t h k"]
 SegmentIds = Int[Array, "b t"]
 Resets = Bool[Array, "b t"]
+#: what the functional forms take as ``resets``: bool (or 0/1) ``[b, t]``, JAX or NumPy
+ResetsLike = Shaped[AnyArray, "b t"]
+#: a sequence layer's input and output ``[batch, time, d_model]``
+Hidden = Float[Array, "b t d"]
+#: a mixer's ``materialize``: the per-head ``[b, heads, T, T]`` linear operator on its value input
+Operator = Float[Array, "b h t t"]
+#: a layer's decode cache: a NamedTuple of arrays (a pytree), ``None`` without one
+Cache = Any
 
 #: Logical axis names. Layers annotate parameters with these (``nnx.with_partitioning``), and
 #: ``seqjax.sharding`` maps each to a mesh axis (or to nothing).

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -28,6 +29,12 @@ LM_FIELDS = dict(num_heads=2, num_kv_heads=1, rope_theta=10000.0, qk_norm=True, 
 
 def _spec(name):
     return mixers.get(name)
+
+
+def _checked(f):
+    """``f`` with its jaxtyping shape annotations checked at each call (beartype, a test extra)."""
+    beartype = pytest.importorskip("beartype")
+    return jaxtyping.jaxtyped(typechecker=beartype.beartype)(f)
 
 
 def _time_slice(spec, inputs, sl):
@@ -105,6 +112,47 @@ def test_parallel_equals_reference(name, t):
         _close(h, h_ref, spec.tol, f"{name}/{impl} h_last")
         g = _loss_and_grads(f, inputs, h0, k3)
         _close(g, g_ref, 10 * spec.tol, f"{name}/{impl} grads")
+
+
+@pytest.mark.parametrize("name", FUNCTIONAL)
+def test_functional_forms_match_their_shape_annotations(name):
+    """fn, recurrent, step and materialize carry jaxtyping shape annotations (``seqjax.types``' legend), and
+    a call checked against them passes: a wrong annotation fails here. The check needs shapes and dtypes
+    only, so the calls are traced (``jax.eval_shape``), never compiled."""
+    spec = _spec(name)
+    forms = [f for f in (spec.fn, spec.recurrent, spec.step, spec.materialize) if f is not None]
+    for f in forms:
+        assert "return" in f.__annotations__, f"{f.__name__} has no shape annotations"
+
+    def traced(form, /, *args, **kw):  # positional-only: mLSTM and LightNet have an input named ``f``
+        return jax.eval_shape(functools.partial(_checked(form), **spec.options), *args, **kw)
+
+    t = 3
+    inputs = spec.make_inputs(jax.random.PRNGKey(12), B, t)
+    resets = jnp.zeros((B, t), bool).at[:, 1].set(True)
+    _, h = traced(spec.recurrent, **inputs, resets=resets)
+    traced(spec.fn, **inputs, h0=h, resets=resets)
+    traced(spec.step, h, **_at(spec, inputs, 0))
+    traced(spec.step, None, **_at(spec, inputs, 0))
+    if spec.materialize is not None:
+        traced(spec.materialize, **inputs)
+
+
+@pytest.mark.parametrize(
+    "name, arg, wrong",
+    [
+        ("gla", "v", lambda v: v[:1]),  # batch 1 against q's 2
+        ("mamba2", "A", lambda a: a[:-1]),  # a parameter: one head short
+        ("lru", "x", lambda x: x[..., None]),  # an extra axis
+    ],
+)
+def test_shape_annotations_reject_a_wrong_shape(name, arg, wrong):
+    """The checked call of the previous test is not vacuous: a wrong shape fails the check before the body."""
+    spec = _spec(name)
+    inputs = spec.make_inputs(jax.random.PRNGKey(13), B, 3)
+    inputs[arg] = wrong(inputs[arg])
+    with pytest.raises(jaxtyping.TypeCheckError):
+        jax.eval_shape(functools.partial(_checked(spec.fn), **spec.options), **inputs)
 
 
 @pytest.mark.parametrize("name", FUNCTIONAL)
@@ -220,7 +268,7 @@ def test_layer_runs_and_decodes(name):
         pytest.fail(f"{name} has no layer")
     layer = spec.layer(24, rngs=nnx.Rngs(0), **{f: LM_FIELDS[f] for f in spec.lm_config})
     x = jax.random.normal(jax.random.PRNGKey(10), (B, 9, 24))
-    y, cache = layer(x)
+    y, cache = _checked(type(layer).__call__)(layer, x)  # and its shape annotations hold
     assert cache is None and y.shape == x.shape
     assert bool(jnp.all(jnp.isfinite(y)))
     cache = layer.init_cache(B, 16)

@@ -46,6 +46,7 @@ from seqjax import _checks
 from seqjax.layer import StateCache, plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear, merge_heads, split_heads
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, PyTree, ResetsLike, SegmentIds
 
 __all__ = ["aaren", "aaren_recurrent", "aaren_associative", "aaren_step", "aaren_materialize", "aaren_make_inputs",
            "Aaren"]
@@ -55,6 +56,10 @@ IMPLS = ("auto", "sequential", "associative")
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+#: the state ``(m [b, h], u [b, h], w [b, h, v])`` float32
+State = tuple[Float[Array, "b h"], Float[Array, "b h"], Float[Array, "b h v"]]
 
 
 def _check_aaren_inputs(q, k, v, h0, resets):
@@ -120,7 +125,15 @@ def _update(state, s, v):
     return m_new, u, w
 
 
-def aaren_recurrent(q, k, v, *, h0=None, resets=None, scale=None):
+def aaren_recurrent(
+    q: Float[AnyArray, "h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    h0: PyTree = None,
+    resets: ResetsLike | None = None,
+    scale=None,
+) -> tuple[Float[Array, "b t h v"], State]:
     """The reference: a float32 ``lax.scan`` of the (m, u, w) cell over time. Returns ``(y, h_last)``."""
     _check_aaren_inputs(q, k, v, h0, resets)
     b, t, h, _ = k.shape
@@ -140,7 +153,15 @@ def aaren_recurrent(q, k, v, *, h0=None, resets=None, scale=None):
     return jnp.moveaxis(ys, 0, 1).astype(v.dtype), h_last
 
 
-def aaren_associative(q, k, v, *, h0=None, resets=None, scale=None):
+def aaren_associative(
+    q: Float[AnyArray, "h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    h0: PyTree = None,
+    resets: ResetsLike | None = None,
+    scale=None,
+) -> tuple[Float[Array, "b t h v"], State]:
     """The parallel form: every prefix state by one segmented ``lax.associative_scan``."""
     _check_aaren_inputs(q, k, v, h0, resets)
     b, t, h, _ = k.shape
@@ -167,7 +188,17 @@ def aaren_associative(q, k, v, *, h0=None, resets=None, scale=None):
     return y.astype(v.dtype), (m[:, -1], u[:, -1], w[:, -1])
 
 
-def aaren(q, k, v, *, h0=None, impl: str = "auto", resets=None, scale=None, negative_eigen: bool = False):
+def aaren(
+    q: Float[AnyArray, "h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    h0: PyTree = None,
+    impl: str = "auto",
+    resets: ResetsLike | None = None,
+    scale=None,
+    negative_eigen: bool = False,
+) -> tuple[Float[Array, "b t h v"], State]:
     """Aaren's many-to-many attention with the learned query ``q``; ``impl`` in ``IMPLS``.
 
     Returns ``(y [b, t, h, v], (m, u, w))``; ``"auto"`` is the associative scan.
@@ -179,7 +210,14 @@ def aaren(q, k, v, *, h0=None, impl: str = "auto", resets=None, scale=None, nega
     return aaren_associative(q, k, v, h0=h0, resets=resets, scale=scale)
 
 
-def aaren_step(h, q, k, v, *, scale=None):
+def aaren_step(
+    h: PyTree,
+    q: Float[AnyArray, "h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    *,
+    scale=None,
+) -> tuple[Float[Array, "b h v"], State]:
     """One token: ``k [b, h, k]``, ``v [b, h, v]``; ``h=None`` is the empty state. O(1) memory."""
     b, nh, dk = k.shape
     state = _init(h, b, nh, v.shape[-1])
@@ -189,7 +227,13 @@ def aaren_step(h, q, k, v, *, scale=None):
     return (w / u[..., None]).astype(v.dtype), state
 
 
-def aaren_materialize(q, k, v, *, scale=None):
+def aaren_materialize(
+    q: Float[AnyArray, "h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    scale=None,
+) -> Operator:
     """``[b, h, T, T]``: the causal softmax attention matrix of the query ``q`` (``y = M v``)."""
     del v
     s = _scores(q, k, scale)  # [b, t, h]
@@ -220,7 +264,9 @@ class Aaren(nnx.Module):
         self.v_proj = Linear(d_model, inner, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
         self.o_proj = Linear(inner, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
         k = split_heads(self.k_proj(x), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)

@@ -30,6 +30,7 @@ from seqjax import _checks
 from seqjax.attention.attention import Attention, SlidingWindowAttention
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops.attention import attention, make_mask
+from seqjax.types import AnyArray, Array, Float, Operator, ResetsLike
 
 __all__ = [
     "KVState", "causal_attention", "causal_attention_recurrent", "causal_attention_step",
@@ -68,7 +69,18 @@ def _check_causal_attention_inputs(q, k, v, h0, resets, window):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
 
 
-def causal_attention(q, k, v, *, h0=None, resets=None, impl="auto", window=None, scale=None, negative_eigen=False):
+def causal_attention(
+    q: Float[AnyArray, "b t h d"],
+    k: Float[AnyArray, "b t kvh d"],
+    v: Float[AnyArray, "b t kvh d"],
+    *,
+    h0: KVState | None = None,
+    resets: ResetsLike | None = None,
+    impl="auto",
+    window=None,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h d"], KVState]:
     """Causal (windowed, packed) softmax attention continuing from the keys and values in ``h0``.
 
     Returns ``(y [b, t, heads, d] in q's dtype, KVState)``: ``h_last`` holds ``h0``'s keys and values
@@ -94,18 +106,42 @@ def causal_attention(q, k, v, *, h0=None, resets=None, impl="auto", window=None,
     return y, KVState(keys[:, s + t - keep :], values[:, s + t - keep :], live[:, s + t - keep :])
 
 
-def causal_attention_recurrent(q, k, v, *, h0=None, resets=None, window=None, scale=None):
+def causal_attention_recurrent(
+    q: Float[AnyArray, "b t h d"],
+    k: Float[AnyArray, "b t kvh d"],
+    v: Float[AnyArray, "b t kvh d"],
+    *,
+    h0: KVState | None = None,
+    resets: ResetsLike | None = None,
+    window=None,
+    scale=None,
+) -> tuple[Float[Array, "b t h d"], KVState]:
     """The reference: the plain float32 softmax (``seqjax.ops.attention.attention_reference``)."""
     return causal_attention(q, k, v, h0=h0, resets=resets, impl="sequential", window=window, scale=scale)
 
 
-def causal_attention_step(h, q, k, v, *, window=None, scale=None):
+def causal_attention_step(
+    h: KVState | None,
+    q: Float[AnyArray, "b h d"],
+    k: Float[AnyArray, "b kvh d"],
+    v: Float[AnyArray, "b kvh d"],
+    *,
+    window=None,
+    scale=None,
+) -> tuple[Float[Array, "b h d"], KVState]:
     """One token (``q [b, heads, d]``, ``k, v [b, kv_heads, d]``) attending to the keys in ``h`` and itself."""
     y, h = causal_attention_recurrent(q[:, None], k[:, None], v[:, None], h0=h, window=window, scale=scale)
     return y[:, 0], h
 
 
-def causal_attention_materialize(q, k, v, *, window=None, scale=None):
+def causal_attention_materialize(
+    q: Float[AnyArray, "b t h d"],
+    k: Float[AnyArray, "b t kvh d"],
+    v: Float[AnyArray, "b t kvh d"],
+    *,
+    window=None,
+    scale=None,
+) -> Operator:
     """``[b, heads, T, T]``: the causal (windowed) softmax probabilities, ``y = M v`` per head (``h0`` empty;
     with GQA, ``v`` repeated to the query heads)."""
     del v

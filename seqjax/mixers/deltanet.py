@@ -53,6 +53,7 @@ from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import GatedRMSNorm, Linear, RMSNorm, ShortConv, l2_normalize
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import delta as E
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, ResetsLike, SegmentIds
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
 
@@ -74,8 +75,18 @@ def _beta(beta, negative_eigen):
 
 
 def delta_rule(
-    q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.0, impl="auto", chunk_size=64
-):
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    log_alpha: Float[AnyArray, "b t h"] | None = None,
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    scale=1.0,
+    impl="auto",
+    chunk_size=64,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Dispatch the (gated) delta rule to an impl (inputs validated by the caller).
 
     ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) on a GPU once its current forward has passed
@@ -102,7 +113,19 @@ def delta_rule(
 # ----------------------------------------------------------------------------- DeltaNet
 
 
-def deltanet(q, k, v, beta, *, h0=None, impl="auto", resets=None, negative_eigen=False, scale=1.0, chunk_size=64):
+def deltanet(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
+    chunk_size=64,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """DeltaNet, parallel form: ``(o [b, t, h, dv], h_last [b, h, dk, dv])``. ``impl``: ``"auto"``
     (= ``"chunked"``), ``"sequential"`` (the reference), ``"chunked"`` (WY/UT), ``"pallas"``."""
     E.check_delta_inputs(q, k, v, beta, None, h0, resets)
@@ -110,18 +133,46 @@ def deltanet(q, k, v, beta, *, h0=None, impl="auto", resets=None, negative_eigen
     return delta_rule(q, k, v, beta, None, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
 
 
-def deltanet_recurrent(q, k, v, beta, *, h0=None, resets=None, negative_eigen=False, scale=1.0):
+def deltanet_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Reference: ``S_t = (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``."""
     E.check_delta_inputs(q, k, v, beta, None, h0, resets)
     return E.recurrent_delta_rule(q, k, v, _beta(beta, negative_eigen), h0=h0, resets=resets, scale=scale)
 
 
-def deltanet_step(h, q, k, v, beta, *, negative_eigen=False, scale=1.0):
+def deltanet_step(
+    h: Float[AnyArray, "b h k v"] | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    beta: Float[AnyArray, "b h"],
+    *,
+    negative_eigen=False,
+    scale=1.0,
+) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     """One token (``q, k [b, h, dk]``, ``v [b, h, dv]``, ``beta [b, h]``) -> ``(o_t, h)``."""
     return E.step_delta_rule(h, q, k, v, _beta(beta, negative_eigen), scale=scale)
 
 
-def deltanet_materialize(q, k, v, beta, *, resets=None, negative_eigen=False, scale=1.0):
+def deltanet_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    *,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
+) -> Operator:
     """``M [b, h, T, T]`` with ``o = M v``: ``M[t, s] = scale q_tᵀ (prod_{r=s+1..t} (I - beta_r k_r k_rᵀ)) beta_s k_s``."""
     E.check_delta_inputs(q, k, v, beta, None, None, resets)
     return E.materialize_delta_rule(q, k, _beta(beta, negative_eigen), resets=resets, scale=scale)
@@ -131,26 +182,68 @@ def deltanet_materialize(q, k, v, beta, *, resets=None, negative_eigen=False, sc
 
 
 def gated_deltanet(
-    q, k, v, beta, log_alpha, *, h0=None, impl="auto", resets=None, negative_eigen=False, scale=1.0, chunk_size=64
-):
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    log_alpha: Float[AnyArray, "b t h"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
+    chunk_size=64,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Gated DeltaNet, parallel form; ``log_alpha [b, t, h]`` (``<= 0``, log of the per-head decay)."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets)
     beta = _beta(beta, negative_eigen)
     return delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
 
 
-def gated_deltanet_recurrent(q, k, v, beta, log_alpha, *, h0=None, resets=None, negative_eigen=False, scale=1.0):
+def gated_deltanet_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    log_alpha: Float[AnyArray, "b t h"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Reference: ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets)
     beta = _beta(beta, negative_eigen)
     return E.recurrent_delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale)
 
 
-def gated_deltanet_step(h, q, k, v, beta, log_alpha, *, negative_eigen=False, scale=1.0):
+def gated_deltanet_step(
+    h: Float[AnyArray, "b h k v"] | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    beta: Float[AnyArray, "b h"],
+    log_alpha: Float[AnyArray, "b h"],
+    *,
+    negative_eigen=False,
+    scale=1.0,
+) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     return E.step_delta_rule(h, q, k, v, _beta(beta, negative_eigen), log_alpha, scale=scale)
 
 
-def gated_deltanet_materialize(q, k, v, beta, log_alpha, *, resets=None, negative_eigen=False, scale=1.0):
+def gated_deltanet_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    beta: Float[AnyArray, "b t h"],
+    log_alpha: Float[AnyArray, "b t h"],
+    *,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
+) -> Operator:
     """``M[t, s] = scale q_tᵀ (prod_{r=s+1..t} alpha_r (I - beta_r k_r k_rᵀ)) beta_s k_s``."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, None, resets)
     return E.materialize_delta_rule(q, k, _beta(beta, negative_eigen), log_alpha, resets=resets, scale=scale)
@@ -173,9 +266,19 @@ def _micro_tokens(q, k, v, beta, log_alpha, resets):
 
 
 def deltaproduct(
-    q, k, v, beta, log_alpha=None, *, h0=None, impl="auto", resets=None, negative_eigen=False, scale=1.0,
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h j k"],
+    v: Float[AnyArray, "b t h j v"],
+    beta: Float[AnyArray, "b t h j"],
+    log_alpha: Float[AnyArray, "b t h"] | None = None,
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
     chunk_size=64,
-):  # fmt: skip
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """DeltaProduct, parallel form: ``k [b, t, h, n_h, dk]``, ``v [b, t, h, n_h, dv]``,
     ``beta [b, t, h, n_h]``, optional gate ``log_alpha [b, t, h]``; ``chunk_size`` counts micro-tokens."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets, householder=True)
@@ -185,7 +288,18 @@ def deltaproduct(
     return o.reshape(b, t, n, h, -1)[:, :, -1], h_last
 
 
-def deltaproduct_recurrent(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, negative_eigen=False, scale=1.0):
+def deltaproduct_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h j k"],
+    v: Float[AnyArray, "b t h j v"],
+    beta: Float[AnyArray, "b t h j"],
+    log_alpha: Float[AnyArray, "b t h"] | None = None,
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Reference, token by token: ``n_h`` Householder updates then one read-out per token."""
     E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets, householder=True)
     beta = jnp.asarray(_beta(beta, negative_eigen), jnp.float32)
@@ -209,7 +323,17 @@ def deltaproduct_recurrent(q, k, v, beta, log_alpha=None, *, h0=None, resets=Non
     return jnp.moveaxis(o, 0, 1).astype(dtype), S
 
 
-def deltaproduct_step(h, q, k, v, beta, log_alpha=None, *, negative_eigen=False, scale=1.0):
+def deltaproduct_step(
+    h: Float[AnyArray, "b h k v"] | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h j k"],
+    v: Float[AnyArray, "b h j v"],
+    beta: Float[AnyArray, "b h j"],
+    log_alpha: Float[AnyArray, "b h"] | None = None,
+    *,
+    negative_eigen=False,
+    scale=1.0,
+) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     """One token: ``k [b, h, n_h, dk]``, ``v [b, h, n_h, dv]``, ``beta [b, h, n_h]`` -> ``(o_t, h)``."""
     beta = _beta(beta, negative_eigen)
     n = k.shape[2]
@@ -219,7 +343,17 @@ def deltaproduct_step(h, q, k, v, beta, log_alpha=None, *, negative_eigen=False,
     return o, h
 
 
-def deltaproduct_materialize(q, k, v, beta, log_alpha=None, *, resets=None, negative_eigen=False, scale=1.0):
+def deltaproduct_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h j k"],
+    v: Float[AnyArray, "b t h j v"],
+    beta: Float[AnyArray, "b t h j"],
+    log_alpha: Float[AnyArray, "b t h"] | None = None,
+    *,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+    scale=1.0,
+) -> Float[Array, "b h t t j"]:
     """``M [b, h, T, T, n_h]`` with ``o = einsum("bhtsj,bshjv->bthv", M, v)``: the operator on each
     token's ``n_h`` values (the micro-token operator read at each token's last micro-step): ``T x T``
     per Householder step ``j`` (the contract test sums over ``j``)."""
@@ -308,7 +442,9 @@ class DeltaRuleLayer(nnx.Module):
             convs = [jnp.zeros((batch_size, self.conv_size - 1, dim), self.dtype) for dim in (h * dk, h * n * dk, h * n * dv)]
         return DeltaCache(jnp.zeros((batch_size, h, dk, dv), jnp.float32), *convs)
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
         b, t, _ = x.shape
         h, n, dk, dv = self.num_heads, self.n, self.dk, self.dv

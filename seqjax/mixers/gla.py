@@ -31,6 +31,7 @@ from seqjax.layer import StateCache, plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import gla as eng
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, ResetsLike, SegmentIds
 
 __all__ = [
     "gla", "gla_recurrent", "gla_step", "gla_materialize",
@@ -68,7 +69,19 @@ def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
 # ----------------------------------------------------------------------------- GLA
 
 
-def gla(q, k, v, log_decay, *, h0=None, resets=None, impl="auto", chunk_size=64, scale=None, negative_eigen=False):
+def gla(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    log_decay: Float[AnyArray, "b t h k"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    impl="auto",
+    chunk_size=64,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """GLA: ``S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T``, ``y_t = S_t^T (s q_t)``.
 
     ``log_decay`` ``[b, t, h, dk]`` per channel. Returns ``(y [b, t, h, dv], S_T [b, h, dk, dv])``.
@@ -78,12 +91,31 @@ def gla(q, k, v, log_decay, *, h0=None, resets=None, impl="auto", chunk_size=64,
     return _run(q, k, v, log_decay, h0=h0, resets=resets, impl=impl, chunk_size=chunk_size, scale=scale)
 
 
-def gla_recurrent(q, k, v, log_decay, *, h0=None, resets=None, scale=None, negative_eigen=False):
+def gla_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    log_decay: Float[AnyArray, "b t h k"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Reference: float32 ``lax.scan`` of ``S_t = diag(α_t) S_{t-1} + k_t v_t^T; y_t = S_t^T s q_t``."""
     return gla(q, k, v, log_decay, h0=h0, resets=resets, impl="sequential", scale=scale, negative_eigen=negative_eigen)
 
 
-def gla_step(h, q, k, v, log_decay, *, scale=None, negative_eigen=False):
+def gla_step(
+    h: Float[AnyArray, "b h k v"] | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    log_decay: Float[AnyArray, "b h k"],
+    *,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     """One token: ``q, k [b, h, dk]``, ``v [b, h, dv]``, ``log_decay [b, h, dk]`` -> ``(y_t, S)``."""
     _checks.check_no_negative_eigen("gla", negative_eigen)
     y, s = eng.step_gla(h, q * _scale(q, scale), k, v, log_decay)
@@ -103,7 +135,15 @@ def _materialize(q, k, g, scale):
     return jnp.einsum("bthk,bshk,btshk->bhts", q, k.astype(jnp.float32), d)
 
 
-def gla_materialize(q, k, v, log_decay, *, scale=None, negative_eigen=False):
+def gla_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    log_decay: Float[AnyArray, "b t h k"],
+    *,
+    scale=None,
+    negative_eigen=False,
+) -> Operator:
     """GLA as a ``[b, h, T, T]`` operator on ``v`` (``h0 = 0``)."""
     del v
     _checks.check_no_negative_eigen("gla", negative_eigen)
@@ -139,18 +179,46 @@ def _retnet_g(q):
     return jnp.broadcast_to(retnet_decays(h)[None, None, :], (b, t, h))
 
 
-def retnet(q, k, v, *, h0=None, resets=None, impl="auto", chunk_size=64, scale=None, negative_eigen=False):
+def retnet(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    impl="auto",
+    chunk_size=64,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Retention: ``S_t = γ_h S_{t-1} + k_t v_t^T``, ``y_t = S_t^T s q_t`` (GLA with a fixed per-head decay)."""
     _checks.check_no_negative_eigen("retnet", negative_eigen)
     _checks.check_ndim("q", q, 4, "[batch, time, heads, key_dim]")
     return _run(q, k, v, _retnet_g(q), h0=h0, resets=resets, impl=impl, chunk_size=chunk_size, scale=scale)
 
 
-def retnet_recurrent(q, k, v, *, h0=None, resets=None, scale=None, negative_eigen=False):
+def retnet_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     return retnet(q, k, v, h0=h0, resets=resets, impl="sequential", scale=scale, negative_eigen=negative_eigen)
 
 
-def retnet_step(h, q, k, v, *, scale=None, negative_eigen=False):
+def retnet_step(
+    h: Float[AnyArray, "b h k v"] | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    *,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     _checks.check_no_negative_eigen("retnet", negative_eigen)
     b, hh, _ = q.shape
     g = jnp.broadcast_to(retnet_decays(hh)[None], (b, hh))
@@ -158,28 +226,70 @@ def retnet_step(h, q, k, v, *, scale=None, negative_eigen=False):
     return y.astype(v.dtype), s
 
 
-def retnet_materialize(q, k, v, *, scale=None, negative_eigen=False):
+def retnet_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    scale=None,
+    negative_eigen=False,
+) -> Operator:
     del v, negative_eigen
     return _materialize(q, k, _retnet_g(q), scale)
 
 
-def linear_attention(q, k, v, *, h0=None, resets=None, impl="auto", chunk_size=64, scale=None, negative_eigen=False):
+def linear_attention(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    impl="auto",
+    chunk_size=64,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Linear attention: ``S_t = S_{t-1} + k_t v_t^T``, ``y_t = S_t^T s q_t`` (GLA with decay 1)."""
     _checks.check_no_negative_eigen("linear_attention", negative_eigen)
     return _run(q, k, v, None, h0=h0, resets=resets, impl=impl, chunk_size=chunk_size, scale=scale)
 
 
-def linear_attention_recurrent(q, k, v, *, h0=None, resets=None, scale=None, negative_eigen=False):
+def linear_attention_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    h0: Float[AnyArray, "b h k v"] | None = None,
+    resets: ResetsLike | None = None,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     return linear_attention(q, k, v, h0=h0, resets=resets, impl="sequential", scale=scale, negative_eigen=negative_eigen)
 
 
-def linear_attention_step(h, q, k, v, *, scale=None, negative_eigen=False):
+def linear_attention_step(
+    h: Float[AnyArray, "b h k v"] | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    *,
+    scale=None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     _checks.check_no_negative_eigen("linear_attention", negative_eigen)
     y, s = eng.step_gla(h, q * _scale(q, scale), k, v, None)
     return y.astype(v.dtype), s
 
 
-def linear_attention_materialize(q, k, v, *, scale=None, negative_eigen=False):
+def linear_attention_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    *,
+    scale=None,
+    negative_eigen=False,
+) -> Operator:
     del v, negative_eigen
     return _materialize(q, k, None, scale)
 
@@ -226,7 +336,9 @@ class _GatedLinearAttentionLayer(nnx.Module):
         """The log decay: per channel ``[b, t, h, dk]``, per head ``[b, t, h]``, or ``None`` (no decay)."""
         return None
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         h = self.num_heads
         q = nn.split_heads(self.q_proj(x), h)
         k = nn.split_heads(self.k_proj(x), h)

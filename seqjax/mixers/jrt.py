@@ -53,6 +53,7 @@ from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear, merge_heads, split_heads
 from seqjax.scan import linear_scan
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, PyTree, ResetsLike, SegmentIds
 
 __all__ = ["jrt", "jrt_recurrent", "jrt_chunked", "jrt_step", "jrt_materialize", "jrt_make_inputs",
            "taylor_feature_map", "JRTCache", "JRT"]
@@ -61,6 +62,10 @@ IMPLS = ("auto", "sequential", "chunked")
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+#: the state ``(S [b, h, k, v], z [b, h, k])`` float32
+State = tuple[Float[Array, "b h k v"], Float[Array, "b h k"]]
 
 
 def _check_jrt_inputs(q, k, v, k_enc, v_enc, h0, resets, prefix_len):
@@ -122,7 +127,19 @@ def _readout(num, den, normalize, eps):
 # ----------------------------------------------------------------------------- reference
 
 
-def jrt_recurrent(q, k, v, k_enc=None, v_enc=None, *, h0=None, resets=None, prefix_len=0, normalize=True, eps=1e-6):
+def jrt_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    k_enc: Float[AnyArray, "b t h k"] | None = None,
+    v_enc: Float[AnyArray, "b t h v"] | None = None,
+    *,
+    h0: PyTree = None,
+    resets: ResetsLike | None = None,
+    prefix_len=0,
+    normalize=True,
+    eps=1e-6,
+) -> tuple[Float[Array, "b t h v"], State]:
     """The reference: a reverse ``lax.scan`` sums each document's prefix ``(E, e)``; a forward one runs
     ``S_t = [t starts a document ? E : S_{t-1}] + k_t v_t^T``, ``y_t = q_t S_t / (q_t z_t + eps)``."""
     _check_jrt_inputs(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
@@ -186,8 +203,19 @@ def _la_chunked(q, k, v, h0, cut, chunk_size):
 
 
 def jrt_chunked(
-    q, k, v, k_enc=None, v_enc=None, *, h0=None, resets=None, prefix_len=0, normalize=True, eps=1e-6, chunk_size=64
-):
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    k_enc: Float[AnyArray, "b t h k"] | None = None,
+    v_enc: Float[AnyArray, "b t h v"] | None = None,
+    *,
+    h0: PyTree = None,
+    resets: ResetsLike | None = None,
+    prefix_len=0,
+    normalize=True,
+    eps=1e-6,
+    chunk_size=64,
+) -> tuple[Float[Array, "b t h v"], State]:
     """The parallel form: causal chunked linear attention on ``(k, v)`` from ``h0``, plus the prefix
     term ``sum_{j in prefix(doc(t))} (q_t . k~_j) v~_j`` as a causal + strictly anti-causal pass."""
     _check_jrt_inputs(q, k, v, k_enc, v_enc, h0, resets, prefix_len)
@@ -210,8 +238,22 @@ def jrt_chunked(
     return y.astype(out_dtype), (h[..., :-1], h[..., -1])
 
 
-def jrt(q, k, v, k_enc=None, v_enc=None, *, h0=None, impl="auto", resets=None, prefix_len=0, normalize=True, eps=1e-6,
-        chunk_size=64, negative_eigen: bool = False):
+def jrt(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    k_enc: Float[AnyArray, "b t h k"] | None = None,
+    v_enc: Float[AnyArray, "b t h v"] | None = None,
+    *,
+    h0: PyTree = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    prefix_len=0,
+    normalize=True,
+    eps=1e-6,
+    chunk_size=64,
+    negative_eigen: bool = False,
+) -> tuple[Float[Array, "b t h v"], State]:
     """JRT prefix linear attention; ``impl`` in ``IMPLS`` (``"auto"`` is chunked). Returns ``(y, (S, z))``."""
     _checks.check_no_negative_eigen("jrt", negative_eigen)
     _checks.check_choice("impl", impl, IMPLS)
@@ -221,7 +263,18 @@ def jrt(q, k, v, k_enc=None, v_enc=None, *, h0=None, impl="auto", resets=None, p
     return jrt_chunked(q, k, v, k_enc, v_enc, chunk_size=chunk_size, **kw)
 
 
-def jrt_step(h, q, k, v, k_enc=None, v_enc=None, *, prefix_len=0, normalize=True, eps=1e-6):
+def jrt_step(
+    h: PyTree,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    k_enc: Float[AnyArray, "b h k"] | None = None,
+    v_enc: Float[AnyArray, "b h v"] | None = None,
+    *,
+    prefix_len=0,
+    normalize=True,
+    eps=1e-6,
+) -> tuple[Float[Array, "b h v"], State]:
     """One decoder token after the prefix (``q, k [b, h, k]``, ``v [b, h, v]``): causal linear attention.
     ``k_enc``, ``v_enc`` and ``prefix_len`` are accepted for a uniform signature and unused."""
     del k_enc, v_enc, prefix_len
@@ -234,7 +287,17 @@ def jrt_step(h, q, k, v, k_enc=None, v_enc=None, *, prefix_len=0, normalize=True
     return y.astype(v.dtype), (s, z)
 
 
-def jrt_materialize(q, k, v, k_enc=None, *, prefix_len=0, normalize=True, eps=1e-6, resets=None):
+def jrt_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    k_enc: Float[AnyArray, "b t h k"] | None = None,
+    *,
+    prefix_len=0,
+    normalize=True,
+    eps=1e-6,
+    resets: ResetsLike | None = None,
+) -> Operator:
     """``[b, h, T, T]`` operator on ``v`` (with ``v_enc = v``, ``h0 = 0``): ``M[t, j] = (q_t.k_j [j <= t,
     same document] + q_t.k~_j [j in the prefix of t's document]) / (q_t z_t + eps)``."""
     b, t = q.shape[:2]
@@ -282,7 +345,9 @@ class JRT(nnx.Module):
         self.v_enc_proj = Linear(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
         self.o_proj = Linear(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, *, segment_ids=None, cache=None, prefix_len: int | None = None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None, prefix_len: int | None = None
+    ) -> tuple[Hidden, Cache]:
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
         prefix_len = self.prefix_len if prefix_len is None else prefix_len
         nh = self.num_heads

@@ -54,6 +54,7 @@ from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import GatedRMSNorm, Linear, merge_heads, split_heads
 from seqjax.scan import linear_scan
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, PyTree, ResetsLike, SegmentIds
 
 __all__ = [
     "lightnet", "lightnet_recurrent", "lightnet_chunked", "lightnet_step", "lightnet_materialize",
@@ -62,6 +63,10 @@ __all__ = [
 
 NEG = -1e30
 IMPLS = ("auto", "sequential", "chunked")
+
+
+#: the state ``(s [b, h, k, v], z [b, h, k])`` float32 (``z``: the running log-sum-exp of ``f``)
+State = tuple[Float[Array, "b h k v"], Float[Array, "b h k"]]
 
 
 def _check_lightnet_inputs(q, k, v, f, h0, resets):
@@ -102,7 +107,15 @@ def _cell(state, q_t, k_t, v_t, f_t):
     return (s, z_new), jnp.einsum("bhk,bhkv->bhv", q_t, s)
 
 
-def lightnet_recurrent(q, k, v, f, *, h0=None, resets=None):
+def lightnet_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    f: Float[AnyArray, "b t h k"],
+    *,
+    h0: PyTree = None,
+    resets: ResetsLike | None = None,
+) -> tuple[Float[Array, "b t h v"], State]:
     """The reference ``lax.scan``: ``z_t = logaddexp(z_{t-1}, f_t)``,
     ``s_t = e^{z_{t-1}-z_t} s_{t-1} + e^{f_t-z_t} k_t v_t^T``, ``o_t = q_t s_t``."""
     _check_lightnet_inputs(q, k, v, f, h0, resets)
@@ -121,7 +134,13 @@ def lightnet_recurrent(q, k, v, f, *, h0=None, resets=None):
     return jnp.moveaxis(ys, 0, 1).astype(v.dtype), h_last
 
 
-def lightnet_step(h, q, k, v, f):
+def lightnet_step(
+    h: PyTree,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    f: Float[AnyArray, "b h k"],
+) -> tuple[Float[Array, "b h v"], State]:
     """One token (``q, k, f [b, h, K]``, ``v [b, h, V]``); ``h=None`` is the empty state."""
     b, nh, dk = q.shape
     state, y = _cell(_init(h, b, nh, dk, v.shape[-1]), *_f32(q, k, v, f))
@@ -145,7 +164,16 @@ def _log_cumsum_exp(f, z0, r):
     return jnp.where(seen, z, jnp.logaddexp(z0[:, None], z))
 
 
-def lightnet_chunked(q, k, v, f, *, h0=None, resets=None, chunk_size=16):
+def lightnet_chunked(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    f: Float[AnyArray, "b t h k"],
+    *,
+    h0: PyTree = None,
+    resets: ResetsLike | None = None,
+    chunk_size=16,
+) -> tuple[Float[Array, "b t h v"], State]:
     """Chunkwise-parallel form (see module docstring). Returns ``(y, (s, z))``."""
     _check_lightnet_inputs(q, k, v, f, h0, resets)
     b, t, h, dk = q.shape
@@ -191,7 +219,18 @@ def lightnet_chunked(q, k, v, f, *, h0=None, resets=None, chunk_size=16):
     return y.reshape(b, n * c, h, dv)[:, :t].astype(out_dtype), (s_last, z_last)
 
 
-def lightnet(q, k, v, f, *, h0=None, impl="auto", resets=None, chunk_size=16, negative_eigen: bool = False):
+def lightnet(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    f: Float[AnyArray, "b t h k"],
+    *,
+    h0: PyTree = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    chunk_size=16,
+    negative_eigen: bool = False,
+) -> tuple[Float[Array, "b t h v"], State]:
     """LightNet's additive recurrence; ``impl`` in ``IMPLS`` (``"auto"`` is chunked)."""
     _checks.check_no_negative_eigen("lightnet", negative_eigen)
     _checks.check_choice("impl", impl, IMPLS)
@@ -200,7 +239,12 @@ def lightnet(q, k, v, f, *, h0=None, impl="auto", resets=None, chunk_size=16, ne
     return lightnet_chunked(q, k, v, f, h0=h0, resets=resets, chunk_size=chunk_size)
 
 
-def lightnet_materialize(q, k, v, f):
+def lightnet_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    f: Float[AnyArray, "b t h k"],
+) -> Operator:
     """``[b, h, T, T]``: ``M[t, j] = sum_i q_t[i] k_j[i] e^{f_j[i] - z_t[i]}`` for ``j <= t`` (``h0 = 0``)."""
     del v
     q, k, f = _f32(q, k, f)
@@ -312,7 +356,9 @@ class LightNet(nnx.Module):
             q, k, f = md_lrpe(q, ang), md_lrpe(k, ang), jnp.concatenate([f, f], axis=-1)
         return q, k, f
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
         b, t, _ = x.shape
         if self.grid is not None:

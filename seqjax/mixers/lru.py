@@ -46,6 +46,7 @@ from seqjax.mixers import _ssm
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear, ShortConv
 from seqjax.scan import linear_scan
+from seqjax.types import AnyArray, Array, Cache, Complex, Float, Hidden, Inexact, ResetsLike, SegmentIds
 
 __all__ = ["lru", "lru_recurrent", "lru_step", "lru_materialize", "lru_make_inputs", "lru_ring_init", "LRU",
            "rglru", "rglru_recurrent", "rglru_step", "rglru_materialize", "rglru_make_inputs", "sqrt_bounded",
@@ -85,7 +86,18 @@ def _lru_out(C, D, hs, x):
     return y + d * x.astype(jnp.float32)
 
 
-def lru_recurrent(x, nu_log, theta_log, B, C, D, *, h0=None, resets=None, negative_eigen=False):
+def lru_recurrent(
+    x: Float[AnyArray, "b t d"],
+    nu_log: Float[AnyArray, " n"],
+    theta_log: Float[AnyArray, " n"],
+    B: Complex[AnyArray, "n d"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Inexact[AnyArray, "b n"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Complex[Array, "b n"]]:
     """The reference: ``lax.scan`` of ``h_t = λ h_{t-1} + γ B x_t``, ``y_t = Re(C h_t) + D x_t``."""
     _check_lru_inputs(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen)
     return _lru_recurrent(x, nu_log, theta_log, B, C, D, h0, resets)
@@ -117,21 +129,52 @@ def _lru_scan(x, nu_log, theta_log, B, C, D, h0, resets, impl):
     return _lru_out(C, D, hs, x).astype(x.dtype), h_last
 
 
-def lru(x, nu_log, theta_log, B, C, D, *, h0=None, impl="auto", resets=None, negative_eigen=False):
+def lru(
+    x: Float[AnyArray, "b t d"],
+    nu_log: Float[AnyArray, " n"],
+    theta_log: Float[AnyArray, " n"],
+    B: Complex[AnyArray, "n d"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Inexact[AnyArray, "b n"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Complex[Array, "b n"]]:
     """LRU, functional: ``(y [b, t, H], h_last [b, N] complex64)`` through the scan engine."""
     _checks.check_choice("impl", impl, IMPLS)
     _check_lru_inputs(x, nu_log, theta_log, B, C, D, h0, resets, negative_eigen)
     return _lru_scan(x, nu_log, theta_log, B, C, D, h0, _ssm.resets_or_none(resets), impl)
 
 
-def lru_materialize(x, nu_log, theta_log, B, C, D, *, negative_eigen=False):
+def lru_materialize(
+    x: Float[AnyArray, "b t d"],
+    nu_log: Float[AnyArray, " n"],
+    theta_log: Float[AnyArray, " n"],
+    B: Complex[AnyArray, "n d"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> Float[Array, "b t t d d"]:
     """``M [b, T, T, H_out, H_in]``: the MIMO operator ``y_t = Σ_s M[t, s] x_s`` (``h0 = 0``)."""
     _check_lru_inputs(x, nu_log, theta_log, B, C, D, None, None, negative_eigen)
     log_lam, gb = _lru_coeffs(nu_log, theta_log, B)
     return _ssm.mimo_toeplitz(x, log_lam, C.astype(jnp.complex64), gb, D)
 
 
-def lru_step(h, x, nu_log, theta_log, B, C, D, *, negative_eigen=False):
+def lru_step(
+    h: Inexact[AnyArray, "b n"] | None,
+    x: Float[AnyArray, "b d"],
+    nu_log: Float[AnyArray, " n"],
+    theta_log: Float[AnyArray, " n"],
+    B: Complex[AnyArray, "n d"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b d"], Complex[Array, "b n"]]:
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, N]`` (``None``: zeros) -> ``(y [b, H], h)``."""
     _check_lru_inputs(x, nu_log, theta_log, B, C, D, h, None, negative_eigen, step=True)
     y, h = _lru_recurrent(x[:, None], nu_log, theta_log, B, C, D, h, None)
@@ -184,7 +227,9 @@ class LRU(nnx.Module):
         self.D = nnx.Param(jax.random.normal(rngs.params(), (d_model,)), out_sharding=("mlp",))
         self.out_proj = Linear(d_model, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         p = plan(x, segment_ids=segment_ids, cache=cache)
         y, h = lru(x.astype(self.dtype), self.nu_log[...], self.theta_log[...],
                    self.b_re[...] + 1j * self.b_im[...], self.c_re[...] + 1j * self.c_im[...], self.D[...],
@@ -240,7 +285,16 @@ def _starts(x, h0, resets):
     return starts
 
 
-def rglru_recurrent(x, gate_x, gate_a, a_param, *, h0=None, resets=None, negative_eigen=False):
+def rglru_recurrent(
+    x: Float[AnyArray, "b t d"],
+    gate_x: Float[AnyArray, "b t d"],
+    gate_a: Float[AnyArray, "b t d"],
+    a_param: Float[AnyArray, " d"],
+    *,
+    h0: Float[AnyArray, "b d"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Float[Array, "b d"]]:
     """The reference: ``lax.scan`` of ``h_t = a_t h_{t-1} + sqrt(1 - a_t²) (i_t x_t)``; ``y = h``."""
     _check_rglru_inputs(x, gate_x, gate_a, a_param, h0, resets, negative_eigen)
     return _rglru_recurrent(x, gate_x, gate_a, a_param, h0, _starts(x, h0, resets))
@@ -267,14 +321,32 @@ def _rglru_scan(x, gate_x, gate_a, a_param, h0, starts, impl):
     return hs.astype(x.dtype), h_last
 
 
-def rglru(x, gate_x, gate_a, a_param, *, h0=None, impl="auto", resets=None, negative_eigen=False):
+def rglru(
+    x: Float[AnyArray, "b t d"],
+    gate_x: Float[AnyArray, "b t d"],
+    gate_a: Float[AnyArray, "b t d"],
+    a_param: Float[AnyArray, " d"],
+    *,
+    h0: Float[AnyArray, "b d"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Float[Array, "b d"]]:
     """RG-LRU, functional: ``(y [b, t, d], h_last [b, d])``; ``gate_x``, ``gate_a`` are gate logits."""
     _checks.check_choice("impl", impl, IMPLS)
     _check_rglru_inputs(x, gate_x, gate_a, a_param, h0, resets, negative_eigen)
     return _rglru_scan(x, gate_x, gate_a, a_param, h0, _starts(x, h0, resets), impl)
 
 
-def rglru_step(h, x, gate_x, gate_a, a_param, *, negative_eigen=False):
+def rglru_step(
+    h: Float[AnyArray, "b d"] | None,
+    x: Float[AnyArray, "b d"],
+    gate_x: Float[AnyArray, "b d"],
+    gate_a: Float[AnyArray, "b d"],
+    a_param: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b d"], Float[Array, "b d"]]:
     """One token: ``x``, gates ``[b, d]``; ``h`` ``[b, d]`` (``None``: a document starts here)."""
     _check_rglru_inputs(x, gate_x, gate_a, a_param, h, None, negative_eigen, step=True)
     y, h = _rglru_recurrent(x[:, None], gate_x[:, None], gate_a[:, None], a_param, h,
@@ -282,7 +354,14 @@ def rglru_step(h, x, gate_x, gate_a, a_param, *, negative_eigen=False):
     return y[:, 0], h
 
 
-def rglru_materialize(x, gate_x, gate_a, a_param, *, negative_eigen=False):
+def rglru_materialize(
+    x: Float[AnyArray, "b t d"],
+    gate_x: Float[AnyArray, "b t d"],
+    gate_a: Float[AnyArray, "b t d"],
+    a_param: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> Float[Array, "b d t t"]:
     """``[b, d, T, T]``: ``M_{ts} = (Π_{s<r<=t} a_r) sqrt(1 - a_s²) i_s`` (multiplier 1 at ``s = 0``),
     from log-space cumulative decays (masked before ``exp``, so strong decays never overflow)."""
     _check_rglru_inputs(x, gate_x, gate_a, a_param, None, None, negative_eigen)
@@ -348,7 +427,9 @@ class RGLRU(nnx.Module):
         g = jnp.einsum("bthi,hij->bthj", xh, w[...].astype(x.dtype)) + b[...].astype(x.dtype)[None, None]
         return g.reshape(x.shape)
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         bsz, t, _ = x.shape
         x = x.astype(self.dtype)
         y_branch = jax.nn.gelu(self.linear_y(x))

@@ -36,6 +36,7 @@ from seqjax.layer import StateCache, plan, update
 from seqjax.mixers import _ssm
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, ResetsLike, SegmentIds
 
 __all__ = ["lssl", "lssl_recurrent", "lssl_step", "lssl_kernel", "lssl_materialize", "lssl_make_inputs",
            "discretize_bilinear", "LSSL"]
@@ -90,7 +91,18 @@ def lssl_kernel(log_dt, A, B, C, length):
     return jnp.einsum("hn,hnl->hl", C.astype(jnp.float32), _krylov(a_bar, b_bar, length))
 
 
-def lssl_recurrent(x, log_dt, A, B, C, D, *, h0=None, resets=None, negative_eigen=False):
+def lssl_recurrent(
+    x: Float[AnyArray, "b t d"],
+    log_dt: Float[AnyArray, " d"],
+    A: Float[AnyArray, "n n"],
+    B: Float[AnyArray, " n"],
+    C: Float[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Float[AnyArray, "b d n"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Float[Array, "b d n"]]:
     """The reference: ``lax.scan`` of ``h_t = Ā h_{t-1} + B̄ x_t``, ``y_t = C h_t + D x_t`` (dense Ā)."""
     _check_lssl_inputs(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
     return _recurrent(x, log_dt, A, B, C, D, h0, resets)
@@ -140,7 +152,19 @@ def _lssl_conv(x, log_dt, A, B, C, D, h0, resets):
     return y.astype(x.dtype), h_last
 
 
-def lssl(x, log_dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_eigen=False):
+def lssl(
+    x: Float[AnyArray, "b t d"],
+    log_dt: Float[AnyArray, " d"],
+    A: Float[AnyArray, "n n"],
+    B: Float[AnyArray, " n"],
+    C: Float[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Float[AnyArray, "b d n"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Float[Array, "b d n"]]:
     """LSSL, functional: ``(y [b, t, H], h_last [b, H, N])``.
 
     ``impl``: ``"sequential"`` (the dense recurrence), ``"conv"`` (kernel + FFT) or ``"auto"`` (the
@@ -155,14 +179,33 @@ def lssl(x, log_dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_e
     return _lssl_conv(x, log_dt, A, B, C, D, h0, _ssm.resets_or_none(resets))
 
 
-def lssl_step(h, x, log_dt, A, B, C, D, *, negative_eigen=False):
+def lssl_step(
+    h: Float[AnyArray, "b d n"] | None,
+    x: Float[AnyArray, "b d"],
+    log_dt: Float[AnyArray, " d"],
+    A: Float[AnyArray, "n n"],
+    B: Float[AnyArray, " n"],
+    C: Float[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b d"], Float[Array, "b d n"]]:
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, H, N]`` (``None``: zeros) -> ``(y [b, H], h)``."""
     _check_lssl_inputs(x, log_dt, A, B, C, D, h, None, negative_eigen, step=True)
     y, h = lssl_recurrent(x[:, None], log_dt, A, B, C, D, h0=h)
     return y[:, 0], h
 
 
-def lssl_materialize(x, log_dt, A, B, C, D, *, negative_eigen=False):
+def lssl_materialize(
+    x: Float[AnyArray, "b t d"],
+    log_dt: Float[AnyArray, " d"],
+    A: Float[AnyArray, "n n"],
+    B: Float[AnyArray, " n"],
+    C: Float[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> Float[Array, "b d t t"]:
     """``[b, H, T, T]``: ``M_{c, t, s} = K_{c, t-s}`` for ``t >= s`` (Toeplitz), ``+ D_c`` on the diagonal."""
     _check_lssl_inputs(x, log_dt, A, B, C, D, None, None, negative_eigen)
     t = x.shape[1]
@@ -208,7 +251,9 @@ class LSSL(nnx.Module):
         self.D = nnx.Param(jax.random.normal(rngs.params(), (d_model,)), out_sharding=("mlp",))
         self.out_proj = Linear(d_model, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         p = plan(x, segment_ids=segment_ids, cache=cache)
         y, h = lssl(x.astype(self.dtype), self.log_dt[...], self.A[...], self.B[...], self.C[...],
                     self.D[...], h0=p.h0, impl=self.impl, resets=p.resets)

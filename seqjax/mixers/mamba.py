@@ -38,6 +38,7 @@ from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear, ShortConv
 from seqjax.scan import linear_scan
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, ResetsLike, SegmentIds
 
 __all__ = ["mamba", "mamba_recurrent", "mamba_step", "mamba_materialize", "mamba_make_inputs", "MambaCache",
            "Mamba", "MambaNegEig"]
@@ -73,7 +74,18 @@ def _transition(dt, A, negative_eigen):
     return dt_a, True
 
 
-def mamba_recurrent(x, dt, A, B, C, D, *, h0=None, resets=None, negative_eigen=False):
+def mamba_recurrent(
+    x: Float[AnyArray, "b t d"],
+    dt: Float[AnyArray, "b t d"],
+    A: Float[AnyArray, "d n"],
+    B: Float[AnyArray, "b t n"],
+    C: Float[AnyArray, "b t n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Float[AnyArray, "b d n"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Float[Array, "b d n"]]:
     """The reference: ``lax.scan`` of ``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t``,
     ``y_t = C_t h_t + D x_t`` (``2 exp(Δ_t A) - 1`` with ``negative_eigen``)."""
     _check_mamba_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
@@ -110,7 +122,19 @@ def _scan(x, dt, A, B, C, D, h0, resets, impl, negative_eigen):
     return (y + D.astype(jnp.float32)[None, None] * x32).astype(x.dtype), h_last
 
 
-def mamba(x, dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_eigen=False):
+def mamba(
+    x: Float[AnyArray, "b t d"],
+    dt: Float[AnyArray, "b t d"],
+    A: Float[AnyArray, "d n"],
+    B: Float[AnyArray, "b t n"],
+    C: Float[AnyArray, "b t n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Float[AnyArray, "b d n"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Float[Array, "b d n"]]:
     """The selective scan, functional: ``(y [b, t, d], h_last [b, d, n])`` through the scan engine.
 
     ``dt`` is the positive step (the layer applies ``softplus(dt_proj(·) + dt_bias)``).
@@ -121,14 +145,33 @@ def mamba(x, dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_eige
     return _scan(x, dt, A, B, C, D, h0, resets, impl, bool(negative_eigen))
 
 
-def mamba_step(h, x, dt, A, B, C, D, *, negative_eigen=False):
+def mamba_step(
+    h: Float[AnyArray, "b d n"] | None,
+    x: Float[AnyArray, "b d"],
+    dt: Float[AnyArray, "b d"],
+    A: Float[AnyArray, "d n"],
+    B: Float[AnyArray, "b n"],
+    C: Float[AnyArray, "b n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b d"], Float[Array, "b d n"]]:
     """One token: ``x``, ``dt`` ``[b, d]``, ``B``, ``C`` ``[b, n]``; ``h`` ``[b, d, n]`` (``None``: zeros)."""
     _check_mamba_inputs(x, dt, A, B, C, D, h, None, negative_eigen, step=True)
     y, h = _recurrent(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, h, None, bool(negative_eigen))
     return y[:, 0], h
 
 
-def mamba_materialize(x, dt, A, B, C, D, *, negative_eigen=False):
+def mamba_materialize(
+    x: Float[AnyArray, "b t d"],
+    dt: Float[AnyArray, "b t d"],
+    A: Float[AnyArray, "d n"],
+    B: Float[AnyArray, "b t n"],
+    C: Float[AnyArray, "b t n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> Float[Array, "b d t t"]:
     r"""``[b, d, T, T]``: ``M_{ts} = Σ_n C_{t,n} (Π_{s<r<=t} \bar a_{r,dn}) Δ_{s,d} B_{s,n} + D_d δ_{ts}``.
 
     Products of transitions are taken in log space, ``|Π a| = exp(Σ log|a|)``, with the sign from the
@@ -201,7 +244,9 @@ class Mamba(nnx.Module):
         self.D = nnx.Param(jnp.ones((d_inner,)), out_sharding=("mlp",))
         self.out_proj = Linear(d_inner, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         x = x.astype(self.dtype)
         xi, z = jnp.split(self.in_proj(x), 2, axis=-1)
         xi, conv_state = self.conv(xi, state=None if cache is None else cache.conv, segment_ids=segment_ids)

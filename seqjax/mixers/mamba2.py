@@ -38,6 +38,7 @@ from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import gla as eng
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, ResetsLike, SegmentIds
 
 __all__ = ["mamba2", "mamba2_recurrent", "mamba2_step", "mamba2_materialize", "mamba2_make_inputs",
            "mamba2_context_parallel", "transition", "Mamba2Cache", "Mamba2", "Mamba2NegEig"]
@@ -91,7 +92,20 @@ def _heads(B, h):
     return jnp.repeat(B, h // B.shape[2], axis=2)
 
 
-def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
+def mamba2(
+    x: Float[AnyArray, "b t h p"],
+    dt: Float[AnyArray, "b t h"],
+    A: Float[AnyArray, " h"] | None,
+    B: Float[AnyArray, "b t g n"],
+    C: Float[AnyArray, "b t g n"],
+    D: Float[AnyArray, " h"] | None = None,
+    *,
+    h0: Float[AnyArray, "b h n p"] | None = None,
+    resets: ResetsLike | None = None,
+    impl="auto",
+    chunk_size=64,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h p"], Float[Array, "b h n p"]]:
     """SSD: ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``. Returns ``(y, S_T)``."""
     _checks.check_choice("impl", impl, IMPLS)
     _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
@@ -114,7 +128,19 @@ def mamba2(x, dt, A, B, C, D=None, *, h0=None, resets=None, impl="auto", chunk_s
     return y.astype(x.dtype), s
 
 
-def mamba2_context_parallel(x, dt, A, B, C, D=None, *, mesh, resets=None, chunk_size=64, **axes):
+def mamba2_context_parallel(
+    x: Float[AnyArray, "b t h p"],
+    dt: Float[AnyArray, "b t h"],
+    A: Float[AnyArray, " h"] | None,
+    B: Float[AnyArray, "b t g n"],
+    C: Float[AnyArray, "b t g n"],
+    D: Float[AnyArray, " h"] | None = None,
+    *,
+    mesh,
+    resets: ResetsLike | None = None,
+    chunk_size=64,
+    **axes,
+) -> tuple[Float[Array, "b t h p"], Float[Array, "b h n p"]]:
     """:func:`mamba2` (``h0=None``, no negative eigenvalues) with time sharded over the mesh axis ``context``:
     the chunked engine per shard, per-head decays (``seqjax.ops.context_parallel.gla_context_parallel``),
     plus the ``D`` skip. ``axes``: ``context``, ``batch_axes``, ``head_axis`` as there."""
@@ -128,7 +154,18 @@ def mamba2_context_parallel(x, dt, A, B, C, D=None, *, mesh, resets=None, chunk_
     return y.astype(x.dtype), s
 
 
-def mamba2_recurrent(x, dt, A, B, C, D=None, *, h0=None, resets=None, negative_eigen=False):
+def mamba2_recurrent(
+    x: Float[AnyArray, "b t h p"],
+    dt: Float[AnyArray, "b t h"],
+    A: Float[AnyArray, " h"] | None,
+    B: Float[AnyArray, "b t g n"],
+    C: Float[AnyArray, "b t g n"],
+    D: Float[AnyArray, " h"] | None = None,
+    *,
+    h0: Float[AnyArray, "b h n p"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h p"], Float[Array, "b h n p"]]:
     """Reference: float32 ``lax.scan`` of ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``."""
     _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     b, t, h, p = x.shape
@@ -153,7 +190,17 @@ def mamba2_recurrent(x, dt, A, B, C, D=None, *, h0=None, resets=None, negative_e
     return y.astype(x.dtype), s_last
 
 
-def mamba2_step(h, x, dt, A, B, C, D=None, *, negative_eigen=False):
+def mamba2_step(
+    h: Float[AnyArray, "b h n p"] | None,
+    x: Float[AnyArray, "b h p"],
+    dt: Float[AnyArray, "b h"],
+    A: Float[AnyArray, " h"] | None,
+    B: Float[AnyArray, "b g n"],
+    C: Float[AnyArray, "b g n"],
+    D: Float[AnyArray, " h"] | None = None,
+    *,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b h p"], Float[Array, "b h n p"]]:
     """One token: ``x [b, h, p]``, ``dt [b, h]``, ``B, C [b, g, n]`` -> ``(y [b, h, p], S [b, h, n, p])``."""
     y, s = mamba2_recurrent(
         x[:, None], dt[:, None], A, B[:, None], C[:, None], D, h0=h, negative_eigen=negative_eigen
@@ -161,7 +208,16 @@ def mamba2_step(h, x, dt, A, B, C, D=None, *, negative_eigen=False):
     return y[:, 0], s
 
 
-def mamba2_materialize(x, dt, A, B, C, D=None, *, negative_eigen=False):
+def mamba2_materialize(
+    x: Float[AnyArray, "b t h p"],
+    dt: Float[AnyArray, "b t h"],
+    A: Float[AnyArray, " h"] | None,
+    B: Float[AnyArray, "b t g n"],
+    C: Float[AnyArray, "b t g n"],
+    D: Float[AnyArray, " h"] | None = None,
+    *,
+    negative_eigen=False,
+) -> Operator:
     """``M[b, h, t, s] = (C_t · B_s) (Π_{r=s+1}^{t} a_r) Δ_s + D δ_ts`` (``y = M x`` per head, ``h0 = 0``)."""
     b, t, h, _ = x.shape
     g, sign = transition(dt, A, negative_eigen)
@@ -234,7 +290,9 @@ class Mamba2(nnx.Module):
         self.norm = nn.GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
         self.out_proj = lin(d_inner, d_model, ("heads", "embed"))
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         bsz, t, _ = x.shape
         c = Mamba2Cache(None, None, None, None) if cache is None else cache
         xs, cx = self.x_conv(self.x_proj(x), state=c.conv_x, segment_ids=segment_ids)

@@ -37,6 +37,7 @@ from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.layer import StateCache, plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops import mlstm as eng
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, PyTree, ResetsLike, SegmentIds
 
 __all__ = ["mlstm", "mlstm_recurrent", "mlstm_step", "mlstm_materialize", "mlstm_make_inputs", "MLSTM"]
 
@@ -46,19 +47,50 @@ def _check_mlstm_inputs(q, k, v, i, f, h0, resets, negative_eigen):
     eng.check_mlstm_inputs(q, k, v, i, f, h0, resets)
 
 
-def mlstm_recurrent(q, k, v, i, f, *, h0=None, resets=None, negative_eigen=False):
+def mlstm_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    i: Float[AnyArray, "b t h"],
+    f: Float[AnyArray, "b t h"],
+    *,
+    h0: PyTree = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h v"], eng.State]:
     """Reference: the stabilised mLSTM recurrence above as a float32 ``lax.scan``."""
     _check_mlstm_inputs(q, k, v, i, f, h0, resets, negative_eigen)
     return eng.recurrent_mlstm(q, k, v, i, f, h0=h0, resets=resets)
 
 
-def mlstm_step(h, q, k, v, i, f, *, negative_eigen=False):
+def mlstm_step(
+    h: PyTree,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    i: Float[AnyArray, "b h"],
+    f: Float[AnyArray, "b h"],
+    *,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b h v"], eng.State]:
     """One token: ``q, k [b, h, dk]``, ``v [b, h, dv]``, ``i, f [b, h]`` -> ``(y [b, h, dv], (C, n, m))``."""
     y, s = mlstm_recurrent(q[:, None], k[:, None], v[:, None], i[:, None], f[:, None], h0=h, negative_eigen=negative_eigen)
     return y[:, 0], s
 
 
-def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, negative_eigen=False):
+def mlstm(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    i: Float[AnyArray, "b t h"],
+    f: Float[AnyArray, "b t h"],
+    *,
+    h0: PyTree = None,
+    resets: ResetsLike | None = None,
+    impl="auto",
+    chunk_size=64,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t h v"], eng.State]:
     """mLSTM: ``impl="chunked"`` (chunkwise-parallel XLA), ``"sequential"`` (the reference), ``"pallas"``
     (``pallas_kernels/mlstm_chunk`` and its Pallas backward) or ``"auto"`` (the kernel on a GPU once its current
     forward has passed the GPU tests, ``seqjax._platform.GPU_TESTED`` — one device, or inside ``shard_map``
@@ -83,7 +115,15 @@ def mlstm(q, k, v, i, f, *, h0=None, resets=None, impl="auto", chunk_size=64, ne
     return y.astype(v.dtype), s
 
 
-def mlstm_materialize(q, k, v, i, f, *, negative_eigen=False):
+def mlstm_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    i: Float[AnyArray, "b t h"],
+    f: Float[AnyArray, "b t h"],
+    *,
+    negative_eigen=False,
+) -> Operator:
     """``M[b, h, t, s] = (q_t·k_s/√d) e^{b_t − b_s + i_s − m_t} / max(|Σ_s …|, e^{−m_t})`` (``h0 = 0``)."""
     del v, negative_eigen
     return eng.materialize_mlstm(q, k, i, f)
@@ -120,7 +160,9 @@ class MLSTM(nnx.Module):
         self.norm = nn.RMSNorm(self.head_dim, axis_name="head_dim")
         self.out_proj = lin(inner, d_model, ("heads", "embed"))
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         h = self.num_heads
         q, k, v = (nn.split_heads(p(x), h) for p in (self.q_proj, self.k_proj, self.v_proj))
         ig, fg = self.i_proj(x).astype(jnp.float32), self.f_proj(x).astype(jnp.float32)

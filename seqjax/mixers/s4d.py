@@ -44,6 +44,7 @@ from seqjax.mixers import _ssm
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear
 from seqjax.scan import linear_scan
+from seqjax.types import AnyArray, Array, Cache, Complex, Float, Hidden, Inexact, ResetsLike, SegmentIds
 
 __all__ = ["s4d", "s4d_recurrent", "s4d_step", "s4d_kernel", "s4d_materialize", "s4d_make_inputs", "s4d_init", "S4D",
            "s5", "s5_recurrent", "s5_step", "s5_materialize", "s5_make_inputs", "S5"]
@@ -74,7 +75,18 @@ def _zoh(log_dt, A, B):
 # ----------------------------------------------------------------------------- S4D
 
 
-def s4d_recurrent(x, log_dt, A, B, C, D, *, h0=None, resets=None, negative_eigen=False):
+def s4d_recurrent(
+    x: Float[AnyArray, "b t d"],
+    log_dt: Float[AnyArray, " d"],
+    A: Complex[AnyArray, "d n"],
+    B: Complex[AnyArray, "d n"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Inexact[AnyArray, "b d n"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Complex[Array, "b d n"]]:
     """The reference: ``lax.scan`` of ``h_t = Ā h_{t-1} + B̄ x_t``, ``y_t = 2 Re(C·h_t) + D x_t``."""
     _check_s4d_inputs(x, log_dt, A, B, C, D, h0, resets, negative_eigen)
     return _s4d_recurrent(x, log_dt, A, B, C, D, h0, resets)
@@ -143,7 +155,19 @@ def _s4d_conv(x, log_dt, A, B, C, D, h0, resets):
     return y.astype(x.dtype), h_last
 
 
-def s4d(x, log_dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_eigen=False):
+def s4d(
+    x: Float[AnyArray, "b t d"],
+    log_dt: Float[AnyArray, " d"],
+    A: Complex[AnyArray, "d n"],
+    B: Complex[AnyArray, "d n"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Inexact[AnyArray, "b d n"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Complex[Array, "b d n"]]:
     """S4D, functional: ``(y [b, t, H], h_last [b, H, N] complex64)``.
 
     ``impl``: a scan-engine impl (``"sequential" | "associative" | "chunked"``), ``"conv"`` (Vandermonde
@@ -160,14 +184,33 @@ def s4d(x, log_dt, A, B, C, D, *, h0=None, impl="auto", resets=None, negative_ei
     return _s4d_scan(x, log_dt, A, B, C, D, h0, resets, impl)
 
 
-def s4d_step(h, x, log_dt, A, B, C, D, *, negative_eigen=False):
+def s4d_step(
+    h: Inexact[AnyArray, "b d n"] | None,
+    x: Float[AnyArray, "b d"],
+    log_dt: Float[AnyArray, " d"],
+    A: Complex[AnyArray, "d n"],
+    B: Complex[AnyArray, "d n"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b d"], Complex[Array, "b d n"]]:
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, H, N]`` (``None``: zeros) -> ``(y [b, H], h)``."""
     _check_s4d_inputs(x, log_dt, A, B, C, D, h, None, negative_eigen, step=True)
     y, h = _s4d_recurrent(x[:, None], log_dt, A, B, C, D, h, None)
     return y[:, 0], h
 
 
-def s4d_materialize(x, log_dt, A, B, C, D, *, negative_eigen=False):
+def s4d_materialize(
+    x: Float[AnyArray, "b t d"],
+    log_dt: Float[AnyArray, " d"],
+    A: Complex[AnyArray, "d n"],
+    B: Complex[AnyArray, "d n"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> Float[Array, "b d t t"]:
     """``[b, H, T, T]``: the Toeplitz operator of the kernel, ``+ D`` on the diagonal."""
     _check_s4d_inputs(x, log_dt, A, B, C, D, None, None, negative_eigen)
     t = x.shape[1]
@@ -237,7 +280,9 @@ class S4D(nnx.Module):
         c = self.c_re[...] + 1j * self.c_im[...]
         return dict(log_dt=self.log_dt[...], A=a, B=b, C=c, D=self.D[...])
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         p = plan(x, segment_ids=segment_ids, cache=cache)
         y, h = s4d(x.astype(self.dtype), **self.ssm_params(), h0=p.h0, impl=self.impl, resets=p.resets)
         return self.out_proj(jax.nn.gelu(y)).astype(x.dtype), update(cache, state=h)
@@ -276,7 +321,18 @@ def _s5_out(C, D, hs, x):
     return y + d * x.astype(jnp.float32)
 
 
-def s5_recurrent(x, Lambda, log_dt, B, C, D, *, h0=None, resets=None, negative_eigen=False):
+def s5_recurrent(
+    x: Float[AnyArray, "b t d"],
+    Lambda: Complex[AnyArray, " n"],
+    log_dt: Float[AnyArray, " n"],
+    B: Complex[AnyArray, "n d"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Inexact[AnyArray, "b n"] | None = None,
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Complex[Array, "b n"]]:
     """The reference: ``lax.scan`` of ``h_t = Λ̄ h_{t-1} + B̄ x_t``, ``y_t = 2 Re(C h_t) + D x_t``."""
     _check_s5_inputs(x, Lambda, log_dt, B, C, D, h0, resets, negative_eigen)
     return _s5_recurrent(x, Lambda, log_dt, B, C, D, h0, resets)
@@ -308,7 +364,19 @@ def _s5_scan(x, Lambda, log_dt, B, C, D, h0, resets, impl):
     return _s5_out(C, D, hs, x).astype(x.dtype), h_last
 
 
-def s5(x, Lambda, log_dt, B, C, D, *, h0=None, impl="auto", resets=None, negative_eigen=False):
+def s5(
+    x: Float[AnyArray, "b t d"],
+    Lambda: Complex[AnyArray, " n"],
+    log_dt: Float[AnyArray, " n"],
+    B: Complex[AnyArray, "n d"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    h0: Inexact[AnyArray, "b n"] | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b t d"], Complex[Array, "b n"]]:
     """S5, functional: ``(y [b, t, H], h_last [b, P] complex64)``; ``impl`` is a scan-engine impl
     (S5's own is ``"associative"``)."""
     _checks.check_choice("impl", impl, S5_IMPLS)
@@ -316,14 +384,33 @@ def s5(x, Lambda, log_dt, B, C, D, *, h0=None, impl="auto", resets=None, negativ
     return _s5_scan(x, Lambda, log_dt, B, C, D, h0, _ssm.resets_or_none(resets), impl)
 
 
-def s5_materialize(x, Lambda, log_dt, B, C, D, *, negative_eigen=False):
+def s5_materialize(
+    x: Float[AnyArray, "b t d"],
+    Lambda: Complex[AnyArray, " n"],
+    log_dt: Float[AnyArray, " n"],
+    B: Complex[AnyArray, "n d"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> Float[Array, "b t t d d"]:
     """``M [b, T, T, H_out, H_in]``: ``M[t, s] = 2 Re(C diag(Λ̄^{t-s}) B̄)`` for ``s ≤ t``, ``+ diag(D)`` at ``s = t``."""
     _check_s5_inputs(x, Lambda, log_dt, B, C, D, None, None, negative_eigen)
     dt_l, b_bar = _s5_zoh(Lambda, log_dt, B)
     return _ssm.mimo_toeplitz(x, dt_l, 2.0 * C.astype(jnp.complex64), b_bar, D)
 
 
-def s5_step(h, x, Lambda, log_dt, B, C, D, *, negative_eigen=False):
+def s5_step(
+    h: Inexact[AnyArray, "b n"] | None,
+    x: Float[AnyArray, "b d"],
+    Lambda: Complex[AnyArray, " n"],
+    log_dt: Float[AnyArray, " n"],
+    B: Complex[AnyArray, "n d"],
+    C: Complex[AnyArray, "d n"],
+    D: Float[AnyArray, " d"],
+    *,
+    negative_eigen=False,
+) -> tuple[Float[Array, "b d"], Complex[Array, "b n"]]:
     """One token: ``x`` ``[b, H]``, ``h`` ``[b, P]`` (``None``: zeros) -> ``(y [b, H], h)``."""
     _check_s5_inputs(x, Lambda, log_dt, B, C, D, h, None, negative_eigen, step=True)
     y, h = _s5_recurrent(x[:, None], Lambda, log_dt, B, C, D, h, None)
@@ -379,7 +466,9 @@ class S5(nnx.Module):
         return dict(Lambda=lam, log_dt=self.log_dt[...], B=self.b_re[...] + 1j * self.b_im[...],
                     C=self.c_re[...] + 1j * self.c_im[...], D=self.D[...])
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         p = plan(x, segment_ids=segment_ids, cache=cache)
         y, h = s5(x.astype(self.dtype), **self.ssm_params(), h0=p.h0, impl=self.impl, resets=p.resets)
         return self.out_proj(jax.nn.gelu(y)).astype(x.dtype), update(cache, state=h)

@@ -56,6 +56,7 @@ from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear, RMSNorm, ShortConv, l2_normalize, merge_heads, split_heads
 from seqjax.scan import linear_scan
+from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, ResetsLike, SegmentIds
 
 __all__ = ["titans", "titans_recurrent", "titans_chunked", "titans_step", "titans_materialize", "titans_make_inputs",
            "titans_linear_make_inputs", "memory_apply", "MemoryState", "NeuralMemoryCache", "NeuralMemory",
@@ -145,7 +146,20 @@ def _bc(g, x):
 # ----------------------------------------------------------------------------- reference and step
 
 
-def titans_recurrent(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets=None, chunk_size=1):
+def titans_recurrent(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    theta: Float[AnyArray, "b t h"],
+    eta: Float[AnyArray, "b t h"],
+    alpha: Float[AnyArray, "b t h"],
+    w1: Float[AnyArray, "h k _"],
+    w2: Float[AnyArray, "h _ v"] | None = None,
+    *,
+    h0: MemoryState | None = None,
+    resets: ResetsLike | None = None,
+    chunk_size=1,
+) -> tuple[Float[Array, "b t h v"], MemoryState]:
     """The reference: ``lax.scan`` over tokens, ``jax.grad`` of the associative loss inside the step.
 
     ``chunk_size=c > 1`` takes token ``t``'s gradient at the weights of the start of its chunk (the
@@ -176,7 +190,19 @@ def titans_recurrent(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets
     return jnp.moveaxis(ys, 0, 1).astype(v.dtype), MemoryState(m, s)
 
 
-def titans_step(h, q, k, v, theta, eta, alpha, w1, w2=None, *, chunk_size=1):
+def titans_step(
+    h: MemoryState | None,
+    q: Float[AnyArray, "b h k"],
+    k: Float[AnyArray, "b h k"],
+    v: Float[AnyArray, "b h v"],
+    theta: Float[AnyArray, "b h"],
+    eta: Float[AnyArray, "b h"],
+    alpha: Float[AnyArray, "b h"],
+    w1: Float[AnyArray, "h k _"],
+    w2: Float[AnyArray, "h _ v"] | None = None,
+    *,
+    chunk_size=1,
+) -> tuple[Float[Array, "b h v"], MemoryState]:
     """One token (``q, k [b, h, k]``, ``v [b, h, v]``, gates ``[b, h]``); ``h=None`` starts from ``w1, w2``."""
     if chunk_size != 1:
         raise ValueError(f"titans_step is token by token (chunk_size=1), got chunk_size={chunk_size}")
@@ -218,7 +244,20 @@ def _chunk(carry, xs, w_init):
     return (tuple(m_last), tuple(s_last)), y
 
 
-def titans_chunked(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets=None, chunk_size=16):
+def titans_chunked(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    theta: Float[AnyArray, "b t h"],
+    eta: Float[AnyArray, "b t h"],
+    alpha: Float[AnyArray, "b t h"],
+    w1: Float[AnyArray, "h k _"],
+    w2: Float[AnyArray, "h _ v"] | None = None,
+    *,
+    h0: MemoryState | None = None,
+    resets: ResetsLike | None = None,
+    chunk_size=16,
+) -> tuple[Float[Array, "b t h v"], MemoryState]:
     """The paper's chunkwise-parallel training form (see module docstring). Returns ``(y, state)``."""
     w = _weights(w1, w2)
     _check_titans_inputs(q, k, v, theta, eta, alpha, w, h0, resets, chunk_size)
@@ -243,7 +282,22 @@ def titans_chunked(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, resets=N
     return y.astype(out_dtype), MemoryState(*carry)
 
 
-def titans(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, impl="auto", resets=None, chunk_size=16, negative_eigen: bool = False):
+def titans(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    theta: Float[AnyArray, "b t h"],
+    eta: Float[AnyArray, "b t h"],
+    alpha: Float[AnyArray, "b t h"],
+    w1: Float[AnyArray, "h k _"],
+    w2: Float[AnyArray, "h _ v"] | None = None,
+    *,
+    h0: MemoryState | None = None,
+    impl="auto",
+    resets: ResetsLike | None = None,
+    chunk_size=16,
+    negative_eigen: bool = False,
+) -> tuple[Float[Array, "b t h v"], MemoryState]:
     """Titans neural memory; ``impl`` in ``IMPLS`` (``"auto"`` is chunked). ``chunk_size=1`` is exact;
     larger chunks are the paper's faster approximation (both impls compute the same one)."""
     _checks.check_no_negative_eigen("titans", negative_eigen)
@@ -253,7 +307,18 @@ def titans(q, k, v, theta, eta, alpha, w1, w2=None, *, h0=None, impl="auto", res
     return titans_chunked(q, k, v, theta, eta, alpha, w1, w2, h0=h0, resets=resets, chunk_size=chunk_size)
 
 
-def titans_materialize(q, k, v, theta, eta, alpha, w1, w2=None, *, chunk_size=1):
+def titans_materialize(
+    q: Float[AnyArray, "b t h k"],
+    k: Float[AnyArray, "b t h k"],
+    v: Float[AnyArray, "b t h v"],
+    theta: Float[AnyArray, "b t h"],
+    eta: Float[AnyArray, "b t h"],
+    alpha: Float[AnyArray, "b t h"],
+    w1: Float[AnyArray, "h k _"],
+    w2: Float[AnyArray, "h _ v"] | None = None,
+    *,
+    chunk_size=1,
+) -> Operator:
     """``[b, h, T, T]`` operator on ``v`` of the linear memory from zero initial weights: the response to
     one-hot value sequences (``v_s = e_s``), i.e. ``M[t, s] = d y_t / d v_s`` (any value channel)."""
     if w2 is not None:
@@ -315,7 +380,9 @@ class NeuralMemory(nnx.Module):
     def _w(self):
         return self.w1[...], (None if self.w2 is None else self.w2[...])
 
-    def __call__(self, x, *, segment_ids=None, cache=None):
+    def __call__(
+        self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
+    ) -> tuple[Hidden, Cache]:
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
         q, k, v, th, et, al, conv_state = self._inputs(x, segment_ids, None if cache is None else cache.conv)
         p = plan(x, segment_ids=segment_ids, cache=cache)

@@ -34,6 +34,7 @@ from seqjax.mixers.registry import MixerSpec, register
 from seqjax.mixers.titans import NeuralMemory
 from seqjax.nn import Linear, RMSNorm, l2_normalize, merge_heads, split_heads
 from seqjax.ops.attention import attention
+from seqjax.types import Array, Cache, Hidden, Int, SegmentIds
 
 __all__ = ["TitansCache", "MACCache", "MAG", "MAL", "MAC"]
 
@@ -80,7 +81,14 @@ class MAG(_Titans):
         super().__init__(d_model, **kw)
         self.norm_a, self.norm_m = RMSNorm(d_model), RMSNorm(d_model)
 
-    def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+    def __call__(
+        self,
+        x: Hidden,
+        *,
+        segment_ids: SegmentIds | None = None,
+        positions: Int[Array, "b t"] | None = None,
+        cache: Cache = None,
+    ) -> tuple[Hidden, Cache]:
         ca, cm = (None, None) if cache is None else cache
         ya, ca = self.attn(x, segment_ids=segment_ids, positions=positions, cache=ca)
         ym, cm = self.memory(x, segment_ids=segment_ids, cache=cm)
@@ -91,7 +99,14 @@ class MAG(_Titans):
 class MAL(_Titans):
     """Memory as a layer: ``SWA*(M(x))``."""
 
-    def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+    def __call__(
+        self,
+        x: Hidden,
+        *,
+        segment_ids: SegmentIds | None = None,
+        positions: Int[Array, "b t"] | None = None,
+        cache: Cache = None,
+    ) -> tuple[Hidden, Cache]:
         ca, cm = (None, None) if cache is None else cache
         ym, cm = self.memory(x, segment_ids=segment_ids, cache=cm)
         y, ca = self.attn(ym, segment_ids=segment_ids, positions=positions, cache=ca)
@@ -163,7 +178,14 @@ class MAC(_Titans):
         cache, o = jax.lax.scan(body, cache, (jnp.moveaxis(x, 1, 0), jnp.moveaxis(positions, 1, 0)))
         return jnp.moveaxis(o, 0, 1), cache
 
-    def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+    def __call__(
+        self,
+        x: Hidden,
+        *,
+        segment_ids: SegmentIds | None = None,
+        positions: Int[Array, "b t"] | None = None,
+        cache: Cache = None,
+    ) -> tuple[Hidden, Cache]:
         if segment_ids is not None:
             raise ValueError("titans_mac does not take segment_ids (packed sequences)")
         _checks.check_ndim("x", x, 3, "[batch, time, d_model]")
