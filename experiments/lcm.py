@@ -3,17 +3,18 @@ than any seen in training, and the depth advantage of the tree over the recurren
 
     python experiments/lcm.py                                        # every task × aggregator, then the timing
     python experiments/lcm.py --tasks=second_minimum --aggregators=lcm,gru,sum
-    python experiments/lcm.py --assoc=0.1                             # with the associativity penalty
+    python experiments/lcm.py --assoc=0.1 --aggregators=lcm           # with the associativity penalty
+    python experiments/lcm.py --timing_only=true                      # the depth timing alone
     python experiments/lcm.py --preset=paper
 
 ``seqjax.models.lcm.SetModel`` (embed → MLP → aggregate → MLP) with each aggregator — ``sum``, ``mean``, ``max``,
 ``gru`` (a GRU read over the set, depth n) and ``lcm`` (the symmetrised GRU operator reduced by a balanced
 tree, depth ⌈log₂ n⌉) — is trained on multisets of ``train_n`` elements from ``seqjax.tasks.multisets``
-(second minimum, number of distinct values, product mod a prime) and tested at every ``test_n``; metric:
+(second minimum, parity of the count of odd elements, product mod a prime) and tested at every ``test_n``; metric:
 accuracy. Then, for ``timing_n`` (1k–64k elements), the forward wall-clock of the same operator reduced by
 the tree and by a sequential fold (``lax.scan``), jitted, best of ``timing_repeats``.
 
-Writes ``<out>/lcm/{records.jsonl, table.md, plot.png}`` afresh each run; every record names the machine,
+Writes ``<out>/<name>/{records.jsonl, table.md, plot.png}`` (``name`` default ``lcm``) afresh each run; every record names the machine,
 the date, the seed and the paper's finding.
 """
 
@@ -43,7 +44,7 @@ from seqjax.tasks.runner import parse
 PAPER = ("recurrent aggregators match the best permutation-invariant ones and LCM (O(log n) depth) is "
          "competitive with them; sum aggregation fails to extrapolate to larger sets")
 
-Task = Literal["second_minimum", "distinct", "product"]
+Task = Literal["second_minimum", "count_parity", "product"]
 Aggregator = Literal["sum", "mean", "max", "gru", "lcm"]
 
 
@@ -53,7 +54,7 @@ class Config:
     aggregators: tuple[Aggregator, ...] = AGGREGATORS
     train_n: tuple[int, ...] = (2, 16)  # lo,hi: set sizes drawn per training example
     test_n: tuple[int, ...] = (16, 64, 128)
-    values: int = 10  # elements in [0, values) (second_minimum, distinct)
+    values: int = 100  # elements in [0, values) (second_minimum, count_parity)
     modulus: int = 7  # product: elements in [1, modulus), a prime
     d: int = 64
     steps: int = 2000
@@ -64,8 +65,10 @@ class Config:
     timing_n: tuple[int, ...] = (1024, 4096, 16384, 65536)
     timing_batch: int = 8
     timing_repeats: int = 3
+    timing_only: bool = False  # skip the training, time the reductions only
     seed: int = 0
-    out: str = "experiments/results"  # writes <out>/lcm/
+    out: str = "experiments/results"  # writes <out>/<name>/
+    name: str = "lcm"  # the results folder
     preset: str = "cpu"  # cpu | tiny | paper: the defaults that the other options override
 
 
@@ -73,7 +76,7 @@ PRESETS = {
     "cpu": {},
     "tiny": dict(tasks=("second_minimum",), aggregators=("sum", "lcm"), train_n=(2, 4), test_n=(4, 8), d=8,
                  steps=2, batch_size=4, eval_size=8, timing_n=(16,), timing_batch=2, timing_repeats=1),
-    "paper": dict(values=100, d=128, steps=20_000, eval_size=5000, test_n=(16, 32, 64, 128), modulus=101),
+    "paper": dict(d=128, steps=20_000, eval_size=5000, test_n=(16, 32, 64, 128), modulus=101),
 }
 
 
@@ -185,6 +188,8 @@ def plot(rows: list[dict], path: str) -> None:
     tests = [r for r in rows if r["kind"] == "test"]
     tasks = list(dict.fromkeys(r["task"] for r in tests))
     times = [r for r in rows if r["kind"] == "timing"]
+    if not tasks and not times:
+        return
     fig, axes = plt.subplots(1, len(tasks) + bool(times), figsize=(3.4 * (len(tasks) + bool(times)), 3), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for agg in dict.fromkeys(r["aggregator"] for r in tests):
@@ -214,12 +219,12 @@ def main(argv=None) -> list[dict]:
             "preset": cfg.preset, "steps": cfg.steps, "d": cfg.d, "assoc": cfg.assoc, "train_n": list(cfg.train_n),
             "command": "python experiments/lcm.py " + " ".join(argv)}
     rows = []
-    for task in cfg.tasks:
+    for task in () if cfg.timing_only else cfg.tasks:
         for agg in cfg.aggregators:
             rows += [dict(meta, **r) for r in train_and_test(task, agg, cfg, log)]
     if cfg.timing_n:
         rows += [dict(meta, **r) for r in timing(cfg)]
-    out_dir = os.path.join(cfg.out, "lcm")
+    out_dir = os.path.join(cfg.out, cfg.name)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -78,11 +78,15 @@ def tree_reduce(op: Callable, x, mask=None, identity=None):
     if ``None``). Returns ``[b, d]``."""
     _check_set(x, mask)
     b, n, d = x.shape
+    size = 1 << max(0, math.ceil(math.log2(max(n, 1))))
+    if mask is None and size == n:  # a full tree: every node combines both children
+        while x.shape[1] > 1:
+            x = op(x[:, 0::2], x[:, 1::2])
+        return x[:, 0]
     if mask is None:
         mask = jnp.ones((b, n), bool)
     else:
         x, mask = _compact(x, mask)
-    size = 1 << max(0, math.ceil(math.log2(max(n, 1))))
     if size > n:
         x = jnp.concatenate([x, jnp.zeros((b, size - n, d), x.dtype)], 1)
         mask = jnp.concatenate([mask, jnp.zeros((b, size - n), bool)], 1)

@@ -7,7 +7,9 @@ A :class:`SetBatch` has ``values`` ``[b, n_max]`` int32 right-padded with ``valu
 - ``second_minimum``: the second element of the sorted multiset (the minimum again when it occurs twice);
   ``n >= 2``. A commutative monoid keeps the two smallest; max-pooling over one-hot codes cannot tell a repeated
   minimum, and a sum's counts leave the training range as sets grow.
-- ``distinct``: the number of distinct values (``values + 1`` classes): a union of presence sets.
+- ``count_parity``: the parity of the number of odd elements (2 classes, balanced at every size): counting
+  modulo 2. A sum can count, but a readout trained on small counts does not extend to larger ones; max-pooling
+  sees only which values occur.
 - ``product``: the product modulo ``values`` (prime) of elements drawn from ``[1, values)``: the cyclic
   group ``(Z/p)^×``, a monoid no pooling of bounded codes extrapolates.
 """
@@ -20,7 +22,7 @@ import numpy as np
 
 __all__ = ["SetBatch", "TASKS", "multiset", "label"]
 
-TASKS = ("second_minimum", "distinct", "product")
+TASKS = ("second_minimum", "count_parity", "product")
 
 
 @dataclasses.dataclass
@@ -40,8 +42,8 @@ def label(task: str, elements, values: int) -> int:
     x = sorted(int(v) for v in elements)
     if task == "second_minimum":
         return x[1]
-    if task == "distinct":
-        return len(set(x))
+    if task == "count_parity":
+        return sum(v % 2 for v in x) % 2
     if task == "product":
         return int(np.prod(np.array(x, dtype=object)) % values)
     raise ValueError(f"task={task!r} is not one of {TASKS}")
@@ -70,5 +72,5 @@ def multiset(task: str, num: int, n=(2, 16), *, values: int = 10, seed: int = 0)
     mask = np.arange(hi)[None] < sizes[:, None]
     x = np.where(mask, x, values).astype(np.int32)
     labels = np.array([label(task, row[:k], values) for row, k in zip(x, sizes)], np.int32)
-    classes = values + 1 if task == "distinct" else values
+    classes = 2 if task == "count_parity" else values
     return SetBatch(x, mask, labels, classes, values + 1)
