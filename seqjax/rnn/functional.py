@@ -3,13 +3,18 @@ r"""The functional entry point: run a cell over a sequence.
 ``rnn(kind, params, x, h0=None, impl=..., reverse=False) -> (y, h_last)``
 
 - ``x`` ``[batch, time, d_in]`` is projected once (``W x_t + b`` for all ``t``, one matmul), then
-- the recurrence runs with one of three interchangeable impls:
+- the recurrence runs with one of these interchangeable impls:
 
 ``"sequential"``  ``lax.scan`` over time, differentiated by JAX: the reference (``unroll=`` optional).
-``"fused"``       the same forward ``lax.scan`` (it also keeps the recurrent preactivations) with a
-                  hand-written backward (FlashRNN's split on XLA): a reverse scan that does one matmul
-                  per step (:math:`\partial h_{t-1} = \partial r_t R^\top`) and the pointwise VJP, then
+``"fused"``       a hand-written backward. LSTM (without peepholes) and GRU: closed-form gate gradients
+                  (:mod:`seqjax.rnn.gates`: the state carried transposed, the projection and the weight
+                  gradients as matmuls per chunk of time steps, only :math:`R\,\partial a_t` and the
+                  elementwise gate gradients in the reverse loop). Other cells: the same forward
+                  ``lax.scan`` (it also keeps the recurrent preactivations) and a reverse scan that does one
+                  matmul per step (:math:`\partial h_{t-1} = \partial r_t R^\top`) and the pointwise VJP, then
                   :math:`\partial R = \sum_t h_{t-1}^\top \partial r_t` as one big matmul after the loop.
+``"auto"``        ``"fused"`` where the cell has the closed form, else ``"sequential"`` (measured on CPU,
+                  ``benchmarks/results/cpu_rnn.md``; the Pallas kernel stays opt-in until it is timed).
 ``"parallel"``    DEER / quasi-DEER / quasi-ELK Newton iterations, parallel over time
                   (:mod:`seqjax.rnn.deer`), gradients by the implicit function theorem.
 ``"pallas"``      the fused FlashRNN-style kernel in ``pallas_kernels/rnn`` (lstm, gru, slstm,
@@ -34,11 +39,19 @@ from pallas_kernels._util import platform as kernel_platform
 from pallas_kernels.rnn import fused_rnn
 from seqjax import _checks
 from seqjax.rnn import cells as _cells
-from seqjax.rnn import deer
+from seqjax.rnn import deer, gates
 
-__all__ = ["rnn", "rnn_scan", "IMPLS"]
+__all__ = ["rnn", "rnn_scan", "IMPLS", "resolve_impl"]
 
-IMPLS = ("sequential", "fused", "parallel", "pallas")
+IMPLS = ("sequential", "fused", "parallel", "pallas", "auto")
+
+
+def resolve_impl(kind: str, params: dict, impl: str) -> str:
+    """The impl that ``impl`` stands for (``"auto"``: see the module docstring)."""
+    _checks.check_choice("impl", impl, IMPLS)
+    if impl == "auto":
+        return "fused" if gates.has_rule(kind, params) else "sequential"
+    return impl
 
 
 def _validate_params(kind, params):
@@ -67,7 +80,7 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
     Returns ``(y [b, t, H] float32, h_last [b, S, H] float32)`` (plus an info dict with
     ``return_info=True``: ``{"iters", "residual"}`` for ``impl="parallel"``, empty otherwise).
     """
-    _checks.check_choice("impl", impl, IMPLS)
+    impl = resolve_impl(kind, params, impl)
     g, k, d, s = _validate_params(kind, params)
     _checks.check_ndim("xp", xp, 5, "[batch, time, heads, gates, head_dim]")
     bsz, t = np.shape(xp)[:2]
@@ -85,6 +98,9 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
     elif impl == "parallel":
         states, info = deer.deer(kind, params, xp, s0, **parallel_kw)
         s_last = states[:, -1]
+    elif impl == "fused" and gates.has_rule(kind, params):
+        states = None
+        y_f, s_last = gates.gated_rnn(kind, params, xp, s0.reshape(bsz, s, g * d), project=False, unroll=unroll)
     elif impl == "fused":
         cell = _cells.CELLS[kind]
         if cell.pointwise is None:
@@ -98,7 +114,7 @@ def rnn_scan(kind: str, params: dict, xp, *, h0=None, impl: str = "sequential", 
         states = fused_rnn(cell.split, params["R"], _cells.neuron_params(cell, params), xp, s0,
                            interpret=kernel_platform() == "cpu")
         s_last = states[:, -1]
-    y = states[:, :, 0].reshape(bsz, t, g * d)
+    y = y_f if states is None else states[:, :, 0].reshape(bsz, t, g * d)
     if reverse:
         y = jnp.flip(y, 1)
     out = (y, s_last.reshape(bsz, s, g * d))
@@ -139,7 +155,7 @@ def _fused_fwd(pointwise, unroll, R, pp, xp, s0):
 def _fused_bwd(pointwise, unroll, res, g):
     R, pp, xp, s0, states, rg = res
     prev = jnp.concatenate([s0[:, None], states[:, :-1]], axis=1)
-    tm = lambda v: jnp.moveaxis(v, 1, 0)  # noqa: E731
+    tm = lambda v: jnp.moveaxis(v, 1, 0)
 
     def body(carry, inp):
         ds, dpp = carry
@@ -170,6 +186,22 @@ def rnn(kind: str, params: dict, x, *, h0=None, impl: str = "sequential", revers
     _checks.check_dtype("x", x, "float")
     _validate_params(kind, params)
     _checks.check_shape("params['W']", params["W"], (np.shape(x)[2], None, None, None), "[d_in, heads, gates, head_dim]")
+    if resolve_impl(kind, params, impl) == "fused" and gates.has_rule(kind, params) and not parallel_kw:
+        return _gated(kind, params, x, h0, reverse, unroll, return_info)
     out = rnn_scan(kind, params, _cells.project(params, x), h0=h0, impl=impl, reverse=reverse,
                    unroll=unroll, return_info=return_info, **parallel_kw)
     return (out[0].astype(x.dtype),) + tuple(out[1:])
+
+
+def _gated(kind, params, x, h0, reverse, unroll, return_info):
+    """``impl="fused"`` with the closed form: the input projection runs inside, per chunk of time steps."""
+    g, k, d, s = _validate_params(kind, params)
+    bsz = np.shape(x)[0]
+    _validate_state("h0", h0, bsz, s, g * d)
+    s0 = jnp.zeros((bsz, s, g * d), jnp.float32) if h0 is None else h0
+    xs = jnp.flip(x, 1) if reverse else x
+    y, s_last = gates.gated_rnn(kind, params, xs, s0, unroll=unroll)
+    if reverse:
+        y = jnp.flip(y, 1)
+    out = (y.astype(x.dtype), s_last)
+    return out + ({},) if return_info else out
