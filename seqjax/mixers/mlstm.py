@@ -1,28 +1,11 @@
-r"""mLSTM, the matrix-memory cell of xLSTM (Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory").
+"""mLSTM, the matrix-memory cell of xLSTM (Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory").
 
-Per head, with exponential input gate ``i``, sigmoid forget gate ``f`` (both pre-activations
-``[b, t, h]``), stabiliser ``m``, normaliser ``n`` and matrix memory ``C`` (stabilised copies
-``C' = C e^{-m}``, ``n' = n e^{-m}``):
-
-.. math::
-
-    m_t = \max(\log\sigma(f_t) + m_{t-1},\; i_t), \quad
-    i'_t = e^{i_t - m_t}, \quad f'_t = e^{\log\sigma(f_t) + m_{t-1} - m_t},
-
-    C_t = f'_t C_{t-1} + i'_t k_t v_t^\top, \quad n_t = f'_t n_{t-1} + i'_t k_t, \quad
-    h_t = \frac{C_t^\top q_t}{\max(|n_t^\top q_t|,\, e^{-m_t})}, \qquad k_t \leftarrow k_t / \sqrt{d_k}.
-
-The output does not depend on the stabiliser (it cancels between numerator and ``max``); ``m`` only keeps
-the exponentials finite. The recurrent ``m_t`` unrolls to ``max(b_t + m_0, max_{s≤t} b_t − b_s + i_s)``
-(``b`` the cumulative log forget gate), which the chunked form computes exactly: per row the max over the
-chunk's log weights and the carried ``m``, so its final state ``(C', n', m)`` equals the reference's. A
-reset (packed documents) zeroes ``(C, n, m)`` before the token, as a fresh sequence starts. The chunkwise
-form follows NX-AI's ``mlstm_kernels`` reference (intra-chunk log-weight matrix, per-chunk states with a
-local max, a ``lax.scan`` carrying ``(C', n', m)``), with the chunk layout of ``seqjax.ops.gla``.
-
-Shapes: ``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``i, f [b, t, h]``; state ``(C [b, h, dk, dv],
-n [b, h, dk], m [b, h])`` float32. The engine (reference, chunked form, step, operator) is
-``seqjax.ops.mlstm``; this module holds the ``impl=`` dispatch, the layer and the registration.
+``C_t = f'_t C_{t-1} + i'_t k_t v_t^T``, ``n_t = f'_t n_{t-1} + i'_t k_t``,
+``h_t = C_t^T q_t / max(|n_t^T q_t|, e^{-m_t})`` with exponential input gate, sigmoid forget gate and a
+stabiliser ``m``; the equations, shapes and algorithms are in the engine, ``seqjax.ops.mlstm``. Shapes:
+``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``i, f [b, t, h]``; state ``(C [b, h, dk, dv], n [b, h, dk],
+m [b, h])`` float32. This module holds the ``impl=`` dispatch (reference, chunked, Pallas), the layer and
+the registration.
 """
 
 from __future__ import annotations
