@@ -321,7 +321,7 @@ def main(argv=None) -> list[dict]:
     meta = {"system": "pointer", "task": cfg.task, "seed": cfg.seed, "machine": machine(),
             "date": datetime.date.today().isoformat(), "train_n": list(cfg.train_n), "steps": cfg.steps,
             "hidden": cfg.hidden, "train_size": cfg.train_size, "preset": cfg.preset,
-            "command": "python experiments/pointer.py " + " ".join(argv)}
+            "command": " ".join(["python experiments/pointer.py", *argv])}
     rows = []
     for name in cfg.models:
         model = build(name, cfg, vocab)
