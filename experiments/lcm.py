@@ -217,7 +217,7 @@ def main(argv=None) -> list[dict]:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     meta = {"system": "lcm", "seed": cfg.seed, "machine": machine(), "date": datetime.date.today().isoformat(),
             "preset": cfg.preset, "steps": cfg.steps, "d": cfg.d, "assoc": cfg.assoc, "train_n": list(cfg.train_n),
-            "command": "python experiments/lcm.py " + " ".join(argv)}
+            "command": " ".join(["python experiments/lcm.py", *argv])}
     rows = []
     for task in () if cfg.timing_only else cfg.tasks:
         for agg in cfg.aggregators:
