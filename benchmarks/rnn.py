@@ -13,11 +13,13 @@
    (T = 1k only) against ``lax.scan``; Newton iterations are reported.
 
 Each function is compiled (or warmed up) first, then all are timed in interleaved rounds; the tables give
-medians and minima. ``--threads=N`` pins both frameworks to N threads (``torch.set_num_threads(N)`` and XLA's
-``intra_op_parallelism_threads=N``, set before JAX starts its CPU client); 0 leaves both at their defaults.
+medians and minima. ``--cores=N`` runs the process on its first N CPUs (``os.sched_setaffinity``, before JAX
+starts its CPU client, whose thread pool follows the affinity) and ``torch.set_num_threads(N)``; 0 leaves both
+frameworks at their defaults (all CPUs). XLA's thread flags (``intra_op_parallelism_threads``,
+``xla_cpu_multi_thread_eigen``) do not keep its matmuls on one thread; the affinity does.
 
     python benchmarks/rnn.py --skip-parallel --out=benchmarks/results/cpu_rnn.md
-    python benchmarks/rnn.py --skip-parallel --threads=1 --out=benchmarks/results/cpu_rnn.md --append
+    python benchmarks/rnn.py --skip-parallel --cores=1 --out=benchmarks/results/cpu_rnn.md --append
     python benchmarks/rnn.py --reps=3 --skip-cells          # parallel-in-time only
 """
 
@@ -225,7 +227,7 @@ class Args:
     reps: int = 7  # interleaved timing rounds
     shape: str = "16x512x256"  # BxTxD of the cell tables
     kinds: tuple[str, ...] = ("lstm", "gru")  # cells of the cell tables
-    threads: int = 0  # pin torch and XLA to this many threads; 0 = both frameworks' defaults
+    cores: int = 0  # run both frameworks on this many CPUs (affinity + torch threads); 0 = defaults
     ts: tuple[int, ...] = (1024, 8192)  # the parallel-in-time GRU's lengths
     skip_cells: bool = False
     skip_lstm: bool = False  # leave the LSTM out of the cell tables
@@ -238,21 +240,19 @@ class Args:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = cli.parse(Args, argv, description=__doc__)
-    if a.threads:
-        # before the first JAX computation, which starts the CPU client with these flags
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                                   f"{'false' if a.threads == 1 else 'true'} intra_op_parallelism_threads={a.threads}")
+    if a.cores:
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:a.cores]))  # before JAX's CPU client starts
         if torch is not None:
-            torch.set_num_threads(a.threads)
-    threads = (f"{a.threads} (torch.set_num_threads({a.threads}); XLA_FLAGS={os.environ['XLA_FLAGS'].strip()})"
-               if a.threads else "defaults of both frameworks (torch "
-               f"{torch.get_num_threads() if torch is not None else '-'} threads; XLA's own pool)")
+            torch.set_num_threads(a.cores)
+    threads = (f"CPUs {sorted(os.sched_getaffinity(0))} for both (affinity), torch "
+               f"{torch.get_num_threads() if torch is not None else '-'} threads; XLA's pool on the same CPUs, "
+               f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'unset'}")
     load0 = os.getloadavg()
     head = [f"## `python benchmarks/rnn.py {' '.join(argv)}`\n",
             f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             f"- machine: {_machine()}; backend {jax.default_backend()} ({jax.devices()[0].device_kind})",
             f"- versions: {_versions()}",
-            f"- threads: {threads}",
+            f"- cores: {threads}",
             f"- timing: {a.reps} interleaved rounds after a warm-up call each, all forms in one process; "
             "median and minimum wall time"]
     print("\n".join(head), flush=True)
