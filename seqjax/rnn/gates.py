@@ -185,7 +185,7 @@ def _forward(kind, unroll, chunk, x, W, b, R, pp, s0):
         # one array per gate, [tc, G, D, B], made once per chunk: XLA's CPU loop emitter runs a fusion that
         # slices gates out of a dynamically indexed array about 7x slower than one that indexes whole arrays
         xp = jnp.transpose(xp.reshape(bsz, tc, g, k, d), (3, 1, 2, 4, 0))
-        xp = tuple(xp[i] + bias[:, i] for i in range(k))
+        xp = tuple(xp[i] + bias[None, :, i] for i in range(k))
 
         def body(j, carry):
             s, saved, ys = carry
