@@ -231,15 +231,18 @@ def _backward(kind, unroll, chunk, res, cot):
             dax = lax.optimization_barrier(jnp.stack(dax, axis=1).reshape(g, k * d, bsz))
             dar = dax if dar is None else lax.optimization_barrier(jnp.stack(dar, axis=1).reshape(g, k * d, bsz))
             dh = jnp.einsum("gdm,gmb->gdb", R2, dar)
-            dax_c = _dput(dax_c, _from_cols(dax), jj, 1)
+            dax_c = _dput(dax_c, dax.reshape(g * k * d, bsz), jj, 0)
             if two:
-                dar_c = _dput(dar_c, _from_cols(dar), jj, 1)
+                dar_c = _dput(dar_c, dar.reshape(g * k * d, bsz), jj, 0)
             dp = {n: dp[n] + dpt[n].sum(-1) for n in dp}
             return (ds_prev[0] + dh,) + ds_prev[1:], dax_c, dar_c, dp
 
-        dax_c = jnp.zeros((bsz, tc, g * k * d), jnp.float32)
+        # [tc, G·K·D, B] in the loop (no transposed write per step), rows in (b, t) order for the matmuls after it
+        dax_c = jnp.zeros((tc, g * k * d, bsz), jnp.float32)
         dar_c = jnp.zeros_like(dax_c) if two else None
         ds, dax_c, dar_c, dp = lax.fori_loop(0, tc, body, (ds, dax_c, dar_c, dp), unroll=min(unroll, tc))
+        dax_c = jnp.transpose(dax_c, (2, 0, 1))
+        dar_c = None if dar_c is None else jnp.transpose(dar_c, (2, 0, 1))
         dax2 = dax_c.reshape(bsz * tc, g * k * d)
         dar2 = (dar_c if two else dax_c).reshape(bsz * tc, g, k * d)
         hc = lax.dynamic_slice_in_dim(h_prev, t0, tc, axis=1).reshape(bsz * tc, g, d)
