@@ -33,6 +33,7 @@ from seqjax.attention.ngram import NgramHead
 from seqjax.models.lm import LM, LMConfig
 from seqjax.rnn.wrappers import StackedRNN
 from seqjax.tasks import IGNORE, TaskBatch
+from seqjax.train.noise import gradient_noise
 
 RNN_MODELS = ("lstm", "slstm", "gru", "rnn_tanh", "rnn_relu")
 
@@ -55,6 +56,9 @@ class RunConfig:
     preset: str = "cpu"  # cpu | tiny | paper: the defaults that the other options override
     progress: bool = True
     prefix_len: int = 0  # model "jrt": tokens read non-causally at the start of each sequence (JRT-RNN)
+    embedding: str = "standard"  # LM models: "standard" or "lexinvariant" (a fresh random table per sequence)
+    grad_noise: float = 0.0  # eta of annealed gradient noise, variance eta / (1 + t) ** grad_noise_gamma; 0 = off
+    grad_noise_gamma: float = 0.55
 
 
 @dataclasses.dataclass
@@ -125,6 +129,7 @@ def build_model(cfg: RunConfig, vocab_size: int, *, rngs: nnx.Rngs):
         pattern=(cfg.model,),
         num_heads=cfg.num_heads,
         scan_layers=False,
+        embedding=cfg.embedding,
         mixer_kwargs={"jrt": {"prefix_len": cfg.prefix_len}} if cfg.model == "jrt" else {},
     )
     return _LMAdapter(LM(lm_cfg, rngs=rngs))
@@ -149,7 +154,8 @@ def run(task: TaskSpec, cfg: RunConfig, keep_model: dict | None = None) -> list[
     if keep_model is not None:
         keep_model["model"] = model
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.01)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(sched, weight_decay=cfg.weight_decay))
+    noise = [gradient_noise(cfg.grad_noise, cfg.grad_noise_gamma, cfg.seed)] if cfg.grad_noise > 0 else []
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), *noise, optax.adamw(sched, weight_decay=cfg.weight_decay))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit

@@ -13,8 +13,8 @@ divides once at the end: the result is independent of ``accum`` and of the mesh 
 summation order).
 
 Optimizer: ``clip_by_global_norm -> [add_noise] -> adamw(warmup + cosine)``; weight decay on matrices
-only. ``add_noise`` is Neelakantan et al. (2015), "Adding Gradient Noise Improves Learning for Very
-Deep Networks": Gaussian noise of variance ``eta / (1 + t) ** gamma``.
+only. ``add_noise`` is ``seqjax.train.noise.gradient_noise`` (Neelakantan et al. 2015): Gaussian noise of
+variance ``eta / (1 + t) ** gamma``.
 
 NaN guard: a step whose loss or gradient norm is not finite leaves params and optimizer state
 unchanged (a ``where`` on device) and reports ``finite=0``; the host loop then raises
@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from seqjax import sharding as shd
+from seqjax.train.noise import gradient_noise
 
 __all__ = ["NonFiniteError", "check_finite", "make_optimizer", "Trainer", "cross_entropy", "batch_spec"]
 
@@ -57,25 +58,10 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     )
     parts = [optax.clip_by_global_norm(optim.clip)] if optim.clip > 0 else []
     if optim.grad_noise > 0:
-        parts.append(_plain_key_noise(optim.grad_noise, optim.grad_noise_gamma))
+        parts.append(gradient_noise(optim.grad_noise, optim.grad_noise_gamma))
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
-
-
-def _plain_key_noise(eta: float, gamma: float) -> optax.GradientTransformation:
-    """``optax.add_noise`` whose state holds its key as raw ``uint32`` data (orbax saves plain arrays)."""
-    inner = optax.add_noise(eta, gamma, 0)
-
-    def init(params):
-        st = inner.init(params)
-        return st._replace(rng_key=jax.random.key_data(st.rng_key))
-
-    def update(grads, st, params=None):
-        upd, st = inner.update(grads, st._replace(rng_key=jax.random.wrap_key_data(st.rng_key)), params)
-        return upd, st._replace(rng_key=jax.random.key_data(st.rng_key))
-
-    return optax.GradientTransformation(init, update)
 
 
 def cross_entropy(logits, targets, weights):
