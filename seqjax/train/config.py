@@ -5,7 +5,8 @@
 parses its command line with ``parse(argv)`` (``seqjax.cli``, tyro): ``--preset=<name>`` picks the defaults,
 then dotted keys override them (``--model.d_model=256``, ``--optim.lr=1e-3``, ``--data.seq_len=512``,
 ``--mesh=1,-1,1,1``, ``--model.pattern=mamba2,attention``, ``--model.tie_embeddings=false``,
-``--model.mixer_kwargs=gla.chunk_size=128``); ``--help`` lists them all.
+``--model.mixer_kwargs=gla.chunk_size=128``, ``--model.embedding=lexinvariant`` for a lexinvariant LM whose
+embedding is a fresh Gaussian table per sequence, Huang et al. 2023); ``--help`` lists them all.
 """
 
 from __future__ import annotations
