@@ -12,11 +12,12 @@ RoPE (Su et al. 2021) rotates feature pairs ``(x_m, x_{m+d/2})`` by ``pos * thet
 
 Layout: ``q [b, t, heads, d]``, ``k, v [b, s, kv_heads, d]``; time on axis 1.
 
-:func:`attention` is the functional form (``seqjax.ops.attention``, re-exported here): it calls
-``jax.nn.dot_product_attention`` (``impl=None`` / ``"xla"`` / ``"cudnn"``) and, with ``impl="reference"``,
-a plain float32 einsum softmax used by the tests.
-Without masks beyond causality/window it passes ``is_causal`` and ``local_window_size`` so that
-cuDNN's flash attention can skip the masked blocks; packed sequences and caches use an explicit mask.
+:func:`attention` is the functional form (``seqjax.ops.attention``, re-exported here). ``impl=None`` picks
+the backend by platform, dtype, shapes and mask (``seqjax.ops.attention.choose_impl``): cuDNN's flash
+attention on a GPU, the splash kernel on a TPU, blocked flash attention in plain JAX (``seqjax.ops.flash``)
+for long sequences elsewhere, XLA's ``jax.nn.dot_product_attention`` otherwise; ``"reference"`` is a plain
+float32 einsum softmax used by the tests. Training and prefill pass causality, the window and segment ids;
+the decode caches and persistent tokens pass an explicit mask and take the XLA path.
 
 Caches (:class:`Attention.init_cache`) are :class:`KVCache` NamedTuples of arrays::
 
@@ -46,7 +47,7 @@ from seqjax import _checks
 from seqjax.layer import plan
 from seqjax.nn import RMSNorm
 from seqjax.ops import context_parallel as cp
-from seqjax.ops.attention import attention, attention_reference, make_mask
+from seqjax.ops.attention import IMPLS, attention, attention_reference, make_mask
 
 __all__ = [
     "rope",
@@ -149,9 +150,11 @@ class Attention(nnx.Module):
             head_dim = d_model // num_heads
         if window is not None and window < 1:
             raise ValueError(f"window must be a positive int or None, got {window}")
-        _checks.check_choice("impl", impl, (None, "xla", "cudnn", "reference"))
+        _checks.check_choice("impl", impl, IMPLS)
         self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, num_kv_heads, head_dim
         self.window, self.rope_theta, self.dtype, self.impl = window, rope_theta, jnp.dtype(dtype), impl
+        # caches and persistent tokens need an explicit mask, which only the XLA / reference paths take
+        self.mask_impl = impl if impl in ("xla", "cudnn", "reference") else None
         std_in, std_out = d_model**-0.5, (num_heads * head_dim) ** -0.5
         key = rngs.params
         self.wq = nnx.Param(_init(std_in)(key(), (d_model, num_heads, head_dim)), out_sharding=("embed", "heads", "head_dim"))
@@ -212,14 +215,14 @@ class Attention(nnx.Module):
             mesh = plan(x, cache=cache, context_parallel=self.persistent is None and self.window is None).mesh
             if mesh is not None:
                 # time is split over the mesh's `context` axis: queries stay local, K/V are all-gathered
-                o = cp.attention_context_parallel(q, k, v, mesh=mesh, segment_ids=segment_ids)
+                o = cp.attention_context_parallel(q, k, v, mesh=mesh, segment_ids=segment_ids, impl=self.impl)
             elif self.persistent is None:
                 o = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
             else:
                 idx = jnp.arange(t, dtype=jnp.int32)[None]
                 mask = make_mask(idx, idx, q_seg=segment_ids, k_seg=segment_ids, window=self.window)
                 kk, vv, mask = self.with_persistent(k, v, mask)
-                o = attention(q, kk, vv, mask=mask, impl=self.impl)
+                o = attention(q, kk, vv, mask=mask, impl=self.mask_impl)
             return self.out(o).astype(x.dtype), None
 
         index = cache.index
@@ -241,14 +244,14 @@ class Attention(nnx.Module):
             kseg = jax.lax.dynamic_update_slice(cache.seg, seg, (0, index))
             mask = make_mask(q_idx, kpos[None], q_seg=seg, k_seg=kseg)
             kk, vv, mask = self.with_persistent(kc, vc, mask)
-            o = attention(q, kk, vv, mask=mask, impl=self.impl)
+            o = attention(q, kk, vv, mask=mask, impl=self.mask_impl)
         else:  # ring buffer: attend over [ring || new], then keep the last `size` tokens
             k_all, v_all = jnp.concatenate([kc, k], 1), jnp.concatenate([vc, v], 1)
             pos_all = jnp.concatenate([cache.pos, q_idx[0]])
             seg_all = jnp.concatenate([cache.seg, seg], 1)
             mask = make_mask(q_idx, pos_all[None], q_seg=seg, k_seg=seg_all, window=self.window)
             k_all, v_all, mask = self.with_persistent(k_all, v_all, mask)
-            o = attention(q, k_all, v_all, mask=mask, impl=self.impl)
+            o = attention(q, k_all, v_all, mask=mask, impl=self.mask_impl)
             m = min(t, size)
             slots = (index + t - m + jnp.arange(m, dtype=jnp.int32)) % size
             kc = kc.at[:, slots].set(k[:, t - m :])

@@ -1,4 +1,4 @@
-r"""Softmax attention as a function: the mask, the plain float32 reference and the backend call.
+r"""Softmax attention as a function: the mask, the plain float32 reference and the backend choice.
 
 Math (per head ``n``, query position ``i``, key position ``j``)::
 
@@ -8,11 +8,18 @@ Math (per head ``n``, query position ``i``, key position ``j``)::
 Query head ``n`` reads key/value head ``n // (num_heads / num_kv_heads)`` (GQA, Ainslie et al. 2023).
 Layout: ``q [b, t, heads, d]``, ``k, v [b, s, kv_heads, d]``; time on axis 1.
 
-:func:`attention` calls ``jax.nn.dot_product_attention`` (``impl=None`` / ``"xla"`` / ``"cudnn"``) and, with
-``impl="reference"``, :func:`attention_reference`, a plain float32 einsum softmax used by the tests. Without
-masks beyond causality/window it passes ``is_causal`` and ``local_window_size`` so that cuDNN's flash
-attention can skip the masked blocks; packed sequences and caches use an explicit mask. The layer (RoPE,
-projections, caches) is ``seqjax.attention.Attention``.
+:func:`attention` runs one of five backends (``impl=``):
+
+- ``"cudnn"``: cuDNN's flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``), GPU only;
+- ``"splash"``: the TPU's splash attention kernel (``seqjax.ops.splash``; interpret mode elsewhere);
+- ``"blocked"``: flash attention in plain JAX (``seqjax.ops.flash``): blocked online softmax, recomputing
+  backward, no ``[b, h, t, s]`` buffer; any platform;
+- ``"xla"``: ``jax.nn.dot_product_attention``'s XLA path, which materialises the float32 scores;
+- ``"reference"``: :func:`attention_reference`, a plain float32 einsum softmax used by the tests.
+
+``impl=None`` takes :func:`choose_impl`'s pick for the platform, dtype, shapes and mask. Only ``"xla"`` and
+``"reference"`` take an explicit ``mask`` (caches); the others take causality, ``window`` and ``segment_ids``.
+The layer (RoPE, projections, caches) is ``seqjax.attention.Attention``.
 """
 
 from __future__ import annotations
@@ -22,9 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import _checks
+from seqjax import sharding as _sharding
+from seqjax.ops.flash import flash_attention
+from seqjax.ops.splash import splash_attention
 from seqjax.types import AnyArray, Array, Float, Shaped
 
-__all__ = ["make_mask", "attention_reference", "attention"]
+__all__ = ["make_mask", "attention_reference", "attention", "choose_impl", "platform", "IMPLS", "BLOCKED_MIN_LEN"]
+
+IMPLS = (None, "xla", "cudnn", "reference", "blocked", "splash")
+BLOCKED_MIN_LEN = 1024  # from here on the CPU's blocked form beats XLA's (benchmarks/results/cpu_attention.md)
+SPLASH_MIN_LEN = 128  # one splash block; shorter sequences keep XLA on a TPU
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def make_mask(q_idx, k_idx, *, q_seg=None, k_seg=None, window=None, causal=True):
@@ -65,33 +80,98 @@ def attention_reference(
     return jnp.einsum("bhts,bshd->bthd", p, vr).astype(q.dtype)
 
 
-def attention(q, k, v, *, segment_ids=None, window=None, causal=True, mask=None, scale=None, impl=None):
+def platform() -> str:
+    """The platform attention is traced for: that of the devices of the innermost
+    ``seqjax.sharding.use_rules`` mesh (a TPU topology compiled from a CPU host), else ``jax.default_backend()``."""
+    mesh = _sharding.current()[0]
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def cudnn_allowed(dtype, head_dim: int) -> bool:
+    """cuDNN's fused attention: bf16 / fp16 and a head dim <= 128 that is a multiple of 8."""
+    return jnp.dtype(dtype) in CUDNN_DTYPES and head_dim <= 128 and head_dim % 8 == 0
+
+
+def choose_impl(
+    platform: str,
+    dtype,
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    *,
+    causal: bool = True,
+    window: bool = False,
+    segments: bool = False,
+    offset: bool = False,
+    explicit_mask: bool = False,
+) -> str:
+    """The backend ``impl=None`` runs (a pure function of what it is given).
+
+    - an explicit mask (decode caches, persistent tokens): ``"xla"``;
+    - GPU: ``"cudnn"`` for self-attention (``t == s``, no query offset) without segment ids when
+      :func:`cudnn_allowed`; otherwise ``"blocked"`` from :data:`BLOCKED_MIN_LEN` on, else ``"xla"``;
+    - TPU: ``"splash"`` for self-attention from :data:`SPLASH_MIN_LEN` on (causal, window, segments; with a
+      query offset only under context parallelism, which builds its kernel per shard), else ``"xla"`` or
+      ``"blocked"`` by length;
+    - elsewhere (CPU): ``"blocked"`` from :data:`BLOCKED_MIN_LEN` on, else ``"xla"``.
+    """
+    t, s, d = q_shape[1], k_shape[1], q_shape[3]
+    if explicit_mask:
+        return "xla"
+    self_attn = t == s and not offset
+    if platform == "gpu" and self_attn and not segments and cudnn_allowed(dtype, d) and (causal or not window):
+        return "cudnn"
+    if platform == "tpu" and self_attn and max(t, s) >= SPLASH_MIN_LEN:
+        return "splash"
+    return "blocked" if max(t, s) >= BLOCKED_MIN_LEN else "xla"
+
+
+def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, window=None, causal=True, mask=None, scale=None,
+              impl=None):
     """Causal (optionally windowed, packed) softmax attention over one sequence block.
 
     Args:
-      q: ``[b, t, heads, d]``; k, v: ``[b, t, kv_heads, d]`` with ``heads % kv_heads == 0``.
-      segment_ids: ``[b, t]`` int; tokens attend only within their own document.
+      q: ``[b, t, heads, d]``; k, v: ``[b, s, kv_heads, d]`` with ``heads % kv_heads == 0``; the queries are
+        the last ``t`` of the ``s`` positions.
+      segment_ids: ``[b, t]`` int; tokens attend only within their own document. ``kv_segment_ids [b, s]``
+        are the keys' (default ``segment_ids``, which then needs ``s == t``).
       window: sliding window ``w``: token ``i`` sees ``i-w < j <= i``.
-      mask: an explicit ``[b|1, 1, t, s]`` bool mask replacing the causal / window / segment mask.
-      impl: ``None`` / ``"xla"`` / ``"cudnn"`` (``jax.nn.dot_product_attention``) or ``"reference"``.
+      mask: an explicit ``[b|1, 1, t, s]`` bool mask replacing the causal / window / segment mask
+        (``impl`` ``None``, ``"xla"``, ``"cudnn"`` or ``"reference"``).
+      impl: ``None`` (:func:`choose_impl`), ``"xla"``, ``"cudnn"``, ``"blocked"``, ``"splash"`` or ``"reference"``.
 
     Returns ``[b, t, heads, d]`` in ``q.dtype``.
     """
     _checks.check_ndim("q", q, 4, "[batch, time, heads, head_dim]")
     _checks.check_ndim("k", k, 4, "[batch, time, kv_heads, head_dim]")
     _checks.check_same_shape("k", k, "v", v)
-    _checks.check_choice("impl", impl, (None, "xla", "cudnn", "reference"))
+    _checks.check_choice("impl", impl, IMPLS)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
     t, s = q.shape[1], k.shape[1]
+    if segment_ids is not None:
+        _checks.check_shape("segment_ids", segment_ids, (q.shape[0], t), "[batch, time]")
+        if kv_segment_ids is None and s != t:
+            raise ValueError(f"segment_ids with {s} keys and {t} queries needs kv_segment_ids [batch, {s}]")
+        kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+        _checks.check_shape("kv_segment_ids", kv_segment_ids, (q.shape[0], s), "[batch, keys]")
+    if impl is None:
+        impl = choose_impl(platform(), q.dtype, q.shape, k.shape, causal=causal, window=window is not None,
+                           segments=segment_ids is not None, explicit_mask=mask is not None)
+    if mask is not None and impl in ("blocked", "splash"):
+        raise ValueError(f"impl={impl!r} takes causal / window / segment_ids, not an explicit mask")
+    if impl == "blocked":
+        return flash_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+                               kv_segment_ids=kv_segment_ids, q_offset=s - t, scale=scale)
+    if impl == "splash":
+        return splash_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+                                kv_segment_ids=kv_segment_ids, scale=scale)
     if mask is None and (segment_ids is not None or impl == "reference" or not causal):
-        if segment_ids is not None:
-            _checks.check_shape("segment_ids", segment_ids, (q.shape[0], t), "[batch, time]")
         idx = jnp.arange(s, dtype=jnp.int32)[None]
         seg = None if segment_ids is None else jnp.asarray(segment_ids)
-        mask = make_mask(idx[:, s - t :], idx, q_seg=seg, k_seg=seg, window=window, causal=causal)
+        kseg = None if segment_ids is None else jnp.asarray(kv_segment_ids)
+        mask = make_mask(idx[:, s - t :], idx, q_seg=seg, k_seg=kseg, window=window, causal=causal)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if impl == "reference":
         return attention_reference(q, k, v, mask, scale=scale)

@@ -25,7 +25,9 @@ instead of ``exp(A_r)``; it comes out of the local chunked pass itself (an ident
 state), and the outputs take a second local pass from the folded incoming state.
 
 **Softmax attention**: each device keeps its queries and all-gathers K, V and segment ids over
-``context``; the causal mask uses global positions (no load-balancing reorder).
+``context``; the causal mask uses global positions (no load-balancing reorder). The local attention is
+flash attention where the platform has it: blocked attention in plain JAX with the shard's query offset
+(CPU, GPU), or the splash kernel built for the whole mask with its query blocks split over ``context`` (TPU).
 
 Both run inside ``jax.shard_map`` with batch on ``(data, fsdp)`` and heads on ``tensor``, so a kernel
 used as the local form stays inside ``shard_map`` as Mosaic/Triton kernels require.
@@ -47,9 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from seqjax.ops.attention import attention, make_mask
+from seqjax import _checks
+from seqjax.ops import attention as A
+from seqjax.ops.attention import make_mask
 from seqjax.ops.delta import chunk_delta_rule
+from seqjax.ops.flash import flash_attention
 from seqjax.ops.gla import chunk_gla, recurrent_gla
+from seqjax.ops.splash import run_kernel, splash_kernel
 from seqjax.types import AnyArray, Array, Float, Shaped
 
 Decay = Float[AnyArray, "b t h"] | Float[AnyArray, "b t h k"]  # per-head or per-channel log decays
@@ -237,28 +243,57 @@ def attention_context_parallel(
     *,
     mesh,
     segment_ids: Shaped[AnyArray, "b t"] | None = None,
+    impl: str | None = None,
+    scale: float | None = None,
     context: str = "context",
     batch_axes=("data", "fsdp"),
     head_axis="tensor",
 ) -> Float[Array, "b t h d"]:
     """Causal softmax attention with time sharded over ``context``: K/V (and segment ids) are
-    all-gathered, queries stay local. ``q [b, t, h, d]``, ``k, v [b, t, kv_h, d]``."""
+    all-gathered, queries stay local at their global positions. ``q [b, t, h, d]``, ``k, v [b, t, kv_h, d]``.
+
+    ``impl``: as ``seqjax.ops.attention.attention``; ``None`` takes ``choose_impl``'s pick for the whole
+    sequence on the mesh's platform, with two changes: cuDNN's causal mask has no query offset, so a GPU runs
+    ``"blocked"`` (``q_offset = shard * t_local``); the TPU's ``"splash"`` kernel is built for the whole
+    ``[T, T]`` mask with its query blocks split over ``context`` (``q_seq_shards``, as MaxText does), which
+    needs ``t_local`` a multiple of 128 (else ``"blocked"``). ``"xla"`` / ``"reference"`` build the
+    ``[t_local, T]`` mask.
+    """
+    _checks.check_choice("impl", impl, A.IMPLS)
     b, h = _specs(mesh, batch_axes, context, head_axis, batch=q.shape[0], heads=q.shape[2])
     kv_h = h if h is not None and k.shape[2] % mesh.shape[h] == 0 else None
     if kv_h is None:
         h = None
     act, kv = P(b, context, h, None), P(b, context, kv_h, None)
+    packed = segment_ids is not None
     seg = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    n_ctx = context_size(mesh, context)
+    t_all, tl = q.shape[1], q.shape[1] // n_ctx
+    scale = float(1.0 / np.sqrt(q.shape[3]) if scale is None else scale)
+    if impl is None:
+        impl = A.choose_impl(mesh.devices.flat[0].platform, q.dtype, q.shape, k.shape, segments=packed)
+        impl = "blocked" if impl == "cudnn" or (impl == "splash" and tl % 128) else impl
+    args, specs = [q, k, v, seg], [act, kv, kv, P(b, context)]
+    if impl == "splash":
+        kern = splash_kernel(t_all, t_all, q.shape[2] // k.shape[2], interpret=mesh.devices.flat[0].platform != "tpu",
+                             q_seq_shards=n_ctx)
+        args.append(kern)
+        specs.append(kern.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, context))))
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(act, kv, kv, P(b, context)), out_specs=act, check_vma=False)
-    def run(q, k, v, seg):
-        tl = q.shape[1]
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=tuple(specs), out_specs=act, check_vma=False)
+    def run(q, k, v, seg, *kern):
         k_all = jax.lax.all_gather(k, context, axis=1, tiled=True)
         v_all = jax.lax.all_gather(v, context, axis=1, tiled=True)
         seg_all = jax.lax.all_gather(seg, context, axis=1, tiled=True)
-        q_idx = (jax.lax.axis_index(context) * tl + jnp.arange(tl, dtype=jnp.int32))[None]
+        offset = jax.lax.axis_index(context) * tl
+        if impl == "blocked":
+            return flash_attention(q, k_all, v_all, segment_ids=seg if packed else None,
+                                   kv_segment_ids=seg_all if packed else None, q_offset=offset, scale=scale)
+        if impl == "splash":
+            return run_kernel(kern[0], q, k_all, v_all, seg if packed else None, seg_all if packed else None, scale)
+        q_idx = (offset + jnp.arange(tl, dtype=jnp.int32))[None]
         k_idx = jnp.arange(k_all.shape[1], dtype=jnp.int32)[None]
         mask = make_mask(q_idx, k_idx, q_seg=seg, k_seg=seg_all)
-        return attention(q, k_all, v_all, mask=mask)
+        return A.attention(q, k_all, v_all, mask=mask, scale=scale, impl=impl)
 
-    return run(q, k, v, seg)
+    return run(*args)

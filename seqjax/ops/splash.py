@@ -1,0 +1,110 @@
+r"""The TPU's flash attention: JAX's splash attention kernel (``jax.experimental.pallas.ops.tpu.splash_attention``)
+behind seqjax's layout, masks and grouped-query heads.
+
+Splash ("sparse flash") attention is a Mosaic TPU kernel with a block-sparse mask: blocks the mask hides are
+skipped in the forward and in its fused backward. seqjax's masks map onto it as
+
+- causal:            ``CausalMask`` (``offset = s - t`` when the queries are the last ``t`` of ``s`` keys),
+- sliding window:    ``LocalMask(window_size=(window - 1, 0))`` (``(window - 1, None)`` without causality),
+- packed sequences:  ``SegmentIds(q, kv)``,
+- GQA:               the kernel's MQA form (one kv head, ``heads / kv_heads`` query heads) mapped over
+                     batch and kv heads.
+
+Lengths are padded to a multiple of 128 (the kernel's block); padded queries and keys get a segment id of
+their own, so they never mix with real tokens. ``interpret=None`` runs the kernel's Pallas body in
+interpret mode anywhere but on a TPU (the CPU tests), and compiles it for a TPU there (and for a TPU
+topology from a CPU host, ``tests/test_flash_attention.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+from seqjax.types import AnyArray, Array, Float, Shaped
+
+__all__ = ["splash_attention", "splash_kernel", "splash_block", "PAD_SEGMENT"]
+
+LANE = 128
+PAD_SEGMENT = np.iinfo(np.int32).min  # the segment id of padding (no real token has it)
+
+
+def _round(n: int, m: int = LANE) -> int:
+    return -(-n // m) * m
+
+
+def splash_block(n: int, cap: int = 512) -> int:
+    """The largest of ``cap, cap/2, …, 128`` dividing ``n`` (a multiple of 128)."""
+    b = cap
+    while n % b:
+        b //= 2
+    return b
+
+
+def splash_kernel(t: int, s: int, groups: int, *, causal=True, window=None, offset=0, interpret=False,
+                  q_seq_shards: int = 1, block: int = 512):
+    """The MQA splash kernel for ``groups`` query heads per kv head over ``t`` (padded) queries and ``s``
+    (padded) keys, query ``i`` at key position ``i + offset``. ``q_seq_shards > 1`` builds it for queries
+    split over that many devices (``SplashAttentionKernel.manual_sharding_spec``)."""
+    if window is not None:
+        one = sa.LocalMask((t, s), window_size=(window - 1, 0 if causal else None), offset=offset)
+    elif causal:
+        one = sa.CausalMask((t, s), offset=offset)
+    else:
+        one = sa.FullMask((t, s))
+    bq, bk = splash_block(t // q_seq_shards, block), splash_block(s, block)
+    sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                          block_kv_dkv_compute=bk, use_fused_bwd_kernel=True)
+    return sa.make_splash_mqa(sa.MultiHeadMask([one] * groups), block_sizes=sizes, head_shards=1,
+                              q_seq_shards=q_seq_shards, interpret=interpret)
+
+
+def run_kernel(kernel, q, k, v, q_seg, k_seg, scale):
+    """``kernel`` (from :func:`splash_kernel`) on ``q [b, t, h, d]``, ``k, v [b, s, kvh, d]`` with
+    ``q_seg [b, t]`` / ``k_seg [b, s]`` (or None), lengths already what the kernel was built for."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)  # [b, n, g, t, d]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, n, s, d]
+
+    def one(qg, kt, vt, qs, ks):
+        seg = None if qs is None else sa.SegmentIds(q=qs, kv=ks)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=seg))(qg, kt, vt)
+
+    o = jax.vmap(one)(qg, kt, vt, q_seg, k_seg)  # [b, n, g, t, d]
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def splash_attention(
+    q: Float[AnyArray, "b t h d"],
+    k: Float[AnyArray, "b s kvh d"],
+    v: Float[AnyArray, "b s kvh d"],
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    segment_ids: Shaped[AnyArray, "b t"] | None = None,
+    kv_segment_ids: Shaped[AnyArray, "b s"] | None = None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+) -> Float[Array, "b t h d"]:
+    """Causal (windowed, packed) attention by the splash kernel; the queries are the last ``t`` of the ``s``
+    keys' positions. Same arguments and result as ``seqjax.ops.flash.flash_attention`` (``q_offset = s - t``)."""
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    scale = float(1.0 / np.sqrt(d) if scale is None else scale)
+    tp, sp = _round(t), _round(s)
+    q_seg = k_seg = None
+    if segment_ids is not None or (tp != t or sp != s) and (not causal or s != t):
+        q_seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        k_seg = q_seg if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, tp - t)), constant_values=PAD_SEGMENT)
+        k_seg = jnp.pad(k_seg, ((0, 0), (0, sp - s)), constant_values=PAD_SEGMENT)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+    # the queries sit at key positions s - t + i: the offset keeps that when t and s pad by different amounts
+    kernel = splash_kernel(tp, sp, h // kvh, causal=causal, window=window, offset=s - t, interpret=interpret)
+    o = run_kernel(kernel, pad(q, tp), pad(k.astype(q.dtype), sp), pad(v.astype(q.dtype), sp), q_seg, k_seg, scale)
+    return o[:, :t]
