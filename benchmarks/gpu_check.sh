@@ -11,7 +11,11 @@
 #          scripts at T = 2k with --forms=fla -> <device>_gla_fla.md, <device>_delta_fla.md; GPU_CHECK_FLA_S
 #          (default 270) caps each; give it a device call of its own;
 #   rnn    benchmarks/rnn.py's LSTM table (sequential / fused / the Pallas kernel vs Flax) -> <device>_rnn.md;
-#   train  benchmarks/train.py on the ~125M preset, global batch cut to 32 rows -> <device>_train.md.
+#   train  benchmarks/train.py on the ~125M preset, global batch cut to 32 rows -> <device>_train.md;
+#   attention  the flash attention tests compiled on the GPU (the blocked form; cuDNN through impl=None
+#          against the reference) and benchmarks/attention.py: cuDNN vs XLA vs blocked, bf16, causal, at
+#          (B, T, H, D) = (8, 2048, 16, 128) and (2, 8192, 16, 128), time and XLA's temporary memory
+#          -> <device>_attention.md (about 2 minutes; not in the default list).
 # GPU_CHECK_STAGES picks them: "tests gla delta rnn" by default (about 8.5 minutes on an H200 with fla's
 # first-call autotuning); "train" in a call of its own. GPU_CHECK_SMOKE=1 runs tiny shapes
 # and a few tests (a dry run of this script on a CPU). Wheels the image lacks (fla-core; grain,
@@ -60,5 +64,10 @@ on train && { echo "== training throughput, 125M preset"
   timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="benchmarks/results/${DEV}_train.md"; }
 if [ -n "$SMOKE" ]; then RA=(--reps=1 --shape=2x8x32); else RA=(--reps=3); fi
 on rnn && { echo "== nonlinear RNNs (LSTM)"; timeout 60 $PY benchmarks/rnn.py --skip-parallel "${RA[@]}" | tee "benchmarks/results/${DEV}_rnn.md"; }
+if [ -n "$SMOKE" ]; then AA=(--shapes=1x256x2x64 --reps=1); else AA=(--shapes=8x2048x16x128,2x8192x16x128 --reps=5); fi
+on attention && { echo "== flash attention: cuDNN vs XLA vs blocked"
+  timeout 120 $PY -m pytest -q -n 0 -p no:cacheprovider --tb=short -rf -k "not interpret and not tpu and not context_parallel" \
+    tests/test_flash_attention.py > "$O/attention_tests.txt" 2>&1; echo "pytest exit $?"; tail -5 "$O/attention_tests.txt"
+  timeout 150 $PY benchmarks/attention.py --dtype=bfloat16 "${AA[@]}" --out="benchmarks/results/${DEV}_attention.md"; }
 cp benchmarks/results/${DEV}*.md "$O/" 2>/dev/null
 ls "$O"

@@ -142,6 +142,17 @@ def test_attention_impl_none_on_cpu_is_blocked_from_the_threshold_on():
     assert _jaxpr_has_custom_vjp(lambda *a: attention(*a), *long)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's flash attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("window", [None, 64])
+def test_cudnn_attention_matches_reference_on_a_gpu(window):
+    """bf16, head dim 128, GQA: ``impl=None`` takes cuDNN on a GPU; values and gradients against the
+    float32 reference on the same inputs (bf16 tolerances)."""
+    q, k, v = _qkv(jax.random.PRNGKey(11), 2, 512, 512, 4, 2, 128, jnp.bfloat16)
+    assert choose_impl("gpu", q.dtype, q.shape, k.shape, window=window is not None) == "cudnn"
+    f = lambda q, k, v: attention(q, k, v, window=window).astype(jnp.float32)
+    _values_and_grads(f, lambda q, k, v: _reference(q, k, v, window=window), (q, k, v), 3e-2)
+
+
 # ------------------------------------------------------------------------------------------- splash
 SPLASH_CASES = {  # b, t, h, kvh, d, window, packed
     "causal-gqa-padded": (2, 200, 4, 2, 64, None, False),

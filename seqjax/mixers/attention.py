@@ -10,7 +10,8 @@ The functional form :func:`causal_attention` takes that state as ``h0`` and retu
 shared contract holds as for every mixer: split-and-carry and step-by-step decoding equal one parallel
 run. Global attention's state grows with the length (its spec says ``growing_state``); the window keeps
 sliding-window attention's at ``window - 1`` tokens. The computation is ``seqjax.ops.attention.attention``
-(``impl="sequential"`` is its plain float32 reference, ``attention_reference``); RoPE, projections and the
+(``impl="sequential"`` is its plain float32 reference, ``attention_reference``; ``"blocked"`` the
+flash attention of ``seqjax.ops.flash``; ``"auto"`` the backend ``seqjax.ops.attention.choose_impl`` picks); RoPE, projections and the
 decode caches (a KV cache, a ring buffer) belong to the layers ``seqjax.attention.Attention`` and
 ``SlidingWindowAttention``.
 
@@ -37,8 +38,8 @@ __all__ = [
     "causal_attention_materialize", "causal_attention_make_inputs",
 ]  # fmt: skip
 
-IMPLS = ("auto", "sequential", "xla", "cudnn")
-_BACKEND = {"auto": None, "sequential": "reference", "xla": "xla", "cudnn": "cudnn"}
+IMPLS = ("auto", "sequential", "xla", "cudnn", "blocked", "splash")
+_BACKEND = {"auto": None, "sequential": "reference", "xla": "xla", "cudnn": "cudnn", "blocked": "blocked", "splash": "splash"}
 
 
 class KVState(NamedTuple):
@@ -98,9 +99,8 @@ def causal_attention(
     # documents: 0 up to this call's first reset; h0's keys outside the current document match none
     doc = jnp.zeros((b, t), jnp.int32) if resets is None else jnp.cumsum(jnp.asarray(resets, jnp.int32), axis=1)
     k_doc = jnp.concatenate([jnp.where(h0.live, 0, -1), doc], axis=1)
-    idx = jnp.arange(s + t, dtype=jnp.int32)[None]
-    mask = make_mask(idx[:, s:], idx, q_seg=doc, k_seg=k_doc, window=window)
-    y = attention(q, keys, values, mask=mask, scale=scale, impl=_BACKEND[impl])
+    y = attention(q, keys, values, segment_ids=doc, kv_segment_ids=k_doc, window=window, scale=scale,
+                  impl=_BACKEND[impl])
     keep = s + t if window is None else min(s + t, window - 1)
     live = k_doc == doc[:, -1:]
     return y, KVState(keys[:, s + t - keep :], values[:, s + t - keep :], live[:, s + t - keep :])
@@ -166,14 +166,14 @@ _ATTENTION_CONFIG = ("num_heads", "num_kv_heads", "rope_theta", "qk_norm")
 register(MixerSpec(
     name="attention", fn=causal_attention, recurrent=causal_attention_recurrent, step=causal_attention_step,
     make_inputs=causal_attention_make_inputs, layer=Attention, materialize=causal_attention_materialize,
-    value_arg="v", impls=("sequential", "xla"), context_parallel=True, growing_state=True, quadratic=True,
+    value_arg="v", impls=("sequential", "xla", "blocked"), context_parallel=True, growing_state=True, quadratic=True,
     lm_config=_ATTENTION_CONFIG, takes_positions=True, paper="https://arxiv.org/abs/1706.03762",
     doc="Causal softmax attention (Vaswani et al. 2017) with RoPE, GQA, QK-norm; a KV cache",
 ))
 register(MixerSpec(
     name="swa", fn=causal_attention, recurrent=causal_attention_recurrent, step=causal_attention_step,
     make_inputs=causal_attention_make_inputs, layer=SlidingWindowAttention,
-    materialize=causal_attention_materialize, value_arg="v", impls=("sequential", "xla"),
+    materialize=causal_attention_materialize, value_arg="v", impls=("sequential", "xla", "blocked"),
     options={"window": 8}, quadratic=True, lm_config=_ATTENTION_CONFIG + ("window",), takes_positions=True,
     paper="https://arxiv.org/abs/2004.05150",
     doc="Sliding-window softmax attention (Beltagy et al. 2020); a window-slot ring buffer",

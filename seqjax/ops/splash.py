@@ -61,6 +61,29 @@ def splash_kernel(t: int, s: int, groups: int, *, causal=True, window=None, offs
                               q_seq_shards=q_seq_shards, interpret=interpret)
 
 
+def _default_precision(f):
+    """``f`` with its forward and backward traced under ``jax.default_matmul_precision("default")``: bf16
+    operands take the MXU's bf16 pass whatever the global setting says (Mosaic rejects a bf16 matmul asked
+    for float32 precision, "Bad lhs type"). The kernel's backward is traced when the cotangent arrives, so
+    the context must be entered there too."""
+
+    @jax.custom_vjp
+    def g(*args):
+        with jax.default_matmul_precision("default"):
+            return f(*args)
+
+    def fwd(*args):
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(f, *args)
+
+    def bwd(vjp, ct):
+        with jax.default_matmul_precision("default"):
+            return vjp(ct)
+
+    g.defvjp(fwd, bwd)
+    return g
+
+
 def run_kernel(kernel, q, k, v, q_seg, k_seg, scale):
     """``kernel`` (from :func:`splash_kernel`) on ``q [b, t, h, d]``, ``k, v [b, s, kvh, d]`` with
     ``q_seg [b, t]`` / ``k_seg [b, s]`` (or None), lengths already what the kernel was built for."""
@@ -73,7 +96,10 @@ def run_kernel(kernel, q, k, v, q_seg, k_seg, scale):
         seg = None if qs is None else sa.SegmentIds(q=qs, kv=ks)
         return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=seg))(qg, kt, vt)
 
-    o = jax.vmap(one)(qg, kt, vt, q_seg, k_seg)  # [b, n, g, t, d]
+    run = jax.vmap(one)
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+        run = _default_precision(run)
+    o = run(qg, kt, vt, q_seg, k_seg)  # [b, n, g, t, d]
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
