@@ -2,6 +2,7 @@
 basis (a linear layer's is its SVD), criticality constants and kernel recursions (against Monte Carlo), exact
 permutation ensembles, the substitution cipher; clear errors; each experiment for two steps at tiny size."""
 
+import json
 import os
 import sys
 
@@ -269,3 +270,64 @@ def test_decipher_accuracy_by_hand():
         CI.decipher_accuracy(pred[:, :2], plain)
     with pytest.raises(ValueError, match="tokens must be ids"):
         CI.encipher([5], np.arange(3))
+
+
+# ----------------------------------------------------------------------------- experiments, two steps at tiny size
+
+
+def _written(tmp_path, name):
+    d = tmp_path / name
+    assert {p.name for p in d.iterdir()} == {"records.jsonl", "table.md", "plot.png"}
+    records = [json.loads(x) for x in (d / "records.jsonl").read_text().splitlines()]
+    assert records and all({"machine", "date", "seed"} <= set(r) for r in records)
+    return records, (d / "table.md").read_text()
+
+
+def test_criticality_experiment_two_steps(tmp_path):
+    import criticality
+
+    rows = criticality.main(["--preset=tiny", f"--out={tmp_path}"])
+    records, table = _written(tmp_path, "criticality")
+    assert len(records) == len(rows) == 9 + 2 + 2  # 9 propagation rows, 2 C_W × 1 depth, 2 (L, n) pairs
+    relu = next(r for r in records if r["kind"] == "propagation" and r["activation"] == "relu" and r["critical"])
+    assert relu["K_theory"] == pytest.approx(1.0) and relu["grad_theory"] == pytest.approx(1.0)
+    assert "Trainability" in table and "Depth-to-width" in table
+
+
+def test_convergent_experiment_two_steps(tmp_path):
+    import convergent
+
+    rows = convergent.main(["--preset=tiny", f"--out={tmp_path}"])
+    records, table = _written(tmp_path, "convergent")
+    assert {r["layer"] for r in records} == {"embed", "rnn1", "logits"} and {r["state"] for r in rows} == {"trained", "init"}
+    assert all(0.0 <= r["near_perfect"] <= 1.0 and -1.0 <= r["mean_corr"] <= 1.0 for r in records)
+
+
+def test_permutation_learning_experiment_two_steps(tmp_path):
+    import permutation_learning
+
+    permutation_learning.main(["--preset=tiny", f"--out={tmp_path}"])
+    records, table = _written(tmp_path, "permutation_learning")
+    assert [r["k"] for r in records] == [3] and records[0]["paper_size_90_two_hot"] == 2
+    assert "| 3 | 3 |" in table
+
+
+def test_interaction_basis_experiment_two_steps(tmp_path):
+    import interaction_basis
+
+    interaction_basis.main(["--preset=tiny", f"--out={tmp_path}"])
+    records, table = _written(tmp_path, "interaction_basis")
+    basis = {r["basis"]: r for r in records if r["kind"] == "basis"}
+    assert set(basis) == {"interaction", "pca", "neuron"}
+    assert basis["neuron"]["ranks"] == [64, 8, 8, 10] and all(0 < s <= 1 for s in basis["interaction"]["sparsity"])
+
+
+def test_lexinvariant_experiment_two_steps(tmp_path):
+    import lexinvariant
+
+    lexinvariant.main(["--preset=tiny", f"--out={tmp_path}"])
+    records, table = _written(tmp_path, "lexinvariant")
+    ppl = [r for r in records if r["kind"] == "ppl"]
+    assert {(r["embedding"], r["text"]) for r in ppl} == {(e, t) for e in ("standard", "lexinvariant") for t in ("plain", "cipher")}
+    assert all(r["ppl"] > 1 for r in ppl)
+    assert all(0 <= r["acc"] <= 1 for r in records if r["kind"] == "decipher")

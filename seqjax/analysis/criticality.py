@@ -187,16 +187,37 @@ def init_mlp(key, widths, C_W: float, C_b: float) -> list[tuple[Array, Array]]:
     return params
 
 
+def _run(params, x, activation, shifts=None):
+    """Preactivations of every layer; the run of equal-shaped layers after the first is a ``lax.scan`` (compile
+    time independent of depth)."""
+    s = ACTIVATIONS[activation]
+    W0, b0 = params[0]
+    zs = [x @ W0 + b0[None, :] + (0 if shifts is None else shifts[0])]
+    rest = list(params[1:])
+    run = 0
+    while run < len(rest) and rest[run][0].shape == rest[0][0].shape:
+        run += 1
+    if run:
+        Ws = jnp.stack([w for w, _ in rest[:run]])
+        bs = jnp.stack([b for _, b in rest[:run]])
+        sh = jnp.zeros((run,) + zs[0].shape) if shifts is None else jnp.stack(shifts[1 : run + 1])
+
+        def body(z, p):
+            W, b, d = p
+            z = s(z) @ W + b[None, :] + d
+            return z, z
+
+        _, out = jax.lax.scan(body, zs[0], (Ws, bs, sh))
+        zs += [out[i] for i in range(run)]
+    for i, (W, b) in enumerate(rest[run:]):
+        zs.append(s(zs[-1]) @ W + b[None, :] + (0 if shifts is None else shifts[1 + run + i]))
+    return zs
+
+
 def mlp_forward(params, x: Float[Array, "b n0"], activation: str) -> list[Array]:
     """The preactivations ``z^(1..L)``; the first layer reads ``x`` itself, the rest ``σ(z)``."""
     _check_activation(activation)
-    s = ACTIVATIONS[activation]
-    zs, h = [], x
-    for i, (W, b) in enumerate(params):
-        z = (h if i == 0 else s(h)) @ W + b[None, :]
-        zs.append(z)
-        h = z
-    return zs
+    return _run(params, x, activation)
 
 
 def mlp_diagnostics(key, x: Float[Array, "b n0"], activation: str, width: int, depth: int, C_W: float,
@@ -213,16 +234,8 @@ def _mlp_diag(key, x, activation, width, depth, C_W, C_b):
     kp, kv = jax.random.split(key)
     params = init_mlp(kp, (x.shape[1],) + (width,) * depth, C_W, C_b)
     v = jax.random.normal(kv, (width,)) / np.sqrt(width)
-
-    def loss(shifts):
-        s = ACTIVATIONS[activation]
-        h = x
-        for i, (W, b) in enumerate(params):
-            h = (h if i == 0 else s(h)) @ W + b[None, :] + shifts[i]
-        return jnp.sum(h @ v)
-
-    zs = mlp_forward(params, x, activation)
-    grads = jax.grad(loss)([jnp.zeros_like(z) for z in zs])
+    zs = _run(params, x, activation)
+    grads = jax.grad(lambda sh: jnp.sum(_run(params, x, activation, sh)[-1] @ v))([jnp.zeros_like(z) for z in zs])
     return jnp.stack([jnp.mean(z**2) for z in zs]), jnp.stack([jnp.mean(jnp.sum(gz**2, -1)) for gz in grads])
 
 

@@ -2,8 +2,9 @@
 gradient descent on only the ``k`` standard basis vectors ``e_j → P e_j`` of a permutation ``P``; the rounded mean
 of an ensemble of independently initialised networks is exact on all ``2^k − 1`` nonzero binary inputs.
 
-A member is ``f(x) = W₂ ReLU(W₁ x / √k + b₁) / √m + b₂`` (NTK parameterisation, ``W ~ N(0, σ_w²)``, biases start
-at 0 and are trained), width ``m``, full-batch GD on the squared error. Test inputs are L2-normalised (as the
+A member is ``f(x) = W₂ ReLU(W₁ x / √k + b₁) / √m + b₂`` (NTK parameterisation, ``W ~ N(0, σ_w²)``; or the
+standard one of the paper's code, ``W ~ N(0, σ_w²/fan_in)`` unscaled; biases start at 0 and are trained), width
+``m``, full-batch GD on the squared error. Test inputs are L2-normalised (as the
 paper's code does); the ensemble mean is rounded by sign (``> 0 → 1``, the paper's code) or to the input's
 number of ones (``"top_s"``, see :func:`round_outputs`). In the infinite-width limit each member is
 a Gaussian process whose mean is ``P a(x)`` with ``a`` larger on the input's support than off it; averaging cuts
@@ -14,6 +15,7 @@ Members are trained together (``jax.vmap``), so an ensemble of a few hundred sma
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-__all__ = ["MAX_ENUMERATE_K", "ROUNDINGS", "permutation_pairs", "nonzero_binary_inputs", "init_members", "apply", "train_ensemble",
+__all__ = ["MAX_ENUMERATE_K", "ROUNDINGS", "PARAMETERIZATIONS", "permutation_pairs",
+           "nonzero_binary_inputs", "init_members", "apply", "train_ensemble",
            "round_outputs", "exact_fraction", "ensemble_size_needed"]
 
 #: largest k whose 2^k − 1 nonzero binary inputs :func:`nonzero_binary_inputs` will list
@@ -48,37 +51,50 @@ def nonzero_binary_inputs(k: int, normalise: bool = True) -> tuple[np.ndarray, n
     return bits, x
 
 
-def init_members(key, n: int, k: int, width: int, sigma_w: float = 1.0) -> dict:
-    """``n`` members' parameters, stacked on a leading axis."""
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+def init_members(key, n: int, k: int, width: int, sigma_w: float = 1.0, parameterization: str = "ntk") -> dict:
+    """``n`` members' parameters, stacked on a leading axis. ``"ntk"``: ``W ~ N(0, σ_w²)`` scaled by
+    ``1/√fan_in`` in :func:`apply`; ``"standard"`` (the paper's code): ``W ~ N(0, σ_w²/fan_in)``, unscaled."""
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization={parameterization!r} is not one of {PARAMETERIZATIONS}")
     k1, k2 = jax.random.split(key)
-    return {"W1": sigma_w * jax.random.normal(k1, (n, k, width)), "b1": jnp.zeros((n, width)),
-            "W2": sigma_w * jax.random.normal(k2, (n, width, k)), "b2": jnp.zeros((n, k))}
+    s1, s2 = (1.0, 1.0) if parameterization == "ntk" else (k**-0.5, width**-0.5)
+    return {"W1": sigma_w * s1 * jax.random.normal(k1, (n, k, width)), "b1": jnp.zeros((n, width)),
+            "W2": sigma_w * s2 * jax.random.normal(k2, (n, width, k)), "b2": jnp.zeros((n, k))}
 
 
-def apply(p: dict, x: Float[Array, "b k"]) -> Float[Array, "b k"]:
+def apply(p: dict, x: Float[Array, "b k"], parameterization: str = "ntk") -> Float[Array, "b k"]:
     """One member's output (unstacked parameters)."""
     k, m = p["W1"].shape
-    h = jax.nn.relu(x @ p["W1"] / np.sqrt(k) + p["b1"][None, :])
-    return h @ p["W2"] / np.sqrt(m) + p["b2"][None, :]
+    s1, s2 = (k**-0.5, m**-0.5) if parameterization == "ntk" else (1.0, 1.0)
+    h = jax.nn.relu(x @ p["W1"] * s1 + p["b1"][None, :])
+    return h @ p["W2"] * s2 + p["b2"][None, :]
 
 
-def train_ensemble(key, perm, n: int, width: int, steps: int = 1000, lr: float | None = None, sigma_w: float = 1.0) -> dict:
-    """``n`` members trained by full-batch GD on ``L = ½ Σ_j ‖f(e_j) − P e_j‖²`` for ``steps`` steps; ``lr``
-    defaults to ``0.9 / k`` (the kernel ``Θ(X, X)``'s largest eigenvalue grows like ``k``)."""
+def train_ensemble(key, perm, n: int, width: int, steps: int = 1000, lr: float | None = None, sigma_w: float = 1.0,
+                   parameterization: str = "ntk") -> dict:
+    """``n`` members trained by full-batch GD on ``L = ½ Σ_j ‖f(e_j) − P e_j‖²`` for ``steps`` steps. ``lr``
+    defaults to ``0.9 / λ_max`` of the kernel ``Θ(X, X)`` at infinite width: about ``k`` (NTK) or
+    ``m (1/2k + 1/2π)`` (standard)."""
     X, Y = (jnp.asarray(a) for a in permutation_pairs(perm))
-    lr = 0.9 / len(perm) if lr is None else lr
-    params = init_members(key, n, len(perm), width, sigma_w)
-    loss = lambda p: 0.5 * jnp.sum((apply(p, X) - Y) ** 2)
+    k = len(perm)
+    if lr is None:
+        lr = 0.9 / k if parameterization == "ntk" else 0.9 / (sigma_w**2 * width * (0.5 / k + 0.5 / np.pi) + 2 + k)
+    params = init_members(key, n, k, width, sigma_w, parameterization)
+    return _train(params, X, Y, jnp.float32(lr), steps, parameterization)
 
-    @jax.jit
-    def run(params):
-        def step(p, _):
-            g = jax.vmap(jax.grad(loss))(p)
-            return jax.tree.map(lambda a, b: a - lr * b, p, g), None
 
-        return jax.lax.scan(step, params, None, length=steps)[0]
+@functools.partial(jax.jit, static_argnames=("steps", "parameterization"))
+def _train(params, X, Y, lr, steps, parameterization):
+    loss = lambda p: 0.5 * jnp.sum((apply(p, X, parameterization) - Y) ** 2)
 
-    return run(params)
+    def step(p, _):
+        g = jax.vmap(jax.grad(loss))(p)
+        return jax.tree.map(lambda a, b: a - lr * b, p, g), None
+
+    return jax.lax.scan(step, params, None, length=steps)[0]
 
 
 ROUNDINGS = ("sign", "top_s")
