@@ -15,11 +15,16 @@ Validity masks (``mode``): a pointer never points at padding, and
 - ``"cycle"`` (convex hull): never at a point already chosen, except the first, which may be chosen again
   once three points are chosen: that pointer closes the polygon and ends the sequence;
 - ``"triangles"`` (Delaunay): triples of points, ascending within a triple; a learned end slot (pointer
-  ``n``, encoded by the parameter ``end``) may be chosen between triples and ends the sequence.
+  ``n``, encoded by the parameter ``end``) may be chosen between triples and ends the sequence;
+- ``"free"``: any real point, repeats allowed; the sequence ends after as many pointers as real points (the
+  unconstrained decoder, which must learn not to repeat itself).
 
 After the end the decoder emits ``IGNORE`` (−1). Teacher forcing (:func:`pointer_logits`) runs the decoder over
 the whole target at once (its masks from the target prefix); :func:`greedy_decode` and :func:`beam_search`
-decode with the same masks (``beam_search`` with width 1 is greedy decoding). :class:`PointerNet` owns the
+decode with the same masks (``beam_search`` with width 1 is greedy decoding). Each takes ``memory=(e, state)``
+to point over another encoder's memory ``e`` ``[b, n, H]`` from the decoder state ``state`` ``[b, S, H]``
+instead of the LSTM encoder's (``x`` is then what the decoder reads of the chosen element; Read-Process-Write
+in :mod:`seqjax.models.order_matters`). :class:`PointerNet` owns the
 parameters; the functions take them as a dict ``{"enc", "dec", "start", "w1", "w2", "v", "end"}``
 (``enc``/``dec`` are :mod:`seqjax.rnn.cells` parameter dicts).
 """
@@ -40,7 +45,7 @@ from seqjax.rnn.layers import RNN
 __all__ = ["MODES", "IGNORE", "PointerNet", "encode", "pointer_logits", "greedy_decode", "beam_search",
            "valid_next", "sequence_nll", "default_max_len"]
 
-MODES = ("tour", "cycle", "triangles")
+MODES = ("tour", "cycle", "triangles", "free")
 IGNORE = -1
 _NEG = -1e9  # masked logit: finite, so a fully masked row (after the end) stays NaN-free
 
@@ -101,8 +106,8 @@ def valid_next(mode: str, real, used, first, last, count):
     """Which slots the next pointer may take. ``real``/``used`` ``[..., slots]`` bool; ``first``/``last`` ``[...]``
     the first and the previous pointer; ``count`` ``[...]`` how many pointers so far.
 
-    ``tour``: a real point not used. ``cycle``: the same, or the first point once three are chosen.
-    ``triangles`` (the last slot ends): a real point above the previous one within a triple; the end only
+    ``tour``: a real point not used. ``cycle``: the same, or the first point once three are chosen. ``free``: any
+    real point. ``triangles`` (the last slot ends): a real point above the previous one within a triple; the end only
     between triples, after at least one."""
     slots = real.shape[-1]
     if mode == "triangles":
@@ -111,7 +116,7 @@ def valid_next(mode: str, real, used, first, last, count):
         is_end = idx == slots - 1
         points = real & ~is_end & (between | (idx > last[..., None]))
         return points | (is_end & between & (count[..., None] >= 3))
-    valid = real & ~used
+    valid = real if mode == "free" else real & ~used
     if mode == "cycle":
         valid = valid | (jax.nn.one_hot(first, slots, dtype=bool) & (count[..., None] >= 3))
     return valid
@@ -124,7 +129,7 @@ def _gather_points(x, idx):
     return jnp.take_along_axis(x, flat[..., None], axis=1).reshape(idx.shape + (x.shape[-1],))
 
 
-def pointer_logits(kind: str, params: dict, x, targets, mask=None, *, mode: str = "tour"):
+def pointer_logits(kind: str, params: dict, x, targets, mask=None, *, mode: str = "tour", memory=None):
     """Teacher-forced masked pointer logits ``[b, T, slots]`` for ``targets`` ``[b, T]`` (``IGNORE`` after the
     end); ``slots`` is ``n``, or ``n + 1`` for ``"triangles"`` (the end is pointer ``n``)."""
     _check_inputs(params, x, mask, mode)
@@ -133,7 +138,7 @@ def pointer_logits(kind: str, params: dict, x, targets, mask=None, *, mode: str 
     b, n = x.shape[:2]
     mask = jnp.ones((b, n), bool) if mask is None else mask
     x = x.astype(jnp.float32)
-    enc, s = encode(kind, params["enc"], x, mask)
+    enc, s = encode(kind, params["enc"], x, mask) if memory is None else memory
     start = jnp.broadcast_to(params["start"], (b, 1, x.shape[-1]))
     dec, _ = rnn(kind, params["dec"], jnp.concatenate([start, _gather_points(x, targets[:, :-1])], 1), h0=s)
     real = _slots(mask, mode)
@@ -163,17 +168,17 @@ def _dec_step(kind, params, s, inp):
 
 
 def default_max_len(mode: str, n: int) -> int:
-    """The longest valid sequence: ``n`` (tour), ``n + 1`` (cycle), ``3(2n − 5) + 1`` (triangles: a planar
+    """The longest valid sequence: ``n`` (tour, free), ``n + 1`` (cycle), ``3(2n − 5) + 1`` (triangles: a planar
     triangulation of ``n`` points has at most ``2n − 5`` triangles, then the end)."""
-    return {"tour": n, "cycle": n + 1, "triangles": 3 * max(2 * n - 5, 1) + 1}[mode]
+    return {"tour": n, "free": n, "cycle": n + 1, "triangles": 3 * max(2 * n - 5, 1) + 1}[mode]
 
 
-def _init(kind, params, x, mask, mode, max_len):
+def _init(kind, params, x, mask, mode, max_len, memory):
     _check_inputs(params, x, mask, mode)
     b, n = x.shape[:2]
     mask = jnp.ones((b, n), bool) if mask is None else mask
     x = x.astype(jnp.float32)
-    enc, s = encode(kind, params["enc"], x, mask)
+    enc, s = encode(kind, params["enc"], x, mask) if memory is None else memory
     return x, _slots(mask, mode), _keys(params, enc, mode), s, max_len or default_max_len(mode, n)
 
 
@@ -188,7 +193,7 @@ def _advance(mode, real, state, tok):
     used, first, last, count, done = state
     if mode == "cycle":
         closed = (tok == first) & (count >= 1)
-    elif mode == "tour":
+    elif mode in ("tour", "free"):
         closed = count + 1 >= jnp.sum(real, -1)
     else:
         closed = tok == real.shape[-1] - 1
@@ -198,10 +203,11 @@ def _advance(mode, real, state, tok):
     return kept + (done | closed,)
 
 
-def greedy_decode(kind: str, params: dict, x, mask=None, *, mode: str = "tour", max_len: int | None = None):
+def greedy_decode(kind: str, params: dict, x, mask=None, *, mode: str = "tour", max_len: int | None = None,
+                  memory=None):
     """``(pointers [b, max_len] int32 with IGNORE after the end, log-probability [b])``, the argmax each step;
     ``max_len`` defaults to :func:`default_max_len`."""
-    x, real, keys, s, max_len = _init(kind, params, x, mask, mode, max_len)
+    x, real, keys, s, max_len = _init(kind, params, x, mask, mode, max_len, memory)
     b = real.shape[0]
 
     def body(carry, _):
@@ -221,12 +227,12 @@ def greedy_decode(kind: str, params: dict, x, mask=None, *, mode: str = "tour", 
 
 
 def beam_search(kind: str, params: dict, x, mask=None, *, mode: str = "tour", width: int = 4,
-                max_len: int | None = None):
+                max_len: int | None = None, memory=None):
     """Beam search over valid pointer sequences by total log-probability: ``(best pointers [b, max_len],
     its log-probability [b])``; a finished beam keeps its score and emits ``IGNORE``."""
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
-    x, real, keys, s, max_len = _init(kind, params, x, mask, mode, max_len)
+    x, real, keys, s, max_len = _init(kind, params, x, mask, mode, max_len, memory)
     b, slots = real.shape
     k = width
     rep = lambda a: jnp.repeat(a[:, None], k, axis=1)  # [b, ...] -> [b, k, ...]
