@@ -9,6 +9,9 @@ Attention (Luong "general", applied after the decoder step):
 .. math::  a_{t,s} = \mathrm{softmax}_s\big(h^{dec}_t{}^\top W_a\, e_s\big),\quad c_t = \sum_s a_{t,s} e_s,\quad
            \tilde h_t = \tanh(W_c [h^{dec}_t; c_t]),\quad \mathrm{logits}_t = W_o \tilde h_t.
 
+``attention=False`` is the plain encoder–decoder of Sutskever et al.: no attention parameters, the decoder
+state alone carries the source, :math:`\mathrm{logits}_t = W_o h^{dec}_t`.
+
 Teacher forcing: ``model(x, tgt_in)`` with ``tgt_in = [bos, y_0, …, y_{T-2}]`` runs the decoder over the
 whole target at once (the input projection is one matmul; the attention is parallel over ``t``).
 ``model.generate(x, max_len, bos)`` decodes greedily token by token with the same weights, carrying the
@@ -36,14 +39,14 @@ class Seq2Seq(nnx.Module):
     ``src_mask`` ``[b, s]`` bool (``True`` = real token), ``logits`` ``[b, t, vocab]``."""
 
     def __init__(self, d_in: int, vocab: int, *, hidden: int = 64, d_emb: int = 32, enc_layers: int = 1,
-                 bidirectional: bool = True, kind: str = "lstm", rngs: nnx.Rngs, **kw):
+                 bidirectional: bool = True, kind: str = "lstm", attention: bool = True, rngs: nnx.Rngs, **kw):
         self.encoder = StackedRNN(kind, d_in, hidden, enc_layers, bidirectional=bidirectional, rngs=rngs, **kw)
         d_enc = self.encoder.out_features
         self.embed = nnx.Embed(vocab, d_emb, rngs=rngs)
         self.decoder = RNN(kind, d_emb, hidden, rngs=rngs, **kw)
         self.bridge = Linear(d_enc, hidden, axes=("embed", "mlp"), use_bias=True, rngs=rngs)
-        self.att = Linear(hidden, d_enc, axes=("mlp", "embed"), rngs=rngs)
-        self.combine = Linear(hidden + d_enc, hidden, axes=("embed", "mlp"), rngs=rngs)
+        self.att = Linear(hidden, d_enc, axes=("mlp", "embed"), rngs=rngs) if attention else None
+        self.combine = Linear(hidden + d_enc, hidden, axes=("embed", "mlp"), rngs=rngs) if attention else None
         self.out = Linear(hidden, vocab, axes=("mlp", "vocab"), use_bias=True, rngs=rngs)
         self.vocab, self.hidden, self.bidirectional = vocab, hidden, bidirectional
 
@@ -57,6 +60,8 @@ class Seq2Seq(nnx.Module):
         return enc, h0
 
     def _attend(self, dec, enc, src_mask):
+        if self.att is None:
+            return self.out(dec)
         scores = jnp.einsum("btd,bsd->bts", self.att(dec), enc)
         if src_mask is not None:
             scores = jnp.where(src_mask[:, None, :], scores, -1e30)
