@@ -97,6 +97,10 @@ def test_output_regulariser_is_zero_unchanged_and_positive_after_a_change():
     want = float(jnp.mean(jnp.sum((out - targets) ** 2, -1)))
     got = float(C.hnet_regularizer(changed, spec, targets))
     assert got > 0 and got == pytest.approx(want, rel=1e-6)
+    # a mask keeps rows: one row kept is that row's error; no row kept is 0
+    err1 = float(jnp.sum((out[1] - targets[1]) ** 2))
+    assert float(C.hnet_regularizer(changed, spec, targets, np.array([False, True]))) == pytest.approx(err1, rel=1e-6)
+    assert float(C.hnet_regularizer(changed, spec, targets, np.array([False, False]))) == 0.0
     with pytest.raises(ValueError, match="targets must have shape \\[tasks, 35\\]"):
         C.hnet_regularizer(params, spec, targets[:, :5])
 
@@ -167,6 +171,19 @@ def test_ewc_penalty_by_hand():
     assert float(C.ewc_penalty(params, [(anchor, fisher)], 4.0)) == pytest.approx(8.0)
     assert float(C.ewc_penalty(params, [(anchor, fisher), (params, fisher)], 4.0)) == pytest.approx(8.0)
     assert float(C.ewc_penalty(params, [], 4.0)) == 0.0
+
+
+def test_ewc_merge_has_the_same_gradient_as_the_anchors():
+    rng = np.random.default_rng(1)
+    params = {"a": jnp.asarray(rng.normal(size=4), jnp.float32)}
+    anchors = [({"a": jnp.asarray(rng.normal(size=4), jnp.float32)}, {"a": jnp.asarray(f, jnp.float32)})
+               for f in ([1.0, 0.0, 2.0, 0.0], [3.0, 0.0, 0.5, 0.0])]
+    merged = C.ewc_merge(anchors)
+    g_all = jax.grad(C.ewc_penalty)(params, anchors, 2.0)
+    g_one = jax.grad(C.ewc_penalty)(params, [merged], 2.0)
+    np.testing.assert_allclose(g_one["a"], g_all["a"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged[1]["a"], [4.0, 0.0, 2.5, 0.0])
+    assert float(merged[0]["a"][1]) == float(anchors[0][0]["a"][1])  # no Fisher: the first anchor, harmless
 
 
 def test_fisher_diagonal_of_logistic_regression_by_hand():

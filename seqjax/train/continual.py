@@ -11,7 +11,8 @@ left out). It is exactly zero while :math:`\Theta` is unchanged.
 
 **EWC** (Kirkpatrick et al. 2017): :math:`\frac\lambda2 \sum_t \sum_i F_{t,i} (\theta_i - \theta^*_{t,i})^2`
 with the diagonal Fisher :math:`F_t = \mathbb E[(\nabla_\theta \log p(y \mid x, \theta^*_t))^2]` of each
-earlier task at its end (:func:`fisher_diagonal`, :func:`ewc_penalty`).
+earlier task at its end (:func:`fisher_diagonal`, :func:`ewc_penalty`; :func:`ewc_merge` folds the earlier
+tasks into one anchor with the same gradient).
 
 **Hebbian orthogonal projection** (the idea of HLOP, Xiao et al. ICLR 2024, with rate neurons in place of
 spiking ones). For each projected layer with input :math:`x \in \mathbb R^n` (weight ``[n, out]``), ``k``
@@ -32,12 +33,13 @@ layer inputs as ``hebbian_inputs=`` to ``update`` to learn the current task's su
 
 **Metrics** on the accuracy matrix ``R[i, j]`` (accuracy on task ``j`` after training task ``i``):
 :func:`average_accuracy` :math:`\frac1T \sum_j R_{T-1,j}`, :func:`forgetting` (Chaudhry et al. 2018:
-:math:`\frac1{T-1}\sum_{j<T-1} \max_{l<T-1} R_{l,j} - R_{T-1,j}`) and :func:`backward_transfer` (Lopez-Paz &
-Ranzato 2017: :math:`\frac1{T-1}\sum_{j<T-1} R_{T-1,j} - R_{j,j}`).
+:math:`\frac1{T-1}\sum_{j<T-1} \max_{j\le l<T-1} R_{l,j} - R_{T-1,j}`) and :func:`backward_transfer` (Lopez-Paz &
+Ranzato 2017: :math:`\frac1{T-1}\sum_{j<T-1} R_{T-1,j} - R_{j,j}`). Only ``R[i, j]`` with ``i >= j`` is read.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -49,7 +51,7 @@ from jaxtyping import Array, Float
 
 from seqjax.models import hypernet as _hnet
 
-__all__ = ["hnet_regularizer", "hnet_targets", "fisher_diagonal", "ewc_penalty", "HebbianState",
+__all__ = ["hnet_regularizer", "hnet_targets", "fisher_diagonal", "ewc_merge", "ewc_penalty", "HebbianState",
            "oja_subspace_step", "project_out", "hebbian_projection", "hebbian_observe", "hebbian_start_task",
            "hebbian_consolidate", "average_accuracy", "forgetting", "backward_transfer"]
 
@@ -65,18 +67,25 @@ def hnet_targets(params: dict, spec: _hnet.TargetSpec, num_old: int) -> jax.Arra
     return jax.lax.stop_gradient(_hnet.generate(params, spec, np.arange(num_old)))
 
 
-def hnet_regularizer(params: dict, spec: _hnet.TargetSpec, targets: Float[Array, "t size"]) -> jax.Array:
+def hnet_regularizer(params: dict, spec: _hnet.TargetSpec, targets: Float[Array, "t size"], mask=None) -> jax.Array:
     """Mean over the stored tasks ``t`` of ``‖f_h(e_t, Θ) − targets[t]‖²`` (scalar; multiply by β). The
-    task embeddings of earlier tasks are read through ``stop_gradient``: only Θ is pulled back."""
+    task embeddings of earlier tasks are read through ``stop_gradient``: only Θ is pulled back. ``mask``
+    ``[t]`` bool (optional) keeps only some rows, so one compiled step serves every task of a sequence
+    (targets padded to the sequence length; 0 when no row is kept)."""
     targets = jnp.asarray(targets)
     if targets.ndim != 2 or targets.shape[1] != spec.size:
         raise ValueError(f"targets must have shape [tasks, {spec.size}], got {list(targets.shape)}")
     n = targets.shape[0]
     if n > _hnet.num_tasks(params):
         raise ValueError(f"targets has {n} tasks but the hypernetwork has embeddings for {_hnet.num_tasks(params)}")
+    if mask is not None and np.shape(mask) != (n,):
+        raise ValueError(f"mask must have shape [{n}] like targets' rows, got {list(np.shape(mask))}")
     frozen = dict(params, task_emb=params["task_emb"].at[:n].set(jax.lax.stop_gradient(params["task_emb"][:n])))
-    out = _hnet.generate(frozen, spec, np.arange(n))
-    return jnp.mean(jnp.sum((out - targets) ** 2, axis=-1))
+    err = jnp.sum((_hnet.generate(frozen, spec, np.arange(n)) - targets) ** 2, axis=-1)
+    if mask is None:
+        return jnp.mean(err)
+    m = jnp.asarray(mask, jnp.float32)
+    return jnp.sum(err * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 # ----------------------------------------------------------------------------- EWC
@@ -92,12 +101,30 @@ def fisher_diagonal(log_likelihood: Callable, params, *batch, chunk: int = 64):
     if n < 1 or any(int(np.shape(b)[0]) != n for b in batch):
         raise ValueError(f"every batch array needs the same number (>= 1) of examples on axis 0, got "
                          f"{[np.shape(b)[0] for b in batch]}")
-    per_example = jax.jit(jax.vmap(jax.grad(log_likelihood), in_axes=(None,) + (0,) * len(batch)))
+    per_example = _per_example_grad(log_likelihood, len(batch))
     total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     for i in range(0, n, chunk):
         g = per_example(params, *(b[i : i + chunk] for b in batch))
         total = jax.tree.map(lambda t, gi: t + jnp.sum(jnp.square(gi.astype(jnp.float32)), 0), total, g)
     return jax.tree.map(lambda t: t / n, total)
+
+
+@functools.lru_cache(maxsize=32)
+def _per_example_grad(log_likelihood: Callable, n_args: int):
+    return jax.jit(jax.vmap(jax.grad(log_likelihood), in_axes=(None,) + (0,) * n_args))
+
+
+def ewc_merge(anchors: Sequence[tuple[object, object]]) -> tuple[object, object]:
+    """One anchor with the same penalty gradient as many: ``F = Σ_t F_t``, ``θ* = Σ_t F_t θ*_t / F`` (``θ*_0``
+    where ``F = 0``); the penalties differ by a constant. Keeps a training step's arguments one shape."""
+    if not anchors:
+        raise ValueError("anchors is empty")
+    fisher = jax.tree.map(lambda *f: sum(f), *[f for _, f in anchors])
+    weighted = jax.tree.map(lambda *af: sum(a * f for a, f in zip(af[::2], af[1::2])),
+                            *[x for a, f in anchors for x in (a, f)])
+    anchor = jax.tree.map(lambda w, f, a0: jnp.where(f > 0, w / jnp.where(f > 0, f, 1.0), a0), weighted, fisher,
+                          anchors[0][0])
+    return anchor, fisher
 
 
 def ewc_penalty(params, anchors: Sequence[tuple[object, object]], lam: float) -> jax.Array:
@@ -274,7 +301,7 @@ def average_accuracy(R) -> float:
 
 
 def forgetting(R) -> float:
-    """Average forgetting (Chaudhry et al. 2018): ``mean_{j<T−1} max_{l<T−1} R[l, j] − R[T−1, j]`` (0 for one
+    """Average forgetting (Chaudhry et al. 2018): ``mean_{j<T−1} max_{j≤l<T−1} R[l, j] − R[T−1, j]`` (0 for one
     task)."""
     R = _check_matrix(R)
     T = R.shape[0]
