@@ -112,6 +112,18 @@ def test_interaction_basis_of_a_linear_layer_is_its_svd():
     assert IB.edge_sparsity(E) == pytest.approx(4 / 16)
 
 
+def test_importance_scaled_basis_of_a_linear_layer_is_its_svd_scaled_by_sigma():
+    rng = np.random.default_rng(7)
+    W = rng.normal(size=(4, 6))
+    f0 = _whitened(300, 6, 8)
+    fn = lambda x: jnp.asarray(W, jnp.float32) @ x
+    b = IB.interaction_bases([fn], [f0, f0 @ W.T], importance=True)[0]
+    _, s, vt = np.linalg.svd(W)
+    np.testing.assert_allclose(b.eigvals, s**2, rtol=1e-4)  # Λ_i = E[g̃_i f̃_i] = σ_i²
+    np.testing.assert_allclose(np.abs(b.C.T @ vt[:4].T), np.diag(s), rtol=1e-4, atol=1e-4)  # columns σ_i v_i
+    np.testing.assert_allclose((f0 @ b.C) @ b.C_pinv, f0 @ vt[:4].T @ vt[:4], atol=1e-5)
+
+
 def test_interaction_basis_drops_null_activation_directions_and_reconstructs():
     rng = np.random.default_rng(6)
     f = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 5))  # rank-3 activations in 5 dims
@@ -318,7 +330,7 @@ def test_interaction_basis_experiment_two_steps(tmp_path):
     interaction_basis.main(["--preset=tiny", f"--out={tmp_path}"])
     records, table = _written(tmp_path, "interaction_basis")
     basis = {r["basis"]: r for r in records if r["kind"] == "basis"}
-    assert set(basis) == {"interaction", "pca", "neuron"}
+    assert set(basis) == {"interaction", "interaction+Λ", "pca", "neuron"}
     assert basis["neuron"]["ranks"] == [64, 8, 8, 10] and all(0 < s <= 1 for s in basis["interaction"]["sparsity"])
 
 

@@ -101,10 +101,12 @@ def _jacobians(fn, acts, out_C, name):
 
 
 def interaction_basis(fn: Callable | None, acts: Float[np.ndarray, "n d"], out_basis: InteractionBasis | None = None,
-                      tol: float = 1e-5) -> InteractionBasis:
+                      tol: float = 1e-5, importance: bool = False) -> InteractionBasis:
     """One layer's interaction basis (steps 1–4 of the module docstring). ``fn``: one activation vector ``[d]``
     to the next layer's ``[d']`` (jax-differentiable); ``out_basis``: the next layer's basis (``None``: its
-    units)."""
+    units). ``importance``: scale each direction by ``|Λ_i|^½``, its gradient × activation attribution
+    ``Λ_i = |E[g̃_i f̃_i]|`` with ``g = Jᵀ f̂^{out}`` (the Local Interaction Basis's step), and order and drop
+    directions by ``|Λ|`` instead of ``S``."""
     _check_acts("acts", acts)
     U, D = _gram(acts, tol)
     J = _jacobians(fn, acts, None if out_basis is None else out_basis.C, "this layer")
@@ -117,10 +119,23 @@ def interaction_basis(fn: Callable | None, acts: Float[np.ndarray, "n d"], out_b
     S, V = S[keep], V[:, keep]
     C = (U / np.sqrt(D)) @ V
     C_pinv = V.T @ A.T
+    if importance and len(S):
+        f = np.asarray(acts, np.float64)
+        fn_out = jax.jit(jax.vmap(fn))
+        out = np.concatenate([np.asarray(fn_out(jnp.asarray(f[i : i + 512], jnp.float32)), np.float64) for i in range(0, len(f), 512)])
+        f_out = out if out_basis is None else out @ out_basis.C
+        g = np.einsum("nrd,nr->nd", J, f_out)  # Jᵀ f̂^{out}
+        lam = np.abs(np.mean((g @ A @ V) * (f @ C), axis=0))
+        order = np.argsort(lam)[::-1]
+        lam, C, C_pinv, S = lam[order], C[:, order], C_pinv[order], S[order]
+        keep = lam > tol * max(lam[0], 1e-300)
+        lam, C, C_pinv = lam[keep], C[:, keep], C_pinv[keep]
+        return InteractionBasis(C * np.sqrt(lam), C_pinv / np.sqrt(lam)[:, None], lam)
     return InteractionBasis(C, C_pinv, S)
 
 
-def interaction_bases(fns: Sequence[Callable | None], acts: Sequence[np.ndarray], tol: float = 1e-5) -> list[InteractionBasis]:
+def interaction_bases(fns: Sequence[Callable | None], acts: Sequence[np.ndarray], tol: float = 1e-5,
+                      importance: bool = False) -> list[InteractionBasis]:
     """Every layer's basis, computed backwards from the output: ``acts = [f^0, ..., f^L]`` (``[n, d_l]`` each, the
     same samples), ``fns[l]`` maps ``f^l → f^(l+1)`` for one sample; the last layer gets its PCA basis."""
     if len(fns) != len(acts) - 1:
@@ -136,7 +151,7 @@ def interaction_bases(fns: Sequence[Callable | None], acts: Sequence[np.ndarray]
             raise ValueError(f"layer {i} has no map (fns[{i}] = {fn!r}), so it has no Jacobian")
     bases = [pca_basis(acts[-1], tol)]
     for i in range(len(fns) - 1, -1, -1):
-        bases.insert(0, interaction_basis(fns[i], acts[i], bases[0], tol))
+        bases.insert(0, interaction_basis(fns[i], acts[i], bases[0], tol, importance))
     return bases
 
 
