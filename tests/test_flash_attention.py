@@ -111,7 +111,7 @@ DISPATCH = [  # platform, dtype, t, s, head_dim, flags, expected
     ("gpu", BF16, 4096, 4096, 256, {}, "blocked"),  # head dim > 128
     ("gpu", BF16, 4096, 4096, 100, {}, "blocked"),  # head dim not a multiple of 8
     ("gpu", BF16, 4096, 4096, 128, {"segments": True}, "blocked"),
-    ("gpu", BF16, 64, 64, 128, {"segments": True}, "xla"),
+    ("gpu", BF16, 256, 256, 128, {"segments": True}, "xla"),
     ("gpu", BF16, 1, 4096, 128, {}, "blocked"),  # queries at an offset: no cuDNN
     ("gpu", BF16, 4096, 4096, 128, {"explicit_mask": True}, "xla"),
     ("tpu", BF16, 4096, 4096, 128, {"segments": True, "window": True}, "splash"),
@@ -120,8 +120,8 @@ DISPATCH = [  # platform, dtype, t, s, head_dim, flags, expected
     ("tpu", BF16, 1, 4096, 128, {}, "blocked"),
     ("tpu", BF16, 4096, 4096, 128, {"explicit_mask": True}, "xla"),
     ("cpu", F32, 2048, 2048, 64, {"segments": True}, "blocked"),
-    ("cpu", F32, 1024, 1024, 64, {}, "blocked"),
-    ("cpu", F32, 1023, 1023, 64, {}, "xla"),
+    ("cpu", F32, 512, 512, 64, {}, "blocked"),
+    ("cpu", F32, 511, 511, 64, {}, "xla"),
     ("cpu", BF16, 8192, 8192, 64, {"explicit_mask": True}, "xla"),
 ]
 
@@ -137,7 +137,7 @@ def _jaxpr_has_custom_vjp(f, *args) -> bool:
 
 def test_attention_impl_none_on_cpu_is_blocked_from_the_threshold_on():
     short = _qkv(jax.random.PRNGKey(0), 1, 64, 64, 2, 2, 8)
-    long = _qkv(jax.random.PRNGKey(0), 1, 1024, 1024, 2, 2, 8)
+    long = _qkv(jax.random.PRNGKey(0), 1, 512, 512, 2, 2, 8)
     assert not _jaxpr_has_custom_vjp(lambda *a: attention(*a), *short)
     assert _jaxpr_has_custom_vjp(lambda *a: attention(*a), *long)
 
@@ -180,7 +180,7 @@ def test_splash_attention_gradients_in_interpret_mode():
 @pytest.mark.parametrize("impl", ["blocked", None])
 def test_context_parallel_blocked_matches_unsharded(impl):
     """Four context shards x two tensor shards; the blocked form gets each shard's query offset. At T = 32,
-    ``impl=None`` keeps XLA on the CPU; at T = 1024 (:func:`test_context_parallel_auto_is_blocked_at_long_T`)
+    ``impl=None`` keeps XLA on the CPU; at T = 1024 (:func:`test_context_parallel_auto_is_blocked_at_long_t`)
     it takes the blocked form."""
     mesh = shd.make_mesh((1, 1, 4, 2))
     q, k, v = _qkv(jax.random.PRNGKey(8), 2, 32, 32, 4, 2, 8)

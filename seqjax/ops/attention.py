@@ -37,7 +37,7 @@ from seqjax.types import AnyArray, Array, Float, Shaped
 __all__ = ["make_mask", "attention_reference", "attention", "choose_impl", "platform", "IMPLS", "BLOCKED_MIN_LEN"]
 
 IMPLS = (None, "xla", "cudnn", "reference", "blocked", "splash")
-BLOCKED_MIN_LEN = 1024  # from here on the CPU's blocked form beats XLA's (benchmarks/results/cpu_attention.md)
+BLOCKED_MIN_LEN = 512  # from here on the blocked form beats XLA forward+backward on the CPU (benchmarks/results/cpu_attention.md)
 SPLASH_MIN_LEN = 128  # one splash block; shorter sequences keep XLA on a TPU
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 

@@ -43,7 +43,7 @@ from seqjax.types import AnyArray, Array, Float, Shaped
 
 __all__ = ["flash_attention", "DEFAULT_BLOCK"]
 
-DEFAULT_BLOCK = 256  # query and key block: large enough for the CPU's matmuls, small against T
+DEFAULT_BLOCK = 128  # query and key block (benchmarks/attention.py: 128 beat 256 and 512 forward+backward on the CPU)
 NEG = -1e30  # finite "minus infinity" for the running max (exp(NEG - m) = 0 without nan)
 
 
