@@ -103,9 +103,13 @@ def fisher_diagonal(log_likelihood: Callable, params, *batch, chunk: int = 64):
                          f"{[np.shape(b)[0] for b in batch]}")
     per_example = _per_example_grad(log_likelihood, len(batch))
     total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    chunk = min(chunk, n)
     for i in range(0, n, chunk):
-        g = per_example(params, *(b[i : i + chunk] for b in batch))
-        total = jax.tree.map(lambda t, gi: t + jnp.sum(jnp.square(gi.astype(jnp.float32)), 0), total, g)
+        m = min(chunk, n - i)  # the last chunk is padded to the chunk's shape (one compile) and the padding dropped
+        part = [b[i : i + m] if m == chunk else jnp.concatenate([jnp.asarray(b[i : i + m]), jnp.asarray(b[: chunk - m])])
+                for b in batch]
+        g = per_example(params, *part)
+        total = jax.tree.map(lambda t, gi: t + jnp.sum(jnp.square(gi[:m].astype(jnp.float32)), 0), total, g)
     return jax.tree.map(lambda t: t / n, total)
 
 
