@@ -1,9 +1,10 @@
 """Read–Process–Write, "Order Matters" (Vinyals, Bengio & Kudlur 2016): sorting sets of 5–15 floats in [0, 1].
 
-    python experiments/order_matters.py              # processing steps and input order, tested at n = 5, 10, 15, 20
-    python experiments/order_matters.py --runs=rpw5-random-natural,rpw5-random-fixed,rpw5-random-search \
-        --name=order_matters_output                  # output order and the order search
-    python experiments/order_matters.py --preset=paper            # P = 0, 1, 5, 10, LSTM 256, longer training
+    python experiments/order_matters.py                 # processing steps and input order, n = 5, 10, 15, 20
+    python experiments/order_matters.py --runs=rpw5-random-natural,rpw5-random-fixed,rpw5-random-search --name=order_matters_output
+    python experiments/order_matters.py --preset=paper  # P = 0, 1, 5, 10, LSTM 256, longer training
+
+The second command runs the output-order experiment (natural vs a fixed random order, and the order search).
 
 A run is ``<model>-<input order>-<output order>[-masked]``:
 
@@ -81,6 +82,7 @@ class Config:
     search_sample: int = 3  # order search: candidate orders scored per example (of natural, reverse, fixed)
     explore: float = 0.1  # order search: the first fraction of steps trains on one uniformly drawn order
     order_seed: int = 0  # draws the fixed output permutation of each set size
+    merge: tuple[str, ...] = ()  # no training: one table from these folders' records (under --out), run apart
     seed: int = 0
     out: str = "experiments/results"  # writes <out>/<name>/
     name: str = "order_matters"  # the results folder
@@ -264,7 +266,7 @@ def claims(rows: list[dict], cfg: Config) -> list[dict]:
         out.append({"claim": f"input order matters to a sequence encoder (Ptr-Net, n={n_mid}): sorted input beats "
                              "random by ≥ 5 points", "ours": f"sorted {a:.3f} vs random {b:.3f}", "paper": PAPER["input"],
                     "met": a >= b + 0.05})
-    spec = next((s for s in cfg.runs if s.startswith("rpw")), None)
+    spec = next((r["run"] for r in rows if r.get("kind") == "test" and r["run"].startswith("rpw")), None)
     if spec is not None:
         gap = max(abs(_exact(rows, spec, "random", n) - _exact(rows, spec, "sorted", n)) for n in cfg.test_n)
         out.append({"claim": f"a set encoder does not care ({spec}): the same accuracy on random and sorted input",
@@ -351,6 +353,12 @@ def main(argv=None) -> list[dict]:
             "train_size": cfg.train_size, "preset": cfg.preset,
             "command": " ".join(["python experiments/order_matters.py", *argv])}
     rows, data = [], {}
+    if cfg.merge:  # the runs' records as they were measured (each names its own command), in the order given
+        runs = []
+        for name in cfg.merge:
+            with open(os.path.join(cfg.out, name, "records.jsonl")) as f:
+                rows += [r for r in map(json.loads, f) if r["kind"] in ("train", "test")]
+        cfg.test_n = tuple(sorted({r["n"] for r in rows if r["kind"] == "test"}))
     for run in runs:
         key = (run.input_order, run.output_order)
         if key not in data:
@@ -366,8 +374,10 @@ def main(argv=None) -> list[dict]:
     rows += [dict(meta, kind="claim", **c) for c in claim_rows]
     with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    header = (f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps, "
-              f"LSTM {cfg.hidden}, trained on n={cfg.train_n[0]}–{cfg.train_n[1]}; exact-sequence accuracy, greedy\n\n")
+    commands = list(dict.fromkeys(r["command"] for r in rows if r["kind"] == "test"))
+    header = (" + ".join(f"`{c}`" for c in commands or [meta["command"]]) + f" — {meta['machine']}, seed {cfg.seed}, "
+              f"preset {cfg.preset}, {cfg.steps} steps, LSTM {cfg.hidden}, trained on n={cfg.train_n[0]}–{cfg.train_n[1]}; "
+              "exact-sequence accuracy, greedy\n\n")
     md = table(rows, cfg, claim_rows)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(header + md + "\n")

@@ -240,6 +240,9 @@ def test_order_matters_experiment_two_steps(tmp_path):
     base = {(r["run"], r["test_input"], r["n"]): r["exact"] for r in rows if r["kind"] == "baseline"}
     assert base["identity pointers", "sorted", 5] == 1.0 and base["chance (1/n!)", "random", 5] == pytest.approx(1 / 120)
     assert "| rpw1-sorted-search-masked |" in (out / "table.md").read_text() and (out / "plot.png").exists()
+    merged = order_matters.main(["--preset=tiny", f"--out={tmp_path}", "--merge=order_matters", "--name=merged"])
+    assert [r for r in merged if r["kind"] == "test"] == tests  # one table from runs made apart, not rerun
+    assert (tmp_path / "merged" / "table.md").read_text().splitlines()[2:] == (out / "table.md").read_text().splitlines()[2:]
     with pytest.raises(SystemExit, match="is not <ptr"):
         order_matters.main(["--preset=tiny", f"--out={tmp_path}", "--runs=rpw-random-natural"])
     with pytest.raises(ValueError, match="n must be"):
