@@ -12,8 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from seqjax.tasks import runner
+from seqjax.tasks import TaskBatch, runner
+from seqjax.train.config import OptimConfig
 from seqjax.train.noise import GAMMA, gradient_noise, noise_variance
+from seqjax.train.step import make_optimizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
@@ -58,9 +60,6 @@ def test_noise_is_added_to_the_gradient_and_keys_are_plain_data():
 
 
 def test_pretraining_optimizer_and_runner_use_it():
-    from seqjax.train.config import OptimConfig
-    from seqjax.train.step import make_optimizer
-
     tx, _ = make_optimizer(OptimConfig(grad_noise=0.01), total_steps=10)
     params = {"w": jnp.zeros((4, 4))}
     states = tx.init(params)
@@ -75,8 +74,6 @@ def test_pretraining_optimizer_and_runner_use_it():
 
 
 def _toy(b, seed):
-    from seqjax.tasks import TaskBatch
-
     x = np.random.default_rng(seed).integers(0, 5, (b, 6)).astype(np.int32)
     return TaskBatch(inputs=x, targets=x)
 
