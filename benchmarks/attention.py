@@ -27,7 +27,7 @@ import numpy as np
 from seqjax import cli
 from seqjax.ops.attention import attention, choose_impl
 
-SHAPES = ("1x512x4x64", "1x1024x4x64", "1x2048x4x64", "1x4096x4x64")
+SHAPES = ("1x256x4x64", "1x512x4x64", "1x1024x4x64", "1x2048x4x64", "1x4096x4x64")
 
 
 def _fns(impl, window):
