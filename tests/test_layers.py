@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROJECT = ("seqjax", "pallas_kernels")
 # optional dependencies (extras), imported only where they are used
 OPTIONAL = ("tensorboardX", "matplotlib", "sklearn", "mnist1d", "tensorflow_datasets", "grain", "orbax", "tqdm",
-            "torch", "libtpu", "jax.experimental.topologies")
+            "torch", "libtpu", "jax.experimental.topologies", "networkx")
 FILES = sorted(p for pkg in PROJECT for p in (ROOT / pkg).rglob("*.py"))
 
 

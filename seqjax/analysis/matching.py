@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 from jaxtyping import Float
+from scipy.optimize import linear_sum_assignment
 
 from seqjax import _checks
 
@@ -81,7 +82,6 @@ def match_units(a: Float[np.ndarray, "n p"], b: Float[np.ndarray, "n q"], method
     ``"hungarian"``: ``min(p, q)`` pairs maximising the summed correlation, each unit used once; ``"semi"``: every
     unit of ``a`` with its argmax partner in ``b``. Pairs are returned in ``a``'s unit order.
     """
-    from scipy.optimize import linear_sum_assignment
 
     _checks.check_choice("method", method, ("hungarian", "semi"))
     c = correlation(a, b)
