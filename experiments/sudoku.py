@@ -2,8 +2,10 @@
 by number of givens and by number of message-passing steps.
 
     python experiments/sudoku.py                                   # 4×4 Shidoku, 4–6 givens at test
-    python experiments/sudoku.py --size=9 --train_givens=30,36 --test_givens=30,33,36 --d=64 --msg_layers=2 \\
-        --steps=400 --batch_size=16 --mp_steps=16 --test_mp_steps=32  # 9×9 at CPU scale
+    python experiments/sudoku.py --size=6 --train_givens=10,20 --test_givens=10,12,14 --pool=1000 --steps=300 \\
+        --batch_size=32 --test_mp_steps=32 --eval_size=200                    # 6×6
+    python experiments/sudoku.py --size=9 --train_givens=30,36 --test_givens=30,33,36 --pool=1000 --d=48 \\
+        --steps=1200 --batch_size=16 --test_mp_steps=32 --eval_size=200       # 9×9 at CPU scale
     python experiments/sudoku.py --preset=paper                    # the paper's network and steps, 9×9 (accelerator)
 
 ``seqjax.models.rrn.RRN`` reads one graph node per cell (an embedding of its digit, 0 = blank), passes messages
