@@ -88,7 +88,7 @@ def run_k(k: int, cfg: Config, log) -> dict:
         params = PE.train_ensemble(jax.random.PRNGKey(cfg.seed * 100_003 + k * 1009 + c), perm, n, cfg.width, cfg.steps,
                                     parameterization=cfg.parameterization)
         outs.append(np.asarray(predict(params, jnp.asarray(x))))
-        resid.append(float(jnp.abs(predict(params, jnp.asarray(X)) - Y).max()))
+        resid.append(float(jnp.abs(predict(params, jnp.asarray(X)) - jnp.asarray(Y)[None]).max()))
     outs = np.concatenate(outs)
     s = bits.sum(1)
     two, multi = s == 2, s >= 2
