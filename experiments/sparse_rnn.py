@@ -13,7 +13,9 @@ head; Adam.
 1. **Pruning** (the thesis's protocol): train dense; prune the smallest ``|w|`` of ``W`` and ``R`` pooled
    (``seqjax.train.sparsity.magnitude_mask``, exactly ``round(s·N)`` weights) at each sparsity ``s``; evaluate, then
    retrain ``retrain_epochs`` epochs with the mask held (``fixed_mask``). *Epochs to recover*: the first epoch
-   whose test accuracy is within ``recover_tol`` of the dense model's (0 = no retraining needed).
+   whose test accuracy is within ``recover_tol`` of the dense model's (0 = no retraining needed). The thesis's
+   "one retraining epoch" is 18,750 examples, about 13 of ours (1,437): the claim is met when a sparsity >= 60 %
+   recovers within that many examples.
 2. **Random-graph recurrence**: train from scratch with ``R`` masked by the adjacency of Watts–Strogatz,
    Barabási–Albert and Erdős–Rényi graphs on the hidden units (``sparsity.graph``, ``recurrent_mask``); regress
    test accuracy on the graphs' properties (edges, clustering, path length): Pearson correlations and the R² of a
@@ -52,6 +54,9 @@ PAPER = {
              "graph features with R² (random forest) GRU 0.876, LSTM 0.579, RNN-tanh 0.43–0.48",
 }
 
+#: examples in one of the thesis's retraining epochs (18,750 training strings)
+THESIS_EPOCH = 18_750
+
 Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
 
 
@@ -60,7 +65,7 @@ class Config:
     cells: tuple[Cell, ...] = ("rnn_tanh", "gru", "lstm")
     hidden: int = 32
     epochs: int = 15  # dense training, and the random-graph runs
-    retrain_epochs: int = 4
+    retrain_epochs: int = 13  # 13 x 1,437 examples: about the thesis's one retraining epoch (18,750 strings)
     sparsities: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
     recover_tol: float = 0.01  # within this of the dense accuracy counts as recovered
     ws_p: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0)  # Watts–Strogatz rewiring, k = ws_k
@@ -225,28 +230,34 @@ def tables(rows: list[dict], cfg: Config) -> str:
         rec = "—" if r["epochs_to_recover"] is None else str(r["epochs_to_recover"])
         out.append(f"| {r['cell']} | {r['dense_acc']:.3f} | {r['achieved']:.2f} | {r['pruned_acc']:.3f} | {one:.3f} | "
                    f"{r['retrained_acc']:.3f} | {rec} |")
-    out += ["", "| cell | paper (thesis) | ours: largest sparsity recovered within 1 epoch | met (≥ 0.6) |", "|---|---|---|---|"]
+    budget = int(np.ceil(THESIS_EPOCH / 1437))
+    out += ["", f"| cell | paper (thesis) | ours: largest sparsity recovered within {budget} epochs (≈ one thesis epoch, "
+            f"{THESIS_EPOCH:,} examples) | within 1 epoch (1,437 examples) | met (≥ 0.6) |", "|---|---|---|---|---|"]
     for cell in dict.fromkeys(r["cell"] for r in prune):
-        ok = [r["sparsity"] for r in prune if r["cell"] == cell and r["epochs_to_recover"] is not None and r["epochs_to_recover"] <= 1]
+        rec = lambda e: [r["sparsity"] for r in prune if r["cell"] == cell and r["epochs_to_recover"] is not None
+                         and r["epochs_to_recover"] <= e]
+        ok, one = rec(budget), rec(1)
         best = max(ok) if ok else None
         met = "met" if best is not None and best >= 0.6 else "missed"
-        out.append(f"| {cell} | {PAPER['prune']} | {'none' if best is None else best} | {met} |")
+        out.append(f"| {cell} | ≥ 0.6 within one epoch | {'none' if best is None else best} | {max(one) if one else 'none'} | {met} |")
     graph_rows = [r for r in rows if r["kind"] == "graph"]
-    out += ["", f"**Random-graph recurrence** (R masked by the graph on {cfg.hidden} units, trained {cfg.epochs} epochs from scratch)", "",
+    out += ["", f"Thesis: {PAPER['prune']}.", "",
+            f"**Random-graph recurrence** (R masked by the graph on {cfg.hidden} units, trained {cfg.epochs} epochs from scratch)", "",
             "| cell | graph | args | edges | clustering | path length | test acc |", "|---|---|---|---|---|---|---|"]
     for r in graph_rows:
         args = ", ".join(f"{k}={v}" for k, v in r["graph_args"].items())
         out.append(f"| {r['cell']} | {r['graph']} | {args} | {r['edges']} | {r['clustering']:.3f} | {r['path_length']:.2f} | "
                    f"{r['test_acc']:.3f} |")
     out += ["", "| cell | mean acc (graphs) | dense acc | r(acc, edges) | r(acc, clustering) | r(acc, path length) | "
-            "R² (linear, 3 features) | paper |",
-            "|---|---|---|---|---|---|---|---|"]
+            "R² (linear, 3 features) |",
+            "|---|---|---|---|---|---|---|"]
     for cell in dict.fromkeys(r["cell"] for r in graph_rows):
         sel = [r for r in graph_rows if r["cell"] == cell]
         f = graph_fit(sel)
         dense = next(r["test_acc"] for r in rows if r["kind"] == "dense" and r["cell"] == cell)
         out.append(f"| {cell} | {np.mean([r['test_acc'] for r in sel]):.3f} | {dense:.3f} | {f['r_edges']:.2f} | "
-                   f"{f['r_clustering']:.2f} | {f['r_path_length']:.2f} | {f['r2']:.2f} | {PAPER['graph']} |")
+                   f"{f['r_clustering']:.2f} | {f['r_path_length']:.2f} | {f['r2']:.2f} |")
+    out += ["", f"Thesis: {PAPER['graph']}."]
     return "\n".join(out)
 
 
