@@ -58,7 +58,7 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    "cpu": dict(steps=600, batch_size=32, d_model=64, num_layers=2, num_heads=4, lr=3e-3, warmup=50, eval_every=600,
+    "cpu": dict(steps=400, batch_size=16, d_model=64, num_layers=2, num_heads=4, lr=3e-3, warmup=40, eval_every=400,
                 progress=False),
     "tiny": dict(steps=2, batch_size=2, d_model=16, num_layers=1, num_heads=2, seq_len=16, corpus_bytes=20_000, eval_rows=4,
                  bins=(1, 4, 16), probe_rows=4, eval_every=2, progress=False),
