@@ -115,8 +115,8 @@ DISPATCH = [  # platform, dtype, t, s, head_dim, flags, expected
     ("gpu", BF16, 1, 4096, 128, {}, "blocked"),  # queries at an offset: no cuDNN
     ("gpu", BF16, 4096, 4096, 128, {"explicit_mask": True}, "xla"),
     ("tpu", BF16, 4096, 4096, 128, {"segments": True, "window": True}, "splash"),
-    ("tpu", F32, 128, 128, 64, {}, "splash"),
-    ("tpu", BF16, 64, 64, 128, {}, "xla"),
+    ("tpu", F32, 512, 512, 64, {}, "splash"),
+    ("tpu", BF16, 511, 511, 128, {}, "xla"),
     ("tpu", BF16, 1, 4096, 128, {}, "blocked"),
     ("tpu", BF16, 4096, 4096, 128, {"explicit_mask": True}, "xla"),
     ("cpu", F32, 2048, 2048, 64, {"segments": True}, "blocked"),
@@ -284,3 +284,25 @@ def test_attention_layer_under_a_tpu_mesh_takes_splash_with_context_parallelism(
         hlo = jax.jit(jax.grad(loss)).lower(params, x, seg).compile().as_text()
     assert hlo.count(MOSAIC) == 2
     assert _f32_square_buffers(hlo, 2048) == []
+
+
+def test_attention_layer_under_a_data_tensor_tpu_mesh_runs_splash_per_device(tpus):
+    """Without context parallelism (data 2 x tensor 2 on a TPU v5e 2x2) the splash kernel runs inside
+    ``shard_map``, one batch row and one kv head per device (libtpu refuses to partition a Mosaic kernel
+    under a plain multi-device ``jit``)."""
+    mesh = shd.make_mesh((2, 1, 1, 2), devices=tpus)
+    layer = Attention(256, num_heads=4, num_kv_heads=2, window=128, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graph, params = nnx.split(layer)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=rep), params)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = jax.ShapeDtypeStruct((2, 1024, 256), jnp.bfloat16, sharding=rows)
+    seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32, sharding=rows)
+
+    def loss(params, x, seg):
+        y, _ = nnx.merge(graph, params)(x, segment_ids=seg)
+        return jnp.mean(y.astype(jnp.float32) ** 2)
+
+    with shd.use_rules(mesh):
+        hlo = jax.jit(jax.grad(loss)).lower(params, x, seg).compile().as_text()
+    assert hlo.count(MOSAIC) == 2

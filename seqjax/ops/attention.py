@@ -38,7 +38,7 @@ __all__ = ["make_mask", "attention_reference", "attention", "choose_impl", "plat
 
 IMPLS = (None, "xla", "cudnn", "reference", "blocked", "splash")
 BLOCKED_MIN_LEN = 512  # from here on the blocked form beats XLA forward+backward on the CPU (benchmarks/results/cpu_attention.md)
-SPLASH_MIN_LEN = 128  # one splash block; shorter sequences keep XLA on a TPU
+SPLASH_MIN_LEN = 512  # shorter sequences keep XLA on a TPU (scores of at most 512 x 512 per head)
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 

@@ -11,9 +11,10 @@ skipped in the forward and in its fused backward. seqjax's masks map onto it as
                      batch and kv heads.
 
 Lengths are padded to a multiple of 128 (the kernel's block); padded queries and keys get a segment id of
-their own, so they never mix with real tokens. ``interpret=None`` runs the kernel's Pallas body in
-interpret mode anywhere but on a TPU (the CPU tests), and compiles it for a TPU there (and for a TPU
-topology from a CPU host, ``tests/test_flash_attention.py``).
+their own, so they never mix with real tokens. Under a multi-device ``seqjax.sharding.use_rules`` mesh the
+kernel runs per device inside ``shard_map`` (batch and heads split, time whole). ``interpret=None`` runs the
+kernel's Pallas body in interpret mode anywhere but on a TPU (the CPU tests), and compiles it for a TPU on
+one or under a TPU mesh (a TPU topology compiled from a CPU host, ``tests/test_flash_attention.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.sharding import PartitionSpec as P
 
+from seqjax import sharding
 from seqjax.types import AnyArray, Array, Float, Shaped
 
 __all__ = ["splash_attention", "splash_kernel", "splash_block", "PAD_SEGMENT"]
@@ -103,6 +106,27 @@ def run_kernel(kernel, q, k, v, q_seg, k_seg, scale):
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def _on_each_device(fn, q, k, v, q_seg, k_seg):
+    """``fn(q, k, v, q_seg, k_seg)`` inside ``jax.shard_map`` over the mesh of the innermost
+    ``seqjax.sharding.use_rules`` (batch on ``data``/``fsdp``, heads on ``tensor``, each only where it divides
+    the dim; time whole): a ``pallas_call`` has no sharding rule, and under a plain multi-device ``jit`` XLA
+    would gather its operands onto every device. Without a mesh, on one device, or already inside a
+    ``shard_map`` (context parallelism) it is just ``fn(...)``."""
+    mesh = sharding.current()[0]
+    if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
+        return fn(q, k, v, q_seg, k_seg)
+    sizes = dict(mesh.shape)
+    bat = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1) or None
+    if bat is not None and q.shape[0] % int(np.prod([sizes[a] for a in bat])):
+        bat = None
+    hd = "tensor" if sizes.get("tensor", 1) > 1 and k.shape[2] % sizes["tensor"] == 0 else None
+    act, seg = P(bat, None, hd, None), P(bat, None)
+    segs = () if q_seg is None else (q_seg, k_seg)
+    run = jax.shard_map(lambda q, k, v, *sg: fn(q, k, v, *(sg or (None, None))), mesh=mesh,
+                        in_specs=(act, act, act) + (seg,) * len(segs), out_specs=act, check_vma=False)
+    return run(q, k, v, *segs)
+
+
 def splash_attention(
     q: Float[AnyArray, "b t h d"],
     k: Float[AnyArray, "b s kvh d"],
@@ -119,8 +143,9 @@ def splash_attention(
     keys' positions. Same arguments and result as ``seqjax.ops.flash.flash_attention`` (``q_offset = s - t``)."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    if interpret is None:  # the platform of the use_rules mesh (a TPU topology compiled from a CPU host), else the backend's
+        mesh = sharding.current()[0]
+        interpret = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()) != "tpu"
     scale = float(1.0 / np.sqrt(d) if scale is None else scale)
     tp, sp = _round(t), _round(s)
     q_seg = k_seg = None
@@ -132,5 +157,6 @@ def splash_attention(
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
     # the queries sit at key positions s - t + i: the offset keeps that when t and s pad by different amounts
     kernel = splash_kernel(tp, sp, h // kvh, causal=causal, window=window, offset=s - t, interpret=interpret)
-    o = run_kernel(kernel, pad(q, tp), pad(k.astype(q.dtype), sp), pad(v.astype(q.dtype), sp), q_seg, k_seg, scale)
+    local = lambda q, k, v, qs, ks: run_kernel(kernel, q, k, v, qs, ks, scale)
+    o = _on_each_device(local, pad(q, tp), pad(k.astype(q.dtype), sp), pad(v.astype(q.dtype), sp), q_seg, k_seg)
     return o[:, :t]
