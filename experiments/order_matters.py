@@ -234,6 +234,8 @@ def baselines(cfg: Config) -> list[dict]:
 
 
 def paper_of(run: Run) -> str:
+    if run.mode == "tour":
+        return "— (not the paper's setting: with the used-element mask ascending order is a repeated arg-min)"
     if run.output_order == "search":
         return PAPER["search"]
     if run.output_order == "fixed":
@@ -332,7 +334,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_ylabel("exact-sequence accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("sorting: Read-Process-Write vs Ptr-Net")
-    ax.legend(fontsize=6, loc="lower left")
+    ax.legend(fontsize=6, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -358,6 +360,8 @@ def main(argv=None) -> list[dict]:
         for name in cfg.merge:
             with open(os.path.join(cfg.out, name, "records.jsonl")) as f:
                 rows += [r for r in map(json.loads, f) if r["kind"] in ("train", "test")]
+        for r in rows:
+            r.update({"paper": paper_of(parse_run(r["run"]))} if r["kind"] == "test" else {})
         cfg.test_n = tuple(sorted({r["n"] for r in rows if r["kind"] == "test"}))
     for run in runs:
         key = (run.input_order, run.output_order)
