@@ -79,3 +79,28 @@ def check_no_negative_eigen(name: str, negative_eigen) -> None:
             f"{name} does not support negative_eigen=True (the mixers registered with negative_eigen "
             "support it: mamba, mamba2 and the delta-rule family)"
         )
+
+
+def check_qkv(q, k, v) -> None:
+    """Attention's layout: ``q [b, t, heads, d]``, ``k, v [b, s, kv_heads, d]``, ``heads % kv_heads == 0``."""
+    check_ndim("q", q, 4, "[batch, time, heads, head_dim]")
+    check_ndim("k", k, 4, "[batch, time, kv_heads, head_dim]")
+    check_same_shape("k", k, "v", v)
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
+
+
+def check_segment_ids(segment_ids, kv_segment_ids, batch: int, t: int, s: int) -> None:
+    """``segment_ids [batch, t]``; ``kv_segment_ids [batch, s]`` only with ``segment_ids`` (default: the
+    queries', which needs ``s == t``)."""
+    if segment_ids is None:
+        if kv_segment_ids is not None:
+            raise ValueError("kv_segment_ids needs segment_ids (the queries' documents)")
+        return
+    check_shape("segment_ids", segment_ids, (batch, t), "[batch, time]")
+    if kv_segment_ids is None and s != t:
+        raise ValueError(f"segment_ids with {s} keys and {t} queries needs kv_segment_ids [batch, {s}]")
+    if kv_segment_ids is not None:
+        check_shape("kv_segment_ids", kv_segment_ids, (batch, s), "[batch, keys]")

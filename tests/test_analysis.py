@@ -212,6 +212,21 @@ def test_gradients_scale_by_chi_perp_per_layer_and_rnn_kernel():
     np.testing.assert_allclose(r.K, want, rtol=0.15)
 
 
+@pytest.mark.parametrize("widths", [(3, 8, 16), (3, 8, 16, 16), (3, 8, 8, 16, 16)])
+def test_mlp_forward_of_unequal_widths_matches_a_python_loop(widths):
+    """Only square layers of the carry's width share the scan; the others run one by one."""
+    params = CR.init_mlp(jax.random.PRNGKey(4), widths, 1.0, 0.1)
+    x = jax.random.normal(jax.random.PRNGKey(5), (5, widths[0]))
+    want, h = [], x
+    for W, b in params:
+        want.append(h @ W + b[None, :])
+        h = jnp.tanh(want[-1])
+    got = CR.mlp_forward(params, x, "tanh")
+    assert [z.shape for z in got] == [(5, n) for n in widths[1:]]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_criticality_errors():
     with pytest.raises(ValueError, match="activation"):
         CR.critical_init("sigmoid")

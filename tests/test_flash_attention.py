@@ -102,6 +102,37 @@ def test_attention_entry_point_runs_each_backend_on_the_same_mask():
         attention(q, k, v, mask=jnp.ones((1, 1, 40, 40), bool), impl="blocked")
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_entry_point_puts_fewer_queries_at_the_end_of_the_keys(window):
+    """t < s without segment ids: query i is key position s - t + i in every backend (not top-left aligned)."""
+    q, k, v = _qkv(jax.random.PRNGKey(6), 1, 4, 12, 2, 2, 8)
+    want = _reference(q, k, v, window=window, offset=8)
+    for impl in ("reference", "xla", "blocked", None):
+        np.testing.assert_allclose(attention(q, k, v, window=window, impl=impl), want, rtol=2e-5, atol=2e-5)
+
+
+def test_attention_entry_points_reject_bad_window_shapes_and_lone_kv_segments():
+    """The functions' own checks (the tests' beartype hook would catch bad shapes first: unwrap it, as on an
+    install without the test extras)."""
+    q, k, v = _qkv(jax.random.PRNGKey(7), 1, 8, 8, 2, 1, 8)
+    seg = jnp.zeros((1, 8), jnp.int32)
+    for f in (attention, getattr(splash_attention, "__wrapped__", splash_attention),
+              getattr(flash_attention, "__wrapped__", flash_attention)):
+        with pytest.raises(ValueError, match="window"):
+            f(q, k, v, window=0)
+        with pytest.raises(ValueError, match="kv_segment_ids needs segment_ids"):
+            f(q, k, v, kv_segment_ids=seg)
+        with pytest.raises(ValueError, match=re.escape("q must have 4 dims")):
+            f(q[0], k, v)
+    for f in (attention, getattr(splash_attention, "__wrapped__", splash_attention)):
+        with pytest.raises(ValueError, match=re.escape("v must have the same shape as k")):
+            f(q, k, v[:, :4])
+        with pytest.raises(ValueError, match="must be a multiple of kv heads"):
+            f(q[:, :, :1], k[:, :, :1].repeat(2, axis=2), v[:, :, :1].repeat(2, axis=2))
+        with pytest.raises(ValueError, match=re.escape("segment_ids must have shape [1, 8]")):
+            f(q, k, v, segment_ids=seg[:, :5])
+
+
 BF16, F32 = jnp.bfloat16, jnp.float32
 DISPATCH = [  # platform, dtype, t, s, head_dim, flags, expected
     ("gpu", BF16, 4096, 4096, 128, {}, "cudnn"),

@@ -188,14 +188,15 @@ def init_mlp(key, widths, C_W: float, C_b: float) -> list[tuple[Array, Array]]:
 
 
 def _run(params, x, activation, shifts=None):
-    """Preactivations of every layer; the run of equal-shaped layers after the first is a ``lax.scan`` (compile
-    time independent of depth)."""
+    """Preactivations of every layer; the run of square layers of the first layer's output width after the first
+    is a ``lax.scan`` (compile time independent of depth); any layers after that run are applied one by one."""
     s = ACTIVATIONS[activation]
     W0, b0 = params[0]
     zs = [x @ W0 + b0[None, :] + (0 if shifts is None else shifts[0])]
     rest = list(params[1:])
     run = 0
-    while run < len(rest) and rest[run][0].shape == rest[0][0].shape:
+    square = (zs[0].shape[-1],) * 2  # a scan's carry keeps its shape: only n -> n layers
+    while run < len(rest) and rest[run][0].shape == square:
         run += 1
     if run:
         Ws = jnp.stack([w for w, _ in rest[:run]])

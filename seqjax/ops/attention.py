@@ -141,21 +141,14 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, window=None, ca
 
     Returns ``[b, t, heads, d]`` in ``q.dtype``.
     """
-    _checks.check_ndim("q", q, 4, "[batch, time, heads, head_dim]")
-    _checks.check_ndim("k", k, 4, "[batch, time, kv_heads, head_dim]")
-    _checks.check_same_shape("k", k, "v", v)
+    _checks.check_qkv(q, k, v)
     _checks.check_choice("impl", impl, IMPLS)
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
     t, s = q.shape[1], k.shape[1]
-    if segment_ids is not None:
-        _checks.check_shape("segment_ids", segment_ids, (q.shape[0], t), "[batch, time]")
-        if kv_segment_ids is None and s != t:
-            raise ValueError(f"segment_ids with {s} keys and {t} queries needs kv_segment_ids [batch, {s}]")
-        kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-        _checks.check_shape("kv_segment_ids", kv_segment_ids, (q.shape[0], s), "[batch, keys]")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive int or None, got window={window}")
+    _checks.check_segment_ids(segment_ids, kv_segment_ids, q.shape[0], t, s)
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
     if impl is None:
         impl = choose_impl(platform(), q.dtype, q.shape, k.shape, causal=causal, window=window is not None,
                            segments=segment_ids is not None, explicit_mask=mask is not None)
@@ -167,7 +160,9 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, window=None, ca
     if impl == "splash":
         return splash_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids,
                                 kv_segment_ids=kv_segment_ids, scale=scale)
-    if mask is None and (segment_ids is not None or impl == "reference" or not causal):
+    # jax.nn.dot_product_attention's is_causal / local_window_size align the mask top-left (query i sees
+    # keys j <= i); the queries here are the last t of the s positions, so that fast path needs t == s
+    if mask is None and (segment_ids is not None or impl == "reference" or not causal or t != s):
         idx = jnp.arange(s, dtype=jnp.int32)[None]
         seg = None if segment_ids is None else jnp.asarray(segment_ids)
         kseg = None if segment_ids is None else jnp.asarray(kv_segment_ids)
@@ -175,7 +170,7 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, window=None, ca
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if impl == "reference":
         return attention_reference(q, k, v, mask, scale=scale)
-    if mask is None:  # plain causal (+ window): let the backend skip masked blocks
+    if mask is None:  # plain causal (+ window) self-attention: let the backend skip masked blocks
         lws = None if window is None else (window - 1, 0)
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, local_window_size=lws, implementation=impl

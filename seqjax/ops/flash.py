@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax import _checks
 from seqjax.types import AnyArray, Array, Float, Shaped
 
 __all__ = ["flash_attention", "DEFAULT_BLOCK"]
@@ -289,6 +290,9 @@ def flash_attention(
 
     Returns ``[b, t, heads, d]`` in ``q.dtype``.
     """
+    _checks.check_ndim("q", q, 4, "[batch, time, heads, head_dim]")
+    _checks.check_ndim("k", k, 4, "[batch, time, kv_heads, head_dim]")
+    _checks.check_ndim("v", v, 4, "[batch, time, kv_heads, head_dim]")
     b, t, h, d = q.shape
     s = k.shape[1]
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:

@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec as P
 
-from seqjax import sharding
+from seqjax import _checks, sharding
 from seqjax.types import AnyArray, Array, Float, Shaped
 
 __all__ = ["splash_attention", "splash_kernel", "splash_block", "PAD_SEGMENT"]
@@ -141,8 +141,12 @@ def splash_attention(
 ) -> Float[Array, "b t h d"]:
     """Causal (windowed, packed) attention by the splash kernel; the queries are the last ``t`` of the ``s``
     keys' positions. Same arguments and result as ``seqjax.ops.flash.flash_attention`` (``q_offset = s - t``)."""
+    _checks.check_qkv(q, k, v)
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive int or None, got window={window}")
+    _checks.check_segment_ids(segment_ids, kv_segment_ids, b, t, s)
     if interpret is None:  # the platform of the use_rules mesh (a TPU topology compiled from a CPU host), else the backend's
         mesh = sharding.current()[0]
         interpret = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()) != "tpu"
