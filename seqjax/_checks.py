@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,6 +19,15 @@ COMPLEX_DTYPES = (jnp.complex64, jnp.complex128)
 
 def _fmt(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def concrete_or_none(x) -> np.ndarray | None:
+    """``x`` as a numpy array when its value is known in Python, ``None`` when it is traced (inside ``jit``,
+    ``grad``, ``vmap``): value checks (ranges, ids) run on the first and are the caller's job on the second."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:

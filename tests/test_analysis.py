@@ -283,6 +283,8 @@ def test_cipher_key_is_a_bijection_and_inverts():
         assert np.array_equal(CI.invert_key(k)[c], row)
     assert not np.array_equal(b.meta[0], b.meta[1])  # a fresh key per row
     np.testing.assert_array_equal(CI.cipher_batch(plain, 50, seed=1).inputs, b.inputs)  # deterministic
+    for i, k in enumerate(b.meta):  # row i's key: the seed sequence (seed, i), distinct for distinct pairs
+        np.testing.assert_array_equal(k, CI.substitution_key(50, (1, i)))
 
 
 def test_decipher_accuracy_by_hand():

@@ -41,9 +41,17 @@ def test_generated_weights_have_the_targets_shapes_and_dtypes():
     assert jax.tree.structure(w) == jax.tree.structure(target)
     for got, want in zip(jax.tree.leaves(w), jax.tree.leaves(target)):
         assert got.shape == want.shape and got.dtype == want.dtype
-    # the raw output starts near unit variance (exactly for task 0, by construction); leaves at 1/sqrt(fan_in)
+    # the raw output starts near unit variance (exactly for task 0: init rescales the head on task 0's own
+    # embedding, whatever the key); leaves at 1/sqrt(fan_in)
     raw = H.generate(params, spec, 1)[0]
     assert abs(float(jnp.std(H.generate(params, spec, 0)[0])) - 1.0) < 1e-4 and 0.3 < float(jnp.std(raw)) < 3
+    for seed, n in ((1, 1), (2, 5)):
+        p = H.init(jax.random.PRNGKey(seed), spec, n, chunk_size=13, hidden=8, task_dim=4, chunk_dim=3)
+        assert abs(float(jnp.std(H.generate(p, spec, 0)[0])) - 1.0) < 1e-4
+    # with no task yet the head is rescaled on a random embedding: the first added task starts near unit scale
+    p0 = H.add_task(H.init(jax.random.PRNGKey(3), spec, 0, chunk_size=13, hidden=8, task_dim=4, chunk_dim=3),
+                    jax.random.PRNGKey(4))
+    assert 0.3 < float(jnp.std(H.generate(p0, spec, 0)[0])) < 3
     np.testing.assert_allclose(np.asarray(w["enc"]["w"]).ravel(), np.asarray(raw[7:42]) / np.sqrt(5), rtol=1e-6)  # key order: enc.b, enc.w
 
 

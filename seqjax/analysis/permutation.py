@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from seqjax import _checks
+
 __all__ = ["MAX_ENUMERATE_K", "ROUNDINGS", "PARAMETERIZATIONS", "permutation_pairs",
            "nonzero_binary_inputs", "init_members", "apply", "train_ensemble",
            "round_outputs", "exact_fraction", "ensemble_size_needed"]
@@ -57,8 +59,7 @@ PARAMETERIZATIONS = ("ntk", "standard")
 def init_members(key, n: int, k: int, width: int, sigma_w: float = 1.0, parameterization: str = "ntk") -> dict:
     """``n`` members' parameters, stacked on a leading axis. ``"ntk"``: ``W ~ N(0, σ_w²)`` scaled by
     ``1/√fan_in`` in :func:`apply`; ``"standard"`` (the paper's code): ``W ~ N(0, σ_w²/fan_in)``, unscaled."""
-    if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"parameterization={parameterization!r} is not one of {PARAMETERIZATIONS}")
+    _checks.check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     k1, k2 = jax.random.split(key)
     s1, s2 = (1.0, 1.0) if parameterization == "ntk" else (k**-0.5, width**-0.5)
     return {"W1": sigma_w * s1 * jax.random.normal(k1, (n, k, width)), "b1": jnp.zeros((n, width)),
@@ -76,8 +77,9 @@ def apply(p: dict, x: Float[Array, "b k"], parameterization: str = "ntk") -> Flo
 def train_ensemble(key, perm, n: int, width: int, steps: int = 1000, lr: float | None = None, sigma_w: float = 1.0,
                    parameterization: str = "ntk") -> dict:
     """``n`` members trained by full-batch GD on ``L = ½ Σ_j ‖f(e_j) − P e_j‖²`` for ``steps`` steps. ``lr``
-    defaults to ``0.9 / λ_max`` of the kernel ``Θ(X, X)`` at infinite width: about ``k`` (NTK) or
-    ``m (1/2k + 1/2π)`` (standard)."""
+    defaults to ``0.9 / λ_max`` of the kernel ``Θ(X, X)`` at infinite width: ``0.9 / k`` (NTK) or
+    ``0.9 / (σ_w² m (1/2k + 1/2π) + 2 + k)`` (standard: the weights' part ``σ_w² m (1/2k + 1/2π)`` plus a bound
+    ``2 + k`` on the biases' part, which the width does not scale down)."""
     X, Y = (jnp.asarray(a) for a in permutation_pairs(perm))
     k = len(perm)
     if lr is None:
@@ -105,8 +107,7 @@ def round_outputs(mean, bits=None, rounding: str = "sign") -> np.ndarray:
     largest coordinates, ``s`` the number of ones of the input (``bits``), since ``P x`` has as many ones as ``x``;
     it needs only the mean's on-support level above its off-support level, which also holds on the training
     inputs, where the sign rule sits on its boundary (off-support outputs fitted to exactly 0)."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding={rounding!r} is not one of {ROUNDINGS}")
+    _checks.check_choice("rounding", rounding, ROUNDINGS)
     mean = np.asarray(mean)
     if rounding == "sign":
         return (mean > 0).astype(np.int32)

@@ -121,8 +121,10 @@ def init(key, spec: TargetSpec, num_tasks: int = 1, *, task_dim: int = 32, chunk
     """Random float32 parameters of an LSTM hypernetwork for ``spec``: ``task_emb`` ``[num_tasks, task_dim]``,
     ``chunk_emb`` ``[ceil(size / chunk_size), chunk_dim]`` (both N(0, 1)), ``rnn`` (an LSTM
     ``task_dim + chunk_dim → hidden``, :mod:`seqjax.rnn.cells` layout) and the chunk head ``w_out``
-    ``[hidden, chunk_size]``, ``b_out`` ``[chunk_size]``. The head is rescaled so the raw output of task 0 has
-    unit variance (then every target leaf starts at its ``scale``)."""
+    ``[hidden, chunk_size]``, ``b_out`` ``[chunk_size]``. The head is rescaled so the raw output of task 0 (the
+    first ``spec.size`` values) has unit standard deviation (then every target leaf starts at its ``scale``);
+    with ``num_tasks == 0`` it is rescaled on the output of a random N(0, 1) embedding instead, which stands
+    for the first task :func:`add_task` adds."""
     for name, v in (("task_dim", task_dim), ("chunk_dim", chunk_dim), ("hidden", hidden), ("chunk_size", chunk_size)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
@@ -137,7 +139,8 @@ def init(key, spec: TargetSpec, num_tasks: int = 1, *, task_dim: int = 32, chunk
         "w_out": jax.random.normal(k_out, (hidden, chunk_size), jnp.float32) / math.sqrt(hidden),
         "b_out": jnp.zeros((chunk_size,), jnp.float32),
     }
-    probe = dict(params, task_emb=jax.random.normal(k_task, (1, task_dim), jnp.float32))
+    emb0 = params["task_emb"][:1] if num_tasks >= 1 else jax.random.normal(k_task, (1, task_dim), jnp.float32)
+    probe = dict(params, task_emb=emb0)
     params["w_out"] = params["w_out"] / jnp.std(_generate(probe, jnp.zeros((1,), jnp.int32))[0, : spec.size])
     return params
 
@@ -149,9 +152,8 @@ def add_task(params: dict, key) -> dict:
 
 
 def _check_ids(params: dict, task_ids):
-    try:
-        ids = np.asarray(task_ids)
-    except jax.errors.TracerArrayConversionError:  # traced ids: the caller's jit owns the range
+    ids = _checks.concrete_or_none(task_ids)
+    if ids is None:  # traced ids: the caller's jit owns the range
         return
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"task_ids must be integers, got dtype {ids.dtype}")

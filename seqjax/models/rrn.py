@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -64,8 +63,8 @@ def _check_edges(senders, receivers, num_nodes: int | None = None):
     _checks.check_same_shape("senders", senders, "receivers", receivers)
     if num_nodes is not None:
         for name, idx in (("senders", senders), ("receivers", receivers)):
-            if not isinstance(idx, jax.core.Tracer) and np.size(idx):
-                idx = np.asarray(idx)
+            idx = _checks.concrete_or_none(idx)
+            if idx is not None and idx.size:
                 lo, hi = int(idx.min()), int(idx.max())
                 if lo < 0 or hi >= num_nodes:
                     raise ValueError(f"{name} must hold node ids in [0, {num_nodes}), got values in [{lo}, {hi}]")
@@ -133,8 +132,9 @@ def pair_messages(layers, h: Float[Array, "b n d"], senders=None, receivers=None
 def _check_nodes(nodes, vocab: int | None = None):
     _checks.check_ndim("nodes", nodes, 2, "[batch, nodes]")
     _checks.check_dtype("nodes", nodes, "int")
-    if vocab is not None and not isinstance(nodes, jax.core.Tracer) and np.size(nodes):
-        lo, hi = int(np.asarray(nodes).min()), int(np.asarray(nodes).max())
+    values = None if vocab is None else _checks.concrete_or_none(nodes)
+    if values is not None and values.size:
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"nodes must hold values in [0, {vocab}), got values in [{lo}, {hi}]")
 

@@ -12,6 +12,8 @@ the ciphertext and whose ``targets`` are the plaintext at the same position (``m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from seqjax.tasks import IGNORE, TaskBatch
@@ -19,8 +21,9 @@ from seqjax.tasks import IGNORE, TaskBatch
 __all__ = ["substitution_key", "invert_key", "encipher", "cipher_batch", "decipher_accuracy"]
 
 
-def substitution_key(vocab_size: int, seed: int, keep=()) -> np.ndarray:
-    """A random bijection of ``[0, vocab_size)`` (``[vocab_size]`` int32) fixing the tokens in ``keep``."""
+def substitution_key(vocab_size: int, seed: int | Sequence[int], keep=()) -> np.ndarray:
+    """A random bijection of ``[0, vocab_size)`` (``[vocab_size]`` int32) fixing the tokens in ``keep``; ``seed``
+    is an int or a sequence of non-negative ints (``np.random.default_rng``'s seed sequence)."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     keep = sorted(set(int(k) for k in keep))
@@ -56,7 +59,7 @@ def cipher_batch(plain, vocab_size: int, seed: int, keep=()) -> TaskBatch:
     plain = np.asarray(plain)
     if plain.ndim != 2 or not np.issubdtype(plain.dtype, np.integer):
         raise ValueError(f"plain must be [n, T] integer token ids, got {plain.dtype} {list(plain.shape)}")
-    keys = [substitution_key(vocab_size, seed * 1_000_003 + i, keep) for i in range(len(plain))]
+    keys = [substitution_key(vocab_size, [seed, i], keep) for i in range(len(plain))]
     inputs = np.stack([encipher(row, k) for row, k in zip(plain, keys)]) if len(plain) else plain.astype(np.int32)
     return TaskBatch(inputs, plain.astype(np.int32), num_classes=vocab_size, vocab_size=vocab_size, meta=keys)
 

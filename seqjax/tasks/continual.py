@@ -20,6 +20,7 @@ import dataclasses
 
 import numpy as np
 
+from seqjax import _checks
 from seqjax.tasks import classification
 
 __all__ = ["KINDS", "SOURCES", "ContinualTask", "sequence", "chance"]
@@ -56,10 +57,8 @@ def _load(source: str, seed: int):
 
 def sequence(kind: str = "split", num_tasks: int = 5, *, source: str = "digits", seed: int = 0) -> list[ContinualTask]:
     """``num_tasks`` tasks of ``kind`` built from ``source``; the same ``seed`` gives the same sequence."""
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    if source not in SOURCES:
-        raise ValueError(f"source={source!r} is not one of {SOURCES}")
+    _checks.check_choice("kind", kind, KINDS)
+    _checks.check_choice("source", source, SOURCES)
     if kind == "split" and num_tasks not in (2, 5):
         raise ValueError(f"num_tasks={num_tasks}: a split of the 10 classes needs 2 or 5 tasks")
     if kind == "permuted" and not 1 <= num_tasks <= 100:

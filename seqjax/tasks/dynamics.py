@@ -29,6 +29,8 @@ import functools
 import numpy as np
 from scipy.integrate import odeint, solve_ivp
 
+from seqjax import _checks
+
 __all__ = [
     "SYSTEMS", "DEFAULT_DT", "lorenz63_rhs", "rossler_rhs", "lorenz96_rhs", "vector_field", "rk4_step", "simulate",
     "standardise", "add_noise", "check_trajectory", "DynamicsData", "dataset",
@@ -63,8 +65,7 @@ _RHS = {"lorenz63": lorenz63_rhs, "rossler": rossler_rhs, "lorenz96": lorenz96_r
 
 def vector_field(system: str, xp=np, **params):
     """``f(s) -> ds/dt`` of ``system`` on arrays of ``xp`` (``numpy`` or ``jax.numpy``), ``s`` ``[..., N]``."""
-    if system not in _RHS:
-        raise ValueError(f"system={system!r} is not one of {SYSTEMS}")
+    _checks.check_choice("system", system, SYSTEMS)
     return functools.partial(_RHS[system], xp=xp, **params)
 
 

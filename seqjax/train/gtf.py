@@ -38,6 +38,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
+from seqjax import _checks
 from seqjax.rnn import cells
 
 __all__ = [
@@ -120,10 +121,12 @@ def forcing_mask(seq_len: int, tau: int = 1) -> Float[Array, " *batch"]:
 def forward(params: dict, x: Float[Array, "b t n"], alpha, tau: int = 1, *, force=None) -> Float[Array, "b t1 m"]:
     """The unforced predictions :math:`z_{2..T}` ``[b, T-1, M]`` under GTF with weight ``alpha`` every ``tau``
     steps (see module doc); ``force``: a ``[T-1]`` mask instead of ``tau`` (:func:`forcing_mask`). ``alpha`` may
-    be a traced scalar (adaptive GTF); a Python number is checked to lie in [0, 1]."""
+    be a traced scalar (adaptive GTF); a concrete scalar (a Python or numpy number, a jax array) is checked to lie
+    in [0, 1]."""
     _check_obs(params, x)
-    if isinstance(alpha, (int, float)):
-        check_alpha(alpha)
+    a = _checks.concrete_or_none(alpha)
+    if a is not None and a.ndim == 0:
+        check_alpha(a)
     n = x.shape[-1]
     z1 = initial_state(params, x[:, 0])
     force = forcing_mask(x.shape[1], tau) if force is None else force
@@ -158,8 +161,7 @@ def generate(params: dict, x1: Float[Array, " n"], n_steps: int) -> Float[Array,
 def estimate_alpha(params: dict, x: Float[Array, "b t n"], method: str = "product_upper_bound") -> tuple[Array, Array]:
     """``(α*, 𝒩)``: the forcing that bounds the gradients, :math:`\\max(0, 1 - 1/\\mathcal N)`, with the Jacobian
     norm bound :math:`\\mathcal N` of ``method`` at the forcing signals :math:`\\hat z_t = [x_t; 0]`, ``t >= 2``."""
-    if method not in ALPHA_METHODS[1:]:
-        raise ValueError(f"method={method!r} is not one of {ALPHA_METHODS[1:]}")
+    _checks.check_choice("method", method, ALPHA_METHODS[1:])
     if method == "jacobian_upper_bound":
         norm = jnp.max(jnp.abs(params["A"])) + jnp.linalg.norm(params["W1"], 2) * jnp.linalg.norm(params["W2"], 2)
     else:
@@ -234,8 +236,7 @@ def fit_many(x: Float[np.ndarray, "t n"], cfgs: list[GTFConfig], log: Callable[[
         raise ValueError("x has non-finite (NaN/inf) entries")
     alphas = [check_alpha(c.alpha) for c in cfgs]
     for c in cfgs:
-        if c.alpha_method not in ALPHA_METHODS:
-            raise ValueError(f"alpha_method={c.alpha_method!r} is not one of {ALPHA_METHODS}")
+        _checks.check_choice("alpha_method", c.alpha_method, ALPHA_METHODS)
         if c.tau < 1:
             raise ValueError(f"tau must be >= 1, got {c.tau}")
         for f in SHARED:
