@@ -13,9 +13,12 @@ Tasks: ``state_tracking`` (parity, modular arithmetic with/without brackets, S3/
 ``mqar`` (multi-query associative recall), ``recall`` (selective copying, single-query associative
 recall), ``icll`` (random-DFA in-context language learning), ``timescales`` (N-parity, N-DMS),
 ``passkey`` (tokenizer-free passkey retrieval), ``sets`` (set disjointness), ``classification``
-(sequential/permuted digits, MNIST-1D). Two families have their own batch types: ``geometry`` (convex hull,
-Delaunay, TSP for pointer networks: points and pointer targets) and ``multisets`` (set functions for the
-learnable commutative monoids: values, mask, one label per set).
+(sequential/permuted digits, MNIST-1D), ``cipher`` (substitution ciphers for lexinvariant LMs). Other
+families have their own batch types: ``geometry`` (convex hull, Delaunay, TSP for pointer networks: points and
+pointer targets), ``sorting`` (sets to sort, for Read-Process-Write), ``multisets`` (set functions for the
+learnable commutative monoids: values, mask, one label per set), ``sudoku`` (puzzles with one solution and the
+Sudoku graph), ``scan`` (the SCAN command → action suite and its splits), ``dynamics`` (chaotic flows for
+attractor reconstruction) and ``continual`` (split and permuted task sequences).
 """
 
 from __future__ import annotations
