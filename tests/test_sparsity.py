@@ -162,8 +162,10 @@ def test_bad_input_errors():
             sp.prune(s)
     with pytest.raises(ValueError, match="adj must be"):
         sp.recurrent_mask(p, np.ones((5, 5), bool))
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="kind='lattice' is not one of"):
         sp.graph("lattice", 10)
+    with pytest.raises(ValueError, match="scope='row' is not one of"):
+        sp.magnitude_mask(p, 0.5, scope="row")
     with pytest.raises(ValueError, match="mask entry"):
         sp.apply_mask(p, {"nope": np.ones(3, bool)})
     with pytest.raises(ValueError, match="needs the parameters"):

@@ -23,6 +23,7 @@ import dataclasses
 
 import numpy as np
 
+from seqjax import _checks
 from seqjax.tasks import IGNORE
 
 __all__ = ["SortBatch", "INPUT_ORDERS", "OUTPUT_ORDERS", "MIN_N", "MAX_N", "rank_order", "sort_sets",
@@ -45,8 +46,7 @@ def _check_n(n) -> tuple[int, int]:
 def rank_order(order: str, n: int, order_seed: int = 0) -> np.ndarray:
     """The ranks emitted at steps ``0 … n − 1`` in output order ``order`` (``[n]`` int, a permutation of
     ``range(n)``): ascending, descending, or the fixed permutation ``π_n`` of ``(order_seed, n)``."""
-    if order not in OUTPUT_ORDERS:
-        raise ValueError(f"output_order={order!r} is not one of {OUTPUT_ORDERS}")
+    _checks.check_choice("output_order", order, OUTPUT_ORDERS)
     _check_n(n)
     if order == "natural":
         return np.arange(n)
@@ -89,10 +89,8 @@ def sort_sets(num: int, n=(5, 15), *, input_order: str = "random", output_order:
               seed: int = 0, order_seed: int = 0) -> SortBatch:
     """``num`` sets of ``n`` distinct uniform floats and their sorting pointers (see the module docstring)."""
     lo, hi = _check_n(n)
-    if input_order not in INPUT_ORDERS:
-        raise ValueError(f"input_order={input_order!r} is not one of {INPUT_ORDERS}")
-    if output_order not in OUTPUT_ORDERS:
-        raise ValueError(f"output_order={output_order!r} is not one of {OUTPUT_ORDERS}")
+    _checks.check_choice("input_order", input_order, INPUT_ORDERS)
+    _checks.check_choice("output_order", output_order, OUTPUT_ORDERS)
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     rng = np.random.default_rng(seed)

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from seqjax import _checks
+
 __all__ = [
     "GRAPHS", "leaf_name", "by_name", "rnn_weights", "select", "magnitude_mask", "apply_mask", "sparsity_of",
     "polynomial_schedule", "prune", "fixed_mask", "PruneState", "graph", "graph_properties", "recurrent_mask",
@@ -117,8 +119,7 @@ def magnitude_mask(params, sparsity, filter: Filter | None = None, *, scope: str
     count as zero. ``sparsity`` in ``[0, 1)`` (may be a traced scalar under ``jit``).
     """
     _check_sparsity(sparsity)
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    _checks.check_choice("scope", scope, ("global", "layer"))
     leaves = select(params, filter or rnn_weights())
     names = list(leaves)
     mags = [jnp.abs(jnp.asarray(leaves[n], jnp.float32)) * (mask[n] if mask is not None else 1.0) for n in names]
@@ -248,8 +249,7 @@ def graph(kind: str, n: int, seed: int = 0, **kw) -> np.ndarray:
     """
     import networkx as nx
 
-    if kind not in GRAPHS:
-        raise ValueError(f"kind={kind!r} is not one of {GRAPHS}")
+    _checks.check_choice("kind", kind, GRAPHS)
     if n < 2:
         raise ValueError(f"n (the number of units) must be >= 2, got {n}")
     if kind == "watts_strogatz":
