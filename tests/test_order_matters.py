@@ -203,6 +203,8 @@ def test_order_search_keeps_the_best_order_and_its_gradient():
     assert set(two[:, 0].tolist()) == {1, 2}  # the best of two drawn orders is never the worst one
     with pytest.raises(ValueError, match="sample must be in"):
         O.order_search_loss(nll, jax.random.PRNGKey(0), sample=4)
+    with pytest.raises(ValueError, match=r"nll must have 2 dims \[batch, candidate orders\], got shape \[3\]"):
+        O.order_search_loss(nll[0], jax.random.PRNGKey(0))
 
 
 def test_model_names_bad_input(net):

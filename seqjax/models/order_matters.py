@@ -42,6 +42,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from seqjax import _checks
 from seqjax.models import pointer as _pointer
+from seqjax.models.rrn import mlp
 from seqjax.nn import Linear
 from seqjax.rnn import cells as _cells
 from seqjax.rnn.layers import RNN
@@ -64,14 +65,10 @@ def _check(params, x, mask, steps):
         raise ValueError(f"steps (process steps P) must be an int >= 0, got {steps!r}")
 
 
-def _affine(x, w, b):
-    return x @ w + b.reshape((1,) * (x.ndim - 1) + b.shape)
-
-
 def read(params: dict, x: Float[Array, "b n d"]) -> Float[Array, "b n h"]:
     """The memory ``m`` ``[b, n, H]``: each element embedded on its own by a two-layer MLP."""
     p = params["read"]
-    return _affine(jax.nn.relu(_affine(x.astype(jnp.float32), p["w1"], p["b1"])), p["w2"], p["b2"])
+    return mlp([(p["w1"], p["b1"]), (p["w2"], p["b2"])], x.astype(jnp.float32))
 
 
 def process(kind: str, params: dict, m: Float[Array, "b n h"], mask: Bool[Array, "b n"] | None,
@@ -105,7 +102,7 @@ def write_memory(kind: str, params: dict, x, mask=None, *, steps: int):
     _check(params, x, mask, steps)
     m = read(params, x)
     q_star, _ = process(kind, params, m, mask, steps)
-    s0 = _affine(q_star, params["init"]["w"], params["init"]["b"])
+    s0 = mlp([(params["init"]["w"], params["init"]["b"])], q_star)
     return m, s0.reshape(m.shape[0], -1, m.shape[-1])
 
 
@@ -141,6 +138,7 @@ def order_search_loss(nll: Float[Array, "b k"], key, *, sample: int | None = Non
     ``K`` orders without replacement (all when ``None``) and keeps the one with the least NLL (the paper's max
     over orders, searched by sampling); with ``uniform=True`` it trains on one order drawn uniformly instead
     (exploration before the search). The choice carries no gradient; the NLL of the chosen order does."""
+    _checks.check_ndim("nll", nll, 2, "[batch, candidate orders]")
     b, k = nll.shape
     sample = k if sample is None else sample
     if not 1 <= sample <= k:
