@@ -125,6 +125,18 @@ def test_encode_and_exact_match():
     np.testing.assert_array_equal(S.exact_match(np.array(want)[:, :4], batch.targets), [False, False])
     wide = S.encode(["walk"], src_len=3, tgt_len=4)
     np.testing.assert_array_equal(wide.targets, [[ids["I_WALK"], S.EOS, IGNORE, IGNORE]])
+    assert S.decode_actions([ids["I_WALK"], S.PAD, IGNORE, -2]) == ["I_WALK", "<pad>"]  # nothing read after IGNORE
+
+
+def test_exact_match_and_decode_actions_reject_bad_ids():
+    ids = {a: S.TGT_VOCAB.index(a) for a in S.ACTIONS}
+    with pytest.raises(ValueError, match=r"ids must be target token ids in \[0, 9\) or IGNORE \(-1\), got -2 at position 1"):
+        S.decode_actions([ids["I_WALK"], -2, S.EOS])
+    with pytest.raises(ValueError, match=r"got 9 at position 0"):
+        S.decode_actions([9, S.EOS])
+    targets = np.array([[ids["I_RUN"], S.EOS, IGNORE], [ids["I_RUN"], ids["I_RUN"], ids["I_RUN"]]])
+    with pytest.raises(ValueError, match=r"targets row 1 has no EOS \(2\)"):
+        S.exact_match(targets, targets)
 
 
 # ----------------------------------------------------------------------------- models
@@ -180,6 +192,13 @@ def test_encdec_rejects_bad_input():
         m(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.int32))
     with pytest.raises(ValueError, match="src_mask must have shape"):
         m(jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4), bool))
+    gappy = jnp.array([[True, True, False], [True, False, True]])  # row 1: a pad between real tokens
+    with pytest.raises(ValueError, match=r"src_mask must be a prefix mask .* row 1 is \[1, 0, 1\]"):
+        m(jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3), jnp.int32), gappy)
+    with pytest.raises(ValueError, match=r"src_mask must be a prefix mask .* row 0 is \[0, 1, 1\]"):  # left padding
+        m.generate(jnp.zeros((2, 3), jnp.int32), 2, 1, jnp.array([[False, True, True], [True, True, False]]))
+    prefix = jnp.array([[True, True, False], [True, False, False]])
+    assert m(jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3), jnp.int32), prefix).shape == (2, 3, 5)
 
 
 def test_seq2seq_without_attention_reads_the_source_only_through_its_last_state():

@@ -9,7 +9,9 @@ Encoder layer (pre-norm, over the source ``x`` ``[b, s, d]`` with ``src_mask`` `
 RoPE positions (the projections of :class:`seqjax.attention.Attention`, :func:`seqjax.ops.attention.attention`
 with ``causal=False`` and the padding mask); for a registered mixer name (``"gla"``, ``"mamba2"``, ``"lru"``
 ...), two mixers, one over the source and one over each source reversed within its length
-(:func:`reverse_within`, so padding stays after the real tokens), their outputs summed.
+(:func:`reverse_within`, so padding stays after the real tokens), their outputs summed. The reversal needs
+each row's real tokens first: ``src_mask`` must be a prefix mask (``True`` then ``False`` in every row, right
+padding), checked with a ``ValueError`` whenever the mask's value is known in Python (outside ``jit``).
 
 Decoder layer (over the shifted target ``y`` ``[b, t, d]``, causal)::
 
@@ -28,6 +30,7 @@ others) with the encoder memory computed once; teacher forcing on its own tokens
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -151,7 +154,8 @@ class EncoderDecoder(nnx.Module):
     """``logits = model(src [b, s] int, tgt_in [b, t] int, src_mask [b, s] bool | None)`` ``[b, t, tgt_vocab]``.
 
     ``encoder`` / ``decoder``: ``"attention"`` (the Transformer) or a registered mixer name (a hybrid).
-    ``src_mask=None`` means every source position is real.
+    ``src_mask=None`` means every source position is real; otherwise it must be a prefix mask (``True`` at the
+    real tokens, then ``False`` at the right padding, in every row), which is checked when its value is concrete.
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, *, d_model: int = 64, num_heads: int = 4, enc_layers: int = 2,
@@ -184,6 +188,13 @@ class EncoderDecoder(nnx.Module):
         if src_mask is None:
             return jnp.ones(src.shape, bool)
         _checks.check_shape("src_mask", src_mask, src.shape, "[batch, src_time]")
+        m = _checks.concrete_or_none(src_mask)
+        if m is not None:
+            m = m.astype(bool)
+            gaps = np.flatnonzero(np.any(m[:, 1:] & ~m[:, :-1], axis=1))
+            if gaps.size:
+                raise ValueError(f"src_mask must be a prefix mask (True at the real tokens, then False at the right padding), "
+                                 f"but row {int(gaps[0])} is {m[gaps[0]].astype(int).tolist()}")
         return jnp.asarray(src_mask, bool)
 
     def encode(self, src, src_mask=None):

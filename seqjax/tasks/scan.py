@@ -43,6 +43,7 @@ import itertools
 
 import numpy as np
 
+from seqjax import _checks
 from seqjax.tasks import IGNORE
 
 __all__ = [
@@ -142,8 +143,7 @@ def interpret(command: str) -> list[str]:
 def split(name: str, *, seed: int = 0) -> tuple[list[str], list[str]]:
     """``(train, test)`` command lists of split ``name`` (see the module docstring); ``seed`` orders the
     ``simple`` split's permutation and shuffles every training list."""
-    if name not in SPLITS:
-        raise ValueError(f"split={name!r} is not one of {SPLITS}")
+    _checks.check_choice("split", name, SPLITS)
     cmds = commands()
     rng = np.random.default_rng(seed)
     if name == "simple":
@@ -206,25 +206,33 @@ def encode(cmds, *, src_len: int | None = None, tgt_len: int | None = None) -> S
 
 
 def decode_actions(ids) -> list[str]:
-    """Action names of one decoded row, up to (not including) its first ``EOS``; ``PAD`` / ``BOS`` read as
-    ``"<pad>"`` / ``"<bos>"`` (always wrong)."""
+    """Action names of one decoded row, up to (not including) its first ``EOS`` or ``IGNORE``; ``PAD`` / ``BOS``
+    read as ``"<pad>"`` / ``"<bos>"`` (always wrong). Any other id outside ``[0, len(TGT_VOCAB))`` raises
+    ``ValueError``."""
     out = []
-    for t in np.asarray(ids).tolist():
+    for j, t in enumerate(np.asarray(ids).tolist()):
         if t == EOS or t == IGNORE:
             break
+        if not 0 <= t < len(TGT_VOCAB):
+            raise ValueError(f"ids must be target token ids in [0, {len(TGT_VOCAB)}) or IGNORE ({IGNORE}), "
+                             f"got {t} at position {j}")
         out.append(TGT_VOCAB[t])
     return out
 
 
 def exact_match(predictions, targets) -> np.ndarray:
     """``[n]`` bool: the predicted tokens before the first ``EOS`` equal the target's actions (and an ``EOS``
-    was emitted). ``predictions`` ``[n, L]`` int, ``targets`` ``[n, T]`` as in :class:`ScanBatch`."""
+    was emitted). ``predictions`` ``[n, L]`` int, ``targets`` ``[n, T]`` as in :class:`ScanBatch`: every target
+    row must hold an ``EOS`` (``ValueError`` naming the row otherwise)."""
     predictions, targets = np.asarray(predictions), np.asarray(targets)
     if predictions.ndim != 2 or targets.ndim != 2 or len(predictions) != len(targets):
         raise ValueError(f"predictions [n, L] and targets [n, T] must be 2-D with one row each, got "
                          f"{list(predictions.shape)} and {list(targets.shape)}")
     out = np.zeros(len(targets), bool)
     for i, (p, t) in enumerate(zip(predictions.tolist(), targets.tolist())):
+        if EOS not in t:
+            raise ValueError(f"targets row {i} has no EOS ({EOS}); each row must be the actions, then EOS, then IGNORE "
+                             f"(as encode writes them), got {t}")
         n = t.index(EOS)
         out[i] = len(p) > n and p[: n + 1] == t[: n + 1]
     return out
