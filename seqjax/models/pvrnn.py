@@ -163,18 +163,18 @@ def _scan(params, A, eps, use_post, taus, h0):
         d_above = None
         for layer in reversed(range(n)):
             p = params["layers"][layer]
-            mu_p = jnp.where(first, 0.0, jnp.tanh(d_prev[layer] @ p["w_mu"] + p["b_mu"]))
-            ls_p = jnp.where(first, 0.0, d_prev[layer] @ p["w_sig"] + p["b_sig"])
+            mu_p = jnp.where(first, 0.0, jnp.tanh(d_prev[layer] @ p["w_mu"] + p["b_mu"][None]))
+            ls_p = jnp.where(first, 0.0, d_prev[layer] @ p["w_sig"] + p["b_sig"][None])
             mu_q, ls_q = jnp.tanh(a_mu[layer]), a_sig[layer]
             mu = jnp.where(post, mu_q, mu_p)
             z = mu + jnp.exp(jnp.where(post, ls_q, ls_p)) * e[layer]
-            pre = d_prev[layer] @ p["w_dd"] + z @ p["w_zd"] + p["b"]
+            pre = d_prev[layer] @ p["w_dd"] + z @ p["w_zd"] + p["b"][None]
             if d_above is not None:
                 pre = pre + d_above @ p["w_top"]
             new_h[layer] = mtrnn_update(h[layer], pre, taus[layer])
             d_above = jnp.tanh(new_h[layer])
             stats[layer] = (mu_q, ls_q, mu_p, ls_p)
-        x_hat = d_above @ params["w_out"] + params["b_out"]
+        x_hat = d_above @ params["w_out"] + params["b_out"][None]
         return new_h, (x_hat, stats)
 
     steps = use_post.shape[0]
