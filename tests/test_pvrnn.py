@@ -124,6 +124,17 @@ def test_error_regression_changes_only_the_window_and_lowers_its_loss():
     assert future.shape == (2, 4, XD) and np.array_equal(np.asarray(future), np.asarray(full[:, -4:]))
 
 
+def test_extending_from_the_prior_continues_the_prior_mean_path():
+    params, A, _ = _setup(batch=2, steps=5)
+    A_ext = P.extend_adaptive(params, A, TAUS, 3)
+    for k in ("mu", "sigma"):
+        for old, new in zip(A[k], A_ext[k]):
+            assert new.shape[1] == 8 and np.array_equal(np.asarray(old), np.asarray(new[:, :5]))
+    ahead = P.predict(params, A, jax.random.key(0), TAUS, 3)
+    posterior = P.run(params, A_ext, jax.random.key(0), TAUS, sample=False)[0][:, -3:]
+    np.testing.assert_allclose(np.asarray(posterior), np.asarray(ahead), rtol=1e-4, atol=1e-5)
+
+
 def test_determinism_by_seed():
     params, A, x = _setup()
     a = P.loss(params, A, x, jax.random.key(11), TAUS, 1.0)[0]

@@ -21,7 +21,7 @@ Layers are indexed ``l = 0`` (bottom, read out) to ``L − 1`` (top); each step 
   observed steps and samples the prior beyond them.
 
 Functional core: :func:`init_params`, :func:`init_adaptive`, :func:`run`, :func:`loss`, :func:`generate`,
-:func:`error_regression`, :func:`predict`, :func:`kl_diag_gaussian`, :func:`mtrnn_update`. :class:`PVRNN` is the
+:func:`error_regression`, :func:`predict`, :func:`extend_adaptive`, :func:`kl_diag_gaussian`, :func:`mtrnn_update`. :class:`PVRNN` is the
 NNX module holding the weights and the training sequences' adaptive vectors.
 
 Shapes: ``x [batch, time, x_dim]``; adaptive vectors ``A = {"mu": (a_0, …), "sigma": (s_0, …)}`` with
@@ -43,7 +43,7 @@ from jaxtyping import Array, Float
 from seqjax import _checks
 
 __all__ = ["PVRNN", "init_params", "init_adaptive", "run", "loss", "generate", "error_regression", "predict",
-           "kl_diag_gaussian", "mtrnn_update"]
+           "extend_adaptive", "kl_diag_gaussian", "mtrnn_update"]
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -281,6 +281,20 @@ def predict(params: dict, A: dict, key, taus: Sequence[float], horizon: int, *, 
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     x_hat = run(params, A, key, taus, horizon=horizon, sample=sample)[0]
     return x_hat[:, -horizon:]
+
+
+def extend_adaptive(params: dict, A: dict, taus: Sequence[float], steps: int) -> dict:
+    """Append ``steps`` adaptive vectors initialised from the prior (as error regression does for each new
+    observation): ``A^mu = artanh(mu_p)``, ``A^sigma = log sigma_p`` along the prior-mean path after ``A``'s steps.
+    The existing vectors are kept bit for bit."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    n = _check_adaptive(A, params, None, None)[1]
+    _, stats, _ = run(params, A, jax.random.key(0), taus, horizon=steps, sample=False)
+    mu = tuple(jnp.concatenate([a, jnp.arctanh(jnp.clip(s[2][:, n:], -1 + 1e-6, 1 - 1e-6))], 1)
+               for a, s in zip(A["mu"], stats))
+    sigma = tuple(jnp.concatenate([a, s[3][:, n:]], 1) for a, s in zip(A["sigma"], stats))
+    return {"mu": mu, "sigma": sigma}
 
 
 # ----------------------------------------------------------------------------------------------------------- NNX
