@@ -1,5 +1,9 @@
 """PV-RNN: the KL against closed forms, the MTRNN step, the meta-prior's two limits, error regression's locality."""
 
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +12,8 @@ import pytest
 from flax import nnx
 
 from seqjax.models import pvrnn as P
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
 TAUS = (1.0, 4.0)
 D, Z, XD = (6, 5), (2, 1), 2
@@ -215,3 +221,14 @@ def test_nnx_module_matches_functional_loss_and_trains():
 
     vals = [float(step(model, opt)) for _ in range(20)]
     assert vals[-1] < vals[0]
+
+
+def test_pvrnn_experiment_two_steps(tmp_path):
+    import pvrnn
+
+    rows = pvrnn.main(["--preset=tiny", f"--out={tmp_path}"])
+    out = tmp_path / "pvrnn"
+    assert [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()] == rows
+    assert [r["w"] for r in rows] == [0.01, 1.0]
+    assert all(r["transition_kl"] >= 0 and r["uniform_kl"] > 0 and r["machine"] and r["date"] and r["paper"] for r in rows)
+    assert "| 0.01 |" in (out / "table.md").read_text() and (out / "plot.png").exists()
