@@ -1,6 +1,6 @@
 """PV-RNN (Ahmadi & Tani 2019): the meta-prior w sweep on stochastic sequences with a deterministic skeleton.
 
-    python experiments/pvrnn.py                       # w in {0.0001, 0.01, 1}, CPU scale
+    python experiments/pvrnn.py                       # w in {1e-4, …, 1}, CPU scale
     python experiments/pvrnn.py --ws=0.001,0.1 --steps=3000
     python experiments/pvrnn.py --preset=paper
 
@@ -42,7 +42,7 @@ PAPER = ("high w: deterministic chaos imitating the randomness; low w: a random 
 
 @dataclasses.dataclass
 class Config:
-    ws: tuple[float, ...] = (0.0001, 0.01, 1.0)  # the meta-prior sweep (same w for every layer)
+    ws: tuple[float, ...] = (0.0001, 0.001, 0.01, 0.1, 1.0)  # the meta-prior sweep (same w for every layer)
     patterns: int = 3
     period: int = 20
     segments: int = 8  # primitives per training sequence
@@ -51,7 +51,7 @@ class Config:
     d_sizes: tuple[int, ...] = (30, 10)
     z_sizes: tuple[int, ...] = (2, 1)
     taus: tuple[float, ...] = (2.0, 10.0)
-    steps: int = 1500
+    steps: int = 6000
     lr: float = 1e-3
     lr_a: float = 0.05  # the adaptive vectors' learning rate
     gen_segments: int = 200  # periods generated from the prior for the transition statistics
