@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Literal
@@ -44,7 +43,7 @@ import optax
 
 from seqjax.models import hypernet
 from seqjax.tasks import continual as tasks_lib
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 from seqjax.train import continual as cl
 
 METHODS = ("finetune", "ewc", "hnet", "hlop")
@@ -94,12 +93,6 @@ PRESETS = {
     "paper": dict(benchmarks=("split_mnist1d", "permuted_mnist1d", "split_digits", "permuted_digits"), hidden=400,
                   steps=2000, seeds=(0, 1, 2, 3, 4)),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 # ----------------------------------------------------------------------------- the target MLP

@@ -26,18 +26,16 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from seqjax.analysis import matching as MA
 from seqjax.tasks import IGNORE, masked_accuracy, state_tracking
-from seqjax.tasks.runner import RNN_MODELS, RunConfig, TaskSpec, build_model, parse, run
+from seqjax.tasks.runner import RNN_MODELS, RunConfig, TaskSpec, build_model, machine, parse, run
 
 #: Li et al. 2016 (abstract, §3): a subset of units is learned reliably by every net (near-perfect one-to-one
 #: matches) while others are not; alignment is best in the first layer; sparse (few-to-one) maps explain more.
@@ -71,12 +69,6 @@ PRESETS = {
     "paper": dict(steps=10000, batch_size=128, d_model=256, num_layers=3, lr=1e-3, eval_every=5000, seeds=4, eval_size=1024,
                   groups=32, progress=False),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def make_task(cfg: Config) -> TaskSpec:

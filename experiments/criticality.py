@@ -28,7 +28,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.analysis import criticality as CR
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 
 #: the book's claims (ch. 5 and §2.4/§4.6; kurtosis slope derived here to first order in L/n)
 CLAIM = {
@@ -74,12 +73,6 @@ PRESETS = {
     "paper": dict(width=1024, depth=100, time=200, seeds=32, train_width=256, train_depths=(10, 30, 60), train_steps=2000,
                   train_samples=2048, train_seeds=8, kurt_pairs=(8, 128, 16, 256, 32, 512, 16, 128, 32, 256, 64, 512), kurt_inits=2000),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def propagation(cfg: Config) -> list[dict]:

@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 from seqjax.train.noise import gradient_noise
 
 #: the paper's claim (abstract; per-table numbers not reproduced here)
@@ -66,12 +65,6 @@ PRESETS = {
     "tiny": dict(depth=3, width=8, steps=2, seeds=2, etas=(0.0, 0.3), he_reference=False, log_every=1),
     "paper": dict(steps=10_000, seeds=10, etas=(0.0, 0.01, 0.3, 1.0)),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def digits():

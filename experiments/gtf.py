@@ -31,7 +31,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Literal
@@ -42,7 +41,7 @@ import numpy as np
 
 from seqjax.analysis import dynamics as measures
 from seqjax.tasks import dynamics
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 from seqjax.train import gtf
 
 #: the paper's claim (Hess et al. 2023, abstract) and the reconstruction targets of the project's paper notes
@@ -91,12 +90,6 @@ METHODS = {
     "sparse": lambda c: dict(alpha=1.0, alpha_method="constant", tau=c.tau),
     "bptt": lambda c: dict(alpha=0.0, alpha_method="constant"),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def scores(test: np.ndarray, gen: np.ndarray, cfg: Config) -> dict:

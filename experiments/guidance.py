@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Literal
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 from seqjax.train.guidance import guidance_loss, pair_layers
 
 #: the paper's numbers (Subramaniam et al. 2024; mean of 5 seeds, from a secondary summary)
@@ -73,12 +72,6 @@ PRESETS = {
                  seeds=1, log_every=1),
     "paper": dict(depth=48, width=128, steps=5000, guide_steps=2000, batch_size=256, seeds=5),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def digits():

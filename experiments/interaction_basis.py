@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -37,7 +36,7 @@ import optax
 
 from seqjax.analysis import interaction as IB
 from seqjax.tasks import classification
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 
 #: Bushnaq et al. 2024 (LIB paper abstract): on modular addition and CIFAR-10 MLPs, LIB finds more computationally
 #: relevant, more sparsely interacting features than PCA; modules are unreliable in language models
@@ -65,12 +64,6 @@ PRESETS = {
     "tiny": dict(width=8, depth=2, steps=2, batch_size=16, probe_layer=1, ranks=(2, 4)),
     "paper": dict(width=256, depth=4, steps=10_000),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def init(key, sizes):

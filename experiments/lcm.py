@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Literal
@@ -38,7 +37,7 @@ from flax import nnx
 from seqjax.models.lcm import AGGREGATORS, SetModel, associativity_gap, fold, gru_op, symmetrise, tree_reduce
 from seqjax.rnn import cells
 from seqjax.tasks import multisets
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 
 #: the paper's finding (Ong & Veličković 2022, abstract and §5; its per-task numbers are not reproduced here)
 PAPER = ("recurrent aggregators match the best permutation-invariant ones and LCM (O(log n) depth) is "
@@ -78,12 +77,6 @@ PRESETS = {
                  steps=2, batch_size=4, eval_size=8, timing_n=(16,), timing_batch=2, timing_repeats=1),
     "paper": dict(d=128, steps=20_000, eval_size=5000, test_n=(16, 32, 64, 128), modulus=101),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def data(task: str, cfg: Config, num: int, n, seed: int) -> multisets.SetBatch:

@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 
 import jax
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.tasks import TaskBatch, cipher
-from seqjax.tasks.runner import RunConfig, TaskSpec, parse, run
+from seqjax.tasks.runner import RunConfig, TaskSpec, machine, parse, run
 from seqjax.train.data import stdlib_files
 
 #: Huang et al. 2023 (§4–5): character-level Pile perplexity gap 9× → < 1× after 512 tokens; Bayesian in-context
@@ -66,12 +65,6 @@ PRESETS = {
                   corpus_bytes=50_000_000, eval_rows=256, bins=(1, 8, 32, 128, 512), probe_rows=256, eval_every=5000,
                   progress=False),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def corpus(max_bytes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 from typing import Literal
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.analysis import permutation as PE
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 
 #: models needed for 90 % exact two-hot test inputs, opallab/permlearn results/experiment_1/<k>/0 (one trial)
 PAPER = {2: 1, 3: 2, 4: 10, 5: 43, 10: 69, 15: 103, 20: 117, 25: 157, 30: 175}
@@ -62,12 +61,6 @@ PRESETS = {
     "tiny": dict(ks=(3,), members=4, width=16, steps=2, chunk=2, orders=2),
     "paper": dict(ks=(4, 6, 8, 10, 12, 15), members=2048, width=4096, steps=2000, chunk=128, orders=20),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def sizes(outputs, bits, perm, seed, orders, delta, rounding):

@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Literal
@@ -38,7 +37,7 @@ from flax import nnx
 from seqjax.models.pointer import IGNORE, PointerNet, sequence_nll
 from seqjax.rnn import Seq2Seq
 from seqjax.tasks import geometry
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 
 MODELS = ("ptr", "s2s_att", "s2s")
 
@@ -100,12 +99,6 @@ def generate(task: str, num: int, n, seed: int) -> geometry.PointerBatch:
     if task == "tsp":
         return geometry.tsp(num, n, seed=seed)
     return geometry.delaunay(num, n, seed=seed)
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 # ----------------------------------------------------------------------------- models

@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -33,7 +32,7 @@ import numpy as np
 import optax
 
 from seqjax.models import pvrnn as P
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 
 #: the paper's finding (Ahmadi & Tani 2019, abstract); its numbers are not reproduced here
 PAPER = ("high w: deterministic chaos imitating the randomness; low w: a random process; intermediate w "
@@ -68,12 +67,6 @@ PRESETS = {
     "paper": dict(ws=(0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0), n_seq=24, segments=12, d_sizes=(60, 20),
                   z_sizes=(4, 2), taus=(2.0, 20.0), steps=20_000, gen_segments=1000),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def primitives(cfg: Config) -> np.ndarray:

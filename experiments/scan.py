@@ -31,7 +31,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Literal
@@ -46,7 +45,7 @@ from seqjax.models.encdec import EncoderDecoder
 from seqjax.rnn import Seq2Seq
 from seqjax.tasks import IGNORE
 from seqjax.tasks import scan as scan_task
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 
 MODELS = ("lstm", "lstm_att", "gru", "gru_att", "transformer", "hybrid")
 FIT = 0.9  # train exact match from which a model counts as having learnt its training set
@@ -97,12 +96,6 @@ PRESETS = {
     "paper": dict(hidden=200, rnn_layers=2, d_model=128, layers=3, steps=100_000, batch_size=32, lr=1e-3,
                   train_size=0, eval_size=0, train_eval_size=2000),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 # ----------------------------------------------------------------------------- models

@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Literal
@@ -43,7 +42,7 @@ import numpy as np
 import optax
 
 from seqjax.rnn import cells, rnn
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 from seqjax.train import sparsity as sp
 
 #: the thesis's findings (Darji 2021, conclusion and result tables; Reber-grammar classification, 3-layer RNNs of 50)
@@ -88,12 +87,6 @@ PRESETS = {
                   sparsities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), ws_p=(0.0, 0.05, 0.1, 0.2, 0.5, 1.0),
                   ba_m=(1, 2, 3, 5, 8), er_p=(0.02, 0.05, 0.1, 0.2, 0.4)),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def digits():

@@ -28,11 +28,9 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -40,7 +38,7 @@ from flax import nnx
 
 from seqjax.models.rrn import RRN, rrn_loss
 from seqjax.tasks import sudoku
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
 
 #: the paper's number (Palm, Paquet & Winther 2018, §3.1): 17-given puzzles, network trained at 32 steps
 PAPER = "96.6% of 17-given 9x9 puzzles solved at 64 steps"
@@ -83,12 +81,6 @@ PRESETS = {
                   msg_layers=4, mp_steps=32, test_mp_steps=64, steps=100_000, batch_size=64, lr=2e-4,
                   eval_size=1000, log_every=1000, cache=True),
 }
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
-    return f"{kind} ({dev.platform})"
 
 
 def puzzles(cfg: Config, num: int, givens, seed: int, cache_dir: str | None) -> sudoku.SudokuBatch:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -211,6 +212,14 @@ def _progress(total, enabled, desc):
 
 
 # ----------------------------------------------------------------------------- command line
+
+
+def machine() -> str:
+    """The device the results come from, as the records name it: ``"x86_64 CPU, 2 cores (cpu)"`` or the
+    accelerator's kind."""
+    dev = jax.devices()[0]
+    kind = f"{platform.machine()} CPU, {os.cpu_count()} cores" if dev.platform == "cpu" else dev.device_kind
+    return f"{kind} ({dev.platform})"
 
 
 def parse(config_cls, presets: dict, argv: list[str] | None = None):
