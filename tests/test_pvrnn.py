@@ -232,3 +232,9 @@ def test_pvrnn_experiment_two_steps(tmp_path):
     assert [r["w"] for r in rows] == [0.01, 1.0]
     assert all(r["transition_kl"] >= 0 and r["uniform_kl"] > 0 and r["machine"] and r["date"] and r["paper"] for r in rows)
     assert "| 0.01 |" in (out / "table.md").read_text() and (out / "plot.png").exists()
+    cfg = pvrnn.parse(pvrnn.Config, pvrnn.PRESETS, ["--preset=tiny"])
+    x_test = pvrnn.sequences(cfg, pvrnn.primitives(cfg), pvrnn.transition_matrix(cfg), cfg.test_seq, cfg.seed + 1000)
+    future = x_test[:, cfg.period: cfg.period + cfg.horizon]  # obs_periods = 1, horizon = period
+    assert rows[0]["zero_mse"] == pytest.approx(float(np.mean(future ** 2)), rel=1e-6)
+    assert rows[0]["repeat_last_period_mse"] == pytest.approx(float(np.mean((x_test[:, :cfg.period] - future) ** 2)), rel=1e-6)
+    assert all(np.isfinite(r["er_mse"]) and np.isfinite(r["no_er_mse"]) and len(r["er_window_loss"]) == 2 for r in rows)
