@@ -10,10 +10,13 @@ Each sequence gets a fresh random DFA:
 - ``U{10..19}`` strings, each a uniform random walk of length ``U{1..49}`` from state 0, joined by the
   separator ``|``.
 
-Tokens: letters 0..17, ``|`` = 18, pad ``.`` = 19 (vocab 20). ``targets`` is the next token (IGNORE on
-pad). Metric (:func:`dfa_accuracy`): a greedy prediction counts as correct if the current partial string
-plus the predicted token is still accepted — a valid transition, or ``|`` (every state accepts);
-predictions made at a separator (the first letter of a new string) are skipped, as in the paper's code.
+Tokens: letters 0..17, ``|`` = 18, pad ``.`` = 19 (vocab 20). ``targets`` is the next token, IGNORE
+where that is pad or ``|`` (the paper's loss masks the separator label). Metric (:func:`dfa_accuracy`),
+the paper's ``_get_dfa_accuracy``: at every position whose true next token is a letter, the greedy
+prediction counts as correct if the current partial string plus the predicted token is still accepted by
+the DFA, i.e. the prediction is a letter with a transition from the current state (after a ``|``, from
+state 0). Positions whose true next token is ``|`` are skipped, and a ``|`` prediction is never correct (the
+DFA's alphabet has no ``|``), so always predicting ``|`` scores 0.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import numpy as np
 
 from seqjax.tasks import IGNORE, TaskBatch
+from seqjax.tasks.baselines import ngram_lookup
 
 NUM_LETTERS, SEP, PAD, VOCAB = 18, 18, 19, 20
 
@@ -109,25 +113,46 @@ def icll(num: int, seq_len: int = 512, *, seed: int = 0, min_strings=10, max_str
         inputs[i, : len(toks)] = toks
         dfas.append(dfa)
     targets = np.full_like(inputs, IGNORE)
-    targets[:, :-1] = np.where(inputs[:, 1:] == PAD, IGNORE, inputs[:, 1:])
+    targets[:, :-1] = np.where((inputs[:, 1:] == PAD) | (inputs[:, 1:] == SEP), IGNORE, inputs[:, 1:])
     return TaskBatch(inputs, targets, vocab_size=VOCAB, meta=dfas)
 
 
 def dfa_accuracy(predictions, inputs, dfas) -> float:
-    """Fraction of scored positions whose predicted next token keeps the current string accepted."""
+    """Fraction of scored positions whose predicted next token keeps the current string accepted.
+
+    Scored: every position ``t`` whose true next token ``inputs[t + 1]`` is a letter (so the separator's own
+    prediction and pad are skipped). Correct: ``predictions[t]`` is a letter with a transition from the DFA
+    state reached by the current string (state 0 right after a ``|``); ``|`` and pad are never correct.
+    """
     predictions, inputs = np.asarray(predictions), np.asarray(inputs)
+    if predictions.shape != inputs.shape:
+        raise ValueError(f"predictions must have the shape of inputs {inputs.shape}, got {predictions.shape}")
+    if len(dfas) != len(inputs):
+        raise ValueError(f"dfas must hold one DFA per sequence ({len(inputs)}), got {len(dfas)}")
     good = total = 0
     for pred, seq, dfa in zip(predictions, inputs, dfas):
         s = 0
-        for t, tok in enumerate(seq):
-            if tok == PAD or t + 1 >= len(seq) or seq[t + 1] == PAD:
+        for t in range(len(seq) - 1):
+            tok, nxt = int(seq[t]), int(seq[t + 1])
+            if tok == PAD or nxt == PAD:
                 break
-            if tok == SEP:
-                s = 0
-                continue  # the first letter of a new string is not scored
-            s = dfa.delta[s][int(tok)]
+            s = 0 if tok == SEP else dfa.delta[s][tok]
+            if nxt == SEP:
+                continue  # the end of a string is not scored
             total += 1
-            good += int(pred[t] == SEP or int(pred[t]) in dfa.delta[s])
+            good += int(int(pred[t]) in dfa.delta[s])  # SEP and PAD are never transitions
     if total == 0:
         raise ValueError("no scored positions")
     return good / total
+
+
+def always_separator(inputs) -> np.ndarray:
+    """The trivial predictor that always emits ``|`` (it scores 0 under :func:`dfa_accuracy`)."""
+    return np.full(np.shape(inputs), SEP, np.int32)
+
+
+def bigram_lookup(inputs) -> np.ndarray:
+    """The training-free in-context bigram predictor: at each position, the letter that most often followed
+    the current token earlier in the same sequence (``seqjax.tasks.baselines.ngram_lookup`` with ``n = 2``),
+    never ``|`` or pad, whose labels the task masks."""
+    return ngram_lookup(inputs, 2, ignore=(SEP, PAD))
