@@ -23,6 +23,8 @@ Train and test clips draw from disjoint source images (sklearn indices below / f
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 __all__ = [
@@ -58,6 +60,15 @@ def decode_caption(ids, vocab) -> str:
     return " ".join(words)
 
 
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits():
+    """``(images [1797, 8, 8] float32 in [0, 1], targets [1797] int32)``, read once per process."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return (data.images / 16.0).astype(np.float32), data.target.astype(np.int32)
+
+
 def _reflect(p, v, hi):
     """One step of ``p + v`` reflected into ``[0, hi]`` (``|v| <= hi``); returns the new position and velocity."""
     q = p + v
@@ -86,8 +97,6 @@ def moving_digits(n_clips: int, n_frames: int, *, size: int = 32, n_digits: int 
     and ``caption_vocab`` (list of str), ``direction_names`` (list of str), ``speeds`` (tuple), ``turn_at`` (int:
     the first frame transition ``t → t+1`` that uses the new direction; ``n_frames`` when ``turn=False``).
     """
-    from sklearn.datasets import load_digits
-
     speeds = tuple(int(s) for s in speeds)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
@@ -108,10 +117,10 @@ def moving_digits(n_clips: int, n_frames: int, *, size: int = 32, n_digits: int 
     if n_digits not in (1, 2):
         raise ValueError(f"n_digits must be 1 or 2, got {n_digits}")
 
-    data = load_digits()
-    pool = np.arange(TEST_FROM) if split == "train" else np.arange(TEST_FROM, len(data.images))
+    images, targets = _sklearn_digits()
+    pool = np.arange(TEST_FROM) if split == "train" else np.arange(TEST_FROM, len(images))
     k = digit_size // 8
-    sprites = np.kron(data.images[pool] / 16.0, np.ones((k, k))).astype(np.float32)  # [P, D, D]
+    sprites = np.kron(images[pool], np.ones((k, k), np.float32))  # [P, D, D]
     names = list(DIRECTIONS_8 if n_directions == 8 else DIRECTIONS_4)
     vecs = np.array([(DIRECTIONS_8 if n_directions == 8 else DIRECTIONS_4)[n] for n in names], np.int64)  # [K, 2]
     rng = np.random.default_rng([seed, SPLITS.index(split)])
@@ -152,7 +161,7 @@ def moving_digits(n_clips: int, n_frames: int, *, size: int = 32, n_digits: int 
 
     vocab = caption_vocab(n_directions)
     ix = {w: i for i, w in enumerate(vocab)}
-    labels = data.target[pool][which].astype(np.int32)  # [N, n_digits]
+    labels = targets[pool][which]  # [N, n_digits]
     cols = [np.full(n, ix["digit"]), np.array([ix[str(d)] for d in labels[:, 0]]), np.full(n, ix["moves"]),
             np.array([ix[names[d]] for d in direction[:, 0]])]
     if turn:
