@@ -1,144 +1,428 @@
-"""Run a grid (task × model × seed) and write a markdown table and a PNG plot.
+"""The results pipeline of the synthetic-task experiments: one named preset per task, every model and seed,
+the trivial baselines beside them, and the README's tables rebuilt from the records.
 
-    python experiments/sweep.py --grid=parity                  # the README's parity table
-    python experiments/sweep.py --grid=mqar --seeds=0,1,2
-    python experiments/sweep.py --grid=parity --models=mamba,mamba_negeig --set=steps=500
-    python experiments/sweep.py --grid=parity --preset=paper   # the paper's configuration
+    python experiments/sweep.py parity                 # the README's parity table: cpu preset, 3 seeds
+    python experiments/sweep.py parity --preset=paper  # the paper's sizes and step budget (an accelerator)
+    python experiments/sweep.py --all                  # every task below, cheapest first
+    python experiments/sweep.py tables                 # rebuild every table.md / plot.png from the records
+                                                       #   and print the README's table blocks
+    python experiments/sweep.py --list                 # the tasks, their scripts, rows and presets
 
-Writes ``results/<grid>/records.jsonl`` (every evaluation), ``table.md`` (the last evaluation of each
-run: mean ± std over seeds of the headline metric per split) and ``plot.png``. ``--list`` prints the grids.
+A task's preset (``cpu`` | ``paper`` | ``tiny``, what the tests run) fully determines training and evaluation:
+its script's preset of the same name plus the task's fixed options and the budget below (``SWEEPS``).
+``experiments/sweep.py <task>`` writes ``experiments/results/<task>/`` afresh (whatever the current
+directory): ``records.jsonl`` (every evaluation of every row and seed, and the baselines; each record names
+the command, preset, machine, date and the paper's claim), ``table.md`` and ``plot.png``.
+
+The table gives, per row, the mean ± std over seeds of the task's metric on each evaluation split (the last
+evaluation of each run), the paper's number or claim, and a verdict on the headline split: **met** when
+every seed meets it, **missed** when none does, **within noise** when the seeds' min–max range straddles it
+(a relative claim compares min–max ranges with the other rows'). Baseline rows are the trivial predictors
+of ``seqjax.tasks.baselines`` scored by the same metric on the same evaluation sets: chance (uniform over
+the answers), the majority class, and for the recall tasks and ICLL copy-last and the in-context bigram
+lookup (ICLL also always-separator).
+
+``--models=a,b`` re-runs only those rows (labels or model names): their records are replaced, the other
+rows' kept. ``--baselines_only`` recomputes the baseline rows alone (no training).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib
 import json
 import os
-import platform
 import sys
-from typing import Annotated, Literal
 
 import numpy as np
 import tyro
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(EXPERIMENTS, "results")
+sys.path.insert(0, EXPERIMENTS)
 
 from seqjax import cli
-from seqjax.tasks.runner import parse, run
+from seqjax.tasks import baselines, icll
+from seqjax.tasks.runner import machine, parse, run
 
-#: name -> (script, fixed overrides, models, headline metric)
-GRIDS = {
-    "parity": ("state_tracking", {"task": "parity"},
-               ["mamba", "mamba_negeig", "deltanet", "deltanet_negeig", "lstm", "slstm", "attention"], "scaled_acc"),
-    "modarith": ("state_tracking", {"task": "modarith"}, ["deltanet", "deltanet_negeig"], "scaled_acc"),
-    "modarith_brackets": ("state_tracking", {"task": "modarith_brackets"}, ["deltanet", "deltanet_negeig"], "scaled_acc"),
-    "s3": ("state_tracking", {"task": "s3"}, ["deltanet_negeig", "deltanet"], "scaled_acc"),
-    "s5": ("state_tracking", {"task": "s5"}, ["deltanet_negeig", "deltanet"], "scaled_acc"),
-    "mqar": ("mqar", {}, ["attention", "gated_deltanet", "mamba2", "gla"], "acc"),
-    "icll": ("icll", {}, ["attention", "mamba2", "mamba2+ngram2", "gated_deltanet", "lstm"], "dfa_acc"),
-    "digits": ("classification", {"data": "digits"}, ["s4d", "lssl", "lstm"], "acc"),
-    "pdigits": ("classification", {"data": "pdigits"}, ["s4d", "lssl", "lstm"], "acc"),
-    "mnist1d": ("classification", {"data": "mnist1d"}, ["s4d", "lssl", "lstm"], "acc"),
-    "sets": ("set_disjointness", {}, ["gla", "attention"], "acc"),
-    "recall": ("recall", {"task": "ar"}, ["attention", "mamba", "gla"], "acc"),
-    "copy": ("recall", {"task": "copy"}, ["attention", "mamba", "gla"], "acc"),
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One trained row: ``label`` in the table, the script's ``--model``, extra script options, and the paper's
+    target on the headline split: ``(">=" | "<=", number)`` or ``(">" | "<", (labels of other rows,))``."""
+
+    label: str
+    model: str
+    options: tuple = ()  # ((key, value), ...) script options of this row only
+    target: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    script: str
+    options: dict  # script options of every row
+    rows: tuple
+    metric: str  # the headline metric
+    split: str  # the headline split (the verdict's)
+    claim: str  # the paper's finding, as the records and the table name it
+    presets: dict  # {"cpu": {...}, "paper": {...}}: options over the script's preset of the same name
+    sequence: bool = False  # answers are tokens of the sequence: copy-last and bigram baselines too
+    extra: tuple = ()  # more baselines: names in EXTRA_BASELINES
+
+
+SEEDS = {"cpu": (0, 1, 2), "paper": (0, 1, 2), "tiny": (0,)}
+EXTRA_BASELINES = {"always_separator": icll.always_separator, "bigram_letters": icll.bigram_lookup}
+
+_SOLVES, _FAILS = (">=", 0.95), ("<=", 0.1)
+SWEEPS = {
+    "digits": Sweep(
+        "classification", {"data": "digits"},
+        (Row("s4d", "s4d", target=_SOLVES), Row("lssl", "lssl", target=_SOLVES), Row("lstm", "lstm", target=("<", ("s4d", "lssl")))),
+        "acc", "test", "S4D / LSSL reach ≥ 0.95 on sequential 8×8 digits, above an LSTM of the same width",
+        {"cpu": {"steps": 600, "eval_every": 300}, "paper": {}}),
+    "pdigits": Sweep(
+        "classification", {"data": "pdigits"},
+        (Row("s4d", "s4d"), Row("lstm", "lstm", target=("<", ("s4d",)))),
+        "acc", "test", "permuted digits: the SSM above the LSTM",
+        {"cpu": {"steps": 600, "eval_every": 300}, "paper": {}}),
+    "mnist1d": Sweep(
+        "classification", {"data": "mnist1d"},
+        (Row("s4d", "s4d"), Row("lssl", "lssl"), Row("lstm", "lstm", target=("<", ("s4d", "lssl")))),
+        "acc", "test", "MNIST-1D: the SSMs above the LSTM",
+        {"cpu": {"steps": 600, "eval_every": 300}, "paper": {}}),
+    "s3": Sweep(
+        "state_tracking", {"task": "s3"},
+        (Row("deltanet_negeig", "deltanet_negeig", target=(">", ("deltanet",))), Row("deltanet", "deltanet")),
+        "scaled_acc", "test_len", "S3 word problem: eigenvalues in [−1, 1] help DeltaNet (rows only at this budget)",
+        {"cpu": {"steps": 400, "eval_every": 200}, "paper": {}}),
+    "s5": Sweep(
+        "state_tracking", {"task": "s5"},
+        (Row("deltanet_negeig", "deltanet_negeig", target=(">", ("deltanet",))), Row("deltanet", "deltanet")),
+        "scaled_acc", "test_len", "S5 word problem: eigenvalues in [−1, 1] help DeltaNet (rows only at this budget)",
+        {"cpu": {"steps": 400, "eval_every": 200}, "paper": {}}),
+    "modarith_brackets": Sweep(
+        "state_tracking", {"task": "modarith_brackets"},
+        (Row("deltanet_negeig", "deltanet_negeig", target=(">", ("deltanet",))), Row("deltanet", "deltanet")),
+        "scaled_acc", "test_len", "mod-5 arithmetic with brackets: eigenvalues in [−1, 1] help DeltaNet",
+        {"cpu": {"steps": 400, "eval_every": 200}, "paper": {}}),
+    "modarith": Sweep(
+        "state_tracking", {"task": "modarith"},
+        (Row("deltanet_negeig", "deltanet_negeig", target=(">", ("deltanet",))), Row("deltanet", "deltanet")),
+        "scaled_acc", "test_len", "mod-5 arithmetic without brackets: DeltaNet [−1, 1] clearly above [0, 1]",
+        {"cpu": {"steps": 1000, "eval_every": 250}, "paper": {}}),
+    "copy": Sweep(
+        "recall", {"task": "copy"},
+        (Row("attention", "attention"), Row("mamba", "mamba", target=(">=", 0.99))),
+        "acc", "test", "selective copying: Mamba (S6) solves it (99.8 % in the Mamba paper)",
+        {"cpu": {"steps": 800, "eval_every": 400}, "paper": {}}, sequence=True),
+    "recall": Sweep(
+        "recall", {"task": "ar"},
+        (Row("attention", "attention", target=(">=", 0.99)), Row("mamba", "mamba"), Row("gla", "gla")),
+        "acc", "test", "single-query associative recall (64 tokens, 31 pairs): attention solves it",
+        {"cpu": {"steps": 1500, "eval_every": 500}, "paper": {}}, sequence=True),
+    "mqar": Sweep(
+        "mqar", {},
+        (Row("attention", "attention", target=(">=", 0.99)), Row("gated_deltanet", "gated_deltanet", target=(">=", 0.99)),
+         Row("mamba2", "mamba2", target=("<", ("attention",))), Row("gla", "gla", target=("<", ("attention",)))),
+        "acc", "test", "MQAR (T 64, 4 pairs): attention and Gated DeltaNet ≥ 99 %, a gap to Mamba-2 / GLA at small width",
+        {"cpu": {"steps": 1000, "eval_every": 250}, "paper": {}}, sequence=True),
+    "icll": Sweep(
+        "icll", {},
+        (Row("attention", "attention", target=(">", ("mamba2", "gated_deltanet", "lstm"))), Row("mamba2", "mamba2"),
+         Row("mamba2+ngram2", "mamba2+ngram2", target=(">", ("mamba2",))), Row("gated_deltanet", "gated_deltanet"),
+         Row("lstm", "lstm")),
+        "dfa_acc", "test", "ICLL (random DFAs): attention beats the recurrent models; an n-gram head narrows the gap",
+        {"cpu": {"steps": 1000, "eval_every": 500, "seq_len": 128}, "paper": {}}, sequence=True,
+        extra=("always_separator", "bigram_letters")),
+    "parity": Sweep(
+        "state_tracking", {"task": "parity"},
+        (Row("deltanet_negeig", "deltanet_negeig", target=_SOLVES), Row("deltanet", "deltanet", target=_FAILS),
+         Row("mamba_negeig", "mamba_negeig", target=_SOLVES), Row("mamba", "mamba", target=_FAILS),
+         Row("lstm", "lstm", target=_SOLVES), Row("slstm", "slstm", target=_SOLVES), Row("attention", "attention", target=_FAILS)),
+        "scaled_acc", "test_len", "parity, train 3–20 → test 40–64: eigenvalues in [−1, 1] solve it, [0, 1] fail; "
+        "LSTM and sLSTM solve it; attention fails",
+        {"cpu": {"steps": 1000, "eval_every": 250}, "paper": {}}),
+    "sets": Sweep(
+        "set_disjointness", {},
+        (Row("gla, long set first", "gla", target=("<", ("gla, short set first",))),
+         Row("gla, short set first", "gla", (("order", "short_first"),)),
+         Row("gla + JRT-Prompt, long set first", "gla", (("jrt", True),), target=(">", ("gla, long set first",))),
+         Row("JRT prefix linear attention, long set first", "jrt", target=(">", ("gla, long set first",))),
+         Row("attention, long set first", "attention")),
+        "acc", "test", "set disjointness: long-set-first is hard for a recurrent model; JRT-Prompt and the prefix "
+        "model fix it", {"cpu": {"steps": 1500, "eval_every": 500}, "paper": {}}),
 }
+#: the README's older ``--grid`` view (the results notebook reads it): name -> (script, options, models, metric)
+GRIDS = {k: (s.script, s.options, [r.model for r in s.rows], s.metric) for k, s in SWEEPS.items()}
 
 
-def run_grid(grid: str, models, seeds, preset: str, extra: list[str], out_dir: str) -> list[dict]:
-    script, fixed, default_models, _ = GRIDS[grid]
-    mod = importlib.import_module(script)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "records.jsonl")
-    records = []
-    for model in models or default_models:
+# ----------------------------------------------------------------------------- running
+
+
+def _config(sweep: Sweep, row: Row | None, preset: str, seed: int, mod):
+    opts = {**sweep.options, **sweep.presets.get(preset, {}), **dict(row.options if row else ())}
+    args = [f"--preset={preset}", f"--seed={seed}", f"--model={row.model if row else sweep.rows[0].model}"]
+    args += [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in opts.items()]
+    return parse(mod.Config, mod.PRESETS, args)
+
+
+def baseline_records(sweep: Sweep, preset: str, seed: int, mod) -> list[dict]:
+    """The trivial predictors scored on the evaluation sets of ``seed`` (the first row's task); majority and
+    chance take their answer set from eight training batches."""
+    task = mod.make_task(_config(sweep, None, preset, seed, mod))
+    train = np.concatenate([task.train(step, 64, seed).targets.reshape(-1) for step in range(1, 9)])[None]
+    extra = {name: EXTRA_BASELINES[name] for name in sweep.extra}
+    recs = []
+    for split, batch in task.evals().items():
+        for name, scores in baselines.trivial_baselines(task.metric, batch, train, sequence=sweep.sequence, extra=extra).items():
+            recs.append({"task": task.name, "row": name, "model": "baseline", "seed": seed, "step": 0, "split": split,
+                         **{k: float(v) for k, v in scores.items()}})
+    return recs
+
+
+def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_only=False, out: str = RESULTS, argv=()) -> list[dict]:
+    """Train every row of ``SWEEPS[name]`` for every seed under ``preset`` and write ``out/<name>/``; returns the
+    records. ``only``: labels or models of the rows to re-run (the others' records are kept)."""
+    sweep = SWEEPS[name]
+    mod = importlib.import_module(sweep.script)
+    seeds = tuple(SEEDS[preset] if not seeds else seeds)
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "records.jsonl")
+    rows = [r for r in sweep.rows if not only or r.label in only or r.model in only]
+    if only and not rows:
+        raise ValueError(f"--models={','.join(only)} names no row of {name}: {[r.label for r in sweep.rows]}")
+    partial = bool(only) or baselines_only
+    kept = [r for r in read_records(folder) if _keep(r, rows, baselines_only)] if partial else []
+    meta = {"preset": preset, "command": "python experiments/sweep.py " + " ".join(argv or (name, f"--preset={preset}")),
+            "machine": machine(), "date": datetime.date.today().isoformat(), "paper": sweep.claim}
+    records = list(kept)
+    with open(path, "w") as f:  # afresh: the kept rows, then this run's
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
         for seed in seeds:
-            args = [f"--preset={preset}"] + [f"--{k}={v}" for k, v in fixed.items()]
-            args += [f"--model={model}", f"--seed={seed}", f"--out={path}"] + extra
-            cfg = parse(mod.Config, mod.PRESETS, args)
-            records += run(mod.make_task(cfg), cfg)
+            for r in baseline_records(sweep, preset, seed, mod):
+                records.append({**r, **meta})
+                f.write(json.dumps(records[-1]) + "\n")
+        for row in [] if baselines_only else rows:
+            for seed in seeds:
+                cfg = _config(sweep, row, preset, seed, mod)
+                for r in run(mod.make_task(cfg), cfg):
+                    records.append({**r, "row": row.label, "steps": cfg.steps, **meta})
+                    f.write(json.dumps(records[-1]) + "\n")
+                f.flush()
+    write_outputs(name, records, folder)
     return records
 
 
-def summarize(records: list[dict], metric: str) -> tuple[str, dict]:
-    last = {}
-    several = len({r.get("task") for r in records}) > 1  # e.g. both set orders: label rows "task model"
+def _keep(rec, rerun_rows, baselines_only) -> bool:
+    if rec.get("model") == "baseline":
+        return False  # the baselines are always recomputed
+    return baselines_only or rec.get("row", rec["model"]) not in {r.label for r in rerun_rows}
+
+
+def read_records(folder: str) -> list[dict]:
+    path = os.path.join(folder, "records.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def final_scores(records: list[dict], metric: str) -> dict:
+    """``{(row, split): [metric at the last evaluation of each seed]}`` in row order of first appearance."""
+    last: dict = {}
     for r in records:
-        key = (f"{r['task']} {r['model']}" if several else r["model"], r["seed"], r["split"])
+        key = (r.get("row", r["model"]), r["seed"], r["split"])
+        if key not in last or r["step"] >= last[key]["step"]:
+            last[key] = r
+    out: dict = {}
+    for (row, _, split), r in last.items():
+        out.setdefault((row, split), []).append(r[metric])
+    return out
+
+
+def summarize(records: list[dict], metric: str) -> tuple[str, dict]:
+    """A plain view of any records (the results notebook's): ``(markdown, {(row, split): (mean, std)})``, rows
+    labelled ``"<task> <model>"`` when the records mix tasks."""
+    last = {}
+    several = len({r.get("task") for r in records}) > 1
+    for r in records:
+        key = (f"{r['task']} {r['model']}" if several else r.get("row", r["model"]), r["seed"], r["split"])
         if key not in last or r["step"] >= last[key]["step"]:
             last[key] = r
     splits = sorted({k[2] for k in last})
     models = list(dict.fromkeys(k[0] for k in last))
-    table = {}
+    out = {}
     lines = ["| model | " + " | ".join(f"{s} {metric}" for s in splits) + " | seeds |", "|---" * (len(splits) + 2) + "|"]
     for m in models:
         cells = []
         for s in splits:
             vals = [r[metric] for (mm, _, ss), r in last.items() if mm == m and ss == s]
-            table[(m, s)] = (float(np.mean(vals)), float(np.std(vals)))
+            out[(m, s)] = (float(np.mean(vals)), float(np.std(vals)))
             cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f}")
-        n = len({k[1] for k in last if k[0] == m})
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {n} |")
-    return "\n".join(lines), table
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {len({k[1] for k in last if k[0] == m})} |")
+    return "\n".join(lines), out
 
 
-def plot(table: dict, metric: str, path: str, title: str) -> None:
+def verdict(target, scores: dict, label: str, split: str) -> str:
+    """``met`` / ``missed`` / ``within noise`` of ``label``'s seeds against ``target`` (see the module doc)."""
+    if target is None or (label, split) not in scores:
+        return "—"
+    vals = scores[(label, split)]
+    lo, hi = min(vals), max(vals)
+    op, ref = target
+    if op in (">=", "<="):
+        ok_all, ok_none = (lo >= ref, hi < ref) if op == ">=" else (hi <= ref, lo > ref)
+    else:
+        others = [scores[(o, split)] for o in ref if (o, split) in scores]
+        if not others:
+            return "—"
+        if op == ">":
+            ok_all, ok_none = all(lo > max(o) for o in others), any(hi < min(o) for o in others)
+        else:
+            ok_all, ok_none = all(hi < min(o) for o in others), any(lo > max(o) for o in others)
+    return "met" if ok_all else "missed" if ok_none else "within noise"
+
+
+def _target_text(target) -> str:
+    if target is None:
+        return "—"
+    op, ref = target
+    return f"{op.replace('>=', '≥').replace('<=', '≤')} {ref:.2f}" if isinstance(ref, float) else f"{op} {', '.join(ref)}"
+
+
+def _cell(vals) -> str:
+    return f"{np.mean(vals):.3f}" if len(vals) == 1 else f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
+
+
+def table(name: str, records: list[dict]) -> str:
+    """The README block of task ``name`` (a caption line, the table, the plot) from its records alone."""
+    sweep = SWEEPS[name]
+    scores = final_scores(records, sweep.metric)
+    splits = [sweep.split] + sorted({s for _, s in scores} - {sweep.split})
+    model_rows = [r for r in sweep.rows if any((r.label, s) in scores for s in splits)]
+    base_rows = list(dict.fromkeys(r["row"] for r in records if r.get("model") == "baseline"))
+    trained = [r for r in records if r.get("model") != "baseline"]
+    seeds = sorted({r["seed"] for r in trained})
+    last_step: dict = {}
+    for r in trained:
+        key = (r.get("row", r["model"]), r["seed"])
+        last_step[key] = max(last_step.get(key, 0), r["step"])
+    steps = sorted(set(last_step.values()))
+    presets = sorted({r["preset"] for r in trained if "preset" in r})
+    machines = sorted({r["machine"] for r in trained if "machine" in r})
+    how = (f"`python experiments/sweep.py {name}`"
+           + (f" (preset {', '.join(presets)})" if presets else " (records from before the presets)")
+           + f": {len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))}), {'/'.join(map(str, steps))} steps"
+           + (f", {'; '.join(machines)}" if machines else "") + f"; {sweep.metric}, mean ± std over seeds.")
+    head = "| row | " + " | ".join(f"{s}" for s in splits) + " | seeds | paper | verdict |"
+    lines = [how, "", head, "|---" * (len(splits) + 4) + "|"]
+    for r in model_rows:
+        n = len(scores.get((r.label, sweep.split), []))
+        cells = [_cell(scores[(r.label, s)]) if (r.label, s) in scores else "" for s in splits]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {n} | {_target_text(r.target)} | "
+                     f"{verdict(r.target, scores, r.label, sweep.split)} |")
+    for b in base_rows:
+        cells = [_cell(scores[(b, s)]) if (b, s) in scores else "" for s in splits]
+        lines.append(f"| *baseline: {b}* | " + " | ".join(cells) + " | | | |")
+    return "\n".join(lines + ["", f"![{name}](experiments/results/{name}/plot.png)"])
+
+
+def plot(name: str, records: list[dict], path: str) -> None:
+    """Bars: the rows' mean ± std on the headline split (each seed a dot); lines: the baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(m for m, _ in table))
-    splits = sorted({s for _, s in table})
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(models), 3.2))
-    w = 0.8 / len(splits)
-    for i, s in enumerate(splits):
-        ax.bar(np.arange(len(models)) + i * w, [table[(m, s)][0] for m in models], w,
-               yerr=[table[(m, s)][1] for m in models], label=s)
-    ax.set_xticks(np.arange(len(models)) + w * (len(splits) - 1) / 2, models, rotation=30, ha="right")
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    sweep = SWEEPS[name]
+    scores = final_scores(records, sweep.metric)
+    rows = [r.label for r in sweep.rows if (r.label, sweep.split) in scores]
+    bases = list(dict.fromkeys(r["row"] for r in records if r.get("model") == "baseline"))
+    fig, ax = plt.subplots(figsize=(2.0 + 1.0 * len(rows), 3.4))
+    for i, label in enumerate(rows):
+        v = scores[(label, sweep.split)]
+        ax.bar(i, np.mean(v), 0.6, yerr=np.std(v), color="C0", alpha=0.8)
+        ax.plot(np.full(len(v), i), v, "k.", ms=4)
+    for j, b in enumerate(bases):
+        ax.axhline(np.mean(scores[(b, sweep.split)]), ls="--", lw=1, color=f"C{j + 1}", label=f"baseline: {b}")
+    ax.set_xticks(range(len(rows)), rows, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(f"{sweep.split} {sweep.metric}")
+    ax.set_title(name, fontsize=10)
+    if bases:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-Grid = Literal[tuple(GRIDS)]  # type: ignore[valid-type]
-Overrides = Annotated[list[str], tyro.conf.UseAppendAction]  # --set=a=1 --set=b=2 -> ["a=1", "b=2"]
+def write_outputs(name: str, records: list[dict], folder: str) -> str:
+    md = table(name, records)
+    with open(os.path.join(folder, "table.md"), "w") as f:
+        f.write(md + "\n")
+    plot(name, records, os.path.join(folder, "plot.png"))
+    return md
+
+
+def readme_block(name: str, records: list[dict]) -> str:
+    return f"<!-- table:{name} -->\n{table(name, records)}\n<!-- /table:{name} -->"
+
+
+def tables(out: str = RESULTS, write: bool = True) -> str:
+    """Every task's README block from its committed records (and, with ``write``, its table.md and plot.png)."""
+    blocks = []
+    for name in SWEEPS:
+        folder = os.path.join(out, name)
+        records = read_records(folder)
+        if records:
+            if write:
+                write_outputs(name, records, folder)
+            blocks.append(readme_block(name, records))
+    return "\n\n".join(blocks)
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 @dataclasses.dataclass
 class Args:
-    grid: Grid | None = None  # None: list the grids
-    models: tuple[str, ...] = ()  # comma list; default: the grid's
-    seeds: tuple[int, ...] = (0,)
-    preset: str = "cpu"  # the scripts' preset: cpu | tiny | paper
-    set: Overrides = dataclasses.field(default_factory=list)  # key=value, e.g. steps=500: a script option
-    out: str = "results"
-    list: bool = False  # print the grids
+    task: tyro.conf.Positional[str] = ""  # a task of SWEEPS (--list), or "tables": print every README table from the records
+    grid: str = ""  # the same as the positional task
+    all: bool = False  # every task, cheapest first
+    preset: str = "cpu"  # cpu | paper | tiny
+    seeds: tuple[int, ...] = ()  # default: the preset's (three at cpu and paper)
+    models: tuple[str, ...] = ()  # only these rows (labels or models); the other rows' records are kept
+    baselines_only: bool = False  # recompute the baseline rows only
+    out: str = RESULTS  # the results folder (default: experiments/results, whatever the current directory)
+    list: bool = False  # print the tasks
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     a = cli.parse(Args, argv, description=__doc__)
-    if a.list or not a.grid:
-        for name, (script, fixed, models, metric) in GRIDS.items():
-            print(f"{name:10s} {script}.py {fixed} models={models} metric={metric}")
+    task = a.task or a.grid
+    if task == "tables":
+        print(tables(a.out))
         return
-    out_dir = os.path.join(a.out, a.grid)
-    records = run_grid(a.grid, list(a.models), list(a.seeds), a.preset, [f"--{kv}" for kv in a.set], out_dir)
-    metric = GRIDS[a.grid][3]
-    md, table = summarize(records, metric)
-    cmd = "python experiments/sweep.py " + " ".join(argv)
-    header = f"`{cmd}` — {platform.machine()} CPU, {os.cpu_count()} cores, preset {a.preset}\n\n"
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(table, metric, os.path.join(out_dir, "plot.png"), f"{a.grid} ({a.preset})")
-    print(header + md)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({f"{m}/{s}": v for (m, s), v in table.items()}, f, indent=1)
+    if a.list or not (task or a.all):
+        for name, s in SWEEPS.items():
+            print(f"{name:18s} {s.script}.py {s.options} rows={[r.label for r in s.rows]} {s.metric}@{s.split} presets={s.presets}")
+        return
+    if a.preset not in SEEDS:
+        raise SystemExit(f"error: --preset must be one of {', '.join(SEEDS)}, got {a.preset!r}")
+    names = list(SWEEPS) if a.all else [task]
+    for name in names:
+        if name not in SWEEPS:
+            raise SystemExit(f"error: {name!r} is not a sweep task; choose from {', '.join(SWEEPS)} or 'tables'")
+    for name in names:
+        records = run_sweep(name, a.preset, a.seeds, a.models, a.baselines_only, a.out,
+                            argv=[name] + [x for x in argv if x not in (name, "--all") and not x.startswith("--grid")])
+        print(table(name, records))
 
 
 if __name__ == "__main__":

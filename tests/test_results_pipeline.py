@@ -1,5 +1,9 @@
 """The results pipeline: the ICLL metric (the paper's rule), the trivial baselines, and the sweep's tables."""
 
+import json
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 
@@ -96,3 +100,70 @@ def test_chance_and_majority_closed_forms():
     assert got["a"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="no scored"):
         B.majority([[IGNORE]])
+
+
+# ----------------------------------------------------------------------------- the sweep and its tables
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+import sweep  # noqa: E402
+
+
+def test_verdicts_compare_the_seeds_range_with_the_target():
+    scores = {("a", "t"): [0.96, 0.97, 0.99], ("b", "t"): [0.90, 0.97, 0.99], ("c", "t"): [0.5, 0.6, 0.7],
+              ("d", "t"): [0.65, 0.9]}
+    assert sweep.verdict((">=", 0.95), scores, "a", "t") == "met"
+    assert sweep.verdict((">=", 0.95), scores, "b", "t") == "within noise"
+    assert sweep.verdict((">=", 0.95), scores, "c", "t") == "missed"
+    assert sweep.verdict(("<=", 0.1), scores, "c", "t") == "missed"
+    assert sweep.verdict((">", ("c",)), scores, "a", "t") == "met"
+    assert sweep.verdict((">", ("a", "c")), scores, "d", "t") == "missed"  # d's best (0.9) is below a's worst
+    assert sweep.verdict((">", ("c",)), scores, "d", "t") == "within noise"  # 0.65–0.9 overlaps 0.5–0.7
+    assert sweep.verdict(("<", ("a",)), scores, "c", "t") == "met"
+    assert sweep.verdict(None, scores, "a", "t") == "—" and sweep.verdict((">", ("zz",)), scores, "a", "t") == "—"
+
+
+def test_table_from_hand_made_records():
+    recs = [{"task": "ar", "row": "attention", "model": "attention", "seed": s, "step": st, "split": "test", "acc": a,
+             "preset": "cpu", "machine": "m"} for s, st, a in ((0, 5, 0.1), (0, 10, 0.98), (1, 10, 1.0))]
+    recs += [{"task": "ar", "row": "chance", "model": "baseline", "seed": s, "step": 0, "split": "test", "acc": 0.25}
+             for s in (0, 1)]
+    md = sweep.table("recall", recs)
+    assert md.splitlines()[0] == ("`python experiments/sweep.py recall` (preset cpu): 2 seeds (0, 1), 10 steps, m; "
+                                  "acc, mean ± std over seeds.")
+    assert "| attention | 0.990 ± 0.010 | 2 | ≥ 0.99 | within noise |" in md
+    assert "| *baseline: chance* | 0.250 ± 0.000 | | | |" in md
+    assert "| mamba |" not in md  # rows without records are left out
+
+
+def test_sweep_writes_fresh_records_under_experiments_results_whatever_the_directory(tmp_path, monkeypatch):
+    assert sweep.RESULTS == str(ROOT / "experiments" / "results")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    recs = sweep.run_sweep("copy", "tiny", only=("attention",), out=str(out))
+    folder = out / "copy"
+    assert {p.name for p in folder.iterdir()} == {"records.jsonl", "table.md", "plot.png"}
+    lines = (folder / "records.jsonl").read_text().splitlines()
+    assert len(lines) == len(recs)
+    rows = {json.loads(x)["row"] for x in lines}
+    assert rows == {"attention", "chance", "majority", "copy_last", "bigram"}
+    last = json.loads(lines[-1])
+    assert last["preset"] == "tiny" and last["steps"] == 2 and "machine" in last and "paper" in last
+    # a second run rewrites the file (no appending), and --baselines_only keeps the trained rows
+    again = sweep.run_sweep("copy", "tiny", baselines_only=True, out=str(out))
+    assert len((folder / "records.jsonl").read_text().splitlines()) == len(again) == len(recs)
+    assert (folder / "table.md").read_text().strip() == sweep.table("copy", again)
+
+
+@pytest.mark.parametrize("name", list(sweep.SWEEPS))
+def test_readme_table_equals_what_the_records_give(name):
+    """The README carries each sweep task's table between ``<!-- table:<task> -->`` markers; it must equal the
+    block that ``python experiments/sweep.py tables`` prints from the committed records. A task whose markers
+    are not in the README is skipped."""
+    readme = (ROOT / "README.md").read_text()
+    start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+    if start not in readme:
+        pytest.skip(f"README has no {start} block")
+    block = readme[readme.index(start): readme.index(end) + len(end)]
+    records = sweep.read_records(str(ROOT / "experiments" / "results" / name))
+    assert block == sweep.readme_block(name, records)
