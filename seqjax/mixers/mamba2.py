@@ -13,6 +13,11 @@ RNNs Through Negative Eigenvalues"), which lets a linear RNN track parity. Negat
 real log: we pass ``log|2a − 1|`` (computed without cancellation near ``±1``) and its sign to the engine,
 which keeps the cumulative sign product within each chunk. ``A=None`` switches the decay off (``a = 1``).
 
+Inference-time state-collapse mitigations (Chen et al. 2024, "Stuffed Mamba"), off by default:
+``state_norm`` (``mamba2_recurrent``) rescales a head's state to norm ``τ_h`` after any update that takes its
+Frobenius norm above ``τ_h``; :func:`mamba2_window` keeps only the last ``w`` tokens through the state
+difference ``S_t − (Π_{r=t−w+1}^{t} a_r) S_{t−w}``.
+
 The chunked form is SSD's four steps — intra-chunk ``(C B^T ⊙ L) (Δ x)``, chunk states, inter-chunk
 pass, state to output — evaluated by the shared engine (``seqjax.ops.gla``) with
 ``q = C, k = B, v = Δ x`` and per-head log decay ``Δ A``; the ``D`` skip is added outside.
@@ -28,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -41,7 +47,7 @@ from seqjax.ops import gla as eng
 from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, ResetsLike, SegmentIds
 
 __all__ = ["mamba2", "mamba2_recurrent", "mamba2_step", "mamba2_materialize", "mamba2_make_inputs",
-           "mamba2_context_parallel", "transition", "Mamba2Cache", "Mamba2", "Mamba2NegEig"]
+           "mamba2_context_parallel", "mamba2_window", "transition", "Mamba2Cache", "Mamba2", "Mamba2NegEig"]
 
 IMPLS = ("auto", "sequential", "chunked", "pallas")
 
@@ -165,10 +171,17 @@ def mamba2_recurrent(
     h0: Float[AnyArray, "b h n p"] | None = None,
     resets: ResetsLike | None = None,
     negative_eigen=False,
+    state_norm: Float[AnyArray, " h"] | float | None = None,
 ) -> tuple[Float[Array, "b t h p"], Float[Array, "b h n p"]]:
-    """Reference: float32 ``lax.scan`` of ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``."""
+    """Reference: float32 ``lax.scan`` of ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``.
+
+    ``state_norm``: thresholds ``τ`` (``[h]`` or a scalar, positive; ``inf`` leaves a head alone); after each
+    update ``S_t ← S_t · min(1, τ_h / ‖S_t‖_F)`` per head, before the output reads it (inference-time state
+    normalisation, Chen et al. 2024).
+    """
     _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     b, t, h, p = x.shape
+    tau = None if state_norm is None else _state_norm_thresholds(state_norm, h)
     f32 = lambda z: z.astype(jnp.float32)
     a = jnp.ones((b, t, h), jnp.float32) if A is None else jnp.exp(f32(dt) * f32(A)[None, None, :])
     if negative_eigen:
@@ -180,6 +193,9 @@ def mamba2_recurrent(
     def step(s, xs):
         x_t, dt_t, a_t, B_t, C_t = xs
         s = a_t[:, :, None, None] * s + jnp.einsum("bhn,bhp->bhnp", B_t, dt_t[:, :, None] * x_t)
+        if tau is not None:
+            norm = jnp.sqrt(jnp.sum(jnp.square(s), axis=(2, 3)))
+            s = s * jnp.minimum(1.0, tau / jnp.maximum(norm, 1e-30))[:, :, None, None]
         return s, jnp.einsum("bhnp,bhn->bhp", s, C_t)
 
     xs = (f32(x), f32(dt), a, f32(_heads(B, h)), f32(_heads(C, h)))
@@ -200,12 +216,65 @@ def mamba2_step(
     D: Float[AnyArray, " h"] | None = None,
     *,
     negative_eigen=False,
+    state_norm: Float[AnyArray, " h"] | float | None = None,
 ) -> tuple[Float[Array, "b h p"], Float[Array, "b h n p"]]:
     """One token: ``x [b, h, p]``, ``dt [b, h]``, ``B, C [b, g, n]`` -> ``(y [b, h, p], S [b, h, n, p])``."""
     y, s = mamba2_recurrent(
-        x[:, None], dt[:, None], A, B[:, None], C[:, None], D, h0=h, negative_eigen=negative_eigen
+        x[:, None], dt[:, None], A, B[:, None], C[:, None], D, h0=h, negative_eigen=negative_eigen,
+        state_norm=state_norm,
     )
     return y[:, 0], s
+
+
+def _state_norm_thresholds(state_norm, h):
+    """``state_norm`` as float32 ``[h]``; checked when concrete (positive, ``inf`` allowed)."""
+    known = _checks.concrete_or_none(state_norm)
+    if known is not None and not (np.all(known > 0) and not np.any(np.isnan(known))):
+        raise ValueError(f"state_norm thresholds must be positive (inf = off), got {known}")
+    tau = jnp.asarray(state_norm, jnp.float32)
+    if tau.ndim == 0:
+        tau = jnp.full((h,), tau)
+    _checks.check_shape("state_norm", tau, (h,), "[heads] thresholds (or a scalar)")
+    return tau[None, :]
+
+
+def mamba2_window(
+    x: Float[AnyArray, "b t h p"],
+    dt: Float[AnyArray, "b t h"],
+    A: Float[AnyArray, " h"] | None,
+    B: Float[AnyArray, "b t g n"],
+    C: Float[AnyArray, "b t g n"],
+    D: Float[AnyArray, " h"] | None = None,
+    *,
+    window: int,
+    impl="auto",
+    chunk_size=64,
+) -> tuple[Float[Array, "b t h p"], Float[Array, "b h n p"]]:
+    """Sliding window as a state difference (Chen et al. 2024): ``S^w_t = S_t − (Π_{r=t−w+1}^{t} a_r) S_{t−w}``
+    is the state built from the last ``w = window`` tokens alone; ``y_t = S^w_t{}^T C_t + D x_t``.
+
+    ``C_t^T S_{t−w}`` is the output of the same scan over the inputs delayed by ``w`` tokens (zero input and
+    unit decay before the start), so two passes of :func:`mamba2` give the difference on outputs, exactly,
+    with no per-position states. Returns ``(y, S^w_T)``. No ``h0``, resets or negative eigenvalues.
+    """
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    _check_mamba2_inputs(x, dt, A, B, C, D, None, None, False)
+    y, s = mamba2(x, dt, A, B, C, None, impl=impl, chunk_size=chunk_size)
+    t = x.shape[1]
+    if window < t:
+        def delay(z):
+            return jnp.pad(z, [(0, 0), (window, 0)] + [(0, 0)] * (z.ndim - 2))[:, :t]
+
+        y_old, s_old = mamba2(delay(x), delay(dt), A, delay(B), C, None, impl=impl, chunk_size=chunk_size)
+        cum = jnp.cumsum(transition(dt, A)[0], axis=1)  # [b, t, h] float32
+        decay = jnp.exp(cum - delay(cum))  # Π_{r=t−w+1}^{t} a_r (y_old is zero where t < w)
+        y = y.astype(jnp.float32) - decay[..., None] * y_old.astype(jnp.float32)
+        s = s - decay[:, -1, :, None, None] * s_old
+    y = y.astype(jnp.float32)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype), s
 
 
 def mamba2_materialize(
@@ -259,11 +328,16 @@ class Mamba2(nnx.Module):
     the paper, identical since it is depthwise), SiLU, SSD, ``D`` skip, ``z``-gated RMSNorm per group,
     ``out_proj``. ``use_decay=False`` fixes ``a = 1`` (for initialising from attention: ``C ← Q``,
     ``B ← K``, ``x ← V``).
+
+    Inference-time state-collapse mitigations (off by default; set them on a trained model):
+    ``state_norm`` (an ``nnx.Variable`` of ``[nheads]`` thresholds, or a float) runs the recurrent form with
+    the state rescaled to norm ``τ_h`` whenever it exceeds it; ``window`` (an int) keeps the last ``window``
+    tokens through the state difference (:func:`mamba2_window`; full sequences only, no cache).
     """
 
     def __init__(self, d_model, *, expand=2, head_dim=16, d_state=16, ngroups=1, d_conv=4, chunk_size=64,
                  impl="auto", negative_eigen=False, use_decay=True, dt_min=1e-3, dt_max=0.1,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 state_norm=None, window=None, rngs: nnx.Rngs, dtype=jnp.float32):
         d_inner = expand * d_model
         _checks.check_divisible("d_inner", d_inner, "head_dim", head_dim)
         self.nheads, self.head_dim, self.d_state, self.ngroups = d_inner // head_dim, head_dim, d_state, ngroups
@@ -289,6 +363,8 @@ class Mamba2(nnx.Module):
         self.D = nnx.Param(jnp.ones((self.nheads,)), out_sharding=("heads",))
         self.norm = nn.GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
         self.out_proj = lin(d_inner, d_model, ("heads", "embed"))
+        self.state_norm = nnx.data(state_norm)
+        self.window = window
 
     def __call__(
         self, x: Hidden, *, segment_ids: SegmentIds | None = None, cache: Cache = None
@@ -303,12 +379,23 @@ class Mamba2(nnx.Module):
         B, C = B.reshape(bsz, t, self.ngroups, self.d_state), C.reshape(bsz, t, self.ngroups, self.d_state)
         dt = jax.nn.softplus(self.dt_proj(x).astype(jnp.float32) + self.dt_bias[...][None, None, :])
         A = -jnp.exp(self.A_log[...]) if self.use_decay else None
-        # signed transitions have no context-parallel form (they keep the GSPMD path)
-        p = plan(x, segment_ids=segment_ids, cache=cache, context_parallel=not self.negative_eigen)
+        tau = self.state_norm[...] if isinstance(self.state_norm, nnx.Variable) else self.state_norm
+        if self.window is not None and (cache is not None or segment_ids is not None or tau is not None):
+            raise ValueError("window (sliding window by state difference) runs on whole sequences: "
+                             "no cache, no segment_ids, no state_norm")
+        # signed transitions and the mitigations have no context-parallel form (they keep the GSPMD path)
+        mitigated = tau is not None or self.window is not None
+        p = plan(x, segment_ids=segment_ids, cache=cache, context_parallel=not (self.negative_eigen or mitigated))
         if p.decode:
             y, s = mamba2_step(p.h0, xh[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D[...],
-                               negative_eigen=self.negative_eigen)
+                               negative_eigen=self.negative_eigen, state_norm=tau)
             y = y[:, None]
+        elif self.window is not None:
+            y, s = mamba2_window(xh, dt, A, B, C, self.D[...], window=self.window, impl=self.impl,
+                                 chunk_size=self.chunk_size)
+        elif tau is not None:
+            y, s = mamba2_recurrent(xh, dt, A, B, C, self.D[...], h0=p.h0, resets=p.resets,
+                                    negative_eigen=self.negative_eigen, state_norm=tau)
         elif p.mesh is not None:
             y, s = mamba2_context_parallel(xh, dt, A, B, C, self.D[...], mesh=p.mesh,
                                            resets=p.resets, chunk_size=self.chunk_size)
