@@ -1,24 +1,35 @@
-"""N-parity and N-DMS curricula with a learnable-τ leaky RNN (Khajehabdollahi et al. 2024).
+"""N-parity and N-DMS curricula with learnable single-neuron τ (Khajehabdollahi et al. 2024), and the mechanism split.
 
-    python experiments/timescales.py --curriculum=single --task=parity
-    python experiments/timescales.py --curriculum=multi --task=parity
-    python experiments/timescales.py --preset=paper --curriculum=multi
-    python experiments/timescales.py plot single.jsonl multi.jsonl --png=timescales.png   # table + plot
+    python experiments/timescales.py study                       # the whole study -> experiments/results/timescales/
+    python experiments/timescales.py study --preset=paper        # the paper's scale (500 units, 600k steps a run)
+    python experiments/timescales.py --curriculum=single --task=parity --out=run.jsonl   # one run
+    python experiments/timescales.py plot run.jsonl other.jsonl --png=runs.png          # table + curves of runs
 
-A leaky ReLU RNN ``r_t = (1 − 1/τ) r_{t−1} + (1/τ) relu(W r_{t−1} + W_in x_t + b)`` with a trainable
-τ ≥ 1 per neuron (``seqjax.rnn``'s ``"leaky"`` cell) reads a Bernoulli stream. Curricula:
+Networks (``seqjax.models.timescale_rnn``): the paper's leaky rate RNN
+``r_t = lrelu((1 − 1/τ) r_{t−1} + (W r_{t−1} + w_in x_t + b)/τ)`` with a trained τ ≥ 1 per neuron (``cell=leaky_paper``),
+``seqjax.rnn``'s ``leaky`` cell (τ outside a ReLU), GRU and LSTM. They read a Bernoulli stream and answer on every
+step. Curricula:
 
-- single-head: one readout, trained on the current N; N grows by one when its accuracy passes
-  ``threshold``;
-- multi-head: a readout per N' ≤ N, all trained together; a head is added when all pass.
+- single-head: one readout, trained on the current N; N grows by one when its accuracy passes ``threshold``;
+- multi-head: a readout per N' ≤ N (their losses summed, as in the paper), all trained together; a head is added
+  when all pass.
 
-Within a step budget we report the largest N solved and the mean-τ trajectory (JSON lines in
-``--out``; the paper's finding: multi-head reaches larger N with a flat mean τ, single-head grows τ).
+At every N solved the script records the trained single-neuron τ (mean over neurons) and the network-mediated
+timescale ``τ_net``: the autocorrelation decay time of each unit's activity on long random input
+(``seqjax.analysis.timescales``; median over units). The paper: single-head networks raise τ with N, multi-head
+networks keep τ flat and lengthen τ_net through recurrence, reach larger N faster, and the multi-head curriculum
+also helps GRU and LSTM.
+
+``study`` trains the runs named in ``--runs`` (``<variant>:<curriculum>``; variants below) and writes
+``records.jsonl``, ``table.md`` and ``plot.png`` afresh into ``--out_dir``: the paper's setup (SGD with Nesterov
+momentum, no self-connections, τ ~ U[1, 2]), the earlier setup of this script (Adam, self-connections, ``leaky``
+cell, τ = 1.5), one-factor swaps between them, and the GRU / LSTM versions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -30,64 +41,119 @@ import numpy as np
 import optax
 import tyro
 
-from seqjax import cli, rnn
+from seqjax import cli
+from seqjax.analysis import timescales as ts
+from seqjax.models import timescale_rnn as tr
 from seqjax.tasks import IGNORE, timescales
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import machine, parse
+
+#: the paper's claims (Khajehabdollahi et al. 2024, abstract, Figs. 2-4; exact N_max and τ values not reproduced here)
+PAPER = {
+    "single": "single-head: mean trained τ grows with N (and τ_net with it); reaches large N slowly",
+    "multi": "multi-head: mean τ stays ~constant, τ_net grows with N; reaches larger N than single-head in fewer steps",
+    "gated": "GRU/LSTM: the multi-head curriculum reaches larger N than the single-head one",
+}
 
 
 @dataclasses.dataclass
 class Config:
     task: Literal["parity", "dms"] = "parity"
     curriculum: Literal["single", "multi"] = "multi"
+    cell: Literal["leaky_paper", "leaky", "gru", "lstm"] = "leaky_paper"
+    optimizer: Literal["sgd", "adam"] = "sgd"  # sgd: Nesterov momentum, as the paper; adam: Adam
+    lr: float = 0.05
+    momentum: float = 0.1
+    clip: float = 2.0  # global-norm gradient clipping
+    zero_diag: bool = True  # no self-connections (the paper); only for the leaky cells
+    tau_lo: float = 1.0  # τ starts uniform in [tau_lo, tau_hi]
+    tau_hi: float = 2.0
     hidden: int = 64
     seq_len: int = 100
     batch_size: int = 64
     steps: int = 3000
-    lr: float = 3e-3
     threshold: float = 0.98
     check_every: int = 50
     n_max: int = 32
+    ac_len: int = 2000  # τ_net: steps of random input per trial, trials, burn-in, fitted lags
+    ac_trials: int = 8
+    ac_burn: int = 100
+    fit_lag: int = 30
     seed: int = 0
-    out: str = ""
+    out: str = ""  # JSON lines of this run (written afresh)
     preset: str = "cpu"  # cpu | tiny | paper: the defaults that the other options override
 
 
 PRESETS = {
     "cpu": {},
-    "tiny": dict(hidden=8, seq_len=20, batch_size=4, steps=2, check_every=1, n_max=4),
-    "paper": dict(hidden=500, seq_len=500, batch_size=256, steps=200_000, lr=1e-3, check_every=500, n_max=100),
+    "tiny": dict(hidden=8, seq_len=20, batch_size=4, steps=2, check_every=1, n_max=4, ac_len=200, ac_trials=2,
+                 ac_burn=10, fit_lag=5),
+    "paper": dict(hidden=500, seq_len=500, batch_size=256, steps=600_000, check_every=600, n_max=100,
+                  ac_len=100_000, ac_trials=10, ac_burn=500),
+}
+
+#: study variants: Config overrides
+VARIANTS = {
+    "paper": {},
+    "paper_adam": dict(optimizer="adam", lr=3e-3),
+    "paper_selfconn": dict(zero_diag=False),
+    "earlier": dict(cell="leaky", optimizer="adam", lr=3e-3, clip=1.0, zero_diag=False, tau_lo=1.5, tau_hi=1.5),
+    "gru": dict(cell="gru", optimizer="adam", lr=1e-3, zero_diag=False),
+    "lstm": dict(cell="lstm", optimizer="adam", lr=1e-3, zero_diag=False),
 }
 
 
-def init(cfg: Config, key):
-    k1, k2 = jax.random.split(key)
-    p = rnn.init_params("leaky", k1, 1, cfg.hidden, tau_init=1.5)
-    heads = cfg.n_max if cfg.curriculum == "multi" else 1
-    p["readout"] = jax.random.normal(k2, (cfg.hidden, heads, 2), jnp.float32) / np.sqrt(cfg.hidden)
-    p["readout_b"] = jnp.zeros((heads, 2), jnp.float32)
-    return p
+def optimizer(cfg: Config):
+    opt = (optax.sgd(cfg.lr, momentum=cfg.momentum or None, nesterov=cfg.momentum > 0) if cfg.optimizer == "sgd"
+           else optax.adam(cfg.lr))
+    return optax.chain(optax.clip_by_global_norm(cfg.clip), opt)
 
 
-def logits_fn(p, x):
-    y, _ = rnn.rnn("leaky", {k: v for k, v in p.items() if not k.startswith("readout")}, x[..., None].astype(jnp.float32))
-    return jnp.einsum("bth,hkc->btkc", y, p["readout"]) + p["readout_b"][None, None]
-
-
-def loss_fn(p, x, y, active):
-    """``y [b, t, heads]`` targets per head; ``active [heads]`` which heads are trained."""
-    logp = jax.nn.log_softmax(logits_fn(p, x), axis=-1)
-    mask = (y != IGNORE) & active[None, None]
+def loss_fn(p, x, y, active, cell, zero_diag):
+    """Per-head mean cross-entropy over scored steps, summed over the active heads; ``y [b, t, heads]``."""
+    logp = jax.nn.log_softmax(tr.logits(p, tr.states(p, x, cell=cell, zero_diag=zero_diag)), axis=-1)
+    mask = y != IGNORE
     nll = -jnp.take_along_axis(logp, jnp.where(mask, y, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+    per_head = jnp.sum(nll * mask, axis=(0, 1)) / jnp.maximum(jnp.sum(mask, axis=(0, 1)), 1)
+    return jnp.sum(per_head * active)
 
 
-def run(cfg: Config) -> dict:
-    if cfg.curriculum not in ("single", "multi"):
-        raise ValueError(f"--curriculum must be single or multi, got {cfg.curriculum!r}")
-    p = init(cfg, jax.random.PRNGKey(cfg.seed))
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(cfg.lr))
+def network_timescales(p, cfg: Config, rng) -> dict:
+    """Trained τ and τ_net of the network ``p`` now: activity on ``ac_trials`` random streams of ``ac_len`` steps
+    (each trial's Bernoulli rate drawn uniformly, as the paper)."""
+    rate = rng.uniform(size=(cfg.ac_trials, 1))
+    x = (rng.uniform(size=(cfg.ac_trials, cfg.ac_len)) < rate).astype(np.float32)
+    act = np.asarray(_states(p, jnp.asarray(x), cell=cfg.cell, zero_diag=cfg.zero_diag))
+    tau_net = ts.unit_timescales(act, burn=cfg.ac_burn, max_lag=min(200, cfg.ac_len - cfg.ac_burn - 1),
+                                 fit_lag=cfg.fit_lag)
+    tau = tr.trained_tau(p)
+    ok = np.isfinite(tau_net)
+    return {"mean_tau": None if tau is None else float(tau.mean()), **_clamped(p),
+            "tau_net_median": float(np.median(tau_net[ok])) if ok.any() else None,
+            "tau_net_mean": float(np.mean(tau_net[ok])) if ok.any() else None,
+            "active_units": int(ok.sum())}
+
+
+def _clamped(p) -> dict:
+    """The fraction of neurons whose raw τ sits at or below the clamp τ = 1 (where its gradient is zero)."""
+    tau = p["cell"].get("tau")
+    return {} if tau is None else {"tau_at_clamp": float(np.mean(np.asarray(tau) <= 1.0))}
+
+
+_states = jax.jit(tr.states, static_argnames=("cell", "zero_diag"))
+
+
+def run(cfg: Config, *, name: str = "", meta: dict | None = None) -> dict:
+    """One curriculum run; returns ``{"largest_N", "records"}`` (records also go to ``cfg.out`` if set)."""
+    if cfg.zero_diag and cfg.cell not in tr.TAU_CELLS:
+        raise ValueError(f"--zero_diag applies to the leaky cells; use --zero_diag=False with --cell={cfg.cell}")
+    heads = cfg.n_max if cfg.curriculum == "multi" else 1
+    p = tr.init_params(cfg.cell, jax.random.PRNGKey(cfg.seed), cfg.hidden, heads, tau_range=(cfg.tau_lo, cfg.tau_hi))
+    tx = optimizer(cfg)
     opt = tx.init(p)
-    heads = p["readout"].shape[1]
+    base = {"run": name or f"{cfg.cell}:{cfg.curriculum}", "task": cfg.task, "curriculum": cfg.curriculum,
+            "cell": cfg.cell, "optimizer": cfg.optimizer, "zero_diag": cfg.zero_diag, "hidden": cfg.hidden,
+            "seed": cfg.seed, "machine": machine(), "date": datetime.date.today().isoformat(),
+            "paper": PAPER[cfg.curriculum if cfg.cell in tr.TAU_CELLS else "gated"], **(meta or {})}
 
     def targets(x, n):
         if cfg.curriculum == "multi":
@@ -96,47 +162,204 @@ def run(cfg: Config) -> dict:
 
     @jax.jit
     def step(p, opt, x, y, active):
-        loss, g = jax.value_and_grad(loss_fn)(p, x, y, active)
+        loss, g = jax.value_and_grad(loss_fn)(p, x, y, active, cfg.cell, cfg.zero_diag)
         upd, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, upd), opt, loss
 
     @jax.jit
     def accuracy(p, x, y):
-        pred = jnp.argmax(logits_fn(p, x), -1)
-        ok = (pred == y) | (y == IGNORE)
-        return jnp.sum(ok & (y != IGNORE), axis=(0, 1)) / jnp.maximum(jnp.sum(y != IGNORE, axis=(0, 1)), 1)
+        pred = jnp.argmax(tr.logits(p, tr.states(p, x, cell=cfg.cell, zero_diag=cfg.zero_diag)), -1)
+        scored = y != IGNORE
+        return jnp.sum((pred == y) & scored, axis=(0, 1)) / jnp.maximum(jnp.sum(scored, axis=(0, 1)), 1)
 
-    n, records = 1, []
+    records = []
+    if cfg.out:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        open(cfg.out, "w").close()
+
+    def emit(rec):
+        rec = {**base, **rec}
+        records.append(rec)
+        if cfg.out:
+            with open(cfg.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        print(json.dumps({k: v for k, v in rec.items() if k not in ("paper", "machine", "date")}), flush=True)
+
     rng = np.random.default_rng(cfg.seed)
+    ac_rng = np.random.default_rng(cfg.seed + 1)
     x_eval = rng.integers(0, 2, size=(256, cfg.seq_len)).astype(np.int32)
+    emit({"kind": "timescales", "step": 0, "N": 0, **network_timescales(p, cfg, ac_rng)})
+    n = 1
     for it in range(1, cfg.steps + 1):
         x = rng.integers(0, 2, size=(cfg.batch_size, cfg.seq_len)).astype(np.int32)
         active = np.arange(heads) < (n if cfg.curriculum == "multi" else 1)
-        p, opt, loss = step(p, opt, jnp.asarray(x), jnp.asarray(targets(x, n)), jnp.asarray(active))
+        p, opt, loss = step(p, opt, jnp.asarray(x), jnp.asarray(targets(x, n)), jnp.asarray(active, np.float32))
         if not np.isfinite(float(loss)):
             raise FloatingPointError(f"non-finite loss at step {it}")
         if it % cfg.check_every == 0 or it == cfg.steps:
             acc = np.asarray(accuracy(p, jnp.asarray(x_eval), jnp.asarray(targets(x_eval, n))))
-            solved = bool(np.all(acc[: (n if cfg.curriculum == "multi" else 1)] >= cfg.threshold))
-            tau = np.maximum(np.asarray(p["tau"]), 1.0)
-            rec = {"task": cfg.task, "curriculum": cfg.curriculum, "seed": cfg.seed, "step": it, "N": n,
-                   "solved": solved, "loss": float(loss), "mean_tau": float(tau.mean()),
-                   "acc_current": float(acc[n - 1] if cfg.curriculum == "multi" else acc[0])}
-            records.append(rec)
-            if cfg.out:
-                os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-                with open(cfg.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            print(json.dumps(rec), flush=True)
-            if solved and n < cfg.n_max:
-                n += 1
-    best = max([r["N"] - (0 if r["solved"] else 1) for r in records] + [0])
+            k = n if cfg.curriculum == "multi" else 1
+            solved = bool(np.all(acc[:k] >= cfg.threshold))
+            tau = tr.trained_tau(p)
+            emit({"kind": "check", "step": it, "N": n, "solved": solved, "loss": float(loss),
+                  "mean_tau": None if tau is None else float(tau.mean()), **_clamped(p),
+                  "acc_current": float(acc[k - 1])})
+            if solved:
+                emit({"kind": "timescales", "step": it, "N": n, **network_timescales(p, cfg, ac_rng)})
+                if n < cfg.n_max:
+                    n += 1
+    checks = [r for r in records if r["kind"] == "check"]
+    best = max([r["N"] - (0 if r["solved"] else 1) for r in checks] + [0])
     return {"largest_N": best, "records": records}
 
 
+# --------------------------------------------------------------------------------------------- study
+
+
+@dataclasses.dataclass
+class Study:
+    """``timescales.py study``: several runs into one results folder (records.jsonl, table.md, plot.png)."""
+
+    runs: tuple[str, ...] = ("paper:single", "earlier:single", "paper_adam:single", "paper_selfconn:single",
+                             "paper:multi", "gru:single", "gru:multi", "lstm:single", "lstm:multi")
+    task: Literal["parity", "dms"] = "parity"
+    steps: int = 1500
+    long_steps: int = 8000  # the paper:single run, for its N-vs-step curve to saturate
+    hidden: int = 64
+    seq_len: int = 50
+    seed: int = 0
+    workers: int = 1  # runs trained at once, each in its own process
+    out_dir: str = "experiments/results/timescales"
+    preset: str = "cpu"  # cpu | tiny | paper: the Config preset every run starts from
+
+
+STUDY_PRESETS = {
+    "cpu": {},
+    "tiny": dict(runs=("paper:single", "paper:multi", "gru:multi"), steps=2, long_steps=2, hidden=8, seq_len=20),
+    "paper": dict(steps=600_000, long_steps=600_000, hidden=500, seq_len=500),
+}
+
+
+def study(s: Study) -> list[dict]:
+    os.makedirs(s.out_dir, exist_ok=True)
+    path = os.path.join(s.out_dir, "records.jsonl")
+    open(path, "w").close()
+    jobs = []
+    for spec in s.runs:
+        variant, _, curriculum = spec.partition(":")
+        if variant not in VARIANTS or curriculum not in ("single", "multi"):
+            raise ValueError(f"--runs entries are <variant>:<single|multi> with variant in {sorted(VARIANTS)}, got {spec!r}")
+        steps = s.long_steps if spec == "paper:single" else s.steps
+        cfg = dataclasses.replace(parse(Config, PRESETS, [f"--preset={s.preset}"]), task=s.task, curriculum=curriculum,
+                                  steps=steps, hidden=s.hidden, seq_len=s.seq_len, seed=s.seed, **VARIANTS[variant])
+        jobs.append((cfg, spec, variant))
+    if s.workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(s.workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            outs = list(ex.map(_study_run, jobs))
+    else:
+        outs = [_study_run(job) for job in jobs]
+    records = [r for out in outs for r in out]
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    table = summarise(records)
+    with open(os.path.join(s.out_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    plot_study(records, os.path.join(s.out_dir, "plot.png"))
+    print(table)
+    return records
+
+
+def _study_run(job) -> list[dict]:
+    cfg, spec, variant = job
+    return run(cfg, name=spec, meta={"variant": variant})["records"]
+
+
+def _f(v, fmt="{:.2f}"):
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else fmt.format(v)
+
+
+def summarise(records: list[dict]) -> str:
+    """One row per run: N reached (at half the steps and at the end: still rising?), trained τ and τ_net from the
+    first to the last N solved, and the paper's claim with met / missed."""
+    runs = list(dict.fromkeys(r["run"] for r in records))
+    rows = ["| run | cell | optimizer | self-conn. | steps | N at ½ steps | largest N | mean τ start → end "
+            "| τ_net (median) first → last N | paper | met |", "|" + "---|" * 11]
+    best = {}
+    for name in runs:
+        rs = [r for r in records if r["run"] == name]
+        checks = [r for r in rs if r["kind"] == "check"]
+        tsr = [r for r in rs if r["kind"] == "timescales"]
+        steps = checks[-1]["step"] if checks else 0
+        solved = lambda upto: max([r["N"] for r in checks if r["solved"] and r["step"] <= upto] + [0])
+        best[name] = solved(steps)
+        t0, t1 = tsr[0], tsr[-1]
+        net = [r for r in tsr if r["N"] > 0 and r["tau_net_median"] is not None]
+        n0, n1 = (net[0], net[-1]) if net else (None, None)
+        r0 = rs[0]
+        dtau = None if t0["mean_tau"] is None else t1["mean_tau"] - t0["mean_tau"]
+        dnet = None if not net else n1["tau_net_median"] - n0["tau_net_median"]
+        if r0["cell"] not in tr.TAU_CELLS:
+            claim, met = PAPER["gated"], None  # decided against the other curriculum below
+        elif r0["curriculum"] == "single":
+            claim, met = "τ grows with N", dtau is not None and dtau > 0
+        else:
+            claim, met = "τ flat, τ_net grows", dtau is not None and abs(dtau) <= 0.1 and dnet is not None and dnet > 0
+        rows.append([name, r0["cell"], r0["optimizer"], "no" if r0["zero_diag"] else "yes", steps, solved(steps // 2),
+                     best[name], f"{_f(t0['mean_tau'])} → {_f(t1['mean_tau'])}" if dtau is not None else "–",
+                     f"{_f(n0['tau_net_median'])} (N={n0['N']}) → {_f(n1['tau_net_median'])} (N={n1['N']})" if net else "–",
+                     claim, met])
+    for row in rows[2:]:
+        if row[-1] is None:
+            other = row[0].replace(":single", ":multi") if row[0].endswith(":single") else row[0].replace(":multi", ":single")
+            if other in best:
+                mult, sing = (best[row[0]], best[other]) if row[0].endswith(":multi") else (best[other], best[row[0]])
+                row[-1] = mult > sing
+                row[-2] = "multi-head reaches larger N"
+    out = rows[:2]
+    for row in rows[2:]:
+        row[-1] = "–" if row[-1] is None else ("met" if row[-1] else "missed")
+        out.append("| " + " | ".join(str(c) for c in row) + " |")
+    if "paper:single" in best and "paper:multi" in best:
+        ok = best["paper:multi"] > best["paper:single"]
+        out.append(f"\nOrdering (paper setup): multi-head N = {best['paper:multi']} vs single-head N = "
+                   f"{best['paper:single']} — {'met' if ok else 'missed'} (paper: multi-head reaches larger N).")
+    return "\n".join(out)
+
+
+def plot_study(records: list[dict], out: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name in dict.fromkeys(r["run"] for r in records):
+        checks = [r for r in records if r["run"] == name and r["kind"] == "check"]
+        tsr = [r for r in records if r["run"] == name and r["kind"] == "timescales" and r["N"] > 0]
+        style = "-" if name.endswith(":multi") else "--"
+        line = axes[0].plot([r["step"] for r in checks], [r["N"] for r in checks], style, label=name)[0]
+        if tsr and tsr[0]["mean_tau"] is not None:
+            axes[1].plot([r["N"] for r in tsr], [r["mean_tau"] for r in tsr], style, color=line.get_color(), marker=".")
+        axes[2].plot([r["N"] for r in tsr], [np.nan if r["tau_net_median"] is None else r["tau_net_median"] for r in tsr],
+                     style, color=line.get_color(), marker=".")
+    axes[0].set(xlabel="step", ylabel="N (curriculum)", title="curriculum progress")
+    axes[1].set(xlabel="N solved", ylabel="mean trained τ", title="single-neuron τ")
+    axes[2].set(xlabel="N solved", ylabel="median τ_net (steps)", title="network-mediated τ_net", yscale="log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- plot of runs
+
+
 def plot(paths: list[str], out: str) -> str:
-    """Curves of N and mean τ over steps for each run's JSON lines in ``paths`` (one line per curriculum and
-    task) into ``out`` (PNG); returns the markdown table of the largest N solved and the final mean τ."""
+    """Curves of N and mean τ over steps for each run's JSON lines in ``paths`` into ``out`` (PNG); returns the
+    markdown table of the largest N solved and the final mean τ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,13 +368,13 @@ def plot(paths: list[str], out: str) -> str:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
     rows = ["| task | curriculum | steps | largest N solved | mean τ at the end |", "|---|---|---|---|---|"]
     for path in paths:
-        recs = [json.loads(x) for x in open(path)]
+        recs = [r for r in map(json.loads, open(path)) if r.get("kind", "check") == "check"]
         label = f"{recs[0]['task']} {recs[0]['curriculum']}"
         steps = [r["step"] for r in recs]
         a1.plot(steps, [r["N"] for r in recs], label=label)
-        a2.plot(steps, [r["mean_tau"] for r in recs], label=label)
+        a2.plot(steps, [np.nan if r["mean_tau"] is None else r["mean_tau"] for r in recs], label=label)
         best = max(r["N"] - (0 if r["solved"] else 1) for r in recs)
-        rows.append(f"| {recs[0]['task']} | {recs[0]['curriculum']} | {steps[-1]} | {best} | {recs[-1]['mean_tau']:.3f} |")
+        rows.append(f"| {recs[0]['task']} | {recs[0]['curriculum']} | {steps[-1]} | {best} | {_f(recs[-1]['mean_tau'], '{:.3f}')} |")
     a1.set(xlabel="step", ylabel="N (curriculum)")
     a2.set(xlabel="step", ylabel="mean τ")
     a1.legend(fontsize=8)
@@ -170,13 +393,15 @@ class Plot:
 
 
 def main(argv=None):
-    """Options train one run (``--help``); ``plot <runs.jsonl ...> --png=<out>`` plots finished runs."""
+    """Options train one run (``--help``); ``study`` runs the study; ``plot <runs.jsonl ...>`` plots finished runs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plot"]:
         a = cli.parse(Plot, argv[1:])
         table = plot(list(a.runs), a.png)
         print(table)
         return table
+    if argv[:1] == ["study"]:
+        return study(parse(Study, STUDY_PRESETS, argv[1:]))
     out = run(parse(Config, PRESETS, argv))
     print(f"largest N solved: {out['largest_N']}")
     return out
