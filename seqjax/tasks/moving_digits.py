@@ -120,7 +120,6 @@ def moving_digits(n_clips: int, n_frames: int, *, size: int = 32, n_digits: int 
     images, targets = _sklearn_digits()
     pool = np.arange(TEST_FROM) if split == "train" else np.arange(TEST_FROM, len(images))
     k = digit_size // 8
-    sprites = np.kron(images[pool], np.ones((k, k), np.float32))  # [P, D, D]
     names = list(DIRECTIONS_8 if n_directions == 8 else DIRECTIONS_4)
     vecs = np.array([(DIRECTIONS_8 if n_directions == 8 else DIRECTIONS_4)[n] for n in names], np.int64)  # [K, 2]
     rng = np.random.default_rng([seed, SPLITS.index(split)])
@@ -157,7 +156,8 @@ def moving_digits(n_clips: int, n_frames: int, *, size: int = 32, n_digits: int 
     for j in range(n_digits):
         rows = (pos[:, j, :, 0, None] + grid)[..., :, None]  # [N, T, D, 1]
         cols = (pos[:, j, :, 1, None] + grid)[..., None, :]  # [N, T, 1, D]
-        frames[ni, ti, rows, cols] = np.maximum(frames[ni, ti, rows, cols], sprites[which[:, j]][:, None])
+        sprites = images[pool[which[:, j]]].repeat(k, -2).repeat(k, -1)  # [N, D, D]: each pixel a k×k block
+        frames[ni, ti, rows, cols] = np.maximum(frames[ni, ti, rows, cols], sprites[:, None])
 
     vocab = caption_vocab(n_directions)
     ix = {w: i for i, w in enumerate(vocab)}
