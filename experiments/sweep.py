@@ -34,6 +34,7 @@ import importlib
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import tyro
@@ -205,11 +206,12 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
             for r in baseline_records(sweep, preset, seed, mod):
                 records.append({**r, **meta})
                 f.write(json.dumps(records[-1]) + "\n")
-        for row in [] if baselines_only else rows:
-            for seed in seeds:
+        for seed in [] if baselines_only else seeds:  # seed-major: a stopped run still has every row
+            for row in rows:
                 cfg = _config(sweep, row, preset, seed, mod)
+                t0 = time.time()
                 for r in run(mod.make_task(cfg), cfg):
-                    records.append({**r, "row": row.label, "steps": cfg.steps, **meta})
+                    records.append({**r, "row": row.label, "steps": cfg.steps, "seconds": round(time.time() - t0, 1), **meta})
                     f.write(json.dumps(records[-1]) + "\n")
                 f.flush()
     write_outputs(name, records, folder)
@@ -247,12 +249,13 @@ def final_scores(records: list[dict], metric: str) -> dict:
 
 
 def summarize(records: list[dict], metric: str) -> tuple[str, dict]:
-    """A plain view of any records (the results notebook's): ``(markdown, {(row, split): (mean, std)})``, rows
-    labelled ``"<task> <model>"`` when the records mix tasks."""
+    """A plain view of any records (the results notebook's): ``(markdown, {(row, split): (mean, std)})``; rows are
+    the records' ``row`` labels, else the model, as ``"<task> <model>"`` when the records mix tasks."""
     last = {}
     several = len({r.get("task") for r in records}) > 1
     for r in records:
-        key = (f"{r['task']} {r['model']}" if several else r.get("row", r["model"]), r["seed"], r["split"])
+        label = r.get("row") or (f"{r['task']} {r['model']}" if several else r["model"])
+        key = (label, r["seed"], r["split"])
         if key not in last or r["step"] >= last[key]["step"]:
             last[key] = r
     splits = sorted({k[2] for k in last})
@@ -296,8 +299,13 @@ def _target_text(target) -> str:
     return f"{op.replace('>=', '≥').replace('<=', '≤')} {ref:.2f}" if isinstance(ref, float) else f"{op} {', '.join(ref)}"
 
 
+def _num(x) -> str:
+    s = f"{x:.3f}"
+    return "0.000" if s == "-0.000" else s
+
+
 def _cell(vals) -> str:
-    return f"{np.mean(vals):.3f}" if len(vals) == 1 else f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
+    return _num(np.mean(vals)) if len(vals) == 1 else f"{_num(np.mean(vals))} ± {_num(np.std(vals))}"
 
 
 def table(name: str, records: list[dict]) -> str:
