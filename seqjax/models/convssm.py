@@ -130,20 +130,27 @@ def _recurrent(u, Lambda, log_dt, B, C, D, h0):
     return jnp.moveaxis(ys, 0, 1).astype(u.dtype), x
 
 
-@functools.partial(jax.jit, static_argnames=("impl",))
-def _parallel(u, Lambda, log_dt, B, C, D, h0, impl):
-    p = Lambda.shape[0]
-    dt_l, b_bar = _zoh(Lambda, log_dt, B)
-    u32 = u.astype(jnp.float32)
-    # B̄ * u_t for every frame in one real convolution (real and imaginary kernels side by side)
+def _input_map(u32, b_bar):
+    """``B̄ * u`` as one real convolution (real and imaginary kernels side by side), made complex."""
+    p = b_bar.shape[-1]
     bu = conv2d(u32, jnp.concatenate([jnp.real(b_bar), jnp.imag(b_bar)], axis=-1))
-    bu = lax.complex(bu[..., :p], bu[..., p:])
-    xs, x_last = linear_scan(dt_l.reshape(1, 1, 1, 1, p), bu, h0=h0, log_decay=True, impl=impl)
-    # 2 Re(C̃ * x) = 2 Re C̃ * Re x - 2 Im C̃ * Im x: one real convolution over [Re x, Im x]
+    return lax.complex(bu[..., :p], bu[..., p:])
+
+
+def _output_map(x, C, D, u32):
+    """``2 Re(C̃ * x) + D * u`` with ``2 Re(C̃ * x) = 2 Re C̃ * Re x - 2 Im C̃ * Im x``: one real convolution over
+    ``[Re x, Im x]``."""
     c = C.astype(jnp.complex64)
     c2 = jnp.concatenate([2.0 * jnp.real(c), -2.0 * jnp.imag(c)], axis=2)
-    y = conv2d(jnp.concatenate([jnp.real(xs), jnp.imag(xs)], axis=-1), c2) + _skip(D, u32)
-    return y.astype(u.dtype), x_last
+    return conv2d(jnp.concatenate([jnp.real(x), jnp.imag(x)], axis=-1), c2) + _skip(D, u32)
+
+
+@functools.partial(jax.jit, static_argnames=("impl",))
+def _parallel(u, Lambda, log_dt, B, C, D, h0, impl):
+    dt_l, b_bar = _zoh(Lambda, log_dt, B)
+    u32 = u.astype(jnp.float32)
+    xs, x_last = linear_scan(dt_l.reshape(1, 1, 1, 1, -1), _input_map(u32, b_bar), h0=h0, log_decay=True, impl=impl)
+    return _output_map(xs, C, D, u32).astype(u.dtype), x_last
 
 
 def convs5(
@@ -182,8 +189,12 @@ def convs5_step(
 
 @jax.jit
 def _step(h, u, Lambda, log_dt, B, C, D):
-    y, h = _recurrent(u[:, None], Lambda, log_dt, B, C, D, h)
-    return y[:, 0], h
+    dt_l, b_bar = _zoh(Lambda, log_dt, B)
+    u32 = u.astype(jnp.float32)
+    x = _input_map(u32, b_bar)
+    if h is not None:
+        x = x + jnp.exp(dt_l).reshape(1, 1, 1, -1) * h.astype(jnp.complex64)
+    return _output_map(x, C, D, u32).astype(u.dtype), x
 
 
 def convs5_init(key, c_in: int, ssm_size: int, c_out: int | None = None, *, k_B: int = 3, k_C: int = 3, k_D: int = 1,
