@@ -51,7 +51,7 @@ def test_passkey_two_steps(tmp_path):
 
     rows = passkey.main(["--preset=tiny", "--model=mamba2", "--mitigation=forget", f"--out={tmp_path / 'p.jsonl'}"])
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"train", "passkey", "state_norm"}
+    assert kinds == {"train", "passkey", "state_norm", "horizon"}
     assert (tmp_path / "p.png").exists()
     # the same trained weights are evaluated as they are and with the mitigation (dt_bias shifted up)
     for m in ("none", "forget"):
