@@ -188,12 +188,12 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
     sweep = SWEEPS[name]
     mod = importlib.import_module(sweep.script)
     seeds = tuple(SEEDS[preset] if not seeds else seeds)
-    folder = os.path.join(out, name)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "records.jsonl")
     rows = [r for r in sweep.rows if not only or r.label in only or r.model in only]
     if only and not rows:
         raise ValueError(f"--models={','.join(only)} names no row of {name}: {[r.label for r in sweep.rows]}")
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "records.jsonl")
     partial = bool(only) or baselines_only
     kept = [r for r in read_records(folder) if _keep(r, rows, baselines_only)] if partial else []
     meta = {"preset": preset, "command": "python experiments/sweep.py " + " ".join(argv or (name, f"--preset={preset}")),
@@ -428,6 +428,8 @@ def main(argv=None):
         if name not in SWEEPS:
             raise SystemExit(f"error: {name!r} is not a sweep task; choose from {', '.join(SWEEPS)} or 'tables'")
     for name in names:
+        if a.models and not any(r.label in a.models or r.model in a.models for r in SWEEPS[name].rows):
+            raise SystemExit(f"error: --models={','.join(a.models)} names no row of {name}: {[r.label for r in SWEEPS[name].rows]}")
         records = run_sweep(name, a.preset, a.seeds, a.models, a.baselines_only, a.out,
                             argv=[name] + [x for x in argv if x not in (name, "--all") and not x.startswith("--grid")])
         print(table(name, records))

@@ -153,6 +153,9 @@ def test_sweep_writes_fresh_records_under_experiments_results_whatever_the_direc
     again = sweep.run_sweep("copy", "tiny", baselines_only=True, out=str(out))
     assert len((folder / "records.jsonl").read_text().splitlines()) == len(again) == len(recs)
     assert (folder / "table.md").read_text().strip() == sweep.table("copy", again)
+    assert sweep.tables(str(out)) == sweep.readme_block("copy", again)  # the regenerator reads the same records
+    with pytest.raises(ValueError, match="names no row"):
+        sweep.run_sweep("copy", "tiny", only=("nope",), out=str(out))
 
 
 @pytest.mark.parametrize("name", list(sweep.SWEEPS))
