@@ -229,6 +229,7 @@ class Study:
     seq_len: int = 50
     seed: int = 0
     workers: int = 1  # runs trained at once, each in its own process
+    summarise_only: bool = False  # rewrite table.md and plot.png from the out_dir's records.jsonl, train nothing
     out_dir: str = "experiments/results/timescales"
     preset: str = "cpu"  # cpu | tiny | paper: the Config preset every run starts from
 
@@ -243,6 +244,9 @@ STUDY_PRESETS = {
 def study(s: Study) -> list[dict]:
     os.makedirs(s.out_dir, exist_ok=True)
     path = os.path.join(s.out_dir, "records.jsonl")
+    if s.summarise_only:
+        records = [json.loads(line) for line in open(path)]
+        return _write_summary(records, s.out_dir)
     open(path, "w").close()
     jobs = []
     for spec in s.runs:
@@ -264,10 +268,14 @@ def study(s: Study) -> list[dict]:
     records = [r for out in outs for r in out]
     with open(path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+    return _write_summary(records, s.out_dir)
+
+
+def _write_summary(records: list[dict], out_dir: str) -> list[dict]:
     table = summarise(records)
-    with open(os.path.join(s.out_dir, "table.md"), "w") as f:
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
-    plot_study(records, os.path.join(s.out_dir, "plot.png"))
+    plot_study(records, os.path.join(out_dir, "plot.png"))
     print(table)
     return records
 
@@ -281,52 +289,55 @@ def _f(v, fmt="{:.2f}"):
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else fmt.format(v)
 
 
+def _solved_by(checks: list[dict], step: int) -> int:
+    """The largest N solved at or before ``step``."""
+    return max([r["N"] for r in checks if r["solved"] and r["step"] <= step] + [0])
+
+
 def summarise(records: list[dict]) -> str:
     """One row per run: N reached (at half the steps and at the end: still rising?), trained τ and τ_net from the
-    first to the last N solved, and the paper's claim with met / missed."""
+    first to the last N solved, and the paper's claim with met / missed. Curricula are compared at equal steps."""
     runs = list(dict.fromkeys(r["run"] for r in records))
     rows = ["| run | cell | optimizer | self-conn. | steps | N at ½ steps | largest N | mean τ start → end "
-            "| τ_net (median) first → last N | paper | met |", "|" + "---|" * 11]
-    best = {}
+            "(at clamp) | τ_net (median) first → last N | paper | met |", "|" + "---|" * 11]
+    checks = {name: [r for r in records if r["run"] == name and r["kind"] == "check"] for name in runs}
+    last = {name: (c[-1]["step"] if c else 0) for name, c in checks.items()}
     for name in runs:
         rs = [r for r in records if r["run"] == name]
-        checks = [r for r in rs if r["kind"] == "check"]
         tsr = [r for r in rs if r["kind"] == "timescales"]
-        steps = checks[-1]["step"] if checks else 0
-        solved = lambda upto: max([r["N"] for r in checks if r["solved"] and r["step"] <= upto] + [0])
-        best[name] = solved(steps)
-        t0, t1 = tsr[0], tsr[-1]
+        t0, t1, r0 = tsr[0], tsr[-1], rs[0]
         net = [r for r in tsr if r["N"] > 0 and r["tau_net_median"] is not None]
-        n0, n1 = (net[0], net[-1]) if net else (None, None)
-        r0 = rs[0]
         dtau = None if t0["mean_tau"] is None else t1["mean_tau"] - t0["mean_tau"]
-        dnet = None if not net else n1["tau_net_median"] - n0["tau_net_median"]
+        dnet = None if not net else net[-1]["tau_net_median"] - net[0]["tau_net_median"]
         if r0["cell"] not in tr.TAU_CELLS:
-            claim, met = PAPER["gated"], None  # decided against the other curriculum below
+            claim, met = "–", None
         elif r0["curriculum"] == "single":
             claim, met = "τ grows with N", dtau is not None and dtau > 0
         else:
-            claim, met = "τ flat, τ_net grows", dtau is not None and abs(dtau) <= 0.1 and dnet is not None and dnet > 0
-        rows.append([name, r0["cell"], r0["optimizer"], "no" if r0["zero_diag"] else "yes", steps, solved(steps // 2),
-                     best[name], f"{_f(t0['mean_tau'])} → {_f(t1['mean_tau'])}" if dtau is not None else "–",
-                     f"{_f(n0['tau_net_median'])} (N={n0['N']}) → {_f(n1['tau_net_median'])} (N={n1['N']})" if net else "–",
-                     claim, met])
-    for row in rows[2:]:
-        if row[-1] is None:
-            other = row[0].replace(":single", ":multi") if row[0].endswith(":single") else row[0].replace(":multi", ":single")
-            if other in best:
-                mult, sing = (best[row[0]], best[other]) if row[0].endswith(":multi") else (best[other], best[row[0]])
-                row[-1] = mult > sing
-                row[-2] = "multi-head reaches larger N"
-    out = rows[:2]
-    for row in rows[2:]:
-        row[-1] = "–" if row[-1] is None else ("met" if row[-1] else "missed")
-        out.append("| " + " | ".join(str(c) for c in row) + " |")
-    if "paper:single" in best and "paper:multi" in best:
-        ok = best["paper:multi"] > best["paper:single"]
-        out.append(f"\nOrdering (paper setup): multi-head N = {best['paper:multi']} vs single-head N = "
-                   f"{best['paper:single']} — {'met' if ok else 'missed'} (paper: multi-head reaches larger N).")
-    return "\n".join(out)
+            claim = "τ flat (Δτ within ±0.1), τ_net grows"
+            met = dtau is not None and abs(dtau) <= 0.1 and dnet is not None and dnet > 0
+        tau = (f"{_f(t0['mean_tau'])} → {_f(t1['mean_tau'])} ({_f(100 * t1.get('tau_at_clamp', 0), '{:.0f}')}%)"
+               if dtau is not None else "–")
+        tnet = (f"{_f(net[0]['tau_net_median'])} (N={net[0]['N']}) → {_f(net[-1]['tau_net_median'])} (N={net[-1]['N']})"
+                if net else "–")
+        row = [name, r0["cell"], r0["optimizer"], "no" if r0["zero_diag"] else "yes", last[name],
+               _solved_by(checks[name], last[name] // 2), _solved_by(checks[name], last[name]), tau, tnet, claim,
+               "–" if met is None else ("met" if met else "missed")]
+        rows.append("| " + " | ".join(str(c) for c in row) + " |")
+    rows += ["", "| variant | steps compared | N single-head | N multi-head | paper: multi-head reaches larger N "
+             "| at the largest N both solved: mean τ single / multi | τ_net (median) single / multi |", "|" + "---|" * 7]
+    for variant in dict.fromkeys(name.partition(":")[0] for name in runs):
+        single, multi = f"{variant}:single", f"{variant}:multi"
+        if single in checks and multi in checks:
+            at = min(last[single], last[multi])
+            ns, nm = _solved_by(checks[single], at), _solved_by(checks[multi], at)
+            k = min(_solved_by(checks[single], last[single]), _solved_by(checks[multi], last[multi]))
+            at_k = [next((r for r in records if r["run"] == name and r["kind"] == "timescales" and r["N"] == k), {})
+                    for name in (single, multi)]
+            taus = " / ".join(_f(r.get("mean_tau")) for r in at_k)
+            nets = " / ".join(_f(r.get("tau_net_median")) for r in at_k)
+            rows.append(f"| {variant} | {at} | {ns} | {nm} | {'met' if nm > ns else 'missed'} | N={k}: {taus} | {nets} |")
+    return "\n".join(rows)
 
 
 def plot_study(records: list[dict], out: str):
