@@ -232,18 +232,18 @@ def _ssim64(x, y, sigma=1.5, c1=1e-4, c2=9e-4):
 
 
 def test_ssim_closed_forms_and_reference():
-    x = jax.random.uniform(jax.random.PRNGKey(8), (3, 16, 16, 1))
-    np.testing.assert_allclose(M.ssim(x, x), 1.0, atol=1e-6)
-    # constant images: only the luminance term is left, (2ab + c1) / (a² + b² + c1)
-    a, b = 0.2, 0.7
-    np.testing.assert_allclose(M.ssim(jnp.full((16, 16, 1), a), jnp.full((16, 16, 1), b)),
-                               (2 * a * b + 1e-4) / (a * a + b * b + 1e-4), rtol=1e-4)
-    # an 11×11 image has one window position: the float64 definition
     rng = np.random.default_rng(0)
-    x1, y1 = rng.random((11, 11)), rng.random((11, 11))
-    np.testing.assert_allclose(M.ssim(x1[..., None], (0.5 * x1 + 0.5 * y1)[..., None]),
-                               _ssim64(x1, 0.5 * x1 + 0.5 * y1), rtol=1e-4)
-    assert float(M.ssim(x1[..., None], 1.0 - x1[..., None])) < 0  # anti-correlated structure
+    x1, y1 = rng.random((11, 11)), rng.random((11, 11))  # 11×11: one window position
+    a, b = 0.2, 0.7
+    xs = np.stack([x1, np.full((11, 11), a), x1, x1])[..., None]
+    ys = np.stack([x1, np.full((11, 11), b), 0.5 * x1 + 0.5 * y1, 1.0 - x1])[..., None]
+    s = np.asarray(M.ssim(xs, ys))
+    np.testing.assert_allclose(s[0], 1.0, atol=1e-6)  # SSIM(x, x) = 1
+    # constant images: only the luminance term is left, (2ab + c1) / (a² + b² + c1)
+    np.testing.assert_allclose(s[1], (2 * a * b + 1e-4) / (a * a + b * b + 1e-4), rtol=1e-4)
+    np.testing.assert_allclose(s[2], _ssim64(x1, 0.5 * x1 + 0.5 * y1), rtol=1e-4)  # the float64 definition
+    np.testing.assert_allclose(s[3], _ssim64(x1, 1.0 - x1), rtol=1e-4)
+    assert s[3] < 0  # anti-correlated structure
 
 
 def test_convssm_experiment_two_steps(tmp_path):

@@ -378,7 +378,12 @@ def ssim(x: Float[AnyArray, "*n hh ww c"], y: Float[AnyArray, "*n hh ww c"], *, 
     positions and channels (the definition of ``tf.image.ssim``). ``window`` shrinks to the image size."""
     _checks.check_same_shape("x", x, "y", y)
     _checks.check_ndim("x", x, tuple(range(3, 8)), "[..., height, width, channels]")
-    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    return _ssim(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), float(data_range), int(window),
+                 float(sigma), float(k1), float(k2))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _ssim(x, y, data_range, window, sigma, k1, k2):
     hh, ww, c = x.shape[-3:]
     g = jnp.asarray(_gaussian_window(min(window, hh, ww), sigma), jnp.float32)
     kern = jnp.tile(jnp.outer(g, g)[:, :, None, None], (1, 1, 1, c))  # depthwise [k, k, 1, C]
@@ -391,6 +396,9 @@ def ssim(x: Float[AnyArray, "*n hh ww c"], y: Float[AnyArray, "*n hh ww c"], *, 
 
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    # second moments of the inputs less their image means (shift-invariant; less float32 cancellation)
+    xc, yc = x - jnp.mean(x, axis=(-3, -2, -1), keepdims=True), y - jnp.mean(y, axis=(-3, -2, -1), keepdims=True)
+    mxc, myc = blur(xc), blur(yc)
+    vx, vy, cxy = blur(xc * xc) - mxc * mxc, blur(yc * yc) - myc * myc, blur(xc * yc) - mxc * myc
     s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return jnp.mean(s, axis=(-3, -2, -1))
