@@ -20,7 +20,7 @@ every seed meets it, **missed** when none does, **within noise** when the seeds'
 (a relative claim compares min–max ranges with the other rows'). Baseline rows are the trivial predictors
 of ``seqjax.tasks.baselines`` scored by the same metric on the same evaluation sets: chance (uniform over
 the answers), the majority class, and for the recall tasks and ICLL copy-last and the in-context bigram
-lookup (ICLL also always-separator).
+lookup (on ICLL the bigram lookup never predicts the masked ``|``; ICLL also has always-separator).
 
 ``--models=a,b`` re-runs only those rows (labels or model names): their records are replaced, the other
 rows' kept. ``--baselines_only`` recomputes the baseline rows alone (no training).
@@ -69,11 +69,10 @@ class Sweep:
     claim: str  # the paper's finding, as the records and the table name it
     presets: dict  # {"cpu": {...}, "paper": {...}}: options over the script's preset of the same name
     sequence: bool = False  # answers are tokens of the sequence: copy-last and bigram baselines too
-    extra: tuple = ()  # more baselines: names in EXTRA_BASELINES
+    extra: tuple = ()  # more baselines, ((name, inputs -> predictions), ...); a name may replace copy_last or bigram
 
 
 SEEDS = {"cpu": (0, 1, 2), "paper": (0, 1, 2), "tiny": (0,)}
-EXTRA_BASELINES = {"always_separator": icll.always_separator, "bigram_letters": icll.bigram_lookup}
 
 _SOLVES, _FAILS = (">=", 0.95), ("<=", 0.1)
 SWEEPS = {
@@ -135,7 +134,7 @@ SWEEPS = {
          Row("lstm", "lstm")),
         "dfa_acc", "test", "ICLL (random DFAs): attention beats the recurrent models; an n-gram head narrows the gap",
         {"cpu": {"steps": 1000, "eval_every": 500, "seq_len": 128}, "paper": {}}, sequence=True,
-        extra=("always_separator", "bigram_letters")),
+        extra=(("always_separator", icll.always_separator), ("bigram", icll.bigram_lookup))),
     "parity": Sweep(
         "state_tracking", {"task": "parity"},
         (Row("deltanet_negeig", "deltanet_negeig", target=_SOLVES), Row("deltanet", "deltanet", target=_FAILS),
@@ -173,7 +172,7 @@ def baseline_records(sweep: Sweep, preset: str, seed: int, mod) -> list[dict]:
     chance take their answer set from eight training batches."""
     task = mod.make_task(_config(sweep, None, preset, seed, mod))
     train = np.concatenate([task.train(step, 64, seed).targets.reshape(-1) for step in range(1, 9)])[None]
-    extra = {name: EXTRA_BASELINES[name] for name in sweep.extra}
+    extra = dict(sweep.extra)
     recs = []
     for split, batch in task.evals().items():
         for name, scores in baselines.trivial_baselines(task.metric, batch, train, sequence=sweep.sequence, extra=extra).items():

@@ -170,3 +170,12 @@ def test_readme_table_equals_what_the_records_give(name):
     block = readme[readme.index(start): readme.index(end) + len(end)]
     records = sweep.read_records(str(ROOT / "experiments" / "results" / name))
     assert block == sweep.readme_block(name, records)
+
+
+def test_icll_baseline_rows_score_the_separator_predictor_zero():
+    import icll as icll_script
+
+    recs = sweep.baseline_records(sweep.SWEEPS["icll"], "tiny", 0, icll_script)
+    got = {r["row"]: r["dfa_acc"] for r in recs}
+    assert set(got) == {"chance", "majority", "copy_last", "bigram", "always_separator"}
+    assert got["always_separator"] == 0.0 and 0.0 < got["chance"] < got["bigram"] <= 1.0
