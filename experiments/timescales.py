@@ -22,8 +22,8 @@ also helps GRU and LSTM.
 
 ``study`` trains the runs named in ``--runs`` (``<variant>:<curriculum>``; variants below) and writes
 ``records.jsonl``, ``table.md`` and ``plot.png`` afresh into ``--out_dir``: the paper's setup (SGD with Nesterov
-momentum, no self-connections, τ ~ U[1, 2]), the earlier setup of this script (Adam, self-connections, ``leaky``
-cell, τ = 1.5), one-factor swaps between them, and the GRU / LSTM versions.
+momentum, no self-connections, τ ~ U[1, 2]), ``adam_leaky`` (Adam, self-connections, ``seqjax.rnn``'s ``leaky``
+cell, τ = 1.5), one-factor swaps from the paper's setup (``paper_adam``, ``paper_selfconn``), and GRU / LSTM.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ VARIANTS = {
     "paper": {},
     "paper_adam": dict(optimizer="adam", lr=3e-3),
     "paper_selfconn": dict(zero_diag=False),
-    "earlier": dict(cell="leaky", optimizer="adam", lr=3e-3, clip=1.0, zero_diag=False, tau_lo=1.5, tau_hi=1.5),
+    "adam_leaky": dict(cell="leaky", optimizer="adam", lr=3e-3, clip=1.0, zero_diag=False, tau_lo=1.5, tau_hi=1.5),
     "gru": dict(cell="gru", optimizer="adam", lr=1e-3, zero_diag=False),
     "lstm": dict(cell="lstm", optimizer="adam", lr=1e-3, zero_diag=False),
 }
@@ -220,7 +220,7 @@ def run(cfg: Config, *, name: str = "", meta: dict | None = None) -> dict:
 class Study:
     """``timescales.py study``: several runs into one results folder (records.jsonl, table.md, plot.png)."""
 
-    runs: tuple[str, ...] = ("paper:single", "earlier:single", "paper_adam:single", "paper_selfconn:single",
+    runs: tuple[str, ...] = ("paper:single", "adam_leaky:single", "paper_adam:single", "paper_selfconn:single",
                              "paper:multi", "gru:single", "gru:multi", "lstm:single", "lstm:multi")
     task: Literal["parity", "dms"] = "parity"
     steps: int = 1500
