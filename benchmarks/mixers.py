@@ -3,11 +3,15 @@
 
     python benchmarks/mixers.py --quick                 # T = 1k only
     python benchmarks/mixers.py --mixers=gla,mamba2 --out=benchmarks/results/cpu_mixers.md
+    python benchmarks/mixers.py --mixers=gla,deltanet,gated_deltanet --heads=4 --dim=64 --ts=8192   # model widths
 
-FLOPs are XLA's own count (``compiled.cost_analysis()["flops"]``) of the compiled forward; the matmul
-rate is a float32 ``[n, n] @ [n, n]`` measured in the same run. Inputs come from each mixer's
-``make_inputs(key, batch, T)`` (its default, small head counts and dims). All numbers come from one run,
-side by side; ratios are what to read.
+FLOPs are XLA's own count (``compiled.cost_analysis()["flops"]``) of the compiled forward. The matmul rate
+is a float32 ``[n, n] @ [n, n]`` (``n = 1024``), or with ``--heads/--dim`` a projection-shaped
+``[B T, H D] @ [H D, H D]``; it is timed in every round next to the forms, so each row's FLOP rate is
+against the matmul rate of the same minutes. Inputs come from each mixer's ``make_inputs(key, batch, T)``:
+its default, small head counts and dims, or ``heads=H, dk=dv=D`` with ``--heads/--dim``. Every form of one
+(mixer, T) is compiled first and then timed interleaved, round by round (``--reps`` rounds, medians): on a
+shared machine the ratios of one row are what to read. ``impl="auto"`` is a row of its own.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ import dataclasses
 import functools
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from seqjax import cli, mixers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import time_jax
 
 
 def _compiled(f, *args):
@@ -36,10 +41,12 @@ def _compiled(f, *args):
     return c, temp, flops
 
 
-def matmul_rate(n=1024):
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
-    f = jax.jit(lambda a: a @ a)
-    return 2 * n**3 / time_jax(f, a, reps=5)
+def _matmul(batch, t, heads, dim):
+    """The reference matmul: ``[n, n] @ [n, n]`` (n = 1024), or ``[B T, H D] @ [H D, H D]`` at model widths."""
+    m, n = (1024, 1024) if not heads else (batch * t, heads * dim)
+    a = jax.random.normal(jax.random.PRNGKey(0), (m, n))
+    w = jax.random.normal(jax.random.PRNGKey(1), (n, n))
+    return jax.jit(lambda a, w: a @ w), (a, w), 2 * m * n * n
 
 
 def _fns(spec, impl, inputs):
@@ -61,26 +68,46 @@ def _fns(spec, impl, inputs):
     return fwd, jax.grad(loss), d
 
 
-def bench(names, ts, batch=1):
-    rate = matmul_rate()
-    rows = []
-    print(f"# matmul rate (f32 1024^3): {rate / 1e9:.1f} GFLOP/s", flush=True)
+def _interleaved(calls, reps):
+    """Median seconds of each ``(f, args)`` in ``calls`` (a dict), timed round by round after one warm-up."""
+    for f, a in calls.values():
+        jax.block_until_ready(f(*a))
+    ts = {k: [] for k in calls}
+    for _ in range(reps):
+        for k, (f, a) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in ts.items()}
+
+
+def bench(names, ts, batch=1, heads=0, dim=0, reps=3):
+    rows, rates = [], []
     for name in names:
         spec = mixers.get(name)
         par = [i for i in spec.impls if i != "sequential"] or ["sequential"]
+        forms = ["reference", *par, "auto"]
         for t in ts:
-            inputs = spec.make_inputs(jax.random.PRNGKey(0), batch, t)
-            res = {}
-            for impl in ["reference", *par]:
+            dims = dict(heads=heads, dk=dim, dv=dim) if heads else {}
+            inputs = spec.make_inputs(jax.random.PRNGKey(0), batch, t, **dims)
+            mm, mm_args, mm_flops = _matmul(batch, t, heads, dim)
+            calls, info, res = {"matmul": (mm, mm_args)}, {}, {}
+            for impl in forms:
                 try:
                     fwd, grad, d = _fns(spec, impl, inputs)
                     cf, temp_f, flops = _compiled(fwd, d)
                     cg, temp_g, _ = _compiled(grad, d)
-                    res[impl] = dict(fwd=time_jax(cf, d, reps=3), bwd=time_jax(cg, d, reps=3), mem_f=temp_f, mem_g=temp_g, flops=flops)
+                    calls[(impl, "f")], calls[(impl, "g")] = (cf, (d,)), (cg, (d,))
+                    info[impl] = dict(mem_f=temp_f, mem_g=temp_g, flops=flops)
                 except Exception as e:  # noqa: BLE001 — a mixer that cannot run this size is reported, not fatal
                     res[impl] = dict(err=f"{type(e).__name__}: {str(e)[:60]}")
+            times = _interleaved(calls, reps)
+            rate = mm_flops / times["matmul"]
+            rates.append(rate)
+            for impl in info:
+                res[impl] = dict(fwd=times[(impl, "f")], bwd=times[(impl, "g")], **info[impl])
             ref = res["reference"]
-            for impl in par:
+            for impl in [*par, "auto"]:
                 r = res[impl]
                 if "err" in r or "err" in ref:
                     rows.append((name, impl, t, r.get("err") or ref.get("err")))
@@ -90,8 +117,8 @@ def bench(names, ts, batch=1):
                     r["fwd"] * 1e3, ref["fwd"] / r["fwd"], r["bwd"] * 1e3, ref["bwd"] / r["bwd"],
                     r["mem_g"] / 2**20, ref["mem_g"] / 2**20, r["flops"] / r["fwd"] / rate,
                 ))
-                print(_fmt(rows[-1]), flush=True)
-    return rate, rows
+                print(_fmt(rows[-1]), f"(matmul {rate / 1e9:.1f} GFLOP/s)", flush=True)
+    return rates, rows
 
 
 HEADER = (
@@ -112,20 +139,29 @@ class Args:
     quick: bool = False  # T = 1k only
     mixers: tuple[str, ...] = ()  # comma list of names (default: all registered)
     batch: int = 1
+    heads: int = 0  # with dim: make_inputs(heads=H, dk=dv=D) instead of each mixer's small defaults
+    dim: int = 0  # head dim (with heads)
+    ts: tuple[int, ...] = ()  # sequence lengths (default 1k, 4k, 16k; --quick: 1k)
+    reps: int = 3  # interleaved rounds (medians)
     out: str = ""  # also write the table to this markdown file
 
 
 def main(argv=None):
     a = cli.parse(Args, argv, description=__doc__)
     names = list(a.mixers) or [n for n in mixers.names() if mixers.get(n).functional]
-    ts = [1024] if a.quick else [1024, 4096, 16384]
+    if bool(a.heads) != bool(a.dim):
+        raise SystemExit("--heads and --dim go together")
+    ts = list(a.ts) or ([1024] if a.quick else [1024, 4096, 16384])
     print(HEADER, flush=True)
-    rate, rows = bench(names, ts, a.batch)
+    rates, rows = bench(names, ts, a.batch, a.heads, a.dim, a.reps)
     if a.out:
+        dims = f"H = {a.heads}, head dim {a.dim}" if a.heads else "each mixer's default test dims"
+        mm = f"[B T, {a.heads * a.dim}] @ [{a.heads * a.dim}, {a.heads * a.dim}]" if a.heads else "[1024, 1024]^2"
         with open(a.out, "w") as fh:
             fh.write(f"# Mixers on {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}\n\n")
             fh.write(f"Command: `python benchmarks/mixers.py {' '.join(argv or sys.argv[1:])}`; batch {a.batch}, "
-                     f"each mixer's default test dims. Matmul rate: {rate / 1e9:.1f} GFLOP/s (f32).\n\n")
+                     f"{dims}. Matmul ({mm}, f32) rate per row: {min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f} "
+                     "GFLOP/s, timed interleaved with the forms.\n\n")
             fh.write(HEADER + "\n" + "\n".join(_fmt(r) for r in rows) + "\n")
 
 

@@ -45,10 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels._util import platform as kernel_platform
 from pallas_kernels.delta_chunk import delta_chunk
 from seqjax import _checks
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.layer import plan, update
+from seqjax.mixers._autodiff import primal_by
+from seqjax.mixers.delta_chunked import chunk_delta_rule_cpu
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import GatedRMSNorm, Linear, RMSNorm, ShortConv, l2_normalize
 from seqjax.ops import context_parallel as cp
@@ -93,7 +96,12 @@ def delta_rule(
     the GPU tests (``seqjax._platform.GPU_TESTED``; one device, or a ``use_rules`` mesh:
     ``seqjax._platform.kernel_call`` runs it inside ``shard_map``), differentiated
     through the XLA form (``AUTO_BACKWARD``), else the XLA chunked form (``seqjax._platform`` has the
-    measurements behind that). ``"pallas"``: the kernel and its Pallas backward.
+    measurements behind that). On the CPU ``"auto"`` evaluates the ``lax.scan`` reference and differentiates
+    through the chunked form (``seqjax.mixers._autodiff.primal_by``): the scan is the faster forward there
+    (prefill, evaluation), the chunked form the faster forward+backward (``benchmarks/results/cpu_mixers.md``).
+    ``"chunked"`` on the CPU is :func:`seqjax.mixers.delta_chunked.chunk_delta_rule_cpu` (the same algorithm
+    in a chunk-major layout with a blocked triangular inverse), elsewhere ``seqjax.ops.delta.chunk_delta_rule``.
+    ``"pallas"``: the kernel and its Pallas backward.
     """
     _checks.check_choice("impl", impl, IMPLS)
     if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
@@ -107,7 +115,19 @@ def delta_rule(
             lambda q, k, v, beta, log_alpha, h0, resets: delta_chunk(
                 q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, chunk_size=chunk_size, backward=backward),
             q, k, v, beta, log_alpha, h0, resets, layouts="tttttst", out_layouts="ts")
-    return E.chunk_delta_rule(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)
+    if kernel_platform() != "cpu":
+        return E.chunk_delta_rule(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)
+
+    def chunked(q, k, v, beta, log_alpha, h0, resets):
+        return chunk_delta_rule_cpu(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, chunk_size=chunk_size)
+
+    if impl == "chunked":
+        return chunked(q, k, v, beta, log_alpha, h0, resets)
+
+    def scan(q, k, v, beta, log_alpha, h0, resets):
+        return E.recurrent_delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale)
+
+    return primal_by(scan, chunked)(q, k, v, beta, log_alpha, h0, resets)
 
 
 # ----------------------------------------------------------------------------- DeltaNet

@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels._util import platform as kernel_platform
 from pallas_kernels.gla_chunk import gla_chunk_pallas
 from seqjax import _checks, nn
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.layer import StateCache, plan, update
+from seqjax.mixers._autodiff import primal_by
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import gla as eng
@@ -61,8 +63,14 @@ def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
             lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
                 q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
             qs, k, v, g, sign, h0, resets, layouts="tttttst", out_layouts="ts")
-    else:
+    elif impl == "chunked" or g is None or g.ndim == 3 or kernel_platform() != "cpu":
         o, s = eng.chunk_gla(qs, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
+    else:  # CPU "auto", per-channel decays: evaluate by the scan, differentiate through the chunked form
+        o, s = primal_by(
+            lambda q, k, v, g, sign, h0, resets: eng.recurrent_gla(q, k, v, g, sign=sign, h0=h0, resets=resets),
+            lambda q, k, v, g, sign, h0, resets: eng.chunk_gla(
+                q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size),
+        )(qs, k, v, g, sign, h0, resets)
     return o.astype(v.dtype), s
 
 
@@ -85,6 +93,12 @@ def gla(
     """GLA: ``S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T``, ``y_t = S_t^T (s q_t)``.
 
     ``log_decay`` ``[b, t, h, dk]`` per channel. Returns ``(y [b, t, h, dv], S_T [b, h, dk, dv])``.
+    ``impl``: ``"sequential"`` (the float32 ``lax.scan`` reference), ``"chunked"`` (``seqjax.ops.gla``),
+    ``"pallas"``, or ``"auto"``: the Pallas kernel where ``seqjax._platform.auto_pallas`` says so, else the
+    chunked form, except on the CPU, where ``"auto"`` evaluates the scan and differentiates through the chunked
+    form (``seqjax.mixers._autodiff.primal_by``): the scan is the faster forward there, the chunked form the
+    faster forward+backward (``benchmarks/results/cpu_mixers.md``). :func:`retnet` and
+    :func:`linear_attention` (per-head or no decay) keep the chunked form under ``"auto"``.
     """
     _checks.check_no_negative_eigen("gla", negative_eigen)
     _checks.check_ndim("log_decay", log_decay, 4, "[batch, time, heads, key_dim] (GLA's per-channel gate)")
