@@ -55,7 +55,7 @@ class Config:
     features: int = 64
     hidden: int = 64
     d_emb: int = 32
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 3e-3
     caption_weight: float = 1.0
