@@ -1,7 +1,8 @@
 """Passkey retrieval, state collapse and state capacity (Chen et al. 2024, "Stuffed Mamba").
 
-    python experiments/passkey.py                                      # d_state 4, 16, 64; every mitigation
-    python experiments/passkey.py --d_states=16 --mitigation=forget --forget_shift=0.25
+    python experiments/passkey.py                                      # d_state 16; every mitigation
+    python experiments/passkey.py --name=passkey_capacity --d_states=4,8,16,32,64 --mitigation=window
+    python experiments/passkey.py --mitigation=forget --forget_shift=0.25
     python experiments/passkey.py --preset=paper
 
 For each state size in ``d_states`` a Mamba-2 LM (head dim ``head_dim``; state ``heads × d_state × head_dim``
@@ -75,7 +76,7 @@ class Config(RunConfig):
 
 
 PRESETS = {
-    "cpu": dict(steps=800, batch_size=32, d_model=64, num_layers=2, lr=3e-3, warmup=80, eval_every=400, d_states=(16, 4, 64)),
+    "cpu": dict(steps=1500, batch_size=32, d_model=64, num_layers=2, lr=3e-3, warmup=100, eval_every=500, d_states=(16,)),
     "tiny": dict(steps=2, batch_size=4, d_model=16, num_layers=1, eval_every=2, train_len=32, multiples=(1, 2),
                  d_states=(4,), head_dim=8, depths=2, eval_per_depth=2, probe_len=64, probe_every=32, progress=False),
     "paper": dict(steps=20000, batch_size=64, d_model=256, num_layers=4, train_len=1024, d_states=(16, 32, 64, 128),
