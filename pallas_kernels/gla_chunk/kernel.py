@@ -34,12 +34,15 @@ Backward
     kernel (``seqjax._platform.AUTO_BACKWARD``).
 
 GPU lowering
-    jax 0.11 on the GPU machines makes Mosaic GPU the default Pallas lowering and deprecates Triton.
-    This kernel asks for the **Triton** lowering explicitly (``plgpu_triton.CompilerParams``): its
-    ``pallas_call`` + ``BlockSpec`` + ``fori_loop`` model is exactly what ``interpret=True`` checks on
-    CPU, it lowers on H100/H200 without warpgroup/TMA choreography, and a ``[C, C]``-tile chunk kernel
-    with ``C = 64`` maps onto Triton's ``tl.dot`` the way fla's Triton kernels do. A Mosaic GPU port
-    (``plgpu.kernel`` with ``wgmma`` and a TMA pipeline over chunks) is the path once Triton is removed.
+    jax 0.11 makes Mosaic GPU the default Pallas lowering and deprecates Triton. Two GPU bodies, picked by
+    ``backend``: ``"triton"`` (the ``pallas_call`` + ``BlockSpec`` + ``fori_loop`` body below, asking for the
+    Triton lowering explicitly with ``pltriton.CompilerParams``) and ``"mosaic_gpu"`` (``mosaic_gpu.py``: the
+    per-head forward as one warpgroup, TMA copies of each chunk into shared memory, ``wgmma`` for ``Q Kᵀ``,
+    the readout and the state update). ``backend=None`` on a GPU takes **Mosaic GPU under jax >= 0.11** (for
+    a chunk size that is a multiple of 64) and **Triton below** (``MOSAIC_GPU_DEFAULT``). The per-channel
+    forward and the backward kernels have Triton bodies only, so they run on Triton under either choice
+    while jax still ships it. The Mosaic GPU body lowers for CUDA through ``jax.export`` and is checked
+    against the Triton body under Mosaic GPU's interpreter on the CPU (``tests/test_pallas_mosaic_gpu.py``).
     TPU: separate bodies for Mosaic (below).
 
 Tests: values, final state, gradients, h0, resets, signs, odd head dims, bf16 and a split sequence in
@@ -67,9 +70,39 @@ from pallas_kernels._util import check_chunk_size, mm, resolve, tpu_params, trit
 from pallas_kernels.gla_chunk.backward import gla_head_bwd
 from pallas_kernels.gla_chunk.backward_channel import gla_channel_bwd
 from pallas_kernels.gla_chunk.channel import forward_channel
+from pallas_kernels.gla_chunk.mosaic_gpu import forward_padded as _forward_mosaic_gpu
 from seqjax.ops.gla import chunk_gla, prepare_chunks
 
 __all__ = ["gla_chunk_pallas"]
+
+# jax >= 0.11 deprecates the Pallas Triton lowering: there the per-head forward takes its Mosaic GPU body by default
+MOSAIC_GPU_DEFAULT = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
+
+
+def _resolve(interpret, backend, chunk):
+    """``resolve`` plus the Mosaic GPU body: ``backend="mosaic_gpu"`` asks for it (interpreted by Mosaic GPU's own
+    interpreter on the CPU); ``None`` takes it on a GPU under jax >= 0.11 when ``chunk`` is a multiple of 64, else
+    what ``resolve`` picks (Triton on a GPU and in the CPU interpreter, Mosaic on a TPU)."""
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "mosaic_gpu":
+        if chunk % 64:
+            raise ValueError(f"backend='mosaic_gpu' needs chunk_size a multiple of 64, got {chunk}")
+        return resolve(interpret, "triton")[0], backend
+    interpret, resolved = resolve(interpret, backend)
+    if backend is None and resolved == "triton" and not interpret and MOSAIC_GPU_DEFAULT and chunk % 64 == 0:
+        resolved = "mosaic_gpu"
+    return interpret, resolved
+
+
+def _head_forward(backend):
+    return {"mosaic_tpu": _forward_tpu, "mosaic_gpu": _forward_mosaic_gpu}.get(backend, _forward)
+
+
+def _triton_for_mgpu(backend):
+    """The per-channel and backward kernels have no Mosaic GPU bodies yet: they run on Triton."""
+    return "triton" if backend == "mosaic_gpu" else backend
 
 
 def _pow2(n, lo=16):
@@ -199,9 +232,8 @@ def _gla_pallas(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
     ``[b, Tp, h, Kp]`` per channel — computed outside, so XLA differentiates the log decays through
     ``prepare_chunks``; ``seg`` and ``p`` get zero cotangents."""
     if bc.ndim == 4:
-        return forward_channel(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret, backend=backend)
-    forward = _forward_tpu if backend == "mosaic_tpu" else _forward
-    return forward(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret)
+        return forward_channel(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret, backend=_triton_for_mgpu(backend))
+    return _head_forward(backend)(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret)
 
 
 def _gla_pallas_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
@@ -211,7 +243,8 @@ def _gla_pallas_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
 def _gla_pallas_bwd(chunk, interpret, backend, res, cts):
     q, k, v, bc, seg, p, h0 = res
     grads = gla_channel_bwd if bc.ndim == 4 else gla_head_bwd
-    dq, dk, dv, dbc, dh0 = grads(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret, backend=backend)
+    dq, dk, dv, dbc, dh0 = grads(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret,
+                                 backend=_triton_for_mgpu(backend))
     return dq, dk, dv, dbc, jnp.zeros_like(seg), jnp.zeros_like(p), dh0
 
 
@@ -238,10 +271,10 @@ def _gla(q, k, v, gates, h0, chunk, interpret, backend):
     h0p = _pad_state(h0, kp, vp)
     if g.ndim == 4:  # per channel: bc, seg [b, t, h, Kp] (padded channels: k = q = 0, decay 1)
         bc, seg, p = _channel_gates(g, sign, cut[:, :, 0] > 0.5, chunk, kp)
-        forward = functools.partial(forward_channel, backend=backend)
+        forward = functools.partial(forward_channel, backend=_triton_for_mgpu(backend))
     else:
         bc, seg, p = _head_gates(g, sign, cut[:, :, 0] > 0.5, chunk)
-        forward = _forward_tpu if backend == "mosaic_tpu" else _forward
+        forward = _head_forward(backend)
     o, s = forward(_pad_last(q, kp), _pad_last(k, kp), _pad_last(v, vp), bc, seg, p, h0p, chunk=chunk,
                    interpret=interpret)
     return o[..., :dv], s[:, :, :dk, :dv]
@@ -295,16 +328,18 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     (SSD, RetNet, linear attention) or per channel ``[b, t, h, dk]`` (GLA); ``g=None``: no decay;
     ``-inf``: a reset of that entry; ``sign [b, t, h]``: ``±1`` transitions (piecewise constant: no
     gradient flows to it). ``interpret=None`` interprets on CPU. ``chunk_size`` must be a power of two
-    ``≥ 16``. ``backend``: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks
-    by platform. ``backward``: what ``jax.grad`` runs — ``"pallas"`` (``backward.py``, ``backward_channel.py``) or
-    ``"xla"`` (the XLA chunked form's forward and backward).
+    ``≥ 16``. ``backend``: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (the per-head forward's
+    Mosaic GPU body, ``mosaic_gpu.py``; chunk a multiple of 64) or ``"mosaic_tpu"``; ``None`` picks by platform
+    and jax version (see the module docstring, "GPU lowering"). ``backward``: what ``jax.grad`` runs —
+    ``"pallas"`` (``backward.py``, ``backward_channel.py``) or ``"xla"`` (the XLA chunked form's forward and
+    backward).
     """
     bsz, t, h, dk = q.shape
     if g is not None and (g.ndim not in (3, 4) or g.shape[:3] != (bsz, t, h) or (g.ndim == 4 and g.shape[3] != dk)):
         raise ValueError(f"g must be [batch, time, heads] = {(bsz, t, h)} or [batch, time, heads, key_dim] = "
                          f"{(bsz, t, h, dk)}, got {tuple(g.shape)}")
     check_chunk_size(chunk_size)
-    interpret, backend = resolve(interpret, backend)
+    interpret, backend = _resolve(interpret, backend, chunk_size)
     dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
     q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     if backward not in ("pallas", "xla"):

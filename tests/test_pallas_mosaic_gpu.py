@@ -1,0 +1,100 @@
+"""The chunked GLA forward's Mosaic GPU body (``pallas_kernels/gla_chunk/mosaic_gpu.py``), checked without a GPU.
+
+* Lowering: ``jax.export`` with ``platforms=("cuda",)`` runs the Pallas -> Mosaic GPU lowering on this CPU
+  (layouts, ``wgmma`` operand shapes and transforms, TMA slices) and emits the ``mosaic_gpu`` custom call, for the
+  shapes ``benchmarks/gla_gpu.py`` runs (full size and ``GPU_CHECK_SMOKE``), bf16 and float32 inputs, with the
+  Pallas backward (Triton kernels) under ``jax.grad``. ptxas' compile and the speed need a GPU
+  (``benchmarks/gpu_check.sh``).
+* Values against ``seqjax.ops.gla.chunk_gla`` — resets, negative eigenvalues, ``h0``, a time not a multiple of
+  the chunk, key/value dims that need padding: compiled on a GPU (``benchmarks/gpu_check.sh``, stage ``tests``),
+  and on the CPU under Mosaic GPU's own interpreter (``InterpretGPUParams``, in ``jax._src`` in jax 0.10: TMA
+  copies, barriers, shared memory and ``wgmma`` simulated). That interpreter takes no transposed shared-memory
+  view and no register operand for ``wgmma``: under it the body stages ``Kᵀ`` and the intra-chunk matrix
+  through shared memory, which the compiled body does not.
+* The backend choice: Mosaic GPU by default on a GPU under jax >= 0.11, Triton below.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels.gla_chunk import kernel as gla_kernel
+from pallas_kernels.gla_chunk.kernel import gla_chunk_pallas
+from seqjax.ops.gla import chunk_gla
+
+MOSAIC_GPU = "mosaic_gpu"
+
+
+def _cuda_module(f, *args) -> str:
+    return export.export(jax.jit(f), platforms=("cuda",))(*args).mlir_module()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(8, 2048, 16, 128), (1, 64, 2, 32)], ids=["bench", "smoke"])
+def test_lowers_for_cuda(shape, dtype):
+    s = jax.ShapeDtypeStruct
+    qs, gs = s(shape, dtype), s(shape[:3], jnp.float32)
+    mod = _cuda_module(lambda q, k, v, g: gla_chunk_pallas(q, k, v, g, chunk_size=64, interpret=False, backend="mosaic_gpu"),
+                       qs, qs, qs, gs)
+    assert mod.count(f"@{MOSAIC_GPU}") == 1 and "triton" not in mod
+
+
+def test_grad_lowers_with_triton_backward():
+    """The Mosaic GPU forward under ``jax.grad``: the forward on Mosaic GPU, the backward kernels on Triton."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
+
+    def loss(q, g):
+        o, s = gla_chunk_pallas(q, q, q, g, chunk_size=64, interpret=False, backend="mosaic_gpu")
+        return jnp.sum(o**2) + jnp.sum(s**2)
+
+    exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=("cuda",),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    mod = exp(q, g).mlir_module()
+    # the forward once; the backward's states, state gradients and chunk gradients (backward.py)
+    assert mod.count(f"@{MOSAIC_GPU}") == 1 and mod.count("__gpu$xla.gpu.triton") == 3
+
+
+def _inputs(dtype, b=1, t=100, h=1, dk=32, dv=48, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (b, t, h, dk)).astype(dtype)
+    k = (jax.random.normal(ks[1], (b, t, h, dk)) / dk**0.5).astype(dtype)
+    v = jax.random.normal(ks[2], (b, t, h, dv)).astype(dtype)
+    g = jax.nn.log_sigmoid(2 + jax.random.normal(ks[3], (b, t, h)))
+    sign = jnp.where(jax.random.uniform(ks[4], (b, t, h)) < 0.2, -1.0, 1.0)
+    h0 = jax.random.normal(ks[5], (b, h, dk, dv))
+    resets = jnp.zeros((b, t), bool).at[:, 37].set(True)
+    return (q, k, v, g), dict(sign=sign, h0=h0, resets=resets)
+
+
+def test_values():
+    """Against the XLA chunked form (one case: the interpreter is slow). The body's matmul operands are bf16 (float32
+    accumulation), so float32 inputs agree to bf16 rounding, relative to the largest output."""
+    args, kw = _inputs(jnp.float32)
+    tol = 1e-2
+    o, s = gla_chunk_pallas(*args, **kw, chunk_size=64, backend="mosaic_gpu")  # interpreted on the CPU, compiled on a GPU
+    f32 = [x.astype(jnp.float32) for x in args]
+    ro, rs = chunk_gla(*f32, **kw, chunk_size=64)
+    assert o.shape == ro.shape and s.shape == rs.shape
+    np.testing.assert_allclose(o, ro, atol=tol * float(jnp.abs(ro).max()))
+    np.testing.assert_allclose(s, rs, atol=tol * float(jnp.abs(rs).max()))
+
+
+def test_backend_choice(monkeypatch):
+    resolve = gla_kernel._resolve
+    monkeypatch.setattr(gla_kernel, "resolve", lambda interpret, backend: (True, backend or "triton"))  # as on the CPU
+    assert resolve(None, None, 64) == (True, "triton")  # the CPU interprets the Triton body
+    assert resolve(None, "mosaic_gpu", 64) == (True, "mosaic_gpu")  # or the Mosaic GPU body, asked for
+    monkeypatch.setattr(gla_kernel, "resolve", lambda interpret, backend: (False, backend or "triton"))  # as on a GPU
+    monkeypatch.setattr(gla_kernel, "MOSAIC_GPU_DEFAULT", False)  # jax < 0.11
+    assert resolve(None, None, 64) == (False, "triton")
+    monkeypatch.setattr(gla_kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11
+    assert resolve(None, None, 64) == (False, "mosaic_gpu")
+    assert resolve(None, None, 32) == (False, "triton")  # wgmma's M: the Mosaic GPU body needs chunks of 64
+    assert resolve(None, "triton", 64) == (False, "triton")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        resolve(None, "mosaic_gpu", 32)
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve(None, "cuda", 64)
