@@ -323,7 +323,8 @@ def table(name: str, records: list[dict]) -> str:
     steps = sorted(set(last_step.values()))
     presets = sorted({r["preset"] for r in trained if "preset" in r})
     machines = sorted({r["machine"] for r in trained if "machine" in r})
-    how = (f"`python experiments/sweep.py {name}`"
+    how = (f"`python experiments/sweep.py {name}`: baselines only, no trained rows yet." if not trained else
+           f"`python experiments/sweep.py {name}`"
            + (f" (preset {', '.join(presets)})" if presets else " (records from before the presets)")
            + f": {len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))}), {'/'.join(map(str, steps))} steps"
            + (f", {'; '.join(machines)}" if machines else "") + f"; {sweep.metric}, mean ± std over seeds.")
