@@ -87,6 +87,7 @@ def test_layer_mitigations():
     assert float(jnp.max(jnp.abs(layer(x)[0] - y0))) > 1e-4
 
 
+@pytest.mark.slow  # ~20 s of compiles on one core; the default tier runs passkey.py at tiny size in test_experiments.py
 def test_passkey_experiment_two_steps(tmp_path):
     import passkey
 
