@@ -22,8 +22,9 @@ of ``seqjax.tasks.baselines`` scored by the same metric on the same evaluation s
 the answers), the majority class, and for the recall tasks and ICLL copy-last and the in-context bigram
 lookup (on ICLL the bigram lookup never predicts the masked ``|``; ICLL also has always-separator).
 
-``--models=a,b`` re-runs only those rows (labels or model names): their records are replaced, the other
-rows' kept. ``--baselines_only`` recomputes the baseline rows alone (no training).
+``--models=a,b`` re-runs only those rows (labels or model names) and ``--seeds=...`` only those seeds: the records
+of the (row, seed) pairs run are replaced, all others kept. ``--baselines_only`` recomputes the baseline rows
+alone (no training).
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "records.jsonl")
     partial = bool(only) or baselines_only
-    kept = [r for r in read_records(folder) if _keep(r, rows, baselines_only)] if partial else []
+    kept = [r for r in read_records(folder) if _keep(r, rows, seeds, baselines_only)] if partial else []
     meta = {"preset": preset, "command": "python experiments/sweep.py " + " ".join(argv or (name, f"--preset={preset}")),
             "machine": machine(), "date": datetime.date.today().isoformat(), "paper": sweep.claim}
     records = list(kept)
@@ -217,9 +218,12 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
     return records
 
 
-def _keep(rec, rerun_rows, baselines_only) -> bool:
+def _keep(rec, rerun_rows, seeds, baselines_only) -> bool:
+    """Whether a partial run keeps an old record: everything but the (row, seed) pairs it recomputes."""
+    if rec["seed"] not in seeds:
+        return True
     if rec.get("model") == "baseline":
-        return False  # the baselines are always recomputed
+        return False  # the baselines of the run's seeds are always recomputed
     return baselines_only or rec.get("row", rec["model"]) not in {r.label for r in rerun_rows}
 
 

@@ -154,6 +154,10 @@ def test_sweep_writes_fresh_records_under_experiments_results_whatever_the_direc
     assert len((folder / "records.jsonl").read_text().splitlines()) == len(again) == len(recs)
     assert (folder / "table.md").read_text().strip() == sweep.table("copy", again)
     assert sweep.tables(str(out)) == sweep.readme_block("copy", again)  # the regenerator reads the same records
+    # a partial run replaces only the (row, seed) pairs it runs
+    one = sweep.run_sweep("copy", "tiny", seeds=(1,), baselines_only=True, out=str(out))
+    assert sorted({(r["row"], r["seed"]) for r in one}) == sorted({(r["row"], r["seed"]) for r in again}
+                                                                   | {(b, 1) for b in ("chance", "majority", "copy_last", "bigram")})
     with pytest.raises(ValueError, match="names no row"):
         sweep.run_sweep("copy", "tiny", only=("nope",), out=str(out))
 
