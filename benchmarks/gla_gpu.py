@@ -7,7 +7,9 @@ B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, chunk 64; forward and forward+backw
 gradients of q, k, v and the decays). Every kernel has two Pallas rows: "Pallas" differentiates through the
 Pallas backward kernels (``pallas_kernels/*/backward.py``), "Pallas, XLA bwd" through the XLA chunked form
 (``backward="xla"``, what ``impl="auto"`` asks for where ``seqjax._platform.AUTO_BACKWARD`` says so; its
-fwd+bwd is XLA's). Per-head decay
+fwd+bwd is XLA's). The per-head forward has two GPU lowerings, both measured: "Pallas (Triton)" and "Pallas
+(Mosaic GPU)" (``backend="mosaic_gpu"``, ``pallas_kernels/gla_chunk/mosaic_gpu.py``; its backward kernels are
+Triton's); "Pallas, XLA bwd" takes the default lowering (Mosaic GPU under jax >= 0.11, Triton below). Per-head decay
 (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``), per-channel decay (GLA: ``fla.ops.gla``) and the mLSTM
 (stabilised exponential gating, ``pallas_kernels/mlstm_chunk``; fla has no mLSTM). The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
@@ -78,16 +80,21 @@ def main(argv=None):
                  "per channel": jax.nn.log_sigmoid(3 + jax.random.normal(ks[4], (b, t, h, d))) / 16}
         flops = b * h * t * (2 * c * d + 4 * d * d) * 2
         for decay, g in gates.items():
-            forms = {"xla": functools.partial(chunk_gla, chunk_size=c),
-                     "pallas": functools.partial(gla_chunk_pallas, chunk_size=c),
-                     "pallas_xla_bwd": functools.partial(gla_chunk_pallas, chunk_size=c, backward="xla")}
+            pallas = functools.partial(gla_chunk_pallas, chunk_size=c)
+            forms = [("xla", FORMS["xla"], functools.partial(chunk_gla, chunk_size=c))]
+            if decay == "per head":  # both GPU lowerings of the forward, side by side (backward: Triton in both)
+                forms += [("pallas", f"{FORMS['pallas']} ({name})", functools.partial(pallas, backend=backend))
+                          for backend, name in (("triton", "Triton"), ("mosaic_gpu", "Mosaic GPU"))]
+            else:
+                forms += [("pallas", FORMS["pallas"], pallas)]
+            forms += [("pallas_xla_bwd", FORMS["pallas_xla_bwd"], functools.partial(pallas, backward="xla"))]
             fla, ref, targs = torch_reference(_fla(decay == "per channel"), (q, k, v, g),
                                               ("bfloat16", "bfloat16", "bfloat16", "float32"))
             base = None if "xla" in a.forms else False
-            for key, f in forms.items():
+            for key, label, f in forms:
                 if key in a.forms:
                     cells, base = jax_form_cells(f, (q, k, v, g), base, flops, ref)
-                    emit(f"| {t} | {decay} | {FORMS[key]} | {cells} |")
+                    emit(f"| {t} | {decay} | {label} | {cells} |")
             if "fla" in a.forms and isinstance(fla, str):
                 emit(f"| {t} | {decay} | {fla} | | | | | | |")
             elif "fla" in a.forms:
