@@ -199,7 +199,7 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
     meta = {"preset": preset, "command": "python experiments/sweep.py " + " ".join(argv or (name, f"--preset={preset}")),
             "machine": machine(), "date": datetime.date.today().isoformat(), "paper": sweep.claim}
     records = list(kept)
-    with open(path, "w") as f:  # afresh: the kept rows, then this run's
+    with open(path, "w", buffering=1) as f:  # afresh: the kept rows, then this run's, a line at a time
         for r in kept:
             f.write(json.dumps(r) + "\n")
         for seed in seeds:
