@@ -5,7 +5,7 @@ the trivial baselines beside them, and the README's tables rebuilt from the reco
     python experiments/sweep.py parity --preset=paper  # the paper's sizes and step budget (an accelerator)
     python experiments/sweep.py --all                  # every task below, cheapest first
     python experiments/sweep.py tables                 # rebuild every table.md / plot.png from the records
-                                                       #   and print the README's table blocks
+                                                       #   and the README's table blocks (rewritten in place)
     python experiments/sweep.py --list                 # the tasks, their scripts, rows and presets
 
 A task's preset (``cpu`` | ``paper`` | ``tiny``, what the tests run) fully determines training and evaluation:
@@ -398,12 +398,32 @@ def tables(out: str = RESULTS, write: bool = True) -> str:
     return "\n\n".join(blocks)
 
 
+def update_readme(path: str, out: str = RESULTS) -> list[str]:
+    """Replace each ``<!-- table:<task> -->`` … ``<!-- /table:<task> -->`` block of the README at ``path`` with the
+    block the task's records give; returns the tasks whose blocks changed. A task without markers is left out."""
+    with open(path) as f:
+        text = f.read()
+    changed = []
+    for name in SWEEPS:
+        start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+        records = read_records(os.path.join(out, name))
+        if start not in text or not records:
+            continue
+        i, j = text.index(start), text.index(end) + len(end)
+        block = readme_block(name, records)
+        if text[i:j] != block:
+            text, changed = text[:i] + block + text[j:], changed + [name]
+    with open(path, "w") as f:
+        f.write(text)
+    return changed
+
+
 # ----------------------------------------------------------------------------- command line
 
 
 @dataclasses.dataclass
 class Args:
-    task: tyro.conf.Positional[str] = ""  # a task of SWEEPS (--list), or "tables": print every README table from the records
+    task: tyro.conf.Positional[str] = ""  # a task of SWEEPS (--list), or "tables" (rebuild tables, plots, README blocks)
     grid: str = ""  # the same as the positional task
     all: bool = False  # every task, cheapest first
     preset: str = "cpu"  # cpu | paper | tiny
@@ -420,6 +440,9 @@ def main(argv=None):
     task = a.task or a.grid
     if task == "tables":
         print(tables(a.out))
+        readme = os.path.join(os.path.dirname(EXPERIMENTS), "README.md")
+        if a.out == RESULTS and os.path.exists(readme):
+            print(f"README.md: {', '.join(update_readme(readme)) or 'every table already matches its records'}", file=sys.stderr)
         return
     if a.list or not (task or a.all):
         for name, s in SWEEPS.items():
