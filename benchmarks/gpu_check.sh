@@ -52,6 +52,7 @@ if on tests; then
   timeout ${GPU_CHECK_TEST_S:-240} $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
   rc=$?; echo "pytest exit $rc"; tail -30 "$O/kernel_tests.txt"
   [ $rc -eq 0 ] && $PY -c "from seqjax._platform import GPU_TESTED as G; m = {'gla', 'delta', 'mlstm'} - G; print('all kernel tests pass compiled: add', sorted(m), 'to seqjax._platform.GPU_TESTED') if m else None"
+  [ $rc -eq 0 ] && [ -z "$SMOKE" ] && echo "the Mosaic GPU body passed compiled: set MOSAIC_GPU_COMPILED_TESTS_PASS = True in pallas_kernels/gla_chunk/kernel.py"
 fi
 
 if [ -n "$SMOKE" ]; then A=(--ts=64 --b=1 --h=2 --d=32); T=(--data.global_batch=2 --data.seq_len=64 --model.num_layers=2 --model.d_model=96 --steps=2); else A=(); T=(--data.global_batch=32 --steps=5); fi
