@@ -36,6 +36,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+try:  # Mosaic GPU's interpreter: private in jax 0.10
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+except ImportError:  # pragma: no cover - depends on the jax version
+    InterpretGPUParams = None
+
 __all__ = ["forward_mosaic_gpu", "forward_padded", "key_pad"]
 
 _BF16 = jnp.bfloat16
@@ -184,11 +189,7 @@ def forward_mosaic_gpu(q, k, v, bc, seg, p, h0, *, chunk, interpret=None):
 def _interpret_params():
     """Mosaic GPU's own interpreter (TMA copies, barriers and ``wgmma`` simulated on the CPU). jax 0.10 keeps it in
     ``jax._src``; ``None`` where this jax has none."""
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError:  # pragma: no cover - depends on the jax version
-        return None
-    return InterpretGPUParams()
+    return None if InterpretGPUParams is None else InterpretGPUParams()
 
 
 def forward_padded(q, k, v, bc, seg, p, h0, *, chunk, interpret):
