@@ -3,14 +3,15 @@
     python -m pytest -n 2 -m "not slow" --report-log=rl.jsonl     # (pip install pytest-reportlog)
     python .ci/slow_tests.py rl.jsonl [more.jsonl ...] > tests/slow_tests.txt
 
-A test joins the slow tier if it took over THRESHOLD seconds (setup + call + teardown) in the report
-logs (a test no log measured keeps the tier the current tests/slow_tests.txt gives it), or if it is a shared mixer-contract / decode case of a mixer outside REPRESENTATIVE (one or two per
-engine family keep running in the default tier; every mixer still runs under `pytest -m slow`), or a heavy
-parametrization listed in TRIM (the first N cases stay in the default tier), or is listed in ALWAYS.
-Then two rules pull tests back: every test function keeps its fastest case in the default tier (so no
-code path is covered by the slow tier alone) unless even that case took over FUNCTION_LIMIT seconds
-(then the whole function runs in the slow tier; an experiment's two-step run never goes, the issues ask
-for it in CI), and everything in KEEP stays (the notebooks: they must never rot).
+A test joins the slow tier if it took over THRESHOLD seconds (setup + call + teardown) in the report logs (a
+test no log measured keeps the tier the current tests/slow_tests.txt gives it), or if it is a shared mixer-
+contract / decode case of a mixer outside REPRESENTATIVE (one or two per engine family keep running in the
+default tier; every mixer still runs under `pytest -m slow`), or a heavy parametrization listed in TRIM (the
+first N cases stay in the default tier), or is listed in ALWAYS. Then two rules pull tests back: every test
+function keeps its fastest case in the default tier (so no code path is covered by the slow tier alone) unless
+even that case took over FUNCTION_LIMIT seconds (then the whole function runs in the slow tier; an
+experiment's two-step run never goes, the issues ask for it in CI), and everything in KEEP stays (the
+notebooks: they must never rot).
 """
 
 import json
