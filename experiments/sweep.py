@@ -24,7 +24,8 @@ lookup (on ICLL the bigram lookup never predicts the masked ``|``; ICLL also has
 
 ``--models=a,b`` re-runs only those rows (labels or model names) and ``--seeds=...`` only those seeds: the records
 of the (row, seed) pairs run are replaced, all others kept. ``--baselines_only`` recomputes the baseline rows
-alone (no training).
+alone (no training). ``--resume`` continues an interrupted run (each finished (row, seed) run is kept, the rest
+trained), so the whole-day ``--all`` survives a stop: ``python experiments/sweep.py --all --resume``.
 """
 
 from __future__ import annotations
@@ -182,9 +183,12 @@ def baseline_records(sweep: Sweep, preset: str, seed: int, mod) -> list[dict]:
     return recs
 
 
-def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_only=False, out: str = RESULTS, argv=()) -> list[dict]:
+def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_only=False, out: str = RESULTS, argv=(),
+              resume=False) -> list[dict]:
     """Train every row of ``SWEEPS[name]`` for every seed under ``preset`` and write ``out/<name>/``; returns the
-    records. ``only``: labels or models of the rows to re-run (the others' records are kept)."""
+    records. ``only``: labels or models of the rows to re-run (the others' records are kept). ``resume``: keep
+    the (row, seed) runs of ``preset`` that the records show finished (an evaluation at their last step) and
+    train only the others; an interrupted run's unfinished pair starts again."""
     sweep = SWEEPS[name]
     mod = importlib.import_module(sweep.script)
     seeds = tuple(SEEDS[preset] if not seeds else seeds)
@@ -196,6 +200,12 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
     path = os.path.join(folder, "records.jsonl")
     partial = bool(only) or baselines_only
     kept = [r for r in read_records(folder) if _keep(r, rows, seeds, baselines_only)] if partial else []
+    finished = set()
+    if resume:
+        old = [r for r in read_records(folder) if r not in kept]
+        finished = {(r["row"], r["seed"]) for r in old if r.get("model") != "baseline" and r.get("preset") == preset
+                    and r.get("step") == r.get("steps")}
+        kept += [r for r in old if (r.get("row"), r["seed"]) in finished]
     meta = {"preset": preset, "command": "python experiments/sweep.py " + " ".join(argv or (name, f"--preset={preset}")),
             "machine": machine(), "date": datetime.date.today().isoformat(), "paper": sweep.claim}
     records = list(kept)
@@ -208,6 +218,8 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
                 f.write(json.dumps(records[-1]) + "\n")
         for seed in [] if baselines_only else seeds:  # seed-major: a stopped run still has every row
             for row in rows:
+                if (row.label, seed) in finished:
+                    continue
                 cfg = _config(sweep, row, preset, seed, mod)
                 t0 = time.time()
                 for r in run(mod.make_task(cfg), cfg):
@@ -432,6 +444,7 @@ class Args:
     baselines_only: bool = False  # recompute the baseline rows only
     out: str = RESULTS  # the results folder (default: experiments/results, whatever the current directory)
     list: bool = False  # print the tasks
+    resume: bool = False  # after an interruption: keep the finished (row, seed) runs of this preset, train the rest
 
 
 def main(argv=None):
@@ -457,8 +470,8 @@ def main(argv=None):
     for name in names:
         if a.models and not any(r.label in a.models or r.model in a.models for r in SWEEPS[name].rows):
             raise SystemExit(f"error: --models={','.join(a.models)} names no row of {name}: {[r.label for r in SWEEPS[name].rows]}")
-        records = run_sweep(name, a.preset, a.seeds, a.models, a.baselines_only, a.out,
-                            argv=[name] + [x for x in argv if x not in (name, "--all") and not x.startswith("--grid")])
+        records = run_sweep(name, a.preset, a.seeds, a.models, a.baselines_only, a.out, resume=a.resume,
+                            argv=[name] + [x for x in argv if x not in (name, "--all") and not x.startswith(("--grid", "--resume"))])
         print(table(name, records))
 
 

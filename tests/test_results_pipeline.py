@@ -162,6 +162,34 @@ def test_sweep_writes_fresh_records_under_experiments_results_whatever_the_direc
         sweep.run_sweep("copy", "tiny", only=("nope",), out=str(out))
 
 
+def test_resume_keeps_finished_runs_and_retrains_the_interrupted_one(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_run(task, cfg):  # one evaluation at the last step, no training
+        trained.append((cfg.model, cfg.seed))
+        return [{"task": task.name, "model": cfg.model, "seed": cfg.seed, "step": cfg.steps, "split": "test", "acc": 0.5}]
+
+    monkeypatch.setattr(sweep, "run", fake_run)
+    out = str(tmp_path)
+    sweep.run_sweep("copy", "tiny", out=out)
+    assert trained == [("attention", 0), ("mamba", 0)]
+    path = tmp_path / "copy" / "records.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    # interrupted during mamba: its record is from before the last step; attention's run had finished
+    cut = [r for r in recs if r["row"] != "mamba"] + [{**recs[-1], "step": 1, "acc": 0.1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in cut))
+    trained.clear()
+    again = sweep.run_sweep("copy", "tiny", out=out, resume=True)
+    assert trained == [("mamba", 0)]
+    final = {(r["row"], r["step"]): r["acc"] for r in again if r["model"] != "baseline"}
+    assert final == {("attention", 2): 0.5, ("mamba", 2): 0.5}
+    # a finished run of another preset is not a finished run of this one
+    path.write_text("".join(json.dumps({**r, "preset": "cpu"}) + "\n" for r in again))
+    trained.clear()
+    sweep.run_sweep("copy", "tiny", out=out, resume=True)
+    assert trained == [("attention", 0), ("mamba", 0)]
+
+
 @pytest.mark.parametrize("name", list(sweep.SWEEPS))
 def test_readme_table_equals_what_the_records_give(name):
     """The README carries each sweep task's table between ``<!-- table:<task> -->`` markers; it must equal the
