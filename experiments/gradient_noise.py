@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train.noise import gradient_noise
 
 #: the paper's claim (abstract; per-table numbers not reproduced here)
@@ -185,15 +184,9 @@ def main(argv=None) -> list[dict]:
                              test_acc=float(a), trains=bool(a >= cfg.success_acc), final_loss=float(c[-1]),
                              loss_curve=[round(float(v), 4) for v in c]))
         log(f"{name}: acc {np.round(acc, 3).tolist()} ({time.time() - t0:.0f}s)")
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seeds {cfg.seed}–{cfg.seed + cfg.seeds - 1}, preset {cfg.preset}\n\n"
     md = table(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + f"\n\nPaper: {PAPER}.\n")
-    plot(curves, cfg, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + f"\n\nPaper: {PAPER}.\n", lambda png: plot(curves, cfg, png))
     print(header + md)
     return rows
 

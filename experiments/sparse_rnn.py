@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -42,7 +41,7 @@ import numpy as np
 import optax
 
 from seqjax.rnn import cells, rnn
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train import sparsity as sp
 
 #: the thesis's findings (Darji 2021, conclusion and result tables; Reber-grammar classification, 3-layer RNNs of 50)
@@ -294,15 +293,9 @@ def main(argv=None) -> list[dict]:
     rows = []
     for kind in cfg.cells:
         rows += [dict(r, paper=PAPER["graph" if r["kind"] == "graph" else "prune"]) for r in run_cell(kind, cfg, data, meta, log)]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}\n\n"
     md = tables(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

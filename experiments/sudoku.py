@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from flax import nnx
 
 from seqjax.models.rrn import RRN, rrn_loss
 from seqjax.tasks import sudoku
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the paper's number (Palm, Paquet & Winther 2018, §3.1): 17-given puzzles, network trained at 32 steps
 PAPER = "96.6% of 17-given 9x9 puzzles solved at 64 steps"
@@ -186,15 +185,10 @@ def main(argv=None) -> list[dict]:
         log(f"givens {g}: solved " + " ".join(f"t={t}:{solved[t - 1]:.3f}" for t in marks)
             + f" (naked singles {singles:.3f})")
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = (f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps "
               f"of batch {cfg.batch_size}, {cfg.mp_steps} message-passing steps in training\n\n")
     md = table(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(out_dir, rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

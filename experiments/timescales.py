@@ -45,7 +45,7 @@ from seqjax import cli
 from seqjax.analysis import timescales as ts
 from seqjax.models import timescale_rnn as tr
 from seqjax.tasks import IGNORE, timescales
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the paper's claims (Khajehabdollahi et al. 2024, abstract, Figs. 2-4; exact N_max and τ values not reproduced here)
 PAPER = {
@@ -242,12 +242,9 @@ STUDY_PRESETS = {
 
 
 def study(s: Study) -> list[dict]:
-    os.makedirs(s.out_dir, exist_ok=True)
-    path = os.path.join(s.out_dir, "records.jsonl")
     if s.summarise_only:
-        records = [json.loads(line) for line in open(path)]
+        records = [json.loads(line) for line in open(os.path.join(s.out_dir, "records.jsonl"))]
         return _write_summary(records, s.out_dir)
-    open(path, "w").close()
     jobs = []
     for spec in s.runs:
         variant, _, curriculum = spec.partition(":")
@@ -265,17 +262,12 @@ def study(s: Study) -> list[dict]:
             outs = list(ex.map(_study_run, jobs))
     else:
         outs = [_study_run(job) for job in jobs]
-    records = [r for out in outs for r in out]
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return _write_summary(records, s.out_dir)
+    return _write_summary([r for out in outs for r in out], s.out_dir)
 
 
 def _write_summary(records: list[dict], out_dir: str) -> list[dict]:
     table = summarise(records)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
-    plot_study(records, os.path.join(out_dir, "plot.png"))
+    write_results(out_dir, records, table + "\n", lambda png: plot_study(records, png))
     print(table)
     return records
 
