@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from seqjax.tasks.classification import digits_split
 from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train.noise import gradient_noise
 
@@ -64,17 +65,6 @@ PRESETS = {
     "tiny": dict(depth=3, width=8, steps=2, seeds=2, etas=(0.0, 0.3), he_reference=False, log_every=1),
     "paper": dict(steps=10_000, seeds=10, etas=(0.0, 0.01, 0.3, 1.0)),
 }
-
-
-def digits():
-    """sklearn's 8×8 digits, shuffled once (seed 0): 1,437 train, 360 test; pixels in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
-    return x[:1437], y[:1437], x[1437:], y[1437:]
 
 
 def init_mlp(key, sizes, std: float | None):
@@ -173,7 +163,7 @@ def main(argv=None) -> list[dict]:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     meta = {"system": "gradient_noise", "machine": machine(), "date": datetime.date.today().isoformat(), "preset": cfg.preset,
             "command": " ".join(["python experiments/gradient_noise.py", *argv]), "paper": PAPER}
-    data = digits()
+    data = digits_split(flat=True)  # x [n, 64]
     rows, curves = [], {}
     for name, eta, std in conditions(cfg):
         t0 = time.time()

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from seqjax.tasks.classification import digits_split
 from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train.guidance import guidance_loss, pair_layers
 
@@ -71,17 +72,6 @@ PRESETS = {
                  seeds=1, log_every=1),
     "paper": dict(depth=48, width=128, steps=5000, guide_steps=2000, batch_size=256, seeds=5),
 }
-
-
-def digits():
-    """sklearn's 8×8 digits, shuffled once (seed 0): 1,437 train, 360 test; pixels in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
-    return x[:1437], y[:1437], x[1437:], y[1437:]
 
 
 def _dense(key, a, b):
@@ -261,7 +251,7 @@ def main(argv=None) -> list[dict]:
     meta = {"system": "guidance", "machine": machine(), "date": datetime.date.today().isoformat(), "preset": cfg.preset,
             "command": " ".join(["python experiments/guidance.py", *argv]), "paper": PAPER, "kernel": cfg.kernel,
             "weight": cfg.weight, "depth": cfg.depth, "width": cfg.width}
-    data = digits()
+    data = digits_split(flat=True)  # x [n, 64]
     rows, curves = [], {}
     for guide in cfg.guides:
         t0 = time.time()

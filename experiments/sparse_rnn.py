@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from seqjax.rnn import cells, rnn
+from seqjax.tasks.classification import digits_split
 from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train import sparsity as sp
 
@@ -86,17 +87,6 @@ PRESETS = {
                   sparsities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), ws_p=(0.0, 0.05, 0.1, 0.2, 0.5, 1.0),
                   ba_m=(1, 2, 3, 5, 8), er_p=(0.02, 0.05, 0.1, 0.2, 0.4)),
 }
-
-
-def digits():
-    """sklearn's 8×8 digits as 8-step sequences of 8 pixels in [0, 1], shuffled once (seed 0): 1,437 train, 360 test."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.images / 16.0).astype(np.float32), d.target.astype(np.int32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
-    return x[:1437], y[:1437], x[1437:], y[1437:]
 
 
 def init(kind: str, key, hidden: int) -> dict:
@@ -289,7 +279,7 @@ def main(argv=None) -> list[dict]:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     meta = {"system": "sparse_rnn", "seed": cfg.seed, "machine": machine(), "date": datetime.date.today().isoformat(),
             "preset": cfg.preset, "hidden": cfg.hidden, "command": " ".join(["python experiments/sparse_rnn.py", *argv])}
-    data = digits()
+    data = digits_split()  # x [n, 8, 8]: 8 steps of 8 pixels
     rows = []
     for kind in cfg.cells:
         rows += [dict(r, paper=PAPER["graph" if r["kind"] == "graph" else "prune"]) for r in run_cell(kind, cfg, data, meta, log)]
