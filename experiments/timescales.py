@@ -100,6 +100,8 @@ VARIANTS = {
     "gru": dict(cell="gru", optimizer="adam", lr=1e-3, zero_diag=False),
     "lstm": dict(cell="lstm", optimizer="adam", lr=1e-3, zero_diag=False),
 }
+#: a ``study --runs`` entry: ``<variant>:<single|multi>``
+RunSpec = Literal[tuple(f"{v}:{c}" for v in VARIANTS for c in ("single", "multi"))]
 
 
 def optimizer(cfg: Config):
@@ -220,7 +222,7 @@ def run(cfg: Config, *, name: str = "", meta: dict | None = None) -> dict:
 class Study:
     """``timescales.py study``: several runs into one results folder (records.jsonl, table.md, plot.png)."""
 
-    runs: tuple[str, ...] = ("paper:single", "adam_leaky:single", "paper_adam:single", "paper_selfconn:single",
+    runs: tuple[RunSpec, ...] = ("paper:single", "adam_leaky:single", "paper_adam:single", "paper_selfconn:single",
                              "paper:multi", "gru:single", "gru:multi", "lstm:single", "lstm:multi")
     task: Literal["parity", "dms"] = "parity"
     steps: int = 1500
@@ -248,8 +250,6 @@ def study(s: Study) -> list[dict]:
     jobs = []
     for spec in s.runs:
         variant, _, curriculum = spec.partition(":")
-        if variant not in VARIANTS or curriculum not in ("single", "multi"):
-            raise ValueError(f"--runs entries are <variant>:<single|multi> with variant in {sorted(VARIANTS)}, got {spec!r}")
         steps = s.long_steps if spec == "paper:single" else s.steps
         cfg = dataclasses.replace(parse(Config, PRESETS, [f"--preset={s.preset}"]), task=s.task, curriculum=curriculum,
                                   steps=steps, hidden=s.hidden, seq_len=s.seq_len, seed=s.seed, **VARIANTS[variant])
