@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ from flax import nnx
 from seqjax.models.bert4rec import Bert4Rec, GRU4Rec, bce_loss, gather_last, softmax_loss
 from seqjax.tasks import IGNORE
 from seqjax.tasks import recsys as R
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: Sun et al. 2019, Table 2, ML-1m (100 popularity-sampled negatives); the finding: BERT4Rec beats SASRec,
 #: GRU4Rec+ and the other baselines on every metric and dataset
@@ -268,15 +267,9 @@ def main(argv=None) -> list[dict]:
     rows = []
     for kind in cfg.models:
         rows += [dict(meta, **r) for r in train_and_test(kind, data, cfg, log)]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps\n\n"
     md = tables(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

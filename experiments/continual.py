@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ import optax
 
 from seqjax.models import hypernet
 from seqjax.tasks import continual as tasks_lib
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train import continual as cl
 
 METHODS = ("finetune", "ewc", "hnet", "hlop")
@@ -373,16 +372,10 @@ def main(argv=None) -> list[dict]:
                     f"bwt {row['bwt']:+.3f} ({row['seconds']:.0f}s)")
     summary = [dict(meta, **r) for r in summarise(runs)]
     rows = runs + summary
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = (f"`{meta['command']}` — {meta['machine']}, seeds {list(cfg.seeds)}, preset {cfg.preset}, "
               f"{cfg.steps} Adam steps per task, MLP {cfg.hidden}-{cfg.hidden}\n\n")
     md = tables(summary)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(runs, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(runs, png))
     print(header + md)
     return rows
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 from typing import Literal
@@ -35,7 +34,7 @@ from flax import nnx
 
 from seqjax.analysis import matching as MA
 from seqjax.tasks import IGNORE, masked_accuracy, state_tracking
-from seqjax.tasks.runner import RNN_MODELS, RunConfig, TaskSpec, build_model, machine, parse, run
+from seqjax.tasks.runner import RNN_MODELS, RunConfig, TaskSpec, build_model, machine, parse, run, write_results
 
 #: Li et al. 2016 (abstract, §3): a subset of units is learned reliably by every net (near-perfect one-to-one
 #: matches) while others are not; alignment is best in the first layer; sparse (few-to-one) maps explain more.
@@ -134,15 +133,9 @@ def main(argv=None) -> list[dict]:
                 for r in compare(acts[i], acts[j], mask, cfg):
                     rows.append(dict(meta, kind="pair", state=state, seed_a=cfg.seed + i, seed_b=cfg.seed + j,
                                      acc_a=accs[i], acc_b=accs[j], **r))
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     md = table(rows, cfg, accs)
     header = f"`{meta['command']}` — {meta['machine']}, seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, preset {cfg.preset}\n\n"
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from flax import nnx
 
 from seqjax.models.convssm import BACKBONES, FramePredictor, ssim
 from seqjax.tasks.moving_digits import moving_digits
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the paper's claims (abstract and README of NVlabs/ConvSSM); its per-metric Table 1 values are not reproduced here
 PAPER = ("ConvS5 significantly outperforms ConvLSTM and Transformers on long-horizon Moving-MNIST (train on 300 frames, "
@@ -229,16 +228,11 @@ def main(argv=None) -> list[dict]:
         train, ev = train_and_eval(backbone, cfg, test, log)
         rows += [dict(meta, **train), dict(meta, **ev)]
     rows += [dict(meta, **r) for r in baselines(cfg, test)]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = (f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps, "
               f"d_model {cfg.d_model}, P {cfg.ssm_size}, {cfg.num_layers} layers\n\n")
     md = tables(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + f"\n\nPaper: {PAPER} ({PAPER_SETUP}); its per-metric table is not reproduced here.\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    paper = f"\n\nPaper: {PAPER} ({PAPER_SETUP}); its per-metric table is not reproduced here.\n"
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + paper, lambda png: plot(rows, png))
     print(header + md)
     return rows
 

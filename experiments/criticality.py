@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.analysis import criticality as CR
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the book's claims (ch. 5 and §2.4/§4.6; kurtosis slope derived here to first order in L/n)
 CLAIM = {
@@ -228,15 +227,9 @@ def main(argv=None) -> list[dict]:
         got = part(cfg)
         log(f"{part.__name__}: {len(got)} rows")
         rows += [dict(meta, **r) for r in got]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}\n\n"
     md = tables(rows)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

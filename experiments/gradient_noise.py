@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -31,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.classification import digits_split
+from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train.noise import gradient_noise
 
 #: the paper's claim (abstract; per-table numbers not reproduced here)
@@ -65,17 +65,6 @@ PRESETS = {
     "tiny": dict(depth=3, width=8, steps=2, seeds=2, etas=(0.0, 0.3), he_reference=False, log_every=1),
     "paper": dict(steps=10_000, seeds=10, etas=(0.0, 0.01, 0.3, 1.0)),
 }
-
-
-def digits():
-    """sklearn's 8×8 digits, shuffled once (seed 0): 1,437 train, 360 test; pixels in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
-    return x[:1437], y[:1437], x[1437:], y[1437:]
 
 
 def init_mlp(key, sizes, std: float | None):
@@ -174,7 +163,7 @@ def main(argv=None) -> list[dict]:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     meta = {"system": "gradient_noise", "machine": machine(), "date": datetime.date.today().isoformat(), "preset": cfg.preset,
             "command": " ".join(["python experiments/gradient_noise.py", *argv]), "paper": PAPER}
-    data = digits()
+    data = digits_split(flat=True)  # x [n, 64]
     rows, curves = [], {}
     for name, eta, std in conditions(cfg):
         t0 = time.time()
@@ -185,15 +174,9 @@ def main(argv=None) -> list[dict]:
                              test_acc=float(a), trains=bool(a >= cfg.success_acc), final_loss=float(c[-1]),
                              loss_curve=[round(float(v), 4) for v in c]))
         log(f"{name}: acc {np.round(acc, 3).tolist()} ({time.time() - t0:.0f}s)")
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seeds {cfg.seed}–{cfg.seed + cfg.seeds - 1}, preset {cfg.preset}\n\n"
     md = table(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + f"\n\nPaper: {PAPER}.\n")
-    plot(curves, cfg, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + f"\n\nPaper: {PAPER}.\n", lambda png: plot(curves, cfg, png))
     print(header + md)
     return rows
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ import numpy as np
 
 from seqjax.analysis import dynamics as measures
 from seqjax.tasks import dynamics
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train import gtf
 
 #: the paper's claim (Hess et al. 2023, abstract) and the reconstruction targets of the project's paper notes
@@ -226,16 +225,10 @@ def main(argv=None) -> list[dict]:
     model_rows, gens = run_methods(data, cfg, log)
     rows += [dict(meta, **r) for r in model_rows]
     rows += [dict(meta, **r) for r in baselines(data, cfg)]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = (f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps, "
               f"hidden {cfg.hidden}, {cfg.n_train} training steps with {cfg.noise:g} noise\n\n")
     md = tables(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(data.test, gens, os.path.join(out_dir, "plot.png"), cfg)
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(data.test, gens, png, cfg))
     print(header + md)
     return rows
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -33,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.classification import digits_split
+from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train.guidance import guidance_loss, pair_layers
 
 #: the paper's numbers (Subramaniam et al. 2024; mean of 5 seeds, from a secondary summary)
@@ -72,17 +72,6 @@ PRESETS = {
                  seeds=1, log_every=1),
     "paper": dict(depth=48, width=128, steps=5000, guide_steps=2000, batch_size=256, seeds=5),
 }
-
-
-def digits():
-    """sklearn's 8×8 digits, shuffled once (seed 0): 1,437 train, 360 test; pixels in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
-    return x[:1437], y[:1437], x[1437:], y[1437:]
 
 
 def _dense(key, a, b):
@@ -262,7 +251,7 @@ def main(argv=None) -> list[dict]:
     meta = {"system": "guidance", "machine": machine(), "date": datetime.date.today().isoformat(), "preset": cfg.preset,
             "command": " ".join(["python experiments/guidance.py", *argv]), "paper": PAPER, "kernel": cfg.kernel,
             "weight": cfg.weight, "depth": cfg.depth, "width": cfg.width}
-    data = digits()
+    data = digits_split(flat=True)  # x [n, 64]
     rows, curves = [], {}
     for guide in cfg.guides:
         t0 = time.time()
@@ -274,15 +263,9 @@ def main(argv=None) -> list[dict]:
                              guide_acc=None if gacc is None else float(gacc[s]), final_task_loss=float(task[s, -1]),
                              final_guidance_loss=float(cka_terms[s, -1])))
         log(f"guide {guide}: target test acc {np.round(test, 3).tolist()} ({time.time() - t0:.0f}s)")
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seeds {cfg.seed}–{cfg.seed + cfg.seeds - 1}, preset {cfg.preset}\n\n"
     md = table(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + f"\n\nPaper: {PAPER}.\n")
-    plot(curves, cfg, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + f"\n\nPaper: {PAPER}.\n", lambda png: plot(curves, cfg, png))
     print(header + md)
     return rows
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 
@@ -36,7 +35,7 @@ import optax
 
 from seqjax.analysis import interaction as IB
 from seqjax.tasks import classification
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: Bushnaq et al. 2024 (LIB paper abstract): on modular addition and CIFAR-10 MLPs, LIB finds more computationally
 #: relevant, more sparsely interacting features than PCA; modules are unreliable in language models
@@ -164,15 +163,9 @@ def main(argv=None) -> list[dict]:
             if r <= b.rank:
                 rows.append(dict(meta, kind="relevance", basis=name, layer=cfg.probe_layer, r=r, majority=majority,
                                  acc=accuracy(params, data["x_test"], data["y_test"], cfg.probe_layer, b, r)))
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}\n\n"
     md = table(rows, cfg, acc, majority)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ from flax import nnx
 from seqjax.models.lcm import AGGREGATORS, SetModel, associativity_gap, fold, gru_op, symmetrise, tree_reduce
 from seqjax.rnn import cells
 from seqjax.tasks import multisets
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the paper's finding (Ong & Veličković 2022, abstract and §5; its per-task numbers are not reproduced here)
 PAPER = ("recurrent aggregators match the best permutation-invariant ones and LCM (O(log n) depth) is "
@@ -217,15 +216,9 @@ def main(argv=None) -> list[dict]:
             rows += [dict(meta, **r) for r in train_and_test(task, agg, cfg, log)]
     if cfg.timing_n:
         rows += [dict(meta, **r) for r in timing(cfg)]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps\n\n"
     md = tables(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

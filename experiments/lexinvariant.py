@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.tasks import TaskBatch, cipher
-from seqjax.tasks.runner import RunConfig, TaskSpec, machine, parse, run
+from seqjax.tasks.runner import RunConfig, TaskSpec, machine, parse, run, write_results
 from seqjax.train.data import stdlib_files
 
 #: Huang et al. 2023 (§4–5): character-level Pile perplexity gap 9× → < 1× after 512 tokens; Bayesian in-context
@@ -178,15 +177,9 @@ def main(argv=None) -> list[dict]:
         for lo, hi, acc in probe(hidden_states(lm, probe_enc, key), probe_plain, cfg.bins, cfg.seed):
             out_rows.append(dict(meta, kind="decipher", embedding=emb, lo=lo, hi=hi, acc=acc, majority=majority,
                                  claim=CLAIM["decipher"]))
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in out_rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}\n\n"
     md = table(out_rows, cfg, unigram_ppl, majority)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(out_rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), out_rows, header + md + "\n", lambda png: plot(out_rows, png))
     print(header + md)
     return out_rows
 

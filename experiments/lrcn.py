@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ from flax import nnx
 
 from seqjax.models.lrcn import LRCN
 from seqjax.tasks.moving_digits import moving_digits
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the paper's number (Donahue et al., TPAMI version, Table 1: UCF-101 split 1, RGB input) and claim
 PAPER = {"lrcn": 71.1, "single_frame": 69.0,
@@ -212,15 +211,9 @@ def main(argv=None) -> list[dict]:
     for name in cfg.models:
         rows += [dict(meta, **r) for r in train_and_test(name, cfg, test, log)]
     rows += [dict(meta, **r) for r in baselines(cfg, test)]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps\n\n"
     md = tables(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

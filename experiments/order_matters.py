@@ -48,7 +48,7 @@ from pointer import machine, size_buckets  # experiments/pointer.py, beside this
 from seqjax.models.order_matters import ReadProcessWrite, order_search_loss, per_example_nll
 from seqjax.models.pointer import IGNORE, PointerNet, sequence_nll
 from seqjax.tasks import sorting
-from seqjax.tasks.runner import parse
+from seqjax.tasks.runner import parse, write_results
 
 SEARCH_ORDERS = ("natural", "reverse", "fixed")
 
@@ -347,8 +347,6 @@ def main(argv=None) -> list[dict]:
     sorting.sort_sets(1, tuple(cfg.train_n))  # bad sizes fail here, with the generator's message
     for n in cfg.test_n:
         sorting.sort_sets(1, n)
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
     log = lambda s: print(s, file=sys.stderr, flush=True)
     meta = {"system": "order_matters", "seed": cfg.seed, "machine": machine(), "date": datetime.date.today().isoformat(),
             "train_range": f"n={cfg.train_n[0]}–{cfg.train_n[1]}", "steps": cfg.steps, "hidden": cfg.hidden,
@@ -376,16 +374,12 @@ def main(argv=None) -> list[dict]:
     rows += [dict(meta, paper="", **dict(r, train_range="—")) for r in baselines(cfg)]
     claim_rows = claims(rows, cfg)
     rows += [dict(meta, kind="claim", **c) for c in claim_rows]
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     commands = list(dict.fromkeys(r["command"] for r in rows if r["kind"] == "test"))
     header = (" + ".join(f"`{c}`" for c in commands or [meta["command"]]) + f" — {meta['machine']}, seed {cfg.seed}, "
               f"preset {cfg.preset}, {cfg.steps} steps, LSTM {cfg.hidden}, trained on n={cfg.train_n[0]}–{cfg.train_n[1]}; "
               "exact-sequence accuracy, greedy\n\n")
     md = table(rows, cfg, claim_rows)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

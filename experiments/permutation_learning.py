@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 from typing import Literal
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.analysis import permutation as PE
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: models needed for 90 % exact two-hot test inputs, opallab/permlearn results/experiment_1/<k>/0 (one trial)
 PAPER = {2: 1, 3: 2, 4: 10, 5: 43, 10: 69, 15: 103, 20: 117, 25: 157, 30: 175}
@@ -157,16 +156,10 @@ def main(argv=None) -> list[dict]:
     meta = {"system": "permutation_learning", "seed": cfg.seed, "machine": machine(), "date": datetime.date.today().isoformat(),
             "preset": cfg.preset, "command": " ".join(["python experiments/permutation_learning.py", *argv])}
     rows = [dict(meta, **run_k(k, cfg, log)) for k in cfg.ks]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}) + "\n"
-                     for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}\n\n"
     md = table(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    records = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    write_results(os.path.join(cfg.out, cfg.name), records, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

@@ -37,7 +37,7 @@ from flax import nnx
 from seqjax.models.pointer import IGNORE, PointerNet, sequence_nll
 from seqjax.rnn import Seq2Seq
 from seqjax.tasks import geometry
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 MODELS = ("ptr", "s2s_att", "s2s")
 
@@ -303,8 +303,6 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("error: --models for delaunay is ptr only (the seq2seq baselines have no end token)")
     if not 1 <= len(cfg.train_n) <= 2:
         raise SystemExit(f"error: --train_n must be one size or lo,hi, got {cfg.train_n}")
-    out_dir = os.path.join(cfg.out, cfg.name or f"pointer_{cfg.task}")
-    os.makedirs(out_dir, exist_ok=True)
     log = lambda s: print(s, file=sys.stderr, flush=True)
     t0 = time.time()
     data = generate(cfg.task, cfg.train_size, cfg.train_n, cfg.seed)
@@ -324,13 +322,9 @@ def main(argv=None) -> list[dict]:
             log(json.dumps({k: v for k, v in r.items()}))
     if cfg.task == "tsp":
         rows += [dict(meta, kind="test", paper=PAPER.get(("tsp", r["n"]), ""), **r) for r in trivial_tours(tests, cfg.seed)]
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     md = table(rows, cfg.task)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps\n\n"
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, cfg.task, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name or f"pointer_{cfg.task}"), rows, header + md + "\n", lambda png: plot(rows, cfg.task, png))
     print(header + md)
     return rows
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ import numpy as np
 import optax
 
 from seqjax.models import pvrnn as P
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the paper's finding (Ahmadi & Tani 2019, abstract); its numbers are not reproduced here
 PAPER = ("high w: deterministic chaos imitating the randomness; low w: a random process; intermediate w "
@@ -198,10 +197,6 @@ def main(argv=None) -> list[dict]:
                          **er_prediction(cfg, tree, w, x_test), **baselines))
     best = min(rows, key=lambda r: r["transition_kl"])["w"] if rows else None
     met = len(cfg.ws) >= 3 and best not in (min(cfg.ws), max(cfg.ws))
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     lines = [f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps", "",
              f"Paper: {PAPER}.", "",
              "| w | train rec | w·KL | transition KL (gen) | uniform KL | distance to skeleton |", "|---|---|---|---|---|---|"]
@@ -218,9 +213,7 @@ def main(argv=None) -> list[dict]:
                   f"| {r['zero_mse']:.4f} |" for r in rows]
         lines += ["", f"Best prediction at w = {best_er:g}: intermediate w best — {'met' if met_er else 'missed'}."]
     md = "\n".join(lines)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(md + "\n")
-    plot(gens, cfg, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, md + "\n", lambda png: plot(gens, cfg, png))
     print(md)
     return rows
 

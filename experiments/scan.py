@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ from seqjax.models.encdec import EncoderDecoder
 from seqjax.rnn import Seq2Seq
 from seqjax.tasks import IGNORE
 from seqjax.tasks import scan as scan_task
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 MODELS = ("lstm", "lstm_att", "gru", "gru_att", "transformer", "hybrid")
 FIT = 0.9  # train exact match from which a model counts as having learnt its training set
@@ -268,17 +267,10 @@ def main(argv=None) -> list[dict]:
             "d_model": cfg.d_model, "layers": cfg.layers, "mixer": cfg.mixer,
             "command": " ".join(["python experiments/scan.py", *argv])}
     out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
     header = (f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}: {cfg.steps} steps of "
               f"batch {cfg.batch_size} on {'all' if not cfg.train_size else f'at most {cfg.train_size}'} training commands "
               f"per split; test exact match (greedy), train exact match on {cfg.train_eval_size} training commands in "
               f"brackets\n\n")
-
-    def write(rows):  # after every model, so a long run leaves its finished rows behind
-        with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        with open(os.path.join(out_dir, "table.md"), "w") as f:
-            f.write(header + table(rows, cfg) + "\n")
 
     rows = []
     for s in cfg.splits:
@@ -302,9 +294,8 @@ def main(argv=None) -> list[dict]:
             r.update(exact=exact(model, test, cfg), train_exact=exact(model, fit, cfg), eval_seconds=round(time.time() - t0, 1))
             rows.append(dict(meta, kind="test", model=name, **info, **r))
             log(f"  {name} {s}: test exact {r['exact']:.3f}, train exact {r['train_exact']:.3f}")
-            write(rows)
-    write(rows)
-    plot(rows, os.path.join(out_dir, "plot.png"))
+            write_results(out_dir, rows, header + table(rows, cfg) + "\n")  # after every model: a long run leaves its finished rows
+    write_results(out_dir, rows, header + table(rows, cfg) + "\n", lambda png: plot(rows, png))
     print(header + table(rows, cfg))
     return rows
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from flax import nnx
 
 from seqjax.models.mossformer import BLOCKS, MossFormer2
 from seqjax.tasks import separation as sep
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: WSJ0-2mix SI-SNRi (dB) from the paper: MossFormer2 beside MossFormer(L); the gain is the recurrent module's
 PAPER = {"mossformer2": 24.1, "mossformer": 22.8}
@@ -158,14 +157,8 @@ def main(argv=None) -> list[dict]:
             "si_snr": float(np.mean(np.asarray(sep.pit_si_snr(mix_est, held.sources)[0]))), "train_loss": None,
             "seconds": 0.0, "paper_si_snri": 0.0, "curve": []}
     rows = [dict(meta, **base)] + [dict(meta, **train_and_test(cfg, m, length, held, log)) for m in cfg.models]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     md = table(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, md + "\n", lambda png: plot(rows, png))
     print(md)
     return rows
 

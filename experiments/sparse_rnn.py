@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -42,7 +41,8 @@ import numpy as np
 import optax
 
 from seqjax.rnn import cells, rnn
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.classification import digits_split
+from seqjax.tasks.runner import machine, parse, write_results
 from seqjax.train import sparsity as sp
 
 #: the thesis's findings (Darji 2021, conclusion and result tables; Reber-grammar classification, 3-layer RNNs of 50)
@@ -87,17 +87,6 @@ PRESETS = {
                   sparsities=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99), ws_p=(0.0, 0.05, 0.1, 0.2, 0.5, 1.0),
                   ba_m=(1, 2, 3, 5, 8), er_p=(0.02, 0.05, 0.1, 0.2, 0.4)),
 }
-
-
-def digits():
-    """sklearn's 8×8 digits as 8-step sequences of 8 pixels in [0, 1], shuffled once (seed 0): 1,437 train, 360 test."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.images / 16.0).astype(np.float32), d.target.astype(np.int32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
-    return x[:1437], y[:1437], x[1437:], y[1437:]
 
 
 def init(kind: str, key, hidden: int) -> dict:
@@ -290,19 +279,13 @@ def main(argv=None) -> list[dict]:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     meta = {"system": "sparse_rnn", "seed": cfg.seed, "machine": machine(), "date": datetime.date.today().isoformat(),
             "preset": cfg.preset, "hidden": cfg.hidden, "command": " ".join(["python experiments/sparse_rnn.py", *argv])}
-    data = digits()
+    data = digits_split()  # x [n, 8, 8]: 8 steps of 8 pixels
     rows = []
     for kind in cfg.cells:
         rows += [dict(r, paper=PAPER["graph" if r["kind"] == "graph" else "prune"]) for r in run_cell(kind, cfg, data, meta, log)]
-    out_dir = os.path.join(cfg.out, cfg.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}\n\n"
     md = tables(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(os.path.join(cfg.out, cfg.name), rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

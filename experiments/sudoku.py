@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
+from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +38,7 @@ from flax import nnx
 
 from seqjax.models.rrn import RRN, rrn_loss
 from seqjax.tasks import sudoku
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the paper's number (Palm, Paquet & Winther 2018, §3.1): 17-given puzzles, network trained at 32 steps
 PAPER = "96.6% of 17-given 9x9 puzzles solved at 64 steps"
@@ -48,7 +48,7 @@ TARGETS = {4: ((4, 6), None, 1.0), 9: ((30, 36), 32, 0.9)}
 
 @dataclasses.dataclass
 class Config:
-    size: int = 4  # 4 (Shidoku), 6 (2x3 boxes) or 9
+    size: Literal[4, 6, 9] = 4  # 4 (Shidoku), 6 (2x3 boxes) or 9
     train_givens: tuple[int, ...] = (4, 10)  # lo,hi: the pool has lo givens; batches reveal up to a draw in [lo, hi]
     test_givens: tuple[int, ...] = (4, 5, 6)
     pool: int = 2000  # training puzzles generated (each batch relabels their digits)
@@ -123,7 +123,6 @@ def checkpoints(t: int) -> list[int]:
 def main(argv=None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse(Config, PRESETS, argv)
-    sudoku.check_size(cfg.size)
     if len(cfg.train_givens) != 2 or not cfg.train_givens[0] <= cfg.train_givens[1]:
         raise SystemExit(f"error: --train_givens must be lo,hi with lo <= hi, got {cfg.train_givens}")
     log = lambda s: print(s, file=sys.stderr, flush=True)
@@ -186,15 +185,10 @@ def main(argv=None) -> list[dict]:
         log(f"givens {g}: solved " + " ".join(f"t={t}:{solved[t - 1]:.3f}" for t in marks)
             + f" (naked singles {singles:.3f})")
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     header = (f"`{meta['command']}` — {meta['machine']}, seed {cfg.seed}, preset {cfg.preset}, {cfg.steps} steps "
               f"of batch {cfg.batch_size}, {cfg.mp_steps} message-passing steps in training\n\n")
     md = table(rows, cfg)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(header + md + "\n")
-    plot(rows, os.path.join(out_dir, "plot.png"))
+    write_results(out_dir, rows, header + md + "\n", lambda png: plot(rows, png))
     print(header + md)
     return rows
 

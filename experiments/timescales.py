@@ -45,7 +45,7 @@ from seqjax import cli
 from seqjax.analysis import timescales as ts
 from seqjax.models import timescale_rnn as tr
 from seqjax.tasks import IGNORE, timescales
-from seqjax.tasks.runner import machine, parse
+from seqjax.tasks.runner import machine, parse, write_results
 
 #: the paper's claims (Khajehabdollahi et al. 2024, abstract, Figs. 2-4; exact N_max and τ values not reproduced here)
 PAPER = {
@@ -100,6 +100,8 @@ VARIANTS = {
     "gru": dict(cell="gru", optimizer="adam", lr=1e-3, zero_diag=False),
     "lstm": dict(cell="lstm", optimizer="adam", lr=1e-3, zero_diag=False),
 }
+#: a ``study --runs`` entry: ``<variant>:<single|multi>``
+RunSpec = Literal[tuple(f"{v}:{c}" for v in VARIANTS for c in ("single", "multi"))]
 
 
 def optimizer(cfg: Config):
@@ -220,7 +222,7 @@ def run(cfg: Config, *, name: str = "", meta: dict | None = None) -> dict:
 class Study:
     """``timescales.py study``: several runs into one results folder (records.jsonl, table.md, plot.png)."""
 
-    runs: tuple[str, ...] = ("paper:single", "adam_leaky:single", "paper_adam:single", "paper_selfconn:single",
+    runs: tuple[RunSpec, ...] = ("paper:single", "adam_leaky:single", "paper_adam:single", "paper_selfconn:single",
                              "paper:multi", "gru:single", "gru:multi", "lstm:single", "lstm:multi")
     task: Literal["parity", "dms"] = "parity"
     steps: int = 1500
@@ -242,17 +244,12 @@ STUDY_PRESETS = {
 
 
 def study(s: Study) -> list[dict]:
-    os.makedirs(s.out_dir, exist_ok=True)
-    path = os.path.join(s.out_dir, "records.jsonl")
     if s.summarise_only:
-        records = [json.loads(line) for line in open(path)]
+        records = [json.loads(line) for line in open(os.path.join(s.out_dir, "records.jsonl"))]
         return _write_summary(records, s.out_dir)
-    open(path, "w").close()
     jobs = []
     for spec in s.runs:
         variant, _, curriculum = spec.partition(":")
-        if variant not in VARIANTS or curriculum not in ("single", "multi"):
-            raise ValueError(f"--runs entries are <variant>:<single|multi> with variant in {sorted(VARIANTS)}, got {spec!r}")
         steps = s.long_steps if spec == "paper:single" else s.steps
         cfg = dataclasses.replace(parse(Config, PRESETS, [f"--preset={s.preset}"]), task=s.task, curriculum=curriculum,
                                   steps=steps, hidden=s.hidden, seq_len=s.seq_len, seed=s.seed, **VARIANTS[variant])
@@ -265,17 +262,12 @@ def study(s: Study) -> list[dict]:
             outs = list(ex.map(_study_run, jobs))
     else:
         outs = [_study_run(job) for job in jobs]
-    records = [r for out in outs for r in out]
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return _write_summary(records, s.out_dir)
+    return _write_summary([r for out in outs for r in out], s.out_dir)
 
 
 def _write_summary(records: list[dict], out_dir: str) -> list[dict]:
     table = summarise(records)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
-    plot_study(records, os.path.join(out_dir, "plot.png"))
+    write_results(out_dir, records, table + "\n", lambda png: plot_study(records, png))
     print(table)
     return records
 

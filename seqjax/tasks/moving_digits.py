@@ -23,9 +23,9 @@ Train and test clips draw from disjoint source images (sklearn indices below / f
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from seqjax.tasks.classification import digit_images
 
 __all__ = [
     "DIRECTIONS_8", "DIRECTIONS_4", "SPLITS", "TEST_FROM", "moving_digits", "caption_vocab", "decode_caption",
@@ -58,15 +58,6 @@ def decode_caption(ids, vocab) -> str:
         if vocab[i] not in SPECIALS:
             words.append(vocab[i])
     return " ".join(words)
-
-
-@functools.lru_cache(maxsize=1)
-def _sklearn_digits():
-    """``(images [1797, 8, 8] float32 in [0, 1], targets [1797] int32)``, read once per process."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return (data.images / 16.0).astype(np.float32), data.target.astype(np.int32)
 
 
 def _reflect(p, v, hi):
@@ -117,7 +108,7 @@ def moving_digits(n_clips: int, n_frames: int, *, size: int = 32, n_digits: int 
     if n_digits not in (1, 2):
         raise ValueError(f"n_digits must be 1 or 2, got {n_digits}")
 
-    images, targets = _sklearn_digits()
+    images, targets = digit_images()
     pool = np.arange(TEST_FROM) if split == "train" else np.arange(TEST_FROM, len(images))
     k = digit_size // 8
     names = list(DIRECTIONS_8 if n_directions == 8 else DIRECTIONS_4)

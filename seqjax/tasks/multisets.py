@@ -20,6 +20,8 @@ import dataclasses
 
 import numpy as np
 
+from seqjax._checks import check_choice
+
 __all__ = ["SetBatch", "TASKS", "multiset", "label"]
 
 TASKS = ("second_minimum", "count_parity", "product")
@@ -39,14 +41,13 @@ class SetBatch:
 
 def label(task: str, elements, values: int) -> int:
     """The label of one multiset ``elements`` (a 1-D int sequence) for ``task``."""
+    check_choice("task", task, TASKS)
     x = sorted(int(v) for v in elements)
     if task == "second_minimum":
         return x[1]
     if task == "count_parity":
         return sum(v % 2 for v in x) % 2
-    if task == "product":
-        return int(np.prod(np.array(x, dtype=object)) % values)
-    raise ValueError(f"task={task!r} is not one of {TASKS}")
+    return int(np.prod(np.array(x, dtype=object)) % values)  # product
 
 
 def _is_prime(p: int) -> bool:
@@ -55,8 +56,7 @@ def _is_prime(p: int) -> bool:
 
 def multiset(task: str, num: int, n=(2, 16), *, values: int = 10, seed: int = 0) -> SetBatch:
     """``num`` random multisets and their ``task`` labels (see the module docstring)."""
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is not one of {TASKS}")
+    check_choice("task", task, TASKS)
     lo, hi = (n, n) if np.isscalar(n) else tuple(n)
     least = 2 if task == "second_minimum" else 1
     if not least <= lo <= hi:

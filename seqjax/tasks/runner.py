@@ -211,6 +211,34 @@ def _progress(total, enabled, desc):
     return tqdm(total=total, disable=not enabled, desc=desc, file=sys.stderr, mininterval=2.0)
 
 
+# ----------------------------------------------------------------------------- results
+
+
+def write_results(out: str, records: list[dict], table_md: str, plot: Callable[[str], object] | None = None) -> dict[str, str]:
+    """Write one run's results afresh (nothing appended across runs): ``records`` as JSON lines, ``table_md`` as
+    given, and the figure by calling ``plot(png_path)`` (matplotlib stays in the caller).
+
+    ``out`` is a folder, written as ``<out>/{records.jsonl, table.md, plot.png}``, or a ``<stem>.jsonl`` file,
+    written as ``<stem>.{jsonl, md, png}``. Returns the paths written: ``{"records", "table"[, "plot"]}``.
+    """
+    if out.endswith(".jsonl"):
+        stem = out[: -len(".jsonl")]
+        paths = {"records": out, "table": stem + ".md", "plot": stem + ".png"}
+    else:
+        paths = {"records": os.path.join(out, "records.jsonl"), "table": os.path.join(out, "table.md"),
+                 "plot": os.path.join(out, "plot.png")}
+    os.makedirs(os.path.dirname(os.path.abspath(paths["records"])), exist_ok=True)
+    with open(paths["records"], "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(paths["table"], "w") as f:
+        f.write(table_md)
+    if plot is None:
+        del paths["plot"]
+    else:
+        plot(paths["plot"])
+    return paths
+
+
 # ----------------------------------------------------------------------------- command line
 
 

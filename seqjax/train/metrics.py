@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -135,16 +136,18 @@ class Throughput:
 
     Steps are dispatched asynchronously, so the first tick after a (re)start measures only a dispatch, not
     a step: it starts the clock and is not averaged (averaged, it would put the bar's MFU far above 100% for
-    the first steps).
+    the first steps). ``clock``: seconds as a float (tests pass their own ticks).
     """
 
-    def __init__(self, tokens_per_step: int, flops_per_step: float, num_devices: int, peak: float | None, decay=0.9):
+    def __init__(self, tokens_per_step: int, flops_per_step: float, num_devices: int, peak: float | None, decay=0.9,
+                 clock: Callable[[], float] = time.perf_counter):
         self.tokens, self.flops, self.devices, self.peak, self.decay = tokens_per_step, flops_per_step, num_devices, peak, decay
+        self.clock = clock
         self.avg = None
         self.last = None
 
     def tick(self, n_steps: int = 1):
-        now = time.perf_counter()
+        now = self.clock()
         if self.last is not None:
             dt = (now - self.last) / max(n_steps, 1)
             self.avg = dt if self.avg is None else self.decay * self.avg + (1 - self.decay) * dt
