@@ -73,6 +73,8 @@ class Config(RunConfig):
     probe_every: int = 64
     mitigation: tuple[Mitigation, ...] = ("forget", "decay_cap", "state_norm", "window")
     forget_shift: float = 1.0
+    warm_len: int = 0  # with warm_steps: first train at this shorter length, then `steps` at train_len
+    warm_steps: int = 0  #   (the paper's continual pre-training on longer sequences)
 
 
 PRESETS = {
@@ -99,7 +101,8 @@ def build(cfg: Config, d_state: int):
 
 
 def train(lm, cfg: Config, log) -> list[dict]:
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.01)
+    total = cfg.warm_steps + cfg.steps
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup), max(total, cfg.warmup + 1), cfg.lr * 0.01)
     opt = nnx.Optimizer(lm, optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(sched, weight_decay=cfg.weight_decay)),
                         wrt=nnx.Param)
 
@@ -110,16 +113,18 @@ def train(lm, cfg: Config, log) -> list[dict]:
         return loss
 
     held = passkey.passkey(64, cfg.train_len, seed=10_000 + cfg.seed)
+    total = cfg.warm_steps + cfg.steps
     records = []
-    for s in range(1, cfg.steps + 1):
-        b = passkey.passkey(cfg.batch_size, cfg.train_len, seed=cfg.seed * 1_000_003 + s)
+    for s in range(1, total + 1):
+        length = cfg.warm_len if s <= cfg.warm_steps else cfg.train_len
+        b = passkey.passkey(cfg.batch_size, length, seed=cfg.seed * 1_000_003 + s)
         loss = float(step(lm, opt, jnp.asarray(b.inputs), jnp.asarray(b.targets)))
         if not np.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {s}")
-        if s % cfg.eval_every == 0 or s == cfg.steps:
+        if s % cfg.eval_every == 0 or s in (cfg.warm_steps, total):
             acc = float(exact_match(np.asarray(predict(lm, jnp.asarray(held.inputs))), held).mean())
-            records.append({"kind": "train", "step": s, "loss": loss, "exact": acc})
-            log(f"step {s} loss {loss:.4f} exact@train_len {acc:.3f}")
+            records.append({"kind": "train", "step": s, "length": length, "loss": loss, "exact": acc})
+            log(f"step {s} (length {length}) loss {loss:.4f} exact@train_len {acc:.3f}")
     return records
 
 
@@ -235,6 +240,8 @@ def fit_capacity(caps: dict) -> dict:
 
 def main(argv=None):
     cfg = parse(Config, PRESETS, argv)
+    if cfg.warm_steps < 0 or (cfg.warm_steps > 0) != (cfg.warm_len > 0):
+        raise SystemExit(f"error: --warm_len and --warm_steps go together (both > 0, or both 0), got {cfg.warm_len} and {cfg.warm_steps}")
     if cfg.out:
         stem = os.path.splitext(cfg.out)[0]
         paths = {"records": cfg.out, "table": stem + ".md", "plot": stem + ".png"}
@@ -244,7 +251,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(paths["records"])), exist_ok=True)
     open(paths["records"], "w").close()  # afresh: one run, one records file
     meta = {"machine": machine(), "date": datetime.date.today().isoformat(), "seed": cfg.seed, "model": cfg.model,
-            "train_len": cfg.train_len, "steps": cfg.steps, "paper": PAPER}
+            "train_len": cfg.train_len, "steps": cfg.steps, "warm_len": cfg.warm_len, "warm_steps": cfg.warm_steps, "paper": PAPER}
     log = print if cfg.progress else (lambda *_: None)
     mitigations = list(dict.fromkeys(["none", *cfg.mitigation]))
     sets = eval_sets(cfg)
@@ -298,7 +305,8 @@ def summary(rows, cfg: Config):
 def write_table(rows, cfg: Config, path):
     lengths, summ = summary(rows, cfg)
     r0 = rows[0]
-    lines = [f"Passkey exact match, Mamba-2 trained at {cfg.train_len} for {cfg.steps} steps ({cfg.num_layers} layers, "
+    warm = f"{cfg.warm_steps} steps at {cfg.warm_len}, then " if cfg.warm_steps else ""
+    lines = [f"Passkey exact match, Mamba-2 trained {warm}at {cfg.train_len} for {cfg.steps} steps ({cfg.num_layers} layers, "
              f"d_model {cfg.d_model}, head_dim {cfg.head_dim}), {cfg.depths} depths × {cfg.eval_per_depth} per length; "
              f"{r0['machine']}, seed {cfg.seed}, {r0['date']}. `recent`: needles within the last {cfg.train_len} tokens, "
              f"lengths > {cfg.train_len}. Capacity: longest length with exact >= {cfg.capacity_threshold:.2f} at it and below.",

@@ -49,7 +49,10 @@ def test_timescales_two_steps(tmp_path):
 def test_passkey_two_steps(tmp_path):
     import passkey
 
-    rows = passkey.main(["--preset=tiny", "--model=mamba2", "--mitigation=forget", f"--out={tmp_path / 'p.jsonl'}"])
+    rows = passkey.main(["--preset=tiny", "--model=mamba2", "--mitigation=forget", "--warm_len=30", "--warm_steps=1",
+                         f"--out={tmp_path / 'p.jsonl'}"])
+    # one step at the warm-up length, then the preset's two at the training length (evaluated after each phase)
+    assert [(r["step"], r["length"]) for r in rows if r["kind"] == "train"] == [(1, 30), (2, 32), (3, 32)]
     kinds = {r["kind"] for r in rows}
     assert kinds == {"train", "passkey", "state_norm", "horizon"}
     assert (tmp_path / "p.png").exists()
