@@ -357,7 +357,11 @@ def plot(rows, cfg: Config, path):
     a2.set(xlabel="position (filler)", ylabel="state norm", title="state norm probe")
     a2.legend(fontsize=6)
     caps = {n: cap for n, _, m, _, _, cap in summ if m == "none"}
-    a3.plot(list(caps), [max(c, 1) for c in caps.values()], "o-", label="measured (none)")
+    learned = {n: c for n, c in caps.items() if c > 0}
+    a3.plot(list(learned), list(learned.values()), "o-", label="measured (none)")
+    failed = [n for n, c in caps.items() if c == 0]
+    if failed:  # below the threshold at the training length itself: the model did not learn the task
+        a3.plot(failed, [cfg.train_len / 2] * len(failed), "x", color="red", label=f"not learned at {cfg.train_len}")
     fit = fit_capacity(caps)
     if fit:
         xs = np.linspace(min(caps), max(caps), 50)
