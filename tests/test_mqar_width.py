@@ -7,7 +7,6 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from seqjax.attention.attention import SlidingWindowAttention
