@@ -42,9 +42,10 @@ def test_based_runs_and_is_causal():
 
 def test_state_sizes_have_their_closed_forms():
     d, t = 32, 64
-    assert state_size(RunConfig(model="attention", d_model=d), 256, t) == 2 * (2 * d * t)  # 2 layers' K and V caches
-    # the 3-token ring buffer's K and V, then Based's state: (1 + f + f^2) features x (d values + the normaliser)
-    assert state_size(RunConfig(model="based", d_model=d), 256, t) == 2 * 3 * d + (1 + 16 + 16**2) * (d + 1)
+    kv = lambda slots: 2 * d * slots + 2 * slots + 3  # K and V, each slot's position and segment id, 3 counters
+    assert state_size(RunConfig(model="attention", d_model=d), 256, t) == 2 * kv(t)  # 2 layers
+    # the 3-token ring buffer, then Based's state: (1 + f + f^2) features x (d values + the normaliser), a counter
+    assert state_size(RunConfig(model="based", d_model=d), 256, t) == kv(3) + (1 + 16 + 16**2) * (d + 1) + 1
     # GLA: 2 heads of (d/2 * 0.5) keys x d/2 values per layer
     assert state_size(RunConfig(model="gla", d_model=d), 256, t) == 2 * 2 * (d // 4) * (d // 2)
     assert state_size(RunConfig(model="lstm", d_model=d), 256, t) is None
@@ -67,8 +68,8 @@ def test_mqar_width_two_steps_at_tiny_size(tmp_path):
     assert len(lines) == len(recs)
     assert {r["row"] for r in lines} == {"attention d=32", "chance", "majority", "copy_last", "bigram"}
     trained = [r for r in lines if r["model"] == "attention"]
-    assert trained[-1]["steps"] == 2 and trained[-1]["state_size"] == 2 * 32 * 64  # tiny: one layer, T 64
+    assert trained[-1]["steps"] == 2 and trained[-1]["state_size"] == 2 * 32 * 64 + 2 * 64 + 3  # tiny: one layer
     md = (folder / "table.md").read_text()
     assert "| row | d_model | state size | test | seeds | paper | verdict |" in md
-    assert "| attention d=32 | 32 | 4096 |" in md
+    assert "| attention d=32 | 32 | 4227 |" in md
     assert md.strip() == sweep.table("mqar_width", recs)

@@ -143,16 +143,15 @@ def lm_config(cfg: RunConfig, vocab_size: int) -> LMConfig:
 
 
 def state_size(cfg: RunConfig, vocab_size: int, seq_len: int) -> int | None:
-    """Floats one sequence carries to decode past ``seq_len`` tokens (zoology's "state size"): the floating-point
-    arrays of every layer's decode cache — attention's KV cache (``2 d T``), a sliding window's ring buffer
-    (``2 d window``), recurrent states, short-conv states.
+    """Numbers one sequence carries to decode past ``seq_len`` tokens (zoology's "state size"): every array of every
+    layer's decode cache — attention's KV cache (``2 d T`` floats, plus ``2 T + 3`` positions and segment ids),
+    a sliding window's ring buffer (the same over ``window`` slots), recurrent states, short-conv states.
     ``None`` for the nonlinear RNNs and n-gram heads."""
     if cfg.model in RNN_MODELS or "+ngram" in cfg.model:
         return None
     lm = LM(lm_config(cfg, vocab_size), rngs=nnx.Rngs(0))
     cache = jax.eval_shape(lambda: lm.init_cache(1, seq_len))
-    leaves = jax.tree.leaves((cache.blocks, cache.tail))
-    return int(sum(np.prod(x.shape) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)))  # not positions, ids
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves((cache.blocks, cache.tail))))
 
 
 # ----------------------------------------------------------------------------- training
