@@ -425,8 +425,9 @@ def _axis_plot(name, records, scores, path, plt):
             ax.axhline(np.mean(scores[(b, sweep.split)]), ls="--", lw=1, color=f"C{k + 5}", label=label)
     axes[0].set_xscale("log", base=2)
     axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(plt.NullFormatter())  # a narrow range would label every minor tick
     axes[0].set_xlabel(sweep.axis)
-    axes[1].set_xlabel("state size (floats per sequence)")
+    axes[1].set_xlabel("state size (numbers in the decode cache)")
     axes[0].set_ylabel(f"{sweep.split} {sweep.metric}")
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(name, fontsize=10)
