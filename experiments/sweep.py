@@ -7,6 +7,7 @@ the trivial baselines beside them, and the README's tables rebuilt from the reco
     python experiments/sweep.py tables                 # rebuild every table.md / plot.png from the records
                                                        #   and the README's table blocks (rewritten in place)
     python experiments/sweep.py --list                 # the tasks, their scripts, rows and presets
+    python experiments/sweep.py mqar_width --seeds=0   # MQAR accuracy vs model width (zoology's Fig. 2)
 
 A task's preset (``cpu`` | ``paper`` | ``tiny``, what the tests run) fully determines training and evaluation:
 its script's preset of the same name plus the task's fixed options and the budget below (``SWEEPS``).
@@ -21,6 +22,11 @@ every seed meets it, **missed** when none does, **within noise** when the seeds'
 of ``seqjax.tasks.baselines`` scored by the same metric on the same evaluation sets: chance (uniform over
 the answers), the majority class, and for the recall tasks and ICLL copy-last and the in-context bigram
 lookup (on ICLL the bigram lookup never predicts the masked ``|``; ICLL also has always-separator).
+
+A task with an ``axis`` (``mqar_width``: ``d_model``) has one row per (model, axis value); its table adds the
+axis value and the state size (the floats of the model's decode cache, ``seqjax.tasks.runner.state_size``)
+and its plot draws the metric against each, one line per model. Its preset picks the rows it runs
+(``preset_rows``: the CPU preset the small widths, the paper preset the paper's).
 
 ``--models=a,b`` re-runs only those rows (labels or model names) and ``--seeds=...`` only those seeds: the records
 of the (row, seed) pairs run are replaced, all others kept. ``--baselines_only`` recomputes the baseline rows
@@ -47,7 +53,7 @@ sys.path.insert(0, EXPERIMENTS)
 
 from seqjax import cli
 from seqjax.tasks import baselines, icll
-from seqjax.tasks.runner import machine, parse, run
+from seqjax.tasks.runner import machine, parse, run, state_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,16 @@ class Sweep:
     presets: dict  # {"cpu": {...}, "paper": {...}}: options over the script's preset of the same name
     sequence: bool = False  # answers are tokens of the sequence: copy-last and bigram baselines too
     extra: tuple = ()  # more baselines, ((name, inputs -> predictions), ...); a name may replace copy_last or bigram
+    axis: str = ""  # a script option the rows vary (their options set it): columns and a line plot against it
+    preset_rows: dict = dataclasses.field(default_factory=dict)  # {preset: row labels it runs}; default every row
+
+
+def _width_rows(models, widths, target=None):
+    """One row per (model, width), labelled ``"<model> d=<width>"``; ``target(model)`` gives a row's target."""
+    return tuple(Row(f"{m} d={d}", m, (("d_model", d),), target=target(m) if target else None) for d in widths for m in models)
+
+
+_WIDTH_MODELS = ("attention", "based", "mamba2", "gla", "gated_deltanet")
 
 
 SEEDS = {"cpu": (0, 1, 2), "paper": (0, 1, 2), "tiny": (0,)}
@@ -129,6 +145,14 @@ SWEEPS = {
          Row("mamba2", "mamba2", target=("<", ("attention",))), Row("gla", "gla", target=("<", ("attention",)))),
         "acc", "test", "MQAR (T 64, 4 pairs): attention and Gated DeltaNet ≥ 99 %, a gap to Mamba-2 / GLA at small width",
         {"cpu": {"steps": 1000, "eval_every": 250}, "paper": {}}, sequence=True),
+    "mqar_width": Sweep(
+        "mqar", {},
+        _width_rows(_WIDTH_MODELS, (32, 64, 128, 256, 512), lambda m: (">=", 0.99) if m == "attention" else None),
+        "acc", "test", "MQAR (T 64, 4 pairs) vs model dimension (zoology Fig. 2): attention solves it at every width; "
+        "the fixed-state models (Based, Mamba-2, GLA, Gated DeltaNet) need a larger width (state)",
+        {"cpu": {"steps": 1000, "eval_every": 250}, "paper": {}}, sequence=True, axis="d_model",
+        preset_rows={p: tuple(f"{m} d={d}" for d in ws for m in _WIDTH_MODELS)
+                     for p, ws in {"cpu": (32, 64, 128), "tiny": (32,), "paper": (64, 128, 256, 512)}.items()}),
     "icll": Sweep(
         "icll", {},
         (Row("attention", "attention", target=(">", ("mamba2", "gated_deltanet", "lstm"))), Row("mamba2", "mamba2"),
@@ -192,7 +216,8 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
     sweep = SWEEPS[name]
     mod = importlib.import_module(sweep.script)
     seeds = tuple(SEEDS[preset] if not seeds else seeds)
-    rows = [r for r in sweep.rows if not only or r.label in only or r.model in only]
+    in_preset = sweep.preset_rows.get(preset)
+    rows = [r for r in sweep.rows if (in_preset is None or r.label in in_preset) and (not only or r.label in only or r.model in only)]
     if only and not rows:
         raise ValueError(f"--models={','.join(only)} names no row of {name}: {[r.label for r in sweep.rows]}")
     folder = os.path.join(out, name)
@@ -221,9 +246,11 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
                 if (row.label, seed) in finished:
                     continue
                 cfg = _config(sweep, row, preset, seed, mod)
+                task = mod.make_task(cfg)
+                size = {"state_size": state_size(cfg, task.vocab_size, getattr(cfg, "seq_len", 0))} if sweep.axis else {}
                 t0 = time.time()
-                for r in run(mod.make_task(cfg), cfg):
-                    records.append({**r, "row": row.label, "steps": cfg.steps, "seconds": round(time.time() - t0, 1), **meta})
+                for r in run(task, cfg):
+                    records.append({**r, "row": row.label, "steps": cfg.steps, "seconds": round(time.time() - t0, 1), **size, **meta})
                     f.write(json.dumps(records[-1]) + "\n")
                 f.flush()
     write_outputs(name, records, folder)
@@ -344,21 +371,25 @@ def table(name: str, records: list[dict]) -> str:
            + (f" (preset {', '.join(presets)})" if presets else " (records from before the presets)")
            + f": {len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))}), {'/'.join(map(str, steps))} steps"
            + (f", {'; '.join(machines)}" if machines else "") + f"; {sweep.metric}, mean ± std over seeds.")
-    head = "| row | " + " | ".join(f"{s}" for s in splits) + " | seeds | paper | verdict |"
-    lines = [how, "", head, "|---" * (len(splits) + 4) + "|"]
+    axis = [sweep.axis, "state size"] if sweep.axis else []
+    sizes = {r["row"]: r["state_size"] for r in trained if r.get("state_size") is not None}
+    head = "| row | " + "".join(f"{a} | " for a in axis) + " | ".join(f"{s}" for s in splits) + " | seeds | paper | verdict |"
+    lines = [how, "", head, "|---" * (len(splits) + len(axis) + 4) + "|"]
     for r in model_rows:
         n = len(scores.get((r.label, sweep.split), []))
         cells = [_cell(scores[(r.label, s)]) if (r.label, s) in scores else "" for s in splits]
-        lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {n} | {_target_text(r.target)} | "
+        ax = [str(dict(r.options).get(sweep.axis, "")), str(sizes.get(r.label, ""))] if axis else []
+        lines.append(f"| {r.label} | " + " | ".join(ax + cells) + f" | {n} | {_target_text(r.target)} | "
                      f"{verdict(r.target, scores, r.label, sweep.split)} |")
     for b in base_rows:
-        cells = [_cell(scores[(b, s)]) if (b, s) in scores else "" for s in splits]
+        cells = [""] * len(axis) + [_cell(scores[(b, s)]) if (b, s) in scores else "" for s in splits]
         lines.append(f"| *baseline: {b}* | " + " | ".join(cells) + " | | | |")
     return "\n".join(lines + ["", f"![{name}](experiments/results/{name}/plot.png)"])
 
 
 def plot(name: str, records: list[dict], path: str) -> None:
-    """Bars: the rows' mean ± std on the headline split (each seed a dot); lines: the baselines."""
+    """Bars: the rows' mean ± std on the headline split (each seed a dot); lines: the baselines. A task with an
+    ``axis``: the metric against the axis and against the state size, one line per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,6 +397,8 @@ def plot(name: str, records: list[dict], path: str) -> None:
 
     sweep = SWEEPS[name]
     scores = final_scores(records, sweep.metric)
+    if sweep.axis:
+        return _axis_plot(name, records, scores, path, plt)
     rows = [r.label for r in sweep.rows if (r.label, sweep.split) in scores]
     bases = list(dict.fromkeys(r["row"] for r in records if r.get("model") == "baseline"))
     fig, ax = plt.subplots(figsize=(2.0 + 1.0 * len(rows), 3.4))
@@ -380,6 +413,36 @@ def plot(name: str, records: list[dict], path: str) -> None:
     ax.set_title(name, fontsize=10)
     if bases:
         ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _axis_plot(name, records, scores, path, plt):
+    sweep = SWEEPS[name]
+    sizes = {r["row"]: r["state_size"] for r in records if r.get("state_size") is not None}
+    bases = list(dict.fromkeys(r["row"] for r in records if r.get("model") == "baseline"))
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), sharey=True)
+    for j, model in enumerate(dict.fromkeys(r.model for r in sweep.rows)):
+        rows = sorted((dict(r.options)[sweep.axis], r.label) for r in sweep.rows if r.model == model and (r.label, sweep.split) in scores)
+        if not rows:
+            continue
+        mean = [np.mean(scores[(lab, sweep.split)]) for _, lab in rows]
+        std = [np.std(scores[(lab, sweep.split)]) for _, lab in rows]
+        for ax, xs in ((axes[0], [x for x, _ in rows]), (axes[1], [sizes.get(lab, np.nan) for _, lab in rows])):
+            ax.errorbar(xs, mean, yerr=std, marker="o", ms=4, capsize=2, color=f"C{j}", label=model)
+    for k, b in enumerate(bases):
+        for ax in axes:
+            label = f"baseline: {b}" if ax is axes[0] else None
+            ax.axhline(np.mean(scores[(b, sweep.split)]), ls="--", lw=1, color=f"C{k + 5}", label=label)
+    axes[0].set_xscale("log", base=2)
+    axes[1].set_xscale("log")
+    axes[1].xaxis.set_minor_formatter(plt.NullFormatter())  # a narrow range would label every minor tick
+    axes[0].set_xlabel(sweep.axis)
+    axes[1].set_xlabel("state size (numbers in the decode cache)")
+    axes[0].set_ylabel(f"{sweep.split} {sweep.metric}")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(name, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -38,10 +38,19 @@ from seqjax.train.noise import gradient_noise
 
 RNN_MODELS = ("lstm", "slstm", "gru", "rnn_tanh", "rnn_relu")
 
+#: named layer compositions: model name -> (the LM's layer pattern, per-layer options)
+HYBRIDS = {
+    # Based (Arora et al. 2024) as zoology's 2-layer MQAR model alternates it: a local mixer, then Based's linear
+    # attention (2nd-order Taylor feature map, feature dim 16, one head; the JRT layer with no prefix). The local
+    # mixer here is sliding-window softmax attention over 3 tokens, where zoology's Based has a short convolution.
+    "based": (("swa", "jrt"), {"swa": {"window": 3}, "jrt": {"prefix_len": 0, "feature_dim": 16, "num_heads": 1}}),
+}
+
 
 @dataclasses.dataclass
 class RunConfig:
-    model: str = "attention"  # a layer-pattern name, an RNN cell (lstm, gru, ...), "<name>+ngram<n>" adds an n-gram head
+    model: str = "attention"  # a layer-pattern name, a composition of HYBRIDS (based), an RNN cell (lstm, gru, ...);
+    #                           "<name>+ngram<n>" adds an n-gram head
     d_model: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -123,17 +132,26 @@ def build_model(cfg: RunConfig, vocab_size: int, *, rngs: nnx.Rngs):
         return NgramLM(inner, vocab_size, cfg.d_model, int(n or 1), rngs=rngs)
     if cfg.model in RNN_MODELS:
         return RNNLM(cfg.model, vocab_size, cfg.d_model, cfg.num_layers, rngs=rngs)
-    lm_cfg = LMConfig(
-        vocab_size=vocab_size,
-        d_model=cfg.d_model,
-        num_layers=cfg.num_layers,
-        pattern=(cfg.model,),
-        num_heads=cfg.num_heads,
-        scan_layers=False,
-        embedding=cfg.embedding,
-        mixer_kwargs={"jrt": {"prefix_len": cfg.prefix_len}} if cfg.model == "jrt" else {},
-    )
-    return _LMAdapter(LM(lm_cfg, rngs=rngs))
+    return _LMAdapter(LM(lm_config(cfg, vocab_size), rngs=rngs))
+
+
+def lm_config(cfg: RunConfig, vocab_size: int) -> LMConfig:
+    """The LM of a layer-pattern model or a :data:`HYBRIDS` composition (its pattern repeated to ``num_layers``)."""
+    pattern, kwargs = HYBRIDS.get(cfg.model, ((cfg.model,), {"jrt": {"prefix_len": cfg.prefix_len}} if cfg.model == "jrt" else {}))
+    return LMConfig(vocab_size=vocab_size, d_model=cfg.d_model, num_layers=cfg.num_layers, pattern=pattern,
+                    num_heads=cfg.num_heads, scan_layers=False, embedding=cfg.embedding, mixer_kwargs=kwargs)
+
+
+def state_size(cfg: RunConfig, vocab_size: int, seq_len: int) -> int | None:
+    """Numbers one sequence carries to decode past ``seq_len`` tokens (zoology's "state size"): every array of every
+    layer's decode cache — attention's KV cache (``2 d T`` floats, plus ``2 T + 3`` positions and segment ids),
+    a sliding window's ring buffer (the same over ``window`` slots), recurrent states, short-conv states.
+    ``None`` for the nonlinear RNNs and n-gram heads."""
+    if cfg.model in RNN_MODELS or "+ngram" in cfg.model:
+        return None
+    lm = LM(lm_config(cfg, vocab_size), rngs=nnx.Rngs(0))
+    cache = jax.eval_shape(lambda: lm.init_cache(1, seq_len))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves((cache.blocks, cache.tail))))
 
 
 # ----------------------------------------------------------------------------- training
