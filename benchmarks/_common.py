@@ -8,6 +8,7 @@ warm-up call that also compiles.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from typing import Literal
 
@@ -27,6 +28,21 @@ def time_jax(f, *args, reps: int = 5) -> float:
         jax.block_until_ready(f(*args))
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
+
+
+def time_interleaved(fns: dict, reps: int) -> dict:
+    """``{name: (median s, min s)}`` of each ``fn()`` (which blocks until its result is ready), after one
+    warm-up (compiling) call each, timed in interleaved rounds: one call of every ``fn`` per round, in order,
+    so the slow drifts of a shared machine hit every form alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(v), min(v)) for name, v in times.items()}
 
 
 def time_torch(f, reps: int = 5) -> float:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,9 @@ import numpy as np
 
 from seqjax import cli
 from seqjax.ops.attention import attention, choose_impl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import time_interleaved
 
 SHAPES = ("1x256x4x64", "1x512x4x64", "1x1024x4x64", "1x2048x4x64", "1x4096x4x64")
 
@@ -38,12 +40,6 @@ def _fns(impl, window):
         return jnp.sum(attention(q, k, v, window=window, impl=impl).astype(jnp.float32) * w)
 
     return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def _time(fn, *args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
 
 
 def _temp_mib(fn, *args) -> float:
@@ -60,15 +56,12 @@ def bench_shape(shape, impls, reps, dtype, window):
     w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
     fns = {i: _fns(i, window) for i in impls}
     mem = {i: (_temp_mib(f, q, k, v), _temp_mib(fb, q, k, v, w)) for i, (f, fb) in fns.items()}
-    for f, fb in fns.values():  # warm up
-        _time(f, q, k, v)
-        _time(fb, q, k, v, w)
-    times = {i: ([], []) for i in impls}
-    for _ in range(reps):
-        for i, (f, fb) in fns.items():
-            times[i][0].append(_time(f, q, k, v))
-            times[i][1].append(_time(fb, q, k, v, w))
-    return {i: (statistics.median(f), statistics.median(fb)) for i, (f, fb) in times.items()}, mem, q, k
+    calls = {}
+    for i, (f, fb) in fns.items():
+        calls[i, "f"] = lambda f=f: jax.block_until_ready(f(q, k, v))
+        calls[i, "fb"] = lambda fb=fb: jax.block_until_ready(fb(q, k, v, w))
+    res = time_interleaved(calls, reps)
+    return {i: (res[i, "f"][0], res[i, "fb"][0]) for i in impls}, mem, q, k
 
 
 @dataclasses.dataclass

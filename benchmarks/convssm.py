@@ -22,9 +22,7 @@ import dataclasses
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,9 @@ from flax import nnx
 from seqjax import cli
 from seqjax.models.convssm import ConvS5, FramePredictor
 from seqjax.rnn.conv import ConvLSTM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import time_interleaved
 
 
 @dataclasses.dataclass
@@ -50,20 +51,6 @@ class Args:
     context: int = 4
     horizon: int = 24
     out: str = ""  # write the run (command, machine, versions, tables) to this markdown file
-
-
-def _race(fns: dict, reps: int) -> dict:
-    """``{name: (median s, min s)}`` of each ``fn()`` (blocking), after one warm-up call each, timed in
-    interleaved rounds."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(v), min(v)) for name, v in times.items()}
 
 
 def _predictor(backbone, a: Args, impl="auto"):
@@ -98,7 +85,7 @@ def bench_train(a: Args, frames) -> list[str]:
     fns = {"ConvLSTM": _train_step(_predictor("convlstm", a)),
            "ConvS5 sequential": _train_step(_predictor("convs5", a, "sequential")),
            "ConvS5 associative": _train_step(_predictor("convs5", a, "associative"))}
-    res = _race({k: (lambda f=f: f(frames)) for k, f in fns.items()}, a.reps)
+    res = time_interleaved({k: (lambda f=f: f(frames)) for k, f in fns.items()}, a.reps)
     title = (f"Training step (loss + grads + AdamW), FramePredictor, B = {a.batch}, T = {a.frames - 1} frames of "
              f"{a.size}×{a.size}, d_model = {a.d_model}, P = {a.ssm_size}, {a.layers} layers")
     return _table(title, res, "ConvLSTM")
@@ -115,7 +102,7 @@ def bench_layers(a: Args) -> list[str]:
                             ("ConvS5 associative", ConvS5(a.d_model, a.ssm_size, impl="associative", rngs=nnx.Rngs(0)))):
             g = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x)[0] ** 2), argnums=(0, 1)))
             fns[name] = lambda g=g, layer=layer: jax.block_until_ready(g(layer, x))
-        res = _race(fns, a.reps)
+        res = time_interleaved(fns, a.reps)
         rows += _table(f"One sequence layer fwd+bwd, [B, T, h, w, d] = [{a.batch}, {t}, {h}, {h}, {a.d_model}], "
                        f"P = {a.ssm_size}", res, "ConvLSTM")
     return rows
@@ -128,7 +115,7 @@ def bench_generate(a: Args, frames) -> list[str]:
         model = _predictor(bk, a)
         gen = nnx.jit(lambda m, c: m.generate(c, a.horizon))
         fns[name] = lambda gen=gen, model=model: jax.block_until_ready(gen(model, ctx))
-    res = _race(fns, a.reps)
+    res = time_interleaved(fns, a.reps)
     res = {k: (m / a.horizon, n / a.horizon) for k, (m, n) in res.items()}
     return _table(f"Autoregressive sampling, B = {a.batch}, condition on {a.context}, generate {a.horizon} frames: "
                   "time per generated frame", res, "ConvLSTM")

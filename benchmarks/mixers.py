@@ -20,15 +20,14 @@ import dataclasses
 import functools
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from seqjax import cli, mixers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import time_interleaved
 
 
 def _compiled(f, *args):
@@ -68,19 +67,6 @@ def _fns(spec, impl, inputs):
     return fwd, jax.grad(loss), d
 
 
-def _interleaved(calls, reps):
-    """Median seconds of each ``(f, args)`` in ``calls`` (a dict), timed round by round after one warm-up."""
-    for f, a in calls.values():
-        jax.block_until_ready(f(*a))
-    ts = {k: [] for k in calls}
-    for _ in range(reps):
-        for k, (f, a) in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            ts[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in ts.items()}
-
-
 def bench(names, ts, batch=1, heads=0, dim=0, reps=3):
     rows, rates = [], []
     for name in names:
@@ -101,7 +87,8 @@ def bench(names, ts, batch=1, heads=0, dim=0, reps=3):
                     info[impl] = dict(mem_f=temp_f, mem_g=temp_g, flops=flops)
                 except Exception as e:  # noqa: BLE001 — a mixer that cannot run this size is reported, not fatal
                     res[impl] = dict(err=f"{type(e).__name__}: {str(e)[:60]}")
-            times = _interleaved(calls, reps)
+            fns = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, a) in calls.items()}
+            times = {k: med for k, (med, _) in time_interleaved(fns, reps).items()}
             rate = mm_flops / times["matmul"]
             rates.append(rate)
             for impl in info:

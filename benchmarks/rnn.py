@@ -29,9 +29,7 @@ import dataclasses
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,24 +41,13 @@ from pallas_kernels.rnn.flashrnn import _max_head
 from seqjax import cli
 from seqjax import rnn as R
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import time_interleaved
+
 try:
     import torch
 except ImportError:  # optional: the torch rows are left out
     torch = None
-
-
-def _race(fns: dict, reps: int) -> dict:
-    """``{name: (median s, min s)}`` of each ``fn()`` (blocking), after one warm-up call each, timed in
-    interleaved rounds."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(v), min(v)) for name, v in times.items()}
 
 
 def _jax_call(f, *args):
@@ -118,7 +105,7 @@ def bench_cells(kinds, b, t, d, reps) -> list[str]:
                 impls.append("pallas")
             for impl in impls:
                 fns[f"seqjax {kind} G={heads} {impl}"] = _seqjax(kind, d, heads, x, impl=impl)
-        res = _race(fns, reps)
+        res = time_interleaved(fns, reps)
         base_name = next(iter(fns))
         base = res[base_name][0]
         rows += [f"\n### {kind.upper()} fwd+bwd, (B, T, D) = ({b}, {t}, {d})\n",
@@ -162,7 +149,7 @@ def bench_floor(b, t, d, reps) -> list[str]:
                 v = torch.tanh(a[:, :d] + a[:, d:2 * d] + a[:, 2 * d:3 * d] + a[:, 3 * d:])
 
         fns["torch h @ R (eager)"] = torch_loop
-    res = _race(fns, reps)
+    res = time_interleaved(fns, reps)
     flops = 2 * b * d * 4 * d * t
     rows = [f"\n### One recurrent matmul per step, {t} steps, [{b}, {d}] x [{d}, {4 * d}]\n",
             "| loop | median ms | min ms | µs / step | GFLOP/s (min) |", "|---|---:|---:|---:|---:|"]
@@ -195,7 +182,7 @@ def bench_parallel(ts, reps, b=4, h=32) -> list[str]:
             if kw.get("impl") == "parallel":
                 _, _, info = jax.jit(lambda p, x, kw=kw: R.rnn("gru", p, x, return_info=True, **kw))(params, x)
                 iters[name] = int(info["iters"])
-        res = _race(fns, reps)
+        res = time_interleaved(fns, reps)
         new = [f"| {t} | {name} | {iters.get(name, '-')} | {1e3 * med:.1f} | {med / res['sequential'][0]:.2f} |"
                for name, (med, _) in res.items()]
         print("\n".join(new), flush=True)

@@ -15,8 +15,8 @@ fastest impl's (``auto/best``, 1.00 = auto picked the fastest).
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ import numpy as np
 
 from seqjax import cli
 from seqjax.scan import choose_impl, linear_scan
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import time_interleaved
 
 SHAPES = ((8, 512, 256), (4, 4096, 1024), (16, 1024, 64), (1, 16384, 16), (32, 256, 2048))
 
@@ -39,27 +42,18 @@ def _fns(impl):
     return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def _time(fn, *args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
-
-
 def bench_shape(shape, impls, reps, seed=0):
     rng = np.random.default_rng(seed)
     a = jnp.asarray(rng.uniform(0.5, 1.0, shape), jnp.float32)
     b = jnp.asarray(rng.normal(size=shape), jnp.float32)
     w = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    fns = {impl: _fns(impl) for impl in impls}
-    for fwd, fwdbwd in fns.values():  # compile and warm up
-        _time(fwd, a, b)
-        _time(fwdbwd, a, b, w)
-    times = {impl: ([], []) for impl in impls}
-    for _ in range(reps):  # interleaved: slow drifts of a shared machine hit every impl alike
-        for impl, (fwd, fwdbwd) in fns.items():
-            times[impl][0].append(_time(fwd, a, b))
-            times[impl][1].append(_time(fwdbwd, a, b, w))
-    return {impl: (statistics.median(f), statistics.median(fb)) for impl, (f, fb) in times.items()}
+    calls = {}
+    for impl in impls:
+        fwd, fwdbwd = _fns(impl)
+        calls[impl, "f"] = lambda fwd=fwd: jax.block_until_ready(fwd(a, b))
+        calls[impl, "fb"] = lambda fwdbwd=fwdbwd: jax.block_until_ready(fwdbwd(a, b, w))
+    res = time_interleaved(calls, reps)
+    return {impl: (res[impl, "f"][0], res[impl, "fb"][0]) for impl in impls}
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ from seqjax.mixers import lru as lru_mod
 from seqjax.mixers import lssl as lssl_mod
 from seqjax.mixers import mamba as mamba_mod
 from seqjax.mixers import s4d as s4d_mod
+from seqjax.mixers import s5 as s5_mod
 from seqjax.nn import rms_rel_err
 from seqjax.scan import linear_scan
 
@@ -126,7 +127,7 @@ def test_s5_conjugate_symmetry_gives_real_full_system():
 
 
 def _s5_ab(p):
-    dt_l, b_bar = s4d_mod._s5_zoh(p["Lambda"], p["log_dt"], p["B"])
+    dt_l, b_bar = s5_mod._s5_zoh(p["Lambda"], p["log_dt"], p["B"])
     bu = jnp.einsum("ph,bth->btp", b_bar, p["x"].astype(jnp.complex64))
     return jnp.broadcast_to(jnp.exp(dt_l)[None, None], bu.shape), bu
 

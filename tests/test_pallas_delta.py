@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.delta_chunk import delta_chunk
+from seqjax.mixers import _delta_rule as DR
 from seqjax.mixers import deltanet as D
 from seqjax.nn import l2_normalize, rms_rel_err
 from seqjax.ops import delta as E
@@ -158,10 +159,10 @@ def test_tpu_kernels_equal_reference(dk, dv, t, chunk):
 def test_auto_takes_the_kernel_with_the_xla_backward(monkeypatch):
     """``impl="auto"`` (a one-GPU process, patched here) runs the kernel and differentiates through the XLA
     form (``seqjax._platform.AUTO_BACKWARD``); ``impl="pallas"`` takes the Pallas backward."""
-    calls, real = [], D.delta_chunk
-    monkeypatch.setattr(D, "delta_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
+    calls, real = [], DR.delta_chunk
+    monkeypatch.setattr(DR, "delta_chunk", lambda *a, **kw: calls.append(kw["backward"]) or real(*a, **kw))
     x, _ = _inputs(jax.random.PRNGKey(14), 1, 9, 1, 4, 3)
-    monkeypatch.setattr(D, "auto_pallas", lambda chunk_size=None, kernel="gla": kernel == "delta")
+    monkeypatch.setattr(DR, "auto_pallas", lambda chunk_size=None, kernel="gla": kernel == "delta")
     _close(D.delta_rule(**x, impl="auto", chunk_size=16), E.recurrent_delta_rule(**x), 1e-4, "auto")
     D.delta_rule(**x, impl="pallas", chunk_size=16)
     assert calls == ["xla", "pallas"]

@@ -6,14 +6,18 @@ r"""Shared pieces of the linear time-invariant state-space mixers (LSSL, S4D, S5
   (a masked Toeplitz product, since a reset breaks time invariance);
 - document masks that say which tokens ``h0`` reaches and which ones feed ``h_last``;
 - the input checks the diagonal scans share (LRU, RG-LRU, S4D, S5).
+- complex parameters: a circular complex normal draw, and a complex array stored as a real pair of
+  ``nnx.Param`` (S4D, S5).
 
 The module name starts with ``_`` so the registry does not import it as a mixer family.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from seqjax import _checks
 
@@ -25,6 +29,8 @@ __all__ = [
     "document_masks",
     "check_ssm_inputs",
     "resets_or_none",
+    "complex_normal",
+    "complex_params",
 ]
 
 
@@ -112,3 +118,16 @@ def mimo_toeplitz(x, log_lam, C, gb, D):
     m = jnp.where((lag >= 0)[..., None, None], m, 0.0)
     m = m + jnp.eye(t)[:, :, None, None] * jnp.diag(D.astype(jnp.float32))[None, None]
     return jnp.broadcast_to(m[None], (x.shape[0], *m.shape))
+
+
+def complex_normal(key, shape, scale=1.0):
+    """``scale (n_re + i n_im) / sqrt(2)`` complex64 (``n`` standard normal): ``E|z|² = scale²``."""
+    kr, ki = jax.random.split(key)
+    return (scale * (jax.random.normal(kr, shape) + 1j * jax.random.normal(ki, shape)) / np.sqrt(2)).astype(
+        jnp.complex64)
+
+
+def complex_params(re, im, axes):
+    """A complex parameter as two float32 ``nnx.Param`` (real part of ``re``, ``im``) sharded over ``axes``."""
+    return nnx.Param(jnp.real(re).astype(jnp.float32), out_sharding=axes), nnx.Param(
+        jnp.asarray(im, jnp.float32), out_sharding=axes)

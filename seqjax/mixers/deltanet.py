@@ -23,9 +23,10 @@ becomes ``2 sigmoid(.)``, as in fla's ``allow_neg_eigval``).
 
 Shapes: ``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``beta, log_alpha [b, t, h]``; DeltaProduct
 ``k [b, t, h, n_h, dk]``, ``v [b, t, h, n_h, dv]``, ``beta [b, t, h, n_h]``; state ``[b, h, dk, dv]``
-float32. The engine (reference scan, WY/UT chunked form, step, materialize) is ``seqjax.ops.delta``;
-this module holds the ``impl=`` dispatch (:func:`delta_rule`), the family's functional forms, the NNX layers
-and the registration.
+float32. The engine (reference scan, WY/UT chunked form, step, materialize) is ``seqjax.ops.delta``, the
+``impl=`` dispatch (:func:`delta_rule`) ``seqjax.mixers._delta_rule``. This module holds DeltaNet's functional
+forms, the NNX layers and the registration of the whole family; Gated DeltaNet's and DeltaProduct's functional
+forms are in ``seqjax.mixers.gated_deltanet`` and ``seqjax.mixers.deltaproduct`` (and importable from here).
 
 **Layers** (after fla's): ``x [b, t, d_model]`` -> q/k/v projections -> depthwise causal short convs + SiLU ->
 L2-normalised q and k -> ``beta = sigmoid(W_beta x)`` (``2 sigmoid`` with ``negative_eigen=True``, applied by
@@ -42,23 +43,23 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from pallas_kernels._util import platform as kernel_platform
-from pallas_kernels.delta_chunk import delta_chunk
 from seqjax import _checks
-from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.layer import plan, update
-from seqjax.mixers._autodiff import primal_by
-from seqjax.mixers.delta_chunked import chunk_delta_rule_cpu
+from seqjax.mixers._delta_rule import IMPLS, delta_rule, effective_beta
+from seqjax.mixers.deltaproduct import deltaproduct, deltaproduct_materialize, deltaproduct_recurrent, deltaproduct_step
+from seqjax.mixers.gated_deltanet import (
+    gated_deltanet,
+    gated_deltanet_materialize,
+    gated_deltanet_recurrent,
+    gated_deltanet_step,
+)
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import GatedRMSNorm, Linear, RMSNorm, ShortConv, l2_normalize
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import delta as E
 from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, ResetsLike, SegmentIds
-
-IMPLS = ("auto", "sequential", "chunked", "pallas")
 
 __all__ = [
     "IMPLS", "delta_rule",
@@ -69,65 +70,6 @@ __all__ = [
     "DeltaCache", "DeltaRuleLayer", "DeltaNet", "GatedDeltaNet", "DeltaProduct",
     "DeltaNetNegEig", "GatedDeltaNetNegEig", "DeltaProductNegEig",
 ]  # fmt: skip
-
-
-def _beta(beta, negative_eigen):
-    if not isinstance(negative_eigen, (bool, np.bool_)):
-        raise ValueError(f"negative_eigen must be a bool, got {negative_eigen!r}")
-    return 2 * beta if negative_eigen else beta
-
-
-def delta_rule(
-    q: Float[AnyArray, "b t h k"],
-    k: Float[AnyArray, "b t h k"],
-    v: Float[AnyArray, "b t h v"],
-    beta: Float[AnyArray, "b t h"],
-    log_alpha: Float[AnyArray, "b t h"] | None = None,
-    *,
-    h0: Float[AnyArray, "b h k v"] | None = None,
-    resets: ResetsLike | None = None,
-    scale=1.0,
-    impl="auto",
-    chunk_size=64,
-) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
-    """Dispatch the (gated) delta rule to an impl (inputs validated by the caller).
-
-    ``"auto"``: the Pallas kernel (``pallas_kernels/delta_chunk``) on a GPU once its current forward has passed
-    the GPU tests (``seqjax._platform.GPU_TESTED``; one device, or a ``use_rules`` mesh:
-    ``seqjax._platform.kernel_call`` runs it inside ``shard_map``), differentiated
-    through the XLA form (``AUTO_BACKWARD``), else the XLA chunked form (``seqjax._platform`` has the
-    measurements behind that). On the CPU ``"auto"`` evaluates the ``lax.scan`` reference and differentiates
-    through the chunked form (``seqjax.mixers._autodiff.primal_by``): the scan is the faster forward there
-    (prefill, evaluation), the chunked form the faster forward+backward (``benchmarks/results/cpu_mixers.md``).
-    ``"chunked"`` on the CPU is :func:`seqjax.mixers.delta_chunked.chunk_delta_rule_cpu` (the same algorithm
-    in a chunk-major layout with a blocked triangular inverse), elsewhere ``seqjax.ops.delta.chunk_delta_rule``.
-    ``"pallas"``: the kernel and its Pallas backward.
-    """
-    _checks.check_choice("impl", impl, IMPLS)
-    if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    kw = dict(h0=h0, resets=resets, scale=scale)
-    if impl == "sequential":
-        return E.recurrent_delta_rule(q, k, v, beta, log_alpha, **kw)
-    if impl == "pallas" or (impl == "auto" and auto_pallas(kernel="delta")):
-        backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["delta"]
-        return kernel_call(
-            lambda q, k, v, beta, log_alpha, h0, resets: delta_chunk(
-                q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, chunk_size=chunk_size, backward=backward),
-            q, k, v, beta, log_alpha, h0, resets, layouts="tttttst", out_layouts="ts")
-    if kernel_platform() != "cpu":
-        return E.chunk_delta_rule(q, k, v, beta, log_alpha, **kw, chunk_size=chunk_size)
-
-    def chunked(q, k, v, beta, log_alpha, h0, resets):
-        return chunk_delta_rule_cpu(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, chunk_size=chunk_size)
-
-    if impl == "chunked":
-        return chunked(q, k, v, beta, log_alpha, h0, resets)
-
-    def scan(q, k, v, beta, log_alpha, h0, resets):
-        return E.recurrent_delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale)
-
-    return primal_by(scan, chunked)(q, k, v, beta, log_alpha, h0, resets)
 
 
 # ----------------------------------------------------------------------------- DeltaNet
@@ -149,7 +91,7 @@ def deltanet(
     """DeltaNet, parallel form: ``(o [b, t, h, dv], h_last [b, h, dk, dv])``. ``impl``: ``"auto"``
     (= ``"chunked"``), ``"sequential"`` (the reference), ``"chunked"`` (WY/UT), ``"pallas"``."""
     E.check_delta_inputs(q, k, v, beta, None, h0, resets)
-    beta = _beta(beta, negative_eigen)
+    beta = effective_beta(beta, negative_eigen)
     return delta_rule(q, k, v, beta, None, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
 
 
@@ -166,7 +108,7 @@ def deltanet_recurrent(
 ) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Reference: ``S_t = (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``."""
     E.check_delta_inputs(q, k, v, beta, None, h0, resets)
-    return E.recurrent_delta_rule(q, k, v, _beta(beta, negative_eigen), h0=h0, resets=resets, scale=scale)
+    return E.recurrent_delta_rule(q, k, v, effective_beta(beta, negative_eigen), h0=h0, resets=resets, scale=scale)
 
 
 def deltanet_step(
@@ -180,7 +122,7 @@ def deltanet_step(
     scale=1.0,
 ) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     """One token (``q, k [b, h, dk]``, ``v [b, h, dv]``, ``beta [b, h]``) -> ``(o_t, h)``."""
-    return E.step_delta_rule(h, q, k, v, _beta(beta, negative_eigen), scale=scale)
+    return E.step_delta_rule(h, q, k, v, effective_beta(beta, negative_eigen), scale=scale)
 
 
 def deltanet_materialize(
@@ -195,193 +137,7 @@ def deltanet_materialize(
 ) -> Operator:
     """``M [b, h, T, T]`` with ``o = M v``: ``M[t, s] = scale q_tᵀ (prod_{r=s+1..t} (I - beta_r k_r k_rᵀ)) beta_s k_s``."""
     E.check_delta_inputs(q, k, v, beta, None, None, resets)
-    return E.materialize_delta_rule(q, k, _beta(beta, negative_eigen), resets=resets, scale=scale)
-
-
-# ----------------------------------------------------------------------------- Gated DeltaNet
-
-
-def gated_deltanet(
-    q: Float[AnyArray, "b t h k"],
-    k: Float[AnyArray, "b t h k"],
-    v: Float[AnyArray, "b t h v"],
-    beta: Float[AnyArray, "b t h"],
-    log_alpha: Float[AnyArray, "b t h"],
-    *,
-    h0: Float[AnyArray, "b h k v"] | None = None,
-    impl="auto",
-    resets: ResetsLike | None = None,
-    negative_eigen=False,
-    scale=1.0,
-    chunk_size=64,
-) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
-    """Gated DeltaNet, parallel form; ``log_alpha [b, t, h]`` (``<= 0``, log of the per-head decay)."""
-    E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets)
-    beta = _beta(beta, negative_eigen)
-    return delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
-
-
-def gated_deltanet_recurrent(
-    q: Float[AnyArray, "b t h k"],
-    k: Float[AnyArray, "b t h k"],
-    v: Float[AnyArray, "b t h v"],
-    beta: Float[AnyArray, "b t h"],
-    log_alpha: Float[AnyArray, "b t h"],
-    *,
-    h0: Float[AnyArray, "b h k v"] | None = None,
-    resets: ResetsLike | None = None,
-    negative_eigen=False,
-    scale=1.0,
-) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
-    """Reference: ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``."""
-    E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets)
-    beta = _beta(beta, negative_eigen)
-    return E.recurrent_delta_rule(q, k, v, beta, log_alpha, h0=h0, resets=resets, scale=scale)
-
-
-def gated_deltanet_step(
-    h: Float[AnyArray, "b h k v"] | None,
-    q: Float[AnyArray, "b h k"],
-    k: Float[AnyArray, "b h k"],
-    v: Float[AnyArray, "b h v"],
-    beta: Float[AnyArray, "b h"],
-    log_alpha: Float[AnyArray, "b h"],
-    *,
-    negative_eigen=False,
-    scale=1.0,
-) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
-    return E.step_delta_rule(h, q, k, v, _beta(beta, negative_eigen), log_alpha, scale=scale)
-
-
-def gated_deltanet_materialize(
-    q: Float[AnyArray, "b t h k"],
-    k: Float[AnyArray, "b t h k"],
-    v: Float[AnyArray, "b t h v"],
-    beta: Float[AnyArray, "b t h"],
-    log_alpha: Float[AnyArray, "b t h"],
-    *,
-    resets: ResetsLike | None = None,
-    negative_eigen=False,
-    scale=1.0,
-) -> Operator:
-    """``M[t, s] = scale q_tᵀ (prod_{r=s+1..t} alpha_r (I - beta_r k_r k_rᵀ)) beta_s k_s``."""
-    E.check_delta_inputs(q, k, v, beta, log_alpha, None, resets)
-    return E.materialize_delta_rule(q, k, _beta(beta, negative_eigen), log_alpha, resets=resets, scale=scale)
-
-
-# ----------------------------------------------------------------------------- DeltaProduct
-
-
-def _micro_tokens(q, k, v, beta, log_alpha, resets):
-    """Token-level DeltaProduct inputs -> ``t * n_h`` micro-tokens for the delta-rule engine: the gate
-    and the reset act on each token's first micro-step, ``q`` only on its last (zeros elsewhere)."""
-    b, t, h, n, dk = k.shape
-    flat = lambda x: jnp.moveaxis(x, 3, 2).reshape(b, t * n, h, *x.shape[4:])
-    qm = jnp.zeros((b, t, n, h, dk), q.dtype).at[:, :, -1].set(q).reshape(b, t * n, h, dk)
-    lam = None
-    if log_alpha is not None:
-        lam = jnp.zeros((b, t, n, h), jnp.float32).at[:, :, 0].set(log_alpha).reshape(b, t * n, h)
-    rsm = None if resets is None else jnp.zeros((b, t, n), bool).at[:, :, 0].set(resets).reshape(b, t * n)
-    return qm, flat(k), flat(v), flat(beta), lam, rsm
-
-
-def deltaproduct(
-    q: Float[AnyArray, "b t h k"],
-    k: Float[AnyArray, "b t h j k"],
-    v: Float[AnyArray, "b t h j v"],
-    beta: Float[AnyArray, "b t h j"],
-    log_alpha: Float[AnyArray, "b t h"] | None = None,
-    *,
-    h0: Float[AnyArray, "b h k v"] | None = None,
-    impl="auto",
-    resets: ResetsLike | None = None,
-    negative_eigen=False,
-    scale=1.0,
-    chunk_size=64,
-) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
-    """DeltaProduct, parallel form: ``k [b, t, h, n_h, dk]``, ``v [b, t, h, n_h, dv]``,
-    ``beta [b, t, h, n_h]``, optional gate ``log_alpha [b, t, h]``; ``chunk_size`` counts micro-tokens."""
-    E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets, householder=True)
-    b, t, h, n, _ = k.shape
-    qm, km, vm, bm, lam, rsm = _micro_tokens(q, k, v, _beta(beta, negative_eigen), log_alpha, resets)
-    o, h_last = delta_rule(qm, km, vm, bm, lam, h0=h0, resets=rsm, scale=scale, impl=impl, chunk_size=chunk_size)
-    return o.reshape(b, t, n, h, -1)[:, :, -1], h_last
-
-
-def deltaproduct_recurrent(
-    q: Float[AnyArray, "b t h k"],
-    k: Float[AnyArray, "b t h j k"],
-    v: Float[AnyArray, "b t h j v"],
-    beta: Float[AnyArray, "b t h j"],
-    log_alpha: Float[AnyArray, "b t h"] | None = None,
-    *,
-    h0: Float[AnyArray, "b h k v"] | None = None,
-    resets: ResetsLike | None = None,
-    negative_eigen=False,
-    scale=1.0,
-) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
-    """Reference, token by token: ``n_h`` Householder updates then one read-out per token."""
-    E.check_delta_inputs(q, k, v, beta, log_alpha, h0, resets, householder=True)
-    beta = jnp.asarray(_beta(beta, negative_eigen), jnp.float32)
-    dtype = jnp.result_type(q, k, v)
-    b, t, h, n, dk = k.shape
-    S0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if h0 is None else jnp.asarray(h0, jnp.float32)
-    la = jnp.zeros((b, t, h), jnp.float32) if log_alpha is None else jnp.asarray(log_alpha, jnp.float32)
-    alpha = jnp.exp(la)
-    if resets is not None:
-        alpha = jnp.where(jnp.asarray(resets, bool)[..., None], 0.0, alpha)
-
-    def step(S, xs):
-        q_t, k_t, v_t, beta_t, alpha_t = xs
-        for j in range(n):
-            a_j = alpha_t if j == 0 else jnp.ones_like(alpha_t)
-            S = E.delta_update(S, k_t[:, :, j], v_t[:, :, j], beta_t[:, :, j], a_j)
-        return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
-
-    f32 = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 1, 0)
-    S, o = jax.lax.scan(step, S0, (f32(q), f32(k), f32(v), f32(beta), f32(alpha)))
-    return jnp.moveaxis(o, 0, 1).astype(dtype), S
-
-
-def deltaproduct_step(
-    h: Float[AnyArray, "b h k v"] | None,
-    q: Float[AnyArray, "b h k"],
-    k: Float[AnyArray, "b h j k"],
-    v: Float[AnyArray, "b h j v"],
-    beta: Float[AnyArray, "b h j"],
-    log_alpha: Float[AnyArray, "b h"] | None = None,
-    *,
-    negative_eigen=False,
-    scale=1.0,
-) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
-    """One token: ``k [b, h, n_h, dk]``, ``v [b, h, n_h, dv]``, ``beta [b, h, n_h]`` -> ``(o_t, h)``."""
-    beta = _beta(beta, negative_eigen)
-    n = k.shape[2]
-    for j in range(n):
-        la = log_alpha if j == 0 else None
-        o, h = E.step_delta_rule(h, q, k[:, :, j], v[:, :, j], beta[:, :, j], la, scale=scale)
-    return o, h
-
-
-def deltaproduct_materialize(
-    q: Float[AnyArray, "b t h k"],
-    k: Float[AnyArray, "b t h j k"],
-    v: Float[AnyArray, "b t h j v"],
-    beta: Float[AnyArray, "b t h j"],
-    log_alpha: Float[AnyArray, "b t h"] | None = None,
-    *,
-    resets: ResetsLike | None = None,
-    negative_eigen=False,
-    scale=1.0,
-) -> Float[Array, "b h t t j"]:
-    """``M [b, h, T, T, n_h]`` with ``o = einsum("bhtsj,bshjv->bthv", M, v)``: the operator on each
-    token's ``n_h`` values (the micro-token operator read at each token's last micro-step): ``T x T``
-    per Householder step ``j`` (the contract test sums over ``j``)."""
-    E.check_delta_inputs(q, k, v, beta, log_alpha, None, resets, householder=True)
-    b, t, h, n, _ = k.shape
-    qm, km, _, bm, lam, rsm = _micro_tokens(q, k, v, _beta(beta, negative_eigen), log_alpha, resets)
-    m = E.materialize_delta_rule(qm, km, bm, lam, resets=rsm, scale=scale)  # [b, h, tn, tn]
-    return m.reshape(b, h, t, n, t, n)[:, :, :, -1]
+    return E.materialize_delta_rule(q, k, effective_beta(beta, negative_eigen), resets=resets, scale=scale)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -505,7 +261,7 @@ class DeltaRuleLayer(nnx.Module):
                 o, state = deltanet_step(p.h0, q[:, 0], k[:, 0, :, 0], v[:, 0, :, 0], beta[:, 0, :, 0], **step_kw)
             o = o[:, None]
         elif p.mesh is not None:  # time split over the mesh's `context` axis: dense shard transitions
-            o, state = cp.delta_context_parallel(q, k[:, :, :, 0], v[:, :, :, 0], _beta(beta[..., 0], self.negative_eigen),
+            o, state = cp.delta_context_parallel(q, k[:, :, :, 0], v[:, :, :, 0], effective_beta(beta[..., 0], self.negative_eigen),
                                                  log_alpha, mesh=p.mesh, resets=p.resets, scale=kw["scale"],
                                                  chunk_size=self.chunk_size)
         elif n > 1:

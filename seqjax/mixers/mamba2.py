@@ -98,6 +98,24 @@ def _heads(B, h):
     return jnp.repeat(B, h // B.shape[2], axis=2)
 
 
+def _ssd_operands(x, dt, A, B, C, negative_eigen):
+    """The engine's operands ``(q, k, v, log|a|, sign)``: ``q = C``, ``k = B`` per head, ``v = Δ x`` (in
+    ``x``'s dtype) and the transitions of :func:`transition`."""
+    h = x.shape[2]
+    g, sign = transition(dt, A, negative_eigen)
+    v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
+    q, k = _heads(C, h).astype(x.dtype), _heads(B, h).astype(x.dtype)
+    return q, k, v, g, sign
+
+
+def _skip(y, D, x):
+    """``y + D x`` in float32 (``y`` alone when ``D`` is None), returned in ``x``'s dtype."""
+    y = y.astype(jnp.float32)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
 def mamba2(
     x: Float[AnyArray, "b t h p"],
     dt: Float[AnyArray, "b t h"],
@@ -117,10 +135,7 @@ def mamba2(
     _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     if impl == "sequential":
         return mamba2_recurrent(x, dt, A, B, C, D, h0=h0, resets=resets, negative_eigen=negative_eigen)
-    h = x.shape[2]
-    g, sign = transition(dt, A, negative_eigen)
-    v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
-    q, k = _heads(C, h).astype(x.dtype), _heads(B, h).astype(x.dtype)
+    q, k, v, g, sign = _ssd_operands(x, dt, A, B, C, negative_eigen)
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["gla"]
         y, s = kernel_call(
@@ -129,9 +144,7 @@ def mamba2(
             q, k, v, g, sign, h0, resets, layouts="tttttst", out_layouts="ts")
     else:
         y, s = eng.chunk_gla(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
-    if D is not None:
-        y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
-    return y.astype(x.dtype), s
+    return _skip(y, D, x), s
 
 
 def mamba2_context_parallel(
@@ -150,14 +163,9 @@ def mamba2_context_parallel(
     """:func:`mamba2` (``h0=None``, no negative eigenvalues) with time sharded over the mesh axis ``context``:
     the chunked engine per shard, per-head decays (``seqjax.ops.context_parallel.gla_context_parallel``),
     plus the ``D`` skip. ``axes``: ``context``, ``batch_axes``, ``head_axis`` as there."""
-    h = x.shape[2]
-    g, _ = transition(dt, A, False)
-    v = (x.astype(jnp.float32) * dt.astype(jnp.float32)[..., None]).astype(x.dtype)
-    q, k = _heads(C, h).astype(x.dtype), _heads(B, h).astype(x.dtype)
+    q, k, v, g, _ = _ssd_operands(x, dt, A, B, C, False)
     y, s = cp.gla_context_parallel(q, k, v, g, mesh=mesh, resets=resets, local_fn=cp.chunked_local(chunk_size), **axes)
-    if D is not None:
-        y = y.astype(jnp.float32) + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
-    return y.astype(x.dtype), s
+    return _skip(y, D, x), s
 
 
 def mamba2_recurrent(
@@ -200,10 +208,7 @@ def mamba2_recurrent(
 
     xs = (f32(x), f32(dt), a, f32(_heads(B, h)), f32(_heads(C, h)))
     s_last, y = lax.scan(step, s0, tuple(jnp.moveaxis(z, 1, 0) for z in xs))
-    y = jnp.moveaxis(y, 0, 1)
-    if D is not None:
-        y = y + f32(D)[None, None, :, None] * f32(x)
-    return y.astype(x.dtype), s_last
+    return _skip(jnp.moveaxis(y, 0, 1), D, x), s_last
 
 
 def mamba2_step(
@@ -271,10 +276,7 @@ def mamba2_window(
         decay = jnp.exp(cum - delay(cum))  # Π_{r=t−w+1}^{t} a_r (y_old is zero where t < w)
         y = y.astype(jnp.float32) - decay[..., None] * y_old.astype(jnp.float32)
         s = s - decay[:, -1, :, None, None] * s_old
-    y = y.astype(jnp.float32)
-    if D is not None:
-        y = y + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
-    return y.astype(x.dtype), s
+    return _skip(y, D, x), s
 
 
 def mamba2_materialize(
