@@ -215,6 +215,7 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
     train only the others; an interrupted run's unfinished pair starts again."""
     sweep = SWEEPS[name]
     mod = importlib.import_module(sweep.script)
+    partial = bool(only) or baselines_only or bool(seeds)  # the other rows' and seeds' records are kept
     seeds = tuple(SEEDS[preset] if not seeds else seeds)
     in_preset = sweep.preset_rows.get(preset)
     rows = [r for r in sweep.rows if (in_preset is None or r.label in in_preset) and (not only or r.label in only or r.model in only)]
@@ -223,7 +224,6 @@ def run_sweep(name: str, preset: str = "cpu", seeds=None, only=(), baselines_onl
     folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "records.jsonl")
-    partial = bool(only) or baselines_only
     kept = [r for r in read_records(folder) if _keep(r, rows, seeds, baselines_only)] if partial else []
     finished = set()
     if resume:

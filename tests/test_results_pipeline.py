@@ -190,6 +190,22 @@ def test_resume_keeps_finished_runs_and_retrains_the_interrupted_one(tmp_path, m
     assert trained == [("attention", 0), ("mamba", 0)]
 
 
+def test_a_run_of_some_seeds_keeps_the_other_seeds_records(tmp_path, monkeypatch):
+    def fake_run(task, cfg):
+        return [{"task": task.name, "model": cfg.model, "seed": cfg.seed, "step": cfg.steps, "split": "test", "acc": 0.1 * cfg.seed}]
+
+    monkeypatch.setattr(sweep, "run", fake_run)
+    out = str(tmp_path)
+    sweep.run_sweep("copy", "tiny", seeds=(0,), out=out)
+    recs = sweep.run_sweep("copy", "tiny", seeds=(1, 2), out=out)
+    trained = {(r["row"], r["seed"]): r["acc"] for r in recs if r["model"] != "baseline"}
+    assert trained == {(m, s): pytest.approx(0.1 * s) for m in ("attention", "mamba") for s in (0, 1, 2)}
+    assert {r["seed"] for r in recs if r["row"] == "chance"} == {0, 1, 2}
+    # rerunning one seed replaces exactly that seed's records
+    recs = sweep.run_sweep("copy", "tiny", seeds=(1,), out=out)
+    assert sorted((r["row"], r["seed"]) for r in recs if r["model"] != "baseline") == sorted(trained)
+
+
 @pytest.mark.parametrize("name", list(sweep.SWEEPS))
 def test_readme_table_equals_what_the_records_give(name):
     """The README carries each sweep task's table between ``<!-- table:<task> -->`` markers; it must equal the
