@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: wall-clock timing of JAX and PyTorch callables, one table writer.
+"""Shared helpers of the benchmark scripts: wall-clock timing of JAX and PyTorch callables, one table writer, the
+machine and library versions a run's header names.
 
 Every script measures the forms it compares side by side in one process (the machines are shared and
 noisy: ratios measured in one run are what to read) and reports the median of a few repetitions after a
@@ -8,6 +9,8 @@ warm-up call that also compiles.
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import statistics
 import time
 from typing import Literal
@@ -15,6 +18,29 @@ from typing import Literal
 import numpy as np
 
 from seqjax import cli
+
+
+def machine() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name, else ``platform``'s) and the number of logical CPUs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def versions(torch: str = "") -> str:
+    """Python, jax, jaxlib, flax and numpy versions; ``torch`` (a version, or e.g. "not installed") goes before
+    numpy when given."""
+    import flax
+    import jax
+    import jaxlib
+
+    torch_v = f"torch {torch}, " if torch else ""
+    return (f"python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
+            f"flax {flax.__version__}, {torch_v}numpy {np.__version__}")
 
 
 def time_jax(f, *args, reps: int = 5) -> float:

@@ -21,12 +21,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import platform
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -35,7 +33,7 @@ from seqjax.models.convssm import ConvS5, FramePredictor
 from seqjax.rnn.conv import ConvLSTM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import time_interleaved
+from _common import machine, time_interleaved, versions
 
 
 @dataclasses.dataclass
@@ -121,32 +119,14 @@ def bench_generate(a: Args, frames) -> list[str]:
                   "time per generated frame", res, "ConvLSTM")
 
 
-def _versions() -> str:
-    import flax
-    import jaxlib
-
-    return (f"python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
-            f"flax {flax.__version__}, numpy {np.__version__}")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs"
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = cli.parse(Args, argv, description=__doc__)
     load0 = os.getloadavg()
     head = [f"## `python benchmarks/convssm.py {' '.join(argv)}`\n",
             f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-            f"- machine: {_machine()}; backend {jax.default_backend()} ({jax.devices()[0].device_kind})",
-            f"- versions: {_versions()}",
+            f"- machine: {machine()}; backend {jax.default_backend()} ({jax.devices()[0].device_kind})",
+            f"- versions: {versions()}",
             f"- timing: {a.reps} interleaved rounds after a warm-up call each, all forms in one process; "
             "median and minimum wall time"]
     print("\n".join(head), flush=True)

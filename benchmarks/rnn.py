@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import platform
 import sys
 
 import jax
@@ -42,7 +41,7 @@ from seqjax import cli
 from seqjax import rnn as R
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import time_interleaved
+from _common import machine, time_interleaved, versions
 
 try:
     import torch
@@ -190,25 +189,6 @@ def bench_parallel(ts, reps, b=4, h=32) -> list[str]:
     return rows
 
 
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
-
-
-def _versions() -> str:
-    import flax
-    import jaxlib
-
-    torch_v = torch.__version__ if torch is not None else "not installed"
-    return (f"python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax "
-            f"{flax.__version__}, torch {torch_v}, numpy {np.__version__}")
-
-
 @dataclasses.dataclass
 class Args:
     reps: int = 7  # interleaved timing rounds
@@ -237,8 +217,8 @@ def main(argv=None):
     load0 = os.getloadavg()
     head = [f"## `python benchmarks/rnn.py {' '.join(argv)}`\n",
             f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-            f"- machine: {_machine()}; backend {jax.default_backend()} ({jax.devices()[0].device_kind})",
-            f"- versions: {_versions()}",
+            f"- machine: {machine()}; backend {jax.default_backend()} ({jax.devices()[0].device_kind})",
+            f"- versions: {versions(torch.__version__ if torch is not None else 'not installed')}",
             f"- cores: {threads}",
             f"- timing: {a.reps} interleaved rounds after a warm-up call each, all forms in one process; "
             "median and minimum wall time"]
