@@ -244,15 +244,17 @@ def _backward(kind, unroll, chunk, res, cot):
         dax_c = jnp.transpose(dax_c, (2, 0, 1))
         dar_c = None if dar_c is None else jnp.transpose(dar_c, (2, 0, 1))
         dax2 = dax_c.reshape(bsz * tc, g * k * d)
-        dar2 = (dar_c if two else dax_c).reshape(bsz * tc, g, k * d)
+        dar2 = jnp.swapaxes((dar_c if two else dax_c).reshape(bsz * tc, g, k * d), 0, 1)  # [G, B·tc, K·D]
+        # the weight gradients contract over the B·tc rows: with the left factor transposed into a row-major
+        # copy first, XLA's CPU matmul runs them about 2x faster than on the transposed view
         hc = lax.dynamic_slice_in_dim(h_prev, t0, tc, axis=1).reshape(bsz * tc, g, d)
-        dR = dR + jnp.einsum("ngd,ngm->gdm", hc, dar2)
+        dR = dR + jnp.einsum("gdn,gnm->gdm", lax.optimization_barrier(jnp.transpose(hc, (1, 2, 0))), dar2)
         db = db + dax2.sum(0)
         if W2 is None:
             dxc = dax2
         else:
             xc = lax.dynamic_slice_in_dim(xf, t0, tc, axis=1).reshape(bsz * tc, -1)
-            dW = dW + xc.T @ dax2
+            dW = dW + lax.optimization_barrier(xc.T) @ dax2
             dxc = dax2 @ W2t
         dx = lax.dynamic_update_slice_in_dim(dx, dxc.reshape(bsz, tc, -1), t0, axis=1)
         return ds, dx, dW, db, dR, dp
