@@ -1,4 +1,4 @@
-r"""Shared pieces of the linear time-invariant state-space mixers (LSSL, S4D, S5).
+r"""Shared pieces of the linear time-invariant state-space mixers (LSSL, S4D, S5, LRU).
 
 - HiPPO matrices (Gu et al. 2020, "HiPPO: Recurrent Memory with Optimal Polynomial Projections"):
   LegS ``A``/``B`` and its normal part (S5's HiPPO-N);
@@ -11,7 +11,7 @@ r"""Shared pieces of the linear time-invariant state-space mixers (LSSL, S4D, S5
   (:func:`diag_ssm_recurrent`), through the scan engine (:func:`diag_ssm_scan`) and as an operator
   (:func:`mimo_toeplitz`);
 - complex parameters: a circular complex normal draw, and a complex array stored as a real pair of
-  ``nnx.Param`` (S4D, S5).
+  ``nnx.Param`` (LRU, S4D, S5).
 
 The module name starts with ``_`` so the registry does not import it as a mixer family.
 """
