@@ -1,13 +1,17 @@
-r"""Shared pieces of the linear time-invariant state-space mixers (LSSL, S4D, S5).
+r"""Shared pieces of the linear time-invariant state-space mixers (LSSL, S4D, S5, LRU).
 
 - HiPPO matrices (Gu et al. 2020, "HiPPO: Recurrent Memory with Optimal Polynomial Projections"):
   LegS ``A``/``B`` and its normal part (S5's HiPPO-N);
 - the causal convolution ``y_t = sum_{s <= t} K_{t-s} x_s`` by FFT, and its packed-document form
   (a masked Toeplitz product, since a reset breaks time invariance);
 - document masks that say which tokens ``h0`` reaches and which ones feed ``h_last``;
-- the input checks the diagonal scans share (LRU, RG-LRU, S4D, S5).
+- the input checks the diagonal scans share (LRU, RG-LRU, S4D, S5);
+- the complex diagonal MIMO system of LRU and S5 once its coefficients are known:
+  ``h_t = λ ⊙ h_{t-1} + B̄ x_t``, ``y_t = c Re(C h_t) + D ⊙ x_t`` as a reference ``lax.scan``
+  (:func:`diag_ssm_recurrent`), through the scan engine (:func:`diag_ssm_scan`) and as an operator
+  (:func:`mimo_toeplitz`);
 - complex parameters: a circular complex normal draw, and a complex array stored as a real pair of
-  ``nnx.Param`` (S4D, S5).
+  ``nnx.Param`` (LRU, S4D, S5).
 
 The module name starts with ``_`` so the registry does not import it as a mixer family.
 """
@@ -18,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from seqjax import _checks
+from seqjax.scan import linear_scan
 
 __all__ = [
     "hippo_legs",
@@ -29,6 +35,9 @@ __all__ = [
     "document_masks",
     "check_ssm_inputs",
     "resets_or_none",
+    "diag_ssm_recurrent",
+    "diag_ssm_scan",
+    "mimo_toeplitz",
     "complex_normal",
     "complex_params",
 ]
@@ -107,6 +116,40 @@ def causal_conv(x, k, resets=None):
     same = doc[:, :, None] == doc[:, None, :]  # [b, t, s]
     m = jnp.where(same[:, None], toeplitz[None], 0.0)
     return jnp.einsum("bhts,bsh->bth", m, x.astype(jnp.float32))
+
+
+def _diag_ssm_out(C, D, hs, x, out_scale):
+    """``y = out_scale Re(C h) + D ⊙ x`` in float32, for states ``hs [..., n]`` and inputs ``x [..., H]``."""
+    y = out_scale * jnp.real(jnp.einsum("hn,...n->...h", C.astype(jnp.complex64), hs))
+    d = D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return y + d * x.astype(jnp.float32)
+
+
+def diag_ssm_recurrent(x, log_lam, b_bar, C, D, h0, resets, out_scale):
+    """The reference ``lax.scan`` of ``h_t = e^{log λ} ⊙ h_{t-1} + B̄ x_t``, ``y_t = out_scale Re(C h_t) + D ⊙ x_t``
+    (LRU, S5; a reset zeroes the carried state): ``x [b, t, H]``, ``log_lam [n]``, ``b_bar [n, H]``, ``C [H, n]``
+    complex64 -> ``(y [b, t, H] in x's dtype, h_last [b, n] complex64)``. Inputs checked by the caller."""
+    bsz, t, _ = x.shape
+    lam = jnp.exp(log_lam)
+    state = jnp.zeros((bsz, log_lam.shape[0]), jnp.complex64) if h0 is None else h0.astype(jnp.complex64)
+    keep = jnp.ones((bsz, t), bool) if resets is None else ~jnp.asarray(resets, bool)
+
+    def step(state, inp):
+        x_t, keep_t = inp
+        state = jnp.where(keep_t[:, None], lam[None] * state, 0.0)
+        state = state + jnp.einsum("nh,bh->bn", b_bar, x_t.astype(jnp.complex64))
+        return state, _diag_ssm_out(C, D, state, x_t, out_scale)
+
+    state, ys = lax.scan(step, state, (jnp.moveaxis(x.astype(jnp.float32), 1, 0), keep.T))
+    return jnp.moveaxis(ys, 0, 1).astype(x.dtype), state
+
+
+def diag_ssm_scan(x, log_lam, b_bar, C, D, h0, resets, out_scale, impl):
+    """:func:`diag_ssm_recurrent` through the scan engine (``seqjax.scan.linear_scan``, ``impl`` one of its
+    impls); ``resets`` bool or ``None``."""
+    bu = jnp.einsum("nh,bth->btn", b_bar, x.astype(jnp.complex64))
+    hs, h_last = linear_scan(log_lam[None, None], bu, h0=h0, resets=resets, log_decay=True, impl=impl)
+    return _diag_ssm_out(C, D, hs, x, out_scale).astype(x.dtype), h_last
 
 
 def mimo_toeplitz(x, log_lam, C, gb, D):

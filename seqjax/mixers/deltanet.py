@@ -58,7 +58,6 @@ from seqjax.mixers.gated_deltanet import (
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import GatedRMSNorm, Linear, RMSNorm, ShortConv, l2_normalize
 from seqjax.ops import context_parallel as cp
-from seqjax.ops import delta as E
 from seqjax.types import AnyArray, Array, Cache, Float, Hidden, Operator, ResetsLike, SegmentIds
 
 __all__ = [
@@ -90,9 +89,8 @@ def deltanet(
 ) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """DeltaNet, parallel form: ``(o [b, t, h, dv], h_last [b, h, dk, dv])``. ``impl``: ``"auto"``
     (= ``"chunked"``), ``"sequential"`` (the reference), ``"chunked"`` (WY/UT), ``"pallas"``."""
-    E.check_delta_inputs(q, k, v, beta, None, h0, resets)
-    beta = effective_beta(beta, negative_eigen)
-    return delta_rule(q, k, v, beta, None, h0=h0, resets=resets, scale=scale, impl=impl, chunk_size=chunk_size)
+    return gated_deltanet(q, k, v, beta, None, h0=h0, impl=impl, resets=resets, negative_eigen=negative_eigen,
+                          scale=scale, chunk_size=chunk_size)  # no decay: alpha = 1
 
 
 def deltanet_recurrent(
@@ -107,8 +105,7 @@ def deltanet_recurrent(
     scale=1.0,
 ) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
     """Reference: ``S_t = (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``, ``o_t = scale S_tᵀ q_t``."""
-    E.check_delta_inputs(q, k, v, beta, None, h0, resets)
-    return E.recurrent_delta_rule(q, k, v, effective_beta(beta, negative_eigen), h0=h0, resets=resets, scale=scale)
+    return gated_deltanet_recurrent(q, k, v, beta, None, h0=h0, resets=resets, negative_eigen=negative_eigen, scale=scale)
 
 
 def deltanet_step(
@@ -122,7 +119,7 @@ def deltanet_step(
     scale=1.0,
 ) -> tuple[Float[Array, "b h v"], Float[Array, "b h k v"]]:
     """One token (``q, k [b, h, dk]``, ``v [b, h, dv]``, ``beta [b, h]``) -> ``(o_t, h)``."""
-    return E.step_delta_rule(h, q, k, v, effective_beta(beta, negative_eigen), scale=scale)
+    return gated_deltanet_step(h, q, k, v, beta, None, negative_eigen=negative_eigen, scale=scale)
 
 
 def deltanet_materialize(
@@ -136,8 +133,7 @@ def deltanet_materialize(
     scale=1.0,
 ) -> Operator:
     """``M [b, h, T, T]`` with ``o = M v``: ``M[t, s] = scale q_tᵀ (prod_{r=s+1..t} (I - beta_r k_r k_rᵀ)) beta_s k_s``."""
-    E.check_delta_inputs(q, k, v, beta, None, None, resets)
-    return E.materialize_delta_rule(q, k, effective_beta(beta, negative_eigen), resets=resets, scale=scale)
+    return gated_deltanet_materialize(q, k, v, beta, None, resets=resets, negative_eigen=negative_eigen, scale=scale)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -255,10 +251,8 @@ class DeltaRuleLayer(nnx.Module):
             step_kw = dict(negative_eigen=self.negative_eigen, scale=kw["scale"])
             if n > 1:
                 o, state = deltaproduct_step(p.h0, q[:, 0], k[:, 0], v[:, 0], beta[:, 0], la, **step_kw)
-            elif self.gated:
+            else:  # DeltaNet is Gated DeltaNet without a decay (log_alpha None)
                 o, state = gated_deltanet_step(p.h0, q[:, 0], k[:, 0, :, 0], v[:, 0, :, 0], beta[:, 0, :, 0], la, **step_kw)
-            else:
-                o, state = deltanet_step(p.h0, q[:, 0], k[:, 0, :, 0], v[:, 0, :, 0], beta[:, 0, :, 0], **step_kw)
             o = o[:, None]
         elif p.mesh is not None:  # time split over the mesh's `context` axis: dense shard transitions
             o, state = cp.delta_context_parallel(q, k[:, :, :, 0], v[:, :, :, 0], effective_beta(beta[..., 0], self.negative_eigen),
@@ -266,10 +260,8 @@ class DeltaRuleLayer(nnx.Module):
                                                  chunk_size=self.chunk_size)
         elif n > 1:
             o, state = deltaproduct(q, k, v, beta, log_alpha, **kw)
-        elif self.gated:
-            o, state = gated_deltanet(q, k[:, :, :, 0], v[:, :, :, 0], beta[..., 0], log_alpha, **kw)
         else:
-            o, state = deltanet(q, k[:, :, :, 0], v[:, :, :, 0], beta[..., 0], **kw)
+            o, state = gated_deltanet(q, k[:, :, :, 0], v[:, :, :, 0], beta[..., 0], log_alpha, **kw)
         if self.g_proj is not None:
             o = self.o_norm(o, self.g_proj(x).reshape(b, t, h, dv))
         else:

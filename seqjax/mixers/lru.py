@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from seqjax import _checks
 from seqjax.layer import StateCache, plan, update
@@ -42,7 +41,6 @@ from seqjax.mixers.rglru import (
 from seqjax.mixers.rglru import RGLRU_C as RGLRU_C
 from seqjax.mixers.rglru import rglru_a_init as rglru_a_init
 from seqjax.nn import Linear
-from seqjax.scan import linear_scan
 from seqjax.types import AnyArray, Array, Cache, Complex, Float, Hidden, Inexact, ResetsLike, SegmentIds
 
 __all__ = ["lru", "lru_recurrent", "lru_step", "lru_materialize", "lru_make_inputs", "lru_ring_init", "LRU",
@@ -73,12 +71,6 @@ def _lru_coeffs(nu_log, theta_log, B):
     return log_lam.astype(jnp.complex64), gamma[:, None] * B.astype(jnp.complex64)
 
 
-def _lru_out(C, D, hs, x):
-    y = jnp.real(jnp.einsum("hn,...n->...h", C.astype(jnp.complex64), hs))
-    d = D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return y + d * x.astype(jnp.float32)
-
-
 def lru_recurrent(
     x: Float[AnyArray, "b t d"],
     nu_log: Float[AnyArray, " n"],
@@ -98,28 +90,12 @@ def lru_recurrent(
 
 @jax.jit
 def _lru_recurrent(x, nu_log, theta_log, B, C, D, h0, resets):
-    bsz, t, _ = x.shape
-    log_lam, gb = _lru_coeffs(nu_log, theta_log, B)
-    lam = jnp.exp(log_lam)
-    state = jnp.zeros((bsz, nu_log.shape[0]), jnp.complex64) if h0 is None else h0.astype(jnp.complex64)
-    keep = jnp.ones((bsz, t), bool) if resets is None else ~jnp.asarray(resets, bool)
-
-    def step(state, inp):
-        x_t, keep_t = inp
-        state = jnp.where(keep_t[:, None], lam[None] * state, 0.0)
-        state = state + jnp.einsum("nh,bh->bn", gb, x_t.astype(jnp.complex64))
-        return state, _lru_out(C, D, state, x_t)
-
-    state, ys = lax.scan(step, state, (jnp.moveaxis(x.astype(jnp.float32), 1, 0), keep.T))
-    return jnp.moveaxis(ys, 0, 1).astype(x.dtype), state
+    return _ssm.diag_ssm_recurrent(x, *_lru_coeffs(nu_log, theta_log, B), C, D, h0, resets, out_scale=1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("impl",))
 def _lru_scan(x, nu_log, theta_log, B, C, D, h0, resets, impl):
-    log_lam, gb = _lru_coeffs(nu_log, theta_log, B)
-    bu = jnp.einsum("nh,bth->btn", gb, x.astype(jnp.complex64))
-    hs, h_last = linear_scan(log_lam[None, None], bu, h0=h0, resets=resets, log_decay=True, impl=impl)
-    return _lru_out(C, D, hs, x).astype(x.dtype), h_last
+    return _ssm.diag_ssm_scan(x, *_lru_coeffs(nu_log, theta_log, B), C, D, h0, resets, out_scale=1.0, impl=impl)
 
 
 def lru(
@@ -213,10 +189,8 @@ class LRU(nnx.Module):
         self.theta_log = nnx.Param(theta_log, out_sharding=("state",))
         b = _cnormal(rngs.params(), (state_size, d_model), 1 / np.sqrt(2 * d_model))
         c = _cnormal(rngs.params(), (d_model, state_size), 1 / np.sqrt(state_size))
-        self.b_re = nnx.Param(jnp.real(b), out_sharding=("state", "mlp"))
-        self.b_im = nnx.Param(jnp.imag(b), out_sharding=("state", "mlp"))
-        self.c_re = nnx.Param(jnp.real(c), out_sharding=("mlp", "state"))
-        self.c_im = nnx.Param(jnp.imag(c), out_sharding=("mlp", "state"))
+        self.b_re, self.b_im = _ssm.complex_params(jnp.real(b), jnp.imag(b), ("state", "mlp"))
+        self.c_re, self.c_im = _ssm.complex_params(jnp.real(c), jnp.imag(c), ("mlp", "state"))
         self.D = nnx.Param(jax.random.normal(rngs.params(), (d_model,)), out_sharding=("mlp",))
         self.out_proj = Linear(d_model, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 

@@ -24,14 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from seqjax import _checks
 from seqjax.layer import StateCache, plan, update
 from seqjax.mixers import _ssm
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear
-from seqjax.scan import linear_scan
 from seqjax.types import AnyArray, Array, Cache, Complex, Float, Hidden, Inexact, ResetsLike, SegmentIds
 
 __all__ = ["s5", "s5_recurrent", "s5_step", "s5_materialize", "s5_make_inputs", "s5_init", "S5"]
@@ -59,12 +57,6 @@ def _s5_zoh(Lambda, log_dt, B):
     return dt_l, b_bar
 
 
-def _s5_out(C, D, hs, x):
-    y = 2.0 * jnp.real(jnp.einsum("hp,...p->...h", C.astype(jnp.complex64), hs))
-    d = D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return y + d * x.astype(jnp.float32)
-
-
 def s5_recurrent(
     x: Float[AnyArray, "b t d"],
     Lambda: Complex[AnyArray, " n"],
@@ -84,28 +76,12 @@ def s5_recurrent(
 
 @jax.jit
 def _s5_recurrent(x, Lambda, log_dt, B, C, D, h0, resets):
-    bsz, t, _ = x.shape
-    dt_l, b_bar = _s5_zoh(Lambda, log_dt, B)
-    lam_bar = jnp.exp(dt_l)
-    state = jnp.zeros((bsz, Lambda.shape[0]), jnp.complex64) if h0 is None else h0.astype(jnp.complex64)
-    keep = jnp.ones((bsz, t), bool) if resets is None else ~jnp.asarray(resets, bool)
-
-    def step(state, inp):
-        x_t, keep_t = inp
-        state = jnp.where(keep_t[:, None], lam_bar[None] * state, 0.0)
-        state = state + jnp.einsum("ph,bh->bp", b_bar, x_t.astype(jnp.complex64))
-        return state, _s5_out(C, D, state, x_t)
-
-    state, ys = lax.scan(step, state, (jnp.moveaxis(x.astype(jnp.float32), 1, 0), keep.T))
-    return jnp.moveaxis(ys, 0, 1).astype(x.dtype), state
+    return _ssm.diag_ssm_recurrent(x, *_s5_zoh(Lambda, log_dt, B), C, D, h0, resets, out_scale=2.0)
 
 
 @functools.partial(jax.jit, static_argnames=("impl",))
 def _s5_scan(x, Lambda, log_dt, B, C, D, h0, resets, impl):
-    dt_l, b_bar = _s5_zoh(Lambda, log_dt, B)
-    bu = jnp.einsum("ph,bth->btp", b_bar, x.astype(jnp.complex64))
-    hs, h_last = linear_scan(dt_l[None, None], bu, h0=h0, resets=resets, log_decay=True, impl=impl)
-    return _s5_out(C, D, hs, x).astype(x.dtype), h_last
+    return _ssm.diag_ssm_scan(x, *_s5_zoh(Lambda, log_dt, B), C, D, h0, resets, out_scale=2.0, impl=impl)
 
 
 def s5(
