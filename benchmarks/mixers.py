@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 import sys
 
@@ -67,6 +68,18 @@ def _fns(spec, impl, inputs):
     return fwd, jax.grad(loss), d
 
 
+def _widths(make_inputs, heads, dim) -> dict:
+    """``make_inputs``' keywords for ``heads`` heads of width ``dim``: ``dk = dv = dim``, or for an SSM that takes
+    ``head_dim`` / ``state`` (Mamba-2) ``head_dim = state = dim`` with one B/C group."""
+    params = inspect.signature(make_inputs).parameters
+    if "dk" in params:
+        return dict(heads=heads, dk=dim, dv=dim)
+    if "head_dim" in params:
+        return dict(heads=heads, head_dim=dim, **({"state": dim} if "state" in params else {}),
+                    **({"groups": 1} if "groups" in params else {}))
+    raise SystemExit(f"--heads/--dim: {make_inputs.__name__} takes neither dk/dv nor head_dim")
+
+
 def bench(names, ts, batch=1, heads=0, dim=0, reps=3):
     rows, rates = [], []
     for name in names:
@@ -74,7 +87,7 @@ def bench(names, ts, batch=1, heads=0, dim=0, reps=3):
         par = [i for i in spec.impls if i != "sequential"] or ["sequential"]
         forms = ["reference", *par, "auto"]
         for t in ts:
-            dims = dict(heads=heads, dk=dim, dv=dim) if heads else {}
+            dims = _widths(spec.make_inputs, heads, dim) if heads else {}
             inputs = spec.make_inputs(jax.random.PRNGKey(0), batch, t, **dims)
             mm, mm_args, mm_flops = _matmul(batch, t, heads, dim)
             calls, info, res = {"matmul": (mm, mm_args)}, {}, {}
@@ -126,7 +139,7 @@ class Args:
     quick: bool = False  # T = 1k only
     mixers: tuple[str, ...] = ()  # comma list of names (default: all registered)
     batch: int = 1
-    heads: int = 0  # with dim: make_inputs(heads=H, dk=dv=D) instead of each mixer's small defaults
+    heads: int = 0  # with dim: make_inputs(heads=H, dk=dv=D; Mamba-2 head_dim=d_state=D) instead of the small defaults
     dim: int = 0  # head dim (with heads)
     ts: tuple[int, ...] = ()  # sequence lengths (default 1k, 4k, 16k; --quick: 1k)
     reps: int = 3  # interleaved rounds (medians)

@@ -63,9 +63,9 @@ def _run(q, k, v, g, *, h0, resets, impl, chunk_size, scale, sign=None):
             lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
                 q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
             qs, k, v, g, sign, h0, resets, layouts="tttttst", out_layouts="ts")
-    elif impl == "chunked" or g is None or g.ndim == 3 or kernel_platform() != "cpu":
+    elif impl == "chunked" or kernel_platform() != "cpu":
         o, s = eng.chunk_gla(qs, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
-    else:  # CPU "auto", per-channel decays: evaluate by the scan, differentiate through the chunked form
+    else:  # CPU "auto": evaluate by the scan, differentiate through the chunked form
         o, s = primal_by(
             lambda q, k, v, g, sign, h0, resets: eng.recurrent_gla(q, k, v, g, sign=sign, h0=h0, resets=resets),
             lambda q, k, v, g, sign, h0, resets: eng.chunk_gla(
@@ -97,8 +97,8 @@ def gla(
     ``"pallas"``, or ``"auto"``: the Pallas kernel where ``seqjax._platform.auto_pallas`` says so, else the
     chunked form, except on the CPU, where ``"auto"`` evaluates the scan and differentiates through the chunked
     form (``seqjax.mixers._autodiff.primal_by``): the scan is the faster forward there, the chunked form the
-    faster forward+backward (``benchmarks/results/cpu_mixers.md``). :func:`retnet` and
-    :func:`linear_attention` (per-head or no decay) keep the chunked form under ``"auto"``.
+    faster forward+backward (``benchmarks/results/cpu_mixers.md``), with per-channel, per-head (:func:`retnet`,
+    Mamba-2) or no decay (:func:`linear_attention`) alike.
     """
     _checks.check_no_negative_eigen("gla", negative_eigen)
     _checks.check_ndim("log_decay", log_decay, 4, "[batch, time, heads, key_dim] (GLA's per-channel gate)")

@@ -37,10 +37,12 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from pallas_kernels._util import platform as kernel_platform
 from pallas_kernels.gla_chunk import gla_chunk_pallas
 from seqjax import _checks, nn
 from seqjax._platform import AUTO_BACKWARD, auto_pallas, kernel_call
 from seqjax.layer import plan, update
+from seqjax.mixers._autodiff import primal_by
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.ops import context_parallel as cp
 from seqjax.ops import gla as eng
@@ -130,7 +132,12 @@ def mamba2(
     chunk_size=64,
     negative_eigen=False,
 ) -> tuple[Float[Array, "b t h p"], Float[Array, "b h n p"]]:
-    """SSD: ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``. Returns ``(y, S_T)``."""
+    """SSD: ``S_t = a_t S_{t-1} + Δ_t B_t x_t^T; y_t = S_t^T C_t + D x_t``. Returns ``(y, S_T)``.
+
+    ``impl``: ``"sequential"`` (the float32 ``lax.scan`` reference), ``"chunked"`` (the SSD chunked form on
+    ``seqjax.ops.gla``), ``"pallas"``, or ``"auto"``: the Pallas kernel where ``seqjax._platform.auto_pallas``
+    says so, else the chunked form, except on the CPU, where the scan evaluates it and the chunked form
+    differentiates it (as in :func:`seqjax.mixers.gla.gla`)."""
     _checks.check_choice("impl", impl, IMPLS)
     _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     if impl == "sequential":
@@ -142,8 +149,14 @@ def mamba2(
             lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
                 q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
             q, k, v, g, sign, h0, resets, layouts="tttttst", out_layouts="ts")
-    else:
+    elif impl == "chunked" or kernel_platform() != "cpu":
         y, s = eng.chunk_gla(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
+    else:  # CPU "auto": evaluate by the scan, differentiate through the chunked form (as GLA's)
+        y, s = primal_by(
+            lambda q, k, v, g, sign, h0, resets: eng.recurrent_gla(q, k, v, g, sign=sign, h0=h0, resets=resets),
+            lambda q, k, v, g, sign, h0, resets: eng.chunk_gla(
+                q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size),
+        )(q, k, v, g, sign, h0, resets)
     return _skip(y, D, x), s
 
 
