@@ -114,6 +114,12 @@ SWEEPS = {
         {"cpu": {"steps": 1000, "eval_every": 250}, "paper": {}}, sequence=True, axis="d_model",
         preset_rows={p: tuple(f"{m} d={d}" for d in ws for m in _WIDTH_MODELS)
                      for p, ws in {"cpu": (32, 64, 128), "tiny": (32,), "paper": (64, 128, 256, 512)}.items()}),
+    "mqar_lr": Sweep(
+        "mqar", {"d_model": 64},
+        tuple(Row(f"attention lr={lr:g}", "attention", (("lr", lr),), target=(">=", 0.99)) for lr in (1e-3, 3e-3, 1e-2)),
+        "acc", "test", "MQAR (T 64, 4 pairs), attention at d_model 64 against the learning rate: zoology keeps the best "
+        "of four rates in 1e-4..1e-2, and attention solves it at every width",
+        {"cpu": {"steps": 1000, "eval_every": 250}, "paper": {}}, sequence=True, axis="lr"),
     "icll": Sweep(
         "icll", {},
         (Row("attention", "attention", target=(">", ("mamba2", "gated_deltanet", "lstm"))), Row("mamba2", "mamba2"),
