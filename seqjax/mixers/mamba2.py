@@ -142,6 +142,20 @@ def mamba2(
     _check_mamba2_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
     if impl == "sequential":
         return mamba2_recurrent(x, dt, A, B, C, D, h0=h0, resets=resets, negative_eigen=negative_eigen)
+    if impl == "auto" and not auto_pallas(chunk_size) and kernel_platform() == "cpu":
+        # evaluate by the scan, differentiate through the chunked form (as GLA's "auto" on the CPU)
+        return primal_by(
+            lambda x, dt, A, B, C, D, h0, resets: mamba2_recurrent(
+                x, dt, A, B, C, D, h0=h0, resets=resets, negative_eigen=negative_eigen),
+            lambda x, dt, A, B, C, D, h0, resets: _mamba2_chunked(
+                x, dt, A, B, C, D, h0, resets, "chunked", chunk_size, negative_eigen),
+        )(x, dt, A, B, C, D, h0, resets)
+    return _mamba2_chunked(x, dt, A, B, C, D, h0, resets, impl, chunk_size, negative_eigen)
+
+
+def _mamba2_chunked(x, dt, A, B, C, D, h0, resets, impl, chunk_size, negative_eigen):
+    """The chunked SSD form: the Pallas kernel (``"pallas"``, or ``"auto"`` where ``auto_pallas``), else the
+    chunked engine."""
     q, k, v, g, sign = _ssd_operands(x, dt, A, B, C, negative_eigen)
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["gla"]
@@ -149,14 +163,8 @@ def mamba2(
             lambda q, k, v, g, sign, h0, resets: gla_chunk_pallas(
                 q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size, backward=backward),
             q, k, v, g, sign, h0, resets, layouts="tttttst", out_layouts="ts")
-    elif impl == "chunked" or kernel_platform() != "cpu":
+    else:
         y, s = eng.chunk_gla(q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size)
-    else:  # CPU "auto": evaluate by the scan, differentiate through the chunked form (as GLA's)
-        y, s = primal_by(
-            lambda q, k, v, g, sign, h0, resets: eng.recurrent_gla(q, k, v, g, sign=sign, h0=h0, resets=resets),
-            lambda q, k, v, g, sign, h0, resets: eng.chunk_gla(
-                q, k, v, g, sign=sign, h0=h0, resets=resets, chunk_size=chunk_size),
-        )(q, k, v, g, sign, h0, resets)
     return _skip(y, D, x), s
 
 
