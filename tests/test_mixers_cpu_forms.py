@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from seqjax import mixers
 from seqjax.mixers import deltanet as D
-from seqjax.mixers import gla as G
 from seqjax.mixers.delta_chunked import chunk_delta_rule_cpu, unit_lower_inverse
 from seqjax.ops import delta as E
 
@@ -52,9 +52,12 @@ def test_auto_evaluates_the_scan_and_differentiates_the_chunked_form():
         np.testing.assert_array_equal(a, b)
 
 
-def test_gla_auto_evaluates_the_scan_and_differentiates_the_chunked_form():
-    inp = G.gla_make_inputs(jax.random.PRNGKey(5), 1, 20)
-    f = lambda impl: lambda d: G.gla(**d, impl=impl, chunk_size=16)[0]
+@pytest.mark.parametrize("name", ["gla", "retnet", "linear_attention", "mamba2"])
+def test_gla_family_auto_evaluates_the_scan_and_differentiates_the_chunked_form(name):
+    """Per-channel (GLA), per-head (RetNet, Mamba-2) and no decay (linear attention) alike."""
+    spec = mixers.get(name)
+    inp = {k: v for k, v in spec.make_inputs(jax.random.PRNGKey(5), 1, 20).items() if jnp.issubdtype(v.dtype, jnp.inexact)}
+    f = lambda impl: lambda d: spec.fn(**d, impl=impl, chunk_size=16, **spec.options)[0]
     np.testing.assert_array_equal(jax.jit(f("auto"))(inp), jax.jit(f("sequential"))(inp))
     grad = lambda impl: jax.grad(lambda d: jnp.sum(f(impl)(d) ** 2))(inp)
     for a, b in zip(jax.tree.leaves(grad("auto")), jax.tree.leaves(grad("chunked"))):
