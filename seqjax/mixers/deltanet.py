@@ -87,8 +87,8 @@ def deltanet(
     scale=1.0,
     chunk_size=64,
 ) -> tuple[Float[Array, "b t h v"], Float[Array, "b h k v"]]:
-    """DeltaNet, parallel form: ``(o [b, t, h, dv], h_last [b, h, dk, dv])``. ``impl``: ``"auto"``
-    (= ``"chunked"``), ``"sequential"`` (the reference), ``"chunked"`` (WY/UT), ``"pallas"``."""
+    """DeltaNet, parallel form: ``(o [b, t, h, dv], h_last [b, h, dk, dv])``. ``impl``: ``"auto"`` (see
+    ``seqjax.mixers._delta_rule.delta_rule``), ``"sequential"`` (the reference), ``"chunked"`` (WY/UT), ``"pallas"``."""
     return gated_deltanet(q, k, v, beta, None, h0=h0, impl=impl, resets=resets, negative_eigen=negative_eigen,
                           scale=scale, chunk_size=chunk_size)  # no decay: alpha = 1
 
