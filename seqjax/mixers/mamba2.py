@@ -147,15 +147,9 @@ def mamba2(
         return primal_by(
             lambda x, dt, A, B, C, D, h0, resets: mamba2_recurrent(
                 x, dt, A, B, C, D, h0=h0, resets=resets, negative_eigen=negative_eigen),
-            lambda x, dt, A, B, C, D, h0, resets: _mamba2_chunked(
-                x, dt, A, B, C, D, h0, resets, "chunked", chunk_size, negative_eigen),
+            lambda x, dt, A, B, C, D, h0, resets: mamba2(
+                x, dt, A, B, C, D, h0=h0, resets=resets, impl="chunked", chunk_size=chunk_size, negative_eigen=negative_eigen),
         )(x, dt, A, B, C, D, h0, resets)
-    return _mamba2_chunked(x, dt, A, B, C, D, h0, resets, impl, chunk_size, negative_eigen)
-
-
-def _mamba2_chunked(x, dt, A, B, C, D, h0, resets, impl, chunk_size, negative_eigen):
-    """The chunked SSD form: the Pallas kernel (``"pallas"``, or ``"auto"`` where ``auto_pallas``), else the
-    chunked engine."""
     q, k, v, g, sign = _ssd_operands(x, dt, A, B, C, negative_eigen)
     if impl == "pallas" or (impl == "auto" and auto_pallas(chunk_size)):
         backward = "pallas" if impl == "pallas" else AUTO_BACKWARD["gla"]
