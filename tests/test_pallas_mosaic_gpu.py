@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from pallas_kernels import _mosaic_gpu
 from pallas_kernels.gla_chunk import kernel as gla_kernel
 from pallas_kernels.gla_chunk.kernel import gla_chunk_pallas
 from seqjax.ops.gla import chunk_gla
@@ -84,10 +85,10 @@ def test_values():
 
 def test_backend_choice(monkeypatch):
     resolve = gla_kernel._resolve
-    monkeypatch.setattr(gla_kernel, "resolve", lambda interpret, backend: (True, backend or "triton"))  # as on the CPU
+    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (True, backend or "triton"))  # as on the CPU
     assert resolve(None, None, 64) == (True, "triton")  # the CPU interprets the Triton body
     assert resolve(None, "mosaic_gpu", 64) == (True, "mosaic_gpu")  # or the Mosaic GPU body, asked for
-    monkeypatch.setattr(gla_kernel, "resolve", lambda interpret, backend: (False, backend or "triton"))  # as on a GPU
+    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (False, backend or "triton"))  # as on a GPU
     monkeypatch.setattr(gla_kernel, "MOSAIC_GPU_DEFAULT", False)  # jax < 0.11
     assert resolve(None, None, 64) == (False, "triton")
     monkeypatch.setattr(gla_kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11

@@ -67,7 +67,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import check_chunk_size, mm, resolve, tpu_params, triton_params
+from pallas_kernels._mosaic_gpu import JAX_0_11, resolve_mosaic_gpu
+from pallas_kernels._util import check_chunk_size, mm, tpu_params, triton_params
 from pallas_kernels.gla_chunk.backward import gla_head_bwd
 from pallas_kernels.gla_chunk.backward_channel import gla_channel_bwd
 from pallas_kernels.gla_chunk.channel import forward_channel
@@ -76,28 +77,16 @@ from seqjax.ops.gla import chunk_gla, prepare_chunks
 
 __all__ = ["gla_chunk_pallas"]
 
-# jax >= 0.11 deprecates the Pallas Triton lowering: there the per-head forward is to take its Mosaic GPU body by
-# default, once that body has passed its tests compiled on a GPU (the `tests` stage of benchmarks/gpu_check.sh);
-# until then it runs only when asked for (backend="mosaic_gpu") and the default stays on the measured Triton body
+# The per-head forward takes its Mosaic GPU body by default on a GPU under jax >= 0.11 once that body has passed its
+# tests compiled on a GPU (the `tests` stage of benchmarks/gpu_check.sh); until then it runs only when asked for
+# (backend="mosaic_gpu") and the default stays on the measured Triton body
 MOSAIC_GPU_COMPILED_TESTS_PASS = False
-MOSAIC_GPU_DEFAULT = MOSAIC_GPU_COMPILED_TESTS_PASS and tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+MOSAIC_GPU_DEFAULT = MOSAIC_GPU_COMPILED_TESTS_PASS and JAX_0_11
 BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
 
 
 def _resolve(interpret, backend, chunk):
-    """``resolve`` plus the Mosaic GPU body: ``backend="mosaic_gpu"`` asks for it (interpreted by Mosaic GPU's own
-    interpreter on the CPU); ``None`` takes it on a GPU under jax >= 0.11 when ``chunk`` is a multiple of 64, else
-    what ``resolve`` picks (Triton on a GPU and in the CPU interpreter, Mosaic on a TPU)."""
-    if backend not in (None, *BACKENDS):
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "mosaic_gpu":
-        if chunk % 64:
-            raise ValueError(f"backend='mosaic_gpu' needs chunk_size a multiple of 64, got {chunk}")
-        return resolve(interpret, "triton")[0], backend
-    interpret, resolved = resolve(interpret, backend)
-    if backend is None and resolved == "triton" and not interpret and MOSAIC_GPU_DEFAULT and chunk % 64 == 0:
-        resolved = "mosaic_gpu"
-    return interpret, resolved
+    return resolve_mosaic_gpu(interpret, backend, chunk, default=MOSAIC_GPU_DEFAULT, backends=BACKENDS)
 
 
 def _head_forward(backend):

@@ -36,30 +36,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-try:  # Mosaic GPU's interpreter: private in jax 0.10
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-except ImportError:  # pragma: no cover - depends on the jax version
-    InterpretGPUParams = None
+from pallas_kernels._mosaic_gpu import interpret_params, key_pad, smem
 
-__all__ = ["forward_mosaic_gpu", "forward_padded", "key_pad"]
+__all__ = ["forward_mosaic_gpu", "forward_padded"]
 
 _BF16 = jnp.bfloat16
-
-
-def key_pad(n: int) -> int:
-    """The padded key dim of the Mosaic GPU body: a power of two >= 64 (``wgmma``'s ``M`` for the state update)."""
-    return max(64, 1 << (int(n) - 1).bit_length())
-
-
-def _smem(shape, dtype=_BF16, plain=False):
-    """A ``wgmma`` operand (or a ``WGMMA``-layout array's home) in shared memory: ``(8, row)`` tiles, swizzled by the row's
-    bytes (at most 128); ``plain``: no transforms (Mosaic GPU's interpreter)."""
-    if plain:
-        return plgpu.SMEM(shape, dtype)
-    minor = shape[-1] * jnp.dtype(dtype).itemsize
-    swizzle = min(128, minor)
-    tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
-    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, q_smem, k_smem, v_smem, vs_smem, st_smem, o_smem,
@@ -170,7 +151,7 @@ def forward_mosaic_gpu(q, k, v, bc, seg, p, h0, *, chunk, interpret=None):
     gates = jnp.transpose(gates, (0, 3, 2, 1))  # [b, h, 3, Tp]: each chunk's gates are contiguous rows
     interp = interpret is not None and interpret is not False
     kern = functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk, bv=bv, interpret=interp)
-    sm = functools.partial(_smem, plain=interp)
+    sm = functools.partial(smem, plain=interp)
     scratch = [sm((chunk, kp)), sm((chunk, kp)), sm((chunk, bv)), sm((chunk, bv)), sm((kp, bv)),
                sm((chunk, bv), jnp.float32), plgpu.SMEM((3, chunk), jnp.float32),
                sm((kp, bv), jnp.float32), sm((kp, chunk)) if interp else None,
@@ -186,12 +167,6 @@ def forward_mosaic_gpu(q, k, v, bc, seg, p, h0, *, chunk, interpret=None):
     )(q.astype(_BF16), k.astype(_BF16), v.astype(_BF16), gates, h0.astype(jnp.float32))
 
 
-def _interpret_params():
-    """Mosaic GPU's own interpreter (TMA copies, barriers and ``wgmma`` simulated on the CPU). jax 0.10 keeps it in
-    ``jax._src``; ``None`` where this jax has none."""
-    return None if InterpretGPUParams is None else InterpretGPUParams()
-
-
 def forward_padded(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     """The Mosaic GPU forward on ``kernel.py``'s padded layout (head dims powers of two >= 16): pads both head
     dims on to ``key_pad`` (zeros: exact; every bf16 operand then has 128-byte rows, the one swizzle ``wgmma``
@@ -201,8 +176,6 @@ def forward_padded(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     pad = lambda x, n: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
     h0 = jnp.pad(h0, [(0, 0), (0, 0), (0, kp - kp0), (0, vp - vp0)])
     if interpret:
-        interpret = _interpret_params()
-        if interpret is None:  # pragma: no cover
-            raise NotImplementedError("this jax has no Mosaic GPU interpreter: run backend='mosaic_gpu' on a GPU")
+        interpret = interpret_params()
     o, s = forward_mosaic_gpu(pad(q, kp), pad(k, kp), pad(v, vp), bc, seg, p, h0, chunk=chunk, interpret=interpret or None)
     return o[..., :vp0], s[:, :, :kp0, :vp0]
