@@ -14,7 +14,8 @@ Two tables, each set from GPU measurements (``benchmarks/gpu_check.sh``, ``bench
     ``benchmarks/delta_gpu.py``.
 
 The GLA entry was measured on the Triton body; under jax >= 0.11 the per-head forward takes its Mosaic GPU body
-(``pallas_kernels/gla_chunk/mosaic_gpu.py``; ``MOSAIC_GPU_DEFAULT`` in its ``kernel.py``, the choice in ``pallas_kernels/_mosaic_gpu.py``), timed beside it by the GPU check.
+(``pallas_kernels/gla_chunk/mosaic_gpu.py``; ``MOSAIC_GPU_DEFAULT`` in its ``kernel.py``, the choice in
+``pallas_kernels/_mosaic_gpu.py``), timed beside it by the GPU check.
 
 ``impl="pallas"`` always takes the kernel, with its own backward. On a GPU ``"auto"`` takes a kernel in a
 one-device process, or under ``seqjax.sharding.use_rules(mesh)`` (the train and eval steps), where
