@@ -339,6 +339,44 @@ def readme_block(name: str, records: list[dict]) -> str:
     return f"<!-- table:{name} -->\n{table(name, records)}\n<!-- /table:{name} -->"
 
 
+def run_times(out: str = RESULTS, preset: str = "cpu") -> str:
+    """The README's run-time block: per task, the wall time of each finished (row, seed) run of ``preset`` as its
+    records give it (``seconds`` at its last evaluation), summed; a run without a timed record (not yet run at the
+    preset, or from before the presets) is estimated by the mean of its row's timed runs, else of the task's."""
+    lines = [f"Wall time of `python experiments/sweep.py <task>` at the {preset} preset ({len(SEEDS[preset])} seeds), "
+             "summed from the records' `seconds` (each run's time at its last evaluation, on the machine its records "
+             "name, shared with other work at times); runs not yet timed are estimated by the mean of the same row's "
+             "timed runs (else the task's).", "",
+             "| task | runs | timed | timed min | estimate, all runs (min) |", "|---|---|---|---|---|"]
+    total = timed_total = 0.0
+    missing = []
+    for name, sweep in SWEEPS.items():
+        in_preset = sweep.preset_rows.get(preset)
+        rows = [r.label for r in sweep.rows if in_preset is None or r.label in in_preset]
+        runs = [(row, seed) for seed in SEEDS[preset] for row in rows]
+        took: dict = {}
+        for r in read_records(os.path.join(out, name)):
+            if r.get("preset") == preset and "seconds" in r and r.get("step") == r.get("steps"):
+                key = (r.get("row"), r["seed"])
+                took[key] = max(took.get(key, 0.0), r["seconds"])
+        timed = [took[k] for k in runs if k in took]
+        if not timed:
+            missing.append(name)
+            lines.append(f"| {name} | {len(runs)} | 0 | | |")
+            continue
+        by_row = {row: [took[(row, s)] for s in SEEDS[preset] if (row, s) in took] for row in rows}
+        est = sum(took.get((row, s), np.mean(by_row[row]) if by_row[row] else np.mean(timed)) for row, s in runs)
+        total, timed_total = total + est, timed_total + sum(timed)
+        lines.append(f"| {name} | {len(runs)} | {len(timed)} | {sum(timed) / 60:.0f} | {est / 60:.0f} |")
+    lines += ["", f"All tasks with a timed run: {timed_total / 3600:.1f} h timed, about {total / 3600:.0f} h for every run"
+              + (f"; no timed run yet: {', '.join(missing)}." if missing else ".")]
+    return "\n".join(lines)
+
+
+def run_times_block(out: str = RESULTS) -> str:
+    return f"<!-- table:run_times -->\n{run_times(out)}\n<!-- /table:run_times -->"
+
+
 def tables(out: str = RESULTS, write: bool = True) -> str:
     """Every task's README block from its committed records (and, with ``write``, its table.md and plot.png)."""
     blocks = []
@@ -349,22 +387,24 @@ def tables(out: str = RESULTS, write: bool = True) -> str:
             if write:
                 write_outputs(name, records, folder)
             blocks.append(readme_block(name, records))
+    blocks.append(run_times_block(out))
     return "\n\n".join(blocks)
 
 
 def update_readme(path: str, out: str = RESULTS) -> list[str]:
     """Replace each ``<!-- table:<task> -->`` … ``<!-- /table:<task> -->`` block of the README at ``path`` with the
-    block the task's records give; returns the tasks whose blocks changed. A task without markers is left out."""
+    block the task's records give, and the ``run_times`` block; returns the blocks that changed. A task without
+    markers is left out."""
     with open(path) as f:
         text = f.read()
+    blocks = {name: readme_block(name, recs) for name in SWEEPS if (recs := read_records(os.path.join(out, name)))}
+    blocks["run_times"] = run_times_block(out)
     changed = []
-    for name in SWEEPS:
+    for name, block in blocks.items():
         start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
-        records = read_records(os.path.join(out, name))
-        if start not in text or not records:
+        if start not in text:
             continue
         i, j = text.index(start), text.index(end) + len(end)
-        block = readme_block(name, records)
         if text[i:j] != block:
             text, changed = text[:i] + block + text[j:], changed + [name]
     with open(path, "w") as f:

@@ -153,7 +153,8 @@ def test_sweep_writes_fresh_records_under_experiments_results_whatever_the_direc
     again = sweep.run_sweep("copy", "tiny", baselines_only=True, out=str(out))
     assert len((folder / "records.jsonl").read_text().splitlines()) == len(again) == len(recs)
     assert (folder / "table.md").read_text().strip() == sweep.table("copy", again)
-    assert sweep.tables(str(out)) == sweep.readme_block("copy", again)  # the regenerator reads the same records
+    # the regenerator reads the same records
+    assert sweep.tables(str(out)) == sweep.readme_block("copy", again) + "\n\n" + sweep.run_times_block(str(out))
     # a partial run replaces only the (row, seed) pairs it runs
     one = sweep.run_sweep("copy", "tiny", seeds=(1,), baselines_only=True, out=str(out))
     assert sorted({(r["row"], r["seed"]) for r in one}) == sorted({(r["row"], r["seed"]) for r in again}
@@ -219,6 +220,12 @@ def test_readme_table_equals_what_the_records_give(name):
     assert block == sweep.readme_block(name, records)
 
 
+def test_readme_run_times_equal_what_the_records_give():
+    readme = (ROOT / "README.md").read_text()
+    block = sweep.run_times_block(str(ROOT / "experiments" / "results"))
+    assert block in readme, "the README's run-time block is stale: run `python experiments/sweep.py tables`"
+
+
 def test_icll_baseline_rows_score_the_separator_predictor_zero():
     import icll as icll_script
 
@@ -226,3 +233,22 @@ def test_icll_baseline_rows_score_the_separator_predictor_zero():
     got = {r["row"]: r["dfa_acc"] for r in recs}
     assert set(got) == {"chance", "majority", "copy_last", "bigram", "always_separator"}
     assert got["always_separator"] == 0.0 and 0.0 < got["chance"] < got["bigram"] <= 1.0
+
+
+def test_run_times_sum_the_finished_runs_and_estimate_the_rest(tmp_path, monkeypatch):
+    """Hand-made records of ``copy`` (rows attention, mamba; seeds 0-2): a run's time is its last evaluation's
+    ``seconds``; a missing run takes its row's mean, a row with no timed run the task's mean."""
+    base = {"task": "copy", "preset": "cpu", "split": "test", "acc": 0.5, "steps": 4}
+    recs = [{**base, "row": "attention", "model": "attention", "seed": 0, "step": 2, "seconds": 30.0},
+            {**base, "row": "attention", "model": "attention", "seed": 0, "step": 4, "seconds": 60.0},
+            {**base, "row": "attention", "model": "attention", "seed": 1, "step": 4, "seconds": 180.0},
+            {**base, "row": "attention", "model": "attention", "seed": 2, "step": 2, "seconds": 999.0},  # unfinished
+            {**base, "row": "attention", "model": "attention", "seed": 2, "step": 4, "seconds": 240.0, "preset": "tiny"}]
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    monkeypatch.setattr(sweep, "SWEEPS", {"copy": sweep.SWEEPS["copy"], "s3": sweep.SWEEPS["s3"]})
+    text = sweep.run_times(str(tmp_path))
+    # timed: 60 + 180 s; attention seed 2 -> 120 s (its row's mean); mamba x3 -> 120 s each (the task's mean)
+    assert "| copy | 6 | 2 | 4 | 12 |" in text
+    assert "| s3 | 6 | 0 | | |" in text
+    assert text.endswith("All tasks with a timed run: 0.1 h timed, about 0 h for every run; no timed run yet: s3.")
