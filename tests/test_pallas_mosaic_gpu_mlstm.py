@@ -76,7 +76,7 @@ def test_values():
     # interpreted on the CPU, compiled on a GPU; jitted, so the interpreter runs as one program
     run = jax.jit(lambda *a: mlstm_chunk(*a, h0=h0, resets=resets, chunk_size=64, backend="mosaic_gpu"))
     y, (C, n, m) = run(q, k, v, i, f)
-    ry, (rC, rn, rm) = chunk_mlstm(q, k, v, i, f, h0, resets, 64)
+    ry, (rC, rn, rm) = jax.jit(lambda *a: chunk_mlstm(*a, h0, resets, 64))(q, k, v, i, f)
     for got, want, tol in ((y, ry, 2e-2), (C, rC, 1e-2), (n, rn, 1e-5), (m, rm, 1e-6)):
         assert got.shape == want.shape and np.all(np.isfinite(np.asarray(got)))
         assert rms_rel_err(got, want) <= tol

@@ -34,12 +34,26 @@ chunk's ``dq, dk, dv`` and gate gradients in parallel. Only the inputs are kept 
 ``backward="xla"`` runs the XLA chunked form's forward and backward under ``jax.grad``. ``impl="auto"`` picks
 the backward from ``seqjax._platform.AUTO_BACKWARD`` where it takes this kernel (``GPU_TESTED``).
 
-Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
-``dot``s with masks and a sequential chunk loop). TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic
-on a TPU), compiled by libtpu without a TPU (``tests/test_tpu_compile.py``).
+Lowering: jax 0.11 makes Mosaic GPU the default Pallas lowering on a GPU and deprecates Triton. The forward
+has two GPU bodies, picked by ``backend``: ``"triton"`` (``forward.py``'s ``pallas_call`` bodies, asking for the
+Triton lowering explicitly) and ``"mosaic_gpu"`` (``mosaic_gpu.py``, both forward kernels as one warpgroup
+each: the state pass per (batch, head, value block of 64) walking the chunks with the float32 ``C'`` as the
+loop carry, the outputs per (chunk, value block); TMA copies, ``wgmma`` for ``Kᵀ (ε ⊙ V)``, ``Q Kᵀ``,
+``(Q Kᵀ ⊙ D) V`` and ``Q C'``, bf16 operands; chunk a multiple of 64, head dims padded on to 64).
+``backend=None`` on a GPU takes Triton; once the Mosaic GPU bodies pass their tests compiled on a GPU
+(``MOSAIC_GPU_COMPILED_TESTS_PASS``) it takes **Mosaic GPU under jax >= 0.11** for a chunk size that is a
+multiple of 64 (``MOSAIC_GPU_DEFAULT``). The backward's four kernels (the states again, the rows, the state
+gradients, the chunk gradients) have no Mosaic GPU bodies yet: they run on Triton under either choice while
+jax ships it. The state-gradient walk is the state pass's shape and the next to port; the chunk-gradient
+kernel (eight matmuls, six of them against transposed operands, about ten ``[C, K]`` float32 values live
+at once) wants its register budget measured on a GPU first. The Mosaic GPU bodies lower for CUDA through
+``jax.export`` and run against the XLA chunked form under Mosaic GPU's own interpreter on the CPU
+(``tests/test_pallas_mosaic_gpu_mlstm.py``); ptxas and the speed need a GPU. TPU: Mosaic bodies
+(``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU (``tests/test_tpu_compile.py``).
 
 Tests: interpret mode on CPU (``tests/test_pallas_mlstm.py``); every kernel lowers to Triton and to Mosaic
-TPU (``tests/test_pallas_lowering.py``). What has run on which device, and how fast: ``benchmarks/results/``
+TPU (``tests/test_pallas_lowering.py``), the forward also to Mosaic GPU (``tests/test_pallas_mosaic_gpu_mlstm.py``).
+What has run on which device, and how fast: ``benchmarks/results/``
 (``NVIDIA_H200.md``, ``triton_sm90_resources.md``, ``tpu_compile.md``).
 """
 
