@@ -142,9 +142,10 @@ def chunk_stabilisers(bt, st, it, et, kh, n0, m0, c):
 
 
 def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
-    """The serial pass on either backend: the ``C'`` entering every chunk ``[b, h, N, Kp, Vp]`` in ``dtype``
+    """The serial pass on any backend: the ``C'`` entering every chunk ``[b, h, N, Kp, Vp]`` in ``dtype``
     and the final one ``[b, h, Kp, Vp]`` float32, from the write weights ``ε [b, h, Tp]`` and carries
-    ``φ [b, h, N]`` of ``chunk_stabilisers``."""
+    ``φ [b, h, N]`` of ``chunk_stabilisers``. ``backend="mosaic_gpu"``: ``mosaic_gpu.states_mosaic_gpu``
+    (matmul operands bf16)."""
     b, h, tp, kp = kh.shape
     vp, n = vh.shape[-1], tp // c
     if backend == "mosaic_gpu":  # head dims padded on to key_pad (zeros: exact) and sliced back
@@ -222,7 +223,8 @@ def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret, backend):
     if backend == "mosaic_gpu":  # both head dims padded on to key_pad (zeros: exact), the outputs sliced back
         kq, vq = key_pad(kp), key_pad(vp)
         qq, kk, vv = _pad_last(qh, kq), _pad_last(kh, kq), _pad_last(vh, vq)
-        hs, C_t = states_mosaic_gpu(kk, vv, ew, fo, _pad_c(C0, kq, vq), c=c, interpret=interpret)  # C' entering: bf16
+        hs, C_t = chunk_states(kk, vv, ew, fo, _pad_c(C0, kq, vq), c=c, interpret=interpret, backend=backend,
+                               dtype=jnp.bfloat16)  # the entering C' are the readout's bf16 wgmma operand
         o = out_mosaic_gpu(qq, kk, vv, bt, st, it, et, m_in, hs, _pad_last(n_in, kq), c=c, interpret=interpret)
         return o[..., :vp], (C_t[:, :, :kp, :vp], n_t, m_t)
     hs, C_t = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend, dtype=vh.dtype)
