@@ -1,6 +1,7 @@
 r"""The forward stages of the chunkwise mLSTM kernel (see ``kernel.py`` for the algorithm): the gates and
 padding (``_prepare``), the chunk stabilisers, the serial state pass (:func:`chunk_states`) and the
-chunk-parallel output kernel; ``backward.py`` reuses them.
+chunk-parallel output kernel; ``backward.py`` reuses them. ``backend="mosaic_gpu"`` takes both kernels'
+Mosaic GPU bodies (``mosaic_gpu.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic_gpu import key_pad
 from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, triton_params
+from pallas_kernels.mlstm_chunk.mosaic_gpu import out_mosaic_gpu, states_mosaic_gpu
 from seqjax.ops.gla import prepare_chunks
 
 __all__ = ["chunk_states", "chunk_stabilisers", "NEG"]
@@ -139,11 +142,17 @@ def chunk_stabilisers(bt, st, it, et, kh, n0, m0, c):
 
 
 def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
-    """The serial pass on either backend: the ``C'`` entering every chunk ``[b, h, N, Kp, Vp]`` in ``dtype``
+    """The serial pass on any backend: the ``C'`` entering every chunk ``[b, h, N, Kp, Vp]`` in ``dtype``
     and the final one ``[b, h, Kp, Vp]`` float32, from the write weights ``ε [b, h, Tp]`` and carries
-    ``φ [b, h, N]`` of ``chunk_stabilisers``."""
+    ``φ [b, h, N]`` of ``chunk_stabilisers``. ``backend="mosaic_gpu"``: ``mosaic_gpu.states_mosaic_gpu``
+    (matmul operands bf16)."""
     b, h, tp, kp = kh.shape
     vp, n = vh.shape[-1], tp // c
+    if backend == "mosaic_gpu":  # head dims padded on to key_pad (zeros: exact) and sliced back
+        kq, vq = key_pad(kp), key_pad(vp)
+        hs, ht = states_mosaic_gpu(_pad_last(kh, kq), _pad_last(vh, vq), ew, fo, _pad_c(C0, kq, vq), c=c, dtype=dtype,
+                                   interpret=interpret)
+        return hs[..., :kp, :vp], ht[..., :kp, :vp]
     ew, fo = ew[..., None], jnp.repeat(fo, c, axis=2)[..., None]  # [b, h, Tp, 1]: φ on each of its tokens
     out_shape = [jax.ShapeDtypeStruct((b, h, n, kp, vp), dtype), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     C0 = C0.astype(f32)
@@ -188,6 +197,14 @@ def _prepare(q, k, v, i, f, resets, chunk):
             heads(padt(i32, NEG)), heads(padt(e, NEG)), n)
 
 
+def _pad_last(x, d):
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
+
+
+def _pad_c(C, kp, vp):
+    return jnp.pad(C, [(0, 0), (0, 0), (0, kp - C.shape[2]), (0, vp - C.shape[3])])
+
+
 def _pad_state(h0, dkp, dvp):
     """``(C, n, m)`` float32 with head dims zero-padded: ``C [b, h, Kp, Vp]``, ``n [b, h, Kp]``, ``m [b, h]``."""
     C0, n0, m0 = (jnp.asarray(x, jnp.float32) for x in h0)
@@ -203,6 +220,13 @@ def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret, backend):
     n = tp // c
     tpu = backend == "mosaic_tpu"
     m_in, ew, fo, n_in, (n_t, m_t) = chunk_stabilisers(bt, st, it, et, kh, n0.astype(f32), m0.astype(f32), c)
+    if backend == "mosaic_gpu":  # both head dims padded on to key_pad (zeros: exact), the outputs sliced back
+        kq, vq = key_pad(kp), key_pad(vp)
+        qq, kk, vv = _pad_last(qh, kq), _pad_last(kh, kq), _pad_last(vh, vq)
+        hs, C_t = chunk_states(kk, vv, ew, fo, _pad_c(C0, kq, vq), c=c, interpret=interpret, backend=backend,
+                               dtype=jnp.bfloat16)  # the entering C' are the readout's bf16 wgmma operand
+        o = out_mosaic_gpu(qq, kk, vv, bt, st, it, et, m_in, hs, _pad_last(n_in, kq), c=c, interpret=interpret)
+        return o[..., :vp], (C_t[:, :, :kp, :vp], n_t, m_t)
     hs, C_t = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend, dtype=vh.dtype)
     col = lambda x: x[..., None]
     row = lambda x: x.reshape(b, h, n, 1, c)

@@ -34,12 +34,26 @@ chunk's ``dq, dk, dv`` and gate gradients in parallel. Only the inputs are kept 
 ``backward="xla"`` runs the XLA chunked form's forward and backward under ``jax.grad``. ``impl="auto"`` picks
 the backward from ``seqjax._platform.AUTO_BACKWARD`` where it takes this kernel (``GPU_TESTED``).
 
-Lowering: the Triton lowering on GPU, for the reasons given in ``pallas_kernels/gla_chunk`` (block-level
-``dot``s with masks and a sequential chunk loop). TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic
-on a TPU), compiled by libtpu without a TPU (``tests/test_tpu_compile.py``).
+Lowering: jax 0.11 makes Mosaic GPU the default Pallas lowering on a GPU and deprecates Triton. The forward
+has two GPU bodies, picked by ``backend``: ``"triton"`` (``forward.py``'s ``pallas_call`` bodies, asking for the
+Triton lowering explicitly) and ``"mosaic_gpu"`` (``mosaic_gpu.py``, both forward kernels as one warpgroup
+each: the state pass per (batch, head, value block of 64) walking the chunks with the float32 ``C'`` as the
+loop carry, the outputs per (chunk, value block); TMA copies, ``wgmma`` for ``Kᵀ (ε ⊙ V)``, ``Q Kᵀ``,
+``(Q Kᵀ ⊙ D) V`` and ``Q C'``, bf16 operands; chunk a multiple of 64, head dims padded on to 64).
+``backend=None`` on a GPU takes Triton; once the Mosaic GPU bodies pass their tests compiled on a GPU
+(``MOSAIC_GPU_COMPILED_TESTS_PASS``) it takes **Mosaic GPU under jax >= 0.11** for a chunk size that is a
+multiple of 64 (``MOSAIC_GPU_DEFAULT``). The backward's four kernels (the states again, the rows, the state
+gradients, the chunk gradients) have no Mosaic GPU bodies yet: they run on Triton under either choice while
+jax ships it. The state-gradient walk is the state pass's shape and the next to port; the chunk-gradient
+kernel (eight matmuls, six of them against transposed operands, about ten ``[C, K]`` float32 values live
+at once) wants its register budget measured on a GPU first. The Mosaic GPU bodies lower for CUDA through
+``jax.export`` and run against the XLA chunked form under Mosaic GPU's own interpreter on the CPU
+(``tests/test_pallas_mosaic_gpu_mlstm.py``); ptxas and the speed need a GPU. TPU: Mosaic bodies
+(``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU (``tests/test_tpu_compile.py``).
 
 Tests: interpret mode on CPU (``tests/test_pallas_mlstm.py``); every kernel lowers to Triton and to Mosaic
-TPU (``tests/test_pallas_lowering.py``). What has run on which device, and how fast: ``benchmarks/results/``
+TPU (``tests/test_pallas_lowering.py``), the forward also to Mosaic GPU (``tests/test_pallas_mosaic_gpu_mlstm.py``).
+What has run on which device, and how fast: ``benchmarks/results/``
 (``NVIDIA_H200.md``, ``triton_sm90_resources.md``, ``tpu_compile.md``).
 """
 
@@ -51,12 +65,29 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._util import check_chunk_size, resolve
+from pallas_kernels._mosaic_gpu import JAX_0_11, resolve_mosaic_gpu
+from pallas_kernels._util import check_chunk_size
 from pallas_kernels.mlstm_chunk.backward import mlstm_bwd
 from pallas_kernels.mlstm_chunk.forward import NEG, _core, _forward, _pad_state, _pow2, _prepare
 from seqjax.ops.mlstm import chunk_mlstm
 
 __all__ = ["mlstm_chunk"]
+
+# The forward takes its Mosaic GPU bodies by default on a GPU under jax >= 0.11 once they have passed their tests
+# compiled on a GPU (the `tests` stage of benchmarks/gpu_check.sh); until then they run only when asked for
+# (backend="mosaic_gpu") and the default stays on the measured Triton bodies
+MOSAIC_GPU_COMPILED_TESTS_PASS = False
+MOSAIC_GPU_DEFAULT = MOSAIC_GPU_COMPILED_TESTS_PASS and JAX_0_11
+BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
+
+
+def _resolve(interpret, backend, chunk):
+    return resolve_mosaic_gpu(interpret, backend, chunk, default=MOSAIC_GPU_DEFAULT, backends=BACKENDS)
+
+
+def _triton_for_mgpu(backend):
+    """The backward kernels have no Mosaic GPU bodies yet: they run on Triton."""
+    return "triton" if backend == "mosaic_gpu" else backend
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -94,7 +125,7 @@ def _core_fwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, interpret, backend)
 def _core_bwd(chunk, interpret, backend, res, cts):
     do, (dCt, dnt, _) = cts
     dq, dk, dv, db, di, (dC0, dn0, dm0) = mlstm_bwd(*res, do, dCt, dnt, chunk=chunk, interpret=interpret,
-                                                    backend=backend)
+                                                    backend=_triton_for_mgpu(backend))
     zero = jnp.zeros_like(res[4])
     return dq, dk, dv, db, zero, di, zero, dC0, dn0, dm0
 
@@ -127,7 +158,9 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
         pre-activations; h0: ``(C [b, h, dk, dv], n [b, h, dk], m [b, h])`` or ``None``;
         resets: ``[b, t]`` bool or ``None``. chunk_size: a power of two ``>= 16``.
       interpret: run as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
-      backend: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
+      backend: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (the forward's Mosaic GPU bodies,
+        ``mosaic_gpu.py``; chunk_size a multiple of 64; the backward on Triton; on the CPU Mosaic GPU's
+        interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform and jax version (module docstring, "Lowering").
       backward: what ``jax.grad`` runs: ``"pallas"`` (``backward.py``) or ``"xla"`` (the XLA chunked form's
         forward and backward).
 
@@ -139,13 +172,14 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
     dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
     q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     check_chunk_size(chunk_size)
-    interpret, backend = resolve(interpret, backend)
+    interpret, backend = _resolve(interpret, backend, chunk_size)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     if h0 is None:
         h0 = (jnp.zeros((b, h, dk, dv), jnp.float32), jnp.zeros((b, h, dk), jnp.float32), jnp.zeros((b, h), jnp.float32))
     rs = None if resets is None else jnp.asarray(resets).astype(jnp.float32)
-    chunk = min(int(chunk_size), max(16, _pow2(t)))
+    # a short sequence takes a shorter chunk, except on Mosaic GPU (wgmma's M: chunks of 64)
+    chunk = int(chunk_size) if backend == "mosaic_gpu" else min(int(chunk_size), max(16, _pow2(t)))
     if backward == "xla":
         return _mlstm(q, k, v, i, f, tuple(h0), rs, chunk, bool(interpret), backend)
     qh, kh, vh, bt, st, it, et, _ = _prepare(q, k, v, i, f, rs, chunk)

@@ -1,0 +1,115 @@
+"""The chunkwise mLSTM forward's Mosaic GPU bodies (``pallas_kernels/mlstm_chunk/mosaic_gpu.py``), checked without
+a GPU.
+
+* Lowering: ``jax.export`` with ``platforms=("cuda",)`` runs the Pallas -> Mosaic GPU lowering on this CPU
+  (layouts, ``wgmma`` operand shapes and transforms, TMA slices) and emits one ``mosaic_gpu`` custom call per
+  kernel (the state pass and the outputs), at the benchmark shape and a smoke shape, bf16 and float32 inputs;
+  under ``jax.grad`` the backward's four kernels stay on Triton. ptxas' compile and the speed need a GPU.
+* Values against the XLA chunked form ``seqjax.ops.mlstm.chunk_mlstm`` — resets, ``h0``, a time not a multiple
+  of the chunk, head dims that need padding: compiled on a GPU (``benchmarks/gpu_check.sh``, stage ``tests``) and
+  on the CPU under Mosaic GPU's own interpreter (``InterpretGPUParams``: TMA copies, barriers, shared memory and
+  ``wgmma`` simulated; no transposed shared-memory view and no register operand for ``wgmma``, so under it the
+  bodies stage ``Kᵀ`` and ``Q Kᵀ ⊙ D`` through shared memory, which the compiled bodies do not).
+* The backend choice and the requirements Mosaic GPU imposes (chunks of 64, head dims padded to ``key_pad``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels import _mosaic_gpu
+from pallas_kernels.mlstm_chunk import kernel as mlstm_kernel
+from pallas_kernels.mlstm_chunk import mlstm_chunk
+from pallas_kernels.mlstm_chunk.mosaic_gpu import out_mosaic_gpu, states_mosaic_gpu
+from seqjax.nn import rms_rel_err
+from seqjax.ops.mlstm import chunk_mlstm
+
+MOSAIC_GPU = "@mosaic_gpu"
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _mlstm(q, k, v, i, f, **kw):
+    return mlstm_chunk(q, k, v, i, f, chunk_size=64, interpret=False, backend="mosaic_gpu", **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(8, 2048, 16, 128), (1, 64, 2, 32)], ids=["bench", "smoke"])
+def test_lowers_for_cuda(shape, dtype):
+    s = jax.ShapeDtypeStruct
+    qs, gs = s(shape, dtype), s(shape[:3], jnp.float32)
+    mod = export.export(jax.jit(_mlstm), platforms=("cuda",))(qs, qs, qs, gs, gs).mlir_module()
+    assert mod.count(MOSAIC_GPU) == 2 and "triton" not in mod  # the state pass and the outputs
+
+
+def test_grad_lowers_with_triton_backward():
+    """The Mosaic GPU forward under ``jax.grad``: the forward on Mosaic GPU, the backward kernels on Triton."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
+
+    def loss(q, i, f):
+        y, (C, n, m) = _mlstm(q, q, q, i, f)
+        return jnp.sum(y**2) + jnp.sum(C**2) + jnp.sum(n) + jnp.sum(m)
+
+    exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=("cuda",),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])
+    mod = exp(q, g, g).mlir_module()
+    # the forward's two kernels once; the backward's states, rows, state gradients and chunk gradients (backward.py)
+    assert mod.count(MOSAIC_GPU) == 2 and mod.count(TRITON) == 4
+
+
+def test_values():
+    """Against the XLA chunked form, one case (the interpreter is slow): a reset, ``h0``, strong input gates (the
+    stabilisers at work), T = 100 (two chunks, the second part padding), dk = 32 and dv = 48 (padded to 64). The
+    bodies' matmul operands are bf16 (float32 accumulation) and the entering states are kept in bf16, so the
+    outputs agree to bf16 rounding amplified by the normaliser's division: the Triton body on the same inputs
+    rounded to bf16 lands at an rms-relative error of 1.5e-2, this one at 0.9e-2. The final ``C`` passes
+    through one bf16 update per chunk; ``n`` and ``m`` are computed in XLA."""
+    b, t, h, dk, dv = 1, 100, 1, 32, 48
+    ks = jax.random.split(jax.random.PRNGKey(0), 8)
+    q, k = (jax.random.normal(kk, (b, t, h, dk)) for kk in ks[:2])
+    v = jax.random.normal(ks[2], (b, t, h, dv))
+    i, f = 3.0 * jax.random.normal(ks[3], (b, t, h)), 3.0 * jax.random.normal(ks[4], (b, t, h))
+    h0 = (jax.random.normal(ks[5], (b, h, dk, dv)), jax.random.normal(ks[6], (b, h, dk)), jax.random.normal(ks[7], (b, h)))
+    resets = jnp.zeros((b, t), bool).at[:, 37].set(True)
+    # interpreted on the CPU, compiled on a GPU; jitted, so the interpreter runs as one program
+    run = jax.jit(lambda *a: mlstm_chunk(*a, h0=h0, resets=resets, chunk_size=64, backend="mosaic_gpu"))
+    y, (C, n, m) = run(q, k, v, i, f)
+    ry, (rC, rn, rm) = jax.jit(lambda *a: chunk_mlstm(*a, h0, resets, 64))(q, k, v, i, f)
+    for got, want, tol in ((y, ry, 2e-2), (C, rC, 1e-2), (n, rn, 1e-5), (m, rm, 1e-6)):
+        assert got.shape == want.shape and np.all(np.isfinite(np.asarray(got)))
+        assert rms_rel_err(got, want) <= tol
+
+
+def test_backend_choice(monkeypatch):
+    resolve = mlstm_kernel._resolve
+    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (True, backend or "triton"))  # as on the CPU
+    assert resolve(None, None, 64) == (True, "triton")  # the CPU interprets the Triton body
+    assert resolve(None, "mosaic_gpu", 64) == (True, "mosaic_gpu")  # or the Mosaic GPU bodies, asked for
+    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (False, backend or "triton"))  # as on a GPU
+    monkeypatch.setattr(mlstm_kernel, "MOSAIC_GPU_DEFAULT", False)  # jax < 0.11, or the compiled tests not yet passed
+    assert resolve(None, None, 64) == (False, "triton")
+    monkeypatch.setattr(mlstm_kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11 and the compiled tests passed
+    assert resolve(None, None, 64) == (False, "mosaic_gpu")
+    assert resolve(None, None, 32) == (False, "triton")  # wgmma's M: the Mosaic GPU bodies need chunks of 64
+    assert resolve(None, "triton", 64) == (False, "triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve(None, "cuda", 64)
+
+
+def test_requirements_raise():
+    """Mosaic GPU's requirements fail before tracing, naming what is wrong: ``chunk_size`` through the entry point,
+    the head dims and the chunk at the bodies (the entry point pads head dims itself)."""
+    x = jnp.zeros((1, 64, 1, 32))
+    g = jnp.zeros((1, 64, 1))
+    with pytest.raises(ValueError, match="chunk_size a multiple of 64, got 32"):
+        mlstm_chunk(x, x, x, g, g, chunk_size=32, backend="mosaic_gpu")
+    kh, vh, ew = jnp.zeros((1, 1, 64, 32)), jnp.zeros((1, 1, 64, 64)), jnp.zeros((1, 1, 64))
+    with pytest.raises(ValueError, match="chunk_states: .* key dim padded to key_pad .* got 32"):
+        states_mosaic_gpu(kh, vh, ew, ew[..., :1], jnp.zeros((1, 1, 32, 64)), c=64)
+    with pytest.raises(ValueError, match="chunk_states: .* chunk a multiple of 64, got 32"):
+        states_mosaic_gpu(vh, vh, ew, ew[..., :2], jnp.zeros((1, 1, 64, 64)), c=32)
+    with pytest.raises(ValueError, match="mlstm_chunk_out: .* value dim padded to key_pad .* got 32"):
+        out_mosaic_gpu(vh, vh, kh, ew, ew, ew, ew, ew[..., :1], jnp.zeros((1, 1, 1, 64, 32)), jnp.zeros((1, 1, 1, 64)),
+                       c=64)
