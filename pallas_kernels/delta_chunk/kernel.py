@@ -51,12 +51,28 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._util import resolve
+from pallas_kernels._mosaic_gpu import JAX_0_11, resolve_mosaic_gpu
 from pallas_kernels.delta_chunk.backward import delta_bwd
-from pallas_kernels.delta_chunk.forward import _forward, _kernels, _prepare
+from pallas_kernels.delta_chunk.forward import _forward, _kernels, _pow2, _prepare
 from seqjax.ops.delta import chunk_delta_rule
 
 __all__ = ["delta_chunk"]
+
+# The forward's state pass and output take their Mosaic GPU bodies by default on a GPU under jax >= 0.11 once those
+# bodies have passed their tests compiled on a GPU (the `tests` stage of benchmarks/gpu_check.sh); until then they
+# run only when asked for (backend="mosaic_gpu") and the default stays on the measured Triton bodies
+MOSAIC_GPU_COMPILED_TESTS_PASS = False
+MOSAIC_GPU_DEFAULT = MOSAIC_GPU_COMPILED_TESTS_PASS and JAX_0_11
+BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
+
+
+def _resolve(interpret, backend, chunk):
+    return resolve_mosaic_gpu(interpret, backend, chunk, default=MOSAIC_GPU_DEFAULT, backends=BACKENDS)
+
+
+def _triton_for_mgpu(backend):
+    """The backward kernels have no Mosaic GPU bodies: they run on Triton."""
+    return "triton" if backend == "mosaic_gpu" else backend
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
@@ -72,7 +88,7 @@ def _core_fwd(qh, kh, vh, bh, g, rev, seg, h0p, c, scale, interpret, backend):
 
 
 def _core_bwd(c, scale, interpret, backend, res, cts):
-    grads = delta_bwd(*res, *cts, c=c, scale=scale, interpret=interpret, backend=backend)
+    grads = delta_bwd(*res, *cts, c=c, scale=scale, interpret=interpret, backend=_triton_for_mgpu(backend))
     dq, dk, dv, dbeta, dg, drev, dh0 = grads
     return dq, dk, dv, dbeta, dg, drev, jnp.zeros_like(res[6]), dh0
 
@@ -118,14 +134,17 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
       h0: ``[b, h, dk, dv]`` or ``None``; resets: ``[b, t]`` bool (``alpha_t = 0`` there) or ``None``.
       chunk_size: rounded up to a power of two >= 16.
       interpret: run the kernel as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
-      backend: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
+      backend: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (the state pass and the output on
+        Mosaic GPU, ``mosaic_gpu.py``; chunk a multiple of 64, head dims padded to at least 64; interpreted by Mosaic
+        GPU's own interpreter on the CPU) or ``"mosaic_tpu"``; ``None`` picks by platform (and, once
+        ``MOSAIC_GPU_COMPILED_TESTS_PASS``, jax version: see the module docstring, "Lowering").
       backward: what ``jax.grad`` runs: ``"pallas"`` (the kernels of ``backward.py``) or ``"xla"`` (the XLA
         chunked form's forward and backward).
 
     Returns:
       ``(o [b, t, h, dv] in the inputs' dtype, h_last [b, h, dk, dv] float32)``.
     """
-    interpret, backend = resolve(interpret, backend)
+    interpret, backend = _resolve(interpret, backend, _pow2(chunk_size))
     if backward not in ("pallas", "xla"):
         raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
     dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
@@ -137,6 +156,6 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
     rs = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
     if backward == "xla":
         return _delta_chunk(q, k, v, beta, la, h0, rs, float(scale), int(chunk_size), bool(interpret), backend)
-    args, c, _ = _prepare(q, k, v, beta, la, h0, rs, int(chunk_size))
+    args, c, _ = _prepare(q, k, v, beta, la, h0, rs, int(chunk_size), backend)
     o, ht = _delta_core(*args, c, float(scale), bool(interpret), backend)
     return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]
