@@ -11,7 +11,8 @@ splits it (``chunk_gated_delta_rule_fwd``: ``recompute_w_u`` / ``chunk_fwd_h`` /
    and does two matmuls per chunk: ``U' = U - W S`` and ``S <- gamma_C S + (K ⊙ to_end)ᵀ U'``. It writes
    the state entering every chunk ``H [b, h, N, K, V]`` and ``U'`` (both in the input dtype, as the
    output's matmuls take them) and the final state (float32). Triton: grid ``(batch, heads, value blocks
-   of 64)`` with a ``fori_loop`` over chunks; Mosaic TPU: one chunk per grid step, state in VMEM scratch.
+   of 64)`` with a ``fori_loop`` over chunks; Mosaic TPU: one chunk per grid step, state in VMEM scratch;
+   Mosaic GPU (``mosaic_gpu.py``): Triton's grid, the chunks' tiles copied by TMA, both matmuls ``wgmma``.
 3. ``delta_chunk_out``, grid ``(batch, heads, chunks, value blocks of 128)`` — every chunk at once:
    ``O = scale [(gamma ⊙ Q) H + (Q Kᵀ ⊙ Gamma) U']``.
 
@@ -30,13 +31,20 @@ its gradient per chunk while the backward runs). ``backward="xla"`` differentiat
 chunked form instead (``seqjax.ops.delta.chunk_delta_rule``, with its own residuals). ``impl="auto"``
 picks the backward from ``seqjax._platform.AUTO_BACKWARD`` where it takes this kernel (``GPU_TESTED``).
 
-Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
-jax 0.11.2 where Mosaic GPU is the default: these kernels are chains of small ``[C, C]`` / ``[C, d]``
-block matmuls with masks and a sequential loop per program — exactly the block-level programming
-model of Triton (and of fla's Triton kernels they are benchmarked against), where the compiler does
-shared-memory staging, ``mma`` selection and software pipelining. Mosaic GPU requires writing that by
-hand at warpgroup level (explicit SMEM buffers, TMA copies, barriers, ``wgmma`` layouts); a port is a
-rewrite. TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU
+Lowering. GPU: two bodies, picked by ``backend``. ``"triton"`` (``jax.experimental.pallas.triton`` compiler
+params) runs every kernel; it is the measured one and the default. ``"mosaic_gpu"`` (``mosaic_gpu.py``; jax 0.11
+makes Mosaic GPU the default Pallas lowering and deprecates Triton) gives the state pass and the output kernel
+Mosaic GPU bodies: one warpgroup per program, TMA copies of each chunk into shared memory, ``wgmma`` for
+``U' = U − W S``, the state update, ``Q Kᵀ``, the readout and the intra-chunk product, the float32 state a loop
+carry in the ``wgmma`` accumulator layout. It needs ``chunk_size`` a multiple of 64 (``wgmma``'s ``M``) and pads both
+head dims to at least 64; its matmul operands are bf16 (float32 inputs rounded). What has no Mosaic GPU body, and
+runs on Triton under either choice while jax ships it: the WY factors (their blocked triangular inverse is forward
+substitution, row by row on ``16 x 16`` blocks, with no ``wgmma`` form; chunk-parallel, not the hot loop) and the
+backward kernels (``backward.py``). ``backend=None`` on a GPU takes Triton; once the Mosaic GPU bodies pass their
+tests compiled on a GPU (``MOSAIC_GPU_COMPILED_TESTS_PASS``), it takes them under jax >= 0.11 for a chunk size that
+is a multiple of 64 (``MOSAIC_GPU_DEFAULT``). Without a GPU they lower for CUDA through ``jax.export`` and run under
+Mosaic GPU's own interpreter against the XLA chunked form (``tests/test_pallas_mosaic_gpu_delta.py``). TPU: Mosaic
+bodies (``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU
 (``tests/test_tpu_compile.py``).
 
 Tests: interpret mode on CPU (``tests/test_pallas_delta.py``); every kernel lowers to Triton and to Mosaic TPU

@@ -9,11 +9,13 @@ model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosai
   next chunk's first matmul. Per chunk, TMA copies ``k, w [C, Kp]``, ``u [C, 64]`` and the chunk's gates
   (``g, rev, seg``: heads-first rows of ``C`` floats) into shared memory, then two ``wgmma``\ s:
   ``U' = U − W S`` and ``S ← γ_C S + Kᵀ (U' ⊙ e^{rev})`` (the decay to the chunk's end as a row scaling of ``U'``;
-  ``Kᵀ`` a transposed shared-memory view). ``H`` (the state entering the chunk) and ``U'`` leave through shared
-  memory with TMA stores, in bf16: they are only ever the output kernel's ``wgmma`` operands.
-* :func:`chunk_out_mosaic_gpu`, chunk-parallel: grid ``(batch, heads, chunks, value blocks of up to 128)``, three
-  ``wgmma``\ s: ``Q Kᵀ`` (``[C, C]``, masked and decayed in registers, the exponent masked before ``exp``),
-  ``O = scale [(Q H) ⊙ γ + (Q Kᵀ ⊙ Γ) U']`` (the decayed readout as a row scaling of ``Q H``).
+  ``Kᵀ`` a transposed shared-memory view). ``H`` (the state entering the chunk: the bf16 operand copy itself) and
+  ``U'`` leave through shared memory with TMA stores, in bf16: they are only ever the output kernel's ``wgmma``
+  operands.
+* :func:`chunk_out_mosaic_gpu`, chunk-parallel: grid ``(batch, heads, chunks, value blocks of 128; of 64 for chunks
+  above 64, to bound the registers)``, three ``wgmma``\ s: ``Q Kᵀ`` (``[C, C]``, masked and decayed in registers, the
+  exponent masked before ``exp``), ``O = scale [(Q H) ⊙ γ + (Q Kᵀ ⊙ Γ) U']`` (the decayed readout as a row scaling
+  of ``Q H``).
 
 The WY factors (``wy.py``) keep their Triton body under ``backend="mosaic_gpu"``: their blocked triangular inverse is
 forward substitution, row by row on ``16 x 16`` blocks, which has no ``wgmma`` form (its ``M`` is 64); it is
@@ -92,7 +94,7 @@ def _mma(a, b, shape):
 
 
 def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, k_smem, w_smem, u_smem, st_smem,
-                   s32_smem, h_smem, un_smem, us_smem, g_smem, kt_smem, bars, *, chunk, n_chunks, bv, interpret):
+                   s32_smem, un_smem, us_smem, g_smem, kt_smem, bars, *, chunk, n_chunks, bv, interpret):
     c = chunk
     load, col, _ = _helpers(c, interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
@@ -114,8 +116,8 @@ def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, k
         for i in range(1, 5):
             plgpu.barrier_wait(bars.at[i])
 
-        plgpu.wait_smem_to_gmem(0)  # the previous chunk's H and U' have left shared memory
-        h_smem[...] = state.astype(_BF16)  # H: the state entering chunk n
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's U' has left un_smem
+        plgpu.copy_smem_to_gmem(st_smem, hs_ref.at[ib, ih, n, :, cols])  # H: the state entering chunk n, as bf16
         u_new = load(u_smem, _WG).astype(f32) - _mma(w_smem, st_smem, (c, bv))  # U' = U − W S
         un_smem[...] = u_new.astype(_BF16)
         g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
@@ -123,10 +125,10 @@ def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, k
         us_smem[...] = (u_new * bcast(to_end, bv)).astype(_BF16)
         kt = _transposed(k_smem, kt_smem, interpret)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(h_smem, hs_ref.at[ib, ih, n, :, cols])
         plgpu.copy_smem_to_gmem(un_smem, un_ref.at[ib, ih, rows, cols])
         total = jnp.where(s_end == 0, jnp.exp(g_end), 0.0)  # γ_C: zero across a reset inside the chunk
         state = total * state + _mma(kt, us_smem, state.shape)
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # H's copy has read st_smem (U''s may still be in flight)
         st_smem[...] = state.astype(_BF16)
         plgpu.commit_smem()
         return state
@@ -159,8 +161,8 @@ def chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, *, c, interpret):
     bv = 64
     kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret)
     sm = functools.partial(smem, plain=interpret)
-    scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv), u.dtype), sm((kp, bv)), sm((kp, bv), f32), sm((kp, bv)),
-               sm((c, bv)), sm((c, bv)), plgpu.SMEM((3, c), f32), sm((kp, c)) if interpret else None,
+    scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv), u.dtype), sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)),
+               sm((c, bv)), plgpu.SMEM((3, c), f32), sm((kp, c)) if interpret else None,
                plgpu.Barrier(num_barriers=5)]
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32),
            jax.ShapeDtypeStruct((b, h, tp, vp), _BF16)]
@@ -216,7 +218,7 @@ def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interp
     b, h, tp, kp = qh.shape
     vp = un.shape[-1]
     check_shapes(c, kp, vp)
-    bv = min(vp, 128)
+    bv = min(vp, 128 if c == 64 else 64)  # registers: the [C, bv] float32 accumulators live beside the [C, C] matrix
     kern = functools.partial(_out_kernel, chunk=c, bv=bv, scale=scale, interpret=interpret)
     sm = functools.partial(smem, plain=interpret)
     scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv)), sm((kp, bv)), plgpu.SMEM((3, c), f32), sm((c, bv), dtype),
