@@ -11,6 +11,8 @@
   the Triton body's interpret mode). That interpreter takes no transposed shared-memory view and no register operand
   for ``wgmma``: under it the bodies stage ``Kᵀ`` and the intra-chunk matrix through shared memory, which the
   compiled bodies do not.
+* Gradients (slow tier): under ``backend="mosaic_gpu"`` the Triton backward, on head dims padded for Mosaic GPU,
+  gives the Triton backend's gradients.
 * The backend choice and the shapes Mosaic GPU requires.
 """
 
@@ -114,3 +116,21 @@ def test_mosaic_gpu_requirements_raise():
         delta_mgpu.check_shapes(64, 32, 64)
     with pytest.raises(ValueError, match=r"value head dim \(v.shape\[-1\]\) padded to key_pad .* got 96"):
         delta_mgpu.check_shapes(64, 64, 96)
+
+
+@pytest.mark.slow
+def test_grads_under_mosaic_gpu_equal_triton():
+    """``jax.grad`` under ``backend="mosaic_gpu"``: the Triton backward on the Mosaic GPU layout (head dims padded to
+    64 rather than 32 / 64) gives the Triton backend's gradients (padding is exact)."""
+    args, kw = _inputs()
+    h0 = kw.pop("h0")
+    wo, ws = jnp.cos(jnp.arange(100 * 48.0)).reshape(1, 100, 1, 48), jnp.sin(jnp.arange(32 * 48.0)).reshape(1, 1, 32, 48)
+
+    def loss(backend):  # linear in the outputs: the cotangents do not depend on the forward's (bf16-rounded) values
+        def f(q, k, v, beta, la, h0):
+            o, s = delta_chunk(q, k, v, beta, la, h0=h0, **kw, chunk_size=64, backend=backend)
+            return jnp.sum(o * wo) + jnp.sum(s * ws)
+        return jax.grad(f, argnums=tuple(range(6)))(*args, h0)
+
+    for got, want in zip(loss("mosaic_gpu"), loss("triton"), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
