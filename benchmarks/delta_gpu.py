@@ -6,7 +6,10 @@ flash-linear-attention's Triton ``chunk_gated_delta_rule`` (PyTorch, same GPU), 
 B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, beta in (0, 2) (negative eigenvalues), chunk 64; forward and
 forward+backward (loss ``sum(o²)``; gradients of q, k, v, beta and the log decays). "Pallas" differentiates
 through the Pallas backward kernels (``pallas_kernels/delta_chunk/backward.py``), "Pallas, XLA bwd" through
-the XLA chunked form (``backward="xla"``, so its fwd+bwd column is XLA's by construction). The last column is the
+the XLA chunked form (``backward="xla"``, so its fwd+bwd column is XLA's by construction). The state pass and
+the output kernel have two GPU lowerings, both measured: "Pallas (Triton)" and "Pallas (Mosaic GPU)"
+(``backend="mosaic_gpu"``, ``pallas_kernels/delta_chunk/mosaic_gpu.py``; the WY factors and the backward kernels
+are Triton's in both); "Pallas, XLA bwd" takes the default lowering. The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
 FLOPs per head and chunk (forward): K Kᵀ, Q Kᵀ 2·C²·D each, W/U 2·C²·2D, W S, Q S, Kᵀ U 2·C·D² each, the
 solve ~C³/3: about ``T·(8·C·D + 6·D² + C²/3)`` per head.
@@ -71,14 +74,17 @@ def main(argv=None):
         args = (q, k, v, beta, la)
         flops = b * h * t * (8 * c * d + 6 * d * d + c * c / 3) * 2
         fla, ref, targs = torch_reference(_fla(), args, ("bfloat16",) * 3 + ("float32",) * 2)
-        forms = {"xla": functools.partial(chunk_delta_rule, chunk_size=c),
-                 "pallas": functools.partial(delta_chunk, chunk_size=c),
-                 "pallas_xla_bwd": functools.partial(delta_chunk, chunk_size=c, backward="xla")}
+        pallas = functools.partial(delta_chunk, chunk_size=c)
+        # both GPU lowerings of the state pass and the output, side by side (WY factors and backward: Triton in both)
+        forms = [("xla", FORMS["xla"], functools.partial(chunk_delta_rule, chunk_size=c))]
+        forms += [("pallas", f"{FORMS['pallas']} ({name})", functools.partial(pallas, backend=backend))
+                  for backend, name in (("triton", "Triton"), ("mosaic_gpu", "Mosaic GPU"))]
+        forms += [("pallas_xla_bwd", FORMS["pallas_xla_bwd"], functools.partial(pallas, backward="xla"))]
         base = None if "xla" in a.forms else False
-        for key, f in forms.items():
+        for key, label, f in forms:
             if key in a.forms:
                 cells, base = jax_form_cells(f, args, base, flops, ref)
-                emit(f"| {t} | {FORMS[key]} | {cells} |")
+                emit(f"| {t} | {label} | {cells} |")
         if "fla" in a.forms and isinstance(fla, str):
             emit(f"| {t} | {fla} | | | | | | |")
         elif "fla" in a.forms:

@@ -13,7 +13,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic_gpu import key_pad
 from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, triton_params
+from pallas_kernels.delta_chunk.mosaic_gpu import chunk_out_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 __all__ = ["chunk_states"]
@@ -160,13 +162,15 @@ def _chunk_gates(la, rs, c, n):
     return tuple(x.reshape(b, h, n * c) for x in (g, rev, seg))
 
 
-def _prepare(q, k, v, beta, la, h0, rs, chunk_size):
+def _prepare(q, k, v, beta, la, h0, rs, chunk_size, backend=None):
     """The XLA preprocessing (differentiable): heads-first inputs padded to ``Tp = n C`` and head dims to
-    powers of two, ``beta [b, h, Tp]`` and the chunk gates ``g, rev, seg [b, h, Tp]`` (``_chunk_gates``)."""
+    powers of two (``key_pad``, at least 64, for ``backend="mosaic_gpu"``), ``beta [b, h, Tp]`` and the chunk gates
+    ``g, rev, seg [b, h, Tp]`` (``_chunk_gates``)."""
     b, t, h, dk = q.shape
     c = _pow2(chunk_size)
     n = -(-t // c)
-    tp, dkp, dvp = n * c, _pow2(dk), _pow2(v.shape[-1])
+    pad = key_pad if backend == "mosaic_gpu" else _pow2
+    tp, dkp, dvp = n * c, pad(dk), pad(v.shape[-1])
 
     def heads_first(x, d):  # [b, t, h, d] -> [b, h, tp, d_pad], zero padded
         x = jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])])
@@ -182,11 +186,17 @@ def _prepare(q, k, v, beta, la, h0, rs, chunk_size):
 
 def _kernels(qh, kh, vh, bh, g, rev, seg, h0p, *, c, scale, interpret, backend):
     """The three forward kernels on prepared inputs: ``(o [b, h, Tp, Vp] input dtype, S_T [b, h, Kp, Vp]
-    float32)``."""
+    float32)``. ``backend="mosaic_gpu"``: the WY factors on Triton, the state pass and the output on Mosaic GPU
+    (``mosaic_gpu.py``)."""
     b, h, tp, kp = qh.shape
     vp, n = vh.shape[-1], tp // c
     dtype = jnp.result_type(qh, kh, vh)
     tpu = backend == "mosaic_tpu"
+    if backend == "mosaic_gpu":
+        w, u = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend="triton")
+        hs, ht, un = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
+        o = chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, c=c, scale=scale, dtype=dtype, interpret=interpret)
+        return o, ht
     w, u = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend=backend)
     hs, ht, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, dtype=dtype,
                               with_u_new=True)
@@ -203,6 +213,6 @@ def _kernels(qh, kh, vh, bh, g, rev, seg, h0p, *, c, scale, interpret, backend):
 
 def _forward(q, k, v, beta, la, h0, rs, scale, chunk_size, interpret, backend):
     t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
-    args, c, _ = _prepare(q, k, v, beta, la, h0, rs, chunk_size)
+    args, c, _ = _prepare(q, k, v, beta, la, h0, rs, chunk_size, backend)
     o, ht = _kernels(*args, c=c, scale=float(scale), interpret=interpret, backend=backend)
     return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]

@@ -11,7 +11,8 @@ splits it (``chunk_gated_delta_rule_fwd``: ``recompute_w_u`` / ``chunk_fwd_h`` /
    and does two matmuls per chunk: ``U' = U - W S`` and ``S <- gamma_C S + (K ⊙ to_end)ᵀ U'``. It writes
    the state entering every chunk ``H [b, h, N, K, V]`` and ``U'`` (both in the input dtype, as the
    output's matmuls take them) and the final state (float32). Triton: grid ``(batch, heads, value blocks
-   of 64)`` with a ``fori_loop`` over chunks; Mosaic TPU: one chunk per grid step, state in VMEM scratch.
+   of 64)`` with a ``fori_loop`` over chunks; Mosaic TPU: one chunk per grid step, state in VMEM scratch;
+   Mosaic GPU (``mosaic_gpu.py``): Triton's grid, the chunks' tiles copied by TMA, both matmuls ``wgmma``.
 3. ``delta_chunk_out``, grid ``(batch, heads, chunks, value blocks of 128)`` — every chunk at once:
    ``O = scale [(gamma ⊙ Q) H + (Q Kᵀ ⊙ Gamma) U']``.
 
@@ -30,13 +31,20 @@ its gradient per chunk while the backward runs). ``backward="xla"`` differentiat
 chunked form instead (``seqjax.ops.delta.chunk_delta_rule``, with its own residuals). ``impl="auto"``
 picks the backward from ``seqjax._platform.AUTO_BACKWARD`` where it takes this kernel (``GPU_TESTED``).
 
-Lowering. GPU: the **Triton** lowering (``jax.experimental.pallas.triton`` compiler params). Why, with
-jax 0.11.2 where Mosaic GPU is the default: these kernels are chains of small ``[C, C]`` / ``[C, d]``
-block matmuls with masks and a sequential loop per program — exactly the block-level programming
-model of Triton (and of fla's Triton kernels they are benchmarked against), where the compiler does
-shared-memory staging, ``mma`` selection and software pipelining. Mosaic GPU requires writing that by
-hand at warpgroup level (explicit SMEM buffers, TMA copies, barriers, ``wgmma`` layouts); a port is a
-rewrite. TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU
+Lowering. GPU: two bodies, picked by ``backend``. ``"triton"`` (``jax.experimental.pallas.triton`` compiler
+params) runs every kernel; it is the measured one and the default. ``"mosaic_gpu"`` (``mosaic_gpu.py``; jax 0.11
+makes Mosaic GPU the default Pallas lowering and deprecates Triton) gives the state pass and the output kernel
+Mosaic GPU bodies: one warpgroup per program, TMA copies of each chunk into shared memory, ``wgmma`` for
+``U' = U − W S``, the state update, ``Q Kᵀ``, the readout and the intra-chunk product, the float32 state a loop
+carry in the ``wgmma`` accumulator layout. It needs ``chunk_size`` a multiple of 64 (``wgmma``'s ``M``) and pads both
+head dims to at least 64; its matmul operands are bf16 (float32 inputs rounded). What has no Mosaic GPU body, and
+runs on Triton under either choice while jax ships it: the WY factors (their blocked triangular inverse is forward
+substitution, row by row on ``16 x 16`` blocks, with no ``wgmma`` form; chunk-parallel, not the hot loop) and the
+backward kernels (``backward.py``). ``backend=None`` on a GPU takes Triton; once the Mosaic GPU bodies pass their
+tests compiled on a GPU (``MOSAIC_GPU_COMPILED_TESTS_PASS``), it takes them under jax >= 0.11 for a chunk size that
+is a multiple of 64 (``MOSAIC_GPU_DEFAULT``). Without a GPU they lower for CUDA through ``jax.export`` and run under
+Mosaic GPU's own interpreter against the XLA chunked form (``tests/test_pallas_mosaic_gpu_delta.py``). TPU: Mosaic
+bodies (``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU
 (``tests/test_tpu_compile.py``).
 
 Tests: interpret mode on CPU (``tests/test_pallas_delta.py``); every kernel lowers to Triton and to Mosaic TPU
@@ -51,12 +59,28 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._util import resolve
+from pallas_kernels._mosaic_gpu import JAX_0_11, resolve_mosaic_gpu
 from pallas_kernels.delta_chunk.backward import delta_bwd
-from pallas_kernels.delta_chunk.forward import _forward, _kernels, _prepare
+from pallas_kernels.delta_chunk.forward import _forward, _kernels, _pow2, _prepare
 from seqjax.ops.delta import chunk_delta_rule
 
 __all__ = ["delta_chunk"]
+
+# The forward's state pass and output take their Mosaic GPU bodies by default on a GPU under jax >= 0.11 once those
+# bodies have passed their tests compiled on a GPU (the `tests` stage of benchmarks/gpu_check.sh); until then they
+# run only when asked for (backend="mosaic_gpu") and the default stays on the measured Triton bodies
+MOSAIC_GPU_COMPILED_TESTS_PASS = False
+MOSAIC_GPU_DEFAULT = MOSAIC_GPU_COMPILED_TESTS_PASS and JAX_0_11
+BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
+
+
+def _resolve(interpret, backend, chunk):
+    return resolve_mosaic_gpu(interpret, backend, chunk, default=MOSAIC_GPU_DEFAULT, backends=BACKENDS)
+
+
+def _triton_for_mgpu(backend):
+    """The backward kernels have no Mosaic GPU bodies: they run on Triton."""
+    return "triton" if backend == "mosaic_gpu" else backend
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
@@ -72,7 +96,7 @@ def _core_fwd(qh, kh, vh, bh, g, rev, seg, h0p, c, scale, interpret, backend):
 
 
 def _core_bwd(c, scale, interpret, backend, res, cts):
-    grads = delta_bwd(*res, *cts, c=c, scale=scale, interpret=interpret, backend=backend)
+    grads = delta_bwd(*res, *cts, c=c, scale=scale, interpret=interpret, backend=_triton_for_mgpu(backend))
     dq, dk, dv, dbeta, dg, drev, dh0 = grads
     return dq, dk, dv, dbeta, dg, drev, jnp.zeros_like(res[6]), dh0
 
@@ -118,14 +142,17 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
       h0: ``[b, h, dk, dv]`` or ``None``; resets: ``[b, t]`` bool (``alpha_t = 0`` there) or ``None``.
       chunk_size: rounded up to a power of two >= 16.
       interpret: run the kernel as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
-      backend: ``"triton"`` (GPU, and the CPU interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform.
+      backend: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (the state pass and the output on
+        Mosaic GPU, ``mosaic_gpu.py``; chunk a multiple of 64, head dims padded to at least 64; interpreted by Mosaic
+        GPU's own interpreter on the CPU) or ``"mosaic_tpu"``; ``None`` picks by platform (and, once
+        ``MOSAIC_GPU_COMPILED_TESTS_PASS``, jax version: see the module docstring, "Lowering").
       backward: what ``jax.grad`` runs: ``"pallas"`` (the kernels of ``backward.py``) or ``"xla"`` (the XLA
         chunked form's forward and backward).
 
     Returns:
       ``(o [b, t, h, dv] in the inputs' dtype, h_last [b, h, dk, dv] float32)``.
     """
-    interpret, backend = resolve(interpret, backend)
+    interpret, backend = _resolve(interpret, backend, _pow2(chunk_size))
     if backward not in ("pallas", "xla"):
         raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
     dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
@@ -137,6 +164,6 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
     rs = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets).astype(bool)
     if backward == "xla":
         return _delta_chunk(q, k, v, beta, la, h0, rs, float(scale), int(chunk_size), bool(interpret), backend)
-    args, c, _ = _prepare(q, k, v, beta, la, h0, rs, int(chunk_size))
+    args, c, _ = _prepare(q, k, v, beta, la, h0, rs, int(chunk_size), backend)
     o, ht = _delta_core(*args, c, float(scale), bool(interpret), backend)
     return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], ht[:, :, :dk, :dv]

@@ -1,0 +1,230 @@
+r"""Mosaic GPU bodies of the chunked delta rule's state pass and output kernel (the lowering jax 0.11 makes the default).
+
+Same chunk algebra as ``forward.py``'s Triton bodies (see ``kernel.py``), written against Mosaic GPU's one-warpgroup
+model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosaic_gpu.py``:
+
+* :func:`chunk_states_mosaic_gpu`, the serial pass: grid ``(batch, heads, value blocks of 64)``; each program owns
+  one head's ``[Kp, 64]`` state slice and walks the chunks with a ``fori_loop``; the float32 state is the loop
+  carry, in registers in the ``WGMMA`` accumulator layout, and a bf16 copy in shared memory is the operand of the
+  next chunk's first matmul. Per chunk, TMA copies ``k, w [C, Kp]``, ``u [C, 64]`` and the chunk's gates
+  (``g, rev, seg``: heads-first rows of ``C`` floats) into shared memory, then two ``wgmma``\ s:
+  ``U' = U − W S`` and ``S ← γ_C S + Kᵀ (U' ⊙ e^{rev})`` (the decay to the chunk's end as a row scaling of ``U'``;
+  ``Kᵀ`` a transposed shared-memory view). ``H`` (the state entering the chunk: the bf16 operand copy itself) and
+  ``U'`` leave through shared memory with TMA stores, in bf16: they are only ever the output kernel's ``wgmma``
+  operands.
+* :func:`chunk_out_mosaic_gpu`, chunk-parallel: grid ``(batch, heads, chunks, value blocks of 128; of 64 for chunks
+  above 64, to bound the registers)``, three ``wgmma``\ s: ``Q Kᵀ`` (``[C, C]``, masked and decayed in registers, the
+  exponent masked before ``exp``), ``O = scale [(Q H) ⊙ γ + (Q Kᵀ ⊙ Γ) U']`` (the decayed readout as a row scaling
+  of ``Q H``).
+
+The WY factors (``wy.py``) keep their Triton body under ``backend="mosaic_gpu"``: their blocked triangular inverse is
+forward substitution, row by row on ``16 x 16`` blocks, which has no ``wgmma`` form (its ``M`` is 64); it is
+chunk-parallel and not the hot loop. The backward kernels (``backward.py``) have Triton bodies only, too.
+
+``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to
+:func:`~pallas_kernels._mosaic_gpu.key_pad` (``kernel.py`` pads them for this backend: exact, padded channels are
+zero) and ``C`` is a multiple of 64. Matmul operands are bf16 with float32 accumulation: float32 inputs are rounded
+to bf16 (the Triton bodies keep them float32 at ``HIGHEST``). One chunk at a time: the copies of chunk ``n + 1``
+are not yet overlapped with chunk ``n``'s matmuls (a two-slot TMA pipeline is the next step once a GPU has timed
+these bodies).
+
+Checked without a GPU (``tests/test_pallas_mosaic_gpu_delta.py``): both kernels lower for CUDA through
+``jax.export`` (the StableHLO holds two ``mosaic_gpu`` custom calls), and Mosaic GPU's own interpreter
+(``interpret=True`` here; it simulates TMA, barriers and ``wgmma`` on the CPU) runs them against the XLA chunked
+form. That interpreter takes neither a transposed shared-memory view nor a register operand for ``wgmma``, so under
+it ``Kᵀ`` and the intra-chunk matrix are staged through shared memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels._mosaic_gpu import interpret_params, key_pad, smem
+
+__all__ = ["check_shapes", "chunk_out_mosaic_gpu", "chunk_states_mosaic_gpu"]
+
+_BF16 = jnp.bfloat16
+f32 = jnp.float32
+_WG = plgpu.Layout.WGMMA
+
+
+def check_shapes(c: int, kp: int, vp: int) -> None:
+    """What ``wgmma`` needs of the prepared inputs: ``c`` a multiple of 64, both head dims padded to ``key_pad``."""
+    if c % 64:
+        raise ValueError(f"the Mosaic GPU delta-rule bodies need chunk_size a multiple of 64, got {c}")
+    if kp != key_pad(kp):
+        raise ValueError(f"the Mosaic GPU delta-rule bodies need the key head dim (k.shape[-1]) padded to key_pad "
+                         f"(a power of two >= 64), got {kp}")
+    if vp != key_pad(vp):
+        raise ValueError(f"the Mosaic GPU delta-rule bodies need the value head dim (v.shape[-1]) padded to key_pad "
+                         f"(a power of two >= 64), got {vp}")
+
+
+def _helpers(c, interpret):
+    """Loads (register layouts matter to the lowering only; the interpreter reads refs plainly) and the gate vectors
+    of one chunk from its ``[rows, C]`` shared-memory block, as columns (indexed by the query / state row ``t``) and
+    rows (indexed by the key column ``s``)."""
+    load = (lambda ref, layout: ref[...]) if interpret else (lambda ref, layout: plgpu.load(ref, (), layout=layout))
+    col = lambda g_smem, i: load(g_smem.at[i], _WG.reduce(1))
+    row = lambda g_smem, i: load(g_smem.at[i], _WG.reduce(0))
+    return load, col, row
+
+
+def _transposed(k_smem, kt_smem, interpret):
+    """``Kᵀ`` as a ``wgmma`` operand: a transposed view; a transposed copy under the interpreter, which has no view."""
+    if interpret:
+        kt_smem[...] = k_smem[...].T
+        return kt_smem
+    return plgpu.transpose_ref(k_smem, (1, 0))
+
+
+def _mma(a, b, shape):
+    """``a @ b`` (shared-memory operands) into a float32 ``WGMMA`` accumulator."""
+    def f(acc):
+        plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    return pl.run_scoped(f, plgpu.ACC(shape, f32))
+
+
+def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, k_smem, w_smem, u_smem, st_smem,
+                   s32_smem, un_smem, us_smem, g_smem, kt_smem, bars, *, chunk, n_chunks, bv, interpret):
+    c = chunk
+    load, col, _ = _helpers(c, interpret)
+    ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    cols = pl.ds(iv * bv, bv)
+    bcast = lambda x, d: lax.broadcast_in_dim(x, (c, d), [0])
+
+    plgpu.copy_gmem_to_smem(h0_ref.at[ib, ih, :, cols], s32_smem, bars.at[0])
+    plgpu.barrier_wait(bars.at[0])
+    state = load(s32_smem, _WG)
+    st_smem[...] = state.astype(_BF16)
+    plgpu.commit_smem()
+
+    def body(n, state):
+        rows = pl.ds(n * c, c)
+        plgpu.copy_gmem_to_smem(k_ref.at[ib, ih, rows], k_smem, bars.at[1])
+        plgpu.copy_gmem_to_smem(w_ref.at[ib, ih, rows], w_smem, bars.at[2])
+        plgpu.copy_gmem_to_smem(u_ref.at[ib, ih, rows, cols], u_smem, bars.at[3])
+        plgpu.copy_gmem_to_smem(g_ref.at[ib, ih, :, rows], g_smem, bars.at[4])
+        for i in range(1, 5):
+            plgpu.barrier_wait(bars.at[i])
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's U' has left un_smem
+        plgpu.copy_smem_to_gmem(st_smem, hs_ref.at[ib, ih, n, :, cols])  # H: the state entering chunk n, as bf16
+        u_new = load(u_smem, _WG).astype(f32) - _mma(w_smem, st_smem, (c, bv))  # U' = U − W S
+        un_smem[...] = u_new.astype(_BF16)
+        g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
+        to_end = jnp.where(col(g_smem, 2) == s_end, jnp.exp(col(g_smem, 1)), 0.0)  # e^{rev}, the chunk's last document
+        us_smem[...] = (u_new * bcast(to_end, bv)).astype(_BF16)
+        kt = _transposed(k_smem, kt_smem, interpret)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(un_smem, un_ref.at[ib, ih, rows, cols])
+        total = jnp.where(s_end == 0, jnp.exp(g_end), 0.0)  # γ_C: zero across a reset inside the chunk
+        state = total * state + _mma(kt, us_smem, state.shape)
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # H's copy has read st_smem (U''s may still be in flight)
+        st_smem[...] = state.astype(_BF16)
+        plgpu.commit_smem()
+        return state
+
+    state = lax.fori_loop(0, n_chunks, body, state)
+    plgpu.wait_smem_to_gmem(0)
+    s32_smem[...] = state
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(s32_smem, ht_ref.at[ib, ih, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _gates(g, rev, seg):
+    """``[b, h, Tp]`` float32 gates stacked heads-first as ``[b, h, 3, Tp]``: each chunk's gates are contiguous rows."""
+    return jnp.stack([g, rev, seg], axis=2).astype(f32)
+
+
+def _interpret(interpret):
+    return interpret_params() if interpret else None
+
+
+def chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, *, c, interpret):
+    """The serial pass on Mosaic GPU (``forward.chunk_states``'s contract, ``with_u_new=True``): ``k, w [b, h, Tp, Kp]``,
+    ``u [b, h, Tp, Vp]``, gates ``g, rev, seg [b, h, Tp]`` float32, ``h0 [b, h, Kp, Vp]`` float32, head dims padded
+    to ``key_pad`` and ``c`` a multiple of 64 (:func:`check_shapes`). Returns ``H [b, h, N, Kp, Vp]`` bf16, the final
+    state ``[b, h, Kp, Vp]`` float32 and ``U' [b, h, Tp, Vp]`` bf16. ``interpret``: Mosaic GPU's interpreter."""
+    b, h, tp, kp = kh.shape
+    vp = u.shape[-1]
+    check_shapes(c, kp, vp)
+    bv = 64
+    kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret)
+    sm = functools.partial(smem, plain=interpret)
+    scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv), u.dtype), sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)),
+               sm((c, bv)), plgpu.SMEM((3, c), f32), sm((kp, c)) if interpret else None,
+               plgpu.Barrier(num_barriers=5)]
+    out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32),
+           jax.ShapeDtypeStruct((b, h, tp, vp), _BF16)]
+    return plgpu.kernel(
+        kern, out_type=out, scratch_types=scratch, grid=(b, h, vp // bv), grid_names=("b", "h", "v"),
+        compiler_params=plgpu.CompilerParams(approx_math=False), interpret=_interpret(interpret),
+    )(kh.astype(_BF16), w.astype(_BF16), u, _gates(g, rev, seg), h0p.astype(f32))
+
+
+def _out_kernel(q_ref, k_ref, un_ref, g_ref, h_ref, o_ref, q_smem, k_smem, un_smem, h_smem, g_smem, o_smem, kt_smem,
+                att_smem, bars, *, chunk, bv, scale, interpret):
+    c = chunk
+    _, col, row = _helpers(c, interpret)
+    ib, ih, n, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("v")
+    rows, cols = pl.ds(n * c, c), pl.ds(iv * bv, bv)
+    plgpu.copy_gmem_to_smem(q_ref.at[ib, ih, rows], q_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(k_ref.at[ib, ih, rows], k_smem, bars.at[1])
+    plgpu.copy_gmem_to_smem(un_ref.at[ib, ih, rows, cols], un_smem, bars.at[2])
+    plgpu.copy_gmem_to_smem(h_ref.at[ib, ih, n, :, cols], h_smem, bars.at[3])
+    plgpu.copy_gmem_to_smem(g_ref.at[ib, ih, :, rows], g_smem, bars.at[4])
+    for i in range(5):
+        plgpu.barrier_wait(bars.at[i])
+
+    if interpret:
+        iota = lambda d: lax.broadcasted_iota(jnp.int32, (c, c), d)
+    else:
+        iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WG)
+    full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
+    gc, sc = col(g_smem, 0), col(g_smem, 2)
+    ok = (iota(0) >= iota(1)) & (full(sc, 0) == full(row(g_smem, 2), 1))
+    dec = jnp.where(ok, jnp.exp(jnp.where(ok, full(gc, 0) - full(row(g_smem, 0), 1), 0.0)), 0.0)  # Γ
+    kt = _transposed(k_smem, kt_smem, interpret)
+    if interpret:
+        plgpu.commit_smem()
+    att = (_mma(q_smem, kt, (c, c)) * dec).astype(_BF16)
+    gamma = jnp.where(sc == 0, jnp.exp(gc), 0.0)  # decay from the chunk's start, first document only
+    inter = _mma(q_smem, h_smem, (c, bv)) * lax.broadcast_in_dim(gamma, (c, bv), [0])
+    if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
+        att_smem[...] = att
+        plgpu.commit_smem()
+        att = att_smem
+    o = scale * (inter + _mma(att, un_smem, (c, bv)))
+    o_smem[...] = o.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[ib, ih, rows, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interpret):
+    """``O = scale [(γ ⊙ Q) H + (Q Kᵀ ⊙ Γ) U']`` for every chunk at once on Mosaic GPU: ``q, k [b, h, Tp, Kp]``,
+    ``U' [b, h, Tp, Vp]`` and ``H [b, h, N, Kp, Vp]`` from :func:`chunk_states_mosaic_gpu`, gates ``g, rev, seg``
+    float32 ``[b, h, Tp]`` (stacked as the state pass stacks them: XLA builds the array once). Returns ``O [b, h, Tp, Vp]`` in ``dtype``."""
+    b, h, tp, kp = qh.shape
+    vp = un.shape[-1]
+    check_shapes(c, kp, vp)
+    bv = min(vp, 128 if c == 64 else 64)  # registers: the [C, bv] float32 accumulators live beside the [C, C] matrix
+    kern = functools.partial(_out_kernel, chunk=c, bv=bv, scale=scale, interpret=interpret)
+    sm = functools.partial(smem, plain=interpret)
+    scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv)), sm((kp, bv)), plgpu.SMEM((3, c), f32), sm((c, bv), dtype),
+               sm((kp, c)) if interpret else None, sm((c, c)) if interpret else None, plgpu.Barrier(num_barriers=5)]
+    return plgpu.kernel(
+        kern, out_type=jax.ShapeDtypeStruct((b, h, tp, vp), dtype), scratch_types=scratch,
+        grid=(b, h, tp // c, vp // bv), grid_names=("b", "h", "n", "v"),
+        compiler_params=plgpu.CompilerParams(approx_math=False), interpret=_interpret(interpret),
+    )(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16))

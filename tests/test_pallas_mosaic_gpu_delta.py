@@ -1,0 +1,136 @@
+"""The chunked delta rule's Mosaic GPU bodies (``pallas_kernels/delta_chunk/mosaic_gpu.py``), checked without a GPU.
+
+* Lowering: ``jax.export`` with ``platforms=("cuda",)`` runs the Pallas -> Mosaic GPU lowering on this CPU (layouts,
+  ``wgmma`` operand shapes and transforms, TMA slices) and emits one ``mosaic_gpu`` custom call for the state pass
+  and one for the output kernel, beside the WY factors' Triton call, for the benchmark shape (``B=8, T=2048, H=16,
+  D=128``) and a smoke shape, bf16 and float32 inputs; and with the Pallas backward (Triton kernels) under
+  ``jax.grad``. ptxas' compile and the speed need a GPU (``benchmarks/gpu_check.sh``).
+* Values against ``seqjax.ops.delta.chunk_delta_rule`` — resets, ``beta`` up to 2, a gated decay, ``h0``, a time not
+  a multiple of the chunk, head dims that need padding — under Mosaic GPU's own interpreter (``InterpretGPUParams``,
+  in ``jax._src`` in jax 0.10: TMA copies, barriers, shared memory and ``wgmma`` simulated; the WY factors run in
+  the Triton body's interpret mode). That interpreter takes no transposed shared-memory view and no register operand
+  for ``wgmma``: under it the bodies stage ``Kᵀ`` and the intra-chunk matrix through shared memory, which the
+  compiled bodies do not.
+* Gradients (slow tier): under ``backend="mosaic_gpu"`` the Triton backward, on head dims padded for Mosaic GPU,
+  gives the Triton backend's gradients.
+* The backend choice and the shapes Mosaic GPU requires.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels import _mosaic_gpu
+from pallas_kernels.delta_chunk import kernel as delta_kernel
+from pallas_kernels.delta_chunk import mosaic_gpu as delta_mgpu
+from pallas_kernels.delta_chunk.kernel import delta_chunk
+from seqjax.ops.delta import chunk_delta_rule
+
+MOSAIC_GPU = "@mosaic_gpu"
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _cuda_module(f, *args) -> str:
+    exp = export.export(jax.jit(f), platforms=("cuda",), disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])
+    return exp(*args).mlir_module()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(8, 2048, 16, 128), (1, 64, 2, 32)], ids=["bench", "smoke"])
+def test_lowers_for_cuda(shape, dtype):
+    s = jax.ShapeDtypeStruct
+    qs, gs = s(shape, dtype), s(shape[:3], jnp.float32)
+    mod = _cuda_module(lambda q, k, v, beta, la: delta_chunk(q, k, v, beta, la, chunk_size=64, interpret=False,
+                                                             backend="mosaic_gpu"), qs, qs, qs, gs, gs)
+    # the state pass and the output on Mosaic GPU; the WY factors stay on Triton
+    assert mod.count(MOSAIC_GPU) == 2 and mod.count(TRITON) == 1 and "delta_chunk_wy" in mod
+    assert "delta_chunk_states" not in mod and "delta_chunk_out" not in mod
+
+
+def test_grad_lowers_with_triton_backward():
+    """The Mosaic GPU forward under ``jax.grad``: the state pass and output on Mosaic GPU, the rest on Triton."""
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
+
+    def loss(q, beta, la):
+        o, s = delta_chunk(q, q, q, beta, la, chunk_size=64, interpret=False, backend="mosaic_gpu")
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s**2)
+
+    mod = _cuda_module(jax.grad(loss, argnums=(0, 1, 2)), q, g, g)
+    # forward: WY (Triton) + 2 Mosaic GPU; backward.py: WY with X, the states, the state gradients, two gradient kernels
+    assert mod.count(MOSAIC_GPU) == 2 and mod.count(TRITON) == 6
+
+
+def _inputs(b=1, t=100, h=1, dk=32, dv=48, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (b, t, h, dk))
+    k = jax.random.normal(ks[1], (b, t, h, dk))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], (b, t, h, dv))
+    beta = 2.0 * jax.random.uniform(ks[3], (b, t, h))  # up to 2: negative eigenvalues
+    la = jax.nn.log_sigmoid(3.0 + jax.random.normal(ks[4], (b, t, h)))
+    h0 = jax.random.normal(ks[5], (b, h, dk, dv))
+    resets = jnp.zeros((b, t), bool).at[:, 37].set(True)
+    return (q, k, v, beta, la), dict(h0=h0, resets=resets, scale=0.5)
+
+
+def test_values():
+    """Against the XLA chunked form (one case: the interpreter is slow), ``T = 100`` over chunks of 64, head dims
+    32 and 48 padded to 64. The bodies' matmul operands are bf16 (float32 accumulation; ``H`` and ``U'`` are
+    stored in bf16), each rounding worth up to ``2^-9`` relative, so float32 inputs agree to about 1% of the
+    largest output (measured: 0.4%)."""
+    args, kw = _inputs()
+    tol = 1e-2
+    o, s = delta_chunk(*args, **kw, chunk_size=64, backend="mosaic_gpu")  # interpreted on the CPU, compiled on a GPU
+    ro, rs = chunk_delta_rule(*args, **kw, chunk_size=64)
+    assert o.shape == ro.shape and s.shape == rs.shape and o.dtype == ro.dtype
+    np.testing.assert_allclose(o, ro, atol=tol * float(jnp.abs(ro).max()))
+    np.testing.assert_allclose(s, rs, atol=tol * float(jnp.abs(rs).max()))
+
+
+def test_backend_choice(monkeypatch):
+    resolve = delta_kernel._resolve
+    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (True, backend or "triton"))  # as on the CPU
+    assert resolve(None, None, 64) == (True, "triton")  # the CPU interprets the Triton bodies
+    assert resolve(None, "mosaic_gpu", 64) == (True, "mosaic_gpu")  # or the Mosaic GPU bodies, asked for
+    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (False, backend or "triton"))  # as on a GPU
+    monkeypatch.setattr(delta_kernel, "MOSAIC_GPU_DEFAULT", False)  # jax < 0.11, or compiled tests not yet passed
+    assert resolve(None, None, 64) == (False, "triton")
+    monkeypatch.setattr(delta_kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11 and compiled tests passed
+    assert resolve(None, None, 64) == (False, "mosaic_gpu")
+    assert resolve(None, None, 32) == (False, "triton")  # wgmma's M: the Mosaic GPU bodies need chunks of 64
+    assert resolve(None, "triton", 64) == (False, "triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve(None, "cuda", 64)
+
+
+def test_mosaic_gpu_requirements_raise():
+    (q, k, v, beta, la), _ = _inputs(t=16)
+    with pytest.raises(ValueError, match="chunk_size a multiple of 64, got 32"):  # before tracing, from the public API
+        delta_chunk(q, k, v, beta, la, chunk_size=32, backend="mosaic_gpu")
+    with pytest.raises(ValueError, match="chunk_size a multiple of 64, got 32"):
+        delta_mgpu.check_shapes(32, 64, 64)
+    with pytest.raises(ValueError, match=r"key head dim \(k.shape\[-1\]\) padded to key_pad .* got 32"):
+        delta_mgpu.check_shapes(64, 32, 64)
+    with pytest.raises(ValueError, match=r"value head dim \(v.shape\[-1\]\) padded to key_pad .* got 96"):
+        delta_mgpu.check_shapes(64, 64, 96)
+
+
+@pytest.mark.slow
+def test_grads_under_mosaic_gpu_equal_triton():
+    """``jax.grad`` under ``backend="mosaic_gpu"``: the Triton backward on the Mosaic GPU layout (head dims padded to
+    64 rather than 32 / 64) gives the Triton backend's gradients (padding is exact)."""
+    args, kw = _inputs()
+    h0 = kw.pop("h0")
+    wo, ws = jnp.cos(jnp.arange(100 * 48.0)).reshape(1, 100, 1, 48), jnp.sin(jnp.arange(32 * 48.0)).reshape(1, 1, 32, 48)
+
+    def loss(backend):  # linear in the outputs: the cotangents do not depend on the forward's (bf16-rounded) values
+        def f(q, k, v, beta, la, h0):
+            o, s = delta_chunk(q, k, v, beta, la, h0=h0, **kw, chunk_size=64, backend=backend)
+            return jnp.sum(o * wo) + jnp.sum(s * ws)
+        return jax.grad(f, argnums=tuple(range(6)))(*args, h0)
+
+    for got, want in zip(loss("mosaic_gpu"), loss("triton"), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
