@@ -7,9 +7,9 @@ B=8, T in {2k, 8k}, H=16, D=128, bf16 q/k/v, chunk 64; forward and forward+backw
 gradients of q, k, v and the decays). Every kernel has two Pallas rows: "Pallas" differentiates through the
 Pallas backward kernels (``pallas_kernels/*/backward.py``), "Pallas, XLA bwd" through the XLA chunked form
 (``backward="xla"``, what ``impl="auto"`` asks for where ``seqjax._platform.AUTO_BACKWARD`` says so; its
-fwd+bwd is XLA's). The per-head forward has two GPU lowerings, both measured: "Pallas (Triton)" and "Pallas
-(Mosaic GPU)" (``backend="mosaic_gpu"``, ``pallas_kernels/gla_chunk/mosaic_gpu.py``; its backward kernels are
-Triton's); "Pallas, XLA bwd" takes the default lowering (Mosaic GPU under jax >= 0.11, Triton below). Per-head decay
+fwd+bwd is XLA's). The per-head GLA and the mLSTM forwards have two GPU lowerings, both measured: "Pallas
+(Triton)" and "Pallas (Mosaic GPU)" (``backend="mosaic_gpu"``, ``pallas_kernels/{gla,mlstm}_chunk/mosaic_gpu.py``;
+their backward kernels are Triton's); "Pallas, XLA bwd" takes the default lowering (``backend=None``). Per-head decay
 (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``), per-channel decay (GLA: ``fla.ops.gla``) and the mLSTM
 (stabilised exponential gating, ``pallas_kernels/mlstm_chunk``; fla has no mLSTM). The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
@@ -102,12 +102,14 @@ def main(argv=None):
                 emit(f"| {t} | {decay} | {name} | {torch_form_cells(fla, targs, base, flops)} | |")
         ig, fg = jax.random.normal(ks[3], (b, t, h)), 3 + jax.random.normal(ks[4], (b, t, h))
         base = None if "xla" in a.forms else False
-        for key, f in {"xla": functools.partial(mlstm, impl="chunked", chunk_size=c),
-                       "pallas": functools.partial(mlstm_chunk, chunk_size=c),
-                       "pallas_xla_bwd": functools.partial(mlstm_chunk, chunk_size=c, backward="xla")}.items():
+        mforms = [("xla", FORMS["xla"], functools.partial(mlstm, impl="chunked", chunk_size=c))]
+        mforms += [("pallas", f"{FORMS['pallas']} ({name})", functools.partial(mlstm_chunk, chunk_size=c, backend=backend))
+                   for backend, name in (("triton", "Triton"), ("mosaic_gpu", "Mosaic GPU"))]
+        mforms += [("pallas_xla_bwd", FORMS["pallas_xla_bwd"], functools.partial(mlstm_chunk, chunk_size=c, backward="xla"))]
+        for key, label, f in mforms:
             if key in a.forms:
                 cells, base = jax_form_cells(f, (q, k, v, ig, fg), base, flops)
-                emit(f"| {t} | mLSTM | {FORMS[key]} | {cells} |")
+                emit(f"| {t} | mLSTM | {label} | {cells} |")
     if notes:
         rows += [""] + notes
         print("\n".join(notes))

@@ -2,13 +2,13 @@
 # The GPU check, one device call per stage list; everything it prints is also kept under $OUT.
 #   tests  the Pallas kernel tests compiled on the GPU (not interpreted): chunked GLA (per-head and
 #          per-channel decay), chunked delta rule and mLSTM (forward and Pallas backward kernels each),
-#          linear scan, fused RNN cells, the per-head GLA forward's Mosaic GPU body
-#          (tests/test_pallas_mosaic_gpu.py) (not the TPU bodies' interpreted cases); GPU_CHECK_TEST_S (default
+#          linear scan, fused RNN cells, the Mosaic GPU bodies of the GLA, delta-rule and mLSTM forwards
+#          (tests/test_pallas_mosaic_gpu*.py) (not the TPU bodies' interpreted cases); GPU_CHECK_TEST_S (default
 #          240) caps the stage;
 #   gla    benchmarks/gla_gpu.py   -> benchmarks/results/<device>_gla.md    } Pallas vs XLA chunked vs
 #   delta  benchmarks/delta_gpu.py -> benchmarks/results/<device>_delta.md  } flash-linear-attention (Triton)
-#          at B=8, T in {2k, 8k}, H=16, D=128, bf16; the per-head GLA forward in both GPU lowerings, Triton and
-#          Mosaic GPU, side by side;
+#          at B=8, T in {2k, 8k}, H=16, D=128, bf16; the per-head GLA, delta-rule and mLSTM forwards in both
+#          GPU lowerings, Triton and Mosaic GPU, side by side;
 #   fla    fla's rows alone (forward and forward+backward; its first backward autotunes for minutes), both
 #          scripts at T = 2k with --forms=fla -> <device>_gla_fla.md, <device>_delta_fla.md; GPU_CHECK_FLA_S
 #          (default 270) caps each; give it a device call of its own;
@@ -46,13 +46,13 @@ DEV=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))"
 
 if on tests; then
   echo "== kernel tests on $DEV (compiled, not interpreted)"
-  TESTS="tests/test_pallas_gla.py tests/test_pallas_mosaic_gpu.py tests/test_pallas_delta.py tests/test_pallas_mlstm.py tests/test_pallas_linear_scan.py tests/test_rnn_kernel.py"
+  TESTS="tests/test_pallas_gla.py tests/test_pallas_mosaic_gpu.py tests/test_pallas_mosaic_gpu_delta.py tests/test_pallas_mosaic_gpu_mlstm.py tests/test_pallas_delta.py tests/test_pallas_mlstm.py tests/test_pallas_linear_scan.py tests/test_rnn_kernel.py"
   # the TPU bodies' cases run interpreted off a TPU: CI covers them, so they do not spend device time here
   if [ -n "$SMOKE" ]; then K=(-k "(bf16 or (mosaic_gpu and smoke)) and not mosaic_tpu"); N=2; else K=(-k "not mosaic_tpu and not test_tpu_"); N=8; fi
   timeout ${GPU_CHECK_TEST_S:-240} $PY -m pytest -q -n $N -p no:cacheprovider --tb=short -rf "${K[@]}" $TESTS > "$O/kernel_tests.txt" 2>&1
   rc=$?; echo "pytest exit $rc"; tail -30 "$O/kernel_tests.txt"
   [ $rc -eq 0 ] && $PY -c "from seqjax._platform import GPU_TESTED as G; m = {'gla', 'delta', 'mlstm'} - G; print('all kernel tests pass compiled: add', sorted(m), 'to seqjax._platform.GPU_TESTED') if m else None"
-  [ $rc -eq 0 ] && [ -z "$SMOKE" ] && echo "the Mosaic GPU body passed compiled: set MOSAIC_GPU_COMPILED_TESTS_PASS = True in pallas_kernels/gla_chunk/kernel.py"
+  [ $rc -eq 0 ] && [ -z "$SMOKE" ] && echo "the Mosaic GPU bodies passed compiled: set MOSAIC_GPU_COMPILED_TESTS_PASS = True in pallas_kernels/{gla,delta,mlstm}_chunk/kernel.py"
 fi
 
 if [ -n "$SMOKE" ]; then A=(--ts=64 --b=1 --h=2 --d=32); T=(--data.global_batch=2 --data.seq_len=64 --model.num_layers=2 --model.d_model=96 --steps=2); else A=(); T=(--data.global_batch=32 --steps=5); fi

@@ -5,7 +5,7 @@ the trivial baselines beside them, and the README's tables rebuilt from the reco
     python experiments/sweep.py parity --preset=paper  # the paper's sizes and step budget (an accelerator)
     python experiments/sweep.py --all                  # every task, cheapest first
     python experiments/sweep.py tables                 # rebuild every table.md / plot.png from the records
-                                                       #   and the README's table blocks (rewritten in place)
+                                                       #   and the README's table and run-time blocks
     python experiments/sweep.py --list                 # the tasks, their scripts, rows and presets
     python experiments/sweep.py mqar_width --seeds=0   # MQAR accuracy vs model width (zoology's Fig. 2)
 
