@@ -16,6 +16,7 @@ from seqjax.ops.attention import attention, attention_reference, choose_impl, ma
 from seqjax.ops.context_parallel import attention_context_parallel
 from seqjax.ops.flash import flash_attention
 from seqjax.ops.splash import splash_attention
+from seqjax.train.run import score_buffers
 
 
 def _qkv(key, b, t, s, h, kvh, d, dtype=jnp.float32):
@@ -239,10 +240,7 @@ def test_context_parallel_splash_matches_unsharded_in_interpret_mode():
 
 
 # --------------------------------------------------------------------- no [b, h, T, T] float32 buffer
-def _f32_square_buffers(hlo: str, t: int) -> list[str]:
-    """Every float32 array shape in ``hlo`` with two dims of ``t`` (a ``[.., T, T]`` score matrix)."""
-    shapes = re.findall(r"f32\[([0-9,]*)\]", hlo)
-    return [s for s in set(shapes) if s.split(",").count(str(t)) >= 2]
+_f32_square_buffers = score_buffers  # every float32 [.., T, T] shape in compiled HLO
 
 
 def _layer_grad_hlo(t: int, impl) -> str:

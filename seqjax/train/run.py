@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 import jax
@@ -101,6 +102,13 @@ def _read_history(path: str, upto: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto]
 
 
+def score_buffers(hlo: str, seq_len: int) -> list[str]:
+    """The float32 array shapes in compiled ``hlo`` with two dims of ``seq_len``: an attention layer's
+    ``[.., T, T]`` scores, which a flash / splash kernel in the step never materialises."""
+    shapes = set(re.findall(r"f32\[([0-9,]*)\]", hlo))
+    return sorted(s for s in shapes if s.split(",").count(str(seq_len)) >= 2)
+
+
 def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
     """Compile ``cfg``'s train and eval steps for the TPU slice ``cfg.compile_topology`` (e.g. ``"v5e:4x4"``,
     ``"v5p:2x2x2"``) on this host, which needs no TPU: libtpu (``pip install 'jax[tpu]'``) compiles for the
@@ -109,7 +117,8 @@ def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
     kernels take their TPU bodies from the mesh (``pallas_kernels._util.platform``). No data is read and
     nothing runs. Returns ``fits`` and the compiled train step's per-chip memory (bytes), XLA's FLOPs per
     step and chip, and the number of Pallas (Mosaic) kernels in it; where the step does not fit in a chip's
-    HBM, ``fits=False`` and the compiler's ``error`` (how much it needed)."""
+    HBM, ``fits=False`` and the compiler's ``error`` (how much it needed). ``f32_score_buffers``: the float32
+    ``[.., T, T]`` shapes in the step (:func:`score_buffers`; none where attention runs the splash kernel)."""
     from jax.experimental import topologies  # lazy: only this path asks jax for TPU topologies (libtpu)
 
     if importlib.util.find_spec("libtpu") is None:
@@ -133,8 +142,10 @@ def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
             raise
         log.info("does not fit %s: %s", cfg.compile_topology, str(e).splitlines()[0])
         return {**head, "fits": False, "error": str(e).splitlines()[0]}
+    hlo = step.as_text()
     info = {**head, "fits": True, "compile_s": round(time.perf_counter() - t0, 1),
-            "pallas_kernels": step.as_text().count('custom_call_target="tpu_custom_call"'), **info}
+            "pallas_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
+            "f32_score_buffers": score_buffers(hlo, cfg.data.seq_len), **info}
     log.info("compiled for %s (%d x %s), mesh %s: per-chip memory %.1f MB (args %.1f, temp %.1f)",
              cfg.compile_topology, len(devices), info["device_kind"], info["mesh"], info.get("total_bytes", 0) / 2**20,
              info.get("argument_bytes", 0) / 2**20, info.get("temp_bytes", 0) / 2**20)
