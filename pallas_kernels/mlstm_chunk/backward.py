@@ -28,6 +28,12 @@ row's ``m_t``, ``1/den``, ``dr`` and ``ρ`` (the forward recomputed: nothing but
 (3) Pallas, ``dC'`` after every chunk walking backwards (``dn'`` in XLA); (4) Pallas, chunk-parallel:
 ``dq, dk, dv, db, di``. Triton walks (1) and (3) per (batch, head, value block of 64); Mosaic TPU runs
 one chunk per grid step with the state in VMEM scratch; the per-chunk math is shared.
+
+``backend="mosaic_gpu"``: the two serial passes (1) and (3) take Mosaic GPU bodies (``mosaic_gpu.py``; one
+warpgroup per (batch, head, value block of 64), the float32 state or state gradient the loop carry, one
+``wgmma`` per chunk; (3) is (1)'s body walking backwards, ``Qᵀ (ρ/den ⊙ dO)`` in place of ``Kᵀ (ε ⊙ V)``).
+Head dims are padded on to ``key_pad`` for them and sliced back, and their matmul operands are bf16. The
+chunk-parallel passes (2) and (4) stay on Triton (see ``kernel.py``, "Lowering").
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic_gpu import key_pad
 from pallas_kernels._util import chunk_block, mm, tpu_params, triton_params
 from pallas_kernels.mlstm_chunk.forward import (
     _NT,
@@ -47,12 +54,15 @@ from pallas_kernels.mlstm_chunk.forward import (
     NEG,
     _affine,
     _last,
+    _pad_c,
+    _pad_last,
     _readout,
     _rsum,
     chunk_stabilisers,
     chunk_states,
     f32,
 )
+from pallas_kernels.mlstm_chunk.mosaic_gpu import dstates_mosaic_gpu
 
 
 def _dstate_step(q, do, fs, fo, ds):
@@ -160,7 +170,9 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     b, h, tp, kp = qh.shape
     vp, c = vh.shape[-1], chunk
     n = tp // c
-    tpu = backend == "mosaic_tpu"
+    tpu, mgpu = backend == "mosaic_tpu", backend == "mosaic_gpu"
+    if mgpu:  # the serial passes on Mosaic GPU, the chunk-parallel ones on Triton
+        backend = "triton"
     md = vh.dtype
     do = do.astype(md)
     m_in, ew, fo, n_in, _ = chunk_stabilisers(bt, st, it, et, kh, n0, m0, c)
@@ -176,7 +188,7 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
     par = tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend)
     # (1) the entering C' of every chunk
-    hs, _ = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend=backend)
+    hs, _ = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend="mosaic_gpu" if mgpu else backend)
     if tpu:
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
     else:
@@ -205,6 +217,11 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
             scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret, compiler_params=seq,
             name="mlstm_chunk_bwd_dstates_tpu",
         )(qh, do, fs, fo_t, dCt.astype(f32))
+    elif mgpu:  # head dims padded on to key_pad (zeros: exact) and sliced back
+        kq, vq = key_pad(kp), key_pad(vp)
+        dhs, dC0 = dstates_mosaic_gpu(_pad_last(qh, kq), _pad_last(do, vq), fs[..., 0], fo, _pad_c(dCt.astype(f32), kq, vq),
+                                      c=c, interpret=interpret)
+        dhs, dC0 = dhs[..., :kp, :vp], dC0[..., :kp, :vp]
     else:
         dhs, dC0 = pl.pallas_call(
             functools.partial(_dstates_kernel, c=c, n=n), grid=(b, h, vp // bv),

@@ -1,4 +1,5 @@
-r"""Mosaic GPU bodies of the chunkwise mLSTM forward: the serial state pass and the chunk-parallel outputs.
+r"""Mosaic GPU bodies of the chunkwise mLSTM: the forward's serial state pass and chunk-parallel outputs, and the
+backward's state-gradient walk (the state pass's body, run backwards).
 
 Same chunk algebra as ``forward.py``'s Triton bodies (see ``kernel.py``), written against Mosaic GPU's
 one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_chunk/mosaic_gpu.py``:
@@ -9,6 +10,10 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_
   memory (TMA store), TMA copies ``k [C, Kp]``, ``v [C, 64]`` and the chunk's gate rows (``ε``, ``φ``) in, the
   value rows are scaled by the write weights in registers (``(K ⊙ ε)ᵀ V = Kᵀ (ε ⊙ V)``) and one ``wgmma``
   (``Kᵀ`` a transposed shared-memory view) gives ``C'⁺ = φ C' + Kᵀ (ε ⊙ V)``.
+* ``dstates_mosaic_gpu`` (``backward.py``, pass 3): the same body walking the chunks last to first,
+  ``dC' = φ dC'⁺ + Qᵀ (fs ⊙ dO)`` with ``fs = ρ / den`` the readout weights, writing the float32 ``dC'`` after every
+  chunk for the Triton chunk-gradient kernel. The backward's states (pass 1) are ``states_mosaic_gpu`` with
+  float32 states out.
 * ``out_mosaic_gpu`` (``mlstm_chunk_out``): grid ``(batch, heads, chunks, value blocks of 64)``, every chunk at
   once. TMA copies ``q, k``, the value block, the entering ``C'`` block (bf16), ``n'`` and the chunk's gates;
   the row stabiliser ``m_t = max(max_s w_ts, b_t + m)``, ``D = e^{w − m_t}`` and ``ρ = e^{b + m − m_t}`` in
@@ -39,7 +44,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._mosaic_gpu import interpret_params, key_pad, smem
 
-__all__ = ["out_mosaic_gpu", "states_mosaic_gpu"]
+__all__ = ["dstates_mosaic_gpu", "out_mosaic_gpu", "states_mosaic_gpu"]
 
 _BF16 = jnp.bfloat16
 _F32 = jnp.float32
@@ -67,8 +72,10 @@ def _check(kp, vp, chunk, what):
         raise ValueError(f"{what}: the Mosaic GPU body needs chunk a multiple of 64, got {chunk}")
 
 
-def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hs_ref, ht_ref, k_smem, v_smem, vs_smem, g_smem, s32_smem, hs_smem,
-                   kt_smem, bars, *, chunk, n_chunks, interpret):
+def _walk_kernel(k_ref, v_ref, g_ref, h0_ref, hs_ref, ht_ref, k_smem, v_smem, vs_smem, g_smem, s32_smem, hs_smem,
+                 kt_smem, bars, *, chunk, n_chunks, reverse, interpret):
+    """``S ← φ S + Kᵀ (ε ⊙ V)`` over the chunks, first to last or (``reverse``) last to first, writing the ``S`` that
+    meets each chunk before its update; ``g`` holds ``ε`` and ``φ`` on each token."""
     c = chunk
     load = _loader(interpret)
     wg = plgpu.Layout.WGMMA
@@ -79,13 +86,14 @@ def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hs_ref, ht_ref, k_smem, v_smem, 
     plgpu.barrier_wait(bars.at[0])
     state = load(s32_smem, wg)
 
-    def body(n, state):
+    def body(j, state):
+        n = n_chunks - 1 - j if reverse else j
         rows = pl.ds(n * c, c)
         plgpu.copy_gmem_to_smem(k_ref.at[ib, ih, rows], k_smem, bars.at[1])
         plgpu.copy_gmem_to_smem(v_ref.at[ib, ih, rows, cols], v_smem, bars.at[2])
         plgpu.copy_gmem_to_smem(g_ref.at[ib, ih, :, rows], g_smem, bars.at[3])
         plgpu.wait_smem_to_gmem(0)  # the previous chunk's state has left hs_smem
-        hs_smem[...] = state.astype(hs_smem.dtype)  # C' entering chunk n
+        hs_smem[...] = state.astype(hs_smem.dtype)  # the state meeting chunk n
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(hs_smem, hs_ref.at[ib, ih, n, :, cols])
         for i in range(1, 4):
@@ -115,26 +123,40 @@ def _states_kernel(k_ref, v_ref, g_ref, h0_ref, hs_ref, ht_ref, k_smem, v_smem, 
     plgpu.wait_smem_to_gmem(0)
 
 
+def _walk(kh, vh, w, fo, s0, *, c, dtype, reverse, interpret, what):
+    b, h, tp, kp = kh.shape
+    vp, n = vh.shape[-1], tp // c
+    _check(kp, vp, c, what)
+    interp = bool(interpret)
+    gates = jnp.stack([w, jnp.repeat(fo, c, axis=2)], axis=2).astype(_F32)  # [b, h, 2, Tp]: ε, φ on each token
+    sm = functools.partial(smem, plain=interp)
+    scratch = [sm((c, kp)), sm((c, _BV)), sm((c, _BV)), plgpu.SMEM((2, c), _F32), sm((kp, _BV), _F32),
+               sm((kp, _BV), dtype), sm((kp, c)) if interp else None, plgpu.Barrier(num_barriers=4)]
+    return plgpu.kernel(
+        functools.partial(_walk_kernel, chunk=c, n_chunks=n, reverse=reverse, interpret=interp),
+        out_type=[jax.ShapeDtypeStruct((b, h, n, kp, vp), dtype), jax.ShapeDtypeStruct((b, h, kp, vp), _F32)],
+        scratch_types=scratch, grid=(b, h, vp // _BV), grid_names=("b", "h", "v"),
+        compiler_params=plgpu.CompilerParams(approx_math=False),
+        interpret=interpret_params() if interp else None,
+    )(kh.astype(_BF16), vh.astype(_BF16), gates, s0.astype(_F32))
+
+
 def states_mosaic_gpu(kh, vh, ew, fo, C0, *, c, dtype=_BF16, interpret=False):
     """``forward.chunk_states`` on Mosaic GPU: heads-first ``kh [b, h, Tp, Kp]``, ``vh [b, h, Tp, Vp]`` (head dims
     padded to ``key_pad``), write weights ``ε [b, h, Tp]``, carries ``φ [b, h, N]``, ``C0 [b, h, Kp, Vp]``.
     Returns the ``C'`` entering every chunk ``[b, h, N, Kp, Vp]`` in ``dtype`` and the final one float32.
     ``interpret=True`` runs Mosaic GPU's interpreter."""
-    b, h, tp, kp = kh.shape
-    vp, n = vh.shape[-1], tp // c
-    _check(kp, vp, c, "chunk_states")
-    interp = bool(interpret)
-    gates = jnp.stack([ew, jnp.repeat(fo, c, axis=2)], axis=2).astype(_F32)  # [b, h, 2, Tp]: ε, φ on each token
-    sm = functools.partial(smem, plain=interp)
-    scratch = [sm((c, kp)), sm((c, _BV)), sm((c, _BV)), plgpu.SMEM((2, c), _F32), sm((kp, _BV), _F32),
-               sm((kp, _BV), dtype), sm((kp, c)) if interp else None, plgpu.Barrier(num_barriers=4)]
-    return plgpu.kernel(
-        functools.partial(_states_kernel, chunk=c, n_chunks=n, interpret=interp),
-        out_type=[jax.ShapeDtypeStruct((b, h, n, kp, vp), dtype), jax.ShapeDtypeStruct((b, h, kp, vp), _F32)],
-        scratch_types=scratch, grid=(b, h, vp // _BV), grid_names=("b", "h", "v"),
-        compiler_params=plgpu.CompilerParams(approx_math=False),
-        interpret=interpret_params() if interp else None,
-    )(kh.astype(_BF16), vh.astype(_BF16), gates, C0.astype(_F32))
+    return _walk(kh, vh, ew, fo, C0, c=c, dtype=dtype, reverse=False, interpret=interpret, what="chunk_states")
+
+
+def dstates_mosaic_gpu(qh, do, fs, fo, dCt, *, c, interpret=False):
+    """The backward's state-gradient walk on Mosaic GPU (``backward.py``, pass 3): ``dC' = φ dC'⁺ + Qᵀ (fs ⊙ dO)``
+    from the last chunk to the first, the state pass's body run backwards with ``q`` for ``k``, ``dO`` for ``v`` and
+    the readout weights ``fs = ρ / den [b, h, Tp]`` for ``ε``. ``qh [b, h, Tp, Kp]``, ``do [b, h, Tp, Vp]`` (head dims
+    padded to ``key_pad``), carries ``φ [b, h, N]``, ``dCt [b, h, Kp, Vp]`` the final state's cotangent. Returns the
+    ``dC'`` after every chunk ``[b, h, N, Kp, Vp]`` and the one before the first (``dC0``), float32."""
+    return _walk(qh, do, fs, fo, dCt, c=c, dtype=_F32, reverse=True, interpret=interpret,
+                 what="mlstm_chunk_bwd_dstates")
 
 
 def _out_kernel(q_ref, k_ref, v_ref, g_ref, hs_ref, n_ref, o_ref, q_smem, k_smem, v_smem, s_smem, n_smem, g_smem,
