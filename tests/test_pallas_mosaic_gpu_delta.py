@@ -11,8 +11,8 @@
   the Triton body's interpret mode). That interpreter takes no transposed shared-memory view and no register operand
   for ``wgmma``: under it the bodies stage ``Kᵀ`` and the intra-chunk matrix through shared memory, which the
   compiled bodies do not.
-* Gradients (slow tier): under ``backend="mosaic_gpu"`` the Triton backward, on head dims padded for Mosaic GPU,
-  gives the Triton backend's gradients.
+* Gradients (slow tier): ``jax.grad`` under ``backend="mosaic_gpu"`` (the walks interpreted by Mosaic GPU's
+  interpreter, the other backward kernels by the Triton bodies' interpret mode) against the XLA chunked form.
 * The backend choice and the shapes Mosaic GPU requires.
 """
 
@@ -49,8 +49,8 @@ def test_lowers_for_cuda(shape, dtype):
     assert "delta_chunk_states" not in mod and "delta_chunk_out" not in mod
 
 
-def test_grad_lowers_with_triton_backward():
-    """The Mosaic GPU forward under ``jax.grad``: the state pass and output on Mosaic GPU, the rest on Triton."""
+def test_grad_lowers_with_mosaic_gpu_walks():
+    """``jax.grad`` under ``backend="mosaic_gpu"``: the serial passes on Mosaic GPU, the chunk-parallel rest on Triton."""
     q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
 
@@ -59,8 +59,11 @@ def test_grad_lowers_with_triton_backward():
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s**2)
 
     mod = _cuda_module(jax.grad(loss, argnums=(0, 1, 2)), q, g, g)
-    # forward: WY (Triton) + 2 Mosaic GPU; backward.py: WY with X, the states, the state gradients, two gradient kernels
-    assert mod.count(MOSAIC_GPU) == 2 and mod.count(TRITON) == 6
+    # Mosaic GPU: the forward's state pass and output, the backward's state recomputation and state-gradient walk;
+    # Triton: the WY factors (forward, and backward with X) and the backward's two chunk-parallel gradient kernels
+    assert mod.count(MOSAIC_GPU) == 4 and mod.count(TRITON) == 4
+    assert "delta_chunk_bwd_grads" in mod and "delta_chunk_bwd_grads_wy" in mod
+    assert "delta_chunk_states" not in mod and "delta_chunk_bwd_dstates" not in mod
 
 
 def _inputs(b=1, t=100, h=1, dk=32, dv=48, seed=0):
@@ -119,18 +122,24 @@ def test_mosaic_gpu_requirements_raise():
 
 
 @pytest.mark.slow
-def test_grads_under_mosaic_gpu_equal_triton():
-    """``jax.grad`` under ``backend="mosaic_gpu"``: the Triton backward on the Mosaic GPU layout (head dims padded to
-    64 rather than 32 / 64) gives the Triton backend's gradients (padding is exact)."""
+def test_grads_under_mosaic_gpu():
+    """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks under Mosaic GPU's interpreter, the rest in the Triton
+    bodies' interpret mode) against the XLA chunked form's gradients: resets, ``h0``, ``T = 100`` over chunks of 64,
+    head dims 32 and 48 padded to 64. The walks' matmul operands are bf16 (float32 accumulation; ``H`` and ``dH`` are
+    kept in bf16 for the gradient kernels), each rounding worth up to ``2^-9`` relative, so the gradients of float32
+    inputs agree to about 1% of each gradient's largest entry (measured: at most 0.4%, ``dv``; the Triton backend's
+    are within 1e-6 of the reference)."""
     args, kw = _inputs()
     h0 = kw.pop("h0")
     wo, ws = jnp.cos(jnp.arange(100 * 48.0)).reshape(1, 100, 1, 48), jnp.sin(jnp.arange(32 * 48.0)).reshape(1, 1, 32, 48)
 
-    def loss(backend):  # linear in the outputs: the cotangents do not depend on the forward's (bf16-rounded) values
+    def grads(fn, **extra):  # linear in the outputs: the cotangents do not depend on the forward's (bf16-rounded) values
         def f(q, k, v, beta, la, h0):
-            o, s = delta_chunk(q, k, v, beta, la, h0=h0, **kw, chunk_size=64, backend=backend)
+            o, s = fn(q, k, v, beta, la, h0=h0, **kw, chunk_size=64, **extra)
             return jnp.sum(o * wo) + jnp.sum(s * ws)
-        return jax.grad(f, argnums=tuple(range(6)))(*args, h0)
+        return jax.jit(jax.grad(f, argnums=tuple(range(6))))(*args, h0)  # one compile
 
-    for got, want in zip(loss("mosaic_gpu"), loss("triton"), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    got, want = grads(delta_chunk, backend="mosaic_gpu"), grads(chunk_delta_rule)
+    for name, x, y in zip(("q", "k", "v", "beta", "log_alpha", "h0"), got, want, strict=True):
+        assert x.shape == y.shape, name
+        np.testing.assert_allclose(x, y, atol=1e-2 * float(jnp.abs(y).max()), err_msg=name)

@@ -32,8 +32,10 @@ backwards, and ``dh0``; (4) grid ``(batch, heads, chunks)``: everything above, p
 (4a) through the outputs, the attention and the states (``dq``, ``dU'``, ``dW``, part of ``dk`` and ``dg``),
 (4b) through ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``; fla's
 ``prepare_wy_repr_bwd``). Nothing but the inputs is kept from the forward. Triton walks (2) and (3) with a
-``fori_loop`` per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM scratch. The math is one
-function per step for both, on gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products
+``fori_loop`` per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM
+scratch; ``backend="mosaic_gpu"`` walks both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``,
+``chunk_dstates_mosaic_gpu``; ``H`` and ``dH`` come out in bf16) and runs (1) and (4) on Triton. The math is one
+function per step for Triton and Mosaic TPU, on gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products
 with ``X`` run at ``HIGHEST``; the others take the input dtype with float32 accumulation, as the forward.
 """
 
@@ -49,6 +51,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import chunk_block, tpu_params, triton_params
 from pallas_kernels.delta_chunk.forward import _NT, _TN, _col_factors, _decay_incl, _mm, chunk_states, f32
+from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 
@@ -72,7 +75,7 @@ def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale):
     c = q.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩ [1, 1]
+    carry = jnp.sum(jnp.sum(s.astype(f32) * ds.astype(f32), axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩
     sm, dsm = s.astype(md), ds.astype(md)  # float32 [K, V] values live through the chunk would spill on a GPU
     gam = _decay_incl(gc, sc, gr, sr)
     gamma, total, to_end = _col_factors(gc, rc, sc)
@@ -179,7 +182,8 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     and ``dh0`` (float32)."""
     b, h, tp, kp = qh.shape
     vp, n = vh.shape[-1], tp // c
-    tpu = backend == "mosaic_tpu"
+    tpu, mgpu = backend == "mosaic_tpu", backend == "mosaic_gpu"
+    backend = "triton" if mgpu else backend  # the kernels with no Mosaic GPU body
     w, u, x = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend=backend, with_x=True)
     do = do.astype(vh.dtype)
     dht = dht.astype(f32)
@@ -191,8 +195,11 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     rblk = lambda rev_=False: pl.BlockSpec(
         (None, None, None, 1, c), (lambda i, j, l: (i, j, n - 1 - l, 0, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0, 0)))
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
-    hs, _ = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend)
-    if tpu:
+    if mgpu:  # the two serial walks on Mosaic GPU; H and dH in bf16, the wgmma operands they are there
+        hs, _, _ = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
+        dhs, dh0 = chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, c=c, scale=scale, interpret=interpret)
+    elif tpu:
+        hs, _ = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend)
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
         r = blk(1, True)
@@ -204,8 +211,8 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
             out_shape=[hs_shape, st_shape], scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret,
             compiler_params=seq, name="delta_chunk_bwd_dstates_tpu",
         )(qh, kh, w, do, *cols[1:], *rows, dht)
-        params = tpu_params(interpret, "parallel", "parallel", "parallel")
     else:
+        hs, _ = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend)
         bv = min(vp, 64)
         full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
@@ -219,6 +226,9 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
             out_specs=[vstates, vstate], out_shape=[hs_shape, st_shape], interpret=interpret,
             compiler_params=walk, name="delta_chunk_bwd_dstates",
         )(qh, kh, w, do, *cols[1:], *rows, dht)
+    if tpu:
+        params = tpu_params(interpret, "parallel", "parallel", "parallel")
+    else:  # Triton, under backend="mosaic_gpu" too
         params = triton_params(interpret, backend, num_warps=8, num_stages=1)
     gshape = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
     fshape = lambda d: jax.ShapeDtypeStruct((b, h, tp, d), f32)

@@ -1,4 +1,5 @@
-r"""Mosaic GPU bodies of the chunked delta rule's state pass and output kernel (the lowering jax 0.11 makes the default).
+r"""Mosaic GPU bodies of the chunked delta rule's state pass, output kernel and backward state-gradient walk (the
+lowering jax 0.11 makes the default).
 
 Same chunk algebra as ``forward.py``'s Triton bodies (see ``kernel.py``), written against Mosaic GPU's one-warpgroup
 model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosaic_gpu.py``:
@@ -16,10 +17,18 @@ model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosai
   above 64, to bound the registers)``, three ``wgmma``\ s: ``Q Kᵀ`` (``[C, C]``, masked and decayed in registers, the
   exponent masked before ``exp``), ``O = scale [(Q H) ⊙ γ + (Q Kᵀ ⊙ Γ) U']`` (the decayed readout as a row scaling
   of ``Q H``).
+* :func:`chunk_dstates_mosaic_gpu`, the backward's serial pass (``backward.py``'s kernel 3; its kernel 2, the chunk
+  states, is :func:`chunk_states_mosaic_gpu` again): the state pass's grid and carry, walking the chunks in reverse
+  with the float32 ``dS`` slice ``[Kp, 64]`` as the carry and its bf16 copy in shared memory. Per chunk, TMA copies
+  ``q, k, w [C, Kp]``, ``dO [C, 64]`` and the gates, then ``s (Q Kᵀ ⊙ Γ)ᵀ = s (K Qᵀ) ⊙ Γᵀ`` (``[C, C]``, masked and
+  decayed in registers), ``dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺`` (two accumulators) and ``dS ← γ_C dS⁺ +
+  Qᵀ (s γ ⊙ dO) − Wᵀ dU'`` (both products into one accumulator: ``−dU'`` and ``s γ ⊙ dO`` staged in shared memory
+  as bf16, ``Qᵀ, Wᵀ`` transposed views). ``dH`` (the bf16 operand copy) leaves with a TMA store each chunk.
 
 The WY factors (``wy.py``) keep their Triton body under ``backend="mosaic_gpu"``: their blocked triangular inverse is
 forward substitution, row by row on ``16 x 16`` blocks, which has no ``wgmma`` form (its ``M`` is 64); it is
-chunk-parallel and not the hot loop. The backward kernels (``backward.py``) have Triton bodies only, too.
+chunk-parallel and not the hot loop. So do the backward's two chunk-parallel gradient kernels (``backward.py`` 4a,
+4b; see ``kernel.py``, "Lowering"): they take ``H`` and ``dH`` from these walks in bf16.
 
 ``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to
 :func:`~pallas_kernels._mosaic_gpu.key_pad` (``kernel.py`` pads them for this backend: exact, padded channels are
@@ -28,11 +37,13 @@ to bf16 (the Triton bodies keep them float32 at ``HIGHEST``). One chunk at a tim
 are not yet overlapped with chunk ``n``'s matmuls (a two-slot TMA pipeline is the next step once a GPU has timed
 these bodies).
 
-Checked without a GPU (``tests/test_pallas_mosaic_gpu_delta.py``): both kernels lower for CUDA through
-``jax.export`` (the StableHLO holds two ``mosaic_gpu`` custom calls), and Mosaic GPU's own interpreter
-(``interpret=True`` here; it simulates TMA, barriers and ``wgmma`` on the CPU) runs them against the XLA chunked
-form. That interpreter takes neither a transposed shared-memory view nor a register operand for ``wgmma``, so under
-it ``Kᵀ`` and the intra-chunk matrix are staged through shared memory.
+Checked without a GPU (``tests/test_pallas_mosaic_gpu_delta.py``): the kernels lower for CUDA through
+``jax.export`` (the StableHLO holds two ``mosaic_gpu`` custom calls for the forward, four under ``jax.grad``), and
+Mosaic GPU's own interpreter (``interpret=True`` here; it simulates TMA, barriers and ``wgmma`` on the CPU) runs them
+against the XLA chunked form, outputs and gradients. That interpreter takes neither a transposed shared-memory view
+nor a register operand for ``wgmma``, so under it ``Kᵀ``, ``Qᵀ``, ``Wᵀ`` and the intra-chunk matrix are staged
+through shared memory. Shared memory of the backward walk: ``3 C Kp + 3 C 64`` bf16 plus the ``[Kp, 64]`` state
+gradient in bf16 and float32, 121 KiB at ``C = 64, Kp = 128`` and 192 KiB at ``C = 128`` (an H100 has 227 KiB).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._mosaic_gpu import interpret_params, key_pad, smem
 
-__all__ = ["check_shapes", "chunk_out_mosaic_gpu", "chunk_states_mosaic_gpu"]
+__all__ = ["check_shapes", "chunk_dstates_mosaic_gpu", "chunk_out_mosaic_gpu", "chunk_states_mosaic_gpu"]
 
 _BF16 = jnp.bfloat16
 f32 = jnp.float32
@@ -228,3 +239,100 @@ def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interp
         grid=(b, h, tp // c, vp // bv), grid_names=("b", "h", "n", "v"),
         compiler_params=plgpu.CompilerParams(approx_math=False), interpret=_interpret(interpret),
     )(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16))
+
+
+def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_ref, q_smem, k_smem, w_smem, do_smem,
+                    dos_smem, du_smem, ds_smem, s32_smem, g_smem, qt_smem, wt_smem, att_smem, bars, *, chunk, n_chunks,
+                    bv, scale, interpret):
+    c = chunk
+    load, col, row = _helpers(c, interpret)
+    ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+    cols = pl.ds(iv * bv, bv)
+    bcast = lambda x, d: lax.broadcast_in_dim(x, (c, d), [0])
+    full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
+    if interpret:
+        iota = lambda d: lax.broadcasted_iota(jnp.int32, (c, c), d)
+    else:
+        iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WG)
+
+    plgpu.copy_gmem_to_smem(dht_ref.at[ib, ih, :, cols], s32_smem, bars.at[0])
+    plgpu.barrier_wait(bars.at[0])
+    dstate = load(s32_smem, _WG)
+    ds_smem[...] = dstate.astype(_BF16)
+    plgpu.commit_smem()
+
+    def body(j, dstate):
+        n = n_chunks - 1 - j  # the chunks in reverse
+        rows = pl.ds(n * c, c)
+        plgpu.copy_gmem_to_smem(q_ref.at[ib, ih, rows], q_smem, bars.at[1])
+        plgpu.copy_gmem_to_smem(k_ref.at[ib, ih, rows], k_smem, bars.at[2])
+        plgpu.copy_gmem_to_smem(w_ref.at[ib, ih, rows], w_smem, bars.at[3])
+        plgpu.copy_gmem_to_smem(do_ref.at[ib, ih, rows, cols], do_smem, bars.at[4])
+        plgpu.copy_gmem_to_smem(g_ref.at[ib, ih, :, rows], g_smem, bars.at[5])
+        for i in range(1, 6):
+            plgpu.barrier_wait(bars.at[i])
+
+        plgpu.copy_smem_to_gmem(ds_smem, dhs_ref.at[ib, ih, n, :, cols])  # dH: the gradient of the state after chunk n
+        gc, rc, sc = col(g_smem, 0), col(g_smem, 1), col(g_smem, 2)
+        g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
+        # Γᵀ, rows the key s, columns the query t: e^{g_t − g_s} for s ≤ t in one document (exponent masked first)
+        ok = (iota(1) >= iota(0)) & (full(sc, 0) == full(row(g_smem, 2), 1))
+        dec_t = jnp.where(ok, jnp.exp(jnp.where(ok, full(row(g_smem, 0), 1) - full(gc, 0), 0.0)), 0.0)
+        qt = _transposed(q_smem, qt_smem, interpret)
+        wt = _transposed(w_smem, wt_smem, interpret)
+        if interpret:
+            plgpu.commit_smem()
+        att_t = (_mma(k_smem, qt, (c, c)) * (scale * dec_t)).astype(_BF16)  # s (Q Kᵀ ⊙ Γ)ᵀ
+        if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
+            att_smem[...] = att_t
+            plgpu.commit_smem()
+            att_t = att_smem
+        to_end = jnp.where(sc == s_end, jnp.exp(rc), 0.0)  # e^{rev}, the chunk's last document
+        # dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺
+        du = _mma(att_t, do_smem, (c, bv)) + bcast(to_end, bv) * _mma(k_smem, ds_smem, (c, bv))
+        gamma = jnp.where(sc == 0, jnp.exp(gc), 0.0)  # decay from the chunk's start, first document only
+        du_smem[...] = (-du).astype(_BF16)
+        dos_smem[...] = (load(do_smem, _WG).astype(f32) * bcast(scale * gamma, bv)).astype(_BF16)
+        plgpu.commit_smem()
+        total = jnp.where(s_end == 0, jnp.exp(g_end), 0.0)  # γ_C: zero across a reset inside the chunk
+
+        def step(acc):  # Qᵀ (s γ ⊙ dO) − Wᵀ dU', one accumulator
+            plgpu.wgmma(acc, qt, dos_smem)
+            plgpu.wgmma(acc, wt, du_smem)
+            return acc[...]
+
+        dstate = total * dstate + pl.run_scoped(step, plgpu.ACC(dstate.shape, f32))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dH's copy has read ds_smem
+        ds_smem[...] = dstate.astype(_BF16)
+        plgpu.commit_smem()
+        return dstate
+
+    dstate = lax.fori_loop(0, n_chunks, body, dstate)
+    plgpu.wait_smem_to_gmem(0)
+    s32_smem[...] = dstate
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(s32_smem, dh0_ref.at[ib, ih, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, *, c, scale, interpret):
+    """The backward's serial pass on Mosaic GPU (``backward.py``'s kernel 3): walking the chunks backwards,
+    ``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'`` with ``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺`` (``dÕ = scale dO``).
+    ``q, k, w [b, h, Tp, Kp]``, ``dO [b, h, Tp, Vp]``, gates ``g, rev, seg [b, h, Tp]`` float32, ``dS_T [b, h, Kp, Vp]``
+    float32 (:func:`check_shapes`). Returns ``dH [b, h, N, Kp, Vp]`` bf16 (the gradient of the state after every
+    chunk: only ever a matmul operand of the gradient kernels, and the bf16 copy this pass multiplies by) and
+    ``dh0 [b, h, Kp, Vp]`` float32. Grid ``(batch, heads, value blocks of 64)``, as :func:`chunk_states_mosaic_gpu`."""
+    b, h, tp, kp = qh.shape
+    vp = do.shape[-1]
+    check_shapes(c, kp, vp)
+    bv = 64
+    kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret)
+    sm = functools.partial(smem, plain=interpret)
+    scratch = [sm((c, kp)), sm((c, kp)), sm((c, kp)), sm((c, bv)), sm((c, bv)), sm((c, bv)), sm((kp, bv)),
+               sm((kp, bv), f32), plgpu.SMEM((3, c), f32), sm((kp, c)) if interpret else None,
+               sm((kp, c)) if interpret else None, sm((c, c)) if interpret else None, plgpu.Barrier(num_barriers=6)]
+    out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
+    return plgpu.kernel(
+        kern, out_type=out, scratch_types=scratch, grid=(b, h, vp // bv), grid_names=("b", "h", "v"),
+        compiler_params=plgpu.CompilerParams(approx_math=False), interpret=_interpret(interpret),
+    )(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), _gates(g, rev, seg), dht.astype(f32))
