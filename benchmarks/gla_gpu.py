@@ -82,7 +82,7 @@ def main(argv=None):
         for decay, g in gates.items():
             pallas = functools.partial(gla_chunk_pallas, chunk_size=c)
             forms = [("xla", FORMS["xla"], functools.partial(chunk_gla, chunk_size=c))]
-            if decay == "per head":  # both GPU lowerings of the forward, side by side (backward: Triton in both)
+            if decay == "per head":  # both GPU lowerings, side by side (Mosaic GPU's backward: its walks; chunk grads: Triton)
                 forms += [("pallas", f"{FORMS['pallas']} ({name})", functools.partial(pallas, backend=backend))
                           for backend, name in (("triton", "Triton"), ("mosaic_gpu", "Mosaic GPU"))]
             else:

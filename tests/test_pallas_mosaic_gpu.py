@@ -1,16 +1,19 @@
-"""The chunked GLA forward's Mosaic GPU body (``pallas_kernels/gla_chunk/mosaic_gpu.py``), checked without a GPU.
+"""The chunked GLA's Mosaic GPU bodies (``pallas_kernels/gla_chunk/mosaic_gpu.py``: the per-head forward;
+``backward_mosaic_gpu.py``: the backward's chunk-state and state-gradient walks), checked without a GPU.
 
 * Lowering: ``jax.export`` with ``platforms=("cuda",)`` runs the Pallas -> Mosaic GPU lowering on this CPU
   (layouts, ``wgmma`` operand shapes and transforms, TMA slices) and emits the ``mosaic_gpu`` custom call, for the
-  shapes ``benchmarks/gla_gpu.py`` runs (full size and ``GPU_CHECK_SMOKE``), bf16 and float32 inputs, with the
-  Pallas backward (Triton kernels) under ``jax.grad``. ptxas' compile and the speed need a GPU
-  (``benchmarks/gpu_check.sh``).
+  shapes ``benchmarks/gla_gpu.py`` runs (full size and ``GPU_CHECK_SMOKE``), bf16 and float32 inputs; under
+  ``jax.grad`` three ``mosaic_gpu`` calls (the forward, the two walks) and one Triton call (the chunk gradients).
+  ptxas' compile and the speed need a GPU (``benchmarks/gpu_check.sh``).
 * Values against ``seqjax.ops.gla.chunk_gla`` — resets, negative eigenvalues, ``h0``, a time not a multiple of
   the chunk, key/value dims that need padding: compiled on a GPU (``benchmarks/gpu_check.sh``, stage ``tests``),
   and on the CPU under Mosaic GPU's own interpreter (``InterpretGPUParams``, in ``jax._src`` in jax 0.10: TMA
   copies, barriers, shared memory and ``wgmma`` simulated). That interpreter takes no transposed shared-memory
   view and no register operand for ``wgmma``: under it the body stages ``Kᵀ`` and the intra-chunk matrix
   through shared memory, which the compiled body does not.
+* Gradients (slow tier): ``jax.grad`` under ``backend="mosaic_gpu"`` (the walks interpreted likewise, ``Xᵀ`` staged
+  the same way) against the Triton backend's.
 * The backend choice: Mosaic GPU by default on a GPU under jax >= 0.11, Triton below.
 """
 
@@ -26,6 +29,7 @@ from pallas_kernels.gla_chunk.kernel import gla_chunk_pallas
 from seqjax.ops.gla import chunk_gla
 
 MOSAIC_GPU = "mosaic_gpu"
+TRITON = "__gpu$xla.gpu.triton"
 
 
 def _cuda_module(f, *args) -> str:
@@ -42,8 +46,9 @@ def test_lowers_for_cuda(shape, dtype):
     assert mod.count(f"@{MOSAIC_GPU}") == 1 and "triton" not in mod
 
 
-def test_grad_lowers_with_triton_backward():
-    """The Mosaic GPU forward under ``jax.grad``: the forward on Mosaic GPU, the backward kernels on Triton."""
+def test_grad_lowers_with_mosaic_gpu_walks():
+    """The Mosaic GPU forward under ``jax.grad``: the forward and the backward's two serial walks (chunk states, state
+    gradients) on Mosaic GPU, the chunk-parallel gradient kernel on Triton."""
     q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
 
@@ -52,13 +57,14 @@ def test_grad_lowers_with_triton_backward():
         return jnp.sum(o**2) + jnp.sum(s**2)
 
     exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=("cuda",),
-                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])
     mod = exp(q, g).mlir_module()
-    # the forward once; the backward's states, state gradients and chunk gradients (backward.py)
-    assert mod.count(f"@{MOSAIC_GPU}") == 1 and mod.count("__gpu$xla.gpu.triton") == 3
+    # the forward, the states and the state gradients (backward_mosaic_gpu.py); the chunk gradients (backward.py)
+    assert mod.count(f"@{MOSAIC_GPU}") == 3 and mod.count(TRITON) == 1 and "gla_chunk_bwd_grads" in mod
+    assert "gla_chunk_bwd_states" not in mod and "gla_chunk_bwd_dstates" not in mod
 
 
-def _inputs(dtype, b=1, t=100, h=1, dk=32, dv=48, seed=0):
+def _inputs(dtype, b=1, t=100, h=1, dk=32, dv=48, seed=0, reset=37):
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
     q = jax.random.normal(ks[0], (b, t, h, dk)).astype(dtype)
     k = (jax.random.normal(ks[1], (b, t, h, dk)) / dk**0.5).astype(dtype)
@@ -66,7 +72,7 @@ def _inputs(dtype, b=1, t=100, h=1, dk=32, dv=48, seed=0):
     g = jax.nn.log_sigmoid(2 + jax.random.normal(ks[3], (b, t, h)))
     sign = jnp.where(jax.random.uniform(ks[4], (b, t, h)) < 0.2, -1.0, 1.0)
     h0 = jax.random.normal(ks[5], (b, h, dk, dv))
-    resets = jnp.zeros((b, t), bool).at[:, 37].set(True)
+    resets = jnp.zeros((b, t), bool).at[:, reset].set(True)
     return (q, k, v, g), dict(sign=sign, h0=h0, resets=resets)
 
 
@@ -99,3 +105,30 @@ def test_backend_choice(monkeypatch):
         resolve(None, "mosaic_gpu", 32)
     with pytest.raises(ValueError, match="backend must be"):
         resolve(None, "cuda", 64)
+
+
+@pytest.mark.slow
+def test_grads_under_mosaic_gpu():
+    """``jax.grad`` under ``backend="mosaic_gpu"`` (the forward and the backward's two walks run by Mosaic GPU's
+    interpreter, the chunk gradients by the Triton body's) against the Triton backend: negative eigenvalues, ``h0``,
+    ``T = 100`` over chunks of 64 (28 tokens of front padding), head dims 32 and 48 padded to 64, a reset late in the
+    second chunk and a first chunk that ends on a negative cumulative sign (so every factor of both walks reaches the
+    gradients). The loss is linear in the outputs, so the cotangents are exact and only the walks' bf16 matmul
+    operands (``Xᵀ`` and the scaled ``Y``, each rounding worth up to ``2^-9`` relative, accumulated over the chunks
+    into ``H``, ``dH`` and ``dh0``) separate the two: agreement to 1% of the largest gradient (measured: 0.5% for
+    ``dh0``, a sum over both chunks; at most 0.2% for the rest)."""
+    (q, k, v, g), kw = _inputs(jnp.float32, seed=1, reset=90)
+    h0 = kw.pop("h0")
+    t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    wo = jnp.cos(jnp.arange(t * dv * 1.0)).reshape(1, t, 1, dv)
+    ws = jnp.sin(jnp.arange(dk * dv * 1.0)).reshape(1, 1, dk, dv)
+
+    def grads(backend):
+        def f(q, k, v, g, h0):
+            o, s = gla_chunk_pallas(q, k, v, g, h0=h0, **kw, chunk_size=64, backend=backend)
+            return jnp.sum(o * wo) + jnp.sum(s * ws)
+        return jax.grad(f, argnums=tuple(range(5)))(q, k, v, g, h0)
+
+    for got, want in zip(grads("mosaic_gpu"), grads("triton"), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-2 * float(jnp.abs(want).max()))

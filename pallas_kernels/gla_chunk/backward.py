@@ -35,7 +35,9 @@ Three ``pallas_call``s, as fla's ``chunk_fwd_h`` / ``chunk_bwd_dh`` / ``chunk_bw
 3. ``_grads``: grid ``(batch, heads, chunks)``, every chunk at once: ``dQ, dK, dV, db``.
 
 Backends as the forward: Triton (GPU, and the CPU interpreter) walks the chunks of 1. and 2. with a
-``fori_loop`` per (batch, head, value block); Mosaic TPU runs one chunk per grid step with the state in
+``fori_loop`` per (batch, head, value block); under ``backend="mosaic_gpu"`` so does Mosaic GPU
+(``backward_mosaic_gpu.py``, one body for both walks; its states and state gradients are float32 as here), and
+3. keeps its Triton body (head dims then padded to ``key_pad``); Mosaic TPU runs one chunk per grid step with the state in
 VMEM scratch (the chunk axis ``"arbitrary"``, reversed by the index map for 2.). The chunk math is one
 function for both (gates as columns ``[C, 1]`` and rows ``[1, C]``: broadcasts, no transposes).
 Big arrays stay time-major ``[b, T, h, d]`` on Triton (strided blocks, no copies) and go heads-first
@@ -53,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import chunk_block, masked_exp, mm, tpu_params, triton_params
+from pallas_kernels.gla_chunk.backward_mosaic_gpu import head_walks_mosaic_gpu
 
 f32 = jnp.float32
 _T0 = (((0,), (0,)), ((), ()))  # contract the leading (time) axes: Xᵀ Y
@@ -224,6 +227,8 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
         )(qh, doh, *cols, dht)
         big, big_args, params = blk, (qh, kh, vh, doh), tpu_params(interpret, "parallel", "parallel", "parallel")
         grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qh, kh, vh)] + grad_shapes[3:]
+    elif backend == "mosaic_gpu":  # the two walks on Mosaic GPU (backward_mosaic_gpu.py), the chunk gradients on Triton
+        hs, dhs, dh0 = head_walks_mosaic_gpu(q, k, v, bc, seg, p, h0, do, dht, chunk=chunk, interpret=interpret)
     else:
         bv = min(vp, 64)
         tseq = lambda d, vb=False: pl.BlockSpec(
@@ -242,8 +247,9 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
             in_specs=[tseq(kp), tseq(bv, True), gseq, gseq, gseq, vstate], out_specs=[vstates, vstate],
             out_shape=[hs_shape, st_shape], interpret=interpret, compiler_params=walk, name="gla_chunk_bwd_dstates",
         )(q, do, *cols, dht)
+    if backend != "mosaic_tpu":
         big = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, j, l: (i, l, j, 0))
-        big_args, params = (q, k, v, do), triton_params(interpret, backend, num_warps=8, num_stages=1)
+        big_args, params = (q, k, v, do), triton_params(interpret, "triton", num_warps=8, num_stages=1)
     dq, dk, dv, db = pl.pallas_call(
         _grads_kernel, grid=(bsz, h, n),
         in_specs=[big(kp), big(kp), big(vp), big(vp), ccol, ccol, ccol, crow, crow, crow, chunk_state, chunk_state],

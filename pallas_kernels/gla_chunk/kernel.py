@@ -40,10 +40,17 @@ GPU lowering
     per-head forward as one warpgroup, TMA copies of each chunk into shared memory, ``wgmma`` for ``Q Kᵀ``,
     the readout and the state update). ``backend=None`` on a GPU takes Triton; once the Mosaic GPU body passes its
     tests compiled on a GPU (``MOSAIC_GPU_COMPILED_TESTS_PASS``), it takes **Mosaic GPU under jax >= 0.11** (for a
-    chunk size that is a multiple of 64) and Triton below (``MOSAIC_GPU_DEFAULT``). The per-channel
-    forward and the backward kernels have Triton bodies only, so they run on Triton under either choice
-    while jax still ships it. The Mosaic GPU body lowers for CUDA through ``jax.export`` and is checked
-    against the Triton body under Mosaic GPU's interpreter on the CPU (``tests/test_pallas_mosaic_gpu.py``).
+    chunk size that is a multiple of 64) and Triton below (``MOSAIC_GPU_DEFAULT``). Under ``"mosaic_gpu"``
+    the per-head backward's two serial walks — the chunk states recomputed, the state gradients walking the
+    chunks backwards — run on Mosaic GPU too (``backward_mosaic_gpu.py``: one body, one ``wgmma`` update of
+    the ``[Kp, 64]`` carry per chunk), and the per-head inputs are padded to ``key_pad`` (head dims ≥ 64)
+    from the start. Triton bodies only, so Triton under either choice while jax still ships it: the per-head
+    backward's chunk-parallel gradient kernel (``dQ, dK, dV, db``: not a serial pass; eight matmuls per chunk,
+    six against a transposed operand, a port of its own) and everything per channel (forward and backward:
+    the intra-chunk matrix is built on ``16 × 16`` secondary chunks, one key column at a time on the diagonal,
+    below ``wgmma``'s ``M`` of 64). The Mosaic GPU bodies lower for CUDA through ``jax.export``; under Mosaic
+    GPU's interpreter on the CPU the forward's values match the XLA chunked form and the gradients the Triton
+    backend's (``tests/test_pallas_mosaic_gpu.py``).
     TPU: separate bodies for Mosaic (below).
 
 Tests: values, final state, gradients, h0, resets, signs, odd head dims, bf16 and a split sequence in
@@ -67,7 +74,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._mosaic_gpu import JAX_0_11, resolve_mosaic_gpu
+from pallas_kernels._mosaic_gpu import JAX_0_11, key_pad, resolve_mosaic_gpu
 from pallas_kernels._util import check_chunk_size, mm, tpu_params, triton_params
 from pallas_kernels.gla_chunk.backward import gla_head_bwd
 from pallas_kernels.gla_chunk.backward_channel import gla_channel_bwd
@@ -94,7 +101,7 @@ def _head_forward(backend):
 
 
 def _triton_for_mgpu(backend):
-    """The per-channel and backward kernels have no Mosaic GPU bodies yet: they run on Triton."""
+    """The per-channel kernels have no Mosaic GPU bodies yet: they run on Triton."""
     return "triton" if backend == "mosaic_gpu" else backend
 
 
@@ -235,9 +242,11 @@ def _gla_pallas_fwd(q, k, v, bc, seg, p, h0, chunk, interpret, backend):
 
 def _gla_pallas_bwd(chunk, interpret, backend, res, cts):
     q, k, v, bc, seg, p, h0 = res
-    grads = gla_channel_bwd if bc.ndim == 4 else gla_head_bwd
-    dq, dk, dv, dbc, dh0 = grads(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret,
-                                 backend=_triton_for_mgpu(backend))
+    if bc.ndim == 4:
+        grads, backend = gla_channel_bwd, _triton_for_mgpu(backend)
+    else:  # under "mosaic_gpu": the two walks on Mosaic GPU, the chunk gradients on Triton (backward.py)
+        grads = gla_head_bwd
+    dq, dk, dv, dbc, dh0 = grads(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret, backend=backend)
     return dq, dk, dv, dbc, jnp.zeros_like(seg), jnp.zeros_like(p), dh0
 
 
@@ -347,7 +356,9 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     padt = lambda x, fill=0.0: jnp.pad(x, [(0, 0), (tp - t, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
     if backward == "pallas":
         dv = v.shape[-1]
-        kp, vp = _pow2(dk), _pow2(dv)
+        # per head under Mosaic GPU: head dims at key_pad from the start, the layout of its forward and its backward walks
+        pad = key_pad if backend == "mosaic_gpu" and g.ndim == 3 else _pow2
+        kp, vp = pad(dk), pad(dv)
         args = (_pad_last(padt(q), kp), _pad_last(padt(k), kp), _pad_last(padt(v), vp))
         if g.ndim == 4:
             gates = _channel_gates(padt(g), padt(sign, 1.0), padt(cut) > 0.5, chunk_size, kp)
