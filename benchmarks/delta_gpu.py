@@ -8,8 +8,9 @@ forward+backward (loss ``sum(o²)``; gradients of q, k, v, beta and the log deca
 through the Pallas backward kernels (``pallas_kernels/delta_chunk/backward.py``), "Pallas, XLA bwd" through
 the XLA chunked form (``backward="xla"``, so its fwd+bwd column is XLA's by construction). The state pass and
 the output kernel have two GPU lowerings, both measured: "Pallas (Triton)" and "Pallas (Mosaic GPU)"
-(``backend="mosaic_gpu"``, ``pallas_kernels/delta_chunk/mosaic_gpu.py``; the WY factors and the backward kernels
-are Triton's in both); "Pallas, XLA bwd" takes the default lowering. The last column is the
+(``backend="mosaic_gpu"``, ``pallas_kernels/delta_chunk/mosaic_gpu.py``, with the backward's state recomputation and
+state-gradient walk; the WY factors and the chunk-parallel gradient kernels are Triton's in both); "Pallas, XLA bwd"
+takes the default lowering. The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).
 FLOPs per head and chunk (forward): K Kᵀ, Q Kᵀ 2·C²·D each, W/U 2·C²·2D, W S, Q S, Kᵀ U 2·C·D² each, the
 solve ~C³/3: about ``T·(8·C·D + 6·D² + C²/3)`` per head.

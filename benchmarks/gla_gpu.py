@@ -9,7 +9,8 @@ Pallas backward kernels (``pallas_kernels/*/backward.py``), "Pallas, XLA bwd" th
 (``backward="xla"``, what ``impl="auto"`` asks for where ``seqjax._platform.AUTO_BACKWARD`` says so; its
 fwd+bwd is XLA's). The per-head GLA and the mLSTM forwards have two GPU lowerings, both measured: "Pallas
 (Triton)" and "Pallas (Mosaic GPU)" (``backend="mosaic_gpu"``, ``pallas_kernels/{gla,mlstm}_chunk/mosaic_gpu.py``;
-their backward kernels are Triton's); "Pallas, XLA bwd" takes the default lowering (``backend=None``). Per-head decay
+their backward's serial walks run on Mosaic GPU too, the chunk-parallel gradient kernels on Triton); "Pallas, XLA
+bwd" takes the default lowering (``backend=None``). Per-head decay
 (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``), per-channel decay (GLA: ``fla.ops.gla``) and the mLSTM
 (stabilised exponential gating, ``pallas_kernels/mlstm_chunk``; fla has no mLSTM). The last column is the
 forward output's ``max|Δ| / max|o|`` against fla on the same inputs (bf16 rounding: ~1e-2 is agreement).

@@ -13,9 +13,10 @@ Two tables, each set from GPU measurements (``benchmarks/gpu_check.sh``, ``bench
     ``"pallas"`` where its Pallas forward and backward beat "Pallas, XLA bwd" in ``benchmarks/gla_gpu.py`` /
     ``benchmarks/delta_gpu.py``.
 
-The GLA entry was measured on the Triton body; under jax >= 0.11 the per-head forward takes its Mosaic GPU body
-(``pallas_kernels/gla_chunk/mosaic_gpu.py``; ``MOSAIC_GPU_DEFAULT`` in its ``kernel.py``, the choice in
-``pallas_kernels/_mosaic_gpu.py``), timed beside it by the GPU check.
+The entries were measured on the Triton bodies. The GLA (per-head), delta-rule and mLSTM kernels also have Mosaic GPU
+bodies for their serial walks and forward outputs (``pallas_kernels/*/mosaic_gpu.py``), which ``backend=None`` takes
+under jax >= 0.11 once they pass their tests compiled on a GPU (``MOSAIC_GPU_DEFAULT`` in each ``kernel.py``, the
+choice in ``pallas_kernels/_mosaic_gpu.py``); the GPU check times them beside the Triton bodies.
 
 ``impl="pallas"`` always takes the kernel, with its own backward. On a GPU ``"auto"`` takes a kernel in a
 one-device process, or under ``seqjax.sharding.use_rules(mesh)`` (the train and eval steps), where
