@@ -56,109 +56,76 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._mosaic_gpu import interpret_params, key_pad, smem
+from pallas_kernels import _mosaic_gpu as mg
 
 __all__ = ["check_shapes", "chunk_dstates_mosaic_gpu", "chunk_out_mosaic_gpu", "chunk_states_mosaic_gpu"]
 
 _BF16 = jnp.bfloat16
 f32 = jnp.float32
-_WG = plgpu.Layout.WGMMA
 
 
 def check_shapes(c: int, kp: int, vp: int) -> None:
     """What ``wgmma`` needs of the prepared inputs: ``c`` a multiple of 64, both head dims padded to ``key_pad``."""
     if c % 64:
         raise ValueError(f"the Mosaic GPU delta-rule bodies need chunk_size a multiple of 64, got {c}")
-    if kp != key_pad(kp):
+    if kp != mg.key_pad(kp):
         raise ValueError(f"the Mosaic GPU delta-rule bodies need the key head dim (k.shape[-1]) padded to key_pad "
                          f"(a power of two >= 64), got {kp}")
-    if vp != key_pad(vp):
+    if vp != mg.key_pad(vp):
         raise ValueError(f"the Mosaic GPU delta-rule bodies need the value head dim (v.shape[-1]) padded to key_pad "
                          f"(a power of two >= 64), got {vp}")
 
 
-def _helpers(c, interpret):
-    """Loads (register layouts matter to the lowering only; the interpreter reads refs plainly) and the gate vectors
-    of one chunk from its ``[rows, C]`` shared-memory block, as columns (indexed by the query / state row ``t``) and
-    rows (indexed by the key column ``s``)."""
-    load = (lambda ref, layout: ref[...]) if interpret else (lambda ref, layout: plgpu.load(ref, (), layout=layout))
-    col = lambda g_smem, i: load(g_smem.at[i], _WG.reduce(1))
-    row = lambda g_smem, i: load(g_smem.at[i], _WG.reduce(0))
+def _helpers(interpret):
+    """Loads and the gate vectors of one chunk from its ``[rows, C]`` shared-memory block, as columns (indexed by the
+    query / state row ``t``) and rows (indexed by the key column ``s``)."""
+    load = mg.loader(interpret)
+    col = lambda g_smem, i: load(g_smem.at[i], mg.WG.reduce(1))
+    row = lambda g_smem, i: load(g_smem.at[i], mg.WG.reduce(0))
     return load, col, row
-
-
-def _transposed(k_smem, kt_smem, interpret):
-    """``Kᵀ`` as a ``wgmma`` operand: a transposed view; a transposed copy under the interpreter, which has no view."""
-    if interpret:
-        kt_smem[...] = k_smem[...].T
-        return kt_smem
-    return plgpu.transpose_ref(k_smem, (1, 0))
-
-
-def _mma(a, b, shape):
-    """``a @ b`` (shared-memory operands) into a float32 ``WGMMA`` accumulator."""
-    def f(acc):
-        plgpu.wgmma(acc, a, b)
-        return acc[...]
-
-    return pl.run_scoped(f, plgpu.ACC(shape, f32))
 
 
 def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, k_smem, w_smem, u_smem, st_smem,
                    s32_smem, un_smem, us_smem, g_smem, kt_smem, bars, *, chunk, n_chunks, bv, interpret):
     c = chunk
-    load, col, _ = _helpers(c, interpret)
+    load, col, _ = _helpers(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(iv * bv, bv)
     bcast = lambda x, d: lax.broadcast_in_dim(x, (c, d), [0])
 
-    plgpu.copy_gmem_to_smem(h0_ref.at[ib, ih, :, cols], s32_smem, bars.at[0])
-    plgpu.barrier_wait(bars.at[0])
-    state = load(s32_smem, _WG)
+    state = mg.load_state(h0_ref.at[ib, ih, :, cols], s32_smem, bars.at[0], interpret)
     st_smem[...] = state.astype(_BF16)
     plgpu.commit_smem()
 
     def body(n, state):
         rows = pl.ds(n * c, c)
-        plgpu.copy_gmem_to_smem(k_ref.at[ib, ih, rows], k_smem, bars.at[1])
-        plgpu.copy_gmem_to_smem(w_ref.at[ib, ih, rows], w_smem, bars.at[2])
-        plgpu.copy_gmem_to_smem(u_ref.at[ib, ih, rows, cols], u_smem, bars.at[3])
-        plgpu.copy_gmem_to_smem(g_ref.at[ib, ih, :, rows], g_smem, bars.at[4])
-        for i in range(1, 5):
-            plgpu.barrier_wait(bars.at[i])
+        mg.copy_in(bars, 1, (k_ref.at[ib, ih, rows], k_smem), (w_ref.at[ib, ih, rows], w_smem), (u_ref.at[ib, ih, rows, cols], u_smem),
+                   (g_ref.at[ib, ih, :, rows], g_smem))
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's U' has left un_smem
         plgpu.copy_smem_to_gmem(st_smem, hs_ref.at[ib, ih, n, :, cols])  # H: the state entering chunk n, as bf16
-        u_new = load(u_smem, _WG).astype(f32) - _mma(w_smem, st_smem, (c, bv))  # U' = U − W S
+        u_new = load(u_smem, mg.WG).astype(f32) - mg.mma(w_smem, st_smem, (c, bv))  # U' = U − W S
         un_smem[...] = u_new.astype(_BF16)
         g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
         to_end = jnp.where(col(g_smem, 2) == s_end, jnp.exp(col(g_smem, 1)), 0.0)  # e^{rev}, the chunk's last document
         us_smem[...] = (u_new * bcast(to_end, bv)).astype(_BF16)
-        kt = _transposed(k_smem, kt_smem, interpret)
+        kt = mg.transposed(k_smem, kt_smem, interpret)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(un_smem, un_ref.at[ib, ih, rows, cols])
         total = jnp.where(s_end == 0, jnp.exp(g_end), 0.0)  # γ_C: zero across a reset inside the chunk
-        state = total * state + _mma(kt, us_smem, state.shape)
+        state = total * state + mg.mma(kt, us_smem, state.shape)
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # H's copy has read st_smem (U''s may still be in flight)
         st_smem[...] = state.astype(_BF16)
         plgpu.commit_smem()
         return state
 
     state = lax.fori_loop(0, n_chunks, body, state)
-    plgpu.wait_smem_to_gmem(0)
-    s32_smem[...] = state
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(s32_smem, ht_ref.at[ib, ih, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+    mg.store_state(state, s32_smem, ht_ref.at[ib, ih, :, cols])
 
 
 def _gates(g, rev, seg):
     """``[b, h, Tp]`` float32 gates stacked heads-first as ``[b, h, 3, Tp]``: each chunk's gates are contiguous rows."""
     return jnp.stack([g, rev, seg], axis=2).astype(f32)
-
-
-def _interpret(interpret):
-    return interpret_params() if interpret else None
 
 
 def chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, *, c, interpret):
@@ -171,51 +138,41 @@ def chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, *, c, interpret):
     check_shapes(c, kp, vp)
     bv = 64
     kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret)
-    sm = functools.partial(smem, plain=interpret)
+    sm = functools.partial(mg.smem, plain=interpret)
     scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv), u.dtype), sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)),
                sm((c, bv)), plgpu.SMEM((3, c), f32), sm((kp, c)) if interpret else None,
                plgpu.Barrier(num_barriers=5)]
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32),
            jax.ShapeDtypeStruct((b, h, tp, vp), _BF16)]
-    return plgpu.kernel(
-        kern, out_type=out, scratch_types=scratch, grid=(b, h, vp // bv), grid_names=("b", "h", "v"),
-        compiler_params=plgpu.CompilerParams(approx_math=False), interpret=_interpret(interpret),
-    )(kh.astype(_BF16), w.astype(_BF16), u, _gates(g, rev, seg), h0p.astype(f32))
+    call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
+    return call(kh.astype(_BF16), w.astype(_BF16), u, _gates(g, rev, seg), h0p.astype(f32))
 
 
 def _out_kernel(q_ref, k_ref, un_ref, g_ref, h_ref, o_ref, q_smem, k_smem, un_smem, h_smem, g_smem, o_smem, kt_smem,
                 att_smem, bars, *, chunk, bv, scale, interpret):
     c = chunk
-    _, col, row = _helpers(c, interpret)
+    _, col, row = _helpers(interpret)
     ib, ih, n, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("v")
     rows, cols = pl.ds(n * c, c), pl.ds(iv * bv, bv)
-    plgpu.copy_gmem_to_smem(q_ref.at[ib, ih, rows], q_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(k_ref.at[ib, ih, rows], k_smem, bars.at[1])
-    plgpu.copy_gmem_to_smem(un_ref.at[ib, ih, rows, cols], un_smem, bars.at[2])
-    plgpu.copy_gmem_to_smem(h_ref.at[ib, ih, n, :, cols], h_smem, bars.at[3])
-    plgpu.copy_gmem_to_smem(g_ref.at[ib, ih, :, rows], g_smem, bars.at[4])
-    for i in range(5):
-        plgpu.barrier_wait(bars.at[i])
+    mg.copy_in(bars, 0, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem), (un_ref.at[ib, ih, rows, cols], un_smem),
+               (h_ref.at[ib, ih, n, :, cols], h_smem), (g_ref.at[ib, ih, :, rows], g_smem))
 
-    if interpret:
-        iota = lambda d: lax.broadcasted_iota(jnp.int32, (c, c), d)
-    else:
-        iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WG)
+    idx = mg.iota(c, interpret)
     full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
     gc, sc = col(g_smem, 0), col(g_smem, 2)
-    ok = (iota(0) >= iota(1)) & (full(sc, 0) == full(row(g_smem, 2), 1))
+    ok = (idx(0) >= idx(1)) & (full(sc, 0) == full(row(g_smem, 2), 1))
     dec = jnp.where(ok, jnp.exp(jnp.where(ok, full(gc, 0) - full(row(g_smem, 0), 1), 0.0)), 0.0)  # Γ
-    kt = _transposed(k_smem, kt_smem, interpret)
+    kt = mg.transposed(k_smem, kt_smem, interpret)
     if interpret:
         plgpu.commit_smem()
-    att = (_mma(q_smem, kt, (c, c)) * dec).astype(_BF16)
+    att = (mg.mma(q_smem, kt, (c, c)) * dec).astype(_BF16)
     gamma = jnp.where(sc == 0, jnp.exp(gc), 0.0)  # decay from the chunk's start, first document only
-    inter = _mma(q_smem, h_smem, (c, bv)) * lax.broadcast_in_dim(gamma, (c, bv), [0])
+    inter = mg.mma(q_smem, h_smem, (c, bv)) * lax.broadcast_in_dim(gamma, (c, bv), [0])
     if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
         att_smem[...] = att
         plgpu.commit_smem()
         att = att_smem
-    o = scale * (inter + _mma(att, un_smem, (c, bv)))
+    o = scale * (inter + mg.mma(att, un_smem, (c, bv)))
     o_smem[...] = o.astype(o_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[ib, ih, rows, cols])
@@ -231,68 +188,56 @@ def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interp
     check_shapes(c, kp, vp)
     bv = min(vp, 128 if c == 64 else 64)  # registers: the [C, bv] float32 accumulators live beside the [C, C] matrix
     kern = functools.partial(_out_kernel, chunk=c, bv=bv, scale=scale, interpret=interpret)
-    sm = functools.partial(smem, plain=interpret)
+    sm = functools.partial(mg.smem, plain=interpret)
     scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv)), sm((kp, bv)), plgpu.SMEM((3, c), f32), sm((c, bv), dtype),
                sm((kp, c)) if interpret else None, sm((c, c)) if interpret else None, plgpu.Barrier(num_barriers=5)]
-    return plgpu.kernel(
-        kern, out_type=jax.ShapeDtypeStruct((b, h, tp, vp), dtype), scratch_types=scratch,
-        grid=(b, h, tp // c, vp // bv), grid_names=("b", "h", "n", "v"),
-        compiler_params=plgpu.CompilerParams(approx_math=False), interpret=_interpret(interpret),
-    )(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16))
+    out = jax.ShapeDtypeStruct((b, h, tp, vp), dtype)
+    call = mg.kernel(kern, out, scratch, (b, h, tp // c, vp // bv), ("b", "h", "n", "v"), interpret)
+    return call(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16))
 
 
 def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_ref, q_smem, k_smem, w_smem, do_smem,
                     dos_smem, du_smem, ds_smem, s32_smem, g_smem, qt_smem, wt_smem, att_smem, bars, *, chunk, n_chunks,
                     bv, scale, interpret):
     c = chunk
-    load, col, row = _helpers(c, interpret)
+    load, col, row = _helpers(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(iv * bv, bv)
     bcast = lambda x, d: lax.broadcast_in_dim(x, (c, d), [0])
     full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
-    if interpret:
-        iota = lambda d: lax.broadcasted_iota(jnp.int32, (c, c), d)
-    else:
-        iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (c, c), d, layout=_WG)
+    idx = mg.iota(c, interpret)
 
-    plgpu.copy_gmem_to_smem(dht_ref.at[ib, ih, :, cols], s32_smem, bars.at[0])
-    plgpu.barrier_wait(bars.at[0])
-    dstate = load(s32_smem, _WG)
+    dstate = mg.load_state(dht_ref.at[ib, ih, :, cols], s32_smem, bars.at[0], interpret)
     ds_smem[...] = dstate.astype(_BF16)
     plgpu.commit_smem()
 
     def body(j, dstate):
         n = n_chunks - 1 - j  # the chunks in reverse
         rows = pl.ds(n * c, c)
-        plgpu.copy_gmem_to_smem(q_ref.at[ib, ih, rows], q_smem, bars.at[1])
-        plgpu.copy_gmem_to_smem(k_ref.at[ib, ih, rows], k_smem, bars.at[2])
-        plgpu.copy_gmem_to_smem(w_ref.at[ib, ih, rows], w_smem, bars.at[3])
-        plgpu.copy_gmem_to_smem(do_ref.at[ib, ih, rows, cols], do_smem, bars.at[4])
-        plgpu.copy_gmem_to_smem(g_ref.at[ib, ih, :, rows], g_smem, bars.at[5])
-        for i in range(1, 6):
-            plgpu.barrier_wait(bars.at[i])
+        mg.copy_in(bars, 1, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem), (w_ref.at[ib, ih, rows], w_smem),
+                   (do_ref.at[ib, ih, rows, cols], do_smem), (g_ref.at[ib, ih, :, rows], g_smem))
 
         plgpu.copy_smem_to_gmem(ds_smem, dhs_ref.at[ib, ih, n, :, cols])  # dH: the gradient of the state after chunk n
         gc, rc, sc = col(g_smem, 0), col(g_smem, 1), col(g_smem, 2)
         g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
         # Γᵀ, rows the key s, columns the query t: e^{g_t − g_s} for s ≤ t in one document (exponent masked first)
-        ok = (iota(1) >= iota(0)) & (full(sc, 0) == full(row(g_smem, 2), 1))
+        ok = (idx(1) >= idx(0)) & (full(sc, 0) == full(row(g_smem, 2), 1))
         dec_t = jnp.where(ok, jnp.exp(jnp.where(ok, full(row(g_smem, 0), 1) - full(gc, 0), 0.0)), 0.0)
-        qt = _transposed(q_smem, qt_smem, interpret)
-        wt = _transposed(w_smem, wt_smem, interpret)
+        qt = mg.transposed(q_smem, qt_smem, interpret)
+        wt = mg.transposed(w_smem, wt_smem, interpret)
         if interpret:
             plgpu.commit_smem()
-        att_t = (_mma(k_smem, qt, (c, c)) * (scale * dec_t)).astype(_BF16)  # s (Q Kᵀ ⊙ Γ)ᵀ
+        att_t = (mg.mma(k_smem, qt, (c, c)) * (scale * dec_t)).astype(_BF16)  # s (Q Kᵀ ⊙ Γ)ᵀ
         if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
             att_smem[...] = att_t
             plgpu.commit_smem()
             att_t = att_smem
         to_end = jnp.where(sc == s_end, jnp.exp(rc), 0.0)  # e^{rev}, the chunk's last document
         # dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺
-        du = _mma(att_t, do_smem, (c, bv)) + bcast(to_end, bv) * _mma(k_smem, ds_smem, (c, bv))
+        du = mg.mma(att_t, do_smem, (c, bv)) + bcast(to_end, bv) * mg.mma(k_smem, ds_smem, (c, bv))
         gamma = jnp.where(sc == 0, jnp.exp(gc), 0.0)  # decay from the chunk's start, first document only
         du_smem[...] = (-du).astype(_BF16)
-        dos_smem[...] = (load(do_smem, _WG).astype(f32) * bcast(scale * gamma, bv)).astype(_BF16)
+        dos_smem[...] = (load(do_smem, mg.WG).astype(f32) * bcast(scale * gamma, bv)).astype(_BF16)
         plgpu.commit_smem()
         total = jnp.where(s_end == 0, jnp.exp(g_end), 0.0)  # γ_C: zero across a reset inside the chunk
 
@@ -308,11 +253,7 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_re
         return dstate
 
     dstate = lax.fori_loop(0, n_chunks, body, dstate)
-    plgpu.wait_smem_to_gmem(0)
-    s32_smem[...] = dstate
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(s32_smem, dh0_ref.at[ib, ih, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+    mg.store_state(dstate, s32_smem, dh0_ref.at[ib, ih, :, cols])
 
 
 def chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, *, c, scale, interpret):
@@ -327,12 +268,10 @@ def chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, *, c, scale, inter
     check_shapes(c, kp, vp)
     bv = 64
     kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret)
-    sm = functools.partial(smem, plain=interpret)
+    sm = functools.partial(mg.smem, plain=interpret)
     scratch = [sm((c, kp)), sm((c, kp)), sm((c, kp)), sm((c, bv)), sm((c, bv)), sm((c, bv)), sm((kp, bv)),
                sm((kp, bv), f32), plgpu.SMEM((3, c), f32), sm((kp, c)) if interpret else None,
                sm((kp, c)) if interpret else None, sm((c, c)) if interpret else None, plgpu.Barrier(num_barriers=6)]
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
-    return plgpu.kernel(
-        kern, out_type=out, scratch_types=scratch, grid=(b, h, vp // bv), grid_names=("b", "h", "v"),
-        compiler_params=plgpu.CompilerParams(approx_math=False), interpret=_interpret(interpret),
-    )(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), _gates(g, rev, seg), dht.astype(f32))
+    call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
+    return call(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), _gates(g, rev, seg), dht.astype(f32))
