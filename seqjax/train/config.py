@@ -105,8 +105,8 @@ def _125m() -> TrainConfig:
 
 
 def _1b() -> TrainConfig:
-    # accum=8: 32-row microbatches, two rows per chip on a v5e-16 (--mesh=1,16,1,1), where one microbatch of
-    # 256 rows needs 43.6 GB of temporaries per chip (XLA attention's float32 [b, h, T, T] scores dominate)
+    # accum=8: 32-row microbatches, two rows per chip on a v5e-16 (--mesh=1,16,1,1); per-chip memory of the
+    # compiled step in benchmarks/results/tpu_compile.md
     return TrainConfig(
         preset="1b",
         steps=50_000,
