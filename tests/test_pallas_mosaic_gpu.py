@@ -14,7 +14,8 @@
   through shared memory, which the compiled body does not.
 * Gradients (slow tier): ``jax.grad`` under ``backend="mosaic_gpu"`` (the walks interpreted likewise, ``Xᵀ`` staged
   the same way) against the Triton backend's.
-* The backend choice: Mosaic GPU by default on a GPU under jax >= 0.11, Triton below.
+* The backend choice of the GLA, delta-rule and mLSTM kernels: Mosaic GPU by default on a GPU under jax >= 0.11 once
+  their compiled tests pass, Triton below.
 """
 
 import jax
@@ -24,8 +25,10 @@ import pytest
 from jax import export
 
 from pallas_kernels import _mosaic_gpu
+from pallas_kernels.delta_chunk import kernel as delta_kernel
 from pallas_kernels.gla_chunk import kernel as gla_kernel
 from pallas_kernels.gla_chunk.kernel import gla_chunk_pallas
+from pallas_kernels.mlstm_chunk import kernel as mlstm_kernel
 from seqjax.ops.gla import chunk_gla
 
 MOSAIC_GPU = "mosaic_gpu"
@@ -89,17 +92,20 @@ def test_values():
     np.testing.assert_allclose(s, rs, atol=tol * float(jnp.abs(rs).max()))
 
 
-def test_backend_choice(monkeypatch):
-    resolve = gla_kernel._resolve
+@pytest.mark.parametrize("kernel", [gla_kernel, delta_kernel, mlstm_kernel], ids=["gla", "delta", "mlstm"])
+def test_backend_choice(monkeypatch, kernel):
+    """Each kernel's choice between its Triton and Mosaic GPU bodies (``_mosaic_gpu.resolve_mosaic_gpu`` with the
+    kernel's own ``MOSAIC_GPU_DEFAULT``)."""
+    resolve = kernel._resolve
     monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (True, backend or "triton"))  # as on the CPU
-    assert resolve(None, None, 64) == (True, "triton")  # the CPU interprets the Triton body
-    assert resolve(None, "mosaic_gpu", 64) == (True, "mosaic_gpu")  # or the Mosaic GPU body, asked for
+    assert resolve(None, None, 64) == (True, "triton")  # the CPU interprets the Triton bodies
+    assert resolve(None, "mosaic_gpu", 64) == (True, "mosaic_gpu")  # or the Mosaic GPU bodies, asked for
     monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (False, backend or "triton"))  # as on a GPU
-    monkeypatch.setattr(gla_kernel, "MOSAIC_GPU_DEFAULT", False)  # jax < 0.11
+    monkeypatch.setattr(kernel, "MOSAIC_GPU_DEFAULT", False)  # jax < 0.11, or the compiled tests not yet passed
     assert resolve(None, None, 64) == (False, "triton")
-    monkeypatch.setattr(gla_kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11
+    monkeypatch.setattr(kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11 and the compiled tests passed
     assert resolve(None, None, 64) == (False, "mosaic_gpu")
-    assert resolve(None, None, 32) == (False, "triton")  # wgmma's M: the Mosaic GPU body needs chunks of 64
+    assert resolve(None, None, 32) == (False, "triton")  # wgmma's M: the Mosaic GPU bodies need chunks of 64
     assert resolve(None, "triton", 64) == (False, "triton")
     with pytest.raises(ValueError, match="multiple of 64"):
         resolve(None, "mosaic_gpu", 32)

@@ -13,7 +13,7 @@
   compiled bodies do not.
 * Gradients (slow tier): ``jax.grad`` under ``backend="mosaic_gpu"`` (the walks interpreted by Mosaic GPU's
   interpreter, the other backward kernels by the Triton bodies' interpret mode) against the XLA chunked form.
-* The backend choice and the shapes Mosaic GPU requires.
+* The shapes Mosaic GPU requires (the backend choice of all three kernels: ``test_pallas_mosaic_gpu.py``).
 """
 
 import jax
@@ -22,8 +22,6 @@ import numpy as np
 import pytest
 from jax import export
 
-from pallas_kernels import _mosaic_gpu
-from pallas_kernels.delta_chunk import kernel as delta_kernel
 from pallas_kernels.delta_chunk import mosaic_gpu as delta_mgpu
 from pallas_kernels.delta_chunk.kernel import delta_chunk
 from seqjax.ops.delta import chunk_delta_rule
@@ -91,22 +89,6 @@ def test_values():
     assert o.shape == ro.shape and s.shape == rs.shape and o.dtype == ro.dtype
     np.testing.assert_allclose(o, ro, atol=tol * float(jnp.abs(ro).max()))
     np.testing.assert_allclose(s, rs, atol=tol * float(jnp.abs(rs).max()))
-
-
-def test_backend_choice(monkeypatch):
-    resolve = delta_kernel._resolve
-    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (True, backend or "triton"))  # as on the CPU
-    assert resolve(None, None, 64) == (True, "triton")  # the CPU interprets the Triton bodies
-    assert resolve(None, "mosaic_gpu", 64) == (True, "mosaic_gpu")  # or the Mosaic GPU bodies, asked for
-    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (False, backend or "triton"))  # as on a GPU
-    monkeypatch.setattr(delta_kernel, "MOSAIC_GPU_DEFAULT", False)  # jax < 0.11, or compiled tests not yet passed
-    assert resolve(None, None, 64) == (False, "triton")
-    monkeypatch.setattr(delta_kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11 and compiled tests passed
-    assert resolve(None, None, 64) == (False, "mosaic_gpu")
-    assert resolve(None, None, 32) == (False, "triton")  # wgmma's M: the Mosaic GPU bodies need chunks of 64
-    assert resolve(None, "triton", 64) == (False, "triton")
-    with pytest.raises(ValueError, match="backend must be"):
-        resolve(None, "cuda", 64)
 
 
 def test_mosaic_gpu_requirements_raise():

@@ -12,7 +12,8 @@ and the backward's two serial passes), checked without a GPU.
   (``InterpretGPUParams``: TMA copies, barriers, shared memory and ``wgmma`` simulated; no transposed shared-memory
   view and no register operand for ``wgmma``, so under it the bodies stage ``Kᵀ`` and ``Q Kᵀ ⊙ D`` through shared
   memory, which the compiled bodies do not).
-* The backend choice and the requirements Mosaic GPU imposes (chunks of 64, head dims padded to ``key_pad``).
+* The requirements Mosaic GPU imposes (chunks of 64, head dims padded to ``key_pad``); the backend choice of all three
+  kernels is in ``test_pallas_mosaic_gpu.py``.
 """
 
 import jax
@@ -21,8 +22,6 @@ import numpy as np
 import pytest
 from jax import export
 
-from pallas_kernels import _mosaic_gpu
-from pallas_kernels.mlstm_chunk import kernel as mlstm_kernel
 from pallas_kernels.mlstm_chunk import mlstm_chunk
 from pallas_kernels.mlstm_chunk.mosaic_gpu import dstates_mosaic_gpu, out_mosaic_gpu, states_mosaic_gpu
 from seqjax.nn import rms_rel_err
@@ -117,22 +116,6 @@ def test_grads_equal_the_chunked_form():
     for name, g, r in zip(names, jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.shape == r.shape and np.all(np.isfinite(np.asarray(g))), name
         assert rms_rel_err(g, r) <= 1e-2, f"{name}: {rms_rel_err(g, r):.1e}"
-
-
-def test_backend_choice(monkeypatch):
-    resolve = mlstm_kernel._resolve
-    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (True, backend or "triton"))  # as on the CPU
-    assert resolve(None, None, 64) == (True, "triton")  # the CPU interprets the Triton body
-    assert resolve(None, "mosaic_gpu", 64) == (True, "mosaic_gpu")  # or the Mosaic GPU bodies, asked for
-    monkeypatch.setattr(_mosaic_gpu, "resolve", lambda interpret, backend: (False, backend or "triton"))  # as on a GPU
-    monkeypatch.setattr(mlstm_kernel, "MOSAIC_GPU_DEFAULT", False)  # jax < 0.11, or the compiled tests not yet passed
-    assert resolve(None, None, 64) == (False, "triton")
-    monkeypatch.setattr(mlstm_kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11 and the compiled tests passed
-    assert resolve(None, None, 64) == (False, "mosaic_gpu")
-    assert resolve(None, None, 32) == (False, "triton")  # wgmma's M: the Mosaic GPU bodies need chunks of 64
-    assert resolve(None, "triton", 64) == (False, "triton")
-    with pytest.raises(ValueError, match="backend must be"):
-        resolve(None, "cuda", 64)
 
 
 def test_requirements_raise():
