@@ -4,7 +4,7 @@ the baselines beside it; and the seeds each preset runs.
 
 A row's target is on the headline split: ``(">=" | "<=", number)``, a threshold every seed must reach, or
 ``(">" | "<", (labels of other rows,))``, a comparison of the seeds' min–max range with those rows'
-(``sweep.verdict``). A task's preset fully determines training and evaluation: the script's preset of the
+(``sweep_report.verdict``). A task's preset fully determines training and evaluation: the script's preset of the
 same name, then the task's ``options``, then ``presets[preset]``, then the row's own ``options``.
 
 Not a script: ``python experiments/sweep.py --list`` prints this table.

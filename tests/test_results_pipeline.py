@@ -107,20 +107,21 @@ def test_chance_and_majority_closed_forms():
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 import sweep  # noqa: E402
+import sweep_report  # noqa: E402
 
 
 def test_verdicts_compare_the_seeds_range_with_the_target():
     scores = {("a", "t"): [0.96, 0.97, 0.99], ("b", "t"): [0.90, 0.97, 0.99], ("c", "t"): [0.5, 0.6, 0.7],
               ("d", "t"): [0.65, 0.9]}
-    assert sweep.verdict((">=", 0.95), scores, "a", "t") == "met"
-    assert sweep.verdict((">=", 0.95), scores, "b", "t") == "within noise"
-    assert sweep.verdict((">=", 0.95), scores, "c", "t") == "missed"
-    assert sweep.verdict(("<=", 0.1), scores, "c", "t") == "missed"
-    assert sweep.verdict((">", ("c",)), scores, "a", "t") == "met"
-    assert sweep.verdict((">", ("a", "c")), scores, "d", "t") == "missed"  # d's best (0.9) is below a's worst
-    assert sweep.verdict((">", ("c",)), scores, "d", "t") == "within noise"  # 0.65–0.9 overlaps 0.5–0.7
-    assert sweep.verdict(("<", ("a",)), scores, "c", "t") == "met"
-    assert sweep.verdict(None, scores, "a", "t") == "—" and sweep.verdict((">", ("zz",)), scores, "a", "t") == "—"
+    assert sweep_report.verdict((">=", 0.95), scores, "a", "t") == "met"
+    assert sweep_report.verdict((">=", 0.95), scores, "b", "t") == "within noise"
+    assert sweep_report.verdict((">=", 0.95), scores, "c", "t") == "missed"
+    assert sweep_report.verdict(("<=", 0.1), scores, "c", "t") == "missed"
+    assert sweep_report.verdict((">", ("c",)), scores, "a", "t") == "met"
+    assert sweep_report.verdict((">", ("a", "c")), scores, "d", "t") == "missed"  # d's best (0.9) is below a's worst
+    assert sweep_report.verdict((">", ("c",)), scores, "d", "t") == "within noise"  # 0.65–0.9 overlaps 0.5–0.7
+    assert sweep_report.verdict(("<", ("a",)), scores, "c", "t") == "met"
+    assert sweep_report.verdict(None, scores, "a", "t") == "—" and sweep_report.verdict((">", ("zz",)), scores, "a", "t") == "—"
 
 
 def test_table_from_hand_made_records():
@@ -128,7 +129,7 @@ def test_table_from_hand_made_records():
              "preset": "cpu", "machine": "m"} for s, st, a in ((0, 5, 0.1), (0, 10, 0.98), (1, 10, 1.0))]
     recs += [{"task": "ar", "row": "chance", "model": "baseline", "seed": s, "step": 0, "split": "test", "acc": 0.25}
              for s in (0, 1)]
-    md = sweep.table("recall", recs)
+    md = sweep_report.table("recall", recs)
     assert md.splitlines()[0] == ("`python experiments/sweep.py recall` (preset cpu): 2 seeds (0, 1), 10 steps, m; "
                                   "acc, mean ± std over seeds.")
     assert "| attention | 0.990 ± 0.010 | 2 | ≥ 0.99 | within noise |" in md
@@ -152,9 +153,9 @@ def test_sweep_writes_fresh_records_under_experiments_results_whatever_the_direc
     # a second run rewrites the file (no appending), and --baselines_only keeps the trained rows
     again = sweep.run_sweep("copy", "tiny", baselines_only=True, out=str(out))
     assert len((folder / "records.jsonl").read_text().splitlines()) == len(again) == len(recs)
-    assert (folder / "table.md").read_text().strip() == sweep.table("copy", again)
+    assert (folder / "table.md").read_text().strip() == sweep_report.table("copy", again)
     # the regenerator reads the same records
-    assert sweep.tables(str(out)) == sweep.readme_block("copy", again) + "\n\n" + sweep.run_times_block(str(out))
+    assert sweep_report.tables(str(out)) == sweep_report.readme_block("copy", again) + "\n\n" + sweep_report.run_times_block(str(out))
     # a partial run replaces only the (row, seed) pairs it runs
     one = sweep.run_sweep("copy", "tiny", seeds=(1,), baselines_only=True, out=str(out))
     assert sorted({(r["row"], r["seed"]) for r in one}) == sorted({(r["row"], r["seed"]) for r in again}
@@ -216,13 +217,13 @@ def test_readme_table_equals_what_the_records_give(name):
     start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
     assert start in readme and end in readme, f"README has no {start} block: run `python experiments/sweep.py tables`"
     block = readme[readme.index(start): readme.index(end) + len(end)]
-    records = sweep.read_records(str(ROOT / "experiments" / "results" / name))
-    assert block == sweep.readme_block(name, records)
+    records = sweep_report.read_records(str(ROOT / "experiments" / "results" / name))
+    assert block == sweep_report.readme_block(name, records)
 
 
 def test_readme_run_times_equal_what_the_records_give():
     readme = (ROOT / "README.md").read_text()
-    block = sweep.run_times_block(str(ROOT / "experiments" / "results"))
+    block = sweep_report.run_times_block(str(ROOT / "experiments" / "results"))
     assert block in readme, "the README's run-time block is stale: run `python experiments/sweep.py tables`"
 
 
@@ -246,8 +247,8 @@ def test_run_times_sum_the_finished_runs_and_estimate_the_rest(tmp_path, monkeyp
             {**base, "row": "attention", "model": "attention", "seed": 2, "step": 4, "seconds": 240.0, "preset": "tiny"}]
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    monkeypatch.setattr(sweep, "SWEEPS", {"copy": sweep.SWEEPS["copy"], "s3": sweep.SWEEPS["s3"]})
-    text = sweep.run_times(str(tmp_path))
+    monkeypatch.setattr(sweep_report, "SWEEPS", {"copy": sweep.SWEEPS["copy"], "s3": sweep.SWEEPS["s3"]})
+    text = sweep_report.run_times(str(tmp_path))
     # timed: 60 + 180 s; attention seed 2 -> 120 s (its row's mean); mamba x3 -> 120 s each (the task's mean)
     assert "| copy | 6 | 2 | 4 | 12 |" in text
     assert "| s3 | 6 | 0 | | |" in text
