@@ -4,6 +4,7 @@
     python benchmarks/mixers.py --quick                 # T = 1k only
     python benchmarks/mixers.py --mixers=gla,mamba2 --out=benchmarks/results/cpu_mixers.md
     python benchmarks/mixers.py --mixers=gla,deltanet,gated_deltanet --heads=4 --dim=64 --ts=8192   # model widths
+    python benchmarks/mixers.py --mixers=mamba --batch=64 --ts=64 --make channels=128 state=16   # any make_inputs size
 
 FLOPs are XLA's own count (``compiled.cost_analysis()["flops"]``) of the compiled forward. The matmul rate
 is a float32 ``[n, n] @ [n, n]`` (``n = 1024``), or with ``--heads/--dim`` a projection-shaped
@@ -80,14 +81,25 @@ def _widths(make_inputs, heads, dim) -> dict:
     raise SystemExit(f"--heads/--dim: {make_inputs.__name__} takes neither dk/dv nor head_dim")
 
 
-def bench(names, ts, batch=1, heads=0, dim=0, reps=3):
+def _make_kwargs(pairs) -> dict:
+    """``("channels=128", "state=16")`` → ``{"channels": 128, "state": 16}``."""
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not v.lstrip("-").isdigit():
+            raise SystemExit(f"--make: expected name=integer, got {p!r}")
+        out[k] = int(v)
+    return out
+
+
+def bench(names, ts, batch=1, heads=0, dim=0, reps=3, make=None):
     rows, rates = [], []
     for name in names:
         spec = mixers.get(name)
         par = [i for i in spec.impls if i != "sequential"] or ["sequential"]
         forms = ["reference", *par, "auto"]
         for t in ts:
-            dims = _widths(spec.make_inputs, heads, dim) if heads else {}
+            dims = {**(_widths(spec.make_inputs, heads, dim) if heads else {}), **(make or {})}
             inputs = spec.make_inputs(jax.random.PRNGKey(0), batch, t, **dims)
             mm, mm_args, mm_flops = _matmul(batch, t, heads, dim)
             calls, info, res = {"matmul": (mm, mm_args)}, {}, {}
@@ -143,6 +155,7 @@ class Args:
     dim: int = 0  # head dim (with heads)
     ts: tuple[int, ...] = ()  # sequence lengths (default 1k, 4k, 16k; --quick: 1k)
     reps: int = 3  # interleaved rounds (medians)
+    make: tuple[str, ...] = ()  # extra make_inputs keywords, name=integer (e.g. channels=128 state=16 for Mamba)
     out: str = ""  # also write the table to this markdown file
 
 
@@ -153,9 +166,10 @@ def main(argv=None):
         raise SystemExit("--heads and --dim go together")
     ts = list(a.ts) or ([1024] if a.quick else [1024, 4096, 16384])
     print(HEADER, flush=True)
-    rates, rows = bench(names, ts, a.batch, a.heads, a.dim, a.reps)
+    rates, rows = bench(names, ts, a.batch, a.heads, a.dim, a.reps, _make_kwargs(a.make))
     if a.out:
         dims = f"H = {a.heads}, head dim {a.dim}" if a.heads else "each mixer's default test dims"
+        dims += "".join(f", {p}" for p in a.make)
         mm = f"[B T, {a.heads * a.dim}] @ [{a.heads * a.dim}, {a.heads * a.dim}]" if a.heads else "[1024, 1024]^2"
         with open(a.out, "w") as fh:
             fh.write(f"# Mixers on {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}\n\n")

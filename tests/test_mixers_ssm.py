@@ -3,6 +3,8 @@
 exact parity construction), extreme decays, RG-LRU's bounded gradient, packed documents in the layers,
 and clear errors on bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,7 +191,7 @@ def test_negative_eigen_represents_parity_exactly():
     inputs = _parity_weights(bits)
     parity = jnp.cumsum(bits.astype(jnp.int32), axis=1) % 2
     want = (1 - 2 * parity).astype(jnp.float32)  # +1 even, -1 odd
-    for impl in ("sequential", "associative", "chunked"):
+    for impl in ("sequential", "associative", "chunked", "fused"):
         y, _ = mamba_mod.mamba(**inputs, impl=impl, negative_eigen=True)
         np.testing.assert_array_equal(np.asarray(y[:, 1:, 0]), np.asarray(want), err_msg=impl)
     # with transitions in (0, 1] and no input after the start, h only decays: it never changes sign
@@ -217,6 +219,32 @@ def test_mamba_log_decay_minus_20_finite(negative_eigen):
                                                       negative_eigen=negative_eigen)[0]))(inp["A"])
         assert _finite(g)
     assert _finite(mamba_mod.mamba_materialize(**inp, negative_eigen=negative_eigen))
+
+
+@pytest.mark.parametrize("negative_eigen", [False, True])
+@pytest.mark.parametrize("delta_a", [-20.0, -1e-4])
+def test_mamba_fused_gradients_at_strong_and_weak_decay(delta_a, negative_eigen):
+    """The fused form's hand-written backward against autodiff of the reference at Δ A = -20 (the state
+    forgets in one step; with negative eigenvalues the transition is -1) and Δ A = -1e-4 (it keeps nearly
+    everything), across two saved blocks and a reset."""
+    t = 2 * mamba_mod.FUSED_BLOCK + 5
+    inp = mamba_mod.mamba_make_inputs(KEY, 2, t, channels=3, state=5)
+    inp["dt"] = jnp.full_like(inp["dt"], 0.5)
+    inp["A"] = jnp.full_like(inp["A"], 2 * delta_a)
+    h0 = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 5))
+    resets = jnp.zeros((2, t), bool).at[1, 20].set(True)
+    w = jax.random.normal(jax.random.PRNGKey(5), (2, t, 3))
+
+    def loss(f, args):
+        y, h = f(**args, resets=resets, negative_eigen=negative_eigen)
+        return jnp.sum(y * w) + jnp.sum(jnp.sin(h))
+
+    args = {**inp, "h0": h0}
+    fused = jax.grad(functools.partial(loss, functools.partial(mamba_mod.mamba, impl="fused")))(args)
+    ref = jax.grad(functools.partial(loss, mamba_mod.mamba_recurrent))(args)
+    for k in args:
+        assert _finite(fused[k])
+        assert rms_rel_err(fused[k], ref[k]) < 1e-5, k
 
 
 def test_diagonal_ssms_log_decay_minus_20_finite():
