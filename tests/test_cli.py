@@ -61,6 +61,24 @@ def _run(scripts: list[str], args: list[str]) -> dict[tuple[str, str], tuple[str
     return res
 
 
+def _repeated_help(usage: str) -> list[str]:
+    """Help texts (defaults left out) that tyro's usage gives to more than one option: a field comment that
+    spans lines is read as the help of the fields after it."""
+    seen = {}
+    for line in usage.splitlines():
+        m = re.match(r"(--[\w.-]+)(?: [A-Z{][^ ]*)?\s{2,}(.*)$", line.strip("│| "))  # boxes nest: strip them all
+        text = re.sub(r"\(default:.*?\)|\(required\)", "", m.group(2)).strip("│| ") if m else ""
+        if text:
+            seen.setdefault(text, []).append(m.group(1))
+    return sorted(t for t, opts in seen.items() if len(opts) > 1)
+
+
+def test_repeated_help_finds_a_misattributed_comment():
+    ok = "│ --lr FLOAT     peak learning rate (default: 0.001) │\n│ --seed INT     data seed (default: 0) │"
+    bad = '│ --d_model INT  "<m>+ngram<n>": n-gram head (default: 64) │\n│ --steps INT    "<m>+ngram<n>": n-gram head (default: 1500) │'
+    assert _repeated_help(ok) == [] and _repeated_help(bad) == ['"<m>+ngram<n>": n-gram head']
+
+
 def test_every_script_has_help_and_rejects_a_misspelled_option():
     assert len(SCRIPTS) >= 20, SCRIPTS
     folders = sorted({os.path.dirname(s) for s in SCRIPTS})
@@ -74,6 +92,9 @@ def test_every_script_has_help_and_rejects_a_misspelled_option():
         code, out, err = results[script, "--help"]
         if code != "0" or "usage:" not in out:
             failures.append(f"{name} --help: exit {code}\n{out[-1500:]}{err[-1500:]}")
+        repeated = _repeated_help(out)
+        if repeated:
+            failures.append(f"{name} --help: one help text on several options (a comment tyro misattributed): {repeated}")
         code, _, err = results[script, MISSPELLED]
         if code in ("0", "crashed") or code.startswith("none") or MISSPELLED.split("=")[0] not in err:
             failures.append(f"{name} {MISSPELLED}: exit {code}\n{err[-1500:]}")

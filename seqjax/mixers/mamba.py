@@ -33,8 +33,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from seqjax import _checks
 from pallas_kernels._util import platform as kernel_platform
+from seqjax import _checks
 from seqjax.layer import plan, update
 from seqjax.mixers.registry import MixerSpec, register
 from seqjax.nn import Linear, ShortConv

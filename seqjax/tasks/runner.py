@@ -49,22 +49,21 @@ HYBRIDS = {
 
 @dataclasses.dataclass
 class RunConfig:
-    model: str = "attention"  # a layer-pattern name, a composition of HYBRIDS (based), an RNN cell (lstm, gru, ...);
-    #                           "<name>+ngram<n>" adds an n-gram head
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: int = 100
-    clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 250
-    out: str = ""
+    model: str = "attention"  # layer pattern, HYBRIDS composition (based) or RNN cell (lstm, gru); "<m>+ngram<n>": n-gram head
+    d_model: int = 64  # model width
+    num_layers: int = 2  # layers (RNN models: stacked RNN layers)
+    num_heads: int = 4  # attention heads (LM models)
+    steps: int = 1000  # training steps
+    batch_size: int = 64  # sequences per step
+    lr: float = 1e-3  # peak learning rate (AdamW, linear warmup then cosine decay)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup: int = 100  # warmup steps
+    clip: float = 1.0  # global-norm gradient clipping
+    seed: int = 0  # initialisation and training-data seed
+    eval_every: int = 250  # steps between evaluations
+    out: str = ""  # append one JSON line per evaluation to this file ("" = none)
     preset: str = "cpu"  # cpu | tiny | paper: the defaults that the other options override
-    progress: bool = True
+    progress: bool = True  # show a progress bar
     prefix_len: int = 0  # model "jrt": tokens read non-causally at the start of each sequence (JRT-RNN)
     embedding: str = "standard"  # LM models: "standard" or "lexinvariant" (a fresh random table per sequence)
     grad_noise: float = 0.0  # eta of annealed gradient noise, variance eta / (1 + t) ** grad_noise_gamma; 0 = off
