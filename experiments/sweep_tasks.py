@@ -135,7 +135,7 @@ SWEEPS = {
          Row("lstm", "lstm", target=_SOLVES), Row("slstm", "slstm", target=_SOLVES), Row("attention", "attention", target=_FAILS)),
         "scaled_acc", "test_len", "parity, train 3–20 → test 40–64: eigenvalues in [−1, 1] solve it, [0, 1] fail; "
         "LSTM and sLSTM solve it; attention fails",
-        {"cpu": {"steps": 1000, "eval_every": 250}, "paper": {}}),
+        {"cpu": {"steps": 1500, "eval_every": 250}, "paper": {}}),
     "sets": Sweep(
         "set_disjointness", {},
         (Row("gla, long set first", "gla", target=("<", ("gla, short set first",))),
