@@ -180,7 +180,7 @@ def _fused_bwd(negative_eigen, res, cts):
         def back(carry, s):
             g, dA = carry  # g: ∂L/∂h_t from the steps after t
             x_t, dt_t, b_t, c_t, keep_t, dy_t, hp, e = s
-            a = ((1.0 + 2.0 * (e - 1.0)) if negative_eigen else e) * keep_t[:, None, None]
+            a = (2.0 * e - 1.0 if negative_eigen else e) * keep_t[:, None, None]
             u = dt_t * x_t
             h = a * hp + u[..., None] * b_t[:, None, :]
             dh = g + dy_t[..., None] * c_t[:, None, :]
