@@ -12,11 +12,14 @@ from jax.sharding import SingleDeviceSharding
 
 from seqjax import sharding as shd
 from seqjax.attention.attention import Attention
+from seqjax.models.lm import LM, LMConfig
 from seqjax.ops.attention import attention, attention_reference, choose_impl, make_mask
 from seqjax.ops.context_parallel import attention_context_parallel
 from seqjax.ops.flash import flash_attention
 from seqjax.ops.splash import splash_attention
-from seqjax.train.run import score_buffers
+from seqjax.train.config import OptimConfig
+from seqjax.train.run import score_buffers, step_score_buffers
+from seqjax.train.step import Trainer
 
 
 def _qkv(key, b, t, s, h, kvh, d, dtype=jnp.float32):
@@ -262,6 +265,26 @@ def test_training_step_at_2k_has_no_float32_score_matrix():
     can fail)."""
     assert _f32_square_buffers(_layer_grad_hlo(2048, None), 2048) == []
     assert _f32_square_buffers(_layer_grad_hlo(2048, "xla"), 2048)
+
+
+def _lm_trainer(pattern, attention_impl=None) -> Trainer:
+    cfg = LMConfig(pattern=pattern, d_model=64, num_layers=len(pattern), num_heads=2, num_kv_heads=2, mlp_ratio=2.0,
+                   mixer_kwargs={"attention": {"impl": attention_impl}} if attention_impl else {})
+    return Trainer(lambda: LM(cfg, rngs=nnx.Rngs(0)), shd.make_mesh((1, 1, 1, 1), jax.devices()[:1]), OptimConfig(), 10)
+
+
+def test_an_activation_as_wide_as_T_is_not_a_score_buffer():
+    """Mamba-2's ``d_inner = 2 d_model`` = 128 = T (as 8192 in the 8b preset at T = 8192): its ``[b, T, d_inner]``
+    activations have a score matrix's shape in the compiled step (``hlo`` stands for that). The step traced at
+    3T = 384 (2T = 256 is the vocabulary, a parameter dim) computes no float32 array with two dims of 384, so
+    none is a score buffer; with an XLA attention layer it does, and they stay listed."""
+    hlo = "%convert = f32[2,128,128]{2,1,0} convert(bf16[2,128,128]{2,1,0} %slice)"
+    assert score_buffers(hlo, 128) == ["2,128,128"]
+    found = step_score_buffers(_lm_trainer(("mamba2",)), hlo, 2, 128)
+    assert found == {"f32_score_buffers": [], "f32_square_shapes": ["2,128,128"], "score_check_len": 384}
+    found = step_score_buffers(_lm_trainer(("mamba2", "attention"), "xla"), hlo, 2, 128)
+    assert found["f32_score_buffers"] == ["2,128,128"]
+    assert step_score_buffers(_lm_trainer(("mamba2",)), hlo, 2, 256) == {"f32_score_buffers": []}  # not a width
 
 
 # -------------------------------------------------------------------------- compiled for a TPU (libtpu)

@@ -106,6 +106,23 @@ def test_lm_train_step_with_kernels_compiles_for_a_tpu_slice():
     assert 0 < info["total_bytes"] < 64 * 2**20  # per chip, of 16 GiB
 
 
+@pytest.mark.slow
+def test_compile_topology_tells_an_activation_as_wide_as_T_from_a_score_buffer():
+    """A one-layer Mamba-2 LM at d_model 64 and T = 128 compiled for the slice: its ``d_inner = 128`` equals T (as
+    8192 does in the 8b preset), so the step holds float32 ``[b, T, d_inner]`` arrays with two dims of T. They are
+    listed as ``f32_square_shapes``, not as ``f32_score_buffers``: the step traced at 3T computes no float32
+    ``[.., 3T, 3T]`` array."""
+    from seqjax.models.lm import LM, LMConfig
+    from seqjax.train import config, run
+
+    make = lambda: LM(LMConfig(pattern=("mamba2",), d_model=64, num_layers=1, num_heads=2, num_kv_heads=2), rngs=nnx.Rngs(0))
+    cfg = config.TrainConfig(compile_topology=TOPOLOGY, mesh=(4, 1, 1, 1), steps=10)
+    cfg.data.global_batch, cfg.data.seq_len = 4, 128
+    info = run.compile_for_topology(cfg, make)
+    assert info["f32_square_shapes"] and info["f32_score_buffers"] == []
+    assert info["score_check_len"] == 384  # 2T = 256 is the vocabulary
+
+
 def test_compile_topology_names_a_bad_topology():
     from seqjax.train import config, run
 

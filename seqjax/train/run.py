@@ -17,6 +17,7 @@ import re
 import time
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -104,9 +105,43 @@ def _read_history(path: str, upto: int) -> list[dict]:
 
 def score_buffers(hlo: str, seq_len: int) -> list[str]:
     """The float32 array shapes in compiled ``hlo`` with two dims of ``seq_len``: an attention layer's
-    ``[.., T, T]`` scores, which a flash / splash kernel in the step never materialises."""
+    ``[.., T, T]`` scores, which a flash / splash kernel in the step never materialises. By shape alone: where a
+    feature width equals ``seq_len`` a ``[b, T, width]`` activation is listed too (:func:`step_score_buffers`)."""
     shapes = set(re.findall(r"f32\[([0-9,]*)\]", hlo))
     return sorted(s for s in shapes if s.split(",").count(str(seq_len)) >= 2)
+
+
+def jaxpr_score_arrays(jaxpr, seq_len: int) -> list[str]:
+    """The float32 shapes with two dims of ``seq_len`` among the values ``jaxpr`` (a ``ClosedJaxpr``) computes,
+    those of its sub-jaxprs (scan and remat bodies, Pallas kernels) included."""
+    shapes, todo = set(), [jaxpr.jaxpr]
+    while todo:
+        jx = todo.pop()
+        for eqn in jx.eqns:
+            for v in eqn.outvars:
+                shape, dtype = getattr(v.aval, "shape", ()), getattr(v.aval, "dtype", None)
+                if dtype == jnp.float32 and list(shape).count(seq_len) >= 2:
+                    shapes.add(",".join(map(str, shape)))
+            todo.extend(jax_core.jaxprs_in_params(eqn.params))
+    return sorted(shapes)
+
+
+def step_score_buffers(trainer: Trainer, hlo: str, global_batch: int, seq_len: int) -> dict:
+    """``f32_score_buffers`` of ``trainer``'s train step compiled to ``hlo``: :func:`score_buffers`, unless a
+    parameter has a dim of ``seq_len`` (Mamba-2's ``d_inner = 2 d_model`` is 8192 = T in the 8b preset), where a
+    ``[b, T, width]`` activation has the shape of a ``[b, T, T]`` matrix. Then the step is traced again (not
+    compiled) at the first multiple of ``seq_len`` that no parameter dim equals, and the compiled shapes are
+    score buffers only if that trace computes a float32 array with two dims of its length; ``f32_square_shapes``
+    keeps what the HLO showed and ``score_check_len`` the length of the second trace."""
+    found = score_buffers(hlo, seq_len)
+    widths = {d for a in jax.tree.leaves(trainer.abstract_params) for d in a.shape}
+    if not found or seq_len not in widths:
+        return {"f32_score_buffers": found}
+    t2 = next(k * seq_len for k in range(2, len(widths) + 3) if k * seq_len not in widths)
+    with shd.use_rules(trainer.mesh, trainer.rules):
+        jaxpr = jax.make_jaxpr(trainer.train_step)(trainer.abstract_state(), trainer.abstract_batch(global_batch, t2))
+    real = jaxpr_score_arrays(jaxpr, t2)
+    return {"f32_score_buffers": found if real else [], "f32_square_shapes": found, "score_check_len": t2}
 
 
 def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
@@ -118,7 +153,7 @@ def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
     nothing runs. Returns ``fits`` and the compiled train step's per-chip memory (bytes), XLA's FLOPs per
     step and chip, and the number of Pallas (Mosaic) kernels in it; where the step does not fit in a chip's
     HBM, ``fits=False`` and the compiler's ``error`` (how much it needed). ``f32_score_buffers``: the float32
-    ``[.., T, T]`` shapes in the step (:func:`score_buffers`; none where attention runs the splash kernel)."""
+    ``[.., T, T]`` shapes in the step (:func:`step_score_buffers`; none where attention runs the splash kernel)."""
     from jax.experimental import topologies  # lazy: only this path asks jax for TPU topologies (libtpu)
 
     if importlib.util.find_spec("libtpu") is None:
@@ -145,7 +180,7 @@ def compile_for_topology(cfg: config_lib.TrainConfig, make_model=None) -> dict:
     hlo = step.as_text()
     info = {**head, "fits": True, "compile_s": round(time.perf_counter() - t0, 1),
             "pallas_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
-            "f32_score_buffers": score_buffers(hlo, cfg.data.seq_len), **info}
+            **step_score_buffers(trainer, hlo, cfg.data.global_batch, cfg.data.seq_len), **info}
     log.info("compiled for %s (%d x %s), mesh %s: per-chip memory %.1f MB (args %.1f, temp %.1f)",
              cfg.compile_topology, len(devices), info["device_kind"], info["mesh"], info.get("total_bytes", 0) / 2**20,
              info.get("argument_bytes", 0) / 2**20, info.get("temp_bytes", 0) / 2**20)
