@@ -92,11 +92,11 @@ def _make_kwargs(pairs) -> dict:
     return out
 
 
-def bench(names, ts, batch=1, heads=0, dim=0, reps=3, make=None):
+def bench(names, ts, batch=1, heads=0, dim=0, reps=3, make=None, impls=()):
     rows, rates = [], []
     for name in names:
         spec = mixers.get(name)
-        par = [i for i in spec.impls if i != "sequential"] or ["sequential"]
+        par = list(impls) or [i for i in spec.impls if i != "sequential"] or ["sequential"]
         forms = ["reference", *par, "auto"]
         for t in ts:
             dims = {**(_widths(spec.make_inputs, heads, dim) if heads else {}), **(make or {})}
@@ -156,6 +156,7 @@ class Args:
     ts: tuple[int, ...] = ()  # sequence lengths (default 1k, 4k, 16k; --quick: 1k)
     reps: int = 3  # interleaved rounds (medians)
     make: tuple[str, ...] = ()  # extra make_inputs keywords, name=integer (e.g. channels=128 state=16 for Mamba)
+    impls: tuple[str, ...] = ()  # the forms to time beside the reference and auto (default: every impl but sequential)
     out: str = ""  # also write the table to this markdown file
 
 
@@ -166,7 +167,7 @@ def main(argv=None):
         raise SystemExit("--heads and --dim go together")
     ts = list(a.ts) or ([1024] if a.quick else [1024, 4096, 16384])
     print(HEADER, flush=True)
-    rates, rows = bench(names, ts, a.batch, a.heads, a.dim, a.reps, _make_kwargs(a.make))
+    rates, rows = bench(names, ts, a.batch, a.heads, a.dim, a.reps, _make_kwargs(a.make), a.impls)
     if a.out:
         dims = f"H = {a.heads}, head dim {a.dim}" if a.heads else "each mixer's default test dims"
         dims += "".join(f", {p}" for p in a.make)

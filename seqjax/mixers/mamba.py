@@ -140,8 +140,17 @@ def _blocks(v, k):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _fused_core(x, dt, A, B, C, h0, keep, negative_eigen):
     """Time-major float32 ``x``, ``dt`` ``[T, b, d]``, ``B``, ``C`` ``[T, b, n]``, ``keep`` ``[T, b]`` (0. where
-    the carry is cut), ``T`` a multiple of the block: ``(Σ_n C h [T, b, d], h_last)``."""
-    return _fused_fwd(x, dt, A, B, C, h0, keep, negative_eigen)[0]
+    the carry is cut), ``T`` a multiple of the block: ``(Σ_n C h [T, b, d], h_last)``. Without a gradient, one
+    scan over the steps; under one, :func:`_fused_fwd` also keeps the state at each block's start."""
+
+    def step(h, s):
+        x_t, dt_t, b_t, c_t, keep_t = s
+        a = _decay(dt_t, A, negative_eigen)[0] * keep_t[:, None, None]
+        h = a * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
+        return h, jnp.einsum("bdn,bn->bd", h, c_t)
+
+    h_last, y = lax.scan(step, h0, (x, dt, B, C, keep))
+    return y, h_last
 
 
 def _fused_fwd(x, dt, A, B, C, h0, keep, negative_eigen):
@@ -152,7 +161,7 @@ def _fused_fwd(x, dt, A, B, C, h0, keep, negative_eigen):
             x_t, dt_t, b_t, c_t, keep_t = s
             a = _decay(dt_t, A, negative_eigen)[0] * keep_t[:, None, None]
             h = a * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
-            return h, jnp.sum(h * c_t[:, None, :], axis=-1)
+            return h, jnp.einsum("bdn,bn->bd", h, c_t)
 
         h_end, y = lax.scan(step, h, blk)
         return h_end, (y, h)
@@ -240,9 +249,9 @@ def mamba(
     design; its backward recomputes the states from one saved every ``FUSED_BLOCK`` steps);
     ``"sequential"`` / ``"associative"`` / ``"chunked"`` form ``exp(Δ A)`` and ``Δ B x`` for every token,
     ``[b, t, d, n]``, and run the scan engine (``seqjax.scan.linear_scan``) over them; ``"auto"`` takes
-    ``"fused"`` on the CPU (2-3x the scan engine's speed forward+backward at the experiments' sizes,
-    ``benchmarks/mixers.py``) and the scan engine's own choice elsewhere (the associative scan on a GPU, the
-    Pallas kernel on a TPU).
+    ``"fused"`` on the CPU (1.7-2.3x the sequential scan engine's speed forward+backward at the experiments'
+    sizes, with a fraction of the memory: ``benchmarks/results/cpu_mixers.md``) and the scan engine's own
+    choice elsewhere (the associative scan on a GPU, the Pallas kernel on a TPU).
     """
     _checks.check_choice("impl", impl, IMPLS)
     _check_mamba_inputs(x, dt, A, B, C, D, h0, resets, negative_eigen)
