@@ -137,19 +137,29 @@ def _blocks(v, k):
     return v.reshape(v.shape[0] // k, k, *v.shape[1:])
 
 
+def _advance(h, x_t, dt_t, b_t, keep_t, A, negative_eigen):
+    """One step ``h_t = a_t h_{t-1} + Δ_t x_t B_t`` (``a_t = 0`` where ``keep_t`` is 0); also ``exp(Δ_t A)``."""
+    a, e = _decay(dt_t, A, negative_eigen)
+    return a * keep_t[:, None, None] * h + (dt_t * x_t)[..., None] * b_t[:, None, :], e
+
+
+def _readout_scan(h0, xs, A, negative_eigen):
+    """``lax.scan`` of :func:`_advance` over ``xs = (x, dt, B, C, keep)``: ``(h_last, y = Σ_n C h)``."""
+
+    def step(h, s):
+        x_t, dt_t, b_t, c_t, keep_t = s
+        h = _advance(h, x_t, dt_t, b_t, keep_t, A, negative_eigen)[0]
+        return h, jnp.einsum("bdn,bn->bd", h, c_t)
+
+    return lax.scan(step, h0, xs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _fused_core(x, dt, A, B, C, h0, keep, negative_eigen):
     """Time-major float32 ``x``, ``dt`` ``[T, b, d]``, ``B``, ``C`` ``[T, b, n]``, ``keep`` ``[T, b]`` (0. where
     the carry is cut), ``T`` a multiple of the block: ``(Σ_n C h [T, b, d], h_last)``. Without a gradient, one
     scan over the steps; under one, :func:`_fused_fwd` also keeps the state at each block's start."""
-
-    def step(h, s):
-        x_t, dt_t, b_t, c_t, keep_t = s
-        a = _decay(dt_t, A, negative_eigen)[0] * keep_t[:, None, None]
-        h = a * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
-        return h, jnp.einsum("bdn,bn->bd", h, c_t)
-
-    h_last, y = lax.scan(step, h0, (x, dt, B, C, keep))
+    h_last, y = _readout_scan(h0, (x, dt, B, C, keep), A, negative_eigen)
     return y, h_last
 
 
@@ -157,13 +167,7 @@ def _fused_fwd(x, dt, A, B, C, h0, keep, negative_eigen):
     k = min(FUSED_BLOCK, x.shape[0])
 
     def block(h, blk):
-        def step(h, s):
-            x_t, dt_t, b_t, c_t, keep_t = s
-            a = _decay(dt_t, A, negative_eigen)[0] * keep_t[:, None, None]
-            h = a * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
-            return h, jnp.einsum("bdn,bn->bd", h, c_t)
-
-        h_end, y = lax.scan(step, h, blk)
+        h_end, y = _readout_scan(h, blk, A, negative_eigen)
         return h_end, (y, h)
 
     h_last, (y, starts) = lax.scan(block, h0, tuple(_blocks(v, k) for v in (x, dt, B, C, keep)))
@@ -179,9 +183,8 @@ def _fused_bwd(negative_eigen, res, cts):
         x_b, dt_b, b_b, c_b, keep_b, dy_b, h_start = blk
 
         def forward(h, s):  # the block's states again, from the one saved at its start
-            x_t, dt_t, b_t, keep_t = s
-            a, e = _decay(dt_t, A, negative_eigen)
-            return a * keep_t[:, None, None] * h + (dt_t * x_t)[..., None] * b_t[:, None, :], (h, e)
+            h_next, e = _advance(h, *s, A, negative_eigen)
+            return h_next, (h, e)
 
         _, (h_prev, e_b) = lax.scan(forward, h_start, (x_b, dt_b, b_b, keep_b))
         slope = 2.0 if negative_eigen else 1.0  # ∂a/∂(Δ A) = slope · exp(Δ A)
