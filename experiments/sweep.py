@@ -3,7 +3,7 @@ the trivial baselines beside them, and the README's tables rebuilt from the reco
 
     python experiments/sweep.py parity                 # the README's parity table: cpu preset, 3 seeds
     python experiments/sweep.py parity --preset=paper  # the paper's sizes and step budget (an accelerator)
-    python experiments/sweep.py --all                  # every task, cheapest first
+    python experiments/sweep.py --all                  # every task, in the order of --list
     python experiments/sweep.py tables                 # rebuild every table.md / plot.png from the records
                                                        #   and the README's table and run-time blocks
     python experiments/sweep.py --list                 # the tasks, their scripts, rows and presets
@@ -20,10 +20,11 @@ the command, preset, machine, date and the paper's claim), ``table.md`` and ``pl
 The table gives, per row, the mean ± std over seeds of the task's metric on each evaluation split (the last
 evaluation of each run), the paper's number or claim, and a verdict on the headline split: **met** when
 every seed meets it, **missed** when none does, **within noise** when the seeds' min–max range straddles it
-(a relative claim compares min–max ranges with the other rows'). Baseline rows are the trivial predictors
-of ``seqjax.tasks.baselines`` scored by the same metric on the same evaluation sets: chance (uniform over
-the answers), the majority class, and for the recall tasks and ICLL copy-last and the in-context bigram
-lookup (on ICLL the bigram lookup never predicts the masked ``|``; ICLL also has always-separator).
+(a relative claim compares min–max ranges with the other rows'), marked ``(1 seed)`` when a single seed
+decides it. Baseline rows are the trivial predictors of ``seqjax.tasks.baselines`` scored by the same metric
+on the same evaluation sets: chance (uniform over the answers), the majority class, and for the recall tasks
+and ICLL copy-last and the in-context bigram lookup (on ICLL the bigram lookup never predicts the masked
+``|``; ICLL also has always-separator, associative recall the most frequent value so far).
 
 A task with an ``axis`` (``mqar_width``: ``d_model``) has one row per (model, axis value); its table adds the
 axis value and the state size (the floats of the model's decode cache, ``seqjax.tasks.runner.state_size``)
@@ -180,7 +181,7 @@ def summarize(records: list[dict], metric: str) -> tuple[str, dict]:
 class Args:
     task: tyro.conf.Positional[str] = ""  # a task of SWEEPS (--list), or "tables" (rebuild tables, plots, README blocks)
     grid: str = ""  # the same as the positional task
-    all: bool = False  # every task, cheapest first
+    all: bool = False  # every task, in the order of --list
     preset: str = "cpu"  # cpu | paper | tiny
     seeds: tuple[int, ...] = ()  # default: the preset's (three at cpu and paper)
     models: tuple[str, ...] = ()  # only these rows (labels or models); the other rows' records are kept

@@ -41,12 +41,14 @@ def final_scores(records: list[dict], metric: str) -> dict:
 
 
 def verdict(target, scores: dict, label: str, split: str) -> str:
-    """``met`` / ``missed`` / ``within noise`` of ``label``'s seeds against ``target`` (see ``sweep.py``'s module doc)."""
+    """``met`` / ``missed`` / ``within noise`` of ``label``'s seeds against ``target`` (see ``sweep.py``'s module doc),
+    marked ``(1 seed)`` when the row or a row it is compared with has a single seed (no spread to judge by)."""
     if target is None or (label, split) not in scores:
         return "—"
     vals = scores[(label, split)]
     lo, hi = min(vals), max(vals)
     op, ref = target
+    others = []
     if op in (">=", "<="):
         ok_all, ok_none = (lo >= ref, hi < ref) if op == ">=" else (hi <= ref, lo > ref)
     else:
@@ -57,7 +59,8 @@ def verdict(target, scores: dict, label: str, split: str) -> str:
             ok_all, ok_none = all(lo > max(o) for o in others), any(hi < min(o) for o in others)
         else:
             ok_all, ok_none = all(hi < min(o) for o in others), any(lo > max(o) for o in others)
-    return "met" if ok_all else "missed" if ok_none else "within noise"
+    word = "met" if ok_all else "missed" if ok_none else "within noise"
+    return word + (" (1 seed)" if min(len(v) for v in [vals, *others]) < 2 else "")
 
 
 def _target_text(target) -> str:

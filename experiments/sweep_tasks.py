@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from seqjax.tasks import icll
+from seqjax.tasks import icll, recall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,8 @@ SWEEPS = {
         "recall", {"task": "ar"},
         (Row("attention", "attention", target=(">=", 0.99)), Row("mamba", "mamba"), Row("gla", "gla")),
         "acc", "test", "single-query associative recall (64 tokens, 31 pairs): attention solves it",
-        {"cpu": {"steps": 1500, "eval_every": 500}, "paper": {}}, sequence=True),
+        {"cpu": {"steps": 1500, "eval_every": 500}, "paper": {}}, sequence=True,
+        extra=(("value_majority", recall.value_majority),)),
     "mqar": Sweep(
         "mqar", {},
         (Row("attention", "attention", target=(">=", 0.99)), Row("gated_deltanet", "gated_deltanet", target=(">=", 0.99)),

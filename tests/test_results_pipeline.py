@@ -81,6 +81,18 @@ def test_bigram_lookup_solves_recall_without_training():
     assert masked_accuracy(B.copy_last(b.inputs), b.targets) == 0.0  # keys and values never coincide
 
 
+def test_value_majority_predicts_the_most_frequent_value_so_far():
+    # keys at even positions, values at odd ones: values 9, 8, 9, 8 -> 9 leads, then the 8-9 tie goes to the later 8
+    seq = np.array([[1, 9, 2, 8, 3, 9, 4, 8, 2, 8]])
+    assert recall.value_majority(seq).tolist() == [[-1, 9, 9, 8, 8, 9, 9, 8, 8, 8]]
+    b = recall.associative_recall(2000, 64, 64, seed=3)
+    acc = masked_accuracy(recall.value_majority(b.inputs), b.targets)
+    # the queried value is the majority value more often than chance (1/32), far less often than always
+    assert 1 / 32 < acc < 0.3
+    with pytest.raises(ValueError, match="inputs"):
+        recall.value_majority(np.zeros((2, 3, 4), np.int32))
+
+
 def test_chance_and_majority_closed_forms():
     b = state_tracking.parity(64, 3, 10, seed=0)
 
@@ -122,6 +134,10 @@ def test_verdicts_compare_the_seeds_range_with_the_target():
     assert sweep_report.verdict((">", ("c",)), scores, "d", "t") == "within noise"  # 0.65–0.9 overlaps 0.5–0.7
     assert sweep_report.verdict(("<", ("a",)), scores, "c", "t") == "met"
     assert sweep_report.verdict(None, scores, "a", "t") == "—" and sweep_report.verdict((">", ("zz",)), scores, "a", "t") == "—"
+    one = {("x", "t"): [0.99], ("y", "t"): [0.5]}
+    assert sweep_report.verdict((">=", 0.95), one, "x", "t") == "met (1 seed)"
+    assert sweep_report.verdict((">", ("y",)), {**scores, **one}, "a", "t") == "met (1 seed)"  # compared with a one-seed row
+    assert sweep_report.verdict((">", ("c",)), {**scores, **one}, "a", "t") == "met"
 
 
 def test_table_from_hand_made_records():
