@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from seqjax.tasks import icll, recall
+from seqjax.tasks import baselines, icll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ SWEEPS = {
         (Row("attention", "attention", target=(">=", 0.99)), Row("mamba", "mamba"), Row("gla", "gla")),
         "acc", "test", "single-query associative recall (64 tokens, 31 pairs): attention solves it",
         {"cpu": {"steps": 1500, "eval_every": 500}, "paper": {}}, sequence=True,
-        extra=(("value_majority", recall.value_majority),)),
+        extra=(("value_majority", baselines.value_majority),)),
     "mqar": Sweep(
         "mqar", {},
         (Row("attention", "attention", target=(">=", 0.99)), Row("gated_deltanet", "gated_deltanet", target=(">=", 0.99)),

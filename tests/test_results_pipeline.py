@@ -84,13 +84,13 @@ def test_bigram_lookup_solves_recall_without_training():
 def test_value_majority_predicts_the_most_frequent_value_so_far():
     # keys at even positions, values at odd ones: values 9, 8, 9, 8 -> 9 leads, then the 8-9 tie goes to the later 8
     seq = np.array([[1, 9, 2, 8, 3, 9, 4, 8, 2, 8]])
-    assert recall.value_majority(seq).tolist() == [[-1, 9, 9, 8, 8, 9, 9, 8, 8, 8]]
+    assert B.value_majority(seq).tolist() == [[-1, 9, 9, 8, 8, 9, 9, 8, 8, 8]]
     b = recall.associative_recall(2000, 64, 64, seed=3)
-    acc = masked_accuracy(recall.value_majority(b.inputs), b.targets)
+    acc = masked_accuracy(B.value_majority(b.inputs), b.targets)
     # the queried value is the majority value more often than chance (1/32), far less often than always
     assert 1 / 32 < acc < 0.3
     with pytest.raises(ValueError, match="inputs"):
-        recall.value_majority(np.zeros((2, 3, 4), np.int32))
+        B.value_majority(np.zeros((2, 3, 4), np.int32))
 
 
 def test_chance_and_majority_closed_forms():

@@ -9,7 +9,8 @@ task's own metric, exactly as a model is:
 - :func:`copy_last` — the next token is the current one;
 - :func:`ngram_lookup` — the **in-context n-gram** (bigram for ``n = 2``): the token that most often followed
   the current ``n − 1`` tokens earlier in the same sequence (ties: the latest), the algorithm an induction
-  head or an n-gram head (Akyürek et al. 2024) implements; it solves associative recall without training.
+  head or an n-gram head (Akyürek et al. 2024) implements; it solves associative recall without training;
+- :func:`value_majority` — associative recall's most frequent value so far (knows the values, not their keys).
 
 **Chance** (:func:`chance`) is the exact expected score of a prediction drawn uniformly from the answer
 tokens (:func:`answer_tokens`): for a metric that averages per-position hits over positions fixed by the
@@ -69,6 +70,25 @@ def ngram_lookup(inputs, n: int = 2, *, ignore: Iterable[int] = ()) -> np.ndarra
                 if c:
                     recent = last[tuple(seq[t + 1 - k : t + 1])]
                     out[b, t] = max(c, key=lambda v: (c[v], recent[v]))
+    return out
+
+
+def value_majority(inputs) -> np.ndarray:
+    """Associative recall's "knows the values, not which key each belongs to" predictor: at position ``t``,
+    the most frequent token among the values so far (the odd positions ``1, 3, ...`` up to ``t``, where
+    :func:`seqjax.tasks.recall.associative_recall` puts them; ties: the latest). ``inputs [n, T]`` ->
+    predictions ``[n, T]`` (``IGNORE`` at position 0, before any value)."""
+    inputs = _check_inputs(inputs)
+    out = np.full(inputs.shape, IGNORE, np.int32)
+    for b, seq in enumerate(inputs.tolist()):
+        counts: dict[int, int] = {}
+        best = IGNORE
+        for t, tok in enumerate(seq):
+            if t % 2 == 1:
+                counts[tok] = counts.get(tok, 0) + 1
+                if best == IGNORE or counts[tok] >= counts[best]:  # the value just seen is the latest: it wins ties
+                    best = tok
+            out[b, t] = best
     return out
 
 

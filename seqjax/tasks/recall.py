@@ -5,7 +5,6 @@
 - :func:`selective_copying`: ``num_tokens`` content tokens scattered among noise (token 0) over the first
   ``seq_len`` positions, then ``num_tokens`` copy markers (token 1); at each marker the model must emit
   the content tokens in order. Content tokens come from ``[2, V)``.
-- :func:`value_majority`: a training-free predictor for associative recall, the most frequent value so far.
 """
 
 from __future__ import annotations
@@ -34,29 +33,6 @@ def associative_recall(num: int, seq_len: int = 64, vocab_size: int = 32, *, see
         targets[i, -2] = vals[q]
         inputs[i, -1] = vals[q]
     return TaskBatch(inputs, targets, vocab_size=vocab_size)
-
-
-def value_majority(inputs) -> np.ndarray:
-    """Associative recall's "knows the values, not which key each belongs to" predictor: at position ``t``,
-    the most frequent token among the values so far (the odd positions ``1, 3, ...`` up to ``t``, where
-    :func:`associative_recall` puts them; ties: the latest). ``inputs [n, T]`` -> predictions ``[n, T]``
-    (``IGNORE`` at position 0, before any value)."""
-    inputs = np.asarray(inputs)
-    if inputs.ndim != 2 or not np.issubdtype(inputs.dtype, np.integer):
-        raise ValueError(f"inputs must be integer token ids [n, T], got {inputs.dtype} {inputs.shape}")
-    out = np.full(inputs.shape, IGNORE, np.int32)
-    for b, seq in enumerate(inputs.tolist()):
-        counts: dict[int, int] = {}
-        last: dict[int, int] = {}
-        best = IGNORE
-        for t, tok in enumerate(seq):
-            if t % 2 == 1:
-                counts[tok] = counts.get(tok, 0) + 1
-                last[tok] = t
-                if best == IGNORE or (counts[tok], t) > (counts[best], last[best]):
-                    best = tok
-            out[b, t] = best
-    return out
 
 
 def selective_copying(num: int, seq_len: int = 64, num_tokens: int = 8, vocab_size: int = 16, *, seed: int = 0) -> TaskBatch:
