@@ -1,5 +1,6 @@
 """The results pipeline: the ICLL metric (the paper's rule), the trivial baselines, and the sweep's tables."""
 
+import importlib
 import json
 import pathlib
 import sys
@@ -269,3 +270,24 @@ def test_run_times_sum_the_finished_runs_and_estimate_the_rest(tmp_path, monkeyp
     assert "| copy | 6 | 2 | 4 | 12 |" in text
     assert "| s3 | 6 | 0 | | |" in text
     assert text.endswith("All tasks with a timed run: 0.1 h timed, about 0 h for every run; no timed run yet: s3.")
+
+
+def test_learning_rate_schedules():
+    from seqjax.tasks.runner import RunConfig, learning_rate
+
+    cos = learning_rate(RunConfig(lr=1e-3, warmup=10, steps=110))
+    np.testing.assert_allclose([cos(0), cos(5), cos(10), cos(60), cos(110)],
+                               [0.0, 5e-4, 1e-3, 1e-3 * (0.01 + 0.99 * 0.5), 1e-5], rtol=1e-5, atol=1e-12)
+    const = learning_rate(RunConfig(lr=1e-4, warmup=0, steps=400_000, schedule="constant"))
+    np.testing.assert_allclose([const(0), const(1), const(399_999)], [1e-4] * 3, rtol=1e-6)
+    warm = learning_rate(RunConfig(lr=1e-4, warmup=4, steps=100, schedule="constant"))
+    np.testing.assert_allclose([warm(0), warm(2), warm(4), warm(99)], [0.0, 5e-5, 1e-4, 1e-4], rtol=1e-6)
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate(RunConfig(schedule="linear"))
+
+
+def test_copy_paper_preset_is_the_mamba_papers_setting():
+    mod = importlib.import_module(sweep.SWEEPS["copy"].script)  # as sweep.py loads it
+    cfg = sweep._config(sweep.SWEEPS["copy"], sweep.SWEEPS["copy"].rows[1], "paper", 0, mod)
+    assert (cfg.model, cfg.task, cfg.steps, cfg.batch_size, cfg.d_model, cfg.num_layers) == ("mamba", "copy", 400_000, 64, 64, 2)
+    assert (cfg.lr, cfg.warmup, cfg.schedule, cfg.seq_len, cfg.vocab_size, cfg.num_tokens) == (1e-4, 0, "constant", 4096, 16, 16)

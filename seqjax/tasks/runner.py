@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,8 @@ class RunConfig:
     num_heads: int = 4  # attention heads (LM models)
     steps: int = 1000  # training steps
     batch_size: int = 64  # sequences per step
-    lr: float = 1e-3  # peak learning rate (AdamW, linear warmup then cosine decay)
+    lr: float = 1e-3  # peak learning rate (AdamW, linear warmup, then --schedule)
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine decay to lr / 100 at --steps, or constant
     weight_decay: float = 0.0  # AdamW weight decay
     warmup: int = 100  # warmup steps
     clip: float = 1.0  # global-norm gradient clipping
@@ -163,6 +165,17 @@ def masked_xent(logits, targets):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def learning_rate(cfg: RunConfig) -> optax.Schedule:
+    """Step -> learning rate: linear warmup from 0 to ``cfg.lr`` over ``cfg.warmup`` steps, then cosine decay to
+    ``cfg.lr / 100`` at ``cfg.steps`` (``schedule="cosine"``) or ``cfg.lr`` to the end (``"constant"``, the Mamba
+    paper's synthetic tasks)."""
+    if cfg.schedule == "constant":
+        return optax.linear_schedule(0.0, cfg.lr, max(1, cfg.warmup)) if cfg.warmup > 0 else optax.constant_schedule(cfg.lr)
+    if cfg.schedule != "cosine":
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.01)
+
+
 def run(task: TaskSpec, cfg: RunConfig, keep_model: dict | None = None) -> list[dict]:
     """Train ``cfg.model`` on ``task``; return (and append to ``cfg.out``) the evaluation records.
 
@@ -171,7 +184,7 @@ def run(task: TaskSpec, cfg: RunConfig, keep_model: dict | None = None) -> list[
     model = build_model(cfg, task.vocab_size, rngs=nnx.Rngs(cfg.seed))
     if keep_model is not None:
         keep_model["model"] = model
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.01)
+    sched = learning_rate(cfg)
     noise = [gradient_noise(cfg.grad_noise, cfg.grad_noise_gamma, cfg.seed)] if cfg.grad_noise > 0 else []
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), *noise, optax.adamw(sched, weight_decay=cfg.weight_decay))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
