@@ -106,6 +106,17 @@ SWEEPS = {
         "acc", "test", "single-query associative recall (64 tokens, 31 pairs): attention solves it",
         {"cpu": {"steps": 1500, "eval_every": 500}, "paper": {}}, sequence=True,
         extra=(("value_majority", baselines.value_majority),)),
+    "recall_h3": Sweep(
+        "recall", {"task": "ar_h3", "vocab_size": 20},
+        (Row("attention", "attention", target=(">=", 0.99)), Row("mamba", "mamba"), Row("gla", "gla")),
+        "acc", "test", "associative recall as H3 / Hyena train it (vocab 20, T 64, keys repeat, every token a label): "
+        "attention solves it",
+        # paper: safari's associative-recall run (5000 sequences of 40 tokens, 400 epochs at batch 32, lr 5e-4,
+        # weight decay 0.1, 10 % warmup; its transformer has width 32 and one head); fresh data every step here
+        {"cpu": {"steps": 1500, "eval_every": 500},
+         "paper": {"steps": 62_500, "batch_size": 32, "d_model": 32, "num_heads": 1, "lr": 5e-4, "weight_decay": 0.1,
+                   "warmup": 6250, "seq_len": 40, "eval_every": 5000}},
+        sequence=True),
     "mqar": Sweep(
         "mqar", {},
         (Row("attention", "attention", target=(">=", 0.99)), Row("gated_deltanet", "gated_deltanet", target=(">=", 0.99)),

@@ -18,6 +18,7 @@ TOKEN_SCRIPTS = [
     ("classification", ["--data=digits", "--model=lstm"]),
     ("recall", ["--task=copy"]),
     ("recall", ["--task=ar"]),
+    ("recall", ["--task=ar_h3", "--vocab_size=20"]),
     ("set_disjointness", ["--jrt=true"]),
     ("set_disjointness", ["--model=jrt"]),
 ]
@@ -132,7 +133,7 @@ def test_task_options_start_from_the_preset_and_override_it():
     (["--seq_lenn=32"], "--seq_lenn"),
     (["--steps=2.5"], "--steps"),
     (["--preset=huge"], "--preset"),
-    (["--task=parity"], "--task"),  # recall's tasks are ar and copy
+    (["--task=parity"], "--task"),  # recall's tasks are ar, ar_h3 and copy
 ])
 def test_task_options_reject_what_they_cannot_read(argv, named, capsys):
     import recall

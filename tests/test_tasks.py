@@ -108,6 +108,30 @@ def test_associative_recall_and_selective_copy():
         assert np.array_equal(content, y[32:]) and np.all(x[32:] == 1)
 
 
+def test_h3_associative_recall_follows_its_definition():
+    n = (20 - 1) // 2  # keys 1..9, values 10..18, 0 the query marker
+    tr = recall.h3_associative_recall(40, 63, 20, seed=3)  # 63 -> 31 pairs
+    ev = recall.h3_associative_recall(40, 63, 20, seed=3, train=False)
+    assert tr.inputs.shape == tr.targets.shape == (40, 64) and np.array_equal(tr.inputs, ev.inputs)
+    repeats = 0
+    for x, y, ye in zip(tr.inputs, tr.targets, ev.targets):
+        keys, vals = x[0:62:2], x[1:62:2]
+        assert np.all((1 <= keys) & (keys <= n)) and np.all((n < vals) & (vals <= 2 * n))
+        value_of = {}
+        for k, v in zip(keys.tolist(), vals.tolist()):
+            assert value_of.setdefault(k, v) == v  # one value per key in a sequence
+        repeats += len(keys) - len(value_of)
+        assert x[62] == 0 and x[63] in value_of  # the marker, then a key of the context
+        assert np.array_equal(y[:-1], x[1:]) and y[-1] == value_of[x[63]]  # every next token a label
+        assert np.all(ye[:-1] == IGNORE) and ye[-1] == y[-1]  # the test scores the query alone
+    assert repeats > 40 * 20  # keys repeat: 31 pairs over 9 keys
+    with pytest.raises(ValueError, match="vocab_size"):
+        recall.h3_associative_recall(2, 16, 2)
+    from seqjax.tasks import baselines
+
+    assert masked_accuracy(baselines.ngram_lookup(ev.inputs, 2), ev.targets) == 1.0  # the bigram lookup solves it
+
+
 def test_dfa_generator_properties():
     rng = np.random.default_rng(9)
     for _ in range(30):
