@@ -218,7 +218,7 @@ def run_times(out: str = RESULTS, preset: str = "cpu") -> str:
         est = sum(took.get((row, s), np.mean(by_row[row]) if by_row[row] else np.mean(timed)) for row, s in runs)
         total, timed_total = total + est, timed_total + sum(timed)
         lines.append(f"| {name} | {len(runs)} | {len(timed)} | {sum(timed) / 60:.0f} | {est / 60:.0f} |")
-    lines += ["", f"All tasks with a timed run: {timed_total / 3600:.1f} h timed, about {total / 3600:.0f} h for every run"
+    lines += ["", f"All tasks with a timed run: {timed_total / 3600:.1f} h timed, about {total / 3600:.1f} h for every run"
               + (f"; no timed run yet: {', '.join(missing)}." if missing else ".")]
     return "\n".join(lines)
 

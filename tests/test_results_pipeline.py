@@ -269,7 +269,7 @@ def test_run_times_sum_the_finished_runs_and_estimate_the_rest(tmp_path, monkeyp
     # timed: 60 + 180 s; attention seed 2 -> 120 s (its row's mean); mamba x3 -> 120 s each (the task's mean)
     assert "| copy | 6 | 2 | 4 | 12 |" in text
     assert "| s3 | 6 | 0 | | |" in text
-    assert text.endswith("All tasks with a timed run: 0.1 h timed, about 0 h for every run; no timed run yet: s3.")
+    assert text.endswith("All tasks with a timed run: 0.1 h timed, about 0.2 h for every run; no timed run yet: s3.")
 
 
 def test_learning_rate_schedules():
