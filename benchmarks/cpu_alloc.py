@@ -9,7 +9,7 @@ orders of magnitude. The tunable is read when the process starts, so each settin
 process; settings alternate over ``--rounds`` rounds and the table gives the medians.
 
 Each child builds the experiments' model for each mixer (``seqjax.tasks.runner.build_model``), trains it on
-MQAR batches (``nnx.jit`` of AdamW on the masked cross-entropy, as ``seqjax.tasks.runner.run``), and
+MQAR batches (AdamW through ``seqjax.tasks.runner.train_step``, the step ``runner.run`` takes), and
 measures ``--steps`` steps after two warm-up steps: wall time, CPU time (user + system, ``getrusage``) and
 minor page faults per step.
 
@@ -64,13 +64,7 @@ def _measure(a: Args) -> dict:
         cfg = runner.RunConfig(model=m, d_model=a.d_model, num_layers=a.num_layers)
         model = runner.build_model(cfg, 256, rngs=nnx.Rngs(0))
         opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
-
-        @nnx.jit
-        def step(model, opt, x, y):
-            loss, grads = nnx.value_and_grad(lambda mdl: runner.masked_xent(mdl(x), y))(model)
-            opt.update(model, grads)
-            return loss
-
+        step = runner.train_step
         for _ in range(2):
             float(step(model, opt, x, y))
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

@@ -165,6 +165,14 @@ def masked_xent(logits, targets):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
+@nnx.jit
+def train_step(model, opt, x, y):
+    """One optimiser step of ``model`` on the masked cross-entropy of ``tokens x -> labels y``; returns the loss."""
+    loss, grads = nnx.value_and_grad(lambda m: masked_xent(m(x), y))(model)
+    opt.update(model, grads)
+    return loss
+
+
 def learning_rate(cfg: RunConfig) -> optax.Schedule:
     """Step -> learning rate: linear warmup from 0 to ``cfg.lr`` over ``cfg.warmup`` steps, then cosine decay to
     ``cfg.lr / 100`` at ``cfg.steps`` (``schedule="cosine"``) or ``cfg.lr`` to the end (``"constant"``, the Mamba
@@ -188,12 +196,6 @@ def run(task: TaskSpec, cfg: RunConfig, keep_model: dict | None = None) -> list[
     noise = [gradient_noise(cfg.grad_noise, cfg.grad_noise_gamma, cfg.seed)] if cfg.grad_noise > 0 else []
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), *noise, optax.adamw(sched, weight_decay=cfg.weight_decay))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, opt, x, y):
-        loss, grads = nnx.value_and_grad(lambda m: masked_xent(m(x), y))(model)
-        opt.update(model, grads)
-        return loss
 
     @nnx.jit
     def predict(model, x):
