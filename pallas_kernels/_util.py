@@ -111,5 +111,5 @@ def out_specs(c: int, vp: int, *, interpret: bool, backend: str):
     rblk = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
     vblk = pl.BlockSpec((None, None, c, bv), lambda i, j, l, z: (i, j, l, z))
     params = (tpu_params(interpret, "parallel", "parallel", "parallel", "parallel") if backend == "mosaic_tpu"
-              else triton_params(interpret, backend, num_warps=4, num_stages=2))
+              else triton_params(interpret, backend, num_warps=8, num_stages=2))
     return bv, blk, rblk, vblk, params

@@ -65,61 +65,77 @@ def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
     return total * ds + _mm((q.astype(f32) * gamma).astype(md), dos, _TN) - _mm(w, du.astype(md), _TN)
 
 
-def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale):
+def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref):
     """Pass 4a, one chunk: the gradients through the outputs, the attention and the states (module
     docstring). ``q, k, w [C, K]``, ``u, do [C, V]`` (input dtype), gate columns ``g, rev, seg [C, 1]`` and
     rows ``g, seg [1, C]``, ``s`` the state before the chunk and ``ds`` the gradient of the state after it
-    (``[K, V]`` float32). Returns float32 ``dq`` (complete), ``dk`` (these terms), ``dU' [C, V]``,
-    ``dW [C, K]``, and ``dg`` (these terms), ``drev`` ``[C, 1]``."""
+    (``[K, V]`` float32). Writes ``dU' [C, V]``, ``dW [C, K]``, ``dq`` (complete), ``dk`` (these terms), and
+    ``dg`` (these terms), ``drev`` ``[C, 1]`` to their refs, each as soon as it is finished (few ``[C, K]``
+    float32 blocks live at once: the sm_90 compile spills registers otherwise)."""
     md = q.dtype
     c = q.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     carry = jnp.sum(jnp.sum(s.astype(f32) * ds.astype(f32), axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩
     sm, dsm = s.astype(md), ds.astype(md)  # float32 [K, V] values live through the chunk would spill on a GPU
-    gam = _decay_incl(gc, sc, gr, sr)
     gamma, total, to_end = _col_factors(gc, rc, sc)
-    qf, kf = q.astype(f32), k.astype(f32)
     u_new = u.astype(f32) - _mm(w, sm)
     dof = scale * do.astype(f32)
-    dos = dof.astype(md)
-    # outputs and the state written -> dU'
-    du = _mm((_mm(q, k, _NT) * gam).astype(md), dos, _TN) + to_end * _mm(k, dsm)
-    # the readout and the intra-chunk attention, their diagonal (Γ_tt = 1) apart
-    dqk = jnp.where(strict, _mm(dos, u_new.astype(md), _NT) * gam, 0.0).astype(md)
     diag = rsum(dof * u_new)
+    um, dos = u_new.astype(md), dof.astype(md)  # U' is held in the input dtype from here on
+    # dq: the readout and the intra-chunk attention, their diagonal (Γ_tt = 1) apart
+    dqk = jnp.where(strict, _mm(dos, um, _NT) * _decay_incl(gc, sc, gr, sr), 0.0).astype(md)
     rd = _mm(dos, sm, _NT)  # dÕ Sᵀ
-    ke = _mm(u_new.astype(md), dsm, _NT)  # U' dS⁺ᵀ
-    dq_in, dk_in = _mm(dqk, k), _mm(dqk, q, _TN)
+    dq_in = _mm(dqk, k)
+    dg_q, dg_rd = rsum(q.astype(f32) * dq_in), gamma * rsum(q.astype(f32) * rd)
+    dq_ref[...] = (gamma * rd + dq_in + diag * k.astype(f32)).astype(dq_ref.dtype)
+    # the outputs and the state written -> dU', then dW (in the input dtype, as fla: a float32 S operand costs
+    # 64 KiB of shared memory)
+    du = _mm((_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(md), dos, _TN) + to_end * _mm(k, dsm)
+    du_ref[...] = du.astype(du_ref.dtype)
+    dw_ref[...] = (-_mm(du.astype(md), sm, _NT)).astype(dw_ref.dtype)
+    kf = k.astype(f32)
+    dk_in = _mm(dqk, q, _TN)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    dg = (rsum(qf * dq_in) - rsum(kf * dk_in) + gamma * rsum(qf * rd) + jnp.where(is_last, total * carry, 0.0))
-    dw = -_mm(du.astype(md), sm, _NT)  # in the input dtype, as fla: a float32 S operand costs 64 KiB of shared memory
-    return gamma * rd + dq_in + diag * kf, dk_in + diag * qf + to_end * ke, du, dw, dg, to_end * rsum(kf * ke)
+    dg_ref[...] = (dg_q - rsum(kf * dk_in) + dg_rd + jnp.where(is_last, total * carry, 0.0)).astype(dg_ref.dtype)
+    dk = dk_in + diag * q.astype(f32)
+    ke = _mm(um, dsm, _NT)  # U' dS⁺ᵀ
+    dr_ref[...] = (to_end * rsum(kf * ke)).astype(dr_ref.dtype)
+    dk_ref[...] = (dk + to_end * ke).astype(dk_ref.dtype)
 
 
-def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr):
+def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr, dka, dga, dk_ref, dv_ref, db_ref, dg_ref):
     """Pass 4b, one chunk: the gradients through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}``
-    from ``dU', dW`` (float32, pass 4a's) and the inverse ``x [C, C]`` (input dtype). Returns float32 ``dk`` (these
-    terms), ``dv [C, V]``, ``dβ`` and ``dg`` (these terms) ``[C, 1]``. The matmul operands take the input
+    from ``dU', dW`` (float32, pass 4a's) and the inverse ``x [C, C]`` (input dtype). Writes ``dk`` (pass 4a's
+    terms ``dka`` added), ``dv [C, V]``, ``dβ`` and ``dg`` (pass 4a's terms ``dga`` added) ``[C, 1]`` to their
+    refs, ``dv`` first (fewer float32 blocks live at once on a GPU). The matmul operands take the input
     dtype, as fla's ``prepare_wy_repr_bwd`` (float32 inputs: float32 at ``HIGHEST``; on a GPU that is an
     FMA loop per product, not a tensor-core one)."""
     md = k.dtype
     c = k.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    gam_st = jnp.where(strict, _decay_incl(gc, sc, gr, sr), 0.0)
     gamma = chunk_gamma(gc, sc)
     kf, vf = k.astype(f32), v.astype(f32)
     bg = bc * gamma
     xm, dwm, dum = x.astype(md), dw.astype(md), du.astype(md)
-    dkb, dvb = _mm(xm, dwm, _TN), _mm(xm, dum, _TN)
+    dvb = _mm(xm, dum, _TN)
+    db_v = rsum(vf * dvb)
+    dv_ref[...] = (bc * dvb).astype(dv_ref.dtype)
     dx = _mm(dwm, (kf * bg).astype(md), _NT) + _mm(dum, (vf * bc).astype(md), _NT)
+    gam_st = jnp.where(strict, _decay_incl(gc, sc, gr, sr), 0.0)
     da_g = -_mm(_mm(xm, dx.astype(md), _TN).astype(md), xm, _NT) * gam_st  # dA ⊙ Γ, strictly lower
-    dag = (bc * da_g).astype(md)
-    kda, kdat = _mm(dag, k), _mm(dag, k, _TN)
+    dkb = _mm(xm, dwm, _TN)
     kdkb = rsum(kf * dkb)
-    dbeta = rsum(kf * _mm(da_g.astype(md), k)) + gamma * kdkb + rsum(vf * dvb)
-    return kda + kdat + bg * dkb, bc * dvb, dbeta, rsum(kf * kda) - rsum(kf * kdat) + bg * kdkb
+    dk = dka + bg * dkb  # dk summed term by term, each matmul's block dead once added
+    db_ref[...] = rsum(kf * _mm(da_g.astype(md), k)) + gamma * kdkb + db_v
+    dag = (bc * da_g).astype(md)
+    kda = _mm(dag, k)
+    g_a = rsum(kf * kda)
+    dk = dk + kda
+    kdat = _mm(dag, k, _TN)
+    dg_ref[...] = dga + (g_a - rsum(kf * kdat) + bg * kdkb)
+    dk_ref[...] = (dk + kdat).astype(dk_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -156,20 +172,14 @@ def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_
 
 def _grads_states_kernel(q_ref, k_ref, w_ref, u_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref, dh_ref,
                          dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, *, scale):
-    out = _chunk_grads_states(*(r[...] for r in (q_ref, k_ref, w_ref, u_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref,
-                                                  sr_ref, h_ref, dh_ref)), scale)
-    for ref, val in zip((dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref), out):
-        ref[...] = val.astype(ref.dtype)
+    _chunk_grads_states(*(r[...] for r in (q_ref, k_ref, w_ref, u_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref,
+                                            h_ref, dh_ref)), scale, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref)
 
 
 def _grads_wy_kernel(k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, dka_ref, dga_ref,
                      dk_ref, dv_ref, db_ref, dg_ref):
-    dk, dv, dbeta, dg = _chunk_grads_wy(*(r[...] for r in (k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref,
-                                                          gr_ref, sr_ref)))
-    dk_ref[...] = (dka_ref[...] + dk).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    db_ref[...] = dbeta
-    dg_ref[...] = dga_ref[...] + dg
+    _chunk_grads_wy(*(r[...] for r in (k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref,
+                                        dka_ref, dga_ref)), dk_ref, dv_ref, db_ref, dg_ref)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -219,7 +229,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         grow = pl.BlockSpec((None, None, n, 1, c), lambda i, j, l: (i, j, 0, 0, 0))
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
         vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
-        walk = triton_params(interpret, backend, num_warps=4, num_stages=1)
+        walk = triton_params(interpret, backend, num_warps=8, num_stages=2)
         dhs, dh0 = pl.pallas_call(
             functools.partial(_dstates_kernel, c=c, n=n, scale=scale), grid=(b, h, vp // bv),
             in_specs=[full(kp), full(kp), full(kp), vseq, full(1), full(1), full(1), grow, grow, vstate],

@@ -184,7 +184,7 @@ def wy_factors(kh, vh, bh, g, seg, *, c, interpret, backend, with_x=False):
     return pl.pallas_call(
         functools.partial(_wy_kernel, c=c), grid=(b, h, n),
         in_specs=[blk(dkp), blk(dvp), cgate, cgate, cgate], out_specs=out_specs, out_shape=out_shape,
-        interpret=interpret, compiler_params=triton_params(interpret, backend, num_warps=4, num_stages=1),
+        interpret=interpret, compiler_params=triton_params(interpret, backend, num_warps=8, num_stages=1),
         name="delta_chunk_wy",
     )(kh, vh, bh, g, seg)
 

@@ -86,10 +86,12 @@ def _dstate_step(q, do, bc, sc, pc, ds):
     return a * ds + mm((q.astype(f32) * fs).astype(do.dtype), do, _T0)
 
 
-def _chunk_grads(q, k, v, do, bc, sc, pc, br, sr, pr, s, ds):
+def _chunk_grads(q, k, v, do, bc, sc, pc, br, sr, pr, s, ds, dq_ref, dk_ref, dv_ref):
     """One chunk: ``q, k [C, K]``, ``v, do [C, V]`` (input dtype), gates as columns ``[C, 1]`` and rows
     ``[1, C]``, ``s`` the state before the chunk and ``ds`` the gradient of the state after it
-    (``[K, V]`` float32). Returns ``dq, dk [C, K]``, ``dv [C, V]``, ``db [C, 1]`` (float32)."""
+    (``[K, V]`` float32). Writes ``dq, dk [C, K]`` and ``dv [C, V]`` to their refs, each as soon as it is
+    finished (few ``[C, K]`` float32 blocks live at once: the sm_90 compile spills registers otherwise);
+    returns ``db [C, 1]`` (float32)."""
     dt = v.dtype
     c = q.shape[0]
     # the float32 states are read once, here (held through the chunk on a GPU they spill registers)
@@ -100,26 +102,28 @@ def _chunk_grads(q, k, v, do, bc, sc, pc, br, sr, pr, s, ds):
     same = sc == sr
     d = masked_exp((rows >= cols) & same, bc - br) * (pc * pr)  # D, diagonal included (= 1)
     fs, fe, a = _state_factors(bc, sc, pc)
-    qf, kf = q.astype(f32), k.astype(f32)
-    att = mm(q, k, _T1) * d  # Q Kᵀ ⊙ D
     dp = mm(do, v, _T1)  # dO Vᵀ
     da = jnp.where(rows > cols, dp * d, 0.0).astype(dt)  # strictly below the diagonal
     diag = jnp.sum(do.astype(f32) * v.astype(f32), axis=1, keepdims=True)  # the diagonal of dO Vᵀ (D_tt = 1)
+    qf = q.astype(f32)
     dq_in = mm(da, k)
-    dk_in = mm(da, q, _T0)
     dq_st = fs * mm(do, sm, _T1)
+    db_in, db_st = jnp.sum(qf * dq_in, axis=1, keepdims=True), jnp.sum(qf * dq_st, axis=1, keepdims=True)
+    dq_ref[...] = (dq_in + dq_st + diag * k.astype(f32)).astype(dq_ref.dtype)
+    kf = k.astype(f32)
+    dk_in = mm(da, q, _T0)
     dk_st = fe * mm(v, dsm, _T1)
-    dv = mm(att.astype(dt), do, _T0)
-    dv = dv + fe * mm(k, dsm)
     # db: rows minus columns of M = dO Vᵀ ⊙ Q Kᵀ ⊙ D without its diagonal, the state read, the state
     # writes of all but the last token (whose own write cancels against ⟨S', dS'⟩ exactly), and at the
     # last token ⟨S', dS'⟩ minus that write: a ⟨S, dS'⟩ + Σ_{s<C} k_s · dK^{state}_s
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     writes = jnp.where(is_last, 0.0, jnp.sum(kf * dk_st, axis=1, keepdims=True))
     end = a * carry + jnp.sum(writes, axis=0, keepdims=True)
-    db = (jnp.sum(qf * dq_in, axis=1, keepdims=True) - jnp.sum(kf * dk_in, axis=1, keepdims=True)
-          + jnp.sum(qf * dq_st, axis=1, keepdims=True) - writes + jnp.where(is_last, end, 0.0))
-    return dq_in + diag * kf + dq_st, dk_in + diag * qf + dk_st, dv, db
+    db = db_in - jnp.sum(kf * dk_in, axis=1, keepdims=True) + db_st - writes + jnp.where(is_last, end, 0.0)
+    dk_ref[...] = (dk_in + dk_st + diag * qf).astype(dk_ref.dtype)
+    att = mm(q, k, _T1) * d  # Q Kᵀ ⊙ D
+    dv_ref[...] = (mm(att.astype(dt), do, _T0) + fe * mm(k, dsm)).astype(dv_ref.dtype)
+    return db
 
 
 # ----------------------------------------------------------------------------- Triton / interpreter
@@ -146,12 +150,8 @@ def _dstates_kernel(q_ref, do_ref, bc_ref, sc_ref, pc_ref, dht_ref, dhs_ref, dh0
 
 def _grads_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_ref, h_ref, dh_ref,
                   dq_ref, dk_ref, dv_ref, db_ref):
-    dq, dk, dv, db = _chunk_grads(q_ref[...], k_ref[...], v_ref[...], do_ref[...], bc_ref[...], sc_ref[...],
-                                  pc_ref[...], br_ref[...], sr_ref[...], pr_ref[...], h_ref[...], dh_ref[...])
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    db_ref[...] = db
+    db_ref[...] = _chunk_grads(q_ref[...], k_ref[...], v_ref[...], do_ref[...], bc_ref[...], sc_ref[...], pc_ref[...],
+                               br_ref[...], sr_ref[...], pr_ref[...], h_ref[...], dh_ref[...], dq_ref, dk_ref, dv_ref)
 
 
 # ----------------------------------------------------------------------------- Mosaic TPU

@@ -142,12 +142,14 @@ def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     float32 gates ``[b, Tp, h]``."""
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
-    bv = min(vp, 64)
+    bv = min(vp, 32)
     seq = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, l: (i, 0, j, 0))
     vseq = pl.BlockSpec((None, tp, None, bv), lambda i, j, l: (i, 0, j, l))
     gate = pl.BlockSpec((None, tp, None), lambda i, j, l: (i, 0, j))
     st = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
-    compiler_params = triton_params(interpret, "triton")
+    # value blocks of 32 at 8 warps: the sm_90 compile spills no registers (blocks of 64 at 4 warps spilled 260 B
+    # per thread); benchmarks/triton_resources.py measures it
+    compiler_params = triton_params(interpret, "triton", num_warps=8)
     return pl.pallas_call(
         functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk),
         grid=(bsz, h, vp // bv),

@@ -80,11 +80,13 @@ def _rows(q, k, v, do, bc, sc, br, sr, ir, er, m_in, s, nv):
     return m_t, inv, dr, rho
 
 
-def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, s, ds, nv, dnv):
+def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, s, ds, nv, dnv, dq_ref, dk_ref, dv_ref):
     """Pass 4, one chunk (module docstring). Columns ``[C, 1]``: gates ``b, seg, i``, the row stabiliser
     ``m_t``, ``ρ``, ``1/den``, ``dr``, the write weights ``ε`` and the carry ``φ``; rows ``[1, C]``:
     ``b, seg, i``; ``s, ds [K, V]`` the state before the chunk and the gradient after it, ``nv, dnv [1, K]``
-    likewise for the normaliser. Returns float32 ``dq, dk [C, K]``, ``dv [C, V]``, ``db, di [C, 1]``."""
+    likewise for the normaliser. Writes ``dq, dk [C, K]`` and ``dv [C, V]`` to their refs, each as soon as it
+    is finished (few ``[C, K]`` float32 blocks live at once: the sm_90 compile spills registers otherwise);
+    returns float32 ``db, di [C, 1]``."""
     md = v.dtype
     c = q.shape[0]
     # the float32 states are read once, here: the carry, then input-dtype copies (on a GPU, float32
@@ -94,25 +96,29 @@ def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, 
     ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     d = jnp.exp(jnp.where(ok, bc - br + ir, NEG) - mt)
-    qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
     dnum = do.astype(f32) * inv
     dnm = dnum.astype(md)
     da = jnp.where(strict, (mm(dnm, v, _NT) + dr) * d, 0.0).astype(md)
-    dd = (_rsum(dnum * vf) + dr) * jnp.exp(jnp.minimum(ic - mt, 0.0))  # the diagonal of dP ⊙ D
+    dv_ref[...] = (mm((mm(q, k, _NT) * d).astype(md), dnm, _TN) + ew * mm(k, dsm)).astype(dv_ref.dtype)
+    dd = (_rsum(dnum * v.astype(f32)) + dr) * jnp.exp(jnp.minimum(ic - mt, 0.0))  # the diagonal of dP ⊙ D
+    qf = q.astype(f32)
+    qk = _rsum(qf * k.astype(f32))
     dq_in = mm(da, k)
     dq_rd = rho * (mm(dnm, sm, _NT) + dr * nv)
-    dq = dq_in + dd * kf + dq_rd
+    db_in, db_rd = _rsum(qf * dq_in), _rsum(qf * dq_rd)
+    dq_ref[...] = (dq_in + dd * k.astype(f32) + dq_rd).astype(dq_ref.dtype)
+    kf = k.astype(f32)
     dk_in = mm(da, q, _TN)
-    dk_wr = ew * (mm(v, dsm, _NT) + dnv)
-    dk = dk_in + dd * qf + dk_wr
-    dv = mm((mm(q, k, _NT) * d).astype(md), dnm, _TN) + ew * mm(k, dsm)
-    is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    writes = jnp.where(is_last, 0.0, _rsum(kf * dk_wr))  # the last token's own write cancels against the carry
-    end = _last(fo) * carry + jnp.sum(writes, axis=0, keepdims=True)
     col_m = _rsum(kf * dk_in)
-    db = _rsum(qf * dq_in) - col_m + _rsum(qf * dq_rd) - writes + jnp.where(is_last, end, 0.0)
-    di = col_m + dd * _rsum(qf * kf) + _rsum(kf * dk_wr)
-    return dq, dk, dv, db, di
+    dk_wr = ew * (mm(v, dsm, _NT) + dnv)
+    k_wr = _rsum(kf * dk_wr)
+    dk_ref[...] = (dk_in + dd * q.astype(f32) + dk_wr).astype(dk_ref.dtype)
+    is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+    writes = jnp.where(is_last, 0.0, k_wr)  # the last token's own write cancels against the carry
+    end = _last(fo) * carry + jnp.sum(writes, axis=0, keepdims=True)
+    db = db_in - col_m + db_rd - writes + jnp.where(is_last, end, 0.0)
+    di = col_m + dd * qk + k_wr
+    return db, di
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -153,10 +159,9 @@ def _rows_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, mi_ref, br_ref, sr
 
 def _grads_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref, dr_ref, ew_ref, fo_ref,
                   br_ref, sr_ref, ir_ref, s_ref, ds_ref, n_ref, dn_ref, dq_ref, dk_ref, dv_ref, db_ref, di_ref):
-    out = _chunk_grads(*(r[...] for r in (q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref,
-                                          dr_ref, ew_ref, fo_ref, br_ref, sr_ref, ir_ref, s_ref, ds_ref, n_ref, dn_ref)))
-    for ref, val in zip((dq_ref, dk_ref, dv_ref, db_ref, di_ref), out):
-        ref[...] = val.astype(ref.dtype)
+    db_ref[...], di_ref[...] = _chunk_grads(
+        *(r[...] for r in (q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref, dr_ref, ew_ref,
+                           fo_ref, br_ref, sr_ref, ir_ref, s_ref, ds_ref, n_ref, dn_ref)), dq_ref, dk_ref, dv_ref)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -186,7 +191,7 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     state_n = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
     norm_n = pl.BlockSpec((None, None, None, 1, kp), lambda i, j, l: (i, j, l, 0, 0))
     whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
-    par = tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend)
+    par = tpu_params(interpret, "parallel", "parallel", "parallel") if tpu else triton_params(interpret, backend, num_warps=8)
     # (1) the entering C' of every chunk
     hs, _ = chunk_states(kh, vh, ew, fo, C0, c=c, interpret=interpret, backend="mosaic_gpu" if mgpu else backend)
     if tpu:
