@@ -9,7 +9,10 @@
 FLOPs are XLA's own count (``compiled.cost_analysis()["flops"]``) of the compiled forward. The matmul rate
 is a float32 ``[n, n] @ [n, n]`` (``n = 1024``), or with ``--heads/--dim`` a projection-shaped
 ``[B T, H D] @ [H D, H D]``; it is timed in every round next to the forms, so each row's FLOP rate is
-against the matmul rate of the same minutes. Inputs come from each mixer's ``make_inputs(key, batch, T)``:
+against the matmul rate of the same minutes. With ``--heads/--dim`` a second one is timed beside it: the
+block matmuls a chunked form is made of, ``Q Kᵀ``-shaped ``[B H T/C, C, D] @ [B H T/C, D, C]`` (``C =
+--chunk``), whose rate bounds any chunked form built from such blocks (the last column, ``FLOP rate /
+blocks``). Inputs come from each mixer's ``make_inputs(key, batch, T)``:
 its default, small head counts and dims, or ``heads=H, dk=dv=D`` with ``--heads/--dim``. Every form of one
 (mixer, T) is compiled first and then timed interleaved, round by round (``--reps`` rounds, medians): on a
 shared machine the ratios of one row are what to read. ``impl="auto"`` is a row of its own.
@@ -31,6 +34,8 @@ from seqjax import cli, mixers
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import time_interleaved
 
+REF_CALLS = 8  # calls of a reference matmul per timing
+
 
 def _compiled(f, *args):
     c = jax.jit(f).lower(*args).compile()
@@ -48,6 +53,14 @@ def _matmul(batch, t, heads, dim):
     a = jax.random.normal(jax.random.PRNGKey(0), (m, n))
     w = jax.random.normal(jax.random.PRNGKey(1), (n, n))
     return jax.jit(lambda a, w: a @ w), (a, w), 2 * m * n * n
+
+
+def _blocks(batch, t, heads, dim, chunk):
+    """The chunked forms' block matmuls: ``[B H T/C, C, D] @ [B H T/C, D, C]`` (``Q Kᵀ`` of every chunk)."""
+    n = batch * heads * (t // chunk)
+    a = jax.random.normal(jax.random.PRNGKey(2), (n, chunk, dim))
+    b = jax.random.normal(jax.random.PRNGKey(3), (n, dim, chunk))
+    return jax.jit(lambda a, b: jnp.einsum("ncd,nde->nce", a, b)), (a, b), 2 * n * chunk * dim * chunk
 
 
 def _fns(spec, impl, inputs):
@@ -73,7 +86,8 @@ def _widths(make_inputs, heads, dim) -> dict:
     """``make_inputs``' keywords for ``heads`` heads of width ``dim``: ``dk = dv = dim``, or for an SSM that takes
     ``head_dim`` / ``state`` (Mamba-2) ``head_dim = state = dim`` with one B/C group."""
     params = inspect.signature(make_inputs).parameters
-    if "dk" in params:
+    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # a variant's **kw wrapper
+    if "dk" in params or (forwards and "head_dim" not in params):
         return dict(heads=heads, dk=dim, dv=dim)
     if "head_dim" in params:
         return dict(heads=heads, head_dim=dim, **({"state": dim} if "state" in params else {}),
@@ -92,7 +106,7 @@ def _make_kwargs(pairs) -> dict:
     return out
 
 
-def bench(names, ts, batch=1, heads=0, dim=0, reps=3, make=None, impls=()):
+def bench(names, ts, batch=1, heads=0, dim=0, reps=3, make=None, impls=(), chunk=64):
     rows, rates = [], []
     for name in names:
         spec = mixers.get(name)
@@ -103,6 +117,9 @@ def bench(names, ts, batch=1, heads=0, dim=0, reps=3, make=None, impls=()):
             inputs = spec.make_inputs(jax.random.PRNGKey(0), batch, t, **dims)
             mm, mm_args, mm_flops = _matmul(batch, t, heads, dim)
             calls, info, res = {"matmul": (mm, mm_args)}, {}, {}
+            if heads:
+                bm, bm_args, bm_flops = _blocks(batch, t, heads, dim, chunk)
+                calls["blocks"] = (bm, bm_args)
             for impl in forms:
                 try:
                     fwd, grad, d = _fns(spec, impl, inputs)
@@ -112,9 +129,14 @@ def bench(names, ts, batch=1, heads=0, dim=0, reps=3, make=None, impls=()):
                     info[impl] = dict(mem_f=temp_f, mem_g=temp_g, flops=flops)
                 except Exception as e:  # noqa: BLE001 — a mixer that cannot run this size is reported, not fatal
                     res[impl] = dict(err=f"{type(e).__name__}: {str(e)[:60]}")
-            fns = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, a) in calls.items()}
-            times = {k: med for k, (med, _) in time_interleaved(fns, reps).items()}
+            # the reference matmuls run REF_CALLS times back to back per timing: one few-ms call right after a form
+            # that freed hundreds of MB reads the cold cache, not the matmul rate
+            n_calls = {k: REF_CALLS if k in ("matmul", "blocks") else 1 for k in calls}
+            fns = {k: (lambda f=f, a=a, n=n_calls[k]: [jax.block_until_ready(f(*a)) for _ in range(n)])
+                   for k, (f, a) in calls.items()}
+            times = {k: med / n_calls[k] for k, (med, _) in time_interleaved(fns, reps).items()}
             rate = mm_flops / times["matmul"]
+            block_rate = bm_flops / times["blocks"] if heads else None
             rates.append(rate)
             for impl in info:
                 res[impl] = dict(fwd=times[(impl, "f")], bwd=times[(impl, "g")], **info[impl])
@@ -128,22 +150,25 @@ def bench(names, ts, batch=1, heads=0, dim=0, reps=3, make=None, impls=()):
                     name, impl, t,
                     r["fwd"] * 1e3, ref["fwd"] / r["fwd"], r["bwd"] * 1e3, ref["bwd"] / r["bwd"],
                     r["mem_g"] / 2**20, ref["mem_g"] / 2**20, r["flops"] / r["fwd"] / rate,
+                    r["flops"] / r["fwd"] / block_rate if block_rate else None,
                 ))
-                print(_fmt(rows[-1]), f"(matmul {rate / 1e9:.1f} GFLOP/s)", flush=True)
+                blocks = f", blocks {block_rate / 1e9:.1f} GFLOP/s = {block_rate / rate:.2f} of it" if block_rate else ""
+                print(_fmt(rows[-1]), f"(matmul {rate / 1e9:.1f} GFLOP/s{blocks})", flush=True)
     return rates, rows
 
 
 HEADER = (
     "| mixer | impl | T | fwd ms | ref/par fwd | fwd+bwd ms | ref/par fwd+bwd | peak temp MiB fwd+bwd (par) "
-    "| (ref) | FLOP rate / matmul |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| (ref) | FLOP rate / matmul | FLOP rate / blocks |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def _fmt(row):
     if len(row) == 4:
-        return f"| {row[0]} | {row[1]} | {row[2]} | error: {row[3]} | | | | | | |"
-    n, i, t, f, rf, b, rb, m, mr, fr = row
-    return f"| {n} | {i} | {t} | {f:.2f} | {rf:.2f}x | {b:.2f} | {rb:.2f}x | {m:.1f} | {mr:.1f} | {fr:.3f} |"
+        return f"| {row[0]} | {row[1]} | {row[2]} | error: {row[3]} | | | | | | | |"
+    n, i, t, f, rf, b, rb, m, mr, fr, fb = row
+    fb = "" if fb is None else f"{fb:.3f}"
+    return f"| {n} | {i} | {t} | {f:.2f} | {rf:.2f}x | {b:.2f} | {rb:.2f}x | {m:.1f} | {mr:.1f} | {fr:.3f} | {fb} |"
 
 
 @dataclasses.dataclass
@@ -157,6 +182,7 @@ class Args:
     reps: int = 3  # interleaved rounds (medians)
     make: tuple[str, ...] = ()  # extra make_inputs keywords, name=integer (e.g. channels=128 state=16 for Mamba)
     impls: tuple[str, ...] = ()  # the forms to time beside the reference and auto (default: every impl but sequential)
+    chunk: int = 64  # with --heads/--dim: C of the block matmul [B H T/C, C, D] @ [B H T/C, D, C] timed beside
     out: str = ""  # also write the table to this markdown file
 
 
@@ -167,7 +193,7 @@ def main(argv=None):
         raise SystemExit("--heads and --dim go together")
     ts = list(a.ts) or ([1024] if a.quick else [1024, 4096, 16384])
     print(HEADER, flush=True)
-    rates, rows = bench(names, ts, a.batch, a.heads, a.dim, a.reps, _make_kwargs(a.make), a.impls)
+    rates, rows = bench(names, ts, a.batch, a.heads, a.dim, a.reps, _make_kwargs(a.make), a.impls, a.chunk)
     if a.out:
         dims = f"H = {a.heads}, head dim {a.dim}" if a.heads else "each mixer's default test dims"
         dims += "".join(f", {p}" for p in a.make)
