@@ -21,13 +21,26 @@ from seqjax import cli
 
 
 def machine() -> str:
-    """The CPU model (``/proc/cpuinfo``'s model name, else ``platform``'s) and the number of logical CPUs."""
+    """The CPU model (``/proc/cpuinfo``'s model name, family, model number and widest vector extension, else
+    ``platform``'s name) and the number of logical CPUs. Cloud CPUs often share one model name ("AMD EPYC")
+    across generations of different speed; the family and the vector width tell them apart."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+            info = {}
+            for ln in fh:
+                key, sep, val = ln.partition(":")
+                if not sep:
+                    break  # the first CPU's block ends at a blank line
+                info.setdefault(key.strip(), val.strip())
     except OSError:
-        pass
+        info = {}
+    if "model name" in info:
+        flags = info.get("flags", "").split()
+        vec = next((v for v in ("avx512f", "avx2", "neon", "asimd") if v in flags), "")
+        extra = [f"family {info['cpu family']} model {info['model']}" if "cpu family" in info else "",
+                 vec.removesuffix("f").upper()]
+        cpu = info["model name"] + "".join(f", {e}" for e in extra if e)
     return f"{cpu}, {os.cpu_count()} logical CPUs"
 
 
