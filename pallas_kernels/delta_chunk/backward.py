@@ -26,17 +26,17 @@ rows minus columns of ``dA ⊙ A`` and of ``dÕ U'ᵀ ⊙ Q Kᵀ ⊙ Γ`` *witho
 decay the true gradient is ~1e-9 and adding then subtracting O(1) diagonal terms would leave only their
 rounding), plus the ``γ`` terms and ``γ_C ⟨S, dS⁺⟩`` at the last token.
 
-Kernels: (1) ``wy_factors(with_x=True)``: ``W, U`` and ``X``, chunk-parallel; (2) the state before every
-chunk, ``H [b, h, N, K, V]``; (3) ``dH`` (the gradient of the state after every chunk) walking the chunks
-backwards, and ``dh0``; (4) grid ``(batch, heads, chunks)``: everything above, per chunk, in two kernels —
-(4a) through the outputs, the attention and the states (``dq``, ``dU'``, ``dW``, part of ``dk`` and ``dg``),
-(4b) through ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``; fla's
-``prepare_wy_repr_bwd``). Nothing but the inputs is kept from the forward. Triton walks (2) and (3) with a
+Kernels: (1) ``wy_factors(with_x=True)``: ``W, U`` and ``X``, chunk-parallel; (2) the state before every chunk,
+``H [b, h, N, K, V]``, and ``U' = U − W S`` (fla's ``v_new``); (3) ``dH`` (the gradient of the state after every chunk)
+walking the chunks backwards, and ``dh0``; (4) grid ``(batch, heads, chunks)``: everything above, per chunk, in two
+kernels — (4a) through the outputs, the attention and the states from ``U'``, ``H`` and ``dH`` (``dq``, ``dU'``,
+``dW``, part of ``dk`` and ``dg``), (4b) through ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``;
+fla's ``prepare_wy_repr_bwd``). Nothing but the inputs is kept from the forward. Triton walks (2) and (3) with a
 ``fori_loop`` per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM
 scratch; ``backend="mosaic_gpu"`` walks both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``,
 ``chunk_dstates_mosaic_gpu``; ``H`` and ``dH`` come out in bf16) and runs (1) and (4) on Triton. The math is one
-function per step for Triton and Mosaic TPU, on gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products
-with ``X`` run at ``HIGHEST``; the others take the input dtype with float32 accumulation, as the forward.
+function per step for Triton and Mosaic TPU, on gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32
+products with ``X`` run at ``HIGHEST``; the others take the input dtype with float32 accumulation, as the forward.
 """
 
 from __future__ import annotations
@@ -65,13 +65,15 @@ def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
     return total * ds + _mm((q.astype(f32) * gamma).astype(md), dos, _TN) - _mm(w, du.astype(md), _TN)
 
 
-def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref):
+def _chunk_grads_states(q, k, un, do, gc, rc, sc, gr, sr, s, ds, scale, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref):
     """Pass 4a, one chunk: the gradients through the outputs, the attention and the states (module
-    docstring). ``q, k, w [C, K]``, ``u, do [C, V]`` (input dtype), gate columns ``g, rev, seg [C, 1]`` and
-    rows ``g, seg [1, C]``, ``s`` the state before the chunk and ``ds`` the gradient of the state after it
-    (``[K, V]`` float32). Writes ``dU' [C, V]``, ``dW [C, K]``, ``dq`` (complete), ``dk`` (these terms), and
-    ``dg`` (these terms), ``drev`` ``[C, 1]`` to their refs, each as soon as it is finished (few ``[C, K]``
-    float32 blocks live at once: the sm_90 compile spills registers otherwise)."""
+    docstring). ``q, k [C, K]``, ``U' = U − W S`` and ``do`` ``[C, V]`` (input dtype), gate columns
+    ``g, rev, seg [C, 1]`` and rows ``g, seg [1, C]``, ``s`` the state before the chunk and ``ds`` the
+    gradient of the state after it (``[K, V]`` float32). ``U'`` comes from the state pass, as fla's
+    ``v_new``: computed here it held ``W`` and a float32 ``[C, V]`` block, and the sm_90 compile spilled
+    registers. Writes ``dU' [C, V]``, ``dW [C, K]``, ``dq`` (complete), ``dk`` (these terms), and ``dg``
+    (these terms), ``drev`` ``[C, 1]`` to their refs, each as soon as it is finished (few ``[C, K]`` float32
+    blocks live at once)."""
     md = q.dtype
     c = q.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
@@ -79,10 +81,9 @@ def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale, dq_ref
     carry = jnp.sum(jnp.sum(s.astype(f32) * ds.astype(f32), axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩
     sm, dsm = s.astype(md), ds.astype(md)  # float32 [K, V] values live through the chunk would spill on a GPU
     gamma, total, to_end = _col_factors(gc, rc, sc)
-    u_new = u.astype(f32) - _mm(w, sm)
     dof = scale * do.astype(f32)
-    diag = rsum(dof * u_new)
-    um, dos = u_new.astype(md), dof.astype(md)  # U' is held in the input dtype from here on
+    diag = rsum(dof * un.astype(f32))
+    um, dos = un.astype(md), dof.astype(md)
     # dq: the readout and the intra-chunk attention, their diagonal (Γ_tt = 1) apart
     dqk = jnp.where(strict, _mm(dos, um, _NT) * _decay_incl(gc, sc, gr, sr), 0.0).astype(md)
     rd = _mm(dos, sm, _NT)  # dÕ Sᵀ
@@ -92,8 +93,9 @@ def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale, dq_ref
     # the outputs and the state written -> dU', then dW (in the input dtype, as fla: a float32 S operand costs
     # 64 KiB of shared memory)
     du = _mm((_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(md), dos, _TN) + to_end * _mm(k, dsm)
-    du_ref[...] = du.astype(du_ref.dtype)
-    dw_ref[...] = (-_mm(du.astype(md), sm, _NT)).astype(dw_ref.dtype)
+    dum = du.astype(md)
+    du_ref[...] = dum.astype(du_ref.dtype)
+    dw_ref[...] = (-_mm(dum, sm, _NT)).astype(dw_ref.dtype)
     kf = k.astype(f32)
     dk_in = _mm(dqk, q, _TN)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
@@ -104,13 +106,13 @@ def _chunk_grads_states(q, k, w, u, do, gc, rc, sc, gr, sr, s, ds, scale, dq_ref
     dk_ref[...] = (dk + to_end * ke).astype(dk_ref.dtype)
 
 
-def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr, dka, dga, dk_ref, dv_ref, db_ref, dg_ref):
-    """Pass 4b, one chunk: the gradients through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}``
-    from ``dU', dW`` (float32, pass 4a's) and the inverse ``x [C, C]`` (input dtype). Writes ``dk`` (pass 4a's
-    terms ``dka`` added), ``dv [C, V]``, ``dβ`` and ``dg`` (pass 4a's terms ``dga`` added) ``[C, 1]`` to their
-    refs, ``dv`` first (fewer float32 blocks live at once on a GPU). The matmul operands take the input
-    dtype, as fla's ``prepare_wy_repr_bwd`` (float32 inputs: float32 at ``HIGHEST``; on a GPU that is an
-    FMA loop per product, not a tensor-core one)."""
+def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr, dka_ref, dga_ref, dk_ref, dv_ref, db_ref, dg_ref):
+    """Pass 4b, one chunk: the gradients through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}`` from
+    ``dU', dW`` (pass 4a's) and the inverse ``x [C, C]`` (input dtype). Writes ``dk`` (pass 4a's terms added,
+    read from ``dka_ref`` where they are added), ``dv [C, V]``, ``dβ`` and ``dg`` (pass 4a's terms from
+    ``dga_ref`` added) ``[C, 1]`` to their refs, ``dv`` first (fewer float32 blocks live at once on a GPU). The
+    matmul operands take the input dtype, as fla's ``prepare_wy_repr_bwd`` (float32 inputs: float32 at
+    ``HIGHEST``; on a GPU that is an FMA loop per product, not a tensor-core one)."""
     md = k.dtype
     c = k.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
@@ -127,14 +129,14 @@ def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr, dka, dga, dk_ref, dv_re
     da_g = -_mm(_mm(xm, dx.astype(md), _TN).astype(md), xm, _NT) * gam_st  # dA ⊙ Γ, strictly lower
     dkb = _mm(xm, dwm, _TN)
     kdkb = rsum(kf * dkb)
-    dk = dka + bg * dkb  # dk summed term by term, each matmul's block dead once added
+    dk = dka_ref[...] + bg * dkb  # dk summed term by term, each matmul's block dead once added
     db_ref[...] = rsum(kf * _mm(da_g.astype(md), k)) + gamma * kdkb + db_v
     dag = (bc * da_g).astype(md)
     kda = _mm(dag, k)
     g_a = rsum(kf * kda)
     dk = dk + kda
     kdat = _mm(dag, k, _TN)
-    dg_ref[...] = dga + (g_a - rsum(kf * kdat) + bg * kdkb)
+    dg_ref[...] = dga_ref[...] + (g_a - rsum(kf * kdat) + bg * kdkb)
     dk_ref[...] = (dk + kdat).astype(dk_ref.dtype)
 
 
@@ -170,16 +172,16 @@ def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_
         dh0_ref[...] = ds
 
 
-def _grads_states_kernel(q_ref, k_ref, w_ref, u_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref, dh_ref,
+def _grads_states_kernel(q_ref, k_ref, un_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref, dh_ref,
                          dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, *, scale):
-    _chunk_grads_states(*(r[...] for r in (q_ref, k_ref, w_ref, u_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref,
-                                            h_ref, dh_ref)), scale, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref)
+    _chunk_grads_states(*(r[...] for r in (q_ref, k_ref, un_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref,
+                                            dh_ref)), scale, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref)
 
 
 def _grads_wy_kernel(k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, dka_ref, dga_ref,
                      dk_ref, dv_ref, db_ref, dg_ref):
-    _chunk_grads_wy(*(r[...] for r in (k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref,
-                                        dka_ref, dga_ref)), dk_ref, dv_ref, db_ref, dg_ref)
+    _chunk_grads_wy(*(r[...] for r in (k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref)),
+                    dka_ref, dga_ref, dk_ref, dv_ref, db_ref, dg_ref)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -206,10 +208,10 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         (None, None, None, 1, c), (lambda i, j, l: (i, j, n - 1 - l, 0, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0, 0)))
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
     if mgpu:  # the two serial walks on Mosaic GPU; H and dH in bf16, the wgmma operands they are there
-        hs, _, _ = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
+        hs, _, un = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
         dhs, dh0 = chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, c=c, scale=scale, interpret=interpret)
     elif tpu:
-        hs, _ = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend)
+        hs, _, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, with_u_new=True)
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
         seq = tpu_params(interpret, "parallel", "parallel", "arbitrary")
         r = blk(1, True)
@@ -222,7 +224,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
             compiler_params=seq, name="delta_chunk_bwd_dstates_tpu",
         )(qh, kh, w, do, *cols[1:], *rows, dht)
     else:
-        hs, _ = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend)
+        hs, _, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, with_u_new=True)
         bv = min(vp, 64)
         full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
@@ -242,17 +244,19 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         params = triton_params(interpret, backend, num_warps=8, num_stages=1)
     gshape = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
     fshape = lambda d: jax.ShapeDtypeStruct((b, h, tp, d), f32)
+    mshape = lambda d: jax.ShapeDtypeStruct((b, h, tp, d), kh.dtype)
     name = "_tpu" if tpu else ""
     # (4a) through the outputs, the attention and the states; (4b) through W, U and X (two kernels: one holding
     # both [K, V] states and the WY algebra needs more shared memory than an H100 has: 272 KiB by Triton 3.9)
     dq, dk_a, du, dw, dg_a, drev = pl.pallas_call(
         functools.partial(_grads_states_kernel, scale=scale), grid=(b, h, n),
-        in_specs=[blk(kp), blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk(), rblk(), chunk_state,
+        in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk(), rblk(), chunk_state,
                   chunk_state],
         out_specs=[blk(kp), blk(kp), blk(vp), blk(kp), blk(1), blk(1)],
-        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), fshape(kp), fshape(vp), fshape(kp), gshape, gshape],
+        # dU' and dW in the input dtype: (4b) takes them as matmul operands only
+        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), fshape(kp), mshape(vp), mshape(kp), gshape, gshape],
         interpret=interpret, compiler_params=params, name="delta_chunk_bwd_grads" + name,
-    )(qh, kh, w, u, do, *cols[1:], *rows, hs, dhs)
+    )(qh, kh, un, do, *cols[1:], *rows, hs, dhs)
     dk, dv, dbeta, dg = pl.pallas_call(
         _grads_wy_kernel, grid=(b, h, n),
         in_specs=[blk(kp), blk(vp), blk(c), blk(vp), blk(kp), blk(1), blk(1), blk(1), rblk(), rblk(), blk(kp), blk(1)],

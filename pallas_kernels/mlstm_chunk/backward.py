@@ -80,33 +80,34 @@ def _rows(q, k, v, do, bc, sc, br, sr, ir, er, m_in, s, nv):
     return m_t, inv, dr, rho
 
 
-def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, s, ds, nv, dnv, dq_ref, dk_ref, dv_ref):
+def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, s_ref, ds_ref, nv, dnv, dq_ref, dk_ref,
+                 dv_ref):
     """Pass 4, one chunk (module docstring). Columns ``[C, 1]``: gates ``b, seg, i``, the row stabiliser
     ``m_t``, ``ρ``, ``1/den``, ``dr``, the write weights ``ε`` and the carry ``φ``; rows ``[1, C]``:
-    ``b, seg, i``; ``s, ds [K, V]`` the state before the chunk and the gradient after it, ``nv, dnv [1, K]``
-    likewise for the normaliser. Writes ``dq, dk [C, K]`` and ``dv [C, V]`` to their refs, each as soon as it
-    is finished (few ``[C, K]`` float32 blocks live at once: the sm_90 compile spills registers otherwise);
-    returns float32 ``db, di [C, 1]``."""
+    ``b, seg, i``; refs of ``s, ds [K, V]`` (float32), the state before the chunk and the gradient after it,
+    each read where its phase begins (``s`` for ``dq``, ``dS`` for ``dv`` and ``dk``, both again for the
+    carry at the end), ``nv, dnv [1, K]`` likewise for the normaliser. Writes ``dq, dk [C, K]`` and
+    ``dv [C, V]`` to their refs, each as soon as it is finished; returns float32 ``db, di [C, 1]``. Both
+    orders keep few float32 blocks live at once: the sm_90 compile spills registers otherwise."""
     md = v.dtype
     c = q.shape[0]
-    # the float32 states are read once, here: the carry, then input-dtype copies (on a GPU, float32
-    # [K, V] values live through the whole chunk spill registers)
-    carry = jnp.sum(_rsum(s * ds), axis=0, keepdims=True) + jnp.sum(nv * dnv, axis=1, keepdims=True)
-    sm, dsm = s.astype(md), ds.astype(md)
     ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     d = jnp.exp(jnp.where(ok, bc - br + ir, NEG) - mt)
     dnum = do.astype(f32) * inv
     dnm = dnum.astype(md)
     da = jnp.where(strict, (mm(dnm, v, _NT) + dr) * d, 0.0).astype(md)
-    dv_ref[...] = (mm((mm(q, k, _NT) * d).astype(md), dnm, _TN) + ew * mm(k, dsm)).astype(dv_ref.dtype)
     dd = (_rsum(dnum * v.astype(f32)) + dr) * jnp.exp(jnp.minimum(ic - mt, 0.0))  # the diagonal of dP ⊙ D
     qf = q.astype(f32)
     qk = _rsum(qf * k.astype(f32))
     dq_in = mm(da, k)
-    dq_rd = rho * (mm(dnm, sm, _NT) + dr * nv)
+    dq_rd = rho * (mm(dnm, s_ref[...].astype(md), _NT) + dr * nv)
     db_in, db_rd = _rsum(qf * dq_in), _rsum(qf * dq_rd)
     dq_ref[...] = (dq_in + dd * k.astype(f32) + dq_rd).astype(dq_ref.dtype)
+    # then dV and dK, both through dS (in the input dtype; held in float32 through the chunk, the [K, V]
+    # states spill registers on a GPU)
+    dsm = ds_ref[...].astype(md)
+    dv_ref[...] = (mm((mm(q, k, _NT) * d).astype(md), dnm, _TN) + ew * mm(k, dsm)).astype(dv_ref.dtype)
     kf = k.astype(f32)
     dk_in = mm(da, q, _TN)
     col_m = _rsum(kf * dk_in)
@@ -115,6 +116,7 @@ def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, 
     dk_ref[...] = (dk_in + dd * q.astype(f32) + dk_wr).astype(dk_ref.dtype)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     writes = jnp.where(is_last, 0.0, k_wr)  # the last token's own write cancels against the carry
+    carry = jnp.sum(_rsum(s_ref[...] * ds_ref[...]), axis=0, keepdims=True) + jnp.sum(nv * dnv, axis=1, keepdims=True)
     end = _last(fo) * carry + jnp.sum(writes, axis=0, keepdims=True)
     db = db_in - col_m + db_rd - writes + jnp.where(is_last, end, 0.0)
     di = col_m + dd * qk + k_wr
@@ -161,7 +163,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, r
                   br_ref, sr_ref, ir_ref, s_ref, ds_ref, n_ref, dn_ref, dq_ref, dk_ref, dv_ref, db_ref, di_ref):
     db_ref[...], di_ref[...] = _chunk_grads(
         *(r[...] for r in (q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref, dr_ref, ew_ref,
-                           fo_ref, br_ref, sr_ref, ir_ref, s_ref, ds_ref, n_ref, dn_ref)), dq_ref, dk_ref, dv_ref)
+                           fo_ref, br_ref, sr_ref, ir_ref)), s_ref, ds_ref, n_ref[...], dn_ref[...], dq_ref, dk_ref, dv_ref)
 
 
 # ----------------------------------------------------------------------------- driver
