@@ -87,8 +87,8 @@ def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, 
     ``b, seg, i``; refs of ``s, ds [K, V]`` (float32), the state before the chunk and the gradient after it,
     each read where its phase begins (``s`` for ``dq``, ``dS`` for ``dv`` and ``dk``, both again for the
     carry at the end), ``nv, dnv [1, K]`` likewise for the normaliser. Writes ``dq, dk [C, K]`` and
-    ``dv [C, V]`` to their refs, each as soon as it is finished; returns float32 ``db, di [C, 1]``. Both
-    orders keep few float32 blocks live at once: the sm_90 compile spills registers otherwise."""
+    ``dv [C, V]`` to their refs, each as soon as it is finished; returns float32 ``db, di [C, 1]``. Reading
+    late and writing early keeps few float32 blocks live at once: the sm_90 compile spills registers otherwise."""
     md = v.dtype
     c = q.shape[0]
     ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
