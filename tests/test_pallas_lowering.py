@@ -66,7 +66,7 @@ def test_chunked_kernels_lower_to_triton(dk, dv):
     assert _triton_calls(_grad(gla), q, v, g) == 4  # forward, then states, state gradients, chunk gradients
     chan = lambda q, v, g: gla_chunk_pallas(q, q, v, jnp.zeros(q.shape, jnp.float32) + g[..., None], **kw)
     assert _triton_calls(chan, q, v, g) == 3  # intra-chunk matrices, states, outputs
-    assert _triton_calls(_grad(chan), q, v, g) == 7  # forward (3), then intra, states, state grads, chunk grads
+    assert _triton_calls(_grad(chan), q, v, g) == 8  # forward (3), then intra, states, state grads, chunk grads, dv
     delta = lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw)
     assert _triton_calls(delta, q, v, g) == 3  # WY, states, outputs
     assert _triton_calls(_grad(delta), q, v, g) == 8  # forward (3), WY + X, states, state grads, chunk grads (2)
@@ -81,7 +81,7 @@ def test_per_channel_gla_lowers_and_bad_backend_is_named():
     g = jnp.zeros((2, 256, 2, 128))
     assert _mosaic_calls(f, q, g) == 3  # intra-chunk matrices, states, outputs
     grads = jax.grad(lambda q, g: jnp.sum(jnp.square(f(q, g)[0])), argnums=(0, 1))
-    assert _mosaic_calls(grads, q, g) == 7  # forward (3), then intra, states, state grads, chunk grads
+    assert _mosaic_calls(grads, q, g) == 8  # forward (3), then intra, states, state grads, chunk grads, dv
     with pytest.raises(ValueError, match="backend must be"):
         delta_chunk(q, q, q, jnp.ones((2, 256, 2)), chunk_size=16, backend="mosaic")
 

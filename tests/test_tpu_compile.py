@@ -44,7 +44,7 @@ KW = dict(chunk_size=64, interpret=False, backend="mosaic_tpu")
 CHUNKED = {  # kernel: (forward and gradient, number of pallas_calls)
     "gla": (lambda q, v, g: gla_chunk_pallas(q, q, v, g, **KW), 4),  # forward, states, state grads, chunk grads
     "gla_channel": (lambda q, v, g: gla_chunk_pallas(q, q, v, jnp.zeros(q.shape, jnp.float32) + g[..., None], **KW),
-                    7),  # forward (3), then intra, states, state grads, chunk grads
+                    8),  # forward (3), then intra, states, state grads, chunk grads, dv
     "delta": (lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **KW), 8),  # forward (3), WY + X, states, grads (3)
     "mlstm": (lambda q, v, g: mlstm_chunk(q, q, v, g, g, **KW), 6),  # forward (2), states, rows, grads (2)
 }

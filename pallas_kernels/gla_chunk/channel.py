@@ -1,8 +1,9 @@
 r"""Pallas kernels: chunked GLA with per-channel decay (GLA proper), forward — see ``kernel.py``'s docstring.
 
 Three kernels, as fla's ``chunk_gla`` forward (``chunk_gla_fwd_intra_gk`` / ``chunk_fwd_h`` /
-``chunk_gla_fwd_o_gk``): ``channel_intra``, grid ``(batch, heads, chunks)``: the intra-chunk matrices
-``A [C, C]`` by 16-token secondary chunks; ``channel_states``, the only serial pass: the per-channel decayed
+``chunk_gla_fwd_o_gk``): ``channel_intra``, the intra-chunk matrices ``A [C, C]`` by 16-token secondary
+chunks, on Triton one secondary chunk's rows ``[16, C]`` per program (grid ``(batch, heads, chunks,
+secondary chunks)``), on Mosaic TPU one chunk per program; ``channel_states``, the only serial pass: the per-channel decayed
 state update with the state carried transposed, ``Sᵀ [BV, K]`` (the decay is then a broadcast), writing the
 state entering every chunk (input dtype; float32 in the backward); then ``gla_chunk_channel_out``, grid
 ``(batch, heads, chunks, value blocks of 128)``: ``O = A V + (Q ⊙ e^{b}) S``. The backward is
@@ -24,61 +25,90 @@ from pallas_kernels._util import masked_exp, mm, out_specs, token_loop, tpu_para
 SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
 
 
-def _intra_channel_kernel(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref, *, direct):
-    """Per-channel decay, one chunk per grid step ``(batch, head, chunk)`` — all chunks in parallel: the
-    intra-chunk matrix ``A [C, C]`` (``o_intra = A V``) by secondary chunks of 16 (GLA paper §4.3):
+def _intra_diag(q_ref, k_ref, b_ref, s_ref, p_ref, i, qi, bi, segi, pi, *, rolled):
+    """The diagonal ``16 x 16`` block of secondary chunk ``i`` in log space, a key column per step:
+    ``Σ_k q_tk k_sk e^{b_tk − b_sk}`` for ``s ≤ t`` in the same document (with the signs)."""
+    f32 = jnp.float32
+    row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
+    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
 
-    * rows of secondary chunk ``i`` against the earlier ones, through the reference token ``r`` before
-      ``i``: ``(q_t e^{b_t − b_r}) · (k_s e^{b_r − b_s})`` for ``s ≤ r``;
-    * its diagonal ``16 × 16`` block in log space, a key column at a time
-      (``Σ_k q_tk k_sk e^{b_tk − b_sk}``).
+    def column(j, a_d):
+        rj = pl.ds(i * SUB + j, 1)
+        kj, bj, sj, pj = k_ref[rj, :].astype(f32), b_ref[rj, :], s_ref[rj, :], p_ref[rj, :]
+        ok = (row >= j) & (segi == sj)
+        colj = jnp.sum(qi * kj * masked_exp(ok, bi - bj) * (pi * pj), axis=1, keepdims=True)
+        return jnp.where(col == j, colj, a_d)
 
-    ``direct`` (Triton) writes every ``16 × 16`` block at its lane offset, the earlier blocks each from a
-    ``[16, K] × [K, 16]`` matmul. The Mosaic TPU body writes whole rows instead (a 16-lane store at a lane
-    offset lowers, but whether Mosaic compiles it cannot be checked without a TPU): the earlier blocks as
-    one ``[16, C]`` matmul, the diagonal block placed by a ``[16, 16] × [16, C]`` selector matmul (exact at
-    ``HIGHEST``; on a GPU a float32 FMA loop, which is why Triton does not use it).
+    return token_loop(0, SUB, column, jnp.zeros((SUB, SUB), f32), rolled=rolled)
 
-    Every exponent is ``≤ 0`` and masked (segment equality, causality) before ``exp``. Gates
-    ``b, seg, p [C, K]`` (cumulative log decay within the chunk, document index, cumulative sign)."""
+
+def _intra_channel_kernel(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref):
+    """Triton: rows ``[16, C]`` of the intra-chunk matrix ``A`` (``o_intra = A V``) for one secondary chunk
+    ``i`` of 16 tokens per grid step ``(batch, head, chunk, i)`` — every secondary chunk in parallel, as
+    fla's ``chunk_gla_fwd_A_kernel_intra_sub_inter`` / ``_intra``:
+
+    * its blocks against the earlier secondary chunks ``j < i``, through the reference token ``r`` before
+      ``i``: ``(q_t e^{b_t − b_r}) · (k_s e^{b_r − b_s})`` for ``s ≤ r``, one ``[16, K] × [K, 16]`` matmul
+      each, stored at its lane offset;
+    * its diagonal block in log space (:func:`_intra_diag`); the blocks after it are zero.
+
+    A program holds one secondary chunk's ``[16, K]`` rows, not the chunk's: the whole chunk per program
+    (all four secondary chunks unrolled) spilled 1.8 KB of registers per thread on sm_90. Every exponent
+    is ``≤ 0`` and masked (segment equality, causality) before ``exp``. ``q_ref [16, K]`` is the secondary
+    chunk's queries; ``k, b, seg, p [C, K]`` the chunk's keys and gates (cumulative log decay within the
+    chunk, document index, cumulative sign)."""
+    f32 = jnp.float32
+    md = q_ref.dtype
+    nb = k_ref.shape[0] // SUB
+    i = pl.program_id(3)
+    si = pl.ds(pl.multiple_of(i * SUB, SUB), SUB)
+    qi, bi, segi, pi = q_ref[...].astype(f32), b_ref[si, :], s_ref[si, :], p_ref[si, :]
+    a_d = _intra_diag(q_ref, k_ref, b_ref, s_ref, p_ref, i, qi, bi, segi, pi, rolled=True)
+    rr = pl.ds(jnp.maximum(i * SUB - 1, 0), 1)  # the reference token (unused by the first secondary chunk)
+    br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
+    qf = (qi * masked_exp(segi == sr, bi - br) * (pi * pr)).astype(md)
+    nt = (((1,), (1,)), ((), ()))
+    for j in range(nb):
+        sj = pl.ds(j * SUB, SUB)
+
+        @pl.when(j < i)
+        def _(sj=sj):
+            kf = k_ref[sj, :].astype(f32) * masked_exp(s_ref[sj, :] == sr, br - b_ref[sj, :]) * (p_ref[sj, :] * pr)
+            a_ref[:, sj] = mm(qf, kf.astype(md), nt)
+
+        @pl.when(j == i)
+        def _(sj=sj):
+            a_ref[:, sj] = a_d
+
+        @pl.when(j > i)
+        def _(sj=sj):
+            a_ref[:, sj] = jnp.zeros((SUB, SUB), f32)
+
+
+def _intra_channel_kernel_tpu(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref):
+    """Mosaic TPU: the whole ``A [C, C]`` of one chunk per grid step ``(batch, head, chunk)``, the same
+    blocks as :func:`_intra_channel_kernel`, written as whole rows: the earlier blocks as one ``[16, C]``
+    matmul, the diagonal block placed by a ``[16, 16] × [16, C]`` selector matmul (exact at ``HIGHEST``;
+    a 16-lane store at a lane offset lowers, but whether Mosaic compiles it cannot be checked without a
+    TPU). Secondary-chunk offsets are static (a dynamic single-row offset into a packed bf16 block is not a
+    given on Mosaic TPU)."""
     f32, hi = jnp.float32, lax.Precision.HIGHEST
     md = q_ref.dtype
     c = q_ref.shape[0]
-    nb = c // SUB
     pos = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
-    row = lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
-    col = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
     nt = (((1,), (1,)), ((), ()))
-    for i in range(nb):
+    for i in range(c // SUB):
         si = pl.ds(i * SUB, SUB)
         qi, bi, segi, pi = q_ref[si, :].astype(f32), b_ref[si, :], s_ref[si, :], p_ref[si, :]
-
-        def column(j, a_d, i=i, qi=qi, bi=bi, segi=segi, pi=pi):  # the diagonal block, one key column per step
-            rj = pl.ds(i * SUB + j, 1)
-            kj, bj, sj, pj = k_ref[rj, :].astype(f32), b_ref[rj, :], s_ref[rj, :], p_ref[rj, :]
-            ok = (row >= j) & (segi == sj)
-            colj = jnp.sum(qi * kj * masked_exp(ok, bi - bj) * (pi * pj), axis=1, keepdims=True)
-            return jnp.where(col == j, colj, a_d)
-
-        a_d = token_loop(0, SUB, column, jnp.zeros((SUB, SUB), f32), rolled=direct)
-        if i > 0:
-            rr = pl.ds(i * SUB - 1, 1)
-            br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
-            qf = (qi * masked_exp(segi == sr, bi - br) * (pi * pr)).astype(md)
-        if direct:
-            for j in range(nb):
-                sj = pl.ds(j * SUB, SUB)
-                if j < i:
-                    kf = k_ref[sj, :].astype(f32) * masked_exp(s_ref[sj, :] == sr, br - b_ref[sj, :]) * (p_ref[sj, :] * pr)
-                    a_ref[si, sj] = mm(qf, kf.astype(md), nt)
-                else:
-                    a_ref[si, sj] = a_d if j == i else jnp.zeros((SUB, SUB), f32)
-            continue
+        a_d = _intra_diag(q_ref, k_ref, b_ref, s_ref, p_ref, i, qi, bi, segi, pi, rolled=False)
         sel_col = lax.broadcasted_iota(jnp.int32, (SUB, c), 1)
         sel_row = lax.broadcasted_iota(jnp.int32, (SUB, c), 0)
         place = jnp.where(sel_col == sel_row + i * SUB, 1.0, 0.0).astype(f32)  # [16, C]: block i's columns
         rows = mm(a_d, place, precision=hi)
         if i > 0:
+            rr = pl.ds(i * SUB - 1, 1)
+            br, sr, pr = b_ref[rr, :], s_ref[rr, :], p_ref[rr, :]
+            qf = (qi * masked_exp(segi == sr, bi - br) * (pi * pr)).astype(md)
             kf = k_ref[...].astype(f32) * masked_exp((pos <= i * SUB - 1) & (s_ref[...] == sr), br - b_ref[...]) * (
                 p_ref[...] * pr)
             rows = rows + mm(qf, kf.astype(md), nt)
@@ -145,20 +175,26 @@ def _channel_out_kernel(a_ref, q_ref, v_ref, b_ref, s_ref, p_ref, h_ref, o_ref):
 
 
 def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
-    """The intra-chunk matrices ``A [b, h, Tp, C]`` float32, all chunks in parallel; heads-first inputs."""
+    """The intra-chunk matrices ``A [b, h, Tp, C]`` float32, all chunks in parallel; heads-first inputs.
+    Triton: one secondary chunk's rows per program; Mosaic TPU: one chunk per program."""
     bsz, h, tp, kp = q.shape
-    blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))
-    tpu = backend == "mosaic_tpu"
+    if backend == "mosaic_tpu":
+        blk = lambda d: pl.BlockSpec((None, None, chunk, d), lambda i, j, l: (i, j, l, 0))
+        return pl.pallas_call(
+            _intra_channel_kernel_tpu, grid=(bsz, h, tp // chunk),
+            in_specs=[blk(kp), blk(kp), blk(kp), blk(kp), blk(kp)], out_specs=blk(chunk),
+            out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32), interpret=interpret,
+            compiler_params=tpu_params(interpret, "parallel", "parallel", "parallel"),
+            name="gla_chunk_channel_intra_tpu",
+        )(q, k, bc, seg, p)
+    nb = chunk // SUB
+    rows = lambda d: pl.BlockSpec((None, None, SUB, d), lambda i, j, l, z: (i, j, l * nb + z, 0))
+    whole = pl.BlockSpec((None, None, chunk, kp), lambda i, j, l, z: (i, j, l, 0))
     return pl.pallas_call(
-        functools.partial(_intra_channel_kernel, direct=not tpu),
-        grid=(bsz, h, tp // chunk),
-        in_specs=[blk(kp), blk(kp), blk(kp), blk(kp), blk(kp)],
-        out_specs=blk(chunk),
-        out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32),
-        interpret=interpret,
-        compiler_params=(tpu_params(interpret, "parallel", "parallel", "parallel") if tpu
-                         else triton_params(interpret, backend, num_warps=8)),
-        name="gla_chunk_channel_intra" + ("_tpu" if tpu else ""),
+        _intra_channel_kernel, grid=(bsz, h, tp // chunk, nb),
+        in_specs=[rows(kp), whole, whole, whole, whole], out_specs=rows(chunk),
+        out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32), interpret=interpret,
+        compiler_params=triton_params(interpret, backend, num_warps=4), name="gla_chunk_channel_intra",
     )(q, k, bc, seg, p)
 
 

@@ -16,8 +16,9 @@ How it works
     whole number of chunks (decay 1, k = 0).
 
 Per-channel decay (GLA) — three kernels
-    ``channel.py``. ``_intra_channel_kernel``, grid ``(batch, heads, chunks)``, all chunks in parallel: the intra-chunk
-    matrix ``A [C, C]`` by 16-token secondary chunks (GLA paper §4.3, as ``seqjax.ops.gla``):
+    ``channel.py``. ``channel_intra``, all chunks in parallel (on Triton every 16-token secondary chunk's
+    rows in its own program): the intra-chunk matrix ``A [C, C]`` by secondary chunks (GLA paper §4.3, as
+    ``seqjax.ops.gla``):
     earlier secondary chunks through a reference token with both exponents ``≤ 0``, the diagonal
     ``16 × 16`` blocks in log space one key column at a time. Then the serial state pass
     (``channel_states``; only the per-channel decayed state update, with the state carried transposed,
@@ -28,7 +29,8 @@ Backward
     ``backward="pallas"`` (the default): ``backward.py`` (per head), ``backward_channel.py`` — the chunk states
     recomputed (per channel also the intra matrices ``A``), the state gradients walking the chunks
     backwards, then every chunk's ``dq, dk, dv`` and log-decay gradient in parallel (per channel by the
-    same secondary chunks as the forward). Only the inputs are kept from the forward, so training memory
+    same secondary chunks as the forward, on Triton one secondary chunk and 64 key channels per program,
+    and ``dv`` in a kernel of its own). Only the inputs are kept from the forward, so training memory
     is linear in ``T``. ``backward="xla"`` differentiates through the XLA chunked form instead
     (``seqjax.ops.gla.chunk_gla``, whose intra-chunk block is rematerialised); ``impl="auto"`` picks one per
     kernel (``seqjax._platform.AUTO_BACKWARD``).
