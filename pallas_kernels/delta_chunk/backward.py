@@ -28,15 +28,17 @@ rounding), plus the ``γ`` terms and ``γ_C ⟨S, dS⁺⟩`` at the last token.
 
 Kernels: (1) ``wy_factors(with_x=True)``: ``W, U`` and ``X``, chunk-parallel; (2) the state before every chunk,
 ``H [b, h, N, K, V]``, and ``U' = U − W S`` (fla's ``v_new``); (3) ``dH`` (the gradient of the state after every chunk)
-walking the chunks backwards, and ``dh0``; (4) grid ``(batch, heads, chunks)``: everything above, per chunk, in two
-kernels — (4a) through the outputs, the attention and the states from ``U'``, ``H`` and ``dH`` (``dq``, ``dU'``,
-``dW``, part of ``dk`` and ``dg``), (4b) through ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``;
-fla's ``prepare_wy_repr_bwd``). Nothing but the inputs is kept from the forward. Triton walks (2) and (3) with a
-``fori_loop`` per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM
-scratch; ``backend="mosaic_gpu"`` walks both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``,
-``chunk_dstates_mosaic_gpu``; ``H`` and ``dH`` come out in bf16) and runs (1) and (4) on Triton. The math is one
-function per step for Triton and Mosaic TPU, on gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32
-products with ``X`` run at ``HIGHEST``; the others take the input dtype with float32 accumulation, as the forward.
+walking the chunks backwards, and ``dh0``; (4) everything above, per chunk, in two kernels — (4a) grid
+``(batch, heads, chunks, key blocks of 64)`` (as fla's ``bwd_dqkwg``; Mosaic TPU: one block, the whole key axis),
+through the outputs, the attention and the states from ``U'``, ``H`` and ``dH`` (``dq``, ``dU'``, ``dW``, part of
+``dk``; part of ``dg`` and ``drev`` per key block, added in XLA), (4b) grid ``(batch, heads, chunks)``, through
+``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``; fla's ``prepare_wy_repr_bwd``). Nothing but
+the inputs is kept from the forward. Triton walks (2) and (3) with a ``fori_loop`` per (batch, head, value block
+of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM scratch; ``backend="mosaic_gpu"`` walks
+both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``, ``chunk_dstates_mosaic_gpu``; ``H`` and ``dH``
+come out in bf16) and runs (1) and (4) on Triton. The math is one function per step for Triton and Mosaic TPU, on
+gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products with ``X`` run at ``HIGHEST``; the others
+take the input dtype with float32 accumulation, as the forward.
 """
 
 from __future__ import annotations
@@ -55,53 +57,72 @@ from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chun
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 
-def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
-    """``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'`` with ``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺``."""
+def _du(q, k, dos, gc, rc, sc, gr, sr, dsm):
+    """``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺`` (float32) from ``dÕ = s dO`` and ``dS⁺`` in the input dtype."""
     md = q.dtype
-    gamma, total, to_end = _col_factors(gc, rc, sc)
-    dos = (scale * do.astype(f32)).astype(md)
+    _, _, to_end = _col_factors(gc, rc, sc)
     qk = (_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(md)
-    du = _mm(qk, dos, _TN) + to_end * _mm(k, ds.astype(md))
+    return _mm(qk, dos, _TN) + to_end * _mm(k, dsm)
+
+
+def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
+    """``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'``."""
+    md = q.dtype
+    gamma, total, _ = _col_factors(gc, rc, sc)
+    dos = (scale * do.astype(f32)).astype(md)
+    du = _du(q, k, dos, gc, rc, sc, gr, sr, ds.astype(md))
     return total * ds + _mm((q.astype(f32) * gamma).astype(md), dos, _TN) - _mm(w, du.astype(md), _TN)
 
 
-def _chunk_grads_states(q, k, un, do, gc, rc, sc, gr, sr, s, ds, scale, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref):
-    """Pass 4a, one chunk: the gradients through the outputs, the attention and the states (module
-    docstring). ``q, k [C, K]``, ``U' = U − W S`` and ``do`` ``[C, V]`` (input dtype), gate columns
-    ``g, rev, seg [C, 1]`` and rows ``g, seg [1, C]``, ``s`` the state before the chunk and ``ds`` the
-    gradient of the state after it (``[K, V]`` float32). ``U'`` comes from the state pass, as fla's
-    ``v_new``: computed here it held ``W`` and a float32 ``[C, V]`` block, and the sm_90 compile spilled
-    registers. Writes ``dU' [C, V]``, ``dW [C, K]``, ``dq`` (complete), ``dk`` (these terms), and ``dg``
-    (these terms), ``drev`` ``[C, 1]`` to their refs, each as soon as it is finished (few ``[C, K]`` float32
-    blocks live at once)."""
-    md = q.dtype
-    c = q.shape[0]
+def _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc, rc, sc, gr, sr, s_ref, ds_ref, dsf_ref, scale,
+                        dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref):
+    """Pass 4a, one chunk and one block of ``bk`` key columns: the gradients through the outputs, the attention
+    and the states (module docstring). Refs of ``q, k [C, K]`` and of their block's columns ``[C, bk]``,
+    ``U' = U − W S`` and ``do`` ``[C, V]`` (input dtype), of ``s`` the state before the chunk and ``ds`` the
+    gradient of the state after it, their block's ``[bk, V]`` rows (float32), and of all of that gradient
+    (``dsf_ref``, ``[K, V]``); gate columns ``g, rev, seg [C, 1]`` and rows ``g, seg [1, C]``. ``U'`` comes
+    from the state pass, as fla's ``v_new``. Every term but ``dU'`` has the key axis free or contracts over the
+    value axis: each program holds ``[C, bk]`` float32 blocks and ``[bk, V]`` state rows (the whole key axis in
+    one program spilled registers on sm_90). ``dU'`` contracts over the whole key axis: every block's program
+    computes all of it (``dW = −dU' Sᵀ`` needs it all), first, from ``dsf_ref``, and the first program writes it.
+    Writes ``dU' [C, V]``, ``dW [C, bk]``, ``dq`` (complete), ``dk`` (these terms) to their refs, each as soon
+    as it is finished, and the block's share of ``dg`` (these terms) and ``drev`` ``[C, 1]`` (sums over the key
+    axis, added over the blocks in XLA). Each input is read where its phase begins."""
+    md = q_ref.dtype
+    c = kb_ref.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    carry = jnp.sum(jnp.sum(s.astype(f32) * ds.astype(f32), axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS⁺⟩
-    sm, dsm = s.astype(md), ds.astype(md)  # float32 [K, V] values live through the chunk would spill on a GPU
     gamma, total, to_end = _col_factors(gc, rc, sc)
-    dof = scale * do.astype(f32)
+    # dU' (the outputs and the state written), then dW (in the input dtype, as fla: a float32 S operand costs
+    # shared memory)
+    dos = (scale * do_ref[...].astype(f32)).astype(md)
+    dum = _du(q_ref[...], k_ref[...], dos, gc, rc, sc, gr, sr, dsf_ref[...].astype(md)).astype(md)
+
+    @pl.when(pl.program_id(3) == 0)
+    def _():
+        du_ref[...] = dum.astype(du_ref.dtype)
+
+    sm = s_ref[...].astype(md)  # float32 [bk, V] values live through the chunk would spill on a GPU
+    dw_ref[...] = (-_mm(dum, sm, _NT)).astype(dw_ref.dtype)
+    dof = scale * do_ref[...].astype(f32)
+    dos = dof.astype(md)
+    un = un_ref[...]
     diag = rsum(dof * un.astype(f32))
-    um, dos = un.astype(md), dof.astype(md)
+    um = un.astype(md)
     # dq: the readout and the intra-chunk attention, their diagonal (Γ_tt = 1) apart
+    qb, kb = qb_ref[...], kb_ref[...]
     dqk = jnp.where(strict, _mm(dos, um, _NT) * _decay_incl(gc, sc, gr, sr), 0.0).astype(md)
     rd = _mm(dos, sm, _NT)  # dÕ Sᵀ
-    dq_in = _mm(dqk, k)
-    dg_q, dg_rd = rsum(q.astype(f32) * dq_in), gamma * rsum(q.astype(f32) * rd)
-    dq_ref[...] = (gamma * rd + dq_in + diag * k.astype(f32)).astype(dq_ref.dtype)
-    # the outputs and the state written -> dU', then dW (in the input dtype, as fla: a float32 S operand costs
-    # 64 KiB of shared memory)
-    du = _mm((_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(md), dos, _TN) + to_end * _mm(k, dsm)
-    dum = du.astype(md)
-    du_ref[...] = dum.astype(du_ref.dtype)
-    dw_ref[...] = (-_mm(dum, sm, _NT)).astype(dw_ref.dtype)
-    kf = k.astype(f32)
-    dk_in = _mm(dqk, q, _TN)
+    dq_in = _mm(dqk, kb)
+    dg_q, dg_rd = rsum(qb.astype(f32) * dq_in), gamma * rsum(qb.astype(f32) * rd)
+    dq_ref[...] = (gamma * rd + dq_in + diag * kb.astype(f32)).astype(dq_ref.dtype)
+    kf = kb.astype(f32)
+    dk_in = _mm(dqk, qb, _TN)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+    carry = jnp.sum(rsum(s_ref[...] * ds_ref[...]), axis=0, keepdims=True)  # ⟨S, dS⁺⟩
     dg_ref[...] = (dg_q - rsum(kf * dk_in) + dg_rd + jnp.where(is_last, total * carry, 0.0)).astype(dg_ref.dtype)
-    dk = dk_in + diag * q.astype(f32)
-    ke = _mm(um, dsm, _NT)  # U' dS⁺ᵀ
+    dk = dk_in + diag * qb.astype(f32)
+    ke = _mm(um, ds_ref[...].astype(md), _NT)  # U' dS⁺ᵀ
     dr_ref[...] = (to_end * rsum(kf * ke)).astype(dr_ref.dtype)
     dk_ref[...] = (dk + to_end * ke).astype(dk_ref.dtype)
 
@@ -172,10 +193,11 @@ def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_
         dh0_ref[...] = ds
 
 
-def _grads_states_kernel(q_ref, k_ref, un_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref, dh_ref,
-                         dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, *, scale):
-    _chunk_grads_states(*(r[...] for r in (q_ref, k_ref, un_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref,
-                                            dh_ref)), scale, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref)
+def _grads_states_kernel(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref,
+                         dh_ref, dhf_ref, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, *, scale):
+    _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref,
+                        *(r[...] for r in (gc_ref, rc_ref, sc_ref, gr_ref, sr_ref)), h_ref, dh_ref, dhf_ref, scale,
+                        dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref)
 
 
 def _grads_wy_kernel(k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, dka_ref, dga_ref,
@@ -206,7 +228,6 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     blk = lambda d, rev_=False: chunk_block(c, d, n if rev_ else None)
     rblk = lambda rev_=False: pl.BlockSpec(
         (None, None, None, 1, c), (lambda i, j, l: (i, j, n - 1 - l, 0, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0, 0)))
-    chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
     if mgpu:  # the two serial walks on Mosaic GPU; H and dH in bf16, the wgmma operands they are there
         hs, _, un = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
         dhs, dh0 = chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, c=c, scale=scale, interpret=interpret)
@@ -246,17 +267,30 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     fshape = lambda d: jax.ShapeDtypeStruct((b, h, tp, d), f32)
     mshape = lambda d: jax.ShapeDtypeStruct((b, h, tp, d), kh.dtype)
     name = "_tpu" if tpu else ""
-    # (4a) through the outputs, the attention and the states; (4b) through W, U and X (two kernels: one holding
-    # both [K, V] states and the WY algebra needs more shared memory than an H100 has: 272 KiB by Triton 3.9)
+    # (4a) through the outputs, the attention and the states, a program per key block of 64 (Mosaic TPU: the whole
+    # key axis, as its blocks' last dim must be a multiple of 128 or all of it); (4b) through W, U and X (two kernels:
+    # one holding both [K, V] states and the WY algebra needs more shared memory than an H100 has: 272 KiB by
+    # Triton 3.9)
+    bk = kp if tpu else min(kp, 64)
+    nk = kp // bk
+    kblk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))
+    kcol = pl.BlockSpec((None, None, c, bk), lambda i, j, l, z: (i, j, l, z))
+    krow = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
+    kstate = pl.BlockSpec((None, None, None, bk, vp), lambda i, j, l, z: (i, j, l, z, 0))
+    fstate = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l, z: (i, j, l, 0, 0))
+    kpart = pl.BlockSpec((None, None, None, c, 1), lambda i, j, l, z: (z, i, j, l, 0))
+    pshape = jax.ShapeDtypeStruct((nk, b, h, tp, 1), f32)
     dq, dk_a, du, dw, dg_a, drev = pl.pallas_call(
-        functools.partial(_grads_states_kernel, scale=scale), grid=(b, h, n),
-        in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk(), rblk(), chunk_state,
-                  chunk_state],
-        out_specs=[blk(kp), blk(kp), blk(vp), blk(kp), blk(1), blk(1)],
-        # dU' and dW in the input dtype: (4b) takes them as matmul operands only
-        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), fshape(kp), mshape(vp), mshape(kp), gshape, gshape],
-        interpret=interpret, compiler_params=params, name="delta_chunk_bwd_grads" + name,
-    )(qh, kh, un, do, *cols[1:], *rows, hs, dhs)
+        functools.partial(_grads_states_kernel, scale=scale), grid=(b, h, n, nk),
+        in_specs=[kblk(kp), kblk(kp), kcol, kcol, kblk(vp), kblk(vp), kblk(1), kblk(1), kblk(1), krow, krow, kstate,
+                  kstate, fstate],
+        out_specs=[kcol, kcol, kblk(vp), kcol, kpart, kpart],
+        # dU' and dW in the input dtype: (4b) takes them as matmul operands only; dg and drev per key block
+        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), fshape(kp), mshape(vp), mshape(kp), pshape, pshape],
+        interpret=interpret, compiler_params=tpu_params(interpret, *["parallel"] * 4) if tpu else params,
+        name="delta_chunk_bwd_grads" + name,
+    )(qh, kh, qh, kh, un, do, *cols[1:], *rows, hs, dhs, dhs)
+    dg_a, drev = jnp.sum(dg_a, axis=0), jnp.sum(drev, axis=0)
     dk, dv, dbeta, dg = pl.pallas_call(
         _grads_wy_kernel, grid=(b, h, n),
         in_specs=[blk(kp), blk(vp), blk(c), blk(vp), blk(kp), blk(1), blk(1), blk(1), rblk(), rblk(), blk(kp), blk(1)],

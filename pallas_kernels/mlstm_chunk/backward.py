@@ -25,9 +25,12 @@ state to an ``m_T`` that XLA computes (and differentiates) as the reference's
 Passes: XLA the chunk-level stabilisers ``m, m⁺, φ``, the write weights ``ε`` and the normaliser states
 ``n'`` (vectors; cheap); (1) Pallas, the entering ``C'`` of every chunk; (2) Pallas, chunk-parallel: each
 row's ``m_t``, ``1/den``, ``dr`` and ``ρ`` (the forward recomputed: nothing but the inputs is kept);
-(3) Pallas, ``dC'`` after every chunk walking backwards (``dn'`` in XLA); (4) Pallas, chunk-parallel:
-``dq, dk, dv, db, di``. Triton walks (1) and (3) per (batch, head, value block of 64); Mosaic TPU runs
-one chunk per grid step with the state in VMEM scratch; the per-chunk math is shared.
+(3) Pallas, ``dC'`` after every chunk walking backwards (``dn'`` in XLA); (4) Pallas, chunk-parallel, a
+program per (chunk, key block of 64; Mosaic TPU: one block, the whole key axis): ``dq, dk`` of its key block,
+its share of ``db, di`` (sums over the key axis, added in XLA), and a value block of ``dv`` (a contraction
+over the whole key axis, by as many programs as there are value blocks of 64, at most one each). Triton
+walks (1) and (3) per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the
+state in VMEM scratch; the per-chunk math is shared.
 
 ``backend="mosaic_gpu"``: the two serial passes (1) and (3) take Mosaic GPU bodies (``mosaic_gpu.py``; one
 warpgroup per (batch, head, value block of 64), the float32 state or state gradient the loop carry, one
@@ -80,20 +83,39 @@ def _rows(q, k, v, do, bc, sc, br, sr, ir, er, m_in, s, nv):
     return m_t, inv, dr, rho
 
 
-def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, s_ref, ds_ref, nv, dnv, dq_ref, dk_ref,
-                 dv_ref):
-    """Pass 4, one chunk (module docstring). Columns ``[C, 1]``: gates ``b, seg, i``, the row stabiliser
-    ``m_t``, ``ρ``, ``1/den``, ``dr``, the write weights ``ε`` and the carry ``φ``; rows ``[1, C]``:
-    ``b, seg, i``; refs of ``s, ds [K, V]`` (float32), the state before the chunk and the gradient after it,
-    each read where its phase begins (``s`` for ``dq``, ``dS`` for ``dv`` and ``dk``, both again for the
-    carry at the end), ``nv, dnv [1, K]`` likewise for the normaliser. Writes ``dq, dk [C, K]`` and
-    ``dv [C, V]`` to their refs, each as soon as it is finished; returns float32 ``db, di [C, 1]``. Reading
-    late and writing early keeps few float32 blocks live at once: the sm_90 compile spills registers otherwise."""
+def _decay(bc, sc, ir, mt, br, sr):
+    """``D_ts = e^{w_ts − m_t}`` ``[C, C]`` (causal, one document; 0 elsewhere)."""
+    c = bc.shape[0]
+    ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
+    return jnp.exp(jnp.where(ok, bc - br + ir, NEG) - mt)
+
+
+def _chunk_dv(q, k, do, bc, sc, mt, inv, ew, br, sr, ir, ds, dv_ref):
+    """``dv = (Q Kᵀ ⊙ D)ᵀ dnum + ε ⊙ K dS`` for one block of value columns: ``q, k [C, K]`` (all of the key
+    axis: both terms contract over it), that block's ``do [C, bv]`` and ``ds [K, bv]`` (float32, the state
+    gradient after the chunk), the columns ``b, seg, m_t, 1/den, ε`` and rows ``b, seg, i`` (as
+    ``_chunk_grads``)."""
+    md = do.dtype
+    dnm = (do.astype(f32) * inv).astype(md)
+    qk = (mm(q, k, _NT) * _decay(bc, sc, ir, mt, br, sr)).astype(md)
+    dv_ref[...] = (mm(qk, dnm, _TN) + ew * mm(k, ds.astype(md))).astype(dv_ref.dtype)
+
+
+def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, s_ref, ds_ref, nv, dnv, dq_ref, dk_ref):
+    """Pass 4, one chunk and one block of ``bk`` key columns (module docstring): ``q, k [C, bk]``,
+    ``v, do [C, V]``; columns ``[C, 1]``: gates ``b, seg, i``, the row stabiliser ``m_t``, ``ρ``, ``1/den``,
+    ``dr``, the write weights ``ε`` and the carry ``φ``; rows ``[1, C]``: ``b, seg, i``; refs of ``s, ds``
+    ``[bk, V]`` (float32), the block's rows of the state before the chunk and of the gradient after it, each
+    read where its phase begins (``s`` for ``dq``, ``dS`` for ``dk``, both again for the carry at the end),
+    ``nv, dnv [1, bk]`` likewise for the normaliser. Writes ``dq, dk [C, bk]`` to their refs, each as soon as
+    it is finished; returns this key block's share of ``db, di [C, 1]`` (float32; sums over the key axis,
+    added over the blocks in XLA). Every matrix term but ``dP [C, C]`` (recomputed per block) has a key axis:
+    a program per key block of 64 holds ``[C, 64]`` float32 blocks and ``[64, V]`` state rows, and the sm_90
+    compile keeps them in registers (the whole key axis in one program spilled)."""
     md = v.dtype
     c = q.shape[0]
-    ok = (lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)) & (sc == sr)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    d = jnp.exp(jnp.where(ok, bc - br + ir, NEG) - mt)
+    d = _decay(bc, sc, ir, mt, br, sr)
     dnum = do.astype(f32) * inv
     dnm = dnum.astype(md)
     da = jnp.where(strict, (mm(dnm, v, _NT) + dr) * d, 0.0).astype(md)
@@ -104,10 +126,8 @@ def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, 
     dq_rd = rho * (mm(dnm, s_ref[...].astype(md), _NT) + dr * nv)
     db_in, db_rd = _rsum(qf * dq_in), _rsum(qf * dq_rd)
     dq_ref[...] = (dq_in + dd * k.astype(f32) + dq_rd).astype(dq_ref.dtype)
-    # then dV and dK, both through dS (in the input dtype; held in float32 through the chunk, the [K, V]
-    # states spill registers on a GPU)
+    # then dK, through dS (in the input dtype; held in float32, the state rows spill registers on a GPU)
     dsm = ds_ref[...].astype(md)
-    dv_ref[...] = (mm((mm(q, k, _NT) * d).astype(md), dnm, _TN) + ew * mm(k, dsm)).astype(dv_ref.dtype)
     kf = k.astype(f32)
     dk_in = mm(da, q, _TN)
     col_m = _rsum(kf * dk_in)
@@ -160,10 +180,16 @@ def _rows_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, mi_ref, br_ref, sr
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref, dr_ref, ew_ref, fo_ref,
-                  br_ref, sr_ref, ir_ref, s_ref, ds_ref, n_ref, dn_ref, dq_ref, dk_ref, dv_ref, db_ref, di_ref):
+                  br_ref, sr_ref, ir_ref, s_ref, ds_ref, n_ref, dn_ref, qf_ref, kf_ref, dov_ref, dsv_ref, dq_ref, dk_ref,
+                  dv_ref, db_ref, di_ref, *, nv):
     db_ref[...], di_ref[...] = _chunk_grads(
         *(r[...] for r in (q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref, dr_ref, ew_ref,
-                           fo_ref, br_ref, sr_ref, ir_ref)), s_ref, ds_ref, n_ref[...], dn_ref[...], dq_ref, dk_ref, dv_ref)
+                           fo_ref, br_ref, sr_ref, ir_ref)), s_ref, ds_ref, n_ref[...], dn_ref[...], dq_ref, dk_ref)
+
+    @pl.when(pl.program_id(3) < nv)  # dv: a block of value columns, by the first nv programs
+    def _():
+        _chunk_dv(*(r[...] for r in (qf_ref, kf_ref, dov_ref, bc_ref, sc_ref, mt_ref, inv_ref, ew_ref, br_ref, sr_ref,
+                                     ir_ref, dsv_ref)), dv_ref)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -244,15 +270,35 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     dn_before = cum_f[..., None] * dnt.astype(f32)[:, :, None] + cum_r  # [b, h, N, K]
     dn0 = dn_before[:, :, 0]
     dn_after = jnp.concatenate([dn_before[:, :, 1:], dnt.astype(f32)[:, :, None]], axis=2)[:, :, :, None]
-    # (4) every chunk's gradients
+    # (4) every chunk's gradients, a program per key block of 64 (Mosaic TPU: the whole key axis, as its blocks'
+    # last dim must be a multiple of 128 or all of it); dv contracts over the whole key axis: the first nv of them
+    # write a value block of it each
+    bk = kp if tpu else min(kp, 64)
+    nk = kp // bk
+    nv = min(nk, max(1, vp // 64))
+    bv = vp // nv
+    vz = lambda z: jnp.minimum(z, nv - 1)  # the programs past nv write no dv
+    kblk = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, l, z: (i, j, l, 0))
+    kcol = pl.BlockSpec((None, None, c, bk), lambda i, j, l, z: (i, j, l, z))
+    vcol = pl.BlockSpec((None, None, c, bv), lambda i, j, l, z: (i, j, l, vz(z)))
+    krow = pl.BlockSpec((None, None, None, 1, c), lambda i, j, l, z: (i, j, l, 0, 0))
+    kstate = pl.BlockSpec((None, None, None, bk, vp), lambda i, j, l, z: (i, j, l, z, 0))
+    vstate_n = pl.BlockSpec((None, None, None, kp, bv), lambda i, j, l, z: (i, j, l, 0, vz(z)))
+    knorm = pl.BlockSpec((None, None, None, 1, bk), lambda i, j, l, z: (i, j, l, 0, z))
+    kpart = pl.BlockSpec((None, None, None, c, 1), lambda i, j, l, z: (z, i, j, l, 0))
+    pshape = jax.ShapeDtypeStruct((nk, b, h, tp, 1), f32)
     dq, dk, dv, db, di = pl.pallas_call(
-        _grads_kernel, grid=(b, h, n),
-        in_specs=[blk(kp), blk(kp), blk(vp), blk(vp)] + [blk(1)] * 9 + [rblk] * 3 + [state_n, state_n, norm_n, norm_n],
-        out_specs=[blk(kp), blk(kp), blk(vp), blk(1), blk(1)],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qh, kh, vh)] + [ccol, ccol],
-        interpret=interpret, compiler_params=par if tpu else triton_params(interpret, backend, num_warps=8, num_stages=1),
+        functools.partial(_grads_kernel, nv=nv), grid=(b, h, n, nk),
+        in_specs=[kcol, kcol, kblk(vp), kblk(vp)] + [kblk(1)] * 9 + [krow] * 3 + [kstate, kstate, knorm, knorm]
+        + [kblk(kp), kblk(kp), vcol, vstate_n],
+        out_specs=[kcol, kcol, vcol, kpart, kpart],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qh, kh, vh)] + [pshape, pshape],
+        interpret=interpret,
+        compiler_params=tpu_params(interpret, *["parallel"] * 4) if tpu
+        else triton_params(interpret, backend, num_warps=8, num_stages=1),
         name="mlstm_chunk_bwd_grads" + ("_tpu" if tpu else ""),
     )(qh, kh, vh, do, col(bt), col(st), col(it), mt, rho, inv, dr, col(ew), fo_t, row(bt), row(st), row(it),
-      hs, dhs, n_in[:, :, :, None], dn_after)
+      hs, dhs, n_in[:, :, :, None], dn_after, qh, kh, do, dhs)
+    db, di = jnp.sum(db, axis=0), jnp.sum(di, axis=0)
     dm0 = jnp.sum(dC0 * C0, axis=(2, 3)) + jnp.sum(dn0 * n0, axis=2)
     return dq, dk, dv, db[..., 0], di[..., 0], (dC0, dn0, dm0)
