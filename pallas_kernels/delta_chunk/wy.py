@@ -4,8 +4,12 @@ Per chunk of ``C`` tokens (gates in log space, chunk-local): ``A = tril(diag(bet
 (decays masked before ``exp``), ``X = (I + A)^{-1}``, ``W = X (beta gamma ⊙ K)`` and ``U = X (beta ⊙ V)``.
 The inverse is blocked by ``SUB = 16``: each diagonal ``16 x 16`` block by forward substitution (15 row
 steps, all diagonal blocks in one loop), the blocks below by block substitution ``X_ij = -X_ii
-sum_{j<=m<i} A_im X_mj`` in small matmuls. Sub-blocks are loaded from the refs at static offsets: the GPU
-lowering has no value slicing. One body per backend (Triton, Mosaic TPU), one driver: ``wy_factors``.
+sum_{j<=m<i} A_im X_mj`` in small matmuls. One body per backend (Triton, Mosaic TPU), one driver:
+``wy_factors`` (a single ``pallas_call``). The Triton body computes ``A`` as one ``[C, C]`` matmul
+over key tiles of 64 and cuts it into its ``16 x 16`` blocks with ``jnp.split`` (fla computes the same in
+``chunk_scaled_dot_kkt_fwd``, ``solve_tril`` and ``recompute_w_u_fwd``, three kernels), then writes ``W``
+and ``U`` in column tiles of 32: at ``sm_90``, 8 warps, no register spills. The Mosaic TPU body loads each
+block of ``K`` and of the gates from the refs at static offsets and builds ``A`` block by block.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._util import mm, tpu_params, triton_params
 
+KT = 64  # the key tile of the Triton body's ``K Kᵀ`` (fla's ``BK``)
+BD = 32  # the column tile of the Triton body's ``W``, ``U`` (fla's ``BK``, ``BV``: 64)
 SUB = 16  # sub-block of the in-kernel triangular inverse (the smallest GPU ``dot``)
 
 
@@ -54,19 +60,33 @@ def _block_inverse(a, diag):
 
 
 def _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref=None, *, direct=True):
-    """``W = X kb``, ``U = X vb`` block row by block row (``X`` is block lower triangular); ``kb(j)``,
-    ``vb(j)`` give block ``j`` in float32, computed where used rather than held (on a GPU, ``[C, K]`` float32
-    values live across the loop spill registers). With ``x_ref`` (the backward) also ``X`` itself
-    ``[C, C]``, zeros above the diagonal blocks. ``direct`` (Triton) stores each ``16 x 16`` block at its
-    lane offset. The Mosaic TPU body keeps ``[16, 16] x [16, C]`` placement matmuls (exact at ``HIGHEST``;
-    MXU work there) instead: a 16-lane store at a lane offset lowers, but whether Mosaic compiles it
-    cannot be checked without a TPU. On a GPU those float32 matmuls are FMA loops: the Triton body used
-    them until the sm_90 compile showed 26 KB of register spills per thread (now under 1 KB)."""
+    """``W = X kb``, ``U = X vb`` block row by block row (``X`` is block lower triangular); ``kb(j, cols)``,
+    ``vb(j, cols)`` give block ``j``'s columns ``cols`` in float32, computed where used rather than held (on a
+    GPU, ``[C, K]`` float32 values live across the loop spill registers). Per block row ``i`` the products
+    are summed over ``j`` outermost: ``X_ij`` is a matmul operand of every column tile before ``X_i,j+1``
+    is used, so one block of ``X`` at a time is held in operand form (summed innermost, all of row ``i``'s
+    are: the Triton body then took all 255 registers). ``direct`` (Triton) walks ``W`` and ``U`` in column
+    tiles of ``BD = 32``: a float32 ``[16, 16] x [16, D]`` matmul is an FMA loop whose right operand each
+    thread holds 16 rows deep for its share of the ``D`` columns (tiles of 64 spill 164 bytes per thread
+    with float32 inputs, none with bf16). It stores each ``16 x 16`` block of ``X`` at its lane offset.
+    With ``x_ref`` (the backward) also ``X`` itself ``[C, C]``, zeros above the diagonal blocks. The Mosaic
+    TPU body takes ``W``, ``U`` whole and keeps ``[16, 16] x [16, C]`` placement matmuls for ``X`` (exact at
+    ``HIGHEST``; MXU work there) instead: a 16-lane store at a lane offset lowers, but whether Mosaic
+    compiles it cannot be checked without a TPU. On a GPU those float32 matmuls are FMA loops: the Triton
+    body used them until the sm_90 compile showed 26 KB of register spills per thread."""
     hi = lax.Precision.HIGHEST
     c = len(blk) * SUB
+    tiles = []  # (output ref, its float32 operand, a column slice)
+    for ref, fb in ((w_ref, kb), (u_ref, vb)):
+        d = ref.shape[-1]
+        t = min(d, BD) if direct else d
+        tiles += [(ref, fb, pl.ds(c0, t)) for c0 in range(0, d, t)]
     for i, rows in enumerate(blk):
-        w_ref[rows, :] = sum(mm(x[i, j], kb(j), precision=hi) for j in range(i + 1)).astype(w_ref.dtype)
-        u_ref[rows, :] = sum(mm(x[i, j], vb(j), precision=hi) for j in range(i + 1)).astype(u_ref.dtype)
+        acc = [0.0] * len(tiles)
+        for j in range(i + 1):
+            acc = [s_ + mm(x[i, j], fb(j, cols), precision=hi) for s_, (_, fb, cols) in zip(acc, tiles)]
+        for s_, (ref, _, cols) in zip(acc, tiles):
+            ref[rows, cols] = s_.astype(ref.dtype)
         if x_ref is None:
             continue
         if direct:
@@ -90,22 +110,33 @@ def _sub_blocks(c):
 
 def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c):
     """One chunk: ``X = (I + tril(diag(beta) K Kᵀ ⊙ Gamma, -1))^{-1}``, ``W = X (beta gamma ⊙ K)``,
-    ``U = X (beta ⊙ V)``.
+    ``U = X (beta ⊙ V)`` (the Triton body).
 
-    The inverse is blocked by ``SUB = 16``: each diagonal ``16 x 16`` block is inverted by forward
-    substitution (15 dependent row steps, all diagonal blocks in the same loop), the blocks below the
-    diagonal follow by block forward substitution ``X_ij = -X_ii sum_{j<=m<i} A_im X_mj`` in small
-    matmuls. Every sub-block is loaded from the refs at a static offset (no value slicing).
+    ``A`` is one ``[C, C]`` product ``K Kᵀ`` summed over key tiles of ``KT = 64`` (fla's
+    ``chunk_scaled_dot_kkt``), gated and masked whole, then cut into its ``16 x 16`` blocks by value with
+    ``jnp.split`` (equal power-of-two parts: a reshape, a transpose and ``tt.split`` in the Triton
+    lowering). Built block by block instead (``[16, K] x [K, 16]`` products of blocks loaded from the ref),
+    every block of ``K`` stayed a live matmul operand (the loads are shared by all products of a block) and
+    every ``16 x 16`` result sat in the MMA layout, which repeats a 16-row tile on each of the 8 warps: the
+    ``sm_90`` compile took all 255 registers and spilled, however ``W`` and ``U`` were written. The inverse
+    is blocked by ``SUB = 16``: each diagonal block by forward substitution (15 dependent row steps, all
+    diagonal blocks in the same loop), the blocks below the diagonal by block forward substitution ``X_ij =
+    -X_ii sum_{j<=m<i} A_im X_mj`` in small matmuls. The gates of each block and the operands of ``W``,
+    ``U`` are loaded from the refs at static offsets.
     """
     f32 = jnp.float32
-    nb, row, strict, eye, blk = _sub_blocks(c)
-    k = [k_ref[s, :] for s in blk]
-    beta, g, seg = ([r[s] for s in blk] for r in (b_ref, g_ref, s_ref))
-    a = {}
-    for i in range(nb):
-        for j in range(i + 1):
-            gam = _decay(g[i], g[j], seg[i], seg[j], strict if i == j else None)
-            a[i, j] = beta[i][:, None] * _dot_t(k[i], k[j], False) * gam
+    nb, row, _, eye, blk = _sub_blocks(c)
+    beta, g, seg = ([ref[s] for s in blk] for ref in (b_ref, g_ref, s_ref))
+    dk = k_ref.shape[-1]
+    kk = 0.0
+    for c0 in range(0, dk, min(dk, KT)):
+        kt = k_ref[:, pl.ds(c0, min(dk, KT))]
+        kk = kk + _dot_t(kt, kt, False)
+    t_i, t_j = lax.broadcasted_iota(jnp.int32, (c, c), 0), lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    g_c, s_c = g_ref[...], s_ref[...]
+    a_full = b_ref[...][:, None] * kk * _decay(g_c, g_c, s_c, s_c, t_i > t_j)
+    a = {(i, j): a_ij for i, a_i in enumerate(jnp.split(a_full, nb, axis=0))
+         for j, a_ij in enumerate(jnp.split(a_i, nb, axis=1)) if j <= i}
 
     def substitute(r, xs):  # row r of every diagonal block: x_r = e_r - sum_{j<r} a[r, j] x_j
         out = []
@@ -118,8 +149,8 @@ def _wy_kernel(k_ref, v_ref, b_ref, g_ref, s_ref, w_ref, u_ref, x_ref=None, *, c
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)
     gamma = [chunk_gamma(g[j], seg[j]) for j in range(nb)]
-    kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])[:, None]
-    vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j][:, None]
+    kb = lambda j, cols: k_ref[blk[j], cols].astype(f32) * (beta[j] * gamma[j])[:, None]
+    vb = lambda j, cols: v_ref[blk[j], cols].astype(f32) * beta[j][:, None]
     _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref, direct=True)
 
 
@@ -154,8 +185,8 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
     diag = lax.fori_loop(1, SUB, substitute, tuple(eye for _ in range(nb)))
     x = _block_inverse(a, diag)
     gamma = [chunk_gamma(gcol[j], scol[j]) for j in range(nb)]
-    kb = lambda j: k_ref[blk[j], :].astype(f32) * (beta[j] * gamma[j])
-    vb = lambda j: v_ref[blk[j], :].astype(f32) * beta[j]
+    kb = lambda j, cols: k_ref[blk[j], cols].astype(f32) * (beta[j] * gamma[j])
+    vb = lambda j, cols: v_ref[blk[j], cols].astype(f32) * beta[j]
     _write_wy(x, kb, vb, blk, w_ref, u_ref, x_ref, direct=False)
 
 
