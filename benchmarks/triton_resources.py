@@ -1,7 +1,7 @@
 """What each Pallas GPU kernel costs an H100/H200 in shared memory and registers, measured without a GPU.
 
 ``jax.export(platforms=("cuda",))`` runs the Pallas -> Triton IR lowering on any machine; this script keeps
-that IR for every kernel of the chunked mixers (forward and backward, bf16, head dims 128, chunk 64), then
+that IR for every kernel of the chunked mixers (forward and backward, bf16, head dims 128 or ``--dim``, chunk 64), then
 compiles it for ``sm_90`` with the ``triton`` wheel (``pip install triton``; no GPU or driver needed: Triton
 bundles ``ptxas``) and prints, per kernel, the shared memory the launch needs (an H100/H200 block may have at
 most 227 KiB) and the registers and spill bytes ``ptxas -v`` reports. A kernel over the shared-memory limit
@@ -13,7 +13,7 @@ numbers are close, not equal. The IR is captured by wrapping a private jax funct
 updated. The compile runs in a subprocess (Triton's and jaxlib's LLVMs stay apart), with ``--python``'s
 interpreter if the triton wheel lives in another environment.
 
-    python benchmarks/triton_resources.py [--kernels=gla,chan,delta,mlstm] [--python=PY] [--out=FILE] [--only=RE] [--keep=DIR]
+    python benchmarks/triton_resources.py [--kernels=gla,chan,delta,mlstm] [--dim=128] [--python=PY] [--out=FILE] [--only=RE] [--keep=DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ COMPILE = "compile-ttir"  # the first argument of the compile subprocess
 SMEM_LIMIT = 227 * 1024  # the most shared memory one block may opt into on sm_90 (H100, H200)
 
 
-def dump(kernels: list[str], out: str) -> dict[str, tuple[int, int]]:
+def dump(kernels: list[str], out: str, dim: int = 128) -> dict[str, tuple[int, int]]:
     """Write ``<out>/<name>.ttir`` for every Triton kernel of ``kernels``' forward and gradient; return
     ``{name: (num_warps, num_stages)}``."""
     sys.path.insert(0, ROOT)
@@ -58,7 +58,7 @@ def dump(kernels: list[str], out: str) -> dict[str, tuple[int, int]]:
 
     lowering.lower_jaxpr_to_triton_module = keep
     try:
-        q = jnp.zeros((2, 256, 2, 128), jnp.bfloat16)
+        q = jnp.zeros((2, 256, 2, dim), jnp.bfloat16)
         g = jnp.zeros((2, 256, 2))
         kw = dict(chunk_size=64, interpret=False, backend="triton")
         forms = {"gla": lambda q, v, g: gla_chunk_pallas(q, q, v, g, **kw),
@@ -115,6 +115,7 @@ def compile_all(out: str, only: str = "") -> list[dict]:
 @dataclasses.dataclass
 class Args:
     kernels: tuple[str, ...] = ("gla", "chan", "delta", "mlstm")
+    dim: int = 128  # the key and value head dim
     python: str = sys.executable  # an interpreter with the triton wheel
     out: str = ""  # also write the table to this markdown file
     only: str = ""  # compile only the kernels whose name matches this regex
@@ -138,7 +139,7 @@ def main(argv=None):
         os.makedirs(a.keep)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = a.keep or tmp
-        params = dump(list(a.kernels), tmp)
+        params = dump(list(a.kernels), tmp, a.dim)
         with open(os.path.join(tmp, "params.json"), "w") as f:
             json.dump(params, f)
         res = subprocess.run([a.python, os.path.abspath(__file__), COMPILE, tmp, a.only],
@@ -149,7 +150,7 @@ def main(argv=None):
     import jax
 
     lines = [f"# Pallas GPU kernels compiled for sm_90 without a GPU (jax {jax.__version__}, triton {found['triton']})", "",
-             "B=2, T=256, H=2, D=128, bf16, chunk 64; forward and backward kernels (`#2`: a kernel's second call, e.g.",
+             f"B=2, T=256, H=2, D={a.dim}, bf16, chunk 64; forward and backward kernels (`#2`: a kernel's second call, e.g.",
              "the WY factors again with the inverse in the backward). Limit: 227 KiB shared memory per block on an",
              "H100/H200. Spills: bytes of register spill stores per thread (`ptxas -v`). Compile: seconds for",
              "Triton IR -> PTX -> SASS on this machine's one core (the device pays it again for every new shape).", "",

@@ -53,6 +53,16 @@ def triton_params(interpret: bool, backend: str, *, num_warps: int = 4, num_stag
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def walk_params(interpret: bool, backend: str, kp: int, *, num_warps: int = 4, num_stages: int = 2):
+    """:func:`triton_params` of a serial walk over the chunks (one program per value block carrying a
+    ``[K, BV]`` state): ``num_warps``, ``num_stages`` up to key dims of 128; above, 8 warps and 1 stage, since
+    each pipeline stage holds another chunk of ``[C, K]`` inputs in shared memory (at K = 256, 2 stages ask
+    for 242-307 KiB, over the 227 KiB of an H100/H200 block, and 4 warps spill registers)."""
+    if kp > 128:
+        num_warps, num_stages = 8, 1
+    return triton_params(interpret, backend, num_warps=num_warps, num_stages=num_stages)
+
+
 def tpu_params(interpret: bool, *dimension_semantics: str):
     """Mosaic TPU compiler params (``"parallel"`` / ``"arbitrary"`` per grid axis); ``None`` interpreted."""
     if interpret:

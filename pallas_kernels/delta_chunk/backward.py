@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import chunk_block, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, tpu_params, triton_params, walk_params
 from pallas_kernels.delta_chunk.forward import _NT, _TN, _col_factors, _decay_incl, _mm, chunk_states, f32
 from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
@@ -252,7 +252,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         grow = pl.BlockSpec((None, None, n, 1, c), lambda i, j, l: (i, j, 0, 0, 0))
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
         vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
-        walk = triton_params(interpret, backend, num_warps=8, num_stages=2)
+        walk = walk_params(interpret, backend, kp, num_warps=8, num_stages=2)
         dhs, dh0 = pl.pallas_call(
             functools.partial(_dstates_kernel, c=c, n=n, scale=scale), grid=(b, h, vp // bv),
             in_specs=[full(kp), full(kp), full(kp), vseq, full(1), full(1), full(1), grow, grow, vstate],

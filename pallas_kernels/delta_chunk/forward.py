@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import key_pad
-from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, walk_params
 from pallas_kernels.delta_chunk.mosaic_gpu import chunk_out_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
@@ -145,7 +145,7 @@ def chunk_states(kh, w, u, g, rev, seg, h0p, *, c, interpret, backend, dtype=f32
         functools.partial(_states_kernel, c=c, n=n), grid=(b, h, vp // bv),
         in_specs=[full(kp), full(kp), vseq, full(1), full(1), full(1), vstate],
         out_specs=[vstates, vstate] + ([vseq] if with_u_new else []), out_shape=out_shape, interpret=interpret,
-        compiler_params=triton_params(interpret, backend, num_warps=4, num_stages=1), name="delta_chunk_states",
+        compiler_params=walk_params(interpret, backend, kp, num_warps=4, num_stages=1), name="delta_chunk_states",
     )(kh, w, u, *cols, h0p)
 
 

@@ -28,7 +28,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import chunk_block, masked_exp, mm, out_specs, token_loop, tpu_params, triton_params
+from pallas_kernels._util import (
+    chunk_block,
+    masked_exp,
+    mm,
+    out_specs,
+    token_loop,
+    tpu_params,
+    triton_params,
+    walk_params,
+)
 from pallas_kernels.gla_chunk.channel import SUB, channel_factors, channel_intra, channel_states
 
 f32 = jnp.float32
@@ -272,7 +281,7 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
         vstate = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
         vstates = pl.BlockSpec((None, None, n, bv, kp), lambda i, j, l: (i, j, 0, l, 0))
-        walk = triton_params(interpret, backend)
+        walk = walk_params(interpret, backend, kp)
         dhs, dh0t = pl.pallas_call(
             functools.partial(_channel_dstates_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
             in_specs=[full(kp), vseq, full(kp), full(kp), full(kp), vstate], out_specs=[vstates, vstate],

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import masked_exp, mm, out_specs, token_loop, tpu_params, triton_params
+from pallas_kernels._util import masked_exp, mm, out_specs, token_loop, tpu_params, triton_params, walk_params
 
 SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
 
@@ -225,7 +225,7 @@ def channel_states(k, v, bc, seg, p, h0t, *, chunk, interpret, backend, dtype=jn
         in_specs=[full(kp), pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l)), full(kp), full(kp),
                   full(kp), vstate],
         out_specs=[pl.BlockSpec((None, None, n, bv, kp), lambda i, j, l: (i, j, 0, l, 0)), vstate], out_shape=out_shape,
-        interpret=interpret, compiler_params=triton_params(interpret, backend), name="gla_chunk_channel_states",
+        interpret=interpret, compiler_params=walk_params(interpret, backend, kp), name="gla_chunk_channel_states",
     )(k, v, bc, seg, p, h0t)
 
 

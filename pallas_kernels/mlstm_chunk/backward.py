@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import key_pad
-from pallas_kernels._util import chunk_block, mm, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, mm, tpu_params, triton_params, walk_params
 from pallas_kernels.mlstm_chunk.forward import (
     _NT,
     _TN,
@@ -230,7 +230,7 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
         vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
-        walk = triton_params(interpret, backend)
+        walk = walk_params(interpret, backend, kp)
     # (2) per row: the stabiliser, 1/den, dr and the readout weight (the chunk's forward again)
     ccol = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
     mt, inv, dr, rho = pl.pallas_call(

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import key_pad
-from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, walk_params
 from pallas_kernels.mlstm_chunk.mosaic_gpu import out_mosaic_gpu, states_mosaic_gpu
 from seqjax.ops.gla import prepare_chunks
 
@@ -172,7 +172,7 @@ def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
         functools.partial(_states_kernel, c=c, n=n), grid=(b, h, vp // bv),
         in_specs=[full(kp), pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l)), full(1), full(1), vstate],
         out_specs=[pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l)), vstate], out_shape=out_shape,
-        interpret=interpret, compiler_params=triton_params(interpret, backend), name="mlstm_chunk_states",
+        interpret=interpret, compiler_params=walk_params(interpret, backend, kp), name="mlstm_chunk_states",
     )(kh, vh, ew, fo, C0)
 
 
