@@ -55,6 +55,7 @@ def _grads(f, inp, key):
     (20, 16, 128, 16, False), (20, 16, 128, 16, True),  # two value blocks of 64 in the Triton state passes
     (257, 16, 16, 64, False),  # five chunks (not a power of two), one of them nearly all padding
     (40, 9, 200, 16, True),  # dv padded to 256: two value blocks of the per-channel output kernel
+    (40, 130, 200, 16, False),  # head dims padded to 256: four key blocks, and 64-column loops, in the gradient kernel
 ])
 def test_kernel_equals_reference(t, dk, dv, chunk, channel):
     inp = _inputs(jax.random.PRNGKey(t), t, dk, dv, channel=channel)

@@ -32,7 +32,10 @@ Three ``pallas_call``s, as fla's ``chunk_fwd_h`` / ``chunk_bwd_dh`` / ``chunk_bw
    the inputs is kept from the forward, so training memory is the inputs plus ``H`` and ``dH``, linear in
    ``T`` with ``K V / C`` floats per token and head);
 2. ``_dstates``: ``dH`` (the gradient of the state after every chunk) walking the chunks backwards, and ``dh0``;
-3. ``_grads``: grid ``(batch, heads, chunks)``, every chunk at once: ``dQ, dK, dV, db``.
+3. ``_grads``: grid ``(batch, heads, chunks, key blocks)``, every chunk at once: a program per key block of
+   64 (fla's ``BK``; Mosaic TPU: one block, the whole key axis) writes that block's ``dQ, dK`` and its share
+   of ``db`` (sums over the key axis, added in XLA); ``dV``, which contracts over the whole key axis, a value
+   block each by the first of them. On Triton, contractions over a head dim past 128 run 64 columns at a time.
 
 Backends as the forward: Triton (GPU, and the CPU interpreter) walks the chunks of 1. and 2. with a
 ``fori_loop`` per (batch, head, value block); under ``backend="mosaic_gpu"`` so does Mosaic GPU
@@ -54,7 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import chunk_block, masked_exp, mm, tpu_params, triton_params
+from pallas_kernels._util import chunk_block, masked_exp, mm, tpu_params, triton_params, walk_params
 from pallas_kernels.gla_chunk.backward_mosaic_gpu import head_walks_mosaic_gpu
 
 f32 = jnp.float32
@@ -86,44 +89,86 @@ def _dstate_step(q, do, bc, sc, pc, ds):
     return a * ds + mm((q.astype(f32) * fs).astype(do.dtype), do, _T0)
 
 
-def _chunk_grads(q, k, v, do, bc, sc, pc, br, sr, pr, s, ds, dq_ref, dk_ref, dv_ref):
-    """One chunk: ``q, k [C, K]``, ``v, do [C, V]`` (input dtype), gates as columns ``[C, 1]`` and rows
-    ``[1, C]``, ``s`` the state before the chunk and ``ds`` the gradient of the state after it
-    (``[K, V]`` float32). Writes ``dq, dk [C, K]`` and ``dv [C, V]`` to their refs, each as soon as it is
-    finished (few ``[C, K]`` float32 blocks live at once: the sm_90 compile spills registers otherwise);
-    returns ``db [C, 1]`` (float32)."""
-    dt = v.dtype
+def _decay(bc, sc, pc, br, sr, pr):
+    """``D [C, C]`` from gates as columns ``[C, 1]`` and rows ``[1, C]``, the diagonal included (``= 1``)."""
+    c = bc.shape[0]
+    causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return masked_exp(causal & (sc == sr), bc - br) * (pc * pr)
+
+
+def _blocks(n, w, terms):
+    """``Σ_j terms(sl_j)`` in block order, ``sl_j`` the slice of the ``j``-th of ``n`` blocks of ``w`` columns
+    (``terms`` reads its operands from refs through it and returns a tuple); ``n > 1`` as a ``fori_loop``
+    (one block's operands live at a time)."""
+    if n == 1:
+        return terms(slice(None))
+    add = lambda j, acc: tuple(u + x for u, x in zip(acc, terms(pl.ds(pl.multiple_of(j * w, w), w))))
+    return lax.fori_loop(1, n, add, terms(pl.ds(0, w)))
+
+
+def _chunk_grads(q, k, v_ref, do_ref, bc, sc, pc, br, sr, pr, s_ref, ds_ref, dq_ref, dk_ref, *, bv):
+    """One chunk and one block of ``bk`` key columns: ``q, k [C, bk]`` (input dtype), refs of ``v, do [C, V]``,
+    gates as columns ``[C, 1]`` and rows ``[1, C]``, refs of ``s`` (the state before the chunk) and ``ds``
+    (the gradient of the state after it), the block's rows ``[bk, V]`` (float32). Writes ``dq, dk [C, bk]``
+    to their refs, each as soon as it is finished (few ``[C, bk]`` float32 blocks live at once); returns this
+    key block's share of ``db [C, 1]`` (float32; its terms are sums over the key axis, added over the blocks
+    in XLA). Every term but ``dO Vᵀ [C, C]`` (recomputed per block) has a key axis: on Triton a program per
+    key block of 64 holds ``[C, 64]`` float32 blocks (the whole key axis in one program needed 384 KiB of
+    shared memory at head dim 256, over an H100's 227, and spilled registers).
+
+    The contractions over the value axis (``dO Vᵀ`` and its diagonal, ``dO Sᵀ``, ``V dS'ᵀ``, ``⟨S, dS'⟩``):
+    with ``bv`` the whole axis, each where it is used (``v, do`` read once, the state rows where their phase
+    begins and again for ``⟨S, dS'⟩``); with ``bv`` smaller, all five in one loop over value blocks of ``bv``
+    first (a ``[bk, bv]`` slice of the states live at a time)."""
+    dt = v_ref.dtype
     c = q.shape[0]
-    # the float32 states are read once, here (held through the chunk on a GPU they spill registers)
-    carry = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)  # ⟨S, dS'⟩ [1, 1]
-    sm, dsm = s.astype(dt), ds.astype(dt)
+    prods = {  # of the value blocks (or the whole axis) that ``at`` reads from a ref
+        "dp": lambda at: mm(at(do_ref), at(v_ref), _T1),  # dO Vᵀ
+        "diag": lambda at: jnp.sum(at(do_ref).astype(f32) * at(v_ref).astype(f32), axis=1, keepdims=True),  # D_tt = 1
+        "dos": lambda at: mm(at(do_ref), at(s_ref).astype(dt), _T1),
+        "vds": lambda at: mm(at(v_ref), at(ds_ref).astype(dt), _T1),
+        "carry": lambda at: jnp.sum(jnp.sum(at(s_ref) * at(ds_ref), axis=1, keepdims=True), axis=0, keepdims=True),
+    }
+    if bv < v_ref.shape[1]:
+        sums = _blocks(v_ref.shape[1] // bv, bv, lambda sl: tuple(f(lambda r: r[:, sl]) for f in prods.values()))
+        get = dict(zip(prods, sums)).__getitem__
+    else:
+        v, do = v_ref[...], do_ref[...]
+        get = lambda name: prods[name](lambda r: v if r is v_ref else do if r is do_ref else r[...])
     rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    same = sc == sr
-    d = masked_exp((rows >= cols) & same, bc - br) * (pc * pr)  # D, diagonal included (= 1)
     fs, fe, a = _state_factors(bc, sc, pc)
-    dp = mm(do, v, _T1)  # dO Vᵀ
-    da = jnp.where(rows > cols, dp * d, 0.0).astype(dt)  # strictly below the diagonal
-    diag = jnp.sum(do.astype(f32) * v.astype(f32), axis=1, keepdims=True)  # the diagonal of dO Vᵀ (D_tt = 1)
+    da = jnp.where(rows > cols, get("dp") * _decay(bc, sc, pc, br, sr, pr), 0.0).astype(dt)  # below the diagonal
+    diag = get("diag")
     qf = q.astype(f32)
     dq_in = mm(da, k)
-    dq_st = fs * mm(do, sm, _T1)
+    dq_st = fs * get("dos")
     db_in, db_st = jnp.sum(qf * dq_in, axis=1, keepdims=True), jnp.sum(qf * dq_st, axis=1, keepdims=True)
     dq_ref[...] = (dq_in + dq_st + diag * k.astype(f32)).astype(dq_ref.dtype)
     kf = k.astype(f32)
     dk_in = mm(da, q, _T0)
-    dk_st = fe * mm(v, dsm, _T1)
+    dk_st = fe * get("vds")
     # db: rows minus columns of M = dO Vᵀ ⊙ Q Kᵀ ⊙ D without its diagonal, the state read, the state
     # writes of all but the last token (whose own write cancels against ⟨S', dS'⟩ exactly), and at the
     # last token ⟨S', dS'⟩ minus that write: a ⟨S, dS'⟩ + Σ_{s<C} k_s · dK^{state}_s
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     writes = jnp.where(is_last, 0.0, jnp.sum(kf * dk_st, axis=1, keepdims=True))
-    end = a * carry + jnp.sum(writes, axis=0, keepdims=True)
-    db = db_in - jnp.sum(kf * dk_in, axis=1, keepdims=True) + db_st - writes + jnp.where(is_last, end, 0.0)
     dk_ref[...] = (dk_in + dk_st + diag * qf).astype(dk_ref.dtype)
-    att = mm(q, k, _T1) * d  # Q Kᵀ ⊙ D
-    dv_ref[...] = (mm(att.astype(dt), do, _T0) + fe * mm(k, dsm)).astype(dv_ref.dtype)
-    return db
+    end = a * get("carry") + jnp.sum(writes, axis=0, keepdims=True)
+    return db_in - jnp.sum(kf * dk_in, axis=1, keepdims=True) + db_st - writes + jnp.where(is_last, end, 0.0)
+
+
+def _chunk_dv(q_ref, k_ref, do, bc, sc, pc, br, sr, pr, ds_ref, dv_ref, *, bk):
+    """``dV = (Q Kᵀ ⊙ D)ᵀ dO + f^e ⊙ (K dS')`` for one block of value columns: refs of ``q, k [C, K]`` (all of
+    the key axis: both terms contract over it, a block of ``bk`` key columns at a time), that block's
+    ``do [C, bv]`` and a ref of ``ds [K, bv]`` (float32, the state gradient after the chunk), gates as
+    ``_chunk_grads``."""
+    dt = do.dtype
+    _, fe, _ = _state_factors(bc, sc, pc)
+    qk, kds = _blocks(q_ref.shape[1] // bk, bk, lambda sl: (
+        mm(q_ref[:, sl], k_ref[:, sl], _T1), mm(k_ref[:, sl], ds_ref[sl, :].astype(dt))))
+    att = qk * _decay(bc, sc, pc, br, sr, pr)  # Q Kᵀ ⊙ D
+    dv_ref[...] = (mm(att.astype(dt), do, _T0) + fe * kds).astype(dv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton / interpreter
@@ -149,9 +194,17 @@ def _dstates_kernel(q_ref, do_ref, bc_ref, sc_ref, pc_ref, dht_ref, dhs_ref, dh0
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_ref, h_ref, dh_ref,
-                  dq_ref, dk_ref, dv_ref, db_ref):
-    db_ref[...] = _chunk_grads(q_ref[...], k_ref[...], v_ref[...], do_ref[...], bc_ref[...], sc_ref[...], pc_ref[...],
-                               br_ref[...], sr_ref[...], pr_ref[...], h_ref[...], dh_ref[...], dq_ref, dk_ref, dv_ref)
+                  qf_ref, kf_ref, dov_ref, dhv_ref, dq_ref, dk_ref, dv_ref, db_ref, *, nv, wv, wk):
+    """Both backends: one chunk and key block (Mosaic TPU: the whole key axis) per grid step
+    ``(batch, head, chunk, key block)``; ``dv`` a block of value columns, by the first ``nv`` of them, from
+    the whole key axis (``qf, kf [C, K]``, ``dhv [K, bv]``). ``wv, wk``: the width of the value blocks of
+    ``_chunk_grads``' contractions and of the key blocks of ``_chunk_dv``'s (the whole axis: no loop)."""
+    gates = [r[...] for r in (bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_ref)]
+    db_ref[...] = _chunk_grads(q_ref[...], k_ref[...], v_ref, do_ref, *gates, h_ref, dh_ref, dq_ref, dk_ref, bv=wv)
+
+    @pl.when(pl.program_id(3) < nv)
+    def _():
+        _chunk_dv(qf_ref, kf_ref, dov_ref[...], *gates, dhv_ref, dv_ref, bk=wk)
 
 
 # ----------------------------------------------------------------------------- Mosaic TPU
@@ -203,10 +256,9 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     hs_shape = jax.ShapeDtypeStruct((bsz, h, n, kp, vp), f32)
     st_shape = jax.ShapeDtypeStruct((bsz, h, kp, vp), f32)
     ccol = pl.BlockSpec((None, None, chunk, 1), lambda i, j, l: (i, j, l, 0))
-    crow = pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, l: (i, j, l, 0, 0))
     chunk_state = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, l, 0, 0))
-    grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)] + [jax.ShapeDtypeStruct((bsz, h, tp, 1), f32)]
-    if backend == "mosaic_tpu":
+    tpu = backend == "mosaic_tpu"
+    if tpu:
         qh, kh, vh, doh = map(heads, (q, k, v, do))
         blk = lambda d, rev=False: chunk_block(chunk, d, n if rev else None)
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
@@ -225,8 +277,6 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
             out_shape=[hs_shape, st_shape], scratch_shapes=[pltpu.VMEM((kp, vp), f32)],
             interpret=interpret, compiler_params=seq, name="gla_chunk_bwd_dstates_tpu",
         )(qh, doh, *cols, dht)
-        big, big_args, params = blk, (qh, kh, vh, doh), tpu_params(interpret, "parallel", "parallel", "parallel")
-        grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qh, kh, vh)] + grad_shapes[3:]
     elif backend == "mosaic_gpu":  # the two walks on Mosaic GPU (backward_mosaic_gpu.py), the chunk gradients on Triton
         hs, dhs, dh0 = head_walks_mosaic_gpu(q, k, v, bc, seg, p, h0, do, dht, chunk=chunk, interpret=interpret)
     else:
@@ -236,7 +286,7 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
         gseq = pl.BlockSpec((None, None, tp, 1), lambda i, j, l: (i, j, 0, 0))
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
         vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
-        walk = triton_params(interpret, backend)
+        walk = walk_params(interpret, backend, kp)
         hs = pl.pallas_call(
             functools.partial(_states_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
             in_specs=[tseq(kp), tseq(bv, True), gseq, gseq, gseq, vstate], out_specs=vstates, out_shape=hs_shape,
@@ -247,16 +297,38 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
             in_specs=[tseq(kp), tseq(bv, True), gseq, gseq, gseq, vstate], out_specs=[vstates, vstate],
             out_shape=[hs_shape, st_shape], interpret=interpret, compiler_params=walk, name="gla_chunk_bwd_dstates",
         )(q, do, *cols, dht)
-    if backend != "mosaic_tpu":
-        big = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, j, l: (i, l, j, 0))
+    # every chunk's gradients, a program per key block of 64 (Mosaic TPU: the whole key axis, as its blocks'
+    # last dim must be a multiple of 128 or all of it); dv contracts over the whole key axis: the first nv of
+    # them write a value block of it each
+    bk = kp if tpu else min(kp, 64)
+    nk = kp // bk
+    nv = min(nk, max(1, vp // 64))
+    bv = vp // nv
+    vz = lambda z: jnp.minimum(z, nv - 1)  # the programs past nv write no dv
+    # the contractions over a head dim past 128 (the value axis in dq, dk; the key axis in dv) run 64 columns
+    # at a time on Triton: compiled for sm_90 (bf16, chunk 64, 8 warps), at 256 the whole axes spilled 0.2 KB of
+    # registers per thread and the loops none; at 128 the whole axes none and the loops a few dozen bytes
+    sub = lambda d: d if tpu or d <= 128 else 64
+    if tpu:  # heads-first [b, h, Tp, d]
+        big_args, params = (qh, kh, vh, doh), tpu_params(interpret, *["parallel"] * 4)
+        big = lambda d, f=lambda z: 0: pl.BlockSpec((None, None, chunk, d), lambda i, j, l, z: (i, j, l, f(z)))
+    else:  # time-major [b, Tp, h, d]
         big_args, params = (q, k, v, do), triton_params(interpret, "triton", num_warps=8, num_stages=1)
+        big = lambda d, f=lambda z: 0: pl.BlockSpec((None, chunk, None, d), lambda i, j, l, z: (i, l, j, f(z)))
+    kcol, vcol = big(bk, lambda z: z), big(bv, vz)
+    col = pl.BlockSpec((None, None, chunk, 1), lambda i, j, l, z: (i, j, l, 0))
+    row = pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, l, z: (i, j, l, 0, 0))
+    kstate = pl.BlockSpec((None, None, None, bk, vp), lambda i, j, l, z: (i, j, l, z, 0))
+    vstate = pl.BlockSpec((None, None, None, kp, bv), lambda i, j, l, z: (i, j, l, 0, vz(z)))
+    kpart = pl.BlockSpec((None, None, None, chunk, 1), lambda i, j, l, z: (z, i, j, l, 0))
     dq, dk, dv, db = pl.pallas_call(
-        _grads_kernel, grid=(bsz, h, n),
-        in_specs=[big(kp), big(kp), big(vp), big(vp), ccol, ccol, ccol, crow, crow, crow, chunk_state, chunk_state],
-        out_specs=[big(kp), big(kp), big(vp), ccol], out_shape=grad_shapes,
-        interpret=interpret, compiler_params=params,
-        name="gla_chunk_bwd_grads" + ("_tpu" if backend == "mosaic_tpu" else ""),
-    )(*big_args, *cols, *rows, hs, dhs)
-    if backend == "mosaic_tpu":
+        functools.partial(_grads_kernel, nv=nv, wv=sub(vp), wk=sub(kp)), grid=(bsz, h, n, nk),
+        in_specs=[kcol, kcol, big(vp), big(vp)] + [col] * 3 + [row] * 3 + [kstate, kstate, big(kp), big(kp), vcol, vstate],
+        out_specs=[kcol, kcol, vcol, kpart],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in big_args[:3]]
+        + [jax.ShapeDtypeStruct((nk, bsz, h, tp, 1), f32)],
+        interpret=interpret, compiler_params=params, name="gla_chunk_bwd_grads" + ("_tpu" if tpu else ""),
+    )(*big_args, *cols, *rows, hs, dhs, big_args[0], big_args[1], big_args[3], dhs)
+    if tpu:
         dq, dk, dv = (jnp.moveaxis(x, 1, 2) for x in (dq, dk, dv))
-    return dq, dk, dv, jnp.moveaxis(db[..., 0], 1, 2), dh0
+    return dq, dk, dv, jnp.moveaxis(jnp.sum(db, axis=0)[..., 0], 1, 2), dh0
