@@ -57,11 +57,12 @@ def test_kernel_equals_reference(dk, dv, t, chunk):
     _close(g, g_ref, 1e-3, f"dk={dk} grads")
 
 
-@pytest.mark.parametrize("log_decay", [-1e-4, -20.0])
-def test_kernel_gate_extremes(log_decay):
+@pytest.mark.parametrize("log_decay,dk", [(-1e-4, 6), (-20.0, 6), (-20.0, 72)])
+def test_kernel_gate_extremes(log_decay, dk):
     """Values and gradients at log-decay −1e-4 and −20 per step (at −20 the true gradient of the decays is
-    ~1e-9: the backward must not add and subtract O(1) terms; see ``backward.py``)."""
-    x, _ = _inputs(jax.random.PRNGKey(2), 1, 33, 1, 6, 3)
+    ~1e-9: the backward must not add and subtract O(1) terms; see ``backward.py``); at a key dim of 72 too
+    (padded to 128: two key blocks, whose shares of the decay gradient XLA adds)."""
+    x, _ = _inputs(jax.random.PRNGKey(2), 1, 33, 1, dk, 3)
     x["log_alpha"] = jnp.full_like(x["log_alpha"], log_decay)
     key = jax.random.PRNGKey(7)
     out_ref, g_ref = _value_and_grads(E.recurrent_delta_rule, x, key)

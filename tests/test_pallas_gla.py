@@ -79,6 +79,16 @@ def test_kernel_decay_extremes(lo, hi, channel):
     _close(_grads(kern, inp, jax.random.PRNGKey(2)), _grads(recurrent_gla, inp, jax.random.PRNGKey(2)), 1e-4, "grads")
 
 
+@pytest.mark.parametrize("channel", [False, True])
+def test_kernel_strong_decay_over_key_blocks(channel):
+    """Log decay −20 at a key dim of 72 (padded to 128: two key blocks, whose shares of the decay gradient
+    XLA adds) and chunks of 32 (two secondary chunks of 16 in the per-channel kernels)."""
+    inp = _inputs(jax.random.PRNGKey(5), 50, 72, 8, lo=-20.0, hi=-20.0 * 0.999, channel=channel)
+    kern = functools.partial(gla_chunk_pallas, chunk_size=32)
+    _close(kern(**inp), recurrent_gla(**inp), 2e-5, "values")
+    _close(_grads(kern, inp, jax.random.PRNGKey(2)), _grads(recurrent_gla, inp, jax.random.PRNGKey(2)), 1e-4, "grads")
+
+
 @pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
 @pytest.mark.parametrize("channel", [False, True])
 def test_kernel_bf16(channel, backend):

@@ -59,10 +59,11 @@ def test_kernel_equals_reference(t, dk, dv, chunk):
     _close(_grads(ker, x, jax.random.PRNGKey(1)), _grads(ref, x, jax.random.PRNGKey(1)), 3e-4 if long else 1e-4, "grads")
 
 
-@pytest.mark.parametrize("f_shift,i_scale", [(12.0, 0.1), (-12.0, 3.0), (0.0, 12.0)])
-def test_gate_extremes(f_shift, i_scale):
-    """log σ(f) ≈ −6e-6 (weak decay) and ≈ −12 (strong); input gates up to e^{±36} (the stabiliser)."""
-    x = _inputs(jax.random.PRNGKey(2), 50, 8, 8, f_shift=f_shift, i_scale=i_scale)
+@pytest.mark.parametrize("f_shift,i_scale,dk", [(12.0, 0.1, 8), (-12.0, 3.0, 8), (0.0, 12.0, 8), (-12.0, 3.0, 72)])
+def test_gate_extremes(f_shift, i_scale, dk):
+    """log σ(f) ≈ −6e-6 (weak decay) and ≈ −12 (strong); input gates up to e^{±36} (the stabiliser); at a key
+    dim of 72 too (padded to 128: two key blocks, whose shares of db, di XLA adds)."""
+    x = _inputs(jax.random.PRNGKey(2), 50, dk, 8, f_shift=f_shift, i_scale=i_scale)
     ker = lambda **a: mlstm_chunk(**a, chunk_size=16)
     _close(ker(**x), ML.mlstm_recurrent(**x), 2e-5, f"f_shift={f_shift} i_scale={i_scale}")
     key = jax.random.PRNGKey(5)
