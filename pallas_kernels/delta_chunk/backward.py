@@ -79,7 +79,8 @@ def _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc, rc, sc
     """Pass 4a, one chunk and one block of ``bk`` key columns: the gradients through the outputs, the attention
     and the states (module docstring). Refs of ``q, k [C, K]`` and of their block's columns ``[C, bk]``,
     ``U' = U − W S`` and ``do`` ``[C, V]`` (input dtype), of ``s`` the state before the chunk and ``ds`` the
-    gradient of the state after it, their block's ``[bk, V]`` rows (float32), and of all of that gradient
+    gradient of the state after it, their block's ``[bk, V]`` rows (float32; bf16 from the Mosaic GPU walks,
+    whose products with them are then taken in float32 all the same), and of all of that gradient
     (``dsf_ref``, ``[K, V]``); gate columns ``g, rev, seg [C, 1]`` and rows ``g, seg [1, C]``. ``U'`` comes
     from the state pass, as fla's ``v_new``. Every term but ``dU'`` has the key axis free or contracts over the
     value axis: each program holds ``[C, bk]`` float32 blocks and ``[bk, V]`` state rows (the whole key axis in
@@ -102,7 +103,7 @@ def _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc, rc, sc
     def _():
         du_ref[...] = dum.astype(du_ref.dtype)
 
-    sm = s_ref[...].astype(md)  # float32 [bk, V] values live through the chunk would spill on a GPU
+    sm = s_ref[...].astype(md)  # [bk, V] float32 values live through the chunk would spill on a GPU
     dw_ref[...] = (-_mm(dum, sm, _NT)).astype(dw_ref.dtype)
     dof = scale * do_ref[...].astype(f32)
     dos = dof.astype(md)
@@ -119,7 +120,7 @@ def _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc, rc, sc
     kf = kb.astype(f32)
     dk_in = _mm(dqk, qb, _TN)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    carry = jnp.sum(rsum(s_ref[...] * ds_ref[...]), axis=0, keepdims=True)  # ⟨S, dS⁺⟩
+    carry = jnp.sum(rsum(s_ref[...].astype(f32) * ds_ref[...].astype(f32)), axis=0, keepdims=True)  # ⟨S, dS⁺⟩
     dg_ref[...] = (dg_q - rsum(kf * dk_in) + dg_rd + jnp.where(is_last, total * carry, 0.0)).astype(dg_ref.dtype)
     dk = dk_in + diag * qb.astype(f32)
     ke = _mm(um, ds_ref[...].astype(md), _NT)  # U' dS⁺ᵀ

@@ -14,7 +14,7 @@ decays, so the decay gradient ``q ⊙ dq − k ⊙ dk`` never adds and subtracts
 Every term of ``dq``, ``dk`` and the decay gradient is channelwise (its contractions run over tokens and
 values), so on Triton one program takes one secondary chunk's rows and 64 key channels (fla's ``BK``), the
 earlier / later secondary chunks a ``[16, 16] × [16, BK]`` matmul at a time; the Mosaic TPU body takes a
-whole chunk per program. ``dv``, which contracts over the keys, is a fourth kernel on both backends
+whole chunk per program. ``dv``, which contracts over the keys, is a kernel of its own on both backends
 (fla's ``chunk_gla_bwd_dv``): ``dV = Aᵀ dO + (K ⊙ f^e) dSᵀ⁺ᵀ``, chunk-parallel like the forward's outputs.
 """
 
@@ -54,8 +54,9 @@ def _block_grads(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, h_ref, dh_ref
     """``dq, dk [16, K]`` and the decay gradient ``db`` (but the last token's end term) of secondary chunk
     ``i``'s rows; also its state writes ``k_s ⊙ dk_st_s`` with the chunk's last token left out (``writes``)
     and the mask of that token (``last``). ``i`` is a Python int (Mosaic TPU: the earlier / later
-    secondary-chunk terms are skipped where there are none) or the grid index (Triton: computed for every
-    block, where the position masks make them zero). Every operand is read from its ref where it is used.
+    secondary-chunk terms are skipped where there are none, and taken as one ``[16, C] × [C, K]`` matmul) or
+    the grid index (Triton: a ``fori_loop`` over the earlier / later secondary chunks, one ``[16, 16] × [16,
+    K]`` matmul each). Every operand is read from its ref where it is used.
     With ``rolled`` (Triton) the diagonal blocks' token loops are ``fori_loop`` calls."""
     c = q_ref.shape[0]
     nb = c // SUB

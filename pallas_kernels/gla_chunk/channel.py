@@ -194,7 +194,8 @@ def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
         _intra_channel_kernel, grid=(bsz, h, tp // chunk, nb),
         in_specs=[rows(kp), whole, whole, whole, whole], out_specs=rows(chunk),
         out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32), interpret=interpret,
-        compiler_params=triton_params(interpret, backend, num_warps=4), name="gla_chunk_channel_intra",
+        # 4 warps; 8 past key dims of 128 (sm_90 spills at K = 256: 652 B a thread at 4 warps, 136 B at 8)
+        compiler_params=triton_params(interpret, backend, num_warps=8 if kp > 128 else 4), name="gla_chunk_channel_intra",
     )(q, k, bc, seg, p)
 
 

@@ -28,7 +28,8 @@ row's ``m_t``, ``1/den``, ``dr`` and ``ρ`` (the forward recomputed: nothing but
 (3) Pallas, ``dC'`` after every chunk walking backwards (``dn'`` in XLA); (4) Pallas, chunk-parallel, a
 program per (chunk, key block of 64; Mosaic TPU: one block, the whole key axis): ``dq, dk`` of its key block,
 its share of ``db, di`` (sums over the key axis, added in XLA), and a value block of ``dv`` (a contraction
-over the whole key axis, by as many programs as there are value blocks of 64, at most one each). Triton
+over the whole key axis: ``dv`` in ``nv = min(nk, V / 64)`` value blocks of ``V / nv``, one each by the
+first ``nv`` programs). Triton
 walks (1) and (3) per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the
 state in VMEM scratch; the per-chunk math is shared.
 
