@@ -63,6 +63,25 @@ def walk_params(interpret: bool, backend: str, kp: int, *, num_warps: int = 4, n
     return triton_params(interpret, backend, num_warps=num_warps, num_stages=num_stages)
 
 
+def once_on_tpu(tpu: bool, kernel, in_specs, args, copies: dict[int, int]):
+    """``(kernel, in_specs, args)`` of a gradient kernel whose inputs ``copies`` (``{index: index of the input
+    it repeats}``) are whole-key-axis copies of earlier ones (GPU programs take a block of 64 key channels
+    each, and read the whole axis again for the terms that contract over it). On Mosaic TPU a program's key
+    block is the whole axis, so each copy is the same block as its original: it is passed (and copied into
+    VMEM) once, and the kernel gets the original's ref in its place. Elsewhere unchanged."""
+    if not tpu:
+        return kernel, in_specs, args
+
+    def once(*refs):
+        refs = list(refs)
+        for i in sorted(copies):
+            refs.insert(i, refs[copies[i]])
+        return kernel(*refs)
+
+    keep = [i for i in range(len(args)) if i not in copies]
+    return once, [in_specs[i] for i in keep], [args[i] for i in keep]
+
+
 def tpu_params(interpret: bool, *dimension_semantics: str):
     """Mosaic TPU compiler params (``"parallel"`` / ``"arbitrary"`` per grid axis); ``None`` interpreted."""
     if interpret:

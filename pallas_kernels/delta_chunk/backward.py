@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import chunk_block, tpu_params, triton_params, walk_params
+from pallas_kernels._util import chunk_block, once_on_tpu, tpu_params, triton_params, walk_params
 from pallas_kernels.delta_chunk.forward import _NT, _TN, _col_factors, _decay_incl, _mm, chunk_states, f32
 from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
@@ -281,16 +281,18 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     fstate = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l, z: (i, j, l, 0, 0))
     kpart = pl.BlockSpec((None, None, None, c, 1), lambda i, j, l, z: (z, i, j, l, 0))
     pshape = jax.ShapeDtypeStruct((nk, b, h, tp, 1), f32)
+    kernel, in_specs, args = once_on_tpu(
+        tpu, functools.partial(_grads_states_kernel, scale=scale),
+        [kblk(kp), kblk(kp), kcol, kcol, kblk(vp), kblk(vp), kblk(1), kblk(1), kblk(1), krow, krow, kstate, kstate,
+         fstate], [qh, kh, qh, kh, un, do, *cols[1:], *rows, hs, dhs, dhs], {2: 0, 3: 1, 13: 12})
     dq, dk_a, du, dw, dg_a, drev = pl.pallas_call(
-        functools.partial(_grads_states_kernel, scale=scale), grid=(b, h, n, nk),
-        in_specs=[kblk(kp), kblk(kp), kcol, kcol, kblk(vp), kblk(vp), kblk(1), kblk(1), kblk(1), krow, krow, kstate,
-                  kstate, fstate],
+        kernel, grid=(b, h, n, nk), in_specs=in_specs,
         out_specs=[kcol, kcol, kblk(vp), kcol, kpart, kpart],
         # dU' and dW in the input dtype: (4b) takes them as matmul operands only; dg and drev per key block
         out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), fshape(kp), mshape(vp), mshape(kp), pshape, pshape],
         interpret=interpret, compiler_params=tpu_params(interpret, *["parallel"] * 4) if tpu else params,
         name="delta_chunk_bwd_grads" + name,
-    )(qh, kh, qh, kh, un, do, *cols[1:], *rows, hs, dhs, dhs)
+    )(*args)
     dg_a, drev = jnp.sum(dg_a, axis=0), jnp.sum(drev, axis=0)
     dk, dv, dbeta, dg = pl.pallas_call(
         _grads_wy_kernel, grid=(b, h, n),

@@ -57,7 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import chunk_block, masked_exp, mm, tpu_params, triton_params, walk_params
+from pallas_kernels._util import chunk_block, masked_exp, mm, once_on_tpu, tpu_params, triton_params, walk_params
 from pallas_kernels.gla_chunk.backward_mosaic_gpu import head_walks_mosaic_gpu
 
 f32 = jnp.float32
@@ -321,14 +321,16 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     kstate = pl.BlockSpec((None, None, None, bk, vp), lambda i, j, l, z: (i, j, l, z, 0))
     vstate = pl.BlockSpec((None, None, None, kp, bv), lambda i, j, l, z: (i, j, l, 0, vz(z)))
     kpart = pl.BlockSpec((None, None, None, chunk, 1), lambda i, j, l, z: (z, i, j, l, 0))
+    kernel, in_specs, args = once_on_tpu(
+        tpu, functools.partial(_grads_kernel, nv=nv, wv=sub(vp), wk=sub(kp)),
+        [kcol, kcol, big(vp), big(vp)] + [col] * 3 + [row] * 3 + [kstate, kstate, big(kp), big(kp), vcol, vstate],
+        [*big_args, *cols, *rows, hs, dhs, big_args[0], big_args[1], big_args[3], dhs], {12: 0, 13: 1, 14: 3, 15: 11})
     dq, dk, dv, db = pl.pallas_call(
-        functools.partial(_grads_kernel, nv=nv, wv=sub(vp), wk=sub(kp)), grid=(bsz, h, n, nk),
-        in_specs=[kcol, kcol, big(vp), big(vp)] + [col] * 3 + [row] * 3 + [kstate, kstate, big(kp), big(kp), vcol, vstate],
-        out_specs=[kcol, kcol, vcol, kpart],
+        kernel, grid=(bsz, h, n, nk), in_specs=in_specs, out_specs=[kcol, kcol, vcol, kpart],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in big_args[:3]]
         + [jax.ShapeDtypeStruct((nk, bsz, h, tp, 1), f32)],
         interpret=interpret, compiler_params=params, name="gla_chunk_bwd_grads" + ("_tpu" if tpu else ""),
-    )(*big_args, *cols, *rows, hs, dhs, big_args[0], big_args[1], big_args[3], dhs)
+    )(*args)
     if tpu:
         dq, dk, dv = (jnp.moveaxis(x, 1, 2) for x in (dq, dk, dv))
     return dq, dk, dv, jnp.moveaxis(jnp.sum(db, axis=0)[..., 0], 1, 2), dh0

@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import key_pad
-from pallas_kernels._util import chunk_block, mm, tpu_params, triton_params, walk_params
+from pallas_kernels._util import chunk_block, mm, once_on_tpu, tpu_params, triton_params, walk_params
 from pallas_kernels.mlstm_chunk.forward import (
     _NT,
     _TN,
@@ -288,18 +288,21 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     knorm = pl.BlockSpec((None, None, None, 1, bk), lambda i, j, l, z: (i, j, l, 0, z))
     kpart = pl.BlockSpec((None, None, None, c, 1), lambda i, j, l, z: (z, i, j, l, 0))
     pshape = jax.ShapeDtypeStruct((nk, b, h, tp, 1), f32)
-    dq, dk, dv, db, di = pl.pallas_call(
-        functools.partial(_grads_kernel, nv=nv), grid=(b, h, n, nk),
-        in_specs=[kcol, kcol, kblk(vp), kblk(vp)] + [kblk(1)] * 9 + [krow] * 3 + [kstate, kstate, knorm, knorm]
+    kernel, in_specs, args = once_on_tpu(
+        tpu, functools.partial(_grads_kernel, nv=nv),
+        [kcol, kcol, kblk(vp), kblk(vp)] + [kblk(1)] * 9 + [krow] * 3 + [kstate, kstate, knorm, knorm]
         + [kblk(kp), kblk(kp), vcol, vstate_n],
+        [qh, kh, vh, do, col(bt), col(st), col(it), mt, rho, inv, dr, col(ew), fo_t, row(bt), row(st), row(it),
+         hs, dhs, n_in[:, :, :, None], dn_after, qh, kh, do, dhs], {20: 0, 21: 1, 22: 3, 23: 17})
+    dq, dk, dv, db, di = pl.pallas_call(
+        kernel, grid=(b, h, n, nk), in_specs=in_specs,
         out_specs=[kcol, kcol, vcol, kpart, kpart],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (qh, kh, vh)] + [pshape, pshape],
         interpret=interpret,
         compiler_params=tpu_params(interpret, *["parallel"] * 4) if tpu
         else triton_params(interpret, backend, num_warps=8, num_stages=1),
         name="mlstm_chunk_bwd_grads" + ("_tpu" if tpu else ""),
-    )(qh, kh, vh, do, col(bt), col(st), col(it), mt, rho, inv, dr, col(ew), fo_t, row(bt), row(st), row(it),
-      hs, dhs, n_in[:, :, :, None], dn_after, qh, kh, do, dhs)
+    )(*args)
     db, di = jnp.sum(db, axis=0), jnp.sum(di, axis=0)
     dm0 = jnp.sum(dC0 * C0, axis=(2, 3)) + jnp.sum(dn0 * n0, axis=2)
     return dq, dk, dv, db[..., 0], di[..., 0], (dC0, dn0, dm0)
