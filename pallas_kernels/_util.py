@@ -63,6 +63,24 @@ def walk_params(interpret: bool, backend: str, kp: int, *, num_warps: int = 4, n
     return triton_params(interpret, backend, num_warps=num_warps, num_stages=num_stages)
 
 
+def column_tile(d: int, backend: str) -> int:
+    """The columns a contraction over a head dim ``d`` takes at a time: all of them, but 64 on Triton past
+    128 (at 256, ``[C, 256]`` float32 operands and products spill registers on sm_90; Mosaic TPU blocks
+    want whole 128-lane multiples)."""
+    return d if backend == "mosaic_tpu" or d <= 128 else 64
+
+
+def tile_sum(d: int, width: int, term):
+    """``Σ_j term(cols_j)`` over ``d`` columns in tiles of ``width``, in tile order; ``term`` reads its operands
+    from refs through the column slice and returns an array or a tuple of them. ``width = d``: one
+    ``term(slice(None))``; else a ``fori_loop`` from the first tile (one tile's operands live at a time)."""
+    if width == d:
+        return term(slice(None))
+    tile = lambda j: pl.ds(pl.multiple_of(j * width, width), width)
+    add = lambda j, acc: jax.tree.map(jnp.add, acc, term(tile(j)))
+    return jax.lax.fori_loop(1, d // width, add, term(pl.ds(0, width)))
+
+
 def once_on_tpu(tpu: bool, kernel, in_specs, args, copies: dict[int, int]):
     """``(kernel, in_specs, args)`` of a gradient kernel whose inputs ``copies`` (``{index: index of the input
     it repeats}``) are whole-key-axis copies of earlier ones (GPU programs take a block of 64 key channels

@@ -57,7 +57,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import chunk_block, masked_exp, mm, once_on_tpu, tpu_params, triton_params, walk_params
+from pallas_kernels._util import (
+    chunk_block,
+    column_tile,
+    masked_exp,
+    mm,
+    once_on_tpu,
+    tile_sum,
+    tpu_params,
+    triton_params,
+    walk_params,
+)
 from pallas_kernels.gla_chunk.backward_mosaic_gpu import head_walks_mosaic_gpu
 
 f32 = jnp.float32
@@ -96,16 +106,6 @@ def _decay(bc, sc, pc, br, sr, pr):
     return masked_exp(causal & (sc == sr), bc - br) * (pc * pr)
 
 
-def _blocks(n, w, terms):
-    """``Σ_j terms(sl_j)`` in block order, ``sl_j`` the slice of the ``j``-th of ``n`` blocks of ``w`` columns
-    (``terms`` reads its operands from refs through it and returns a tuple); ``n > 1`` as a ``fori_loop``
-    (one block's operands live at a time)."""
-    if n == 1:
-        return terms(slice(None))
-    add = lambda j, acc: tuple(u + x for u, x in zip(acc, terms(pl.ds(pl.multiple_of(j * w, w), w))))
-    return lax.fori_loop(1, n, add, terms(pl.ds(0, w)))
-
-
 def _chunk_grads(q, k, v_ref, do_ref, bc, sc, pc, br, sr, pr, s_ref, ds_ref, dq_ref, dk_ref, *, bv):
     """One chunk and one block of ``bk`` key columns: ``q, k [C, bk]`` (input dtype), refs of ``v, do [C, V]``,
     gates as columns ``[C, 1]`` and rows ``[1, C]``, refs of ``s`` (the state before the chunk) and ``ds``
@@ -130,7 +130,7 @@ def _chunk_grads(q, k, v_ref, do_ref, bc, sc, pc, br, sr, pr, s_ref, ds_ref, dq_
         "carry": lambda at: jnp.sum(jnp.sum(at(s_ref) * at(ds_ref), axis=1, keepdims=True), axis=0, keepdims=True),
     }
     if bv < v_ref.shape[1]:
-        sums = _blocks(v_ref.shape[1] // bv, bv, lambda sl: tuple(f(lambda r: r[:, sl]) for f in prods.values()))
+        sums = tile_sum(v_ref.shape[1], bv, lambda sl: tuple(f(lambda r: r[:, sl]) for f in prods.values()))
         get = dict(zip(prods, sums)).__getitem__
     else:
         v, do = v_ref[...], do_ref[...]
@@ -165,7 +165,7 @@ def _chunk_dv(q_ref, k_ref, do, bc, sc, pc, br, sr, pr, ds_ref, dv_ref, *, bk):
     ``_chunk_grads``."""
     dt = do.dtype
     _, fe, _ = _state_factors(bc, sc, pc)
-    qk, kds = _blocks(q_ref.shape[1] // bk, bk, lambda sl: (
+    qk, kds = tile_sum(q_ref.shape[1], bk, lambda sl: (
         mm(q_ref[:, sl], k_ref[:, sl], _T1), mm(k_ref[:, sl], ds_ref[sl, :].astype(dt))))
     att = qk * _decay(bc, sc, pc, br, sr, pr)  # Q Kᵀ ⊙ D
     dv_ref[...] = (mm(att.astype(dt), do, _T0) + fe * kds).astype(dv_ref.dtype)
@@ -308,7 +308,6 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     # the contractions over a head dim past 128 (the value axis in dq, dk; the key axis in dv) run 64 columns
     # at a time on Triton: compiled for sm_90 (bf16, chunk 64, 8 warps), at 256 the whole axes spilled 0.2 KB of
     # registers per thread and the loops none; at 128 the whole axes none and the loops a few dozen bytes
-    sub = lambda d: d if tpu or d <= 128 else 64
     if tpu:  # heads-first [b, h, Tp, d]
         big_args, params = (qh, kh, vh, doh), tpu_params(interpret, *["parallel"] * 4)
         big = lambda d, f=lambda z: 0: pl.BlockSpec((None, None, chunk, d), lambda i, j, l, z: (i, j, l, f(z)))
@@ -322,7 +321,7 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     vstate = pl.BlockSpec((None, None, None, kp, bv), lambda i, j, l, z: (i, j, l, 0, vz(z)))
     kpart = pl.BlockSpec((None, None, None, chunk, 1), lambda i, j, l, z: (z, i, j, l, 0))
     kernel, in_specs, args = once_on_tpu(
-        tpu, functools.partial(_grads_kernel, nv=nv, wv=sub(vp), wk=sub(kp)),
+        tpu, functools.partial(_grads_kernel, nv=nv, wv=column_tile(vp, backend), wk=column_tile(kp, backend)),
         [kcol, kcol, big(vp), big(vp)] + [col] * 3 + [row] * 3 + [kstate, kstate, big(kp), big(kp), vcol, vstate],
         [*big_args, *cols, *rows, hs, dhs, big_args[0], big_args[1], big_args[3], dhs], {12: 0, 13: 1, 14: 3, 15: 11})
     dq, dk, dv, db = pl.pallas_call(

@@ -30,15 +30,17 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import (
     chunk_block,
+    column_tile,
     masked_exp,
     mm,
     out_specs,
+    tile_sum,
     token_loop,
     tpu_params,
     triton_params,
     walk_params,
 )
-from pallas_kernels.gla_chunk.channel import SUB, channel_factors, channel_intra, channel_states, key_sum, key_tile
+from pallas_kernels.gla_chunk.channel import SUB, channel_factors, channel_intra, channel_states
 
 f32 = jnp.float32
 _T0 = (((0,), (0,)), ((), ()))  # Xᵀ Y
@@ -208,7 +210,7 @@ def _channel_grads_kernel_tpu(q_ref, k_ref, v_ref, do_ref, b_ref, s_ref, p_ref, 
 def _channel_dv_kernel(a_ref, k_ref, do_ref, b_ref, s_ref, p_ref, dh_ref, dv_ref, *, kt):
     """One chunk and value block, both backends (fla's ``chunk_gla_bwd_dv``):
     ``dV = Aᵀ dO + (K ⊙ f^e) dSᵀ⁺ᵀ`` with ``A [C, C]`` the forward's intra matrix and ``dSᵀ⁺ [BV, K]``
-    the state gradient after the chunk, read ``kt`` key columns at a time (``channel.key_tile``)."""
+    the state gradient after the chunk, read ``kt`` key columns at a time (``_util.column_tile``)."""
     md = do_ref.dtype
     end = pl.ds(k_ref.shape[0] - 1, 1)
 
@@ -218,7 +220,7 @@ def _channel_dv_kernel(a_ref, k_ref, do_ref, b_ref, s_ref, p_ref, dh_ref, dv_ref
         return mm((k_ref[:, cols].astype(f32) * fe).astype(md), dh_ref[:, cols].astype(md), _T1)
 
     dv = mm(a_ref[...].astype(md), do_ref[...], _T0)
-    dv_ref[...] = (dv + key_sum(k_ref.shape[1], kt, write)).astype(dv_ref.dtype)
+    dv_ref[...] = (dv + tile_sum(k_ref.shape[1], kt, write)).astype(dv_ref.dtype)
 
 
 def _channel_dstates_kernel(q_ref, do_ref, b_ref, s_ref, p_ref, dht_ref, dhs_ref, dh0_ref, *, chunk, n_chunks):
@@ -318,7 +320,7 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
         )(q, k, v, do, bc, seg, p, hs, dhs)
     bv, blk4, _, vblk, out_params = out_specs(chunk, vp, interpret=interpret, backend=backend)
     dv = pl.pallas_call(
-        functools.partial(_channel_dv_kernel, kt=key_tile(kp, backend)), grid=(bsz, h, n, vp // bv),
+        functools.partial(_channel_dv_kernel, kt=column_tile(kp, backend)), grid=(bsz, h, n, vp // bv),
         in_specs=[blk4(chunk), blk4(kp), vblk, blk4(kp), blk4(kp), blk4(kp),
                   pl.BlockSpec((None, None, None, bv, kp), lambda i, j, l, z: (i, j, l, z, 0))],
         out_specs=vblk, out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), interpret=interpret,

@@ -20,7 +20,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import masked_exp, mm, out_specs, token_loop, tpu_params, triton_params, walk_params
+from pallas_kernels._util import (
+    column_tile,
+    masked_exp,
+    mm,
+    out_specs,
+    tile_sum,
+    token_loop,
+    tpu_params,
+    triton_params,
+    walk_params,
+)
 
 SUB = 16  # secondary chunk of the per-channel kernel (the smallest GPU ``dot``)
 
@@ -163,25 +173,10 @@ def _channel_states_kernel_tpu(k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, hs_ref
         ht_ref[...] = st
 
 
-def key_tile(kp: int, backend: str) -> int:
-    """The key columns a chunk-parallel output kernel contracts at a time: all of them, but 64 on Triton past
-    key dims of 128 (``[C, 256]`` float32 gate products spill registers on sm_90)."""
-    return kp if backend == "mosaic_tpu" or kp <= 128 else 64
-
-
-def key_sum(kp: int, kt: int, term):
-    """``Σ_j term(cols_j)`` over the key columns in tiles of ``kt`` (one ``term(slice(None))`` if ``kt = kp``;
-    else a ``fori_loop``, one tile's operands live at a time)."""
-    if kt == kp:
-        return term(slice(None))
-    tile = lambda j: pl.ds(pl.multiple_of(j * kt, kt), kt)
-    return lax.fori_loop(1, kp // kt, lambda j, acc: acc + term(tile(j)), term(pl.ds(0, kt)))
-
-
 def _channel_out_kernel(a_ref, q_ref, v_ref, b_ref, s_ref, p_ref, h_ref, o_ref, *, kt):
     """One chunk and value block, both backends: ``O = A V + (Q ⊙ f^s) S`` with ``Sᵀ [BV, K]`` the state
     entering the chunk (``f^s = e^{b}`` on the chunk's first document, with the sign); the state read
-    ``kt`` key columns at a time (:func:`key_tile`)."""
+    ``kt`` key columns at a time (``_util.column_tile``)."""
     f32 = jnp.float32
     md = v_ref.dtype
 
@@ -190,7 +185,7 @@ def _channel_out_kernel(a_ref, q_ref, v_ref, b_ref, s_ref, p_ref, h_ref, o_ref, 
         return mm((q_ref[:, cols].astype(f32) * fs).astype(md), h_ref[:, cols].astype(md), (((1,), (1,)), ((), ())))
 
     o = mm(a_ref[...].astype(md), v_ref[...])
-    o_ref[...] = (o + key_sum(q_ref.shape[1], kt, read)).astype(o_ref.dtype)
+    o_ref[...] = (o + tile_sum(q_ref.shape[1], kt, read)).astype(o_ref.dtype)
 
 
 def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
@@ -263,7 +258,7 @@ def forward_channel(q, k, v, bc, seg, p, h0, *, chunk, interpret, backend):
                             backend=backend, dtype=v.dtype)
     bv, blk, _, vblk, params = out_specs(chunk, vp, interpret=interpret, backend=backend)
     o = pl.pallas_call(
-        functools.partial(_channel_out_kernel, kt=key_tile(kp, backend)), grid=(bsz, h, n, vp // bv),
+        functools.partial(_channel_out_kernel, kt=column_tile(kp, backend)), grid=(bsz, h, n, vp // bv),
         in_specs=[blk(chunk), blk(kp), vblk, blk(kp), blk(kp), blk(kp),
                   pl.BlockSpec((None, None, None, bv, kp), lambda i, j, l, z: (i, j, l, z, 0))],
         out_specs=vblk, out_shape=jax.ShapeDtypeStruct((bsz, h, tp, vp), jnp.float32), interpret=interpret,
