@@ -57,6 +57,16 @@ def test_closed_form_matches_reference(kind, t, d_in, hidden, heads, reverse):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_closed_form_saturated_gates(kind):
+    """Preactivations of tens (gates at 0 or 1, tanh at +-1): the per-chunk gate factors lose nothing."""
+    key = jax.random.PRNGKey(7)
+    p = jax.tree.map(lambda v: 6.0 * v, _params(kind, key, 4, 5, 1))
+    x = 4.0 * jax.random.normal(jax.random.fold_in(key, 1), (2, 40, 4))
+    h0 = make_h0(kind, jax.random.fold_in(key, 2), 2, 5)
+    _assert_same(_loss_and_grads(kind, p, x, h0, "fused"), _loss_and_grads(kind, p, x, h0, "sequential"))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_closed_form_unrolled_equals_reference(kind):
     key = jax.random.PRNGKey(1)
     p = _params(kind, key, 3, 5, 1)

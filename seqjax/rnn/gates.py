@@ -7,10 +7,12 @@ The cuDNN / oneDNN recipe, laid out for a CPU:
 - each step is one recurrent matmul per head on the *transposed* state, :math:`R_g^\top h_g^\top`
   (``[K·D, D] @ [D, B]``: many rows, few columns, the shape XLA's CPU matmul runs fastest; ``h R`` with the
   batch as rows is about 1.4x slower at ``B = 16``), then the gate nonlinearities, saving the activations;
-- the backward is a reverse loop that computes only the elementwise gate gradients from the saved
-  activations (no gate nonlinearity recomputed, no VJP traced) and :math:`\partial h_{t-1} = R\,\partial a_t`;
-  per chunk, :math:`\partial W = x^\top \partial a`, :math:`\partial R = h_{t-1}^\top \partial a`,
-  :math:`\partial b` and :math:`\partial x = \partial a\, W^\top` are single matmuls over ``B·chunk`` rows.
+- the backward walks the chunks in reverse. Per chunk, the saved activations become, in one vectorised
+  pass, the per-gate factors :math:`\partial a_t = m_t \odot q_t` is made of (``Rule.prep``); the serial loop
+  then does only that product, the state-gradient update and :math:`\partial h_{t-1} = R\,\partial a_t`
+  (no gate nonlinearity recomputed, no VJP traced); per chunk, :math:`\partial W = x^\top \partial a`,
+  :math:`\partial R = h_{t-1}^\top \partial a`, :math:`\partial b` and :math:`\partial x = \partial a\, W^\top`
+  are single matmuls over ``B·chunk`` rows.
 
 Inside, states are ``[G, D, B]`` and gate preactivations ``[G, K, D, B]``. Cells and parameters as in
 :mod:`seqjax.rnn.cells` (LSTM without peepholes; GRU in the cuDNN form with ``bhn``).
@@ -39,14 +41,19 @@ class Rule:
 
     ``step(p, s, ax, ar) -> (s', saved)``: ``s`` the ``S`` state components, ``ax`` / ``ar`` the ``K`` input
     (bias included) and recurrent preactivations; ``saved`` the ``num_saved`` arrays the backward reads.
-    ``back(p, saved, ds) -> (dax, dar, ds_prev, dp)``: the gradients of the input and recurrent
-    preactivations (``dar`` is ``None`` where it equals ``dax``: ``split_grads=False``), of the previous
-    state through the pointwise map (the driver adds the recurrent matmul's share), and of the per-neuron
-    parameters ``params`` (each ``[G, D, B]``; the driver sums over the batch). ``p`` holds those parameters
-    ``[G, D, 1]``.
+    ``prep(p, saved) -> aux``: for a whole chunk at once (``saved`` arrays ``[C, G, D, B]``), the per-step
+    factors of the gate gradients (arrays with a leading ``C`` axis), so that the serial loop does no
+    nonlinearity and no gate-by-gate arithmetic: on XLA:CPU a step's fusion that stacks per-gate results
+    runs several times slower than one uniform product over ``[G, K, D, B]``.
+    ``back(p, aux, ds) -> (dax, dar, ds_prev, dp)``: one step, ``aux`` that step's slice: the gradients of
+    the input and recurrent preactivations ``[G, K, D, B]`` (``dar`` is ``None`` where it equals ``dax``:
+    ``split_grads=False``), of the previous state through the pointwise map (the driver adds the recurrent
+    matmul's share), and of the per-neuron parameters ``params`` (each ``[G, D, B]``; the driver sums over
+    the batch). ``p`` holds those parameters ``[G, D, 1]``.
     """
 
     step: Callable
+    prep: Callable
     back: Callable
     num_saved: int
     params: tuple[str, ...] = ()
@@ -63,14 +70,20 @@ def _lstm_step(p, s, ax, ar):
     return (o * jnp.tanh(c_new), c_new), (i, f, z, o, c)
 
 
-def _lstm_back(p, saved, ds):
+def _lstm_prep(p, saved):
+    # da_t = m_t * q_t with m = (dc, dc, dc, dh) per gate; dc_t = dc_{t+1} f_{t+1} + dh_t e_t
     i, f, z, o, c = saved
+    tc = jnp.tanh(f * c + i * z)
+    q = jnp.stack([z * i * (1.0 - i), c * f * (1.0 - f), i * (1.0 - z * z), tc * o * (1.0 - o)], axis=2)
+    return q, o * (1.0 - tc * tc), f
+
+
+def _lstm_back(p, aux, ds):
+    q, e, f = aux
     dh, dc = ds
-    c_new = f * c + i * z  # two FMAs: cheaper to recompute than to store
-    tc = jnp.tanh(c_new)
-    dc = dc + dh * o * (1.0 - tc * tc)
-    da = (dc * z * i * (1.0 - i), dc * c * f * (1.0 - f), dc * i * (1.0 - z * z), dh * tc * o * (1.0 - o))
-    return da, None, (jnp.zeros_like(dh), dc * f), {}
+    dc = dc + dh * e
+    output_gate = (jnp.arange(q.shape[1]) == 3)[:, None, None]
+    return jnp.where(output_gate, dh[:, None], dc[:, None]) * q, None, (jnp.zeros_like(dh), dc * f), {}
 
 
 def _gru_step(p, s, ax, ar):
@@ -82,19 +95,25 @@ def _gru_step(p, s, ax, ar):
     return (n + z * (h - n),), (r, z, n, q, h)
 
 
-def _gru_back(p, saved, ds):
+def _gru_prep(p, saved):
+    # every gate gradient is dh times a factor: dn_pre = dh a with a = (1 - z)(1 - n^2)
     r, z, n, q, h = saved
+    a = (1.0 - z) * (1.0 - n * n)
+    dr = a * q * r * (1.0 - r)
+    dz = (h - n) * z * (1.0 - z)
+    return jnp.stack([dr, dz, a], axis=2), jnp.stack([dr, dz, a * r], axis=2), z
+
+
+def _gru_back(p, aux, ds):
+    qx, qr, z = aux
     (dh,) = ds
-    dn = dh * (1.0 - z) * (1.0 - n * n)
-    dr = dn * q * r * (1.0 - r)
-    dz = dh * (h - n) * z * (1.0 - z)
-    dq = dn * r
-    return (dr, dz, dn), (dr, dz, dq), (dh * z,), {"bhn": dq}
+    dar = dh[:, None] * qr
+    return dh[:, None] * qx, dar, (dh * z,), {"bhn": dar[:, 2]}
 
 
 RULES = {
-    "lstm": Rule(_lstm_step, _lstm_back, num_saved=5),
-    "gru": Rule(_gru_step, _gru_back, num_saved=5, params=("bhn",), split_grads=True),
+    "lstm": Rule(_lstm_step, _lstm_prep, _lstm_back, num_saved=5),
+    "gru": Rule(_gru_step, _gru_prep, _gru_back, num_saved=5, params=("bhn",), split_grads=True),
 }
 
 
@@ -145,6 +164,12 @@ def _chunked(fn, t_len, chunk, carry, reverse=False):
     if reverse and n:
         carry = loop(carry)
     return carry
+
+
+def _h_prev(h0, ys, t0, tc):
+    """``[h_{t0-1}, ..., h_{t0+tc-2}]`` ``[B, tc, G·D]`` from the outputs, ``h0`` before the first step."""
+    first = jnp.where(t0 == 0, h0, _dget(ys, jnp.maximum(t0 - 1, 0), 1))[:, None]
+    return jnp.concatenate([first, lax.dynamic_slice_in_dim(ys, t0, tc - 1, axis=1)], axis=1) if tc > 1 else first
 
 
 def _dims(R, s0):
@@ -213,23 +238,21 @@ def _backward(kind, unroll, chunk, res, cot):
     W2t = None if W is None else lax.optimization_barrier(W2.T)  # a row-major W^T: XLA's CPU matmul is slow on a transposed RHS
     R2 = R.reshape(g, d, k * d)
     p = {n: v[..., None] for n, v in pp.items()}
-    h_prev = jnp.concatenate([s0[:, None, 0], ys[:, :-1]], axis=1)  # [B, T, G·D]
     two = rule.split_grads
 
     def chunk_fn(t0, tc, carry):
         ds, dx, dW, db, dR, dp = carry
         gyc = jnp.transpose(lax.dynamic_slice_in_dim(gy, t0, tc, axis=1).reshape(bsz, tc, g, d), (1, 2, 3, 0))
+        aux = rule.prep(p, tuple(lax.dynamic_slice_in_dim(buf, t0, tc, axis=0) for buf in saved))
 
         def body(j, carry):
             ds, dax_c, dar_c, dp = carry
             jj = tc - 1 - j
-            t = t0 + jj
-            sv = tuple(_dget(buf, t, 0) for buf in saved)
             ds = (ds[0] + _dget(gyc, jj, 0),) + ds[1:]
-            dax, dar, ds_prev, dpt = rule.back(p, sv, ds)
+            dax, dar, ds_prev, dpt = rule.back(p, tuple(_dget(a, jj, 0) for a in aux), ds)
             # materialised once: else XLA fuses the gate gradients into both consumers and computes them twice
-            dax = lax.optimization_barrier(jnp.stack(dax, axis=1).reshape(g, k * d, bsz))
-            dar = dax if dar is None else lax.optimization_barrier(jnp.stack(dar, axis=1).reshape(g, k * d, bsz))
+            dax = lax.optimization_barrier(dax.reshape(g, k * d, bsz))
+            dar = dax if dar is None else lax.optimization_barrier(dar.reshape(g, k * d, bsz))
             dh = jnp.einsum("gdm,gmb->gdb", R2, dar)
             dax_c = _dput(dax_c, dax.reshape(g * k * d, bsz), jj, 0)
             if two:
@@ -247,7 +270,7 @@ def _backward(kind, unroll, chunk, res, cot):
         dar2 = jnp.swapaxes((dar_c if two else dax_c).reshape(bsz * tc, g, k * d), 0, 1)  # [G, B·tc, K·D]
         # the weight gradients contract over the B·tc rows: with the left factor transposed into a row-major
         # copy first, XLA's CPU matmul runs them about 2x faster than on the transposed view
-        hc = lax.dynamic_slice_in_dim(h_prev, t0, tc, axis=1).reshape(bsz * tc, g, d)
+        hc = _h_prev(s0[:, 0], ys, t0, tc).reshape(bsz * tc, g, d)
         dR = dR + jnp.einsum("gdn,gnm->gdm", lax.optimization_barrier(jnp.transpose(hc, (1, 2, 0))), dar2)
         db = db + dax2.sum(0)
         if W2 is None:
