@@ -7,7 +7,8 @@
    ``nnx.GRUCell``, and ``torch.nn.LSTM`` / ``torch.nn.GRU`` on the CPU when torch is installed (an optional
    benchmark dependency). Ratios are time / torch's time (time / Flax's without torch).
 2. What bounds a step on this CPU (``--floor``): one recurrent matmul per step in a ``fori_loop`` (both
-   layouts), the same loop with an empty body, and torch's per-step matmul.
+   layouts), the same matmul followed by an LSTM cell's gates, the loop with an empty body, and torch's
+   per-step matmul.
 3. Parallel-in-time vs sequential: a GRU (B = 4, H = 32) forward+backward at T = 1k and 8k,
    quasi-DEER (diagonal Jacobians, seqjax.linear_scan ``auto`` and ``associative``) and full DEER
    (T = 1k only) against ``lax.scan``; Newton iterations are reported.
@@ -130,6 +131,13 @@ def bench_floor(b, t, d, reps) -> list[str]:
         a = w @ h
         return jnp.tanh(a[:d] + a[d:2 * d] + a[2 * d:3 * d] + a[3 * d:])
 
+    def cell_step(w, s):  # the same matmul, then an LSTM cell's gates (one-thread elementwise fusions)
+        h, c = s
+        a = w @ h
+        i, f, o = (jax.nn.sigmoid(a[n * d:(n + 1) * d]) for n in (0, 1, 3))
+        c = f * c + i * jnp.tanh(a[2 * d:3 * d])
+        return o * jnp.tanh(c), c
+
     def loop(step):
         return jax.jit(lambda w, h0: lax.fori_loop(0, t, lambda i, h: step(w, h), h0))
 
@@ -137,6 +145,7 @@ def bench_floor(b, t, d, reps) -> list[str]:
         "empty step (h + 1)": _jax_call(loop(lambda w, h: h + 1.0), Rm, h),
         "h @ R, state [B, D]": _jax_call(loop(rows_step), Rm, h),
         "R^T @ h^T, state [D, B] (seqjax fused)": _jax_call(loop(cols_step), Rt, h.T),
+        "R^T @ h^T, then an LSTM cell": _jax_call(loop(cell_step), Rt, (h.T, h.T)),
     }
     if torch is not None and jax.default_backend() == "cpu":
         tR, th = torch.from_numpy(np.array(Rm)), torch.from_numpy(np.array(h))
