@@ -31,6 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels._util import (
     chunk_block,
     column_tile,
+    key_blocks,
     masked_exp,
     mm,
     out_specs,
@@ -284,15 +285,16 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
         )(q, do, bc, seg, p, dhtt)
         params = tpu_params(interpret, "parallel", "parallel", "parallel")
     else:
-        bv = min(vp, 64)
-        full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
-        vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
-        vstate = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
-        vstates = pl.BlockSpec((None, None, n, bv, kp), lambda i, j, l: (i, j, 0, l, 0))
-        walk = walk_params(interpret, backend, kp)
+        # key channels are independent here too: key blocks of 64 past 128, as channel_states
+        bv, (bk, kgrid, kb) = min(vp, 64), key_blocks(kp, backend)
+        kseq = pl.BlockSpec((None, None, tp, bk), lambda i, j, l, *m: (i, j, 0, kb(m)))
+        vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l, *m: (i, j, 0, l))
+        vstate = pl.BlockSpec((None, None, bv, bk), lambda i, j, l, *m: (i, j, l, kb(m)))
+        vstates = pl.BlockSpec((None, None, n, bv, bk), lambda i, j, l, *m: (i, j, 0, l, kb(m)))
+        walk = walk_params(interpret, backend, bk)
         dhs, dh0t = pl.pallas_call(
-            functools.partial(_channel_dstates_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
-            in_specs=[full(kp), vseq, full(kp), full(kp), full(kp), vstate], out_specs=[vstates, vstate],
+            functools.partial(_channel_dstates_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv, *kgrid),
+            in_specs=[kseq, vseq, kseq, kseq, kseq, vstate], out_specs=[vstates, vstate],
             out_shape=[hs_shape, st_shape], interpret=interpret, compiler_params=walk,
             name="gla_chunk_channel_bwd_dstates",
         )(q, do, bc, seg, p, dhtt)

@@ -4,7 +4,8 @@ Three kernels, as fla's ``chunk_gla`` forward (``chunk_gla_fwd_intra_gk`` / ``ch
 ``chunk_gla_fwd_o_gk``): ``channel_intra``, the intra-chunk matrices ``A [C, C]`` by 16-token secondary
 chunks, on Triton one secondary chunk's rows ``[16, C]`` per program (grid ``(batch, heads, chunks,
 secondary chunks)``), on Mosaic TPU one chunk per program; ``channel_states``, the only serial pass: the per-channel decayed
-state update with the state carried transposed, ``Sᵀ [BV, K]`` (the decay is then a broadcast), writing the
+state update with the state carried transposed, ``Sᵀ [BV, K]`` (the decay is then a broadcast; on Triton past
+key dims of 128 in key blocks of 64, the channels being independent), writing the
 state entering every chunk (input dtype; float32 in the backward); then ``gla_chunk_channel_out``, grid
 ``(batch, heads, chunks, value blocks of 128)``: ``O = A V + (Q ⊙ e^{b}) S``. The backward is
 ``backward_channel.py``.
@@ -22,6 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import (
     column_tile,
+    key_blocks,
     masked_exp,
     mm,
     out_specs,
@@ -141,8 +143,8 @@ def channel_state_step(k, v, fe, a, st):
 
 
 def _channel_states_kernel(k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, hs_ref, ht_ref, *, chunk, n_chunks):
-    """Triton: one program per (batch, head, value block) walks the chunks with ``Sᵀ [BV, K]`` on chip,
-    writing the state entering every chunk."""
+    """Triton: one program per (batch, head, value block, key block) walks the chunks with ``Sᵀ [BV, BK]``
+    on chip, writing the state entering every chunk."""
     def body(n, st):
         sl = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         end = pl.ds(n * chunk + chunk - 1, 1)
@@ -232,15 +234,17 @@ def channel_states(k, v, bc, seg, p, h0t, *, chunk, interpret, backend, dtype=jn
             compiler_params=tpu_params(interpret, "parallel", "parallel", "arbitrary"),
             name="gla_chunk_channel_states_tpu",
         )(k, v, bc, seg, p, h0t)
-    bv = min(vp, 64)
-    full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
-    vstate = pl.BlockSpec((None, None, bv, kp), lambda i, j, l: (i, j, l, 0))
+    # every key channel's state evolves on its own, so past key dims of 128 the grid also splits the key
+    # axis into blocks of 64 (fla's chunk_fwd_h; at K = 256 the whole axis spilled 140 B a thread on sm_90)
+    bv, (bk, kgrid, kb) = min(vp, 64), key_blocks(kp, backend)
+    kseq = pl.BlockSpec((None, None, tp, bk), lambda i, j, l, *m: (i, j, 0, kb(m)))
+    vstate = pl.BlockSpec((None, None, bv, bk), lambda i, j, l, *m: (i, j, l, kb(m)))
     return pl.pallas_call(
-        functools.partial(_channel_states_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
-        in_specs=[full(kp), pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l)), full(kp), full(kp),
-                  full(kp), vstate],
-        out_specs=[pl.BlockSpec((None, None, n, bv, kp), lambda i, j, l: (i, j, 0, l, 0)), vstate], out_shape=out_shape,
-        interpret=interpret, compiler_params=walk_params(interpret, backend, kp), name="gla_chunk_channel_states",
+        functools.partial(_channel_states_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv, *kgrid),
+        in_specs=[kseq, pl.BlockSpec((None, None, tp, bv), lambda i, j, l, *m: (i, j, 0, l)), kseq, kseq, kseq, vstate],
+        out_specs=[pl.BlockSpec((None, None, n, bv, bk), lambda i, j, l, *m: (i, j, 0, l, kb(m))), vstate],
+        out_shape=out_shape, interpret=interpret, compiler_params=walk_params(interpret, backend, bk),
+        name="gla_chunk_channel_states",
     )(k, v, bc, seg, p, h0t)
 
 
