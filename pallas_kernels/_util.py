@@ -79,6 +79,12 @@ def key_blocks(kp: int, backend: str):
     return bk, ((kp // bk,) if bk < kp else ()), (lambda m: m[0] if m else 0)
 
 
+def key_tiles(d: int, width: int) -> list:
+    """Static row slices of ``d`` rows in tiles of ``width``: ``[slice(None)]`` for one tile (the whole axis,
+    indexed as before), else ``pl.ds`` tiles; for a state carried as a tuple of row tiles."""
+    return [slice(None)] if width == d else [pl.ds(j * width, width) for j in range(d // width)]
+
+
 def tile_sum(d: int, width: int, term):
     """``Σ_j term(cols_j)`` over ``d`` columns in tiles of ``width``, in tile order; ``term`` reads its operands
     from refs through the column slice and returns an array or a tuple of them. ``width = d``: one

@@ -44,7 +44,8 @@ def _value_and_grads(f, x, key):
 @pytest.mark.parametrize("dk,dv,t,chunk", [(5, 3, 1, 16), (7, 5, 37, 16), (64, 64, 20, 16), (128, 33, 70, 64),
                                             (16, 128, 20, 16),  # two value blocks in the state passes
                                             (9, 200, 40, 16),  # dv padded to 256: two value blocks of the output kernel
-                                            (16, 16, 257, 64)])  # five chunks (not a power of two), the last nearly all padding
+                                            (16, 16, 257, 64),  # five chunks (not a power of two), the last nearly all padding
+                                            (130, 9, 20, 16)])  # key dim padded to 256: the state walk in key tiles of 64
 def test_kernel_equals_reference(dk, dv, t, chunk):
     """chunk 64 exercises the blocked inverse (four 16 x 16 diagonal blocks and their merges)."""
     x, resets = _inputs(jax.random.PRNGKey(dk), 1, t, 2, dk, dv)

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import key_pad
-from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, walk_params
+from pallas_kernels._util import chunk_block, column_tile, key_tiles, mm, out_specs, tpu_params, walk_params
 from pallas_kernels.delta_chunk.mosaic_gpu import chunk_out_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
@@ -57,12 +57,17 @@ def _decay_incl(gc, sc, gr, sr):
     return jnp.where(ok, jnp.exp(jnp.where(ok, gc - gr, 0.0)), 0.0)
 
 
-def _state_step(k, w, u, gc, rc, sc, s):
-    """``U' = U − W S`` and ``S⁺ = γ_C S + (K ⊙ e^{rev})ᵀ U'`` (float32)."""
-    md = k.dtype
+def _state_step(k, w, u, gc, rc, sc, st, md):
+    """``U' = U − W S`` and ``S⁺ = γ_C S + (K ⊙ e^{rev})ᵀ U'`` (float32), the state as row tiles ``st``;
+    ``k(j)``, ``w(j)`` load the matching column tiles ``[C, kt]`` of ``K``, ``W`` where they are used (one
+    tile: the whole key axis); ``md`` their dtype. Each contraction over the key axis is a sum of one matmul
+    per tile."""
     _, total, to_end = _col_factors(gc, rc, sc)
-    u_new = u.astype(f32) - _mm(w, s.astype(md))
-    return total * s + _mm((k.astype(f32) * to_end).astype(md), u_new.astype(md), _TN), u_new
+    u_new = u.astype(f32)
+    for j, s in enumerate(st):
+        u_new = u_new - _mm(w(j), s.astype(md))
+    un = u_new.astype(md)
+    return tuple(total * s + _mm((k(j).astype(f32) * to_end).astype(md), un, _TN) for j, s in enumerate(st)), u_new
 
 
 def _chunk_out(q, k, un, gc, sc, gr, sr, s, scale):
@@ -76,16 +81,24 @@ def _chunk_out(q, k, un, gc, sc, gr, sr, s, scale):
 # ----------------------------------------------------------------------------- kernels
 
 
-def _states_kernel(k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, h0_ref, hs_ref, ht_ref, un_ref=None, *, c, n):
-    def body(i, s):
+def _states_kernel(k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, h0_ref, hs_ref, ht_ref, un_ref=None, *, c, n, kt):
+    """Triton: the state ``[K, BV]`` carried as row tiles of ``kt`` (``_util.column_tile``: 64 past key dims
+    of 128)."""
+    tiles = key_tiles(h0_ref.shape[0], kt)
+
+    def body(i, st):
         sl = pl.ds(pl.multiple_of(i * c, c), c)
-        hs_ref[i] = s.astype(hs_ref.dtype)
-        s, u_new = _state_step(k_ref[sl, :], w_ref[sl, :], u_ref[sl, :], gc_ref[sl, :], rc_ref[sl, :], sc_ref[sl, :], s)
+        for r, s in zip(tiles, st):
+            hs_ref[i, r, :] = s.astype(hs_ref.dtype)
+        st, u_new = _state_step(lambda j: k_ref[sl, tiles[j]], lambda j: w_ref[sl, tiles[j]], u_ref[sl, :],
+                                gc_ref[sl, :], rc_ref[sl, :], sc_ref[sl, :], st, k_ref.dtype)
         if un_ref is not None:
             un_ref[sl, :] = u_new.astype(un_ref.dtype)
-        return s
+        return st
 
-    ht_ref[...] = lax.fori_loop(0, n, body, h0_ref[...].astype(f32))
+    st = lax.fori_loop(0, n, body, tuple(h0_ref[r, :].astype(f32) for r in tiles))
+    for r, s in zip(tiles, st):
+        ht_ref[r, :] = s
 
 
 def _states_kernel_tpu(k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, h0_ref, hs_ref, ht_ref, *rest):
@@ -97,7 +110,8 @@ def _states_kernel_tpu(k_ref, w_ref, u_ref, gc_ref, rc_ref, sc_ref, h0_ref, hs_r
 
     s = s_scr[...]
     hs_ref[...] = s.astype(hs_ref.dtype)
-    s, u_new = _state_step(k_ref[...], w_ref[...], u_ref[...], gc_ref[...], rc_ref[...], sc_ref[...], s)
+    (s,), u_new = _state_step(lambda j: k_ref[...], lambda j: w_ref[...], u_ref[...], gc_ref[...], rc_ref[...],
+                              sc_ref[...], (s,), k_ref.dtype)
     s_scr[...] = s
     if un_ref:
         un_ref[0][...] = u_new.astype(un_ref[0].dtype)
@@ -136,13 +150,15 @@ def chunk_states(kh, w, u, g, rev, seg, h0p, *, c, interpret, backend, dtype=f32
             scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret,
             compiler_params=tpu_params(interpret, "parallel", "parallel", "arbitrary"), name="delta_chunk_states_tpu",
         )(kh, w, u, *cols, h0p)
-    bv = min(vp, 64)
+    # past key dims of 128: value blocks of 32 and the state in key tiles of 64 (sm_90 at K = 256: 20 and 76 B of
+    # spills at 64 whole, 0 B now)
+    bv = min(vp, 32 if kp > 128 else 64)
     full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
     vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
     vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
     vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
     return pl.pallas_call(
-        functools.partial(_states_kernel, c=c, n=n), grid=(b, h, vp // bv),
+        functools.partial(_states_kernel, c=c, n=n, kt=column_tile(kp, backend)), grid=(b, h, vp // bv),
         in_specs=[full(kp), full(kp), vseq, full(1), full(1), full(1), vstate],
         out_specs=[vstates, vstate] + ([vseq] if with_u_new else []), out_shape=out_shape, interpret=interpret,
         compiler_params=walk_params(interpret, backend, kp, num_warps=4, num_stages=1), name="delta_chunk_states",
