@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import key_pad
-from pallas_kernels._util import chunk_block, mm, once_on_tpu, tpu_params, triton_params, walk_params
+from pallas_kernels._util import chunk_block, column_tile, mm, once_on_tpu, tpu_params, triton_params, walk_params
 from pallas_kernels.mlstm_chunk.forward import (
     _NT,
     _TN,
@@ -65,6 +65,7 @@ from pallas_kernels.mlstm_chunk.forward import (
     chunk_stabilisers,
     chunk_states,
     f32,
+    key_terms,
 )
 from pallas_kernels.mlstm_chunk.mosaic_gpu import dstates_mosaic_gpu
 
@@ -74,9 +75,9 @@ def _dstate_step(q, do, fs, fo, ds):
     return _last(fo) * ds + mm((q.astype(f32) * fs).astype(do.dtype), do, _TN)
 
 
-def _rows(q, k, v, do, bc, sc, br, sr, ir, er, m_in, s, nv):
-    """Pass 2, one chunk: ``(m_t, 1/den, dr, ρ)`` columns ``[C, 1]``; ``s [K, V]``, ``nv [1, K]`` entering."""
-    num, raw, m_t, rho = _readout(q, k, v, bc, sc, br, sr, ir, er, m_in, s, nv)
+def _rows(v, do, bc, sc, br, sr, ir, er, m_in, terms):
+    """Pass 2, one chunk: ``(m_t, 1/den, dr, ρ)`` columns ``[C, 1]``, from the readout's ``key_terms``."""
+    num, raw, m_t, rho = _readout(v, bc, sc, br, sr, ir, er, m_in, terms)
     floor = jnp.exp(-m_t)
     inv = 1.0 / jnp.maximum(jnp.abs(raw), floor)
     sign = jnp.where(raw < 0.0, -1.0, 1.0)  # not jnp.sign: its Mosaic lowering asks which TPU it runs on
@@ -173,9 +174,10 @@ def _dstates_kernel_tpu(q_ref, do_ref, fs_ref, fo_ref, dht_ref, dhs_ref, dh0_ref
 
 
 def _rows_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref,
-                 n_ref, mt_ref, inv_ref, dr_ref, rho_ref):
-    out = _rows(q_ref[...], k_ref[...], v_ref[...], do_ref[...], bc_ref[...], sc_ref[...], br_ref[...],
-                sr_ref[...], ir_ref[...], er_ref[...], _last(mi_ref[...]), s_ref[...], n_ref[...])
+                 n_ref, mt_ref, inv_ref, dr_ref, rho_ref, *, kt):
+    terms = key_terms(q_ref, k_ref, s_ref, n_ref, v_ref.dtype, kt)
+    out = _rows(v_ref[...], do_ref[...], bc_ref[...], sc_ref[...], br_ref[...], sr_ref[...], ir_ref[...], er_ref[...],
+                _last(mi_ref[...]), terms)
     for ref, val in zip((mt_ref, inv_ref, dr_ref, rho_ref), out):
         ref[...] = val
 
@@ -235,7 +237,7 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     # (2) per row: the stabiliser, 1/den, dr and the readout weight (the chunk's forward again)
     ccol = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
     mt, inv, dr, rho = pl.pallas_call(
-        _rows_kernel, grid=(b, h, n),
+        functools.partial(_rows_kernel, kt=column_tile(kp, backend)), grid=(b, h, n),
         in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk, state_n, norm_n],
         out_specs=[blk(1)] * 4, out_shape=[ccol] * 4, interpret=interpret, compiler_params=par,
         name="mlstm_chunk_bwd_rows" + ("_tpu" if tpu else ""),

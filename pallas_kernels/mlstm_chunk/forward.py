@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import key_pad
-from pallas_kernels._util import chunk_block, mm, out_specs, tpu_params, walk_params
+from pallas_kernels._util import chunk_block, column_tile, mm, out_specs, tile_sum, tpu_params, walk_params
 from pallas_kernels.mlstm_chunk.mosaic_gpu import out_mosaic_gpu, states_mosaic_gpu
 from seqjax.ops.gla import prepare_chunks
 
@@ -54,14 +54,25 @@ def _weights(bc, sc, br, sr, ir, er, m_in):
     return jnp.exp(jnp.where(ok, diff + ir, NEG) - m_t), m_t, jnp.exp(inter - m_t)
 
 
-def _readout(q, k, v, bc, sc, br, sr, ir, er, m_in, s, nv):
+def key_terms(q_ref, k_ref, s_ref, n_ref, md, kt):
+    """A chunk's readout contractions over the key axis, ``(Q Kᵀ [C, C], Q C' [C, V], Σ_k Q ⊙ n' [C, 1])``,
+    read from refs ``kt`` key columns at a time (``_util.column_tile``; ``s_ref [K, V]`` and ``n_ref [1, K]``
+    the entering ``C'`` and ``n'``; ``md`` the matmul dtype)."""
+    def term(cols):
+        q = q_ref[:, cols]
+        return mm(q, k_ref[:, cols], _NT), mm(q, s_ref[cols, :].astype(md)), _rsum(q.astype(f32) * n_ref[:, cols])
+
+    return tile_sum(q_ref.shape[1], kt, term)
+
+
+def _readout(v, bc, sc, br, sr, ir, er, m_in, terms):
     """One chunk's numerator ``[C, V]`` (``V`` may be one value block), raw normaliser ``r``, row stabiliser
-    ``m_t`` and ``ρ`` ``[C, 1]``; ``s [K, V]`` and ``nv [1, K]`` the entering ``C'`` and ``n'``."""
-    md = v.dtype
+    ``m_t`` and ``ρ`` ``[C, 1]``, from :func:`key_terms`."""
+    qk, qs, qn = terms
     d, m_t, rho = _weights(bc, sc, br, sr, ir, er, m_in)
-    att = mm(q, k, _NT) * d
-    num = mm(att.astype(md), v) + rho * mm(q, s.astype(md))
-    raw = _rsum(att) + rho * _rsum(q.astype(f32) * nv)
+    att = qk * d
+    num = mm(att.astype(v.dtype), v) + rho * qs
+    raw = _rsum(att) + rho * qn
     return num, raw, m_t, rho
 
 
@@ -97,9 +108,10 @@ def _states_kernel_tpu(k_ref, v_ref, ew_ref, fo_ref, h0_ref, hs_ref, ht_ref, s_s
         ht_ref[...] = s
 
 
-def _out_kernel(q_ref, k_ref, v_ref, bc_ref, sc_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref, n_ref, o_ref):
-    num, raw, m_t, _ = _readout(q_ref[...], k_ref[...], v_ref[...], bc_ref[...], sc_ref[...], br_ref[...],
-                                sr_ref[...], ir_ref[...], er_ref[...], _last(mi_ref[...]), s_ref[...], n_ref[...])
+def _out_kernel(q_ref, k_ref, v_ref, bc_ref, sc_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref, n_ref, o_ref, *, kt):
+    terms = key_terms(q_ref, k_ref, s_ref, n_ref, v_ref.dtype, kt)
+    num, raw, m_t, _ = _readout(v_ref[...], bc_ref[...], sc_ref[...], br_ref[...], sr_ref[...], ir_ref[...],
+                                er_ref[...], _last(mi_ref[...]), terms)
     o_ref[...] = (num / jnp.maximum(jnp.abs(raw), jnp.exp(-m_t))).astype(o_ref.dtype)
 
 
@@ -232,7 +244,7 @@ def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret, backend):
     row = lambda x: x.reshape(b, h, n, 1, c)
     bv, blk, rblk, vblk, params = out_specs(c, vp, interpret=interpret, backend=backend)
     o = pl.pallas_call(
-        _out_kernel, grid=(b, h, n, vp // bv),
+        functools.partial(_out_kernel, kt=column_tile(kp, backend)), grid=(b, h, n, vp // bv),
         in_specs=[blk(kp), blk(kp), vblk, blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk,
                   pl.BlockSpec((None, None, None, kp, bv), lambda i, j, l, z: (i, j, l, 0, z)),
                   pl.BlockSpec((None, None, None, 1, kp), lambda i, j, l, z: (i, j, l, 0, 0))],
