@@ -77,7 +77,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import JAX_0_11, key_pad, resolve_mosaic_gpu
-from pallas_kernels._util import check_chunk_size, mm, tpu_params, triton_params
+from pallas_kernels._util import check_chunk_size, column_tile, key_tiles, mm, tpu_params, triton_params
 from pallas_kernels.gla_chunk.backward import gla_head_bwd
 from pallas_kernels.gla_chunk.backward_channel import gla_channel_bwd
 from pallas_kernels.gla_chunk.channel import forward_channel
@@ -107,36 +107,51 @@ def _triton_for_mgpu(backend):
     return "triton" if backend == "mosaic_gpu" else backend
 
 
+_NT = (((1,), (1,)), ((), ()))  # X Yᵀ
+_TN = (((0,), (0,)), ((), ()))  # Xᵀ Y
+
+
 def _pow2(n, lo=16):
     return max(lo, 1 << (int(n) - 1).bit_length())
 
 
-def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, chunk, n_chunks):
+def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, chunk, n_chunks, kt):
+    """The state ``[K, BV]`` carried as row tiles of ``kt`` (``_util.column_tile``: 64 past key dims of 128),
+    each contraction over the key axis a sum of one matmul per tile, its operands loaded where used."""
     c = chunk
     idx = jnp.arange(c)
     causal = idx[:, None] >= idx[None, :]
+    tiles = key_tiles(h0_ref.shape[0], kt)
+    f32 = jnp.float32
 
-    def body(n, state):
+    def body(n, st):
         sl = pl.ds(pl.multiple_of(n * c, c), c)
-        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+        v = v_ref[sl, :]
+        md = v.dtype
+        if len(tiles) == 1:  # q and k loaded once
+            qv, kv = q_ref[sl, :], k_ref[sl, :]
+            qr, kr = (lambda r: qv), (lambda r: kv)
+        else:  # a tile's columns where they are used
+            qr, kr = (lambda r: q_ref[sl, r]), (lambda r: k_ref[sl, r])
         b, seg, p = b_ref[sl], s_ref[sl], p_ref[sl]
         ok = causal & (seg[:, None] == seg[None, :])
         d = jnp.where(ok, jnp.exp(jnp.where(ok, b[:, None] - b[None, :], 0.0)), 0.0) * (p[:, None] * p[None, :])
-        att = mm(q, k.T) * d
-        o = mm(att.astype(v.dtype), v)
+        att = sum(mm(qr(r), kr(r), _NT) for r in tiles) * d
+        o = mm(att.astype(md), v)
         fs = jnp.where(seg == 0, jnp.exp(b), 0.0) * p
         # state readout with operands in the input dtype (bf16 on the fast path), float32 accumulation
-        o = o + mm((q.astype(jnp.float32) * fs[:, None]).astype(v.dtype), state.astype(v.dtype))
+        for r, s in zip(tiles, st):
+            o = o + mm((qr(r).astype(f32) * fs[:, None]).astype(md), s.astype(md))
         o_ref[sl, :] = o.astype(o_ref.dtype)
         last = pl.ds(n * c + c - 1, 1)  # [1]-shaped loads of the chunk's last token
         b_end, s_end, p_end = b_ref[last], s_ref[last], p_ref[last]
         fe = jnp.where(seg == s_end, jnp.exp(jnp.where(seg == s_end, b_end - b, 0.0)), 0.0) * (p * p_end)
-        a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
-        kt = (k.astype(jnp.float32) * fe[:, None]).astype(v.dtype)
-        return a.reshape(1, 1) * state + mm(kt.T, v)
+        a = (jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end).reshape(1, 1)
+        return tuple(a * s + mm((kr(r).astype(f32) * fe[:, None]).astype(md), v, _TN) for r, s in zip(tiles, st))
 
-    state = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
-    ht_ref[...] = state
+    st = lax.fori_loop(0, n_chunks, body, tuple(h0_ref[r, :].astype(f32) for r in tiles))
+    for r, s in zip(tiles, st):
+        ht_ref[r, :] = s
 
 
 def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
@@ -153,7 +168,7 @@ def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     # per thread); benchmarks/triton_resources.py measures it
     compiler_params = triton_params(interpret, "triton", num_warps=8)
     return pl.pallas_call(
-        functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk),
+        functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk, kt=column_tile(kp, "triton")),
         grid=(bsz, h, vp // bv),
         in_specs=[seq(kp), seq(kp), vseq, gate, gate, gate, st],
         out_specs=[vseq, st],
