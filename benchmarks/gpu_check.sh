@@ -20,7 +20,7 @@
 #          -> <device>_attention.md (at most 6 minutes; not in the default list).
 # GPU_CHECK_STAGES picks them: "tests gla delta rnn" by default (about 8.5 minutes on an H200 with fla's
 # first-call autotuning); "train" in a call of its own. GPU_CHECK_SMOKE=1 runs tiny shapes
-# and a few tests (a dry run of this script on a CPU). Wheels the image lacks (fla-core; grain,
+# and a few tests (a dry run of this script on a CPU; its tables go to $OUT/results). Wheels the image lacks (fla-core; grain,
 # tensorflow-datasets and their pure-Python needs) travel in .whl/ (README, "On a GPU").
 # Run from the repository root:  bash benchmarks/gpu_check.sh
 set -u
@@ -28,12 +28,14 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 O=${OUT:-/tmp/gpu_check}
-mkdir -p "$O" benchmarks/results
+SMOKE=${GPU_CHECK_SMOKE:-}
+R=benchmarks/results  # the dry run's tables go to $OUT/results, not over the results of a real run
+[ -n "$SMOKE" ] && R="$O/results"
+mkdir -p "$O" "$R"
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-SMOKE=${GPU_CHECK_SMOKE:-}
 STAGES=" ${GPU_CHECK_STAGES:-tests gla delta rnn} "
 on() { [[ "$STAGES" == *" $1 "* ]]; }
 {
@@ -56,21 +58,21 @@ if on tests; then
 fi
 
 if [ -n "$SMOKE" ]; then A=(--ts=64 --b=1 --h=2 --d=32); T=(--data.global_batch=2 --data.seq_len=64 --model.num_layers=2 --model.d_model=96 --steps=2); else A=(); T=(--data.global_batch=32 --steps=5); fi
-on gla && { echo "== chunked GLA"; timeout ${GPU_CHECK_GLA_S:-200} $PY benchmarks/gla_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_gla.md"; }
-on delta && { echo "== chunked delta rule"; timeout 150 $PY benchmarks/delta_gpu.py "${A[@]}" --out "benchmarks/results/${DEV}_delta.md"; }
+on gla && { echo "== chunked GLA"; timeout ${GPU_CHECK_GLA_S:-200} $PY benchmarks/gla_gpu.py "${A[@]}" --out "$R/${DEV}_gla.md"; }
+on delta && { echo "== chunked delta rule"; timeout 150 $PY benchmarks/delta_gpu.py "${A[@]}" --out "$R/${DEV}_delta.md"; }
 if on fla; then
   echo "== flash-linear-attention alone (forward and backward, autotuning included)"
-  timeout ${GPU_CHECK_FLA_S:-270} $PY benchmarks/gla_gpu.py --ts=${GPU_CHECK_FLA_TS:-2048} "${A[@]}" --forms=fla --out "benchmarks/results/${DEV}_gla_fla.md"
-  timeout ${GPU_CHECK_FLA_S:-270} $PY benchmarks/delta_gpu.py --ts=${GPU_CHECK_FLA_TS:-2048} "${A[@]}" --forms=fla --out "benchmarks/results/${DEV}_delta_fla.md"
+  timeout ${GPU_CHECK_FLA_S:-270} $PY benchmarks/gla_gpu.py --ts=${GPU_CHECK_FLA_TS:-2048} "${A[@]}" --forms=fla --out "$R/${DEV}_gla_fla.md"
+  timeout ${GPU_CHECK_FLA_S:-270} $PY benchmarks/delta_gpu.py --ts=${GPU_CHECK_FLA_TS:-2048} "${A[@]}" --forms=fla --out "$R/${DEV}_delta_fla.md"
 fi
 on train && { echo "== training throughput, 125M preset"
-  timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="benchmarks/results/${DEV}_train.md"; }
+  timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="$R/${DEV}_train.md"; }
 if [ -n "$SMOKE" ]; then RA=(--reps=1 --shape=2x8x32); else RA=(--reps=3); fi
-on rnn && { echo "== nonlinear RNNs (LSTM)"; timeout 60 $PY benchmarks/rnn.py --skip-parallel "${RA[@]}" | tee "benchmarks/results/${DEV}_rnn.md"; }
+on rnn && { echo "== nonlinear RNNs (LSTM)"; timeout 60 $PY benchmarks/rnn.py --skip-parallel "${RA[@]}" | tee "$R/${DEV}_rnn.md"; }
 if [ -n "$SMOKE" ]; then AA=(--shapes=1x256x2x64 --reps=1); else AA=(--shapes=8x2048x16x128,2x8192x16x128 --reps=5); fi
 on attention && { echo "== flash attention: cuDNN vs XLA vs blocked"
   timeout 120 $PY -m pytest -q -n 0 -p no:cacheprovider --tb=short -rf -k "not interpret and not tpu and not context_parallel" \
     tests/test_flash_attention.py > "$O/attention_tests.txt" 2>&1; echo "pytest exit $?"; tail -5 "$O/attention_tests.txt"
-  timeout 240 $PY benchmarks/attention.py --dtype=bfloat16 "${AA[@]}" --out="benchmarks/results/${DEV}_attention.md"; }
-cp benchmarks/results/${DEV}*.md "$O/" 2>/dev/null
+  timeout 240 $PY benchmarks/attention.py --dtype=bfloat16 "${AA[@]}" --out="$R/${DEV}_attention.md"; }
+cp "$R"/${DEV}*.md "$O/" 2>/dev/null
 ls "$O"
