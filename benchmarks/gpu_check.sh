@@ -20,7 +20,7 @@
 #          -> <device>_attention.md (at most 6 minutes; not in the default list).
 # GPU_CHECK_STAGES picks them: "tests gla delta rnn" by default (about 8.5 minutes on an H200 with fla's
 # first-call autotuning); "train" in a call of its own. GPU_CHECK_SMOKE=1 runs tiny shapes
-# and a few tests (a dry run of this script on a CPU; its tables go to $OUT/results). Wheels the image lacks (fla-core; grain,
+# and a few tests (a dry run of this script on a CPU; its tables go to $OUT/results, /tmp/gpu_check/results by default). Wheels the image lacks (fla-core; grain,
 # tensorflow-datasets and their pure-Python needs) travel in .whl/ (README, "On a GPU").
 # Run from the repository root:  bash benchmarks/gpu_check.sh
 set -u
@@ -29,7 +29,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHO
 PY=${PYTHON:-python3}
 O=${OUT:-/tmp/gpu_check}
 SMOKE=${GPU_CHECK_SMOKE:-}
-R=benchmarks/results  # the dry run's tables go to $OUT/results, not over the results of a real run
+R=benchmarks/results  # the dry run's tables go to $O/results (O: $OUT, or /tmp/gpu_check), not over real results
 [ -n "$SMOKE" ] && R="$O/results"
 mkdir -p "$O" "$R"
 if ls .whl/*.whl >/dev/null 2>&1; then

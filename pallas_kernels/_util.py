@@ -123,6 +123,8 @@ def tpu_params(interpret: bool, *dimension_semantics: str):
 
 
 NN = (((1,), (0,)), ((), ()))  # x y: contract x's last axis with y's first
+NT = (((1,), (1,)), ((), ()))  # x yᵀ
+TN = (((0,), (0,)), ((), ()))  # xᵀ y
 
 
 def mm(x, y, dims=NN, *, precision=None):

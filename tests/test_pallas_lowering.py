@@ -55,7 +55,7 @@ def test_chunked_kernels_lower_to_mosaic_tpu(dk, dv):
     assert _mosaic_calls(_grad(mlstm), q, v, g) == 6  # forward (2), then states, rows, state grads, chunk grads
 
 
-@pytest.mark.parametrize("dk,dv", [(128, 128), (20, 9)])
+@pytest.mark.parametrize("dk,dv", [(128, 128), (20, 9), (256, 256)])  # 256: key tiles and key-block grids
 def test_chunked_kernels_lower_to_triton(dk, dv):
     q = jnp.zeros((2, 256, 2, dk), jnp.bfloat16)
     v = jnp.zeros((2, 256, 2, dv), jnp.bfloat16)

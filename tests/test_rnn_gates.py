@@ -46,6 +46,7 @@ def _assert_same(got, want):
     (63, 5, 7, 1, False),  # one full time chunk and a tail of 31; odd sizes
     (63, 5, 7, 1, True),
     (70, 4, 6, 3, False),  # head_dim 2
+    (64, 3, 5, 1, False),  # two full time chunks, no tail
 ])
 def test_closed_form_matches_reference(kind, t, d_in, hidden, heads, reverse):
     key = jax.random.PRNGKey(t + hidden)
@@ -63,6 +64,7 @@ def test_closed_form_saturated_gates(kind):
     p = jax.tree.map(lambda v: 6.0 * v, _params(kind, key, 4, 5, 1))
     x = 4.0 * jax.random.normal(jax.random.fold_in(key, 1), (2, 40, 4))
     h0 = make_h0(kind, jax.random.fold_in(key, 2), 2, 5)
+    assert jnp.mean(jnp.abs(jnp.einsum("bti,igkd->btgkd", x, p["W"])) > 5.0) > 0.5  # most gates saturated
     _assert_same(_loss_and_grads(kind, p, x, h0, "fused"), _loss_and_grads(kind, p, x, h0, "sequential"))
 
 

@@ -286,12 +286,12 @@ def gla_channel_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backe
         params = tpu_params(interpret, "parallel", "parallel", "parallel")
     else:
         # key channels are independent here too: key blocks of 64 past 128, as channel_states
-        bv, (bk, kgrid, kb) = min(vp, 64), key_blocks(kp, backend)
-        kseq = pl.BlockSpec((None, None, tp, bk), lambda i, j, l, *m: (i, j, 0, kb(m)))
+        bv, (wk, kgrid, kb) = min(vp, 64), key_blocks(kp, backend)  # the walk's key block
+        kseq = pl.BlockSpec((None, None, tp, wk), lambda i, j, l, *m: (i, j, 0, kb(m)))
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l, *m: (i, j, 0, l))
-        vstate = pl.BlockSpec((None, None, bv, bk), lambda i, j, l, *m: (i, j, l, kb(m)))
-        vstates = pl.BlockSpec((None, None, n, bv, bk), lambda i, j, l, *m: (i, j, 0, l, kb(m)))
-        walk = walk_params(interpret, backend, bk)
+        vstate = pl.BlockSpec((None, None, bv, wk), lambda i, j, l, *m: (i, j, l, kb(m)))
+        vstates = pl.BlockSpec((None, None, n, bv, wk), lambda i, j, l, *m: (i, j, 0, l, kb(m)))
+        walk = walk_params(interpret, backend, wk)
         dhs, dh0t = pl.pallas_call(
             functools.partial(_channel_dstates_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv, *kgrid),
             in_specs=[kseq, vseq, kseq, kseq, kseq, vstate], out_specs=[vstates, vstate],

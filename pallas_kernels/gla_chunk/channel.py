@@ -143,8 +143,9 @@ def channel_state_step(k, v, fe, a, st):
 
 
 def _channel_states_kernel(k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, hs_ref, ht_ref, *, chunk, n_chunks):
-    """Triton: one program per (batch, head, value block, key block) walks the chunks with ``Sᵀ [BV, BK]``
-    on chip, writing the state entering every chunk."""
+    """Triton: one program per (batch, head, value block) walks the chunks with ``Sᵀ [BV, BK]`` on chip,
+    writing the state entering every chunk; past key dims of 128 also one per key block (``BK = 64``,
+    ``_util.key_blocks``), else ``BK = K``."""
     def body(n, st):
         sl = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         end = pl.ds(n * chunk + chunk - 1, 1)

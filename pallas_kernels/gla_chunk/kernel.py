@@ -77,7 +77,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import JAX_0_11, key_pad, resolve_mosaic_gpu
-from pallas_kernels._util import check_chunk_size, column_tile, key_tiles, mm, tpu_params, triton_params
+from pallas_kernels._util import NT, TN, check_chunk_size, column_tile, key_tiles, mm, tpu_params, triton_params
 from pallas_kernels.gla_chunk.backward import gla_head_bwd
 from pallas_kernels.gla_chunk.backward_channel import gla_channel_bwd
 from pallas_kernels.gla_chunk.channel import forward_channel
@@ -107,10 +107,6 @@ def _triton_for_mgpu(backend):
     return "triton" if backend == "mosaic_gpu" else backend
 
 
-_NT = (((1,), (1,)), ((), ()))  # X Yᵀ
-_TN = (((0,), (0,)), ((), ()))  # Xᵀ Y
-
-
 def _pow2(n, lo=16):
     return max(lo, 1 << (int(n) - 1).bit_length())
 
@@ -136,7 +132,7 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, 
         b, seg, p = b_ref[sl], s_ref[sl], p_ref[sl]
         ok = causal & (seg[:, None] == seg[None, :])
         d = jnp.where(ok, jnp.exp(jnp.where(ok, b[:, None] - b[None, :], 0.0)), 0.0) * (p[:, None] * p[None, :])
-        att = sum(mm(qr(r), kr(r), _NT) for r in tiles) * d
+        att = sum(mm(qr(r), kr(r), NT) for r in tiles) * d
         o = mm(att.astype(md), v)
         fs = jnp.where(seg == 0, jnp.exp(b), 0.0) * p
         # state readout with operands in the input dtype (bf16 on the fast path), float32 accumulation
@@ -147,7 +143,7 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, 
         b_end, s_end, p_end = b_ref[last], s_ref[last], p_ref[last]
         fe = jnp.where(seg == s_end, jnp.exp(jnp.where(seg == s_end, b_end - b, 0.0)), 0.0) * (p * p_end)
         a = (jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end).reshape(1, 1)
-        return tuple(a * s + mm((kr(r).astype(f32) * fe[:, None]).astype(md), v, _TN) for r, s in zip(tiles, st))
+        return tuple(a * s + mm((kr(r).astype(f32) * fe[:, None]).astype(md), v, TN) for r, s in zip(tiles, st))
 
     st = lax.fori_loop(0, n_chunks, body, tuple(h0_ref[r, :].astype(f32) for r in tiles))
     for r, s in zip(tiles, st):
