@@ -8,8 +8,9 @@ r"""The functional entry point: run a cell over a sequence.
 ``"sequential"``  ``lax.scan`` over time, differentiated by JAX: the reference (``unroll=`` optional).
 ``"fused"``       a hand-written backward. LSTM (without peepholes) and GRU: closed-form gate gradients
                   (:mod:`seqjax.rnn.gates`: the state carried transposed, the projection and the weight
-                  gradients as matmuls per chunk of time steps, only :math:`R\,\partial a_t` and the
-                  elementwise gate gradients in the reverse loop). Other cells: the same forward
+                  gradients as matmuls per chunk of time steps, the gate-gradient factors made per chunk
+                  in bulk, and only :math:`R\,\partial a_t` and one product per step in the reverse
+                  loop). Other cells: the same forward
                   ``lax.scan`` (it also keeps the recurrent preactivations) and a reverse scan that does one
                   matmul per step (:math:`\partial h_{t-1} = \partial r_t R^\top`) and the pointwise VJP, then
                   :math:`\partial R = \sum_t h_{t-1}^\top \partial r_t` as one big matmul after the loop.
