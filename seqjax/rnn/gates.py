@@ -188,6 +188,12 @@ def _from_cols(v):
     return v.reshape(-1, v.shape[-1]).T
 
 
+def _gate_grad_bufs(tc, m, bsz, two):
+    """Per-chunk stores of the input and (``split_grads``) recurrent gate gradients, ``[tc, m, B]``."""
+    buf = jnp.zeros((tc, m, bsz), jnp.float32)
+    return buf, (jnp.zeros_like(buf) if two else None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _run(kind, unroll, chunk, x, W, b, R, pp, s0):
     return _forward(kind, unroll, chunk, x, W, b, R, pp, s0)[0]
@@ -242,7 +248,7 @@ def _backward(kind, unroll, chunk, res, cot):
     two = rule.split_grads
 
     def chunk_fn(t0, tc, carry):
-        ds, dx, dW, db, dR, dp = carry
+        ds, dx, dW, db, dR, dp, bufs = carry
         gyc = jnp.transpose(lax.dynamic_slice_in_dim(gy, t0, tc, axis=1).reshape(bsz, tc, g, d), (1, 2, 3, 0))
         aux = rule.prep(p, tuple(lax.dynamic_slice_in_dim(buf, t0, tc, axis=0) for buf in saved))
 
@@ -251,24 +257,27 @@ def _backward(kind, unroll, chunk, res, cot):
             jj = tc - 1 - j
             ds = (ds[0] + _dget(gyc, jj, 0),) + ds[1:]
             dax, dar, ds_prev, dpt = rule.back(p, tuple(_dget(a, jj, 0) for a in aux), ds)
-            # materialised once: else XLA fuses the gate gradients into both consumers and computes them twice
-            dax = lax.optimization_barrier(dax.reshape(g, k * d, bsz))
-            dar = dax if dar is None else lax.optimization_barrier(dar.reshape(g, k * d, bsz))
-            dh = jnp.einsum("gdm,gmb->gdb", R2, dar)
             dax_c = _dput(dax_c, dax.reshape(g * k * d, bsz), jj, 0)
             if two:
                 dar_c = _dput(dar_c, dar.reshape(g * k * d, bsz), jj, 0)
+            # the matmul reads the row just stored: given the gate gradients themselves, XLA fuses their
+            # arithmetic into both the store and the matmul's operand and computes it twice
+            dar = _dget(dar_c if two else dax_c, jj, 0).reshape(g, k * d, bsz)
+            dh = jnp.einsum("gdm,gmb->gdb", R2, dar)
             dp = {n: dp[n] + dpt[n].sum(-1) for n in dp}
             return (ds_prev[0] + dh,) + ds_prev[1:], dax_c, dar_c, dp
 
-        # [tc, G·K·D, B] in the loop (no transposed write per step), rows in (b, t) order for the matmuls after it
-        dax_c = jnp.zeros((tc, g * k * d, bsz), jnp.float32)
-        dar_c = jnp.zeros_like(dax_c) if two else None
+        # [tc, G·K·D, B] in the loop (no transposed write per step), rows in (b, t) order for the matmuls after
+        # it. Every row is written before it is read, so full chunks reuse the carried buffers (no zero fill)
+        fresh = bufs is None or tc != chunk
+        dax_c, dar_c = _gate_grad_bufs(tc, g * k * d, bsz, two) if fresh else bufs
         ds, dax_c, dar_c, dp = lax.fori_loop(0, tc, body, (ds, dax_c, dar_c, dp), unroll=min(unroll, tc))
-        dax_c = jnp.transpose(dax_c, (2, 0, 1))
-        dar_c = None if dar_c is None else jnp.transpose(dar_c, (2, 0, 1))
-        dax2 = dax_c.reshape(bsz * tc, g * k * d)
-        dar2 = jnp.swapaxes((dar_c if two else dax_c).reshape(bsz * tc, g, k * d), 0, 1)  # [G, B·tc, K·D]
+        if bufs is not None and tc == chunk:
+            bufs = (dax_c, dar_c)
+        dax_t = jnp.transpose(dax_c, (2, 0, 1))
+        dax2 = dax_t.reshape(bsz * tc, g * k * d)
+        dar_t = jnp.transpose(dar_c, (2, 0, 1)) if two else dax_t
+        dar2 = jnp.swapaxes(dar_t.reshape(bsz * tc, g, k * d), 0, 1)  # [G, B·tc, K·D]
         # the weight gradients contract over the B·tc rows: with the left factor transposed into a row-major
         # copy first, XLA's CPU matmul runs them about 2x faster than on the transposed view
         hc = _h_prev(s0[:, 0], ys, t0, tc).reshape(bsz * tc, g, d)
@@ -281,12 +290,13 @@ def _backward(kind, unroll, chunk, res, cot):
             dW = dW + lax.optimization_barrier(xc.T) @ dax2
             dxc = dax2 @ W2t
         dx = lax.dynamic_update_slice_in_dim(dx, dxc.reshape(bsz, tc, -1), t0, axis=1)
-        return ds, dx, dW, db, dR, dp
+        return ds, dx, dW, db, dR, dp, bufs
 
     ds = tuple(_to_cols(gs[:, a], g, d) for a in range(s_n))
     carry = (ds, jnp.zeros_like(xf), None if W2 is None else jnp.zeros_like(W2),
-             jnp.zeros((g * k * d,), jnp.float32), jnp.zeros_like(R2), {n: jnp.zeros_like(v) for n, v in pp.items()})
-    ds, dx, dW, db, dR, dp = _chunked(chunk_fn, t_len, chunk, carry, reverse=True)
+             jnp.zeros((g * k * d,), jnp.float32), jnp.zeros_like(R2), {n: jnp.zeros_like(v) for n, v in pp.items()},
+             _gate_grad_bufs(chunk, g * k * d, bsz, two) if t_len >= chunk else None)
+    ds, dx, dW, db, dR, dp, _ = _chunked(chunk_fn, t_len, chunk, carry, reverse=True)
     ds0 = jnp.stack([_from_cols(v) for v in ds], axis=1)
     dW = None if W is None else dW.reshape(W.shape)
     db = None if b is None else db.reshape(b.shape)
