@@ -63,11 +63,11 @@ def walk_params(interpret: bool, backend: str, kp: int, *, num_warps: int = 4, n
     return triton_params(interpret, backend, num_warps=num_warps, num_stages=num_stages)
 
 
-def column_tile(d: int, backend: str) -> int:
-    """The columns a contraction over a head dim ``d`` takes at a time: all of them, but 64 on Triton past
-    128 (at 256, ``[C, 256]`` float32 operands and products spill registers on sm_90; Mosaic TPU blocks
-    want whole 128-lane multiples)."""
-    return d if backend == "mosaic_tpu" or d <= 128 else 64
+def column_tile(d: int, backend: str, width: int = 64) -> int:
+    """The columns a contraction over a head dim ``d`` takes at a time: all of them, but ``width`` on Triton
+    past 128 (at 256, ``[C, 256]`` float32 operands and products spill registers on sm_90; Mosaic TPU blocks
+    want whole 128-lane multiples). A kernel with more float32 blocks live per tile asks for 32."""
+    return d if backend == "mosaic_tpu" or d <= 128 else width
 
 
 def key_blocks(kp: int, backend: str):

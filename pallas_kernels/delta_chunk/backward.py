@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import chunk_block, once_on_tpu, tpu_params, triton_params, walk_params
+from pallas_kernels._util import chunk_block, column_tile, once_on_tpu, tile_sum, tpu_params, triton_params, walk_params
 from pallas_kernels.delta_chunk.forward import _NT, _TN, _col_factors, _decay_incl, _mm, chunk_states, f32
 from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
@@ -75,7 +75,7 @@ def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
 
 
 def _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc, rc, sc, gr, sr, s_ref, ds_ref, dsf_ref, scale,
-                        dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref):
+                        dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, *, wk, wv):
     """Pass 4a, one chunk and one block of ``bk`` key columns: the gradients through the outputs, the attention
     and the states (module docstring). Refs of ``q, k [C, K]`` and of their block's columns ``[C, bk]``,
     ``U' = U − W S`` and ``do`` ``[C, V]`` (input dtype), of ``s`` the state before the chunk and ``ds`` the
@@ -85,81 +85,112 @@ def _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc, rc, sc
     from the state pass, as fla's ``v_new``. Every term but ``dU'`` has the key axis free or contracts over the
     value axis: each program holds ``[C, bk]`` float32 blocks and ``[bk, V]`` state rows (the whole key axis in
     one program spilled registers on sm_90). ``dU'`` contracts over the whole key axis: every block's program
-    computes all of it (``dW = −dU' Sᵀ`` needs it all), first, from ``dsf_ref``, and the first program writes it.
-    Writes ``dU' [C, V]``, ``dW [C, bk]``, ``dq`` (complete), ``dk`` (these terms) to their refs, each as soon
-    as it is finished, and the block's share of ``dg`` (these terms) and ``drev`` ``[C, 1]`` (sums over the key
-    axis, added over the blocks in XLA). Each input is read where its phase begins."""
+    computes all of it (``dW = −dU' Sᵀ`` needs it all), from ``dsf_ref``, and the first program writes it.
+
+    The value axis goes by in tiles of ``wv`` columns, and the key axis of ``Q Kᵀ`` and ``K dS⁺`` in tiles of
+    ``wk`` (``_util.column_tile``: whole axes up to 128 and on Mosaic TPU): per value tile, ``dU'`` and every
+    product that contracts over the value axis (``dW``, ``dÕ U'ᵀ``, ``dÕ Sᵀ``, ``U' dS⁺ᵀ``, the diagonal
+    ``Σ dÕ ⊙ U'`` and ``⟨S, dS⁺⟩``), summed over the tiles; then ``dq``, ``dk``, ``dg`` and ``drev`` from those
+    sums. Writes ``dU' [C, V]``, ``dW [C, bk]``, ``dq`` (complete), ``dk`` (these terms) to their refs and the
+    block's share of ``dg`` (these terms) and ``drev`` ``[C, 1]`` (sums over the key axis, added over the
+    blocks in XLA)."""
     md = q_ref.dtype
     c = kb_ref.shape[0]
+    kp, vp = q_ref.shape[1], do_ref.shape[1]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     gamma, total, to_end = _col_factors(gc, rc, sc)
-    # dU' (the outputs and the state written), then dW (in the input dtype, as fla: a float32 S operand costs
-    # shared memory)
-    dos = (scale * do_ref[...].astype(f32)).astype(md)
-    dum = _du(q_ref[...], k_ref[...], dos, gc, rc, sc, gr, sr, dsf_ref[...].astype(md)).astype(md)
+    decay = _decay_incl(gc, sc, gr, sr)
+    qk = (tile_sum(kp, wk, lambda sl: _mm(q_ref[:, sl], k_ref[:, sl], _NT)) * decay).astype(md)  # Q Kᵀ ⊙ Γ
+    first = pl.program_id(3) == 0
 
-    @pl.when(pl.program_id(3) == 0)
-    def _():
-        du_ref[...] = dum.astype(du_ref.dtype)
+    def value_tile(sl):
+        # dU' (the outputs and the state written), then the products with it and with dÕ over these columns
+        # (in the input dtype, as fla: a float32 S operand costs shared memory)
+        dof = scale * do_ref[:, sl].astype(f32)
+        dos = dof.astype(md)
+        kds = tile_sum(kp, wk, lambda kl: _mm(k_ref[:, kl], dsf_ref[kl, sl].astype(md)))
+        dum = (_mm(qk, dos, _TN) + to_end * kds).astype(md)
 
-    sm = s_ref[...].astype(md)  # [bk, V] float32 values live through the chunk would spill on a GPU
-    dw_ref[...] = (-_mm(dum, sm, _NT)).astype(dw_ref.dtype)
-    dof = scale * do_ref[...].astype(f32)
-    dos = dof.astype(md)
-    un = un_ref[...]
-    diag = rsum(dof * un.astype(f32))
-    um = un.astype(md)
+        @pl.when(first)
+        def _():
+            du_ref[:, sl] = dum.astype(du_ref.dtype)
+
+        sm = s_ref[:, sl].astype(md)  # [bk, wv] float32 values live through the chunk would spill on a GPU
+        un = un_ref[:, sl]
+        um = un.astype(md)
+        carry = jnp.sum(rsum(s_ref[:, sl].astype(f32) * ds_ref[:, sl].astype(f32)), axis=0, keepdims=True)
+        return (-_mm(dum, sm, _NT), rsum(dof * un.astype(f32)), _mm(dos, um, _NT), _mm(dos, sm, _NT), carry,
+                _mm(um, ds_ref[:, sl].astype(md), _NT))
+
+    # dW = −dU' Sᵀ; the diagonal Σ_v dÕ ⊙ U'; dÕ U'ᵀ; dÕ Sᵀ; ⟨S, dS⁺⟩; U' dS⁺ᵀ
+    dw, diag, dou, rd, carry, ke = tile_sum(vp, wv, value_tile)
+    dw_ref[...] = dw.astype(dw_ref.dtype)
     # dq: the readout and the intra-chunk attention, their diagonal (Γ_tt = 1) apart
     qb, kb = qb_ref[...], kb_ref[...]
-    dqk = jnp.where(strict, _mm(dos, um, _NT) * _decay_incl(gc, sc, gr, sr), 0.0).astype(md)
-    rd = _mm(dos, sm, _NT)  # dÕ Sᵀ
+    dqk = jnp.where(strict, dou * decay, 0.0).astype(md)
     dq_in = _mm(dqk, kb)
     dg_q, dg_rd = rsum(qb.astype(f32) * dq_in), gamma * rsum(qb.astype(f32) * rd)
     dq_ref[...] = (gamma * rd + dq_in + diag * kb.astype(f32)).astype(dq_ref.dtype)
     kf = kb.astype(f32)
     dk_in = _mm(dqk, qb, _TN)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    carry = jnp.sum(rsum(s_ref[...].astype(f32) * ds_ref[...].astype(f32)), axis=0, keepdims=True)  # ⟨S, dS⁺⟩
     dg_ref[...] = (dg_q - rsum(kf * dk_in) + dg_rd + jnp.where(is_last, total * carry, 0.0)).astype(dg_ref.dtype)
     dk = dk_in + diag * qb.astype(f32)
-    ke = _mm(um, ds_ref[...].astype(md), _NT)  # U' dS⁺ᵀ
     dr_ref[...] = (to_end * rsum(kf * ke)).astype(dr_ref.dtype)
     dk_ref[...] = (dk + to_end * ke).astype(dk_ref.dtype)
 
 
-def _chunk_grads_wy(k, v, x, du, dw, bc, gc, sc, gr, sr, dka_ref, dga_ref, dk_ref, dv_ref, db_ref, dg_ref):
+def _chunk_grads_wy(k_ref, v_ref, x, du_ref, dw_ref, bc, gc, sc, gr, sr, dka_ref, dga_ref, dk_ref, dv_ref, db_ref,
+                    dg_ref, *, wk, wv):
     """Pass 4b, one chunk: the gradients through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}`` from
-    ``dU', dW`` (pass 4a's) and the inverse ``x [C, C]`` (input dtype). Writes ``dk`` (pass 4a's terms added,
-    read from ``dka_ref`` where they are added), ``dv [C, V]``, ``dβ`` and ``dg`` (pass 4a's terms from
-    ``dga_ref`` added) ``[C, 1]`` to their refs, ``dv`` first (fewer float32 blocks live at once on a GPU). The
-    matmul operands take the input dtype, as fla's ``prepare_wy_repr_bwd`` (float32 inputs: float32 at
-    ``HIGHEST``; on a GPU that is an FMA loop per product, not a tensor-core one)."""
-    md = k.dtype
-    c = k.shape[0]
+    refs of ``k [C, K]``, ``v [C, V]`` and of pass 4a's ``dU' [C, V]``, ``dW [C, K]``, and the inverse
+    ``x [C, C]`` (input dtype). Writes ``dk`` (pass 4a's terms added, read from ``dka_ref`` where they are
+    added), ``dv``, ``dβ`` and ``dg`` (pass 4a's terms from ``dga_ref`` added) ``[C, 1]`` to their refs.
+    The matmul operands take the input dtype, as fla's ``prepare_wy_repr_bwd`` (float32 inputs: float32 at
+    ``HIGHEST``; on a GPU that is an FMA loop per product, not a tensor-core one).
+
+    Only the ``[C, C]`` products (``dX``, ``dA``) need a whole head dim; every other term has a key or a value
+    axis free. So, as fla's kernel, the value axis goes by in tiles of ``wv`` columns (``dv`` written per
+    tile; its ``dβ`` share and ``dU' (β ⊙ V)ᵀ`` summed), then the key axis in tiles of ``wk`` for
+    ``dW (βγ ⊙ K)ᵀ``, and after ``dA`` again for ``dk`` (written per tile) and the row sums of ``dβ`` and
+    ``dg``: one tile of ``[C, wk]`` float32 blocks live at a time (``_util.column_tile``: the whole axis up to
+    128 and on Mosaic TPU; at 256 the whole-axis blocks spilled 1,116 B of registers per thread on sm_90)."""
+    md = k_ref.dtype
+    c = x.shape[0]
     rsum = lambda a: jnp.sum(a, axis=1, keepdims=True)
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     gamma = chunk_gamma(gc, sc)
-    kf, vf = k.astype(f32), v.astype(f32)
     bg = bc * gamma
-    xm, dwm, dum = x.astype(md), dw.astype(md), du.astype(md)
-    dvb = _mm(xm, dum, _TN)
-    db_v = rsum(vf * dvb)
-    dv_ref[...] = (bc * dvb).astype(dv_ref.dtype)
-    dx = _mm(dwm, (kf * bg).astype(md), _NT) + _mm(dum, (vf * bc).astype(md), _NT)
+    xm = x.astype(md)
+
+    def value_tile(sl):
+        vf, dum = v_ref[:, sl].astype(f32), du_ref[:, sl].astype(md)
+        dvb = _mm(xm, dum, _TN)
+        dv_ref[:, sl] = (bc * dvb).astype(dv_ref.dtype)
+        return rsum(vf * dvb), _mm(dum, (vf * bc).astype(md), _NT)
+
+    db_v, dx_u = tile_sum(v_ref.shape[1], wv, value_tile)
+    dx = tile_sum(k_ref.shape[1], wk, lambda sl: _mm(
+        dw_ref[:, sl].astype(md), (k_ref[:, sl].astype(f32) * bg).astype(md), _NT)) + dx_u
     gam_st = jnp.where(strict, _decay_incl(gc, sc, gr, sr), 0.0)
     da_g = -_mm(_mm(xm, dx.astype(md), _TN).astype(md), xm, _NT) * gam_st  # dA ⊙ Γ, strictly lower
-    dkb = _mm(xm, dwm, _TN)
-    kdkb = rsum(kf * dkb)
-    dk = dka_ref[...] + bg * dkb  # dk summed term by term, each matmul's block dead once added
-    db_ref[...] = rsum(kf * _mm(da_g.astype(md), k)) + gamma * kdkb + db_v
-    dag = (bc * da_g).astype(md)
-    kda = _mm(dag, k)
-    g_a = rsum(kf * kda)
-    dk = dk + kda
-    kdat = _mm(dag, k, _TN)
-    dg_ref[...] = dga_ref[...] + (g_a - rsum(kf * kdat) + bg * kdkb)
-    dk_ref[...] = (dk + kdat).astype(dk_ref.dtype)
+    dam, dag = da_g.astype(md), (bc * da_g).astype(md)
+
+    def key_tile(sl):
+        k = k_ref[:, sl]
+        kf = k.astype(f32)
+        dkb = _mm(xm, dw_ref[:, sl].astype(md), _TN)
+        dk = dka_ref[:, sl] + bg * dkb  # dk summed term by term, each matmul's block dead once added
+        kda = _mm(dag, k)
+        dk = dk + kda
+        kdat = _mm(dag, k, _TN)
+        dk_ref[:, sl] = (dk + kdat).astype(dk_ref.dtype)
+        return rsum(kf * _mm(dam, k)), rsum(kf * dkb), rsum(kf * kda) - rsum(kf * kdat)
+
+    db_a, kdkb, dg_a = tile_sum(k_ref.shape[1], wk, key_tile)
+    db_ref[...] = db_a + gamma * kdkb + db_v
+    dg_ref[...] = dga_ref[...] + (dg_a + bg * kdkb)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -195,16 +226,16 @@ def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_
 
 
 def _grads_states_kernel(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, h_ref,
-                         dh_ref, dhf_ref, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, *, scale):
+                         dh_ref, dhf_ref, dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, *, scale, wk, wv):
     _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref,
                         *(r[...] for r in (gc_ref, rc_ref, sc_ref, gr_ref, sr_ref)), h_ref, dh_ref, dhf_ref, scale,
-                        dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref)
+                        dq_ref, dk_ref, du_ref, dw_ref, dg_ref, dr_ref, wk=wk, wv=wv)
 
 
 def _grads_wy_kernel(k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, dka_ref, dga_ref,
-                     dk_ref, dv_ref, db_ref, dg_ref):
-    _chunk_grads_wy(*(r[...] for r in (k_ref, v_ref, x_ref, du_ref, dw_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref)),
-                    dka_ref, dga_ref, dk_ref, dv_ref, db_ref, dg_ref)
+                     dk_ref, dv_ref, db_ref, dg_ref, *, wk, wv):
+    _chunk_grads_wy(k_ref, v_ref, x_ref[...], du_ref, dw_ref, *(r[...] for r in (bc_ref, gc_ref, sc_ref, gr_ref, sr_ref)),
+                    dka_ref, dga_ref, dk_ref, dv_ref, db_ref, dg_ref, wk=wk, wv=wv)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -282,7 +313,8 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     kpart = pl.BlockSpec((None, None, None, c, 1), lambda i, j, l, z: (z, i, j, l, 0))
     pshape = jax.ShapeDtypeStruct((nk, b, h, tp, 1), f32)
     kernel, in_specs, args = once_on_tpu(
-        tpu, functools.partial(_grads_states_kernel, scale=scale),
+        tpu, functools.partial(_grads_states_kernel, scale=scale, wk=column_tile(kp, backend),
+                               wv=column_tile(vp, backend, 32)),  # sm_90 at K = V = 256: 64 B of spills at wv = 64, 0 at 32
         [kblk(kp), kblk(kp), kcol, kcol, kblk(vp), kblk(vp), kblk(1), kblk(1), kblk(1), krow, krow, kstate, kstate,
          fstate], [qh, kh, qh, kh, un, do, *cols[1:], *rows, hs, dhs, dhs], {2: 0, 3: 1, 13: 12})
     dq, dk_a, du, dw, dg_a, drev = pl.pallas_call(
@@ -295,7 +327,8 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     )(*args)
     dg_a, drev = jnp.sum(dg_a, axis=0), jnp.sum(drev, axis=0)
     dk, dv, dbeta, dg = pl.pallas_call(
-        _grads_wy_kernel, grid=(b, h, n),
+        # sm_90 at K = V = 256: 24 B of spills at wk = 64, 0 at 32
+        functools.partial(_grads_wy_kernel, wk=column_tile(kp, backend, 32), wv=column_tile(vp, backend)), grid=(b, h, n),
         in_specs=[blk(kp), blk(vp), blk(c), blk(vp), blk(kp), blk(1), blk(1), blk(1), rblk(), rblk(), blk(kp), blk(1)],
         out_specs=[blk(kp), blk(vp), blk(1), blk(1)],
         out_shape=[jax.ShapeDtypeStruct(kh.shape, kh.dtype), jax.ShapeDtypeStruct(vh.shape, vh.dtype), gshape, gshape],
