@@ -51,7 +51,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import key_pad
-from pallas_kernels._util import chunk_block, column_tile, mm, once_on_tpu, tpu_params, triton_params, walk_params
+from pallas_kernels._util import (
+    chunk_block,
+    column_tile,
+    mm,
+    once_on_tpu,
+    tile_sum,
+    tpu_params,
+    triton_params,
+    walk_params,
+)
 from pallas_kernels.mlstm_chunk.forward import (
     _NT,
     _TN,
@@ -92,53 +101,80 @@ def _decay(bc, sc, ir, mt, br, sr):
     return jnp.exp(jnp.where(ok, bc - br + ir, NEG) - mt)
 
 
-def _chunk_dv(q, k, do, bc, sc, mt, inv, ew, br, sr, ir, ds, dv_ref):
-    """``dv = (Q Kᵀ ⊙ D)ᵀ dnum + ε ⊙ K dS`` for one block of value columns: ``q, k [C, K]`` (all of the key
-    axis: both terms contract over it), that block's ``do [C, bv]`` and ``ds [K, bv]`` (float32, the state
-    gradient after the chunk), the columns ``b, seg, m_t, 1/den, ε`` and rows ``b, seg, i`` (as
-    ``_chunk_grads``)."""
+def _chunk_dv(q_ref, k_ref, do, bc, sc, mt, inv, ew, br, sr, ir, ds_ref, dv_ref, *, wk):
+    """``dv = (Q Kᵀ ⊙ D)ᵀ dnum + ε ⊙ K dS`` for one block of value columns: refs of ``q, k [C, K]`` (all of the
+    key axis: both terms contract over it, ``wk`` key columns at a time), that block's ``do [C, bv]`` and a
+    ref of ``ds [K, bv]`` (float32, the state gradient after the chunk), the columns ``b, seg, m_t, 1/den, ε``
+    and rows ``b, seg, i`` (as ``_chunk_grads``)."""
     md = do.dtype
     dnm = (do.astype(f32) * inv).astype(md)
-    qk = (mm(q, k, _NT) * _decay(bc, sc, ir, mt, br, sr)).astype(md)
-    dv_ref[...] = (mm(qk, dnm, _TN) + ew * mm(k, ds.astype(md))).astype(dv_ref.dtype)
+    if wk < q_ref.shape[1]:
+        qk, kds = tile_sum(q_ref.shape[1], wk, lambda sl: (
+            mm(q_ref[:, sl], k_ref[:, sl], _NT), mm(k_ref[:, sl], ds_ref[sl, :].astype(md))))
+        k_ds = lambda: kds
+    else:  # the operands read first, K dS where it is used (loaded later, sm_90 spilled 44 B at 128)
+        q, k, ds = q_ref[...], k_ref[...], ds_ref[...]
+        qk, k_ds = mm(q, k, _NT), (lambda: mm(k, ds.astype(md)))
+    qk = (qk * _decay(bc, sc, ir, mt, br, sr)).astype(md)
+    dv_ref[...] = (mm(qk, dnm, _TN) + ew * k_ds()).astype(dv_ref.dtype)
 
 
-def _chunk_grads(q, k, v, do, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, s_ref, ds_ref, nv, dnv, dq_ref, dk_ref):
-    """Pass 4, one chunk and one block of ``bk`` key columns (module docstring): ``q, k [C, bk]``,
+def _chunk_grads(q, k, v_ref, do_ref, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, sr, ir, s_ref, ds_ref, nv, dnv, dq_ref,
+                 dk_ref, *, wv):
+    """Pass 4, one chunk and one block of ``bk`` key columns (module docstring): ``q, k [C, bk]``, refs of
     ``v, do [C, V]``; columns ``[C, 1]``: gates ``b, seg, i``, the row stabiliser ``m_t``, ``ρ``, ``1/den``,
     ``dr``, the write weights ``ε`` and the carry ``φ``; rows ``[1, C]``: ``b, seg, i``; refs of ``s, ds``
-    ``[bk, V]`` (float32), the block's rows of the state before the chunk and of the gradient after it, each
-    read where its phase begins (``s`` for ``dq``, ``dS`` for ``dk``, both again for the carry at the end),
+    ``[bk, V]`` (float32), the block's rows of the state before the chunk and of the gradient after it,
     ``nv, dnv [1, bk]`` likewise for the normaliser. Writes ``dq, dk [C, bk]`` to their refs, each as soon as
     it is finished; returns this key block's share of ``db, di [C, 1]`` (float32; sums over the key axis,
     added over the blocks in XLA). Every matrix term but ``dP [C, C]`` (recomputed per block) has a key axis:
     a program per key block of 64 holds ``[C, 64]`` float32 blocks and ``[64, V]`` state rows, and the sm_90
-    compile keeps them in registers (the whole key axis in one program spilled)."""
-    md = v.dtype
+    compile keeps them in registers (the whole key axis in one program spilled).
+
+    The contractions over the value axis (``dnum Vᵀ``, its diagonal, ``dnum Sᵀ``, ``V dSᵀ``, ``⟨S, dS⟩``):
+    with ``wv`` the whole axis, each where it is used (``s`` for ``dq``, ``dS`` for ``dk``, both again for
+    the carry at the end); with ``wv`` smaller (``_util.column_tile``: past value dims of 128 on Triton), all
+    five in one loop over value tiles of ``wv`` first, a ``[C, wv]`` and a ``[bk, wv]`` slice live at a time."""
+    md = v_ref.dtype
     c = q.shape[0]
+    tiled = wv < v_ref.shape[1]
+    if not tiled:
+        v = v_ref[...]
+        dnum_all = do_ref[...].astype(f32) * inv
+    # dnum = dh / den of the value columns that ``at`` reads from a ref (the whole axis: computed once)
+    dn = (lambda at: at(do_ref).astype(f32) * inv) if tiled else (lambda at: dnum_all)
+    prods = {
+        "dp": lambda at: mm(dn(at).astype(md), at(v_ref), _NT),  # dnum Vᵀ
+        "diag": lambda at: _rsum(dn(at) * at(v_ref).astype(f32)),
+        "ds": lambda at: mm(dn(at).astype(md), at(s_ref).astype(md), _NT),  # dnum Sᵀ
+        "vds": lambda at: mm(at(v_ref), at(ds_ref).astype(md), _NT),  # V dSᵀ (dS in the input dtype: spills held in f32)
+        "carry": lambda at: jnp.sum(_rsum(at(s_ref) * at(ds_ref)), axis=0, keepdims=True),  # ⟨S, dS⟩
+    }
+    if tiled:
+        sums = tile_sum(v_ref.shape[1], wv, lambda sl: tuple(f(lambda r: r[:, sl]) for f in prods.values()))
+        get = dict(zip(prods, sums)).__getitem__
+    else:
+        get = lambda name: prods[name](lambda r: v if r is v_ref else r[...])
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     d = _decay(bc, sc, ir, mt, br, sr)
-    dnum = do.astype(f32) * inv
-    dnm = dnum.astype(md)
-    da = jnp.where(strict, (mm(dnm, v, _NT) + dr) * d, 0.0).astype(md)
-    dd = (_rsum(dnum * v.astype(f32)) + dr) * jnp.exp(jnp.minimum(ic - mt, 0.0))  # the diagonal of dP ⊙ D
+    da = jnp.where(strict, (get("dp") + dr) * d, 0.0).astype(md)
+    dd = (get("diag") + dr) * jnp.exp(jnp.minimum(ic - mt, 0.0))  # the diagonal of dP ⊙ D
     qf = q.astype(f32)
     qk = _rsum(qf * k.astype(f32))
     dq_in = mm(da, k)
-    dq_rd = rho * (mm(dnm, s_ref[...].astype(md), _NT) + dr * nv)
+    dq_rd = rho * (get("ds") + dr * nv)
     db_in, db_rd = _rsum(qf * dq_in), _rsum(qf * dq_rd)
     dq_ref[...] = (dq_in + dd * k.astype(f32) + dq_rd).astype(dq_ref.dtype)
-    # then dK, through dS (in the input dtype; held in float32, the state rows spill registers on a GPU)
-    dsm = ds_ref[...].astype(md)
+    # then dK, through dS
     kf = k.astype(f32)
     dk_in = mm(da, q, _TN)
     col_m = _rsum(kf * dk_in)
-    dk_wr = ew * (mm(v, dsm, _NT) + dnv)
+    dk_wr = ew * (get("vds") + dnv)
     k_wr = _rsum(kf * dk_wr)
     dk_ref[...] = (dk_in + dd * q.astype(f32) + dk_wr).astype(dk_ref.dtype)
     is_last = lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
     writes = jnp.where(is_last, 0.0, k_wr)  # the last token's own write cancels against the carry
-    carry = jnp.sum(_rsum(s_ref[...] * ds_ref[...]), axis=0, keepdims=True) + jnp.sum(nv * dnv, axis=1, keepdims=True)
+    carry = get("carry") + jnp.sum(nv * dnv, axis=1, keepdims=True)
     end = _last(fo) * carry + jnp.sum(writes, axis=0, keepdims=True)
     db = db_in - col_m + db_rd - writes + jnp.where(is_last, end, 0.0)
     di = col_m + dd * qk + k_wr
@@ -184,15 +220,16 @@ def _rows_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, mi_ref, br_ref, sr
 
 def _grads_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref, dr_ref, ew_ref, fo_ref,
                   br_ref, sr_ref, ir_ref, s_ref, ds_ref, n_ref, dn_ref, qf_ref, kf_ref, dov_ref, dsv_ref, dq_ref, dk_ref,
-                  dv_ref, db_ref, di_ref, *, nv):
+                  dv_ref, db_ref, di_ref, *, nv, wk, wv):
     db_ref[...], di_ref[...] = _chunk_grads(
-        *(r[...] for r in (q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref, dr_ref, ew_ref,
-                           fo_ref, br_ref, sr_ref, ir_ref)), s_ref, ds_ref, n_ref[...], dn_ref[...], dq_ref, dk_ref)
+        q_ref[...], k_ref[...], v_ref, do_ref,
+        *(r[...] for r in (bc_ref, sc_ref, ic_ref, mt_ref, rho_ref, inv_ref, dr_ref, ew_ref, fo_ref, br_ref, sr_ref,
+                           ir_ref)), s_ref, ds_ref, n_ref[...], dn_ref[...], dq_ref, dk_ref, wv=wv)
 
     @pl.when(pl.program_id(3) < nv)  # dv: a block of value columns, by the first nv programs
     def _():
-        _chunk_dv(*(r[...] for r in (qf_ref, kf_ref, dov_ref, bc_ref, sc_ref, mt_ref, inv_ref, ew_ref, br_ref, sr_ref,
-                                     ir_ref, dsv_ref)), dv_ref)
+        _chunk_dv(qf_ref, kf_ref, *(r[...] for r in (dov_ref, bc_ref, sc_ref, mt_ref, inv_ref, ew_ref, br_ref, sr_ref,
+                                                     ir_ref)), dsv_ref, dv_ref, wk=wk)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -291,7 +328,8 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     kpart = pl.BlockSpec((None, None, None, c, 1), lambda i, j, l, z: (z, i, j, l, 0))
     pshape = jax.ShapeDtypeStruct((nk, b, h, tp, 1), f32)
     kernel, in_specs, args = once_on_tpu(
-        tpu, functools.partial(_grads_kernel, nv=nv),
+        # value tiles of 32 past 128: sm_90 at K = V = 256 spilled 16 B at 64, 0 at 32
+        tpu, functools.partial(_grads_kernel, nv=nv, wk=column_tile(kp, backend), wv=column_tile(vp, backend, 32)),
         [kcol, kcol, kblk(vp), kblk(vp)] + [kblk(1)] * 9 + [krow] * 3 + [kstate, kstate, knorm, knorm]
         + [kblk(kp), kblk(kp), vcol, vstate_n],
         [qh, kh, vh, do, col(bt), col(st), col(it), mt, rho, inv, dr, col(ew), fo_t, row(bt), row(st), row(it),
