@@ -9,6 +9,9 @@
 #   delta  benchmarks/delta_gpu.py -> benchmarks/results/<device>_delta.md  } flash-linear-attention (Triton)
 #          at B=8, T in {2k, 8k}, H=16, D=128, bf16; the per-head GLA, delta-rule and mLSTM forwards in both
 #          GPU lowerings, Triton and Mosaic GPU, side by side;
+#   wide   both scripts at head dim 256 (K = V = 256, H = 8, T = 8k: Gated DeltaNet's width), where the delta-rule
+#          and mLSTM gradient kernels take key and value tiles of 32-64 -> <device>_gla_d256.md, <device>_delta_d256.md
+#          (not in the default list; GPU_CHECK_WIDE_S, default 200, caps each);
 #   fla    fla's rows alone (forward and forward+backward; its first backward autotunes for minutes), both
 #          scripts at T = 2k with --forms=fla -> <device>_gla_fla.md, <device>_delta_fla.md; GPU_CHECK_FLA_S
 #          (default 270) caps each; give it a device call of its own;
@@ -60,6 +63,12 @@ fi
 if [ -n "$SMOKE" ]; then A=(--ts=64 --b=1 --h=2 --d=32); T=(--data.global_batch=2 --data.seq_len=64 --model.num_layers=2 --model.d_model=96 --steps=2); else A=(); T=(--data.global_batch=32 --steps=5); fi
 on gla && { echo "== chunked GLA"; timeout ${GPU_CHECK_GLA_S:-200} $PY benchmarks/gla_gpu.py "${A[@]}" --out "$R/${DEV}_gla.md"; }
 on delta && { echo "== chunked delta rule"; timeout 150 $PY benchmarks/delta_gpu.py "${A[@]}" --out "$R/${DEV}_delta.md"; }
+if on wide; then
+  if [ -n "$SMOKE" ]; then W=("${A[@]}"); else W=(--d=256 --h=8 --ts=8192); fi
+  echo "== head dim 256"
+  timeout ${GPU_CHECK_WIDE_S:-200} $PY benchmarks/gla_gpu.py "${W[@]}" --out "$R/${DEV}_gla_d256.md"
+  timeout ${GPU_CHECK_WIDE_S:-200} $PY benchmarks/delta_gpu.py "${W[@]}" --out "$R/${DEV}_delta_d256.md"
+fi
 if on fla; then
   echo "== flash-linear-attention alone (forward and backward, autotuning included)"
   timeout ${GPU_CHECK_FLA_S:-270} $PY benchmarks/gla_gpu.py --ts=${GPU_CHECK_FLA_TS:-2048} "${A[@]}" --forms=fla --out "$R/${DEV}_gla_fla.md"
