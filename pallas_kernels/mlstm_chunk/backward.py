@@ -71,6 +71,7 @@ from pallas_kernels.mlstm_chunk.forward import (
     _pad_last,
     _readout,
     _rsum,
+    _weights,
     chunk_stabilisers,
     chunk_states,
     f32,
@@ -87,11 +88,37 @@ def _dstate_step(q, do, fs, fo, ds):
 def _rows(v, do, bc, sc, br, sr, ir, er, m_in, terms):
     """Pass 2, one chunk: ``(m_t, 1/den, dr, ρ)`` columns ``[C, 1]``, from the readout's ``key_terms``."""
     num, raw, m_t, rho = _readout(v, bc, sc, br, sr, ir, er, m_in, terms)
+    return _row_grads(raw, m_t, rho, _rsum(do.astype(f32) * num))
+
+
+def _row_grads(raw, m_t, rho, do_num):
+    """``(m_t, 1/den, dr, ρ)`` from the raw normaliser ``r``, ``m_t``, ``ρ`` and ``Σ_v dh ⊙ num`` ``[C, 1]``."""
     floor = jnp.exp(-m_t)
     inv = 1.0 / jnp.maximum(jnp.abs(raw), floor)
     sign = jnp.where(raw < 0.0, -1.0, 1.0)  # not jnp.sign: its Mosaic lowering asks which TPU it runs on
-    dr = jnp.where(jnp.abs(raw) >= floor, -sign * inv * inv * _rsum(do.astype(f32) * num), 0.0)
+    dr = jnp.where(jnp.abs(raw) >= floor, -sign * inv * inv * do_num, 0.0)
     return m_t, inv, dr, rho
+
+
+def _rows_tiled(q_ref, k_ref, v_ref, do_ref, bc, sc, br, sr, ir, er, m_in, s_ref, n_ref, *, kt, wv):
+    """:func:`_rows` with the value axis in tiles of ``wv`` (past value dims of 128 on Triton): ``num`` is only
+    needed through ``Σ_v dh ⊙ num``, so per value tile ``num_v = (Q Kᵀ ⊙ D) V_v + ρ ⊙ Q C'_v`` (``Q C'_v``
+    over key tiles of ``kt``) is formed and reduced, and no ``[C, V]`` float32 block (nor a ``[kt, V]`` slice
+    of the state) is live."""
+    md = v_ref.dtype
+    kp = q_ref.shape[1]
+    qk, qn = tile_sum(kp, kt, lambda cols: (mm(q_ref[:, cols], k_ref[:, cols], _NT),
+                                            _rsum(q_ref[:, cols].astype(f32) * n_ref[:, cols])))
+    d, m_t, rho = _weights(bc, sc, br, sr, ir, er, m_in)
+    att = qk * d
+    raw = _rsum(att) + rho * qn
+    attm = att.astype(md)
+
+    def value_tile(vs):
+        qs = tile_sum(kp, kt, lambda cols: mm(q_ref[:, cols], s_ref[cols, vs].astype(md)))
+        return _rsum(do_ref[:, vs].astype(f32) * (mm(attm, v_ref[:, vs]) + rho * qs))
+
+    return _row_grads(raw, m_t, rho, tile_sum(v_ref.shape[1], wv, value_tile))
 
 
 def _decay(bc, sc, ir, mt, br, sr):
@@ -210,10 +237,13 @@ def _dstates_kernel_tpu(q_ref, do_ref, fs_ref, fo_ref, dht_ref, dhs_ref, dh0_ref
 
 
 def _rows_kernel(q_ref, k_ref, v_ref, do_ref, bc_ref, sc_ref, mi_ref, br_ref, sr_ref, ir_ref, er_ref, s_ref,
-                 n_ref, mt_ref, inv_ref, dr_ref, rho_ref, *, kt):
-    terms = key_terms(q_ref, k_ref, s_ref, n_ref, v_ref.dtype, kt)
-    out = _rows(v_ref[...], do_ref[...], bc_ref[...], sc_ref[...], br_ref[...], sr_ref[...], ir_ref[...], er_ref[...],
-                _last(mi_ref[...]), terms)
+                 n_ref, mt_ref, inv_ref, dr_ref, rho_ref, *, kt, wv):
+    gates = lambda: (bc_ref[...], sc_ref[...], br_ref[...], sr_ref[...], ir_ref[...], er_ref[...], _last(mi_ref[...]))
+    if wv < v_ref.shape[1]:
+        out = _rows_tiled(q_ref, k_ref, v_ref, do_ref, *gates(), s_ref, n_ref, kt=kt, wv=wv)
+    else:  # the key terms first, then the gates (read first, sm_90 took 255 registers and 64 KiB at 128, not 241, 48)
+        terms = key_terms(q_ref, k_ref, s_ref, n_ref, v_ref.dtype, kt)
+        out = _rows(v_ref[...], do_ref[...], *gates(), terms)
     for ref, val in zip((mt_ref, inv_ref, dr_ref, rho_ref), out):
         ref[...] = val
 
@@ -274,7 +304,7 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     # (2) per row: the stabiliser, 1/den, dr and the readout weight (the chunk's forward again)
     ccol = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
     mt, inv, dr, rho = pl.pallas_call(
-        functools.partial(_rows_kernel, kt=column_tile(kp, backend)), grid=(b, h, n),
+        functools.partial(_rows_kernel, kt=column_tile(kp, backend), wv=column_tile(vp, backend)), grid=(b, h, n),
         in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk, state_n, norm_n],
         out_specs=[blk(1)] * 4, out_shape=[ccol] * 4, interpret=interpret, compiler_params=par,
         name="mlstm_chunk_bwd_rows" + ("_tpu" if tpu else ""),
