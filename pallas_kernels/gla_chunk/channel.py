@@ -205,15 +205,23 @@ def channel_intra(q, k, bc, seg, p, *, chunk, interpret, backend):
             name="gla_chunk_channel_intra_tpu",
         )(q, k, bc, seg, p)
     nb = chunk // SUB
-    rows = lambda d: pl.BlockSpec((None, None, SUB, d), lambda i, j, l, z: (i, j, l * nb + z, 0))
-    whole = pl.BlockSpec((None, None, chunk, kp), lambda i, j, l, z: (i, j, l, 0))
-    return pl.pallas_call(
-        _intra_channel_kernel, grid=(bsz, h, tp // chunk, nb),
-        in_specs=[rows(kp), whole, whole, whole, whole], out_specs=rows(chunk),
-        out_shape=jax.ShapeDtypeStruct((bsz, h, tp, chunk), jnp.float32), interpret=interpret,
-        # 4 warps; 8 past key dims of 128 (sm_90 spills at K = 256: 652 B a thread at 4 warps, 136 B at 8)
-        compiler_params=triton_params(interpret, backend, num_warps=8 if kp > 128 else 4), name="gla_chunk_channel_intra",
+    # A is a sum over the key channels: past key dims of 128, a grid axis over key blocks of 64 (fla's BK), each
+    # program's share of its rows written apart and added in XLA (one program holding all 256 channels spilled
+    # 136 B of registers per thread on sm_90 at 8 warps, 652 B at 4)
+    wk, kgrid, kb = key_blocks(kp, backend)
+    rows = pl.BlockSpec((None, None, SUB, wk), lambda i, j, l, z, *m: (i, j, l * nb + z, kb(m)))
+    whole = pl.BlockSpec((None, None, chunk, wk), lambda i, j, l, z, *m: (i, j, l, kb(m)))
+    if kgrid:
+        out_spec = pl.BlockSpec((None, None, None, SUB, chunk), lambda i, j, l, z, *m: (kb(m), i, j, l * nb + z, 0))
+    else:
+        out_spec = pl.BlockSpec((None, None, SUB, chunk), lambda i, j, l, z, *m: (i, j, l * nb + z, 0))
+    a = pl.pallas_call(
+        _intra_channel_kernel, grid=(bsz, h, tp // chunk, nb, *kgrid),
+        in_specs=[rows, whole, whole, whole, whole], out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct((*kgrid, bsz, h, tp, chunk), jnp.float32), interpret=interpret,
+        compiler_params=triton_params(interpret, backend, num_warps=4), name="gla_chunk_channel_intra",
     )(q, k, bc, seg, p)
+    return jnp.sum(a, axis=0) if kgrid else a
 
 
 def channel_states(k, v, bc, seg, p, h0t, *, chunk, interpret, backend, dtype=jnp.float32):
