@@ -3,7 +3,8 @@ r"""Pallas kernels: chunked GLA with per-channel decay (GLA proper), forward —
 Three kernels, as fla's ``chunk_gla`` forward (``chunk_gla_fwd_intra_gk`` / ``chunk_fwd_h`` /
 ``chunk_gla_fwd_o_gk``): ``channel_intra``, the intra-chunk matrices ``A [C, C]`` by 16-token secondary
 chunks, on Triton one secondary chunk's rows ``[16, C]`` per program (grid ``(batch, heads, chunks,
-secondary chunks)``), on Mosaic TPU one chunk per program; ``channel_states``, the only serial pass: the per-channel decayed
+secondary chunks)``, past key dims of 128 also key blocks of 64, their shares added in XLA), on Mosaic TPU one
+chunk per program; ``channel_states``, the only serial pass: the per-channel decayed
 state update with the state carried transposed, ``Sᵀ [BV, K]`` (the decay is then a broadcast; on Triton past
 key dims of 128 in key blocks of 64, the channels being independent), writing the
 state entering every chunk (input dtype; float32 in the backward); then ``gla_chunk_channel_out``, grid
@@ -68,7 +69,8 @@ def _intra_channel_kernel(q_ref, k_ref, b_ref, s_ref, p_ref, a_ref):
     (all four secondary chunks unrolled) spilled 1.8 KB of registers per thread on sm_90. Every exponent
     is ``≤ 0`` and masked (segment equality, causality) before ``exp``. ``q_ref [16, K]`` is the secondary
     chunk's queries; ``k, b, seg, p [C, K]`` the chunk's keys and gates (cumulative log decay within the
-    chunk, document index, cumulative sign)."""
+    chunk, document index, cumulative sign); past key dims of 128, ``K`` is one key block of 64 and the
+    rows written are that block's share of ``A``."""
     f32 = jnp.float32
     md = q_ref.dtype
     nb = k_ref.shape[0] // SUB
