@@ -45,7 +45,9 @@ def _value_and_grads(f, x, key):
                                             (16, 128, 20, 16),  # two value blocks in the state passes
                                             (9, 200, 40, 16),  # dv padded to 256: two value blocks of the output kernel
                                             (16, 16, 257, 64),  # five chunks (not a power of two), the last nearly all padding
-                                            (130, 9, 20, 16)])  # key dim padded to 256: the state walk in key tiles of 64
+                                            (130, 9, 20, 16),  # key dim padded to 256: the state walk in key tiles of 64
+                                            (250, 250, 20, 16)])  # both near 256: every key and value tile of the
+                                            # gradient kernels holds real columns (padding leaves the last ones zero)
 def test_kernel_equals_reference(dk, dv, t, chunk):
     """chunk 64 exercises the blocked inverse (four 16 x 16 diagonal blocks and their merges)."""
     x, resets = _inputs(jax.random.PRNGKey(dk), 1, t, 2, dk, dv)

@@ -83,8 +83,8 @@ def _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc, rc, sc
     whose products with them are then taken in float32 all the same), and of all of that gradient
     (``dsf_ref``, ``[K, V]``); gate columns ``g, rev, seg [C, 1]`` and rows ``g, seg [1, C]``. ``U'`` comes
     from the state pass, as fla's ``v_new``. Every term but ``dU'`` has the key axis free or contracts over the
-    value axis: each program holds ``[C, bk]`` float32 blocks and ``[bk, V]`` state rows (the whole key axis in
-    one program spilled registers on sm_90). ``dU'`` contracts over the whole key axis: every block's program
+    value axis: each program holds ``[C, bk]`` float32 blocks and the ``[bk, wv]`` state rows of a value tile (the
+    whole key axis in one program spilled registers on sm_90). ``dU'`` contracts over the whole key axis: every block's program
     computes all of it (``dW = −dU' Sᵀ`` needs it all), from ``dsf_ref``, and the first program writes it.
 
     The value axis goes by in tiles of ``wv`` columns, and the key axis of ``Q Kᵀ`` and ``K dS⁺`` in tiles of

@@ -139,7 +139,7 @@ def _chunk_dv(q_ref, k_ref, do, bc, sc, mt, inv, ew, br, sr, ir, ds_ref, dv_ref,
         qk, kds = tile_sum(q_ref.shape[1], wk, lambda sl: (
             mm(q_ref[:, sl], k_ref[:, sl], _NT), mm(k_ref[:, sl], ds_ref[sl, :].astype(md))))
         k_ds = lambda: kds
-    else:  # the operands read first, K dS where it is used (loaded later, sm_90 spilled 44 B at 128)
+    else:  # q, k, dS read first, the K dS matmul where it is used (taken before the decay, sm_90 spilled 44 B at 128)
         q, k, ds = q_ref[...], k_ref[...], ds_ref[...]
         qk, k_ds = mm(q, k, _NT), (lambda: mm(k, ds.astype(md)))
     qk = (qk * _decay(bc, sc, ir, mt, br, sr)).astype(md)
@@ -155,8 +155,9 @@ def _chunk_grads(q, k, v_ref, do_ref, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, 
     ``nv, dnv [1, bk]`` likewise for the normaliser. Writes ``dq, dk [C, bk]`` to their refs, each as soon as
     it is finished; returns this key block's share of ``db, di [C, 1]`` (float32; sums over the key axis,
     added over the blocks in XLA). Every matrix term but ``dP [C, C]`` (recomputed per block) has a key axis:
-    a program per key block of 64 holds ``[C, 64]`` float32 blocks and ``[64, V]`` state rows, and the sm_90
-    compile keeps them in registers (the whole key axis in one program spilled).
+    a program per key block of 64 holds ``[C, 64]`` float32 blocks and ``[64, V]`` state rows (``[64, wv]`` a tile
+    at a time when tiled), and the sm_90 compile keeps them in registers (the whole key axis in one program
+    spilled).
 
     The contractions over the value axis (``dnum Vᵀ``, its diagonal, ``dnum Sᵀ``, ``V dSᵀ``, ``⟨S, dS⟩``):
     with ``wv`` the whole axis, each where it is used (``s`` for ``dq``, ``dS`` for ``dk``, both again for

@@ -272,7 +272,7 @@ def _backward(kind, unroll, chunk, res, cot):
         fresh = bufs is None or tc != chunk
         dax_c, dar_c = _gate_grad_bufs(tc, g * k * d, bsz, two) if fresh else bufs
         ds, dax_c, dar_c, dp = lax.fori_loop(0, tc, body, (ds, dax_c, dar_c, dp), unroll=min(unroll, tc))
-        if bufs is not None and tc == chunk:
+        if not fresh:
             bufs = (dax_c, dar_c)
         dax_t = jnp.transpose(dax_c, (2, 0, 1))
         dax2 = dax_t.reshape(bsz * tc, g * k * d)
