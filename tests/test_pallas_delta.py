@@ -96,6 +96,17 @@ def test_pallas_backward_carries_state_across_a_split(backend):
     assert "delta_chunk_bwd" not in str(jax.make_jaxpr(jax.grad(loss(xla)))(x["q"]))
 
 
+def test_bf16_grads_at_head_dims_near_256():
+    """bf16 q, k, v where the gradient kernels take key and value tiles (head dims padded to 256): each tile's
+    matmul operands are cast to bf16 on their own."""
+    x, _ = _inputs(jax.random.PRNGKey(5), 1, 20, 2, 250, 250)
+    low = {n: (a.astype(jnp.bfloat16) if n in ("q", "k", "v") else a) for n, a in x.items()}
+    key = jax.random.PRNGKey(3)
+    _, g = _value_and_grads(lambda **a: delta_chunk(**a, chunk_size=16), low, key)
+    _, g_ref = _value_and_grads(E.recurrent_delta_rule, {n: a.astype(jnp.float32) for n, a in low.items()}, key)
+    _close(g, g_ref, 3e-2, "bf16 grads at head dims 250")
+
+
 def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
     """Training memory: the residuals are the inputs (WY factors and states are recomputed), where the XLA
     chunked form keeps per-chunk states and factors. bf16 inputs: gradients in bf16, float32 inside."""

@@ -96,6 +96,16 @@ def test_pallas_backward_carries_state_across_a_split(backend):
     assert "mlstm_chunk_bwd" not in str(jax.make_jaxpr(jax.grad(loss(xla)))(x["q"]))
 
 
+def test_bf16_grads_at_head_dims_near_256():
+    """bf16 q, k, v where the gradient kernels take key and value tiles (head dims padded to 256)."""
+    x = _inputs(jax.random.PRNGKey(5), 20, 250, 250)
+    low = {n: (a.astype(jnp.bfloat16) if n in ("q", "k", "v") else a) for n, a in x.items()}
+    key = jax.random.PRNGKey(3)
+    got = _grads(lambda **a: mlstm_chunk(**a, chunk_size=16), low, key)
+    want = _grads(ML.mlstm_recurrent, {n: (a.astype(jnp.float32) if n in ("q", "k", "v") else a) for n, a in low.items()}, key)
+    _close(got, want, 3e-2, "bf16 grads at head dims 250")
+
+
 def test_pallas_backward_keeps_only_the_inputs_and_takes_bf16():
     x = _inputs(jax.random.PRNGKey(12), 256, 16, 16)
     args = [x[n] for n in ("q", "k", "v", "i", "f")]
