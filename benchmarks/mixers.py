@@ -4,6 +4,7 @@
     python benchmarks/mixers.py --quick                 # T = 1k only
     python benchmarks/mixers.py --mixers=gla,mamba2 --out=benchmarks/results/cpu_mixers.md
     python benchmarks/mixers.py --mixers=gla,deltanet,gated_deltanet --heads=4 --dim=64 --ts=8192   # model widths
+    python benchmarks/mixers.py --mixers=deltanet --heads=4 --dim=64 --ts=8192 --cores=1       # on one CPU
     python benchmarks/mixers.py --mixers=mamba --batch=64 --ts=64 --make channels=128 state=16   # any make_inputs size
 
 FLOPs are XLA's own count (``compiled.cost_analysis()["flops"]``) of the compiled forward. The matmul rate
@@ -16,6 +17,7 @@ blocks``). Inputs come from each mixer's ``make_inputs(key, batch, T)``:
 its default, small head counts and dims, or ``heads=H, dk=dv=D`` with ``--heads/--dim``. Every form of one
 (mixer, T) is compiled first and then timed interleaved, round by round (``--reps`` rounds, medians): on a
 shared machine the ratios of one row are what to read. ``impl="auto"`` is a row of its own.
+``--cores=N`` runs on the first N CPUs (XLA's thread pool follows the process's affinity).
 """
 
 from __future__ import annotations
@@ -183,11 +185,14 @@ class Args:
     make: tuple[str, ...] = ()  # extra make_inputs keywords, name=integer (e.g. channels=128 state=16 for Mamba)
     impls: tuple[str, ...] = ()  # the forms to time beside the reference and auto (default: every impl but sequential)
     chunk: int = 64  # with --heads/--dim: C of the block matmul [B H T/C, C, D] @ [B H T/C, D, C] timed beside
+    cores: int = 0  # run on this machine's first N CPUs (affinity, set before JAX starts its CPU client); 0 = all
     out: str = ""  # also write the table to this markdown file
 
 
 def main(argv=None):
     a = cli.parse(Args, argv, description=__doc__)
+    if a.cores:
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:a.cores]))  # XLA's pool follows the affinity
     names = list(a.mixers) or [n for n in mixers.names() if mixers.get(n).functional]
     if bool(a.heads) != bool(a.dim):
         raise SystemExit("--heads and --dim go together")
@@ -202,7 +207,8 @@ def main(argv=None):
             fh.write(f"# Mixers on {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}\n\n")
             fh.write(f"Command: `python benchmarks/mixers.py {' '.join(argv or sys.argv[1:])}`; batch {a.batch}, "
                      f"{dims}. Matmul ({mm}, f32) rate per row: {min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f} "
-                     "GFLOP/s, timed interleaved with the forms.\n\n")
+                     "GFLOP/s, timed interleaved with the forms; "
+                     f"CPUs {sorted(os.sched_getaffinity(0))} (affinity).\n\n")
             fh.write(HEADER + "\n" + "\n".join(_fmt(r) for r in rows) + "\n")
 
 
