@@ -222,7 +222,8 @@ def main(argv=None):
             torch.set_num_threads(a.cores)
     threads = (f"CPUs {sorted(os.sched_getaffinity(0))} for both (affinity), torch "
                f"{torch.get_num_threads() if torch is not None else '-'} threads; XLA's pool on the same CPUs, "
-               f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'unset'}")
+               f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'unset'}, "
+               f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '') or 'unset'}")
     load0 = os.getloadavg()
     head = [f"## `python benchmarks/rnn.py {' '.join(argv)}`\n",
             f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
