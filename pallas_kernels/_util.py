@@ -96,6 +96,18 @@ def tile_sum(d: int, width: int, term):
     return jax.lax.fori_loop(1, d // width, add, term(pl.ds(0, width)))
 
 
+def column_products(prods: dict, d: int, width: int, whole):
+    """``get(name)``: ``prods[name](at)`` summed over the ``d`` columns of the refs it reads. Each product is a
+    function of ``at(ref)``, its operands' columns; with ``width < d`` all of them are summed in one
+    :func:`tile_sum` loop over column tiles of ``width`` (one tile of each operand live at a time) and ``get``
+    returns the sums; else ``get`` computes the named product where it is called, reading the whole axis
+    through ``whole(ref)`` (which may hand back values the kernel loaded once)."""
+    if width < d:
+        sums = tile_sum(d, width, lambda sl: tuple(f(lambda r: r[:, sl]) for f in prods.values()))
+        return dict(zip(prods, sums)).__getitem__
+    return lambda name: prods[name](whole)
+
+
 def once_on_tpu(tpu: bool, kernel, in_specs, args, copies: dict[int, int]):
     """``(kernel, in_specs, args)`` of a gradient kernel whose inputs ``copies`` (``{index: index of the input
     it repeats}``) are whole-key-axis copies of earlier ones (GPU programs take a block of 64 key channels

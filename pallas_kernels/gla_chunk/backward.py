@@ -59,6 +59,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._util import (
     chunk_block,
+    column_products,
     column_tile,
     masked_exp,
     mm,
@@ -129,12 +130,11 @@ def _chunk_grads(q, k, v_ref, do_ref, bc, sc, pc, br, sr, pr, s_ref, ds_ref, dq_
         "vds": lambda at: mm(at(v_ref), at(ds_ref).astype(dt), _T1),
         "carry": lambda at: jnp.sum(jnp.sum(at(s_ref) * at(ds_ref), axis=1, keepdims=True), axis=0, keepdims=True),
     }
-    if bv < v_ref.shape[1]:
-        sums = tile_sum(v_ref.shape[1], bv, lambda sl: tuple(f(lambda r: r[:, sl]) for f in prods.values()))
-        get = dict(zip(prods, sums)).__getitem__
-    else:
+    whole = None
+    if bv == v_ref.shape[1]:  # v and do read once
         v, do = v_ref[...], do_ref[...]
-        get = lambda name: prods[name](lambda r: v if r is v_ref else do if r is do_ref else r[...])
+        whole = lambda r: v if r is v_ref else do if r is do_ref else r[...]
+    get = column_products(prods, v_ref.shape[1], bv, whole)
     rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
     fs, fe, a = _state_factors(bc, sc, pc)

@@ -53,6 +53,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels._mosaic_gpu import key_pad
 from pallas_kernels._util import (
     chunk_block,
+    column_products,
     column_tile,
     mm,
     once_on_tpu,
@@ -178,11 +179,7 @@ def _chunk_grads(q, k, v_ref, do_ref, bc, sc, ic, mt, rho, inv, dr, ew, fo, br, 
         "vds": lambda at: mm(at(v_ref), at(ds_ref).astype(md), _NT),  # V dSᵀ (dS in the input dtype: spills held in f32)
         "carry": lambda at: jnp.sum(_rsum(at(s_ref) * at(ds_ref)), axis=0, keepdims=True),  # ⟨S, dS⟩
     }
-    if tiled:
-        sums = tile_sum(v_ref.shape[1], wv, lambda sl: tuple(f(lambda r: r[:, sl]) for f in prods.values()))
-        get = dict(zip(prods, sums)).__getitem__
-    else:
-        get = lambda name: prods[name](lambda r: v if r is v_ref else r[...])
+    get = column_products(prods, v_ref.shape[1], wv, None if tiled else (lambda r: v if r is v_ref else r[...]))
     strict = lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
     d = _decay(bc, sc, ir, mt, br, sr)
     da = jnp.where(strict, (get("dp") + dr) * d, 0.0).astype(md)
