@@ -26,13 +26,15 @@ try:  # Mosaic GPU's interpreter: private in jax 0.10
 except ImportError:  # pragma: no cover - depends on the jax version
     InterpretGPUParams = None
 
-__all__ = ["BV", "JAX_0_11", "WG", "copy_in", "interpret_params", "iota", "kernel", "key_pad", "linear_walk", "load_state", "loader",
-           "mma", "resolve_mosaic_gpu", "smem", "store_state", "transposed"]
+__all__ = ["BV", "JAX_0_11", "SMEM_BUDGET", "WG", "chunk_specs", "copy_in", "interpret_params", "iota", "kernel", "key_pad",
+           "linear_walk", "load_state", "loader", "mma", "operand_transforms", "resolve_mosaic_gpu", "smem", "store_state",
+           "transposed", "walk_order", "walk_stages"]
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32
 WG = plgpu.Layout.WGMMA
 BV = 64  # value columns per program of a walk
+SMEM_BUDGET = 200 * 1024  # bytes of shared memory a walk may ask for (an H100/H200 block may have 227 KiB)
 JAX_0_11 = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
@@ -45,12 +47,14 @@ def key_pad(n: int) -> int:
 def smem(shape, dtype=BF16, plain=False):
     """A ``wgmma`` operand (or a ``WGMMA``-layout array's home) in shared memory: ``(8, row)`` tiles, swizzled by the
     row's bytes (at most 128); ``plain``: no transforms (Mosaic GPU's interpreter)."""
-    if plain:
-        return plgpu.SMEM(shape, dtype)
-    minor = shape[-1] * jnp.dtype(dtype).itemsize
-    swizzle = min(128, minor)
-    tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
-    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+    return plgpu.SMEM(shape, dtype, transforms=() if plain else operand_transforms(shape, dtype))
+
+
+def operand_transforms(shape, dtype=BF16) -> tuple:
+    """:func:`smem`'s ``wgmma`` operand layout, ``(8, row)`` tiles swizzled by the row's bytes (at most 128), as
+    transforms (for a pipeline's ``BlockSpec``)."""
+    swizzle = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 def interpret_params():
@@ -143,36 +147,56 @@ def store_state(state, s32_smem, dst):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _linear_walk_kernel(x_ref, y_ref, g_ref, init_ref, hs_ref, last_ref, x_smem, y_smem, ys_smem, g_smem, s32_smem,
-                        hs_smem, xt_smem, bars, *, chunk, n_chunks, reverse, time_major, interpret):
+def walk_order(n_chunks: int, reverse: bool):
+    """Step ``i`` of a walk -> its chunk (last to first when ``reverse``)."""
+    return (lambda i: n_chunks - 1 - i) if reverse else (lambda i: i)
+
+
+def chunk_specs(c: int, blocks, order, interpret: bool, gate_rows: int) -> list:
+    """A walk's TMA pipeline (``plgpu.emit_pipeline``'s ``in_specs``): per step ``i``, chunk ``order(i)``'s ``[C, width]``
+    block of each input (``blocks``: ``(width, dtype)`` pairs, for refs whose rows are the tokens; ``wgmma`` operand
+    layout in shared memory, none under the interpreter), then its ``[gate_rows, C]`` block of the gates."""
+    tr = (lambda shape, dtype: ()) if interpret else operand_transforms
+    return [plgpu.BlockSpec((c, w), lambda i: (order(i), 0), transforms=tr((c, w), dt)) for w, dt in blocks] + [
+        plgpu.BlockSpec((gate_rows, c), lambda i: (0, order(i)))]
+
+
+def walk_stages(c: int, blocks, gate_rows: int, fixed: int) -> int:
+    """Slots of a walk's TMA pipeline for :func:`chunk_specs` ``(c, blocks, gate_rows)``: two (the next chunk's copies
+    in flight while this chunk's matmuls run) where two chunks' inputs and ``fixed`` bytes of other shared memory fit
+    :data:`SMEM_BUDGET`, else one (``C = 128`` at ``Kp = 256``)."""
+    per_chunk = sum(c * w * jnp.dtype(dt).itemsize for w, dt in blocks) + gate_rows * c * 4
+    return 2 if 2 * per_chunk + fixed <= SMEM_BUDGET else 1
+
+
+def _linear_walk_kernel(x_ref, y_ref, g_ref, init_ref, hs_ref, last_ref, ys_smem, s32_smem, hs_smem, xt_smem, bar, *,
+                        chunk, n_chunks, reverse, time_major, interpret, stages):
     c = chunk
     load = loader(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(iv * BV, BV)
+    kp = x_ref.shape[-1]
     hs_smem = s32_smem if hs_smem is None else hs_smem
-    carry = load_state(init_ref.at[ib, ih, :, cols], s32_smem, bars.at[0], interpret)
+    carry = load_state(init_ref.at[ib, ih, :, cols], s32_smem, bar.at[0], interpret)
+    at = (lambda ref, *rest: ref.at[(ib, slice(None), ih, *rest)]) if time_major else (
+        lambda ref, *rest: ref.at[(ib, ih, slice(None), *rest)])
+    chunk_of = walk_order(n_chunks, reverse)
 
-    def body(i, carry):
-        n = n_chunks - 1 - i if reverse else i
-        rows = pl.ds(n * c, c)
-        tok = (ib, rows, ih) if time_major else (ib, ih, rows)
-        plgpu.copy_gmem_to_smem(x_ref.at[tok], x_smem, bars.at[1])
-        plgpu.copy_gmem_to_smem(y_ref.at[(*tok, cols)], y_smem, bars.at[2])
-        plgpu.copy_gmem_to_smem(g_ref.at[ib, ih, :, rows], g_smem, bars.at[3])
+    def body(step, x_smem, y_smem, g_smem, carry):
+        n = chunk_of(step[0])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's carry has left hs_smem
         hs_smem[...] = carry.astype(hs_smem.dtype)  # the carry meeting chunk n
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(hs_smem, hs_ref.at[ib, ih, n, :, cols])
-        for j in range(1, 4):
-            plgpu.barrier_wait(bars.at[j])
-
         w = load(g_smem.at[0], WG.reduce(1))  # [C], indexed by the token row
         ys_smem[...] = (load(y_smem, WG).astype(F32) * lax.broadcast_in_dim(w, (c, BV), [0])).astype(BF16)
         xt = transposed(x_smem, xt_smem, interpret)
         plgpu.commit_smem()
         return g_smem[1, c - 1] * carry + mma(xt, ys_smem, carry.shape)
 
-    carry = lax.fori_loop(0, n_chunks, body, carry)
+    specs = chunk_specs(c, ((kp, BF16), (BV, BF16)), chunk_of, interpret, gate_rows=2)
+    pipeline = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=carry, in_specs=specs)
+    carry = pipeline(at(x_ref), at(y_ref, cols), g_ref.at[ib, ih])
     store_state(carry, s32_smem, last_ref.at[ib, ih, :, cols])
 
 
@@ -186,13 +210,15 @@ def linear_walk(x, y, w, a, init, *, chunk: int, reverse: bool, interpret, out_d
     dims padded to :func:`key_pad` and ``chunk`` a multiple of 64 (the callers check). Returns ``H [b, h, N, Kp, Vp]``
     in ``out_dtype`` and the final carry ``[b, h, Kp, Vp]`` float32.
 
-    Grid ``(batch, heads, value blocks of 64)``: one warpgroup owns one head's ``[Kp, 64]`` slice and walks the chunks
-    with a ``fori_loop``, the float32 carry in registers in the ``WGMMA`` accumulator layout. Per chunk, TMA copies
-    ``X [C, Kp]``, ``Y [C, 64]`` and the chunk's ``w`` and ``a`` rows into shared memory; ``H_n`` leaves through
-    shared memory with a TMA store (from the float32 state buffer when ``out_dtype`` is float32); the rows of ``Y``
-    are scaled in registers and stored as bf16, and one ``wgmma`` (``Xᵀ`` a transposed shared-memory view,
-    ``M = Kp``) adds the update. Matmul operands are bf16 with float32 accumulation. Mosaic GPU's interpreter
-    (``interpret``) has no transposed view for ``wgmma``: under it ``Xᵀ`` is staged through shared memory."""
+    Grid ``(batch, heads, value blocks of 64)``: one warpgroup owns one head's ``[Kp, 64]`` slice and walks the chunks,
+    the float32 carry in registers in the ``WGMMA`` accumulator layout. The chunks' ``X [C, Kp]``, ``Y [C, 64]`` and
+    ``w``, ``a`` rows come through a TMA pipeline (``plgpu.emit_pipeline`` with the carry): with two slots, chunk
+    ``n + 1``'s copies are in flight while chunk ``n``'s matmul runs; one slot where two would pass the shared-memory
+    budget (:func:`walk_stages`). ``H_n`` leaves through shared memory with a TMA store (from the float32 state
+    buffer when ``out_dtype`` is float32); the rows of ``Y`` are scaled in registers and stored as bf16, and one
+    ``wgmma`` (``Xᵀ`` a transposed shared-memory view, ``M = Kp``) adds the update. Matmul operands are bf16 with
+    float32 accumulation. Mosaic GPU's interpreter (``interpret``) has no transposed view for ``wgmma``: under it
+    ``Xᵀ`` is staged through shared memory."""
     b, h = init.shape[:2]
     kp, vp = x.shape[-1], y.shape[-1]
     tp = x.shape[1] if time_major else x.shape[2]
@@ -200,11 +226,12 @@ def linear_walk(x, y, w, a, init, *, chunk: int, reverse: bool, interpret, out_d
     gates = jnp.stack([w, jnp.repeat(a, chunk, axis=2)], axis=2).astype(F32)  # [b, h, 2, Tp]: w, a on each token
     sm = functools.partial(smem, plain=interpret)
     f32_out = jnp.dtype(out_dtype) == F32
-    scratch = [sm((chunk, kp)), sm((chunk, BV)), sm((chunk, BV)), plgpu.SMEM((2, chunk), F32), sm((kp, BV), F32),
-               None if f32_out else sm((kp, BV), out_dtype), sm((kp, chunk)) if interpret else None,
-               plgpu.Barrier(num_barriers=4)]
+    scratch = [sm((chunk, BV)), sm((kp, BV), F32), None if f32_out else sm((kp, BV), out_dtype),
+               sm((kp, chunk)) if interpret else None, plgpu.Barrier(num_barriers=1)]
     out = [jax.ShapeDtypeStruct((b, h, tp // chunk, kp, vp), out_dtype), jax.ShapeDtypeStruct((b, h, kp, vp), F32)]
+    fixed = chunk * BV * 2 + kp * BV * 4 + (0 if f32_out else kp * BV * jnp.dtype(out_dtype).itemsize)
+    stages = walk_stages(chunk, ((kp, BF16), (BV, BF16)), 2, fixed)
     body = functools.partial(_linear_walk_kernel, chunk=chunk, n_chunks=tp // chunk, reverse=reverse,
-                             time_major=time_major, interpret=interpret)
+                             time_major=time_major, interpret=interpret, stages=stages)
     return kernel(body, out, scratch, (b, h, vp // BV), ("b", "h", "v"), interpret)(
         x.astype(BF16), y.astype(BF16), gates, init.astype(F32))

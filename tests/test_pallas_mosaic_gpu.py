@@ -79,10 +79,12 @@ def _inputs(dtype, b=1, t=100, h=1, dk=32, dv=48, seed=0, reset=37):
     return (q, k, v, g), dict(sign=sign, h0=h0, resets=resets)
 
 
-def test_values():
-    """Against the XLA chunked form (one case: the interpreter is slow). The body's matmul operands are bf16 (float32
-    accumulation), so float32 inputs agree to bf16 rounding, relative to the largest output."""
-    args, kw = _inputs(jnp.float32)
+@pytest.mark.parametrize("t", [100, 300])
+def test_values(t):
+    """Against the XLA chunked form, over two chunks (``T = 100``) and five (``T = 300``: the walk's two-slot TMA
+    pipeline fills, reuses both slots and drains). The body's matmul operands are bf16 (float32 accumulation), so
+    float32 inputs agree to bf16 rounding, relative to the largest output."""
+    args, kw = _inputs(jnp.float32, t=t)
     tol = 1e-2
     o, s = gla_chunk_pallas(*args, **kw, chunk_size=64, backend="mosaic_gpu")  # interpreted on the CPU, compiled on a GPU
     f32 = [x.astype(jnp.float32) for x in args]
@@ -90,6 +92,50 @@ def test_values():
     assert o.shape == ro.shape and s.shape == rs.shape
     np.testing.assert_allclose(o, ro, atol=tol * float(jnp.abs(ro).max()))
     np.testing.assert_allclose(s, rs, atol=tol * float(jnp.abs(rs).max()))
+
+
+def _walk_reference(x, y, w, a, init, chunk, reverse, time_major):
+    """``linear_walk``'s recurrence written out: per chunk ``n`` in walk order, ``H_n = S``, then
+    ``S ← a_n S + Xᵀ (Y ⊙ w)``, with the body's bf16 matmul operands (``X`` and the scaled ``Y``)."""
+    bf = lambda z: z.astype(jnp.bfloat16).astype(jnp.float32)
+    if time_major:
+        x, y = jnp.swapaxes(x, 1, 2), jnp.swapaxes(y, 1, 2)
+    n = x.shape[2] // chunk
+    s, hs = init, [None] * n
+    for c in (range(n - 1, -1, -1) if reverse else range(n)):
+        rows = slice(c * chunk, (c + 1) * chunk)
+        hs[c] = s
+        s = a[:, :, c, None, None] * s + jnp.einsum("bhtk,bhtv->bhkv", bf(x[:, :, rows]), bf(bf(y[:, :, rows]) * w[:, :, rows, None]))
+    return jnp.stack(hs, 2), s
+
+
+@pytest.mark.parametrize("time_major,reverse,out_dtype,n_chunks,budget", [
+    (False, False, jnp.float32, 5, None),
+    (True, True, jnp.bfloat16, 5, None),
+    (False, True, jnp.float32, 4, 0),  # one pipeline slot (the shared-memory budget of C = 128 at Kp = 256)
+    (True, False, jnp.float32, 1, None),
+], ids=["forward", "reverse-time-major-bf16", "one-slot", "one-chunk"])
+def test_linear_walk_pipeline(monkeypatch, time_major, reverse, out_dtype, n_chunks, budget):
+    """``_mosaic_gpu.linear_walk`` (the GLA backward's and the mLSTM's walks; Mosaic GPU's interpreter on the CPU) against
+    its recurrence written out: five chunks, so the two-slot TMA pipeline fills, reuses both slots and drains, in
+    either direction and layout; one slot; a single chunk. Two value blocks of 64. ``H`` in float32 matches to
+    float32 rounding, in bf16 to its rounding."""
+    if budget is not None:
+        monkeypatch.setattr(_mosaic_gpu, "SMEM_BUDGET", budget)
+    b, h, c, kp, vp = 1, 2, 64, 64, 128
+    ks = jax.random.split(jax.random.PRNGKey(3), 5)
+    shp = (b, n_chunks * c, h) if time_major else (b, h, n_chunks * c)
+    x, y = jax.random.normal(ks[0], (*shp, kp)), jax.random.normal(ks[1], (*shp, vp))
+    w, a = jax.random.uniform(ks[2], (b, h, n_chunks * c)), jax.random.uniform(ks[3], (b, h, n_chunks))
+    init = jax.random.normal(ks[4], (b, h, kp, vp))
+    interpret = jax.default_backend() != "gpu"  # compiled on a GPU (benchmarks/gpu_check.sh), else interpreted
+    hs, last = jax.jit(lambda *z: _mosaic_gpu.linear_walk(*z, chunk=c, reverse=reverse, interpret=interpret,
+                                                          out_dtype=out_dtype, time_major=time_major))(x, y, w, a, init)
+    rh, rl = _walk_reference(x, y, w, a, init, c, reverse, time_major)
+    assert hs.shape == rh.shape and hs.dtype == out_dtype and last.shape == rl.shape
+    rtol = 1e-6 if out_dtype == jnp.float32 else 2 ** -8
+    np.testing.assert_allclose(np.asarray(hs, np.float32), rh, rtol=rtol, atol=rtol * float(jnp.abs(rh).max()))
+    np.testing.assert_allclose(last, rl, rtol=1e-6, atol=1e-6 * float(jnp.abs(rl).max()))
 
 
 @pytest.mark.parametrize("kernel", [gla_kernel, delta_kernel, mlstm_kernel], ids=["gla", "delta", "mlstm"])

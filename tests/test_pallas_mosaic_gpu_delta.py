@@ -77,12 +77,13 @@ def _inputs(b=1, t=100, h=1, dk=32, dv=48, seed=0):
     return (q, k, v, beta, la), dict(h0=h0, resets=resets, scale=0.5)
 
 
-def test_values():
-    """Against the XLA chunked form (one case: the interpreter is slow), ``T = 100`` over chunks of 64, head dims
-    32 and 48 padded to 64. The bodies' matmul operands are bf16 (float32 accumulation; ``H`` and ``U'`` are
-    stored in bf16), each rounding worth up to ``2^-9`` relative, so float32 inputs agree to about 1% of the
-    largest output (measured: 0.4%)."""
-    args, kw = _inputs()
+@pytest.mark.parametrize("t", [100, 300])
+def test_values(t):
+    """Against the XLA chunked form, ``T = 100`` over chunks of 64 (two chunks) and ``T = 300`` (five: the walks'
+    two-slot TMA pipeline fills, reuses both slots and drains), head dims 32 and 48 padded to 64. The bodies' matmul
+    operands are bf16 (float32 accumulation; ``H`` and ``U'`` are stored in bf16), each rounding worth up to
+    ``2^-9`` relative, so float32 inputs agree to about 1% of the largest output (measured: 0.4%)."""
+    args, kw = _inputs(t=t)
     tol = 1e-2
     o, s = delta_chunk(*args, **kw, chunk_size=64, backend="mosaic_gpu")  # interpreted on the CPU, compiled on a GPU
     ro, rs = chunk_delta_rule(*args, **kw, chunk_size=64)
@@ -104,16 +105,17 @@ def test_mosaic_gpu_requirements_raise():
 
 
 @pytest.mark.slow
-def test_grads_under_mosaic_gpu():
+@pytest.mark.parametrize("t", [100, 300])
+def test_grads_under_mosaic_gpu(t):
     """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks under Mosaic GPU's interpreter, the rest in the Triton
-    bodies' interpret mode) against the XLA chunked form's gradients: resets, ``h0``, ``T = 100`` over chunks of 64,
-    head dims 32 and 48 padded to 64. The walks' matmul operands are bf16 (float32 accumulation; ``H`` and ``dH`` are
-    kept in bf16 for the gradient kernels), each rounding worth up to ``2^-9`` relative, so the gradients of float32
-    inputs agree to about 1% of each gradient's largest entry (measured: at most 0.4%, ``dv``; the Triton backend's
-    are within 1e-6 of the reference)."""
-    args, kw = _inputs()
+    bodies' interpret mode) against the XLA chunked form's gradients: resets, ``h0``, ``T = 100`` and ``300`` over
+    chunks of 64 (two and five chunks), head dims 32 and 48 padded to 64. The walks' matmul operands are bf16
+    (float32 accumulation; ``H`` and ``dH`` are kept in bf16 for the gradient kernels), each rounding worth up to
+    ``2^-9`` relative, so the gradients of float32 inputs agree to about 1% of each gradient's largest entry
+    (measured: at most 0.4%, ``dv``; the Triton backend's are within 1e-6 of the reference)."""
+    args, kw = _inputs(t=t)
     h0 = kw.pop("h0")
-    wo, ws = jnp.cos(jnp.arange(100 * 48.0)).reshape(1, 100, 1, 48), jnp.sin(jnp.arange(32 * 48.0)).reshape(1, 1, 32, 48)
+    wo, ws = jnp.cos(jnp.arange(t * 48.0)).reshape(1, t, 1, 48), jnp.sin(jnp.arange(32 * 48.0)).reshape(1, 1, 32, 48)
 
     def grads(fn, **extra):  # linear in the outputs: the cotangents do not depend on the forward's (bf16-rounded) values
         def f(q, k, v, beta, la, h0):

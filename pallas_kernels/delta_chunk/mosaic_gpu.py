@@ -5,10 +5,10 @@ Same chunk algebra as ``forward.py``'s Triton bodies (see ``kernel.py``), writte
 model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosaic_gpu.py``:
 
 * :func:`chunk_states_mosaic_gpu`, the serial pass: grid ``(batch, heads, value blocks of 64)``; each program owns
-  one head's ``[Kp, 64]`` state slice and walks the chunks with a ``fori_loop``; the float32 state is the loop
-  carry, in registers in the ``WGMMA`` accumulator layout, and a bf16 copy in shared memory is the operand of the
-  next chunk's first matmul. Per chunk, TMA copies ``k, w [C, Kp]``, ``u [C, 64]`` and the chunk's gates
-  (``g, rev, seg``: heads-first rows of ``C`` floats) into shared memory, then two ``wgmma``\ s:
+  one head's ``[Kp, 64]`` state slice and walks the chunks; the float32 state is the walk's carry, in registers in
+  the ``WGMMA`` accumulator layout, and a bf16 copy in shared memory is the operand of the next chunk's first
+  matmul. The chunks' ``k, w [C, Kp]``, ``u [C, 64]`` and gates (``g, rev, seg``: heads-first rows of ``C`` floats)
+  come through a TMA pipeline (below); per chunk, two ``wgmma``\ s:
   ``U' = U − W S`` and ``S ← γ_C S + Kᵀ (U' ⊙ e^{rev})`` (the decay to the chunk's end as a row scaling of ``U'``;
   ``Kᵀ`` a transposed shared-memory view). ``H`` (the state entering the chunk: the bf16 operand copy itself) and
   ``U'`` leave through shared memory with TMA stores, in bf16: they are only ever the output kernel's ``wgmma``
@@ -19,11 +19,12 @@ model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosai
   of ``Q H``).
 * :func:`chunk_dstates_mosaic_gpu`, the backward's serial pass (``backward.py``'s kernel 3; its kernel 2, the chunk
   states, is :func:`chunk_states_mosaic_gpu` again): the state pass's grid and carry, walking the chunks in reverse
-  with the float32 ``dS`` slice ``[Kp, 64]`` as the carry and its bf16 copy in shared memory. Per chunk, TMA copies
-  ``q, k, w [C, Kp]``, ``dO [C, 64]`` and the gates, then ``s (Q Kᵀ ⊙ Γ)ᵀ = s (K Qᵀ) ⊙ Γᵀ`` (``[C, C]``, masked and
-  decayed in registers), ``dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺`` (two accumulators) and ``dS ← γ_C dS⁺ +
-  Qᵀ (s γ ⊙ dO) − Wᵀ dU'`` (both products into one accumulator: ``−dU'`` and ``s γ ⊙ dO`` staged in shared memory
-  as bf16, ``Qᵀ, Wᵀ`` transposed views). ``dH`` (the bf16 operand copy) leaves with a TMA store each chunk.
+  with the float32 ``dS`` slice ``[Kp, 64]`` as the carry and its bf16 copy in shared memory. The chunks'
+  ``q, k, w [C, Kp]``, ``dO [C, 64]`` and gates come through the TMA pipeline; per chunk,
+  ``s (Q Kᵀ ⊙ Γ)ᵀ = s (K Qᵀ) ⊙ Γᵀ`` (``[C, C]``, masked and decayed in registers),
+  ``dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺`` (two accumulators) and ``dS ← γ_C dS⁺ + Qᵀ (s γ ⊙ dO) − Wᵀ dU'``
+  (both products into one accumulator: ``−dU'`` and ``s γ ⊙ dO`` staged in shared memory as bf16, ``Qᵀ, Wᵀ``
+  transposed views). ``dH`` (the bf16 operand copy) leaves with a TMA store each chunk.
 
 The WY factors (``wy.py``) keep their Triton body under ``backend="mosaic_gpu"``: their blocked triangular inverse is
 forward substitution, row by row on ``16 x 16`` blocks, which has no ``wgmma`` form (its ``M`` is 64); it is
@@ -33,17 +34,21 @@ chunk-parallel and not the hot loop. So do the backward's two chunk-parallel gra
 ``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to
 :func:`~pallas_kernels._mosaic_gpu.key_pad` (``kernel.py`` pads them for this backend: exact, padded channels are
 zero) and ``C`` is a multiple of 64. Matmul operands are bf16 with float32 accumulation: float32 inputs are rounded
-to bf16 (the Triton bodies keep them float32 at ``HIGHEST``). One chunk at a time: the copies of chunk ``n + 1``
-are not yet overlapped with chunk ``n``'s matmuls (a two-slot TMA pipeline is the next step once a GPU has timed
-these bodies).
+to bf16 (the Triton bodies keep them float32 at ``HIGHEST``).
+
+Both walks take their chunks' inputs through ``plgpu.emit_pipeline`` with the state as its carry
+(``_mosaic_gpu.chunk_specs``, in walk order): with two slots, chunk ``n + 1``'s TMA copies are in flight while
+chunk ``n``'s matmuls run; one slot where two would pass the shared-memory budget (``_mosaic_gpu.walk_stages``).
 
 Checked without a GPU (``tests/test_pallas_mosaic_gpu_delta.py``): the kernels lower for CUDA through
 ``jax.export`` (the StableHLO holds two ``mosaic_gpu`` custom calls for the forward, four under ``jax.grad``), and
 Mosaic GPU's own interpreter (``interpret=True`` here; it simulates TMA, barriers and ``wgmma`` on the CPU) runs them
 against the XLA chunked form, outputs and gradients. That interpreter takes neither a transposed shared-memory view
 nor a register operand for ``wgmma``, so under it ``Kᵀ``, ``Qᵀ``, ``Wᵀ`` and the intra-chunk matrix are staged
-through shared memory. Shared memory of the backward walk: ``3 C Kp + 3 C 64`` bf16 plus the ``[Kp, 64]`` state
-gradient in bf16 and float32, 121 KiB at ``C = 64, Kp = 128`` and 192 KiB at ``C = 128`` (an H100 has 227 KiB).
+through shared memory. Shared memory of the backward walk: ``3 C Kp + C 64`` bf16 and the ``[3, C]`` gates per
+slot, plus ``2 C 64`` bf16 and the ``[Kp, 64]`` state gradient in bf16 and float32: 178 KiB at ``C = 64, Kp = 128``
+(two slots), 194 KiB at ``C = 128, Kp = 128`` and 217 KiB at ``C = 64, Kp = 256`` (one slot; an H100 has 227 KiB).
+At ``C = 128, Kp = 256`` the walks ask for more than that even with one slot: use chunks of 64 there.
 """
 
 from __future__ import annotations
@@ -85,23 +90,23 @@ def _helpers(interpret):
     return load, col, row
 
 
-def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, k_smem, w_smem, u_smem, st_smem,
-                   s32_smem, un_smem, us_smem, g_smem, kt_smem, bars, *, chunk, n_chunks, bv, interpret):
+def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, st_smem, s32_smem, un_smem, us_smem,
+                   kt_smem, bar, *, chunk, n_chunks, bv, interpret, stages):
     c = chunk
     load, col, _ = _helpers(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(iv * bv, bv)
     bcast = lambda x, d: lax.broadcast_in_dim(x, (c, d), [0])
 
-    state = mg.load_state(h0_ref.at[ib, ih, :, cols], s32_smem, bars.at[0], interpret)
+    state = mg.load_state(h0_ref.at[ib, ih, :, cols], s32_smem, bar.at[0], interpret)
     st_smem[...] = state.astype(_BF16)
     plgpu.commit_smem()
 
-    def body(n, state):
-        rows = pl.ds(n * c, c)
-        mg.copy_in(bars, 1, (k_ref.at[ib, ih, rows], k_smem), (w_ref.at[ib, ih, rows], w_smem), (u_ref.at[ib, ih, rows, cols], u_smem),
-                   (g_ref.at[ib, ih, :, rows], g_smem))
+    order = mg.walk_order(n_chunks, reverse=False)
 
+    def body(step, k_smem, w_smem, u_smem, g_smem, state):
+        n = order(step[0])
+        rows = pl.ds(n * c, c)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's U' has left un_smem
         plgpu.copy_smem_to_gmem(st_smem, hs_ref.at[ib, ih, n, :, cols])  # H: the state entering chunk n, as bf16
         u_new = load(u_smem, mg.WG).astype(f32) - mg.mma(w_smem, st_smem, (c, bv))  # U' = U − W S
@@ -119,7 +124,10 @@ def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, k
         plgpu.commit_smem()
         return state
 
-    state = lax.fori_loop(0, n_chunks, body, state)
+    kp = k_ref.shape[-1]
+    specs = mg.chunk_specs(c, ((kp, _BF16), (kp, _BF16), (bv, u_ref.dtype)), order, interpret, gate_rows=3)
+    state = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=state, in_specs=specs)(
+        k_ref.at[ib, ih], w_ref.at[ib, ih], u_ref.at[ib, ih, :, cols], g_ref.at[ib, ih])
     mg.store_state(state, s32_smem, ht_ref.at[ib, ih, :, cols])
 
 
@@ -137,11 +145,11 @@ def chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, *, c, interpret):
     vp = u.shape[-1]
     check_shapes(c, kp, vp)
     bv = 64
-    kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret)
+    stages = mg.walk_stages(c, ((kp, _BF16), (kp, _BF16), (bv, u.dtype)), 3, kp * bv * (2 + 4) + 2 * c * bv * 2)
+    kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret, stages=stages)
     sm = functools.partial(mg.smem, plain=interpret)
-    scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv), u.dtype), sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)),
-               sm((c, bv)), plgpu.SMEM((3, c), f32), sm((kp, c)) if interpret else None,
-               plgpu.Barrier(num_barriers=5)]
+    scratch = [sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)), sm((c, bv)), sm((kp, c)) if interpret else None,
+               plgpu.Barrier(num_barriers=1)]
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32),
            jax.ShapeDtypeStruct((b, h, tp, vp), _BF16)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
@@ -196,9 +204,8 @@ def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interp
     return call(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16))
 
 
-def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_ref, q_smem, k_smem, w_smem, do_smem,
-                    dos_smem, du_smem, ds_smem, s32_smem, g_smem, qt_smem, wt_smem, att_smem, bars, *, chunk, n_chunks,
-                    bv, scale, interpret):
+def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_ref, dos_smem, du_smem, ds_smem, s32_smem,
+                    qt_smem, wt_smem, att_smem, bar, *, chunk, n_chunks, bv, scale, interpret, stages):
     c = chunk
     load, col, row = _helpers(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
@@ -207,16 +214,13 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_re
     full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
     idx = mg.iota(c, interpret)
 
-    dstate = mg.load_state(dht_ref.at[ib, ih, :, cols], s32_smem, bars.at[0], interpret)
+    dstate = mg.load_state(dht_ref.at[ib, ih, :, cols], s32_smem, bar.at[0], interpret)
     ds_smem[...] = dstate.astype(_BF16)
     plgpu.commit_smem()
+    order = mg.walk_order(n_chunks, reverse=True)
 
-    def body(j, dstate):
-        n = n_chunks - 1 - j  # the chunks in reverse
-        rows = pl.ds(n * c, c)
-        mg.copy_in(bars, 1, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem), (w_ref.at[ib, ih, rows], w_smem),
-                   (do_ref.at[ib, ih, rows, cols], do_smem), (g_ref.at[ib, ih, :, rows], g_smem))
-
+    def body(step, q_smem, k_smem, w_smem, do_smem, g_smem, dstate):
+        n = order(step[0])
         plgpu.copy_smem_to_gmem(ds_smem, dhs_ref.at[ib, ih, n, :, cols])  # dH: the gradient of the state after chunk n
         gc, rc, sc = col(g_smem, 0), col(g_smem, 1), col(g_smem, 2)
         g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
@@ -252,7 +256,10 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_re
         plgpu.commit_smem()
         return dstate
 
-    dstate = lax.fori_loop(0, n_chunks, body, dstate)
+    kp = q_ref.shape[-1]
+    specs = mg.chunk_specs(c, ((kp, _BF16),) * 3 + ((bv, _BF16),), order, interpret, gate_rows=3)
+    dstate = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=dstate, in_specs=specs)(
+        q_ref.at[ib, ih], k_ref.at[ib, ih], w_ref.at[ib, ih], do_ref.at[ib, ih, :, cols], g_ref.at[ib, ih])
     mg.store_state(dstate, s32_smem, dh0_ref.at[ib, ih, :, cols])
 
 
@@ -267,11 +274,12 @@ def chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, *, c, scale, inter
     vp = do.shape[-1]
     check_shapes(c, kp, vp)
     bv = 64
-    kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret)
+    stages = mg.walk_stages(c, ((kp, _BF16),) * 3 + ((bv, _BF16),), 3, 2 * c * bv * 2 + kp * bv * (2 + 4))
+    kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret,
+                             stages=stages)
     sm = functools.partial(mg.smem, plain=interpret)
-    scratch = [sm((c, kp)), sm((c, kp)), sm((c, kp)), sm((c, bv)), sm((c, bv)), sm((c, bv)), sm((kp, bv)),
-               sm((kp, bv), f32), plgpu.SMEM((3, c), f32), sm((kp, c)) if interpret else None,
-               sm((kp, c)) if interpret else None, sm((c, c)) if interpret else None, plgpu.Barrier(num_barriers=6)]
+    scratch = [sm((c, bv)), sm((c, bv)), sm((kp, bv)), sm((kp, bv), f32), sm((kp, c)) if interpret else None,
+               sm((kp, c)) if interpret else None, sm((c, c)) if interpret else None, plgpu.Barrier(num_barriers=1)]
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
     return call(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), _gates(g, rev, seg), dht.astype(f32))

@@ -4,10 +4,13 @@ Same recurrence and chunk algebra as ``kernel.py``'s Triton body, written agains
 one-warpgroup model (``plgpu.kernel``, Lane semantics):
 
 * grid ``(batch, heads, value blocks)``; each program owns one head's ``[Kp, 64]`` state slice and walks
-  the chunks of its sequence with a ``fori_loop``; the float32 state is the loop carry, in registers in the
-  ``WGMMA`` accumulator layout, and a bf16 copy in shared memory is the operand of the next chunk's readout;
-* per chunk, TMA copies ``q, k [C, Kp]``, ``v [C, 64]`` and the chunk's gates (``b``, ``seg``, ``p``: heads-first
-  rows of ``C`` floats) into shared memory, then three ``wgmma``\ s: ``Q Kᵀ`` (``[C, C]``, masked and decayed
+  the chunks of its sequence; the float32 state is the walk's carry, in registers in the ``WGMMA`` accumulator
+  layout, and a bf16 copy in shared memory is the operand of the next chunk's readout;
+* the chunks' ``q, k [C, Kp]``, ``v [C, 64]`` and gates (``b``, ``seg``, ``p``: heads-first rows of ``C`` floats)
+  come through a TMA pipeline (``plgpu.emit_pipeline`` with the state as its carry; ``_mosaic_gpu.chunk_specs``):
+  with two slots, chunk ``n + 1``'s copies are in flight while chunk ``n`` computes (one slot where two would
+  pass the shared-memory budget, ``_mosaic_gpu.walk_stages``: at ``Kp = 256``, or ``C = 128`` from ``Kp = 128``);
+  per chunk, three ``wgmma``\ s: ``Q Kᵀ`` (``[C, C]``, masked and decayed
   in registers: ``D = [s ≤ t, seg_s = seg_t] p_t p_s e^{b_t − b_s}``, the exponent masked before ``exp``),
   ``O = (Q S) ⊙ f + (Q Kᵀ ⊙ D) V`` (the decayed readout as a row scaling of ``Q S``, the intra-chunk matrix
   a register operand) and ``S ← a S + Kᵀ (V ⊙ e)`` (``Kᵀ`` a transposed shared-memory view);
@@ -16,8 +19,7 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics):
 ``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to at least
 64 (exact: padded channels are zero; value blocks of 64 columns), and ``C`` is a multiple of 64. Matmul
 operands are bf16 with float32 accumulation: float32 inputs are rounded to bf16 (the Triton body keeps them
-float32). One chunk at a time: the copies of chunk ``n + 1`` are not yet overlapped with chunk ``n``'s
-matmuls (a two-slot TMA pipeline is the next step once a GPU has timed this body).
+float32). Shared memory at ``C = 64, Kp = 128``: 154 KiB with two slots (an H100/H200 block may have 227).
 
 Checked without a GPU (``tests/test_pallas_mosaic_gpu.py``): the kernel lowers for CUDA through ``jax.export``
 (the StableHLO holds the ``mosaic_gpu`` custom call), and Mosaic GPU's own interpreter (``interpret=True``
@@ -43,26 +45,23 @@ __all__ = ["forward_mosaic_gpu", "forward_padded"]
 _BF16 = jnp.bfloat16
 
 
-def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, q_smem, k_smem, v_smem, vs_smem, st_smem, o_smem,
-            g_smem, s32_smem, kt_smem, att_smem, bars, *, chunk, n_chunks, bv, interpret):
+def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, vs_smem, st_smem, o_smem, s32_smem, kt_smem, att_smem, bar,
+            *, chunk, n_chunks, bv, interpret, stages):
     c = chunk
     load = mg.loader(interpret)
     f32 = jnp.float32
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(iv * bv, bv)
 
-    state = mg.load_state(h0_ref.at[ib, ih, :, cols], s32_smem, bars.at[0], interpret)
+    state = mg.load_state(h0_ref.at[ib, ih, :, cols], s32_smem, bar.at[0], interpret)
     st_smem[...] = state.astype(_BF16)
     plgpu.commit_smem()
 
     idx = mg.iota(c, interpret)
     causal = idx(0) >= idx(1)
 
-    def body(n, state):
-        rows = pl.ds(n * c, c)
-        mg.copy_in(bars, 1, (q_ref.at[ib, rows, ih], q_smem), (k_ref.at[ib, rows, ih], k_smem), (v_ref.at[ib, rows, ih, cols], v_smem),
-                   (g_ref.at[ib, ih, :, rows], g_smem))
-
+    def body(step, q_smem, k_smem, v_smem, g_smem, state):
+        rows = pl.ds(step[0] * c, c)
         kt = mg.transposed(k_smem, kt_smem, interpret)
         col = lambda i: load(g_smem.at[i], mg.WG.reduce(1))  # [C], indexed by the query row t
         row = lambda i: load(g_smem.at[i], mg.WG.reduce(0))  # [C], indexed by the key column s
@@ -95,7 +94,10 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, q_smem, k_smem, v
         plgpu.commit_smem()
         return state
 
-    state = lax.fori_loop(0, n_chunks, body, state)
+    kp = q_ref.shape[-1]
+    specs = mg.chunk_specs(c, ((kp, _BF16), (kp, _BF16), (bv, _BF16)), mg.walk_order(n_chunks, False), interpret, 3)
+    state = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=state, in_specs=specs)(
+        q_ref.at[ib, :, ih], k_ref.at[ib, :, ih], v_ref.at[ib, :, ih, cols], g_ref.at[ib, ih])
     mg.store_state(state, s32_smem, ht_ref.at[ib, ih, :, cols])
 
 
@@ -111,12 +113,11 @@ def forward_mosaic_gpu(q, k, v, bc, seg, p, h0, *, chunk, interpret=None):
     gates = jnp.stack([bc, seg, p], axis=2).astype(jnp.float32)  # [b, Tp, 3, h]
     gates = jnp.transpose(gates, (0, 3, 2, 1))  # [b, h, 3, Tp]: each chunk's gates are contiguous rows
     interp = bool(interpret)
-    kern = functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk, bv=bv, interpret=interp)
+    stages = mg.walk_stages(chunk, ((kp, _BF16), (kp, _BF16), (bv, _BF16)), 3, chunk * bv * (2 + 4) + kp * bv * (2 + 4))
+    kern = functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk, bv=bv, interpret=interp, stages=stages)
     sm = functools.partial(mg.smem, plain=interp)
-    scratch = [sm((chunk, kp)), sm((chunk, kp)), sm((chunk, bv)), sm((chunk, bv)), sm((kp, bv)),
-               sm((chunk, bv), jnp.float32), plgpu.SMEM((3, chunk), jnp.float32),
-               sm((kp, bv), jnp.float32), sm((kp, chunk)) if interp else None,
-               sm((chunk, chunk)) if interp else None, plgpu.Barrier(num_barriers=5)]
+    scratch = [sm((chunk, bv)), sm((kp, bv)), sm((chunk, bv), jnp.float32), sm((kp, bv), jnp.float32),
+               sm((kp, chunk)) if interp else None, sm((chunk, chunk)) if interp else None, plgpu.Barrier(num_barriers=1)]
     out = [jax.ShapeDtypeStruct((bsz, tp, h, vp), jnp.float32), jax.ShapeDtypeStruct((bsz, h, kp, vp), jnp.float32)]
     call = mg.kernel(kern, out, scratch, (bsz, h, vp // bv), ("b", "h", "v"), interp)
     return call(q.astype(_BF16), k.astype(_BF16), v.astype(_BF16), gates, h0.astype(jnp.float32))

@@ -23,8 +23,9 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_
 ``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to
 ``key_pad`` (``>= 64``; zeros, exact) and ``C`` is a multiple of 64. Matmul operands are bf16 with float32
 accumulation (float32 inputs are rounded to bf16; the entering states ``C'`` are kept in bf16 between the two
-kernels, as the Triton body keeps them in the input dtype). One chunk at a time: copies are not yet
-overlapped with the matmuls.
+kernels, as the Triton body keeps them in the input dtype). The two walks take their chunks through
+``linear_walk``'s two-slot TMA pipeline (the next chunk's copies in flight while this one's matmul runs); the
+output kernel has one chunk per program.
 
 Mosaic GPU's interpreter (``interpret=True``; ``tests/test_pallas_mosaic_gpu_mlstm.py``) takes neither a
 transposed shared-memory view nor a register operand for ``wgmma``: under it the output kernel's ``Kᵀ`` and
