@@ -26,7 +26,7 @@ try:  # Mosaic GPU's interpreter: private in jax 0.10
 except ImportError:  # pragma: no cover - depends on the jax version
     InterpretGPUParams = None
 
-__all__ = ["BV", "JAX_0_11", "SMEM_BUDGET", "WG", "chunk_specs", "copy_in", "interpret_params", "iota", "kernel", "key_pad",
+__all__ = ["BV", "JAX_0_11", "SMEM_BUDGET", "SMEM_LIMIT", "WG", "chunk_specs", "copy_in", "interpret_params", "iota", "kernel", "key_pad",
            "linear_walk", "load_state", "loader", "mma", "operand_transforms", "resolve_mosaic_gpu", "smem", "store_state",
            "transposed", "walk_order", "walk_stages"]
 
@@ -34,7 +34,8 @@ BF16 = jnp.bfloat16
 F32 = jnp.float32
 WG = plgpu.Layout.WGMMA
 BV = 64  # value columns per program of a walk
-SMEM_BUDGET = 200 * 1024  # bytes of shared memory a walk may ask for (an H100/H200 block may have 227 KiB)
+SMEM_LIMIT = 227 * 1024  # the most shared memory one block may have on an H100/H200
+SMEM_BUDGET = 200 * 1024  # what a walk asks for with two pipeline slots (the rest: the pipeline's barriers, headroom)
 JAX_0_11 = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
 
 
@@ -164,8 +165,13 @@ def chunk_specs(c: int, blocks, order, interpret: bool, gate_rows: int) -> list:
 def walk_stages(c: int, blocks, gate_rows: int, fixed: int) -> int:
     """Slots of a walk's TMA pipeline for :func:`chunk_specs` ``(c, blocks, gate_rows)``: two (the next chunk's copies
     in flight while this chunk's matmuls run) where two chunks' inputs and ``fixed`` bytes of other shared memory fit
-    :data:`SMEM_BUDGET`, else one (``C = 128`` at ``Kp = 256``)."""
+    :data:`SMEM_BUDGET`, else one. Raises where one slot passes :data:`SMEM_LIMIT` (the kernel could not launch)."""
     per_chunk = sum(c * w * jnp.dtype(dt).itemsize for w, dt in blocks) + gate_rows * c * 4
+    if per_chunk + fixed > SMEM_LIMIT:
+        widths = ", ".join(f"[{c}, {w}]" for w, _ in blocks)
+        raise ValueError(f"a Mosaic GPU walk at chunk_size {c} with per-chunk inputs {widths} needs "
+                         f"{(per_chunk + fixed) // 1024} KiB of shared memory, over the {SMEM_LIMIT // 1024} KiB of an "
+                         "H100/H200 block: use chunk_size=64")
     return 2 if 2 * per_chunk + fixed <= SMEM_BUDGET else 1
 
 

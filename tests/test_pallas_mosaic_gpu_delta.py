@@ -102,6 +102,11 @@ def test_mosaic_gpu_requirements_raise():
         delta_mgpu.check_shapes(64, 32, 64)
     with pytest.raises(ValueError, match=r"value head dim \(v.shape\[-1\]\) padded to key_pad .* got 96"):
         delta_mgpu.check_shapes(64, 64, 96)
+    # chunks of 128 at head dim 256: the walks' shared memory would pass an H100's 227 KiB even with one pipeline slot
+    wide = jax.ShapeDtypeStruct((1, 256, 1, 256), jnp.bfloat16)
+    gates = jax.ShapeDtypeStruct((1, 256, 1), jnp.float32)
+    with pytest.raises(ValueError, match=r"chunk_size 128 .* KiB of shared memory, over the 227 KiB .* chunk_size=64"):
+        jax.eval_shape(lambda q, g: delta_chunk(q, q, q, g, g, chunk_size=128, backend="mosaic_gpu"), wide, gates)
 
 
 @pytest.mark.slow
