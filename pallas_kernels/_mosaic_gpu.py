@@ -156,7 +156,11 @@ def walk_order(n_chunks: int, reverse: bool):
 def chunk_specs(c: int, blocks, order, interpret: bool, gate_rows: int) -> list:
     """A walk's TMA pipeline (``plgpu.emit_pipeline``'s ``in_specs``): per step ``i``, chunk ``order(i)``'s ``[C, width]``
     block of each input (``blocks``: ``(width, dtype)`` pairs, for refs whose rows are the tokens; ``wgmma`` operand
-    layout in shared memory, none under the interpreter), then its ``[gate_rows, C]`` block of the gates."""
+    layout in shared memory, none under the interpreter), then its ``[gate_rows, C]`` block of the gates.
+
+    The pipeline refills a slot as soon as the body that used it returns, so a body makes its register reads of
+    the slot's buffers before a ``plgpu.commit_smem()`` (a proxy fence and a warpgroup barrier: no warp still
+    reading when another issues the next copy), and after it only the ``wgmma`` products it awaits read them."""
     tr = (lambda shape, dtype: ()) if interpret else operand_transforms
     return [plgpu.BlockSpec((c, w), lambda i: (order(i), 0), transforms=tr((c, w), dt)) for w, dt in blocks] + [
         plgpu.BlockSpec((gate_rows, c), lambda i: (0, order(i)))]
@@ -195,10 +199,13 @@ def _linear_walk_kernel(x_ref, y_ref, g_ref, init_ref, hs_ref, last_ref, ys_smem
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(hs_smem, hs_ref.at[ib, ih, n, :, cols])
         w = load(g_smem.at[0], WG.reduce(1))  # [C], indexed by the token row
+        a_n = g_smem[1, c - 1]
         ys_smem[...] = (load(y_smem, WG).astype(F32) * lax.broadcast_in_dim(w, (c, BV), [0])).astype(BF16)
         xt = transposed(x_smem, xt_smem, interpret)
+        # every register read of this slot's buffers comes before this barrier (commit_smem: a proxy fence and a
+        # warpgroup barrier); after it only the awaited wgmma reads them, so the pipeline may refill the slot
         plgpu.commit_smem()
-        return g_smem[1, c - 1] * carry + mma(xt, ys_smem, carry.shape)
+        return a_n * carry + mma(xt, ys_smem, carry.shape)
 
     specs = chunk_specs(c, ((kp, BF16), (BV, BF16)), chunk_of, interpret, gate_rows=2)
     pipeline = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=carry, in_specs=specs)
