@@ -16,7 +16,8 @@
 #          scripts at T = 2k with --forms=fla -> <device>_gla_fla.md, <device>_delta_fla.md; GPU_CHECK_FLA_S
 #          (default 270) caps each; give it a device call of its own;
 #   rnn    benchmarks/rnn.py's LSTM table (sequential / fused / the Pallas kernel vs Flax) -> <device>_rnn.md;
-#   train  benchmarks/train.py on the ~125M preset, global batch cut to 32 rows -> <device>_train.md;
+#   train  benchmarks/train.py on the ~125M preset, global batch cut to 32 rows, each model under the "dots"
+#          remat policy (matmuls saved) and "full" -> <device>_train.md (GPU_CHECK_TRAIN_S, default 300, caps it);
 #   attention  the flash attention tests compiled on the GPU (the blocked form; cuDNN through impl=None
 #          against the reference) and benchmarks/attention.py: cuDNN vs XLA vs blocked, bf16, causal, at
 #          (B, T, H, D) = (8, 2048, 16, 128) and (2, 8192, 16, 128), time and XLA's temporary memory
@@ -75,7 +76,7 @@ if on fla; then
   timeout ${GPU_CHECK_FLA_S:-270} $PY benchmarks/delta_gpu.py --ts=${GPU_CHECK_FLA_TS:-2048} "${A[@]}" --forms=fla --out "$R/${DEV}_delta_fla.md"
 fi
 on train && { echo "== training throughput, 125M preset"
-  timeout 100 $PY benchmarks/train.py --preset=125m "${T[@]}" --out="$R/${DEV}_train.md"; }
+  timeout ${GPU_CHECK_TRAIN_S:-300} $PY benchmarks/train.py --preset=125m "${T[@]}" --remats=dots,full --out="$R/${DEV}_train.md"; }
 if [ -n "$SMOKE" ]; then RA=(--reps=1 --shape=2x8x32); else RA=(--reps=3); fi
 on rnn && { echo "== nonlinear RNNs (LSTM)"; timeout 60 $PY benchmarks/rnn.py --skip-parallel "${RA[@]}" | tee "$R/${DEV}_rnn.md"; }
 if [ -n "$SMOKE" ]; then AA=(--shapes=1x256x2x64 --reps=1); else AA=(--shapes=8x2048x16x128,2x8192x16x128 --reps=5); fi

@@ -1,13 +1,17 @@
 """Training throughput of the tiny preset: attention-only vs Mamba-2-only vs the 3:1 hybrid.
 
     python benchmarks/train.py [--steps=10] [--preset=tiny] [--key=value ...] [--out=benchmarks/results/train.md]
+    python benchmarks/train.py --preset=125m --data.global_batch=32 --remats=dots,full   # remat policies side by side
 
 Each model is built from the same preset (the options of ``experiments/pretrain.py``, e.g.
 ``--model.d_model=256``; the pattern is the benchmark's), compiled ahead of time on all local devices, and
 timed over ``--steps`` train steps (default 10, after two warm-up steps) on the same random byte batches,
-in one process, one after the other. Prints tokens/s, the analytic FLOPs per token (checked against XLA in
-``tests/test_train_metrics.py``), MFU against the device's peak (on CPU: a measured float32 matmul, so
-"MFU" is the fraction of this machine's matmul throughput) and the speed ratio to attention-only.
+in one process, one after the other; with ``--remats`` each model once per rematerialisation policy
+(``seqjax.models.lm.REMAT_POLICIES``: ``full`` recomputes a layer's whole forward in the backward, ``dots``
+saves its matmuls without batch dimensions, ``none`` saves everything). Prints tokens/s, the analytic FLOPs per
+token (checked against XLA in ``tests/test_train_metrics.py``; a recomputed forward is not counted), MFU against
+the device's peak (on CPU: a measured float32 matmul, so "MFU" is the fraction of this machine's matmul
+throughput) and the speed ratio to attention-only (under the first policy).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def bench(cfg: C.TrainConfig, pattern, steps: int, peak: float):
 @dataclasses.dataclass
 class BenchConfig(C.TrainConfig):
     out: str = ""  # also write the table to this markdown file
+    remats: tuple[str, ...] = ()  # rematerialisation policies to time each model under (default: the preset's)
 
 
 def _bench_preset(make):
@@ -81,16 +86,24 @@ def main(argv=None):
     cfg = cli.parse(BenchConfig, argv, presets={k: _bench_preset(f) for k, f in C.PRESETS.items()},
                     description=__doc__)
     steps, out = cfg.steps, cfg.out
+    remats = list(cfg.remats) or [cfg.model.remat]
+    for r in remats:  # a bad name fails here, before any model compiles
+        dataclasses.replace(cfg.model, remat=r)
     peak = cfg.peak_flops or M.peak_flops() or M.measured_peak_flops()
     dev = jax.devices()[0]
     rows = {}
-    for name, pat in PATTERNS.items():  # print each as it lands (a long run may be cut short)
-        rows[name] = r = bench(cfg, pat, steps, peak)
-        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, {1e3 * r['step_s']:.1f} ms/step, MFU {100 * r['mfu']:.1f}%", flush=True)
-    base = rows["attention"]["tokens_per_s"]
+    for remat in remats:
+        run = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
+        for name, pat in PATTERNS.items():  # print each as it lands (a long run may be cut short)
+            key = name if len(remats) == 1 else f"{name}, remat={remat}"
+            rows[key] = r = bench(run, pat, steps, peak)
+            print(f"{key}: {r['tokens_per_s']:.0f} tokens/s, {1e3 * r['step_s']:.1f} ms/step, MFU {100 * r['mfu']:.1f}%",
+                  flush=True)
+    base = rows["attention" if len(remats) == 1 else f"attention, remat={remats[0]}"]["tokens_per_s"]
     lines = [
         f"Training throughput, preset {cfg.preset} (d_model={cfg.model.d_model}, {cfg.model.num_layers} layers, "
-        f"seq {cfg.data.seq_len}, batch {cfg.data.global_batch}), {jax.device_count()} x {dev.device_kind}, "
+        f"seq {cfg.data.seq_len}, batch {cfg.data.global_batch}, remat {', '.join(remats)}), "
+        f"{jax.device_count()} x {dev.device_kind}, "
         f"peak {peak / 1e9:.1f} GFLOP/s per device, {steps} timed steps",
         "",
         "| model | params | step (ms) | tokens/s | x attention | GFLOP/token | MFU | compiled MB/device |",
