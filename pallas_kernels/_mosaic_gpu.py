@@ -67,8 +67,9 @@ def interpret_params():
 
 def resolve_mosaic_gpu(interpret, backend, chunk: int, *, default: bool, backends: tuple[str, ...]):
     """``_util.resolve`` plus a Mosaic GPU body. ``backend="mosaic_gpu"`` asks for it (interpreted on the CPU);
-    ``None`` takes it on a GPU when ``default`` (the kernel's compiled tests passed and jax >= 0.11) and ``chunk`` is a
-    multiple of 64, else what ``resolve`` picks (Triton on a GPU and in the CPU interpreter, Mosaic on a TPU).
+    ``None`` takes it on a GPU when ``default`` (the kernel's compiled tests passed and jax >= 0.11) and ``chunk`` is
+    64 (larger chunks stay on Triton: at 128 the walks' shared memory passes an H100's at head dim 256, see
+    :func:`walk_stages`), else what ``resolve`` picks (Triton on a GPU and in the CPU interpreter, Mosaic on a TPU).
     Returns ``(interpret, backend)``."""
     if backend not in (None, *backends):
         raise ValueError(f"backend must be one of {backends}, got {backend!r}")
@@ -77,7 +78,7 @@ def resolve_mosaic_gpu(interpret, backend, chunk: int, *, default: bool, backend
             raise ValueError(f"backend='mosaic_gpu' needs chunk_size a multiple of 64, got {chunk}")
         return resolve(interpret, "triton")[0], backend
     interpret, resolved = resolve(interpret, backend)
-    if backend is None and resolved == "triton" and not interpret and default and chunk % 64 == 0:
+    if backend is None and resolved == "triton" and not interpret and default and chunk == 64:
         resolved = "mosaic_gpu"
     return interpret, resolved
 
@@ -169,13 +170,16 @@ def chunk_specs(c: int, blocks, order, interpret: bool, gate_rows: int) -> list:
 def walk_stages(c: int, blocks, gate_rows: int, fixed: int) -> int:
     """Slots of a walk's TMA pipeline for :func:`chunk_specs` ``(c, blocks, gate_rows)``: two (the next chunk's copies
     in flight while this chunk's matmuls run) where two chunks' inputs and ``fixed`` bytes of other shared memory fit
-    :data:`SMEM_BUDGET`, else one. Raises where one slot passes :data:`SMEM_LIMIT` (the kernel could not launch)."""
+    :data:`SMEM_BUDGET`, else one. Raises where one slot passes :data:`SMEM_LIMIT` (Mosaic GPU would refuse to lower
+    the kernel, naming only its byte count): the GLA forward and the delta-rule walks at ``C = 128, Kp = 256``, or
+    at head dim 512. The count leaves out Mosaic GPU's own padding of each buffer to 1 KiB and the barriers (under
+    1.1 KiB in all); :data:`SMEM_BUDGET` leaves room for them."""
     per_chunk = sum(c * w * jnp.dtype(dt).itemsize for w, dt in blocks) + gate_rows * c * 4
     if per_chunk + fixed > SMEM_LIMIT:
         widths = ", ".join(f"[{c}, {w}]" for w, _ in blocks)
         raise ValueError(f"a Mosaic GPU walk at chunk_size {c} with per-chunk inputs {widths} needs "
                          f"{(per_chunk + fixed) // 1024} KiB of shared memory, over the {SMEM_LIMIT // 1024} KiB of an "
-                         "H100/H200 block: use chunk_size=64")
+                         "H100/H200 block: use a smaller chunk_size or head dim, or backend='triton'")
     return 2 if 2 * per_chunk + fixed <= SMEM_BUDGET else 1
 
 

@@ -79,11 +79,14 @@ def _inputs(dtype, b=1, t=100, h=1, dk=32, dv=48, seed=0, reset=37):
     return (q, k, v, g), dict(sign=sign, h0=h0, resets=resets)
 
 
-@pytest.mark.parametrize("t", [100, 300])
-def test_values(t):
+@pytest.mark.parametrize("t,budget", [(100, None), (300, None), (300, 0)], ids=["two-chunks", "five-chunks", "one-slot"])
+def test_values(monkeypatch, t, budget):
     """Against the XLA chunked form, over two chunks (``T = 100``) and five (``T = 300``: the walk's two-slot TMA
-    pipeline fills, reuses both slots and drains). The body's matmul operands are bf16 (float32 accumulation), so
-    float32 inputs agree to bf16 rounding, relative to the largest output."""
+    pipeline fills, reuses both slots and drains; and with one slot, as where two would not fit the shared-memory
+    budget). The body's matmul operands are bf16 (float32 accumulation), so float32 inputs agree to bf16 rounding,
+    relative to the largest output."""
+    if budget is not None:
+        monkeypatch.setattr(_mosaic_gpu, "SMEM_BUDGET", budget)
     args, kw = _inputs(jnp.float32, t=t)
     tol = 1e-2
     o, s = gla_chunk_pallas(*args, **kw, chunk_size=64, backend="mosaic_gpu")  # interpreted on the CPU, compiled on a GPU
@@ -152,6 +155,8 @@ def test_backend_choice(monkeypatch, kernel):
     monkeypatch.setattr(kernel, "MOSAIC_GPU_DEFAULT", True)  # jax >= 0.11 and the compiled tests passed
     assert resolve(None, None, 64) == (False, "mosaic_gpu")
     assert resolve(None, None, 32) == (False, "triton")  # wgmma's M: the Mosaic GPU bodies need chunks of 64
+    assert resolve(None, None, 128) == (False, "triton")  # by default only at 64 (at 128 head dim 256 would not fit)
+    assert resolve(None, "mosaic_gpu", 128) == (False, "mosaic_gpu")  # asked for
     assert resolve(None, "triton", 64) == (False, "triton")
     with pytest.raises(ValueError, match="multiple of 64"):
         resolve(None, "mosaic_gpu", 32)

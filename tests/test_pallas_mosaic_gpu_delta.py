@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from pallas_kernels import _mosaic_gpu
 from pallas_kernels.delta_chunk import mosaic_gpu as delta_mgpu
 from pallas_kernels.delta_chunk.kernel import delta_chunk
 from seqjax.ops.delta import chunk_delta_rule
@@ -77,12 +78,15 @@ def _inputs(b=1, t=100, h=1, dk=32, dv=48, seed=0):
     return (q, k, v, beta, la), dict(h0=h0, resets=resets, scale=0.5)
 
 
-@pytest.mark.parametrize("t", [100, 300])
-def test_values(t):
+@pytest.mark.parametrize("t,budget", [(100, None), (300, None), (300, 0)], ids=["two-chunks", "five-chunks", "one-slot"])
+def test_values(monkeypatch, t, budget):
     """Against the XLA chunked form, ``T = 100`` over chunks of 64 (two chunks) and ``T = 300`` (five: the walks'
-    two-slot TMA pipeline fills, reuses both slots and drains), head dims 32 and 48 padded to 64. The bodies' matmul
-    operands are bf16 (float32 accumulation; ``H`` and ``U'`` are stored in bf16), each rounding worth up to
-    ``2^-9`` relative, so float32 inputs agree to about 1% of the largest output (measured: 0.4%)."""
+    two-slot TMA pipeline fills, reuses both slots and drains; and with one slot, as where two would not fit the
+    shared-memory budget), head dims 32 and 48 padded to 64. The bodies' matmul operands are bf16 (float32
+    accumulation; ``H`` and ``U'`` are stored in bf16), each rounding worth up to ``2^-9`` relative, so float32
+    inputs agree to about 1% of the largest output (measured: 0.4%)."""
+    if budget is not None:
+        monkeypatch.setattr(_mosaic_gpu, "SMEM_BUDGET", budget)
     args, kw = _inputs(t=t)
     tol = 1e-2
     o, s = delta_chunk(*args, **kw, chunk_size=64, backend="mosaic_gpu")  # interpreted on the CPU, compiled on a GPU
@@ -105,12 +109,11 @@ def test_mosaic_gpu_requirements_raise():
     # chunks of 128 at head dim 256: the walks' shared memory would pass an H100's 227 KiB even with one pipeline slot
     wide = jax.ShapeDtypeStruct((1, 256, 1, 256), jnp.bfloat16)
     gates = jax.ShapeDtypeStruct((1, 256, 1), jnp.float32)
-    with pytest.raises(ValueError, match=r"chunk_size 128 .* KiB of shared memory, over the 227 KiB .* chunk_size=64"):
+    with pytest.raises(ValueError, match=r"chunk_size 128 .* KiB of shared memory, over the 227 KiB .* smaller chunk_size"):
         jax.eval_shape(lambda q, g: delta_chunk(q, q, q, g, g, chunk_size=128, backend="mosaic_gpu"), wide, gates)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("t", [100, 300])
+@pytest.mark.parametrize("t", [pytest.param(100, marks=pytest.mark.slow), 300])  # five chunks in the default tier
 def test_grads_under_mosaic_gpu(t):
     """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks under Mosaic GPU's interpreter, the rest in the Triton
     bodies' interpret mode) against the XLA chunked form's gradients: resets, ``h0``, ``T = 100`` and ``300`` over

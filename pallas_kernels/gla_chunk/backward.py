@@ -38,11 +38,12 @@ Three ``pallas_call``s, as fla's ``chunk_fwd_h`` / ``chunk_bwd_dh`` / ``chunk_bw
    block each by the first of them. On Triton, contractions over a head dim past 128 run 64 columns at a time.
 
 Backends as the forward: Triton (GPU, and the CPU interpreter) walks the chunks of 1. and 2. with a
-``fori_loop`` per (batch, head, value block); under ``backend="mosaic_gpu"`` so does Mosaic GPU
-(``backward_mosaic_gpu.py``, one body for both walks; its states and state gradients are float32 as here), and
-3. keeps its Triton body (head dims then padded to ``key_pad``); Mosaic TPU runs one chunk per grid step with the state in
-VMEM scratch (the chunk axis ``"arbitrary"``, reversed by the index map for 2.). The chunk math is one
-function for both (gates as columns ``[C, 1]`` and rows ``[1, C]``: broadcasts, no transposes).
+``fori_loop`` per (batch, head, value block); under ``backend="mosaic_gpu"`` Mosaic GPU walks them per (batch,
+head, value block of 64) with a TMA pipeline over the chunks (``backward_mosaic_gpu.py``, one body for both
+walks; its states and state gradients are float32 as here), and 3. keeps its Triton body (head dims then padded
+to ``key_pad``); Mosaic TPU runs one chunk per grid step with the state in VMEM scratch (the chunk axis
+``"arbitrary"``, reversed by the index map for 2.). The chunk math is one function for both (gates as columns
+``[C, 1]`` and rows ``[1, C]``: broadcasts, no transposes).
 Big arrays stay time-major ``[b, T, h, d]`` on Triton (strided blocks, no copies) and go heads-first
 on the TPU, whose blocks need whole trailing dims.
 """

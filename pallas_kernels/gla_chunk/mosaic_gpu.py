@@ -9,7 +9,8 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics):
 * the chunks' ``q, k [C, Kp]``, ``v [C, 64]`` and gates (``b``, ``seg``, ``p``: heads-first rows of ``C`` floats)
   come through a TMA pipeline (``plgpu.emit_pipeline`` with the state as its carry; ``_mosaic_gpu.chunk_specs``):
   with two slots, chunk ``n + 1``'s copies are in flight while chunk ``n`` computes (one slot where two would
-  pass the shared-memory budget, ``_mosaic_gpu.walk_stages``: at ``Kp = 256``, or ``C = 128`` from ``Kp = 128``);
+  pass the shared-memory budget, ``_mosaic_gpu.walk_stages``: at ``Kp = 256``, or ``C = 128`` from ``Kp = 128``;
+  at ``C = 128, Kp = 256`` even one would not fit, and it raises);
   per chunk, three ``wgmma``\ s: ``Q Kᵀ`` (``[C, C]``, masked and decayed
   in registers: ``D = [s ≤ t, seg_s = seg_t] p_t p_s e^{b_t − b_s}``, the exponent masked before ``exp``),
   ``O = (Q S) ⊙ f + (Q Kᵀ ⊙ D) V`` (the decayed readout as a row scaling of ``Q S``, the intra-chunk matrix

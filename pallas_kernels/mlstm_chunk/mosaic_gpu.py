@@ -24,8 +24,8 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_
 ``key_pad`` (``>= 64``; zeros, exact) and ``C`` is a multiple of 64. Matmul operands are bf16 with float32
 accumulation (float32 inputs are rounded to bf16; the entering states ``C'`` are kept in bf16 between the two
 kernels, as the Triton body keeps them in the input dtype). The two walks take their chunks through
-``linear_walk``'s two-slot TMA pipeline (the next chunk's copies in flight while this one's matmul runs); the
-output kernel has one chunk per program.
+``linear_walk``'s TMA pipeline (two slots, the next chunk's copies in flight while this one's matmul runs; one
+where two would not fit, as at ``C = 128, Kp = 256``); the output kernel has one chunk per program.
 
 Mosaic GPU's interpreter (``interpret=True``; ``tests/test_pallas_mosaic_gpu_mlstm.py``) takes neither a
 transposed shared-memory view nor a register operand for ``wgmma``: under it the output kernel's ``Kᵀ`` and
