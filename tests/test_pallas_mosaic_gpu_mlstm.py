@@ -81,9 +81,8 @@ def test_values(t, y_tol):
     both slots and drains). The bodies' matmul operands are bf16 (float32 accumulation) and the entering states are
     kept in bf16, so the outputs agree to bf16 rounding amplified by the normaliser's division: at ``T = 100`` the
     Triton body on the same inputs rounded to bf16 lands at an rms-relative error of 1.5e-2, this one at 0.9e-2; at
-    ``T = 300`` (more chunks, strong input gates) at 3.7e-2 and 4.5e-2 (the same 4.5e-2 as the walks without a
-    pipeline). The final ``C`` passes through one bf16 update per chunk (2.5e-3 at either length); ``n`` and ``m``
-    are computed in XLA."""
+    ``T = 300`` (more chunks, strong input gates) at 3.7e-2 and 4.5e-2. The final ``C`` passes through one bf16
+    update per chunk (2.5e-3 at either length); ``n`` and ``m`` are computed in XLA."""
     (q, k, v, i, f), h0, resets = _inputs(t)
     # interpreted on the CPU, compiled on a GPU; jitted, so the interpreter runs as one program
     run = jax.jit(lambda *a: mlstm_chunk(*a, h0=h0, resets=resets, chunk_size=64, backend="mosaic_gpu"))
