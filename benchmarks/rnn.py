@@ -9,6 +9,9 @@
 2. What bounds a step on this CPU (``--floor``): one recurrent matmul per step in a ``fori_loop`` (both
    layouts), the same matmul followed by an LSTM cell's gates, the loop with an empty body, and torch's
    per-step matmul.
+   ``--phases``: where the dense fused LSTM's time goes against torch's, at the cell tables' shape: the forward
+   alone, the forward that also returns what the backward reads (``jax.vjp``'s forward; torch's forward with
+   autograd recording), and forward+backward, so the backward's share is the difference.
 3. Parallel-in-time vs sequential: a GRU (B = 4, H = 32) forward+backward at T = 1k and 8k,
    quasi-DEER (diagonal Jacobians, seqjax.linear_scan ``auto`` and ``associative``) and full DEER
    (T = 1k only) against ``lax.scan``; Newton iterations are reported.
@@ -167,6 +170,35 @@ def bench_floor(b, t, d, reps) -> list[str]:
     return rows
 
 
+def bench_phases(b, t, d, reps) -> list[str]:
+    """The dense LSTM (``impl="fused"``) and ``torch.nn.LSTM`` by phase: forward only, forward with the residuals the
+    backward reads, forward+backward."""
+    params = R.init_params("lstm", jax.random.PRNGKey(0), d, d, heads=1)
+    x = jax.random.normal(jax.random.PRNGKey(1), (b, t, d))
+    run = lambda p, x: R.rnn("lstm", p, x, impl="fused")[0]
+    fwd = jax.jit(run)
+    fwd_res = jax.jit(lambda p, x: jax.tree.leaves(jax.vjp(run, p, x)))  # outputs and the vjp's residuals
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(run(p, x) ** 2), argnums=(0, 1)))
+    fns = {"seqjax forward": _jax_call(fwd, params, x), "seqjax forward + residuals": _jax_call(fwd_res, params, x),
+           "seqjax forward+backward": _jax_call(grad, params, x)}
+    if torch is not None and jax.default_backend() == "cpu":
+        mod = torch.nn.LSTM(d, d, batch_first=True)
+        xt = torch.randn(b, t, d, requires_grad=True)
+
+        def torch_fwd():
+            with torch.no_grad():
+                mod(xt)
+
+        fns["torch forward (no_grad)"] = torch_fwd
+        fns["torch forward (autograd recording)"] = lambda: mod(xt)
+        fns["torch forward+backward"] = _torch("lstm", b, t, d)
+    res = time_interleaved(fns, reps)
+    rows = [f"\n### Dense LSTM by phase, (B, T, D) = ({b}, {t}, {d})\n", "| phase | median ms | min ms |", "|---|---:|---:|"]
+    rows += [f"| {n} | {1e3 * med:.1f} | {1e3 * lo:.1f} |" for n, (med, lo) in res.items()]
+    print("\n".join(rows), flush=True)
+    return rows
+
+
 def bench_parallel(ts, reps, b=4, h=32) -> list[str]:
     key = jax.random.PRNGKey(1)
     params = R.init_params("gru", key, h, h)
@@ -209,6 +241,7 @@ class Args:
     skip_lstm: bool = False  # leave the LSTM out of the cell tables
     skip_parallel: bool = False
     floor: bool = False  # also time the per-step floor (a loop of recurrent matmuls, an empty loop)
+    phases: bool = False  # also time the dense fused LSTM and torch's by phase (forward, + residuals, + backward)
     out: str = ""  # write the run (command, machine, versions, tables) to this markdown file
     append: bool = False  # append to --out instead of overwriting it
 
@@ -240,6 +273,8 @@ def main(argv=None):
         rows += bench_cells(kinds, b, t, d, a.reps)
     if a.floor:
         rows += bench_floor(b, t, d, a.reps)
+    if a.phases:
+        rows += bench_phases(b, t, d, a.reps)
     if not a.skip_parallel:
         rows += bench_parallel(list(a.ts), a.reps)
     load1 = os.getloadavg()
