@@ -49,7 +49,7 @@ through shared memory. Shared memory of the backward walk: ``3 C Kp + C 64`` bf1
 slot, plus ``2 C 64`` bf16 and the ``[Kp, 64]`` state gradient in bf16 and float32: 178 KiB at ``C = 64, Kp = 128``
 (two slots), 194 KiB at ``C = 128, Kp = 128`` and 217 KiB at ``C = 64, Kp = 256`` (one slot; an H100 has 227 KiB).
 At ``C = 128, Kp = 256`` the walks would ask for more than that even with one slot: they raise a ``ValueError``
-(``_mosaic_gpu.walk_stages``) that asks for chunks of 64.
+(``_mosaic_gpu.walk_stages``) that names the sizes, before lowering.
 """
 
 from __future__ import annotations
