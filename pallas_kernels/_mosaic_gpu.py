@@ -12,6 +12,7 @@ default on a GPU under jax >= 0.11. On the CPU, ``backend="mosaic_gpu"`` runs Mo
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the jax version
     InterpretGPUParams = None
 
 __all__ = ["BV", "JAX_0_11", "SMEM_BUDGET", "SMEM_LIMIT", "WG", "chunk_specs", "copy_in", "interpret_params", "iota", "kernel", "key_pad",
-           "linear_walk", "load_state", "loader", "mma", "operand_transforms", "resolve_mosaic_gpu", "smem", "store_state",
+           "linear_walk", "load_state", "loader", "mma", "operand_transforms", "resolve_mosaic_gpu", "smem", "smem_bytes", "store_state",
            "transposed", "walk_order", "walk_stages"]
 
 BF16 = jnp.bfloat16
@@ -167,14 +168,21 @@ def chunk_specs(c: int, blocks, order, interpret: bool, gate_rows: int) -> list:
         plgpu.BlockSpec((gate_rows, c), lambda i: (0, order(i)))]
 
 
-def walk_stages(c: int, blocks, gate_rows: int, fixed: int) -> int:
+def smem_bytes(buffers) -> int:
+    """Bytes of the shared-memory buffers (``plgpu.SMEM`` refs; ``None`` entries, the interpreter's staging buffers
+    when compiling, skipped)."""
+    return sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in buffers if b is not None)
+
+
+def walk_stages(c: int, blocks, gate_rows: int, buffers) -> int:
     """Slots of a walk's TMA pipeline for :func:`chunk_specs` ``(c, blocks, gate_rows)``: two (the next chunk's copies
-    in flight while this chunk's matmuls run) where two chunks' inputs and ``fixed`` bytes of other shared memory fit
-    :data:`SMEM_BUDGET`, else one. Raises where one slot passes :data:`SMEM_LIMIT` (Mosaic GPU would refuse to lower
-    the kernel, naming only its byte count): the GLA forward and the delta-rule walks at ``C = 128, Kp = 256``, or
-    at head dim 512. The count leaves out Mosaic GPU's own padding of each buffer to 1 KiB and the barriers (under
-    1.1 KiB in all); :data:`SMEM_BUDGET` leaves room for them."""
+    in flight while this chunk's matmuls run) where two chunks' inputs and the walk's own ``buffers`` (its scratch as
+    compiled, :func:`smem_bytes`) fit :data:`SMEM_BUDGET`, else one. Raises where one slot passes :data:`SMEM_LIMIT`
+    (Mosaic GPU would refuse to lower the kernel, naming only its byte count): the GLA forward and the delta-rule
+    walks at ``C = 128, Kp = 256``, or at head dim 512. The count leaves out Mosaic GPU's own padding of each buffer
+    to 1 KiB and the barriers (under 1.1 KiB in all); :data:`SMEM_BUDGET` leaves room for them."""
     per_chunk = sum(c * w * jnp.dtype(dt).itemsize for w, dt in blocks) + gate_rows * c * 4
+    fixed = smem_bytes(buffers)
     if per_chunk + fixed > SMEM_LIMIT:
         widths = ", ".join(f"[{c}, {w}]" for w, _ in blocks)
         raise ValueError(f"a Mosaic GPU walk at chunk_size {c} with per-chunk inputs {widths} needs "
@@ -243,11 +251,10 @@ def linear_walk(x, y, w, a, init, *, chunk: int, reverse: bool, interpret, out_d
     gates = jnp.stack([w, jnp.repeat(a, chunk, axis=2)], axis=2).astype(F32)  # [b, h, 2, Tp]: w, a on each token
     sm = functools.partial(smem, plain=interpret)
     f32_out = jnp.dtype(out_dtype) == F32
-    scratch = [sm((chunk, BV)), sm((kp, BV), F32), None if f32_out else sm((kp, BV), out_dtype),
-               sm((kp, chunk)) if interpret else None, plgpu.Barrier(num_barriers=1)]
+    own = [sm((chunk, BV)), sm((kp, BV), F32), None if f32_out else sm((kp, BV), out_dtype)]
+    scratch = [*own, sm((kp, chunk)) if interpret else None, plgpu.Barrier(num_barriers=1)]
     out = [jax.ShapeDtypeStruct((b, h, tp // chunk, kp, vp), out_dtype), jax.ShapeDtypeStruct((b, h, kp, vp), F32)]
-    fixed = chunk * BV * 2 + kp * BV * 4 + (0 if f32_out else kp * BV * jnp.dtype(out_dtype).itemsize)
-    stages = walk_stages(chunk, ((kp, BF16), (BV, BF16)), 2, fixed)
+    stages = walk_stages(chunk, ((kp, BF16), (BV, BF16)), 2, own)
     body = functools.partial(_linear_walk_kernel, chunk=chunk, n_chunks=tp // chunk, reverse=reverse,
                              time_major=time_major, interpret=interpret, stages=stages)
     return kernel(body, out, scratch, (b, h, vp // BV), ("b", "h", "v"), interpret)(

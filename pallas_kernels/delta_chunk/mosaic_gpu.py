@@ -146,11 +146,11 @@ def chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, *, c, interpret):
     vp = u.shape[-1]
     check_shapes(c, kp, vp)
     bv = 64
-    stages = mg.walk_stages(c, ((kp, _BF16), (kp, _BF16), (bv, u.dtype)), 3, kp * bv * (2 + 4) + 2 * c * bv * 2)
-    kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret, stages=stages)
     sm = functools.partial(mg.smem, plain=interpret)
-    scratch = [sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)), sm((c, bv)), sm((kp, c)) if interpret else None,
-               plgpu.Barrier(num_barriers=1)]
+    own = [sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)), sm((c, bv))]
+    scratch = [*own, sm((kp, c)) if interpret else None, plgpu.Barrier(num_barriers=1)]
+    stages = mg.walk_stages(c, ((kp, _BF16), (kp, _BF16), (bv, u.dtype)), 3, own)
+    kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret, stages=stages)
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32),
            jax.ShapeDtypeStruct((b, h, tp, vp), _BF16)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
@@ -275,12 +275,13 @@ def chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, *, c, scale, inter
     vp = do.shape[-1]
     check_shapes(c, kp, vp)
     bv = 64
-    stages = mg.walk_stages(c, ((kp, _BF16),) * 3 + ((bv, _BF16),), 3, 2 * c * bv * 2 + kp * bv * (2 + 4))
+    sm = functools.partial(mg.smem, plain=interpret)
+    own = [sm((c, bv)), sm((c, bv)), sm((kp, bv)), sm((kp, bv), f32)]
+    staging = [sm((kp, c)), sm((kp, c)), sm((c, c))] if interpret else [None] * 3  # the interpreter's transposes
+    scratch = [*own, *staging, plgpu.Barrier(num_barriers=1)]
+    stages = mg.walk_stages(c, ((kp, _BF16),) * 3 + ((bv, _BF16),), 3, own)
     kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret,
                              stages=stages)
-    sm = functools.partial(mg.smem, plain=interpret)
-    scratch = [sm((c, bv)), sm((c, bv)), sm((kp, bv)), sm((kp, bv), f32), sm((kp, c)) if interpret else None,
-               sm((kp, c)) if interpret else None, sm((c, c)) if interpret else None, plgpu.Barrier(num_barriers=1)]
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
     return call(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), _gates(g, rev, seg), dht.astype(f32))

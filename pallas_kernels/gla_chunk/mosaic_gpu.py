@@ -114,11 +114,12 @@ def forward_mosaic_gpu(q, k, v, bc, seg, p, h0, *, chunk, interpret=None):
     gates = jnp.stack([bc, seg, p], axis=2).astype(jnp.float32)  # [b, Tp, 3, h]
     gates = jnp.transpose(gates, (0, 3, 2, 1))  # [b, h, 3, Tp]: each chunk's gates are contiguous rows
     interp = bool(interpret)
-    stages = mg.walk_stages(chunk, ((kp, _BF16), (kp, _BF16), (bv, _BF16)), 3, chunk * bv * (2 + 4) + kp * bv * (2 + 4))
-    kern = functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk, bv=bv, interpret=interp, stages=stages)
     sm = functools.partial(mg.smem, plain=interp)
-    scratch = [sm((chunk, bv)), sm((kp, bv)), sm((chunk, bv), jnp.float32), sm((kp, bv), jnp.float32),
-               sm((kp, chunk)) if interp else None, sm((chunk, chunk)) if interp else None, plgpu.Barrier(num_barriers=1)]
+    own = [sm((chunk, bv)), sm((kp, bv)), sm((chunk, bv), jnp.float32), sm((kp, bv), jnp.float32)]
+    scratch = [*own, sm((kp, chunk)) if interp else None, sm((chunk, chunk)) if interp else None,
+               plgpu.Barrier(num_barriers=1)]
+    stages = mg.walk_stages(chunk, ((kp, _BF16), (kp, _BF16), (bv, _BF16)), 3, own)
+    kern = functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk, bv=bv, interpret=interp, stages=stages)
     out = [jax.ShapeDtypeStruct((bsz, tp, h, vp), jnp.float32), jax.ShapeDtypeStruct((bsz, h, kp, vp), jnp.float32)]
     call = mg.kernel(kern, out, scratch, (bsz, h, vp // bv), ("b", "h", "v"), interp)
     return call(q.astype(_BF16), k.astype(_BF16), v.astype(_BF16), gates, h0.astype(jnp.float32))
