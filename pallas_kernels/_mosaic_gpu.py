@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the jax version
 
 __all__ = ["BV", "JAX_0_11", "SMEM_BUDGET", "SMEM_LIMIT", "WG", "chunk_specs", "copy_in", "interpret_params", "iota", "kernel", "key_pad",
            "linear_walk", "load_state", "loader", "mma", "operand_transforms", "resolve_mosaic_gpu", "smem", "smem_bytes", "store_state",
-           "transposed", "walk_order", "walk_stages"]
+           "transposed", "walk_order", "walk_pipeline", "walk_stages"]
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32
@@ -191,13 +191,26 @@ def walk_stages(c: int, blocks, gate_rows: int, buffers) -> int:
     return 2 if 2 * per_chunk + fixed <= SMEM_BUDGET else 1
 
 
+def walk_pipeline(body, inputs, gates, *, c: int, order, n_chunks: int, own, interpret: bool, init):
+    """Run a walk's ``body(step, *input_slots, gate_slot, carry) -> carry`` over its chunks through a TMA pipeline
+    (``plgpu.emit_pipeline`` with the state as its carry; returns the last carry). ``inputs``: views ``[Tp, width]``
+    of the per-token inputs, ``gates``: a view ``[rows, Tp]`` of the gate rows; ``own``: the walk's other
+    shared-memory buffers (its scratch refs; ``None`` skipped), which with :func:`walk_stages` decide the slots."""
+    blocks = [(x.shape[-1], x.dtype) for x in inputs]
+    rows = gates.shape[0]
+    stages = walk_stages(c, blocks, rows, own)
+    specs = chunk_specs(c, blocks, order, interpret, rows)
+    return plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=init, in_specs=specs)(
+        *inputs, gates)
+
+
 def _linear_walk_kernel(x_ref, y_ref, g_ref, init_ref, hs_ref, last_ref, ys_smem, s32_smem, hs_smem, xt_smem, bar, *,
-                        chunk, n_chunks, reverse, time_major, interpret, stages):
+                        chunk, n_chunks, reverse, time_major, interpret):
     c = chunk
     load = loader(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(iv * BV, BV)
-    kp = x_ref.shape[-1]
+    own = (ys_smem, s32_smem, hs_smem)  # hs_smem: None when H is float32 (it leaves through s32_smem)
     hs_smem = s32_smem if hs_smem is None else hs_smem
     carry = load_state(init_ref.at[ib, ih, :, cols], s32_smem, bar.at[0], interpret)
     at = (lambda ref, *rest: ref.at[(ib, slice(None), ih, *rest)]) if time_major else (
@@ -219,9 +232,8 @@ def _linear_walk_kernel(x_ref, y_ref, g_ref, init_ref, hs_ref, last_ref, ys_smem
         plgpu.commit_smem()
         return a_n * carry + mma(xt, ys_smem, carry.shape)
 
-    specs = chunk_specs(c, ((kp, BF16), (BV, BF16)), chunk_of, interpret, gate_rows=2)
-    pipeline = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=carry, in_specs=specs)
-    carry = pipeline(at(x_ref), at(y_ref, cols), g_ref.at[ib, ih])
+    carry = walk_pipeline(body, (at(x_ref), at(y_ref, cols)), g_ref.at[ib, ih], c=c, order=chunk_of, n_chunks=n_chunks,
+                          own=own, interpret=interpret, init=carry)
     store_state(carry, s32_smem, last_ref.at[ib, ih, :, cols])
 
 
@@ -251,11 +263,10 @@ def linear_walk(x, y, w, a, init, *, chunk: int, reverse: bool, interpret, out_d
     gates = jnp.stack([w, jnp.repeat(a, chunk, axis=2)], axis=2).astype(F32)  # [b, h, 2, Tp]: w, a on each token
     sm = functools.partial(smem, plain=interpret)
     f32_out = jnp.dtype(out_dtype) == F32
-    own = [sm((chunk, BV)), sm((kp, BV), F32), None if f32_out else sm((kp, BV), out_dtype)]
-    scratch = [*own, sm((kp, chunk)) if interpret else None, plgpu.Barrier(num_barriers=1)]
+    scratch = [sm((chunk, BV)), sm((kp, BV), F32), None if f32_out else sm((kp, BV), out_dtype),
+               sm((kp, chunk)) if interpret else None, plgpu.Barrier(num_barriers=1)]
     out = [jax.ShapeDtypeStruct((b, h, tp // chunk, kp, vp), out_dtype), jax.ShapeDtypeStruct((b, h, kp, vp), F32)]
-    stages = walk_stages(chunk, ((kp, BF16), (BV, BF16)), 2, own)
     body = functools.partial(_linear_walk_kernel, chunk=chunk, n_chunks=tp // chunk, reverse=reverse,
-                             time_major=time_major, interpret=interpret, stages=stages)
+                             time_major=time_major, interpret=interpret)
     return kernel(body, out, scratch, (b, h, vp // BV), ("b", "h", "v"), interpret)(
         x.astype(BF16), y.astype(BF16), gates, init.astype(F32))

@@ -92,7 +92,7 @@ def _helpers(interpret):
 
 
 def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, st_smem, s32_smem, un_smem, us_smem,
-                   kt_smem, bar, *, chunk, n_chunks, bv, interpret, stages):
+                   kt_smem, bar, *, chunk, n_chunks, bv, interpret):
     c = chunk
     load, col, _ = _helpers(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
@@ -125,10 +125,9 @@ def _states_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, hs_ref, ht_ref, un_ref, s
         plgpu.commit_smem()
         return state
 
-    kp = k_ref.shape[-1]
-    specs = mg.chunk_specs(c, ((kp, _BF16), (kp, _BF16), (bv, u_ref.dtype)), order, interpret, gate_rows=3)
-    state = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=state, in_specs=specs)(
-        k_ref.at[ib, ih], w_ref.at[ib, ih], u_ref.at[ib, ih, :, cols], g_ref.at[ib, ih])
+    state = mg.walk_pipeline(body, (k_ref.at[ib, ih], w_ref.at[ib, ih], u_ref.at[ib, ih, :, cols]), g_ref.at[ib, ih], c=c,
+                             order=order, n_chunks=n_chunks, own=(st_smem, s32_smem, un_smem, us_smem),
+                             interpret=interpret, init=state)
     mg.store_state(state, s32_smem, ht_ref.at[ib, ih, :, cols])
 
 
@@ -147,10 +146,9 @@ def chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, *, c, interpret):
     check_shapes(c, kp, vp)
     bv = 64
     sm = functools.partial(mg.smem, plain=interpret)
-    own = [sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)), sm((c, bv))]
-    scratch = [*own, sm((kp, c)) if interpret else None, plgpu.Barrier(num_barriers=1)]
-    stages = mg.walk_stages(c, ((kp, _BF16), (kp, _BF16), (bv, u.dtype)), 3, own)
-    kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret, stages=stages)
+    scratch = [sm((kp, bv)), sm((kp, bv), f32), sm((c, bv)), sm((c, bv)), sm((kp, c)) if interpret else None,
+               plgpu.Barrier(num_barriers=1)]
+    kern = functools.partial(_states_kernel, chunk=c, n_chunks=tp // c, bv=bv, interpret=interpret)
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32),
            jax.ShapeDtypeStruct((b, h, tp, vp), _BF16)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
@@ -206,7 +204,7 @@ def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interp
 
 
 def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_ref, dos_smem, du_smem, ds_smem, s32_smem,
-                    qt_smem, wt_smem, att_smem, bar, *, chunk, n_chunks, bv, scale, interpret, stages):
+                    qt_smem, wt_smem, att_smem, bar, *, chunk, n_chunks, bv, scale, interpret):
     c = chunk
     load, col, row = _helpers(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
@@ -257,10 +255,9 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_re
         plgpu.commit_smem()
         return dstate
 
-    kp = q_ref.shape[-1]
-    specs = mg.chunk_specs(c, ((kp, _BF16),) * 3 + ((bv, _BF16),), order, interpret, gate_rows=3)
-    dstate = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=dstate, in_specs=specs)(
-        q_ref.at[ib, ih], k_ref.at[ib, ih], w_ref.at[ib, ih], do_ref.at[ib, ih, :, cols], g_ref.at[ib, ih])
+    dstate = mg.walk_pipeline(body, (q_ref.at[ib, ih], k_ref.at[ib, ih], w_ref.at[ib, ih], do_ref.at[ib, ih, :, cols]),
+                              g_ref.at[ib, ih], c=c, order=order, n_chunks=n_chunks,
+                              own=(dos_smem, du_smem, ds_smem, s32_smem), interpret=interpret, init=dstate)
     mg.store_state(dstate, s32_smem, dh0_ref.at[ib, ih, :, cols])
 
 
@@ -276,12 +273,9 @@ def chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, *, c, scale, inter
     check_shapes(c, kp, vp)
     bv = 64
     sm = functools.partial(mg.smem, plain=interpret)
-    own = [sm((c, bv)), sm((c, bv)), sm((kp, bv)), sm((kp, bv), f32)]
     staging = [sm((kp, c)), sm((kp, c)), sm((c, c))] if interpret else [None] * 3  # the interpreter's transposes
-    scratch = [*own, *staging, plgpu.Barrier(num_barriers=1)]
-    stages = mg.walk_stages(c, ((kp, _BF16),) * 3 + ((bv, _BF16),), 3, own)
-    kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret,
-                             stages=stages)
+    scratch = [sm((c, bv)), sm((c, bv)), sm((kp, bv)), sm((kp, bv), f32), *staging, plgpu.Barrier(num_barriers=1)]
+    kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret)
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
     return call(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), _gates(g, rev, seg), dht.astype(f32))

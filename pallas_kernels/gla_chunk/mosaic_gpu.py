@@ -47,7 +47,7 @@ _BF16 = jnp.bfloat16
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, vs_smem, st_smem, o_smem, s32_smem, kt_smem, att_smem, bar,
-            *, chunk, n_chunks, bv, interpret, stages):
+            *, chunk, n_chunks, bv, interpret):
     c = chunk
     load = mg.loader(interpret)
     f32 = jnp.float32
@@ -95,10 +95,9 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, vs_smem, st_smem,
         plgpu.commit_smem()
         return state
 
-    kp = q_ref.shape[-1]
-    specs = mg.chunk_specs(c, ((kp, _BF16), (kp, _BF16), (bv, _BF16)), mg.walk_order(n_chunks, False), interpret, 3)
-    state = plgpu.emit_pipeline(body, grid=(n_chunks,), max_concurrent_steps=stages, init_carry=state, in_specs=specs)(
-        q_ref.at[ib, :, ih], k_ref.at[ib, :, ih], v_ref.at[ib, :, ih, cols], g_ref.at[ib, ih])
+    state = mg.walk_pipeline(body, (q_ref.at[ib, :, ih], k_ref.at[ib, :, ih], v_ref.at[ib, :, ih, cols]),
+                             g_ref.at[ib, ih], c=c, order=mg.walk_order(n_chunks, False), n_chunks=n_chunks,
+                             own=(vs_smem, st_smem, o_smem, s32_smem), interpret=interpret, init=state)
     mg.store_state(state, s32_smem, ht_ref.at[ib, ih, :, cols])
 
 
@@ -115,11 +114,9 @@ def forward_mosaic_gpu(q, k, v, bc, seg, p, h0, *, chunk, interpret=None):
     gates = jnp.transpose(gates, (0, 3, 2, 1))  # [b, h, 3, Tp]: each chunk's gates are contiguous rows
     interp = bool(interpret)
     sm = functools.partial(mg.smem, plain=interp)
-    own = [sm((chunk, bv)), sm((kp, bv)), sm((chunk, bv), jnp.float32), sm((kp, bv), jnp.float32)]
-    scratch = [*own, sm((kp, chunk)) if interp else None, sm((chunk, chunk)) if interp else None,
-               plgpu.Barrier(num_barriers=1)]
-    stages = mg.walk_stages(chunk, ((kp, _BF16), (kp, _BF16), (bv, _BF16)), 3, own)
-    kern = functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk, bv=bv, interpret=interp, stages=stages)
+    scratch = [sm((chunk, bv)), sm((kp, bv)), sm((chunk, bv), jnp.float32), sm((kp, bv), jnp.float32),
+               sm((kp, chunk)) if interp else None, sm((chunk, chunk)) if interp else None, plgpu.Barrier(num_barriers=1)]
+    kern = functools.partial(_kernel, chunk=chunk, n_chunks=tp // chunk, bv=bv, interpret=interp)
     out = [jax.ShapeDtypeStruct((bsz, tp, h, vp), jnp.float32), jax.ShapeDtypeStruct((bsz, h, kp, vp), jnp.float32)]
     call = mg.kernel(kern, out, scratch, (bsz, h, vp // bv), ("b", "h", "v"), interp)
     return call(q.astype(_BF16), k.astype(_BF16), v.astype(_BF16), gates, h0.astype(jnp.float32))
