@@ -28,13 +28,16 @@ rounding), plus the ``γ`` terms and ``γ_C ⟨S, dS⁺⟩`` at the last token.
 
 Kernels: (1) ``wy_factors(with_x=True)``: ``W, U`` and ``X``, chunk-parallel; (2) the state before every chunk,
 ``H [b, h, N, K, V]``, and ``U' = U − W S`` (fla's ``v_new``); (3) ``dH`` (the gradient of the state after every chunk)
-walking the chunks backwards, and ``dh0``; (4) everything above, per chunk, in two kernels — (4a) grid
+walking the chunks backwards, and ``dh0`` (on Triton the state-free part of ``dU'``, ``(Q Kᵀ ⊙ Γ)ᵀ dÕ``, is formed
+chunk-parallel in XLA first, as fla's ``chunk_bwd_dv_local``: :func:`_dv_local`); (4) everything above, per chunk,
+in two kernels — (4a) grid
 ``(batch, heads, chunks, key blocks of 64)`` (as fla's ``bwd_dqkwg``; Mosaic TPU: one block, the whole key axis),
 through the outputs, the attention and the states from ``U'``, ``H`` and ``dH`` (``dq``, ``dU'``, ``dW``, part of
 ``dk``; part of ``dg`` and ``drev`` per key block, added in XLA), (4b) grid ``(batch, heads, chunks)``, through
 ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``; fla's ``prepare_wy_repr_bwd``). Nothing but
 the inputs is kept from the forward. Triton walks (2) and (3) with a ``fori_loop`` per (batch, head, value block
-of 64); Mosaic TPU runs one chunk per grid step with the state in VMEM scratch; ``backend="mosaic_gpu"`` walks
+of 64; of 32 in (3) past key dims of 128), the state in row tiles of 64 past key dims of 128; Mosaic TPU runs one
+chunk per grid step with the state in VMEM scratch; ``backend="mosaic_gpu"`` walks
 both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``, ``chunk_dstates_mosaic_gpu``; ``H`` and ``dH``
 come out in bf16) and runs (1) and (4) on Triton. The math is one function per step for Triton and Mosaic TPU, on
 gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products with ``X`` run at ``HIGHEST``; the others
@@ -51,27 +54,60 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import chunk_block, column_tile, once_on_tpu, tile_sum, tpu_params, triton_params, walk_params
+from pallas_kernels._util import (
+    chunk_block,
+    column_tile,
+    key_tiles,
+    once_on_tpu,
+    tile_sum,
+    tpu_params,
+    triton_params,
+    walk_params,
+)
 from pallas_kernels.delta_chunk.forward import _NT, _TN, _col_factors, _decay_incl, _mm, chunk_states, f32
 from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 
-def _du(q, k, dos, gc, rc, sc, gr, sr, dsm):
-    """``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺`` (float32) from ``dÕ = s dO`` and ``dS⁺`` in the input dtype."""
-    md = q.dtype
-    _, _, to_end = _col_factors(gc, rc, sc)
-    qk = (_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(md)
-    return _mm(qk, dos, _TN) + to_end * _mm(k, dsm)
+def _local_du(q, k, dos, gc, sc, gr, sr):
+    """``(Q Kᵀ ⊙ Γ)ᵀ dÕ`` (float32): the term of ``dU'`` that does not involve the state."""
+    qk = (_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(q.dtype)
+    return _mm(qk, dos, _TN)
 
 
-def _dstate_step(q, k, w, do, gc, rc, sc, gr, sr, ds, scale):
-    """``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'``."""
-    md = q.dtype
-    gamma, total, _ = _col_factors(gc, rc, sc)
+def _dstate_step(q, k, w, dos, gc, rc, sc, local, st, md):
+    """``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'`` with ``dU' = local + e^{rev} ⊙ K dS⁺`` (``local``:
+    :func:`_local_du`), the state gradient as row tiles ``st`` (float32); ``q(j)``, ``k(j)``, ``w(j)`` load the
+    matching column tiles ``[C, kt]`` where they are used (one tile: the whole key axis), ``dÕ = s dO`` and the
+    operands in ``md``. Each contraction over the key axis is a sum of one matmul per tile, and each row tile's
+    update is one tile's products (as the forward's ``_state_step``)."""
+    gamma, total, to_end = _col_factors(gc, rc, sc)
+    kds = _mm(k(0), st[0].astype(md))  # K dS⁺
+    for j in range(1, len(st)):
+        kds = kds + _mm(k(j), st[j].astype(md))
+    du = (local + to_end * kds).astype(md)
+    return tuple(total * s + _mm((q(j).astype(f32) * gamma).astype(md), dos, _TN) - _mm(w(j), du, _TN)
+                 for j, s in enumerate(st))
+
+
+def _dv_local(q, k, do, g, seg, *, c, scale):
+    """``(Q Kᵀ ⊙ Γ)ᵀ dÕ`` of every chunk, ``[b, h, Tp, Vp]`` float32: the state-free term of ``dU'``, chunk-parallel
+    in XLA before the Triton state-gradient walk (fla's ``chunk_bwd_dv_local``), with the walk's roundings
+    (``Q Kᵀ ⊙ Γ`` and ``dÕ`` in the input dtype). The walk then contracts ``K`` only with its state; with
+    ``Q Kᵀ`` in the loop as well, the walk spilled registers at head dim 256 on sm_90 and every value block's
+    program formed the same ``Q Kᵀ`` again."""
+    b, h, tp, _ = q.shape
+    n, md = tp // c, q.dtype
+    split = lambda x: x.reshape(b, h, n, c, *x.shape[3:])
+    hi = lax.Precision.HIGHEST if md == f32 else None
+    qk = jnp.einsum("bhnik,bhnjk->bhnij", split(q), split(k), preferred_element_type=f32, precision=hi)
+    gt, st = split(g)[..., :, None], split(seg)[..., :, None]
+    ok = jnp.tril(jnp.ones((1, 1, 1, c, c), bool)) & (st == jnp.swapaxes(st, -1, -2))
+    decay = jnp.where(ok, jnp.exp(jnp.where(ok, gt - jnp.swapaxes(gt, -1, -2), 0.0)), 0.0)
     dos = (scale * do.astype(f32)).astype(md)
-    du = _du(q, k, dos, gc, rc, sc, gr, sr, ds.astype(md))
-    return total * ds + _mm((q.astype(f32) * gamma).astype(md), dos, _TN) - _mm(w, du.astype(md), _TN)
+    dvl = jnp.einsum("bhnij,bhniv->bhnjv", (qk * decay).astype(md), split(dos), preferred_element_type=f32,
+                     precision=hi)
+    return dvl.reshape(b, h, tp, -1)
 
 
 def _chunk_grads_states(q_ref, k_ref, qb_ref, kb_ref, un_ref, do_ref, gc, rc, sc, gr, sr, s_ref, ds_ref, dsf_ref, scale,
@@ -196,16 +232,26 @@ def _chunk_grads_wy(k_ref, v_ref, x, du_ref, dw_ref, bc, gc, sc, gr, sr, dka_ref
 # ----------------------------------------------------------------------------- kernels
 
 
-def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, dht_ref, dhs_ref, dh0_ref,
-                    *, c, n, scale):
-    def body(j, ds):
+def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, dvl_ref, dht_ref, dhs_ref, dh0_ref, *, c, n,
+                    scale, kt):
+    """Triton: the state gradient ``[K, BV]`` carried as row tiles of ``kt`` (``_util.column_tile``: 64 past key
+    dims of 128), ``(Q Kᵀ ⊙ Γ)ᵀ dÕ`` read from ``dvl_ref`` (:func:`_dv_local`)."""
+    tiles = key_tiles(dht_ref.shape[0], kt)
+    md = q_ref.dtype
+
+    def body(j, st):
         i = n - 1 - j
         sl = pl.ds(pl.multiple_of(i * c, c), c)
-        dhs_ref[i] = ds
-        return _dstate_step(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do_ref[sl, :], gc_ref[sl, :], rc_ref[sl, :],
-                            sc_ref[sl, :], gr_ref[i], sr_ref[i], ds, scale)
+        for r, s in zip(tiles, st):
+            dhs_ref[i, r, :] = s
+        dos = (scale * do_ref[sl, :].astype(f32)).astype(md)
+        load = lambda ref: lambda t: ref[sl, tiles[t]]
+        return _dstate_step(load(q_ref), load(k_ref), load(w_ref), dos, gc_ref[sl, :], rc_ref[sl, :], sc_ref[sl, :],
+                            dvl_ref[sl, :], st, md)
 
-    dh0_ref[...] = lax.fori_loop(0, n, body, dht_ref[...])
+    st = lax.fori_loop(0, n, body, tuple(dht_ref[r, :] for r in tiles))
+    for r, s in zip(tiles, st):
+        dh0_ref[r, :] = s
 
 
 def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, dht_ref, dhs_ref, dh0_ref,
@@ -216,8 +262,11 @@ def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_
 
     ds = ds_scr[...]
     dhs_ref[...] = ds
-    ds = _dstate_step(q_ref[...], k_ref[...], w_ref[...], do_ref[...], gc_ref[...], rc_ref[...], sc_ref[...],
-                      gr_ref[...], sr_ref[...], ds, scale)
+    q, k, md = q_ref[...], k_ref[...], q_ref.dtype
+    gc, sc = gc_ref[...], sc_ref[...]
+    dos = (scale * do_ref[...].astype(f32)).astype(md)
+    local = _local_du(q, k, dos, gc, sc, gr_ref[...], sr_ref[...])
+    (ds,) = _dstate_step(lambda t: q, lambda t: k, lambda t: w_ref[...], dos, gc, rc_ref[...], sc, local, (ds,), md)
     ds_scr[...] = ds
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
@@ -278,19 +327,18 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         )(qh, kh, w, do, *cols[1:], *rows, dht)
     else:
         hs, _, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, with_u_new=True)
-        bv = min(vp, 32 if kp > 128 else 64)  # sm_90 at K = 256: 504 B of spills at 64, 244 at 32
+        bv = min(vp, 32 if kp > 128 else 64)  # sm_90 at K = 256: 76 B of spills at 64, none at 32
         full = lambda d: pl.BlockSpec((None, None, tp, d), lambda i, j, l: (i, j, 0, 0))
         vseq = pl.BlockSpec((None, None, tp, bv), lambda i, j, l: (i, j, 0, l))
-        grow = pl.BlockSpec((None, None, n, 1, c), lambda i, j, l: (i, j, 0, 0, 0))
         vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
         vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
         walk = walk_params(interpret, backend, kp, num_warps=8, num_stages=2)
         dhs, dh0 = pl.pallas_call(
-            functools.partial(_dstates_kernel, c=c, n=n, scale=scale), grid=(b, h, vp // bv),
-            in_specs=[full(kp), full(kp), full(kp), vseq, full(1), full(1), full(1), grow, grow, vstate],
+            functools.partial(_dstates_kernel, c=c, n=n, scale=scale, kt=column_tile(kp, backend)), grid=(b, h, vp // bv),
+            in_specs=[full(kp), full(kp), full(kp), vseq, full(1), full(1), full(1), vseq, vstate],
             out_specs=[vstates, vstate], out_shape=[hs_shape, st_shape], interpret=interpret,
             compiler_params=walk, name="delta_chunk_bwd_dstates",
-        )(qh, kh, w, do, *cols[1:], *rows, dht)
+        )(qh, kh, w, do, *cols[1:], _dv_local(qh, kh, do, g, seg, c=c, scale=scale), dht)
     if tpu:
         params = tpu_params(interpret, "parallel", "parallel", "parallel")
     else:  # Triton, under backend="mosaic_gpu" too
