@@ -101,6 +101,16 @@ def test_kernel_bf16(channel, backend):
     _close((o, s), recurrent_gla(**inp), 2e-2, "bf16")
 
 
+def test_kernel_bf16_head_dim_near_256():
+    """bf16 q, k, v at a per-head key dim padded to 256, where the Triton forward walks the states alone and
+    forms the outputs chunk-parallel (``kernel._forward_split``); a reset and a carried state in the sequence."""
+    inp = _inputs(jax.random.PRNGKey(6), 70, 250, 70, lo=-3.0)
+    low = {n: (x.astype(jnp.bfloat16) if n in ("q", "k", "v") else x) for n, x in inp.items()}
+    resets = jnp.zeros((1, 70), bool).at[:, 33].set(True)
+    got = gla_chunk_pallas(**low, resets=resets, chunk_size=16)
+    _close(got, recurrent_gla(**{n: x.astype(jnp.float32) for n, x in low.items()}, resets=resets), 2e-2, "bf16")
+
+
 def test_state_carried_across_a_split_sequence():
     inp = _inputs(jax.random.PRNGKey(8), 63, 9, 5, lo=-9.0, channel=True)
     want = recurrent_gla(**inp)

@@ -175,13 +175,45 @@ def _chunk_dv(q_ref, k_ref, do, bc, sc, pc, br, sr, pr, ds_ref, dv_ref, *, bk):
 # ----------------------------------------------------------------------------- Triton / interpreter
 
 
-def _states_kernel(k_ref, v_ref, bc_ref, sc_ref, pc_ref, h0_ref, hs_ref, *, chunk, n_chunks):
+def _states_kernel(k_ref, v_ref, bc_ref, sc_ref, pc_ref, h0_ref, hs_ref, ht_ref=None, *, chunk, n_chunks):
     def body(n, s):
         sl = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         hs_ref[n] = s
         return _state_step(k_ref[sl, :], v_ref[sl, :], bc_ref[sl, :], sc_ref[sl, :], pc_ref[sl, :], s)
 
-    lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(f32))
+    s = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(f32))
+    if ht_ref is not None:
+        ht_ref[...] = s
+
+
+def _walk(kernel, x, y, cols, init, *, chunk, interpret, backend, name, final):
+    """A Triton walk over the chunks, a program per (batch, head, value block of 64): ``kernel`` reads time-major
+    ``x [b, Tp, h, Kp]`` whole and ``y [b, Tp, h, Vp]`` by value block, the gate columns ``cols = (bc, seg, p)``
+    ``[b, h, Tp, 1]`` and the ``[b, h, Kp, Vp]`` state it starts from; writes a ``[Kp, Vp]`` float32 state per
+    chunk and, with ``final``, the last one."""
+    bsz, tp, h, kp = x.shape
+    vp, n = y.shape[-1], tp // chunk
+    bv = min(vp, 64)
+    tseq = lambda d, vb=False: pl.BlockSpec(
+        (None, tp, None, d), (lambda i, j, l: (i, 0, j, l)) if vb else (lambda i, j, l: (i, 0, j, 0)))
+    gseq = pl.BlockSpec((None, None, tp, 1), lambda i, j, l: (i, j, 0, 0))
+    vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
+    vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
+    hs_shape = jax.ShapeDtypeStruct((bsz, h, n, kp, vp), f32)
+    st_shape = jax.ShapeDtypeStruct((bsz, h, kp, vp), f32)
+    return pl.pallas_call(
+        functools.partial(kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
+        in_specs=[tseq(kp), tseq(bv, True), gseq, gseq, gseq, vstate],
+        out_specs=[vstates, vstate] if final else vstates, out_shape=[hs_shape, st_shape] if final else hs_shape,
+        interpret=interpret, compiler_params=walk_params(interpret, backend, kp), name=name,
+    )(x, y, *cols, init)
+
+
+def head_states(k, v, cols, h0, *, chunk, interpret, backend, final=False):
+    """Walk 1. on Triton: ``H [b, h, N, Kp, Vp]`` float32, the state before every chunk (:func:`_walk`'s
+    arguments); with ``final``, also the state after the last chunk."""
+    return _walk(_states_kernel, k, v, cols, h0, chunk=chunk, interpret=interpret, backend=backend,
+                 name="gla_chunk_bwd_states", final=final)
 
 
 def _dstates_kernel(q_ref, do_ref, bc_ref, sc_ref, pc_ref, dht_ref, dhs_ref, dh0_ref, *, chunk, n_chunks):
@@ -281,23 +313,9 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
     elif backend == "mosaic_gpu":  # the two walks on Mosaic GPU (backward_mosaic_gpu.py), the chunk gradients on Triton
         hs, dhs, dh0 = head_walks_mosaic_gpu(q, k, v, bc, seg, p, h0, do, dht, chunk=chunk, interpret=interpret)
     else:
-        bv = min(vp, 64)
-        tseq = lambda d, vb=False: pl.BlockSpec(
-            (None, tp, None, d), (lambda i, j, l: (i, 0, j, l)) if vb else (lambda i, j, l: (i, 0, j, 0)))
-        gseq = pl.BlockSpec((None, None, tp, 1), lambda i, j, l: (i, j, 0, 0))
-        vstate = pl.BlockSpec((None, None, kp, bv), lambda i, j, l: (i, j, 0, l))
-        vstates = pl.BlockSpec((None, None, n, kp, bv), lambda i, j, l: (i, j, 0, 0, l))
-        walk = walk_params(interpret, backend, kp)
-        hs = pl.pallas_call(
-            functools.partial(_states_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
-            in_specs=[tseq(kp), tseq(bv, True), gseq, gseq, gseq, vstate], out_specs=vstates, out_shape=hs_shape,
-            interpret=interpret, compiler_params=walk, name="gla_chunk_bwd_states",
-        )(k, v, *cols, h0)
-        dhs, dh0 = pl.pallas_call(
-            functools.partial(_dstates_kernel, chunk=chunk, n_chunks=n), grid=(bsz, h, vp // bv),
-            in_specs=[tseq(kp), tseq(bv, True), gseq, gseq, gseq, vstate], out_specs=[vstates, vstate],
-            out_shape=[hs_shape, st_shape], interpret=interpret, compiler_params=walk, name="gla_chunk_bwd_dstates",
-        )(q, do, *cols, dht)
+        hs = head_states(k, v, cols, h0, chunk=chunk, interpret=interpret, backend=backend)
+        dhs, dh0 = _walk(_dstates_kernel, q, do, cols, dht, chunk=chunk, interpret=interpret, backend=backend,
+                         name="gla_chunk_bwd_dstates", final=True)
     # every chunk's gradients, a program per key block of 64 (Mosaic TPU: the whole key axis, as its blocks'
     # last dim must be a multiple of 128 or all of it); dv contracts over the whole key axis: the first nv of
     # them write a value block of it each

@@ -13,7 +13,9 @@ How it works
     ``seqjax.ops.gla.prepare_chunks`` (cheap elementwise XLA), so every exponent the
     kernel evaluates is ``≤ 0``. Head dims are zero-padded to a power of two ``≥ 16`` (exact: padded
     key channels and value columns contribute 0) as GPU ``dot``s require; time is padded at the front to a
-    whole number of chunks (decay 1, k = 0).
+    whole number of chunks (decay 1, k = 0). Past key dims of 128 the Triton forward is two kernels, as fla's
+    ``chunk_fwd_h`` / ``chunk_fwd_o``: the walk carries only the state and writes it before every chunk, then
+    every chunk's outputs are formed at once (``_forward_split``).
 
 Per-channel decay (GLA) — three kernels
     ``channel.py``. ``channel_intra``, all chunks in parallel (on Triton every 16-token secondary chunk's
@@ -77,8 +79,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._mosaic_gpu import JAX_0_11, key_pad, resolve_mosaic_gpu
-from pallas_kernels._util import NT, TN, check_chunk_size, column_tile, key_tiles, mm, tpu_params, triton_params
-from pallas_kernels.gla_chunk.backward import gla_head_bwd
+from pallas_kernels._util import (
+    NT,
+    TN,
+    check_chunk_size,
+    column_tile,
+    key_tiles,
+    mm,
+    tile_sum,
+    tpu_params,
+    triton_params,
+)
+from pallas_kernels.gla_chunk.backward import _decay, _state_factors, gla_head_bwd, head_states
 from pallas_kernels.gla_chunk.backward_channel import gla_channel_bwd
 from pallas_kernels.gla_chunk.channel import forward_channel
 from pallas_kernels.gla_chunk.mosaic_gpu import forward_padded as _forward_mosaic_gpu
@@ -150,11 +162,57 @@ def _kernel(q_ref, k_ref, v_ref, b_ref, s_ref, p_ref, h0_ref, o_ref, ht_ref, *, 
         ht_ref[r, :] = s
 
 
+def _out_kernel(q_ref, k_ref, v_ref, bc_ref, sc_ref, pc_ref, br_ref, sr_ref, pr_ref, h_ref, o_ref, *, kt):
+    """One chunk and value block: ``O = (Q Kᵀ ⊙ D) V + f^s ⊙ (Q S)`` from the state before the chunk, both
+    contractions over the key axis summed over tiles of ``kt`` columns (one tile of ``q``, ``k`` and of the
+    state live at a time)."""
+    md = v_ref.dtype
+    bc, sc, pc = bc_ref[...], sc_ref[...], pc_ref[...]
+    fs, _, _ = _state_factors(bc, sc, pc)
+
+    def tile(sl):
+        q = q_ref[:, sl]
+        return mm(q, k_ref[:, sl], NT), mm(q, h_ref[sl, :].astype(md))
+
+    att, qs = tile_sum(q_ref.shape[1], kt, tile)
+    att = att * _decay(bc, sc, pc, br_ref[...], sr_ref[...], pr_ref[...])
+    o_ref[...] = (mm(att.astype(md), v_ref[...]) + fs * qs).astype(o_ref.dtype)
+
+
+def _forward_split(q, k, v, bc, seg, p, h0, *, chunk, interpret):
+    """Past key dims of 128 on Triton, as fla's ``chunk_fwd_h`` + ``chunk_fwd_o``: the state before every chunk
+    from the backward's walk (``backward.head_states``, which carries only the state), then every chunk's
+    outputs at once (:func:`_out_kernel`, a program per chunk and value block of 128). One walk that also formed the
+    outputs held the ``[256, BV]`` state beside the chunk's products and spilled registers on sm_90 (184 B per
+    thread at 256); this costs the ``[b, h, N, Kp, Vp]`` float32 states in memory, as the backward's own walk."""
+    bsz, tp, h, kp = q.shape
+    vp, n = v.shape[-1], tp // chunk
+    heads = lambda x: jnp.moveaxis(x, 2, 1)
+    cols = [heads(x)[..., None] for x in (bc, seg, p)]
+    rows = [heads(x).reshape(bsz, h, n, 1, chunk) for x in (bc, seg, p)]
+    hs, ht = head_states(k, v, cols, h0, chunk=chunk, interpret=interpret, backend="triton", final=True)
+    bv = min(vp, 128)
+    big = lambda d, vb=False: pl.BlockSpec((None, chunk, None, d), lambda i, j, l, z: (i, l, j, z if vb else 0))
+    col = pl.BlockSpec((None, None, chunk, 1), lambda i, j, l, z: (i, j, l, 0))
+    row = pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, l, z: (i, j, l, 0, 0))
+    state = pl.BlockSpec((None, None, None, kp, bv), lambda i, j, l, z: (i, j, l, 0, z))
+    o = pl.pallas_call(
+        functools.partial(_out_kernel, kt=column_tile(kp, "triton")), grid=(bsz, h, n, vp // bv),
+        in_specs=[big(kp), big(kp), big(bv, True), col, col, col, row, row, row, state], out_specs=big(bv, True),
+        out_shape=jax.ShapeDtypeStruct((bsz, tp, h, vp), jnp.float32), interpret=interpret,
+        compiler_params=triton_params(interpret, "triton", num_warps=8), name="gla_chunk_fwd_out",
+    )(q, k, v, *cols, *rows, hs)
+    return o, ht
+
+
 def _forward(q, k, v, bc, seg, p, h0, *, chunk, interpret):
     """Per-head decay (Triton / interpreter). Padded inputs: ``q, k [b, Tp, h, Kp]``, ``v [b, Tp, h, Vp]``,
-    float32 gates ``[b, Tp, h]``."""
+    float32 gates ``[b, Tp, h]``. One walk that carries the state and writes the outputs; past key dims of 128,
+    :func:`_forward_split`."""
     bsz, tp, h, kp = q.shape
     vp = v.shape[-1]
+    if kp > 128:
+        return _forward_split(q, k, v, bc, seg, p, h0, chunk=chunk, interpret=interpret)
     bv = min(vp, 32)
     seq = lambda d: pl.BlockSpec((None, tp, None, d), lambda i, j, l: (i, 0, j, 0))
     vseq = pl.BlockSpec((None, tp, None, bv), lambda i, j, l: (i, 0, j, l))
