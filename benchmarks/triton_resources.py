@@ -1,10 +1,11 @@
 """What each Pallas GPU kernel costs an H100/H200 in shared memory and registers, measured without a GPU.
 
 ``jax.export(platforms=("cuda",))`` runs the Pallas -> Triton IR lowering on any machine; this script keeps
-that IR for every kernel of the chunked mixers (forward and backward, bf16, head dims 128 or ``--dim``, chunk 64), then
-compiles it for ``sm_90`` with the ``triton`` wheel (``pip install triton``; no GPU or driver needed: Triton
-bundles ``ptxas``) and prints, per kernel, the shared memory the launch needs (an H100/H200 block may have at
-most 227 KiB) and the registers and spill bytes ``ptxas -v`` reports. A kernel over the shared-memory limit
+that IR for every kernel of the chunked mixers (forward and backward, bf16, head dims 128 or ``--dim``, chunk 64;
+``--kernels=rnn``: the fused RNN cells of ``pallas_kernels/rnn``), then compiles it for ``sm_90`` with the
+``triton`` wheel (``pip install triton``; no GPU or driver needed: Triton bundles ``ptxas``) and prints, per
+kernel, the shared memory the launch needs (an H100/H200 block may have at most 227 KiB) and the registers and
+spill bytes ``ptxas -v`` reports. A kernel over the shared-memory limit
 fails to launch; heavy spills make it slow.
 
 Caveat: XLA compiles the same IR with the Triton inside jaxlib, whose version differs from the wheel's; the
@@ -13,7 +14,8 @@ numbers are close, not equal. The IR is captured by wrapping a private jax funct
 updated. The compile runs in a subprocess (Triton's and jaxlib's LLVMs stay apart), with ``--python``'s
 interpreter if the triton wheel lives in another environment.
 
-    python benchmarks/triton_resources.py [--kernels=gla,chan,delta,mlstm] [--dim=128] [--python=PY] [--out=FILE] [--only=RE] [--keep=DIR]
+    python benchmarks/triton_resources.py [--kernels=gla,chan,delta,mlstm|rnn] [--dim=128] [--python=PY] [--out=FILE]
+        [--only=RE] [--keep=DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE = "compile-ttir"  # the first argument of the compile subprocess
+RNN_CELLS = ("lstm", "gru", "slstm", "rnn_tanh")  # --kernels=rnn: the fused cells (four gates, three, one)
 SMEM_LIMIT = 227 * 1024  # the most shared memory one block may opt into on sm_90 (H100, H200)
 
 
@@ -46,11 +49,12 @@ def dump(kernels: list[str], out: str, dim: int = 128) -> dict[str, tuple[int, i
     from pallas_kernels.mlstm_chunk import mlstm_chunk
 
     real = lowering.lower_jaxpr_to_triton_module
+    label = [""]  # a prefix for the kernels of the form being exported (the fused RNN's cell)
 
     def keep(*a, **kw):
         res = real(*a, **kw)
         asm = res.module.operation.get_asm(enable_debug_info=False)
-        name = re.search(r"tt\.func public @(\w+)", asm).group(1)
+        name = label[0] + re.search(r"tt\.func public @(\w+)", asm).group(1)
         seen = sum(f.split(".")[0].split("#")[0] == name for f in os.listdir(out))  # a kernel called twice (WY)
         with open(os.path.join(out, name + (f"#{seen + 1}" if seen else "") + ".ttir"), "w") as f:
             f.write(asm)
@@ -65,17 +69,40 @@ def dump(kernels: list[str], out: str, dim: int = 128) -> dict[str, tuple[int, i
                  "chan": lambda q, v, g: gla_chunk_pallas(q, q, v, jnp.zeros(q.shape, jnp.float32) + g[..., None], **kw),
                  "delta": lambda q, v, g: delta_chunk(q, q, v, g + 1.0, g, **kw),
                  "mlstm": lambda q, v, g: mlstm_chunk(q, q, v, g, g, **kw)}
+        args = {name: (q, q, g) for name in forms}
+        rnns = [f"rnn_{cell}" for cell in RNN_CELLS]
+        for name in rnns:  # the fused RNN (impl="pallas") at the largest head a GPU takes
+            forms[name], args[name] = _rnn_form(name[4:])
         params = {}
-        for name in kernels:
+        for name in [n for k in kernels for n in (rnns if k == "rnn" else [k])]:
             f = forms[name]
+            label[0] = name[4:] + "_" if name.startswith("rnn_") else ""
             loss = lambda *a, f=f: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(f(*a)))
             exp = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=("cuda",),
-                                disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, q, g)
+                                disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args[name])
             for m in re.finditer(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', exp.mlir_module()):
-                params[m.group(1)] = (int(m.group(3)), int(m.group(2)))
+                params[label[0] + m.group(1)] = (int(m.group(3)), int(m.group(2)))
     finally:
         lowering.lower_jaxpr_to_triton_module = real
     return params
+
+
+def _rnn_form(cell: str):
+    """The fused RNN kernels of ``cell`` (``pallas_kernels/rnn``) and their arguments: B = 16, T = 64, G = 2 heads of
+    the largest size a GPU block holds (``_max_head``), float32."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.rnn import fused_rnn
+    from pallas_kernels.rnn.flashrnn import _max_head
+    from seqjax import rnn
+    from seqjax.rnn import cells
+
+    c = cells.CELLS[cell]
+    k, d = c.num_gates, _max_head(c.num_gates)
+    pp = cells.neuron_params(c, rnn.init_params(cell, jax.random.PRNGKey(0), d, 2 * d, heads=2))
+    f = lambda R, xp, s0: fused_rnn(c.split, R, pp, xp, s0, interpret=False)
+    return f, (jnp.zeros((2, d, k, d)), jnp.zeros((16, 64, 2, k, d)), jnp.zeros((16, c.num_states, 2, d)))
 
 
 def compile_all(out: str, only: str = "") -> list[dict]:
@@ -114,7 +141,7 @@ def compile_all(out: str, only: str = "") -> list[dict]:
 
 @dataclasses.dataclass
 class Args:
-    kernels: tuple[str, ...] = ("gla", "chan", "delta", "mlstm")
+    kernels: tuple[str, ...] = ("gla", "chan", "delta", "mlstm")  # or "rnn": the fused LSTM, GRU and sLSTM cells
     dim: int = 128  # the key and value head dim
     python: str = sys.executable  # an interpreter with the triton wheel
     out: str = ""  # also write the table to this markdown file
@@ -153,7 +180,9 @@ def main(argv=None):
              f"B=2, T=256, H=2, D={a.dim}, bf16, chunk 64; forward and backward kernels (`#2`: a kernel's second call, e.g.",
              "the WY factors again with the inverse in the backward). Limit: 227 KiB shared memory per block on an",
              "H100/H200. Spills: bytes of register spill stores per thread (`ptxas -v`). Compile: seconds for",
-             "Triton IR -> PTX -> SASS on this machine's one core (the device pays it again for every new shape).", "",
+             "Triton IR -> PTX -> SASS on this machine's one core (the device pays it again for every new shape).",
+             *(["Fused RNN cells (`<cell>_fused_rnn_*`): B = 16, T = 64, two heads of the largest size a GPU block takes",
+                "(64 at three or four gates, 128 at one), float32."] if "rnn" in a.kernels else []), "",
              "| kernel | warps | stages | shared KiB | registers | spill stores B | compile s | note |",
              "|---|---|---|---|---|---|---|---|"]
     for r in found["rows"]:

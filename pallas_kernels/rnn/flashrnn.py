@@ -55,6 +55,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 # On-chip memory per program (H100/H200: 227 KiB of shared memory per block); the backward keeps a head's
 # recurrent weights and their gradient accumulator resident, 2 * 4 * K * D^2 bytes (D padded).
 GPU_ONCHIP_BYTES = 200 * 1024
+NW = 16
 
 
 def check_fits(d: int, k: int, platform: str) -> None:
@@ -151,10 +152,12 @@ def _bwd_kernel(split, rows, n_state, n_gate, xp_ref, r_ref, s0_ref, states_ref,
             ref[...] = v
 
 
-def _params(interpret, backend):
+def _params(interpret, backend, num_warps=4):
     """Heads are independent: ``"parallel"`` on a TPU (megacore chips split them); the Triton lowering
     asked for by name on a GPU (jax >= 0.11 would otherwise take Mosaic GPU, which has no ``dot`` here)."""
-    return tpu_params(interpret, "parallel") if backend == "mosaic_tpu" else triton_params(interpret, backend)
+    if backend == "mosaic_tpu":
+        return tpu_params(interpret, "parallel")
+    return triton_params(interpret, backend, num_warps=num_warps)
 
 
 def _forward(split, rows, interpret, backend, R, pp, xp, s0):
@@ -171,6 +174,7 @@ def _forward(split, rows, interpret, backend, R, pp, xp, s0):
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=_params(interpret, backend),
+        name="fused_rnn_fwd",
     )(xp, R, s0, *pp)
 
 
@@ -196,7 +200,10 @@ def _fused_bwd(split, rows, interpret, backend, res, g):
         out_specs=[_head_spec(x.shape) for x in (xp, R, s0, *pp)],
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=_params(interpret, backend),
+        # 8 warps: at the largest head a GPU takes, the resident R and its gradient accumulator spilled 84-680 B
+        # of registers per thread at 4 warps on sm_90 (benchmarks/triton_resources.py --kernels=rnn), none at 8
+        compiler_params=_params(interpret, backend, num_warps=8),
+        name="fused_rnn_bwd",
     )(xp, R, s0, states, g, *pp)
     return dR, list(dpp), dxp, ds0
 
