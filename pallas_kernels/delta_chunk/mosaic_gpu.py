@@ -19,10 +19,11 @@ model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosai
   of ``Q H``).
 * :func:`chunk_dstates_mosaic_gpu`, the backward's serial pass (``backward.py``'s kernel 3; its kernel 2, the chunk
   states, is :func:`chunk_states_mosaic_gpu` again): the state pass's grid and carry, walking the chunks in reverse
-  with the float32 ``dS`` slice ``[Kp, 64]`` as the carry and its bf16 copy in shared memory. The chunks'
-  ``q, k, w [C, Kp]``, ``dO [C, 64]`` and gates come through the TMA pipeline; per chunk,
-  ``s (Q Kᵀ ⊙ Γ)ᵀ = s (K Qᵀ) ⊙ Γᵀ`` (``[C, C]``, masked and decayed in registers),
-  ``dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺`` (two accumulators) and ``dS ← γ_C dS⁺ + Qᵀ (s γ ⊙ dO) − Wᵀ dU'``
+  with the float32 ``dS`` slice ``[Kp, 64]`` as the carry and its bf16 copy in shared memory. The state-free term
+  of ``dU'``, ``s (Q Kᵀ ⊙ Γ)ᵀ dO``, is formed for every chunk at once before the walk (``backward._dv_local``, as
+  fla's ``chunk_bwd_dv_local``), so the serial loop holds only the state-side matmuls. The chunks'
+  ``q, k, w [C, Kp]``, ``dO [C, 64]``, that term ``[C, 64]`` (bf16) and gates come through the TMA pipeline; per
+  chunk, ``dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺`` (one ``wgmma``) and ``dS ← γ_C dS⁺ + Qᵀ (s γ ⊙ dO) − Wᵀ dU'``
   (both products into one accumulator: ``−dU'`` and ``s γ ⊙ dO`` staged in shared memory as bf16, ``Qᵀ, Wᵀ``
   transposed views). ``dH`` (the bf16 operand copy) leaves with a TMA store each chunk.
 
@@ -45,9 +46,10 @@ Checked without a GPU (``tests/test_pallas_mosaic_gpu_delta.py``): the kernels l
 Mosaic GPU's own interpreter (``interpret=True`` here; it simulates TMA, barriers and ``wgmma`` on the CPU) runs them
 against the XLA chunked form, outputs and gradients. That interpreter takes neither a transposed shared-memory view
 nor a register operand for ``wgmma``, so under it ``Kᵀ``, ``Qᵀ``, ``Wᵀ`` and the intra-chunk matrix are staged
-through shared memory. Shared memory of the backward walk: ``3 C Kp + C 64`` bf16 and the ``[3, C]`` gates per
-slot, plus ``2 C 64`` bf16 and the ``[Kp, 64]`` state gradient in bf16 and float32: 178 KiB at ``C = 64, Kp = 128``
-(two slots), 194 KiB at ``C = 128, Kp = 128`` and 217 KiB at ``C = 64, Kp = 256`` (one slot; an H100 has 227 KiB).
+through shared memory. Shared memory of the backward walk: ``3 C Kp + 2 C 64`` bf16 and the ``[3, C]`` gates per
+slot, plus ``2 C 64`` bf16 and the ``[Kp, 64]`` state gradient in bf16 and float32: 194 KiB at ``C = 64, Kp = 128``
+(two slots), 210 KiB at ``C = 128, Kp = 128`` and 225 KiB at ``C = 64, Kp = 256`` (one slot; an H100 has 227 KiB).
+The precomputed term comes in bf16 so that two slots still fit at ``C = 64, Kp = 128`` (float32: 210 KiB).
 At ``C = 128, Kp = 256`` the walks would ask for more than that even with one slot: they raise a ``ValueError``
 (``_mosaic_gpu.walk_stages``) that names the sizes, before lowering.
 """
@@ -203,41 +205,32 @@ def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interp
     return call(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16))
 
 
-def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_ref, dos_smem, du_smem, ds_smem, s32_smem,
-                    qt_smem, wt_smem, att_smem, bar, *, chunk, n_chunks, bv, scale, interpret):
+def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_ref, dh0_ref, dos_smem, du_smem, ds_smem,
+                    s32_smem, qt_smem, wt_smem, bar, *, chunk, n_chunks, bv, scale, interpret):
     c = chunk
-    load, col, row = _helpers(interpret)
+    load, col, _ = _helpers(interpret)
     ib, ih, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
     cols = pl.ds(iv * bv, bv)
     bcast = lambda x, d: lax.broadcast_in_dim(x, (c, d), [0])
-    full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
-    idx = mg.iota(c, interpret)
 
     dstate = mg.load_state(dht_ref.at[ib, ih, :, cols], s32_smem, bar.at[0], interpret)
     ds_smem[...] = dstate.astype(_BF16)
     plgpu.commit_smem()
     order = mg.walk_order(n_chunks, reverse=True)
 
-    def body(step, q_smem, k_smem, w_smem, do_smem, g_smem, dstate):
+    def body(step, q_smem, k_smem, w_smem, do_smem, dvl_smem, g_smem, dstate):
         n = order(step[0])
         plgpu.copy_smem_to_gmem(ds_smem, dhs_ref.at[ib, ih, n, :, cols])  # dH: the gradient of the state after chunk n
         gc, rc, sc = col(g_smem, 0), col(g_smem, 1), col(g_smem, 2)
         g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
-        # Γᵀ, rows the key s, columns the query t: e^{g_t − g_s} for s ≤ t in one document (exponent masked first)
-        ok = (idx(1) >= idx(0)) & (full(sc, 0) == full(row(g_smem, 2), 1))
-        dec_t = jnp.where(ok, jnp.exp(jnp.where(ok, full(row(g_smem, 0), 1) - full(gc, 0), 0.0)), 0.0)
+        local = load(dvl_smem, mg.WG).astype(f32)  # s (Q Kᵀ ⊙ Γ)ᵀ dO, formed before the walk
         qt = mg.transposed(q_smem, qt_smem, interpret)
         wt = mg.transposed(w_smem, wt_smem, interpret)
         if interpret:
             plgpu.commit_smem()
-        att_t = (mg.mma(k_smem, qt, (c, c)) * (scale * dec_t)).astype(_BF16)  # s (Q Kᵀ ⊙ Γ)ᵀ
-        if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
-            att_smem[...] = att_t
-            plgpu.commit_smem()
-            att_t = att_smem
         to_end = jnp.where(sc == s_end, jnp.exp(rc), 0.0)  # e^{rev}, the chunk's last document
         # dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺
-        du = mg.mma(att_t, do_smem, (c, bv)) + bcast(to_end, bv) * mg.mma(k_smem, ds_smem, (c, bv))
+        du = local + bcast(to_end, bv) * mg.mma(k_smem, ds_smem, (c, bv))
         gamma = jnp.where(sc == 0, jnp.exp(gc), 0.0)  # decay from the chunk's start, first document only
         du_smem[...] = (-du).astype(_BF16)
         dos_smem[...] = (load(do_smem, mg.WG).astype(f32) * bcast(scale * gamma, bv)).astype(_BF16)
@@ -255,27 +248,31 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, g_ref, dht_ref, dhs_ref, dh0_re
         plgpu.commit_smem()
         return dstate
 
-    dstate = mg.walk_pipeline(body, (q_ref.at[ib, ih], k_ref.at[ib, ih], w_ref.at[ib, ih], do_ref.at[ib, ih, :, cols]),
+    dstate = mg.walk_pipeline(body, (q_ref.at[ib, ih], k_ref.at[ib, ih], w_ref.at[ib, ih], do_ref.at[ib, ih, :, cols],
+                                     dvl_ref.at[ib, ih, :, cols]),
                               g_ref.at[ib, ih], c=c, order=order, n_chunks=n_chunks,
                               own=(dos_smem, du_smem, ds_smem, s32_smem), interpret=interpret, init=dstate)
     mg.store_state(dstate, s32_smem, dh0_ref.at[ib, ih, :, cols])
 
 
-def chunk_dstates_mosaic_gpu(qh, kh, w, do, g, rev, seg, dht, *, c, scale, interpret):
+def chunk_dstates_mosaic_gpu(qh, kh, w, do, local, g, rev, seg, dht, *, c, scale, interpret):
     """The backward's serial pass on Mosaic GPU (``backward.py``'s kernel 3): walking the chunks backwards,
-    ``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'`` with ``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺`` (``dÕ = scale dO``).
-    ``q, k, w [b, h, Tp, Kp]``, ``dO [b, h, Tp, Vp]``, gates ``g, rev, seg [b, h, Tp]`` float32, ``dS_T [b, h, Kp, Vp]``
-    float32 (:func:`check_shapes`). Returns ``dH [b, h, N, Kp, Vp]`` bf16 (the gradient of the state after every
-    chunk: only ever a matmul operand of the gradient kernels, and the bf16 copy this pass multiplies by) and
-    ``dh0 [b, h, Kp, Vp]`` float32. Grid ``(batch, heads, value blocks of 64)``, as :func:`chunk_states_mosaic_gpu`."""
+    ``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'`` with ``dU' = local + e^{rev} ⊙ K dS⁺`` (``dÕ = scale dO``).
+    ``q, k, w [b, h, Tp, Kp]``, ``dO [b, h, Tp, Vp]``, ``local [b, h, Tp, Vp]`` the state-free term
+    ``(Q Kᵀ ⊙ Γ)ᵀ dÕ`` of every chunk (``backward._dv_local``, formed chunk-parallel before the walk, as fla's
+    ``chunk_bwd_dv_local``; taken in bf16), gates ``g, rev, seg [b, h, Tp]`` float32, ``dS_T [b, h, Kp, Vp]`` float32
+    (:func:`check_shapes`). Returns ``dH [b, h, N, Kp, Vp]`` bf16 (the gradient of the state after every chunk: only
+    ever a matmul operand of the gradient kernels, and the bf16 copy this pass multiplies by) and ``dh0 [b, h, Kp,
+    Vp]`` float32. Grid ``(batch, heads, value blocks of 64)``, as :func:`chunk_states_mosaic_gpu`."""
     b, h, tp, kp = qh.shape
     vp = do.shape[-1]
     check_shapes(c, kp, vp)
     bv = 64
     sm = functools.partial(mg.smem, plain=interpret)
-    staging = [sm((kp, c)), sm((kp, c)), sm((c, c))] if interpret else [None] * 3  # the interpreter's transposes
+    staging = [sm((kp, c)), sm((kp, c))] if interpret else [None] * 2  # the interpreter's transposes
     scratch = [sm((c, bv)), sm((c, bv)), sm((kp, bv)), sm((kp, bv), f32), *staging, plgpu.Barrier(num_barriers=1)]
     kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret)
     out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
-    return call(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), _gates(g, rev, seg), dht.astype(f32))
+    return call(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), local.astype(_BF16),
+                _gates(g, rev, seg), dht.astype(f32))
