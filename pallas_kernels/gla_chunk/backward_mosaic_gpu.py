@@ -1,4 +1,5 @@
-r"""Mosaic GPU bodies of the per-head GLA backward's two serial passes (``backward.py``'s ``_states`` and ``_dstates``).
+r"""Mosaic GPU bodies of the per-head GLA backward: its two serial passes (``backward.py``'s ``_states`` and
+``_dstates``) and its chunk-parallel gradients (``_chunk_grads`` and ``_chunk_dv``).
 
 Both passes are the same walk over the chunks, one forwards and one backwards, each a rank-``C`` update of a
 float32 ``[Kp, 64]`` carry per chunk (gates as in ``backward.py``: ``f^s, f^e, a`` from ``b, seg, p``):
@@ -16,21 +17,55 @@ Matmul operands are bf16 with float32 accumulation (float32 inputs are rounded t
 float32). Both head dims are padded to :func:`~pallas_kernels._mosaic_gpu.key_pad` (``kernel.py`` pads the per-head
 inputs for this backend: exact, padded channels are zero) and ``C`` is a multiple of 64.
 
-The chunk-parallel gradient kernel (``dQ, dK, dV, db``) keeps its Triton body under ``backend="mosaic_gpu"``: it is
-no serial pass, it reads ``H`` and ``dH`` from these walks as the Triton walks write them (float32
-``[b, h, N, Kp, Vp]``), and its port (eight matmuls per chunk, six against a transposed operand, row sums for ``db``)
-is a step of its own.
+The chunk gradients (:func:`head_grads_mosaic_gpu`) are two chunk-parallel kernels, one warpgroup per program, the
+chunk's inputs TMA'd into shared memory at once (no pipeline: nothing is carried between chunks):
+
+* grid ``(batch, head, chunk, key block of 64)`` (the Triton body's key blocks, fla's ``BK``): ``dO Vᵀ``, ``dO Sᵀ`` and
+  ``V dS'ᵀ`` (``Vᵀ``, ``Sᵀ``, ``dS'ᵀ`` transposed shared-memory views; the float32 states copied to bf16 operands
+  first), the masked and decayed ``dA`` in shared memory as the operand of ``dQ = dA K`` and, through a transposed
+  view, of ``dK = dAᵀ Q``; the rest elementwise and as row sums in registers (``db`` as ``backward._chunk_grads``:
+  the diagonal and the last token's own write left out of both sides). ``db`` leaves per key block, XLA adds them;
+* grid ``(batch, head, chunk, value block of 64)``: ``dV = (K Qᵀ ⊙ Dᵀ) dO + f^e ⊙ (K dS')``, the transposed intra-chunk
+  matrix formed directly (no transpose of a register array).
+
+The first holds the chunk's ``v, dO`` and its key block's ``S, dS'`` rows over the whole value axis: 169 KiB of
+shared memory at ``Vp = 128`` (105 at 64); at 256 it would ask for 297, so past :data:`GRADS_MAX_V` ``backward.py``
+keeps the Triton body for the chunk gradients (a loop over value tiles would lift that). Under the interpreter the
+transposed operands are staged through shared memory, as in the walks.
 """
 
 from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._mosaic_gpu import key_pad, linear_walk
+from pallas_kernels._mosaic_gpu import (
+    BF16,
+    F32,
+    SMEM_LIMIT,
+    WG,
+    copy_in,
+    iota,
+    kernel,
+    key_pad,
+    linear_walk,
+    loader,
+    mma,
+    smem,
+    smem_bytes,
+    transposed,
+)
 
-__all__ = ["head_walks_mosaic_gpu"]
+__all__ = ["GRADS_MAX_V", "head_grads_mosaic_gpu", "head_walks_mosaic_gpu"]
+
+#: The widest (padded) value dim :func:`head_grads_mosaic_gpu` takes: each program holds the chunk's ``v, dO`` and its
+#: key block's ``S, dS'`` rows over the whole value axis in shared memory (169 KiB at 128, 300 at 256).
+GRADS_MAX_V = 128
 
 
 def _weights(bc, seg, p, chunk):
@@ -61,3 +96,147 @@ def head_walks_mosaic_gpu(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret)
     hs, _ = walk(k, v, fe, init=h0, reverse=False)
     dhs, dh0 = walk(q, do, fs, init=dht, reverse=True)
     return hs, dhs, dh0
+
+
+# ----------------------------------------------------------------------------- the chunk gradients
+
+
+def _head_gates(bc, seg, p):
+    """``[b, Tp, h]`` float32 gates as ``[b, h, 3, Tp]`` rows (``b, seg, p``): each chunk's gates are contiguous."""
+    return jnp.transpose(jnp.stack([bc, seg, p], axis=2).astype(F32), (0, 3, 2, 1))
+
+
+def _gate_vectors(g_smem, c, interpret, *, transpose=False):
+    """The chunk's gates as columns (indexed by the query / state row ``t``) and rows (by the key column ``s``), the
+    ``[C, C]`` decay ``D_ts = [s ≤ t, seg_s = seg_t] p_t p_s e^{b_t − b_s}`` (the exponent masked before ``exp``;
+    ``transpose``: ``Dᵀ``, rows the key ``s``), and ``f^s``, ``f^e`` ``[C]`` and ``a`` (``backward._state_factors``)."""
+    load = loader(interpret)
+    col = lambda i: load(g_smem.at[i], WG.reduce(1))
+    row = lambda i: load(g_smem.at[i], WG.reduce(0))
+    idx = iota(c, interpret)
+    full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
+    bc, sc, pc = col(0), col(1), col(2)
+    t, s = (1, 0) if transpose else (0, 1)  # the axes of the query and the key
+    ok = (idx(t) >= idx(s)) & (full(sc, 0) == full(row(1), 1))
+    dec = jnp.where(ok, jnp.exp(jnp.where(ok, (full(bc, 0) - full(row(0), 1)) * (-1.0 if transpose else 1.0), 0.0)),
+                    0.0) * (full(pc, 0) * full(row(2), 1))
+    b_end, s_end, p_end = g_smem[0, c - 1], g_smem[1, c - 1], g_smem[2, c - 1]
+    fs = jnp.where(sc == 0, jnp.exp(bc), 0.0) * pc
+    same = sc == s_end
+    fe = jnp.where(same, jnp.exp(jnp.where(same, b_end - bc, 0.0)), 0.0) * (pc * p_end)
+    a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
+    return dec, fs, fe, a, idx
+
+
+def _bf16_copy(src_smem, dst_smem, interpret):
+    """A float32 state block in shared memory as a bf16 ``wgmma`` operand; returns its float32 values too."""
+    x = loader(interpret)(src_smem, WG)
+    dst_smem[...] = x.astype(BF16)
+    return x
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_ref, db_ref, q_smem, k_smem, v_smem,
+                  do_smem, s32_smem, ds32_smem, g_smem, sb_smem, dsb_smem, da_smem, dq_smem, dk_smem, db_smem,
+                  vt_smem, st_smem, dst_smem, dat_smem, bars, *, chunk, interpret):
+    """One chunk and one key block of 64 per program (grid ``(batch, head, chunk, key block)``): ``dQ, dK`` of that
+    block and its share of ``db`` (``backward._chunk_grads``, whose terms this follows one for one)."""
+    c, bk = chunk, 64
+    load = loader(interpret)
+    ib, ih, n, kb = (lax.axis_index(a) for a in ("b", "h", "n", "k"))
+    rows, kcols = pl.ds(n * c, c), pl.ds(kb * bk, bk)
+    copy_in(bars, 0, (q_ref.at[ib, rows, ih, kcols], q_smem), (k_ref.at[ib, rows, ih, kcols], k_smem),
+            (v_ref.at[ib, rows, ih], v_smem), (do_ref.at[ib, rows, ih], do_smem),
+            (h_ref.at[ib, ih, n, kcols], s32_smem), (dh_ref.at[ib, ih, n, kcols], ds32_smem),
+            (g_ref.at[ib, ih, :, rows], g_smem))
+    s, ds = _bf16_copy(s32_smem, sb_smem, interpret), _bf16_copy(ds32_smem, dsb_smem, interpret)
+    carry = jnp.sum(jnp.sum(s * ds, axis=1), axis=0)  # ⟨S, dS'⟩ over this key block's rows
+    dof, vf = load(do_smem, WG).astype(F32), load(v_smem, WG).astype(F32)
+    diag = jnp.sum(dof * vf, axis=1)  # D_tt = 1
+    vt, st, dst = (transposed(x, xt, interpret) for x, xt in ((v_smem, vt_smem), (sb_smem, st_smem),
+                                                              (dsb_smem, dst_smem)))
+    plgpu.commit_smem()
+    dp = mma(do_smem, vt, (c, c))  # dO Vᵀ
+    dec, fs, fe, a, idx = _gate_vectors(g_smem, c, interpret)  # here: [C, C] float32 values live only for dA
+    da_smem[...] = jnp.where(idx(0) > idx(1), dp * dec, 0.0).astype(BF16)  # strictly below the diagonal
+    dos, vds = mma(do_smem, st, (c, bk)), mma(v_smem, dst, (c, bk))  # dO Sᵀ, V dS'ᵀ
+    dat = transposed(da_smem, dat_smem, interpret)
+    plgpu.commit_smem()
+    dq_in, dk_in = mma(da_smem, k_smem, (c, bk)), mma(dat, q_smem, (c, bk))
+    qf, kf = load(q_smem, WG).astype(F32), load(k_smem, WG).astype(F32)
+    cb = lambda x: lax.broadcast_in_dim(x, (c, bk), [0])
+    dq_st, dk_st = cb(fs) * dos, cb(fe) * vds
+    dq_smem[...] = (dq_in + dq_st + cb(diag) * kf).astype(dq_smem.dtype)
+    dk_smem[...] = (dk_in + dk_st + cb(diag) * qf).astype(dk_smem.dtype)
+    # db: as backward._chunk_grads, the diagonal of M and the last token's own write left out of both sides
+    last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1 if interpret else (
+        plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=WG.reduce(1)) == c - 1)
+    writes = jnp.where(last, 0.0, jnp.sum(kf * dk_st, axis=1))
+    end = a * carry + jnp.sum(writes)
+    db_smem[...] = jnp.sum(qf * (dq_in + dq_st), axis=1) - jnp.sum(kf * dk_in, axis=1) - writes + jnp.where(last, end, 0.0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[ib, rows, ih, kcols])
+    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[ib, rows, ih, kcols])
+    plgpu.copy_smem_to_gmem(db_smem, db_ref.at[kb, ib, ih, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dv_kernel(q_ref, k_ref, do_ref, g_ref, dh_ref, dv_ref, q_smem, k_smem, do_smem, ds32_smem, g_smem, dsb_smem,
+               att_smem, dv_smem, qt_smem, bars, *, chunk, bv, interpret):
+    """One chunk and one block of ``bv`` value columns per program: ``dV = (Q Kᵀ ⊙ D)ᵀ dO + f^e ⊙ (K dS')``
+    (``backward._chunk_dv``), the transposed intra-chunk matrix formed directly as ``(K Qᵀ) ⊙ Dᵀ``."""
+    c = chunk
+    ib, ih, n, iv = (lax.axis_index(a) for a in ("b", "h", "n", "v"))
+    rows, vcols = pl.ds(n * c, c), pl.ds(iv * bv, bv)
+    copy_in(bars, 0, (q_ref.at[ib, rows, ih], q_smem), (k_ref.at[ib, rows, ih], k_smem),
+            (do_ref.at[ib, rows, ih, vcols], do_smem), (dh_ref.at[ib, ih, n, :, vcols], ds32_smem),
+            (g_ref.at[ib, ih, :, rows], g_smem))
+    dec_t, _, fe, _, _ = _gate_vectors(g_smem, c, interpret, transpose=True)
+    _bf16_copy(ds32_smem, dsb_smem, interpret)
+    qt = transposed(q_smem, qt_smem, interpret)
+    plgpu.commit_smem()
+    att_t = (mma(k_smem, qt, (c, c)) * dec_t).astype(BF16)  # (Q Kᵀ ⊙ D)ᵀ = (K Qᵀ) ⊙ Dᵀ
+    if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
+        att_smem[...] = att_t
+        plgpu.commit_smem()
+        att_t = att_smem
+    kds = mma(k_smem, dsb_smem, (c, bv))
+    dv = mma(att_t, do_smem, (c, bv)) + lax.broadcast_in_dim(fe, (c, bv), [0]) * kds
+    dv_smem[...] = dv.astype(dv_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[ib, rows, ih, vcols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def head_grads_mosaic_gpu(q, k, v, do, bc, seg, p, hs, dhs, *, chunk, interpret):
+    """Every chunk's ``dQ, dK, dV`` and decay gradient on Mosaic GPU (``backward.py``'s third kernel): inputs as
+    :func:`head_walks_mosaic_gpu`'s, ``H, dH [b, h, N, Kp, Vp]`` float32 from it. Two chunk-parallel kernels, as the
+    Triton body's two parts: grid ``(batch, head, chunk, key block of 64)`` for ``dQ, dK`` and the key block's share of
+    ``db`` (added in XLA), and ``(batch, head, chunk, value block of 64)`` for ``dV``. Returns ``dq, dk, dv`` in the
+    input dtype and ``db [b, Tp, h]`` float32."""
+    bsz, tp, h, kp = q.shape
+    vp, n, c = v.shape[-1], tp // chunk, chunk
+    nk, bv = kp // 64, 64
+    gates = _head_gates(bc, seg, p)
+    dtq, dtv = q.dtype, v.dtype
+    q, k, v, do = (x.astype(BF16) for x in (q, k, v, do))
+    sm = functools.partial(smem, plain=interpret)
+    f32 = lambda shape: plgpu.SMEM(shape, F32)
+    stage = lambda shape: sm(shape) if interpret else None  # the interpreter's transposed copies
+    buffers = [sm((c, 64)), sm((c, 64)), sm((c, vp)), sm((c, vp)), sm((64, vp), F32), sm((64, vp), F32), f32((3, c)),
+               sm((64, vp)), sm((64, vp)), sm((c, c)), sm((c, 64), dtq), sm((c, 64), dtq), f32((c,))]
+    out = [jax.ShapeDtypeStruct(q.shape, dtq), jax.ShapeDtypeStruct(k.shape, dtq),
+           jax.ShapeDtypeStruct((nk, bsz, h, tp), F32)]
+    if smem_bytes(buffers) > SMEM_LIMIT:  # as compiled (no staging): the value axis is whole, V = 256 asks for 297 KiB
+        raise ValueError(f"the Mosaic GPU chunk-gradient kernel at value dim {vp} needs {smem_bytes(buffers) // 1024} KiB "
+                         f"of shared memory, over the {SMEM_LIMIT // 1024} KiB of an H100/H200 block: value dims up to "
+                         f"{GRADS_MAX_V} (backward.py keeps the Triton body past that)")
+    scratch = [*buffers, stage((vp, c)), stage((vp, 64)), stage((vp, 64)), stage((c, c)), plgpu.Barrier(num_barriers=7)]
+    grads = kernel(functools.partial(_grads_kernel, chunk=c, interpret=interpret), out, scratch, (bsz, h, n, nk),
+                   ("b", "h", "n", "k"), interpret)
+    dq, dk, db = grads(q, k, v, do, gates, hs.astype(F32), dhs.astype(F32))
+    scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv)), sm((kp, bv), F32), f32((3, c)), sm((kp, bv)), sm((c, c)),
+               sm((c, bv), dtv), stage((kp, c)), plgpu.Barrier(num_barriers=5)]
+    dv = kernel(functools.partial(_dv_kernel, chunk=c, bv=bv, interpret=interpret),
+                jax.ShapeDtypeStruct(v.shape, dtv), scratch, (bsz, h, n, vp // bv), ("b", "h", "n", "v"), interpret)(
+        q, k, do, gates, dhs.astype(F32))
+    return dq, dk, dv, jnp.moveaxis(jnp.sum(db, axis=0), 1, 2)

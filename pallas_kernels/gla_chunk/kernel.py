@@ -47,10 +47,10 @@ GPU lowering
     chunk size that is a multiple of 64) and Triton below (``MOSAIC_GPU_DEFAULT``). Under ``"mosaic_gpu"``
     the per-head backward's two serial walks — the chunk states recomputed, the state gradients walking the
     chunks backwards — run on Mosaic GPU too (``backward_mosaic_gpu.py``: one body, one ``wgmma`` update of
-    the ``[Kp, 64]`` carry per chunk), and the per-head inputs are padded to ``key_pad`` (head dims ≥ 64)
-    from the start. Triton bodies only, so Triton under either choice while jax still ships it: the per-head
-    backward's chunk-parallel gradient kernel (``dQ, dK, dV, db``: not a serial pass; eight matmuls per chunk,
-    six against a transposed operand, a port of its own) and everything per channel (forward and backward:
+    the ``[Kp, 64]`` carry per chunk), and so do its chunk-parallel gradients (``dQ, dK, db`` and ``dV``, two
+    kernels; past value dims of 128 on Triton), the per-head inputs padded to ``key_pad`` (head dims ≥ 64)
+    from the start. Triton bodies only, so Triton under either choice while jax still ships it: everything per
+    channel (forward and backward:
     the intra-chunk matrix is built on ``16 × 16`` secondary chunks, one key column at a time on the diagonal,
     below ``wgmma``'s ``M`` of 64). The Mosaic GPU bodies lower for CUDA through ``jax.export``; under Mosaic
     GPU's interpreter on the CPU the forward's values match the XLA chunked form and the gradients the Triton
