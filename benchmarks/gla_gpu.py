@@ -9,7 +9,8 @@ Pallas backward kernels (``pallas_kernels/*/backward.py``), "Pallas, XLA bwd" th
 (``backward="xla"``, what ``impl="auto"`` asks for where ``seqjax._platform.AUTO_BACKWARD`` says so; its
 fwd+bwd is XLA's). The per-head GLA and the mLSTM forwards have two GPU lowerings, both measured: "Pallas
 (Triton)" and "Pallas (Mosaic GPU)" (``backend="mosaic_gpu"``, ``pallas_kernels/{gla,mlstm}_chunk/mosaic_gpu.py``;
-their backward's serial walks run on Mosaic GPU too, the chunk-parallel gradient kernels on Triton); "Pallas, XLA
+their backward's serial walks run on Mosaic GPU too, and the per-head GLA's chunk-parallel gradient kernels; the
+mLSTM's run on Triton); "Pallas, XLA
 bwd" takes the default lowering (``backend=None``). Per-head decay
 (SSD / RetNet / simple GLA: ``fla.ops.simple_gla``), per-channel decay (GLA: ``fla.ops.gla``) and the mLSTM
 (stabilised exponential gating, ``pallas_kernels/mlstm_chunk``; fla has no mLSTM). The last column is the
@@ -83,7 +84,7 @@ def main(argv=None):
         for decay, g in gates.items():
             pallas = functools.partial(gla_chunk_pallas, chunk_size=c)
             forms = [("xla", FORMS["xla"], functools.partial(chunk_gla, chunk_size=c))]
-            if decay == "per head":  # both GPU lowerings, side by side (Mosaic GPU's backward: its walks; chunk grads: Triton)
+            if decay == "per head":  # both GPU lowerings, side by side (under Mosaic GPU its whole backward too)
                 forms += [("pallas", f"{FORMS['pallas']} ({name})", functools.partial(pallas, backend=backend))
                           for backend, name in (("triton", "Triton"), ("mosaic_gpu", "Mosaic GPU"))]
             else:
