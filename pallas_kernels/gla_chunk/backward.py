@@ -41,10 +41,9 @@ Backends as the forward: Triton (GPU, and the CPU interpreter) walks the chunks 
 ``fori_loop`` per (batch, head, value block); under ``backend="mosaic_gpu"`` Mosaic GPU walks them per (batch,
 head, value block of 64) with a TMA pipeline over the chunks (``backward_mosaic_gpu.py``, one body for both
 walks; its states and state gradients are float32 as here) and runs 3. as two Mosaic GPU kernels (``dQ, dK, db``;
-``dV``) up to value dims of 128 (past that, 3. keeps its Triton body; head dims then padded to ``key_pad``);
-Mosaic TPU runs one chunk per grid step with the state in VMEM scratch (the chunk axis ``"arbitrary"``, reversed
-by the index map for 2.). The chunk math is one function for both (gates as columns ``[C, 1]`` and rows
-``[1, C]``: broadcasts, no transposes).
+``dV``; head dims then padded to ``key_pad``); Mosaic TPU runs one chunk per grid step with the state in VMEM
+scratch (the chunk axis ``"arbitrary"``, reversed by the index map for 2.). The chunk math is one function for
+both (gates as columns ``[C, 1]`` and rows ``[1, C]``: broadcasts, no transposes).
 Big arrays stay time-major ``[b, T, h, d]`` on Triton (strided blocks, no copies) and go heads-first
 on the TPU, whose blocks need whole trailing dims.
 """
@@ -71,7 +70,7 @@ from pallas_kernels._util import (
     triton_params,
     walk_params,
 )
-from pallas_kernels.gla_chunk.backward_mosaic_gpu import GRADS_MAX_V, head_grads_mosaic_gpu, head_walks_mosaic_gpu
+from pallas_kernels.gla_chunk.backward_mosaic_gpu import head_grads_mosaic_gpu, head_walks_mosaic_gpu
 
 f32 = jnp.float32
 _T0 = (((0,), (0,)), ((), ()))  # contract the leading (time) axes: Xᵀ Y
@@ -313,8 +312,7 @@ def gla_head_bwd(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret, backend)
         )(qh, doh, *cols, dht)
     elif backend == "mosaic_gpu":  # the walks and the chunk gradients on Mosaic GPU (backward_mosaic_gpu.py)
         hs, dhs, dh0 = head_walks_mosaic_gpu(q, k, v, bc, seg, p, h0, do, dht, chunk=chunk, interpret=interpret)
-        if vp <= GRADS_MAX_V:  # wider values: the chunk gradients below, on Triton
-            return (*head_grads_mosaic_gpu(q, k, v, do, bc, seg, p, hs, dhs, chunk=chunk, interpret=interpret), dh0)
+        return (*head_grads_mosaic_gpu(q, k, v, do, bc, seg, p, hs, dhs, chunk=chunk, interpret=interpret), dh0)
     else:
         hs = head_states(k, v, cols, h0, chunk=chunk, interpret=interpret, backend=backend)
         dhs, dh0 = _walk(_dstates_kernel, q, do, cols, dht, chunk=chunk, interpret=interpret, backend=backend,

@@ -20,7 +20,9 @@ inputs for this backend: exact, padded channels are zero) and ``C`` is a multipl
 The chunk gradients (:func:`head_grads_mosaic_gpu`) are two chunk-parallel kernels, one warpgroup per program, the
 chunk's inputs TMA'd into shared memory at once (no pipeline: nothing is carried between chunks):
 
-* grid ``(batch, head, chunk, key block of 64)`` (the Triton body's key blocks, fla's ``BK``): ``dO Vᵀ``, ``dO Sᵀ`` and
+* grid ``(batch, head, chunk, key block of 64 × value block of up to 128)`` (the Triton body's key blocks, fla's
+  ``BK``; every output is linear in the products over the value axis, so each value block's shares add up to it,
+  in XLA): ``dO Vᵀ``, ``dO Sᵀ`` and
   ``V dS'ᵀ`` (``Vᵀ``, ``Sᵀ``, ``dS'ᵀ`` transposed shared-memory views; the float32 states copied to bf16 operands
   first), the masked and decayed ``dA`` in shared memory as the operand of ``dQ = dA K`` and, through a transposed
   view, of ``dK = dAᵀ Q``; the rest elementwise and as row sums in registers (``db`` as ``backward._chunk_grads``:
@@ -28,10 +30,9 @@ chunk's inputs TMA'd into shared memory at once (no pipeline: nothing is carried
 * grid ``(batch, head, chunk, value block of 64)``: ``dV = (K Qᵀ ⊙ Dᵀ) dO + f^e ⊙ (K dS')``, the transposed intra-chunk
   matrix formed directly (no transpose of a register array).
 
-The first holds the chunk's ``v, dO`` and its key block's ``S, dS'`` rows over the whole value axis: 169 KiB of
-shared memory at ``Vp = 128`` (105 at 64); at 256 it would ask for 297, so past :data:`GRADS_MAX_V` ``backward.py``
-keeps the Triton body for the chunk gradients (a loop over value tiles would lift that). Under the interpreter the
-transposed operands are staged through shared memory, as in the walks.
+The first holds the chunk's ``v, dO`` and its key block's ``S, dS'`` rows over its value block: 169 KiB of shared
+memory at value blocks of 128 (105 at 64; the whole axis at 256 would ask for 297, over an H100's 227). Under the
+interpreter the transposed operands are staged through shared memory, as in the walks.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ from pallas_kernels._mosaic_gpu import (
     transposed,
 )
 
-__all__ = ["GRADS_MAX_V", "head_grads_mosaic_gpu", "head_walks_mosaic_gpu"]
+__all__ = ["GRADS_V_BLOCK", "head_grads_mosaic_gpu", "head_walks_mosaic_gpu"]
 
-#: The widest (padded) value dim :func:`head_grads_mosaic_gpu` takes: each program holds the chunk's ``v, dO`` and its
-#: key block's ``S, dS'`` rows over the whole value axis in shared memory (169 KiB at 128, 300 at 256).
-GRADS_MAX_V = 128
+#: The value columns a program of :func:`head_grads_mosaic_gpu`'s ``dQ, dK, db`` kernel takes: it holds the chunk's
+#: ``v, dO`` and its key block's ``S, dS'`` rows over them in shared memory (169 KiB at 128; the whole axis at 256
+#: would ask for 297, over an H100's 227).
+GRADS_V_BLOCK = 128
 
 
 def _weights(bc, seg, p, chunk):
@@ -137,16 +139,20 @@ def _bf16_copy(src_smem, dst_smem, interpret):
 
 def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_ref, db_ref, q_smem, k_smem, v_smem,
                   do_smem, s32_smem, ds32_smem, g_smem, sb_smem, dsb_smem, da_smem, dq_smem, dk_smem, db_smem,
-                  vt_smem, st_smem, dst_smem, dat_smem, bars, *, chunk, interpret):
-    """One chunk and one key block of 64 per program (grid ``(batch, head, chunk, key block)``): ``dQ, dK`` of that
-    block and its share of ``db`` (``backward._chunk_grads``, whose terms this follows one for one)."""
+                  vt_smem, st_smem, dst_smem, dat_smem, bars, *, chunk, nv, interpret):
+    """One chunk, one key block of 64 and one value block of ``V / nv`` columns per program (grid ``(batch, head,
+    chunk, key block · nv + value block)``): that value block's share of ``dQ, dK`` of the key block and of ``db``
+    (``backward._chunk_grads``, whose terms this follows one for one; each is linear in the products over the
+    value axis, so the shares add up exactly)."""
     c, bk = chunk, 64
+    bv = v_smem.shape[1]
     load = loader(interpret)
-    ib, ih, n, kb = (lax.axis_index(a) for a in ("b", "h", "n", "k"))
-    rows, kcols = pl.ds(n * c, c), pl.ds(kb * bk, bk)
+    ib, ih, n, z = (lax.axis_index(a) for a in ("b", "h", "n", "kv"))
+    kb, vb = z // nv, z % nv
+    rows, kcols, vcols = pl.ds(n * c, c), pl.ds(kb * bk, bk), pl.ds(vb * bv, bv)
     copy_in(bars, 0, (q_ref.at[ib, rows, ih, kcols], q_smem), (k_ref.at[ib, rows, ih, kcols], k_smem),
-            (v_ref.at[ib, rows, ih], v_smem), (do_ref.at[ib, rows, ih], do_smem),
-            (h_ref.at[ib, ih, n, kcols], s32_smem), (dh_ref.at[ib, ih, n, kcols], ds32_smem),
+            (v_ref.at[ib, rows, ih, vcols], v_smem), (do_ref.at[ib, rows, ih, vcols], do_smem),
+            (h_ref.at[ib, ih, n, kcols, vcols], s32_smem), (dh_ref.at[ib, ih, n, kcols, vcols], ds32_smem),
             (g_ref.at[ib, ih, :, rows], g_smem))
     s, ds = _bf16_copy(s32_smem, sb_smem, interpret), _bf16_copy(ds32_smem, dsb_smem, interpret)
     carry = jnp.sum(jnp.sum(s * ds, axis=1), axis=0)  # ⟨S, dS'⟩ over this key block's rows
@@ -174,9 +180,9 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_
     end = a * carry + jnp.sum(writes)
     db_smem[...] = jnp.sum(qf * (dq_in + dq_st), axis=1) - jnp.sum(kf * dk_in, axis=1) - writes + jnp.where(last, end, 0.0)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[ib, rows, ih, kcols])
-    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[ib, rows, ih, kcols])
-    plgpu.copy_smem_to_gmem(db_smem, db_ref.at[kb, ib, ih, rows])
+    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[vb, ib, rows, ih, kcols])
+    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[vb, ib, rows, ih, kcols])
+    plgpu.copy_smem_to_gmem(db_smem, db_ref.at[z, ib, ih, rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -210,33 +216,35 @@ def _dv_kernel(q_ref, k_ref, do_ref, g_ref, dh_ref, dv_ref, q_smem, k_smem, do_s
 def head_grads_mosaic_gpu(q, k, v, do, bc, seg, p, hs, dhs, *, chunk, interpret):
     """Every chunk's ``dQ, dK, dV`` and decay gradient on Mosaic GPU (``backward.py``'s third kernel): inputs as
     :func:`head_walks_mosaic_gpu`'s, ``H, dH [b, h, N, Kp, Vp]`` float32 from it. Two chunk-parallel kernels, as the
-    Triton body's two parts: grid ``(batch, head, chunk, key block of 64)`` for ``dQ, dK`` and the key block's share of
-    ``db`` (added in XLA), and ``(batch, head, chunk, value block of 64)`` for ``dV``. Returns ``dq, dk, dv`` in the
-    input dtype and ``db [b, Tp, h]`` float32."""
+    Triton body's two parts: grid ``(batch, head, chunk, key block of 64 × value block of up to 128)`` for the value
+    block's shares of ``dQ, dK`` and ``db`` (added in XLA; one value block up to value dims of 128, whose ``dQ, dK``
+    are written in the input dtype, float32 shares past it), and ``(batch, head, chunk, value block of 64)`` for
+    ``dV``. Returns ``dq, dk, dv`` in the input dtype and ``db [b, Tp, h]`` float32."""
     bsz, tp, h, kp = q.shape
     vp, n, c = v.shape[-1], tp // chunk, chunk
     nk, bv = kp // 64, 64
+    vb = min(vp, GRADS_V_BLOCK)
+    nv = vp // vb
     gates = _head_gates(bc, seg, p)
     dtq, dtv = q.dtype, v.dtype
+    dts = dtq if nv == 1 else F32  # the shares of dQ, dK: summed in float32 past one value block
     q, k, v, do = (x.astype(BF16) for x in (q, k, v, do))
     sm = functools.partial(smem, plain=interpret)
     f32 = lambda shape: plgpu.SMEM(shape, F32)
     stage = lambda shape: sm(shape) if interpret else None  # the interpreter's transposed copies
-    buffers = [sm((c, 64)), sm((c, 64)), sm((c, vp)), sm((c, vp)), sm((64, vp), F32), sm((64, vp), F32), f32((3, c)),
-               sm((64, vp)), sm((64, vp)), sm((c, c)), sm((c, 64), dtq), sm((c, 64), dtq), f32((c,))]
-    out = [jax.ShapeDtypeStruct(q.shape, dtq), jax.ShapeDtypeStruct(k.shape, dtq),
-           jax.ShapeDtypeStruct((nk, bsz, h, tp), F32)]
-    if smem_bytes(buffers) > SMEM_LIMIT:  # as compiled (no staging): the value axis is whole, V = 256 asks for 297 KiB
-        raise ValueError(f"the Mosaic GPU chunk-gradient kernel at value dim {vp} needs {smem_bytes(buffers) // 1024} KiB "
-                         f"of shared memory, over the {SMEM_LIMIT // 1024} KiB of an H100/H200 block: value dims up to "
-                         f"{GRADS_MAX_V} (backward.py keeps the Triton body past that)")
-    scratch = [*buffers, stage((vp, c)), stage((vp, 64)), stage((vp, 64)), stage((c, c)), plgpu.Barrier(num_barriers=7)]
-    grads = kernel(functools.partial(_grads_kernel, chunk=c, interpret=interpret), out, scratch, (bsz, h, n, nk),
-                   ("b", "h", "n", "k"), interpret)
+    buffers = [sm((c, 64)), sm((c, 64)), sm((c, vb)), sm((c, vb)), sm((64, vb), F32), sm((64, vb), F32), f32((3, c)),
+               sm((64, vb)), sm((64, vb)), sm((c, c)), sm((c, 64), dts), sm((c, 64), dts), f32((c,))]
+    out = [jax.ShapeDtypeStruct((nv, *q.shape), dts), jax.ShapeDtypeStruct((nv, *k.shape), dts),
+           jax.ShapeDtypeStruct((nk * nv, bsz, h, tp), F32)]
+    assert smem_bytes(buffers) <= SMEM_LIMIT, smem_bytes(buffers)  # 169 KiB at value blocks of 128
+    scratch = [*buffers, stage((vb, c)), stage((vb, 64)), stage((vb, 64)), stage((c, c)), plgpu.Barrier(num_barriers=7)]
+    grads = kernel(functools.partial(_grads_kernel, chunk=c, nv=nv, interpret=interpret), out, scratch,
+                   (bsz, h, n, nk * nv), ("b", "h", "n", "kv"), interpret)
     dq, dk, db = grads(q, k, v, do, gates, hs.astype(F32), dhs.astype(F32))
     scratch = [sm((c, kp)), sm((c, kp)), sm((c, bv)), sm((kp, bv), F32), f32((3, c)), sm((kp, bv)), sm((c, c)),
                sm((c, bv), dtv), stage((kp, c)), plgpu.Barrier(num_barriers=5)]
     dv = kernel(functools.partial(_dv_kernel, chunk=c, bv=bv, interpret=interpret),
                 jax.ShapeDtypeStruct(v.shape, dtv), scratch, (bsz, h, n, vp // bv), ("b", "h", "n", "v"), interpret)(
         q, k, do, gates, dhs.astype(F32))
+    dq, dk = (jnp.sum(x, axis=0).astype(dtq) for x in (dq, dk))
     return dq, dk, dv, jnp.moveaxis(jnp.sum(db, axis=0), 1, 2)

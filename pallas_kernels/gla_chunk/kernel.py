@@ -48,7 +48,7 @@ GPU lowering
     the per-head backward's two serial walks — the chunk states recomputed, the state gradients walking the
     chunks backwards — run on Mosaic GPU too (``backward_mosaic_gpu.py``: one body, one ``wgmma`` update of
     the ``[Kp, 64]`` carry per chunk), and so do its chunk-parallel gradients (``dQ, dK, db`` and ``dV``, two
-    kernels; past value dims of 128 on Triton), the per-head inputs padded to ``key_pad`` (head dims ≥ 64)
+    kernels), the per-head inputs padded to ``key_pad`` (head dims ≥ 64)
     from the start. Triton bodies only, so Triton under either choice while jax still ships it: everything per
     channel (forward and backward:
     the intra-chunk matrix is built on ``16 × 16`` secondary chunks, one key column at a time on the diagonal,
