@@ -21,12 +21,12 @@ The chunk gradients (:func:`head_grads_mosaic_gpu`) are two chunk-parallel kerne
 chunk's inputs TMA'd into shared memory at once (no pipeline: nothing is carried between chunks):
 
 * grid ``(batch, head, chunk, key block of 64 × value block of up to 128)`` (the Triton body's key blocks, fla's
-  ``BK``; every output is linear in the products over the value axis, so each value block's shares add up to it,
-  in XLA): ``dO Vᵀ``, ``dO Sᵀ`` and
-  ``V dS'ᵀ`` (``Vᵀ``, ``Sᵀ``, ``dS'ᵀ`` transposed shared-memory views; the float32 states copied to bf16 operands
-  first), the masked and decayed ``dA`` in shared memory as the operand of ``dQ = dA K`` and, through a transposed
-  view, of ``dK = dAᵀ Q``; the rest elementwise and as row sums in registers (``db`` as ``backward._chunk_grads``:
-  the diagonal and the last token's own write left out of both sides). ``db`` leaves per key block, XLA adds them;
+  ``BK``; every output is linear in the products over the value axis, so the value blocks' shares add up to it):
+  ``dO Vᵀ``, ``dO Sᵀ`` and ``V dS'ᵀ`` (``Vᵀ``, ``Sᵀ``, ``dS'ᵀ`` transposed shared-memory views; the float32 states
+  copied to bf16 operands first), the masked and decayed ``dA`` in shared memory as the operand of ``dQ = dA K``
+  and, through a transposed view, of ``dK = dAᵀ Q``; the rest elementwise and as row sums in registers (``db`` as
+  ``backward._chunk_grads``: the diagonal and the last token's own write left out of both sides). ``db`` leaves per
+  program, ``dQ, dK`` per value block, and XLA adds the shares;
 * grid ``(batch, head, chunk, value block of 64)``: ``dV = (K Qᵀ ⊙ Dᵀ) dO + f^e ⊙ (K dS')``, the transposed intra-chunk
   matrix formed directly (no transpose of a register array).
 
