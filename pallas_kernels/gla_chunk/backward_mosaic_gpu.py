@@ -51,7 +51,6 @@ from pallas_kernels._mosaic_gpu import (
     SMEM_LIMIT,
     WG,
     copy_in,
-    iota,
     kernel,
     key_pad,
     linear_walk,
@@ -61,6 +60,7 @@ from pallas_kernels._mosaic_gpu import (
     smem_bytes,
     transposed,
 )
+from pallas_kernels.gla_chunk.mosaic_gpu import gate_vectors, head_gates
 
 __all__ = ["GRADS_V_BLOCK", "head_grads_mosaic_gpu", "head_walks_mosaic_gpu"]
 
@@ -103,33 +103,6 @@ def head_walks_mosaic_gpu(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret)
 # ----------------------------------------------------------------------------- the chunk gradients
 
 
-def _head_gates(bc, seg, p):
-    """``[b, Tp, h]`` float32 gates as ``[b, h, 3, Tp]`` rows (``b, seg, p``): each chunk's gates are contiguous."""
-    return jnp.transpose(jnp.stack([bc, seg, p], axis=2).astype(F32), (0, 3, 2, 1))
-
-
-def _gate_vectors(g_smem, c, interpret, *, transpose=False):
-    """The chunk's gates as columns (indexed by the query / state row ``t``) and rows (by the key column ``s``), the
-    ``[C, C]`` decay ``D_ts = [s ≤ t, seg_s = seg_t] p_t p_s e^{b_t − b_s}`` (the exponent masked before ``exp``;
-    ``transpose``: ``Dᵀ``, rows the key ``s``), and ``f^s``, ``f^e`` ``[C]`` and ``a`` (``backward._state_factors``)."""
-    load = loader(interpret)
-    col = lambda i: load(g_smem.at[i], WG.reduce(1))
-    row = lambda i: load(g_smem.at[i], WG.reduce(0))
-    idx = iota(c, interpret)
-    full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
-    bc, sc, pc = col(0), col(1), col(2)
-    t, s = (1, 0) if transpose else (0, 1)  # the axes of the query and the key
-    ok = (idx(t) >= idx(s)) & (full(sc, 0) == full(row(1), 1))
-    dec = jnp.where(ok, jnp.exp(jnp.where(ok, (full(bc, 0) - full(row(0), 1)) * (-1.0 if transpose else 1.0), 0.0)),
-                    0.0) * (full(pc, 0) * full(row(2), 1))
-    b_end, s_end, p_end = g_smem[0, c - 1], g_smem[1, c - 1], g_smem[2, c - 1]
-    fs = jnp.where(sc == 0, jnp.exp(bc), 0.0) * pc
-    same = sc == s_end
-    fe = jnp.where(same, jnp.exp(jnp.where(same, b_end - bc, 0.0)), 0.0) * (pc * p_end)
-    a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
-    return dec, fs, fe, a, idx
-
-
 def _bf16_copy(src_smem, dst_smem, interpret):
     """A float32 state block in shared memory as a bf16 ``wgmma`` operand; returns its float32 values too."""
     x = loader(interpret)(src_smem, WG)
@@ -162,7 +135,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_
                                                               (dsb_smem, dst_smem)))
     plgpu.commit_smem()
     dp = mma(do_smem, vt, (c, c))  # dO Vᵀ
-    dec, fs, fe, a, idx = _gate_vectors(g_smem, c, interpret)  # here: [C, C] float32 values live only for dA
+    dec, fs, fe, a, idx = gate_vectors(g_smem, c, interpret)  # here: [C, C] float32 values live only for dA
     da_smem[...] = jnp.where(idx(0) > idx(1), dp * dec, 0.0).astype(BF16)  # strictly below the diagonal
     dos, vds = mma(do_smem, st, (c, bk)), mma(v_smem, dst, (c, bk))  # dO Sᵀ, V dS'ᵀ
     dat = transposed(da_smem, dat_smem, interpret)
@@ -196,7 +169,7 @@ def _dv_kernel(q_ref, k_ref, do_ref, g_ref, dh_ref, dv_ref, q_smem, k_smem, do_s
     copy_in(bars, 0, (q_ref.at[ib, rows, ih], q_smem), (k_ref.at[ib, rows, ih], k_smem),
             (do_ref.at[ib, rows, ih, vcols], do_smem), (dh_ref.at[ib, ih, n, :, vcols], ds32_smem),
             (g_ref.at[ib, ih, :, rows], g_smem))
-    dec_t, _, fe, _, _ = _gate_vectors(g_smem, c, interpret, transpose=True)
+    dec_t, _, fe, _, _ = gate_vectors(g_smem, c, interpret, transpose=True)
     _bf16_copy(ds32_smem, dsb_smem, interpret)
     qt = transposed(q_smem, qt_smem, interpret)
     plgpu.commit_smem()
@@ -225,7 +198,7 @@ def head_grads_mosaic_gpu(q, k, v, do, bc, seg, p, hs, dhs, *, chunk, interpret)
     nk, bv = kp // 64, 64
     vb = min(vp, GRADS_V_BLOCK)
     nv = vp // vb
-    gates = _head_gates(bc, seg, p)
+    gates = head_gates(bc, seg, p)
     dtq, dtv = q.dtype, v.dtype
     dts = dtq if nv == 1 else F32  # the shares of dQ, dK: summed in float32 past one value block
     q, k, v, do = (x.astype(BF16) for x in (q, k, v, do))

@@ -41,9 +41,37 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _mosaic_gpu as mg
 
-__all__ = ["forward_mosaic_gpu", "forward_padded"]
+__all__ = ["forward_mosaic_gpu", "forward_padded", "gate_vectors", "head_gates"]
 
 _BF16 = jnp.bfloat16
+
+
+def head_gates(bc, seg, p):
+    """``[b, Tp, h]`` float32 gates as ``[b, h, 3, Tp]`` rows (``b, seg, p``): each chunk's gates are contiguous."""
+    return jnp.transpose(jnp.stack([bc, seg, p], axis=2).astype(jnp.float32), (0, 3, 2, 1))
+
+
+def gate_vectors(g_smem, c, interpret, *, transpose=False):
+    """The chunk's gates as columns (indexed by the query / state row ``t``) and rows (by the key column ``s``), the
+    ``[C, C]`` decay ``D_ts = [s ≤ t, seg_s = seg_t] p_t p_s e^{b_t − b_s}`` (the exponent masked before ``exp``;
+    ``transpose``: ``Dᵀ``, rows the key ``s``), and ``f^s``, ``f^e`` ``[C]`` and ``a`` (``backward._state_factors``)."""
+    load = mg.loader(interpret)
+    col = lambda i: load(g_smem.at[i], mg.WG.reduce(1))
+    row = lambda i: load(g_smem.at[i], mg.WG.reduce(0))
+    idx = mg.iota(c, interpret)
+    full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
+    bc, sc, pc = col(0), col(1), col(2)
+    t, s = (1, 0) if transpose else (0, 1)  # the axes of the query and the key
+    ok = (idx(t) >= idx(s)) & (full(sc, 0) == full(row(1), 1))
+    diff = full(bc, 0) - full(row(0), 1)  # b_row − b_column: b_t − b_s, or b_s − b_t when transposed
+    diff = -diff if transpose else diff
+    dec = jnp.where(ok, jnp.exp(jnp.where(ok, diff, 0.0)), 0.0) * (full(pc, 0) * full(row(2), 1))
+    b_end, s_end, p_end = g_smem[0, c - 1], g_smem[1, c - 1], g_smem[2, c - 1]
+    fs = jnp.where(sc == 0, jnp.exp(bc), 0.0) * pc
+    same = sc == s_end
+    fe = jnp.where(same, jnp.exp(jnp.where(same, b_end - bc, 0.0)), 0.0) * (pc * p_end)
+    a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
+    return dec, fs, fe, a, idx
 
 
 def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, vs_smem, st_smem, o_smem, s32_smem, kt_smem, att_smem, bar,
@@ -58,21 +86,11 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, vs_smem, st_smem,
     st_smem[...] = state.astype(_BF16)
     plgpu.commit_smem()
 
-    idx = mg.iota(c, interpret)
-    causal = idx(0) >= idx(1)
-
     def body(step, q_smem, k_smem, v_smem, g_smem, state):
         rows = pl.ds(step[0] * c, c)
         kt = mg.transposed(k_smem, kt_smem, interpret)
-        col = lambda i: load(g_smem.at[i], mg.WG.reduce(1))  # [C], indexed by the query row t
-        row = lambda i: load(g_smem.at[i], mg.WG.reduce(0))  # [C], indexed by the key column s
-        bc, sc, pc = col(0), col(1), col(2)
-        full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
-        ok = causal & (full(sc, 0) == full(row(1), 1))
-        dec = jnp.where(ok, jnp.exp(jnp.where(ok, full(bc, 0) - full(row(0), 1), 0.0)), 0.0)
-        dec = dec * (full(pc, 0) * full(row(2), 1))
+        dec, fs, fe, a, _ = gate_vectors(g_smem, c, interpret)
         att = (mg.mma(q_smem, kt, (c, c)) * dec).astype(_BF16)
-        fs = jnp.where(sc == 0, jnp.exp(bc), 0.0) * pc
         inter = mg.mma(q_smem, st_smem, (c, bv)) * lax.broadcast_in_dim(fs, (c, bv), [0])
 
         if interpret:  # and takes its left operand from shared memory only
@@ -82,14 +100,10 @@ def _kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, vs_smem, st_smem,
 
         plgpu.wait_smem_to_gmem(0)  # the previous chunk's output has left o_smem
         o_smem[...] = o
-        b_end, s_end, p_end = g_smem[0, c - 1], g_smem[1, c - 1], g_smem[2, c - 1]
-        same = sc == s_end
-        fe = jnp.where(same, jnp.exp(jnp.where(same, b_end - bc, 0.0)), 0.0) * (pc * p_end)
         vs = load(v_smem, mg.WG).astype(f32) * lax.broadcast_in_dim(fe, (c, bv), [0])
         vs_smem[...] = vs.astype(_BF16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[ib, rows, ih, cols])
-        a = jnp.where(s_end == 0, jnp.exp(b_end), 0.0) * p_end
         state = a * state + mg.mma(kt, vs_smem, state.shape)
         st_smem[...] = state.astype(_BF16)
         plgpu.commit_smem()
@@ -110,8 +124,7 @@ def forward_mosaic_gpu(q, k, v, bc, seg, p, h0, *, chunk, interpret=None):
     if kp < 64 or chunk % 64:
         raise ValueError(f"the Mosaic GPU body needs key dim >= 64 and chunk a multiple of 64, got {kp}, {chunk}")
     bv = min(vp, 64)
-    gates = jnp.stack([bc, seg, p], axis=2).astype(jnp.float32)  # [b, Tp, 3, h]
-    gates = jnp.transpose(gates, (0, 3, 2, 1))  # [b, h, 3, Tp]: each chunk's gates are contiguous rows
+    gates = head_gates(bc, seg, p)
     interp = bool(interpret)
     sm = functools.partial(mg.smem, plain=interp)
     scratch = [sm((chunk, bv)), sm((kp, bv)), sm((chunk, bv), jnp.float32), sm((kp, bv), jnp.float32),
