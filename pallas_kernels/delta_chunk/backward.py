@@ -28,7 +28,7 @@ rounding), plus the ``γ`` terms and ``γ_C ⟨S, dS⁺⟩`` at the last token.
 
 Kernels: (1) ``wy_factors(with_x=True)``: ``W, U`` and ``X``, chunk-parallel; (2) the state before every chunk,
 ``H [b, h, N, K, V]``, and ``U' = U − W S`` (fla's ``v_new``); (3) ``dH`` (the gradient of the state after every chunk)
-walking the chunks backwards, and ``dh0`` (on Triton and Mosaic GPU the state-free part of ``dU'``,
+walking the chunks backwards, and ``dh0`` (on every backend the state-free part of ``dU'``,
 ``(Q Kᵀ ⊙ Γ)ᵀ dÕ``, is formed chunk-parallel in XLA first, as fla's ``chunk_bwd_dv_local``: :func:`_dv_local`);
 (4) everything above, per chunk,
 in two kernels — (4a) grid
@@ -70,17 +70,11 @@ from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chun
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
 
 
-def _local_du(q, k, dos, gc, sc, gr, sr):
-    """``(Q Kᵀ ⊙ Γ)ᵀ dÕ`` (float32): the term of ``dU'`` that does not involve the state."""
-    qk = (_mm(q, k, _NT) * _decay_incl(gc, sc, gr, sr)).astype(q.dtype)
-    return _mm(qk, dos, _TN)
-
-
 def _dstate_step(q, k, w, dos, gc, rc, sc, local, st, md):
     """``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'`` with ``dU' = local + e^{rev} ⊙ K dS⁺`` (``local``:
-    :func:`_local_du`), the state gradient as row tiles ``st`` (float32); ``q(j)``, ``k(j)``, ``w(j)`` load the
-    matching column tiles ``[C, kt]`` where they are used (one tile: the whole key axis), ``dÕ = s dO`` and the
-    operands in ``md``. Each contraction over the key axis is a sum of one matmul per tile, and each row tile's
+    ``(Q Kᵀ ⊙ Γ)ᵀ dÕ`` from :func:`_dv_local`), the state gradient as row tiles ``st`` (float32); ``q(j)``,
+    ``k(j)``, ``w(j)`` load the matching column tiles ``[C, kt]`` where they are used (one tile: the whole key
+    axis), ``dÕ = s dO`` and the operands in ``md``. Each contraction over the key axis is a sum of one matmul per tile, and each row tile's
     update is one tile's products (as the forward's ``_state_step``)."""
     gamma, total, to_end = _col_factors(gc, rc, sc)
     kds = _mm(k(0), st[0].astype(md))  # K dS⁺
@@ -256,8 +250,8 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, dvl_ref
         dh0_ref[r, :] = s
 
 
-def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_ref, sr_ref, dht_ref, dhs_ref, dh0_ref,
-                        ds_scr, *, scale):
+def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, dvl_ref, dht_ref, dhs_ref, dh0_ref, ds_scr,
+                        *, scale):
     @pl.when(pl.program_id(2) == 0)
     def _():
         ds_scr[...] = dht_ref[...]
@@ -267,8 +261,8 @@ def _dstates_kernel_tpu(q_ref, k_ref, w_ref, do_ref, gc_ref, rc_ref, sc_ref, gr_
     q, k, md = q_ref[...], k_ref[...], q_ref.dtype
     gc, sc = gc_ref[...], sc_ref[...]
     dos = (scale * do_ref[...].astype(f32)).astype(md)
-    local = _local_du(q, k, dos, gc, sc, gr_ref[...], sr_ref[...])
-    (ds,) = _dstate_step(lambda t: q, lambda t: k, lambda t: w_ref[...], dos, gc, rc_ref[...], sc, local, (ds,), md)
+    (ds,) = _dstate_step(lambda t: q, lambda t: k, lambda t: w_ref[...], dos, gc, rc_ref[...], sc, dvl_ref[...], (ds,),
+                         md)
     ds_scr[...] = ds
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
@@ -309,8 +303,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     hs_shape = jax.ShapeDtypeStruct((b, h, n, kp, vp), f32)
     st_shape = jax.ShapeDtypeStruct((b, h, kp, vp), f32)
     blk = lambda d, rev_=False: chunk_block(c, d, n if rev_ else None)
-    rblk = lambda rev_=False: pl.BlockSpec(
-        (None, None, None, 1, c), (lambda i, j, l: (i, j, n - 1 - l, 0, 0)) if rev_ else (lambda i, j, l: (i, j, l, 0, 0)))
+    rblk = lambda: pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
     if mgpu:  # the two serial walks on Mosaic GPU; H and dH in bf16, the wgmma operands they are there
         hs, _, un = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
         local = _dv_local(qh, kh, do, g, seg, c=c, scale=scale)
@@ -322,12 +315,11 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
         r = blk(1, True)
         dhs, dh0 = pl.pallas_call(
             functools.partial(_dstates_kernel_tpu, scale=scale), grid=(b, h, n),
-            in_specs=[blk(kp, True), blk(kp, True), blk(kp, True), blk(vp, True), r, r, r, rblk(True), rblk(True),
-                      whole],
+            in_specs=[blk(kp, True), blk(kp, True), blk(kp, True), blk(vp, True), r, r, r, blk(vp, True), whole],
             out_specs=[pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, n - 1 - l, 0, 0)), whole],
             out_shape=[hs_shape, st_shape], scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret,
             compiler_params=seq, name="delta_chunk_bwd_dstates_tpu",
-        )(qh, kh, w, do, *cols[1:], *rows, dht)
+        )(qh, kh, w, do, *cols[1:], _dv_local(qh, kh, do, g, seg, c=c, scale=scale), dht)
     else:
         hs, _, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, with_u_new=True)
         bv = min(vp, 32 if kp > 128 else 64)  # sm_90 at K = 256: 76 B of spills at 64, none at 32
