@@ -75,11 +75,15 @@ def compile_one(fn, args):
     return low.compile().as_text().count('custom_call_target="tpu_custom_call"')
 
 
+Gen = Literal[tuple(TOPOLOGIES)]  # type: ignore[valid-type]
+Shape = Literal[tuple(SHAPES)]  # type: ignore[valid-type]
+
+
 @dataclasses.dataclass
 class Args:
-    gens: tuple[Literal[tuple(TOPOLOGIES)], ...] = tuple(TOPOLOGIES)  # type: ignore[valid-type]  # TPU generations
-    shapes: tuple[Literal[tuple(SHAPES)], ...] = tuple(SHAPES)  # type: ignore[valid-type]
-    families: tuple[str, ...] = ("gla", "gla_channel", "delta", "mlstm", "linear_scan")
+    gens: tuple[Gen, ...] = tuple(TOPOLOGIES)  # TPU generations
+    shapes: tuple[Shape, ...] = tuple(SHAPES)  # shapes, named as in the table's header
+    families: tuple[str, ...] = ("gla", "gla_channel", "delta", "mlstm", "linear_scan")  # kernel families
     out: str = ""  # also write the table to this markdown file
 
 
