@@ -48,20 +48,25 @@ def test_lowers_for_cuda(shape, dtype):
     assert "delta_chunk_states" not in mod and "delta_chunk_out" not in mod
 
 
-def test_grad_lowers_with_mosaic_gpu_walks():
-    """``jax.grad`` under ``backend="mosaic_gpu"``: the serial passes on Mosaic GPU, the chunk-parallel rest on Triton."""
-    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
-    g = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
+@pytest.mark.parametrize("shape,dtype", [((1, 128, 2, 64), jnp.bfloat16), ((8, 2048, 16, 128), jnp.bfloat16),
+                                         ((1, 128, 2, 64), jnp.float32), ((1, 128, 2, 256), jnp.bfloat16)],
+                         ids=["smoke", "bench", "float32", "wide"])
+def test_grad_lowers_with_mosaic_gpu_walks(shape, dtype):
+    """``jax.grad`` under ``backend="mosaic_gpu"``: the serial passes and the gradients through the outputs, the
+    attention and the states (``backward.py`` 4a) on Mosaic GPU, the WY factors and the gradients through them (4b) on
+    Triton; at head dim 256 too (4a then takes two value blocks of 128 beside four key blocks)."""
+    q = jax.ShapeDtypeStruct(shape, dtype)
+    g = jax.ShapeDtypeStruct(shape[:3], jnp.float32)
 
     def loss(q, beta, la):
         o, s = delta_chunk(q, q, q, beta, la, chunk_size=64, interpret=False, backend="mosaic_gpu")
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s**2)
 
     mod = _cuda_module(jax.grad(loss, argnums=(0, 1, 2)), q, g, g)
-    # Mosaic GPU: the forward's state pass and output, the backward's state recomputation and state-gradient walk;
-    # Triton: the WY factors (forward, and backward with X) and the backward's two chunk-parallel gradient kernels
-    assert mod.count(MOSAIC_GPU) == 4 and mod.count(TRITON) == 4
-    assert "delta_chunk_bwd_grads" in mod and "delta_chunk_bwd_grads_wy" in mod
+    # Mosaic GPU: the forward's state pass and output, the backward's state recomputation, state-gradient walk and
+    # 4a; Triton: the WY factors (forward, and backward with X) and 4b
+    assert mod.count(MOSAIC_GPU) == 5 and mod.count(TRITON) == 3
+    assert "delta_chunk_bwd_grads_wy" in mod and "delta_chunk_bwd_grads\"" not in mod
     assert "delta_chunk_states" not in mod and "delta_chunk_bwd_dstates" not in mod
 
 
@@ -113,25 +118,38 @@ def test_mosaic_gpu_requirements_raise():
         jax.eval_shape(lambda q, g: delta_chunk(q, q, q, g, g, chunk_size=128, backend="mosaic_gpu"), wide, gates)
 
 
-@pytest.mark.parametrize("t", [pytest.param(100, marks=pytest.mark.slow), 300])  # five chunks in the default tier
-def test_grads_under_mosaic_gpu(t):
-    """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks under Mosaic GPU's interpreter, the rest in the Triton
-    bodies' interpret mode) against the XLA chunked form's gradients: resets, ``h0``, ``T = 100`` and ``300`` over
-    chunks of 64 (two and five chunks), head dims 32 and 48 padded to 64. The walks' matmul operands are bf16
-    (float32 accumulation; ``H`` and ``dH`` are kept in bf16 for the gradient kernels), each rounding worth up to
-    ``2^-9`` relative, so the gradients of float32 inputs agree to about 1% of each gradient's largest entry
-    (measured: at most 0.4%, ``dv``; the Triton backend's are within 1e-6 of the reference)."""
-    args, kw = _inputs(t=t)
+@pytest.mark.parametrize("t,dk,dv,gated,ref", [
+    (100, 32, 130, True, "xla"),
+    pytest.param(300, 32, 48, True, "xla", marks=pytest.mark.slow),
+    pytest.param(100, 130, 200, False, "triton", marks=pytest.mark.slow),
+], ids=["two-value-blocks", "five-chunks", "wide-ungated"])
+def test_grads_under_mosaic_gpu(t, dk, dv, gated, ref):
+    """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks and the gradients through the outputs, the attention and
+    the states, ``backward.py`` 4a, under Mosaic GPU's interpreter; the WY kernels in the Triton bodies' interpret
+    mode) against the XLA chunked form's gradients or the Triton backend's (interpret mode): a reset (two documents),
+    ``h0``, ``T = 100`` over chunks of 64 (two chunks, front-padded) and ``300`` (five: the walks' pipelines fill and
+    drain), gated and ungated (``log_alpha=None``), key dims 32 and 130 (padded to 64 and 256: one key block and four)
+    and value dims 48, 130 and 200 (padded to 64 and 256: 4a then takes two value blocks of 128, whose shares XLA
+    adds). The matmul operands are bf16 (float32 accumulation; ``H``, ``dH``, ``U'`` and ``dU'`` are kept in bf16
+    between the kernels), each rounding worth up to ``2^-9`` relative, so the gradients of float32 inputs agree to
+    about 1% of each gradient's largest entry (measured: at most 0.35%, ``dv``, ``dlog_alpha`` and ``dh0``; the Triton
+    backend's are within 1e-6 of the reference)."""
+    args, kw = _inputs(t=t, dk=dk, dv=dv)
     h0 = kw.pop("h0")
-    wo, ws = jnp.cos(jnp.arange(t * 48.0)).reshape(1, t, 1, 48), jnp.sin(jnp.arange(32 * 48.0)).reshape(1, 1, 32, 48)
+    if not gated:
+        args = args[:4]
+    wo = jnp.cos(jnp.arange(t * dv * 1.0)).reshape(1, t, 1, dv)
+    ws = jnp.sin(jnp.arange(dk * dv * 1.0)).reshape(1, 1, dk, dv)
 
     def grads(fn, **extra):  # linear in the outputs: the cotangents do not depend on the forward's (bf16-rounded) values
-        def f(q, k, v, beta, la, h0):
-            o, s = fn(q, k, v, beta, la, h0=h0, **kw, chunk_size=64, **extra)
+        def f(*xs):
+            o, s = fn(*xs[:-1], h0=xs[-1], **kw, chunk_size=64, **extra)
             return jnp.sum(o * wo) + jnp.sum(s * ws)
-        return jax.jit(jax.grad(f, argnums=tuple(range(6))))(*args, h0)  # one compile
+        return jax.jit(jax.grad(f, argnums=tuple(range(len(args) + 1))))(*args, h0)  # one compile
 
-    got, want = grads(delta_chunk, backend="mosaic_gpu"), grads(chunk_delta_rule)
-    for name, x, y in zip(("q", "k", "v", "beta", "log_alpha", "h0"), got, want, strict=True):
+    want = grads(chunk_delta_rule) if ref == "xla" else grads(delta_chunk, backend="triton")
+    got = grads(delta_chunk, backend="mosaic_gpu")
+    names = ("q", "k", "v", "beta", "log_alpha")[:len(args)] + ("h0",)
+    for name, x, y in zip(names, got, want, strict=True):
         assert x.shape == y.shape, name
         np.testing.assert_allclose(x, y, atol=1e-2 * float(jnp.abs(y).max()), err_msg=name)

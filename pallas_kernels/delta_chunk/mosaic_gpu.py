@@ -205,7 +205,7 @@ def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interp
     return call(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16))
 
 
-def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_ref, dh0_ref, dos_smem, du_smem, ds_smem,
+def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_ref, dh0_ref, ndu_ref, dos_smem, du_smem, ds_smem,
                     s32_smem, qt_smem, wt_smem, bar, *, chunk, n_chunks, bv, scale, interpret):
     c = chunk
     load, col, _ = _helpers(interpret)
@@ -220,6 +220,7 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_re
 
     def body(step, q_smem, k_smem, w_smem, do_smem, dvl_smem, g_smem, dstate):
         n = order(step[0])
+        rows = pl.ds(n * c, c)
         plgpu.copy_smem_to_gmem(ds_smem, dhs_ref.at[ib, ih, n, :, cols])  # dH: the gradient of the state after chunk n
         gc, rc, sc = col(g_smem, 0), col(g_smem, 1), col(g_smem, 2)
         g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
@@ -235,6 +236,7 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_re
         du_smem[...] = (-du).astype(_BF16)
         dos_smem[...] = (load(do_smem, mg.WG).astype(f32) * bcast(scale * gamma, bv)).astype(_BF16)
         plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(du_smem, ndu_ref.at[ib, ih, rows, cols])  # −dU', for the gradient kernels
         total = jnp.where(s_end == 0, jnp.exp(g_end), 0.0)  # γ_C: zero across a reset inside the chunk
 
         def step(acc):  # Qᵀ (s γ ⊙ dO) − Wᵀ dU', one accumulator
@@ -243,7 +245,7 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_re
             return acc[...]
 
         dstate = total * dstate + pl.run_scoped(step, plgpu.ACC(dstate.shape, f32))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dH's copy has read ds_smem
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dH's and −dU''s copies have read ds_smem and du_smem
         ds_smem[...] = dstate.astype(_BF16)
         plgpu.commit_smem()
         return dstate
@@ -272,7 +274,8 @@ def chunk_dstates_mosaic_gpu(qh, kh, w, do, local, g, rev, seg, dht, *, c, scale
     staging = [sm((kp, c)), sm((kp, c))] if interpret else [None] * 2  # the interpreter's transposes
     scratch = [sm((c, bv)), sm((c, bv)), sm((kp, bv)), sm((kp, bv), f32), *staging, plgpu.Barrier(num_barriers=1)]
     kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret)
-    out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
+    out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32),
+           jax.ShapeDtypeStruct((b, h, tp, vp), _BF16)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
     return call(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), local.astype(_BF16),
                 _gates(g, rev, seg), dht.astype(f32))

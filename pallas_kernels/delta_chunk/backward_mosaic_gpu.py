@@ -1,0 +1,167 @@
+r"""Mosaic GPU body of the chunked delta rule's chunk-parallel gradients through the outputs, the attention and the
+states (``backward.py``'s kernel 4a, fla's ``bwd_dqkwg``; the Triton body is ``backward._chunk_grads_states``).
+
+Per chunk, with ``U' = U − W S`` and ``H`` from the state pass, ``dH`` and ``−dU'`` from the state-gradient walk
+(``mosaic_gpu.py``; the walk forms ``dU'`` for its own update and writes it, as fla's ``bwd_dhu`` writes ``dv2``),
+all bf16, and ``dÕ = s dO``:
+
+.. math::
+    dW = −dU' S^\top, \quad dQ = γ ⊙ (dÕ S^\top) + (dÕ U'^\top ⊙ Γ) K, \quad
+    dK \mathrel{+}= (dÕ U'^\top ⊙ Γ)^\top Q + e^{rev} ⊙ (U' dS^{+\top})
+
+(``Γ``'s diagonal, ``Γ_tt = 1``, taken out of the matrix and added as ``Σ_v dÕ ⊙ U'`` times ``K`` and ``Q``), and
+the shares of the log-decay gradients: for ``g``, the row sums of ``Q ⊙ dQ`` minus those of ``K ⊙ dK`` over the
+attention terms *without their diagonals* (``backward.py``'s docstring), ``γ``'s readout term and ``γ_C ⟨S, dS⁺⟩``
+at the last token; for ``rev``, ``e^{rev} ⊙`` the row sums of ``K ⊙ (U' dS⁺ᵀ)``.
+
+:func:`chunk_grads_mosaic_gpu`: grid ``(batch, heads, chunks, key block of 64 × value block of up to 128)``, one
+warpgroup per program, the chunk's inputs TMA'd into shared memory at once (no pipeline: nothing is carried between
+chunks). Every output is linear in the products over the value axis (``dÕ U'ᵀ``, ``dÕ Sᵀ``, ``U' dS⁺ᵀ``,
+``dU' Sᵀ``, ``Σ_v dÕ ⊙ U'``, ``⟨S, dS⁺⟩``), so each program writes its value block's share and XLA adds them, as
+``gla_chunk/backward_mosaic_gpu.py``'s ``dQ, dK, db`` kernel. Six ``wgmma``\ s per program: ``−dU' Sᵀ``,
+``dO U'ᵀ`` (``[C, C]``, masked strictly below the diagonal within a document and decayed in registers, the exponent
+masked before ``exp``, then stored bf16 in shared memory), ``dO Sᵀ``, ``U' dS⁺ᵀ`` (``Sᵀ``, ``U'ᵀ``, ``dS⁺ᵀ``
+transposed shared-memory views), and that matrix times ``K`` and, through a transposed view, times ``Q``. The
+``[C, 64]`` float32 shares of ``dW``, ``dQ``, ``dK`` leave through shared memory with TMA stores (three buffers where
+they fit, else one, reused once its store has read it), the ``[C]`` shares of ``dg``, ``drev`` likewise.
+
+Shared memory (:func:`_plan`): at ``C = 64`` and value blocks of 128 (value dims from 128), 153 KiB; at
+``C = 128`` (value blocks of 64, one output buffer), 163 KiB; an H100/H200 block may have 227.
+
+Matmul operands are bf16 with float32 accumulation, as the other Mosaic GPU bodies: float32 inputs are rounded to
+bf16, and ``H``, ``dH``, ``U'`` and ``dU'`` come bf16 from the walks (the Triton body takes float32 inputs at
+``HIGHEST``). Mosaic GPU's interpreter takes neither a transposed shared-memory view nor a register operand for
+``wgmma``: under it the transposed operands are staged through shared memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _mosaic_gpu as mg
+from pallas_kernels.delta_chunk.mosaic_gpu import _gates, _helpers, check_shapes
+
+__all__ = ["chunk_grads_mosaic_gpu"]
+
+_BF16 = jnp.bfloat16
+f32 = jnp.float32
+BK = 64  # key columns per program
+
+
+def _buffers(c, bv, n_out, interpret):
+    """The kernel's shared-memory buffers as compiled: ``q, k`` key-block columns, ``U', dO, −dU'`` value-block columns,
+    the ``S, dS⁺`` block, the gates, the masked ``[C, C]`` matrix, ``n_out`` float32 output tiles, the ``dg, drev``
+    rows."""
+    sm = functools.partial(mg.smem, plain=interpret)
+    return [sm((c, BK)), sm((c, BK)), sm((c, bv)), sm((c, bv)), sm((c, bv)), sm((BK, bv)), sm((BK, bv)),
+            plgpu.SMEM((3, c), f32), sm((c, c)), *(sm((c, BK), f32) for _ in range(n_out)), plgpu.SMEM((c,), f32),
+            plgpu.SMEM((c,), f32)]
+
+
+def _plan(c, vp):
+    """``(value block, output buffers)``: the widest value block (128 or 64) and then the most output buffers (three
+    or one) whose shared memory fits ``_mosaic_gpu.SMEM_BUDGET`` (which leaves room for Mosaic GPU's padding of each
+    buffer and the barriers); raises where none does."""
+    for bv in (128, 64):
+        for n_out in (3, 1):
+            if bv <= vp and mg.smem_bytes(_buffers(c, bv, n_out, False)) <= mg.SMEM_BUDGET:
+                return bv, n_out
+    raise ValueError(f"the Mosaic GPU delta-rule gradient kernel at chunk_size {c} needs "
+                     f"{mg.smem_bytes(_buffers(c, 64, 1, False)) // 1024} KiB of shared memory, over the "
+                     f"{mg.SMEM_BUDGET // 1024} KiB it budgets: use a smaller chunk_size, or backend='triton'")
+
+
+def _grads_kernel(q_ref, k_ref, un_ref, do_ref, ndu_ref, g_ref, h_ref, dh_ref, dw_ref, dq_ref, dk_ref, dg_ref, dr_ref,
+                  *scratch, chunk, nv, n_out, scale, interpret):
+    """One chunk, one key block of 64 and one value block per program (grid ``(batch, heads, chunk, key block · nv +
+    value block)``): that value block's share of ``dW, dQ, dK`` of the key block and of ``dg, drev``
+    (``backward._chunk_grads_states``, whose terms this follows one for one)."""
+    (q_smem, k_smem, un_smem, do_smem, ndu_smem, s_smem, ds_smem, g_smem, dqk_smem), rest = scratch[:9], scratch[9:]
+    outs, (dg_smem, dr_smem, st_smem, unt_smem, dst_smem, dqkt_smem, bars) = rest[:n_out], rest[n_out:]
+    c, bk = chunk, BK
+    bv = un_smem.shape[1]
+    load, col, row = _helpers(interpret)
+    ib, ih, n, z = (lax.axis_index(a) for a in ("b", "h", "n", "kv"))
+    kb, vb = z // nv, z % nv
+    rows, kcols, vcols = pl.ds(n * c, c), pl.ds(kb * bk, bk), pl.ds(vb * bv, bv)
+    mg.copy_in(bars, 0, (q_ref.at[ib, ih, rows, kcols], q_smem), (k_ref.at[ib, ih, rows, kcols], k_smem),
+               (un_ref.at[ib, ih, rows, vcols], un_smem), (do_ref.at[ib, ih, rows, vcols], do_smem),
+               (ndu_ref.at[ib, ih, rows, vcols], ndu_smem), (h_ref.at[ib, ih, n, kcols, vcols], s_smem),
+               (dh_ref.at[ib, ih, n, kcols, vcols], ds_smem), (g_ref.at[ib, ih, :, rows], g_smem))
+    st, unt, dst = (mg.transposed(x, xt, interpret) for x, xt in ((s_smem, st_smem), (un_smem, unt_smem),
+                                                                 (ds_smem, dst_smem)))
+    plgpu.commit_smem()
+
+    def emit(i, x, dst_ref):  # a [C, 64] float32 share through output buffer i % n_out, once its last store read it
+        buf = outs[i % n_out]
+        if i >= n_out:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        buf[...] = x
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, dst_ref)
+
+    emit(0, mg.mma(ndu_smem, st, (c, bk)), dw_ref.at[vb, ib, ih, rows, kcols])  # dW = −dU' Sᵀ
+    # gates: Γ strictly below the diagonal within a document (the exponent masked before exp), γ, γ_C, e^{rev}
+    idx = mg.iota(c, interpret)
+    full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
+    cb = lambda x: lax.broadcast_in_dim(x, (c, bk), [0])
+    gc, rc, sc = col(g_smem, 0), col(g_smem, 1), col(g_smem, 2)
+    g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
+    ok = (idx(0) > idx(1)) & (full(sc, 0) == full(row(g_smem, 2), 1))
+    dec = jnp.where(ok, jnp.exp(jnp.where(ok, full(gc, 0) - full(row(g_smem, 0), 1), 0.0)), 0.0)
+    gamma = jnp.where(sc == 0, jnp.exp(gc), 0.0)  # decay from the chunk's start, first document only
+    total = jnp.where(s_end == 0, jnp.exp(g_end), 0.0)  # γ_C: zero across a reset inside the chunk
+    to_end = jnp.where(sc == s_end, jnp.exp(rc), 0.0)  # e^{rev}, the chunk's last document
+    dqk_smem[...] = (scale * mg.mma(do_smem, unt, (c, c)) * dec).astype(_BF16)  # dÕ U'ᵀ ⊙ Γ, strictly lower
+    dqkt = mg.transposed(dqk_smem, dqkt_smem, interpret)
+    diag = scale * jnp.sum(load(do_smem, mg.WG).astype(f32) * load(un_smem, mg.WG).astype(f32), axis=1)  # Σ_v dÕ ⊙ U'
+    s, ds = load(s_smem, mg.WG).astype(f32), load(ds_smem, mg.WG).astype(f32)
+    carry = jnp.sum(jnp.sum(s * ds, axis=1), axis=0)  # ⟨S, dS⁺⟩ over this key block's rows and value block
+    qf, kf = load(q_smem, mg.WG).astype(f32), load(k_smem, mg.WG).astype(f32)
+    plgpu.commit_smem()
+    # dq: the readout and the intra-chunk attention, their diagonal (Γ_tt = 1) apart
+    dq_in, rd = mg.mma(dqk_smem, k_smem, (c, bk)), scale * mg.mma(do_smem, st, (c, bk))  # (dÕ U'ᵀ ⊙ Γ) K, dÕ Sᵀ
+    emit(1, cb(gamma) * rd + dq_in + cb(diag) * kf, dq_ref.at[vb, ib, ih, rows, kcols])
+    dg = jnp.sum(qf * dq_in, axis=1) + gamma * jnp.sum(qf * rd, axis=1)
+    dk_in, ke = mg.mma(dqkt, q_smem, (c, bk)), mg.mma(un_smem, dst, (c, bk))  # (dÕ U'ᵀ ⊙ Γ)ᵀ Q, U' dS⁺ᵀ
+    emit(2, dk_in + cb(diag) * qf + cb(to_end) * ke, dk_ref.at[vb, ib, ih, rows, kcols])
+    last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1 if interpret else (
+        plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=mg.WG.reduce(1)) == c - 1)
+    dg_smem[...] = dg - jnp.sum(kf * dk_in, axis=1) + jnp.where(last, total * carry, 0.0)
+    dr_smem[...] = to_end * jnp.sum(kf * ke, axis=1)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dg_smem, dg_ref.at[z, ib, ih, rows])
+    plgpu.copy_smem_to_gmem(dr_smem, dr_ref.at[z, ib, ih, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def chunk_grads_mosaic_gpu(qh, kh, un, do, ndu, g, rev, seg, hs, dhs, *, c, scale, interpret):
+    """Kernel 4a on Mosaic GPU: ``q, k [b, h, Tp, Kp]``, ``U', dO, −dU' [b, h, Tp, Vp]``, gates ``g, rev, seg
+    [b, h, Tp]`` float32, ``H, dH [b, h, N, Kp, Vp]`` (:func:`check_shapes`). Returns ``dq`` (``q``'s dtype),
+    ``dk`` (these terms, float32), ``dW`` (the input dtype), and ``dg``, ``drev`` (these terms) ``[b, h, Tp, 1]``
+    float32, as the Triton kernel's outputs after XLA's sum over the key blocks."""
+    b, h, tp, kp = qh.shape
+    vp, n = un.shape[-1], tp // c
+    check_shapes(c, kp, vp)
+    bv, n_out = _plan(c, vp)
+    nk, nv = kp // BK, vp // bv
+    buffers = _buffers(c, bv, n_out, interpret)
+    sm = functools.partial(mg.smem, plain=interpret)
+    stage = lambda shape: sm(shape) if interpret else None  # the interpreter's transposed copies
+    scratch = [*buffers, stage((bv, BK)), stage((bv, c)), stage((bv, BK)), stage((c, c)), plgpu.Barrier(num_barriers=8)]
+    share = jax.ShapeDtypeStruct((nv, b, h, tp, kp), f32)
+    part = jax.ShapeDtypeStruct((nk * nv, b, h, tp), f32)
+    kern = functools.partial(_grads_kernel, chunk=c, nv=nv, n_out=n_out, scale=scale, interpret=bool(interpret))
+    call = mg.kernel(kern, [share, share, share, part, part], scratch, (b, h, n, nk * nv), ("b", "h", "n", "kv"),
+                     interpret)
+    dw, dq, dk, dg, dr = call(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), do.astype(_BF16),
+                              ndu.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16), dhs.astype(_BF16))
+    dw, dq, dk = (jnp.sum(x, axis=0) for x in (dw, dq, dk))
+    dg, dr = (jnp.sum(x, axis=0)[..., None] for x in (dg, dr))
+    return dq.astype(qh.dtype), dk, dw.astype(kh.dtype), dg, dr
