@@ -65,7 +65,11 @@ from pallas_kernels._util import (
     triton_params,
     walk_params,
 )
-from pallas_kernels.delta_chunk.backward_mosaic_gpu import chunk_grads_mosaic_gpu
+from pallas_kernels.delta_chunk.backward_mosaic_gpu import (
+    chunk_grads_mosaic_gpu,
+    chunk_grads_wy_mosaic_gpu,
+    wy_grads_fit,
+)
 from pallas_kernels.delta_chunk.forward import _NT, _TN, _col_factors, _decay_incl, _mm, chunk_states, f32
 from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chunk_states_mosaic_gpu
 from pallas_kernels.delta_chunk.wy import chunk_gamma, wy_factors
@@ -368,7 +372,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     if mgpu:  # (4a) on Mosaic GPU (backward_mosaic_gpu.py), dU' from the state-gradient walk
         dq, dk_a, dw, dg_a, drev = chunk_grads_mosaic_gpu(qh, kh, un, do, ndu, g, rev, seg, hs, dhs, c=c, scale=scale,
                                                           interpret=interpret)
-        du = (-ndu).astype(vh.dtype)
+        du = None  # (4b) on Mosaic GPU takes −dU' itself; on Triton, dU'
     else:
         kernel, in_specs, args = once_on_tpu(
             tpu, functools.partial(_grads_states_kernel, scale=scale, wk=column_tile(kp, backend),
@@ -384,6 +388,10 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
             name="delta_chunk_bwd_grads" + name,
         )(*args)
         dg_a, drev = jnp.sum(dg_a, axis=0), jnp.sum(drev, axis=0)
+    if mgpu and wy_grads_fit(c, kp, vp, vh.dtype):  # (4b) on Mosaic GPU; 4a's dk and dg terms added here
+        dk_b, dv, dbeta, dg_b = chunk_grads_wy_mosaic_gpu(kh, vh, x, ndu, dw, bh, g, seg, c=c, interpret=interpret)
+        return dq, (dk_a + dk_b).astype(kh.dtype), dv, dbeta, dg_a[..., 0] + dg_b, drev[..., 0], dh0
+    du = (-ndu).astype(vh.dtype) if du is None else du
     dk, dv, dbeta, dg = pl.pallas_call(
         # sm_90 at K = V = 256: 24 B of spills at wk = 64, 0 at 32
         functools.partial(_grads_wy_kernel, wk=column_tile(kp, backend, 32), wv=column_tile(vp, backend)), grid=(b, h, n),

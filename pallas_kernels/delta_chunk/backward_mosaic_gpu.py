@@ -47,7 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _mosaic_gpu as mg
 from pallas_kernels.delta_chunk.mosaic_gpu import _gates, _helpers, check_shapes
 
-__all__ = ["chunk_grads_mosaic_gpu"]
+__all__ = ["chunk_grads_mosaic_gpu", "chunk_grads_wy_mosaic_gpu", "wy_grads_fit"]
 
 _BF16 = jnp.bfloat16
 f32 = jnp.float32
@@ -165,3 +165,125 @@ def chunk_grads_mosaic_gpu(qh, kh, un, do, ndu, g, rev, seg, hs, dhs, *, c, scal
     dw, dq, dk = (jnp.sum(x, axis=0) for x in (dw, dq, dk))
     dg, dr = (jnp.sum(x, axis=0)[..., None] for x in (dg, dr))
     return dq.astype(qh.dtype), dk, dw.astype(kh.dtype), dg, dr
+
+
+# ----------------------------------------------------------------------------- 4b: through W, U and X
+
+
+def _mma_sum(pairs, shape):
+    """``Σ a @ b`` over ``pairs`` of ``wgmma`` operands, one float32 accumulator, returned in registers."""
+    def f(acc):
+        for a, b in pairs:
+            plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    return pl.run_scoped(f, plgpu.ACC(shape, f32))
+
+
+def _wy_buffers(c, kp, vp, dv_dtype, interpret=False):
+    """Kernel 4b's shared-memory buffers as compiled: ``k, dW`` and ``v, −dU'`` as ``[tiles, C, 64]``, ``X``, two
+    ``[C, C]`` work matrices (``dX`` then ``dA``; ``Xᵀ dX`` then ``β ⊙ dA``), the gate rows, a ``dk`` and a ``dv`` output
+    tile, the ``dβ, dg`` rows."""
+    sm = functools.partial(mg.smem, plain=interpret)
+    return [sm((kp // BK, c, BK)), sm((kp // BK, c, BK)), sm((vp // BK, c, BK)), sm((vp // BK, c, BK)), sm((c, c)),
+            sm((c, c)), sm((c, c)), plgpu.SMEM((3, c), f32), sm((c, BK), f32), sm((c, BK), dv_dtype),
+            plgpu.SMEM((c,), f32), plgpu.SMEM((c,), f32)]
+
+
+def wy_grads_fit(c: int, kp: int, vp: int, dv_dtype=_BF16) -> bool:
+    """Whether :func:`chunk_grads_wy_mosaic_gpu` fits ``_mosaic_gpu.SMEM_BUDGET`` (``C = 64`` up to head dims of 256;
+    not ``C = 128``, whose ``[C, C]`` matrices and ``[C, K]`` tiles ask for more: there 4b stays on Triton)."""
+    return mg.smem_bytes(_wy_buffers(c, kp, vp, dv_dtype)) <= mg.SMEM_BUDGET
+
+
+def _wy_kernel(k_ref, v_ref, x_ref, ndu_ref, dw_ref, g_ref, dk_ref, dv_ref, db_ref, dg_ref, k_smem, dw_smem, v_smem,
+               ndu_smem, x_smem, a_smem, b_smem, g_smem, dk_smem, dv_smem, db_smem, dg_smem, xt_smem, kt_smem, vt_smem,
+               bt_smem, bars, *, chunk, nk, nv, interpret):
+    """One chunk per program: ``dv``, the rest of ``dk`` and ``dg``, and ``dβ`` (``backward._chunk_grads_wy``, whose
+    terms this follows; ``dk`` and ``dg`` without 4a's terms, which XLA adds)."""
+    c, bk = chunk, BK
+    load, col, row = _helpers(interpret)
+    ib, ih, n = (lax.axis_index(a) for a in ("b", "h", "n"))
+    rows = pl.ds(n * c, c)
+    tile = lambda ref, j: ref.at[ib, ih, rows, pl.ds(j * bk, bk)]
+    mg.copy_in(bars, 0, (x_ref.at[ib, ih, rows], x_smem), (g_ref.at[ib, ih, :, rows], g_smem),
+               *((tile(r, j), s.at[j]) for r, s in ((k_ref, k_smem), (dw_ref, dw_smem)) for j in range(nk)),
+               *((tile(r, j), s.at[j]) for r, s in ((v_ref, v_smem), (ndu_ref, ndu_smem)) for j in range(nv)))
+    xt = mg.transposed(x_smem, xt_smem, interpret)
+    stage = lambda ref, j: ref.at[j] if interpret else None
+    kt = [mg.transposed(k_smem.at[j], stage(kt_smem, j), interpret) for j in range(nk)]
+    vt = [mg.transposed(v_smem.at[j], stage(vt_smem, j), interpret) for j in range(nv)]
+    plgpu.commit_smem()
+    idx = mg.iota(c, interpret)
+    full = lambda x, d: lax.broadcast_in_dim(x, (c, c), [d])
+    cb = lambda x: lax.broadcast_in_dim(x, (c, bk), [0])
+    bc, gc, sc = col(g_smem, 0), col(g_smem, 1), col(g_smem, 2)
+    br, gr, sr = row(g_smem, 0), row(g_smem, 1), row(g_smem, 2)
+    gamma, gam_r = jnp.where(sc == 0, jnp.exp(gc), 0.0), jnp.where(sr == 0, jnp.exp(gr), 0.0)
+    bg = bc * gamma
+
+    def emit(buf, x, dst_ref):  # an output tile through buf, once its last store has read it
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        buf[...] = x.astype(buf.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, dst_ref)
+
+    # dv = β ⊙ Xᵀ dU' and its dβ share, per value tile
+    db = []
+    for j in range(nv):
+        dvb = -mg.mma(xt, ndu_smem.at[j], (c, bk))
+        emit(dv_smem, cb(bc) * dvb, tile(dv_ref, j))
+        db.append(jnp.sum(load(v_smem.at[j], mg.WG).astype(f32) * dvb, axis=1))
+    # dX = dW (βγ ⊙ K)ᵀ + dU' (β ⊙ V)ᵀ: the products of the raw tiles, their columns scaled in registers
+    dx = (_mma_sum([(dw_smem.at[j], kt[j]) for j in range(nk)], (c, c)) * full(br * gam_r, 1)
+          - _mma_sum([(ndu_smem.at[j], vt[j]) for j in range(nv)], (c, c)) * full(br, 1))
+    a_smem[...] = dx.astype(_BF16)
+    plgpu.commit_smem()
+    b_smem[...] = mg.mma(xt, a_smem, (c, c)).astype(_BF16)  # Xᵀ dX
+    plgpu.commit_smem()
+    ok = (idx(0) > idx(1)) & (full(sc, 0) == full(sr, 1))
+    dec = jnp.where(ok, jnp.exp(jnp.where(ok, full(gc, 0) - full(gr, 1), 0.0)), 0.0)
+    da = -mg.mma(b_smem, xt, (c, c)) * dec  # dA ⊙ Γ, strictly lower: −Xᵀ dX Xᵀ
+    a_smem[...] = da.astype(_BF16)
+    b_smem[...] = (full(bc, 0) * da).astype(_BF16)  # β ⊙ (dA ⊙ Γ)
+    bt = mg.transposed(b_smem, bt_smem, interpret)
+    plgpu.commit_smem()
+    # per key tile: dk = βγ ⊙ Xᵀ dW + (β ⊙ dA) K + (β ⊙ dA)ᵀ K, and the row sums of dβ and dg
+    dg = []
+    for j in range(nk):
+        dkb = mg.mma(xt, dw_smem.at[j], (c, bk))
+        kdam = mg.mma(a_smem, k_smem.at[j], (c, bk))
+        kdat = mg.mma(bt, k_smem.at[j], (c, bk))
+        kf = load(k_smem.at[j], mg.WG).astype(f32)
+        emit(dk_smem, cb(bg) * dkb + cb(bc) * kdam + kdat, tile(dk_ref, j))
+        kdkb, kkdam = jnp.sum(kf * dkb, axis=1), jnp.sum(kf * kdam, axis=1)
+        db.append(kkdam + gamma * kdkb)
+        dg.append(bc * kkdam - jnp.sum(kf * kdat, axis=1) + bg * kdkb)
+    db_smem[...] = functools.reduce(jnp.add, db)
+    dg_smem[...] = functools.reduce(jnp.add, dg)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(db_smem, db_ref.at[ib, ih, rows])
+    plgpu.copy_smem_to_gmem(dg_smem, dg_ref.at[ib, ih, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def chunk_grads_wy_mosaic_gpu(kh, vh, x, ndu, dw, beta, g, seg, *, c, interpret):
+    """Kernel 4b on Mosaic GPU: ``k, dW [b, h, Tp, Kp]``, ``v, −dU' [b, h, Tp, Vp]``, ``X [b, h, Tp, C]`` (the WY
+    inverse), ``β, g, seg [b, h, Tp]`` float32 (:func:`check_shapes`; shared memory: :func:`wy_grads_fit`). Returns
+    ``dk`` (these terms, float32), ``dv`` (``v``'s dtype), ``dβ`` and ``dg`` (these terms) ``[b, h, Tp]`` float32."""
+    b, h, tp, kp = kh.shape
+    vp = vh.shape[-1]
+    check_shapes(c, kp, vp)
+    nk, nv = kp // BK, vp // BK
+    interpret = bool(interpret)
+    sm = functools.partial(mg.smem, plain=interpret)
+    buffers = _wy_buffers(c, kp, vp, vh.dtype, interpret)
+    stage = lambda shape: sm(shape) if interpret else None  # the interpreter's transposed copies
+    scratch = [*buffers, stage((c, c)), stage((nk, BK, c)), stage((nv, BK, c)), stage((c, c)),
+               plgpu.Barrier(num_barriers=2 + 2 * (nk + nv))]
+    row = jax.ShapeDtypeStruct((b, h, tp), f32)
+    out = [jax.ShapeDtypeStruct(kh.shape, f32), jax.ShapeDtypeStruct(vh.shape, vh.dtype), row, row]
+    kern = functools.partial(_wy_kernel, chunk=c, nk=nk, nv=nv, interpret=interpret)
+    call = mg.kernel(kern, out, scratch, (b, h, tp // c), ("b", "h", "n"), interpret)
+    gates = jnp.stack([beta, g, seg], axis=2).astype(f32)
+    return call(kh.astype(_BF16), vh.astype(_BF16), x.astype(_BF16), ndu.astype(_BF16), dw.astype(_BF16), gates)
