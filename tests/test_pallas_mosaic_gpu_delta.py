@@ -1,18 +1,20 @@
-"""The chunked delta rule's Mosaic GPU bodies (``pallas_kernels/delta_chunk/mosaic_gpu.py``), checked without a GPU.
+"""The chunked delta rule's Mosaic GPU bodies (``pallas_kernels/delta_chunk/mosaic_gpu.py``, ``backward_mosaic_gpu.py``),
+checked without a GPU.
 
 * Lowering: ``jax.export`` with ``platforms=("cuda",)`` runs the Pallas -> Mosaic GPU lowering on this CPU (layouts,
   ``wgmma`` operand shapes and transforms, TMA slices) and emits one ``mosaic_gpu`` custom call for the state pass
   and one for the output kernel, beside the WY factors' Triton call, for the benchmark shape (``B=8, T=2048, H=16,
-  D=128``) and a smoke shape, bf16 and float32 inputs; and with the Pallas backward (Triton kernels) under
-  ``jax.grad``. ptxas' compile and the speed need a GPU (``benchmarks/gpu_check.sh``).
+  D=128``) and a smoke shape, bf16 and float32 inputs; under ``jax.grad`` six (the backward's two walks and its two
+  chunk-gradient kernels besides), the WY factors (forward and backward) alone left on Triton. ptxas' compile and the
+  speed need a GPU (``benchmarks/gpu_check.sh``).
 * Values against ``seqjax.ops.delta.chunk_delta_rule`` — resets, ``beta`` up to 2, a gated decay, ``h0``, a time not
   a multiple of the chunk, head dims that need padding — under Mosaic GPU's own interpreter (``InterpretGPUParams``,
   in ``jax._src`` in jax 0.10: TMA copies, barriers, shared memory and ``wgmma`` simulated; the WY factors run in
   the Triton body's interpret mode). That interpreter takes no transposed shared-memory view and no register operand
   for ``wgmma``: under it the bodies stage ``Kᵀ`` and the intra-chunk matrix through shared memory, which the
   compiled bodies do not.
-* Gradients (slow tier): ``jax.grad`` under ``backend="mosaic_gpu"`` (the walks interpreted by Mosaic GPU's
-  interpreter, the other backward kernels by the Triton bodies' interpret mode) against the XLA chunked form.
+* Gradients: ``jax.grad`` under ``backend="mosaic_gpu"`` (every kernel but the WY factors interpreted by Mosaic GPU's
+  interpreter, those by the Triton body's interpret mode) against the XLA chunked form's and the Triton backend's.
 * The shapes Mosaic GPU requires (the backend choice of all three kernels: ``test_pallas_mosaic_gpu.py``).
 """
 
@@ -128,16 +130,17 @@ def test_mosaic_gpu_requirements_raise():
     pytest.param(100, 130, 200, False, "triton", marks=pytest.mark.slow),
 ], ids=["two-value-blocks", "five-chunks", "wide-ungated"])
 def test_grads_under_mosaic_gpu(t, dk, dv, gated, ref):
-    """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks and the gradients through the outputs, the attention and
-    the states, ``backward.py`` 4a, under Mosaic GPU's interpreter; the WY kernels in the Triton bodies' interpret
-    mode) against the XLA chunked form's gradients or the Triton backend's (interpret mode): a reset (two documents),
-    ``h0``, ``T = 100`` over chunks of 64 (two chunks, front-padded) and ``300`` (five: the walks' pipelines fill and
-    drain), gated and ungated (``log_alpha=None``), key dims 32 and 130 (padded to 64 and 256: one key block and four)
-    and value dims 48, 130 and 200 (padded to 64 and 256: 4a then takes two value blocks of 128, whose shares XLA
-    adds). The matmul operands are bf16 (float32 accumulation; ``H``, ``dH``, ``U'`` and ``dU'`` are kept in bf16
-    between the kernels), each rounding worth up to ``2^-9`` relative, so the gradients of float32 inputs agree to
-    about 1% of each gradient's largest entry (measured: at most 0.35%, ``dv``, ``dlog_alpha`` and ``dh0``; the Triton
-    backend's are within 1e-6 of the reference)."""
+    """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks and both chunk-gradient kernels, ``backward.py`` 4a and
+    4b, under Mosaic GPU's interpreter; the WY kernels in the Triton body's interpret mode) against the XLA chunked
+    form's gradients or the Triton backend's (interpret mode): a reset (two documents), ``h0``, ``T = 100`` over chunks
+    of 64 (padded to two chunks) and ``300`` (five: the walks' pipelines fill and drain),
+    gated and ungated (``log_alpha=None``), key dims 32 and 130 (padded to 64 and 256: one key block and four;
+    4b's key tiles likewise) and value dims 48, 130 and 200 (padded to 64 and 256: 4a then takes two value blocks of
+    128, whose shares XLA adds, and 4b four value tiles). The matmul operands are bf16 (float32 accumulation; ``H``,
+    ``dH``, ``U'``, ``dU'``, ``X`` and ``dA`` are kept in bf16), each rounding worth up to ``2^-9`` relative, so the
+    gradients of float32 inputs agree to about 1% of each gradient's largest entry (measured against Triton: at most
+    0.6%, ``dq`` at key/value dims 32/48 gated, 0.5% ``dv`` at 130/200; the Triton backend's are within 1e-6 of the
+    reference)."""
     args, kw = _inputs(t=t, dk=dk, dv=dv)
     h0 = kw.pop("h0")
     if not gated:

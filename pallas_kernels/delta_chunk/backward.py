@@ -38,11 +38,16 @@ through the outputs, the attention and the states from ``U'``, ``H`` and ``dH`` 
 ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``; fla's ``prepare_wy_repr_bwd``). Nothing but
 the inputs is kept from the forward. Triton walks (2) and (3) with a ``fori_loop`` per (batch, head, value block
 of 64; of 32 in (3) past key dims of 128), the state in row tiles of 64 past key dims of 128; Mosaic TPU runs one
-chunk per grid step with the state in VMEM scratch; ``backend="mosaic_gpu"`` walks
-both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``, ``chunk_dstates_mosaic_gpu``; ``H`` and ``dH``
-come out in bf16) and runs (1) and (4) on Triton. The math is one function per step for Triton and Mosaic TPU, on
-gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products with ``X`` run at ``HIGHEST``; the others
-take the input dtype with float32 accumulation, as the forward.
+chunk per grid step with the state in VMEM scratch. ``backend="mosaic_gpu"`` walks
+both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``, ``chunk_dstates_mosaic_gpu``; ``H``, ``dH`` and
+``U'`` come out in bf16, and the state-gradient walk writes the ``−dU'`` it forms, as fla's ``bwd_dhu`` writes
+``dv2``), runs (4a) and (4b) on Mosaic GPU too (``backward_mosaic_gpu.py``: (4a) on the same grid, its programs
+also split the value axis in blocks of up to 128 whose shares XLA adds, reading that ``dU'``; (4b) per chunk, and on
+Triton at chunks of 128, where its shared memory would pass the budget), and (1) on Triton (forward substitution:
+no ``wgmma`` form); its matmul operands are bf16 with float32 accumulation. The math is one function per step for
+Triton and Mosaic TPU, on gates given as columns ``[C, 1]`` and rows ``[1, C]``; the Mosaic GPU bodies follow it
+term for term. Float32 products with ``X`` run at ``HIGHEST``; the others take the input dtype with float32
+accumulation, as the forward.
 """
 
 from __future__ import annotations

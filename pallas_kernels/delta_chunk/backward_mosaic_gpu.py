@@ -1,9 +1,10 @@
-r"""Mosaic GPU body of the chunked delta rule's chunk-parallel gradients through the outputs, the attention and the
-states (``backward.py``'s kernel 4a, fla's ``bwd_dqkwg``; the Triton body is ``backward._chunk_grads_states``).
+r"""Mosaic GPU bodies of the chunked delta rule's chunk-parallel gradient kernels (``backward.py``'s 4a, fla's
+``bwd_dqkwg``, and 4b, fla's ``prepare_wy_repr_bwd``; the Triton bodies are ``backward._chunk_grads_states`` and
+``backward._chunk_grads_wy``, whose terms these follow one for one).
 
-Per chunk, with ``U' = U − W S`` and ``H`` from the state pass, ``dH`` and ``−dU'`` from the state-gradient walk
-(``mosaic_gpu.py``; the walk forms ``dU'`` for its own update and writes it, as fla's ``bwd_dhu`` writes ``dv2``),
-all bf16, and ``dÕ = s dO``:
+4a, through the outputs, the attention and the states. Per chunk, with ``U' = U − W S`` and ``H`` from the state
+pass, ``dH`` and ``−dU'`` from the state-gradient walk (``mosaic_gpu.py``; the walk forms ``dU'`` for its own update
+and writes it, as fla's ``bwd_dhu`` writes ``dv2``), all bf16, and ``dÕ = s dO``:
 
 .. math::
     dW = −dU' S^\top, \quad dQ = γ ⊙ (dÕ S^\top) + (dÕ U'^\top ⊙ Γ) K, \quad
@@ -13,24 +14,34 @@ all bf16, and ``dÕ = s dO``:
 the shares of the log-decay gradients: for ``g``, the row sums of ``Q ⊙ dQ`` minus those of ``K ⊙ dK`` over the
 attention terms *without their diagonals* (``backward.py``'s docstring), ``γ``'s readout term and ``γ_C ⟨S, dS⁺⟩``
 at the last token; for ``rev``, ``e^{rev} ⊙`` the row sums of ``K ⊙ (U' dS⁺ᵀ)``.
-
 :func:`chunk_grads_mosaic_gpu`: grid ``(batch, heads, chunks, key block of 64 × value block of up to 128)``, one
-warpgroup per program, the chunk's inputs TMA'd into shared memory at once (no pipeline: nothing is carried between
-chunks). Every output is linear in the products over the value axis (``dÕ U'ᵀ``, ``dÕ Sᵀ``, ``U' dS⁺ᵀ``,
-``dU' Sᵀ``, ``Σ_v dÕ ⊙ U'``, ``⟨S, dS⁺⟩``), so each program writes its value block's share and XLA adds them, as
-``gla_chunk/backward_mosaic_gpu.py``'s ``dQ, dK, db`` kernel. Six ``wgmma``\ s per program: ``−dU' Sᵀ``,
+warpgroup per program. Every output is linear in the products over the value axis (``dÕ U'ᵀ``, ``dÕ Sᵀ``,
+``U' dS⁺ᵀ``, ``dU' Sᵀ``, ``Σ_v dÕ ⊙ U'``, ``⟨S, dS⁺⟩``), so each program writes its value block's share and XLA adds
+them, as ``gla_chunk/backward_mosaic_gpu.py``'s ``dQ, dK, db`` kernel. Six ``wgmma``\ s per program: ``−dU' Sᵀ``,
 ``dO U'ᵀ`` (``[C, C]``, masked strictly below the diagonal within a document and decayed in registers, the exponent
 masked before ``exp``, then stored bf16 in shared memory), ``dO Sᵀ``, ``U' dS⁺ᵀ`` (``Sᵀ``, ``U'ᵀ``, ``dS⁺ᵀ``
 transposed shared-memory views), and that matrix times ``K`` and, through a transposed view, times ``Q``. The
 ``[C, 64]`` float32 shares of ``dW``, ``dQ``, ``dK`` leave through shared memory with TMA stores (three buffers where
-they fit, else one, reused once its store has read it), the ``[C]`` shares of ``dg``, ``drev`` likewise.
+they fit, else one, reused once its store has read it), the ``[C]`` shares of ``dg``, ``drev`` likewise. Shared
+memory (:func:`_plan`): 153 KiB at ``C = 64`` from value dims of 128 (value blocks of 128), 163 KiB at ``C = 128``
+(value blocks of 64, one output buffer).
 
-Shared memory (:func:`_plan`): at ``C = 64`` and value blocks of 128 (value dims from 128), 153 KiB; at
-``C = 128`` (value blocks of 64, one output buffer), 163 KiB; an H100/H200 block may have 227.
+4b, through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}``: :func:`chunk_grads_wy_mosaic_gpu`, grid
+``(batch, heads, chunks)``, the chunk's ``k, dW`` and ``v, −dU'`` in shared memory as tiles of 64 columns and ``X``
+(``[C, C]``). Per value tile ``dv = β ⊙ Xᵀ dU'`` (``Xᵀ`` a transposed view) and its ``dβ`` share;
+``dX = (dW Kᵀ) ⊙ βγ_s + (dU' Vᵀ) ⊙ β_s``, each a sum of ``wgmma``\ s over the tiles into one accumulator (the raw
+tiles, ``Kᵀ, Vᵀ`` transposed views; the scalings of the key and value rows applied to the columns of the products
+in registers); ``dA = −Xᵀ dX Xᵀ`` (masked and decayed strictly below the diagonal as ``Γ``) through two ``[C, C]``
+bf16 work buffers; then per key tile ``dk = βγ ⊙ Xᵀ dW + β ⊙ (dA K) + (β ⊙ dA)ᵀ K`` and the row sums of ``dβ`` and
+``dg``. ``dk`` (float32) and ``dg`` come without 4a's terms, which XLA adds. Shared memory (:func:`wy_grads_fit`):
+``2 C (Kp + Vp)`` bf16 plus three ``[C, C]`` bf16 matrices and two output tiles, 177 KiB at ``C = 64`` and head dims
+of 256 (185 with float32 inputs); at ``C = 128`` it passes ``_mosaic_gpu.SMEM_BUDGET`` and ``backward.py`` runs 4b
+on Triton.
 
+Both take the chunk's inputs by TMA into shared memory at once (no pipeline: nothing is carried between chunks).
 Matmul operands are bf16 with float32 accumulation, as the other Mosaic GPU bodies: float32 inputs are rounded to
-bf16, and ``H``, ``dH``, ``U'`` and ``dU'`` come bf16 from the walks (the Triton body takes float32 inputs at
-``HIGHEST``). Mosaic GPU's interpreter takes neither a transposed shared-memory view nor a register operand for
+bf16 (``X`` too, which the Triton body keeps float32 at ``HIGHEST``), and ``H``, ``dH``, ``U'`` and ``dU'`` come bf16
+from the walks. Mosaic GPU's interpreter takes neither a transposed shared-memory view nor a register operand for
 ``wgmma``: under it the transposed operands are staged through shared memory.
 """
 
