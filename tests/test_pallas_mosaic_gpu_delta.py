@@ -124,12 +124,13 @@ def test_mosaic_gpu_requirements_raise():
         jax.eval_shape(lambda q, g: delta_chunk(q, q, q, g, g, chunk_size=128, backend="mosaic_gpu"), wide, gates)
 
 
-@pytest.mark.parametrize("t,dk,dv,gated,ref", [
-    (100, 32, 130, True, "xla"),
-    pytest.param(300, 32, 48, True, "xla", marks=pytest.mark.slow),
-    pytest.param(100, 130, 200, False, "triton", marks=pytest.mark.slow),
-], ids=["two-value-blocks", "five-chunks", "wide-ungated"])
-def test_grads_under_mosaic_gpu(t, dk, dv, gated, ref):
+@pytest.mark.parametrize("t,dk,dv,gated,ref,chunk", [
+    (100, 32, 130, True, "xla", 64),
+    pytest.param(300, 32, 48, True, "xla", 64, marks=pytest.mark.slow),
+    pytest.param(100, 130, 200, False, "triton", 64, marks=pytest.mark.slow),
+    pytest.param(200, 32, 48, True, "triton", 128, marks=pytest.mark.slow),
+], ids=["two-value-blocks", "five-chunks", "wide-ungated", "chunk128"])
+def test_grads_under_mosaic_gpu(t, dk, dv, gated, ref, chunk):
     """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks and both chunk-gradient kernels, ``backward.py`` 4a and
     4b, under Mosaic GPU's interpreter; the WY kernels in the Triton body's interpret mode) against the XLA chunked
     form's gradients or the Triton backend's (interpret mode): a reset (two documents), ``h0``, ``T = 100`` over chunks
@@ -140,7 +141,8 @@ def test_grads_under_mosaic_gpu(t, dk, dv, gated, ref):
     ``dH``, ``U'``, ``dU'``, ``X`` and ``dA`` are kept in bf16), each rounding worth up to ``2^-9`` relative, so the
     gradients of float32 inputs agree to about 1% of each gradient's largest entry (measured against Triton: at most
     0.6%, ``dq`` at key/value dims 32/48 gated, 0.5% ``dv`` at 130/200; the Triton backend's are within 1e-6 of the
-    reference)."""
+    reference). At chunks of 128, 4a stages its outputs through one shared-memory buffer and 4b runs on Triton
+    (``backward_mosaic_gpu._plan``, ``wy_grads_fit``)."""
     args, kw = _inputs(t=t, dk=dk, dv=dv)
     h0 = kw.pop("h0")
     if not gated:
@@ -150,7 +152,7 @@ def test_grads_under_mosaic_gpu(t, dk, dv, gated, ref):
 
     def grads(fn, **extra):  # linear in the outputs: the cotangents do not depend on the forward's (bf16-rounded) values
         def f(*xs):
-            o, s = fn(*xs[:-1], h0=xs[-1], **kw, chunk_size=64, **extra)
+            o, s = fn(*xs[:-1], h0=xs[-1], **kw, chunk_size=chunk, **extra)
             return jnp.sum(o * wo) + jnp.sum(s * ws)
         return jax.jit(jax.grad(f, argnums=tuple(range(len(args) + 1))))(*args, h0)  # one compile
 
