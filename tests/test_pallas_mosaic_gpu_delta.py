@@ -1,18 +1,20 @@
-"""The chunked delta rule's Mosaic GPU bodies (``pallas_kernels/delta_chunk/mosaic_gpu.py``), checked without a GPU.
+"""The chunked delta rule's Mosaic GPU bodies (``pallas_kernels/delta_chunk/mosaic_gpu.py``, ``backward_mosaic_gpu.py``),
+checked without a GPU.
 
 * Lowering: ``jax.export`` with ``platforms=("cuda",)`` runs the Pallas -> Mosaic GPU lowering on this CPU (layouts,
   ``wgmma`` operand shapes and transforms, TMA slices) and emits one ``mosaic_gpu`` custom call for the state pass
   and one for the output kernel, beside the WY factors' Triton call, for the benchmark shape (``B=8, T=2048, H=16,
-  D=128``) and a smoke shape, bf16 and float32 inputs; and with the Pallas backward (Triton kernels) under
-  ``jax.grad``. ptxas' compile and the speed need a GPU (``benchmarks/gpu_check.sh``).
+  D=128``) and a smoke shape, bf16 and float32 inputs; under ``jax.grad`` six (the backward's two walks and its two
+  chunk-gradient kernels besides), the WY factors (forward and backward) alone left on Triton. ptxas' compile and the
+  speed need a GPU (``benchmarks/gpu_check.sh``).
 * Values against ``seqjax.ops.delta.chunk_delta_rule`` — resets, ``beta`` up to 2, a gated decay, ``h0``, a time not
   a multiple of the chunk, head dims that need padding — under Mosaic GPU's own interpreter (``InterpretGPUParams``,
   in ``jax._src`` in jax 0.10: TMA copies, barriers, shared memory and ``wgmma`` simulated; the WY factors run in
   the Triton body's interpret mode). That interpreter takes no transposed shared-memory view and no register operand
   for ``wgmma``: under it the bodies stage ``Kᵀ`` and the intra-chunk matrix through shared memory, which the
   compiled bodies do not.
-* Gradients (slow tier): ``jax.grad`` under ``backend="mosaic_gpu"`` (the walks interpreted by Mosaic GPU's
-  interpreter, the other backward kernels by the Triton bodies' interpret mode) against the XLA chunked form.
+* Gradients: ``jax.grad`` under ``backend="mosaic_gpu"`` (every kernel but the WY factors interpreted by Mosaic GPU's
+  interpreter, those by the Triton body's interpret mode) against the XLA chunked form's and the Triton backend's.
 * The shapes Mosaic GPU requires (the backend choice of all three kernels: ``test_pallas_mosaic_gpu.py``).
 """
 
@@ -48,21 +50,30 @@ def test_lowers_for_cuda(shape, dtype):
     assert "delta_chunk_states" not in mod and "delta_chunk_out" not in mod
 
 
-def test_grad_lowers_with_mosaic_gpu_walks():
-    """``jax.grad`` under ``backend="mosaic_gpu"``: the serial passes on Mosaic GPU, the chunk-parallel rest on Triton."""
-    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
-    g = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
+@pytest.mark.parametrize("shape,dtype,chunk", [((1, 128, 2, 64), jnp.bfloat16, 64), ((8, 2048, 16, 128), jnp.bfloat16, 64),
+                                               ((1, 128, 2, 64), jnp.float32, 64), ((1, 128, 2, 256), jnp.bfloat16, 64),
+                                               ((1, 256, 2, 128), jnp.bfloat16, 128)],
+                         ids=["smoke", "bench", "float32", "wide", "chunk128"])
+def test_grad_lowers_with_mosaic_gpu_walks(shape, dtype, chunk):
+    """``jax.grad`` under ``backend="mosaic_gpu"``: the serial passes and both chunk-parallel gradient kernels
+    (``backward.py`` 4a, 4b; ``backward_mosaic_gpu.py``) on Mosaic GPU, only the WY factors (forward, and backward
+    with ``X``) on Triton; at head dim 256 too (4a then takes two value blocks of 128 beside four key blocks). At
+    chunks of 128, 4b's shared memory would pass its budget (``backward_mosaic_gpu.wy_grads_fit``): it runs on Triton."""
+    q = jax.ShapeDtypeStruct(shape, dtype)
+    g = jax.ShapeDtypeStruct(shape[:3], jnp.float32)
 
     def loss(q, beta, la):
-        o, s = delta_chunk(q, q, q, beta, la, chunk_size=64, interpret=False, backend="mosaic_gpu")
+        o, s = delta_chunk(q, q, q, beta, la, chunk_size=chunk, interpret=False, backend="mosaic_gpu")
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s**2)
 
     mod = _cuda_module(jax.grad(loss, argnums=(0, 1, 2)), q, g, g)
-    # Mosaic GPU: the forward's state pass and output, the backward's state recomputation and state-gradient walk;
-    # Triton: the WY factors (forward, and backward with X) and the backward's two chunk-parallel gradient kernels
-    assert mod.count(MOSAIC_GPU) == 4 and mod.count(TRITON) == 4
-    assert "delta_chunk_bwd_grads" in mod and "delta_chunk_bwd_grads_wy" in mod
-    assert "delta_chunk_states" not in mod and "delta_chunk_bwd_dstates" not in mod
+    # Mosaic GPU: the forward's state pass and output, the backward's state recomputation, state-gradient walk, 4a
+    # and 4b; Triton: the WY factors
+    wy_on_triton = chunk == 128
+    assert mod.count(MOSAIC_GPU) == 6 - wy_on_triton and mod.count(TRITON) == 2 + wy_on_triton
+    assert "delta_chunk_wy" in mod and ("delta_chunk_bwd_grads_wy" in mod) == wy_on_triton
+    for name in ("delta_chunk_states", "delta_chunk_bwd_dstates", 'delta_chunk_bwd_grads"'):
+        assert name not in mod
 
 
 def _inputs(b=1, t=100, h=1, dk=32, dv=48, seed=0):
@@ -113,25 +124,41 @@ def test_mosaic_gpu_requirements_raise():
         jax.eval_shape(lambda q, g: delta_chunk(q, q, q, g, g, chunk_size=128, backend="mosaic_gpu"), wide, gates)
 
 
-@pytest.mark.parametrize("t", [pytest.param(100, marks=pytest.mark.slow), 300])  # five chunks in the default tier
-def test_grads_under_mosaic_gpu(t):
-    """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks under Mosaic GPU's interpreter, the rest in the Triton
-    bodies' interpret mode) against the XLA chunked form's gradients: resets, ``h0``, ``T = 100`` and ``300`` over
-    chunks of 64 (two and five chunks), head dims 32 and 48 padded to 64. The walks' matmul operands are bf16
-    (float32 accumulation; ``H`` and ``dH`` are kept in bf16 for the gradient kernels), each rounding worth up to
-    ``2^-9`` relative, so the gradients of float32 inputs agree to about 1% of each gradient's largest entry
-    (measured: at most 0.4%, ``dv``; the Triton backend's are within 1e-6 of the reference)."""
-    args, kw = _inputs(t=t)
+@pytest.mark.parametrize("t,dk,dv,gated,ref,chunk", [
+    (100, 32, 130, True, "xla", 64),
+    pytest.param(300, 32, 48, True, "xla", 64, marks=pytest.mark.slow),
+    pytest.param(100, 130, 200, False, "triton", 64, marks=pytest.mark.slow),
+    pytest.param(200, 32, 48, True, "triton", 128, marks=pytest.mark.slow),
+], ids=["two-value-blocks", "five-chunks", "wide-ungated", "chunk128"])
+def test_grads_under_mosaic_gpu(t, dk, dv, gated, ref, chunk):
+    """``jax.grad`` under ``backend="mosaic_gpu"`` (both walks and both chunk-gradient kernels, ``backward.py`` 4a and
+    4b, under Mosaic GPU's interpreter; the WY kernels in the Triton body's interpret mode) against the XLA chunked
+    form's gradients or the Triton backend's (interpret mode): a reset (two documents), ``h0``, ``T = 100`` over chunks
+    of 64 (padded to two chunks) and ``300`` (five: the walks' pipelines fill and drain),
+    gated and ungated (``log_alpha=None``), key dims 32 and 130 (padded to 64 and 256: one key block and four;
+    4b's key tiles likewise) and value dims 48, 130 and 200 (padded to 64 and 256: 4a then takes two value blocks of
+    128, whose shares XLA adds, and 4b four value tiles). The matmul operands are bf16 (float32 accumulation; ``H``,
+    ``dH``, ``U'``, ``dU'``, ``X`` and ``dA`` are kept in bf16), each rounding worth up to ``2^-9`` relative, so the
+    gradients of float32 inputs agree to about 1% of each gradient's largest entry (measured against Triton: at most
+    0.6%, ``dq`` at key/value dims 32/48 gated, 0.5% ``dv`` at 130/200; the Triton backend's are within 1e-6 of the
+    reference). At chunks of 128, 4a stages its outputs through one shared-memory buffer and 4b runs on Triton
+    (``backward_mosaic_gpu._plan``, ``wy_grads_fit``)."""
+    args, kw = _inputs(t=t, dk=dk, dv=dv)
     h0 = kw.pop("h0")
-    wo, ws = jnp.cos(jnp.arange(t * 48.0)).reshape(1, t, 1, 48), jnp.sin(jnp.arange(32 * 48.0)).reshape(1, 1, 32, 48)
+    if not gated:
+        args = args[:4]
+    wo = jnp.cos(jnp.arange(t * dv * 1.0)).reshape(1, t, 1, dv)
+    ws = jnp.sin(jnp.arange(dk * dv * 1.0)).reshape(1, 1, dk, dv)
 
     def grads(fn, **extra):  # linear in the outputs: the cotangents do not depend on the forward's (bf16-rounded) values
-        def f(q, k, v, beta, la, h0):
-            o, s = fn(q, k, v, beta, la, h0=h0, **kw, chunk_size=64, **extra)
+        def f(*xs):
+            o, s = fn(*xs[:-1], h0=xs[-1], **kw, chunk_size=chunk, **extra)
             return jnp.sum(o * wo) + jnp.sum(s * ws)
-        return jax.jit(jax.grad(f, argnums=tuple(range(6))))(*args, h0)  # one compile
+        return jax.jit(jax.grad(f, argnums=tuple(range(len(args) + 1))))(*args, h0)  # one compile
 
-    got, want = grads(delta_chunk, backend="mosaic_gpu"), grads(chunk_delta_rule)
-    for name, x, y in zip(("q", "k", "v", "beta", "log_alpha", "h0"), got, want, strict=True):
+    want = grads(chunk_delta_rule) if ref == "xla" else grads(delta_chunk, backend="triton")
+    got = grads(delta_chunk, backend="mosaic_gpu")
+    names = ("q", "k", "v", "beta", "log_alpha")[:len(args)] + ("h0",)
+    for name, x, y in zip(names, got, want, strict=True):
         assert x.shape == y.shape, name
         np.testing.assert_allclose(x, y, atol=1e-2 * float(jnp.abs(y).max()), err_msg=name)

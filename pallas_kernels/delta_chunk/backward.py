@@ -38,11 +38,16 @@ through the outputs, the attention and the states from ``U'``, ``H`` and ``dH`` 
 ``W, U`` and ``X`` (the rest of ``dk`` and ``dg``, ``dv``, ``dβ``; fla's ``prepare_wy_repr_bwd``). Nothing but
 the inputs is kept from the forward. Triton walks (2) and (3) with a ``fori_loop`` per (batch, head, value block
 of 64; of 32 in (3) past key dims of 128), the state in row tiles of 64 past key dims of 128; Mosaic TPU runs one
-chunk per grid step with the state in VMEM scratch; ``backend="mosaic_gpu"`` walks
-both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``, ``chunk_dstates_mosaic_gpu``; ``H`` and ``dH``
-come out in bf16) and runs (1) and (4) on Triton. The math is one function per step for Triton and Mosaic TPU, on
-gates given as columns ``[C, 1]`` and rows ``[1, C]``. Float32 products with ``X`` run at ``HIGHEST``; the others
-take the input dtype with float32 accumulation, as the forward.
+chunk per grid step with the state in VMEM scratch. ``backend="mosaic_gpu"`` walks
+both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``, ``chunk_dstates_mosaic_gpu``; ``H``, ``dH`` and
+``U'`` come out in bf16, and the state-gradient walk writes the ``−dU'`` it forms, as fla's ``bwd_dhu`` writes
+``dv2``), runs (4a) and (4b) on Mosaic GPU too (``backward_mosaic_gpu.py``: (4a) on the same grid, its programs
+also split the value axis in blocks of up to 128 whose shares XLA adds, reading that ``dU'``; (4b) per chunk, and on
+Triton at chunks of 128, where its shared memory would pass the budget), and (1) on Triton (forward substitution:
+no ``wgmma`` form); its matmul operands are bf16 with float32 accumulation. The math is one function per step for
+Triton and Mosaic TPU, on gates given as columns ``[C, 1]`` and rows ``[1, C]``; the Mosaic GPU bodies follow it
+term for term. Float32 products with ``X`` run at ``HIGHEST``; the others take the input dtype with float32
+accumulation, as the forward.
 """
 
 from __future__ import annotations
@@ -64,6 +69,11 @@ from pallas_kernels._util import (
     tpu_params,
     triton_params,
     walk_params,
+)
+from pallas_kernels.delta_chunk.backward_mosaic_gpu import (
+    chunk_grads_mosaic_gpu,
+    chunk_grads_wy_mosaic_gpu,
+    wy_grads_fit,
 )
 from pallas_kernels.delta_chunk.forward import _NT, _TN, _col_factors, _decay_incl, _mm, chunk_states, f32
 from pallas_kernels.delta_chunk.mosaic_gpu import chunk_dstates_mosaic_gpu, chunk_states_mosaic_gpu
@@ -307,7 +317,8 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     if mgpu:  # the two serial walks on Mosaic GPU; H and dH in bf16, the wgmma operands they are there
         hs, _, un = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
         local = _dv_local(qh, kh, do, g, seg, c=c, scale=scale)
-        dhs, dh0 = chunk_dstates_mosaic_gpu(qh, kh, w, do, local, g, rev, seg, dht, c=c, scale=scale, interpret=interpret)
+        dhs, dh0, ndu = chunk_dstates_mosaic_gpu(qh, kh, w, do, local, g, rev, seg, dht, c=c, scale=scale,
+                                                 interpret=interpret)
     elif tpu:
         hs, _, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, with_u_new=True)
         whole = pl.BlockSpec((None, None, kp, vp), lambda i, j, l: (i, j, 0, 0))
@@ -355,20 +366,29 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     fstate = pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l, z: (i, j, l, 0, 0))
     kpart = pl.BlockSpec((None, None, None, c, 1), lambda i, j, l, z: (z, i, j, l, 0))
     pshape = jax.ShapeDtypeStruct((nk, b, h, tp, 1), f32)
-    kernel, in_specs, args = once_on_tpu(
-        tpu, functools.partial(_grads_states_kernel, scale=scale, wk=column_tile(kp, backend),
-                               wv=column_tile(vp, backend, 32)),  # sm_90 at K = V = 256: 64 B of spills at wv = 64, 0 at 32
-        [kblk(kp), kblk(kp), kcol, kcol, kblk(vp), kblk(vp), kblk(1), kblk(1), kblk(1), krow, krow, kstate, kstate,
-         fstate], [qh, kh, qh, kh, un, do, *cols[1:], *rows, hs, dhs, dhs], {2: 0, 3: 1, 13: 12})
-    dq, dk_a, du, dw, dg_a, drev = pl.pallas_call(
-        kernel, grid=(b, h, n, nk), in_specs=in_specs,
-        out_specs=[kcol, kcol, kblk(vp), kcol, kpart, kpart],
-        # dU' and dW in the input dtype: (4b) takes them as matmul operands only; dg and drev per key block
-        out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), fshape(kp), mshape(vp), mshape(kp), pshape, pshape],
-        interpret=interpret, compiler_params=tpu_params(interpret, *["parallel"] * 4) if tpu else params,
-        name="delta_chunk_bwd_grads" + name,
-    )(*args)
-    dg_a, drev = jnp.sum(dg_a, axis=0), jnp.sum(drev, axis=0)
+    if mgpu:  # (4a) on Mosaic GPU (backward_mosaic_gpu.py), dU' from the state-gradient walk
+        dq, dk_a, dw, dg_a, drev = chunk_grads_mosaic_gpu(qh, kh, un, do, ndu, g, rev, seg, hs, dhs, c=c, scale=scale,
+                                                          interpret=interpret)
+        du = None  # (4b) on Mosaic GPU takes −dU' itself; on Triton, dU'
+    else:
+        kernel, in_specs, args = once_on_tpu(
+            tpu, functools.partial(_grads_states_kernel, scale=scale, wk=column_tile(kp, backend),
+                                   wv=column_tile(vp, backend, 32)),  # sm_90 at K = V = 256: 64 B of spills at wv = 64, 0 at 32
+            [kblk(kp), kblk(kp), kcol, kcol, kblk(vp), kblk(vp), kblk(1), kblk(1), kblk(1), krow, krow, kstate, kstate,
+             fstate], [qh, kh, qh, kh, un, do, *cols[1:], *rows, hs, dhs, dhs], {2: 0, 3: 1, 13: 12})
+        dq, dk_a, du, dw, dg_a, drev = pl.pallas_call(
+            kernel, grid=(b, h, n, nk), in_specs=in_specs,
+            out_specs=[kcol, kcol, kblk(vp), kcol, kpart, kpart],
+            # dU' and dW in the input dtype: (4b) takes them as matmul operands only; dg and drev per key block
+            out_shape=[jax.ShapeDtypeStruct(qh.shape, qh.dtype), fshape(kp), mshape(vp), mshape(kp), pshape, pshape],
+            interpret=interpret, compiler_params=tpu_params(interpret, *["parallel"] * 4) if tpu else params,
+            name="delta_chunk_bwd_grads" + name,
+        )(*args)
+        dg_a, drev = jnp.sum(dg_a, axis=0), jnp.sum(drev, axis=0)
+    if mgpu and wy_grads_fit(c, kp, vp, vh.dtype):  # (4b) on Mosaic GPU; 4a's dk and dg terms added here
+        dk_b, dv, dbeta, dg_b = chunk_grads_wy_mosaic_gpu(kh, vh, x, ndu, dw, bh, g, seg, c=c, interpret=interpret)
+        return dq, (dk_a + dk_b).astype(kh.dtype), dv, dbeta, dg_a[..., 0] + dg_b, drev[..., 0], dh0
+    du = (-ndu).astype(vh.dtype) if du is None else du
     dk, dv, dbeta, dg = pl.pallas_call(
         # sm_90 at K = V = 256: 24 B of spills at wk = 64, 0 at 32
         functools.partial(_grads_wy_kernel, wk=column_tile(kp, backend, 32), wv=column_tile(vp, backend)), grid=(b, h, n),

@@ -37,21 +37,21 @@ makes Mosaic GPU the default Pallas lowering and deprecates Triton) gives the se
 Mosaic GPU bodies: one warpgroup per program, TMA copies of each chunk into shared memory, ``wgmma`` for every
 product, the float32 state (or state gradient) a loop carry in the ``wgmma`` accumulator layout. Forward: the state
 pass (``U' = U − W S``, the state update) and the output (``Q Kᵀ``, the readout, the intra-chunk product).
-Backward, under ``jax.grad``: the chunk-state recomputation (the forward's state pass itself) and the state-gradient
-walk (chunks in reverse, ``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺``, ``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'``).
+Backward, under ``jax.grad``: the chunk-state recomputation (the forward's state pass itself), the state-gradient
+walk (chunks in reverse, ``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺``, ``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'``; it
+writes ``dU'``) and the two chunk-parallel gradient kernels (``backward_mosaic_gpu.py``: ``backward.py`` 4a, through
+the outputs, the attention and the states, per key block of 64 and value block of up to 128; 4b, through ``W, U``
+and ``X``, per chunk, on Triton at chunks of 128, where its shared memory would pass the budget).
 It needs ``chunk_size`` a multiple of 64 (``wgmma``'s ``M``) and pads both head dims to at least 64; its matmul
-operands are bf16 (float32 inputs rounded; the states and state gradients the walks hand on are bf16). What has no
-Mosaic GPU body, and runs on Triton under either choice while jax ships it: the WY factors, forward and backward
-(their blocked triangular inverse is forward substitution, row by row on ``16 x 16`` blocks, with no ``wgmma`` form;
-chunk-parallel, not the hot loop), and the backward's two chunk-parallel gradient kernels (``backward.py`` 4a, 4b:
-not serial, and a dozen products per chunk mixing ``[C, C]``, ``[C, K]`` and ``[K, V]`` operands, transposed both
-ways, with row sums and ``dA = −Xᵀ dX Xᵀ``; 4a holds two ``[K, V]`` states beside a ``[C, C]`` matrix, so each needs
-a register and shared-memory plan of its own, to be made when a GPU can time it). ``backend=None`` on a GPU takes
+operands are bf16 (float32 inputs rounded; the states, state gradients and ``U'``, ``dU'`` the kernels hand on are
+bf16). What has no Mosaic GPU body, and runs on Triton under either choice while jax ships it: the WY factors,
+forward and backward (their blocked triangular inverse is forward substitution, row by row on ``16 x 16`` blocks,
+with no ``wgmma`` form; chunk-parallel, not the hot loop). ``backend=None`` on a GPU takes
 Triton; once the Mosaic GPU bodies pass their tests compiled on a GPU (``MOSAIC_GPU_COMPILED_TESTS_PASS``), it takes
 them under jax >= 0.11 for a chunk size that is a multiple of 64 (``MOSAIC_GPU_DEFAULT``). Without a GPU they lower
-for CUDA through ``jax.export`` and run under Mosaic GPU's own interpreter against the XLA chunked form, outputs and
-gradients (``tests/test_pallas_mosaic_gpu_delta.py``). TPU: Mosaic bodies (``backend="mosaic_tpu"``, automatic on a
-TPU), compiled by libtpu without a TPU (``tests/test_tpu_compile.py``).
+for CUDA through ``jax.export`` and run under Mosaic GPU's own interpreter against the XLA chunked form (outputs and
+gradients) and the Triton bodies' gradients (``tests/test_pallas_mosaic_gpu_delta.py``). TPU: Mosaic bodies
+(``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU (``tests/test_tpu_compile.py``).
 
 Tests: interpret mode on CPU (``tests/test_pallas_delta.py``); every kernel lowers to Triton and to Mosaic TPU
 (``tests/test_pallas_lowering.py``). What has run on which device, and how fast: ``benchmarks/results/``
@@ -72,7 +72,7 @@ from seqjax.ops.delta import chunk_delta_rule
 
 __all__ = ["delta_chunk"]
 
-# The serial passes (forward and backward) and the output take their Mosaic GPU bodies by default on a GPU under
+# Every kernel but the WY factors takes its Mosaic GPU body by default on a GPU under
 # jax >= 0.11 once those bodies have passed their tests compiled on a GPU (the `tests` stage of
 # benchmarks/gpu_check.sh); until then they run only when asked for (backend="mosaic_gpu") and the default stays on
 # the measured Triton bodies
@@ -144,8 +144,8 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
       h0: ``[b, h, dk, dv]`` or ``None``; resets: ``[b, t]`` bool (``alpha_t = 0`` there) or ``None``.
       chunk_size: rounded up to a power of two >= 16.
       interpret: run the kernel as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
-      backend: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (the state pass, the output and, under
-        ``jax.grad``, the backward's two walks on Mosaic GPU, ``mosaic_gpu.py``; chunk a multiple of 64, head dims
+      backend: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (every kernel but the WY factors on Mosaic
+        GPU, ``mosaic_gpu.py``, ``backward_mosaic_gpu.py``; chunk a multiple of 64, head dims
         padded to at least 64; interpreted by Mosaic GPU's own interpreter on the CPU) or ``"mosaic_tpu"``; ``None``
         picks by platform (and, once ``MOSAIC_GPU_COMPILED_TESTS_PASS``, jax version: see the module docstring,
         "Lowering").

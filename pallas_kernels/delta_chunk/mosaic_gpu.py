@@ -25,12 +25,15 @@ model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosai
   ``q, k, w [C, Kp]``, ``dO [C, 64]``, that term ``[C, 64]`` (bf16) and gates come through the TMA pipeline; per
   chunk, ``dU' = s (Q Kᵀ ⊙ Γ)ᵀ dO + e^{rev} ⊙ K dS⁺`` (one ``wgmma``) and ``dS ← γ_C dS⁺ + Qᵀ (s γ ⊙ dO) − Wᵀ dU'``
   (both products into one accumulator: ``−dU'`` and ``s γ ⊙ dO`` staged in shared memory as bf16, ``Qᵀ, Wᵀ``
-  transposed views). ``dH`` (the bf16 operand copy) leaves with a TMA store each chunk.
+  transposed views). ``dH`` (the bf16 operand copy) and ``−dU'`` (the bf16 operand staged for that update) leave
+  with TMA stores each chunk: the gradient kernels (``backward_mosaic_gpu.py``) read them, as fla's ``bwd_dhu``
+  hands ``dv2`` on.
 
 The WY factors (``wy.py``) keep their Triton body under ``backend="mosaic_gpu"``: their blocked triangular inverse is
 forward substitution, row by row on ``16 x 16`` blocks, which has no ``wgmma`` form (its ``M`` is 64); it is
-chunk-parallel and not the hot loop. So do the backward's two chunk-parallel gradient kernels (``backward.py`` 4a,
-4b; see ``kernel.py``, "Lowering"): they take ``H`` and ``dH`` from these walks in bf16.
+chunk-parallel and not the hot loop. The backward's two chunk-parallel gradient kernels (``backward.py`` 4a, 4b) have
+their Mosaic GPU bodies in ``backward_mosaic_gpu.py``; they take ``H``, ``dH``, ``U'`` and ``−dU'`` from these walks
+in bf16.
 
 ``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to
 :func:`~pallas_kernels._mosaic_gpu.key_pad` (``kernel.py`` pads them for this backend: exact, padded channels are
@@ -42,7 +45,8 @@ Both walks take their chunks' inputs through ``plgpu.emit_pipeline`` with the st
 chunk ``n``'s matmuls run; one slot where two would pass the shared-memory budget (``_mosaic_gpu.walk_stages``).
 
 Checked without a GPU (``tests/test_pallas_mosaic_gpu_delta.py``): the kernels lower for CUDA through
-``jax.export`` (the StableHLO holds two ``mosaic_gpu`` custom calls for the forward, four under ``jax.grad``), and
+``jax.export`` (the StableHLO holds two ``mosaic_gpu`` custom calls for the forward, six under ``jax.grad`` with
+the gradient kernels), and
 Mosaic GPU's own interpreter (``interpret=True`` here; it simulates TMA, barriers and ``wgmma`` on the CPU) runs them
 against the XLA chunked form, outputs and gradients. That interpreter takes neither a transposed shared-memory view
 nor a register operand for ``wgmma``, so under it ``Kᵀ``, ``Qᵀ``, ``Wᵀ`` and the intra-chunk matrix are staged
@@ -205,7 +209,7 @@ def chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, *, c, scale, dtype, interp
     return call(qh.astype(_BF16), kh.astype(_BF16), un.astype(_BF16), _gates(g, rev, seg), hs.astype(_BF16))
 
 
-def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_ref, dh0_ref, dos_smem, du_smem, ds_smem,
+def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_ref, dh0_ref, ndu_ref, dos_smem, du_smem, ds_smem,
                     s32_smem, qt_smem, wt_smem, bar, *, chunk, n_chunks, bv, scale, interpret):
     c = chunk
     load, col, _ = _helpers(interpret)
@@ -220,6 +224,7 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_re
 
     def body(step, q_smem, k_smem, w_smem, do_smem, dvl_smem, g_smem, dstate):
         n = order(step[0])
+        rows = pl.ds(n * c, c)
         plgpu.copy_smem_to_gmem(ds_smem, dhs_ref.at[ib, ih, n, :, cols])  # dH: the gradient of the state after chunk n
         gc, rc, sc = col(g_smem, 0), col(g_smem, 1), col(g_smem, 2)
         g_end, s_end = g_smem[0, c - 1], g_smem[2, c - 1]
@@ -235,6 +240,7 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_re
         du_smem[...] = (-du).astype(_BF16)
         dos_smem[...] = (load(do_smem, mg.WG).astype(f32) * bcast(scale * gamma, bv)).astype(_BF16)
         plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(du_smem, ndu_ref.at[ib, ih, rows, cols])  # −dU', for the gradient kernels
         total = jnp.where(s_end == 0, jnp.exp(g_end), 0.0)  # γ_C: zero across a reset inside the chunk
 
         def step(acc):  # Qᵀ (s γ ⊙ dO) − Wᵀ dU', one accumulator
@@ -243,7 +249,7 @@ def _dstates_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, g_ref, dht_ref, dhs_re
             return acc[...]
 
         dstate = total * dstate + pl.run_scoped(step, plgpu.ACC(dstate.shape, f32))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dH's copy has read ds_smem
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dH's and −dU''s copies have read ds_smem and du_smem
         ds_smem[...] = dstate.astype(_BF16)
         plgpu.commit_smem()
         return dstate
@@ -262,8 +268,9 @@ def chunk_dstates_mosaic_gpu(qh, kh, w, do, local, g, rev, seg, dht, *, c, scale
     ``(Q Kᵀ ⊙ Γ)ᵀ dÕ`` of every chunk (``backward._dv_local``, formed chunk-parallel before the walk, as fla's
     ``chunk_bwd_dv_local``; taken in bf16), gates ``g, rev, seg [b, h, Tp]`` float32, ``dS_T [b, h, Kp, Vp]`` float32
     (:func:`check_shapes`). Returns ``dH [b, h, N, Kp, Vp]`` bf16 (the gradient of the state after every chunk: only
-    ever a matmul operand of the gradient kernels, and the bf16 copy this pass multiplies by) and ``dh0 [b, h, Kp,
-    Vp]`` float32. Grid ``(batch, heads, value blocks of 64)``, as :func:`chunk_states_mosaic_gpu`."""
+    ever a matmul operand of the gradient kernels, and the bf16 copy this pass multiplies by), ``dh0 [b, h, Kp,
+    Vp]`` float32 and ``−dU' [b, h, Tp, Vp]`` bf16 (the negated gradient of ``U'``, as this pass multiplies by it).
+    Grid ``(batch, heads, value blocks of 64)``, as :func:`chunk_states_mosaic_gpu`."""
     b, h, tp, kp = qh.shape
     vp = do.shape[-1]
     check_shapes(c, kp, vp)
@@ -272,7 +279,8 @@ def chunk_dstates_mosaic_gpu(qh, kh, w, do, local, g, rev, seg, dht, *, c, scale
     staging = [sm((kp, c)), sm((kp, c))] if interpret else [None] * 2  # the interpreter's transposes
     scratch = [sm((c, bv)), sm((c, bv)), sm((kp, bv)), sm((kp, bv), f32), *staging, plgpu.Barrier(num_barriers=1)]
     kern = functools.partial(_dstates_kernel, chunk=c, n_chunks=tp // c, bv=bv, scale=scale, interpret=interpret)
-    out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32)]
+    out = [jax.ShapeDtypeStruct((b, h, tp // c, kp, vp), _BF16), jax.ShapeDtypeStruct((b, h, kp, vp), f32),
+           jax.ShapeDtypeStruct((b, h, tp, vp), _BF16)]
     call = mg.kernel(kern, out, scratch, (b, h, vp // bv), ("b", "h", "v"), interpret)
     return call(qh.astype(_BF16), kh.astype(_BF16), w.astype(_BF16), do.astype(_BF16), local.astype(_BF16),
                 _gates(g, rev, seg), dht.astype(f32))
