@@ -304,8 +304,8 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     b, h, tp, kp = qh.shape
     vp, n = vh.shape[-1], tp // c
     tpu, mgpu = backend == "mosaic_tpu", backend == "mosaic_gpu"
-    backend = "triton" if mgpu else backend  # the kernels with no Mosaic GPU body
     w, u, x = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend=backend, with_x=True)
+    backend = "triton" if mgpu else backend  # 4b at chunks of 128, the one kernel with no Mosaic GPU body there
     do = do.astype(vh.dtype)
     dht = dht.astype(f32)
     cols = [x_[..., None] for x_ in (bh, g, rev, seg)]  # [b, h, Tp, 1]

@@ -209,7 +209,7 @@ def _kernels(qh, kh, vh, bh, g, rev, seg, h0p, *, c, scale, interpret, backend):
     dtype = jnp.result_type(qh, kh, vh)
     tpu = backend == "mosaic_tpu"
     if backend == "mosaic_gpu":
-        w, u = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend="triton")
+        w, u = wy_factors(kh, vh, bh, g, seg, c=c, interpret=interpret, backend=backend)
         hs, ht, un = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
         o = chunk_out_mosaic_gpu(qh, kh, un, g, rev, seg, hs, c=c, scale=scale, dtype=dtype, interpret=interpret)
         return o, ht

@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._util import mm, tpu_params, triton_params
+from pallas_kernels.delta_chunk.wy_mosaic_gpu import wy_factors_mosaic_gpu, wy_fits
 
 KT = 64  # the key tile of the Triton body's ``K Kᵀ`` (fla's ``BK``)
 BD = 32  # the column tile of the Triton body's ``W``, ``U`` (fla's ``BK``, ``BV``: 64)
@@ -194,6 +195,10 @@ def wy_factors(kh, vh, bh, g, seg, *, c, interpret, backend, with_x=False):
     """Kernel 1 on either backend: ``W, U`` (input dtype) and, with ``with_x`` (the backward), the
     inverse ``X = (I + A)^{-1}`` per chunk, ``[b, h, Tp, C]`` in ``kh``'s dtype (the dtype the backward's
     matmuls take it in; computed in float32)."""
+    if backend == "mosaic_gpu":
+        if wy_fits(c, kh.shape[-1], vh.shape[-1], jnp.result_type(kh, vh)):
+            return wy_factors_mosaic_gpu(kh, vh, bh, g, seg, c=c, interpret=interpret, with_x=with_x)
+        backend = "triton"  # over the shared-memory budget (C = 128, float32, head dim 256)
     b, h, tp, dkp = kh.shape
     dvp, n = vh.shape[-1], tp // c
     dtype = jnp.result_type(kh, vh)
