@@ -26,7 +26,9 @@ from jax import export
 
 from pallas_kernels import _mosaic_gpu
 from pallas_kernels.delta_chunk import mosaic_gpu as delta_mgpu
+from pallas_kernels.delta_chunk.forward import _chunk_gates
 from pallas_kernels.delta_chunk.kernel import delta_chunk
+from pallas_kernels.delta_chunk.wy import wy_factors
 from seqjax.ops.delta import chunk_delta_rule
 
 MOSAIC_GPU = "@mosaic_gpu"
@@ -75,6 +77,67 @@ def test_grad_lowers_with_mosaic_gpu_walks(shape, dtype, chunk):
     assert ("delta_chunk_bwd_grads_wy" in mod) == on_triton
     for name in ("delta_chunk_wy", "delta_chunk_states", "delta_chunk_bwd_dstates", 'delta_chunk_bwd_grads"'):
         assert name not in mod
+
+
+def _wy_inputs(c, dk, dv, decay, dtype, seed=0):
+    """Prepared inputs of ``wy_factors`` (heads-first, two chunks): unit-norm keys, ``β ∈ [0.9, 1]``, a log decay of
+    ``decay`` times ``[0.5, 1.5]`` per token (0: ungated) and three documents (resets at 37 and ``C + 5``). Keys and
+    values are rounded to bf16 (exact in the bf16 ``wgmma`` operands), so that the float64 reference sees the
+    kernel's inputs."""
+    b, h, n = 1, 2, 2
+    t = n * c
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    k = jax.random.normal(ks[0], (b, h, t, dk))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16).astype(dtype)
+    v = jax.random.normal(ks[1], (b, h, t, dv)).astype(jnp.bfloat16).astype(dtype)
+    beta = 0.9 + 0.1 * jax.random.uniform(ks[2], (b, h, t))
+    rs = jnp.zeros((b, t), bool).at[:, 37].set(True).at[:, c + 5].set(True)
+    la = jnp.where(rs[:, None], 0.0, decay * (0.5 + jax.random.uniform(ks[3], (b, h, t))))
+    g, _, seg = _chunk_gates(la, rs, c, n)
+    return k, v, beta, g, seg
+
+
+def _wy_reference(k, v, beta, g, seg, c):
+    """``W, U, X`` per chunk in float64 (``X`` by ``numpy.linalg.inv``)."""
+    k, v, beta, g, seg = (np.asarray(x, np.float64) for x in (k, v, beta, g, seg))
+    w, u, x = np.zeros_like(k), np.zeros_like(v), np.zeros(k.shape[:-1] + (c,))
+    for i in np.ndindex(k.shape[:2]):
+        for s in range(0, k.shape[2], c):
+            r = slice(s, s + c)
+            kc, bc, gc, sc = k[i][r], beta[i][r], g[i][r], seg[i][r]
+            ok = np.tril(np.ones((c, c), bool), -1) & (sc[:, None] == sc[None, :])
+            dec = np.where(ok, np.exp(np.where(ok, gc[:, None] - gc[None, :], 0.0)), 0.0)
+            x[i][r] = np.linalg.inv(np.eye(c) + bc[:, None] * (kc @ kc.T) * dec)
+            w[i][r] = x[i][r] @ ((bc * np.where(sc == 0, np.exp(gc), 0.0))[:, None] * kc)
+            u[i][r] = x[i][r] @ (bc[:, None] * v[i][r])
+    return w, u, x
+
+
+@pytest.mark.parametrize("c,dk,dv,decay,dtype", [
+    (64, 128, 64, -0.05, jnp.float32), (64, 64, 128, -5.0, jnp.float32), (64, 64, 64, 0.0, jnp.float32),
+    (64, 64, 128, -0.05, jnp.bfloat16), (128, 64, 64, -5.0, jnp.float32),
+    pytest.param(128, 128, 64, -0.05, jnp.float32, marks=pytest.mark.slow),
+], ids=["weak", "strong", "ungated", "bf16", "chunk128-strong", "chunk128-weak"])
+def test_wy_factors(c, dk, dv, decay, dtype):
+    """``wy_factors`` under ``backend="mosaic_gpu"`` (``wy_mosaic_gpu.py``, Mosaic GPU's interpreter) against the
+    Triton body (interpret mode) and the float64 reference, on ``W, U`` and the inverse ``X``: weak decay (``log α
+    ≈ −0.05`` per token), strong (``≈ −5``) and none, three documents, ``β`` near 1, unit-norm keys, key tiles of
+    ``K Kᵀ`` and value tiles of ``U`` one and two, chunks of 64 and 128. ``X`` is float32 forward substitution, as
+    the Triton body's: within 1e-6 of its largest entry (measured: at most 1.5e-7 from either). ``W`` and ``U`` are
+    ``wgmma`` products of bf16 operands (``X`` scaled and rounded; the Triton body multiplies in float32 at
+    ``HIGHEST``, within 1.3e-7 of the reference): within 5e-3 (measured: at most 2.2e-3). bf16 inputs: ``W, U`` and
+    ``X`` come out bf16, each rounding worth ``2^-9`` of an entry (measured: ``W`` 4.3e-3 from the reference, 5.8e-3
+    from the Triton body's; ``X`` equal to the Triton body's)."""
+    args = _wy_inputs(c, dk, dv, decay, dtype)
+    got = wy_factors(*args, c=c, interpret=True, backend="mosaic_gpu", with_x=True)
+    tri = wy_factors(*args, c=c, interpret=True, backend="triton", with_x=True)
+    ref = _wy_reference(*args, c)
+    f32 = dtype == jnp.float32
+    for name, x, t, r, tol in zip("WUX", got, tri, ref, (5e-3, 5e-3, 1e-6) if f32 else (1e-2, 1e-2, 4e-3)):
+        assert x.shape == r.shape and x.dtype == dtype, name
+        x, t = np.asarray(x, np.float64), np.asarray(t, np.float64)
+        np.testing.assert_allclose(x, r, atol=tol * np.abs(r).max(), err_msg=f"{name} vs the reference")
+        np.testing.assert_allclose(x, t, atol=tol * np.abs(r).max(), err_msg=f"{name} vs the Triton body")
 
 
 def _inputs(b=1, t=100, h=1, dk=32, dv=48, seed=0):
