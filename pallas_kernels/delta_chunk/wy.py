@@ -198,7 +198,7 @@ def wy_factors(kh, vh, bh, g, seg, *, c, interpret, backend, with_x=False):
     if backend == "mosaic_gpu":
         if wy_fits(c, kh.shape[-1], vh.shape[-1], jnp.result_type(kh, vh)):
             return wy_factors_mosaic_gpu(kh, vh, bh, g, seg, c=c, interpret=interpret, with_x=with_x)
-        backend = "triton"  # over the shared-memory budget (C = 128, float32, head dim 256)
+        backend = "triton"  # over the shared-memory budget (C = 128 at a head dim of 256)
     b, h, tp, dkp = kh.shape
     dvp, n = vh.shape[-1], tp // c
     dtype = jnp.result_type(kh, vh)

@@ -16,11 +16,14 @@ shared memory as tiles of 64 columns, ``β, g, seg`` as three rows of ``C`` floa
    as its carry). ``C − 1`` dependent steps, each ``C²`` multiply-adds spread over 128 threads: at ``C = 64``
    some 63 × 32 FMAs per thread, small beside the chunk's matmuls. Every operation is float32, as the reference:
    the inverse carries float32 rounding only (measured below).
-3. ``W`` and ``U`` by ``wgmma``, one per tile of 64 columns, from ``X`` with its columns scaled by ``βγ`` (for
-   ``W``) or ``β`` (for ``U``) in registers and stored bf16 in shared memory (``X (βγ ⊙ K) = (X ⊙ βγ_s) K``: the
-   raw tiles are the right operands). Each ``[C, 64]`` float32 result leaves through one shared-memory output tile
-   with a TMA store, reused once its store has read it. With ``with_x`` (the backward) ``X`` itself leaves too, in
-   ``K``'s dtype (through the float32 ``A`` buffer, no longer read, or the bf16 operand buffer).
+3. ``W`` and ``U`` by ``wgmma``, one tile of 64 columns at a time, from ``X`` with its columns scaled by ``βγ`` (for
+   ``W``) or ``β`` (for ``U``) in registers (``X (βγ ⊙ K) = (X ⊙ βγ_s) K``: the raw tiles are the right operands),
+   stored in shared memory as two bf16 pieces, ``hi`` and ``lo = X_s − hi``, both ``wgmma``\ s into one accumulator:
+   the operand then carries ``2^-17`` of rounding instead of bf16's ``2^-9``. Where the second piece would pass the
+   shared-memory budget (``C = 128`` at head dims of 128) it is left out. Each ``[C, 64]`` float32 result leaves
+   through one shared-memory output tile with a TMA store, reused once its store has read it. With ``with_x`` (the
+   backward) ``X`` itself leaves too, in ``K``'s dtype (through the float32 ``A`` buffer, no longer read, or the
+   operand buffer's first piece).
 
 Why row-by-row substitution. ``wgmma`` needs ``M = 64`` and bf16 (or tf32) operands; the schemes with a ``wgmma``
 form were weighed in XLA against a float64 inverse, on ``A`` of unit-norm keys (rounded to bf16 first, so only the
@@ -34,15 +37,17 @@ float32 substitution, then ``X = (I − N)(I + N²) D``, ``N = D A_off``, by bf1
 and 3.5e-3 (2.7e-2 at ``C = 128``). Forward substitution in float32: 4.3e-8, 2.9e-10, 3.9e-8, 6.9e-8 (as the
 Triton body), with only lane and warp reductions, which Mosaic GPU lowers.
 
-Rounding elsewhere: ``K``, ``V`` (float32 inputs too) and the scaled ``X`` are bf16 ``wgmma`` operands with float32
-accumulation, as in every Mosaic GPU body here; ``W`` and ``U`` carry that rounding (``2^-9`` relative per operand)
-where the Triton body, for float32 inputs, multiplies in float32 at ``HIGHEST``. The state pass rounds ``W`` to
-bf16 all the same.
+Rounding elsewhere: ``K`` and ``V`` (float32 inputs too) are bf16 ``wgmma`` operands with float32 accumulation, as in
+every Mosaic GPU body here, in ``K Kᵀ`` and as the right operands of ``W``, ``U``; the Triton body multiplies float32
+inputs in float32 at ``HIGHEST``. On keys and values exact in bf16 (``tests/test_pallas_mosaic_gpu_delta.py``),
+``X`` agrees with the float64 reference to 1.5e-7 of its largest entry and ``W``, ``U`` to 4e-6 (1.7e-3 with one
+piece).
 
-Shared memory (:func:`wy_smem`): ``C (Kp + Vp)`` bf16, ``C²`` float32 (``A``), ``C²`` bf16 (the operand), one
-``[C, 64]`` output tile and the gates: 105 KiB at ``C = 64``, ``Kp = Vp = 256`` (float32 inputs), 194 KiB at
-``C = 128``, ``Kp = Vp = 128``; at ``C = 128`` with float32 inputs and a head dim of 256 (226 KiB, over
-``_mosaic_gpu.SMEM_BUDGET``) ``wy.wy_factors`` runs the Triton body (:func:`wy_fits`). Mosaic GPU's interpreter takes
+Shared memory (:func:`wy_smem`): ``C (Kp + Vp)`` bf16, ``C²`` float32 (``A``), one or two ``C²`` bf16 pieces, one
+``[C, 64]`` output tile and the gates: at ``C = 64`` (two pieces), 73 KiB at head dims of 128 (81 with float32
+inputs) and 113 KiB at 256 (float32); at ``C = 128`` and head dims of 128 (one piece), 194 KiB (float32). At
+``C = 128`` with a head dim of 256 (from 210 KiB, over ``_mosaic_gpu.SMEM_BUDGET``) ``wy.wy_factors`` runs the
+Triton body (:func:`wy_fits`). Mosaic GPU's interpreter takes
 no transposed shared-memory view: under it ``Kᵀ`` is staged through shared memory.
 """
 
@@ -66,24 +71,30 @@ f32 = jnp.float32
 BK = 64  # columns per tile of K, V, W, U
 
 
-def _buffers(c, kp, vp, dtype, interpret=False):
+def _buffers(c, kp, vp, dtype, interpret=False, parts=2):
     """The kernel's shared-memory buffers as compiled: ``K``, ``V`` as ``[tiles, C, 64]`` bf16, ``A`` ``[C, C]``
     float32 (plain: read back by rows), the scaled ``X`` operand ``[C, C]`` bf16, a ``[C, 64]`` output tile in
     ``dtype``, the gate rows."""
     sm = functools.partial(mg.smem, plain=interpret)
-    return [sm((kp // BK, c, BK)), sm((vp // BK, c, BK)), plgpu.SMEM((c, c), f32), sm((c, c)), sm((c, BK), dtype),
-            plgpu.SMEM((3, c), f32)]
+    return [sm((kp // BK, c, BK)), sm((vp // BK, c, BK)), plgpu.SMEM((c, c), f32), sm((parts, c, c)),
+            sm((c, BK), dtype), plgpu.SMEM((3, c), f32)]
 
 
-def wy_smem(c: int, kp: int, vp: int, dtype=_BF16) -> int:
-    """Shared-memory bytes of :func:`wy_factors_mosaic_gpu` as compiled (``_mosaic_gpu.smem_bytes``)."""
-    return mg.smem_bytes(_buffers(c, kp, vp, dtype))
+def wy_smem(c: int, kp: int, vp: int, dtype=_BF16, parts: int = 1) -> int:
+    """Shared-memory bytes of :func:`wy_factors_mosaic_gpu` as compiled (``_mosaic_gpu.smem_bytes``), the scaled
+    ``X`` in ``parts`` bf16 pieces."""
+    return mg.smem_bytes(_buffers(c, kp, vp, dtype, parts=parts))
+
+
+def _parts(c, kp, vp, dtype) -> int:
+    """The scaled ``X`` as two bf16 pieces (``hi + lo``) where their shared memory fits the budget, else one."""
+    return 2 if wy_smem(c, kp, vp, dtype, 2) <= mg.SMEM_BUDGET else 1
 
 
 def wy_fits(c: int, kp: int, vp: int, dtype=_BF16) -> bool:
     """Whether :func:`wy_factors_mosaic_gpu` fits ``_mosaic_gpu.SMEM_BUDGET`` (which leaves room for Mosaic GPU's
-    padding, barriers and reduction scratch): every configuration the delta rule's walks take but ``C = 128`` with
-    float32 inputs and a head dim of 256 (``wy.wy_factors`` runs the Triton body there)."""
+    padding, barriers and reduction scratch), with one piece: at ``C = 64`` up to head dims of 256, at ``C = 128`` up
+    to 128 (``wy.wy_factors`` runs the Triton body where it does not)."""
     return wy_smem(c, kp, vp, dtype) <= mg.SMEM_BUDGET
 
 
@@ -147,17 +158,24 @@ def _wy_kernel(k_ref, v_ref, g_ref, w_ref, u_ref, *rest, chunk, nk, nv, with_x, 
 
     if with_x:  # X through A's buffer (float32; every read of it is done) or the bf16 operand buffer
         plgpu.commit_smem()  # a warpgroup barrier: no warp still reads A's rows
-        emit(0, x, x_ref.at[ib, ih, rows], a_smem if x_ref.dtype == f32 else x_smem)
+        emit(0, x, x_ref.at[ib, ih, rows], a_smem if x_ref.dtype == f32 else x_smem.at[0])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    parts = x_smem.shape[0]
+
+    def operand(xs):  # the scaled X as bf16 pieces: hi, and lo = xs − hi where there are two
+        hi = xs.astype(_BF16)
+        x_smem.at[0][...] = hi
+        if parts == 2:
+            x_smem.at[1][...] = (xs - hi.astype(f32)).astype(_BF16)
+        plgpu.commit_smem()
+
     gam_r = jnp.where(sr == 0, jnp.exp(gr), 0.0)  # γ of the key columns: decay from the chunk's start, first document
-    x_smem[...] = (x * full(br * gam_r, 1)).astype(_BF16)  # X (βγ ⊙ K) = (X ⊙ βγ_s) K
-    plgpu.commit_smem()
+    operand(x * full(br * gam_r, 1))  # X (βγ ⊙ K) = (X ⊙ βγ_s) K
     for j in range(nk):
-        emit(j, mg.mma(x_smem, k_smem.at[j], (c, bk)), tile(w_ref, j))
-    x_smem[...] = (x * full(br, 1)).astype(_BF16)  # X (β ⊙ V) = (X ⊙ β_s) V
-    plgpu.commit_smem()
+        emit(j, _mma_sum([(x_smem.at[p], k_smem.at[j]) for p in range(parts)], (c, bk)), tile(w_ref, j))
+    operand(x * full(br, 1))  # X (β ⊙ V) = (X ⊙ β_s) V
     for j in range(nv):
-        emit(1, mg.mma(x_smem, v_smem.at[j], (c, bk)), tile(u_ref, j))
+        emit(1, _mma_sum([(x_smem.at[p], v_smem.at[j]) for p in range(parts)], (c, bk)), tile(u_ref, j))
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -177,7 +195,7 @@ def wy_factors_mosaic_gpu(kh, vh, bh, g, seg, *, c, interpret, with_x=False):
                          "or backend='triton'")
     interpret = bool(interpret)
     sm = functools.partial(mg.smem, plain=interpret)
-    scratch = [*_buffers(c, kp, vp, dtype, interpret), sm((nk, BK, c)) if interpret else None,
+    scratch = [*_buffers(c, kp, vp, dtype, interpret, _parts(c, kp, vp, dtype)), sm((nk, BK, c)) if interpret else None,
                plgpu.Barrier(num_barriers=1 + nk + nv)]
     out = [jax.ShapeDtypeStruct((b, h, tp, kp), dtype), jax.ShapeDtypeStruct((b, h, tp, vp), dtype)]
     out += [jax.ShapeDtypeStruct((b, h, tp, c), kh.dtype)] if with_x else []
