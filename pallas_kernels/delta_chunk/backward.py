@@ -43,8 +43,9 @@ both on Mosaic GPU (``mosaic_gpu.py``: ``chunk_states_mosaic_gpu``, ``chunk_dsta
 ``U'`` come out in bf16, and the state-gradient walk writes the ``−dU'`` it forms, as fla's ``bwd_dhu`` writes
 ``dv2``), runs (4a) and (4b) on Mosaic GPU too (``backward_mosaic_gpu.py``: (4a) on the same grid, its programs
 also split the value axis in blocks of up to 128 whose shares XLA adds, reading that ``dU'``; (4b) per chunk, and on
-Triton at chunks of 128, where its shared memory would pass the budget), and (1) on Triton (forward substitution:
-no ``wgmma`` form); its matmul operands are bf16 with float32 accumulation. The math is one function per step for
+Triton at chunks of 128, where its shared memory would pass the budget), and (1) as well (``wy_mosaic_gpu.py``: the
+inverse by float32 forward substitution in registers, ``X`` written in the input dtype); its matmul operands are
+bf16 with float32 accumulation. The math is one function per step for
 Triton and Mosaic TPU, on gates given as columns ``[C, 1]`` and rows ``[1, C]``; the Mosaic GPU bodies follow it
 term for term. Float32 products with ``X`` run at ``HIGHEST``; the others take the input dtype with float32
 accumulation, as the forward.

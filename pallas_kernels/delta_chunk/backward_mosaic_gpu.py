@@ -26,7 +26,8 @@ they fit, else one, reused once its store has read it), the ``[C]`` shares of ``
 memory (:func:`_plan`): 153 KiB at ``C = 64`` from value dims of 128 (value blocks of 128), 163 KiB at ``C = 128``
 (value blocks of 64, one output buffer).
 
-4b, through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}``: :func:`chunk_grads_wy_mosaic_gpu`, grid
+4b, through ``W = X (βγ ⊙ K)``, ``U = X (β ⊙ V)`` and ``X = (I + A)^{-1}`` (``X`` from the WY factors' backward
+call, ``wy_mosaic_gpu.py``): :func:`chunk_grads_wy_mosaic_gpu`, grid
 ``(batch, heads, chunks)``, the chunk's ``k, dW`` and ``v, −dU'`` in shared memory as tiles of 64 columns and ``X``
 (``[C, C]``). Per value tile ``dv = β ⊙ Xᵀ dU'`` (``Xᵀ`` a transposed view) and its ``dβ`` share;
 ``dX = (dW Kᵀ) ⊙ βγ_s + (dU' Vᵀ) ⊙ β_s``, each a sum of ``wgmma``\ s over the tiles into one accumulator (the raw

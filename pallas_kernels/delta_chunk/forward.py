@@ -202,8 +202,8 @@ def _prepare(q, k, v, beta, la, h0, rs, chunk_size, backend=None):
 
 def _kernels(qh, kh, vh, bh, g, rev, seg, h0p, *, c, scale, interpret, backend):
     """The three forward kernels on prepared inputs: ``(o [b, h, Tp, Vp] input dtype, S_T [b, h, Kp, Vp]
-    float32)``. ``backend="mosaic_gpu"``: the WY factors on Triton, the state pass and the output on Mosaic GPU
-    (``mosaic_gpu.py``)."""
+    float32)``. ``backend="mosaic_gpu"``: all three on Mosaic GPU (``wy_mosaic_gpu.py``,
+    ``mosaic_gpu.py``)."""
     b, h, tp, kp = qh.shape
     vp, n = vh.shape[-1], tp // c
     dtype = jnp.result_type(qh, kh, vh)

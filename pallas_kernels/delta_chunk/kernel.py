@@ -6,7 +6,8 @@ negative eigenvalues) with the WY / UT chunked algorithm of ``seqjax.ops.delta``
 splits it (``chunk_gated_delta_rule_fwd``: ``recompute_w_u`` / ``chunk_fwd_h`` / ``chunk_fwd_o``):
 
 1. ``wy_factors`` (``wy.py``), grid ``(batch, heads, chunks)`` — every chunk at once: ``A = tril(diag(beta)
-   K Kᵀ ⊙ Gamma, -1)``, ``X = (I + A)^{-1}`` blocked by 16, ``W = X (beta gamma ⊙ K)``, ``U = X (beta ⊙ V)``.
+   K Kᵀ ⊙ Gamma, -1)``, ``X = (I + A)^{-1}`` blocked by 16 (Mosaic GPU, ``wy_mosaic_gpu.py``: row by row in float32
+   registers), ``W = X (beta gamma ⊙ K)``, ``U = X (beta ⊙ V)``.
 2. ``chunk_states``, the only serial pass — walks the chunks in order with the float32 state on chip
    and does two matmuls per chunk: ``U' = U - W S`` and ``S <- gamma_C S + (K ⊙ to_end)ᵀ U'``. It writes
    the state entering every chunk ``H [b, h, N, K, V]`` and ``U'`` (both in the input dtype, as the
@@ -33,21 +34,21 @@ picks the backward from ``seqjax._platform.AUTO_BACKWARD`` where it takes this k
 
 Lowering. GPU: two bodies, picked by ``backend``. ``"triton"`` (``jax.experimental.pallas.triton`` compiler
 params) runs every kernel; it is the measured one and the default. ``"mosaic_gpu"`` (``mosaic_gpu.py``; jax 0.11
-makes Mosaic GPU the default Pallas lowering and deprecates Triton) gives the serial passes and the output kernel
-Mosaic GPU bodies: one warpgroup per program, TMA copies of each chunk into shared memory, ``wgmma`` for every
-product, the float32 state (or state gradient) a loop carry in the ``wgmma`` accumulator layout. Forward: the state
-pass (``U' = U − W S``, the state update) and the output (``Q Kᵀ``, the readout, the intra-chunk product).
-Backward, under ``jax.grad``: the chunk-state recomputation (the forward's state pass itself), the state-gradient
-walk (chunks in reverse, ``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺``, ``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'``; it
+makes Mosaic GPU the default Pallas lowering and deprecates Triton) gives every kernel a Mosaic GPU body: one
+warpgroup per program, TMA copies of each chunk into shared memory, ``wgmma`` for every product, the float32 state
+(or state gradient) a loop carry in the ``wgmma`` accumulator layout. Forward: the WY factors (``wy_mosaic_gpu.py``:
+``K Kᵀ``, ``W`` and ``U`` by ``wgmma``, ``X = (I + A)^{-1}`` by float32 forward substitution in registers), the
+state pass (``U' = U − W S``, the state update) and the output (``Q Kᵀ``, the readout, the intra-chunk product).
+Backward, under ``jax.grad``: the WY factors with ``X``, the chunk-state recomputation (the forward's state pass
+itself), the state-gradient walk (chunks in reverse, ``dU' = (Q Kᵀ ⊙ Γ)ᵀ dÕ + e^{rev} ⊙ K dS⁺``, ``dS = γ_C dS⁺ + (γ ⊙ Q)ᵀ dÕ − Wᵀ dU'``; it
 writes ``dU'``) and the two chunk-parallel gradient kernels (``backward_mosaic_gpu.py``: ``backward.py`` 4a, through
 the outputs, the attention and the states, per key block of 64 and value block of up to 128; 4b, through ``W, U``
 and ``X``, per chunk, on Triton at chunks of 128, where its shared memory would pass the budget).
 It needs ``chunk_size`` a multiple of 64 (``wgmma``'s ``M``) and pads both head dims to at least 64; its matmul
 operands are bf16 (float32 inputs rounded; the states, state gradients and ``U'``, ``dU'`` the kernels hand on are
-bf16). What has no Mosaic GPU body, and runs on Triton under either choice while jax ships it: the WY factors,
-forward and backward (their blocked triangular inverse is forward substitution, row by row on ``16 x 16`` blocks,
-with no ``wgmma`` form; chunk-parallel, not the hot loop). ``backend=None`` on a GPU takes
-Triton; once the Mosaic GPU bodies pass their tests compiled on a GPU (``MOSAIC_GPU_COMPILED_TESTS_PASS``), it takes
+bf16). What runs on Triton under it, while jax ships Triton, where a Mosaic GPU body's shared memory would pass
+the budget: 4b at chunks of 128, and the WY factors at chunks of 128 with a head dim of 256. ``backend=None`` on a
+GPU takes Triton; once the Mosaic GPU bodies pass their tests compiled on a GPU (``MOSAIC_GPU_COMPILED_TESTS_PASS``), it takes
 them under jax >= 0.11 for a chunk size that is a multiple of 64 (``MOSAIC_GPU_DEFAULT``). Without a GPU they lower
 for CUDA through ``jax.export`` and run under Mosaic GPU's own interpreter against the XLA chunked form (outputs and
 gradients) and the Triton bodies' gradients (``tests/test_pallas_mosaic_gpu_delta.py``). TPU: Mosaic bodies
@@ -72,7 +73,7 @@ from seqjax.ops.delta import chunk_delta_rule
 
 __all__ = ["delta_chunk"]
 
-# Every kernel but the WY factors takes its Mosaic GPU body by default on a GPU under
+# Every kernel takes its Mosaic GPU body by default on a GPU under
 # jax >= 0.11 once those bodies have passed their tests compiled on a GPU (the `tests` stage of
 # benchmarks/gpu_check.sh); until then they run only when asked for (backend="mosaic_gpu") and the default stays on
 # the measured Triton bodies
@@ -144,8 +145,8 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
       h0: ``[b, h, dk, dv]`` or ``None``; resets: ``[b, t]`` bool (``alpha_t = 0`` there) or ``None``.
       chunk_size: rounded up to a power of two >= 16.
       interpret: run the kernel as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
-      backend: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (every kernel but the WY factors on Mosaic
-        GPU, ``mosaic_gpu.py``, ``backward_mosaic_gpu.py``; chunk a multiple of 64, head dims
+      backend: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (every kernel on Mosaic GPU,
+        ``wy_mosaic_gpu.py``, ``mosaic_gpu.py``, ``backward_mosaic_gpu.py``; chunk a multiple of 64, head dims
         padded to at least 64; interpreted by Mosaic GPU's own interpreter on the CPU) or ``"mosaic_tpu"``; ``None``
         picks by platform (and, once ``MOSAIC_GPU_COMPILED_TESTS_PASS``, jax version: see the module docstring,
         "Lowering").

@@ -29,11 +29,11 @@ model (``plgpu.kernel``, Lane semantics), after ``pallas_kernels/gla_chunk/mosai
   with TMA stores each chunk: the gradient kernels (``backward_mosaic_gpu.py``) read them, as fla's ``bwd_dhu``
   hands ``dv2`` on.
 
-The WY factors (``wy.py``) keep their Triton body under ``backend="mosaic_gpu"``: their blocked triangular inverse is
-forward substitution, row by row on ``16 x 16`` blocks, which has no ``wgmma`` form (its ``M`` is 64); it is
-chunk-parallel and not the hot loop. The backward's two chunk-parallel gradient kernels (``backward.py`` 4a, 4b) have
-their Mosaic GPU bodies in ``backward_mosaic_gpu.py``; they take ``H``, ``dH``, ``U'`` and ``−dU'`` from these walks
-in bf16.
+The WY factors (``wy.py``'s kernel 1, forward and backward) have their Mosaic GPU body in ``wy_mosaic_gpu.py``
+(``K Kᵀ`` and ``W``, ``U`` by ``wgmma``, the triangular inverse by float32 forward substitution in registers; the
+Triton body where its shared memory would pass the budget, at ``C = 128`` with a head dim of 256). The backward's two
+chunk-parallel gradient kernels (``backward.py`` 4a, 4b) have their Mosaic GPU bodies in ``backward_mosaic_gpu.py``;
+they take ``H``, ``dH``, ``U'`` and ``−dU'`` from these walks in bf16.
 
 ``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to
 :func:`~pallas_kernels._mosaic_gpu.key_pad` (``kernel.py`` pads them for this backend: exact, padded channels are
@@ -45,8 +45,8 @@ Both walks take their chunks' inputs through ``plgpu.emit_pipeline`` with the st
 chunk ``n``'s matmuls run; one slot where two would pass the shared-memory budget (``_mosaic_gpu.walk_stages``).
 
 Checked without a GPU (``tests/test_pallas_mosaic_gpu_delta.py``): the kernels lower for CUDA through
-``jax.export`` (the StableHLO holds two ``mosaic_gpu`` custom calls for the forward, six under ``jax.grad`` with
-the gradient kernels), and
+``jax.export`` (the StableHLO holds three ``mosaic_gpu`` custom calls for the forward with the WY factors, eight
+under ``jax.grad`` with the gradient kernels, and no Triton call), and
 Mosaic GPU's own interpreter (``interpret=True`` here; it simulates TMA, barriers and ``wgmma`` on the CPU) runs them
 against the XLA chunked form, outputs and gradients. That interpreter takes neither a transposed shared-memory view
 nor a register operand for ``wgmma``, so under it ``Kᵀ``, ``Qᵀ``, ``Wᵀ`` and the intra-chunk matrix are staged

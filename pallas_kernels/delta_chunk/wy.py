@@ -4,11 +4,12 @@ Per chunk of ``C`` tokens (gates in log space, chunk-local): ``A = tril(diag(bet
 (decays masked before ``exp``), ``X = (I + A)^{-1}``, ``W = X (beta gamma ⊙ K)`` and ``U = X (beta ⊙ V)``.
 The inverse is blocked by ``SUB = 16``: each diagonal ``16 x 16`` block by forward substitution (15 row
 steps, all diagonal blocks in one loop), the blocks below by block substitution ``X_ij = -X_ii
-sum_{j<=m<i} A_im X_mj`` in small matmuls. One body per backend (Triton, Mosaic TPU), one driver:
-``wy_factors`` (a single ``pallas_call``). The Triton body computes ``A`` as one ``[C, C]`` matmul
-over key tiles of 64 and cuts it into its ``16 x 16`` blocks with ``jnp.split`` (fla computes the same in
-``chunk_scaled_dot_kkt_fwd``, ``solve_tril`` and ``recompute_w_u_fwd``, three kernels), then writes ``W``
-and ``U`` in column tiles of 32: at ``sm_90``, 8 warps, no register spills. The Mosaic TPU body loads each
+sum_{j<=m<i} A_im X_mj`` in small matmuls. One body per backend, one driver: ``wy_factors`` (a single
+``pallas_call``; for Mosaic GPU ``wy_mosaic_gpu.wy_factors_mosaic_gpu``, whose inverse is forward substitution
+row by row over the whole chunk in float32 registers, as ``wgmma`` needs ``M = 64``). The Triton body computes
+``A`` as one ``[C, C]`` matmul over key tiles of 64 and cuts it into its ``16 x 16`` blocks with ``jnp.split``
+(fla computes the same in ``chunk_scaled_dot_kkt_fwd``, ``solve_tril`` and ``recompute_w_u_fwd``, three
+kernels), then writes ``W`` and ``U`` in column tiles of 32: at ``sm_90``, 8 warps, no register spills. The Mosaic TPU body loads each
 block of ``K`` and of the gates from the refs at static offsets and builds ``A`` block by block.
 """
 
@@ -192,7 +193,8 @@ def _wy_kernel_tpu(k_ref, v_ref, bc_ref, gc_ref, sc_ref, gr_ref, sr_ref, w_ref, 
 
 
 def wy_factors(kh, vh, bh, g, seg, *, c, interpret, backend, with_x=False):
-    """Kernel 1 on either backend: ``W, U`` (input dtype) and, with ``with_x`` (the backward), the
+    """Kernel 1 on any backend (Mosaic GPU: ``wy_mosaic_gpu.py``, the Triton body where its shared memory would pass
+    the budget, ``wy_mosaic_gpu.wy_fits``): ``W, U`` (input dtype) and, with ``with_x`` (the backward), the
     inverse ``X = (I + A)^{-1}`` per chunk, ``[b, h, Tp, C]`` in ``kh``'s dtype (the dtype the backward's
     matmuls take it in; computed in float32)."""
     if backend == "mosaic_gpu":
