@@ -44,7 +44,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _mosaic_gpu as mg
 
-__all__ = ["dstates_mosaic_gpu", "out_mosaic_gpu", "states_mosaic_gpu"]
+__all__ = ["dstates_mosaic_gpu", "out_mosaic_gpu", "readout_gates", "readout_weights", "states_mosaic_gpu"]
 
 _BF16 = jnp.bfloat16
 _F32 = jnp.float32
@@ -79,17 +79,18 @@ def dstates_mosaic_gpu(qh, do, fs, fo, dCt, *, c, interpret=False):
     return mg.linear_walk(qh, do, fs, fo, dCt, chunk=c, reverse=True, interpret=interpret, out_dtype=_F32)
 
 
-def _out_kernel(q_ref, k_ref, v_ref, g_ref, hs_ref, n_ref, o_ref, q_smem, k_smem, v_smem, s_smem, n_smem, g_smem,
-                o_smem, kt_smem, att_smem, bars, *, chunk, interpret):
-    c = chunk
-    kp = q_smem.shape[-1]
-    load = mg.loader(interpret)
-    ib, ih, il, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("v")
-    rows, cols = pl.ds(il * c, c), pl.ds(iv * mg.BV, mg.BV)
-    mg.copy_in(bars, 0, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem), (v_ref.at[ib, ih, rows, cols], v_smem),
-               (hs_ref.at[ib, ih, il, :, cols], s_smem), (n_ref.at[ib, ih, il], n_smem), (g_ref.at[ib, ih, :, rows], g_smem))
+def readout_gates(bt, st, it, et, m_in, c):
+    """The readout's gates as ``[b, h, 5, Tp]`` float32 rows, each chunk's contiguous: ``b, seg, i, e`` and the
+    entering stabiliser ``m`` on each of the chunk's tokens (the rows :func:`readout_weights` reads)."""
+    return jnp.stack([bt, st, it, et, jnp.repeat(m_in, c, axis=2)], axis=2).astype(_F32)
 
-    kt = mg.transposed(k_smem, kt_smem, interpret)
+
+def readout_weights(g_smem, c, interpret):
+    """A chunk's readout weights from its :func:`readout_gates` rows in shared memory ``[5, C]``: the row stabiliser
+    ``m_t = max(max_s w_ts, b_t + m)`` (``w_ts = b_t − b_s + e_s``, causal, one document), ``D = e^{w − m_t}`` (``[C, C]``,
+    ``i`` for ``e``; the ``WGMMA`` layout when compiled) and ``ρ = e^{b + m − m_t}`` (``[C]``, indexed by the row ``t``).
+    Returns ``(D, m_t, ρ)``."""
+    load = mg.loader(interpret)
     idx = mg.iota(c, interpret)
     col = lambda i: load(g_smem.at[i], mg.WG.reduce(1))  # [C], indexed by the query row t
     row = lambda i: load(g_smem.at[i], mg.WG.reduce(0))  # [C], indexed by the key column s
@@ -101,7 +102,21 @@ def _out_kernel(q_ref, k_ref, v_ref, g_ref, hs_ref, n_ref, o_ref, q_smem, k_smem
     inter = jnp.where(sc == 0.0, bc + mc, _NEG)
     m_t = jnp.maximum(m_intra, inter)
     d = jnp.exp(jnp.where(ok, diff + full(row(2), 1), _NEG) - full(m_t, 0))
-    rho = jnp.exp(inter - m_t)
+    return d, m_t, jnp.exp(inter - m_t)
+
+
+def _out_kernel(q_ref, k_ref, v_ref, g_ref, hs_ref, n_ref, o_ref, q_smem, k_smem, v_smem, s_smem, n_smem, g_smem,
+                o_smem, kt_smem, att_smem, bars, *, chunk, interpret):
+    c = chunk
+    kp = q_smem.shape[-1]
+    load = mg.loader(interpret)
+    ib, ih, il, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("v")
+    rows, cols = pl.ds(il * c, c), pl.ds(iv * mg.BV, mg.BV)
+    mg.copy_in(bars, 0, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem), (v_ref.at[ib, ih, rows, cols], v_smem),
+               (hs_ref.at[ib, ih, il, :, cols], s_smem), (n_ref.at[ib, ih, il], n_smem), (g_ref.at[ib, ih, :, rows], g_smem))
+
+    kt = mg.transposed(k_smem, kt_smem, interpret)
+    d, m_t, rho = readout_weights(g_smem, c, interpret)
     att = mg.mma(q_smem, kt, (c, c)) * d
     qn = jnp.sum(load(q_smem, mg.WG).astype(_F32) * lax.broadcast_in_dim(load(n_smem, mg.WG.reduce(0)), (c, kp), [1]), axis=1)
     raw = jnp.sum(att, axis=1) + rho * qn
@@ -128,7 +143,7 @@ def out_mosaic_gpu(qh, kh, vh, bt, st, it, et, m_in, hs, n_in, *, c, interpret=F
     vp, n = vh.shape[-1], tp // c
     _check(kp, vp, c, "mlstm_chunk_out")
     interp = bool(interpret)
-    gates = jnp.stack([bt, st, it, et, jnp.repeat(m_in, c, axis=2)], axis=2).astype(_F32)  # [b, h, 5, Tp]
+    gates = readout_gates(bt, st, it, et, m_in, c)
     sm = functools.partial(mg.smem, plain=interp)
     scratch = [sm((c, kp)), sm((c, kp)), sm((c, mg.BV)), sm((kp, mg.BV)), plgpu.SMEM((kp,), _F32), plgpu.SMEM((5, c), _F32),
                sm((c, mg.BV), _F32), sm((kp, c)) if interp else None, sm((c, c)) if interp else None,
