@@ -33,11 +33,15 @@ first ``nv`` programs). Triton
 walks (1) and (3) per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the
 state in VMEM scratch; the per-chunk math is shared.
 
-``backend="mosaic_gpu"``: the two serial passes (1) and (3) take Mosaic GPU bodies (``mosaic_gpu.py``; one
-warpgroup per (batch, head, value block of 64), the float32 state or state gradient the loop carry, one
-``wgmma`` per chunk; (3) is (1)'s body walking backwards, ``Qᵀ (ρ/den ⊙ dO)`` in place of ``Kᵀ (ε ⊙ V)``).
-Head dims are padded on to ``key_pad`` for them and sliced back, and their matmul operands are bf16. The
-chunk-parallel passes (2) and (4) stay on Triton (see ``kernel.py``, "Lowering").
+``backend="mosaic_gpu"``: all four passes take Mosaic GPU bodies, their matmul operands bf16, both head dims
+padded on to ``key_pad`` once (zeros: exact) and the gradients sliced back. The serial passes (1) and (3)
+(``mosaic_gpu.py``): one warpgroup per (batch, head, value block of 64), the float32 state or state gradient
+the loop carry, one ``wgmma`` per chunk; (3) is (1)'s body walking backwards, ``Qᵀ (ρ/den ⊙ dO)`` in place of
+``Kᵀ (ε ⊙ V)``. The chunk-parallel passes (2) and (4) (``backward_mosaic_gpu.py``): (2) per (chunk, value block
+of 64), each value block's share of ``Σ_v dO ⊙ num`` (added in XLA, where ``1/den`` and ``dr`` follow); (4) a
+``dq, dk, db, di`` kernel per (chunk, key block of 64 × value block of up to 128), every output linear in the
+value-axis products so that XLA adds the value blocks' shares (the normaliser column in the first one's), and a
+``dv`` kernel per (chunk, value block of 64).
 """
 
 from __future__ import annotations

@@ -21,11 +21,12 @@ warpgroup per program, the chunk's inputs TMA'd into shared memory at once (noth
   - grid ``(batch, head, chunk, value block of 64)``: ``dv = (Q Kᵀ ⊙ D)ᵀ dnum + ε ⊙ K dS'`` (``backward._chunk_dv``),
     the transposed intra-chunk matrix formed directly as ``(K Qᵀ) ⊙ Dᵀ`` with ``1/den`` folded into its columns.
 
-Shared memory at head dims of 256 (the largest): the rows kernel 179 KiB, the first gradient kernel 186 KiB (at value
-blocks of 128, float32 ``dq, dk`` shares), the ``dv`` kernel 187 KiB (an H100/H200 block may have 227). Both head dims
-are padded to :func:`~pallas_kernels._mosaic_gpu.key_pad` and ``C`` is a multiple of 64; matmul operands are bf16
-with float32 accumulation. Under Mosaic GPU's interpreter the transposed operands and the register operands of
-``wgmma`` are staged through shared memory, as in ``mosaic_gpu.py``.
+``dq, dk`` are written in the input dtype up to value dims of 128 (one value block), as float32 shares past it.
+Shared memory at head dims of 256 (the largest): the rows kernel 179 KiB, the first gradient kernel 187 KiB (value
+blocks of 128, float32 ``dq, dk`` shares), the ``dv`` kernel 186 KiB (float32 ``v``; 178 at bf16); an H100/H200
+block may have 227. Both head dims are padded to :func:`~pallas_kernels._mosaic_gpu.key_pad` and ``C`` is a
+multiple of 64; matmul operands are bf16 with float32 accumulation. Under Mosaic GPU's interpreter the transposed
+operands and the register operands of ``wgmma`` are staged through shared memory, as in ``mosaic_gpu.py``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from pallas_kernels.mlstm_chunk.mosaic_gpu import readout_gates, readout_weights
 __all__ = ["GRADS_V_BLOCK", "grads_mosaic_gpu", "rows_mosaic_gpu"]
 
 #: The value columns a program of the ``dq, dk, db, di`` kernel takes (its ``v, dO`` and its key block's ``S, dS'``
-#: rows over them sit in shared memory: 186 KiB at 128).
+#: rows over them sit in shared memory: 187 KiB at 128).
 GRADS_V_BLOCK = 128
 _NEG = -1e30  # forward.NEG
 # the rows of the gradient kernels' gates, [b, h, 9, Tp]
@@ -261,7 +262,7 @@ def grads_mosaic_gpu(qh, kh, vh, do, bt, st, it, mt, rho, inv, dr, ew, fo, hs, d
     stage = lambda shape: sm(shape) if interp else None  # the interpreter's transposed and register operands
     buffers = [sm((c, 64)), sm((c, 64)), sm((c, vb)), sm((c, vb)), sm((64, vb), F32), sm((64, vb), F32), f32(9, c),
                f32(64), f32(64), sm((64, vb)), sm((64, vb)), sm((c, c)), sm((c, 64), dts), sm((c, 64), dts), f32(c), f32(c)]
-    assert interp or smem_bytes(buffers) <= SMEM_LIMIT, smem_bytes(buffers)  # 186 KiB at value blocks of 128
+    assert interp or smem_bytes(buffers) <= SMEM_LIMIT, smem_bytes(buffers)  # 187 KiB at value blocks of 128
     scratch = [*buffers, stage((vb, c)), stage((vb, 64)), stage((vb, 64)), stage((c, c)), plgpu.Barrier(num_barriers=9)]
     part = jax.ShapeDtypeStruct((nk * nv, b, h, tp), F32)
     out = [jax.ShapeDtypeStruct((nv, *qh.shape), dts), jax.ShapeDtypeStruct((nv, *kh.shape), dts), part, part]
@@ -269,7 +270,7 @@ def grads_mosaic_gpu(qh, kh, vh, do, bt, st, it, mt, rho, inv, dr, ew, fo, hs, d
                    ("b", "h", "n", "kv"), interp)
     dq, dk, db, di = grads(q, k, v, dob, gates, hs, dhs, n_in.astype(F32), dn_after.astype(F32))
     buffers = [sm((c, kp)), sm((c, kp)), sm((c, BV)), sm((kp, BV), F32), f32(9, c), sm((kp, BV)), sm((c, BV), vh.dtype)]
-    assert interp or smem_bytes(buffers) <= SMEM_LIMIT, smem_bytes(buffers)  # 187 KiB at Kp = 256
+    assert interp or smem_bytes(buffers) <= SMEM_LIMIT, smem_bytes(buffers)  # 186 KiB at Kp = 256, float32 v
     scratch = [*buffers, stage((kp, c)), stage((c, c)), plgpu.Barrier(num_barriers=5)]
     dv = kernel(functools.partial(_dv_kernel, chunk=c, bv=BV, interpret=interp), jax.ShapeDtypeStruct(vh.shape, vh.dtype),
                 scratch, (b, h, n, vp // BV), ("b", "h", "n", "v"), interp)(q, k, dob, gates, dhs)

@@ -1,5 +1,6 @@
 r"""Mosaic GPU bodies of the chunkwise mLSTM: the forward's serial state pass and chunk-parallel outputs, and the
-backward's state-gradient walk (the state pass's body, run backwards).
+backward's state-gradient walk (the state pass's body, run backwards); the backward's chunk-parallel passes are in
+``backward_mosaic_gpu.py``.
 
 Same chunk algebra as ``forward.py``'s Triton bodies (see ``kernel.py``), written against Mosaic GPU's
 one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_chunk/mosaic_gpu.py``:
@@ -8,7 +9,7 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_
   write weights ``ε`` as a row scaling of ``V``), writing the ``C'`` entering every chunk.
 * ``dstates_mosaic_gpu`` (``backward.py``, pass 3): the same walk from the last chunk to the first,
   ``dC' = φ dC'⁺ + Qᵀ (fs ⊙ dO)`` with ``fs = ρ / den`` the readout weights, writing the float32 ``dC'`` after every
-  chunk for the Triton chunk-gradient kernel. The backward's states (pass 1) are ``states_mosaic_gpu`` with
+  chunk for the chunk-gradient kernels. The backward's states (pass 1) are ``states_mosaic_gpu`` with
   float32 states out.
 
   Both are :func:`~pallas_kernels._mosaic_gpu.linear_walk` on the heads-first arrays (its docstring gives the grid,
@@ -16,9 +17,10 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_
 * ``out_mosaic_gpu`` (``mlstm_chunk_out``): grid ``(batch, heads, chunks, value blocks of 64)``, every chunk at
   once. TMA copies ``q, k``, the value block, the entering ``C'`` block (bf16), ``n'`` and the chunk's gates;
   the row stabiliser ``m_t = max(max_s w_ts, b_t + m)``, ``D = e^{w − m_t}`` and ``ρ = e^{b + m − m_t}`` in
-  registers (``[C, C]``, ``WGMMA`` layout; gates as columns and rows of it), three ``wgmma``\ s (``Q Kᵀ``,
-  ``(Q Kᵀ ⊙ D) V``, ``Q C'``), the normaliser ``(Q Kᵀ ⊙ D) 1 + ρ ⊙ Q n'`` as row sums in registers, and the
-  output ``num / max(|r|, e^{−m_t})`` back through shared memory.
+  registers (``readout_weights``, shared with the backward's rows kernel; ``[C, C]``, ``WGMMA`` layout; gates as
+  columns and rows of it), three ``wgmma``\ s (``Q Kᵀ``, ``(Q Kᵀ ⊙ D) V``, ``Q C'``), the normaliser
+  ``(Q Kᵀ ⊙ D) 1 + ρ ⊙ Q n'`` as row sums in registers, and the output ``num / max(|r|, e^{−m_t})`` back through
+  shared memory.
 
 ``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to
 ``key_pad`` (``>= 64``; zeros, exact) and ``C`` is a multiple of 64. Matmul operands are bf16 with float32
