@@ -33,11 +33,15 @@ first ``nv`` programs). Triton
 walks (1) and (3) per (batch, head, value block of 64); Mosaic TPU runs one chunk per grid step with the
 state in VMEM scratch; the per-chunk math is shared.
 
-``backend="mosaic_gpu"``: the two serial passes (1) and (3) take Mosaic GPU bodies (``mosaic_gpu.py``; one
-warpgroup per (batch, head, value block of 64), the float32 state or state gradient the loop carry, one
-``wgmma`` per chunk; (3) is (1)'s body walking backwards, ``Qᵀ (ρ/den ⊙ dO)`` in place of ``Kᵀ (ε ⊙ V)``).
-Head dims are padded on to ``key_pad`` for them and sliced back, and their matmul operands are bf16. The
-chunk-parallel passes (2) and (4) stay on Triton (see ``kernel.py``, "Lowering").
+``backend="mosaic_gpu"``: all four passes take Mosaic GPU bodies, their matmul operands bf16, both head dims
+padded on to ``key_pad`` once (zeros: exact) and the gradients sliced back. The serial passes (1) and (3)
+(``mosaic_gpu.py``): one warpgroup per (batch, head, value block of 64), the float32 state or state gradient
+the loop carry, one ``wgmma`` per chunk; (3) is (1)'s body walking backwards, ``Qᵀ (ρ/den ⊙ dO)`` in place of
+``Kᵀ (ε ⊙ V)``. The chunk-parallel passes (2) and (4) (``backward_mosaic_gpu.py``): (2) per (chunk, value block
+of 64), each value block's share of ``Σ_v dO ⊙ num`` (added in XLA, where ``1/den`` and ``dr`` follow); (4) a
+``dq, dk, db, di`` kernel per (chunk, key block of 64 × value block of up to 128), every output linear in the
+value-axis products so that XLA adds the value blocks' shares (the normaliser column in the first one's), and a
+``dv`` kernel per (chunk, value block of 64).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from pallas_kernels._util import (
     triton_params,
     walk_params,
 )
+from pallas_kernels.mlstm_chunk.backward_mosaic_gpu import grads_mosaic_gpu, rows_mosaic_gpu
 from pallas_kernels.mlstm_chunk.forward import (
     _NT,
     _TN,
@@ -272,8 +277,13 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     vp, c = vh.shape[-1], chunk
     n = tp // c
     tpu, mgpu = backend == "mosaic_tpu", backend == "mosaic_gpu"
-    if mgpu:  # the serial passes on Mosaic GPU, the chunk-parallel ones on Triton
-        backend = "triton"
+    if mgpu and (kp != key_pad(kp) or vp != key_pad(vp)):  # both head dims padded on to key_pad (zeros: exact)
+        kq, vq = key_pad(kp), key_pad(vp)
+        pk, pv = (lambda x: _pad_last(x, kq)), (lambda x: _pad_last(x, vq))
+        dq, dk, dv, db, di, (dC0, dn0, dm0) = mlstm_bwd(
+            pk(qh), pk(kh), pv(vh), bt, st, it, et, _pad_c(C0, kq, vq), pk(n0), m0, pv(do), _pad_c(dCt, kq, vq), pk(dnt),
+            chunk=chunk, interpret=interpret, backend=backend)
+        return dq[..., :kp], dk[..., :kp], dv[..., :vp], db, di, (dC0[..., :kp, :vp], dn0[..., :kp], dm0)
     md = vh.dtype
     do = do.astype(md)
     m_in, ew, fo, n_in, _ = chunk_stabilisers(bt, st, it, et, kh, n0, m0, c)
@@ -301,12 +311,16 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
         walk = walk_params(interpret, backend, kp)
     # (2) per row: the stabiliser, 1/den, dr and the readout weight (the chunk's forward again)
     ccol = jax.ShapeDtypeStruct((b, h, tp, 1), f32)
-    mt, inv, dr, rho = pl.pallas_call(
-        functools.partial(_rows_kernel, kt=column_tile(kp, backend), wv=column_tile(vp, backend)), grid=(b, h, n),
-        in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk, state_n, norm_n],
-        out_specs=[blk(1)] * 4, out_shape=[ccol] * 4, interpret=interpret, compiler_params=par,
-        name="mlstm_chunk_bwd_rows" + ("_tpu" if tpu else ""),
-    )(qh, kh, vh, do, col(bt), col(st), mi_t, row(bt), row(st), row(it), row(et), hs, n_in[:, :, :, None])
+    if mgpu:  # Σ_v dO ⊙ num over every value column (XLA adds the value blocks' shares), r, m_t and ρ
+        dnum, raw, m_t, rho = rows_mosaic_gpu(qh, kh, vh, do, bt, st, it, et, m_in, hs, n_in, c=c, interpret=interpret)
+        mt, inv, dr, rho = (col(x) for x in _row_grads(raw, m_t, rho, dnum))
+    else:
+        mt, inv, dr, rho = pl.pallas_call(
+            functools.partial(_rows_kernel, kt=column_tile(kp, backend), wv=column_tile(vp, backend)), grid=(b, h, n),
+            in_specs=[blk(kp), blk(kp), blk(vp), blk(vp), blk(1), blk(1), blk(1), rblk, rblk, rblk, rblk, state_n, norm_n],
+            out_specs=[blk(1)] * 4, out_shape=[ccol] * 4, interpret=interpret, compiler_params=par,
+            name="mlstm_chunk_bwd_rows" + ("_tpu" if tpu else ""),
+        )(qh, kh, vh, do, col(bt), col(st), mi_t, row(bt), row(st), row(it), row(et), hs, n_in[:, :, :, None])
     # (3) dC' after every chunk, walking backwards; dn' in XLA
     fs = rho * inv
     if tpu:
@@ -318,11 +332,8 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
             scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret, compiler_params=seq,
             name="mlstm_chunk_bwd_dstates_tpu",
         )(qh, do, fs, fo_t, dCt.astype(f32))
-    elif mgpu:  # head dims padded on to key_pad (zeros: exact) and sliced back
-        kq, vq = key_pad(kp), key_pad(vp)
-        dhs, dC0 = dstates_mosaic_gpu(_pad_last(qh, kq), _pad_last(do, vq), fs[..., 0], fo, _pad_c(dCt.astype(f32), kq, vq),
-                                      c=c, interpret=interpret)
-        dhs, dC0 = dhs[..., :kp, :vp], dC0[..., :kp, :vp]
+    elif mgpu:
+        dhs, dC0 = dstates_mosaic_gpu(qh, do, fs[..., 0], fo, dCt.astype(f32), c=c, interpret=interpret)
     else:
         dhs, dC0 = pl.pallas_call(
             functools.partial(_dstates_kernel, c=c, n=n), grid=(b, h, vp // bv),
@@ -338,6 +349,10 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
     dn_before = cum_f[..., None] * dnt.astype(f32)[:, :, None] + cum_r  # [b, h, N, K]
     dn0 = dn_before[:, :, 0]
     dn_after = jnp.concatenate([dn_before[:, :, 1:], dnt.astype(f32)[:, :, None]], axis=2)[:, :, :, None]
+    dm0 = jnp.sum(dC0 * C0, axis=(2, 3)) + jnp.sum(dn0 * n0, axis=2)
+    if mgpu:  # (4) on Mosaic GPU: a dq, dk, db, di kernel per (key block, value block) and a dv kernel
+        return (*grads_mosaic_gpu(qh, kh, vh, do, bt, st, it, *(x[..., 0] for x in (mt, rho, inv, dr)), ew, fo, hs, dhs,
+                                  n_in, dn_after[:, :, :, 0], c=c, interpret=interpret), (dC0, dn0, dm0))
     # (4) every chunk's gradients, a program per key block of 64 (Mosaic TPU: the whole key axis, as its blocks'
     # last dim must be a multiple of 128 or all of it); dv contracts over the whole key axis: the first nv of them
     # write a value block of it each
@@ -372,5 +387,4 @@ def mlstm_bwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, do, dCt, dnt, *, chunk, in
         name="mlstm_chunk_bwd_grads" + ("_tpu" if tpu else ""),
     )(*args)
     db, di = jnp.sum(db, axis=0), jnp.sum(di, axis=0)
-    dm0 = jnp.sum(dC0 * C0, axis=(2, 3)) + jnp.sum(dn0 * n0, axis=2)
     return dq, dk, dv, db[..., 0], di[..., 0], (dC0, dn0, dm0)

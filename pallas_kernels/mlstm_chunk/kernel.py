@@ -42,19 +42,21 @@ loop carry, the outputs per (chunk, value block); TMA copies, ``wgmma`` for ``K�
 ``(Q Kᵀ ⊙ D) V`` and ``Q C'``, bf16 operands; chunk a multiple of 64, head dims padded on to 64).
 ``backend=None`` on a GPU takes Triton; once the Mosaic GPU bodies pass their tests compiled on a GPU
 (``MOSAIC_GPU_COMPILED_TESTS_PASS``) it takes **Mosaic GPU under jax >= 0.11** for a chunk size that is a
-multiple of 64 (``MOSAIC_GPU_DEFAULT``). Of the backward's four kernels, the two serial passes take Mosaic GPU
-bodies under ``"mosaic_gpu"``: the states recomputed (the forward's state pass, float32 states out) and the
-state-gradient walk ``dC' = φ dC'⁺ + Qᵀ (ρ/den ⊙ dO)`` (the same body walking the chunks backwards). The two
-chunk-parallel kernels stay on Triton while jax ships it: the rows (``1/den`` and ``dr`` need the row sum of
-``dO ⊙ num`` over every value column, which a program per 64-column value block does not see) and the chunk
-gradients (eight matmuls, six of them against transposed operands, about ten ``[C, K]`` float32 values live
-at once; its register budget wants measuring on a GPU first). The Mosaic GPU bodies lower for CUDA through
-``jax.export`` and run against the XLA chunked form, forward and gradients, under Mosaic GPU's own
-interpreter on the CPU (``tests/test_pallas_mosaic_gpu_mlstm.py``); ptxas and the speed need a GPU. TPU: Mosaic bodies
+multiple of 64 (``MOSAIC_GPU_DEFAULT``). Under ``"mosaic_gpu"`` the backward's kernels take Mosaic GPU bodies
+too, so that ``jax.grad`` runs no Triton kernel: the two serial passes (``mosaic_gpu.py``: the states
+recomputed, the forward's state pass with float32 states out, and the state-gradient walk
+``dC' = φ dC'⁺ + Qᵀ (ρ/den ⊙ dO)``, the same body walking the chunks backwards) and the chunk-parallel ones
+(``backward_mosaic_gpu.py``): the rows per (chunk, value block of 64), each writing its value block's share of
+the row sum of ``dO ⊙ num`` that ``1/den`` and ``dr`` need (XLA adds the shares), and the chunk gradients as
+two kernels, ``dq, dk, db, di`` per (chunk, key block of 64 × value block of up to 128, the value blocks' shares
+added in XLA) and ``dv`` per (chunk, value block of 64); at most 187 KiB of shared memory a block at head dims
+of 256. The Mosaic GPU bodies lower for CUDA through ``jax.export`` and run against the XLA chunked form,
+forward and gradients, under Mosaic GPU's own interpreter on the CPU (``tests/test_pallas_mosaic_gpu_mlstm.py``);
+ptxas, the register budget of the gradient kernels and the speed need a GPU. TPU: Mosaic bodies
 (``backend="mosaic_tpu"``, automatic on a TPU), compiled by libtpu without a TPU (``tests/test_tpu_compile.py``).
 
 Tests: interpret mode on CPU (``tests/test_pallas_mlstm.py``); every kernel lowers to Triton and to Mosaic
-TPU (``tests/test_pallas_lowering.py``); the forward and the backward's serial passes also to Mosaic GPU
+TPU (``tests/test_pallas_lowering.py``); the forward and the whole backward also to Mosaic GPU
 (``tests/test_pallas_mosaic_gpu_mlstm.py``).
 What has run on which device, and how fast: ``benchmarks/results/``
 (``NVIDIA_H200.md``, ``triton_sm90_resources.md``, ``tpu_compile.md``).
@@ -123,7 +125,7 @@ def _core_fwd(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, interpret, backend)
 def _core_bwd(chunk, interpret, backend, res, cts):
     do, (dCt, dnt, _) = cts
     dq, dk, dv, db, di, (dC0, dn0, dm0) = mlstm_bwd(*res, do, dCt, dnt, chunk=chunk, interpret=interpret,
-                                                    backend=backend)  # on Mosaic GPU: the serial passes only
+                                                    backend=backend)
     zero = jnp.zeros_like(res[4])
     return dq, dk, dv, db, zero, di, zero, dC0, dn0, dm0
 
@@ -157,9 +159,9 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
         resets: ``[b, t]`` bool or ``None``. chunk_size: a power of two ``>= 16``.
       interpret: run as HLO (CPU); ``None`` = interpret exactly when the backend is CPU.
       backend: ``"triton"`` (GPU, and the CPU interpreter), ``"mosaic_gpu"`` (the Mosaic GPU bodies of the forward
-        and of the backward's serial passes, ``mosaic_gpu.py``, its chunk-parallel kernels on Triton; chunk_size a
-        multiple of 64; on the CPU Mosaic GPU's interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform and
-        jax version (module docstring, "Lowering").
+        and of every backward kernel, ``mosaic_gpu.py`` and ``backward_mosaic_gpu.py``; chunk_size a multiple of 64;
+        on the CPU Mosaic GPU's interpreter) or ``"mosaic_tpu"``; ``None`` picks by platform and jax version (module
+        docstring, "Lowering").
       backward: what ``jax.grad`` runs: ``"pallas"`` (``backward.py``) or ``"xla"`` (the XLA chunked form's
         forward and backward).
 

@@ -1,5 +1,6 @@
 r"""Mosaic GPU bodies of the chunkwise mLSTM: the forward's serial state pass and chunk-parallel outputs, and the
-backward's state-gradient walk (the state pass's body, run backwards).
+backward's state-gradient walk (the state pass's body, run backwards); the backward's chunk-parallel passes are in
+``backward_mosaic_gpu.py``.
 
 Same chunk algebra as ``forward.py``'s Triton bodies (see ``kernel.py``), written against Mosaic GPU's
 one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_chunk/mosaic_gpu.py``:
@@ -8,7 +9,7 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_
   write weights ``ε`` as a row scaling of ``V``), writing the ``C'`` entering every chunk.
 * ``dstates_mosaic_gpu`` (``backward.py``, pass 3): the same walk from the last chunk to the first,
   ``dC' = φ dC'⁺ + Qᵀ (fs ⊙ dO)`` with ``fs = ρ / den`` the readout weights, writing the float32 ``dC'`` after every
-  chunk for the Triton chunk-gradient kernel. The backward's states (pass 1) are ``states_mosaic_gpu`` with
+  chunk for the chunk-gradient kernels. The backward's states (pass 1) are ``states_mosaic_gpu`` with
   float32 states out.
 
   Both are :func:`~pallas_kernels._mosaic_gpu.linear_walk` on the heads-first arrays (its docstring gives the grid,
@@ -16,9 +17,10 @@ one-warpgroup model (``plgpu.kernel``, Lane semantics), as ``pallas_kernels/gla_
 * ``out_mosaic_gpu`` (``mlstm_chunk_out``): grid ``(batch, heads, chunks, value blocks of 64)``, every chunk at
   once. TMA copies ``q, k``, the value block, the entering ``C'`` block (bf16), ``n'`` and the chunk's gates;
   the row stabiliser ``m_t = max(max_s w_ts, b_t + m)``, ``D = e^{w − m_t}`` and ``ρ = e^{b + m − m_t}`` in
-  registers (``[C, C]``, ``WGMMA`` layout; gates as columns and rows of it), three ``wgmma``\ s (``Q Kᵀ``,
-  ``(Q Kᵀ ⊙ D) V``, ``Q C'``), the normaliser ``(Q Kᵀ ⊙ D) 1 + ρ ⊙ Q n'`` as row sums in registers, and the
-  output ``num / max(|r|, e^{−m_t})`` back through shared memory.
+  registers (``readout_weights``, shared with the backward's rows kernel; ``[C, C]``, ``WGMMA`` layout; gates as
+  columns and rows of it), three ``wgmma``\ s (``Q Kᵀ``, ``(Q Kᵀ ⊙ D) V``, ``Q C'``), the normaliser
+  ``(Q Kᵀ ⊙ D) 1 + ρ ⊙ Q n'`` as row sums in registers, and the output ``num / max(|r|, e^{−m_t})`` back through
+  shared memory.
 
 ``wgmma`` wants an ``M`` of 64 and the same swizzle on both operands: both head dims are padded to
 ``key_pad`` (``>= 64``; zeros, exact) and ``C`` is a multiple of 64. Matmul operands are bf16 with float32
@@ -44,7 +46,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _mosaic_gpu as mg
 
-__all__ = ["dstates_mosaic_gpu", "out_mosaic_gpu", "states_mosaic_gpu"]
+__all__ = ["dstates_mosaic_gpu", "out_mosaic_gpu", "readout_gates", "readout_weights", "states_mosaic_gpu"]
 
 _BF16 = jnp.bfloat16
 _F32 = jnp.float32
@@ -79,17 +81,18 @@ def dstates_mosaic_gpu(qh, do, fs, fo, dCt, *, c, interpret=False):
     return mg.linear_walk(qh, do, fs, fo, dCt, chunk=c, reverse=True, interpret=interpret, out_dtype=_F32)
 
 
-def _out_kernel(q_ref, k_ref, v_ref, g_ref, hs_ref, n_ref, o_ref, q_smem, k_smem, v_smem, s_smem, n_smem, g_smem,
-                o_smem, kt_smem, att_smem, bars, *, chunk, interpret):
-    c = chunk
-    kp = q_smem.shape[-1]
-    load = mg.loader(interpret)
-    ib, ih, il, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("v")
-    rows, cols = pl.ds(il * c, c), pl.ds(iv * mg.BV, mg.BV)
-    mg.copy_in(bars, 0, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem), (v_ref.at[ib, ih, rows, cols], v_smem),
-               (hs_ref.at[ib, ih, il, :, cols], s_smem), (n_ref.at[ib, ih, il], n_smem), (g_ref.at[ib, ih, :, rows], g_smem))
+def readout_gates(bt, st, it, et, m_in, c):
+    """The readout's gates as ``[b, h, 5, Tp]`` float32 rows, each chunk's contiguous: ``b, seg, i, e`` and the
+    entering stabiliser ``m`` on each of the chunk's tokens (the rows :func:`readout_weights` reads)."""
+    return jnp.stack([bt, st, it, et, jnp.repeat(m_in, c, axis=2)], axis=2).astype(_F32)
 
-    kt = mg.transposed(k_smem, kt_smem, interpret)
+
+def readout_weights(g_smem, c, interpret):
+    """A chunk's readout weights from its :func:`readout_gates` rows in shared memory ``[5, C]``: the row stabiliser
+    ``m_t = max(max_s w_ts, b_t + m)`` (``w_ts = b_t − b_s + e_s``, causal, one document), ``D = e^{w − m_t}`` (``[C, C]``,
+    ``i`` for ``e``; the ``WGMMA`` layout when compiled) and ``ρ = e^{b + m − m_t}`` (``[C]``, indexed by the row ``t``).
+    Returns ``(D, m_t, ρ)``."""
+    load = mg.loader(interpret)
     idx = mg.iota(c, interpret)
     col = lambda i: load(g_smem.at[i], mg.WG.reduce(1))  # [C], indexed by the query row t
     row = lambda i: load(g_smem.at[i], mg.WG.reduce(0))  # [C], indexed by the key column s
@@ -101,7 +104,21 @@ def _out_kernel(q_ref, k_ref, v_ref, g_ref, hs_ref, n_ref, o_ref, q_smem, k_smem
     inter = jnp.where(sc == 0.0, bc + mc, _NEG)
     m_t = jnp.maximum(m_intra, inter)
     d = jnp.exp(jnp.where(ok, diff + full(row(2), 1), _NEG) - full(m_t, 0))
-    rho = jnp.exp(inter - m_t)
+    return d, m_t, jnp.exp(inter - m_t)
+
+
+def _out_kernel(q_ref, k_ref, v_ref, g_ref, hs_ref, n_ref, o_ref, q_smem, k_smem, v_smem, s_smem, n_smem, g_smem,
+                o_smem, kt_smem, att_smem, bars, *, chunk, interpret):
+    c = chunk
+    kp = q_smem.shape[-1]
+    load = mg.loader(interpret)
+    ib, ih, il, iv = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("v")
+    rows, cols = pl.ds(il * c, c), pl.ds(iv * mg.BV, mg.BV)
+    mg.copy_in(bars, 0, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem), (v_ref.at[ib, ih, rows, cols], v_smem),
+               (hs_ref.at[ib, ih, il, :, cols], s_smem), (n_ref.at[ib, ih, il], n_smem), (g_ref.at[ib, ih, :, rows], g_smem))
+
+    kt = mg.transposed(k_smem, kt_smem, interpret)
+    d, m_t, rho = readout_weights(g_smem, c, interpret)
     att = mg.mma(q_smem, kt, (c, c)) * d
     qn = jnp.sum(load(q_smem, mg.WG).astype(_F32) * lax.broadcast_in_dim(load(n_smem, mg.WG.reduce(0)), (c, kp), [1]), axis=1)
     raw = jnp.sum(att, axis=1) + rho * qn
@@ -128,7 +145,7 @@ def out_mosaic_gpu(qh, kh, vh, bt, st, it, et, m_in, hs, n_in, *, c, interpret=F
     vp, n = vh.shape[-1], tp // c
     _check(kp, vp, c, "mlstm_chunk_out")
     interp = bool(interpret)
-    gates = jnp.stack([bt, st, it, et, jnp.repeat(m_in, c, axis=2)], axis=2).astype(_F32)  # [b, h, 5, Tp]
+    gates = readout_gates(bt, st, it, et, m_in, c)
     sm = functools.partial(mg.smem, plain=interp)
     scratch = [sm((c, kp)), sm((c, kp)), sm((c, mg.BV)), sm((kp, mg.BV)), plgpu.SMEM((kp,), _F32), plgpu.SMEM((5, c), _F32),
                sm((c, mg.BV), _F32), sm((kp, c)) if interp else None, sm((c, c)) if interp else None,
