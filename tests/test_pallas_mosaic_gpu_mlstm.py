@@ -96,13 +96,14 @@ def test_values(t, y_tol):
     kept in bf16, so the outputs agree to bf16 rounding amplified by the normaliser's division: at ``T = 100`` the
     Triton body on the same inputs rounded to bf16 lands at an rms-relative error of 1.5e-2, this one at 0.9e-2; at
     ``T = 300`` (more chunks, strong input gates) at 3.7e-2 and 4.5e-2. The final ``C`` passes through one bf16
-    update per chunk (2.5e-3 at either length); ``n`` and ``m`` are computed in XLA."""
+    update per chunk (2.5e-3 at either length); ``n`` is summed in XLA from the keys' bf16 values, the ones the
+    kernels multiply (``forward._bf16_values``: 1.4e-3 and 1.7e-3), and ``m`` in XLA from the gates."""
     (q, k, v, i, f), h0, resets = _inputs(t)
     # interpreted on the CPU, compiled on a GPU; jitted, so the interpreter runs as one program
     run = jax.jit(lambda *a: mlstm_chunk(*a, h0=h0, resets=resets, chunk_size=64, backend="mosaic_gpu"))
     y, (C, n, m) = run(q, k, v, i, f)
     ry, (rC, rn, rm) = jax.jit(lambda *a: chunk_mlstm(*a, h0, resets, 64))(q, k, v, i, f)
-    for got, want, tol in ((y, ry, y_tol), (C, rC, 1e-2), (n, rn, 1e-5), (m, rm, 1e-6)):
+    for got, want, tol in ((y, ry, y_tol), (C, rC, 1e-2), (n, rn, 5e-3), (m, rm, 1e-6)):
         assert got.shape == want.shape and np.all(np.isfinite(np.asarray(got)))
         assert rms_rel_err(got, want) <= tol
 
@@ -158,15 +159,19 @@ def test_grads_at_float32_operands(monkeypatch, t, dk, dv, mild, reset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("t,dk,dv", [(100, 32, 48), (100, 130, 200), (300, 32, 48)])
-def test_grads_with_bf16_operands(t, dk, dv):
+@pytest.mark.parametrize("t,dk,dv,mild", [(100, 32, 48, None), (100, 130, 200, None), (300, 32, 48, None),
+                                          (300, 32, 48, (50, 300))])
+def test_grads_with_bf16_operands(t, dk, dv, mild):
     """As compiled (bf16 ``wgmma`` operands, interpreted here): ``jax.grad`` under ``backend="mosaic_gpu"`` against the
     Triton backend on the same inputs in bf16 (whose matmul operands are bf16 likewise: both round the same values
     the same way, mostly) and against the XLA chunked form on those bf16 values in float32. ``_inputs``' strong input
     gates leave small normalisers, whose division amplifies every operand's rounding: both backends land at 2.5-4.2e-2
     rms-relative from the chunked form on ``q, k, i, f``, 0.7-1.2e-2 on ``v``, 2-5e-3 on the initial state (within
-    5e-2, 1e-2 on the state), and within 3.5e-3 of each other (``dm0``: 7.5e-3, the serial walks' rounding; 1e-2)."""
-    args, h0, resets = _inputs(t, dk=dk, dv=dv)
+    5e-2, 1e-2 on the state), and within 3.5e-3 of each other (``dm0``: 7.5e-3, the serial walks' rounding; 1e-2).
+    With mild gates from token 50 (the state carried over four chunks) both land at 1.0-1.3e-2 on ``q, k, i, f``; that
+    case needs the normaliser states summed in XLA from the keys' bf16 values (``forward._bf16_values``): from the
+    float32 keys the Mosaic GPU gradients land 4.8e-2 from Triton's."""
+    args, h0, resets = _inputs(t, dk=dk, dv=dv, mild=mild)
     args = tuple(x.astype(jnp.bfloat16).astype(jnp.float32) if j < 3 else x for j, x in enumerate(args))
     bf = lambda x: x.astype(jnp.bfloat16)
     triton = lambda q, k, v, *a: mlstm_chunk(bf(q), bf(k), bf(v), *a[:2], h0=a[2], resets=a[3], chunk_size=64,

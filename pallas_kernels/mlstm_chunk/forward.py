@@ -15,6 +15,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _mosaic_gpu
 from pallas_kernels._mosaic_gpu import key_pad
 from pallas_kernels._util import chunk_block, column_tile, mm, out_specs, tile_sum, tpu_params, walk_params
 from pallas_kernels.mlstm_chunk.mosaic_gpu import out_mosaic_gpu, states_mosaic_gpu
@@ -188,8 +189,23 @@ def chunk_states(kh, vh, ew, fo, C0, *, c, interpret, backend, dtype=f32):
     )(kh, vh, ew, fo, C0)
 
 
-def _prepare(q, k, v, i, f, resets, chunk):
-    """Chunk-local gates ``[b, h, Tp]`` and padded, heads-first ``q, k, v`` (``k / √dk``)."""
+def _bf16_values(x):
+    """``x`` at the values it takes as a Mosaic GPU ``wgmma`` operand (``_mosaic_gpu.BF16``), its dtype kept and its
+    gradient passed straight through (``x + (r − x)`` is ``r`` exactly: the difference of two floats this close is
+    exact)."""
+    op = _mosaic_gpu.BF16
+    if x.dtype == op:
+        return x
+    return x + lax.stop_gradient(x.astype(op).astype(x.dtype) - x)
+
+
+def _prepare(q, k, v, i, f, resets, chunk, backend=None):
+    """Chunk-local gates ``[b, h, Tp]`` and padded, heads-first ``q, k, v`` (``k / √dk``). Under
+    ``backend="mosaic_gpu"`` ``q, k, v`` are rounded to the bf16 values its bodies multiply (:func:`_bf16_values`),
+    so that the normaliser states ``n'`` XLA sums from ``k`` (:func:`chunk_stabilisers`) hold the keys the kernels
+    see. With ``n'`` from the unrounded keys the readout's normaliser ``r = (Q Kᵀ ⊙ D) 1 + ρ ⊙ Q n'`` would mix the
+    two, and the division by a small ``|r|`` amplifies the mismatch: under mild gates the gradients of float32 inputs
+    land 5x further from the float32 reference than the Triton body's on the same inputs in bf16."""
     b, t, h, dk = q.shape
     n = -(-t // chunk)
     tp = n * chunk
@@ -205,6 +221,8 @@ def _prepare(q, k, v, i, f, resets, chunk):
     ks = (k.astype(jnp.float32) / math.sqrt(dk)).astype(k.dtype)
     dkp, dvp = _pow2(dk), _pow2(v.shape[-1])
     seq = lambda x, d: heads(jnp.pad(x, [(0, 0), (0, tp - t), (0, 0), (0, d - x.shape[-1])]))
+    if backend == "mosaic_gpu":
+        q, ks, v = _bf16_values(q), _bf16_values(ks), _bf16_values(v)
     return (seq(q, dkp), seq(ks, dkp), seq(v, dvp), gate(bc), gate(seg.astype(jnp.float32)),
             heads(padt(i32, NEG)), heads(padt(e, NEG)), n)
 
@@ -257,7 +275,7 @@ def _core(qh, kh, vh, bt, st, it, et, C0, n0, m0, *, chunk, interpret, backend):
 
 def _forward(q, k, v, i, f, h0, resets, chunk, interpret, backend):
     t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
-    qh, kh, vh, bt, st, it, et, _ = _prepare(q, k, v, i, f, resets, chunk)
+    qh, kh, vh, bt, st, it, et, _ = _prepare(q, k, v, i, f, resets, chunk, backend)
     o, (Ct, nt, mt) = _core(qh, kh, vh, bt, st, it, et, *_pad_state(h0, qh.shape[-1], vh.shape[-1]), chunk=chunk,
                             interpret=interpret, backend=backend)
     return jnp.moveaxis(o, 1, 2)[:, :t, :, :dv], (Ct[:, :, :dk, :dv], nt[:, :, :dk], mt)

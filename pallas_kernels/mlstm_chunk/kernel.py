@@ -183,7 +183,7 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
     chunk = int(chunk_size) if backend == "mosaic_gpu" else min(int(chunk_size), max(16, _pow2(t)))
     if backward == "xla":
         return _mlstm(q, k, v, i, f, tuple(h0), rs, chunk, bool(interpret), backend)
-    qh, kh, vh, bt, st, it, et, _ = _prepare(q, k, v, i, f, rs, chunk)
+    qh, kh, vh, bt, st, it, et, _ = _prepare(q, k, v, i, f, rs, chunk, backend)
     C0, n0, m0 = _pad_state(h0, qh.shape[-1], vh.shape[-1])
     o, (Ck, nk, mk) = _mlstm_core(qh, kh, vh, bt, st, it, et, C0, n0, m0, chunk, bool(interpret), backend)
     m_t = _final_m(i, f, rs, h0[2])
