@@ -1,4 +1,4 @@
-r"""Pallas kernels: the chunked (gated) delta rule, forward in three kernels, backward in four (``backward.py``).
+r"""Pallas kernels: the chunked (gated) delta rule, forward in three kernels, backward in five (``backward.py``).
 
 Computes, per (batch, head), ``S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ``,
 ``o_t = scale S_tᵀ q_t`` (DeltaNet, Gated DeltaNet, DeltaProduct's micro-tokens; ``beta`` up to 2 for

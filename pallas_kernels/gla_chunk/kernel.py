@@ -115,7 +115,8 @@ def _head_forward(backend):
 
 
 def _triton_for_mgpu(backend):
-    """The per-channel kernels have no Mosaic GPU bodies yet: they run on Triton."""
+    """The per-channel kernels have no Mosaic GPU bodies (their 16 x 16 secondary chunks are below ``wgmma``'s 64
+    rows): they run on Triton."""
     return "triton" if backend == "mosaic_gpu" else backend
 
 
@@ -317,7 +318,7 @@ def _gla_pallas_bwd(chunk, interpret, backend, res, cts):
     q, k, v, bc, seg, p, h0 = res
     if bc.ndim == 4:
         grads, backend = gla_channel_bwd, _triton_for_mgpu(backend)
-    else:  # under "mosaic_gpu": the two walks on Mosaic GPU, the chunk gradients on Triton (backward.py)
+    else:  # under "mosaic_gpu": the walks and the chunk gradients on Mosaic GPU (backward_mosaic_gpu.py)
         grads = gla_head_bwd
     dq, dk, dv, dbc, dh0 = grads(q, k, v, bc, seg, p, h0, *cts, chunk=chunk, interpret=interpret, backend=backend)
     return dq, dk, dv, dbc, jnp.zeros_like(seg), jnp.zeros_like(p), dh0
