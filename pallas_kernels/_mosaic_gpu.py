@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - depends on the jax version
 
 __all__ = ["BV", "JAX_0_11", "SMEM_BUDGET", "SMEM_LIMIT", "WG", "chunk_specs", "copy_in", "interpret_params", "iota", "kernel", "key_pad",
            "linear_walk", "load_state", "loader", "mma", "operand_transforms", "resolve_mosaic_gpu", "smem", "smem_bytes", "store_state",
+           "check_operand_dtype",
            "transposed", "walk_order", "walk_pipeline", "walk_stages"]
 
 BF16 = jnp.bfloat16
@@ -64,6 +65,14 @@ def interpret_params():
     if InterpretGPUParams is None:  # pragma: no cover - depends on the jax version
         raise NotImplementedError("this jax has no Mosaic GPU interpreter: run backend='mosaic_gpu' on a GPU")
     return InterpretGPUParams()
+
+
+def check_operand_dtype(backend: str, dtype) -> None:
+    """The Mosaic GPU bodies take float32 or bf16 inputs (their ``wgmma`` operands are bf16, and outputs in the input
+    dtype leave through bf16 or float32 buffers); other dtypes raise before lowering."""
+    if backend == "mosaic_gpu" and jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(BF16)):
+        raise ValueError(f"backend='mosaic_gpu' takes float32 or bfloat16 q, k, v, got {jnp.dtype(dtype).name}: cast "
+                         "them, or use backend='triton'")
 
 
 def resolve_mosaic_gpu(interpret, backend, chunk: int, *, default: bool, backends: tuple[str, ...]):
@@ -162,7 +171,8 @@ def chunk_specs(c: int, blocks, order, interpret: bool, gate_rows: int) -> list:
 
     The pipeline refills a slot as soon as the body that used it returns, so a body makes its register reads of
     the slot's buffers before a ``plgpu.commit_smem()`` (a proxy fence and a warpgroup barrier: no warp still
-    reading when another issues the next copy), and after it only the ``wgmma`` products it awaits read them."""
+    reading when another issues the next copy), after it only the ``wgmma`` products it awaits read them, and it
+    returns after another such barrier (every warp has waited on those products)."""
     tr = (lambda shape, dtype: ()) if interpret else operand_transforms
     return [plgpu.BlockSpec((c, w), lambda i: (order(i), 0), transforms=tr((c, w), dt)) for w, dt in blocks] + [
         plgpu.BlockSpec((gate_rows, c), lambda i: (0, order(i)))]
@@ -230,7 +240,11 @@ def _linear_walk_kernel(x_ref, y_ref, g_ref, init_ref, hs_ref, last_ref, ys_smem
         # every register read of this slot's buffers comes before this barrier (commit_smem: a proxy fence and a
         # warpgroup barrier); after it only the awaited wgmma reads them, so the pipeline may refill the slot
         plgpu.commit_smem()
-        return a_n * carry + mma(xt, ys_smem, carry.shape)
+        carry = a_n * carry + mma(xt, ys_smem, carry.shape)
+        # a warpgroup barrier after the wgmma that reads the slot: every warp has waited on it before the pipeline
+        # (one issuing thread) refills the slot
+        plgpu.commit_smem()
+        return carry
 
     carry = walk_pipeline(body, (at(x_ref), at(y_ref, cols)), g_ref.at[ib, ih], c=c, order=chunk_of, n_chunks=n_chunks,
                           own=own, interpret=interpret, init=carry)

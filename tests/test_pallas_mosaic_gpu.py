@@ -218,3 +218,14 @@ def test_bf16_grads_under_mosaic_gpu():
         assert [x.dtype for x in got[:3]] == [jnp.bfloat16] * 3, backend
         for x, y in zip(got, want, strict=True):
             np.testing.assert_allclose(np.asarray(x, np.float32), y, atol=3e-2 * float(jnp.abs(y).max()), err_msg=backend)
+
+
+@pytest.mark.parametrize("kernel", ["gla", "delta", "mlstm"])
+def test_mosaic_gpu_refuses_float16(kernel):
+    """The Mosaic GPU bodies take float32 or bf16: float16 inputs raise before lowering, naming the backend."""
+    x, g = jnp.zeros((1, 64, 1, 64), jnp.float16), jnp.zeros((1, 64, 1), jnp.float32)
+    call = {"gla": lambda: gla_chunk_pallas(x, x, x, g, chunk_size=64, backend="mosaic_gpu"),
+            "delta": lambda: delta_kernel.delta_chunk(x, x, x, g + 0.5, g, chunk_size=64, backend="mosaic_gpu"),
+            "mlstm": lambda: mlstm_kernel.mlstm_chunk(x, x, x, g, g, chunk_size=64, backend="mosaic_gpu")}[kernel]
+    with pytest.raises(ValueError, match="backend='mosaic_gpu' takes float32 or bfloat16 q, k, v, got float16"):
+        call()

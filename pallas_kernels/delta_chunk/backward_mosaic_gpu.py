@@ -256,6 +256,7 @@ def _wy_kernel(k_ref, v_ref, x_ref, ndu_ref, dw_ref, g_ref, dk_ref, dv_ref, db_r
     ok = (idx(0) > idx(1)) & (full(sc, 0) == full(sr, 1))
     dec = jnp.where(ok, jnp.exp(jnp.where(ok, full(gc, 0) - full(gr, 1), 0.0)), 0.0)
     da = -mg.mma(b_smem, xt, (c, c)) * dec  # dA ⊙ Γ, strictly lower: −Xᵀ dX Xᵀ
+    plgpu.commit_smem()  # a warpgroup barrier: every warp has waited on the wgmma reading b_smem before it is rewritten
     a_smem[...] = da.astype(_BF16)
     b_smem[...] = (full(bc, 0) * da).astype(_BF16)  # β ⊙ (dA ⊙ Γ)
     bt = mg.transposed(b_smem, bt_smem, interpret)
@@ -286,6 +287,10 @@ def chunk_grads_wy_mosaic_gpu(kh, vh, x, ndu, dw, beta, g, seg, *, c, interpret)
     b, h, tp, kp = kh.shape
     vp = vh.shape[-1]
     check_shapes(c, kp, vp)
+    if not wy_grads_fit(c, kp, vp, vh.dtype):
+        raise ValueError(f"the Mosaic GPU delta-rule gradient kernel through W, U, X at chunk_size {c} and head dims "
+                         f"{kp}, {vp} passes the {mg.SMEM_BUDGET // 1024} KiB shared-memory budget: backward.py runs "
+                         "the Triton body there")
     nk, nv = kp // BK, vp // BK
     interpret = bool(interpret)
     sm = functools.partial(mg.smem, plain=interpret)

@@ -66,7 +66,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._mosaic_gpu import JAX_0_11, resolve_mosaic_gpu
+from pallas_kernels._mosaic_gpu import JAX_0_11, check_operand_dtype, resolve_mosaic_gpu
 from pallas_kernels.delta_chunk.backward import delta_bwd
 from pallas_kernels.delta_chunk.forward import _forward, _kernels, _pow2, _prepare
 from seqjax.ops.delta import chunk_delta_rule
@@ -160,6 +160,7 @@ def delta_chunk(q, k, v, beta, log_alpha=None, *, h0=None, resets=None, scale=1.
     if backward not in ("pallas", "xla"):
         raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")
     dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
+    check_operand_dtype(backend, dt)
     q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     b, t, h, dk = q.shape
     dv = v.shape[-1]

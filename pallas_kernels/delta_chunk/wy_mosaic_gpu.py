@@ -114,15 +114,15 @@ def _substitute(a_smem, c, interpret):
     step ``i``, and rows ``j < i`` are final by then)."""
     load = mg.loader(interpret)
     idx = mg.iota(c, interpret)
-    r, s = idx(0), idx(1)
-    eye = jnp.where(r == s, 1.0, 0.0).astype(f32)
+    eye = lambda r, s: jnp.where(r == s, 1.0, 0.0).astype(f32)
 
-    def step(i, x):
+    def step(i, x):  # the iotas made in the step: only X is live across it (at C = 128, 128 registers a thread)
+        r, s = idx(0), idx(1)
         a_i = load(a_smem.at[i], mg.WG.reduce(1))  # row i of A, indexed by X's row j
         y = jnp.sum(lax.broadcast_in_dim(a_i, (c, c), [0]) * x, axis=0)  # Σ_j A_ij x_j, indexed by column
-        return jnp.where(r == i, eye - lax.broadcast_in_dim(y, (c, c), [1]), x)
+        return jnp.where(r == i, jnp.where(s == i, 1.0, 0.0) - lax.broadcast_in_dim(y, (c, c), [1]), x)
 
-    return lax.fori_loop(1, c, step, eye)
+    return lax.fori_loop(1, c, step, eye(idx(0), idx(1)))
 
 
 def _wy_kernel(k_ref, v_ref, g_ref, w_ref, u_ref, *rest, chunk, nk, nv, with_x, interpret):

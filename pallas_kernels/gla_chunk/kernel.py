@@ -78,7 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._mosaic_gpu import JAX_0_11, key_pad, resolve_mosaic_gpu
+from pallas_kernels._mosaic_gpu import JAX_0_11, check_operand_dtype, key_pad, resolve_mosaic_gpu
 from pallas_kernels._util import (
     NT,
     TN,
@@ -417,6 +417,7 @@ def gla_chunk_pallas(q, k, v, g=None, *, sign=None, h0=None, resets=None, chunk_
     check_chunk_size(chunk_size)
     interpret, backend = _resolve(interpret, backend, chunk_size)
     dt = jnp.result_type(q, k, v)  # one matmul dtype (the gradients return to each input's own)
+    check_operand_dtype(backend, dt)
     q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     if backward not in ("pallas", "xla"):
         raise ValueError(f"backward must be 'pallas' or 'xla', got {backward!r}")

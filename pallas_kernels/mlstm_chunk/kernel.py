@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._mosaic_gpu import JAX_0_11, resolve_mosaic_gpu
+from pallas_kernels._mosaic_gpu import JAX_0_11, check_operand_dtype, resolve_mosaic_gpu
 from pallas_kernels._util import check_chunk_size
 from pallas_kernels.mlstm_chunk.backward import mlstm_bwd
 from pallas_kernels.mlstm_chunk.forward import NEG, _core, _forward, _pad_state, _pow2, _prepare
@@ -174,6 +174,7 @@ def mlstm_chunk(q, k, v, i, f, *, h0=None, resets=None, chunk_size=64, interpret
     q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     check_chunk_size(chunk_size)
     interpret, backend = _resolve(interpret, backend, chunk_size)
+    check_operand_dtype(backend, dt)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     if h0 is None:
