@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the jax version
 
 __all__ = ["BV", "JAX_0_11", "SMEM_BUDGET", "SMEM_LIMIT", "WG", "chunk_specs", "copy_in", "interpret_params", "iota", "kernel", "key_pad",
            "linear_walk", "load_state", "loader", "mma", "operand_transforms", "resolve_mosaic_gpu", "smem", "smem_bytes", "store_state",
-           "check_operand_dtype",
+           "block_program", "check_operand_dtype", "mma_sum", "operand_copy",
            "transposed", "walk_order", "walk_pipeline", "walk_stages"]
 
 BF16 = jnp.bfloat16
@@ -125,13 +125,35 @@ def transposed(x_smem, xt_smem, interpret: bool):
     return plgpu.transpose_ref(x_smem, (1, 0))
 
 
-def mma(a, b, shape):
-    """``a @ b`` (``wgmma`` operands) into a fresh float32 accumulator of ``shape``, returned in registers."""
+def operand_copy(src_smem, dst_smem, interpret: bool):
+    """A float32 block in shared memory copied into ``dst_smem`` as a ``wgmma`` operand (in ``dst_smem``'s dtype, bf16
+    as compiled); returns its float32 values too (the caller commits the copy)."""
+    x = loader(interpret)(src_smem, WG)
+    dst_smem[...] = x.astype(dst_smem.dtype)
+    return x
+
+
+def mma_sum(pairs, shape):
+    """``Σ a @ b`` over ``pairs`` of ``wgmma`` operands into one fresh float32 accumulator of ``shape``, returned in
+    registers."""
     def f(acc):
-        plgpu.wgmma(acc, a, b)
+        for a, b in pairs:
+            plgpu.wgmma(acc, a, b)
         return acc[...]
 
     return pl.run_scoped(f, plgpu.ACC(shape, F32))
+
+
+def mma(a, b, shape):
+    """``a @ b`` (``wgmma`` operands) into a fresh float32 accumulator of ``shape``, returned in registers."""
+    return mma_sum([(a, b)], shape)
+
+
+def block_program(c: int, bk: int, bv: int, nv: int):
+    """A chunk-parallel gradient program's place on the grid ``(b, h, n, kv)``, ``kv`` = key block · ``nv`` + value
+    block: ``(ib, ih, n, kv, rows, key columns, value columns)``, the slices ``[C]``, ``[bk]``, ``[bv]`` wide."""
+    ib, ih, n, kv = (lax.axis_index(a) for a in ("b", "h", "n", "kv"))
+    return ib, ih, n, kv, pl.ds(n * c, c), pl.ds(kv // nv * bk, bk), pl.ds(kv % nv * bv, bv)
 
 
 def copy_in(bars, first: int, *pairs):

@@ -99,9 +99,8 @@ def _grads_kernel(q_ref, k_ref, un_ref, do_ref, ndu_ref, g_ref, h_ref, dh_ref, d
     c, bk = chunk, BK
     bv = un_smem.shape[1]
     load, col, row = _helpers(interpret)
-    ib, ih, n, z = (lax.axis_index(a) for a in ("b", "h", "n", "kv"))
-    kb, vb = z // nv, z % nv
-    rows, kcols, vcols = pl.ds(n * c, c), pl.ds(kb * bk, bk), pl.ds(vb * bv, bv)
+    ib, ih, n, z, rows, kcols, vcols = mg.block_program(c, bk, bv, nv)
+    vb = z % nv
     mg.copy_in(bars, 0, (q_ref.at[ib, ih, rows, kcols], q_smem), (k_ref.at[ib, ih, rows, kcols], k_smem),
                (un_ref.at[ib, ih, rows, vcols], un_smem), (do_ref.at[ib, ih, rows, vcols], do_smem),
                (ndu_ref.at[ib, ih, rows, vcols], ndu_smem), (h_ref.at[ib, ih, n, kcols, vcols], s_smem),
@@ -182,16 +181,6 @@ def chunk_grads_mosaic_gpu(qh, kh, un, do, ndu, g, rev, seg, hs, dhs, *, c, scal
 # ----------------------------------------------------------------------------- 4b: through W, U and X
 
 
-def _mma_sum(pairs, shape):
-    """``Σ a @ b`` over ``pairs`` of ``wgmma`` operands, one float32 accumulator, returned in registers."""
-    def f(acc):
-        for a, b in pairs:
-            plgpu.wgmma(acc, a, b)
-        return acc[...]
-
-    return pl.run_scoped(f, plgpu.ACC(shape, f32))
-
-
 def _wy_buffers(c, kp, vp, dv_dtype, interpret=False):
     """Kernel 4b's shared-memory buffers as compiled: ``k, dW`` and ``v, −dU'`` as ``[tiles, C, 64]``, ``X``, two
     ``[C, C]`` work matrices (``dX`` then ``dA``; ``Xᵀ dX`` then ``β ⊙ dA``), the gate rows, a ``dk`` and a ``dv`` output
@@ -247,8 +236,8 @@ def _wy_kernel(k_ref, v_ref, x_ref, ndu_ref, dw_ref, g_ref, dk_ref, dv_ref, db_r
         emit(dv_smem, cb(bc) * dvb, tile(dv_ref, j))
         db.append(jnp.sum(load(v_smem.at[j], mg.WG).astype(f32) * dvb, axis=1))
     # dX = dW (βγ ⊙ K)ᵀ + dU' (β ⊙ V)ᵀ: the products of the raw tiles, their columns scaled in registers
-    dx = (_mma_sum([(dw_smem.at[j], kt[j]) for j in range(nk)], (c, c)) * full(br * gam_r, 1)
-          - _mma_sum([(ndu_smem.at[j], vt[j]) for j in range(nv)], (c, c)) * full(br, 1))
+    dx = (mg.mma_sum([(dw_smem.at[j], kt[j]) for j in range(nk)], (c, c)) * full(br * gam_r, 1)
+          - mg.mma_sum([(ndu_smem.at[j], vt[j]) for j in range(nv)], (c, c)) * full(br, 1))
     a_smem[...] = dx.astype(_BF16)
     plgpu.commit_smem()
     b_smem[...] = mg.mma(xt, a_smem, (c, c)).astype(_BF16)  # Xᵀ dX

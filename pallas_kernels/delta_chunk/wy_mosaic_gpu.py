@@ -98,16 +98,6 @@ def wy_fits(c: int, kp: int, vp: int, dtype=_BF16) -> bool:
     return wy_smem(c, kp, vp, dtype) <= mg.SMEM_BUDGET
 
 
-def _mma_sum(pairs, shape):
-    """``Σ a @ b`` over ``pairs`` of ``wgmma`` operands, one float32 accumulator, returned in registers."""
-    def f(acc):
-        for a, b in pairs:
-            plgpu.wgmma(acc, a, b)
-        return acc[...]
-
-    return pl.run_scoped(f, plgpu.ACC(shape, f32))
-
-
 def _substitute(a_smem, c, interpret):
     """``X = (I + A)^{-1}`` for strictly lower ``A`` (float32 ``[C, C]`` in ``a_smem``) by forward substitution row by
     row, float32 in registers: ``x_i = e_i − Σ_j A_ij x_j`` for ``i = 1 … C−1`` (row ``i`` of ``X`` is ``e_i`` until
@@ -145,7 +135,7 @@ def _wy_kernel(k_ref, v_ref, g_ref, w_ref, u_ref, *rest, chunk, nk, nv, with_x, 
     br, gr, sr = row(g_smem, 0), row(g_smem, 1), row(g_smem, 2)
     ok = (idx(0) > idx(1)) & (full(sc, 0) == full(sr, 1))
     dec = jnp.where(ok, jnp.exp(jnp.where(ok, full(gc, 0) - full(gr, 1), 0.0)), 0.0)  # Γ, strictly lower
-    a_smem[...] = full(bc, 0) * _mma_sum([(k_smem.at[j], kt[j]) for j in range(nk)], (c, c)) * dec
+    a_smem[...] = full(bc, 0) * mg.mma_sum([(k_smem.at[j], kt[j]) for j in range(nk)], (c, c)) * dec
     plgpu.commit_smem()
     x = _substitute(a_smem, c, interpret)
 
@@ -172,10 +162,10 @@ def _wy_kernel(k_ref, v_ref, g_ref, w_ref, u_ref, *rest, chunk, nk, nv, with_x, 
     gam_r = jnp.where(sr == 0, jnp.exp(gr), 0.0)  # γ of the key columns: decay from the chunk's start, first document
     operand(x * full(br * gam_r, 1))  # X (βγ ⊙ K) = (X ⊙ βγ_s) K
     for j in range(nk):
-        emit(j, _mma_sum([(x_smem.at[p], k_smem.at[j]) for p in range(parts)], (c, bk)), tile(w_ref, j))
+        emit(j, mg.mma_sum([(x_smem.at[p], k_smem.at[j]) for p in range(parts)], (c, bk)), tile(w_ref, j))
     operand(x * full(br, 1))  # X (β ⊙ V) = (X ⊙ β_s) V
     for j in range(nv):
-        emit(1, _mma_sum([(x_smem.at[p], v_smem.at[j]) for p in range(parts)], (c, bk)), tile(u_ref, j))
+        emit(1, mg.mma_sum([(x_smem.at[p], v_smem.at[j]) for p in range(parts)], (c, bk)), tile(u_ref, j))
     plgpu.wait_smem_to_gmem(0)
 
 

@@ -50,12 +50,14 @@ from pallas_kernels._mosaic_gpu import (
     F32,
     SMEM_LIMIT,
     WG,
+    block_program,
     copy_in,
     kernel,
     key_pad,
     linear_walk,
     loader,
     mma,
+    operand_copy,
     smem,
     smem_bytes,
     transposed,
@@ -103,13 +105,6 @@ def head_walks_mosaic_gpu(q, k, v, bc, seg, p, h0, do, dht, *, chunk, interpret)
 # ----------------------------------------------------------------------------- the chunk gradients
 
 
-def _bf16_copy(src_smem, dst_smem, interpret):
-    """A float32 state block in shared memory as a bf16 ``wgmma`` operand; returns its float32 values too."""
-    x = loader(interpret)(src_smem, WG)
-    dst_smem[...] = x.astype(BF16)
-    return x
-
-
 def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_ref, db_ref, q_smem, k_smem, v_smem,
                   do_smem, s32_smem, ds32_smem, g_smem, sb_smem, dsb_smem, da_smem, dq_smem, dk_smem, db_smem,
                   vt_smem, st_smem, dst_smem, dat_smem, bars, *, chunk, nv, interpret):
@@ -120,14 +115,13 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, dq_ref, dk_
     c, bk = chunk, 64
     bv = v_smem.shape[1]
     load = loader(interpret)
-    ib, ih, n, z = (lax.axis_index(a) for a in ("b", "h", "n", "kv"))
-    kb, vb = z // nv, z % nv
-    rows, kcols, vcols = pl.ds(n * c, c), pl.ds(kb * bk, bk), pl.ds(vb * bv, bv)
+    ib, ih, n, z, rows, kcols, vcols = block_program(c, bk, bv, nv)
+    vb = z % nv
     copy_in(bars, 0, (q_ref.at[ib, rows, ih, kcols], q_smem), (k_ref.at[ib, rows, ih, kcols], k_smem),
             (v_ref.at[ib, rows, ih, vcols], v_smem), (do_ref.at[ib, rows, ih, vcols], do_smem),
             (h_ref.at[ib, ih, n, kcols, vcols], s32_smem), (dh_ref.at[ib, ih, n, kcols, vcols], ds32_smem),
             (g_ref.at[ib, ih, :, rows], g_smem))
-    s, ds = _bf16_copy(s32_smem, sb_smem, interpret), _bf16_copy(ds32_smem, dsb_smem, interpret)
+    s, ds = operand_copy(s32_smem, sb_smem, interpret), operand_copy(ds32_smem, dsb_smem, interpret)
     carry = jnp.sum(jnp.sum(s * ds, axis=1), axis=0)  # ⟨S, dS'⟩ over this key block's rows
     dof, vf = load(do_smem, WG).astype(F32), load(v_smem, WG).astype(F32)
     diag = jnp.sum(dof * vf, axis=1)  # D_tt = 1
@@ -170,7 +164,7 @@ def _dv_kernel(q_ref, k_ref, do_ref, g_ref, dh_ref, dv_ref, q_smem, k_smem, do_s
             (do_ref.at[ib, rows, ih, vcols], do_smem), (dh_ref.at[ib, ih, n, :, vcols], ds32_smem),
             (g_ref.at[ib, ih, :, rows], g_smem))
     dec_t, _, fe, _, _ = gate_vectors(g_smem, c, interpret, transpose=True)
-    _bf16_copy(ds32_smem, dsb_smem, interpret)
+    operand_copy(ds32_smem, dsb_smem, interpret)
     qt = transposed(q_smem, qt_smem, interpret)
     plgpu.commit_smem()
     att_t = (mma(k_smem, qt, (c, c)) * dec_t).astype(BF16)  # (Q Kᵀ ⊙ D)ᵀ = (K Qᵀ) ⊙ Dᵀ

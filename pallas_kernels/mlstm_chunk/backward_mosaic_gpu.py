@@ -45,12 +45,14 @@ from pallas_kernels._mosaic_gpu import (
     F32,
     SMEM_LIMIT,
     WG,
+    block_program,
     copy_in,
     iota,
     kernel,
     key_pad,
     loader,
     mma,
+    operand_copy,
     smem,
     smem_bytes,
     transposed,
@@ -71,13 +73,6 @@ def _check(kp, vp, chunk):
     if chunk % 64 or kp != key_pad(kp) or vp != key_pad(vp):
         raise ValueError(f"the Mosaic GPU mLSTM backward needs chunk a multiple of 64 and head dims padded to key_pad "
                          f"(a power of two >= 64), got chunk {chunk}, key dim {kp}, value dim {vp}")
-
-
-def _bf16_copy(src_smem, dst_smem, interpret):
-    """A float32 state block in shared memory as a ``wgmma`` operand (bf16); returns its float32 values too."""
-    x = loader(interpret)(src_smem, WG)
-    dst_smem[...] = x.astype(dst_smem.dtype)
-    return x
 
 
 def _staged(x, x_smem, interpret):
@@ -103,7 +98,7 @@ def _rows_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, hs_ref, n_ref, out_ref, q_s
     copy_in(bars, 0, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem),
             (v_ref.at[ib, ih, rows, cols], v_smem), (do_ref.at[ib, ih, rows, cols], do_smem),
             (hs_ref.at[ib, ih, il, :, cols], s32_smem), (n_ref.at[ib, ih, il], n_smem), (g_ref.at[ib, ih, :, rows], g_smem))
-    _bf16_copy(s32_smem, sb_smem, interpret)
+    operand_copy(s32_smem, sb_smem, interpret)
     kt = transposed(k_smem, kt_smem, interpret)
     plgpu.commit_smem()
     d, m_t, rho = readout_weights(g_smem, c, interpret)
@@ -168,14 +163,13 @@ def _grads_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, h_ref, dh_ref, n_ref, dn_r
     c, bk = chunk, 64
     bv = v_smem.shape[1]
     load = loader(interpret)
-    ib, ih, n, z = (lax.axis_index(a) for a in ("b", "h", "n", "kv"))
-    kb, vb = z // nv, z % nv
-    rows, kcols, vcols = pl.ds(n * c, c), pl.ds(kb * bk, bk), pl.ds(vb * bv, bv)
+    ib, ih, n, z, rows, kcols, vcols = block_program(c, bk, bv, nv)
+    vb = z % nv
     copy_in(bars, 0, (q_ref.at[ib, ih, rows, kcols], q_smem), (k_ref.at[ib, ih, rows, kcols], k_smem),
             (v_ref.at[ib, ih, rows, vcols], v_smem), (do_ref.at[ib, ih, rows, vcols], do_smem),
             (h_ref.at[ib, ih, n, kcols, vcols], s32_smem), (dh_ref.at[ib, ih, n, kcols, vcols], ds32_smem),
             (g_ref.at[ib, ih, :, rows], g_smem), (n_ref.at[ib, ih, n, kcols], n_smem), (dn_ref.at[ib, ih, n, kcols], dn_smem))
-    s, ds = _bf16_copy(s32_smem, sb_smem, interpret), _bf16_copy(ds32_smem, dsb_smem, interpret)
+    s, ds = operand_copy(s32_smem, sb_smem, interpret), operand_copy(ds32_smem, dsb_smem, interpret)
     carry = jnp.sum(jnp.sum(s * ds, axis=1), axis=0)  # ⟨S, dS'⟩ over this key block's rows and value block's columns
     col = lambda i: load(g_smem.at[i], WG.reduce(1))  # [C], indexed by the row t
     first = jnp.where(vb == 0, 1.0, 0.0)  # the normaliser's column: in the first value block's share only
@@ -226,7 +220,7 @@ def _dv_kernel(q_ref, k_ref, do_ref, g_ref, dh_ref, dv_ref, q_smem, k_smem, do_s
     copy_in(bars, 0, (q_ref.at[ib, ih, rows], q_smem), (k_ref.at[ib, ih, rows], k_smem),
             (do_ref.at[ib, ih, rows, vcols], do_smem), (dh_ref.at[ib, ih, n, :, vcols], ds32_smem),
             (g_ref.at[ib, ih, :, rows], g_smem))
-    _bf16_copy(ds32_smem, dsb_smem, interpret)
+    operand_copy(ds32_smem, dsb_smem, interpret)
     qt = transposed(q_smem, qt_smem, interpret)
     plgpu.commit_smem()
     dec_t, _ = _decay(g_smem, c, interpret, transpose=True)
