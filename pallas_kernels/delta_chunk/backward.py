@@ -315,9 +315,9 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
     st_shape = jax.ShapeDtypeStruct((b, h, kp, vp), f32)
     blk = lambda d, rev_=False: chunk_block(c, d, n if rev_ else None)
     rblk = lambda: pl.BlockSpec((None, None, None, 1, c), lambda i, j, l: (i, j, l, 0, 0))
+    local = _dv_local(qh, kh, do, g, seg, c=c, scale=scale)  # the state-free part of dU', read by every walk
     if mgpu:  # the two serial walks on Mosaic GPU; H and dH in bf16, the wgmma operands they are there
         hs, _, un = chunk_states_mosaic_gpu(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret)
-        local = _dv_local(qh, kh, do, g, seg, c=c, scale=scale)
         dhs, dh0, ndu = chunk_dstates_mosaic_gpu(qh, kh, w, do, local, g, rev, seg, dht, c=c, scale=scale,
                                                  interpret=interpret)
     elif tpu:
@@ -331,7 +331,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
             out_specs=[pl.BlockSpec((None, None, None, kp, vp), lambda i, j, l: (i, j, n - 1 - l, 0, 0)), whole],
             out_shape=[hs_shape, st_shape], scratch_shapes=[pltpu.VMEM((kp, vp), f32)], interpret=interpret,
             compiler_params=seq, name="delta_chunk_bwd_dstates_tpu",
-        )(qh, kh, w, do, *cols[1:], _dv_local(qh, kh, do, g, seg, c=c, scale=scale), dht)
+        )(qh, kh, w, do, *cols[1:], local, dht)
     else:
         hs, _, un = chunk_states(kh, w, u, g, rev, seg, h0p, c=c, interpret=interpret, backend=backend, with_u_new=True)
         bv = min(vp, 32 if kp > 128 else 64)  # sm_90 at K = 256: 76 B of spills at 64, none at 32
@@ -345,7 +345,7 @@ def delta_bwd(qh, kh, vh, bh, g, rev, seg, h0p, do, dht, *, c, scale, interpret,
             in_specs=[full(kp), full(kp), full(kp), vseq, full(1), full(1), full(1), vseq, vstate],
             out_specs=[vstates, vstate], out_shape=[hs_shape, st_shape], interpret=interpret,
             compiler_params=walk, name="delta_chunk_bwd_dstates",
-        )(qh, kh, w, do, *cols[1:], _dv_local(qh, kh, do, g, seg, c=c, scale=scale), dht)
+        )(qh, kh, w, do, *cols[1:], local, dht)
     if tpu:
         params = tpu_params(interpret, "parallel", "parallel", "parallel")
     else:  # Triton, under backend="mosaic_gpu" too
